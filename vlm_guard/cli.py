@@ -1,0 +1,71 @@
+"""Command-line entry point: ``vlm-guard <command> ...``.
+
+Each command lives in the module that owns its job and exposes ``register(subparsers)``,
+which adds its parser and sets ``func`` (called with the parsed ``argparse.Namespace``,
+returning an exit code). This file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .version import __version__
+
+# module path -> the commands it registers; imported lazily so `vlm-guard --help` stays fast
+# and a command whose optional dependency is missing does not break the others.
+COMMAND_MODULES = [
+    "vlm_guard.commands.caption",
+    "vlm_guard.toyworld.cli",
+    "vlm_guard.heads.cli",
+    "vlm_guard.decoding.bench",
+    "vlm_guard.eval.cli",
+    "vlm_guard.demo.cli",
+]
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-guard",
+        description="Training-free hallucination mitigation for vision-language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"vlm-guard {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.startswith("vlm_guard"):
+                continue  # command not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as error:
+        print(f"vlm-guard {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as error:
+        print(f"vlm-guard {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

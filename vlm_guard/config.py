@@ -1,0 +1,171 @@
+"""Configuration: one dataclass per method (in its own module under ``decoding/``) gathered in
+:class:`GuardConfig`, where ``None`` means the method is off.
+
+Configs follow peft's habit: dataclasses whose fields carry ``metadata={"help": ...}``, validated in
+``__post_init__`` with a ``ValueError`` naming the field and the allowed range, and serialised as
+readable JSON.
+
+Example:
+    >>> from vlm_guard import GuardConfig
+    >>> config = GuardConfig.from_methods("vhr,gift")
+    >>> GuardConfig.from_dict(config.to_dict()) == config
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .version import __version__
+
+
+def check_range(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    """Raise ``ValueError`` naming ``owner.name`` when ``value`` is outside the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        allowed = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{owner}.{name}={value!r} is out of range; allowed range is {allowed}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}={value!r} is not allowed; choose one of {list(choices)}")
+
+
+def check_layers(owner: str, name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{owner}.{name} must be a list of layer indices (ints) or None, got {value!r}")
+
+
+@dataclass
+class MethodConfig:
+    """Base of the per-method configs. Subclasses set ``method`` and validate in ``validate()``."""
+
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MethodConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+METHOD_ORDER = ("vhr", "var", "gift", "pai", "vcd")
+# the methods switched on by "all" (the paper methods; the baselines are for comparison)
+ALL_METHODS = ("vhr", "var", "gift")
+
+
+def _method_config_class(name: str) -> type[MethodConfig]:
+    from .decoding import registry
+
+    return registry.get_method(name).config_class
+
+
+@dataclass
+class GuardConfig:
+    """Which methods run, each with its own config (``None`` = off).
+
+    The methods act in a fixed order documented in :mod:`vlm_guard.decoding.base`.
+    """
+
+    vhr: Any = field(default=None, metadata={"help": "VHR head reinforcement (vlm_guard.decoding.vhr.VHRConfig)"})
+    var: Any = field(default=None, metadata={"help": "VAR sink recycling (vlm_guard.decoding.var.VARConfig)"})
+    gift: Any = field(default=None, metadata={"help": "GIFT gaze-shift saliency (vlm_guard.decoding.gift.GIFTConfig)"})
+    pai: Any = field(default=None, metadata={"help": "PAI baseline (vlm_guard.decoding.pai.PAIConfig)"})
+    vcd: Any = field(default=None, metadata={"help": "VCD baseline (vlm_guard.decoding.vcd.VCDConfig)"})
+
+    def __post_init__(self) -> None:
+        for name in METHOD_ORDER:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            config_class = _method_config_class(name)
+            if isinstance(value, dict):
+                value = config_class.from_dict(value)
+                setattr(self, name, value)
+            if not isinstance(value, config_class):
+                raise ValueError(
+                    f"GuardConfig.{name} must be a {config_class.__name__}, a dict of its fields, or None; got {type(value).__name__}"
+                )
+
+    @property
+    def enabled_methods(self) -> list[str]:
+        return [name for name in METHOD_ORDER if getattr(self, name) is not None]
+
+    @classmethod
+    def from_methods(cls, methods: str | list[str] | None) -> "GuardConfig":
+        """Default configs for a comma-separated list: ``"vhr,var"``, ``"all"`` (VHR+VAR+GIFT) or ``"none"``."""
+        if methods is None:
+            return cls()
+        names = [m.strip().lower() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+        if names in (["none"], ["off"], []):
+            return cls()
+        if names == ["all"]:
+            names = list(ALL_METHODS)
+        unknown = [n for n in names if n not in METHOD_ORDER]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_ORDER)}, 'all' or 'none'")
+        return cls(**{name: _method_config_class(name)() for name in names})
+
+    def to_dict(self) -> dict:
+        return {
+            "vlm_guard_version": __version__,
+            **{name: (None if getattr(self, name) is None else getattr(self, name).to_dict()) for name in METHOD_ORDER},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GuardConfig":
+        data = dict(data)
+        data.pop("vlm_guard_version", None)
+        unknown = sorted(set(data) - set(METHOD_ORDER))
+        if unknown:
+            raise ValueError(f"GuardConfig: unknown method(s) {unknown}; known methods are {list(METHOD_ORDER)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GuardConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); write it with GuardConfig.save()") from error
+        return cls.from_dict(data)
+
+    def replace(self, **changes) -> "GuardConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,290 @@
+"""The adapter contract: what vlm_guard needs to know about one VLM family.
+
+An adapter maps canonical names (text decoder layers, heads, image token, prompt spans) to one
+model family's module paths and token conventions, in the spirit of TransformerLens' per-architecture
+tables. Everything the interventions need about *positions* is derived from token ids, per row, never
+from constant offsets, so left-padded batches and prompts without an image work.
+
+Adding a family is one small file: subclass :class:`ModelAdapter`, fill in ``family``,
+``model_classes`` and ``text_model_paths`` (and override the span rules if the family wraps its image
+tokens in marker tokens), then decorate it with :func:`vlm_guard.models.register_adapter`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+QUERY_MARKER = "VLMGUARDQUERYMARKER"
+
+
+@dataclass(frozen=True)
+class TextGeometry:
+    """Shape facts of the text backbone.
+
+    Attributes:
+        num_layers: decoder layers.
+        num_heads: query heads per layer.
+        num_kv_heads: key/value heads per layer (``num_heads`` unless grouped-query attention).
+        head_dim: width of one head.
+        hidden_size: residual width.
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class PromptSpans:
+    """Per-row position masks of one left-padded prompt batch, derived from token ids.
+
+    All masks are bool tensors of shape ``[batch, seq]`` over the prompt positions.
+
+    Attributes:
+        valid: non-padding positions.
+        image: image-token positions (the keys V of the methods).
+        image_span: the tokens to delete to make the image-free prompt (image tokens plus the
+            family's marker tokens around them).
+        query: the user-query span Q: text after the last image token up to the assistant turn.
+        has_image: ``[batch]`` rows with at least one image token.
+    """
+
+    valid: torch.Tensor
+    image: torch.Tensor
+    image_span: torch.Tensor
+    query: torch.Tensor
+    has_image: torch.Tensor
+
+    @property
+    def after_image(self) -> torch.Tensor:
+        """``[batch, seq]`` valid positions after the last image token of the row (empty without image)."""
+        seq = self.image.shape[1]
+        positions = torch.arange(seq, device=self.image.device)
+        last_image = torch.where(self.image, positions, torch.full_like(positions, -1)).amax(dim=1)  # [batch]
+        return self.valid & (positions[None, :] > last_image[:, None]) & self.has_image[:, None]
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses set the class attributes; most need nothing else.
+
+    Args:
+        model: the loaded ``...ForConditionalGeneration`` model.
+        processor: its processor or tokenizer (optional; used to find the assistant-turn tokens of the
+            chat template and, for some families, marker tokens).
+    """
+
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    # attribute paths from the top-level model to the text backbone (first that exists wins)
+    text_model_paths: ClassVar[tuple[str, ...]] = ("model.language_model", "language_model", "model.text_model")
+
+    def __init__(self, model: nn.Module, processor=None):
+        self.model = model
+        self.processor = processor
+        self._assistant_suffix: list[int] | None | bool = False  # False = not computed yet
+
+    # ------------------------------------------------------------------ model structure
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return any(base.__name__ in cls.model_classes for base in type(model).__mro__)
+
+    @property
+    def text_config(self):
+        config = self.model.config
+        return getattr(config, "text_config", None) or config
+
+    @property
+    def text_model(self) -> nn.Module:
+        for path in self.text_model_paths:
+            module = self.model
+            for part in path.split("."):
+                module = getattr(module, part, None)
+                if module is None:
+                    break
+            if module is not None and hasattr(module, "layers"):
+                return module
+        raise ValueError(
+            f"{type(self.model).__name__}: no text backbone found at any of {self.text_model_paths}; "
+            f"this transformers version may lay the {self.family} model out differently."
+        )
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The self-attention module of every decoder layer, in layer order."""
+        return [layer.self_attn for layer in self.decoder_layers]
+
+    @property
+    def geometry(self) -> TextGeometry:
+        config = self.text_config
+        num_heads = config.num_attention_heads
+        hidden_size = config.hidden_size
+        return TextGeometry(
+            num_layers=len(self.decoder_layers),
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or hidden_size // num_heads,
+            hidden_size=hidden_size,
+        )
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def image_token_id(self) -> int:
+        config = self.model.config
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        tokenizer = self.tokenizer
+        image_token = getattr(self.processor, "image_token", None)
+        if tokenizer is not None and image_token:
+            return tokenizer.convert_tokens_to_ids(image_token)
+        raise ValueError(
+            f"{type(self.model).__name__}: the config has no image_token_id and no processor with an image token "
+            "was given; pass the processor to vlm_guard.wrap(model, processor)."
+        )
+
+    @property
+    def tokenizer(self):
+        if self.processor is None:
+            return None
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def marker_token_ids(self) -> set[int]:
+        """Token ids that belong to the image span besides the image tokens (family specific)."""
+        return set()
+
+    # ------------------------------------------------------------------ spans
+    def image_span_mask(self, input_ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq]`` the contiguous block from the first to the last image token, widened over
+        adjacent marker tokens."""
+        seq = input_ids.shape[1]
+        positions = torch.arange(seq, device=input_ids.device)
+        big = torch.full_like(positions, seq)
+        first = torch.where(image, positions, big).amin(dim=1)  # [batch]
+        last = torch.where(image, positions, torch.full_like(positions, -1)).amax(dim=1)  # [batch]
+        markers = self.marker_token_ids()
+        if markers:
+            is_marker = torch.zeros_like(image)
+            for token_id in markers:
+                is_marker |= input_ids == token_id
+            for row in range(input_ids.shape[0]):
+                if last[row] < 0:
+                    continue
+                while first[row] > 0 and is_marker[row, first[row] - 1]:
+                    first[row] -= 1
+                while last[row] < seq - 1 and is_marker[row, last[row] + 1]:
+                    last[row] += 1
+        return (positions[None, :] >= first[:, None]) & (positions[None, :] <= last[:, None])
+
+    def assistant_suffix_ids(self) -> list[int] | None:
+        """Token ids the chat template puts after the user's text (end of user turn + assistant header).
+
+        Found by rendering the processor's chat template around a marker word and tokenizing; None when
+        the processor has no chat template.
+        """
+        if self._assistant_suffix is not False:
+            return self._assistant_suffix  # type: ignore[return-value]
+        self._assistant_suffix = None
+        tokenizer = self.tokenizer
+        template_owner = self.processor if getattr(self.processor, "chat_template", None) else tokenizer
+        if tokenizer is None or not getattr(template_owner, "chat_template", None):
+            return None
+        messages = [{"role": "user", "content": [{"type": "text", "text": QUERY_MARKER}]}]
+        try:
+            text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if isinstance(text, list):
+                text = text[0]
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception as error:  # a template that needs other content types
+            logger.debug("could not render the chat template to find the assistant turn: %s", error)
+            return None
+        marker_end = text.find(QUERY_MARKER) + len(QUERY_MARKER)
+        offsets = encoded["offset_mapping"]
+        start = next((i for i, (begin, _) in enumerate(offsets) if begin >= marker_end), len(offsets))
+        self._assistant_suffix = list(encoded["input_ids"][start:]) or None
+        return self._assistant_suffix
+
+    def prompt_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PromptSpans:
+        """Position masks of a prompt batch (see :class:`PromptSpans`).
+
+        The query span ends where the chat template's assistant suffix begins (found from token ids);
+        without a chat template it runs to the end of the prompt.
+        """
+        batch, seq = input_ids.shape
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        image = (input_ids == self.image_token_id) & valid
+        has_image = image.any(dim=1)
+        image_span = self.image_span_mask(input_ids, image) & valid
+        positions = torch.arange(seq, device=input_ids.device)
+        span_end = torch.where(image_span, positions, torch.full_like(positions, -1)).amax(dim=1)  # [batch]
+        query_end = torch.full((batch,), seq, dtype=torch.long, device=input_ids.device)
+        suffix = self.assistant_suffix_ids()
+        if suffix:
+            suffix_tensor = torch.tensor(suffix, device=input_ids.device)
+            n = len(suffix)
+            for row in range(batch):
+                if seq >= n and torch.equal(input_ids[row, seq - n :], suffix_tensor):
+                    query_end[row] = seq - n
+        query = valid & (positions[None, :] > span_end[:, None]) & (positions[None, :] < query_end[:, None])
+        query &= has_image[:, None]
+        return PromptSpans(valid=valid, image=image, image_span=image_span, query=query, has_image=has_image)
+
+    def remove_image(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image-free version of a prompt batch: each row's image span deleted, re-left-padded.
+
+        Returns:
+            ``(input_ids, attention_mask)`` of shape ``[batch, new_seq]``.
+        """
+        spans = self.prompt_spans(input_ids, attention_mask)
+        keep = spans.valid & ~spans.image_span
+        rows = [input_ids[row][keep[row]] for row in range(input_ids.shape[0])]
+        width = max((len(row) for row in rows), default=0)
+        if pad_token_id is None:
+            pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = getattr(self.text_config, "pad_token_id", None) or 0
+        new_ids = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        new_mask = torch.zeros((len(rows), width), dtype=torch.long, device=input_ids.device)
+        for row, ids in enumerate(rows):
+            if len(ids):
+                new_ids[row, width - len(ids) :] = ids
+                new_mask[row, width - len(ids) :] = 1
+        return new_ids, new_mask
+
+    # ------------------------------------------------------------------ model inputs
+    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
+
+    def text_only_inputs(self, inputs: dict) -> dict:
+        """Model inputs without any image tensor (for the image-free forward pass)."""
+        return {key: value for key, value in inputs.items() if key not in self.image_input_keys}
+
+    def describe(self) -> dict:
+        geometry = self.geometry
+        return {
+            "family": self.family,
+            "model_class": type(self.model).__name__,
+            "name_or_path": getattr(self.model.config, "_name_or_path", "") or "",
+            "num_layers": geometry.num_layers,
+            "num_heads": geometry.num_heads,
+            "num_kv_heads": geometry.num_kv_heads,
+            "head_dim": geometry.head_dim,
+            "hidden_size": geometry.hidden_size,
+        }

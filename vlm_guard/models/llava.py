@@ -1,0 +1,11 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): the processor expands ``<image>`` into one token per
+image feature, with no marker tokens around them."""
+
+from . import register_adapter
+from .base import ModelAdapter
+
+
+@register_adapter
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
