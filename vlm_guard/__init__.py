@@ -4,11 +4,29 @@ Example:
     >>> import vlm_guard
     >>> model, processor = vlm_guard.load_default()
     >>> guarded = vlm_guard.wrap(model, processor, vlm_guard.GuardConfig.from_methods("all"))
+
+The heavy imports (torch, transformers) happen on first use of ``wrap`` / ``GuardConfig`` / ..., so
+``import vlm_guard.eval`` stays cheap.
 """
 
-from .config import GuardConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .version import __version__
-from .wrapper import GuardedModel, wrap
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import GuardConfig
+    from .wrapper import GuardedModel, wrap
+
+_LAZY = {"GuardConfig": "vlm_guard.config", "GuardedModel": "vlm_guard.wrapper", "wrap": "vlm_guard.wrapper"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlm_guard' has no attribute {name!r}")
 
 
 def load_default(*args, **kwargs):
@@ -19,7 +37,7 @@ def load_default(*args, **kwargs):
 
 
 def calibrate(*args, **kwargs):
-    """Profile a model's heads once and return a :class:`vlm_guard.heads.HeadMap`
+    """Profile a model's heads once and return a :class:`vlm_guard.heads.head_map.HeadMap`
     (see :func:`vlm_guard.heads.calibrate.calibrate`)."""
     from .heads.calibrate import calibrate as _calibrate
 

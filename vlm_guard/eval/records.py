@@ -1,0 +1,373 @@
+"""Resumable per-item results (JSON lines) and run summaries (JSON).
+
+A benchmark run appends one JSON record per finished item to a ``.jsonl`` file and flushes it at once, so a run
+killed at any moment loses at most the item in flight. Rerunning with the same file skips what is done::
+
+    with ResultsWriter("runs/pope_random.jsonl", id_key="question_id") as writer:
+        for question in questions:
+            if question.question_id in writer.done_ids():
+                continue
+            writer.write({"question_id": question.question_id, "answer": generate(question)})
+
+A kill in the middle of a write leaves a truncated last line; opening the file again reports it (a log warning
+and :attr:`ResultsWriter.dropped_line`) and cuts it off, so that item is simply redone. Any other malformed line
+is an error: it was not produced by an interrupted run.
+
+:func:`write_summary` stores the metrics next to everything needed to reproduce them: the full config, the
+library, transformers and torch versions, the seed and the number of items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _datetime
+import json
+import logging
+import math
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from vlm_guard.version import __version__
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FORMAT = "vlm_guard.eval_summary/1"
+
+
+def _json_default(value: Any) -> Any:
+    """Convert numpy values (and sets, tuples inside dataclasses) for ``json.dumps``."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: Any, what: str, **kwargs: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default, **kwargs)
+    except ValueError as error:  # NaN / inf
+        raise ValueError(
+            f"{what} holds a NaN or infinite number ({error}); JSON cannot store it: replace it with None or a "
+            f"finite value."
+        ) from None
+    except TypeError as error:
+        raise ValueError(f"{what} is not JSON serialisable: {error}; store plain numbers, strings, lists and dicts.") from None
+
+
+@dataclasses.dataclass
+class _Scan:
+    records: list[dict]
+    good_length: int  # bytes of complete, valid content
+    needs_newline: bool  # last valid record lacks its newline
+    dropped_line: str | None
+
+
+def _scan_jsonl(path: Path) -> _Scan:
+    data = path.read_bytes()
+    records: list[dict] = []
+    position = 0
+    line_number = 0
+    dropped_line = None
+    needs_newline = False
+    good_length = 0
+    while position < len(data):
+        line_number += 1
+        end = data.find(b"\n", position)
+        complete = end != -1
+        raw = data[position:end] if complete else data[position:]
+        next_position = end + 1 if complete else len(data)
+        text = raw.decode("utf-8", errors="replace").strip()
+        if not text:
+            position = next_position
+            good_length = next_position if complete else good_length
+            continue
+        try:
+            record = json.loads(text)
+            valid = isinstance(record, dict)
+        except json.JSONDecodeError:
+            valid = False
+        if not valid:
+            if not complete:
+                dropped_line = text
+                logger.warning(
+                    "%s:%d: dropping a truncated last line (an interrupted run); that item will be redone: %.80r",
+                    path, line_number, text,
+                )
+                break
+            raise ValueError(
+                f"{path}:{line_number}: not a JSON object: {text[:120]!r}. Only a truncated last line is repaired "
+                f"automatically; fix or move this file."
+            )
+        records.append(record)
+        good_length = next_position
+        needs_newline = not complete
+        position = next_position
+    return _Scan(records=records, good_length=good_length, needs_newline=needs_newline, dropped_line=dropped_line)
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Read a results ``.jsonl`` file (a truncated last line is reported and skipped; the file is not changed).
+
+    Args:
+        path: File written by :class:`ResultsWriter`.
+
+    Returns:
+        The records in file order.
+
+    Example:
+        >>> records = read_records("runs/pope_random.jsonl")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {str(path)!r}.")
+    return _scan_jsonl(path).records
+
+
+class ResultsWriter:
+    """Append-only, resumable JSON-lines results file: one record per finished item.
+
+    Opening an existing file reads the ids already done, repairs a truncated last line (dropped and reported
+    in :attr:`dropped_line`), and appends after it. Ids are compared as stored in JSON (``1`` and ``"1"`` differ).
+
+    Args:
+        path: The ``.jsonl`` file (parent folders are created).
+        id_key: Record key holding the item id (``"question_id"`` for POPE, ``"image_id"`` for CHAIR).
+        fsync: Also ``os.fsync`` after each record (survives a machine crash, not only a killed process).
+
+    Attributes:
+        path: The file.
+        dropped_line: Text of the truncated line removed on opening, or None.
+
+    Example:
+        >>> with ResultsWriter(tmp_path / "run.jsonl", id_key="question_id") as writer:  # doctest: +SKIP
+        ...     writer.write({"question_id": 1, "answer": "Yes."})
+        ...     1 in writer.done_ids()
+        True
+    """
+
+    def __init__(self, path: str | os.PathLike, id_key: str = "id", fsync: bool = False):
+        if not isinstance(id_key, str) or not id_key:
+            raise ValueError(f"id_key must be a non-empty string, got {id_key!r}.")
+        self.path = Path(path)
+        self.id_key = id_key
+        self.fsync = fsync
+        self.dropped_line: str | None = None
+        self._done: dict[Any, None] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._resume()
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def _resume(self) -> None:
+        scan = _scan_jsonl(self.path)
+        for index, record in enumerate(scan.records):
+            if self.id_key not in record:
+                raise ValueError(
+                    f"{self.path}: record {index + 1} has no {self.id_key!r} key (keys: {sorted(record)}); open it "
+                    f"with the id_key it was written with."
+                )
+            item_id = _hashable_id(record[self.id_key], self.path)
+            if item_id in self._done:
+                logger.warning("%s: id %r appears more than once; it counts as done.", self.path, item_id)
+            self._done[item_id] = None
+        if scan.dropped_line is not None or scan.needs_newline:
+            with self.path.open("r+b") as handle:
+                handle.truncate(scan.good_length)
+                if scan.needs_newline:
+                    handle.seek(scan.good_length)
+                    handle.write(b"\n")
+        self.dropped_line = scan.dropped_line
+        logger.info("Resuming %s: %d items done", self.path, len(self._done))
+
+    def done_ids(self) -> frozenset:
+        """Ids of the items already written (by this or an earlier run)."""
+        return frozenset(self._done)
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one item's record and flush it to the file.
+
+        Args:
+            record: JSON-serialisable dict holding ``id_key`` (numpy numbers are converted).
+
+        Raises:
+            ValueError: If the id is missing or already written, or the record cannot be stored as JSON.
+        """
+        if self._handle.closed:
+            raise ValueError(f"ResultsWriter for {self.path} is closed; open a new one to append.")
+        if not isinstance(record, Mapping):
+            raise ValueError(f"record must be a dict, got {type(record).__name__}.")
+        if self.id_key not in record:
+            raise ValueError(f"record has no {self.id_key!r} key (keys: {sorted(record)}); add the item id.")
+        raw_id = record[self.id_key]
+        item_id = _hashable_id(raw_id.item() if isinstance(raw_id, np.generic) else raw_id, self.path)
+        if item_id in self._done:
+            raise ValueError(
+                f"id {item_id!r} is already in {self.path}; skip the items in done_ids() when resuming."
+            )
+        line = _dumps(dict(record), what=f"record {item_id!r}")
+        self._handle.write(line + "\n")
+        self._handle.flush()
+        if self.fsync:
+            os.fsync(self._handle.fileno())
+        self._done[item_id] = None
+
+    def records(self) -> list[dict]:
+        """All records in the file, in order."""
+        self._handle.flush()
+        return read_records(self.path)
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if not self._handle.closed:
+            self._handle.close()
+
+    def __enter__(self) -> "ResultsWriter":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not handle.closed:
+            handle.close()
+
+
+def _hashable_id(value: Any, path: Path) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    raise ValueError(f"{path}: item id {value!r} must be a string or a number.")
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _config_dict(config: Any) -> dict:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
+    raise ValueError(f"config must be a dict, a dataclass or have to_dict(), got {type(config).__name__}.")
+
+
+def write_summary(
+    path: str | os.PathLike,
+    config: Mapping[str, Any] | Any,
+    metrics: Mapping[str, Any],
+    *,
+    seed: int | None,
+    n: int,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write a run summary JSON: metrics plus what produced them.
+
+    The file is written to a temporary name and renamed, so it is never half-written.
+
+    Args:
+        path: Output ``.json`` file (parent folders are created).
+        config: The full run config (dict, dataclass, or object with ``to_dict()``).
+        metrics: Metric name -> value (numbers, or e.g. ``{"point":..., "low":..., "high":...}``).
+        seed: Seed of the run (None when nothing was random, e.g. greedy decoding without bootstrap).
+        n: Number of items the metrics were computed on.
+        extra: More JSON-serialisable fields (model id, split, timing...), stored under ``"extra"``.
+
+    Returns:
+        The dict that was written.
+
+    Example:
+        >>> write_summary("runs/pope_random.summary.json", {"method": "vhr", "alpha": 2.0},
+        ...               {"f1": 0.855}, seed=0, n=3000)  # doctest: +SKIP
+    """
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be a non-negative int (the number of items scored), got {n!r}.")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}.")
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics must be a dict of name -> value, got {type(metrics).__name__}.")
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "created_utc": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+        "vlm_guard_version": __version__,
+        "transformers_version": _package_version("transformers"),
+        "torch_version": _package_version("torch"),
+        "numpy_version": np.__version__,
+        "python_version": sys.version.split()[0],
+        "platform": platform.platform(),
+        "seed": None if seed is None else int(seed),
+        "n": int(n),
+        "config": _config_dict(config),
+        "metrics": dict(metrics),
+        "extra": dict(extra) if extra else {},
+    }
+    text = _dumps(summary, what="summary", indent=2, sort_keys=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    logger.info("Wrote summary %s (n=%d)", path, n)
+    return json.loads(text)
+
+
+def read_summary(path: str | os.PathLike) -> dict:
+    """Read a summary written by :func:`write_summary`.
+
+    Raises:
+        ValueError: If the file is not such a summary.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"summary file not found: {str(path)!r}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+    if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
+        raise ValueError(f"{path} is not a summary written by write_summary (format {SUMMARY_FORMAT!r}).")
+    return data
+
+
+def finite_or_none(value: float) -> float | None:
+    """``value`` as a float, or None for NaN/inf (JSON cannot store those).
+
+    Example:
+        >>> finite_or_none(float("nan")) is None
+        True
+    """
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+__all__ = [
+    "ResultsWriter",
+    "read_records",
+    "write_summary",
+    "read_summary",
+    "finite_or_none",
+    "SUMMARY_FORMAT",
+]
