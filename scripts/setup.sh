@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment at .venv in the repository root and install vlm-guard.
+#   bash scripts/setup.sh          # the package (runtime dependencies)
+#   bash scripts/setup.sh dev      # plus the test and demo extras
+# Set VLM_GUARD_SKIP_INSTALL=1 to reuse .venv as it is.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+extras="${1:-}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+if [ "${VLM_GUARD_SKIP_INSTALL:-0}" = "1" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned: on this project's machines the wheel lies on disk; elsewhere it comes from PyPI.
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+  echo "[setup] installing torch and torchvision (large: a few minutes)"
+  .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" \
+    || .venv/bin/python -m pip install -q torch torchvision
+fi
+target="."
+[ -n "$extras" ] && target=".[$extras]"
+echo "[setup] installing vlm-guard ($target)"
+.venv/bin/python -m pip install -q -e "$target"
