@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("--methods", default="all", help="vhr,var,gift,pai,vcd | all (vhr,var,gift) | none (default: all)")
     parser.add_argument("--compare", action="store_true", help="also caption with each method alone")
     parser.add_argument("--check", action="store_true", help="flag mentions the grounding checker finds unsupported")
+    parser.add_argument("--checker", help="open_clip model for --check on real images, as NAME:PRETRAINED "
+                        "(e.g. ViT-B-32:laion2b_s34b_b79k; the weights must be available locally). "
+                        "Default: the shipped checker, trained on the synthetic world")
     parser.add_argument("--head-map", help="head map folder from `vlm-guard calibrate` (default: the cache)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
@@ -105,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         from ..grounding import GroundingChecker
 
-        checker = GroundingChecker.default() if args.model is None else GroundingChecker.for_real_images()
+        if args.checker:
+            name, _, pretrained = args.checker.partition(":")
+            checker = GroundingChecker.from_open_clip(name, pretrained or None)
+        else:
+            if args.model is not None:
+                logger.warning("--check without --checker uses the synthetic-world checker, which only knows toy objects")
+            checker = GroundingChecker.default()
         for name, text, _ in (rows[0], rows[-1]):
             mentions = checker.check(image, text)
             flagged = [m for m in mentions if m.flagged]

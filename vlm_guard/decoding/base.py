@@ -23,6 +23,12 @@ method's edits to the rows it asked for: whatever a hook returns for other rows 
 Order when several methods are active (fixed, documented): pre-softmax hooks (PAI) -> softmax ->
 post-softmax hooks in registration order VAR, then GIFT -> ``weights @ v`` -> head-output hooks (VHR)
 -> ``o_proj``. Logits processors run PAI's image-free contrast before VCD's noised-image contrast.
+VAR reads the layer input (its sinks) before the layer's attention; GIFT reads its saliency at l*
+in the same prefill when l* precedes its enhancement layers.
+
+Side passes run in their own frame, without the other methods: VHR's image-free prefill, GIFT's
+saliency prefill (:meth:`GuardEngine.side_pass`, stopped right after l*), and the contrast streams of
+PAI and VCD (plain model, ``engine.suspended()``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,12 @@ from .base import Intervention, LayerContext, PromptContext, RowSelection
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+# model attributes that a forward call may overwrite as a side effect (Qwen2-VL caches its M-RoPE deltas)
+_FORWARD_STATE_ATTRIBUTES = ("rope_deltas",)
+
+
+class StopForward(Exception):
+    """Raised by :meth:`GuardEngine.side_pass` to end a forward call right after a given decoder layer."""
 
 
 @dataclass
@@ -47,6 +53,23 @@ class Frame:
         for intervention in self.interventions:
             for layer in intervention.layers():
                 self.by_layer.setdefault(layer, []).append(intervention)
+
+
+def save_forward_state(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
+    """Attributes a forward call may overwrite (see ``_FORWARD_STATE_ATTRIBUTES``), to restore after a side pass."""
+    saved = []
+    for module in (model, getattr(model, "model", None)):
+        if module is None:
+            continue
+        for name in _FORWARD_STATE_ATTRIBUTES:
+            if name in getattr(module, "__dict__", {}):
+                saved.append((module, name, module.__dict__[name]))
+    return saved
+
+
+def restore_forward_state(saved: list[tuple[nn.Module, str, object]]) -> None:
+    for module, name, value in saved:
+        setattr(module, name, value)
 
 
 def _grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -168,6 +191,37 @@ class GuardEngine:
         with self.activate([]) as frame:
             yield
 
+    def side_pass(self, interventions: list[Intervention], model_inputs: dict, stop_after_layer: int | None = None):
+        """One extra forward (no cache, no grad) with ``interventions`` only, e.g. to record something.
+
+        Args:
+            interventions: active during the pass (the caller's other methods are not).
+            model_inputs: keyword arguments of the model's forward.
+            stop_after_layer: end the pass right after this decoder layer (its later layers, the norm
+                and the LM head are skipped); None runs the whole model.
+        Returns:
+            the model output, or None when the pass was stopped early.
+
+        State a forward call caches on the model (Qwen2-VL's ``rope_deltas``) is restored afterwards.
+        """
+        hook = None
+        if stop_after_layer is not None:
+            def stop(module, args, output):
+                raise StopForward(stop_after_layer)
+
+            hook = self.adapter.decoder_layers[stop_after_layer].register_forward_hook(stop)
+        saved = save_forward_state(self.model)
+        try:
+            with torch.no_grad(), self.activate(interventions):
+                try:
+                    return self.model(**model_inputs, use_cache=False)
+                except StopForward:
+                    return None
+        finally:
+            if hook is not None:
+                hook.remove()
+            restore_forward_state(saved)
+
     def _current(self) -> Frame | None:
         if not self.enabled or not self._frames:
             return None
@@ -271,10 +325,14 @@ class GuardEngine:
             wanted = torch.zeros_like(requests[0][1])
             for _, rows in requests:
                 wanted = wanted | rows
-            index = wanted.any(dim=0).nonzero().flatten()  # [R]
-            explicit = self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index, requests)
+            every_row = bool(wanted.all())  # the decode hot path: one row, asked for in every batch row
+            if every_row:
+                index = torch.arange(query.shape[2], device=query.device)  # [R = Q]
+            else:
+                index = wanted.any(dim=0).nonzero().flatten()  # [R]
+            explicit = self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index, requests, every_row)
             # [B, R, H, D]
-            if index.numel() == query.shape[2] and bool(wanted.all()):
+            if every_row:
                 output = explicit.transpose(1, 2).to(value.dtype).contiguous()  # [B, Q, H, D]
             else:
                 output, _ = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -290,29 +348,39 @@ class GuardEngine:
                 output = edited
         return output, None
 
-    def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, requests):
-        """Explicit attention for rows ``index``; returns the per-head outputs ``[B, H, R, D]`` (fp32)."""
+    def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, requests, every_row=False):
+        """Explicit attention for rows ``index``; returns the per-head outputs ``[B, H, R, D]`` (fp32).
+
+        ``every_row``: all ``Q`` rows are wanted in every batch row (``index`` is ``0..Q-1``), so the row
+        gather is skipped; a request covering every row then needs no masked merge either.
+        """
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        rows_query = query[:, :, index, :].float()  # [B, H, R, D]
-        scores = _grouped_scores(rows_query, key.float()) * scaling  # [B, H, R, K]
-        allowed = self._allowed(attention_mask, index, query.shape[2], key.shape[2], scores.device)
+        rows_query = (query if every_row else query[:, :, index, :]).float()  # [B, H, R, D]
+        scores = _grouped_scores(rows_query * scaling, key.float())  # [B, H, R, K]
+        allowed = None
+        if attention_mask is not None or query.shape[2] > 1:  # one row without a mask sees every key
+            allowed = self._allowed(attention_mask, index, query.shape[2], key.shape[2], scores.device)
         if allowed is not None:
             if allowed.dtype == torch.bool:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             else:
                 scores = scores + allowed.float()
+        selections = []
         for intervention, rows in requests:
+            mask = rows if every_row else rows[:, index]  # [B, R]
+            selections.append((intervention, RowSelection(index=index, mask=mask), every_row and bool(mask.all())))
+        for intervention, selection, whole in selections:
             if intervention.uses_scores:
-                selection = RowSelection(index=index, mask=rows[:, index])
                 edited = intervention.on_scores(ctx, scores, selection)
-                scores = torch.where(selection.mask[:, None, :, None], edited, scores)
-        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # [B, H, R, K]
-        for intervention, rows in requests:
+                scores = edited if whole else torch.where(selection.mask[:, None, :, None], edited, scores)
+        weights = torch.softmax(scores, dim=-1)  # [B, H, R, K]
+        if ctx.phase != "decode":  # a generated row always sees itself; prompt rows of padding see nothing
+            weights = weights.nan_to_num(0.0)
+        for intervention, selection, whole in selections:
             if intervention.uses_weights:
-                selection = RowSelection(index=index, mask=rows[:, index])
                 edited = intervention.on_weights(ctx, weights, selection)
-                weights = torch.where(selection.mask[:, None, :, None], edited, weights)
+                weights = edited if whole else torch.where(selection.mask[:, None, :, None], edited, weights)
         return _grouped_output(weights, value.float())
 
     @staticmethod

@@ -5,6 +5,11 @@ VHD[l, h] is the distance between head h's output (before ``o_proj``) at the las
 computed with the image and with the image span deleted. The released code uses the squared L2
 distance in fp32 without normalisation (``distance="sq_l2"``, our default); ``"l2"`` and ``"cosine"``
 are offered as options.
+
+For a calibrated head map (:mod:`vlm_guard.heads.calibrate`) the per-prompt VHD ``[N, L, H]`` is
+reduced to a mean and a spread over images by :class:`VHDAccumulator`; the map's VHR heads per
+layer are :func:`select_vhr_heads` applied to the mean VHD and the mean text activation (the paper
+selects per sample; the per-sample selection frequency is stored beside it for inspection).
 """
 
 from __future__ import annotations
@@ -84,6 +89,99 @@ def default_target_layers(num_layers: int) -> list[int]:
     if num_layers > 1:
         layers.add(1)
     return sorted(layers)
+
+
+def stack_divergence(
+    with_image: dict[int, torch.Tensor], without_image: dict[int, torch.Tensor], layers: list[int], distance: str = "sq_l2"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VHD and text activation of several layers, stacked.
+
+    Args:
+        with_image / without_image: ``{layer: [B, H, D]}`` head outputs at the last prompt position
+            (from two :class:`HeadOutputRecorder` runs).
+        layers: the layers to stack, in order.
+        distance: see :func:`head_divergence`.
+    Returns:
+        ``(vhd, text_activation)``, each ``[B, len(layers), H]`` fp32; ``text_activation`` is
+        ``||o without image||^2`` (TA of the outlier filter).
+    """
+    missing = [layer for layer in layers if layer not in with_image or layer not in without_image]
+    if missing:
+        raise ValueError(f"no recorded head outputs for layers {missing}; record every layer in both passes")
+    vhd = torch.stack(
+        [head_divergence(with_image[layer], without_image[layer].to(with_image[layer].device), distance) for layer in layers], dim=1
+    )  # [B, L', H]
+    text_activation = torch.stack([(without_image[layer].float() ** 2).sum(dim=-1) for layer in layers], dim=1)  # [B, L', H]
+    return vhd, text_activation.to(vhd.device)
+
+
+class VHDAccumulator:
+    """Running mean and spread of VHD over prompts, plus per-sample VHR selection frequency.
+
+    Args:
+        num_layers / num_heads: shape of one VHD map.
+        outlier_filter: filter used for the per-sample selection counted in ``selection_frequency``.
+
+    Example:
+        >>> acc = VHDAccumulator(1, 4)
+        >>> acc.update(torch.tensor([[[1., 2., 3., 4.]]]), torch.zeros(1, 1, 4))
+        >>> acc.mean
+        tensor([[1., 2., 3., 4.]])
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, outlier_filter: str = "released"):
+        if outlier_filter not in OUTLIER_FILTERS:
+            raise ValueError(f"outlier_filter={outlier_filter!r} is not known; choose one of {list(OUTLIER_FILTERS)}")
+        shape = (num_layers, num_heads)
+        self.outlier_filter = outlier_filter
+        self.count = 0
+        self._sum = torch.zeros(shape, dtype=torch.float64)
+        self._sum_sq = torch.zeros(shape, dtype=torch.float64)
+        self._text_sum = torch.zeros(shape, dtype=torch.float64)
+        self._selected = torch.zeros(shape, dtype=torch.float64)
+
+    def update(self, vhd: torch.Tensor, text_activation: torch.Tensor) -> None:
+        """Add prompts: ``vhd`` and ``text_activation`` are ``[N, L, H]``."""
+        if vhd.ndim != 3 or tuple(vhd.shape[1:]) != tuple(self._sum.shape):
+            raise ValueError(f"vhd must be [N, {self._sum.shape[0]}, {self._sum.shape[1]}], got {tuple(vhd.shape)}")
+        vhd64, text64 = vhd.detach().double().cpu(), text_activation.detach().double().cpu()
+        self.count += vhd.shape[0]
+        self._sum += vhd64.sum(dim=0)
+        self._sum_sq += (vhd64**2).sum(dim=0)
+        self._text_sum += text64.sum(dim=0)
+        self._selected += select_vhr_heads(vhd.float().cpu(), text_activation.float().cpu(), self.outlier_filter).double().sum(dim=0)
+
+    def _require(self) -> None:
+        if self.count == 0:
+            raise ValueError("no prompt was profiled: every image was skipped or the image list is empty")
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``[L, H]`` fp32 mean VHD over prompts."""
+        self._require()
+        return (self._sum / self.count).float()
+
+    @property
+    def std(self) -> torch.Tensor:
+        """``[L, H]`` fp32 population standard deviation over prompts (0 for one prompt)."""
+        self._require()
+        variance = (self._sum_sq / self.count - (self._sum / self.count) ** 2).clamp_min(0.0)
+        return variance.sqrt().float()
+
+    @property
+    def text_activation_mean(self) -> torch.Tensor:
+        self._require()
+        return (self._text_sum / self.count).float()
+
+    @property
+    def selection_frequency(self) -> torch.Tensor:
+        """``[L, H]`` fraction of prompts whose own (per-sample) selection kept the head."""
+        self._require()
+        return (self._selected / self.count).float()
+
+    def map_heads(self) -> torch.Tensor:
+        """``[L, H]`` bool: the head map's VHR heads (selection on the mean VHD and mean TA)."""
+        return select_vhr_heads(self.mean, self.text_activation_mean, self.outlier_filter)
 
 
 class HeadOutputRecorder(Intervention):

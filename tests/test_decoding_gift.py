@@ -1,0 +1,167 @@
+"""GIFT: hand-computed saliency and enhancement, informative words, layer defaults, generation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vlm_guard
+from vlm_guard.config import GuardConfig
+from vlm_guard.decoding.gift import GIFTConfig, default_gift_layers, enhance_fusion, informative_query_mask
+from vlm_guard.heads.gaze import gaze_saliency, gaze_shift, normalise_saliency, saliency_multipliers, total_positive_gaze_shift
+from vlm_guard.testing import build_batch, tiny_model
+
+from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
+
+
+def test_enhancement_multipliers_ratio_and_renormalisation():
+    # keys: text, image a, image b, query; 4 heads -> 2 visual heads and 2 query heads
+    weights = torch.tensor([
+        [0.1, 0.4, 0.2, 0.3],  # most visual (0.6) -> H_V; query 0.3 -> H_Q
+        [0.5, 0.2, 0.2, 0.1],  # visual 0.4 -> H_V; query 0.1
+        [0.5, 0.1, 0.0, 0.4],  # visual 0.1; query 0.4 -> H_Q
+        [0.7, 0.05, 0.05, 0.2],  # neither
+    ])[None, :, None, :]  # [1, 4, 1, 4]
+    image = torch.tensor([[False, True, True, False]])
+    query = torch.tensor([[False, False, False, True]])
+    gain = torch.tensor([[0.0, 1.0, 0.5, 0.0]])  # M = 2, 1.5 on the image
+    out = enhance_fusion(weights, gain, image, query, beta=1.0)[0, :, 0]
+    # r = (0.8 + 0.3 + 0.4 + 0.3) / (0.6 + 0.4) = 1.8
+    r = 1.8
+    expected = torch.tensor([
+        [0.1, 0.8, 0.3, 0.3 * r],
+        [0.5, 0.4, 0.3, 0.1],
+        [0.5, 0.1, 0.0, 0.4 * r],
+        [0.7, 0.05, 0.05, 0.2],
+    ])
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out.sum(-1), torch.ones(4))
+    # identity settings: M = 1 (alpha = 0) and beta = 1 leave the rows unchanged
+    torch.testing.assert_close(enhance_fusion(weights, torch.zeros_like(gain), image, query, 1.0), weights)
+
+
+def test_saliency_hand_computed_and_nan_free():
+    # 2 heads, rows 0..2 (row 0 text, rows 1-2 query), keys: text, image, image
+    weights = torch.tensor([
+        [[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.3, 0.6]],
+        [[0.4, 0.3, 0.3], [0.4, 0.3, 0.3], [0.4, 0.3, 0.3]],
+    ])[None]
+    query = torch.tensor([[False, True, True]])
+    image = torch.tensor([[False, True, True]])
+    shift = gaze_shift(weights, query, image)
+    torch.testing.assert_close(shift[0, 0], torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.3, 0.0], [0.0, 0.0, 0.4]]))
+    assert shift[0, 1].abs().sum() == 0
+    torch.testing.assert_close(total_positive_gaze_shift(weights, query, image), torch.tensor([[0.7, 0.0]]))
+    # top floor(2/2)=1 head (head 0), mean over the 2 informative rows
+    raw = gaze_saliency(shift, informative_rows=query, query_rows=query)
+    torch.testing.assert_close(raw, torch.tensor([[0.0, 0.15, 0.2]]))
+    normalised = normalise_saliency(raw, image)
+    torch.testing.assert_close(normalised, torch.tensor([[0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(saliency_multipliers(normalised, 5.0), torch.tensor([[1.0, 1.0, math.exp(5.0)]]))
+    # no informative row -> all query rows; no query row either -> zeros, never NaN
+    none = torch.zeros_like(query)
+    torch.testing.assert_close(gaze_saliency(shift, none, query), raw)
+    empty = gaze_saliency(shift, none, none)
+    assert torch.equal(empty, torch.zeros_like(empty))
+    flat = normalise_saliency(torch.full((1, 3), 0.5), image)
+    assert not torch.isnan(flat).any() and flat.abs().sum() == 0
+
+
+def test_saliency_clamps_outliers_at_three_std():
+    image = torch.ones(1, 12, dtype=torch.bool)
+    raw = torch.cat([torch.full((1, 11), 1.0), torch.tensor([[100.0]])], dim=1)
+    raw[0, 0] = 0.0
+    normalised = normalise_saliency(raw, image)
+    assert normalised[0, -1] == 1.0 and normalised[0, 0] == 0.0
+    assert 0.0 < normalised[0, 1] < 0.1  # the outlier was clamped, so the ordinary values are not squashed to 0.01
+
+
+class WordTokenizer:
+    """Sentencepiece-like: '▁' starts a word."""
+
+    vocab = {10: "▁what", 11: "▁is", 12: "▁the", 13: "▁red", 14: "▁ele", 15: "phant", 16: "?", 17: "▁sitting"}
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.vocab[i] for i in ids]
+
+
+def test_informative_words_from_stop_words_and_subtokens():
+    input_ids = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 16, 17], [1, 10, 11, 12, 16, 0, 0, 0, 0]])
+    query = torch.ones_like(input_ids, dtype=torch.bool)
+    query[:, 0] = False
+    query[1, 5:] = False
+    mask = informative_query_mask(input_ids, query, WordTokenizer())
+    assert mask[0].tolist() == [False, False, False, False, True, True, True, False, True]  # red, ele+phant, sitting
+    assert not mask[1].any()  # only stop words: GIFT falls back to all query tokens
+    assert torch.equal(informative_query_mask(input_ids, query, None), query)  # no tokenizer: all tokens
+
+
+def test_layer_defaults_follow_the_llava_recipe():
+    assert default_gift_layers(32) == (11, list(range(12, 23)))
+    saliency, layers = default_gift_layers(4)
+    assert saliency < layers[0] and all(0 <= layer < 4 for layer in layers)
+
+
+@pytest.mark.parametrize("field, value", [("alpha", -1.0), ("alpha", 25.0), ("beta", -0.5), ("clamp_stds", 0.0)])
+def test_out_of_range_values_name_field_and_range(field, value):
+    with pytest.raises(ValueError, match=rf"GIFTConfig\.{field}=.*allowed range is"):
+        GIFTConfig(**{field: value})
+    with pytest.raises(ValueError, match="GIFTConfig.saliency_layer"):
+        GIFTConfig(saliency_layer=-1)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model = tiny_model("llava")
+    return model, build_batch(model, ROWS)
+
+
+def test_output_changes_and_alpha0_matches_plain(llava):
+    model, inputs = llava
+    guarded = vlm_guard.wrap(model, config=GuardConfig.from_methods("gift"))
+    try:
+        assert image_rows_changed(guarded, inputs)
+        saliency = guarded.interventions[0].saliency
+        image = inputs["input_ids"] == 100
+        assert saliency.shape == inputs["input_ids"].shape and saliency.dtype == torch.float32
+        assert saliency[~image].abs().sum() == 0 and 0 <= saliency.min() and saliency.max() <= 1
+        assert saliency[0].max() == 1.0 and saliency[2].max() == 1.0
+        guarded.set_config(GuardConfig(gift=GIFTConfig(alpha=0.0)))
+        assert matches_plain(guarded, inputs)
+    finally:
+        guarded.unwrap()
+
+
+def test_side_pass_stops_at_the_saliency_layer_and_agrees_with_in_prefill(llava):
+    model, inputs = llava
+    guarded = vlm_guard.wrap(model, config=GuardConfig(gift=GIFTConfig(saliency_layer=1, enhance_layers=[2, 3])))
+    last_layer_calls = []
+    hook = guarded.adapter.decoder_layers[3].register_forward_pre_hook(lambda *args: last_layer_calls.append(1))
+    try:
+        assert guarded.interventions[0].in_prefill
+        with torch.no_grad():
+            guarded(**inputs)
+        in_prefill = guarded.interventions[0].saliency.clone()
+        guarded.set_config(GuardConfig(gift=GIFTConfig(saliency_layer=1, enhance_layers=[1, 2, 3])))
+        assert not guarded.interventions[0].in_prefill
+        last_layer_calls.clear()
+        with torch.no_grad():
+            guarded(**inputs)
+        side_pass = guarded.interventions[0].saliency
+        assert len(last_layer_calls) == 1, "the side pass must stop after layer 1"
+        torch.testing.assert_close(side_pass, in_prefill, atol=1e-5, rtol=1e-4)
+    finally:
+        hook.remove()
+        guarded.unwrap()
+
+
+def test_padded_batch_matches_rows_alone(llava):
+    model, inputs = llava
+    guarded = vlm_guard.wrap(model, config=GuardConfig.from_methods("gift"))
+    try:
+        assert_batch_matches_singles(guarded, model, inputs, "gift")
+    finally:
+        guarded.unwrap()

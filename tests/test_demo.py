@@ -1,0 +1,318 @@
+"""The demo without a browser: input validation, the session's runs and views, the handlers, the CLI guard.
+
+A small random-weight toy LLaVA (with the toy processor and chat template) is built from configs in
+the test: no download, CPU only.
+"""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+
+from vlm_guard.demo.app import DemoHandlers, build_app, launch_options  # noqa: E402
+from vlm_guard.demo.cli import check_host, is_loopback  # noqa: E402
+from vlm_guard.demo.inputs import DemoInputError, DemoLimits, load_examples, validate_image  # noqa: E402
+from vlm_guard.demo.overlay import ImageGrid, head_map_figure, heatmap_overlay, square_grid  # noqa: E402
+from vlm_guard.demo.session import (  # noqa: E402
+    LABEL_FLAGGED,
+    LABEL_GROUNDED,
+    DemoSession,
+    GenerationResult,
+    build_guard_config,
+    highlighted,
+    mention_tokens,
+)
+from vlm_guard.grounding import Mention  # noqa: E402
+from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor  # noqa: E402
+from vlm_guard.toyworld.world import World, caption, render  # noqa: E402
+
+SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
+                    text_hidden=48, text_layers=4, text_heads=4, text_intermediate=96, max_positions=128)
+
+
+@pytest.fixture(scope="module")
+def example_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("examples")
+    entries = []
+    for index in range(2):
+        scene = World(seed=0).scene(index)
+        render(scene).save(folder / f"scene_{index}.png")
+        entries.append({"file": f"scene_{index}.png", "objects": [{"type": o.type} for o in scene.objects],
+                        "caption": caption(scene), "absent_partners": []})
+    (folder / "examples.json").write_text(json.dumps(entries))
+    return folder
+
+
+class FakeChecker:
+    """Flags every mention of 'tree'; other objects are grounded."""
+
+    def check(self, image, text):
+        from vlm_guard.grounding import find_mentions
+
+        return [Mention(word, name, 0.1 if name == "tree" else 0.9, name == "tree")
+                for word, name in find_mentions(text, ["house", "tree", "moon", "star", "cup", "plate", "ring"])]
+
+
+@pytest.fixture(scope="module")
+def session(example_dir):
+    torch.manual_seed(0)
+    processor = build_processor(SPEC)
+    model = build_model(SPEC, processor.tokenizer, seed=0).eval()
+    limits = DemoLimits(max_upload_bytes=200_000, max_image_pixels=512 * 512, max_new_tokens=16, default_new_tokens=6)
+    return DemoSession(model, processor, checker=FakeChecker(), limits=limits, examples=load_examples(example_dir),
+                       model_name="random toy")
+
+
+@pytest.fixture()
+def corrupt_png(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"definitely not image data" * 20)
+    return path
+
+
+# ---------------------------------------------------------------------------- validation
+def test_validate_image_accepts_a_png_and_returns_rgb(tmp_path):
+    path = tmp_path / "ok.png"
+    Image.new("L", (40, 30), 128).save(path)
+    image = validate_image(str(path), DemoLimits())
+    assert image.mode == "RGB" and image.size == (40, 30)
+
+
+def test_validate_image_refuses_corrupt_file_with_readable_message(corrupt_png):
+    with pytest.raises(DemoInputError, match=r'"broken.png" is not a readable image .*Upload a PNG, JPEG or WebP'):
+        validate_image(str(corrupt_png), DemoLimits())
+
+
+def test_validate_image_refuses_truncated_png(tmp_path):
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buffer, format="PNG")
+    path = tmp_path / "truncated.png"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(DemoInputError, match="not a readable image"):
+        validate_image(str(path), DemoLimits())
+
+
+def test_validate_image_refuses_oversized_upload(tmp_path):
+    path = tmp_path / "big.png"
+    Image.effect_noise((300, 300), 80).convert("RGB").save(path)
+    with pytest.raises(DemoInputError, match=r'"big.png" is .* up to 1000 bytes\. Resize or compress'):
+        validate_image(str(path), DemoLimits(max_upload_bytes=1000))
+
+
+def test_validate_image_refuses_too_many_pixels_before_decoding(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (400, 300)).save(path)
+    with pytest.raises(DemoInputError, match=r"400x300 = 120,000 pixels; this demo accepts at most 10,000"):
+        validate_image(str(path), DemoLimits(max_image_pixels=10_000))
+
+
+def test_validate_image_refuses_empty_missing_and_none(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(DemoInputError, match="empty"):
+        validate_image(str(empty), DemoLimits())
+    with pytest.raises(DemoInputError, match="was not received"):
+        validate_image(str(tmp_path / "missing.png"), DemoLimits())
+    with pytest.raises(DemoInputError, match="No image"):
+        validate_image(None, DemoLimits())
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="DemoLimits.max_new_tokens"):
+        DemoLimits(max_new_tokens=0)
+    with pytest.raises(ValueError, match="default_new_tokens=64 exceeds max_new_tokens=8"):
+        DemoLimits(max_new_tokens=8, default_new_tokens=64)
+
+
+def test_load_examples_reads_ground_truth(example_dir):
+    examples = load_examples(example_dir)
+    assert [e.name for e in examples] == ["scene_0", "scene_1"]
+    assert examples[0].objects == list(dict.fromkeys(o.type for o in World(seed=0).scene(0).objects))
+    assert load_examples(example_dir / "nowhere") == []
+
+
+# ---------------------------------------------------------------------------- handlers (the UI path)
+def test_upload_handler_reports_corrupt_file_in_status(session, corrupt_png):
+    with pytest.warns(UserWarning, match="not a readable image"):  # gr.Warning outside a request
+        image_path, preview, truth, status = DemoHandlers(session).on_upload(str(corrupt_png))
+    assert image_path is None and preview is None
+    assert status.startswith("**Upload refused:**") and "broken.png" in status and "not a readable image" in status
+
+
+def test_generate_handler_turns_bad_uploads_into_gr_error(session, corrupt_png, tmp_path):
+    handlers = DemoHandlers(session)
+    methods = (True, 2.0) + (False, 0.5) * 4
+    with pytest.raises(gr.Error) as caught:
+        handlers.on_generate(str(corrupt_png), "describe the image", 4, *methods)
+    assert "not a readable image" in caught.value.message and "Traceback" not in caught.value.message
+    big = tmp_path / "big.png"
+    Image.effect_noise((400, 400), 80).convert("RGB").save(big)
+    with pytest.raises(gr.Error) as caught:
+        handlers.on_generate(str(big), "describe the image", 4, *methods)
+    assert "accepts images up to" in caught.value.message
+    with pytest.raises(gr.Error) as caught:
+        handlers.on_generate(None, "describe the image", 4, *methods)
+    assert "No image" in caught.value.message
+    with pytest.raises(gr.Error) as caught:
+        handlers.on_generate(str(session.examples[0].path), "describe the image", 99, *methods)
+    assert "max new tokens=99 is out of range" in caught.value.message
+
+
+def test_generate_handler_returns_both_answers_and_a_heatmap(session):
+    handlers = DemoHandlers(session)
+    path, preview, truth, status = handlers.pick_example(0)
+    assert "Ground-truth objects" in truth and preview is not None
+    methods = (True, 2.0) + (False, 0.5) * 4
+    outputs = handlers.on_generate(path, "describe the image", 5, *methods)
+    run, plain_header, plain_answer, guarded_header, guarded_answer, _, _, heatmap, info, saliency, status = outputs
+    assert "Plain model" in plain_header and " s · " in plain_header
+    assert "Guarded (VHR)" in guarded_header
+    assert "".join(piece for piece, _ in plain_answer) == run.plain.text
+    assert isinstance(heatmap, Image.Image) and isinstance(saliency, Image.Image)
+    assert status.startswith("**Done.**") and "Ground truth" in status
+    heatmap, info = handlers.on_token(run, "plain", 2, "layer 1")
+    assert "layer 1" in info and heatmap.size == run.image.size
+
+
+# ---------------------------------------------------------------------------- session
+def test_plain_and_guarded_runs_collect_per_token_attention(session, example_dir):
+    run = session.run(str(example_dir / "scene_0.png"), "describe the image", {"vhr": 2.0}, max_new_tokens=6)
+    grid = run.grid
+    assert grid == ImageGrid(4, 4)
+    for result in (run.plain, run.guarded):
+        assert 0 < result.num_tokens <= 6 and result.seconds > 0
+        assert "".join(result.pieces) == result.text
+        assert result.attention.shape == (result.num_tokens, SPEC.text_layers, 16)
+        assert np.all(result.attention >= 0) and np.all(result.attention.sum(-1) <= 1 + 1e-5)
+    assert run.guarded.methods == ["vhr"] and run.plain.methods == []
+    assert run.ground_truth is not None
+
+
+def test_live_recording_matches_teacher_forced_recording(session, example_dir):
+    """With no method on, the guarded run is the plain model: its live-recorded rows must equal the
+    plain run's teacher-forced rows token by token (checks the row/token alignment of both paths)."""
+    run = session.run(str(example_dir / "scene_1.png"), "describe the image", {}, max_new_tokens=6)
+    assert run.guarded.token_ids == run.plain.token_ids
+    np.testing.assert_allclose(run.guarded.attention, run.plain.attention, atol=1e-5)
+    assert any("No method is switched on" in note for note in run.notes)
+
+
+def test_gift_saliency_is_exposed_and_drawn(session, example_dir):
+    if not session.availability["gift"].available:
+        pytest.skip(f"GIFT not available: {session.availability['gift'].note}")
+    run = session.run(str(example_dir / "scene_0.png"), "describe the image", {"gift": 5.0}, max_new_tokens=4)
+    assert run.guarded.saliency is not None and run.guarded.saliency.shape == (16,)
+    picture = session.saliency_view(run)
+    assert picture.size == run.image.size
+    plain_run_view = session.saliency_view(run.__class__(**{**run.__dict__, "guarded": run.plain}))
+    assert plain_run_view.size[0] > 0  # placeholder, not an error
+
+
+def test_token_view_marks_var_sinks(session, example_dir):
+    run = session.run(str(example_dir / "scene_0.png"), "describe the image", {}, max_new_tokens=3)
+    sinks = np.zeros(16, dtype=bool)
+    sinks[[0, 5]] = True
+    run.guarded.sink_mask = {2: sinks}
+    run.guarded.methods = ["var"]
+    picture, info = session.token_view(run, "guarded", 0, 2)
+    assert "VAR's visual sink tokens (2 cells)" in info
+    picture_mean, info_mean = session.token_view(run, "guarded", 0, None)
+    assert "mean over layers" in info_mean and "2 cells" in info_mean
+    cyan = np.all(np.asarray(picture) == (0, 255, 255), axis=-1)
+    assert cyan.any()
+
+
+def test_build_guard_config_maps_strengths_and_reports_missing():
+    config, notes = build_guard_config({"vhr": 3.0, "gift": None})
+    assert config.enabled_methods == ["vhr"] and config.vhr.alpha == 3.0
+    with pytest.raises(ValueError, match="VHRConfig.alpha"):
+        build_guard_config({"vhr": 50.0})
+
+
+def test_highlighting_labels_flagged_and_grounded_words():
+    result = GenerationResult("plain", "a red house , a green tree .", [], ["a", " red", " house", " ,", " a", " green", " tree", " ."], 0.1)
+    result.token_ids = list(range(len(result.pieces)))
+    result.mentions = FakeChecker().check(None, result.text)
+    assert [tokens for _, tokens in mention_tokens(result)] == [[2], [6]]
+    labels = dict(enumerate(label for _, label in highlighted(result)))
+    assert labels[2] == LABEL_GROUNDED and labels[6] == LABEL_FLAGGED and labels[0] is None
+    result.tvhd = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1, 1.0])
+    assert highlighted(result)[6][1] == LABEL_FLAGGED  # the checker's verdict wins over low T-VHD
+
+
+# ---------------------------------------------------------------------------- pictures
+def test_overlay_and_head_map_figure_render():
+    image = Image.new("RGB", (64, 64), (30, 30, 30))
+    values = np.arange(16, dtype=np.float32).reshape(4, 4)
+    picture = heatmap_overlay(image, values)
+    assert picture.size == (64, 64) and np.asarray(picture).std() > 0
+    assert square_grid(576) == ImageGrid(24, 24) and square_grid(10) is None
+    with pytest.raises(ValueError, match=r"\[rows, cols\]"):
+        heatmap_overlay(image, values.flatten())
+    figure = head_map_figure(np.random.default_rng(0).random((6, 4)), selected=np.eye(6, 4, dtype=bool))
+    assert figure.size[0] > 200 and figure.size[1] > 150
+
+
+def test_head_map_view_without_head_map_says_how_to_get_one(session):
+    picture, text = session.head_map_view()
+    assert picture is None and "vlm-guard calibrate" in text
+
+
+# ---------------------------------------------------------------------------- app and CLI
+def test_build_app_wires_a_queue(session):
+    demo = build_app(session)
+    assert isinstance(demo, gr.Blocks)
+    assert demo._queue.max_size == session.limits.queue_size
+    options = launch_options(session.limits)
+    assert options["max_file_size"] == session.limits.max_upload_bytes and options["share"] is False
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.2", True),
+                                             ("0.0.0.0", False), ("192.168.1.5", False), ("example.org", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_non_loopback_host_needs_explicit_flag(capsys):
+    from vlm_guard.cli import UserError, main
+
+    with pytest.raises(UserError, match="--share-on-network"):
+        check_host("0.0.0.0", share_on_network=False)
+    check_host("0.0.0.0", share_on_network=True)
+    check_host("127.0.0.1", share_on_network=False)
+    assert main(["demo", "--host", "0.0.0.0"]) == 2
+    assert "would expose the demo to other machines" in capsys.readouterr().err
+
+
+def test_word_click_and_answer_switch_handlers(session, example_dir):
+    handlers = DemoHandlers(session)
+    run = session.run(str(example_dir / "scene_0.png"), "describe the image", {"vhr": 2.0}, max_new_tokens=4)
+    click = gr.SelectData(None, {"index": 2, "value": [run.plain.pieces[2], None], "selected": True})
+    which, token, heatmap, info = handlers.on_word_click("plain", run, "mean over layers", click)
+    assert which["value"] == "plain" and token["value"] == 2 and "token 3/" in info
+    token, heatmap, info = handlers.on_answer(run, "guarded", "layer 0")
+    assert token["maximum"] == run.guarded.num_tokens - 1 and "layer 0" in info
+    heatmap, info = handlers.on_token(None, "plain", 0, None)
+    assert "Generate" in info
+
+
+def test_empty_answer_is_shown_not_crashed(session, example_dir):
+    run = session.run(str(example_dir / "scene_0.png"), "describe the image", {}, max_new_tokens=2)
+    run.plain = GenerationResult("plain", "", [], [], 0.01)
+    picture, info = session.token_view(run, "plain", 0, None)
+    assert "empty" in info and picture.size[0] > 0
+    assert highlighted(run.plain) == []
+
+
+def test_missing_default_model_is_a_clear_cli_error(monkeypatch, tmp_path, capsys):
+    import vlm_guard.defaults
+    from vlm_guard.cli import main
+
+    monkeypatch.setattr(vlm_guard.defaults, "DEFAULT_MODEL_DIR", tmp_path / "no_model")
+    assert main(["demo", "--port", "7999", "--no-checker"]) == 2
+    assert "no default model in" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""End to end: ``vlm-guard demo`` on the shipped default model, driven in Debian's headless Chromium.
+
+Starts the CLI on a free loopback port, picks a bundled example, generates, waits for both answers and
+the heatmap, saves ``docs/demo.png``, then uploads a corrupt file and expects a readable refusal.
+
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and the ``playwright`` Python package;
+no browser is downloaded. Run: ``pytest -m browser tests/test_demo_browser.py``.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "demo.png"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STARTUP_SECONDS = 60
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def demo_url(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "vlm_guard.cli", "demo", "--host", "127.0.0.1", "--port", str(port)]
+    # VLM_GUARD_DEMO_TEST_MODEL: debugging aid to point the test at another model; CI leaves it unset
+    if os.environ.get("VLM_GUARD_DEMO_TEST_MODEL"):
+        command += ["--model", os.environ["VLM_GUARD_DEMO_TEST_MODEL"]]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the demo exited with code {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the demo did not answer on {url} within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_demo_generates_in_chromium(demo_url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1400, "height": 1200},
+        )
+        try:
+            page = context.new_page()
+            page.goto(demo_url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate-btn", timeout=30_000)
+
+            # pick the first bundled example
+            page.locator("#examples-gallery button.thumbnail-item").first.click()
+            page.wait_for_selector("#input-preview img", timeout=20_000)
+            sync_api.expect(page.locator("#ground-truth")).to_contain_text("Ground-truth objects", timeout=10_000)
+
+            # a short answer keeps the test quick on a busy CPU
+            tokens = page.locator("#max-new-tokens input[type=number]")
+            tokens.fill("16")
+            tokens.press("Enter")
+            page.click("#generate-btn")
+            sync_api.expect(page.locator("#run-status")).to_contain_text("Done.", timeout=60_000)
+            page.wait_for_selector("#attention-heatmap img", timeout=20_000)
+            plain = page.locator("#plain-answer").inner_text()
+            guarded = page.locator("#guarded-answer").inner_text()
+            sync_api.expect(page.locator("#plain-header")).to_contain_text(" s · ")
+            sync_api.expect(page.locator("#guarded-header")).to_contain_text(" s · ")
+            token_count = int(page.locator("#plain-header").inner_text().split(" s · ")[1].split()[0])
+            assert 1 <= token_count <= 16, token_count
+            assert page.locator(".toast-body.error").count() == 0
+
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert SCREENSHOT.stat().st_size > 10_000
+            assert plain.strip() and guarded.strip(), (plain, guarded)
+
+            # a corrupt upload gets a readable refusal, not a traceback
+            broken = tmp_path / "broken.png"
+            broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not image data" * 50)
+            page.locator("#image-upload input[type=file]").set_input_files(str(broken))
+            status = page.locator("#run-status")
+            sync_api.expect(status).to_contain_text("Upload refused", timeout=20_000)
+            sync_api.expect(status).to_contain_text("not a readable image")
+            assert "Traceback" not in status.inner_text()
+        finally:
+            context.close()

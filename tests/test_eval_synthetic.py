@@ -1,0 +1,122 @@
+"""Synthetic POPE/CHAIR benchmark: split construction (hand-checked scenes), determinism, caption scoring."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from vlm_guard.eval.chair import chair_metrics
+from vlm_guard.eval.synthetic import (
+    EVAL_SEED,
+    PAIRED_TYPES,
+    SPLITS,
+    TUNING_SEED,
+    absent_kind,
+    caption_items,
+    negative_candidates,
+    pope_questions,
+    scene_questions,
+    score_synthetic_caption,
+    synthetic_world,
+)
+from vlm_guard.toyworld.report import HELD_OUT_SEED
+from vlm_guard.toyworld.world import Scene, SceneObject, partner_of
+
+
+def make_scene(*types, index=0):
+    objects = tuple(SceneObject(t, "red", "big", position // 4, position % 4) for position, t in enumerate(types))
+    return Scene(objects, index=index, biased=False, seed=1)
+
+
+def test_adversarial_asks_only_absent_partners():
+    # house + ring: the only absent partner is tree; one (yes, no) pair
+    questions = scene_questions(make_scene("house", "ring"), "adversarial")
+    assert [(q.label, q.kind) for q in questions] == [("yes", "present"), ("no", "absent_partner")]
+    assert questions[0].object in {"house", "ring"}
+    assert questions[1].object == "tree" and questions[1].text == "is there a tree ?"
+    # house + moon: both partners absent -> two pairs, negatives exactly {tree, star}
+    questions = scene_questions(make_scene("house", "moon"), "adversarial")
+    assert {q.object for q in questions if q.label == "no"} == {"tree", "star"}
+    assert {q.object for q in questions if q.label == "yes"} == {"house", "moon"}
+    # house + tree together: no absent partner, so no adversarial question at all
+    assert scene_questions(make_scene("house", "tree"), "adversarial") == []
+    # ring + cross have no partner
+    assert negative_candidates(make_scene("ring", "cross"), "adversarial", random.Random(0)) == []
+
+
+def test_random_and_popular_negatives():
+    scene = make_scene("house", "tree", "ring")
+    for split in ("random", "popular"):
+        questions = scene_questions(scene, split, per_scene=2)
+        assert Counter(q.label for q in questions) == {"yes": 2, "no": 2}
+        assert all(q.object not in scene.types for q in questions if q.label == "no")
+        assert all(q.object in scene.types for q in questions if q.label == "yes")
+    # popular: paired (frequent) types first; ring/cross only when no paired type is absent
+    popular = negative_candidates(make_scene("ring", "cross"), "popular", random.Random(3))
+    assert set(popular[:8]) == PAIRED_TYPES and popular[8:] == []
+    every_paired = make_scene(*sorted(PAIRED_TYPES))
+    assert [(q.object, q.kind) for q in scene_questions(every_paired, "popular") if q.label == "no"] in (
+        [("ring", "absent_other"), ("cross", "absent_other")], [("cross", "absent_other"), ("ring", "absent_other")])
+    # a single-object scene gives one pair
+    assert len(scene_questions(make_scene("cup"), "random", per_scene=3)) == 2
+
+
+def test_absent_kind_and_errors():
+    assert absent_kind("plate", {"cup"}) == "absent_partner"
+    assert absent_kind("kite", {"cup"}) == "absent_popular"
+    assert absent_kind("cross", {"cup"}) == "absent_other"
+    with pytest.raises(ValueError, match="present"):
+        absent_kind("cup", {"cup"})
+    with pytest.raises(ValueError, match="split"):
+        scene_questions(make_scene("cup"), "hard")
+    with pytest.raises(ValueError, match="per_scene"):
+        scene_questions(make_scene("cup"), "random", per_scene=0)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_pope_split_is_balanced_deterministic_and_true(split):
+    questions = pope_questions(split, 120)
+    assert len(questions) == 120
+    assert Counter(q.label for q in questions) == {"yes": 60, "no": 60}
+    assert questions == pope_questions(split, 120)  # deterministic
+    assert questions != pope_questions(split, 120, seed=TUNING_SEED)
+    assert len({q.question_id for q in questions}) == 120
+    world = synthetic_world(EVAL_SEED)
+    for question in questions:
+        types = world.scene(question.scene_index).types
+        assert (question.object in types) == (question.label == "yes")
+        if split == "adversarial" and question.label == "no":
+            assert question.kind == "absent_partner"
+            assert partner_of(question.object) in types
+    if split == "random":  # random negatives are not all partners
+        assert {q.kind for q in questions if q.label == "no"} > {"absent_partner"}
+
+
+def test_held_out_seeds_are_disjoint():
+    training_seeds = {1_000_003 * k for k in range(1, 5)}
+    assert len({EVAL_SEED, TUNING_SEED, HELD_OUT_SEED} | training_seeds) == 7
+    assert synthetic_world(EVAL_SEED).scene(0) != synthetic_world(TUNING_SEED).scene(0)
+    assert not synthetic_world(EVAL_SEED).bias
+
+
+def test_caption_items_match_scenes():
+    items = caption_items(5, start=10)
+    world = synthetic_world(EVAL_SEED)
+    assert [item.image_id for item in items] == [f"scene/{i:06d}" for i in range(10, 15)]
+    assert all(set(item.gt_objects) == world.scene(item.scene_index).types for item in items)
+    assert items == caption_items(5, start=10)
+
+
+def test_score_synthetic_caption_by_hand():
+    record = score_synthetic_caption("a big red house , a small blue tree , two moons .", {"house", "star"})
+    assert record["mentions"] == [["house", "house"], ["tree", "tree"], ["moons", "moon"]]
+    assert record["hallucinated"] == [["tree", "tree"], ["moons", "moon"]]
+    assert (record["n_mentions"], record["n_hallucinated"], record["n_recalled"], record["n_gt_objects"]) == (3, 2, 1, 2)
+    assert record["hallucinated_caption"] and record["recalled_objects"] == ["house"]
+    clean = score_synthetic_caption("a red house .", {"house"})
+    metrics = chair_metrics([record, clean])
+    assert metrics["chair_s"] == 0.5
+    assert metrics["chair_i"] == pytest.approx(2 / 4)
+    assert metrics["recall"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="unknown type"):
+        score_synthetic_caption("a dog", {"dog"})

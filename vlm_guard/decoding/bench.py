@@ -1,0 +1,408 @@
+"""``vlm-guard bench``: latency and memory of every decoding method against plain ``generate``.
+
+For each model (the shipped default model when present, and a LLaVA-1.5-shaped random model) the
+configurations below run interleaved over ``--repeats`` repetitions (the order rotates each time), after
+one untimed warm-up of each; medians and their ratios to plain are reported side by side:
+
+======================  =====================================================================
+configuration           what runs
+======================  =====================================================================
+``plain``               the unwrapped model's ``generate`` (its own attention, SDPA)
+``off``                 wrapped, every method off
+``vhr`` ``var`` ``gift``  one method with its defaults
+``vhr+var+gift``        the three paper methods together
+``pai`` ``vcd``         the baselines (their contrast passes double the work by design)
+======================  =====================================================================
+
+Measured, per run (greedy, batch ``--batch``, ``--new-tokens`` tokens, no early stop):
+
+- prefill latency: from the ``generate`` call to the end of the first step (the prompt forward, its
+  side passes and the first token's logits processors);
+- decode latency per token: the median time between consecutive steps (one forward of one new row
+  plus the logits processors), timed by a ``StoppingCriteria`` that runs after each step;
+- peak memory, in a separate untimed pass (one run per configuration, after the timed ones): the rise
+  of the process's peak resident set size (``VmHWM`` in ``/proc/self/status``, reset through
+  ``/proc/self/clear_refs`` before each run) over the resident size just before the run. For that pass
+  glibc is told (``mallopt``) to serve every allocation above 64 KiB with its own mapping and to give
+  it back on free, so the resident size follows the live tensors instead of the allocator's reuse of
+  freed memory (without it the rise varies from 0 to the full value between identical runs). It counts
+  activations, caches and temporaries (the weights are already resident); ``tracemalloc`` cannot see
+  torch's allocations. On CUDA ``torch.cuda.max_memory_allocated`` is used.
+
+The random model: CLIP-shaped vision tower at 336 px / patch 14 (576 image tokens, width scaled down),
+a Llama text backbone with 32 heads (width 1024 and 6 layers by default, scaled down from 4096 x 32 so a
+run takes a few minutes on a CPU). Random weights have no attention sinks, so a massive activation is
+planted in hidden dimension ``PLANTED_SINK_DIM`` of the BOS embedding and VAR gets that dimension
+through its config (``sink_dims``); GIFT uses its depth-mapped default layers.
+
+Example:
+    $ vlm-guard bench --repeats 3 --new-tokens 16 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..config import GuardConfig
+from ..version import __version__
+
+logger = logging.getLogger(__name__)
+
+CONFIGURATIONS = ("plain", "off", "vhr", "var", "gift", "vhr+var+gift", "pai", "vcd")
+# targets on the decode-latency ratio to plain; None = reported, no target (contrastive baselines)
+DECODE_TARGETS = {"off": 1.02, "vhr": 1.15, "var": 1.15, "gift": 1.15, "vhr+var+gift": 1.3}
+MEMORY_TARGET = 1.1
+PLANTED_SINK_DIM = 7
+PLANTED_SINK_VALUE = 400.0
+BOS_TOKEN, PAD_TOKEN = 1, 0
+
+
+# ---------------------------------------------------------------------- models
+def llava15_shaped_model(hidden_size: int = 1024, num_layers: int = 6, num_heads: int = 32, vocab_size: int = 4096,
+                         seed: int = 0):
+    """A random LLaVA-1.5-shaped model (576 image tokens, ``num_heads`` heads) scaled down for the CPU.
+
+    The vocabulary is scaled down with the width (4096 by default) so the LM head keeps about the share
+    of the per-token cost it has in LLaVA-1.5-7B (a few percent) instead of dominating it. The image
+    token is the last id of the vocabulary.
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=336, patch_size=14, projection_dim=64)
+    text = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=int(hidden_size * 2.6875),
+                                    num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                                    max_position_embeddings=4096, bos_token_id=BOS_TOKEN, pad_token_id=PAD_TOKEN, eos_token_id=2,
+                                    tie_word_embeddings=False)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab_size - 1,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config._attn_implementation = "sdpa"
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[BOS_TOKEN, PLANTED_SINK_DIM] = PLANTED_SINK_VALUE
+    model.generation_config.pad_token_id = PAD_TOKEN
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def llava15_inputs(model, batch: int = 1, text_tokens: int = 40, seed: int = 0) -> dict:
+    """BOS, a few system tokens, 576 image tokens, then the question (``text_tokens`` text tokens in all)."""
+    generator = torch.Generator().manual_seed(seed)
+    image_token = model.config.image_token_index
+    rows = []
+    for _ in range(batch):
+        text = torch.randint(3, image_token, (text_tokens,), generator=generator)
+        rows.append(torch.cat([torch.tensor([BOS_TOKEN]), text[:5], torch.full((576,), image_token), text[5:]]))
+    input_ids = torch.stack(rows)
+    vision = model.config.vision_config
+    pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+
+
+def default_model_inputs(processor, batch: int = 1) -> dict:
+    from PIL import Image
+
+    from ..defaults import EXAMPLES_DIR
+
+    images = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if EXAMPLES_DIR.exists() else []
+    image = Image.open(images[0]).convert("RGB") if images else Image.new("RGB", (64, 64), (120, 80, 40))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt"))
+
+
+def method_configs(random_model: bool) -> dict[str, GuardConfig | None]:
+    var_override = {"sink_dims": [PLANTED_SINK_DIM]} if random_model else {}
+
+    def with_var(config: GuardConfig) -> GuardConfig:
+        if config.var is not None and var_override:
+            return config.replace(var={**config.var.to_dict(), **var_override})
+        return config
+
+    return {
+        "plain": None,
+        "off": GuardConfig(),
+        "vhr": GuardConfig.from_methods("vhr"),
+        "var": with_var(GuardConfig.from_methods("var")),
+        "gift": GuardConfig.from_methods("gift"),
+        "vhr+var+gift": with_var(GuardConfig.from_methods("vhr,var,gift")),
+        "pai": GuardConfig.from_methods("pai"),
+        "vcd": GuardConfig.from_methods("vcd"),
+    }
+
+
+# ---------------------------------------------------------------------- measuring
+class StepTimer(StoppingCriteria):
+    """Records a timestamp after every generation step; never stops generation."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        match = re.search(rf"{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class PeakMemory:
+    """Peak memory rise of one run, in MiB (CUDA allocator on GPU, peak RSS on the CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM-VmRSS"
+        self._start = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.method = "unavailable"
+            self._start = _status_kb("VmRSS") or 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def rise_mib(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
+        if self.method == "unavailable":
+            return None
+        peak = _status_kb("VmHWM")
+        return None if peak is None else max(0, peak - self._start) / 1024
+
+
+@dataclass
+class Run:
+    prefill_ms: float
+    decode_ms: float
+    peak_mib: float | None
+
+
+def follow_live_memory(enabled: bool = True) -> bool:
+    """Make glibc map every allocation above 64 KiB separately and unmap it on free (see the module
+    docstring), or (``enabled=False``) go back to glibc's default thresholds (128 KiB). Returns False
+    where that is not possible (non-glibc systems)."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mmap_threshold, trim_threshold = (64 * 1024, 0) if enabled else (128 * 1024, 128 * 1024)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def run_once(model, processor, config: GuardConfig | None, inputs: dict, new_tokens: int) -> Run:
+    """One timed ``generate``; wraps the model for this run only (plain: unwrapped)."""
+    from ..wrapper import GuardedModel
+
+    device = next(model.parameters()).device
+    guarded = None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
+    runner = model if guarded is None else guarded
+    timer = StepTimer()
+    try:
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            runner.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            stopping_criteria=StoppingCriteriaList([timer]))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        peak = memory.rise_mib()
+    finally:
+        if guarded is not None:
+            guarded.unwrap()
+    steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
+    return Run(prefill_ms=(timer.times[0] - start) * 1e3, decode_ms=statistics.median(steps) * 1e3 if steps else float("nan"), peak_mib=peak)
+
+
+_HEAD_MAPS: dict[int, object] = {}
+
+
+def _head_map_for(model, processor):
+    if id(model) not in _HEAD_MAPS:
+        from ..wrapper import _find_cached_head_map
+
+        try:
+            _HEAD_MAPS[id(model)] = _find_cached_head_map(model, processor)
+        except Exception as error:  # a broken cache must not stop the benchmark
+            logger.warning("no head map for the benchmark (%s)", error)
+            _HEAD_MAPS[id(model)] = None
+    return _HEAD_MAPS[id(model)]
+
+
+def bench_model(name: str, model, processor, inputs: dict, configs: dict, repeats: int, new_tokens: int) -> dict:
+    """Runs every configuration ``repeats`` times, interleaved, after one warm-up each."""
+    names = list(configs)
+    for config_name in names:  # warm-up (untimed): first-call costs, allocator growth
+        run_once(model, processor, configs[config_name], inputs, min(new_tokens, 3))
+    runs: dict[str, list[Run]] = {n: [] for n in names}
+    for repeat in range(repeats):
+        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        for config_name in order:
+            runs[config_name].append(run_once(model, processor, configs[config_name], inputs, new_tokens))
+            logger.info("%s %s repeat %d: %s", name, config_name, repeat, runs[config_name][-1])
+    memory_runs = {}
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not follow_live_memory():
+        logger.warning("could not tune glibc malloc: CPU peak memory will be noisy")
+    try:
+        for config_name in names:  # memory pass (untimed)
+            memory_runs[config_name] = run_once(model, processor, configs[config_name], inputs, new_tokens).peak_mib
+    finally:
+        if on_cpu:
+            follow_live_memory(False)
+    for config_name in names:
+        for run in runs[config_name]:
+            run.peak_mib = memory_runs[config_name]
+    results = {}
+    plain = _medians(runs["plain"])
+    for config_name in names:
+        medians = _medians(runs[config_name])
+        ratios = {key: (medians[key] / plain[key] if medians[key] is not None and plain[key] else None) for key in medians}
+        target = DECODE_TARGETS.get(config_name)
+        results[config_name] = {
+            "config": None if configs[config_name] is None else configs[config_name].to_dict(),
+            "runs": [run.__dict__ for run in runs[config_name]],
+            "median": medians,
+            "ratio_to_plain": ratios,
+            "decode_target": target,
+            "decode_target_met": None if target is None or ratios["decode_ms"] is None else ratios["decode_ms"] <= target,
+            "memory_target_met": None if config_name in ("pai", "vcd") or ratios["peak_mib"] is None else ratios["peak_mib"] <= MEMORY_TARGET,
+        }
+    return results
+
+
+def _medians(runs: list[Run]) -> dict:
+    peaks = [r.peak_mib for r in runs if r.peak_mib is not None]
+    return {
+        "prefill_ms": statistics.median(r.prefill_ms for r in runs),
+        "decode_ms": statistics.median(r.decode_ms for r in runs),
+        "decode_ms_min": min(r.decode_ms for r in runs),
+        "peak_mib": statistics.median(peaks) if peaks else None,
+    }
+
+
+def format_table(model_name: str, results: dict) -> str:
+    lines = [f"== {model_name}",
+             f"{'config':<14}{'prefill ms':>11}{'x':>7}{'decode ms/tok':>15}{'x':>7}{'peak MiB':>10}{'x':>7}  target (decode x, mem x)"]
+    for config_name, result in results.items():
+        median, ratio = result["median"], result["ratio_to_plain"]
+        target = result["decode_target"]
+        verdict = ""
+        if target is not None:
+            verdict = f"<= {target:.2f}: {'met' if result['decode_target_met'] else 'MISSED'}"
+        if result["memory_target_met"] is not None and config_name != "plain":
+            verdict += f"{'; ' if verdict else ''}mem <= {MEMORY_TARGET}: {'met' if result['memory_target_met'] else 'MISSED'}"
+        peak = "n/a" if median["peak_mib"] is None else f"{median['peak_mib']:.1f}"
+        peak_ratio = "n/a" if ratio["peak_mib"] is None else f"{ratio['peak_mib']:.2f}"
+        lines.append(f"{config_name:<14}{median['prefill_ms']:>11.1f}{ratio['prefill_ms']:>7.2f}{median['decode_ms']:>15.2f}"
+                     f"{ratio['decode_ms']:>7.2f}{peak:>10}{peak_ratio:>7}  {verdict}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command
+def run_bench(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    report = {
+        "vlm_guard_version": __version__,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "settings": {"repeats": args.repeats, "new_tokens": args.new_tokens, "batch": args.batch, "memory_measure":
+                     "cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS rise (VmHWM after reset - VmRSS before)"},
+        "targets": {"decode_ratio": DECODE_TARGETS, "peak_memory_ratio": MEMORY_TARGET},
+        "models": {},
+        "notes": [],
+    }
+    tables = []
+    if args.model in ("default", "both"):
+        try:
+            from .. import load_default
+
+            model, processor = load_default(device=str(device))
+        except (FileNotFoundError, OSError) as error:
+            note = f"default model skipped: {error}"
+            report["notes"].append(note)
+            tables.append(f"== default model: skipped ({error})")
+        else:
+            inputs = {k: v.to(device) for k, v in default_model_inputs(processor, args.batch).items()}
+            results = bench_model("default", model, processor, inputs, method_configs(random_model=False), args.repeats, args.new_tokens)
+            report["models"]["default"] = {"description": "vlm_guard.load_default()", "prompt_length": int(inputs["input_ids"].shape[1]),
+                                           "configs": results}
+            tables.append(format_table(f"default model (prompt {inputs['input_ids'].shape[1]} tokens)", results))
+    if args.model in ("random", "both"):
+        model = llava15_shaped_model(args.hidden_size, args.layers, args.heads, args.vocab_size).to(device)
+        inputs = {k: v.to(device) for k, v in llava15_inputs(model, args.batch).items()}
+        results = bench_model("llava15-shaped", model, None, inputs, method_configs(random_model=True), args.repeats, args.new_tokens)
+        description = (f"random LLaVA-1.5-shaped: 576 image tokens (336 px, patch 14), {args.heads} heads, hidden {args.hidden_size}, "
+                       f"{args.layers} layers, vocab {args.vocab_size}; planted sink dim {PLANTED_SINK_DIM} on BOS")
+        report["models"]["llava15_shaped"] = {"description": description, "prompt_length": int(inputs["input_ids"].shape[1]), "configs": results}
+        tables.append(format_table(description, results))
+    report["table"] = "\n\n".join(tables)
+    return report
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats={args.repeats} must be at least 1")
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens={args.new_tokens} must be at least 2 (decode latency needs two steps)")
+    report = run_bench(args)
+    print(report["table"])
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="latency and memory of each decoding method vs plain generate",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("both", "default", "random"), default="both",
+                        help="the shipped default model, the LLaVA-1.5-shaped random model, or both (default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per configuration (interleaved)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per batch")
+    parser.add_argument("--hidden-size", type=int, default=1024, help="random model: text width")
+    parser.add_argument("--layers", type=int, default=6, help="random model: text layers")
+    parser.add_argument("--heads", type=int, default=32, help="random model: attention heads")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="random model: vocabulary (scaled down like the width)")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", default="bench.json", help="JSON report path ('' to skip)")
+    parser.set_defaults(func=_command)

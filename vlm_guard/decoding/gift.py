@@ -1,0 +1,356 @@
+"""GIFT: gaze-shift-guided cross-modal fusion enhancement (Qi et al., 2025).
+
+1. Saliency (once per sample, at the prefill): at the saliency layer l*, the positive gaze shift
+   ``dA = max(A[i] - A[i-1], 0)`` of the query-span rows on the image keys
+   (:mod:`vlm_guard.heads.gaze`), averaged over the top ``floor(H/2)`` heads and the informative query
+   words, clamped to mean +- 3 std over the image, min-max normalised to ``S'`` in [0, 1], and turned
+   into multipliers ``M_j = exp(alpha * S'_j)``. When l* precedes every enhancement layer the
+   saliency is read inside the same prefill (only the query rows of l* are computed explicitly);
+   otherwise one extra prefill runs and stops right after l*.
+2. Enhancement, post-softmax, on the last prompt row at prefill and every generated row, in the
+   enhancement layers:
+   - visual heads ``H_V`` = top ``floor(H/2)`` heads by attention to the image (re-chosen every step
+     and row): ``A'[h, j] = A[h, j] * M_j`` on image keys;
+   - ``r = sum_{H_V, V} A' / sum_{H_V, V} A`` (one scalar per row and layer);
+   - query heads ``H_Q`` = top ``floor(H/2)`` heads by attention to the query span:
+     ``A'[h, j] = A[h, j] * beta * r`` on query keys;
+   - rows renormalised to sum 1.
+
+Informative words: the released code keeps spaCy NOUN/PROPN/VERB/ADJ/ADV/NUM words. Here a stop-word
+list decides by default (no dependency); ``use_spacy=True`` uses spaCy when installed. Tokens are
+grouped into words through the processor's tokenizer; without a tokenizer every query token counts.
+A query with no informative word falls back to all its tokens (the released code returns NaN).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import MethodConfig, check_layers, check_range
+from ..heads.gaze import CLAMP_STDS, gaze_saliency, gaze_shift, normalise_saliency, saliency_multipliers
+from .base import Intervention, LayerContext, PromptContext, RowSelection
+from .registry import register_method
+
+logger = logging.getLogger(__name__)
+
+# LLaVA-1.5-7B recipe of the released code (0-indexed, 32 layers)
+REFERENCE_LAYERS = 32
+REFERENCE_SALIENCY_LAYER = 11
+REFERENCE_ENHANCE_LAYERS = (12, 22)
+SPACY_INFORMATIVE_POS = ("NOUN", "PROPN", "VERB", "ADJ", "ADV", "NUM")
+
+STOP_WORDS = frozenset(
+    """a about above after again against all am an and any are aren't as at be because been before being below
+    between both but by can could did do does doing don't down during each few for from further had has have
+    having he her here hers herself him himself his how i if in into is isn't it it's its itself just let me more
+    most my myself no nor not of off on once only or other our ours ourselves out over own please same she should
+    so some such than that that's the their theirs them themselves then there there's these they this those through
+    to too under until up very was we were what what's when where which while who whom why will with would you
+    your yours yourself yourselves s t""".split()
+)
+
+_WORD_START = ("\u2581", "\u0120", " ")  # sentencepiece, byte-level BPE, plain space
+_ALNUM = re.compile(r"[0-9A-Za-z\u00C0-\uFFFF]")
+
+
+@dataclass
+class GIFTConfig(MethodConfig):
+    """GIFT settings.
+
+    Defaults and sources:
+    - ``alpha=5.0``: saliency sharpness in ``M = exp(alpha * S')`` (released code: 5 for LLaVA-1.5-7B/13B,
+      4 for Qwen2-VL-7B).
+    - ``beta=1.0``: query-head scale factor (paper and released code).
+    - ``saliency_layer=None``: the head map's ``gift_saliency_layer``, else the released LLaVA-1.5-7B
+      layer 11 of 32 mapped to the model's depth.
+    - ``enhance_layers=None``: the head map's ``gift_enhance_layers``, else the released LLaVA-1.5-7B
+      layers 12..22 of 32 mapped to depth.
+    - ``use_spacy=False``: informative query words from a stop-word list (this project); ``True`` uses
+      spaCy POS tags as the released code does (only if spaCy and ``en_core_web_sm`` are installed).
+    - ``clamp_stds=3.0``: saliency clamp at mean +- 3 std over the image (paper).
+    """
+
+    method = "gift"
+    alpha: float = field(default=5.0, metadata={"help": "saliency sharpness, M = exp(alpha*S') (released: 5 LLaVA, 4 Qwen2-VL)"})
+    beta: float = field(default=1.0, metadata={"help": "query-head scale factor (paper 1.0)"})
+    saliency_layer: int | None = field(default=None, metadata={"help": "l*; None = head map, else 11/32 of depth"})
+    enhance_layers: list[int] | None = field(default=None, metadata={"help": "layers to enhance; None = head map, else 12..22 of 32 mapped"})
+    use_spacy: bool = field(default=False, metadata={"help": "informative words by spaCy POS (released) instead of stop words"})
+    clamp_stds: float = field(default=CLAMP_STDS, metadata={"help": "saliency clamp width in std over the image (paper 3)"})
+
+    def validate(self) -> None:
+        check_range("GIFTConfig", "alpha", self.alpha, 0.0, 20.0)
+        check_range("GIFTConfig", "beta", self.beta, 0.0, 10.0)
+        if self.saliency_layer is not None and (not isinstance(self.saliency_layer, int) or isinstance(self.saliency_layer, bool) or self.saliency_layer < 0):
+            raise ValueError(f"GIFTConfig.saliency_layer must be a non-negative layer index or None, got {self.saliency_layer!r}")
+        check_layers("GIFTConfig", "enhance_layers", self.enhance_layers)
+        if not isinstance(self.use_spacy, bool):
+            raise ValueError(f"GIFTConfig.use_spacy must be True or False, got {self.use_spacy!r}")
+        check_range("GIFTConfig", "clamp_stds", self.clamp_stds, 0.0, None, low_inclusive=False)
+
+
+def default_gift_layers(num_layers: int) -> tuple[int, list[int]]:
+    """The released LLaVA-1.5-7B recipe (l* = 11, enhancement 12..22 of 32) mapped to ``num_layers``.
+
+    Example:
+        >>> default_gift_layers(32)
+        (11, [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22])
+        >>> default_gift_layers(4)
+        (1, [2, 3])
+    """
+    scale = num_layers / REFERENCE_LAYERS
+    first = min(num_layers - 1, max(1, math.floor(REFERENCE_ENHANCE_LAYERS[0] * scale + 0.5)))
+    last = min(num_layers - 1, max(first, math.floor(REFERENCE_ENHANCE_LAYERS[1] * scale + 0.5)))
+    saliency = min(first - 1, math.floor(REFERENCE_SALIENCY_LAYER * scale + 0.5))
+    return max(0, saliency), list(range(first, last + 1))
+
+
+def enhance_fusion(weights: torch.Tensor, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor,
+                   beta: float) -> torch.Tensor:
+    """The GIFT edit of a block of attention rows (pure function).
+
+    Args:
+        weights: ``[B, H, R, K]`` post-softmax attention (fp32).
+        image_gain: ``[B, K]`` ``M_j - 1`` (zero outside the image).
+        image_keys: ``[B, K]`` bool, image keys V.
+        query_keys: ``[B, K]`` bool, query-span keys Q.
+        beta: query-head scale factor.
+    Returns:
+        ``[B, H, R, K]`` edited weights, each row renormalised to sum 1.
+
+    Example:
+        >>> A = torch.tensor([[[[0.5, 0.25, 0.25]], [[0.8, 0.1, 0.1]]]])  # 2 heads; keys: text, image, query
+        >>> gain = torch.tensor([[0.0, 1.0, 0.0]])  # M = 2 on the image token
+        >>> # head 0 leads both: image 0.25 -> 0.5, r = 2, query 0.25 -> 0.5, then / 1.5; head 1 untouched
+        >>> enhance_fusion(A, gain, torch.tensor([[False, True, False]]), torch.tensor([[False, False, True]]), 1.0)
+        tensor([[[[0.3333, 0.3333, 0.3333]],
+        <BLANKLINE>
+                 [[0.8000, 0.1000, 0.1000]]]])
+    """
+    return _enhance(weights, *fusion_matrices(image_gain, image_keys, query_keys, weights.dtype), beta)
+
+
+def fusion_matrices(image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor,
+                    dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-step key matrices of :func:`enhance_fusion` (computed once per step, reused by every
+    enhancement layer): ``sums [B, K, 3]`` (columns V, Q, M-1) and ``edit [B, 2, K]`` (rows M-1, Q)."""
+    gain = image_gain.to(dtype)
+    query = query_keys.to(dtype)
+    return torch.stack((image_keys.to(dtype), query, gain), dim=-1), torch.stack((gain, query), dim=1)
+
+
+def _enhance(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torch.Tensor, beta: float) -> torch.Tensor:
+    batch, heads, rows, keys = weights.shape
+    top = max(1, heads // 2)
+    # [B, H*R, K] @ [B, K, 3] -> attention to V, to Q, and the gained image mass, per (head, row)
+    sums = torch.bmm(weights.reshape(batch, heads * rows, keys), sums_matrix).reshape(batch, heads, rows, 3)
+    visual, to_query, gained = sums.unbind(-1)  # [B, H, R]
+    hv = _top_heads(visual, top).to(weights.dtype)  # [B, H, R] visual heads H_V
+    query_heads = _top_heads(to_query, top).to(weights.dtype)  # query heads H_Q
+    before = (visual * hv).sum(dim=1)  # [B, R]
+    after = before + (gained * hv).sum(dim=1)
+    ratio = torch.where(before > 0, after / before.clamp_min(torch.finfo(weights.dtype).tiny), 1.0)  # [B, R]
+    query_scale = (beta * ratio - 1.0)[:, None, :] * query_heads  # [B, H, R]
+    # factor = 1 + hv * gain_j + query_scale * q_j, per (row, key)
+    factor = torch.baddbmm(torch.ones(1, dtype=weights.dtype, device=weights.device),
+                           torch.stack((hv, query_scale), dim=-1).reshape(batch, heads * rows, 2), edit_matrix)
+    edited = weights * factor.reshape(batch, heads, rows, keys)
+    total = edited.sum(dim=-1, keepdim=True)
+    return edited / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _top_heads(score: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, H, R]`` scores -> bool mask of the top ``k`` heads per (batch, row)."""
+    index = score.topk(k, dim=1).indices  # [B, k, R]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, index, True)
+
+
+def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokenizer=None, use_spacy: bool = False) -> torch.Tensor:
+    """``[B, S]`` bool: query tokens that belong to informative words.
+
+    Tokens are grouped into words by the tokenizer's word-start markers; a word is informative when it
+    has a letter or digit and is not a stop word (or, with ``use_spacy``, when spaCy tags it NOUN,
+    PROPN, VERB, ADJ, ADV or NUM). Without a tokenizer every query token is informative.
+    """
+    if tokenizer is None:
+        return query.clone()
+    nlp = _spacy_pipeline() if use_spacy else None
+    informative = torch.zeros_like(query)
+    for row in range(input_ids.shape[0]):
+        positions = query[row].nonzero().flatten().tolist()
+        if not positions:
+            continue
+        tokens = tokenizer.convert_ids_to_tokens(input_ids[row, positions].tolist())
+        words: list[tuple[str, list[int]]] = []
+        for position, token in zip(positions, tokens):
+            token = token or ""
+            starts = not words or token.startswith(_WORD_START) or not _ALNUM.search(token) or not _ALNUM.search(words[-1][0][-1:] or " ")
+            text = token.lstrip("".join(_WORD_START))
+            if starts:
+                words.append((text, [position]))
+            else:
+                words[-1] = (words[-1][0] + text, words[-1][1] + [position])
+        if nlp is not None:
+            keep = _spacy_informative(nlp, [word for word, _ in words])
+        else:
+            keep = [bool(_ALNUM.search(word)) and word.lower() not in STOP_WORDS for word, _ in words]
+        for (word, word_positions), kept in zip(words, keep):
+            if kept:
+                informative[row, word_positions] = True
+    return informative
+
+
+_SPACY = {"loaded": False, "nlp": None}
+
+
+def _spacy_pipeline():
+    if not _SPACY["loaded"]:
+        _SPACY["loaded"] = True
+        try:
+            import spacy
+
+            _SPACY["nlp"] = spacy.load("en_core_web_sm")
+        except (ImportError, OSError) as error:
+            logger.warning("GIFT use_spacy=True but spaCy/en_core_web_sm is unavailable (%s); using the stop-word list.", error)
+    return _SPACY["nlp"]
+
+
+def _spacy_informative(nlp, words: list[str]) -> list[bool]:
+    from spacy.tokens import Doc
+
+    doc = nlp(Doc(nlp.vocab, words=[w if w else "_" for w in words]))
+    return [token.pos_ in SPACY_INFORMATIVE_POS for token in doc]
+
+
+class GazeRecorder(Intervention):
+    """Observes layer l*'s query rows during a prefill and computes GIFT's saliency (no edit)."""
+
+    name = "gift_gaze"
+    uses_weights = True
+
+    def __init__(self, layer: int, owner: "GIFT"):
+        self.layer = layer
+        self.owner = owner
+
+    def layers(self) -> set[int]:
+        return {self.layer}
+
+    def rows(self, ctx: LayerContext) -> torch.Tensor | None:
+        return self.owner.saliency_rows(ctx) if ctx.phase == "prefill" else None
+
+    def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
+        self.owner.record_saliency(ctx, weights, rows)
+        return weights
+
+
+class GIFT(Intervention):
+    """Gaze-shift saliency and cross-modal fusion enhancement.
+
+    Attributes:
+        saliency: ``[B, S]`` fp32 normalised saliency ``S'`` of the last prefill over prompt positions
+            (zero outside the image), or None before the first prefill.
+    """
+
+    name = "gift"
+    uses_weights = True
+
+    def __init__(self, config: GIFTConfig, saliency_layer: int, enhance_layers: list[int], tokenizer=None):
+        self.config = config
+        self.saliency_layer = saliency_layer
+        self.enhance_layers = sorted(set(enhance_layers))
+        self.in_prefill = bool(self.enhance_layers) and saliency_layer < self.enhance_layers[0]
+        self.tokenizer = tokenizer
+        self.saliency: torch.Tensor | None = None
+        self._gain: torch.Tensor | None = None  # [B, S] M - 1
+        self._keys: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def layers(self) -> set[int]:
+        layers = set(self.enhance_layers)
+        if self.in_prefill:
+            layers.add(self.saliency_layer)
+        return layers
+
+    # ------------------------------------------------------------------ saliency
+    def begin(self, prompt: PromptContext, engine) -> None:
+        spans = prompt.spans
+        self._keys = {}
+        self._prompt = prompt
+        self._informative = informative_query_mask(prompt.input_ids, spans.query, self.tokenizer, self.config.use_spacy)
+        self.saliency = torch.zeros(prompt.input_ids.shape, dtype=torch.float32, device=prompt.input_ids.device)
+        self._gain = torch.zeros_like(self.saliency)
+        if not self.in_prefill and bool(spans.has_image.any()):
+            inputs = {k: v for k, v in prompt.model_inputs.items() if k not in ("cache", "past_key_values", "use_cache", "logits_to_keep", "cache_position")}
+            engine.side_pass([GazeRecorder(self.saliency_layer, self)], inputs, stop_after_layer=self.saliency_layer)
+
+    def saliency_rows(self, ctx: LayerContext) -> torch.Tensor:
+        """``[B, Q]`` query rows and the row just before each (the gaze shift needs ``A[i-1]``)."""
+        query = ctx.prompt.spans.query
+        before = torch.zeros_like(query)
+        before[:, :-1] = query[:, 1:]
+        return ctx.queries(query | before)
+
+    def record_saliency(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> None:
+        """Saliency from layer l*'s explicit rows ``[B, H, R, K]`` (prompt positions ``rows.index``)."""
+        spans = ctx.prompt.spans
+        seq = spans.query.shape[1]
+        image_keys = ctx.keys(spans.image)[:, :seq]  # [B, S]
+        weights = weights[..., :seq]
+        query_rows = spans.query[:, rows.index]  # [B, R]
+        shift = gaze_shift(weights, query_rows, image_keys, rows.index)  # [B, H, R, S]
+        raw = gaze_saliency(shift, self._informative[:, rows.index], query_rows)  # [B, S]
+        normalised = normalise_saliency(raw, image_keys, self.config.clamp_stds)
+        normalised = torch.where(spans.has_image[:, None], normalised, torch.zeros_like(normalised))
+        self.saliency = normalised
+        self._gain = saliency_multipliers(normalised, self.config.alpha) - 1.0
+        self._keys = {}
+
+    # ------------------------------------------------------------------ enhancement
+    def rows(self, ctx: LayerContext) -> torch.Tensor | None:
+        if ctx.layer == self.saliency_layer and self.in_prefill:
+            return self.saliency_rows(ctx) if ctx.phase == "prefill" else None
+        if ctx.phase == "prefill":
+            return ctx.last_prompt_row()
+        return ctx.generated_rows()
+
+    def _matrices(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._keys.get(ctx.key_length)
+        if cached is None:
+            spans = ctx.prompt.spans
+            cached = fusion_matrices(ctx.keys(self._gain), ctx.keys(spans.image), ctx.keys(spans.query))
+            self._keys = {ctx.key_length: cached}
+        return cached
+
+    def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
+        if ctx.layer == self.saliency_layer and self.in_prefill:
+            self.record_saliency(ctx, weights, rows)
+            return weights
+        sums_matrix, edit_matrix = self._matrices(ctx)
+        return _enhance(weights, sums_matrix.to(weights.dtype), edit_matrix.to(weights.dtype), self.config.beta)
+
+    def end(self) -> None:
+        self._keys = {}
+
+
+def build(config: GIFTConfig, adapter, head_map) -> GIFT:
+    geometry = adapter.geometry
+    mapped_saliency, mapped_layers = default_gift_layers(geometry.num_layers)
+    saliency_layer = config.saliency_layer
+    if saliency_layer is None:
+        saliency_layer = getattr(head_map, "gift_saliency_layer", None)
+    if saliency_layer is None:
+        saliency_layer = mapped_saliency
+    layers = config.enhance_layers
+    if layers is None:
+        layers = list(getattr(head_map, "gift_enhance_layers", None) or []) or mapped_layers
+    bad = [layer for layer in [saliency_layer, *layers] if not 0 <= layer < geometry.num_layers]
+    if bad:
+        raise ValueError(f"GIFT layers {bad} are out of range; the model has layers 0..{geometry.num_layers - 1}")
+    return GIFT(config, saliency_layer, layers, getattr(adapter, "tokenizer", None))
+
+
+register_method("gift", GIFTConfig, build)

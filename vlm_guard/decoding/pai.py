@@ -1,0 +1,256 @@
+"""PAI baseline: "Paying More Attention to Image" (Liu et al., ECCV 2024).
+
+Two parts:
+
+1. Attention: in layers ``2 .. L-1``, the pre-softmax scores of the last prompt row (prefill) and of
+   every generated row towards the image keys are amplified, ``a <- a + alpha * |a|``.
+2. Image-free contrast on log-probabilities:
+   ``gamma * logp(y | image, text) - (gamma - 1) * logp(y | text)``, keeping only tokens with
+   ``logp(y | image, text) >= log(plausibility) + max logp`` (the rest get ``-inf``). The image-free
+   prompt (the image span deleted, re-left-padded) is decoded in lockstep by a
+   :class:`ContrastStream` with its own KV cache, on the plain model (``engine.suspended()``).
+
+:class:`ContrastStream` is shared with the VCD baseline (:mod:`vlm_guard.decoding.vcd`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor
+
+from ..config import MethodConfig, check_layers, check_range
+from .base import Intervention, LayerContext, PromptContext, RowSelection
+from .engine import restore_forward_state, save_forward_state
+from .registry import register_method
+
+logger = logging.getLogger(__name__)
+
+FIRST_PAI_LAYER = 2
+
+
+@dataclass
+class PAIConfig(MethodConfig):
+    """PAI settings.
+
+    Defaults and sources (paper and released code, LLaVA-1.5): ``alpha=0.2`` image-attention
+    amplification; ``gamma=1.1`` image-free contrast weight (``gamma=1`` switches the contrast off and
+    skips its extra forward); ``plausibility=0.1`` cut-off (tokens below ``0.1 * max`` probability are
+    dropped; 0 disables the cut); ``layers=None`` = layers ``2 .. L-1``.
+    """
+
+    method = "pai"
+    alpha: float = field(default=0.2, metadata={"help": "pre-softmax image-score amplification a + alpha*|a| (paper 0.2)"})
+    gamma: float = field(default=1.1, metadata={"help": "image-free contrast weight (paper 1.1; 1 = off)"})
+    plausibility: float = field(default=0.1, metadata={"help": "plausibility cut-off as a fraction of the max probability (paper 0.1)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "layers to amplify; None = 2..L-1 (paper)"})
+
+    def validate(self) -> None:
+        check_range("PAIConfig", "alpha", self.alpha, 0.0, 5.0)
+        check_range("PAIConfig", "gamma", self.gamma, 1.0, 5.0)
+        check_range("PAIConfig", "plausibility", self.plausibility, 0.0, 1.0)
+        check_layers("PAIConfig", "layers", self.layers)
+
+
+def amplify_image_scores(scores: torch.Tensor, image_keys: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``a + alpha * |a|`` on the image columns of pre-softmax scores (pure function).
+
+    Args:
+        scores: ``[B, H, R, K]`` fp32 pre-softmax scores (``-inf`` where masked).
+        image_keys: ``[B, K]`` bool.
+        alpha: amplification.
+    Returns:
+        ``[B, H, R, K]``.
+
+    Example:
+        >>> amplify_image_scores(torch.tensor([[[[1.0, -2.0, 3.0]]]]), torch.tensor([[False, True, True]]), 0.5)
+        tensor([[[[ 1.0000, -1.0000,  4.5000]]]])
+    """
+    return torch.where(image_keys[:, None, None, :], scores + alpha * scores.abs(), scores)
+
+
+def plausibility_cut(reference: torch.Tensor, plausibility: float) -> torch.Tensor:
+    """``[B, V]`` bool: tokens whose log-probability (from ``reference`` logits) is below
+    ``log(plausibility) + max``; all False when ``plausibility`` is 0."""
+    if plausibility <= 0:
+        return torch.zeros_like(reference, dtype=torch.bool)
+    logp = torch.log_softmax(reference.float(), dim=-1)
+    return logp < math.log(plausibility) + logp.amax(dim=-1, keepdim=True)
+
+
+def image_free_contrast(logits: torch.Tensor, text_logits: torch.Tensor, gamma: float, plausibility: float) -> torch.Tensor:
+    """PAI's contrast: ``gamma * logp(y|img,txt) - (gamma-1) * logp(y|txt)``, implausible tokens ``-inf``.
+
+    Args:
+        logits: ``[B, V]`` next-token logits with the image.
+        text_logits: ``[B, V]`` next-token logits of the image-free prompt.
+    Returns:
+        ``[B, V]`` fp32 scores (log-probability scale).
+
+    Example:
+        >>> logits = torch.log(torch.tensor([[0.6, 0.35, 0.05]])); text = torch.log(torch.tensor([[0.9, 0.05, 0.05]]))
+        >>> image_free_contrast(logits, text, gamma=2.0, plausibility=0.1).exp()  # 0.6^2/0.9, 0.35^2/0.05, cut
+        tensor([[0.4000, 2.4500, 0.0000]])
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if gamma != 1.0:
+        logp_text = torch.log_softmax(text_logits.float(), dim=-1)
+        contrast = gamma * logp - (gamma - 1.0) * logp_text
+    else:
+        contrast = logp
+    return contrast.masked_fill(plausibility_cut(logits, plausibility), float("-inf"))
+
+
+class ContrastStream:
+    """A second version of the prompt decoded in lockstep with ``generate`` on the plain model.
+
+    Each call feeds the tokens ``generate`` appended since the previous call (the whole prompt on the
+    first call) and returns the next-token logits. The stream keeps its own KV cache, runs inside
+    ``engine.suspended()`` (no intervention), and restores state a forward may cache on the model
+    (Qwen2-VL's ``rope_deltas``). Left padding: its attention mask is the prompt's, extended by ones;
+    positions continue from the prompt's last position, as ``generate`` does.
+
+    Args:
+        engine: the wrapper's :class:`~vlm_guard.decoding.engine.GuardEngine`.
+        inputs: forward arguments of the stream's prompt: ``input_ids`` ``[B, S']``, ``attention_mask``
+            and optional image tensors.
+        position_ids: the prompt's positions, ``[B, S']`` or M-RoPE ``[N, B, S']``; None = ``cumsum(mask) - 1``.
+    """
+
+    def __init__(self, engine, inputs: dict, position_ids: torch.Tensor | None = None):
+        self.engine = engine
+        self.inputs = dict(inputs)
+        self.attention_mask = inputs["attention_mask"]
+        if position_ids is None:
+            position_ids = text_positions(self.attention_mask)
+        self.position_ids = position_ids
+        self.cache = None
+        self.main_prompt_length: int | None = None
+        self.fed = 0  # generated tokens already fed
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` fp32 after the tokens of ``input_ids`` (generate's ``[B, S + n]``)."""
+        batch = self.attention_mask.shape[0]
+        if input_ids.shape[0] != batch:
+            raise ValueError(
+                f"the contrast pass has {batch} rows but generate passed {input_ids.shape[0]}; "
+                "num_return_sequences > 1 and beam search are not supported with PAI/VCD."
+            )
+        saved = save_forward_state(self.engine.model)
+        try:
+            with torch.no_grad(), self.engine.suspended():
+                if self.cache is None:
+                    self.main_prompt_length = input_ids.shape[1]
+                    output = self.engine.model(**self.inputs, position_ids=self.position_ids, use_cache=True, logits_to_keep=1)
+                else:
+                    new = input_ids.shape[1] - self.main_prompt_length - self.fed
+                    if new <= 0:
+                        raise ValueError("the contrast pass was called twice for the same step; build a new processor per generate call")
+                    steps = torch.arange(self.fed + 1, self.fed + new + 1, device=input_ids.device)
+                    positions = self.position_ids[..., -1:] + steps  # [..., B, new]
+                    self.fed += new
+                    mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(batch, self.fed)], dim=1)
+                    output = self.engine.model(input_ids=input_ids[:, -new:], attention_mask=mask, position_ids=positions,
+                                               cache=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            restore_forward_state(saved)
+        self.cache = output.cache
+        return output.logits[:, -1].float()
+
+
+def text_positions(attention_mask: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions of a left-padded text prompt, ``cumsum(mask) - 1`` (0 on padding), ``[B, S]``; in the
+    layout of ``like`` (e.g. Qwen2-VL's ``[4, B, S]``) when given."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, S]
+    if like is not None and like.ndim == 3:
+        positions = positions[None].expand(like.shape[0], -1, -1).contiguous()
+    return positions
+
+
+class ImageFreeContrast(LogitsProcessor):
+    """PAI's logits processor (a new tensor is returned; ``scores`` is not edited)."""
+
+    def __init__(self, config: PAIConfig, stream: ContrastStream | None):
+        self.config = config
+        self.stream = stream
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        text_logits = self.stream.logits(input_ids) if self.stream is not None else scores
+        return image_free_contrast(scores, text_logits, self.config.gamma, self.config.plausibility).to(scores.dtype)
+
+
+class PAI(Intervention):
+    """Image-score amplification in the attention plus the image-free contrast processor."""
+
+    name = "pai"
+    uses_scores = True
+
+    def __init__(self, config: PAIConfig, layers: list[int]):
+        self.config = config
+        self._layers = sorted(set(layers))
+        self.prompt_position_ids: torch.Tensor | None = None
+        self._image_keys: tuple[int, torch.Tensor] | None = None
+
+    def layers(self) -> set[int]:
+        return set(self._layers)
+
+    def begin(self, prompt: PromptContext, engine) -> None:
+        self.prompt_position_ids = prompt.model_inputs.get("position_ids")
+        self._image_keys = None
+
+    def rows(self, ctx: LayerContext) -> torch.Tensor | None:
+        return ctx.last_prompt_row() if ctx.phase == "prefill" else ctx.generated_rows()
+
+    def on_scores(self, ctx: LayerContext, scores: torch.Tensor, rows: RowSelection) -> torch.Tensor:
+        if self._image_keys is None or self._image_keys[0] != ctx.key_length:
+            self._image_keys = (ctx.key_length, ctx.keys(ctx.prompt.spans.image))
+        return amplify_image_scores(scores, self._image_keys[1], self.config.alpha)
+
+    def logits_processors(self, guarded, model_inputs: dict) -> list:
+        stream = None
+        if self.config.gamma != 1.0:
+            input_ids = model_inputs.get("input_ids")
+            if input_ids is None:
+                raise ValueError("PAI's image-free contrast needs input_ids in generate(...); set PAIConfig(gamma=1.0) to use embeddings")
+            attention_mask = model_inputs.get("attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            text_ids, text_mask = guarded.adapter.remove_image(input_ids, attention_mask)
+            stream = _LazyPositions(guarded.engine, {"input_ids": text_ids, "attention_mask": text_mask}, self)
+        return [ImageFreeContrast(self.config, stream)]
+
+    def end(self) -> None:
+        self._image_keys = None
+
+
+class _LazyPositions(ContrastStream):
+    """A stream whose position layout (2-D or M-RoPE) is read from the main prefill at its first call."""
+
+    def __init__(self, engine, inputs: dict, owner: PAI):
+        super().__init__(engine, inputs)
+        self.owner = owner
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            self.position_ids = text_positions(self.attention_mask, self.owner.prompt_position_ids)
+        return super().logits(input_ids)
+
+
+def default_pai_layers(num_layers: int) -> list[int]:
+    """Layers ``2 .. L-1`` (released code: ``start_layer=2, end_layer=32`` for 32 layers)."""
+    return list(range(min(FIRST_PAI_LAYER, num_layers - 1), num_layers))
+
+
+def build(config: PAIConfig, adapter, head_map) -> PAI:
+    geometry = adapter.geometry
+    layers = config.layers if config.layers is not None else default_pai_layers(geometry.num_layers)
+    bad = [layer for layer in layers if not 0 <= layer < geometry.num_layers]
+    if bad:
+        raise ValueError(f"PAIConfig.layers {bad} are out of range; the model has layers 0..{geometry.num_layers - 1}")
+    return PAI(config, layers)
+
+
+register_method("pai", PAIConfig, build)

@@ -1,0 +1,222 @@
+"""VAR: visual attention sink recycling (Kang et al., "See What You Are Told", ICLR 2025).
+
+Some tokens (BOS, punctuation, a few image patches) carry massive activations in a handful of hidden
+"sink" dimensions and soak up attention without contributing information. VAR finds them from the
+residual stream and, in image-centric attention rows, moves a fraction ``p`` of the attention they
+receive to the non-sink image tokens.
+
+Per layer ``l`` in the VAR layers (default ``2 .. L-2``: layers >= 2, the last layer excluded):
+
+1. Sinks (prefill only, reused while decoding; generated tokens are never sinks): the layer-input
+   residual ``x`` of every prompt position, ``phi(x) = max_{d in D} |x_d| / rms(x) > tau``
+   (:func:`vlm_guard.heads.sinks.sink_scores`). Exposed as :attr:`VAR.sink_mask`.
+2. Image-centric rows, per (layer, head, query row), re-chosen at every step: visual mass
+   ``sum_{j in V} A >= visual_threshold`` and non-sink visual ratio
+   ``sum_{j in V \\ S} A / sum_{j in V} A >= rho``.
+3. Redistribution in those rows: sink keys (text and visual) keep ``(1 - p)`` of their weight; the
+   budget ``p * sum_{j in S} A`` goes to the non-sink image keys in proportion to their current
+   weight; other keys are untouched, so each row still sums to 1. A row with no non-sink visual
+   attention is left unchanged.
+
+Rows edited: text positions after the image during the prefill and every generated token.
+Everything is one batched computation over ``[B, H, R, K]``: no loop over heads or rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import MethodConfig, check_layers, check_range
+from ..heads.sinks import SINK_THRESHOLD, sink_scores
+from .base import Intervention, LayerContext, PromptContext, RowSelection
+from .registry import register_method
+
+logger = logging.getLogger(__name__)
+
+FIRST_SINK_LAYER = 2
+
+
+@dataclass
+class VARConfig(MethodConfig):
+    """VAR settings.
+
+    Defaults and sources:
+    - ``p=0.6``: fraction of the sink attention moved (the paper's ``p``, which its equation applies as
+      "sinks keep ``1 - p``"). The released code uses the complement convention (sinks keep 0.6, i.e.
+      0.4 moved): set ``p=0.4`` to reproduce it.
+    - ``rho=0.5``: minimum non-sink share of the visual attention (paper: 0.5 for hallucination
+      benchmarks, 0.8 general, 0.9 vision-centric; the released code stores ``1 - rho``). This library
+      targets hallucination, hence 0.5.
+    - ``visual_threshold=0.2``: minimum visual attention mass of a row (paper and released code).
+    - ``tau=20``: sink threshold on ``phi`` (paper and released code).
+    - ``sink_dims=None``: the head map's sink dimensions (found by calibration); a list overrides them
+      (released code hard-codes e.g. ``[2533, 1415]`` for LLaVA-1.5-7B).
+    - ``layers=None``: layers ``2 .. L-2`` (paper: sinks from layer 2 on, last layer excluded).
+    """
+
+    method = "var"
+    p: float = field(default=0.6, metadata={"help": "fraction of sink attention moved to non-sink image tokens (paper 0.6; released code moves 0.4)"})
+    rho: float = field(default=0.5, metadata={"help": "min non-sink share of visual attention (paper: 0.5 hallucination, 0.8 general)"})
+    visual_threshold: float = field(default=0.2, metadata={"help": "min visual attention mass of an image-centric row (paper 0.2)"})
+    tau: float = field(default=SINK_THRESHOLD, metadata={"help": "sink threshold on phi (paper 20)"})
+    sink_dims: list[int] | None = field(default=None, metadata={"help": "sink hidden dimensions; None = from the head map"})
+    layers: list[int] | None = field(default=None, metadata={"help": "layers to edit; None = 2..L-2 (paper)"})
+
+    def validate(self) -> None:
+        check_range("VARConfig", "p", self.p, 0.0, 1.0)
+        check_range("VARConfig", "rho", self.rho, 0.0, 1.0)
+        check_range("VARConfig", "visual_threshold", self.visual_threshold, 0.0, 1.0)
+        check_range("VARConfig", "tau", self.tau, 0.0, None, low_inclusive=False)
+        if self.sink_dims is not None and (
+            not isinstance(self.sink_dims, (list, tuple))
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.sink_dims)
+        ):
+            raise ValueError(f"VARConfig.sink_dims must be a list of non-negative hidden-dimension indices or None, got {self.sink_dims!r}")
+        check_layers("VARConfig", "layers", self.layers)
+
+
+def recycle_sink_attention(weights: torch.Tensor, image_keys: torch.Tensor, sink_keys: torch.Tensor, p: float,
+                           rho: float, visual_threshold: float) -> torch.Tensor:
+    """The VAR edit of a block of attention rows (pure function).
+
+    Args:
+        weights: ``[B, H, R, K]`` post-softmax attention (fp32).
+        image_keys: ``[B, K]`` bool, image-token keys V.
+        sink_keys: ``[B, K]`` bool, sink keys S (text and visual).
+        p: fraction of the sink attention moved.
+        rho: min non-sink share of visual attention for a row to be edited.
+        visual_threshold: min visual mass for a row to be edited.
+    Returns:
+        ``[B, H, R, K]`` edited weights; unselected rows unchanged; each edited row keeps its sum.
+
+    Example:
+        >>> A = torch.tensor([[[[0.5, 0.1, 0.3, 0.1]]]])  # sink BOS, visual sink, two image tokens
+        >>> image = torch.tensor([[False, True, True, True]]); sink = torch.tensor([[True, True, False, False]])
+        >>> recycle_sink_attention(A, image, sink, p=0.5, rho=0.5, visual_threshold=0.2)
+        tensor([[[[0.2500, 0.0500, 0.5250, 0.1750]]]])
+    """
+    return _recycle(weights, *recycling_matrices(image_keys, sink_keys, weights.dtype), p, rho, visual_threshold)
+
+
+def recycling_matrices(image_keys: torch.Tensor, sink_keys: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-step key matrices of :func:`recycle_sink_attention` (computed once per step, reused by
+    every VAR layer): ``sums [B, K, 3]`` (columns V, S, V minus S) and ``edit [B, 2, K]`` (rows -S, V minus S)."""
+    image = image_keys.to(dtype)  # [B, K]
+    sink = sink_keys.to(dtype)  # [B, K]
+    free_image = image * (1.0 - sink)  # [B, K] non-sink image keys
+    return torch.stack((image, sink, free_image), dim=-1), torch.stack((-sink, free_image), dim=1)
+
+
+def _recycle(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torch.Tensor, p: float, rho: float,
+             visual_threshold: float) -> torch.Tensor:
+    batch, heads, rows, keys = weights.shape
+    # one batched matmul for the three row sums: [B, H*R, K] @ [B, K, 3] -> [B, H*R, 3]
+    sums = torch.bmm(weights.reshape(batch, heads * rows, keys), sums_matrix)
+    visual, sink_mass, free_visual = sums.unbind(-1)  # each [B, H*R]
+    selected = ((visual >= visual_threshold) & (free_visual >= rho * visual) & (free_visual > 0)).to(weights.dtype)
+    keep = selected * p  # [B, H*R] the sink keys lose p of their weight ...
+    gain = keep * sink_mass / free_visual.clamp_min(torch.finfo(weights.dtype).tiny)  # ... the budget Omega, spread
+    # factor = 1 - keep*sink + gain*free_image, per (row, key): [B, H*R, 2] @ [B, 2, K]
+    factor = torch.baddbmm(torch.ones(1, dtype=weights.dtype, device=weights.device), torch.stack((keep, gain), dim=-1), edit_matrix)
+    return weights * factor.reshape(batch, heads, rows, keys)
+
+
+class VAR(Intervention):
+    """Sink recycling in image-centric rows.
+
+    Attributes:
+        sink_mask: ``{layer: [B, S] bool}`` the sinks found in the last prefill (prompt positions).
+    """
+
+    name = "var"
+    uses_weights = True
+    uses_layer_input = True
+
+    def __init__(self, config: VARConfig, sink_dims: list[int], layers: list[int]):
+        self.config = config
+        self.sink_dims = list(sink_dims)
+        self._layers = sorted(set(layers))
+        self.sink_mask: dict[int, torch.Tensor] = {}
+        self._sink_dims_tensor: torch.Tensor | None = None
+        self._keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layers(self) -> set[int]:
+        return set(self._layers)
+
+    def begin(self, prompt: PromptContext, engine) -> None:
+        self.sink_mask = {}
+        self._keys = {}
+        self._image = prompt.spans.image  # [B, S]
+        self._after_image = prompt.spans.after_image  # [B, S]
+
+    def on_layer_input(self, ctx: LayerContext, hidden_states: torch.Tensor) -> None:
+        if ctx.phase != "prefill":
+            return
+        valid = ctx.prompt.spans.valid  # [B, S]
+        phi = sink_scores(hidden_states, self.sink_dims)  # [B, S]
+        self.sink_mask[ctx.layer] = (phi > self.config.tau) & valid
+
+    def rows(self, ctx: LayerContext) -> torch.Tensor | None:
+        if ctx.phase == "prefill":
+            return ctx.queries(self._after_image)
+        return ctx.generated_rows()
+
+    def _matrices(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`recycling_matrices` for this layer's sinks and this step's key length (cached per step)."""
+        cache_key = (ctx.layer, ctx.key_length)
+        cached = self._keys.get(cache_key)
+        if cached is None:
+            sink = self.sink_mask.get(ctx.layer)
+            if sink is None:
+                sink = torch.zeros_like(self._image)
+            cached = recycling_matrices(ctx.keys(self._image), ctx.keys(sink))
+            # keep only the current step's entries (the key length grows by one per step)
+            self._keys = {k: v for k, v in self._keys.items() if k[1] == ctx.key_length}
+            self._keys[cache_key] = cached
+        return cached
+
+    def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
+        sums_matrix, edit_matrix = self._matrices(ctx)
+        return _recycle(weights, sums_matrix.to(weights.dtype), edit_matrix.to(weights.dtype), self.config.p, self.config.rho,
+                        self.config.visual_threshold)
+
+    def end(self) -> None:
+        self._keys = {}
+
+
+def default_var_layers(num_layers: int) -> list[int]:
+    """Layers ``2 .. L-2``: sinks are measured from layer 2 on and the last layer is excluded (paper)."""
+    return list(range(FIRST_SINK_LAYER, num_layers - 1))
+
+
+def build(config: VARConfig, adapter, head_map) -> VAR | None:
+    """The VAR intervention, or None (with one warning) when the model has no sink dimensions."""
+    geometry = adapter.geometry
+    if config.sink_dims is not None:
+        sink_dims = list(config.sink_dims)
+    else:
+        sink_dims = list(getattr(head_map, "sink_dims", None) or [])
+    if not sink_dims:
+        source = "the head map lists none" if head_map is not None else "no head map was given"
+        logger.warning(
+            "VAR is switched off: it needs the model's sink dimensions and %s. Run `vlm-guard calibrate` to find "
+            "them, or pass VARConfig(sink_dims=[...]). (VAR does not guess them from the largest activations.)",
+            source,
+        )
+        return None
+    bad = [d for d in sink_dims if d >= geometry.hidden_size]
+    if bad:
+        raise ValueError(f"VARConfig.sink_dims {bad} are out of range; the model's hidden size is {geometry.hidden_size}")
+    layers = config.layers if config.layers is not None else default_var_layers(geometry.num_layers)
+    bad = [layer for layer in layers if not 0 <= layer < geometry.num_layers]
+    if bad:
+        raise ValueError(f"VARConfig.layers {bad} are out of range; the model has layers 0..{geometry.num_layers - 1}")
+    if not layers:
+        logger.warning("VAR has no layer to edit (the model has %d layers; VAR uses 2..L-2)", geometry.num_layers)
+    return VAR(config, sink_dims, layers)
+
+
+register_method("var", VARConfig, build)

@@ -1,0 +1,197 @@
+"""VCD baseline: visual contrastive decoding (Leng et al., CVPR 2024).
+
+Next-token logits are contrasted with those of the same prompt on a noised image:
+``(1 + alpha) * logit(y | v) - alpha * logit(y | v')``, keeping only tokens with
+``p(y | v) >= plausibility * max p(y | v)`` (the rest get ``-inf``). The noised image ``v'`` is the
+forward-diffusion sample ``sqrt(abar_t) * x + sqrt(1 - abar_t) * eps`` at step ``noise_step`` of
+``num_steps``, drawn with a seeded generator. The noised prompt is decoded in lockstep by a
+:class:`~vlm_guard.decoding.pai.ContrastStream` (its own KV cache, plain model): about 2x the
+decoding cost.
+
+Beta schedule: the released VCD code (``vcd_utils/vcd_add_noise.py``) uses
+``sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5`` (``beta_schedule="sigmoid"``, default); the
+DDPM linear schedule ``linspace(1e-4, 0.02, 1000)`` is available as ``"linear"`` (much noisier at
+step 500: ``abar`` about 0.08 instead of about 0.75).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor
+
+from ..config import MethodConfig, check_choice, check_range
+from .base import Intervention, PromptContext
+from .pai import ContrastStream, plausibility_cut
+from .registry import register_method
+
+logger = logging.getLogger(__name__)
+
+BETA_SCHEDULES = ("sigmoid", "linear")
+
+
+@dataclass
+class VCDConfig(MethodConfig):
+    """VCD settings.
+
+    Defaults and sources: ``alpha=0.5`` contrast strength (VCD paper/code ``cd_alpha``; the paper also
+    reports 1.0); ``plausibility=0.1`` cut-off (``cd_beta``); ``noise_step=500`` of ``num_steps=1000``
+    (released code); ``beta_schedule="sigmoid"`` (released code; ``"linear"`` is the DDPM schedule);
+    ``seed=0`` for the noise (this project: reproducible outputs).
+    """
+
+    method = "vcd"
+    alpha: float = field(default=0.5, metadata={"help": "contrast strength: (1+a)*logit(v) - a*logit(v') (paper 0.5)"})
+    plausibility: float = field(default=0.1, metadata={"help": "plausibility cut-off, fraction of the max probability (paper 0.1)"})
+    noise_step: int = field(default=500, metadata={"help": "diffusion step of the noised image (released code 500)"})
+    num_steps: int = field(default=1000, metadata={"help": "diffusion steps of the schedule (released code 1000)"})
+    beta_schedule: str = field(default="sigmoid", metadata={"help": "'sigmoid' (released VCD code) or 'linear' (DDPM 1e-4..0.02)"})
+    seed: int = field(default=0, metadata={"help": "seed of the image noise"})
+
+    def validate(self) -> None:
+        check_range("VCDConfig", "alpha", self.alpha, 0.0, 10.0)
+        check_range("VCDConfig", "plausibility", self.plausibility, 0.0, 1.0)
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool):
+            raise ValueError(f"VCDConfig.num_steps must be an int, got {self.num_steps!r}")
+        check_range("VCDConfig", "num_steps", self.num_steps, 1, 100000)
+        if not isinstance(self.noise_step, int) or isinstance(self.noise_step, bool):
+            raise ValueError(f"VCDConfig.noise_step must be an int, got {self.noise_step!r}")
+        check_range("VCDConfig", "noise_step", self.noise_step, 0, self.num_steps - 1)
+        check_choice("VCDConfig", "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"VCDConfig.seed must be an int, got {self.seed!r}")
+
+
+def diffusion_alpha_bar(noise_step: int, num_steps: int = 1000, beta_schedule: str = "sigmoid") -> float:
+    """``abar_t = prod_{s <= t} (1 - beta_s)`` of the schedule.
+
+    Example:
+        >>> round(diffusion_alpha_bar(500), 3), round(diffusion_alpha_bar(500, beta_schedule="linear"), 3)
+        (0.745, 0.078)
+    """
+    if beta_schedule == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    elif beta_schedule == "linear":
+        betas = torch.linspace(1e-4, 0.02, num_steps, dtype=torch.float64)
+    else:
+        raise ValueError(f"beta_schedule={beta_schedule!r} is not known; choose one of {list(BETA_SCHEDULES)}")
+    return float(torch.cumprod(1.0 - betas, dim=0)[noise_step])
+
+
+def add_diffusion_noise(pixel_values: torch.Tensor, noise_step: int, num_steps: int = 1000, beta_schedule: str = "sigmoid",
+                        seed: int = 0, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward-diffusion sample ``sqrt(abar) * x + sqrt(1 - abar) * eps`` (a new tensor).
+
+    ``eps`` is drawn per image from ``seed`` (on the CPU, so identical on every device), so an image is
+    noised the same way whatever batch it is in: one ``[C, H, W]`` pattern shared by every image / tile
+    of a ``[..., C, H, W]`` tensor, or, for Qwen2-VL's flattened patches ``[N, D]`` with
+    ``image_grid_thw``, one ``[n_i, D]`` pattern per image of ``n_i`` patches. Images that are all
+    zeros (padding images of batched Idefics3 inputs) stay zero.
+
+    Args:
+        pixel_values: the processor's pixel tensor.
+        noise_step / num_steps / beta_schedule: the schedule.
+        seed: seed of ``eps``.
+        image_grid_thw: ``[images, 3]`` patch grids (Qwen2-VL layout only).
+    """
+    alpha_bar = diffusion_alpha_bar(noise_step, num_steps, beta_schedule)
+
+    def draw(shape) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+    if pixel_values.ndim == 2 and image_grid_thw is not None:
+        counts = image_grid_thw.prod(dim=-1).tolist()
+        noise = torch.cat([draw((int(n), pixel_values.shape[1])) for n in counts], dim=0)
+    elif pixel_values.ndim >= 4:
+        noise = draw(pixel_values.shape[-3:]).expand(pixel_values.shape)
+    else:
+        noise = draw(pixel_values.shape)
+    noise = noise.to(pixel_values.device)
+    noised = (alpha_bar**0.5) * pixel_values.float() + ((1.0 - alpha_bar) ** 0.5) * noise
+    if pixel_values.ndim == 5:  # [B, images, C, H, W]: keep padding images / tiles empty
+        real = (pixel_values != 0).flatten(2).any(dim=-1)  # [B, images]
+        noised = torch.where(real[:, :, None, None, None], noised, torch.zeros_like(noised))
+    return noised.to(pixel_values.dtype)
+
+
+def visual_contrast(logits: torch.Tensor, noised_logits: torch.Tensor, alpha: float, plausibility: float) -> torch.Tensor:
+    """``(1 + alpha) * logits - alpha * noised_logits`` with implausible tokens ``-inf`` (pure function).
+
+    Example:
+        >>> visual_contrast(torch.tensor([[2.0, 1.0, -5.0]]), torch.tensor([[2.0, 0.0, 0.0]]), 0.5, 0.1)
+        tensor([[2.0000, 1.5000,   -inf]])
+    """
+    contrast = (1.0 + alpha) * logits.float() - alpha * noised_logits.float()
+    return contrast.masked_fill(plausibility_cut(logits, plausibility), float("-inf"))
+
+
+class VisualContrast(LogitsProcessor):
+    """VCD's logits processor (returns a new tensor). Rows without an image pass through unchanged.
+
+    Args:
+        config: the VCD settings.
+        stream: the noised-image stream.
+        has_image: ``[B]`` bool, rows whose prompt has an image.
+    """
+
+    def __init__(self, config: VCDConfig, stream: ContrastStream | None, has_image: torch.Tensor):
+        self.config = config
+        self.stream = stream
+        self.has_image = has_image
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        noised = self.stream.logits(input_ids) if self.stream is not None and self.config.alpha > 0 else scores
+        contrast = visual_contrast(scores, noised, self.config.alpha, self.config.plausibility).to(scores.dtype)
+        return torch.where(self.has_image.to(scores.device)[:, None], contrast, scores)
+
+
+class VCD(Intervention):
+    """No attention edit; contributes the noised-image contrast processor."""
+
+    name = "vcd"
+
+    def __init__(self, config: VCDConfig):
+        self.config = config
+        self.prompt_position_ids: torch.Tensor | None = None
+
+    def begin(self, prompt: PromptContext, engine) -> None:
+        self.prompt_position_ids = prompt.model_inputs.get("position_ids")
+
+    def logits_processors(self, guarded, model_inputs: dict) -> list:
+        input_ids = model_inputs.get("input_ids")
+        pixel_values = model_inputs.get("pixel_values")
+        if input_ids is None or pixel_values is None:
+            logger.info("VCD needs input_ids and pixel_values in generate(...); it is skipped for this call.")
+            return []
+        attention_mask = model_inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs = {key: value for key, value in model_inputs.items() if key in guarded.adapter.image_input_keys}
+        inputs.update(input_ids=input_ids, attention_mask=attention_mask)
+        inputs["pixel_values"] = add_diffusion_noise(pixel_values, self.config.noise_step, self.config.num_steps,
+                                                     self.config.beta_schedule, self.config.seed, model_inputs.get("image_grid_thw"))
+        has_image = guarded.adapter.prompt_spans(input_ids, attention_mask).has_image  # [B]
+        return [VisualContrast(self.config, _NoisedStream(guarded.engine, inputs, self), has_image)]
+
+
+class _NoisedStream(ContrastStream):
+    """The noised prompt has the same tokens as the main one: it reuses the main prefill's positions."""
+
+    def __init__(self, engine, inputs: dict, owner: VCD):
+        super().__init__(engine, inputs)
+        self.owner = owner
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cache is None and self.owner.prompt_position_ids is not None:
+            self.position_ids = self.owner.prompt_position_ids
+        return super().logits(input_ids)
+
+
+def build(config: VCDConfig, adapter, head_map) -> VCD:
+    return VCD(config)
+
+
+register_method("vcd", VCDConfig, build)

@@ -1,0 +1,319 @@
+"""The Gradio Blocks app: plain vs guarded answers side by side, per-token attention heatmaps, VAR's
+sinks, GIFT's saliency, risky words highlighted, and the head map.
+
+The handlers live in :class:`DemoHandlers` (plain methods, callable from tests without a browser);
+:func:`build_app` only lays out the components and wires the events. Errors reach the user as
+``gr.Error`` / ``gr.Warning`` messages or in the status line, never as tracebacks.
+
+Example:
+    >>> from vlm_guard.demo.session import DemoSession
+    >>> from vlm_guard.demo.app import build_app, launch_options
+    >>> demo = build_app(DemoSession.load())
+    >>> demo.launch(server_name="127.0.0.1", server_port=7860, **launch_options(demo_limits))
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from .inputs import DemoInputError, DemoLimits, validate_image
+from .overlay import placeholder
+from .session import (
+    DEFAULT_PROMPT,
+    HIGHLIGHT_COLOURS,
+    METHOD_CONTROLS,
+    DemoRun,
+    DemoSession,
+    highlighted,
+)
+
+logger = logging.getLogger(__name__)
+
+MEAN_OVER_LAYERS = "mean over layers"
+ANSWERS = ("guarded", "plain")
+
+CSS = """
+#run-status p { margin: 0.2em 0; }
+.vlm-guard-answer { min-height: 6em; }
+"""
+
+
+def _layer_choice(value: str | None) -> int | None:
+    if not value or value == MEAN_OVER_LAYERS:
+        return None
+    return int(str(value).split()[-1])
+
+
+def _method_title(run: DemoRun) -> str:
+    return ", ".join(name.upper() for name in run.guarded.methods) or "no method on"
+
+
+class DemoHandlers:
+    """The event handlers of the app, bound to one :class:`DemoSession`.
+
+    Each returns plain values (or ``gr.update`` objects) for its outputs and raises ``gr.Error`` with a
+    readable message on bad input.
+    """
+
+    def __init__(self, session: DemoSession):
+        self.session = session
+
+    # ------------------------------------------------------------------ inputs
+    def on_upload(self, path: str | None):
+        """Validate an upload. Returns ``(image path or None, preview, ground-truth text, status)``."""
+        if path is None:
+            return None, None, "", ""
+        try:
+            image = validate_image(path, self.session.limits)
+        except DemoInputError as error:
+            gr.Warning(str(error))
+            return None, None, "", f"**Upload refused:** {error}"
+        example = self.session.example_for(image)
+        truth = self._truth_text(example) if example else "Uploaded image (no ground truth)."
+        return path, image, truth, "Image ready: press **Generate**."
+
+    def on_example(self, evt: gr.SelectData):
+        """A bundled example picked in the gallery. Returns like :meth:`on_upload`."""
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        return self.pick_example(index)
+
+    def pick_example(self, index: int):
+        examples = self.session.examples
+        if not 0 <= index < len(examples):
+            raise gr.Error(f"No bundled example number {index}; there are {len(examples)}.")
+        example = examples[index]
+        try:
+            image = validate_image(example.path, self.session.limits)
+        except DemoInputError as error:
+            raise gr.Error(str(error), title="Example refused") from None
+        return str(example.path), image, self._truth_text(example), f"Example **{example.name}** ready: press **Generate**."
+
+    @staticmethod
+    def _truth_text(example) -> str:
+        objects = ", ".join(example.objects) if example.objects else "not listed"
+        text = f"Bundled example **{example.name}**. Ground-truth objects: **{objects}**."
+        if example.absent:
+            text += f" Absent, though its usual partner is there (a biased model may invent it): **{', '.join(example.absent)}**."
+        return text
+
+    # ------------------------------------------------------------------ generation
+    def settings(self, method_values: tuple) -> dict[str, float | None]:
+        """``(on_1, strength_1, on_2, strength_2, ...)`` in :data:`METHOD_CONTROLS` order -> ``{method: strength or None}``."""
+        result = {}
+        for index, control in enumerate(METHOD_CONTROLS):
+            enabled, strength = method_values[2 * index], method_values[2 * index + 1]
+            result[control.name] = float(strength) if enabled else None
+        return result
+
+    def on_generate(self, image_path: str | None, prompt: str, max_new_tokens, *method_values):
+        """Run both generations.
+
+        Returns:
+            ``(run, plain header, plain highlighted answer, guarded header, guarded highlighted answer,
+            answer radio update, token slider update, heatmap, token info, GIFT saliency, status)``.
+        Raises:
+            gr.Error: bad input or a failed generation, with a message for the user.
+        """
+        try:
+            run = self.session.run(image_path, prompt, self.settings(method_values), max_new_tokens)
+        except DemoInputError as error:
+            raise gr.Error(str(error), title="Input refused") from None
+        except ValueError as error:
+            raise gr.Error(f"Settings refused: {error}", title="Settings refused") from None
+        except Exception as error:  # never a traceback in the browser; the log has it
+            logger.exception("generation failed")
+            raise gr.Error(f"Generation failed ({type(error).__name__}: {error}). The server log has the details.",
+                           title="Generation failed") from None
+        which = "guarded"
+        heatmap, info = self.session.token_view(run, which, 0, None)
+        longest = max(run.result(which).num_tokens, 1)
+        plain_header = f"### Plain model\n{run.plain.seconds:.2f} s · {run.plain.num_tokens} tokens"
+        guarded_header = (f"### Guarded ({_method_title(run)})\n{run.guarded.seconds:.2f} s · {run.guarded.num_tokens} tokens "
+                          "(includes attention recording)")
+        status_lines = [f"**Done.** Plain {run.plain.seconds:.2f} s, guarded {run.guarded.seconds:.2f} s "
+                        f"({_method_title(run)})."]
+        if run.ground_truth is not None:
+            status_lines.append(f"Ground truth: {', '.join(run.ground_truth) or 'not listed'}.")
+        status_lines += [f"Note: {note}" for note in run.notes + run.plain.notes + run.guarded.notes]
+        return (
+            run,
+            plain_header,
+            highlighted(run.plain),
+            guarded_header,
+            highlighted(run.guarded),
+            gr.update(value=which),
+            gr.update(minimum=0, maximum=longest - 1, value=0, step=1, interactive=longest > 1),
+            heatmap,
+            info,
+            self.session.saliency_view(run),
+            "\n\n".join(status_lines),
+        )
+
+    # ------------------------------------------------------------------ token views
+    def on_token(self, run: DemoRun | None, which: str, token_index, layer: str | None):
+        """Redraw the heatmap for another token, answer or layer. Returns ``(heatmap, info)``."""
+        if run is None:
+            return placeholder("Generate first."), "Generate an answer first."
+        return self.session.token_view(run, which or "guarded", int(token_index or 0), _layer_choice(layer))
+
+    def on_answer(self, run: DemoRun | None, which: str, layer: str | None):
+        """Another answer picked: reset the token slider to its length and redraw."""
+        if run is None:
+            return gr.update(), placeholder("Generate first."), "Generate an answer first."
+        count = max(run.result(which).num_tokens, 1)
+        heatmap, info = self.session.token_view(run, which, 0, _layer_choice(layer))
+        return gr.update(minimum=0, maximum=count - 1, value=0, interactive=count > 1), heatmap, info
+
+    def on_word_click(self, which: str, run: DemoRun | None, layer: str | None, evt: gr.SelectData):
+        """A word clicked in an answer: show its heatmap. Returns ``(answer radio, slider, heatmap, info)``."""
+        if run is None:
+            return gr.update(), gr.update(), placeholder("Generate first."), "Generate an answer first."
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        count = max(run.result(which).num_tokens, 1)
+        heatmap, info = self.session.token_view(run, which, index, _layer_choice(layer))
+        return gr.update(value=which), gr.update(maximum=count - 1, value=index, interactive=count > 1), heatmap, info
+
+
+def launch_options(limits: DemoLimits) -> dict[str, Any]:
+    """Keyword arguments for ``demo.launch`` that go with :func:`build_app` (upload cap, CSS, no SSR, no share)."""
+    return {
+        "max_file_size": limits.max_upload_bytes,
+        "css": CSS,
+        "ssr_mode": False,
+        "share": False,
+        "show_error": True,
+        "footer_links": ["gradio"],
+    }
+
+
+def build_app(session: DemoSession) -> gr.Blocks:
+    """The demo's Blocks app for ``session`` (call ``.launch(**launch_options(session.limits))`` on it).
+
+    The queue is configured here: one generation at a time (the model is shared), at most
+    ``limits.queue_size`` waiting.
+    """
+    handlers = DemoHandlers(session)
+    limits = session.limits
+    layer_choices = [MEAN_OVER_LAYERS] + [f"layer {i}" for i in range(session.num_layers)]
+
+    with gr.Blocks(title="vlm-guard demo", analytics_enabled=False) as demo:
+        run_state = gr.State(None)
+        image_state = gr.State(None)
+
+        gr.Markdown("# vlm-guard: plain vs guarded answers\n"
+                    "Pick an example or upload an image, choose methods, and compare what the plain and the guarded "
+                    "model say. Click a word (or move the token slider) to see where it looked in the image.")
+        head_map_text = "loaded" if session.head_map is not None else "none"
+        startup = [f"**Model:** {session.model_name} · **head map:** {head_map_text} · "
+                   f"**caps:** {limits.max_upload_bytes // (1024 * 1024)} MB upload, {limits.max_image_pixels:,} pixels, "
+                   f"{limits.max_new_tokens} new tokens"]
+        startup += [f"- {note}" for note in session.notes]
+        gr.Markdown("\n".join(startup), elem_id="startup-notes")
+
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                if session.examples:
+                    gallery = gr.Gallery(
+                        value=[(str(example.path), example.label) for example in session.examples],
+                        label="Bundled examples (click one)", columns=5, height=170, allow_preview=False,
+                        interactive=False, elem_id="examples-gallery", object_fit="contain",
+                    )
+                else:
+                    gallery = None
+                    gr.Markdown("_No bundled examples in this installation: upload an image._")
+                upload = gr.File(label="...or upload an image", file_types=["image"], type="filepath", elem_id="image-upload")
+                preview = gr.Image(label="Input image", type="pil", interactive=False, height=220, elem_id="input-preview")
+                truth = gr.Markdown("", elem_id="ground-truth")
+                prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", max_lines=3, elem_id="prompt")
+                with gr.Accordion("Methods", open=True):
+                    method_inputs = []
+                    for control in METHOD_CONTROLS:
+                        status = session.availability[control.name]
+                        with gr.Row():
+                            checkbox = gr.Checkbox(
+                                value=status.available and control.name in ("vhr", "var", "gift"),
+                                label=control.label, interactive=status.available, scale=1, min_width=80,
+                                elem_id=f"method-{control.name}",
+                            )
+                            slider = gr.Slider(
+                                minimum=control.minimum, maximum=control.maximum, step=control.step,
+                                value=min(max(status.default, control.minimum), control.maximum),
+                                label=f"{control.label} {control.strength_field}",
+                                info=status.note or control.help, interactive=status.available, scale=4,
+                                elem_id=f"strength-{control.name}",
+                            )
+                        method_inputs += [checkbox, slider]
+                max_tokens = gr.Slider(minimum=1, maximum=limits.max_new_tokens, step=1, value=limits.default_new_tokens,
+                                       label="Max new tokens", elem_id="max-new-tokens")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                status_md = gr.Markdown("Pick an example or upload an image.", elem_id="run-status")
+
+            with gr.Column(scale=2, min_width=480):
+                with gr.Row():
+                    with gr.Column():
+                        plain_header = gr.Markdown("### Plain model", elem_id="plain-header")
+                        plain_answer = gr.HighlightedText(
+                            label="Plain answer", color_map=HIGHLIGHT_COLOURS, combine_adjacent=False, show_legend=True,
+                            elem_id="plain-answer", elem_classes=["vlm-guard-answer"], interactive=False,
+                        )
+                    with gr.Column():
+                        guarded_header = gr.Markdown("### Guarded", elem_id="guarded-header")
+                        guarded_answer = gr.HighlightedText(
+                            label="Guarded answer", color_map=HIGHLIGHT_COLOURS, combine_adjacent=False, show_legend=True,
+                            elem_id="guarded-answer", elem_classes=["vlm-guard-answer"], interactive=False,
+                        )
+                with gr.Row():
+                    which = gr.Radio(choices=list(ANSWERS), value="guarded", label="Answer", elem_id="which-answer", scale=1)
+                    token = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="Generated token", interactive=False,
+                                      elem_id="token-slider", scale=3)
+                    layer = gr.Dropdown(choices=layer_choices, value=MEAN_OVER_LAYERS, label="Layer", elem_id="layer", scale=1)
+                with gr.Row():
+                    heatmap = gr.Image(label="Attention to the image (cyan boxes: VAR sinks)", type="pil", interactive=False,
+                                       height=384, elem_id="attention-heatmap")
+                    saliency = gr.Image(label="GIFT saliency", type="pil", interactive=False, height=384, elem_id="gift-saliency")
+                token_info = gr.Markdown("", elem_id="token-info")
+
+        with gr.Accordion("Head map", open=False):
+            head_map_image, head_map_summary = session.head_map_view()
+            if head_map_image is not None:
+                gr.Image(value=head_map_image, label="VHD per head (layers x heads)", type="pil", interactive=False,
+                         elem_id="head-map-plot")
+            gr.Markdown(head_map_summary, elem_id="head-map-summary")
+
+        # ------------------------------------------------------------------ events
+        input_outputs = [image_state, preview, truth, status_md]
+        if gallery is not None:
+            gallery.select(handlers.on_example, inputs=None, outputs=input_outputs, concurrency_limit=4)
+        upload.upload(handlers.on_upload, inputs=upload, outputs=input_outputs, concurrency_limit=4)
+        generate.click(
+            handlers.on_generate,
+            inputs=[image_state, prompt, max_tokens, *method_inputs],
+            outputs=[run_state, plain_header, plain_answer, guarded_header, guarded_answer, which, token,
+                     heatmap, token_info, saliency, status_md],
+            concurrency_limit=1,
+            concurrency_id="generate",
+        )
+        token.change(handlers.on_token, inputs=[run_state, which, token, layer], outputs=[heatmap, token_info],
+                     trigger_mode="always_last", concurrency_limit=4, show_progress="hidden")
+        layer.change(handlers.on_token, inputs=[run_state, which, token, layer], outputs=[heatmap, token_info],
+                     concurrency_limit=4, show_progress="hidden")
+        which.input(handlers.on_answer, inputs=[run_state, which, layer], outputs=[token, heatmap, token_info],
+                    concurrency_limit=4, show_progress="hidden")
+        for answer_name, component in (("plain", plain_answer), ("guarded", guarded_answer)):
+            component.select(
+                _word_click(handlers, answer_name), inputs=[run_state, layer], outputs=[which, token, heatmap, token_info],
+                concurrency_limit=4, show_progress="hidden",
+            )
+
+    demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
+    return demo
+
+
+def _word_click(handlers: DemoHandlers, which: str):
+    def handler(run, layer, evt: gr.SelectData):
+        return handlers.on_word_click(which, run, layer, evt)
+
+    return handler

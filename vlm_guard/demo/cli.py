@@ -1,0 +1,108 @@
+"""``vlm-guard demo``: launch the Gradio demo (plain vs guarded answers, heatmaps, flagged words).
+
+Usage:
+    vlm-guard demo [--model ID_OR_PATH] [--head-map DIR] [--host 127.0.0.1] [--port 7860] [--share-on-network]
+
+Binds to the loopback interface unless ``--share-on-network`` is given: a non-loopback ``--host``
+without it is refused. No public Gradio share link is ever created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="launch the Gradio demo: plain vs guarded answers with attention heatmaps",
+        description="Launch the Gradio demo (needs the 'demo' extra: pip install 'vlm-guard[demo]').",
+    )
+    parser.add_argument("--model", default=None,
+                        help="hub id or local folder of a supported VLM (default: the shipped toy LLaVA)")
+    parser.add_argument("--head-map", default=None, help="head map folder from `vlm-guard calibrate` (default: the cached one, if any)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}, loopback only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--share-on-network", action="store_true",
+                        help="allow a non-loopback --host (e.g. 0.0.0.0): anyone who can reach this machine can use the demo")
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap of the max-new-tokens control (default 128)")
+    parser.add_argument("--max-upload-mb", type=float, default=None, help="largest accepted upload in MB (default 10)")
+    parser.add_argument("--max-image-pixels", type=int, default=None, help="largest accepted width*height (default 4096*4096)")
+    parser.add_argument("--queue-size", type=int, default=None, help="requests allowed to wait (default 16)")
+    parser.add_argument("--no-checker", action="store_true", help="do not load the grounding checker")
+    parser.set_defaults(func=run_demo)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: treat as network-facing
+
+
+def check_host(host: str, share_on_network: bool) -> None:
+    """Refuse a non-loopback ``host`` unless the user asked for it explicitly.
+
+    Raises:
+        UserError: with what to do instead.
+    """
+    from ..cli import UserError
+
+    if not host or not host.strip():
+        raise UserError("--host is empty; use 127.0.0.1 (default) or pass an interface address")
+    if not is_loopback(host) and not share_on_network:
+        raise UserError(
+            f"--host {host} would expose the demo to other machines; it binds to {DEFAULT_HOST} by default. "
+            "Pass --share-on-network as well if you really want that."
+        )
+
+
+def build_limits(args: argparse.Namespace):
+    from .inputs import MEGABYTE, DemoLimits
+
+    defaults = DemoLimits()
+    max_new_tokens = args.max_new_tokens or defaults.max_new_tokens
+    return DemoLimits(
+        max_upload_bytes=int(args.max_upload_mb * MEGABYTE) if args.max_upload_mb else defaults.max_upload_bytes,
+        max_image_pixels=args.max_image_pixels or defaults.max_image_pixels,
+        max_new_tokens=max_new_tokens,
+        default_new_tokens=min(defaults.default_new_tokens, max_new_tokens),
+        queue_size=args.queue_size or defaults.queue_size,
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+
+    check_host(args.host, args.share_on_network)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a valid port; choose 1..65535")
+    limits = build_limits(args)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401
+    except ImportError as error:
+        raise UserError(f"the demo needs gradio ({error}); install it with: pip install 'vlm-guard[demo]'") from error
+    from .app import build_app, launch_options
+    from .session import DemoSession
+
+    if not is_loopback(args.host):
+        logger.warning("the demo listens on %s: anyone who can reach this machine can use it", args.host)
+    session = DemoSession.load(model=args.model, head_map=args.head_map, limits=limits,
+                               use_checker=not args.no_checker, device=args.device)
+    demo = build_app(session)
+    print(f"vlm-guard demo on http://{args.host}:{args.port} (model: {session.model_name}); Ctrl+C to stop", flush=True)
+    demo.launch(server_name=args.host, server_port=args.port, **launch_options(limits))
+    return 0

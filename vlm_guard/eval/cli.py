@@ -1,0 +1,319 @@
+"""``vlm-guard eval {pope,chair,synthetic}``: run a benchmark, resumably, with one or several method sets.
+
+Usage::
+
+    vlm-guard eval synthetic --out docs/results/synthetic.jsonl --compare "none;vhr;var;gift;all;pai;vcd"
+    vlm-guard eval pope --pope-dir data/pope --images coco/val2014 --model llava-hf/llava-1.5-7b-hf \\
+        --methods vhr --out runs/pope.jsonl
+    vlm-guard eval chair --images coco/val2014 --instances annotations/instances_val2014.json \\
+        --captions annotations/captions_val2014.json --limit 500 --out runs/chair.jsonl
+
+Nothing is downloaded: the benchmark files and images are arguments. Records go to ``--out`` (one JSON line per
+item, written as it finishes; a rerun skips finished items), the summary to ``<out stem>.summary.json``. With
+``--compare`` each method set gets ``<out stem>.<methods>.jsonl`` and its summary, and the comparison goes to
+``<out stem>.summary.json`` and the markdown table ``<out stem>.md`` (also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHAIR_PROMPT = "Please describe this image in detail."
+DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 512, "synthetic_pope": 4, "synthetic_chair": 48}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="run POPE / CHAIR / the synthetic benchmark, resumably")
+    commands = parser.add_subparsers(dest="eval_command", metavar="BENCHMARK")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+    pope = commands.add_parser("pope", help="POPE on COCO: official question files + val2014 images")
+    _common(pope)
+    pope.add_argument("--questions", nargs="+", default=None,
+                      help="official question files (e.g. coco_pope_random.json ...); the split is read from the name")
+    pope.add_argument("--pope-dir", default=None, help="folder holding coco_pope_{random,popular,adversarial}.json")
+    pope.add_argument("--splits", default="random,popular,adversarial", help="splits to run with --pope-dir")
+    pope.add_argument("--images", required=True, help="folder of the images the questions name (COCO val2014)")
+    pope.add_argument("--prompt-suffix", default="",
+                      help="text appended to each question (e.g. ' Answer with one word.'); default none")
+    pope.set_defaults(func=_run_pope)
+
+    chair = commands.add_parser("chair", help="CHAIR on COCO val2014: captions scored against instances + captions")
+    _common(chair)
+    chair.add_argument("--images", required=True, help="folder of COCO val2014 images")
+    chair.add_argument("--instances", required=True, help="instances_val2014.json")
+    chair.add_argument("--captions", required=True, help="captions_val2014.json")
+    chair.add_argument("--n-images", type=int, default=500, help="random images drawn with --seed (default 500)")
+    chair.add_argument("--prompt", default=DEFAULT_CHAIR_PROMPT, help=f"caption prompt (default {DEFAULT_CHAIR_PROMPT!r})")
+    chair.set_defaults(func=_run_chair)
+
+    synthetic = commands.add_parser("synthetic", help="POPE- and CHAIR-style benchmark on held-out toy-world scenes")
+    _common(synthetic)
+    synthetic.add_argument("--n-questions", type=int, default=500, help="questions per POPE split (default 500)")
+    synthetic.add_argument("--n-captions", type=int, default=500, help="scenes to caption (default 500)")
+    synthetic.add_argument("--world-seed", type=int, default=None,
+                           help="world seed (default 900001, the reported held-out seed; 910001 is for tuning)")
+    synthetic.add_argument("--biased", action="store_true", help="training-like biased scenes instead of unbiased")
+    synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
+    synthetic.set_defaults(func=_run_synthetic)
+
+    images = commands.add_parser("synthetic-images",
+                                 help="render synthetic scenes as PNGs (e.g. tuning-seed scenes for `vlm-guard calibrate`)")
+    images.add_argument("--out", required=True, help="folder to write scene_XXXXXX.png into")
+    images.add_argument("--n", type=int, default=200, help="number of scenes (default 200)")
+    images.add_argument("--world-seed", type=int, default=None,
+                        help="world seed (default 910001, the tuning seed: never the reported one)")
+    images.add_argument("--biased", action="store_true", help="training-like biased scenes")
+    images.set_defaults(func=_write_synthetic_images)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
+    parser.add_argument("--methods", default="none", help="method set: 'vhr,var,gift', 'all' or 'none' (default)")
+    parser.add_argument("--compare", default=None,
+                        help="several method sets on the same items, ';'-separated, e.g. 'none;vhr;var;gift;all;pai;vcd'")
+    parser.add_argument("--limit", type=int, default=None, help="at most N items per task / split")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generation budget (default: POPE 16, CHAIR 512; synthetic 4 and 48)")
+    parser.add_argument("--out", required=True, help="results .jsonl (resumable)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of image sampling (default 0)")
+    parser.add_argument("--head-map", default=None, help="folder of a calibrated head map (default: the cached one)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def pope_tasks(question_files, image_root_name: str = "", limit: int | None = None, max_new_tokens: int = 16,
+               prompt_suffix: str = ""):
+    """One :class:`~vlm_guard.eval.runner.EvalTask` per official question file."""
+    from vlm_guard.eval.pope import load_pope_questions, pope_split_from_path
+    from vlm_guard.eval.runner import EvalItem, EvalTask, pope_scorer
+
+    tasks = []
+    for path in question_files:
+        split = pope_split_from_path(path) or Path(path).stem
+        questions = load_pope_questions(path)[: limit if limit is not None else None]
+        items = [
+            EvalItem(
+                item_id=f"{split}/{question.question_id}",
+                prompt=question.text + prompt_suffix,
+                image=question.image,
+                image_name=question.image,
+                fields={"question_id": question.question_id, "split": split, "image": question.image,
+                        "label": question.label, "object": question.object_name},
+            )
+            for question in questions
+        ]
+        name = f"pope/{split}"
+        if any(task.name == name for task in tasks):
+            raise ValueError(f"two question files map to split {split!r}; pass one file per split.")
+        tasks.append(EvalTask(name=name, kind="pope", items=items, scorer=pope_scorer, max_new_tokens=max_new_tokens))
+    return tasks
+
+
+def chair_task(images_dir: str, instances: str, captions: str, n_images: int, seed: int, prompt: str,
+               max_new_tokens: int = 512, limit: int | None = None):
+    """The CHAIR task: ``n_images`` val2014 images drawn with ``seed`` among those in the instances file that are
+    also in ``images_dir`` (the usual 500-image setup)."""
+    import json
+
+    from vlm_guard.eval.chair import ChairGroundTruth, coco_image_id
+    from vlm_guard.eval.runner import EvalItem, EvalTask
+
+    with open(instances, "r", encoding="utf-8") as handle:
+        image_entries = json.load(handle).get("images", [])
+    names = {int(entry["id"]): entry["file_name"] for entry in image_entries if "id" in entry and "file_name" in entry}
+    if not names:
+        raise ValueError(f"{instances} lists no images ('images' with 'id' and 'file_name'); is it a COCO instances file?")
+    folder = Path(images_dir)
+    available = sorted(image_id for image_id, name in names.items() if (folder / name).exists())
+    if not available:
+        raise ValueError(f"none of the {len(names)} images of {instances} is in {images_dir}; is it the val2014 folder?")
+    count = min(n_images, len(available))
+    if count < n_images:
+        logger.warning("only %d of the requested %d images are available; using all of them", count, n_images)
+    chosen = sorted(random.Random(seed).sample(available, count))
+    if limit is not None:
+        chosen = chosen[:limit]
+    ground_truth = ChairGroundTruth.from_coco(instances, captions, image_ids=chosen)
+
+    def scorer(item, answer):
+        scored = ground_truth.score_caption(item.fields["image_id"], answer)
+        scored.pop("caption", None)
+        scored.pop("image_id", None)
+        return scored
+
+    items = [
+        EvalItem(item_id=str(image_id), prompt=prompt, image=names[image_id], image_name=names[image_id],
+                 fields={"image_id": coco_image_id(image_id), "image": names[image_id]})
+        for image_id in chosen
+    ]
+    return EvalTask(name="chair", kind="chair", items=items, scorer=scorer, max_new_tokens=max_new_tokens)
+
+
+def synthetic_tasks(n_questions: int = 500, n_captions: int = 500, world_seed: int | None = None, bias: bool = False,
+                    pope_max_new_tokens: int = 4, chair_max_new_tokens: int = 48, kinds=("pope", "chair"),
+                    splits=None, image_size: int | None = None):
+    """The synthetic POPE splits and CHAIR-style task (see :mod:`vlm_guard.eval.synthetic`)."""
+    from vlm_guard.eval.runner import EvalItem, EvalTask, pope_scorer
+    from vlm_guard.eval.synthetic import (
+        CAPTION_PROMPT, EVAL_SEED, SPLITS, caption_items, pope_questions, score_synthetic_caption, synthetic_world,
+    )
+    from vlm_guard.toyworld.world import render
+
+    seed = EVAL_SEED if world_seed is None else world_seed
+    world = synthetic_world(seed, bias)
+
+    def image_of(index: int):
+        return lambda: render(world.scene(index)) if image_size is None else render(world.scene(index), image_size)
+
+    tasks = []
+    if "pope" in kinds:
+        for split in splits or SPLITS:
+            items = [
+                EvalItem(item_id=question.question_id, prompt=question.text, image=image_of(question.scene_index),
+                         image_name=f"scene/{question.scene_index:06d}",
+                         fields={"split": split, "scene": question.scene_index, "object": question.object,
+                                 "label": question.label, "kind": question.kind})
+                for question in pope_questions(split, n_questions, seed=seed, bias=bias)
+            ]
+            tasks.append(EvalTask(f"pope/{split}", "pope", items, pope_scorer, pope_max_new_tokens))
+    if "chair" in kinds:
+        def scorer(item, answer):
+            return score_synthetic_caption(answer, item.fields["gt_objects"])
+
+        items = [
+            EvalItem(item_id=entry.image_id, prompt=CAPTION_PROMPT, image=image_of(entry.scene_index),
+                     image_name=entry.image_id, fields={"scene": entry.scene_index, "gt_objects": list(entry.gt_objects)})
+            for entry in caption_items(n_captions, seed=seed, bias=bias)
+        ]
+        tasks.append(EvalTask("chair", "chair", items, scorer, chair_max_new_tokens))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _method_sets(args) -> list[str]:
+    from vlm_guard.eval.runner import method_label, parse_compare
+
+    if args.compare:
+        return parse_compare(args.compare)
+    return [method_label(args.methods)]
+
+
+def _load_head_map(args):
+    if not args.head_map:
+        return None
+    from vlm_guard.heads.head_map import HeadMap
+
+    return HeadMap.from_pretrained(args.head_map)
+
+
+def _execute(args, tasks, loader, run_config: dict) -> int:
+    import torch
+
+    from vlm_guard.defaults import DEFAULT_MODEL_DIR
+    from vlm_guard.eval.runner import code_digest, load_model, run_benchmark, weights_digest
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    method_sets = _method_sets(args)
+    model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
+                                              device=args.device)
+    run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
+                  "weights_sha256_16": weights_digest(args.model or DEFAULT_MODEL_DIR),
+                  "method_code": code_digest(), "head_map_dir": args.head_map, **run_config}
+    result = run_benchmark(
+        model, processor, tasks, method_sets, args.out, loader=loader, head_map=_load_head_map(args),
+        batch_size=args.batch_size, seed=args.seed, n_resamples=args.n_resamples, progress=not args.no_progress,
+        run_config=run_config, compare=bool(args.compare),
+    )
+    print(result["markdown"])
+    skipped = loader.n_skipped
+    if skipped:
+        print(f"{skipped} unreadable image(s) skipped (listed in {result['summary_path']}).")
+    print(f"summary: {result['summary_path']}")
+    if result.get("markdown_path"):
+        print(f"table: {result['markdown_path']}")
+    return 0
+
+
+def _run_pope(args) -> int:
+    from vlm_guard.eval.images import ImageLoader
+    from vlm_guard.eval.pope import pope_question_file
+
+    if not args.questions and not args.pope_dir:
+        raise ValueError("pass --questions coco_pope_random.json ... or --pope-dir DIR holding the official files.")
+    files = list(args.questions or [])
+    if args.pope_dir:
+        files += [pope_question_file(args.pope_dir, split.strip()) for split in args.splits.split(",") if split.strip()]
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["pope"]
+    tasks = pope_tasks(files, limit=args.limit, max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix)
+    loader = ImageLoader(args.images)
+    run_config = {"benchmark": "pope", "question_files": [str(path) for path in files], "images": args.images,
+                  "max_new_tokens": max_new_tokens, "prompt_suffix": args.prompt_suffix, "limit": args.limit,
+                  "title": "POPE"}
+    return _execute(args, tasks, loader, run_config)
+
+
+def _run_chair(args) -> int:
+    from vlm_guard.eval.images import ImageLoader
+
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["chair"]
+    task = chair_task(args.images, args.instances, args.captions, args.n_images, args.seed, args.prompt,
+                      max_new_tokens=max_new_tokens, limit=args.limit)
+    loader = ImageLoader(args.images)
+    run_config = {"benchmark": "chair", "images": args.images, "instances": args.instances, "captions": args.captions,
+                  "n_images": args.n_images, "prompt": args.prompt, "max_new_tokens": max_new_tokens,
+                  "limit": args.limit, "title": "CHAIR"}
+    return _execute(args, [task], loader, run_config)
+
+
+def _run_synthetic(args) -> int:
+    from vlm_guard.eval.images import ImageLoader
+    from vlm_guard.eval.synthetic import CAPTION_PROMPT, EVAL_SEED
+
+    kinds = [kind.strip() for kind in args.tasks.split(",") if kind.strip()]
+    bad = [kind for kind in kinds if kind not in ("pope", "chair")]
+    if bad or not kinds:
+        raise ValueError(f"--tasks must name 'pope' and/or 'chair', got {args.tasks!r}.")
+    n_questions = args.n_questions if args.limit is None else min(args.n_questions, args.limit)
+    n_captions = args.n_captions if args.limit is None else min(args.n_captions, args.limit)
+    pope_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["synthetic_pope"]
+    chair_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["synthetic_chair"]
+    world_seed = EVAL_SEED if args.world_seed is None else args.world_seed
+    tasks = synthetic_tasks(n_questions, n_captions, world_seed=world_seed, bias=args.biased,
+                            pope_max_new_tokens=pope_tokens, chair_max_new_tokens=chair_tokens, kinds=kinds)
+    run_config = {"benchmark": "synthetic", "world_seed": world_seed, "bias": args.biased,
+                  "n_questions_per_split": n_questions, "n_captions": n_captions,
+                  "max_new_tokens": {"pope": pope_tokens, "chair": chair_tokens},
+                  "prompts": {"pope": "is there a {object} ?", "chair": CAPTION_PROMPT}, "limit": args.limit,
+                  "title": f"Synthetic benchmark (world seed {world_seed}, {'biased' if args.biased else 'unbiased'} scenes)"}
+    return _execute(args, tasks, ImageLoader(), run_config)
+
+
+def _write_synthetic_images(args) -> int:
+    from vlm_guard.eval.synthetic import TUNING_SEED, synthetic_world
+    from vlm_guard.toyworld.world import render
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}.")
+    seed = TUNING_SEED if args.world_seed is None else args.world_seed
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    world = synthetic_world(seed, args.biased)
+    for index in range(args.n):
+        render(world.scene(index)).save(folder / f"scene_{index:06d}.png")
+    print(f"wrote {args.n} scenes of world seed {seed} ({'biased' if args.biased else 'unbiased'}) to {folder}")
+    return 0

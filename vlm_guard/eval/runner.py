@@ -1,0 +1,678 @@
+"""Run a model (plain or guarded) over benchmark items: batched greedy generation, one record per finished
+item, resumable, with a summary that records what produced the numbers.
+
+The pieces, each usable alone:
+
+- :func:`load_model`: the shipped default model, or any checkpoint through ``AutoModelForImageTextToText``;
+- :func:`chat_prompt`: one image + one text turn through the processor's chat template;
+- :func:`generate_answers`: one left-padded batch through ``model.generate`` (greedy unless told otherwise);
+- :func:`run_items`: all items of a task into a :class:`~vlm_guard.eval.records.ResultsWriter`, skipping the
+  ones already done and the images that cannot be read (counted, not fatal);
+- :func:`run_benchmark`: several method sets on the same items, one results file and summary per method set,
+  and a comparison (bootstrap intervals, paired differences against greedy) written as JSON and markdown.
+
+Records are plain JSON: ``id``, ``task`` (e.g. ``"pope/random"``, ``"chair"``), the item's fields (label,
+object, image...), ``prompt``, ``answer`` and the task's score fields (``prediction`` for POPE; the CHAIR
+counts for captions).
+
+Example:
+    >>> from vlm_guard.eval.runner import load_model, run_benchmark
+    >>> model, processor, name = load_model()                                     # doctest: +SKIP
+    >>> tasks = synthetic_tasks(n_questions=500, n_captions=500)                  # doctest: +SKIP
+    >>> run_benchmark(model, processor, tasks, ["none", "vhr"], "runs/syn.jsonl")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from vlm_guard.eval.images import ImageLoader, ImageSource
+from vlm_guard.eval.pope import parse_pope_answer
+from vlm_guard.eval.records import ResultsWriter, read_records, write_summary
+
+logger = logging.getLogger(__name__)
+
+TASK_KINDS = ("pope", "chair")
+
+Scorer = Callable[["EvalItem", str], dict]
+"""``scorer(item, answer) -> dict`` of score fields merged into the item's record."""
+
+
+@dataclass
+class EvalItem:
+    """One question or caption request.
+
+    Attributes:
+        item_id: Unique id within its results file (e.g. ``"pope/random/42"``).
+        prompt: The user text of the chat turn (the image comes first).
+        image: Path (relative to the loader's root), PIL image, or callable returning one.
+        image_name: Name used when the image cannot be read (reported in the summary).
+        fields: JSON-ready fields copied into the record (label, object, image id, ground truth...).
+    """
+
+    item_id: str
+    prompt: str
+    image: ImageSource
+    image_name: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalTask:
+    """A group of items scored the same way.
+
+    Attributes:
+        name: ``"pope/<split>"`` or ``"chair"`` (the record's ``task`` and the metric group name).
+        kind: ``"pope"`` or ``"chair"``.
+        items: The items, in run order.
+        scorer: ``scorer(item, answer) -> dict`` merged into the record.
+        max_new_tokens: Generation budget of this task.
+    """
+
+    name: str
+    kind: str
+    items: list[EvalItem]
+    scorer: Scorer
+    max_new_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"EvalTask.kind must be one of {TASK_KINDS}, got {self.kind!r}.")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"EvalTask.max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
+        ids = [item.item_id for item in self.items]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"task {self.name!r} has duplicate item ids; every item needs its own id.")
+
+
+def pope_scorer(item: EvalItem, answer: str) -> dict:
+    """POPE score fields: the parsed ``prediction`` (``"yes"``/``"no"``) and ``correct``."""
+    prediction = parse_pope_answer(answer)
+    return {"prediction": prediction, "correct": prediction == item.fields.get("label")}
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+def load_model(
+    model_id: str | os.PathLike | None = None,
+    *,
+    trust_remote_code: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[Any, Any, str]:
+    """The model to evaluate and its processor.
+
+    Args:
+        model_id: A Hugging Face hub id or a local folder; None loads the shipped default model
+            (:func:`vlm_guard.load_default`). Nothing is downloaded unless the id is a hub id that is not in the
+            local cache and the network allows it.
+        trust_remote_code: Allow the checkpoint's own code (off unless asked for).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"``.
+        device: Torch device.
+
+    Returns:
+        ``(model, processor, name)``: the model in eval mode, its processor with left padding, and a name for
+        reports (the id or ``"vlm_guard default"``).
+    """
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}.")
+    if model_id is None:
+        from vlm_guard.defaults import DEFAULT_MODEL_DIR, load_default
+
+        model, processor = load_default(device=device, dtype=None if dtype == "auto" else dtypes[dtype])
+        name = f"vlm_guard default ({DEFAULT_MODEL_DIR.name})"
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(model_id), dtype=dtypes[dtype], trust_remote_code=trust_remote_code
+        )
+        model.to(device).eval()
+        processor = AutoProcessor.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
+        name = str(model_id)
+    prepare_processor(processor)
+    return model, processor, name
+
+
+def prepare_processor(processor: Any) -> Any:
+    """Left padding for batched generation (the new tokens then start at the same column in every row)."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"processor {type(processor).__name__} has no tokenizer; pass the model's AutoProcessor.")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+def chat_prompt(processor: Any, text: str) -> str:
+    """The generation prompt for one image followed by ``text``, through the processor's chat template.
+
+    Example:
+        >>> chat_prompt(processor, "describe the image")  # doctest: +SKIP
+        'USER: <image> describe the image ASSISTANT:'
+    """
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(
+            f"processor {type(processor).__name__} has no chat template; load the processor of an instruction-tuned "
+            f"checkpoint (its chat_template.json) or set processor.chat_template."
+        )
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def generate_answers(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    **generation_kwargs: Any,
+) -> list[str]:
+    """Answers for one batch (``images[i]`` with ``prompts[i]``), greedy unless ``generation_kwargs`` say otherwise.
+
+    Args:
+        model: A model or :class:`~vlm_guard.wrapper.GuardedModel`.
+        processor: Its processor (left padding; see :func:`prepare_processor`).
+        images: PIL images, one per prompt.
+        prompts: Full prompts from :func:`chat_prompt`.
+        max_new_tokens: Generation budget.
+        generation_kwargs: Passed to ``generate`` (default ``do_sample=False, num_beams=1``).
+
+    Returns:
+        The decoded new text of each row, stripped.
+    """
+    import torch
+
+    if len(images) != len(prompts):
+        raise ValueError(f"images and prompts differ in length ({len(images)} vs {len(prompts)}).")
+    inputs = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    if "token_type_ids" in inputs and not _accepts(model, "token_type_ids"):
+        inputs.pop("token_type_ids")  # some tokenizers return it; generate rejects unused model kwargs
+    device = getattr(model, "device", None)
+    if device is not None:
+        inputs = inputs.to(device)
+    dtype = getattr(model, "dtype", None)
+    if "pixel_values" in inputs and dtype is not None and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    kwargs = {"do_sample": False, "num_beams": 1, **generation_kwargs, "max_new_tokens": max_new_tokens}
+    if kwargs.get("pad_token_id") is None and processor.tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        output = model.generate(**inputs, **kwargs)  # [batch, prompt + new]
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]  # [batch, new]
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _accepts(model: Any, name: str) -> bool:
+    """Whether the (unwrapped) model's forward takes the argument ``name`` (Gemma 3 takes token_type_ids)."""
+    import inspect
+
+    from vlm_guard.wrapper import GuardedModel
+
+    base = model.model if isinstance(model, GuardedModel) else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- running items
+@dataclass
+class RunStats:
+    """What :func:`run_items` did.
+
+    Attributes:
+        n_items: Items in the task.
+        n_done_before: Items already in the results file (skipped).
+        n_written: Records written by this call.
+        n_skipped: Items whose image could not be read (not written; retried by a rerun).
+        elapsed_s: Wall time of this call.
+        generate_s: Time inside ``generate``.
+    """
+
+    n_items: int = 0
+    n_done_before: int = 0
+    n_written: int = 0
+    n_skipped: int = 0
+    elapsed_s: float = 0.0
+    generate_s: float = 0.0
+
+
+def run_items(
+    model: Any,
+    processor: Any,
+    task: EvalTask,
+    writer: ResultsWriter,
+    loader: ImageLoader,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    record_extra: Mapping[str, Any] | None = None,
+    generation_kwargs: Mapping[str, Any] | None = None,
+) -> RunStats:
+    """Generate and score every item of ``task`` not yet in ``writer``; one record per item, written at once.
+
+    Args:
+        model: A model or guarded model.
+        processor: Its processor (left padding).
+        task: The items, scorer and generation budget.
+        writer: The results file (``id_key="id"``); items in ``writer.done_ids()`` are skipped.
+        loader: Image loader; unreadable images skip their items (counted in the returned stats).
+        batch_size: Rows per ``generate`` call.
+        progress: Show a tqdm bar.
+        record_extra: Fields added to every record (e.g. ``{"methods": "vhr"}``).
+        generation_kwargs: Extra ``generate`` arguments (greedy by default).
+
+    Returns:
+        A :class:`RunStats`.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    started = time.perf_counter()
+    done = writer.done_ids()
+    pending = [item for item in task.items if item.item_id not in done]
+    stats = RunStats(n_items=len(task.items), n_done_before=len(task.items) - len(pending))
+    if stats.n_done_before:
+        logger.info("%s: %d of %d items already done", task.name, stats.n_done_before, stats.n_items)
+    bar = tqdm(total=len(pending), desc=task.name, disable=not progress or not pending, unit="item", leave=False)
+    try:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            images, prompts, ready = [], [], []
+            for item in batch:
+                image = loader.load(item.image, name=item.image_name)
+                if image is None:
+                    stats.n_skipped += 1
+                    continue
+                images.append(image)
+                prompts.append(chat_prompt(processor, item.prompt))
+                ready.append(item)
+            if ready:
+                generate_started = time.perf_counter()
+                answers = generate_answers(model, processor, images, prompts, task.max_new_tokens,
+                                           **dict(generation_kwargs or {}))
+                seconds = time.perf_counter() - generate_started
+                stats.generate_s += seconds
+                for item, answer in zip(ready, answers):
+                    record = {"id": item.item_id, "task": task.name, **item.fields, "prompt": item.prompt,
+                              "answer": answer}
+                    record.update(task.scorer(item, answer))
+                    record["seconds"] = round(seconds / len(ready), 4)
+                    if record_extra:
+                        record.update(record_extra)
+                    writer.write(record)
+                    stats.n_written += 1
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        stats.elapsed_s = time.perf_counter() - started
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- method sets
+def method_label(methods: str) -> str:
+    """File-safe label of a method set: ``"none"``, ``"vhr"``, ``"vhr+var"``, ``"all"``.
+
+    Example:
+        >>> method_label(" VHR, var "), method_label("")
+        ('vhr+var', 'none')
+    """
+    names = [name.strip().lower() for name in methods.replace("+", ",").split(",") if name.strip()]
+    if not names or names in (["none"], ["off"], ["greedy"]):
+        return "none"
+    return "+".join(names)
+
+
+def method_display_name(label: str) -> str:
+    """Table name of a method set: ``"greedy"`` for none, ``"VHR+VAR+GIFT"`` for all, else upper-case."""
+    if label == "none":
+        return "greedy"
+    if label == "all":
+        return "VHR+VAR+GIFT"
+    return label.upper()
+
+
+def parse_compare(text: str) -> list[str]:
+    """Method sets from ``--compare "none;vhr;var,gift;all"``, greedy (``"none"``) first.
+
+    Greedy is added when missing: every other set is compared against it.
+
+    Example:
+        >>> parse_compare("vhr;none;all")
+        ['none', 'vhr', 'all']
+    """
+    labels: list[str] = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        label = method_label(part)
+        if label not in labels:
+            labels.append(label)
+    if not labels:
+        raise ValueError(f"--compare names no method set: {text!r}; e.g. 'none;vhr;var;gift;all;pai;vcd'.")
+    if "none" in labels:
+        labels.remove("none")
+    return ["none", *labels]
+
+
+def guard_config_for(label: str):
+    """The :class:`~vlm_guard.config.GuardConfig` of a method-set label (default hyper-parameters)."""
+    from vlm_guard.config import GuardConfig
+
+    return GuardConfig.from_methods("none" if label == "none" else label.replace("+", ","))
+
+
+def results_paths(out: str | os.PathLike, label: str | None) -> tuple[Path, Path]:
+    """``(records, summary)`` paths: ``<out>`` and ``<out stem>.summary.json`` for a single run;
+    ``<out stem>.<label>.jsonl`` and ``<out stem>.<label>.summary.json`` for one method set of a comparison.
+
+    Example:
+        >>> [p.name for p in results_paths("runs/syn.jsonl", "vhr")]
+        ['syn.vhr.jsonl', 'syn.vhr.summary.json']
+    """
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix == ".jsonl" else out
+    if label is None:
+        return out, stem.with_name(stem.name + ".summary.json")
+    return stem.with_name(f"{stem.name}.{label}.jsonl"), stem.with_name(f"{stem.name}.{label}.summary.json")
+
+
+def comparison_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """``(summary json, markdown table)`` of a comparison: ``<out stem>.summary.json`` and ``<out stem>.md``."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix == ".jsonl" else out
+    return stem.with_name(stem.name + ".summary.json"), stem.with_name(stem.name + ".md")
+
+
+@dataclass
+class MethodRun:
+    """One method set's results: its label, config, active interventions, records per task and run stats."""
+
+    label: str
+    guard_config: dict
+    active_methods: list[str]
+    inactive_methods: list[str]
+    records: dict[str, list[dict]]
+    stats: dict[str, RunStats]
+    records_path: Path
+    skipped_images: dict[str, str]
+    summary_path: Path | None = None
+    metrics: dict = field(default_factory=dict)
+    record_method_code: dict = field(default_factory=dict)
+
+
+def run_method_set(
+    guarded: Any,
+    processor: Any,
+    tasks: Sequence[EvalTask],
+    label: str,
+    records_path: Path,
+    loader: ImageLoader,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    config: Any = None,
+    code: str | None = None,
+) -> MethodRun:
+    """Run every task with one method set (``guarded.set_config``) into one results file.
+
+    ``code`` (e.g. :func:`code_digest`'s ``sha256_16``) is stored in every new record, so a file resumed after the
+    method code changed shows it (see ``record_method_code`` in the summary).
+    """
+    config = config if config is not None else guard_config_for(label)
+    guarded.set_config(config)
+    active = [intervention.name for intervention in guarded.interventions]
+    inactive = [name for name in config.enabled_methods if name not in active]
+    if inactive:
+        logger.warning(
+            "method set %r: %s built no intervention on this model (switched off; see the warnings above); "
+            "its rows measure the plain model for those methods.", label, inactive,
+        )
+    stats: dict[str, RunStats] = {}
+    records: dict[str, list[dict]] = {}
+    with ResultsWriter(records_path, id_key="id") as writer:
+        for task in tasks:
+            stats[task.name] = run_items(
+                guarded, processor, task, writer, loader, batch_size=batch_size, progress=progress,
+                record_extra={"methods": label, **({"method_code": code} if code else {})},
+            )
+            logger.info("%s %s: %s", label, task.name, stats[task.name])
+    wanted = {task.name: {item.item_id for item in task.items} for task in tasks}
+    for record in read_records(records_path):
+        task_name = record.get("task")
+        if task_name in wanted and record.get("id") in wanted[task_name]:
+            records.setdefault(task_name, []).append(record)
+    return MethodRun(
+        label=label,
+        guard_config=config.to_dict(),
+        active_methods=active,
+        inactive_methods=inactive,
+        records=records,
+        stats=stats,
+        records_path=records_path,
+        skipped_images=dict(loader.skipped),
+    )
+
+
+def run_benchmark(
+    model: Any,
+    processor: Any,
+    tasks: Sequence[EvalTask],
+    method_sets: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    loader: ImageLoader | None = None,
+    head_map: Any = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    n_resamples: int = 1000,
+    progress: bool = True,
+    run_config: Mapping[str, Any] | None = None,
+    compare: bool | None = None,
+    configs: Mapping[str, Any] | None = None,
+) -> dict:
+    """Run ``tasks`` with each method set, write records and summaries, and compare against greedy.
+
+    Args:
+        model: The plain model (wrapped here once; method sets switch with ``set_config``).
+        processor: Its processor.
+        tasks: The tasks (same items for every method set).
+        method_sets: Labels from :func:`method_label` / :func:`parse_compare`; with more than one, ``"none"``
+            must come first (the baseline).
+        out: Results path (``.jsonl``); see :func:`results_paths` and :func:`comparison_paths`.
+        loader: Image loader (default: paths relative to the working directory).
+        head_map: A :class:`~vlm_guard.heads.head_map.HeadMap` (None: the cached one, if any).
+        batch_size: Rows per ``generate`` call.
+        seed: Bootstrap seed (recorded in every summary).
+        n_resamples: Bootstrap resamples.
+        progress: Show tqdm bars.
+        run_config: Run settings recorded in the summaries (model, prompts, sizes...).
+        compare: Write the comparison files (default: when there is more than one method set).
+        configs: Optional label -> GuardConfig overriding the default hyper-parameters of a method set.
+
+    Returns:
+        The comparison dict (also written): per method set, its metrics and paired differences against greedy.
+    """
+    from vlm_guard.eval.report import comparison_markdown, method_metrics, paired_vs_baseline
+    from vlm_guard.wrapper import wrap
+
+    method_sets = list(method_sets)
+    if not method_sets:
+        raise ValueError("method_sets is empty; pass at least one, e.g. ['none'].")
+    compare = len(method_sets) > 1 if compare is None else compare
+    if compare and method_sets[0] != "none":
+        raise ValueError(f"a comparison needs greedy ('none') first as its baseline, got {method_sets}.")
+    loader = loader or ImageLoader()
+    prepare_processor(processor)
+    guarded = wrap(model, processor, None, head_map)
+    run_config = dict(run_config or {})
+    runs: list[MethodRun] = []
+    try:
+        for label in method_sets:
+            records_path, summary_path = results_paths(out, label if compare else None)
+            config = (configs or {}).get(label)
+            code = (run_config.get("method_code") or {}).get("sha256_16")
+            run = run_method_set(guarded, processor, tasks, label, records_path, loader,
+                                 batch_size=batch_size, progress=progress, config=config, code=code)
+            run.summary_path = summary_path
+            metrics = method_metrics(run.records, tasks, seed=seed, n_resamples=n_resamples)
+            if compare and runs:
+                metrics["vs_greedy"] = paired_vs_baseline(run.records, runs[0].records, tasks, seed=seed,
+                                                          n_resamples=n_resamples)
+            n_scored = sum(len(records) for records in run.records.values())
+            run_extra = _run_extra(run, tasks)
+            run.record_method_code = run_extra["record_method_code"]
+            write_summary(
+                summary_path,
+                {"guard_config": run.guard_config, "methods": label, **run_config, "batch_size": batch_size,
+                 "n_resamples": n_resamples, "head_map": _head_map_name(guarded.head_map)},
+                metrics,
+                seed=seed,
+                n=n_scored,
+                extra=run_extra,
+            )
+            logger.info("wrote %s and %s", records_path, summary_path)
+            run.metrics = metrics
+            runs.append(run)
+    finally:
+        guarded.unwrap()
+    result = {
+        "method_sets": [
+            {"label": run.label, "name": method_display_name(run.label), "guard_config": run.guard_config,
+             "active_methods": run.active_methods, "inactive_methods": run.inactive_methods,
+             "records": str(run.records_path), "summary": str(run.summary_path),
+             "record_method_code": run.record_method_code, "metrics": run.metrics}
+            for run in runs
+        ],
+        "tasks": {task.name: len(task.items) for task in tasks},
+    }
+    if compare:
+        summary_path, markdown_path = comparison_paths(out)
+        n_scored = sum(len(records) for records in runs[0].records.values())
+        written = write_summary(
+            summary_path,
+            {**run_config, "batch_size": batch_size, "n_resamples": n_resamples,
+             "method_sets": [run.label for run in runs], "head_map": _head_map_name(guarded.head_map)},
+            {run.label: run.metrics for run in runs},
+            seed=seed,
+            n=n_scored,
+            extra={"comparison": result, "skipped_images": len(loader.skipped)},
+        )
+        markdown = comparison_markdown(written, title=run_config.get("title"))
+        markdown_path.write_text(markdown, encoding="utf-8")
+        result["markdown"] = markdown
+        result["markdown_path"] = str(markdown_path)
+        result["summary_path"] = str(summary_path)
+    else:
+        from vlm_guard.eval.report import single_markdown
+
+        result["markdown"] = single_markdown(runs[0].metrics, title=run_config.get("title"))
+        result["summary_path"] = str(runs[0].summary_path)
+    return result
+
+
+def code_digest() -> dict:
+    """SHA-256 (first 16 hex digits) over the source of the parts that change generated text (``decoding/``,
+    ``heads/``, ``models/``, ``wrapper.py``, ``config.py``), with the number of files: two runs with the same digest
+    ran the same method code, even between releases.
+    """
+    import hashlib
+
+    package = Path(__file__).resolve().parent.parent
+    files = sorted(
+        path for pattern in ("decoding/*.py", "heads/*.py", "models/*.py", "wrapper.py", "config.py")
+        for path in package.glob(pattern)
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return {"sha256_16": digest.hexdigest()[:16], "files": len(files)}
+
+
+def weights_digest(model_dir: str | os.PathLike, max_bytes: int = 2 << 30) -> str | None:
+    """SHA-256 (first 16 hex digits) of a local model folder's ``*.safetensors`` files, or None (not a folder, no
+    safetensors, or more than ``max_bytes``): tells which weights produced a result file."""
+    import hashlib
+
+    folder = Path(model_dir)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files or sum(path.stat().st_size for path in files) > max_bytes:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _head_map_name(head_map: Any) -> dict | None:
+    if head_map is None:
+        return None
+    return {
+        "fingerprint_hash": getattr(head_map, "fingerprint_hash", None),
+        "sink_dims": list(getattr(head_map, "sink_dims", []) or []),
+        "gift_saliency_layer": getattr(head_map, "gift_saliency_layer", None),
+    }
+
+
+def _run_extra(run: MethodRun, tasks: Sequence[EvalTask]) -> dict:
+    from collections import Counter
+
+    codes = Counter(record.get("method_code") for records in run.records.values() for record in records)
+    if len(codes) > 1:
+        logger.warning("%s: records were generated by %d different versions of the method code: %s; delete the "
+                       "file and rerun for numbers from one version.", run.records_path, len(codes), dict(codes))
+    return {
+        "record_method_code": {str(key): value for key, value in codes.items()},
+        "active_methods": run.active_methods,
+        "inactive_methods": run.inactive_methods,
+        "skipped_images": len(run.skipped_images),
+        "skipped": dict(list(sorted(run.skipped_images.items()))[:50]),
+        "tasks": {
+            task.name: {
+                "items": len(task.items),
+                "scored": len(run.records.get(task.name, [])),
+                "done_before": run.stats[task.name].n_done_before,
+                "written": run.stats[task.name].n_written,
+                "skipped": run.stats[task.name].n_skipped,
+                "generate_s": round(run.stats[task.name].generate_s, 2),
+            }
+            for task in tasks
+        },
+    }
+
+
+__all__ = [
+    "EvalItem",
+    "EvalTask",
+    "RunStats",
+    "MethodRun",
+    "pope_scorer",
+    "load_model",
+    "prepare_processor",
+    "chat_prompt",
+    "generate_answers",
+    "run_items",
+    "run_method_set",
+    "run_benchmark",
+    "method_label",
+    "method_display_name",
+    "parse_compare",
+    "guard_config_for",
+    "results_paths",
+    "comparison_paths",
+    "code_digest",
+    "weights_digest",
+]

@@ -1,0 +1,447 @@
+"""Calibration: profile a model's heads over a set of images once and build a :class:`HeadMap`.
+
+Each batch costs exactly two forward passes (no generation, no cache, only the last position's
+logits):
+
+1. the image-free prompt (image span deleted, ``adapter.remove_image``): per-head outputs at the last
+   position for every layer, and on the first batch the first token's layer inputs, which decide the
+   sink dimensions (:func:`vlm_guard.heads.sinks.find_sink_dims`; that token's states do not depend on
+   the image under causal attention);
+2. the prompt with the image: per-head outputs at the last position (VHD against pass 1), VAR
+   image-centric statistics on the text rows after the image in layers ``2 .. L-2``, and the GIFT
+   gaze shift of the query rows in layers ``1 .. L-2``.
+
+Only the rows the observers ask for are recomputed explicitly; no full attention matrix is stored.
+
+Example:
+    >>> import vlm_guard
+    >>> model, processor = vlm_guard.load_default()
+    >>> head_map = vlm_guard.calibrate(model, processor, "photos/*.jpg", limit=200, out_dir="maps/toy")
+    >>> print(head_map.summary())
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..version import __version__
+from .gift_layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
+from .head_map import HeadMap, ImageCentricStats, save_to_cache
+from .session import ProfilingSession, profiling_session
+from .sinks import (DEFAULT_RHO, FIRST_SINK_LAYER, SINK_THRESHOLD, VISUAL_MASS_THRESHOLD,
+                    FirstTokenRecorder, ImageCentricObserver, find_sink_dims)
+from .vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, VHDAccumulator, stack_divergence
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Please describe this image in detail."
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_SKIPPED_LISTED = 50
+
+
+def var_layers(num_layers: int) -> list[int]:
+    """Layers where VAR acts and image-centric statistics are measured: ``2 .. L-2`` (paper: from
+    layer 2, last layer excluded)."""
+    return list(range(FIRST_SINK_LAYER, num_layers - 1))
+
+
+class HeadProfiler:
+    """Accumulates VHD, sink and gaze statistics over prompt batches; :meth:`head_map` builds the map.
+
+    Use inside a :func:`~vlm_guard.heads.session.profiling_session` (``calibrate`` does this), or
+    through :meth:`open` for already-processed model inputs (e.g. :func:`vlm_guard.testing.build_batch`).
+
+    Args:
+        session: the profiling session of the model.
+        distance: VHD distance (``"sq_l2"`` released default, ``"l2"``, ``"cosine"``).
+        outlier_filter: VHR outlier filter (``"released"``, ``"always"``, ``"off"``).
+        sink_dims: override the sink dimensions (None: find them from the first token).
+        sink_threshold: tau (20).
+        sink_dim_min_ratio: "near tau" rule for automatic sink dims (default tau / 2).
+        rho / visual_mass_threshold: the image-centric test (paper 0.8 / 0.2).
+    """
+
+    def __init__(self, session: ProfilingSession, distance: str = "sq_l2", outlier_filter: str = "released",
+                 sink_dims: Sequence[int] | None = None, sink_threshold: float = SINK_THRESHOLD,
+                 sink_dim_min_ratio: float | None = None, rho: float = DEFAULT_RHO,
+                 visual_mass_threshold: float = VISUAL_MASS_THRESHOLD):
+        if distance not in DISTANCES:
+            raise ValueError(f"distance={distance!r} is not known; choose one of {list(DISTANCES)}")
+        if outlier_filter not in OUTLIER_FILTERS:
+            raise ValueError(f"outlier_filter={outlier_filter!r} is not known; choose one of {list(OUTLIER_FILTERS)}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho={rho} must be in [0, 1] (paper: 0.8 general, 0.5 hallucination, 0.9 vision-centric)")
+        if not 0.0 <= visual_mass_threshold <= 1.0:
+            raise ValueError(f"visual_mass_threshold={visual_mass_threshold} must be in [0, 1] (paper: 0.2)")
+        if sink_threshold <= 0:
+            raise ValueError(f"sink_threshold={sink_threshold} must be > 0 (paper tau: 20)")
+        self.session = session
+        geometry = session.adapter.geometry
+        self.num_layers, self.num_heads, self.hidden_size = geometry.num_layers, geometry.num_heads, geometry.hidden_size
+        self.distance = distance
+        self.outlier_filter = outlier_filter
+        self.sink_threshold = float(sink_threshold)
+        self.sink_dim_min_ratio = float(sink_dim_min_ratio if sink_dim_min_ratio is not None else sink_threshold / 2)
+        self.rho = rho
+        self.visual_mass_threshold = visual_mass_threshold
+        self.all_layers = list(range(self.num_layers))
+        self.vhd = VHDAccumulator(self.num_layers, self.num_heads, outlier_filter)
+        self.image_centric = ImageCentricObserver(var_layers(self.num_layers), [], sink_threshold, visual_mass_threshold, rho)
+        self.gaze = GazeShiftObserver(candidate_layers(self.num_layers))
+        self.sink_profile: torch.Tensor | None = None
+        self.sink_dim_ratios: list[float] = []
+        self.sink_dims: list[int] | None = None
+        self.sink_dims_source = "auto"
+        if sink_dims is not None:
+            dims = [int(d) for d in sink_dims]
+            bad = [d for d in dims if not 0 <= d < self.hidden_size]
+            if bad:
+                raise ValueError(f"sink_dims {bad} are outside 0..{self.hidden_size - 1}; pass hidden dimensions of this model")
+            self.sink_dims = dims
+            self.sink_dims_source = "override"
+            self.image_centric.sink_dims = dims
+        self.prompts_profiled = 0
+
+    @classmethod
+    def open(cls, model, processor=None, **options):
+        """Context manager: ``with HeadProfiler.open(model) as profiler: profiler.profile(inputs)``."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def manager():
+            with profiling_session(model, processor) as session:
+                yield cls(session, **options)
+
+        return manager()
+
+    # ------------------------------------------------------------------ passes
+    def profile(self, inputs: dict) -> int:
+        """Profile one left-padded prompt batch (two forwards). Rows without an image are ignored.
+
+        Args:
+            inputs: model inputs from the processor (``input_ids``, ``attention_mask``, image tensors).
+        Returns:
+            the number of prompts (rows with an image) added.
+        """
+        session = self.session
+        adapter = session.adapter
+        inputs = session.to_model(inputs)
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+            inputs["attention_mask"] = attention_mask
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("the prompt batch is right-padded; profiling reads the last position, so pad on the left "
+                             "(tokenizer.padding_side = 'left')")
+        has_image = adapter.prompt_spans(input_ids, attention_mask).has_image  # [B]
+        if not bool(has_image.any()):
+            logger.warning("a profiled batch has no image token (id %d); it is ignored", adapter.image_token_id)
+            return 0
+
+        # pass 1: image-free prompt
+        text_ids, text_mask = adapter.remove_image(input_ids, attention_mask)
+        without_image = HeadOutputRecorder(self.all_layers)
+        observers = [without_image]
+        first_token = None
+        if self.sink_profile is None:
+            first_token = FirstTokenRecorder(self.all_layers)
+            observers.append(first_token)
+        session.forward({"input_ids": text_ids, "attention_mask": text_mask}, observers)
+        if first_token is not None:
+            self._decide_sink_dims(first_token.states)
+
+        # pass 2: with the image
+        with_image = HeadOutputRecorder(self.all_layers)
+        session.forward(inputs, [with_image, self.image_centric, self.gaze])
+        vhd, text_activation = stack_divergence(with_image.outputs, without_image.outputs, self.all_layers, self.distance)
+        self.vhd.update(vhd[has_image], text_activation[has_image])
+        added = int(has_image.sum())
+        self.prompts_profiled += added
+        return added
+
+    def _decide_sink_dims(self, first_token_states: torch.Tensor) -> None:
+        found = find_sink_dims(first_token_states, min_ratio=self.sink_dim_min_ratio)
+        self.sink_profile = found.profile.cpu()
+        if self.sink_dims is None:
+            self.sink_dims = found.dims
+            self.image_centric.sink_dims = found.dims
+            if found.dims:
+                logger.info("sink dimensions %s (ratio %s)", found.dims, [round(r, 1) for r in found.ratios])
+            else:
+                logger.warning(
+                    "no massive activations: the largest first-token ratio |x_d|/rms is %.1f (dim %d), below %.1f "
+                    "(tau/2). The head map gets no sink dimensions and VAR stays off for this model; pass sink_dims=[...] "
+                    "to override.",
+                    float(found.profile.max()), int(found.profile.argmax()), self.sink_dim_min_ratio,
+                )
+        self.sink_dim_ratios = [float(self.sink_profile[d]) for d in self.sink_dims]
+
+    # ------------------------------------------------------------------ result
+    def head_map(self, calibration: dict | None = None) -> HeadMap:
+        """The :class:`HeadMap` of everything profiled so far.
+
+        Raises:
+            ValueError: nothing was profiled.
+        """
+        if self.prompts_profiled == 0:
+            raise ValueError("no prompt with an image was profiled; give at least one readable image")
+        stats = self.image_centric.statistics(self.num_layers, self.num_heads)
+        image_centric = ImageCentricStats(
+            rho=self.rho, mass_threshold=self.visual_mass_threshold, sink_threshold=self.sink_threshold, layers=stats["layers"],
+            head_fraction=stats["head_fraction"], **{k: stats[k] for k in ("centric_fraction", "massive_fraction", "visual_mass_mean",
+                                                                        "non_sink_ratio_mean", "visual_sinks_mean", "text_sinks_mean")},
+        )
+        layer_shift = self.gaze.layer_means(self.num_layers)
+        saliency = choose_saliency_layer(layer_shift, self.num_layers)
+        calibration = dict(calibration or {})
+        calibration.setdefault("n_images", self.prompts_profiled)
+        return HeadMap(
+            fingerprint=self.session.adapter.describe(),
+            vhd_mean=self.vhd.mean,
+            vhd_std=self.vhd.std,
+            vhr_heads=self.vhd.map_heads(),
+            vhd_selection_frequency=self.vhd.selection_frequency,
+            text_activation_mean=self.vhd.text_activation_mean,
+            distance=self.distance,
+            outlier_filter=self.outlier_filter,
+            sink_dims=list(self.sink_dims or []),
+            sink_dim_ratios=list(self.sink_dim_ratios),
+            sink_dim_profile=self.sink_profile,
+            sink_dims_source=self.sink_dims_source,
+            sink_threshold=self.sink_threshold,
+            sink_dim_min_ratio=self.sink_dim_min_ratio,
+            image_centric=image_centric,
+            gift_saliency_layer=saliency,
+            gift_enhance_layers=enhancement_layers(saliency, self.num_layers),
+            gift_layer_shift=[float(v) for v in layer_shift],
+            calibration=calibration,
+            library_version=__version__,
+        )
+
+
+# ---------------------------------------------------------------------- images and prompts
+def resolve_images(images) -> list:
+    """Calibration items from a folder, a glob pattern, one file, or a list of paths / PIL images.
+
+    A folder contributes its files with an image extension (:data:`IMAGE_EXTENSIONS`), sorted; a glob
+    its matching files, sorted. Unreadable files are not filtered here: they are skipped (and counted)
+    when loaded.
+    """
+    if isinstance(images, (str, Path)):
+        path = Path(images).expanduser()
+        if path.is_dir():
+            items = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not items:
+                raise ValueError(f"images={str(images)!r}: the folder holds no file ending in {list(IMAGE_EXTENSIONS)}")
+            return items
+        if path.is_file():
+            return [path]
+        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise ValueError(f"images={str(images)!r} is neither a folder, a file, nor a glob that matches files")
+        return matches
+    from PIL import Image
+
+    if isinstance(images, Image.Image):
+        return [images]
+    return list(images)
+
+
+def _item_name(item, index: int) -> str:
+    return str(item) if isinstance(item, (str, Path)) else f"image #{index}"
+
+
+def load_image(item):
+    """An RGB PIL image from a path or a PIL image; raises on unreadable input."""
+    from PIL import Image
+
+    if isinstance(item, (str, Path)):
+        with Image.open(item) as image:
+            image.load()
+            return image.convert("RGB")
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    raise ValueError(f"calibration images must be paths or PIL images, got {type(item).__name__}")
+
+
+def build_prompt(processor, text: str) -> str:
+    """The processor's chat template around an image and ``text`` (with the generation prompt), or
+    ``"<image>\\n{text}"`` when the processor has no chat template."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompt[0] if isinstance(prompt, list) else prompt
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    return f"{image_token}\n{text}"
+
+
+def _normalise_prompts(prompts) -> list[str]:
+    if prompts is None:
+        return [DEFAULT_PROMPT]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = [str(p) for p in prompts]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise ValueError(f"prompts={prompts!r} must be None, a non-empty string, or a list of non-empty strings")
+    return prompts
+
+
+class _LeftPadding:
+    def __init__(self, processor):
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.previous = getattr(self.tokenizer, "padding_side", None)
+
+    def __enter__(self):
+        if self.previous is not None:
+            self.tokenizer.padding_side = "left"
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            self.tokenizer.padding_side = self.previous
+
+
+def _process(processor, family: str, images: list, texts: list[str]) -> dict:
+    image_argument = [[image] for image in images] if family == "idefics3" else images
+    with _LeftPadding(processor):
+        encoded = processor(images=image_argument, text=texts, return_tensors="pt", padding=True)
+    return dict(encoded)
+
+
+# ---------------------------------------------------------------------- calibrate
+def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, limit: int | None = None,
+              distance: str = "sq_l2", outlier_filter: str = "released", sink_dims: Sequence[int] | None = None,
+              sink_threshold: float = SINK_THRESHOLD, sink_dim_min_ratio: float | None = None, rho: float = DEFAULT_RHO,
+              visual_mass_threshold: float = VISUAL_MASS_THRESHOLD, progress: bool = True,
+              out_dir: str | Path | None = None, plots: bool = True, save_cache: bool = True,
+              cache_dir: str | Path | None = None) -> HeadMap:
+    """Profile ``model``'s heads over ``images`` and return a :class:`HeadMap`.
+
+    Two forward passes per batch (image-free and with the image), no generation. Unreadable images
+    (and images the processor rejects) are skipped, counted in ``calibration["n_skipped"]`` and listed
+    (up to 50) in ``calibration["skipped"]``.
+
+    Args:
+        model: a supported VLM or a :class:`vlm_guard.GuardedModel` (profiled with its methods off).
+        processor: its processor (chat template, image processing).
+        images: a folder, a glob, a file, or a list of paths / PIL images.
+        prompts: None (``"Please describe this image in detail."``), one string, or a list used
+            in turn (image i gets ``prompts[i % len(prompts)]``).
+        batch_size: prompts per forward pass.
+        limit: profile at most this many images (the first ones, in sorted order).
+        distance / outlier_filter: VHD options (released defaults ``"sq_l2"`` / ``"released"``).
+        sink_dims: override the automatic sink dimensions.
+        sink_threshold: tau (20). sink_dim_min_ratio: automatic sink dims need a ratio >= this (tau/2).
+        rho / visual_mass_threshold: the image-centric test (0.8 / 0.2).
+        progress: show a tqdm bar.
+        out_dir: also save the map (and, with ``plots``, the PNG plots) there.
+        save_cache: also save the map into the head-map cache (:func:`default_cache_dir`), where
+            ``vlm_guard.wrap`` finds it; unnamed models are never cached.
+        cache_dir: cache folder (default :func:`default_cache_dir`).
+    Returns:
+        the :class:`HeadMap`.
+    Raises:
+        ValueError: bad options, or no image could be profiled.
+
+    Example:
+        >>> head_map = calibrate(model, processor, "coco/val2014", limit=500, out_dir="maps/llava-7b")
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r} must be a positive integer or None")
+    if processor is None:
+        raise ValueError("calibrate needs the model's processor (to build prompts and image tensors); pass processor=...")
+    prompt_texts = _normalise_prompts(prompts)
+    items = resolve_images(images)
+    if limit is not None:
+        items = items[:limit]
+    if not items:
+        raise ValueError("images is empty: give a folder, a glob or a list of images")
+
+    started = time.perf_counter()
+    skipped: list[str] = []
+    with HeadProfiler.open(model, processor, distance=distance, outlier_filter=outlier_filter, sink_dims=sink_dims,
+                           sink_threshold=sink_threshold, sink_dim_min_ratio=sink_dim_min_ratio, rho=rho,
+                           visual_mass_threshold=visual_mass_threshold) as profiler:
+        family = profiler.session.adapter.family
+        if not getattr(processor, "chat_template", None):
+            logger.warning("the processor has no chat template; calibration prompts are '<image token>\\n<prompt>'")
+        bar = tqdm(total=len(items), desc="calibrate", unit="image", disable=not progress)
+
+        def run(batch: list[tuple[object, str, str]]) -> None:
+            images_, texts, names = [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+            try:
+                inputs = _process(processor, family, images_, texts)
+            except Exception as error:  # one bad image must not sink the batch: retry one by one
+                if len(batch) == 1:
+                    logger.warning("skipping %s: the processor rejected it (%s)", names[0], error)
+                    skipped.append(f"{names[0]}: {error}")
+                    return
+                for single in batch:
+                    run([single])
+                return
+            profiler.profile(inputs)
+
+        batch: list[tuple[object, str, str]] = []
+        try:
+            for index, item in enumerate(items):
+                name = _item_name(item, index)
+                try:
+                    image = load_image(item)
+                except Exception as error:
+                    logger.warning("skipping %s: not a readable image (%s)", name, error)
+                    skipped.append(f"{name}: {error}")
+                    bar.update(1)
+                    continue
+                text = build_prompt(processor, prompt_texts[index % len(prompt_texts)])
+                batch.append((image, text, name))
+                if len(batch) == batch_size:
+                    run(batch)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                run(batch)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        if profiler.prompts_profiled == 0:
+            first = f" (first: {skipped[0]})" if skipped else ""
+            raise ValueError(f"no image could be profiled: {len(skipped)} of {len(items)} were skipped{first}; check the images argument")
+        seconds = time.perf_counter() - started
+        calibration = {
+            "n_images": profiler.prompts_profiled,
+            "n_skipped": len(skipped),
+            "skipped": skipped[:MAX_SKIPPED_LISTED],
+            "prompts": prompt_texts,
+            "batch_size": batch_size,
+            "limit": limit,
+            "seconds": round(seconds, 3),
+            "seconds_per_image": round(seconds / profiler.prompts_profiled, 4),
+            "device": str(profiler.session.device),
+            "dtype": str(profiler.session.dtype).replace("torch.", ""),
+        }
+        head_map = profiler.head_map(calibration)
+    if skipped:
+        logger.warning("calibration skipped %d of %d images (unreadable or rejected)", len(skipped), len(items))
+    if out_dir is not None:
+        head_map.save_pretrained(out_dir)
+        if plots:
+            from .plots import save_plots
+
+            save_plots(head_map, out_dir)
+    if save_cache:
+        folder = save_to_cache(head_map, cache_dir)
+        if folder is not None:
+            logger.info("head map cached at %s", folder)
+    return head_map

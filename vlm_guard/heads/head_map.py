@@ -1,0 +1,548 @@
+"""The head map: what calibration learned about one model's attention heads, saved once and reused.
+
+A :class:`HeadMap` holds, for one model (identified by its fingerprint, ``adapter.describe()``):
+
+- VHD: mean and spread over the calibration images (``[L, H]``), the text activation TA, the
+  per-sample selection frequency and the selected VHR heads per layer;
+- VAR: the sink dimensions with their magnitude ratios (or none, which switches VAR off), and
+  image-centric head statistics per layer (:class:`ImageCentricStats`);
+- GIFT: the saliency layer l* and the suggested enhancement layers;
+- the library version and a summary of the calibration set.
+
+On disk a head map is a folder with ``head_map.json`` (readable; everything but the large tensors)
+and ``head_map.safetensors`` (the ``[L, H]`` tensors and the ``[M]`` sink-dimension profile); never
+pickle. ``calibrate`` also writes the PNG plots there (:mod:`vlm_guard.heads.plots`).
+
+Cache: :func:`default_cache_dir` is ``$VLM_GUARD_CACHE`` when set, else
+``~/.cache/vlm_guard/head_maps``. Calibration saves each map there too, in a folder named
+``<model name>-<fingerprint hash>``, and :func:`find_cached_head_map` (called by ``vlm_guard.wrap``
+when no map is passed) looks it up by that hash. Models without a name (``config._name_or_path``
+empty, e.g. built from a config in a test) are never cached or looked up: they cannot be told apart.
+
+Example:
+    >>> head_map = vlm_guard.calibrate(model, processor, images)
+    >>> head_map.save_pretrained("maps/llava-7b")
+    >>> head_map = HeadMap.from_pretrained("maps/llava-7b")
+    >>> print(head_map.summary())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..version import __version__
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "vlm_guard.head_map"
+FORMAT_VERSION = 1
+JSON_FILE = "head_map.json"
+TENSOR_FILE = "head_map.safetensors"
+CACHE_ENV = "VLM_GUARD_CACHE"
+# fingerprint fields that must match exactly; the model name is compared separately (see names_match)
+GEOMETRY_KEYS = ("family", "model_class", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
+
+
+class HeadMapMismatchError(ValueError):
+    """A head map was made for another model (its fingerprint differs from the model's)."""
+
+
+class HeadMapFileError(ValueError):
+    """A head-map file is unreadable, corrupt or incomplete (the message names the file)."""
+
+
+# ---------------------------------------------------------------------- fingerprints
+def model_name(fingerprint: dict) -> str:
+    """The last path component of ``name_or_path`` ("llava-hf/llava-1.5-7b-hf" -> "llava-1.5-7b-hf"),
+    so a hub id and a local copy of the same checkpoint match."""
+    name = str(fingerprint.get("name_or_path") or "").replace("\\", "/").rstrip("/")
+    return name.rsplit("/", 1)[-1]
+
+
+def names_match(first: dict, second: dict) -> bool:
+    """Model names agree when either is unknown (empty) or their last path components are equal."""
+    a, b = model_name(first), model_name(second)
+    return not a or not b or a == b
+
+
+def fingerprint_hash(fingerprint: dict) -> str:
+    """16 hex digits identifying the geometry and the model name (used to name cache folders)."""
+    key = {k: fingerprint.get(k) for k in GEOMETRY_KEYS}
+    key["name"] = model_name(fingerprint)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:
+    """Fields that differ (only fields present in both are compared, plus the name rule)."""
+    differing = [k for k in GEOMETRY_KEYS if k in expected and k in actual and expected[k] != actual[k]]
+    if not names_match(expected, actual):
+        differing.append("name_or_path")
+    return differing
+
+
+def _format_fingerprint(fingerprint: dict) -> str:
+    return ", ".join(f"{k}={fingerprint.get(k)!r}" for k in ("family", "name_or_path", *GEOMETRY_KEYS[1:]) if k in fingerprint)
+
+
+# ---------------------------------------------------------------------- image-centric stats
+PER_LAYER_STATS = ("centric_fraction", "massive_fraction", "visual_mass_mean", "non_sink_ratio_mean",
+                   "visual_sinks_mean", "text_sinks_mean")
+
+
+@dataclass(eq=False)
+class ImageCentricStats:
+    """VAR image-centric head statistics per layer over the calibration set.
+
+    A (head, text row) pair is image-centric when the row's attention to the image is at least
+    ``mass_threshold`` and its visual non-sink ratio at least ``rho``. Lists have one entry per
+    layer (NaN where the layer was not measured: layers 0-1 and the last one).
+
+    Attributes:
+        rho / mass_threshold / sink_threshold: the test's parameters (tau for the sinks).
+        layers: measured layers.
+        centric_fraction: fraction of (head, text row) pairs that are image-centric.
+        massive_fraction: fraction of pairs with visual mass >= ``mass_threshold``.
+        visual_mass_mean: mean visual mass of a pair.
+        non_sink_ratio_mean: mean visual non-sink ratio (pairs with any visual mass).
+        visual_sinks_mean / text_sinks_mean: sinks per prompt among image / text tokens.
+        head_fraction: ``[L, H]`` per-head fraction of text rows that are image-centric.
+    """
+
+    rho: float
+    mass_threshold: float
+    sink_threshold: float
+    layers: list[int]
+    centric_fraction: list[float]
+    massive_fraction: list[float]
+    visual_mass_mean: list[float]
+    non_sink_ratio_mean: list[float]
+    visual_sinks_mean: list[float]
+    text_sinks_mean: list[float]
+    head_fraction: torch.Tensor
+
+    def per_layer(self) -> dict[int, dict[str, float]]:
+        """``{layer: {stat: value}}`` over the measured layers."""
+        return {layer: {name: getattr(self, name)[layer] for name in PER_LAYER_STATS} for layer in self.layers}
+
+    def to_json(self) -> dict:
+        data = {"rho": self.rho, "mass_threshold": self.mass_threshold, "sink_threshold": self.sink_threshold, "layers": list(self.layers)}
+        for name in PER_LAYER_STATS:
+            data[name] = [_json_float(v) for v in getattr(self, name)]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict, head_fraction: torch.Tensor) -> "ImageCentricStats":
+        values = {name: [_read_float(v) for v in data[name]] for name in PER_LAYER_STATS}
+        return cls(rho=float(data["rho"]), mass_threshold=float(data["mass_threshold"]), sink_threshold=float(data["sink_threshold"]),
+                   layers=[int(v) for v in data["layers"]], head_fraction=head_fraction, **values)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageCentricStats):
+            return NotImplemented
+        return self.to_json() == other.to_json() and _tensors_equal(self.head_fraction, other.head_fraction)
+
+
+def _json_float(value: float) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _read_float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _tensors_equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.nan_to_num(-12345.0), b.nan_to_num(-12345.0)))
+
+
+# ---------------------------------------------------------------------- the map
+@dataclass(eq=False)
+class HeadMap:
+    """Calibrated head profile of one model. See the module docstring.
+
+    Attributes:
+        fingerprint: ``adapter.describe()`` of the calibrated model.
+        vhd_mean / vhd_std: ``[L, H]`` VHD mean and population std over calibration images.
+        vhr_heads: ``[L, H]`` bool, VHR heads per layer (selection on the mean VHD).
+        vhd_selection_frequency: ``[L, H]`` fraction of images whose per-sample selection kept the head.
+        text_activation_mean: ``[L, H]`` mean ``||o without image||^2`` (TA of the outlier filter).
+        distance / outlier_filter: VHD settings used.
+        sink_dims: VAR sink dimensions (empty: no massive activations, VAR stays off).
+        sink_dim_ratios: ``|x_d| / rms`` of each sink dim on the first token (median over middle layers).
+        sink_dim_profile: ``[M]`` that ratio for every dimension (None when not measured).
+        sink_dims_source: ``"auto"`` (found by calibration) or ``"override"`` (given by the user).
+        sink_threshold: tau. sink_dim_min_ratio: the "near tau" rule used (tau / 2 by default).
+        image_centric: :class:`ImageCentricStats` or None.
+        gift_saliency_layer: l* (None when it could not be measured).
+        gift_enhance_layers: suggested GIFT enhancement layers.
+        gift_layer_shift: ``[L]`` mean total positive gaze shift per layer (NaN where not measured).
+        calibration: summary of the calibration set (``n_images``, ``n_skipped``, ``prompts``, ...).
+        library_version: vlm_guard version that made the map.
+    """
+
+    fingerprint: dict
+    vhd_mean: torch.Tensor
+    vhd_std: torch.Tensor
+    vhr_heads: torch.Tensor
+    vhd_selection_frequency: torch.Tensor | None = None
+    text_activation_mean: torch.Tensor | None = None
+    distance: str = "sq_l2"
+    outlier_filter: str = "released"
+    sink_dims: list[int] = field(default_factory=list)
+    sink_dim_ratios: list[float] = field(default_factory=list)
+    sink_dim_profile: torch.Tensor | None = None
+    sink_dims_source: str = "auto"
+    sink_threshold: float = 20.0
+    sink_dim_min_ratio: float = 10.0
+    image_centric: ImageCentricStats | None = None
+    gift_saliency_layer: int | None = None
+    gift_enhance_layers: list[int] = field(default_factory=list)
+    gift_layer_shift: list[float] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    library_version: str = __version__
+
+    def __post_init__(self) -> None:
+        shape = (self.num_layers, self.num_heads)
+        for name in ("vhd_mean", "vhd_std", "vhr_heads", "vhd_selection_frequency", "text_activation_mean"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"HeadMap.{name} has shape {tuple(value.shape)}; the fingerprint says [layers, heads] = {list(shape)}")
+        self.vhr_heads = self.vhr_heads.bool()
+        if self.image_centric is not None and tuple(self.image_centric.head_fraction.shape) != shape:
+            raise ValueError(f"HeadMap.image_centric.head_fraction has shape {tuple(self.image_centric.head_fraction.shape)}, expected {list(shape)}")
+        self.sink_dims = [int(d) for d in self.sink_dims]
+        hidden = int(self.fingerprint.get("hidden_size", 0) or 0)
+        bad = [d for d in self.sink_dims if d < 0 or (hidden and d >= hidden)]
+        if bad:
+            raise ValueError(f"HeadMap.sink_dims {bad} are outside 0..{hidden - 1} (hidden_size {hidden})")
+        if len(self.sink_dim_ratios) != len(self.sink_dims):
+            raise ValueError(f"HeadMap.sink_dim_ratios has {len(self.sink_dim_ratios)} entries for {len(self.sink_dims)} sink_dims")
+        for layer in [self.gift_saliency_layer, *self.gift_enhance_layers]:
+            if layer is not None and not 0 <= int(layer) < self.num_layers:
+                raise ValueError(f"HeadMap GIFT layer {layer} is outside 0..{self.num_layers - 1}")
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_layers(self) -> int:
+        return int(self.fingerprint["num_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.fingerprint["num_heads"])
+
+    @property
+    def fingerprint_hash(self) -> str:
+        return fingerprint_hash(self.fingerprint)
+
+    # ------------------------------------------------------------------ what the methods read
+    def vhr_head_masks(self) -> dict[int, torch.Tensor]:
+        """``{layer: [H] bool}`` the VHR heads of every layer (VHR applies those of its target layers)."""
+        return {layer: self.vhr_heads[layer].clone() for layer in range(self.num_layers)}
+
+    def vhr_heads_by_layer(self) -> dict[int, list[int]]:
+        """``{layer: [head, ...]}`` (readable form of :meth:`vhr_head_masks`)."""
+        return {layer: self.vhr_heads[layer].nonzero().flatten().tolist() for layer in range(self.num_layers)}
+
+    def override_sink_dims(self, sink_dims: list[int]) -> None:
+        """Replace the sink dimensions by hand (e.g. the released code's {2533, 1415} for LLaVA-1.5-7B).
+
+        Ratios come from the stored profile when there is one (NaN otherwise).
+        """
+        dims = [int(d) for d in sink_dims]
+        hidden = int(self.fingerprint.get("hidden_size", 0) or 0)
+        bad = [d for d in dims if d < 0 or (hidden and d >= hidden)]
+        if bad:
+            raise ValueError(f"sink_dims {bad} are outside 0..{hidden - 1} (hidden_size {hidden}); pass hidden dimensions of this model")
+        self.sink_dims = dims
+        profile = self.sink_dim_profile
+        self.sink_dim_ratios = [float(profile[d]) if profile is not None else float("nan") for d in dims]
+        self.sink_dims_source = "override"
+
+    def check_compatible(self, adapter) -> None:
+        """Raise :class:`HeadMapMismatchError` unless this map was made for ``adapter``'s model.
+
+        Geometry and family must match exactly; names must match by their last path component (or one
+        of them be unknown).
+        """
+        actual = adapter.describe() if hasattr(adapter, "describe") else dict(adapter)
+        differing = fingerprint_mismatches(self.fingerprint, actual)
+        if differing:
+            raise HeadMapMismatchError(
+                f"this head map was calibrated for another model (differs in {differing}).\n"
+                f"  head map: {_format_fingerprint(self.fingerprint)}\n"
+                f"  model:    {_format_fingerprint(actual)}\n"
+                "Calibrate this model with `vlm-guard calibrate --model ...` (or vlm_guard.calibrate) and use that map."
+            )
+
+    # ------------------------------------------------------------------ comparison
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HeadMap):
+            return NotImplemented
+        for item in dataclasses.fields(self):
+            a, b = getattr(self, item.name), getattr(other, item.name)
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                if not _tensors_equal(a, b):
+                    return False
+            elif item.name == "gift_layer_shift" or item.name == "sink_dim_ratios":
+                if [_json_float(v) for v in a] != [_json_float(v) for v in b]:
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    # ------------------------------------------------------------------ saving
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"vhd_mean": self.vhd_mean, "vhd_std": self.vhd_std}
+        optional = {"vhd_selection_frequency": self.vhd_selection_frequency, "text_activation_mean": self.text_activation_mean,
+                    "sink_dim_profile": self.sink_dim_profile,
+                    "image_centric_head_fraction": None if self.image_centric is None else self.image_centric.head_fraction}
+        tensors.update({k: v for k, v in optional.items() if v is not None})
+        return {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": self.library_version,
+            "fingerprint": self.fingerprint,
+            "fingerprint_hash": self.fingerprint_hash,
+            "calibration": self.calibration,
+            "vhd": {
+                "distance": self.distance,
+                "outlier_filter": self.outlier_filter,
+                "vhr_heads": {str(layer): heads for layer, heads in self.vhr_heads_by_layer().items()},
+            },
+            "sinks": {
+                "sink_dims": self.sink_dims,
+                "sink_dim_ratios": [_json_float(v) for v in self.sink_dim_ratios],
+                "source": self.sink_dims_source,
+                "threshold": self.sink_threshold,
+                "min_ratio": self.sink_dim_min_ratio,
+            },
+            "image_centric": None if self.image_centric is None else self.image_centric.to_json(),
+            "gift": {
+                "saliency_layer": self.gift_saliency_layer,
+                "enhance_layers": self.gift_enhance_layers,
+                "layer_shift": [_json_float(v) for v in self.gift_layer_shift],
+            },
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``head_map.json`` and ``head_map.safetensors`` into ``directory`` (created if needed).
+
+        Returns:
+            the directory.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self._tensors(), str(directory / TENSOR_FILE), metadata={"format": FORMAT_NAME, "library_version": self.library_version})
+        (directory / JSON_FILE).write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+        logger.info("saved head map to %s", directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "HeadMap":
+        """Read a map written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: the folder or one of its two files is missing.
+            HeadMapFileError: a file is corrupt or incomplete (the message names it).
+        """
+        directory = Path(directory)
+        json_path, tensor_path = directory / JSON_FILE, directory / TENSOR_FILE
+        for path in (json_path, tensor_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no head map at {directory}: {path} does not exist. Create one with `vlm-guard calibrate --out {directory}`."
+                )
+        try:
+            data = json.loads(json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise HeadMapFileError(
+                f"{json_path} is not valid JSON ({error}); the head map is corrupt: re-run `vlm-guard calibrate`."
+            ) from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise HeadMapFileError(f"{json_path} is not a vlm_guard head map (no \"format\": \"{FORMAT_NAME}\" field).")
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise HeadMapFileError(
+                f"{json_path} has format_version {data.get('format_version')}, newer than this vlm_guard ({__version__}) reads "
+                f"({FORMAT_VERSION}); upgrade vlm_guard."
+            )
+        try:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise HeadMapFileError(
+                f"{tensor_path} is not a readable safetensors file ({error}); the head map is corrupt: re-run `vlm-guard calibrate`."
+            ) from None
+        try:
+            return cls._from_parts(data, tensors)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+            detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+            raise HeadMapFileError(
+                f"{directory} holds an incomplete or inconsistent head map ({detail}); re-run `vlm-guard calibrate`."
+            ) from None
+
+    @classmethod
+    def _from_parts(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "HeadMap":
+        fingerprint = data["fingerprint"]
+        num_layers, num_heads = int(fingerprint["num_layers"]), int(fingerprint["num_heads"])
+        vhr_heads = torch.zeros(num_layers, num_heads, dtype=torch.bool)
+        for layer, heads in data["vhd"]["vhr_heads"].items():
+            vhr_heads[int(layer), [int(h) for h in heads]] = True
+        image_centric = None
+        if data.get("image_centric") is not None:
+            image_centric = ImageCentricStats.from_json(data["image_centric"], tensors["image_centric_head_fraction"])
+        sinks, gift = data["sinks"], data["gift"]
+        return cls(
+            fingerprint=fingerprint,
+            vhd_mean=tensors["vhd_mean"],
+            vhd_std=tensors["vhd_std"],
+            vhr_heads=vhr_heads,
+            vhd_selection_frequency=tensors.get("vhd_selection_frequency"),
+            text_activation_mean=tensors.get("text_activation_mean"),
+            distance=data["vhd"]["distance"],
+            outlier_filter=data["vhd"]["outlier_filter"],
+            sink_dims=[int(d) for d in sinks["sink_dims"]],
+            sink_dim_ratios=[_read_float(v) for v in sinks["sink_dim_ratios"]],
+            sink_dim_profile=tensors.get("sink_dim_profile"),
+            sink_dims_source=sinks["source"],
+            sink_threshold=float(sinks["threshold"]),
+            sink_dim_min_ratio=float(sinks["min_ratio"]),
+            image_centric=image_centric,
+            gift_saliency_layer=None if gift["saliency_layer"] is None else int(gift["saliency_layer"]),
+            gift_enhance_layers=[int(v) for v in gift["enhance_layers"]],
+            gift_layer_shift=[_read_float(v) for v in gift["layer_shift"]],
+            calibration=data.get("calibration", {}),
+            library_version=data.get("library_version", "unknown"),
+        )
+
+    # ------------------------------------------------------------------ reading
+    def summary(self) -> str:
+        """A readable report: fingerprint, calibration set, sinks, GIFT layers and a per-layer table."""
+        fp = self.fingerprint
+        calibration = self.calibration
+        lines = [
+            f"vlm_guard head map (library {self.library_version})",
+            f"model       {fp.get('family')} {fp.get('model_class', '')} {fp.get('name_or_path') or '(unnamed)'}",
+            f"geometry    layers={fp.get('num_layers')} heads={fp.get('num_heads')} kv_heads={fp.get('num_kv_heads')} "
+            f"head_dim={fp.get('head_dim')} hidden={fp.get('hidden_size')}  hash={self.fingerprint_hash}",
+            f"calibration images={calibration.get('n_images', '?')} skipped={calibration.get('n_skipped', 0)} "
+            f"prompts={calibration.get('prompts', [])}",
+            f"vhd         distance={self.distance} outlier_filter={self.outlier_filter}",
+        ]
+        if self.sink_dims:
+            dims = ", ".join(f"{d} (x{r:.1f})" for d, r in zip(self.sink_dims, self.sink_dim_ratios))
+            lines.append(f"sink dims   {dims}  [{self.sink_dims_source}; tau={self.sink_threshold:g}]")
+        else:
+            lines.append(f"sink dims   none (no dimension reaches ratio {self.sink_dim_min_ratio:g}): VAR stays off")
+        enhance = _ranges(self.gift_enhance_layers) or "none"
+        lines.append(f"gift        saliency layer l*={self.gift_saliency_layer}  enhance layers {enhance}")
+        lines.append("")
+        header = (f"{'layer':>5} {'VHD mean':>10} {'VHD max':>10} {'top head':>8} {'VHR heads':<24} {'img-centric':>11} "
+                  f"{'vis mass':>8} {'gaze shift':>10}")
+        lines.append(header)
+        lines.append("-" * len(header))
+        by_layer = self.vhr_heads_by_layer()
+        for layer in range(self.num_layers):
+            row_mean = float(self.vhd_mean[layer].mean())
+            top_head = int(self.vhd_mean[layer].argmax())
+            row_max = float(self.vhd_mean[layer, top_head])
+            heads = ",".join(map(str, by_layer[layer]))
+            if len(heads) > 24:
+                heads = heads[:21] + "..."
+            centric = mass = float("nan")
+            if self.image_centric is not None:
+                centric, mass = self.image_centric.centric_fraction[layer], self.image_centric.visual_mass_mean[layer]
+            shift = self.gift_layer_shift[layer] if layer < len(self.gift_layer_shift) else float("nan")
+            mark = " <- l*" if layer == self.gift_saliency_layer else (" (enhance)" if layer in self.gift_enhance_layers else "")
+            lines.append(f"{layer:>5} {row_mean:>10.4g} {row_max:>10.4g} {top_head:>8} {heads:<24} {_cell(centric, '.2f'):>11} "
+                         f"{_cell(mass, '.3f'):>8} {_cell(shift, '.4g'):>10}{mark}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"HeadMap({self.fingerprint.get('family')}, layers={self.num_layers}, heads={self.num_heads}, "
+                f"sink_dims={self.sink_dims}, gift_saliency_layer={self.gift_saliency_layer}, "
+                f"images={self.calibration.get('n_images', '?')})")
+
+
+def _cell(value: float, spec: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return ""
+    layers = sorted(layers)
+    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}..{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+# ---------------------------------------------------------------------- cache
+def default_cache_dir() -> Path:
+    """The head-map cache folder: ``$VLM_GUARD_CACHE`` when set, else ``~/.cache/vlm_guard/head_maps``."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path.home() / ".cache" / "vlm_guard" / "head_maps"
+
+
+def cache_folder(fingerprint: dict, cache_dir: str | Path | None = None) -> Path:
+    """Where the map of the model with ``fingerprint`` lives in the cache: ``<name>-<hash>``."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name(fingerprint) or str(fingerprint.get("family", "model")))[:64]
+    return Path(cache_dir or default_cache_dir()) / f"{slug}-{fingerprint_hash(fingerprint)}"
+
+
+def save_to_cache(head_map: HeadMap, cache_dir: str | Path | None = None) -> Path | None:
+    """Save ``head_map`` into the cache; returns the folder, or None for an unnamed model (not cacheable)."""
+    if not model_name(head_map.fingerprint):
+        logger.info("the model has no name_or_path, so its head map is not cached (it could not be told apart from others)")
+        return None
+    folder = cache_folder(head_map.fingerprint, cache_dir)
+    head_map.save_pretrained(folder)
+    return folder
+
+
+def find_cached_head_map(adapter, cache_dir: str | Path | None = None) -> HeadMap | None:
+    """The cached head map whose fingerprint matches ``adapter``'s model, or None.
+
+    Never raises: an unreadable cached map is reported as a warning and ignored. Unnamed models are
+    never looked up.
+    """
+    try:
+        fingerprint = adapter.describe()
+    except Exception as error:  # an adapter that cannot describe its model: no cache
+        logger.debug("no head-map cache lookup: %s", error)
+        return None
+    if not model_name(fingerprint):
+        return None
+    folder = cache_folder(fingerprint, cache_dir)
+    if not (folder / JSON_FILE).is_file():
+        logger.debug("no cached head map at %s", folder)
+        return None
+    try:
+        head_map = HeadMap.from_pretrained(folder)
+        head_map.check_compatible(adapter)
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring the cached head map at %s: %s", folder, error)
+        return None
+    logger.info("using the cached head map from %s", folder)
+    return head_map
