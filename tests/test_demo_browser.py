@@ -93,7 +93,7 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
 
             # a short answer keeps the test quick on a busy CPU
             tokens = page.locator("#max-new-tokens input[type=number]")
-            tokens.fill("16")
+            tokens.fill("24")
             tokens.press("Enter")
             page.click("#generate-btn")
             sync_api.expect(page.locator("#run-status")).to_contain_text("Done.", timeout=60_000)
@@ -103,8 +103,19 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
             sync_api.expect(page.locator("#plain-header")).to_contain_text(" s · ")
             sync_api.expect(page.locator("#guarded-header")).to_contain_text(" s · ")
             token_count = int(page.locator("#plain-header").inner_text().split(" s · ")[1].split()[0])
-            assert 1 <= token_count <= 16, token_count
+            assert 1 <= token_count <= 24, token_count
             assert page.locator(".toast-body.error").count() == 0
+
+            # click the first guarded word the checker flagged (if any) to show where it looked
+            guarded_tokens = page.locator("#guarded-answer .token.selectable")
+            flagged = page.evaluate(
+                """() => [...document.querySelectorAll('#guarded-answer .token.selectable')]
+                       .findIndex(t => getComputedStyle(t).backgroundColor.includes('255, 80, 80'))"""
+            )
+            if flagged >= 0:
+                guarded_tokens.nth(flagged).click()
+                sync_api.expect(page.locator("#token-info")).to_contain_text(f"token {flagged + 1}/", timeout=10_000)
+                sync_api.expect(page.locator("#token-info")).to_contain_text("flagged")
 
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)

@@ -120,3 +120,10 @@ def test_score_synthetic_caption_by_hand():
     assert metrics["recall"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="unknown type"):
         score_synthetic_caption("a dog", {"dog"})
+
+
+def test_smaller_runs_are_prefixes_of_larger_ones():
+    # a run resumed with a larger n only adds items: the item lists must be prefixes of each other
+    for split in SPLITS:
+        assert pope_questions(split, 41) == pope_questions(split, 90)[:41]
+    assert caption_items(7) == caption_items(12)[:7]

@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
@@ -174,6 +176,8 @@ def build_batch(model, rows: list[tuple[bool, int]], seed: int = 0) -> dict:
         patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         inputs["pixel_values"] = torch.randn(n_images * grid * grid, patch_dim, generator=generator)
         inputs["image_grid_thw"] = torch.tensor([[1, grid, grid]] * n_images)
+        if "mm_token_type_ids" in inspect.signature(type(model).forward).parameters:  # transformers >= 5
+            inputs["mm_token_type_ids"] = (input_ids == IMAGE).int()
     elif family == "idefics3":
         pixel_values = torch.zeros(len(rows), 1, 3, vision.image_size, vision.image_size)
         for index, (has_image, _) in enumerate(rows):

@@ -14,7 +14,9 @@ VLM="${VLM:-.venv/bin/vlm-guard}"
 SHIPPED=vlm_guard/assets/default_model
 TRAINED=runs/toy/final
 RESULTS=docs/results
-THREADS="${THREADS:-2}"
+THREADS="${THREADS:-1}"             # 1: the 2 cores are shared; more threads only oversubscribe them
+N_QUESTIONS="${N_QUESTIONS:-500}"   # per POPE split; a larger N resumes and only adds the missing items
+N_CAPTIONS="${N_CAPTIONS:-500}"
 
 CHOICE=runs/eval_synthetic.model   # the model chosen by the first run, kept by reruns (the head map names it)
 MODEL_ARGS=()
@@ -40,8 +42,9 @@ if [ ! -f "$RESULTS/head_map_default/head_map.json" ]; then
 fi
 
 # 2. The comparison: greedy, VHR, VAR, GIFT, VHR+VAR+GIFT, PAI, VCD with library-default hyper-parameters,
-#    1500 questions per POPE split and 1000 captions, 1000 bootstrap resamples.
+#    N_QUESTIONS questions per POPE split and N_CAPTIONS captions, 1000 bootstrap resamples. The item lists for a
+#    smaller N are prefixes of those for a larger one, so N_QUESTIONS=1500 N_CAPTIONS=1000 later extends the run.
 "$VLM" -v eval synthetic "${MODEL_ARGS[@]}" --head-map "$RESULTS/head_map_default" \
-  --n-questions 1500 --n-captions 1000 --batch-size 32 --threads "$THREADS" --no-progress \
+  --n-questions "$N_QUESTIONS" --n-captions "$N_CAPTIONS" --batch-size 32 --threads "$THREADS" --no-progress \
   --compare "none;vhr;var;gift;all;pai;vcd" --out "$RESULTS/synthetic.jsonl"
 echo "$(date -u +%H:%M:%S) done: $RESULTS/synthetic.md"

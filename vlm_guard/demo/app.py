@@ -22,7 +22,6 @@ import gradio as gr
 from .inputs import DemoInputError, DemoLimits, validate_image
 from .overlay import placeholder
 from .session import (
-    DEFAULT_PROMPT,
     HIGHLIGHT_COLOURS,
     METHOD_CONTROLS,
     DemoRun,
@@ -227,7 +226,8 @@ def build_app(session: DemoSession) -> gr.Blocks:
                 upload = gr.File(label="...or upload an image", file_types=["image"], type="filepath", elem_id="image-upload")
                 preview = gr.Image(label="Input image", type="pil", interactive=False, height=220, elem_id="input-preview")
                 truth = gr.Markdown("", elem_id="ground-truth")
-                prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", max_lines=3, elem_id="prompt")
+                prompt = gr.Textbox(value=session.default_prompt, label="Prompt", max_lines=3, elem_id="prompt",
+                                    max_length=limits.max_prompt_chars)
                 with gr.Accordion("Methods", open=True):
                     method_inputs = []
                     for control in METHOD_CONTROLS:

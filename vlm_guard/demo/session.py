@@ -42,6 +42,9 @@ from .overlay import ImageGrid, display_image, head_map_figure, heatmap_overlay,
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Describe the image."
+TOY_PROMPT = "Describe the image"
+"""Default prompt for the shipped toy LLaVA: its word-level tokenizer lower-cases it to exactly the
+instruction it was trained on (``describe the image``); with a trailing "." the toy model answers "yes"."""
 
 LABEL_FLAGGED = "not in image"
 LABEL_LOW_TVHD = "low T-VHD"
@@ -334,10 +337,12 @@ class DemoSession:
         examples: bundled examples (default: the package's).
         model_name: shown in the UI.
         notes: startup notes shown in the UI (missing pieces).
+        default_prompt: the prompt box's initial text.
     """
 
     def __init__(self, model, processor, head_map=None, checker=None, limits: DemoLimits | None = None,
-                 examples: list[Example] | None = None, model_name: str = "", notes: list[str] | None = None):
+                 examples: list[Example] | None = None, model_name: str = "", notes: list[str] | None = None,
+                 default_prompt: str = DEFAULT_PROMPT):
         if processor is None:
             raise ValueError("DemoSession needs the model's processor (for images and the chat template); got None")
         self.model = model
@@ -353,6 +358,7 @@ class DemoSession:
                     self._example_by_fingerprint[image_fingerprint(image)] = example
             except OSError as error:
                 logger.warning("bundled example %s is unreadable: %s", example.path, error)
+        self.default_prompt = default_prompt
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.notes = list(notes or [])
         self.availability = method_availability()
@@ -382,7 +388,8 @@ class DemoSession:
                 notes.append(note)
         else:
             notes.append("Grounding checker switched off (--no-checker).")
-        return cls(loaded, processor, head_map=head_map_object, checker=checker, limits=limits, model_name=name, notes=notes)
+        return cls(loaded, processor, head_map=head_map_object, checker=checker, limits=limits, model_name=name, notes=notes,
+                   default_prompt=TOY_PROMPT if model is None else DEFAULT_PROMPT)
 
     def _check_methods_build(self) -> None:
         """Mark methods whose default config cannot be built for this model (e.g. no head map) as unavailable."""

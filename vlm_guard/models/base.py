@@ -270,7 +270,11 @@ class ModelAdapter:
         return new_ids, new_mask
 
     # ------------------------------------------------------------------ model inputs
-    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
+    # image tensors and per-token image markers (Qwen2-VL's mm_token_type_ids on transformers 5.x): all dropped
+    # for the image-free prompt, whose length differs
+    image_input_keys: ClassVar[tuple[str, ...]] = (
+        "pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "mm_token_type_ids",
+    )
 
     def text_only_inputs(self, inputs: dict) -> dict:
         """Model inputs without any image tensor (for the image-free forward pass)."""

@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     train.add_argument("--batch", type=int, default=None, help="multimodal batch size (default 32)")
     train.add_argument("--lm-turns", type=int, default=None, help="captions packed per LM-pretraining sequence")
     train.add_argument("--lm-lr", type=float, default=None, help="LM-pretraining learning rate")
+    train.add_argument("--question-fraction", type=float, default=None,
+                       help="share of yes/no rows in the multimodal stages (default 0.3)")
     train.add_argument("--pair-prob", type=float, default=None, help="partner co-occurrence in training scenes")
     train.add_argument("--checkpoint-every", type=int, default=None)
     train.add_argument("--threads", type=int, default=2)
@@ -86,6 +88,8 @@ def _train(args: argparse.Namespace) -> int:
         config.lm_turns = args.lm_turns
     if args.lm_lr is not None:
         config.lm_lr = args.lm_lr
+    if args.question_fraction is not None:
+        config.question_fraction = args.question_fraction
     if args.pair_prob is not None:
         config.pair_prob = args.pair_prob
     if args.checkpoint_every is not None:

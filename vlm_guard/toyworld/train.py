@@ -376,6 +376,7 @@ def make_portable(path: str | Path) -> None:
             key = "vision_tower.vision_model." + key[len("vision_tower."):]
         renamed[key] = value
     save_file(renamed, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)
     processor_config = json.loads((path / "processor_config.json").read_text())
     if "image_processor" in processor_config:
         (path / "preprocessor_config.json").write_text(json.dumps(processor_config["image_processor"], indent=2))
