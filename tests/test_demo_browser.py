@@ -107,10 +107,10 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
             assert page.locator(".toast-body.error").count() == 0
 
             # click the first guarded word the checker flagged (if any) to show where it looked
-            guarded_tokens = page.locator("#guarded-answer .token.selectable")
+            guarded_tokens = page.locator("#guarded-answer .textfield .token")
             flagged = page.evaluate(
-                """() => [...document.querySelectorAll('#guarded-answer .token.selectable')]
-                       .findIndex(t => getComputedStyle(t).backgroundColor.includes('255, 80, 80'))"""
+                """() => [...document.querySelectorAll('#guarded-answer .textfield .token')]
+                       .findIndex(t => (t.getAttribute('style') || '').includes('255, 80, 80'))"""
             )
             if flagged >= 0:
                 guarded_tokens.nth(flagged).click()
