@@ -49,6 +49,8 @@ def split_row(model, inputs: dict, row: int) -> dict:
     valid = inputs["attention_mask"][row].bool()
     input_ids = inputs["input_ids"][row][valid][None]
     single = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if "mm_token_type_ids" in inputs:  # per-token image markers (Qwen2-VL on transformers 5.x)
+        single["mm_token_type_ids"] = inputs["mm_token_type_ids"][row][valid][None]
     has_image = (inputs["input_ids"] == IMAGE).any(dim=1)
     if not bool(has_image[row]):
         return single

@@ -222,7 +222,7 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
     import torch
 
     from vlm_guard.defaults import DEFAULT_MODEL_DIR
-    from vlm_guard.eval.runner import code_digest, load_model, run_benchmark, weights_digest
+    from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,7 +233,7 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
                                               device=args.device)
     run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
                   "weights_sha256_16": weights_digest(args.model or DEFAULT_MODEL_DIR),
-                  "method_code": code_digest(), "head_map_dir": args.head_map, **run_config}
+                  "head_map_dir": args.head_map, **run_config}
     result = run_benchmark(
         model, processor, tasks, method_sets, args.out, loader=loader, head_map=_load_head_map(args),
         batch_size=args.batch_size, seed=args.seed, n_resamples=args.n_resamples, progress=not args.no_progress,

@@ -496,7 +496,8 @@ def run_benchmark(
         seed: Bootstrap seed (recorded in every summary).
         n_resamples: Bootstrap resamples.
         progress: Show tqdm bars.
-        run_config: Run settings recorded in the summaries (model, prompts, sizes...).
+        run_config: Run settings recorded in the summaries (model, prompts, sizes...); ``method_code``
+            (:func:`code_digest`, taken once every method module is imported) is added.
         compare: Write the comparison files (default: when there is more than one method set).
         configs: Optional label -> GuardConfig overriding the default hyper-parameters of a method set.
 
@@ -515,13 +516,15 @@ def run_benchmark(
     loader = loader or ImageLoader()
     prepare_processor(processor)
     guarded = wrap(model, processor, None, head_map)
-    run_config = dict(run_config or {})
+    for label in method_sets:
+        guard_config_for(label)  # imports every method module now, so the digest below is of the code that runs
+    run_config = {**dict(run_config or {}), "method_code": code_digest()}
     runs: list[MethodRun] = []
     try:
         for label in method_sets:
             records_path, summary_path = results_paths(out, label if compare else None)
             config = (configs or {}).get(label)
-            code = (run_config.get("method_code") or {}).get("sha256_16")
+            code = run_config["method_code"]["sha256_16"]
             run = run_method_set(guarded, processor, tasks, label, records_path, loader,
                                  batch_size=batch_size, progress=progress, config=config, code=code)
             run.summary_path = summary_path
