@@ -24,6 +24,7 @@ from transformers import LogitsProcessor
 
 from ..config import MethodConfig, check_layers, check_range
 from .base import Intervention, LayerContext, PromptContext, RowSelection
+from ..models.compat import cache_kwargs, output_cache
 from .engine import restore_forward_state, save_forward_state
 from .registry import register_method
 
@@ -154,10 +155,10 @@ class ContrastStream:
                     self.fed += new
                     mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(batch, self.fed)], dim=1)
                     output = self.engine.model(input_ids=input_ids[:, -new:], attention_mask=mask, position_ids=positions,
-                                               cache=self.cache, use_cache=True, logits_to_keep=1)
+                                               use_cache=True, logits_to_keep=1, **cache_kwargs(self.engine.model, self.cache))
         finally:
             restore_forward_state(saved)
-        self.cache = output.cache
+        self.cache = output_cache(output)
         return output.logits[:, -1].float()
 
 
