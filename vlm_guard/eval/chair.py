@@ -369,9 +369,27 @@ def score_caption(
     vocabulary = vocabulary or _default_vocabulary()
     if isinstance(gt_objects, str):
         raise ValueError(f"gt_objects must be a collection of category names, got the string {gt_objects!r}.")
-    gt_set = set(gt_objects)
     words, n_words = _caption_words(caption, vocabulary)
     mentions = [[word, vocabulary.word_to_category[word]] for word in words if word in vocabulary.word_to_category]
+    return mention_record(mentions, gt_objects, n_words)
+
+
+def mention_record(mentions: list[list[str]], gt_objects: Iterable[str], n_words: int) -> dict[str, Any]:
+    """The CHAIR record of one caption from its object mentions (shared by COCO and the synthetic world).
+
+    Args:
+        mentions: ``[word, category]`` per occurrence, in caption order.
+        gt_objects: the image's ground-truth categories.
+        n_words: caption length in words.
+
+    Returns:
+        the JSON-ready record described in :func:`score_caption`.
+
+    Example:
+        >>> mention_record([["dog", "dog"], ["cat", "cat"]], {"dog"}, 5)["n_hallucinated"]
+        1
+    """
+    gt_set = set(gt_objects)
     hallucinated = [mention for mention in mentions if mention[1] not in gt_set]
     recalled = sorted({category for _, category in mentions if category in gt_set})
     return {

@@ -51,6 +51,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from vlm_guard.eval.chair import mention_record
 from vlm_guard.toyworld.world import (
     OBJECT_TYPES,
     PARTNER_PAIRS,
@@ -297,20 +298,7 @@ def score_synthetic_caption(caption: str, gt_objects: Iterable[str]) -> dict:
     if unknown:
         raise ValueError(f"gt_objects holds unknown type(s) {unknown}; types are {OBJECT_TYPES}.")
     mentions = [[word.lower(), object_type] for word, object_type in mentions_with_words(caption)]
-    hallucinated = [mention for mention in mentions if mention[1] not in gt_set]
-    recalled = sorted({object_type for _, object_type in mentions if object_type in gt_set})
-    return {
-        "mentions": mentions,
-        "hallucinated": hallucinated,
-        "gt_objects": sorted(gt_set),
-        "recalled_objects": recalled,
-        "n_mentions": len(mentions),
-        "n_hallucinated": len(hallucinated),
-        "hallucinated_caption": bool(hallucinated),
-        "n_gt_objects": len(gt_set),
-        "n_recalled": len(recalled),
-        "n_words": len(_WORD.findall(caption.lower())),
-    }
+    return mention_record(mentions, gt_set, len(_WORD.findall(caption.lower())))
 
 
 __all__ = [
