@@ -94,10 +94,13 @@ def run(args: argparse.Namespace) -> int:
     rows: list[tuple[str, str, float]] = []
     with guarded.disabled():
         rows.append(("plain", *_caption(guarded, processor, image, prompt, args.max_new_tokens)))
-    label = ",".join(config.enabled_methods) or "none"
+    label = ",".join(intervention.name for intervention in guarded.interventions) or "none"  # the methods that run
     if args.compare and len(config.enabled_methods) > 1:
         for name in config.enabled_methods:
             guarded.set_config(GuardConfig.from_methods(name))
+            if not guarded.interventions:
+                print(f"{name}: switched off on this model (see the warning above)")
+                continue
             rows.append((name, *_caption(guarded, processor, image, prompt, args.max_new_tokens)))
         guarded.set_config(config)
     rows.append((f"guarded ({label})", *_caption(guarded, processor, image, prompt, args.max_new_tokens)))
