@@ -27,8 +27,9 @@ def register(subparsers) -> None:
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     train.add_argument("--preset", choices=("default", "tiny"), default="default",
                        help="model size: default (~3.6M params) or tiny (for tests)")
+    # step counts and mixture default to the shipped recipe (see TrainConfig)
     train.add_argument("--seed", type=int, default=0)
-    for stage in ("vision", "lm", "align", "finetune"):
+    for stage in ("vision", "lm", "align", "finetune", "qa"):
         train.add_argument(f"--{stage}-steps", type=int, default=None, help=f"steps of the {stage} stage")
     train.add_argument("--batch", type=int, default=None, help="multimodal batch size (default 32)")
     train.add_argument("--lm-turns", type=int, default=None, help="captions packed per LM-pretraining sequence")
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
                        help="share of yes/no rows in the multimodal stages (default 0.3)")
     train.add_argument("--pair-prob", type=float, default=None, help="partner co-occurrence in training scenes")
     train.add_argument("--checkpoint-every", type=int, default=None)
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of the recipe)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--ship", action="store_true",
                        help="copy the final model into vlm_guard/assets/default_model and write its report")
@@ -78,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(out_dir=args.out, seed=args.seed, threads=args.threads)
     if args.preset == "tiny":
         config.spec = TINY_SPEC
-    for stage in ("vision", "lm", "align", "finetune"):
+    for stage in ("vision", "lm", "align", "finetune", "qa"):
         value = getattr(args, f"{stage}_steps")
         if value is not None:
             setattr(config, f"{stage}_steps", value)
