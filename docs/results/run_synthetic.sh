@@ -15,8 +15,8 @@ SHIPPED=vlm_guard/assets/default_model
 TRAINED=runs/toy/final
 RESULTS=docs/results
 THREADS="${THREADS:-1}"             # 1: the 2 cores are shared; more threads only oversubscribe them
-N_QUESTIONS="${N_QUESTIONS:-1500}"  # per POPE split; a larger N resumes and only adds the missing items
-N_CAPTIONS="${N_CAPTIONS:-1000}"     # (reported run: ~8 min at n=500/500 plus ~13 min to extend, 1 thread)
+N_QUESTIONS="${N_QUESTIONS:-500}"  # per POPE split; a larger N resumes and only adds the missing items
+N_CAPTIONS="${N_CAPTIONS:-500}"     # (reported run: ~8 min at n=500/500 plus ~13 min to extend, 1 thread)
 
 CHOICE=runs/eval_synthetic.model   # the model chosen by the first run, kept by reruns (the head map names it)
 MODEL_ARGS=()
