@@ -25,23 +25,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..eval.chair import ChairVocabulary
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHECKER_DIR = Path(__file__).resolve().parent.parent / "assets" / "checker"
 """Folder of the shipped toy checker (open_clip ``local-dir:`` layout)."""
 
-COCO_OBJECTS: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
-"""Default vocabulary for real images (the 80 COCO categories)."""
+COCO_OBJECTS: tuple[str, ...] = ChairVocabulary.load().categories
+"""Default vocabulary for real images: the 80 COCO categories, from the CHAIR data shipped with the package."""
 
 
 @dataclass(frozen=True)
