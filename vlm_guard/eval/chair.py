@@ -518,9 +518,7 @@ def chair_metric_fn(name: str):
     """
     from vlm_guard.eval.stats import TotalsMetric
 
-    if name not in CHAIR_METRIC_NAMES:
-        raise ValueError(f"CHAIR metric must be one of {CHAIR_METRIC_NAMES}, got {name!r}.")
-    return TotalsMetric(lambda totals: chair_metrics_from_totals(totals)[name], name=f"chair_{name}")
+    return TotalsMetric.pick("chair", name, CHAIR_METRIC_NAMES, chair_metrics_from_totals)
 
 
 def coco_image_id(value: int | str) -> int:

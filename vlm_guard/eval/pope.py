@@ -346,9 +346,7 @@ def pope_metric_fn(name: str):
     """
     from vlm_guard.eval.stats import TotalsMetric
 
-    if name not in POPE_METRIC_NAMES:
-        raise ValueError(f"POPE metric must be one of {POPE_METRIC_NAMES}, got {name!r}.")
-    return TotalsMetric(lambda totals: pope_metrics_from_totals(totals)[name], name=f"pope_{name}")
+    return TotalsMetric.pick("pope", name, POPE_METRIC_NAMES, pope_metrics_from_totals)
 
 
 def align_answers(

@@ -53,6 +53,17 @@ class TotalsMetric:
         self.fn = fn
         self.name = name
 
+    @classmethod
+    def pick(cls, benchmark: str, name: str, names: tuple[str, ...], metrics_from_totals: Callable) -> "TotalsMetric":
+        """The metric ``name`` out of a benchmark's ``metrics_from_totals(totals) -> dict`` (POPE, CHAIR).
+
+        Raises:
+            ValueError: ``name`` is not one of ``names``.
+        """
+        if name not in names:
+            raise ValueError(f"{benchmark.upper()} metric must be one of {names}, got {name!r}.")
+        return cls(lambda totals: metrics_from_totals(totals)[name], name=f"{benchmark}_{name}")
+
     def from_totals(self, totals: np.ndarray) -> np.ndarray:
         """Metric values for totals of shape ``[..., n_counts]``."""
         return np.asarray(self.fn(np.asarray(totals, dtype=np.float64)), dtype=np.float64)
