@@ -65,16 +65,126 @@ def test_other_fingerprint_is_refused(head_map):
     assert isinstance(error.value, ValueError)
 
 
-def test_names_compare_by_last_path_component(head_map, model):
+def test_identity_is_the_weights_not_the_name(head_map, model):
+    # an unnamed map of the same shape made for another model (other weights) is refused
+    other = tiny_model("llava", seed=1)
+    with pytest.raises(HeadMapMismatchError, match="weights_digest"):
+        head_map.check_compatible(get_adapter(other))
+    with pytest.raises(HeadMapMismatchError):
+        vlm_guard.wrap(other, head_map=head_map)
+    # the same weights under another name are the same model
     named = dataclasses.replace(head_map, fingerprint=dict(head_map.fingerprint, name_or_path="llava-hf/tiny"))
-    model.config._name_or_path = "/models/tiny"
+    model.config._name_or_path = "/models/other-name"
     try:
-        named.check_compatible(get_adapter(model))  # hub id vs local copy of the same checkpoint
-        model.config._name_or_path = "llava-hf/other"
-        with pytest.raises(HeadMapMismatchError, match="name_or_path"):
-            named.check_compatible(get_adapter(model))
+        named.check_compatible(get_adapter(model))
     finally:
         model.config._name_or_path = ""
+
+
+def test_same_folder_name_other_run_does_not_share_the_cache(head_map, model):
+    run_a, run_b = model, tiny_model("llava", seed=1)
+    run_a.config._name_or_path, run_b.config._name_or_path = "runA/checkpoint-final", "runB/checkpoint-final"
+    try:
+        with HeadProfiler.open(run_a) as profiler:
+            profiler.profile(build_batch(run_a, [(True, 5)]))
+            map_a = profiler.head_map({"prompts": ["describe"], "n_skipped": 0})
+        folder = save_to_cache(map_a)
+        assert folder is not None and folder.name.startswith("checkpoint-final-")
+        assert find_cached_head_map(get_adapter(run_a)) == map_a
+        assert find_cached_head_map(get_adapter(run_b)) is None
+        assert cache_folder(get_adapter(run_b).describe()) != folder
+    finally:
+        run_a.config._name_or_path = run_b.config._name_or_path = ""
+
+
+@pytest.mark.parametrize("lost", ["weights_digest", "config_digest", "num_kv_heads", "family", "model_class"])
+def test_map_that_lost_its_identity_fields_is_refused(head_map, model, lost):
+    fingerprint = dict(head_map.fingerprint)
+    del fingerprint[lost]
+    with pytest.raises(HeadMapMismatchError, match=f"lacks the identity fields.*{lost}"):
+        dataclasses.replace(head_map, fingerprint=fingerprint).check_compatible(get_adapter(model))
+
+
+def test_version_1_map_without_digests_is_refused(head_map, model, tmp_path):
+    folder = head_map.save_pretrained(tmp_path / "map")
+    data = json.loads((folder / JSON_FILE).read_text())
+    data["format_version"] = 1
+    for key in ("config_digest", "weights_digest", "weights_dtype", "transformers_version"):
+        del data["fingerprint"][key]
+    (folder / JSON_FILE).write_text(json.dumps(data))
+    old = HeadMap.from_pretrained(folder)  # still readable (e.g. by `vlm-guard heads show`)
+    with pytest.raises(HeadMapMismatchError, match="lacks the identity fields"):
+        vlm_guard.wrap(model, head_map=old)
+
+
+def test_map_made_in_float32_serves_float16_and_bfloat16_copies(head_map):
+    for dtype in (torch.float16, torch.bfloat16):
+        copy = tiny_model("llava", dtype=torch.float32).to(dtype)
+        head_map.check_compatible(get_adapter(copy))
+    other = tiny_model("llava", seed=1).to(torch.float16)
+    with pytest.raises(HeadMapMismatchError, match="weights_digest"):
+        head_map.check_compatible(get_adapter(other))
+
+
+def _edit_json(folder, change):
+    data = json.loads((folder / JSON_FILE).read_text())
+    change(data)
+    (folder / JSON_FILE).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("vhr_heads", [{"-1": [0]}, {"0": [-1]}, {"4": [0]}, {"0": [4]}, {"0": [1.5]}, {"x": [0]}, {"0": 3}])
+def test_bad_layer_or_head_indices_are_refused(head_map, tmp_path, vhr_heads):
+    folder = head_map.save_pretrained(tmp_path / "map")
+    _edit_json(folder, lambda data: data["vhd"].__setitem__("vhr_heads", vhr_heads))
+    with pytest.raises(HeadMapFileError, match="vhr_heads"):
+        HeadMap.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("version", [None, "2", True, 0, -1, 2.0])
+def test_bad_format_version_is_a_clear_error(head_map, tmp_path, version):
+    folder = head_map.save_pretrained(tmp_path / "map")
+    _edit_json(folder, lambda data: data.__setitem__("format_version", version))
+    with pytest.raises(HeadMapFileError, match="format_version"):
+        HeadMap.from_pretrained(folder)
+
+
+def test_deeply_nested_json_is_a_clear_error(head_map, tmp_path):
+    folder = head_map.save_pretrained(tmp_path / "map")
+    depth = 100_000
+    text = (folder / JSON_FILE).read_text().rstrip().rstrip("}") + ', "deep": ' + "[" * depth + "]" * depth + "}"
+    (folder / JSON_FILE).write_text(text)
+    with pytest.raises(HeadMapFileError, match="nested too deeply"):
+        HeadMap.from_pretrained(folder)
+    head_map.save_pretrained(folder)
+    _edit_json(folder, lambda data: data.__setitem__("calibration", {"n_images": 1e400}))  # JSON Infinity
+    HeadMap.from_pretrained(folder)  # calibration is free-form metadata
+    _edit_json(folder, lambda data: data["gift"].__setitem__("saliency_layer", 1e400))
+    with pytest.raises(HeadMapFileError):
+        HeadMap.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8, torch.complex64])
+def test_odd_tensor_dtypes_are_a_clear_error(head_map, tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    folder = head_map.save_pretrained(tmp_path / "map")
+    tensors = load_file(str(folder / TENSOR_FILE))
+    tensors["vhd_mean"] = torch.ones(4, 4).to(dtype)
+    try:
+        save_file(tensors, str(folder / TENSOR_FILE))
+    except Exception:  # safetensors cannot store this dtype at all
+        pytest.skip(f"safetensors does not store {dtype}")
+    with pytest.raises(HeadMapFileError, match="vhd_mean.*dtype"):
+        HeadMap.from_pretrained(folder)
+
+
+def test_half_precision_tensors_are_read_as_float32(head_map, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = head_map.save_pretrained(tmp_path / "map")
+    tensors = {name: tensor.half() for name, tensor in load_file(str(folder / TENSOR_FILE)).items()}
+    save_file(tensors, str(folder / TENSOR_FILE))
+    assert HeadMap.from_pretrained(folder).vhd_mean.dtype == torch.float32
 
 
 def test_corrupt_files_give_clear_errors(head_map, tmp_path):

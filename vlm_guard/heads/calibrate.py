@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from ..models.fingerprint import weights_sample
 from ..version import __version__
 from .gift_layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
 from .head_map import HeadMap, ImageCentricStats, save_to_cache
@@ -225,6 +226,7 @@ class HeadProfiler:
             gift_layer_shift=[float(v) for v in layer_shift],
             calibration=calibration,
             library_version=__version__,
+            weights_sample=weights_sample(self.session.adapter.model)[0],
         )
 
 

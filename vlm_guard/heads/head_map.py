@@ -13,11 +13,21 @@ On disk a head map is a folder with ``head_map.json`` (readable; everything but 
 and ``head_map.safetensors`` (the ``[L, H]`` tensors and the ``[M]`` sink-dimension profile); never
 pickle. ``calibrate`` also writes the PNG plots there (:mod:`vlm_guard.heads.plots`).
 
+Identity: the fingerprint holds the family, class and geometry of the model plus the digests of its
+config and weights (:mod:`vlm_guard.models.fingerprint`). :meth:`HeadMap.check_compatible` refuses a
+map whose geometry or weights digest differs from the model's, and a map that lacks any of these
+identity fields (an edited file, or one written before format version 2): the model's name is not
+evidence (``runA/checkpoint-final`` and ``runB/checkpoint-final`` share it). A map made in another
+dtype is accepted when the weight sample stored with it agrees up to float16/bfloat16 rounding. The
+config digest is compared when the map was made with the same transformers major.minor version (the
+serialised config gains and loses default keys between versions).
+
 Cache: :func:`default_cache_dir` is ``$VLM_GUARD_CACHE`` when set, else
 ``~/.cache/vlm_guard/head_maps``. Calibration saves each map there too, in a folder named
-``<model name>-<fingerprint hash>``, and :func:`find_cached_head_map` (called by ``vlm_guard.wrap``
-when no map is passed) looks it up by that hash. Models without a name (``config._name_or_path``
-empty, e.g. built from a config in a test) are never cached or looked up: they cannot be told apart.
+``<model name>-<fingerprint hash>``, where the hash covers the geometry and the config and weights
+digests, and :func:`find_cached_head_map` (called by ``vlm_guard.wrap`` when no map is passed) looks
+it up by that hash. Models without a name (``config._name_or_path`` empty, e.g. built from a config in
+a test) are not cached.
 
 Example:
     >>> head_map = vlm_guard.calibrate(model, processor, images)
@@ -46,12 +56,16 @@ from ..version import __version__
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "vlm_guard.head_map"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the fingerprint carries config and weights digests, the tensors a weight sample
 JSON_FILE = "head_map.json"
 TENSOR_FILE = "head_map.safetensors"
 CACHE_ENV = "VLM_GUARD_CACHE"
-# fingerprint fields that must match exactly; the model name is compared separately (see names_match)
+# fingerprint fields that must match exactly
 GEOMETRY_KEYS = ("family", "model_class", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
+# the digests that tie a map to one checkpoint (see vlm_guard.models.fingerprint)
+DIGEST_KEYS = ("config_digest", "weights_digest")
+IDENTITY_KEYS = GEOMETRY_KEYS + DIGEST_KEYS
+MAX_JSON_BYTES = 16 << 20
 
 
 class HeadMapMismatchError(ValueError):
@@ -64,35 +78,59 @@ class HeadMapFileError(ValueError):
 
 # ---------------------------------------------------------------------- fingerprints
 def model_name(fingerprint: dict) -> str:
-    """The last path component of ``name_or_path`` ("llava-hf/llava-1.5-7b-hf" -> "llava-1.5-7b-hf"),
-    so a hub id and a local copy of the same checkpoint match."""
+    """The last path component of ``name_or_path`` ("llava-hf/llava-1.5-7b-hf" -> "llava-1.5-7b-hf");
+    used only to name cache folders (identity is checked by digests)."""
     name = str(fingerprint.get("name_or_path") or "").replace("\\", "/").rstrip("/")
     return name.rsplit("/", 1)[-1]
 
 
-def names_match(first: dict, second: dict) -> bool:
-    """Model names agree when either is unknown (empty) or their last path components are equal."""
-    a, b = model_name(first), model_name(second)
-    return not a or not b or a == b
-
-
 def fingerprint_hash(fingerprint: dict) -> str:
-    """16 hex digits identifying the geometry and the model name (used to name cache folders)."""
-    key = {k: fingerprint.get(k) for k in GEOMETRY_KEYS}
-    key["name"] = model_name(fingerprint)
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    """16 hex digits identifying the geometry and the config and weights digests (names cache folders)."""
+    key = {k: fingerprint.get(k) for k in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:
-    """Fields that differ (only fields present in both are compared, plus the name rule)."""
-    differing = [k for k in GEOMETRY_KEYS if k in expected and k in actual and expected[k] != actual[k]]
-    if not names_match(expected, actual):
-        differing.append("name_or_path")
+def missing_identity(fingerprint: Any) -> list[str]:
+    """Identity fields absent (or empty) from ``fingerprint``."""
+    if not isinstance(fingerprint, dict):
+        return list(IDENTITY_KEYS)
+    return [k for k in IDENTITY_KEYS if fingerprint.get(k) in (None, "")]
+
+
+def _minor_version(version: Any) -> str:
+    return ".".join(str(version or "").split(".")[:2])
+
+
+def fingerprint_mismatches(expected: dict, actual: dict, expected_sample: torch.Tensor | None = None,
+                           actual_sample: torch.Tensor | None = None) -> list[str]:
+    """Identity fields that differ between a map's fingerprint and a model's.
+
+    Geometry must be equal. The weights digest must be equal, unless the two were made in different dtypes
+    and both weight samples are given and agree up to float16/bfloat16 rounding. The config digest is compared
+    only when both were made with the same transformers major.minor version.
+    """
+    from ..models.fingerprint import samples_match
+
+    differing = [k for k in GEOMETRY_KEYS if expected.get(k) != actual.get(k)]
+    if expected.get("weights_digest") != actual.get("weights_digest"):
+        other_dtype = expected.get("weights_dtype") != actual.get("weights_dtype")
+        if not (other_dtype and expected_sample is not None and actual_sample is not None
+                and samples_match(expected_sample, actual_sample)):
+            differing.append("weights_digest")
+    if expected.get("config_digest") != actual.get("config_digest"):
+        same_version = _minor_version(expected.get("transformers_version")) == _minor_version(actual.get("transformers_version"))
+        if same_version:
+            differing.append("config_digest")
+        else:
+            logger.info("head map made with transformers %s, model loaded with %s: config digests differ (%s vs %s); "
+                        "relying on the weights digest", expected.get("transformers_version"),
+                        actual.get("transformers_version"), expected.get("config_digest"), actual.get("config_digest"))
     return differing
 
 
 def _format_fingerprint(fingerprint: dict) -> str:
-    return ", ".join(f"{k}={fingerprint.get(k)!r}" for k in ("family", "name_or_path", *GEOMETRY_KEYS[1:]) if k in fingerprint)
+    keys = ("family", "name_or_path", *GEOMETRY_KEYS[1:], *DIGEST_KEYS, "weights_dtype")
+    return ", ".join(f"{k}={fingerprint.get(k)!r}" for k in keys if k in fingerprint)
 
 
 # ---------------------------------------------------------------------- image-centric stats
@@ -174,7 +212,9 @@ class HeadMap:
     """Calibrated head profile of one model. See the module docstring.
 
     Attributes:
-        fingerprint: ``adapter.describe()`` of the calibrated model.
+        fingerprint: ``adapter.describe()`` of the calibrated model (geometry, config and weights digests).
+        weights_sample: ``[N]`` the model's :func:`vlm_guard.models.fingerprint.weights_sample` values (lets a
+            map made in float32 be checked against a float16 load of the same weights); None in hand-made maps.
         vhd_mean / vhd_std: ``[L, H]`` VHD mean and population std over calibration images.
         vhr_heads: ``[L, H]`` bool, VHR heads per layer (selection on the mean VHD).
         vhd_selection_frequency: ``[L, H]`` fraction of images whose per-sample selection kept the head.
@@ -213,8 +253,15 @@ class HeadMap:
     gift_layer_shift: list[float] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     library_version: str = __version__
+    weights_sample: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fingerprint, dict):
+            raise ValueError(f"HeadMap.fingerprint must be a dict (adapter.describe()), got {type(self.fingerprint).__name__}")
+        for key in ("num_layers", "num_heads"):
+            value = self.fingerprint.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"HeadMap.fingerprint[{key!r}]={value!r} must be a positive integer")
         shape = (self.num_layers, self.num_heads)
         for name in ("vhd_mean", "vhd_std", "vhr_heads", "vhd_selection_frequency", "text_activation_mean"):
             value = getattr(self, name)
@@ -223,6 +270,8 @@ class HeadMap:
         self.vhr_heads = self.vhr_heads.bool()
         if self.image_centric is not None and tuple(self.image_centric.head_fraction.shape) != shape:
             raise ValueError(f"HeadMap.image_centric.head_fraction has shape {tuple(self.image_centric.head_fraction.shape)}, expected {list(shape)}")
+        if self.sink_dim_profile is not None and self.sink_dim_profile.ndim != 1:
+            raise ValueError(f"HeadMap.sink_dim_profile has shape {tuple(self.sink_dim_profile.shape)}; expected [hidden_size]")
         self.sink_dims = [int(d) for d in self.sink_dims]
         hidden = int(self.fingerprint.get("hidden_size", 0) or 0)
         bad = [d for d in self.sink_dims if d < 0 or (hidden and d >= hidden)]
@@ -274,11 +323,26 @@ class HeadMap:
     def check_compatible(self, adapter) -> None:
         """Raise :class:`HeadMapMismatchError` unless this map was made for ``adapter``'s model.
 
-        Geometry and family must match exactly; names must match by their last path component (or one
-        of them be unknown).
+        Family, class and geometry must match exactly, and so must the weights digest (up to the dtype
+        rule in the module docstring) and the config digest (same transformers major.minor only). A map
+        whose fingerprint lacks any identity field is refused. Names are not compared.
         """
         actual = adapter.describe() if hasattr(adapter, "describe") else dict(adapter)
-        differing = fingerprint_mismatches(self.fingerprint, actual)
+        missing = missing_identity(self.fingerprint)
+        if missing:
+            raise HeadMapMismatchError(
+                f"this head map's fingerprint lacks the identity fields {missing}, so it cannot be matched to a model "
+                "(an edited file, or one written by an older vlm_guard). Calibrate this model again with "
+                "`vlm-guard calibrate --model ...` (or vlm_guard.calibrate) and use that map."
+            )
+        actual_sample = None
+        model = getattr(adapter, "model", None)
+        if (self.weights_sample is not None and model is not None and self.fingerprint.get("weights_digest") != actual.get("weights_digest")
+                and self.fingerprint.get("weights_dtype") != actual.get("weights_dtype")):
+            from ..models.fingerprint import weights_sample
+
+            actual_sample = weights_sample(model)[0]
+        differing = fingerprint_mismatches(self.fingerprint, actual, self.weights_sample, actual_sample)
         if differing:
             raise HeadMapMismatchError(
                 f"this head map was calibrated for another model (differs in {differing}).\n"
@@ -307,7 +371,7 @@ class HeadMap:
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"vhd_mean": self.vhd_mean, "vhd_std": self.vhd_std}
         optional = {"vhd_selection_frequency": self.vhd_selection_frequency, "text_activation_mean": self.text_activation_mean,
-                    "sink_dim_profile": self.sink_dim_profile,
+                    "sink_dim_profile": self.sink_dim_profile, "weights_sample": self.weights_sample,
                     "image_centric_head_fraction": None if self.image_centric is None else self.image_centric.head_fraction}
         tensors.update({k: v for k, v in optional.items() if v is not None})
         return {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
@@ -370,17 +434,28 @@ class HeadMap:
                 raise FileNotFoundError(
                     f"no head map at {directory}: {path} does not exist. Create one with `vlm-guard calibrate --out {directory}`."
                 )
+        size = json_path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise HeadMapFileError(f"{json_path} is {size} bytes, more than a head map's JSON can be ({MAX_JSON_BYTES}); "
+                                   "it is not a head map written by `vlm-guard calibrate`.")
         try:
             data = json.loads(json_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            detail = "nested too deeply" if isinstance(error, RecursionError) else str(error)
             raise HeadMapFileError(
-                f"{json_path} is not valid JSON ({error}); the head map is corrupt: re-run `vlm-guard calibrate`."
+                f"{json_path} is not valid JSON ({detail}); the head map is corrupt: re-run `vlm-guard calibrate`."
             ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise HeadMapFileError(f"{json_path} is not a vlm_guard head map (no \"format\": \"{FORMAT_NAME}\" field).")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        version = data.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise HeadMapFileError(
-                f"{json_path} has format_version {data.get('format_version')}, newer than this vlm_guard ({__version__}) reads "
+                f"{json_path} has format_version {version!r}, not a positive integer; the head map is corrupt: re-run "
+                "`vlm-guard calibrate`."
+            )
+        if version > FORMAT_VERSION:
+            raise HeadMapFileError(
+                f"{json_path} has format_version {version}, newer than this vlm_guard ({__version__}) reads "
                 f"({FORMAT_VERSION}); upgrade vlm_guard."
             )
         try:
@@ -394,8 +469,8 @@ class HeadMap:
             ) from None
         try:
             return cls._from_parts(data, tensors)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
-            detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as error:
+            detail = f"missing field {error}" if isinstance(error, KeyError) else (str(error) or type(error).__name__)
             raise HeadMapFileError(
                 f"{directory} holds an incomplete or inconsistent head map ({detail}); re-run `vlm-guard calibrate`."
             ) from None
@@ -403,10 +478,24 @@ class HeadMap:
     @classmethod
     def _from_parts(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "HeadMap":
         fingerprint = data["fingerprint"]
-        num_layers, num_heads = int(fingerprint["num_layers"]), int(fingerprint["num_heads"])
+        if not isinstance(fingerprint, dict):
+            raise ValueError(f"fingerprint must be an object, got {type(fingerprint).__name__}")
+        num_layers, num_heads = _index(fingerprint["num_layers"], "num_layers"), _index(fingerprint["num_heads"], "num_heads")
+        if num_layers <= 0 or num_heads <= 0:
+            raise ValueError(f"fingerprint has num_layers={num_layers}, num_heads={num_heads}; both must be positive")
+        tensors = {name: _float_tensor(name, tensor) for name, tensor in tensors.items()}
         vhr_heads = torch.zeros(num_layers, num_heads, dtype=torch.bool)
-        for layer, heads in data["vhd"]["vhr_heads"].items():
-            vhr_heads[int(layer), [int(h) for h in heads]] = True
+        for layer_key, heads in data["vhd"]["vhr_heads"].items():
+            layer = _index(layer_key, "vhr_heads layer")
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"vhr_heads layer {layer_key!r} is outside 0..{num_layers - 1}")
+            if not isinstance(heads, list):
+                raise ValueError(f"vhr_heads[{layer_key!r}] must be a list of head indices, got {heads!r}")
+            for head_value in heads:
+                head = _index(head_value, f"vhr_heads[{layer_key!r}] head")
+                if not 0 <= head < num_heads:
+                    raise ValueError(f"vhr_heads[{layer_key!r}] head {head_value!r} is outside 0..{num_heads - 1}")
+                vhr_heads[layer, head] = True
         image_centric = None
         if data.get("image_centric") is not None:
             image_centric = ImageCentricStats.from_json(data["image_centric"], tensors["image_centric_head_fraction"])
@@ -432,6 +521,7 @@ class HeadMap:
             gift_layer_shift=[_read_float(v) for v in gift["layer_shift"]],
             calibration=data.get("calibration", {}),
             library_version=data.get("library_version", "unknown"),
+            weights_sample=_vector(tensors.get("weights_sample"), "weights_sample"),
         )
 
     # ------------------------------------------------------------------ reading
@@ -481,6 +571,28 @@ class HeadMap:
         return (f"HeadMap({self.fingerprint.get('family')}, layers={self.num_layers}, heads={self.num_heads}, "
                 f"sink_dims={self.sink_dims}, gift_saliency_layer={self.gift_saliency_layer}, "
                 f"images={self.calibration.get('n_images', '?')})")
+
+
+def _index(value: Any, what: str) -> int:
+    """An index from JSON: an int or a decimal string of one ("3"); anything else (3.5, true, null) is refused."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} {value!r} is not an integer")
+    return value
+
+
+def _float_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A stored tensor as float32; a head map holds only floating tensors (integer, bool or complex ones are corrupt)."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}; head-map tensors are floating point")
+    return tensor.float()
+
+
+def _vector(tensor: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    if tensor is not None and tensor.ndim != 1:
+        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected one dimension")
+    return tensor
 
 
 def _cell(value: float, spec: str) -> str:

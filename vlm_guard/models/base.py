@@ -281,6 +281,12 @@ class ModelAdapter:
         return {key: value for key, value in inputs.items() if key not in self.image_input_keys}
 
     def describe(self) -> dict:
+        """The model's fingerprint: family, class, name, text geometry, and the digests of its config and
+        weights (:func:`vlm_guard.models.fingerprint.model_fingerprint`; a few thousand sampled numbers)."""
+        import transformers
+
+        from .fingerprint import config_digest, weights_digest, weights_dtype
+
         geometry = self.geometry
         return {
             "family": self.family,
@@ -291,4 +297,8 @@ class ModelAdapter:
             "num_kv_heads": geometry.num_kv_heads,
             "head_dim": geometry.head_dim,
             "hidden_size": geometry.hidden_size,
+            "config_digest": config_digest(self.model),
+            "weights_digest": weights_digest(self.model),
+            "weights_dtype": weights_dtype(self.model),
+            "transformers_version": transformers.__version__,
         }
