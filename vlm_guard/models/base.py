@@ -6,13 +6,16 @@ tables. Everything the interventions need about *positions* is derived from toke
 from constant offsets, so left-padded batches and prompts without an image work.
 
 Adding a family is one small file: subclass :class:`ModelAdapter`, fill in ``family``,
-``model_classes`` and ``text_model_paths`` (and override the span rules if the family wraps its image
-tokens in marker tokens), then decorate it with :func:`vlm_guard.models.register_adapter`.
+``model_classes`` and ``text_model_paths``; if the family frames its image tokens with marker tokens,
+declare them as data (``image_marker_config_keys``, ``image_marker_tokens``, ``image_marker_pattern``,
+``image_block_inner_texts``; see :meth:`ModelAdapter.image_span_mask`), then decorate it with
+:func:`vlm_guard.models.register_adapter`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -56,9 +59,9 @@ class PromptSpans:
     Attributes:
         valid: non-padding positions.
         image: image-token positions (the keys V of the methods).
-        image_span: the tokens to delete to make the image-free prompt (image tokens plus the
-            family's marker tokens around them).
-        query: the user-query span Q: text after the last image token up to the assistant turn.
+        image_span: the tokens to delete to make the image-free prompt: every image block (image tokens
+            plus the family's marker tokens around and between them); text between images is kept.
+        query: the user-query span Q: text after the last image block up to the assistant turn.
         has_image: ``[batch]`` rows with at least one image token.
     """
 
@@ -165,32 +168,107 @@ class ModelAdapter:
             return None
         return getattr(self.processor, "tokenizer", self.processor)
 
+    # ------------------------------------------------------------------ image blocks (data, per family)
+    # An image block is a run of image tokens and the family's marker tokens around and between them (one block
+    # per image; Idefics3 tiles of one image form one block). The image-free prompt deletes the blocks and keeps
+    # every other token, including the words between two images. A family declares its markers as data:
+    #: config attributes (top-level or text config) holding marker token ids, e.g. Qwen2-VL's vision_start_token_id
+    image_marker_config_keys: ClassVar[tuple[str, ...]] = ()
+    #: marker tokens by their text, looked up in the processor's tokenizer (unknown ones are skipped)
+    image_marker_tokens: ClassVar[tuple[str, ...]] = ()
+    #: a regular expression: every vocabulary token matching it (whole token) is a marker, e.g. r"<row_\d+_col_\d+>"
+    image_marker_pattern: ClassVar[str] = ""
+    #: texts whose single-token ids belong to a block only *between* its image/marker tokens (Idefics3 ends each
+    #: row of tiles with a newline); outside a block they are ordinary text
+    image_block_inner_texts: ClassVar[tuple[str, ...]] = ()
+
     def marker_token_ids(self) -> set[int]:
-        """Token ids that belong to the image span besides the image tokens (family specific)."""
-        return set()
+        """Token ids that belong to an image block besides the image tokens, from the family's declared
+        markers (config keys, token texts, vocabulary pattern); computed once."""
+        cached = self.__dict__.get("_marker_ids")
+        if cached is not None:
+            return cached
+        ids: set[int] = set()
+        for config in (self.model.config, self.text_config):
+            for key in self.image_marker_config_keys:
+                value = getattr(config, key, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    ids.add(value)
+        ids.update(self._token_ids(self.image_marker_tokens))
+        tokenizer = self.tokenizer
+        if self.image_marker_pattern and tokenizer is not None and hasattr(tokenizer, "get_vocab"):
+            pattern = re.compile(self.image_marker_pattern)
+            ids.update(index for token, index in tokenizer.get_vocab().items() if pattern.fullmatch(token))
+        ids.discard(self._image_token_id_or_none())
+        self.__dict__["_marker_ids"] = ids
+        return ids
+
+    def block_inner_token_ids(self) -> set[int]:
+        """Ids of :attr:`image_block_inner_texts` (each text that is one token), computed once."""
+        cached = self.__dict__.get("_inner_ids")
+        if cached is not None:
+            return cached
+        ids: set[int] = set()
+        tokenizer = self.tokenizer
+        if tokenizer is not None:
+            for text in self.image_block_inner_texts:
+                try:
+                    encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+                except Exception:  # a tokenizer stub without __call__
+                    continue
+                if len(encoded) == 1:
+                    ids.add(int(encoded[0]))
+        self.__dict__["_inner_ids"] = ids
+        return ids
+
+    def _token_ids(self, tokens) -> set[int]:
+        tokenizer = self.tokenizer
+        if tokenizer is None or not tokens:
+            return set()
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        ids = set()
+        for token in tokens:
+            try:
+                token_id = tokenizer.convert_tokens_to_ids(token)
+            except Exception:
+                continue
+            if isinstance(token_id, int) and token_id != unknown and token_id >= 0:
+                ids.add(token_id)
+        return ids
+
+    def _image_token_id_or_none(self) -> int | None:
+        try:
+            return self.image_token_id
+        except ValueError:
+            return None
 
     # ------------------------------------------------------------------ spans
     def image_span_mask(self, input_ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """``[batch, seq]`` the contiguous block from the first to the last image token, widened over
-        adjacent marker tokens."""
-        seq = input_ids.shape[1]
-        positions = torch.arange(seq, device=input_ids.device)
-        big = torch.full_like(positions, seq)
-        first = torch.where(image, positions, big).amin(dim=1)  # [batch]
-        last = torch.where(image, positions, torch.full_like(positions, -1)).amax(dim=1)  # [batch]
+        """``[batch, seq]`` the image blocks: maximal runs of image and marker tokens (inner texts allowed
+        between them) that contain at least one image token. Text between two images is not part of a block."""
+        batch, seq = input_ids.shape
+        device = input_ids.device
         markers = self.marker_token_ids()
+        inner = self.block_inner_token_ids() - markers
+        core = image.clone()
         if markers:
-            is_marker = torch.zeros_like(image)
-            for token_id in markers:
-                is_marker |= input_ids == token_id
-            for row in range(input_ids.shape[0]):
-                if last[row] < 0:
-                    continue
-                while first[row] > 0 and is_marker[row, first[row] - 1]:
-                    first[row] -= 1
-                while last[row] < seq - 1 and is_marker[row, last[row] + 1]:
-                    last[row] += 1
-        return (positions[None, :] >= first[:, None]) & (positions[None, :] <= last[:, None])
+            core |= torch.isin(input_ids, torch.tensor(sorted(markers), device=device))
+        in_block = core
+        if inner:
+            filler = torch.isin(input_ids, torch.tensor(sorted(inner), device=device)) & ~core
+            positions = torch.arange(seq, device=device).expand(batch, seq)
+            previous_core = torch.where(core, positions, -1).cummax(dim=1).values  # [B, S] last core at or before
+            next_core = torch.where(core, positions, seq).flip(1).cummin(dim=1).values.flip(1)  # first core at or after
+            gaps = (~(core | filler)).long().cumsum(dim=1)  # other tokens seen so far
+            gap_before = gaps.gather(1, previous_core.clamp_min(0))
+            gap_after = gaps.gather(1, next_core.clamp_max(seq - 1))
+            between = filler & (previous_core >= 0) & (next_core < seq) & (gap_before == gaps) & (gap_after == gaps)
+            in_block = core | between
+        starts = in_block.clone()
+        starts[:, 1:] &= ~in_block[:, :-1]
+        run = starts.long().cumsum(dim=1) * in_block  # [B, S] run number, 0 outside every run
+        images_per_run = torch.zeros(batch, seq + 1, dtype=torch.long, device=device).scatter_add_(1, run, image.long())
+        return in_block & (images_per_run.gather(1, run) > 0)
 
     def assistant_suffix_ids(self) -> list[int] | None:
         """Token ids the chat template puts after the user's text (end of user turn + assistant header).

@@ -1,6 +1,7 @@
-"""Idefics3 and SmolVLM: image tiles of ``<image>`` tokens separated by ``<fake_token_around_image>``
-and ``<row_i_col_j>`` / ``<global-img>`` tokens. The image span runs from the first to the last image
-token, widened over the surrounding fake tokens when the processor names them."""
+"""Idefics3 and SmolVLM: each image is a block of ``<image>`` tokens framed by
+``<fake_token_around_image>`` and ``<global-img>`` (or one ``<row_i_col_j>`` tile per crop of a split
+image, rows ended by a newline). The whole block is the image span; the words around it are text.
+The marker tokens are found in the processor's tokenizer."""
 
 from . import register_adapter
 from .base import ModelAdapter
@@ -11,12 +12,6 @@ class Idefics3Adapter(ModelAdapter):
     family = "idefics3"
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     text_model_paths = ("model.text_model", "text_model")
-
-    def marker_token_ids(self) -> set[int]:
-        tokenizer = self.tokenizer
-        fake_token = getattr(self.processor, "fake_image_token", None)
-        if tokenizer is None or not fake_token:
-            return set()
-        token = getattr(fake_token, "content", fake_token)
-        token_id = tokenizer.convert_tokens_to_ids(str(token))
-        return {token_id} if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else set()
+    image_marker_tokens = ("<fake_token_around_image>", "<global-img>")
+    image_marker_pattern = r"<row_\d+_col_\d+>"
+    image_block_inner_texts = ("\n", "\n\n")

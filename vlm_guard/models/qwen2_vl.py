@@ -13,13 +13,7 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
 
-    def marker_token_ids(self) -> set[int]:
-        config = self.model.config
-        return {
-            token_id
-            for token_id in (getattr(config, "vision_start_token_id", None), getattr(config, "vision_end_token_id", None))
-            if isinstance(token_id, int)
-        }
+    image_marker_config_keys = ("vision_start_token_id", "vision_end_token_id")
 
 
 @register_adapter
