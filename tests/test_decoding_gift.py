@@ -9,9 +9,9 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.gift import GIFTConfig, default_gift_layers, enhance_fusion, informative_query_mask
+from vlm_guard.decoding.gift import GIFTConfig, default_gift_layers, enhance_fusion, informative_query_mask, query_words
 from vlm_guard.heads.gaze import gaze_saliency, gaze_shift, normalise_saliency, saliency_multipliers, total_positive_gaze_shift
-from vlm_guard.testing import build_batch, tiny_model
+from vlm_guard.testing import TOKENIZER_KINDS, build_batch, offline_tokenizer, tiny_model
 
 from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
 
@@ -79,24 +79,54 @@ def test_saliency_clamps_outliers_at_three_std():
     assert 0.0 < normalised[0, 1] < 0.1  # the outlier was clamped, so the ordinary values are not squashed to 0.01
 
 
-class WordTokenizer:
-    """Sentencepiece-like: '▁' starts a word."""
-
-    vocab = {10: "▁what", 11: "▁is", 12: "▁the", 13: "▁red", 14: "▁ele", 15: "phant", 16: "?", 17: "▁sitting"}
-
-    def convert_ids_to_tokens(self, ids):
-        return [self.vocab[i] for i in ids]
+CORPUS = [
+    "is there a house ?", "describe the image", "what is the red elephant sitting on ?",
+    "a big red house , a big green tree .", "is there a tree in the image ?", "please describe this image in detail .",
+] * 4
 
 
-def test_informative_words_from_stop_words_and_subtokens():
-    input_ids = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 16, 17], [1, 10, 11, 12, 16, 0, 0, 0, 0]])
-    query = torch.ones_like(input_ids, dtype=torch.bool)
-    query[:, 0] = False
-    query[1, 5:] = False
-    mask = informative_query_mask(input_ids, query, WordTokenizer())
-    assert mask[0].tolist() == [False, False, False, False, True, True, True, False, True]  # red, ele+phant, sitting
-    assert not mask[1].any()  # only stop words: GIFT falls back to all query tokens
+def informative_words(tokenizer, text: str) -> list[str]:
+    """The words whose tokens GIFT keeps, for ``text`` as the whole query."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])
+    mask = informative_query_mask(input_ids, torch.ones_like(input_ids, dtype=torch.bool), tokenizer)[0]
+    return [word for word, members in query_words(tokenizer, ids) if all(mask[i] for i in members)]
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_informative_words_are_the_same_for_every_tokenizer_kind(kind):
+    # word-level (the shipped model's kind) has no word-start marker: all query tokens used to be one "word"
+    tokenizer = offline_tokenizer(kind, CORPUS)
+    assert informative_words(tokenizer, "is there a house ?") == ["house"]
+    assert informative_words(tokenizer, "describe the image") == ["describe", "image"]
+    assert informative_words(tokenizer, "what is the red elephant sitting on ?") == ["red", "elephant", "sitting"]
+    # sub-word pieces of one word are kept together; punctuation tokens never count
+    ids = tokenizer("is there a house ?", add_special_tokens=False)["input_ids"]
+    mask = informative_query_mask(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), tokenizer)[0]
+    kept = tokenizer.decode([i for i, keep in zip(ids, mask) if keep]).strip()
+    assert kept == "house"
+
+
+def test_informative_words_rows_padding_and_fallbacks():
+    tokenizer = offline_tokenizer("word_level", CORPUS)
+    vocab = tokenizer.get_vocab()
+    row0 = [vocab[w] for w in "is there a house ?".split()]
+    row1 = [vocab["<pad>"]] * 3 + [vocab[w] for w in "is there".split()]
+    input_ids = torch.tensor([row0, row1])
+    query = input_ids != vocab["<pad>"]
+    mask = informative_query_mask(input_ids, query, tokenizer)
+    assert mask.tolist() == [[False, False, False, True, False], [False] * 5]  # row 1: stop words only
     assert torch.equal(informative_query_mask(input_ids, query, None), query)  # no tokenizer: all tokens
+
+
+def test_saliency_clamp_uses_the_unbiased_std():
+    # image values 0 x8, 3, 10: mean 1.3; sum of squared deviations 92.1; unbiased std sqrt(92.1 / 9) = 3.1990
+    # (population std 3.0348); clamp at 1 std: high = 1.3 + 3.1990 = 4.4990, so S'(3) = 3 / 4.4990 = 0.66681
+    raw = torch.tensor([[0.0] * 8 + [3.0, 10.0]])
+    normalised = normalise_saliency(raw, torch.ones_like(raw, dtype=torch.bool), clamp_stds=1.0)
+    torch.testing.assert_close(normalised[0, 8], torch.tensor(3.0 / (1.3 + math.sqrt(92.1 / 9))))
+    assert abs(float(normalised[0, 8]) - 0.66681) < 1e-4
+    assert normalised[0, 9] == 1.0 and normalised[0, 0] == 0.0
 
 
 def test_layer_defaults_follow_the_llava_recipe():

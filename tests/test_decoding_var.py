@@ -96,7 +96,7 @@ def test_sinks_found_output_changes_and_p0_matches_plain(llava):
     try:
         assert image_rows_changed(guarded, inputs)
         var = guarded.interventions[0]
-        assert sorted(var.sink_mask) == [2]  # layers 2..L-2 of 4
+        assert sorted(var.sink_mask) == [2, 3]  # released layers 2..L-1 of 4
         sinks = var.sink_mask[2]
         assert sinks.shape == inputs["input_ids"].shape
         first = inputs["attention_mask"].argmax(dim=1)
@@ -113,5 +113,45 @@ def test_padded_batch_matches_rows_alone(llava):
     guarded = vlm_guard.wrap(model, config=GuardConfig(var=tiny_var_config(p=1.0)))
     try:
         assert_batch_matches_singles(guarded, model, inputs, "var")
+    finally:
+        guarded.unwrap()
+
+
+def test_released_preset_leaves_layers_without_a_visual_sink_untouched():
+    # keys: BOS (text sink), text, image, image, text; one image-centric row (visual mass 0.6)
+    weights = torch.tensor([[[[0.3, 0.1, 0.4, 0.2, 0.0]]]])
+    image = torch.tensor([[False, False, True, True, False]])
+    text_sink_only = torch.tensor([[True, False, False, False, False]])
+    kept = var_module.drop_text_only_sinks(text_sink_only, image)
+    assert not kept.any()
+    torch.testing.assert_close(recycle_sink_attention(weights, image, kept, p=0.4, rho=0.5, visual_threshold=0.2), weights)
+    # the paper's equations recycle the BOS mass anyway: 0.4 * 0.3 = 0.12 moved to the image, 2:1
+    paper = recycle_sink_attention(weights, image, text_sink_only, p=0.4, rho=0.5, visual_threshold=0.2)
+    torch.testing.assert_close(paper, torch.tensor([[[[0.18, 0.1, 0.48, 0.24, 0.0]]]]))
+    # with a visual sink the layer is edited and the text sink's mass moves too
+    with_visual = torch.tensor([[True, False, False, True, False]])
+    assert torch.equal(var_module.drop_text_only_sinks(with_visual, image), with_visual)
+
+
+def test_presets_set_released_and_paper_defaults():
+    released, paper = VARConfig(), VARConfig(preset="paper")
+    assert (released.p, released.last_layer, released.require_visual_sink) == (0.4, True, True)
+    assert (paper.p, paper.last_layer, paper.require_visual_sink) == (0.6, False, False)
+    assert VARConfig(preset="paper", p=0.5).p == 0.5  # an explicit value wins over the preset
+    assert var_module.default_var_layers(6) == [2, 3, 4, 5]  # released: the last layer is edited
+    assert var_module.default_var_layers(6, last_layer=False) == [2, 3, 4]
+    with pytest.raises(ValueError, match="preset"):
+        VARConfig(preset="typo")
+    assert VARConfig.from_dict(paper.to_dict()) == paper
+
+
+def test_released_var_on_a_text_sink_only_model_is_plain(llava):
+    # the planted model's only sink is BOS (a text sink): the released code edits nothing
+    model, inputs = llava
+    guarded = vlm_guard.wrap(model, config=GuardConfig(var=tiny_var_config(p=1.0, require_visual_sink=True)))
+    try:
+        assert matches_plain(guarded, inputs)
+        guarded.set_config(GuardConfig(var=tiny_var_config(p=1.0, require_visual_sink=False)))
+        assert image_rows_changed(guarded, inputs)
     finally:
         guarded.unwrap()

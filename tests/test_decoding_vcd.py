@@ -57,10 +57,10 @@ def test_output_changes_and_alpha0_matches_plain(llava):
     model, inputs = llava
     # the tiny random model barely reacts to the released recipe's mild noise (abar 0.75) over 4 tokens:
     # the DDPM linear schedule (abar 0.08) and the paper's alpha=1 show the effect
-    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(alpha=1.0, beta_schedule="linear")))
+    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(beta_schedule="linear", contrast_when="always")))
     try:
         assert image_rows_changed(guarded, inputs)
-        guarded.set_config(GuardConfig(vcd=VCDConfig(alpha=0.0, plausibility=0.0)))
+        guarded.set_config(GuardConfig(vcd=VCDConfig(alpha=0.0, plausibility=0.0, contrast_when="always")))
         assert matches_plain(guarded, inputs)
     finally:
         guarded.unwrap()
@@ -68,8 +68,32 @@ def test_output_changes_and_alpha0_matches_plain(llava):
 
 def test_padded_batch_matches_rows_alone(llava):
     model, inputs = llava
-    guarded = vlm_guard.wrap(model, config=GuardConfig.from_methods("vcd"))
+    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(contrast_when="always")))
     try:
         assert_batch_matches_singles(guarded, model, inputs, "vcd")
+    finally:
+        guarded.unwrap()
+
+
+def test_released_preset_contrasts_sampling_only(llava):
+    # the released code patches transformers' sampling loop: greedy decoding runs plain (no noised pass)
+    model, inputs = llava
+    assert (VCDConfig().contrast_when, VCDConfig().alpha) == ("sampling", 1.0)
+    assert VCDConfig(preset="paper").contrast_when == "always"
+    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(beta_schedule="linear")))
+    try:
+        assert guarded.interventions[0].logits_processors(guarded, dict(inputs, do_sample=False)) == []
+        assert matches_plain(guarded, inputs)
+        # sampling (no warper changes the scores here): the contrast turns the logits into other scores
+        def sample(model_or_guard):
+            out = model_or_guard.generate(**inputs, max_new_tokens=2, do_sample=True, top_k=0, output_scores=True,
+                                          output_logits=True, return_dict_in_generate=True)
+            return out.scores[0][0], out.logits[0][0]
+
+        scores, logits = sample(guarded)
+        assert (scores - logits).abs().max() > 1e-3
+        with guarded.disabled():
+            scores, logits = sample(guarded)
+        torch.testing.assert_close(scores, logits)
     finally:
         guarded.unwrap()

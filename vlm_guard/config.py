@@ -50,14 +50,71 @@ def check_layers(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}.{name} must be a list of layer indices (ints) or None, got {value!r}")
 
 
+PRESETS = ("released", "paper")
+
+
+class _FromPreset:
+    """Default of a field whose value depends on the config's ``preset`` (resolved in ``__post_init__``)."""
+
+    def __repr__(self) -> str:
+        return "<from preset>"
+
+
+FROM_PRESET = _FromPreset()
+
+
+def preset_field(help: str, released: Any, paper: Any) -> Any:
+    """A dataclass field whose default is set by the config's ``preset``.
+
+    The help text gets ``[released: ...; paper: ...]`` appended, so every such field says which preset
+    sets what. A value passed explicitly always wins over the preset.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Demo(MethodConfig):
+        ...     p: float = preset_field("fraction moved", released=0.4, paper=0.6)
+        >>> Demo().p, Demo(preset="paper").p, Demo(preset="paper", p=0.5).p
+        (0.4, 0.6, 0.5)
+    """
+    values = {"released": released, "paper": paper}
+    return field(default=FROM_PRESET, metadata={"help": f"{help} [released: {released!r}; paper: {paper!r}]", "presets": values})
+
+
 @dataclass
 class MethodConfig:
-    """Base of the per-method configs. Subclasses set ``method`` and validate in ``validate()``."""
+    """Base of the per-method configs. Subclasses set ``method`` and validate in ``validate()``.
+
+    ``preset`` chooses the defaults of the fields declared with :func:`preset_field`: ``"released"``
+    (default) reproduces the official released code that produced the paper's numbers, ``"paper"``
+    follows the paper's text where the two differ (see ``docs/presets.md``). Fields passed explicitly
+    keep their value whatever the preset.
+    """
 
     method: ClassVar[str] = ""
+    preset: str = field(default="released", metadata={
+        "help": "'released' (default: the official released code's settings) or 'paper' (the paper's text where it differs)"})
 
     def __post_init__(self) -> None:
+        check_choice(type(self).__name__, "preset", self.preset, PRESETS)
+        for spec in fields(self):
+            presets = spec.metadata.get("presets")
+            if presets is not None and getattr(self, spec.name) is FROM_PRESET:
+                value = presets[self.preset]
+                setattr(self, spec.name, list(value) if isinstance(value, (list, tuple)) else value)
         self.validate()
+
+    @classmethod
+    def preset_values(cls, preset: str) -> dict:
+        """``{field: value}`` of the fields that ``preset`` sets.
+
+        Example:
+            >>> from vlm_guard.decoding.var import VARConfig
+            >>> VARConfig.preset_values("paper")["p"]
+            0.6
+        """
+        check_choice(cls.__name__, "preset", preset, PRESETS)
+        return {spec.name: spec.metadata["presets"][preset] for spec in fields(cls) if "presets" in spec.metadata}
 
     def validate(self) -> None:  # pragma: no cover - overridden
         pass
@@ -127,8 +184,10 @@ class GuardConfig:
         return [name for name in METHOD_ORDER if getattr(self, name) is not None]
 
     @classmethod
-    def from_methods(cls, methods: str | list[str] | None) -> "GuardConfig":
-        """Default configs for a comma-separated list: ``"vhr,var"``, ``"all"`` (VHR+VAR+GIFT) or ``"none"``."""
+    def from_methods(cls, methods: str | list[str] | None, preset: str = "released") -> "GuardConfig":
+        """Default configs for a comma-separated list: ``"vhr,var"``, ``"all"`` (VHR+VAR+GIFT) or ``"none"``,
+        each with ``preset`` (``"released"`` or ``"paper"``)."""
+        check_choice("GuardConfig.from_methods", "preset", preset, PRESETS)
         if methods is None:
             return cls()
         names = [m.strip().lower() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
@@ -139,7 +198,7 @@ class GuardConfig:
         unknown = [n for n in names if n not in METHOD_ORDER]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_ORDER)}, 'all' or 'none'")
-        return cls(**{name: _method_config_class(name)() for name in names})
+        return cls(**{name: _method_config_class(name)(preset=preset) for name in names})
 
     def to_dict(self) -> dict:
         return {

@@ -186,3 +186,59 @@ def build_batch(model, rows: list[tuple[bool, int]], seed: int = 0) -> dict:
         inputs["pixel_values"] = pixel_values
         inputs["pixel_attention_mask"] = torch.ones(len(rows), 1, vision.image_size, vision.image_size, dtype=torch.bool)
     return inputs
+
+
+TOKENIZER_KINDS = ("sentencepiece", "byte_level_bpe", "word_level", "wordpiece")
+
+
+def offline_tokenizer(kind: str, corpus: list[str], vocab_size: int = 200):
+    """A small fast tokenizer of ``kind`` trained on ``corpus`` with the ``tokenizers`` library (offline).
+
+    Kinds (:data:`TOKENIZER_KINDS`): ``"sentencepiece"`` (Unigram with the ``\u2581`` word-start marker,
+    as Llama / Vicuna), ``"byte_level_bpe"`` (BPE with the ``\u0120`` byte-level marker, as GPT-2 / Qwen),
+    ``"word_level"`` (whole words, no marker, as the shipped default model), ``"wordpiece"`` (``##``
+    continuation pieces, as BERT).
+
+    Returns:
+        a ``transformers.PreTrainedTokenizerFast``.
+
+    Example:
+        >>> tokenizer = offline_tokenizer("wordpiece", ["describe the image"])
+        >>> tokenizer.decode(tokenizer("describe the image")["input_ids"])
+        'describe the image'
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<pad>"]
+    if kind == "sentencepiece":
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special, unk_token="<unk>")
+    elif kind == "byte_level_bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif kind == "word_level":
+        tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tokenizer.normalizer = normalizers.Lowercase()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+        trainer = trainers.WordLevelTrainer(special_tokens=special)
+    elif kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {list(TOKENIZER_KINDS)}")
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>")
+
+
+def word_level_tokenizer(corpus: list[str]):
+    """:func:`offline_tokenizer` of kind ``"word_level"`` (the shipped default model's kind)."""
+    return offline_tokenizer("word_level", corpus)

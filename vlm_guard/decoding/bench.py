@@ -61,6 +61,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import GuardConfig
+from .vcd import VCDConfig
 from ..version import __version__
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ def method_configs(random_model: bool) -> dict[str, GuardConfig | None]:
         "gift": GuardConfig.from_methods("gift"),
         "vhr+var+gift": with_var(GuardConfig.from_methods("vhr,var,gift")),
         "pai": GuardConfig.from_methods("pai"),
-        "vcd": GuardConfig.from_methods("vcd"),
+        # VCD contrasts sampled decoding only by default (released code); the benchmark decodes greedily
+        "vcd": GuardConfig(vcd=VCDConfig(contrast_when="always")),
     }
 
 

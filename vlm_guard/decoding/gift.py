@@ -18,8 +18,9 @@
 
 Informative words: the released code keeps spaCy NOUN/PROPN/VERB/ADJ/ADV/NUM words. Here a stop-word
 list decides by default (no dependency); ``use_spacy=True`` uses spaCy when installed. Tokens are
-grouped into words through the processor's tokenizer; without a tokenizer every query token counts.
-A query with no informative word falls back to all its tokens (the released code returns NaN).
+grouped into words from their character offsets in the decoded query (:func:`query_words`), the same
+for every tokenizer kind; without a tokenizer every query token counts. A query with no informative
+word falls back to all its tokens (the released code returns NaN).
 """
 
 from __future__ import annotations
@@ -54,34 +55,39 @@ STOP_WORDS = frozenset(
     your yours yourself yourselves s t""".split()
 )
 
-_WORD_START = ("\u2581", "\u0120", " ")  # sentencepiece, byte-level BPE, plain space
-_ALNUM = re.compile(r"[0-9A-Za-z\u00C0-\uFFFF]")
 
 
 @dataclass
 class GIFTConfig(MethodConfig):
     """GIFT settings.
 
-    Defaults and sources:
+    The released code and the paper agree on every setting below, so both presets (``"released"``,
+    the default, and ``"paper"``) give the same values:
+
     - ``alpha=5.0``: saliency sharpness in ``M = exp(alpha * S')`` (released code: 5 for LLaVA-1.5-7B/13B,
       4 for Qwen2-VL-7B).
-    - ``beta=1.0``: query-head scale factor (paper and released code).
+    - ``beta=1.0``: query-head scale factor.
     - ``saliency_layer=None``: the head map's ``gift_saliency_layer``, else the released LLaVA-1.5-7B
       layer 11 of 32 mapped to the model's depth.
     - ``enhance_layers=None``: the head map's ``gift_enhance_layers``, else the released LLaVA-1.5-7B
       layers 12..22 of 32 mapped to depth.
-    - ``use_spacy=False``: informative query words from a stop-word list (this project); ``True`` uses
-      spaCy POS tags as the released code does (only if spaCy and ``en_core_web_sm`` are installed).
-    - ``clamp_stds=3.0``: saliency clamp at mean +- 3 std over the image (paper).
+    - ``use_spacy=False``: informative query words from a stop-word list (no dependency; on the usual
+      prompts it keeps the same words as spaCy's NOUN/PROPN/VERB/ADJ/ADV/NUM tags); ``True`` uses spaCy
+      as the released code (only if spaCy and ``en_core_web_sm`` are installed).
+    - ``clamp_stds=3.0``: saliency clamp at mean +- 3 unbiased std (``N - 1``, as ``torch.std`` in the
+      released code) over the image.
+
+    Query span: the user's own words (the chat template's separator after the image, e.g. llava-1.5-hf's
+    newline, is left out), as the released code's question span.
     """
 
     method = "gift"
-    alpha: float = field(default=5.0, metadata={"help": "saliency sharpness, M = exp(alpha*S') (released: 5 LLaVA, 4 Qwen2-VL)"})
-    beta: float = field(default=1.0, metadata={"help": "query-head scale factor (paper 1.0)"})
-    saliency_layer: int | None = field(default=None, metadata={"help": "l*; None = head map, else 11/32 of depth"})
-    enhance_layers: list[int] | None = field(default=None, metadata={"help": "layers to enhance; None = head map, else 12..22 of 32 mapped"})
-    use_spacy: bool = field(default=False, metadata={"help": "informative words by spaCy POS (released) instead of stop words"})
-    clamp_stds: float = field(default=CLAMP_STDS, metadata={"help": "saliency clamp width in std over the image (paper 3)"})
+    alpha: float = field(default=5.0, metadata={"help": "saliency sharpness, M = exp(alpha*S') (both presets 5; released: 5 LLaVA, 4 Qwen2-VL)"})
+    beta: float = field(default=1.0, metadata={"help": "query-head scale factor (both presets 1.0)"})
+    saliency_layer: int | None = field(default=None, metadata={"help": "l*; None = head map, else 11/32 of depth (both presets)"})
+    enhance_layers: list[int] | None = field(default=None, metadata={"help": "layers to enhance; None = head map, else 12..22 of 32 mapped (both presets)"})
+    use_spacy: bool = field(default=False, metadata={"help": "informative words by spaCy POS (as the released code) instead of stop words (both presets False)"})
+    clamp_stds: float = field(default=CLAMP_STDS, metadata={"help": "saliency clamp width in unbiased std over the image (both presets 3)"})
 
     def validate(self) -> None:
         check_range("GIFTConfig", "alpha", self.alpha, 0.0, 20.0)
@@ -173,9 +179,19 @@ def _top_heads(score: torch.Tensor, k: int) -> torch.Tensor:
 def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokenizer=None, use_spacy: bool = False) -> torch.Tensor:
     """``[B, S]`` bool: query tokens that belong to informative words.
 
-    Tokens are grouped into words by the tokenizer's word-start markers; a word is informative when it
-    has a letter or digit and is not a stop word (or, with ``use_spacy``, when spaCy tags it NOUN,
-    PROPN, VERB, ADJ, ADV or NUM). Without a tokenizer every query token is informative.
+    The query tokens of each row are decoded to text and grouped into words by their character
+    offsets (:func:`query_words`), so every tokenizer kind (SentencePiece, byte-level BPE, word-level,
+    WordPiece) gets the same words for the same text. A word is informative when it is not a stop word
+    (or, with ``use_spacy``, when spaCy tags it NOUN, PROPN, VERB, ADJ, ADV or NUM, as the released
+    code); tokens outside every word (punctuation, whitespace) are never informative. Without a
+    tokenizer every query token is informative.
+
+    Example:
+        >>> from vlm_guard.testing import word_level_tokenizer
+        >>> tokenizer = word_level_tokenizer(["is there a house ?"])
+        >>> ids = torch.tensor([tokenizer("is there a house ?")["input_ids"]])
+        >>> informative_query_mask(ids, torch.ones_like(ids, dtype=torch.bool), tokenizer).int().tolist()
+        [[0, 0, 0, 1, 0]]
     """
     if tokenizer is None:
         return query.clone()
@@ -185,24 +201,67 @@ def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokeniz
         positions = query[row].nonzero().flatten().tolist()
         if not positions:
             continue
-        tokens = tokenizer.convert_ids_to_tokens(input_ids[row, positions].tolist())
-        words: list[tuple[str, list[int]]] = []
-        for position, token in zip(positions, tokens):
-            token = token or ""
-            starts = not words or token.startswith(_WORD_START) or not _ALNUM.search(token) or not _ALNUM.search(words[-1][0][-1:] or " ")
-            text = token.lstrip("".join(_WORD_START))
-            if starts:
-                words.append((text, [position]))
-            else:
-                words[-1] = (words[-1][0] + text, words[-1][1] + [position])
+        words = query_words(tokenizer, input_ids[row, positions].tolist())
         if nlp is not None:
             keep = _spacy_informative(nlp, [word for word, _ in words])
         else:
-            keep = [bool(_ALNUM.search(word)) and word.lower() not in STOP_WORDS for word, _ in words]
-        for (word, word_positions), kept in zip(words, keep):
+            keep = [word.lower() not in STOP_WORDS for word, _ in words]
+        for (word, token_indices), kept in zip(words, keep):
             if kept:
-                informative[row, word_positions] = True
+                informative[row, [positions[i] for i in token_indices]] = True
     return informative
+
+
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # letters/digits, with inner apostrophes (don't)
+
+
+def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of ``token_ids`` and each token's ``(start, end)`` character span in it.
+
+    Fast tokenizers: the text is re-encoded with ``return_offsets_mapping``; when that gives back the
+    same ids, its offsets are used. Otherwise (slow tokenizers, context-dependent merges) each token's
+    span comes from decoding growing prefixes.
+    """
+    text = tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if getattr(tokenizer, "is_fast", False):
+        try:
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception:  # pragma: no cover - a tokenizer without offsets
+            encoded = None
+        if encoded is not None and list(encoded["input_ids"]) == list(token_ids):
+            return text, [tuple(span) for span in encoded["offset_mapping"]]
+    spans = []
+    previous = 0
+    for count in range(1, len(token_ids) + 1):
+        prefix = tokenizer.decode(token_ids[:count], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        end = len(prefix) if text.startswith(prefix) else previous
+        spans.append((previous, max(previous, end)))
+        previous = max(previous, end)
+    return text, spans
+
+
+def query_words(tokenizer, token_ids: list[int]) -> list[tuple[str, list[int]]]:
+    """Group tokens into words: ``[(word, [token indices])]`` in text order.
+
+    A word is a maximal run of letters and digits (inner apostrophes included) in the decoded text; a
+    token belongs to every word its character span overlaps.
+
+    Example:
+        >>> from vlm_guard.testing import word_level_tokenizer
+        >>> tokenizer = word_level_tokenizer(["describe the image ."])
+        >>> query_words(tokenizer, tokenizer("describe the image .")["input_ids"])
+        [('describe', [0]), ('the', [1]), ('image', [2])]
+    """
+    text, spans = token_char_spans(tokenizer, token_ids)
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    words = []
+    for match in _WORD.finditer(text):
+        start, end = match.span()
+        members = [i for i, (begin, finish) in enumerate(spans)
+                   if begin < end and finish > start and token_ids[i] not in special]
+        if members:
+            words.append((match.group(), members))
+    return words
 
 
 _SPACY = {"loaded": False, "nlp": None}

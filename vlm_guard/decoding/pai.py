@@ -37,7 +37,8 @@ FIRST_PAI_LAYER = 2
 class PAIConfig(MethodConfig):
     """PAI settings.
 
-    Defaults and sources (paper and released code, LLaVA-1.5): ``alpha=0.2`` image-attention
+    Both presets (``"released"``, the default, and ``"paper"``) give the same values: the paper and
+    its released code agree. Defaults and sources (LLaVA-1.5): ``alpha=0.2`` image-attention
     amplification; ``gamma=1.1`` image-free contrast weight (``gamma=1`` switches the contrast off and
     skips its extra forward); ``plausibility=0.1`` cut-off (tokens below ``0.1 * max`` probability are
     dropped; 0 disables the cut); ``layers=None`` = layers ``2 .. L-1``.

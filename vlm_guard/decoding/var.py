@@ -5,7 +5,8 @@ Some tokens (BOS, punctuation, a few image patches) carry massive activations in
 residual stream and, in image-centric attention rows, moves a fraction ``p`` of the attention they
 receive to the non-sink image tokens.
 
-Per layer ``l`` in the VAR layers (default ``2 .. L-2``: layers >= 2, the last layer excluded):
+Per layer ``l`` in the VAR layers (default ``2 .. L-1`` as the released code; ``2 .. L-2`` with the
+paper's last-layer exclusion, ``preset="paper"``):
 
 1. Sinks (prefill only, reused while decoding; generated tokens are never sinks): the layer-input
    residual ``x`` of every prompt position, ``phi(x) = max_{d in D} |x_d| / rms(x) > tau``
@@ -16,7 +17,8 @@ Per layer ``l`` in the VAR layers (default ``2 .. L-2``: layers >= 2, the last l
 3. Redistribution in those rows: sink keys (text and visual) keep ``(1 - p)`` of their weight; the
    budget ``p * sum_{j in S} A`` goes to the non-sink image keys in proportion to their current
    weight; other keys are untouched, so each row still sums to 1. A row with no non-sink visual
-   attention is left unchanged.
+   attention is left unchanged, and so (released code, ``require_visual_sink``) is every row of a
+   layer whose sinks are all text tokens.
 
 Rows edited: text positions after the image during the prefill and every generated token.
 Everything is one batched computation over ``[B, H, R, K]``: no loop over heads or rows.
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import MethodConfig, check_layers, check_range
+from ..config import MethodConfig, check_layers, check_range, preset_field
 from ..heads.sinks import SINK_THRESHOLD, sink_scores
 from .base import Intervention, LayerContext, PromptContext, RowSelection
 from .registry import register_method
@@ -43,27 +45,39 @@ FIRST_SINK_LAYER = 2
 class VARConfig(MethodConfig):
     """VAR settings.
 
-    Defaults and sources:
-    - ``p=0.6``: fraction of the sink attention moved (the paper's ``p``, which its equation applies as
-      "sinks keep ``1 - p``"). The released code uses the complement convention (sinks keep 0.6, i.e.
-      0.4 moved): set ``p=0.4`` to reproduce it.
-    - ``rho=0.5``: minimum non-sink share of the visual attention (paper: 0.5 for hallucination
-      benchmarks, 0.8 general, 0.9 vision-centric; the released code stores ``1 - rho``). This library
-      targets hallucination, hence 0.5.
-    - ``visual_threshold=0.2``: minimum visual attention mass of a row (paper and released code).
-    - ``tau=20``: sink threshold on ``phi`` (paper and released code).
-    - ``sink_dims=None``: the head map's sink dimensions (found by calibration); a list overrides them
-      (released code hard-codes e.g. ``[2533, 1415]`` for LLaVA-1.5-7B).
-    - ``layers=None``: layers ``2 .. L-2`` (paper: sinks from layer 2 on, last layer excluded).
+    Defaults by preset (``preset="released"``, the default, reproduces the released code that produced
+    the paper's numbers; ``preset="paper"`` follows the paper's text where it differs):
+
+    - ``p``: fraction of the sink attention moved to the non-sink image tokens. released: 0.4 (the code
+      multiplies sink weights by 0.6 and moves the remaining 0.4); paper: 0.6 (its equation, "sinks keep
+      ``1 - p``", with ``p = 0.6``).
+    - ``last_layer``: whether the last decoder layer is edited. released: True (the code has an
+      exclusion flag, but it is never read: the last layer is edited); paper: False (excluded).
+    - ``require_visual_sink``: a layer whose sinks are all text tokens (BOS, punctuation) is left
+      untouched. released: True (the code selects heads only when the layer has a visual sink);
+      paper: False (its equations recycle text-sink mass in any image-centric row).
+    - ``rho=0.5`` (both presets): minimum non-sink share of the visual attention (paper: 0.5 for
+      hallucination benchmarks, 0.8 general, 0.9 vision-centric; the released code stores ``1 - rho``).
+    - ``visual_threshold=0.2`` (both): minimum visual attention mass of a row.
+    - ``tau=20`` (both): sink threshold on ``phi``.
+    - ``sink_dims=None`` (both): the head map's sink dimensions (found by calibration); a list overrides
+      them (released code hard-codes e.g. ``[2533, 1415]`` for LLaVA-1.5-7B).
+    - ``layers=None`` (both): layers from 2 on, the last one per ``last_layer``; a list overrides both.
+
+    Where both presets differ from the released code on purpose: sinks are recomputed at every prefill
+    (the released code keeps the first sample's sinks, a bug), batches and padding are supported, and a row
+    with no non-sink visual attention is left unchanged (the released code divides by zero there).
     """
 
     method = "var"
-    p: float = field(default=0.6, metadata={"help": "fraction of sink attention moved to non-sink image tokens (paper 0.6; released code moves 0.4)"})
-    rho: float = field(default=0.5, metadata={"help": "min non-sink share of visual attention (paper: 0.5 hallucination, 0.8 general)"})
-    visual_threshold: float = field(default=0.2, metadata={"help": "min visual attention mass of an image-centric row (paper 0.2)"})
-    tau: float = field(default=SINK_THRESHOLD, metadata={"help": "sink threshold on phi (paper 20)"})
-    sink_dims: list[int] | None = field(default=None, metadata={"help": "sink hidden dimensions; None = from the head map"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layers to edit; None = 2..L-2 (paper)"})
+    p: float = preset_field("fraction of sink attention moved to non-sink image tokens", released=0.4, paper=0.6)
+    rho: float = field(default=0.5, metadata={"help": "min non-sink share of visual attention (both presets 0.5; paper: 0.8 general)"})
+    visual_threshold: float = field(default=0.2, metadata={"help": "min visual attention mass of an image-centric row (both presets 0.2)"})
+    tau: float = field(default=SINK_THRESHOLD, metadata={"help": "sink threshold on phi (both presets 20)"})
+    sink_dims: list[int] | None = field(default=None, metadata={"help": "sink hidden dimensions; None = from the head map (both presets)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "layers to edit; None = 2.. with the last per last_layer (both presets)"})
+    last_layer: bool = preset_field("edit the last decoder layer (when layers is None)", released=True, paper=False)
+    require_visual_sink: bool = preset_field("leave layers whose sinks are all text tokens untouched", released=True, paper=False)
 
     def validate(self) -> None:
         check_range("VARConfig", "p", self.p, 0.0, 1.0)
@@ -76,6 +90,9 @@ class VARConfig(MethodConfig):
         ):
             raise ValueError(f"VARConfig.sink_dims must be a list of non-negative hidden-dimension indices or None, got {self.sink_dims!r}")
         check_layers("VARConfig", "layers", self.layers)
+        for name in ("last_layer", "require_visual_sink"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VARConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def recycle_sink_attention(weights: torch.Tensor, image_keys: torch.Tensor, sink_keys: torch.Tensor, p: float,
@@ -99,6 +116,19 @@ def recycle_sink_attention(weights: torch.Tensor, image_keys: torch.Tensor, sink
         tensor([[[[0.2500, 0.0500, 0.5250, 0.1750]]]])
     """
     return _recycle(weights, *recycling_matrices(image_keys, sink_keys, weights.dtype), p, rho, visual_threshold)
+
+
+def drop_text_only_sinks(sink_keys: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
+    """The released code's rule: a layer whose sinks are all text tokens is left untouched. Returns
+    ``sink_keys`` with the rows (samples) that have no visual sink emptied (``[B, K]`` bool).
+
+    Example:
+        >>> image = torch.tensor([[False, True, True], [False, True, True]])
+        >>> drop_text_only_sinks(torch.tensor([[True, False, False], [True, True, False]]), image)
+        tensor([[False, False, False],
+                [ True,  True, False]])
+    """
+    return sink_keys & (sink_keys & image_keys).any(dim=1, keepdim=True)
 
 
 def recycling_matrices(image_keys: torch.Tensor, sink_keys: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +202,8 @@ class VAR(Intervention):
             sink = self.sink_mask.get(ctx.layer)
             if sink is None:
                 sink = torch.zeros_like(self._image)
+            elif self.config.require_visual_sink:
+                sink = drop_text_only_sinks(sink, self._image)
             cached = recycling_matrices(ctx.keys(self._image), ctx.keys(sink))
             # keep only the current step's entries (the key length grows by one per step)
             self._keys = {k: v for k, v in self._keys.items() if k[1] == ctx.key_length}
@@ -187,9 +219,14 @@ class VAR(Intervention):
         self._keys = {}
 
 
-def default_var_layers(num_layers: int) -> list[int]:
-    """Layers ``2 .. L-2``: sinks are measured from layer 2 on and the last layer is excluded (paper)."""
-    return list(range(FIRST_SINK_LAYER, num_layers - 1))
+def default_var_layers(num_layers: int, last_layer: bool = True) -> list[int]:
+    """Layers ``2 .. L-1`` (released code), or ``2 .. L-2`` without the last layer (paper).
+
+    Example:
+        >>> default_var_layers(6), default_var_layers(6, last_layer=False)
+        ([2, 3, 4, 5], [2, 3, 4])
+    """
+    return list(range(FIRST_SINK_LAYER, num_layers if last_layer else num_layers - 1))
 
 
 def build(config: VARConfig, adapter, head_map) -> VAR | None:
@@ -210,12 +247,12 @@ def build(config: VARConfig, adapter, head_map) -> VAR | None:
     bad = [d for d in sink_dims if d >= geometry.hidden_size]
     if bad:
         raise ValueError(f"VARConfig.sink_dims {bad} are out of range; the model's hidden size is {geometry.hidden_size}")
-    layers = config.layers if config.layers is not None else default_var_layers(geometry.num_layers)
+    layers = config.layers if config.layers is not None else default_var_layers(geometry.num_layers, config.last_layer)
     bad = [layer for layer in layers if not 0 <= layer < geometry.num_layers]
     if bad:
         raise ValueError(f"VARConfig.layers {bad} are out of range; the model has layers 0..{geometry.num_layers - 1}")
     if not layers:
-        logger.warning("VAR has no layer to edit (the model has %d layers; VAR uses 2..L-2)", geometry.num_layers)
+        logger.warning("VAR has no layer to edit (the model has %d layers; VAR uses layers from 2 on)", geometry.num_layers)
     return VAR(config, sink_dims, layers)
 
 

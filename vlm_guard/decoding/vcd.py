@@ -1,6 +1,8 @@
 """VCD baseline: visual contrastive decoding (Leng et al., CVPR 2024).
 
-Next-token logits are contrasted with those of the same prompt on a noised image:
+Next-token logits are contrasted with those of the same prompt on a noised image (by default only when
+sampling, as the released code, which patches transformers' sampling loop; ``contrast_when="always"``
+contrasts greedy decoding too):
 ``(1 + alpha) * logit(y | v) - alpha * logit(y | v')``, keeping only tokens with
 ``p(y | v) >= plausibility * max p(y | v)`` (the rest get ``-inf``). The noised image ``v'`` is the
 forward-diffusion sample ``sqrt(abar_t) * x + sqrt(1 - abar_t) * eps`` at step ``noise_step`` of
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor
 
-from ..config import MethodConfig, check_choice, check_range
+from ..config import MethodConfig, check_choice, check_range, preset_field
 from .base import Intervention, PromptContext
 from .pai import ContrastStream, plausibility_cut
 from .registry import register_method
@@ -32,23 +34,38 @@ logger = logging.getLogger(__name__)
 BETA_SCHEDULES = ("sigmoid", "linear")
 
 
+CONTRAST_WHEN = ("sampling", "always")
+
+
 @dataclass
 class VCDConfig(MethodConfig):
     """VCD settings.
 
-    Defaults and sources: ``alpha=0.5`` contrast strength (VCD paper/code ``cd_alpha``; the paper also
-    reports 1.0); ``plausibility=0.1`` cut-off (``cd_beta``); ``noise_step=500`` of ``num_steps=1000``
-    (released code); ``beta_schedule="sigmoid"`` (released code; ``"linear"`` is the DDPM schedule);
-    ``seed=0`` for the noise (this project: reproducible outputs).
+    Defaults by preset (``preset="released"``, the default, reproduces the released code; ``"paper"``
+    the paper's text where it differs):
+
+    - ``contrast_when``: ``"sampling"`` applies the contrast only when ``generate`` samples
+      (``do_sample=True``); greedy and beam decoding are left plain, as in the released code, which
+      patches transformers' sampling loop only. ``"always"`` also contrasts greedy decoding (the
+      paper's contrastive distribution, argmax'd). released: ``"sampling"``; paper: ``"always"``.
+    - ``alpha=1.0`` (both presets): contrast strength (the released evaluation scripts pass
+      ``cd_alpha=1``, the paper uses 1; the sampling loop's own fallback is 0.5).
+    - ``plausibility=0.1`` (both): adaptive plausibility cut-off ``cd_beta`` (evaluation script
+      default and paper; the released POPE shell script passes 0.2).
+    - ``noise_step=500`` of ``num_steps=1000`` (both, released code), ``beta_schedule="sigmoid"``
+      (both, released code; ``"linear"`` is the DDPM schedule).
+    - ``seed=0`` (both): seed of the image noise (this project: reproducible outputs).
     """
 
     method = "vcd"
-    alpha: float = field(default=0.5, metadata={"help": "contrast strength: (1+a)*logit(v) - a*logit(v') (paper 0.5)"})
-    plausibility: float = field(default=0.1, metadata={"help": "plausibility cut-off, fraction of the max probability (paper 0.1)"})
-    noise_step: int = field(default=500, metadata={"help": "diffusion step of the noised image (released code 500)"})
-    num_steps: int = field(default=1000, metadata={"help": "diffusion steps of the schedule (released code 1000)"})
-    beta_schedule: str = field(default="sigmoid", metadata={"help": "'sigmoid' (released VCD code) or 'linear' (DDPM 1e-4..0.02)"})
-    seed: int = field(default=0, metadata={"help": "seed of the image noise"})
+    alpha: float = field(default=1.0, metadata={"help": "contrast strength: (1+a)*logit(v) - a*logit(v') (both presets 1.0)"})
+    plausibility: float = field(default=0.1, metadata={"help": "plausibility cut-off, fraction of the max probability (both presets 0.1)"})
+    noise_step: int = field(default=500, metadata={"help": "diffusion step of the noised image (both presets 500)"})
+    num_steps: int = field(default=1000, metadata={"help": "diffusion steps of the schedule (both presets 1000)"})
+    beta_schedule: str = field(default="sigmoid", metadata={"help": "'sigmoid' (both presets, released VCD code) or 'linear' (DDPM 1e-4..0.02)"})
+    seed: int = field(default=0, metadata={"help": "seed of the image noise (both presets 0)"})
+    contrast_when: str = preset_field("'sampling' (contrast only when do_sample=True) or 'always' (greedy too)",
+                                      released="sampling", paper="always")
 
     def validate(self) -> None:
         check_range("VCDConfig", "alpha", self.alpha, 0.0, 10.0)
@@ -60,6 +77,7 @@ class VCDConfig(MethodConfig):
             raise ValueError(f"VCDConfig.noise_step must be an int, got {self.noise_step!r}")
         check_range("VCDConfig", "noise_step", self.noise_step, 0, self.num_steps - 1)
         check_choice("VCDConfig", "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("VCDConfig", "contrast_when", self.contrast_when, CONTRAST_WHEN)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"VCDConfig.seed must be an int, got {self.seed!r}")
 
@@ -161,6 +179,10 @@ class VCD(Intervention):
         self.prompt_position_ids = prompt.model_inputs.get("position_ids")
 
     def logits_processors(self, guarded, model_inputs: dict) -> list:
+        if self.config.contrast_when == "sampling" and not will_sample(guarded, model_inputs):
+            logger.info("VCD contrasts sampled decoding only (contrast_when='sampling', the released code); this call "
+                        "does not sample, so it runs plain. Use VCDConfig(contrast_when='always') to contrast greedy decoding.")
+            return []
         input_ids = model_inputs.get("input_ids")
         pixel_values = model_inputs.get("pixel_values")
         if input_ids is None or pixel_values is None:
@@ -175,6 +197,15 @@ class VCD(Intervention):
                                                      self.config.beta_schedule, self.config.seed, model_inputs.get("image_grid_thw"))
         has_image = guarded.adapter.prompt_spans(input_ids, attention_mask).has_image  # [B]
         return [VisualContrast(self.config, _NoisedStream(guarded.engine, inputs, self), has_image)]
+
+
+def will_sample(guarded, generate_kwargs: dict) -> bool:
+    """Whether ``generate(**generate_kwargs)`` samples: ``do_sample`` from the call, else from its
+    ``generation_config``, else from the model's generation config."""
+    if generate_kwargs.get("do_sample") is not None:
+        return bool(generate_kwargs["do_sample"])
+    config = generate_kwargs.get("generation_config") or getattr(guarded.model, "generation_config", None)
+    return bool(getattr(config, "do_sample", False))
 
 
 class _NoisedStream(ContrastStream):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import MethodConfig, check_choice, check_layers, check_range
+from ..config import MethodConfig, check_choice, check_layers, check_range, preset_field
 from ..heads.vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, default_target_layers, head_divergence, select_vhr_heads
 from .base import Intervention, LayerContext, PromptContext
 from .registry import register_method
@@ -32,18 +32,24 @@ logger = logging.getLogger(__name__)
 class VHRConfig(MethodConfig):
     """VHR settings.
 
-    Defaults: ``alpha=2.0`` (paper and released code); ``target_layers=None`` maps the paper's
-    LLaVA-1.5-7B layers (1 and 18..31 of 32) to the model's depth (layer 1 plus the last ~44 %);
-    ``selection="per_sample"`` (paper); ``distance="sq_l2"`` and ``outlier_filter="released"``
-    (released code: filter only when the layer's VHD std exceeds 1).
+    VHR's official code is not public here; "released" follows the behaviour reported for it (see
+    ``docs/presets.md``), "paper" the paper's text where it differs.
+
+    - ``alpha=2.0`` (both presets): multiplier of the selected heads' outputs.
+    - ``target_layers=None`` (both): the paper's LLaVA-1.5-7B layers (1 and 18..31 of 32) mapped to the
+      model's depth (layer 1 plus the last ~44 %).
+    - ``selection="per_sample"`` (both, the paper's method); ``"head_map"`` uses calibrated heads.
+    - ``distance="sq_l2"`` (both): squared L2 VHD in fp32.
+    - ``outlier_filter``: released: ``"released"`` (filter only when the layer's VHD std exceeds 1);
+      paper: ``"always"``.
     """
 
     method = "vhr"
-    alpha: float = field(default=2.0, metadata={"help": "multiplier of the selected heads' outputs (paper: 2.0; 4 degenerates)"})
-    target_layers: list[int] | None = field(default=None, metadata={"help": "layers to reinforce; None = paper recipe mapped to depth"})
-    selection: str = field(default="per_sample", metadata={"help": "'per_sample' (paper, one image-free prefill) or 'head_map'"})
-    distance: str = field(default="sq_l2", metadata={"help": "VHD distance: sq_l2 (released), l2, cosine"})
-    outlier_filter: str = field(default="released", metadata={"help": "'released' (only when std>1), 'always', 'off'"})
+    alpha: float = field(default=2.0, metadata={"help": "multiplier of the selected heads' outputs (both presets 2.0; 4 degenerates)"})
+    target_layers: list[int] | None = field(default=None, metadata={"help": "layers to reinforce; None = paper recipe mapped to depth (both presets)"})
+    selection: str = field(default="per_sample", metadata={"help": "'per_sample' (both presets; one image-free prefill) or 'head_map'"})
+    distance: str = field(default="sq_l2", metadata={"help": "VHD distance: sq_l2 (both presets), l2, cosine"})
+    outlier_filter: str = preset_field("'released' (only when std>1), 'always', 'off'", released="released", paper="always")
 
     def validate(self) -> None:
         check_range("VHRConfig", "alpha", self.alpha, 0.0, 10.0, low_inclusive=False)

@@ -130,8 +130,9 @@ def gaze_saliency(shift: torch.Tensor, informative_rows: torch.Tensor, query_row
 def normalise_saliency(saliency: torch.Tensor, image_keys: torch.Tensor, clamp_stds: float = CLAMP_STDS) -> torch.Tensor:
     """``S'``: clamp to mean +- ``clamp_stds`` std over the image keys, then min-max to [0, 1].
 
-    Statistics use the population std over each sample's image keys. A sample whose clamped saliency
-    is constant (or that has no image key) gets zeros, never NaN. Outside the image ``S'`` is zero.
+    Statistics use the unbiased std (``N - 1``, ``torch.std``'s default) over each sample's image keys,
+    as the released GIFT code. A sample whose clamped saliency is constant (or that has fewer than two
+    image keys) gets zeros, never NaN. Outside the image ``S'`` is zero.
 
     Args:
         saliency: ``[B, K]`` raw saliency.
@@ -147,7 +148,7 @@ def normalise_saliency(saliency: torch.Tensor, image_keys: torch.Tensor, clamp_s
     values = saliency.float()
     count = image.sum(dim=-1, keepdim=True).clamp_min(1).float()  # [B, 1]
     mean = (values * image).sum(dim=-1, keepdim=True) / count
-    std = (((values - mean) ** 2) * image).sum(dim=-1, keepdim=True).div(count).sqrt()
+    std = (((values - mean) ** 2) * image).sum(dim=-1, keepdim=True).div((count - 1).clamp_min(1)).sqrt()  # unbiased
     clamped = torch.minimum(torch.maximum(values, mean - clamp_stds * std), mean + clamp_stds * std)
     big = torch.finfo(torch.float32).max
     low = torch.where(image, clamped, big).amin(dim=-1, keepdim=True)

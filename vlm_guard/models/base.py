@@ -61,7 +61,8 @@ class PromptSpans:
         image: image-token positions (the keys V of the methods).
         image_span: the tokens to delete to make the image-free prompt: every image block (image tokens
             plus the family's marker tokens around and between them); text between images is kept.
-        query: the user-query span Q: text after the last image block up to the assistant turn.
+        query: the user-query span Q: the user's own words, from the text after the last image block
+            (less the chat template's separator, e.g. llava-1.5-hf's newline) up to the assistant turn.
         has_image: ``[batch]`` rows with at least one image token.
     """
 
@@ -98,6 +99,7 @@ class ModelAdapter:
         self.model = model
         self.processor = processor
         self._assistant_suffix: list[int] | None | bool = False  # False = not computed yet
+        self._query_prefix: list[int] | None | bool = False
 
     # ------------------------------------------------------------------ model structure
     @classmethod
@@ -298,6 +300,43 @@ class ModelAdapter:
         self._assistant_suffix = list(encoded["input_ids"][start:]) or None
         return self._assistant_suffix
 
+    def query_prefix_ids(self) -> list[int] | None:
+        """Token ids the chat template puts between the image and the user's text (llava-1.5-hf: the
+        newline after ``<image>``), so that the query span starts at the user's own words.
+
+        Found by rendering the chat template for an image followed by a marker word and tokenizing the
+        text between the image token and the marker (the family's marker tokens, already in the image
+        span, are left out); None when there is no chat template or nothing lies in between.
+        """
+        if self._query_prefix is not False:
+            return self._query_prefix  # type: ignore[return-value]
+        self._query_prefix = None
+        tokenizer = self.tokenizer
+        image_token = getattr(self.processor, "image_token", None)
+        template_owner = self.processor if getattr(self.processor, "chat_template", None) else tokenizer
+        if tokenizer is None or not image_token or not getattr(template_owner, "chat_template", None):
+            return None
+        image_token = str(getattr(image_token, "content", image_token))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUERY_MARKER}]}]
+        try:
+            text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if isinstance(text, list):
+                text = text[0]
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception as error:  # a template that needs other content types
+            logger.debug("could not render the chat template to find the query start: %s", error)
+            return None
+        marker_start = text.find(QUERY_MARKER)
+        image_end = text.rfind(image_token, 0, max(marker_start, 0))
+        if marker_start < 0 or image_end < 0:
+            return None
+        image_end += len(image_token)
+        skip = {self.image_token_id, *self.marker_token_ids()}
+        prefix = [token_id for token_id, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+                  if begin >= image_end and end <= marker_start and token_id not in skip]
+        self._query_prefix = prefix or None
+        return self._query_prefix
+
     def prompt_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PromptSpans:
         """Position masks of a prompt batch (see :class:`PromptSpans`).
 
@@ -319,7 +358,16 @@ class ModelAdapter:
             for row in range(batch):
                 if seq >= n and torch.equal(input_ids[row, seq - n :], suffix_tensor):
                     query_end[row] = seq - n
-        query = valid & (positions[None, :] > span_end[:, None]) & (positions[None, :] < query_end[:, None])
+        query_start = span_end + 1  # [batch]
+        prefix = self.query_prefix_ids()
+        if prefix:
+            prefix_tensor = torch.tensor(prefix, device=input_ids.device)
+            n = len(prefix)
+            for row in range(batch):
+                start = int(query_start[row])
+                if span_end[row] >= 0 and start + n <= seq and torch.equal(input_ids[row, start : start + n], prefix_tensor):
+                    query_start[row] = start + n
+        query = valid & (positions[None, :] >= query_start[:, None]) & (positions[None, :] < query_end[:, None])
         query &= has_image[:, None]
         return PromptSpans(valid=valid, image=image, image_span=image_span, query=query, has_image=has_image)
 
