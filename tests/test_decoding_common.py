@@ -151,7 +151,7 @@ def test_hooks_run_in_the_documented_order(llava):
             return _original(ctx, *args)
 
         setattr(intervention, hook, spy)
-    processor_names = [type(p).__name__ for i in guarded.interventions for p in i.logits_processors(guarded, dict(inputs))]
+    processor_names = [type(p).__name__ for i in guarded.interventions for p in i.logits_processors(guarded, dict(inputs, do_sample=True))]
     try:
         guarded.generate(**inputs, max_new_tokens=2, do_sample=False)
     finally:
