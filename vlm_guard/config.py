@@ -3,7 +3,9 @@
 
 Configs follow peft's habit: dataclasses whose fields carry ``metadata={"help": ...}``, validated in
 ``__post_init__`` with a ``ValueError`` naming the field and the allowed range, and serialised as
-readable JSON.
+readable JSON. They are validated again on every assignment (``config.vhr.alpha = float("nan")``
+raises and keeps the old value; a misspelt field name raises too), and a wrapper re-validates and
+rebuilds its methods when its config was changed in place (e.g. a layer list edited).
 
 Example:
     >>> from vlm_guard import GuardConfig
@@ -81,6 +83,9 @@ def preset_field(help: str, released: Any, paper: Any) -> Any:
     return field(default=FROM_PRESET, metadata={"help": f"{help} [released: {released!r}; paper: {paper!r}]", "presets": values})
 
 
+_MISSING = object()
+
+
 @dataclass
 class MethodConfig:
     """Base of the per-method configs. Subclasses set ``method`` and validate in ``validate()``.
@@ -89,6 +94,10 @@ class MethodConfig:
     (default) reproduces the official released code that produced the paper's numbers, ``"paper"``
     follows the paper's text where the two differ (see ``docs/presets.md``). Fields passed explicitly
     keep their value whatever the preset.
+
+    Validation runs at construction and again after every assignment to a field: a bad value raises
+    ``ValueError`` and the field keeps its previous value. ``preset`` is fixed at construction (make a
+    new config, e.g. ``VHRConfig(preset="paper")``, to switch).
     """
 
     method: ClassVar[str] = ""
@@ -102,7 +111,37 @@ class MethodConfig:
             if presets is not None and getattr(self, spec.name) is FROM_PRESET:
                 value = presets[self.preset]
                 setattr(self, spec.name, list(value) if isinstance(value, (list, tuple)) else value)
-        self.validate()
+        self._run_validation()
+        object.__setattr__(self, "_vlm_guard_ready", True)
+
+    def _run_validation(self) -> None:
+        object.__setattr__(self, "_vlm_guard_validating", True)
+        try:
+            self.validate()
+        finally:
+            object.__setattr__(self, "_vlm_guard_validating", False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        state = self.__dict__
+        if not state.get("_vlm_guard_ready") or state.get("_vlm_guard_validating") or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        known = [f.name for f in fields(self)]
+        if name not in known:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}; its fields are {known}")
+        if name == "preset" and value != state.get("preset"):
+            raise ValueError(f"{type(self).__name__}.preset is fixed at construction (it chose the other fields' defaults); "
+                             f"make a new config: {type(self).__name__}(preset={value!r})")
+        previous = state.get(name, _MISSING)
+        object.__setattr__(self, name, value)
+        try:
+            self._run_validation()
+        except Exception:
+            if previous is _MISSING:
+                object.__delattr__(self, name)
+            else:
+                object.__setattr__(self, name, previous)
+            raise
 
     @classmethod
     def preset_values(cls, preset: str) -> dict:
@@ -124,6 +163,9 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MethodConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}.from_dict needs a dict of its fields, got {type(data).__name__} ({data!r:.80}); "
+                             f"e.g. {cls.__name__}().to_dict()")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -167,17 +209,35 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         for name in METHOD_ORDER:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            config_class = _method_config_class(name)
-            if isinstance(value, dict):
-                value = config_class.from_dict(value)
-                setattr(self, name, value)
-            if not isinstance(value, config_class):
-                raise ValueError(
-                    f"GuardConfig.{name} must be a {config_class.__name__}, a dict of its fields, or None; got {type(value).__name__}"
-                )
+            object.__setattr__(self, name, self._checked(name, getattr(self, name)))
+        object.__setattr__(self, "_vlm_guard_ready", True)
+
+    @staticmethod
+    def _checked(name: str, value: Any) -> Any:
+        """``value`` as the method's config (a dict is converted), or ``ValueError``."""
+        if value is None:
+            return None
+        config_class = _method_config_class(name)
+        if isinstance(value, dict):
+            value = config_class.from_dict(value)
+        if not isinstance(value, config_class):
+            raise ValueError(
+                f"GuardConfig.{name} must be a {config_class.__name__}, a dict of its fields, or None; got {type(value).__name__}"
+            )
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self.__dict__.get("_vlm_guard_ready") or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        if name not in METHOD_ORDER:
+            raise AttributeError(f"GuardConfig has no method {name!r}; its methods are {list(METHOD_ORDER)}")
+        object.__setattr__(self, name, self._checked(name, value))
+
+    def validate(self) -> None:
+        """Validate every enabled method's config again (catches values edited in place, e.g. a layer list)."""
+        for name in self.enabled_methods:
+            getattr(self, name)._run_validation()
 
     @property
     def enabled_methods(self) -> list[str]:
@@ -208,6 +268,9 @@ class GuardConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GuardConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"GuardConfig.from_dict needs a dict (as written by GuardConfig.to_dict()), got "
+                             f"{type(data).__name__} ({data!r:.80}); use GuardConfig() for every method off")
         data = dict(data)
         data.pop("vlm_guard_version", None)
         unknown = sorted(set(data) - set(METHOD_ORDER))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 from typing import Any, Iterator
 
 from torch import nn
@@ -36,32 +38,50 @@ class GuardedModel:
 
     Unknown attributes pass through to the wrapped model, so it can stand in for it.
 
+    Construction is atomic: the config and the head map are validated and the methods built before
+    anything is installed, and any error while installing removes what was installed, so the model
+    is left as it was and can be wrapped again.
+
+    Threads: one wrapper may be shared. Guarded calls (``generate``, forward) run one at a time (a
+    per-wrapper lock; the methods keep per-call state), and :meth:`disabled` switches the methods off
+    for the calling thread only, so plain calls in other threads are unaffected and a plain call never
+    picks up another thread's methods.
+
     Args:
         model: a supported ``...ForConditionalGeneration`` model.
         processor: its processor (used for the chat template spans and the image-free prompts).
         config: which methods run (default: none, i.e. the plain model).
-        head_map: a calibrated :class:`vlm_guard.heads.HeadMap` (from ``vlm-guard calibrate``);
-            checked against the model's fingerprint.
+        head_map: a calibrated :class:`vlm_guard.heads.HeadMap` (from ``vlm-guard calibrate``) or the folder
+            it was saved to; checked against the model's fingerprint.
     """
 
     def __init__(self, model: nn.Module, processor=None, config: GuardConfig | None = None, head_map=None):
         object.__setattr__(self, "model", model)
+        self._unwrapped = False
+        self._call_lock = threading.RLock()
         self.processor = processor
         self.adapter: ModelAdapter = get_adapter(model, processor)
+        head_map = as_head_map(head_map)
         if head_map is not None:
             head_map.check_compatible(self.adapter)
         self.head_map = head_map
+        config = GuardConfig() if config is None else config
+        interventions = self._build(config)  # validates everything before the model is touched
         self.engine = GuardEngine(model, self.adapter)
-        self.engine.install()
-        self.guard_config = GuardConfig()
-        self.interventions: list[Intervention] = []
-        self.set_config(config or GuardConfig())
+        try:
+            self.engine.install()
+        except BaseException:
+            self.engine.uninstall()
+            raise
+        self.guard_config = config
+        self.interventions: list[Intervention] = interventions
+        self._config_snapshot = config.to_dict()
 
     # ------------------------------------------------------------------ configuration
-    def set_config(self, config: GuardConfig) -> None:
-        """Switch methods (rebuilds the interventions; cheap)."""
+    def _build(self, config: GuardConfig) -> list[Intervention]:
         if not isinstance(config, GuardConfig):
             raise ValueError(f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')")
+        config.validate()
         interventions = []
         for name in METHOD_ORDER:
             method_config = getattr(config, name)
@@ -70,12 +90,39 @@ class GuardedModel:
             intervention = get_method(name).build(method_config, self.adapter, self.head_map)
             if intervention is not None:
                 interventions.append(intervention)
-        self.guard_config = config
-        self.interventions = interventions
+        return interventions
+
+    def set_config(self, config: GuardConfig) -> None:
+        """Switch methods (validates the config and rebuilds the interventions; cheap)."""
+        self._check_wrapped()
+        with self._call_lock:
+            interventions = self._build(config)
+            self.guard_config = config
+            self.interventions = interventions
+            self._config_snapshot = config.to_dict()
+
+    def _refresh(self) -> None:
+        """Raise after :meth:`unwrap`; re-validate and rebuild when ``guard_config`` was replaced or edited in place."""
+        self._check_wrapped()
+        if self.guard_config.to_dict() != self._config_snapshot:
+            logger.info("guard_config changed since the methods were built; validating and rebuilding them")
+            self.set_config(self.guard_config)
+
+    def _check_wrapped(self) -> None:
+        if self._unwrapped:
+            raise RuntimeError("this GuardedModel was unwrapped (unwrap() restored the plain model); wrap the model again "
+                               "with vlm_guard.wrap(model, processor, config) to run the methods, or call the model itself.")
 
     # ------------------------------------------------------------------ calls
     def generate(self, *args, **kwargs):
         """Same arguments and return values as ``model.generate``."""
+        self._refresh()
+        if not self.engine.enabled or not self.interventions:
+            return self.model.generate(*args, **kwargs)
+        with self._call_lock:
+            return self._generate_guarded(*args, **kwargs)
+
+    def _generate_guarded(self, *args, **kwargs):
         if not self.engine.enabled or not self.interventions:
             return self.model.generate(*args, **kwargs)
         num_beams = kwargs.get("num_beams", getattr(getattr(self.model, "generation_config", None), "num_beams", 1)) or 1
@@ -97,16 +144,18 @@ class GuardedModel:
 
     def __call__(self, *args, **kwargs):
         """A forward pass with the interventions (e.g. for scoring or profiling)."""
+        self._refresh()
         if not self.engine.enabled or not self.interventions:
             return self.model(*args, **kwargs)
-        with self.engine.activate(self.interventions):
+        with self._call_lock, self.engine.activate(self.interventions):
             return self.model(*args, **kwargs)
 
     forward = __call__
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator["GuardedModel"]:
-        """Run the plain model inside the block; restores the previous state in ``finally``."""
+        """Run the plain model inside the block (in the calling thread only); restores the previous state in ``finally``."""
+        self._check_wrapped()
         previous = self.engine.enabled
         self.engine.enabled = False
         try:
@@ -117,12 +166,18 @@ class GuardedModel:
     @contextlib.contextmanager
     def interventions_active(self, interventions: list[Intervention]) -> Iterator[None]:
         """Run extra interventions (e.g. profiling recorders) inside the block."""
-        with self.engine.activate(interventions):
+        self._check_wrapped()
+        with self._call_lock, self.engine.activate(interventions):
             yield
 
     def unwrap(self) -> nn.Module:
-        """Remove every trace of the wrapper and return the model with its original attention."""
-        self.engine.uninstall()
+        """Remove every trace of the wrapper and return the model with its original attention.
+
+        The wrapper cannot be used afterwards (its calls raise ``RuntimeError``); calling ``unwrap`` again is harmless.
+        """
+        with self._call_lock:
+            self.engine.uninstall()
+            self._unwrapped = True
         return self.model
 
     # ------------------------------------------------------------------ drop-in behaviour
@@ -134,7 +189,28 @@ class GuardedModel:
 
     def __repr__(self) -> str:
         methods = ",".join(self.guard_config.enabled_methods) or "none"
-        return f"GuardedModel({type(self.model).__name__}, family={self.adapter.family}, methods={methods})"
+        state = ", unwrapped" if self.__dict__.get("_unwrapped") else ""
+        return f"GuardedModel({type(self.model).__name__}, family={self.adapter.family}, methods={methods}{state})"
+
+
+def as_head_map(head_map):
+    """``head_map`` as a :class:`vlm_guard.heads.HeadMap`: a map is returned as is, a folder path (``str`` or
+    ``os.PathLike``) is read with ``HeadMap.from_pretrained``, None stays None.
+
+    Raises:
+        ValueError: anything else (the message says what to pass).
+        FileNotFoundError / HeadMapFileError: the folder holds no readable head map.
+    """
+    if head_map is None:
+        return None
+    from .heads.head_map import HeadMap
+
+    if isinstance(head_map, HeadMap):
+        return head_map
+    if isinstance(head_map, (str, os.PathLike)):
+        return HeadMap.from_pretrained(head_map)
+    raise ValueError(f"head_map must be a vlm_guard.heads.HeadMap, the folder it was saved to, or None; got "
+                     f"{type(head_map).__name__}. Load one with HeadMap.from_pretrained(folder).")
 
 
 def wrap(model: nn.Module, processor=None, config: GuardConfig | None = None, head_map=None) -> GuardedModel:
@@ -148,14 +224,14 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | None = None, he
             Idefics3/SmolVLM).
         processor: its processor.
         config: a :class:`GuardConfig` (default: every method off).
-        head_map: a :class:`vlm_guard.heads.HeadMap` or None.
+        head_map: a :class:`vlm_guard.heads.HeadMap`, the folder it was saved to (``vlm-guard calibrate --out``), or None.
 
     Returns:
         a :class:`GuardedModel`.
     """
     if head_map is None:
         head_map = _find_cached_head_map(model, processor)
-    return GuardedModel(model, processor, config, head_map)
+    return GuardedModel(model, processor, config, head_map)  # atomic: on error the model is left unwrapped
 
 
 def _find_cached_head_map(model, processor):

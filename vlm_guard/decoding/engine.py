@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -109,14 +110,30 @@ class GuardEngine:
         self.model = model
         self.adapter = adapter
         self.name = f"vlm_guard_{id(self):x}"
-        self.enabled = True
-        self._frames: list[Frame] = []
+        self._thread_state = threading.local()  # frames and the on/off switch are per thread
         self._hooks: list = []
         self._original_implementations: list[tuple[object, str]] = []
         self._layer_of: dict[int, int] = {}
         self._base_attention = None
         self.installed = False
         self.geometry = adapter.geometry
+
+    @property
+    def enabled(self) -> bool:
+        """Whether interventions run in the calling thread (``GuardedModel.disabled`` switches it off there only)."""
+        return getattr(self._thread_state, "enabled", True)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._thread_state.enabled = bool(value)
+
+    @property
+    def _frames(self) -> list[Frame]:
+        """The calling thread's stack of active frames (a forward in another thread never sees them)."""
+        frames = getattr(self._thread_state, "frames", None)
+        if frames is None:
+            frames = self._thread_state.frames = []
+        return frames
 
     # ------------------------------------------------------------------ install / uninstall
     def install(self) -> None:
@@ -159,8 +176,7 @@ class GuardEngine:
         self.installed = True
 
     def uninstall(self) -> None:
-        if not self.installed:
-            return
+        """Undo :meth:`install`, also a partial one that raised midway (everything installed is recorded as it goes)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

@@ -35,6 +35,7 @@ BETA_SCHEDULES = ("sigmoid", "linear")
 
 
 CONTRAST_WHEN = ("sampling", "always")
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -80,6 +81,7 @@ class VCDConfig(MethodConfig):
         check_choice("VCDConfig", "contrast_when", self.contrast_when, CONTRAST_WHEN)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"VCDConfig.seed must be an int, got {self.seed!r}")
+        check_range("VCDConfig", "seed", self.seed, 0, MAX_SEED)
 
 
 def diffusion_alpha_bar(noise_step: int, num_steps: int = 1000, beta_schedule: str = "sigmoid") -> float:
