@@ -155,6 +155,8 @@ def test_assignment_is_validated_and_keeps_the_old_value():
         config.vhr = "strong"
     with pytest.raises(AttributeError, match="no method 'vhd'"):
         config.vhd = VHRConfig()
+    with pytest.raises(ValueError, match="preset is fixed at construction"):
+        config.vhr.preset = "paper"
     config.vhr = {"alpha": 3.0}
     assert config.vhr == VHRConfig(alpha=3.0)
     config.vhr.alpha = 2.5
