@@ -96,3 +96,31 @@ def test_m_rope_family_padded_batch_matches_rows_alone():
         assert_batch_matches_singles(guarded, model, inputs, "pai qwen2_vl", new_tokens=3)
     finally:
         guarded.unwrap()
+
+
+def test_rows_without_an_image_are_not_edited(llava):
+    """Issue 17 item 13: the contrast (and its plausibility cut) leaves text-only rows exactly as plain."""
+    model, inputs = llava  # rows: image, text only, image
+    guarded = vlm_guard.wrap(model, config=GuardConfig(pai=PAIConfig(alpha=2.0, gamma=2.0, plausibility=0.5)))
+    try:
+        (processor,) = guarded.interventions[0].logits_processors(guarded, dict(inputs))
+        scores = torch.randn(3, model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(0))
+        edited = processor(inputs["input_ids"], scores)
+        assert torch.equal(edited[1], scores[1])  # the text-only row: untouched, no cut
+        assert not torch.equal(edited[0], scores[0]) and bool(torch.isinf(edited[0]).any())  # image rows: contrast + cut
+    finally:
+        guarded.unwrap()
+
+
+def test_sampled_text_only_rows_match_plain(llava):
+    model, _ = llava
+    text_only = build_batch(model, [(False, 4), (False, 7)], seed=3)
+    guarded = vlm_guard.wrap(model, config=GuardConfig(pai=PAIConfig(alpha=2.0, gamma=1.1, plausibility=0.9)))
+    try:
+        torch.manual_seed(11)
+        sampled = guarded.generate(**text_only, max_new_tokens=8, do_sample=True, top_k=0)
+        torch.manual_seed(11)
+        plain = model.generate(**text_only, max_new_tokens=8, do_sample=True, top_k=0)
+        assert torch.equal(sampled, plain)
+    finally:
+        guarded.unwrap()

@@ -10,6 +10,9 @@ Two parts:
    prompt (the image span deleted, re-left-padded) is decoded in lockstep by a
    :class:`ContrastStream` with its own KV cache, on the plain model (``engine.suspended()``).
 
+Rows whose prompt has no image run exactly as the plain model: no amplification and no contrast or
+plausibility cut (so sampled text-only rows match plain sampling).
+
 :class:`ContrastStream` is shared with the VCD baseline (:mod:`vlm_guard.decoding.vcd`).
 """
 
@@ -173,15 +176,26 @@ def text_positions(attention_mask: torch.Tensor, like: torch.Tensor | None = Non
 
 
 class ImageFreeContrast(LogitsProcessor):
-    """PAI's logits processor (a new tensor is returned; ``scores`` is not edited)."""
+    """PAI's logits processor (a new tensor is returned; ``scores`` is not edited). Rows without an image
+    pass through unchanged (no contrast, no plausibility cut), as in the plain model.
 
-    def __init__(self, config: PAIConfig, stream: ContrastStream | None):
+    Args:
+        config: the PAI settings.
+        stream: the image-free stream (None: no contrast, only the cut).
+        has_image: ``[B]`` bool, rows whose prompt has an image; None = every row.
+    """
+
+    def __init__(self, config: PAIConfig, stream: ContrastStream | None, has_image: torch.Tensor | None = None):
         self.config = config
         self.stream = stream
+        self.has_image = has_image
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         text_logits = self.stream.logits(input_ids) if self.stream is not None else scores
-        return image_free_contrast(scores, text_logits, self.config.gamma, self.config.plausibility).to(scores.dtype)
+        contrast = image_free_contrast(scores, text_logits, self.config.gamma, self.config.plausibility).to(scores.dtype)
+        if self.has_image is None:
+            return contrast
+        return torch.where(self.has_image.to(scores.device)[:, None], contrast, scores)
 
 
 class PAI(Intervention):
@@ -212,17 +226,22 @@ class PAI(Intervention):
         return amplify_image_scores(scores, self._image_keys[1], self.config.alpha)
 
     def logits_processors(self, guarded, model_inputs: dict) -> list:
-        stream = None
-        if self.config.gamma != 1.0:
-            input_ids = model_inputs.get("input_ids")
-            if input_ids is None:
-                raise ValueError("PAI's image-free contrast needs input_ids in generate(...); set PAIConfig(gamma=1.0) to use embeddings")
+        input_ids = model_inputs.get("input_ids")
+        has_image = None
+        if input_ids is not None:
             attention_mask = model_inputs.get("attention_mask")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
+            has_image = guarded.adapter.prompt_spans(input_ids, attention_mask).has_image  # [B]
+            if not bool(has_image.any()):
+                return []  # no row has an image: PAI leaves the call plain (no image-free pass either)
+        stream = None
+        if self.config.gamma != 1.0:
+            if input_ids is None:
+                raise ValueError("PAI's image-free contrast needs input_ids in generate(...); set PAIConfig(gamma=1.0) to use embeddings")
             text_ids, text_mask = guarded.adapter.remove_image(input_ids, attention_mask)
             stream = _LazyPositions(guarded.engine, {"input_ids": text_ids, "attention_mask": text_mask}, self)
-        return [ImageFreeContrast(self.config, stream)]
+        return [ImageFreeContrast(self.config, stream, has_image)]
 
     def end(self) -> None:
         self._image_keys = None
