@@ -13,6 +13,8 @@ import logging
 import time
 from pathlib import Path
 
+from .arguments import add_allow_pickle_argument
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "describe the image"
@@ -36,6 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+    add_allow_pickle_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is out of range; allowed range is [1, 4096]")
     config = GuardConfig.from_methods(args.methods)
     image, _ = _load_image(args.image)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                  allow_pickle=args.allow_pickle)
     prompt = args.prompt or (DEFAULT_PROMPT if args.model is None else "Please describe this image in detail.")
     head_map = None
     if args.head_map:

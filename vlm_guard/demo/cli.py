@@ -14,6 +14,8 @@ import ipaddress
 import logging
 import os
 
+from ..commands.arguments import add_allow_pickle_argument
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
@@ -39,6 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=None, help="largest accepted width*height (default 4096*4096)")
     parser.add_argument("--queue-size", type=int, default=None, help="requests allowed to wait (default 16)")
     parser.add_argument("--no-checker", action="store_true", help="do not load the grounding checker")
+    add_allow_pickle_argument(parser)
     parser.set_defaults(func=run_demo)
 
 
@@ -101,7 +104,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not is_loopback(args.host):
         logger.warning("the demo listens on %s: anyone who can reach this machine can use it", args.host)
     session = DemoSession.load(model=args.model, head_map=args.head_map, limits=limits,
-                               use_checker=not args.no_checker, device=args.device)
+                               use_checker=not args.no_checker, device=args.device, allow_pickle=args.allow_pickle)
     demo = build_app(session)
     print(f"vlm-guard demo on http://{args.host}:{args.port} (model: {session.model_name}); Ctrl+C to stop", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, **launch_options(limits))

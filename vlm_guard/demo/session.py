@@ -289,17 +289,20 @@ class DemoRun:
 
 
 # ---------------------------------------------------------------------------- loading
-def load_model(model: str | None = None, device: str = "cpu"):
+def load_model(model: str | None = None, device: str = "cpu", allow_pickle: bool = False):
     """``(model, processor, name)``: the shipped default model when ``model`` is None, else a hub id or a
-    local folder through ``AutoModelForImageTextToText`` / ``AutoProcessor``."""
+    local folder through ``AutoModelForImageTextToText`` / ``AutoProcessor`` (safetensors weights only unless
+    ``allow_pickle``, see :mod:`vlm_guard.models.loading`)."""
     if model is None:
         from ..defaults import DEFAULT_MODEL_DIR, load_default
 
         loaded, processor = load_default(device=device)
         return loaded, processor, f"default toy LLaVA ({DEFAULT_MODEL_DIR.name})"
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    loaded = AutoModelForImageTextToText.from_pretrained(model)
+    from ..models.loading import load_pretrained_model
+
+    loaded = load_pretrained_model(model, allow_pickle=allow_pickle)
     loaded.to(device).eval()
     processor = AutoProcessor.from_pretrained(model)
     return loaded, processor, str(model)
@@ -374,9 +377,9 @@ class DemoSession:
 
     @classmethod
     def load(cls, model: str | None = None, head_map: str | Path | None = None, limits: DemoLimits | None = None,
-             use_checker: bool = True, device: str = "cpu") -> "DemoSession":
+             use_checker: bool = True, device: str = "cpu", allow_pickle: bool = False) -> "DemoSession":
         """Load a model (default: the shipped one), an optional head map and the grounding checker."""
-        loaded, processor, name = load_model(model, device=device)
+        loaded, processor, name = load_model(model, device=device, allow_pickle=allow_pickle)
         notes = []
         head_map_object = None
         if head_map is not None:

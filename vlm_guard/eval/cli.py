@@ -21,6 +21,8 @@ import logging
 import random
 from pathlib import Path
 
+from ..commands.arguments import add_allow_pickle_argument
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHAIR_PROMPT = "Please describe this image in detail."
@@ -85,6 +87,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of image sampling (default 0)")
     parser.add_argument("--head-map", default=None, help="folder of a calibrated head map (default: the cached one)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    add_allow_pickle_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -230,7 +233,7 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
     method_sets = _method_sets(args)
     model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                                              device=args.device)
+                                              device=args.device, allow_pickle=args.allow_pickle)
     run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
                   "weights_sha256_16": weights_digest(args.model or DEFAULT_MODEL_DIR),
                   "head_map_dir": args.head_map, **run_config}

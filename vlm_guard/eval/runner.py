@@ -103,6 +103,7 @@ def load_model(
     trust_remote_code: bool = False,
     dtype: str = "float32",
     device: str = "cpu",
+    allow_pickle: bool = False,
 ) -> tuple[Any, Any, str]:
     """The model to evaluate and its processor.
 
@@ -113,6 +114,8 @@ def load_model(
         trust_remote_code: Allow the checkpoint's own code (off unless asked for).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"``.
         device: Torch device.
+        allow_pickle: Read a checkpoint that has only pickle weights (off: safetensors only, see
+            :mod:`vlm_guard.models.loading`).
 
     Returns:
         ``(model, processor, name)``: the model in eval mode, its processor with left padding, and a name for
@@ -129,11 +132,11 @@ def load_model(
         model, processor = load_default(device=device, dtype=None if dtype == "auto" else dtypes[dtype])
         name = f"vlm_guard default ({DEFAULT_MODEL_DIR.name})"
     else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(model_id), dtype=dtypes[dtype], trust_remote_code=trust_remote_code
-        )
+        from vlm_guard.models.loading import load_pretrained_model
+
+        model = load_pretrained_model(model_id, allow_pickle=allow_pickle, dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
         model.to(device).eval()
         processor = AutoProcessor.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
         name = str(model_id)

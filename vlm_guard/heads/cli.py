@@ -13,6 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..commands.arguments import add_allow_pickle_argument
+
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -44,6 +46,7 @@ def register(subparsers) -> None:
     calibrate_parser.add_argument("--no-cache", action="store_true", help="do not save the map into the head-map cache")
     calibrate_parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     calibrate_parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)")
+    add_allow_pickle_argument(calibrate_parser)
     calibrate_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     calibrate_parser.set_defaults(func=run_calibrate)
 
@@ -67,9 +70,11 @@ def _parse_dims(text: str | None) -> list[int] | None:
     return dims
 
 
-def load_model(model_id: str | None, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False):
+def load_model(model_id: str | None, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False,
+               allow_pickle: bool = False):
     """``(model, processor)``: the shipped default when ``model_id`` is None, else
-    ``AutoModelForImageTextToText`` / ``AutoProcessor`` from a hub id or a local folder."""
+    ``AutoModelForImageTextToText`` / ``AutoProcessor`` from a hub id or a local folder (safetensors weights
+    only unless ``allow_pickle``, see :mod:`vlm_guard.models.loading`)."""
     import torch
 
     if dtype is None:
@@ -79,13 +84,15 @@ def load_model(model_id: str | None, device: str = "cpu", dtype: str | None = No
         import vlm_guard
 
         return vlm_guard.load_default(device=device, dtype=torch_dtype)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
+
+    from ..models.loading import load_pretrained_model
 
     local = Path(model_id).expanduser()
     if str(model_id).startswith((".", "/", "~")) and not local.exists():
         raise FileNotFoundError(f"--model {model_id}: no such folder")
     source = str(local) if local.exists() else model_id
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = load_pretrained_model(source, allow_pickle=allow_pickle, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     return model, processor
@@ -99,7 +106,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be >= 1")
-    model, processor = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, processor = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.allow_pickle)
     out = Path(args.out)
     head_map = calibrate(
         model, processor, args.images, args.prompt, batch_size=args.batch_size, limit=args.limit, distance=args.distance,

@@ -3,17 +3,78 @@
 Real checkpoints go through ``AutoModelForImageTextToText`` / ``AutoProcessor.from_pretrained`` exactly
 as a user would load them (a hub id needs the hub or a populated cache; a local folder works offline).
 ``trust_remote_code`` stays off unless the caller asks for it.
+
+Weights are read from safetensors only: a checkpoint that has only pickle files (``pytorch_model.bin``,
+``*.pt``, ...) is refused with :class:`PickleCheckpointError`, because unpickling a file can run code.
+``allow_pickle=True`` (the ``--allow-pickle`` flag of every command that takes ``--model``) lets
+transformers read such a checkpoint (it still prefers safetensors when both exist).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
-def load_model(model: str | None = None, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False):
+
+class PickleCheckpointError(ValueError):
+    """A checkpoint has no safetensors weights, only pickle files, and pickle was not allowed."""
+
+
+def _pickle_message(source: str, found: str) -> str:
+    return (f"{source} has no safetensors weights, only pickle checkpoints ({found}); vlm-guard reads safetensors only "
+            "because unpickling a file can run code. Convert it once where you trust it (load it, then "
+            "model.save_pretrained(folder) writes model.safetensors), or pass --allow-pickle "
+            "(Python: allow_pickle=True) if you trust the file.")
+
+
+def weights_format_kwargs(source: str | os.PathLike, allow_pickle: bool = False) -> dict:
+    """``from_pretrained`` keyword arguments that choose the weights format (``use_safetensors=True`` unless pickle
+    is allowed).
+
+    Raises:
+        PickleCheckpointError: ``source`` is a local folder with pickle weights and no ``*.safetensors``, and
+            ``allow_pickle`` is False.
+
+    Example:
+        >>> weights_format_kwargs("llava-hf/llava-1.5-7b-hf")
+        {'use_safetensors': True}
+    """
+    if allow_pickle:
+        return {}
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        names = sorted(path.name for path in folder.iterdir() if path.is_file())
+        pickles = [name for name in names if name.endswith(PICKLE_WEIGHT_SUFFIXES) and name != "training_args.bin"]
+        if pickles and not any(name.endswith(".safetensors") for name in names):
+            raise PickleCheckpointError(_pickle_message(str(source), ", ".join(pickles[:3]) + (" ..." if len(pickles) > 3 else "")))
+    return {"use_safetensors": True}
+
+
+def load_pretrained_model(source: str | os.PathLike, *, allow_pickle: bool = False, **kwargs):
+    """``AutoModelForImageTextToText.from_pretrained(source, **kwargs)`` reading safetensors only unless
+    ``allow_pickle`` (see the module docstring).
+
+    Raises:
+        PickleCheckpointError: the checkpoint has only pickle weights and ``allow_pickle`` is False.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    format_kwargs = weights_format_kwargs(source, allow_pickle)
+    try:
+        return AutoModelForImageTextToText.from_pretrained(str(source), **format_kwargs, **kwargs)
+    except OSError as error:
+        if format_kwargs and "safetensors" in str(error).lower():  # e.g. a hub repository with only .bin files
+            raise PickleCheckpointError(_pickle_message(str(source), "no model.safetensors")) from error
+        raise
+
+
+def load_model(model: str | None = None, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False,
+               allow_pickle: bool = False):
     """Load ``(model, processor)``.
 
     Args:
@@ -21,11 +82,13 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: str | None 
         device: torch device.
         dtype: "float32", "float16", "bfloat16" or None (the checkpoint's own / float32 on CPU).
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
+        allow_pickle: read a checkpoint that has only pickle weights (off by default).
     Raises:
         ValueError: the dtype name is unknown, or the checkpoint cannot be loaded (the message says why).
+        PickleCheckpointError: the checkpoint has only pickle weights and ``allow_pickle`` is False.
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     torch_dtype = None
     if dtype is not None:
@@ -39,10 +102,10 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: str | None 
     if Path(model).exists() and not (Path(model) / "config.json").exists():
         raise ValueError(f"{model} is a folder without config.json; pass a model folder saved with save_pretrained or a hub id")
     try:
+        weights_format_kwargs(model, allow_pickle)  # refuse pickle before anything else is read
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-        loaded = AutoModelForImageTextToText.from_pretrained(
-            model, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code
-        )
+        loaded = load_pretrained_model(model, allow_pickle=allow_pickle, dtype=torch_dtype or "auto",
+                                       trust_remote_code=trust_remote_code)
     except OSError as error:
         raise ValueError(
             f"could not load {model!r}: {error}. Pass a local folder, or a hub id whose files are in the local cache "
