@@ -22,7 +22,13 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" \
     || .venv/bin/python -m pip install -q torch torchvision
 fi
+# "vlm-guard" is this project's old distribution name and, on the package index, an unrelated project that
+# also provides a `vlm_guard` module: remove it so that `import vlm_guard` finds this checkout
+if .venv/bin/python -m pip show -q vlm-guard >/dev/null 2>&1; then
+  echo "[setup] removing the distribution 'vlm-guard' (old name / unrelated project) from .venv"
+  .venv/bin/python -m pip uninstall -q -y vlm-guard
+fi
 target="."
 [ -n "$extras" ] && target=".[$extras]"
-echo "[setup] installing vlm-guard ($target)"
+echo "[setup] installing vlm-attention-guard ($target)"
 .venv/bin/python -m pip install -q -e "$target"

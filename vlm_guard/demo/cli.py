@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="launch the Gradio demo: plain vs guarded answers with attention heatmaps",
-        description="Launch the Gradio demo (needs the 'demo' extra: pip install 'vlm-guard[demo]').",
+        description="Launch the Gradio demo (needs the 'demo' extra: pip install 'vlm-attention-guard[demo]').",
     )
     parser.add_argument("--model", default=None,
                         help="hub id or local folder of a supported VLM (default: the shipped toy LLaVA)")
@@ -97,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError as error:
-        raise UserError(f"the demo needs gradio ({error}); install it with: pip install 'vlm-guard[demo]'") from error
+        raise UserError(f"the demo needs gradio ({error}); install it with: pip install 'vlm-attention-guard[demo]'") from error
     from .app import build_app, launch_options
     from .session import DemoSession
 

@@ -46,7 +46,8 @@ def register(subparsers) -> None:
 
     report = commands.add_parser("report", help="measure a toy model: caption F1, partner hallucination, sinks")
     report.add_argument("--model", default=None, help="model folder (default: the shipped default model)")
-    report.add_argument("--out", default=None, help="JSON path (default: <model>/training_report.json)")
+    report.add_argument("--out", default=None, help="JSON path (default: <model>/training_report.json for your own model "
+                        "folder, ./training_report.json for the shipped model: the installed package is never written)")
     report.add_argument("--scenes", type=int, default=300, help="held-out scenes per measurement")
     report.set_defaults(func=_report)
 
@@ -115,12 +116,22 @@ def _report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    out = Path(args.out) if args.out else model_dir / "training_report.json"
+    out = Path(args.out) if args.out else default_report_path(model_dir)
     report = build_report(model_dir, scenes=args.scenes)
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report["summary"], indent=1))
     print(f"report written to {out}")
     return 0
+
+
+def default_report_path(model_dir: Path) -> Path:
+    """Where ``toy report`` writes without ``--out``: beside the model, unless the model lies inside the installed
+    package (the shipped default), then ``training_report.json`` in the current folder (``toy ship`` is the one
+    command that writes into the package)."""
+    package = Path(__file__).resolve().parent.parent
+    if Path(model_dir).resolve().is_relative_to(package):
+        return Path("training_report.json")
+    return Path(model_dir) / "training_report.json"
 
 
 def _ship(args: argparse.Namespace) -> int:
