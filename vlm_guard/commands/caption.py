@@ -43,7 +43,8 @@ def register(subparsers) -> None:
 
 
 def _load_image(path: str | None):
-    from PIL import Image, UnidentifiedImageError
+    """``(RGB image, path)`` through :func:`vlm_guard.images.load_image`; a bundled example when ``path`` is None."""
+    from ..images import ImageLoadError, display_name, load_image
 
     if path is None:
         from ..defaults import EXAMPLES_DIR
@@ -52,14 +53,13 @@ def _load_image(path: str | None):
         if not candidates:
             raise ValueError(f"no image given and no bundled examples in {EXAMPLES_DIR}; pass an image path")
         path = str(candidates[0])
-        print(f"image: {path} (bundled example)")
+        print(f"image: {display_name(path)} (bundled example)")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path!r} does not exist; pass the path of a PNG or JPEG file")
+        raise FileNotFoundError(f"image {display_name(path)!r} does not exist; pass the path of a PNG or JPEG file")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB"), path
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"could not read {path!r} as an image ({error}); pass a PNG or JPEG file") from error
+        return load_image(path), path
+    except ImageLoadError as error:
+        raise ValueError(f"could not read {error}") from None
 
 
 def _caption(guarded, processor, image, prompt: str, max_new_tokens: int) -> tuple[str, float]:

@@ -16,11 +16,12 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from ..images import ImageLoadError, load_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def validate_image(source: str | os.PathLike | Image.Image | None, limits: DemoL
         raise DemoInputError("No image: upload one or pick a bundled example first.")
     if isinstance(source, Image.Image):
         _check_pixels(source.size, "the image", limits)
-        return source.convert("RGB")
+        return to_rgb(source)
     path = Path(source)
     name = path.name
     if not path.is_file():
@@ -102,28 +103,20 @@ def validate_image(source: str | os.PathLike | Image.Image | None, limits: DemoL
         )
     if size == 0:
         raise DemoInputError(f'"{name}" is empty (0 bytes); upload a PNG, JPEG or WebP image.')
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (and past twice its own limit raises) on huge images; our own cap is checked below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                _check_pixels(opened.size, f'"{name}"', limits)
-                opened.load()
-                image = opened.convert("RGB")
-    except DemoInputError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise DemoInputError(
-            f'"{name}" declares too many pixels to decode safely ({error}); the limit is '
-            f"{limits.max_image_pixels:,} pixels."
-        ) from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    try:  # the loader of every entry point: header pixel cap before decoding, 16-bit, EXIF, transparency
+        return load_image(path, max_pixels=limits.max_image_pixels, name=f'"{name}"')
+    except ImageLoadError as error:
+        if error.kind == "too_many_pixels" and error.size is not None:
+            _check_pixels(error.size, f'"{name}"', limits)  # raises the demo's own message
+        if error.kind == "too_many_pixels":
+            raise DemoInputError(
+                f'"{name}" declares too many pixels to decode safely; the limit is '
+                f"{limits.max_image_pixels:,} pixels."
+            ) from None
         logger.info("rejected upload %s: %s", name, error)
         raise DemoInputError(
-            f'"{name}" is not a readable image (corrupt or unsupported format: {type(error).__name__}). '
-            "Upload a PNG, JPEG or WebP file."
-        ) from error
-    return image
+            f'"{name}" is not a readable image (corrupt or unsupported format). Upload a PNG, JPEG or WebP file.'
+        ) from None
 
 
 def _check_pixels(size: tuple[int, int], what: str, limits: DemoLimits) -> None:

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from ..images import IMAGE_EXTENSIONS
 from ..models.fingerprint import weights_sample
 from ..version import __version__
 from .gift_layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
@@ -42,7 +43,6 @@ from .vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, VHDAccumulator,
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Please describe this image in detail."
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_SKIPPED_LISTED = 50
 
 
@@ -231,47 +231,59 @@ class HeadProfiler:
 
 
 # ---------------------------------------------------------------------- images and prompts
-def resolve_images(images) -> list:
-    """Calibration items from a folder, a glob pattern, one file, or a list of paths / PIL images.
+def find_calibration_images(images) -> tuple[list, dict[str, str]]:
+    """``(items, skipped)``: calibration items from a folder, a glob pattern (``**`` included), one file, or a list
+    of paths / PIL images, and the links skipped on the way (``name -> reason``: dangling, looping, or a second path
+    to a file already listed).
 
-    A folder contributes its files with an image extension (:data:`IMAGE_EXTENSIONS`), sorted; a glob
-    its matching files, sorted. Unreadable files are not filtered here: they are skipped (and counted)
-    when loaded.
+    A folder contributes its files with an image extension (:data:`IMAGE_EXTENSIONS`), sorted; a glob its matching
+    files, sorted (see :func:`vlm_guard.images.find_images`: symbolic links are never followed into a loop).
+    Unreadable files are not filtered here: they are skipped (and counted) when loaded.
+
+    Raises:
+        ValueError: nothing matches (the message says whether links were skipped).
     """
+    from ..images import display_name, find_images
+
     if isinstance(images, (str, Path)):
-        path = Path(images).expanduser()
-        if path.is_dir():
-            items = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not items:
-                raise ValueError(f"images={str(images)!r}: the folder holds no file ending in {list(IMAGE_EXTENSIONS)}")
-            return items
-        if path.is_file():
-            return [path]
-        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not matches:
-            raise ValueError(f"images={str(images)!r} is neither a folder, a file, nor a glob that matches files")
-        return matches
+        search = find_images(images, IMAGE_EXTENSIONS)
+        if not search.files:
+            path = Path(images).expanduser()
+            what = (f"the folder holds no file ending in {list(IMAGE_EXTENSIONS)}" if path.is_dir()
+                    else "is neither a folder, a file, nor a glob that matches files")
+            links = f" ({len(search.skipped)} skipped: {next(iter(search.skipped.items()))})" if search.skipped else ""
+            raise ValueError(f"images={display_name(images)!r}: {what}{links}; pass a folder or a glob of image files")
+        return list(search.files), dict(search.skipped)
     from PIL import Image
 
     if isinstance(images, Image.Image):
-        return [images]
-    return list(images)
+        return [images], {}
+    return list(images), {}
+
+
+def resolve_images(images) -> list:
+    """The items of :func:`find_calibration_images` (skipped links are logged)."""
+    items, skipped = find_calibration_images(images)
+    for name, reason in skipped.items():
+        logger.warning("skipping %s: %s", name, reason)
+    return items
 
 
 def _item_name(item, index: int) -> str:
-    return str(item) if isinstance(item, (str, Path)) else f"image #{index}"
+    from ..images import display_name
+
+    return display_name(item) if isinstance(item, (str, Path)) else f"image #{index}"
 
 
 def load_image(item):
-    """An RGB PIL image from a path or a PIL image; raises on unreadable input."""
+    """An RGB PIL image from a path or a PIL image (:func:`vlm_guard.images.load_image`); raises
+    :class:`~vlm_guard.images.ImageLoadError` on unreadable input."""
     from PIL import Image
 
-    if isinstance(item, (str, Path)):
-        with Image.open(item) as image:
-            image.load()
-            return image.convert("RGB")
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
+    from ..images import load_image as load_rgb
+
+    if isinstance(item, (str, Path, Image.Image)):
+        return load_rgb(item)
     raise ValueError(f"calibration images must be paths or PIL images, got {type(item).__name__}")
 
 
@@ -365,14 +377,16 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
     if processor is None:
         raise ValueError("calibrate needs the model's processor (to build prompts and image tensors); pass processor=...")
     prompt_texts = _normalise_prompts(prompts)
-    items = resolve_images(images)
+    items, skipped_links = find_calibration_images(images)
     if limit is not None:
         items = items[:limit]
     if not items:
         raise ValueError("images is empty: give a folder, a glob or a list of images")
 
     started = time.perf_counter()
-    skipped: list[str] = []
+    skipped: list[str] = [f"{name}: {reason}" for name, reason in skipped_links.items()]
+    for line in skipped:
+        logger.warning("skipping %s", line)
     with HeadProfiler.open(model, processor, distance=distance, outlier_filter=outlier_filter, sink_dims=sink_dims,
                            sink_threshold=sink_threshold, sink_dim_min_ratio=sink_dim_min_ratio, rho=rho,
                            visual_mass_threshold=visual_mass_threshold) as profiler:
@@ -402,8 +416,8 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
                 try:
                     image = load_image(item)
                 except Exception as error:
-                    logger.warning("skipping %s: not a readable image (%s)", name, error)
-                    skipped.append(f"{name}: {error}")
+                    logger.warning("skipping %s", error)
+                    skipped.append(str(error) if name in str(error) else f"{name}: {error}")
                     bar.update(1)
                     continue
                 text = build_prompt(processor, prompt_texts[index % len(prompt_texts)])
