@@ -83,7 +83,8 @@ class _PickyProcessor:
         return getattr(self._processor, name)
 
     def __call__(self, images=None, **kwargs):
-        if any(image.width == 13 for image in images):
+        flat = [image for row in images for image in (row if isinstance(row, list) else [row])]  # one list per prompt
+        if any(image.width == 13 for image in flat):
             raise ValueError("unsupported image width 13")
         return self._processor(images=images, **kwargs)
 

@@ -194,9 +194,9 @@ def generate_answers(
     """
     import torch
 
-    if len(images) != len(prompts):
-        raise ValueError(f"images and prompts differ in length ({len(images)} vs {len(prompts)}).")
-    inputs = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    from vlm_guard.models.loading import encode_prompts
+
+    inputs = encode_prompts(processor, list(images), list(prompts))  # one image list per row (SmolVLM needs it)
     if "token_type_ids" in inputs and not _accepts(model, "token_type_ids"):
         inputs.pop("token_type_ids")  # some tokenizers return it; generate rejects unused model kwargs
     device = getattr(model, "device", None)

@@ -324,9 +324,10 @@ class _LeftPadding:
 
 
 def _process(processor, family: str, images: list, texts: list[str]) -> dict:
-    image_argument = [[image] for image in images] if family == "idefics3" else images
+    from ..models.loading import encode_prompts
+
     with _LeftPadding(processor):
-        encoded = processor(images=image_argument, text=texts, return_tensors="pt", padding=True)
+        encoded = encode_prompts(processor, images, texts)
     return dict(encoded)
 
 

@@ -125,3 +125,28 @@ def chat_prompt(processor, text: str, with_image: bool = True) -> str:
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     image_token = getattr(processor, "image_token", "<image>")
     return f"{image_token}\n{text}" if with_image else text
+
+
+def encode_prompts(processor, images, texts, **kwargs):
+    """Processor inputs for a batch of one-image prompts (``images[i]`` belongs to ``texts[i]``).
+
+    Images go in as one list per prompt (``[[image_0], [image_1], ...]``), the layout every supported processor
+    documents for batches: a flat list is read by SmolVLM's processor as all images of the first prompt, and it
+    then refuses the batch ("the number of <image> tokens ... should be the same as the number of images").
+
+    Args:
+        processor: the model's processor (its tokenizer's padding side is used as set).
+        images: one PIL image per prompt.
+        texts: the prompts, each with one image placeholder.
+        kwargs: passed to the processor (default ``return_tensors="pt"``, ``padding=True``).
+
+    Returns:
+        The processor's ``BatchFeature``.
+
+    Example:
+        >>> inputs = encode_prompts(processor, [image_a, image_b], [prompt_a, prompt_b])  # doctest: +SKIP
+    """
+    if len(images) != len(texts):
+        raise ValueError(f"images and prompts differ in length ({len(images)} vs {len(texts)}); give one image per prompt.")
+    options = {"return_tensors": "pt", "padding": True, **kwargs}
+    return processor(images=[[image] for image in images], text=list(texts), **options)
