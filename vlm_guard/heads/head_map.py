@@ -534,6 +534,8 @@ class HeadMap:
             f"model       {fp.get('family')} {fp.get('model_class', '')} {fp.get('name_or_path') or '(unnamed)'}",
             f"geometry    layers={fp.get('num_layers')} heads={fp.get('num_heads')} kv_heads={fp.get('num_kv_heads')} "
             f"head_dim={fp.get('head_dim')} hidden={fp.get('hidden_size')}  hash={self.fingerprint_hash}",
+            f"identity    weights={fp.get('weights_digest') or 'MISSING'} ({fp.get('weights_dtype', '?')}) "
+            f"config={fp.get('config_digest') or 'MISSING'} transformers={fp.get('transformers_version', '?')}",
             f"calibration images={calibration.get('n_images', '?')} skipped={calibration.get('n_skipped', 0)} "
             f"prompts={calibration.get('prompts', [])}",
             f"vhd         distance={self.distance} outlier_filter={self.outlier_filter}",

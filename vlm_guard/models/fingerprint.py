@@ -18,6 +18,7 @@ How the digests are made:
   :func:`weights_sample` with :func:`samples_match` across dtypes). Integer parameters (quantized
   weights) are hashed as int64. Parameter names are not hashed: the sample order already follows the
   module structure, and renamed modules between transformers versions do not change the digest.
+  Parameters on the ``meta`` device (offloaded, not loaded) are left out.
   Cost: one small gather per parameter (a few thousand numbers for a 7B model), independent of model
   size; nothing reads the files. A fine-tune that changes none of the sampled elements (e.g. a
   handful of weights edited by hand) is not detected; any ordinary fine-tune or LoRA merge changes
