@@ -60,11 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as error:
-        print(f"vlm-guard {args.command}: error: {error}", file=sys.stderr)
+        print(f"vlm-guard {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as error:
-        print(f"vlm-guard {args.command}: error: {error}", file=sys.stderr)
+        print(f"vlm-guard {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # a read-only folder, a full disk, a busy port...: one line, not a traceback
+        from .images import display_name
+
+        where = f": {display_name(error.filename)}" if getattr(error, "filename", None) else ""
+        print(f"vlm-guard {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line, printable whatever the locale (file names that are not UTF-8 included)."""
+    text = " ".join(str(error).split("\n"))
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     pope.add_argument("--images", required=True, help="folder of the images the questions name (COCO val2014)")
     pope.add_argument("--prompt-suffix", default="",
                       help="text appended to each question (e.g. ' Answer with one word.'); default none")
-    pope.set_defaults(func=_run_pope)
+    pope.set_defaults(func=_resumable(_run_pope))
 
     chair = commands.add_parser("chair", help="CHAIR on COCO val2014: captions scored against instances + captions")
     _common(chair)
@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     chair.add_argument("--captions", required=True, help="captions_val2014.json")
     chair.add_argument("--n-images", type=int, default=500, help="random images drawn with --seed (default 500)")
     chair.add_argument("--prompt", default=DEFAULT_CHAIR_PROMPT, help=f"caption prompt (default {DEFAULT_CHAIR_PROMPT!r})")
-    chair.set_defaults(func=_run_chair)
+    chair.set_defaults(func=_resumable(_run_chair))
 
     synthetic = commands.add_parser("synthetic", help="POPE- and CHAIR-style benchmark on held-out toy-world scenes")
     _common(synthetic)
@@ -62,7 +62,7 @@ def register(subparsers) -> None:
                            help="world seed (default 900001, the reported held-out seed; 910001 is for tuning)")
     synthetic.add_argument("--biased", action="store_true", help="training-like biased scenes instead of unbiased")
     synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
-    synthetic.set_defaults(func=_run_synthetic)
+    synthetic.set_defaults(func=_resumable(_run_synthetic))
 
     images = commands.add_parser("synthetic-images",
                                  help="render synthetic scenes as PNGs (e.g. tuning-seed scenes for `vlm-guard calibrate`)")
@@ -221,17 +221,57 @@ def _load_head_map(args):
     return HeadMap.from_pretrained(args.head_map)
 
 
+FINGERPRINT_KEYS = ("benchmark", "world_seed", "bias", "prompt", "prompt_suffix", "prompts")
+"""run_config fields that identify the data and prompts: part of each records file's fingerprint."""
+
+INTERRUPTED_MESSAGE = "interrupted: rerun the same command to resume"
+
+
+def _scored_items(result: dict) -> int:
+    from vlm_guard.eval.records import read_summary
+
+    try:
+        first = result["method_sets"][0]
+        return int(read_summary(first["summary"])["n"])
+    except (KeyError, IndexError, ValueError, FileNotFoundError):
+        return -1
+
+
+def _resumable(run):
+    """Ctrl-C during a run prints one line and exits 130: every finished item is on disk and a rerun resumes."""
+    import functools
+    import sys
+
+    @functools.wraps(run)
+    def wrapper(args) -> int:
+        try:
+            return run(args)
+        except KeyboardInterrupt:
+            print(f"vlm-guard eval: {INTERRUPTED_MESSAGE}", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
 def _execute(args, tasks, loader, run_config: dict) -> int:
     import torch
 
     from vlm_guard.defaults import DEFAULT_MODEL_DIR
     from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
 
+    from vlm_guard.commands.checks import check_device, check_model_argument, check_output_file
+    from vlm_guard.eval.runner import results_paths
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
     method_sets = _method_sets(args)
+    check_output_file(args.out)  # before the model loads: a folder, a read-only place
+    for label in method_sets:
+        check_output_file(results_paths(args.out, label if args.compare else None)[0])
+    check_device(args.device)
+    check_model_argument(args.model)
     model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                                               device=args.device, allow_pickle=args.allow_pickle)
     run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
@@ -241,7 +281,13 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
         model, processor, tasks, method_sets, args.out, loader=loader, head_map=_load_head_map(args),
         batch_size=args.batch_size, seed=args.seed, n_resamples=args.n_resamples, progress=not args.no_progress,
         run_config=run_config, compare=bool(args.compare),
+        fingerprint_extra={key: run_config[key] for key in FINGERPRINT_KEYS if key in run_config},
     )
+    scored = _scored_items(result)
+    if scored == 0 and loader.n_skipped:
+        example = next(iter(loader.skipped.items()))
+        raise ValueError(f"no item could be run: all {loader.n_skipped} images were skipped (e.g. {example[0]}: "
+                         f"{example[1]}); check --images.")
     print(result["markdown"])
     skipped = loader.n_skipped
     if skipped:
@@ -264,6 +310,10 @@ def _run_pope(args) -> int:
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["pope"]
     tasks = pope_tasks(files, limit=args.limit, max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix)
     loader = ImageLoader(args.images)
+    names = sorted({item.image_name for task in tasks for item in task.items})
+    if names and not any(loader.path_of(name).is_file() for name in names):
+        raise ValueError(f"none of the {len(names)} images the questions name is in --images {args.images} (e.g. "
+                         f"{names[0]}); pass the folder that holds them (COCO val2014).")
     run_config = {"benchmark": "pope", "question_files": [str(path) for path in files], "images": args.images,
                   "max_new_tokens": max_new_tokens, "prompt_suffix": args.prompt_suffix, "limit": args.limit,
                   "title": "POPE"}

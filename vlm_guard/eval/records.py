@@ -57,7 +57,9 @@ def _json_default(value: Any) -> Any:
 
 def _dumps(value: Any, what: str, **kwargs: Any) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default, **kwargs)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default, **kwargs)
+        # a file name that is not UTF-8 (a lone surrogate) cannot be written to a UTF-8 file: keep it escaped
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
     except ValueError as error:  # NaN / inf
         raise ValueError(
             f"{what} holds a NaN or infinite number ({error}); JSON cannot store it: replace it with None or a "
@@ -67,12 +69,26 @@ def _dumps(value: Any, what: str, **kwargs: Any) -> str:
         raise ValueError(f"{what} is not JSON serialisable: {error}; store plain numbers, strings, lists and dicts.") from None
 
 
+HEADER_KEY = "vlm_guard_run"
+"""Key of the header line (the first line of a records file): ``{"vlm_guard_run": RUN_FORMAT, "fingerprint": ...}``."""
+RUN_FORMAT = "vlm_guard.eval_records/1"
+
+
+class RunMismatchError(ValueError):
+    """A records file belongs to another run (other model, settings, prompts or code), or cannot be checked."""
+
+
+class FileBusyError(ValueError):
+    """Another process is writing the records file (the ``--out`` value cannot be used now)."""
+
+
 @dataclasses.dataclass
 class _Scan:
     records: list[dict]
     good_length: int  # bytes of complete, valid content
     needs_newline: bool  # last valid record lacks its newline
     dropped_line: str | None
+    header: dict | None = None  # the run header (first line), if any
 
 
 def _scan_jsonl(path: Path) -> _Scan:
@@ -83,6 +99,7 @@ def _scan_jsonl(path: Path) -> _Scan:
     dropped_line = None
     needs_newline = False
     good_length = 0
+    scan_header = None
     while position < len(data):
         line_number += 1
         end = data.find(b"\n", position)
@@ -111,11 +128,21 @@ def _scan_jsonl(path: Path) -> _Scan:
                 f"{path}:{line_number}: not a JSON object: {text[:120]!r}. Only a truncated last line is repaired "
                 f"automatically; fix or move this file."
             )
-        records.append(record)
+        if HEADER_KEY in record:
+            if scan_header is None and not records:
+                scan_header = record
+            elif record.get("fingerprint") != (scan_header or {}).get("fingerprint"):
+                raise RunMismatchError(
+                    f"{path}:{line_number}: a second run header with another fingerprint; this file mixes two runs "
+                    f"(were files concatenated?). Split it, or delete it and rerun."
+                )
+        else:
+            records.append(record)
         good_length = next_position
         needs_newline = not complete
         position = next_position
-    return _Scan(records=records, good_length=good_length, needs_newline=needs_newline, dropped_line=dropped_line)
+    return _Scan(records=records, good_length=good_length, needs_newline=needs_newline, dropped_line=dropped_line,
+                 header=scan_header)
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -134,6 +161,130 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"results file not found: {str(path)!r}.")
     return _scan_jsonl(path).records
+
+
+def read_header(path: str | os.PathLike) -> dict | None:
+    """The run header of a results file (``{"vlm_guard_run": ..., "fingerprint": {...}, ...}``), or None for a file
+    written without one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {str(path)!r}.")
+    return _scan_jsonl(path).header
+
+
+def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"field: old -> new"`` for every field of two flat fingerprints that differs (missing counts as None).
+
+    Example:
+        >>> fingerprint_differences({"methods": "vhr", "seed": 0}, {"methods": "gift", "seed": 0})
+        ["methods: 'vhr' -> 'gift'"]
+    """
+    def short(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{key}: {short(old.get(key))} -> {short(new.get(key))}"
+            for key in sorted(set(old) | set(new), key=str) if old.get(key) != new.get(key)]
+
+
+class _FileLock:
+    """An exclusive lock on ``<records file>.lock`` held while a writer is open.
+
+    POSIX ``flock`` is released by the kernel when the holder dies, so a lock file left by a killed run (``kill
+    -9``, a crash, a reboot) is stale by construction and is simply taken over; the pid written into it only
+    names the holder in the error. Without ``fcntl`` (Windows) the file is created exclusively and a lock whose
+    pid is no longer running on this host is treated as stale and replaced.
+    """
+
+    def __init__(self, target: Path):
+        self.path = target.with_name(target.name + ".lock")
+        self._handle = None
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not isinstance(info, dict) or "pid" not in info:
+            return "another process"
+        return f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started_utc')}"
+
+    def acquire(self) -> None:
+        info = json.dumps({"pid": os.getpid(), "host": platform.node(),
+                           "started_utc": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds")})
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            self._acquire_exclusive(info)
+            return
+        for _ in range(10):
+            handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise FileBusyError(
+                    f"{self.path.with_suffix('')} is being written by another run ({self._holder()}); wait for it to "
+                    f"finish, or pass another --out. (Two writers would duplicate items.)"
+                ) from None
+            try:
+                same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file between our open and our lock: take the new one
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(info)
+            handle.flush()
+            self._handle = handle
+            return
+        raise FileBusyError(f"could not lock {self.path}; another run keeps replacing it. Pass another --out.")
+
+    def _acquire_exclusive(self, info: str) -> None:  # pragma: no cover - Windows
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text(encoding="utf-8"))
+                    pid = int(holder["pid"])
+                    alive = holder.get("host") == platform.node() and _pid_alive(pid)
+                except (OSError, ValueError, KeyError, TypeError):
+                    alive = False
+                if alive:
+                    raise FileBusyError(f"{self.path.with_suffix('')} is being written by another run "
+                                        f"({self._holder()}); wait for it, or pass another --out.") from None
+                logger.warning("removing the stale lock %s (%s is not running)", self.path, self._holder())
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(info)
+            self._handle = True
+            return
+        raise FileBusyError(f"could not lock {self.path}; pass another --out.")
+
+    def release(self) -> None:
+        if self._handle is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # removed while still held: a waiting opener re-checks the inode
+        except OSError:
+            pass
+        if self._handle is not True:
+            self._handle.close()  # releases the flock
+        self._handle = None
+
+
+def _pid_alive(pid: int) -> bool:  # pragma: no cover - Windows fallback
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class ResultsWriter:
@@ -158,26 +309,78 @@ class ResultsWriter:
         True
     """
 
-    def __init__(self, path: str | os.PathLike, id_key: str = "id", fsync: bool = False):
+    def __init__(self, path: str | os.PathLike, id_key: str = "id", fsync: bool = False,
+                 fingerprint: Mapping[str, Any] | None = None, required_keys: tuple[str, ...] = ()):
         if not isinstance(id_key, str) or not id_key:
             raise ValueError(f"id_key must be a non-empty string, got {id_key!r}.")
         self.path = Path(path)
         self.id_key = id_key
         self.fsync = fsync
+        self.fingerprint = None if fingerprint is None else json.loads(_dumps(dict(fingerprint), what="fingerprint"))
+        self.required_keys = tuple(required_keys)
         self.dropped_line: str | None = None
+        self.header: dict | None = None
         self._done: dict[Any, None] = {}
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a folder; pass a file name for the records, e.g. {self.path / 'results.jsonl'}.")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._resume()
-        self._handle = self.path.open("a", encoding="utf-8")
+        self._lock = _FileLock(self.path)
+        self._lock.acquire()
+        try:
+            if self.path.exists():
+                self._resume()
+            self._handle = self.path.open("a", encoding="utf-8")
+            if self.fingerprint is not None and self.header is None:
+                self._write_header()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _write_header(self) -> None:
+        self.header = {
+            HEADER_KEY: RUN_FORMAT,
+            "created_utc": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+            "fingerprint": self.fingerprint,
+        }
+        self._handle.write(_dumps(self.header, what="run header") + "\n")
+        self._handle.flush()
+
+    def _check_fingerprint(self, scan: _Scan) -> None:
+        if self.fingerprint is None:
+            return
+        if scan.header is None:
+            if scan.records:
+                raise RunMismatchError(
+                    f"{self.path} holds {len(scan.records)} records but no run fingerprint (written by an older "
+                    f"vlm_guard), so they cannot be checked against this run's model and settings; pass another --out, "
+                    f"or move the file away to start over."
+                )
+            return
+        stored = scan.header.get("fingerprint")
+        if not isinstance(stored, dict):
+            raise RunMismatchError(f"{self.path}: the run header has no fingerprint; pass another --out or move the file away.")
+        differences = fingerprint_differences(stored, self.fingerprint)
+        if differences:
+            raise RunMismatchError(
+                f"{self.path} was written by a different run ({'; '.join(differences)}); resuming would mix its "
+                f"answers with this run's settings. Pass another --out, or rerun with the same settings."
+            )
 
     def _resume(self) -> None:
         scan = _scan_jsonl(self.path)
+        self._check_fingerprint(scan)
+        self.header = scan.header
         for index, record in enumerate(scan.records):
             if self.id_key not in record:
                 raise ValueError(
                     f"{self.path}: record {index + 1} has no {self.id_key!r} key (keys: {sorted(record)}); open it "
                     f"with the id_key it was written with."
+                )
+            missing = [key for key in self.required_keys if key not in record]
+            if missing:
+                raise ValueError(
+                    f"{self.path}: record {index + 1} (id {record.get(self.id_key)!r}) lacks {missing}; the file was "
+                    f"edited or written by another tool. Fix or delete that line, or pass another --out."
                 )
             item_id = _hashable_id(record[self.id_key], self.path)
             if item_id in self._done:
@@ -233,9 +436,13 @@ class ResultsWriter:
         return read_records(self.path)
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        if not self._handle.closed:
-            self._handle.close()
+        """Close the file and release its lock (idempotent)."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not handle.closed:
+            handle.close()
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     def __enter__(self) -> "ResultsWriter":
         return self
@@ -244,9 +451,7 @@ class ResultsWriter:
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        handle = getattr(self, "_handle", None)
-        if handle is not None and not handle.closed:
-            handle.close()
+        self.close()
 
 
 def _hashable_id(value: Any, path: Path) -> Any:
@@ -365,7 +570,11 @@ def finite_or_none(value: float) -> float | None:
 
 __all__ = [
     "ResultsWriter",
+    "RunMismatchError",
+    "FileBusyError",
     "read_records",
+    "read_header",
+    "fingerprint_differences",
     "write_summary",
     "read_summary",
     "finite_or_none",

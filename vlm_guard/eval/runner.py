@@ -38,6 +38,10 @@ from vlm_guard.eval.records import ResultsWriter, read_records, write_summary
 logger = logging.getLogger(__name__)
 
 TASK_KINDS = ("pope", "chair")
+RECORD_KEYS = ("id", "task", "prompt", "answer")
+"""Keys every record holds (a records file whose lines lack one is refused on resume with a one-line error)."""
+SCORE_KEYS = {"pope": ("label",), "chair": ("n_hallucinated", "n_mentions", "n_recalled", "n_gt_objects", "n_words")}
+"""Keys the metrics of each task kind read from a record."""
 
 Scorer = Callable[["EvalItem", str], dict]
 """``scorer(item, answer) -> dict`` of score fields merged into the item's record."""
@@ -426,14 +430,22 @@ def run_method_set(
     progress: bool = True,
     config: Any = None,
     code: str | None = None,
+    fingerprint_extra: Mapping[str, Any] | None = None,
 ) -> MethodRun:
     """Run every task with one method set (``guarded.set_config``) into one results file.
 
     ``code`` (e.g. :func:`code_digest`'s ``sha256_16``) is stored in every new record, so a file resumed after the
     method code changed shows it (see ``record_method_code`` in the summary).
+
+    With ``fingerprint_extra`` (a dict, possibly empty) the results file carries the run's fingerprint
+    (:func:`run_fingerprint` plus these fields) in its first line: resuming a file written with another fingerprint
+    raises :class:`~vlm_guard.eval.records.RunMismatchError` naming the fields that differ, and a second process
+    writing the same file at once gets :class:`~vlm_guard.eval.records.FileBusyError`.
     """
     config = config if config is not None else guard_config_for(label)
     guarded.set_config(config)
+    fingerprint = run_fingerprint(guarded, processor, label, config, tasks, code=code,
+                                  extra=fingerprint_extra) if fingerprint_extra is not None else None
     active = [intervention.name for intervention in guarded.interventions]
     inactive = [name for name in config.enabled_methods if name not in active]
     if inactive:
@@ -443,7 +455,8 @@ def run_method_set(
         )
     stats: dict[str, RunStats] = {}
     records: dict[str, list[dict]] = {}
-    with ResultsWriter(records_path, id_key="id") as writer:
+    with ResultsWriter(records_path, id_key="id", fingerprint=fingerprint, required_keys=RECORD_KEYS) as writer:
+        _check_done_records(writer, tasks)
         for task in tasks:
             stats[task.name] = run_items(
                 guarded, processor, task, writer, loader, batch_size=batch_size, progress=progress,
@@ -451,10 +464,19 @@ def run_method_set(
             )
             logger.info("%s %s: %s", label, task.name, stats[task.name])
     wanted = {task.name: {item.item_id for item in task.items} for task in tasks}
+    counted: set[tuple[str, Any]] = set()
+    duplicates = 0
     for record in read_records(records_path):
         task_name = record.get("task")
         if task_name in wanted and record.get("id") in wanted[task_name]:
+            key = (task_name, record["id"])
+            if key in counted:  # a merged or doubly written file: every item counts once (the first record)
+                duplicates += 1
+                continue
+            counted.add(key)
             records.setdefault(task_name, []).append(record)
+    if duplicates:
+        logger.warning("%s: %d duplicate records ignored (each item counts once).", records_path, duplicates)
     return MethodRun(
         label=label,
         guard_config=config.to_dict(),
@@ -483,6 +505,7 @@ def run_benchmark(
     run_config: Mapping[str, Any] | None = None,
     compare: bool | None = None,
     configs: Mapping[str, Any] | None = None,
+    fingerprint_extra: Mapping[str, Any] | None = None,
 ) -> dict:
     """Run ``tasks`` with each method set, write records and summaries, and compare against greedy.
 
@@ -503,6 +526,9 @@ def run_benchmark(
             (:func:`code_digest`, taken once every method module is imported) is added.
         compare: Write the comparison files (default: when there is more than one method set).
         configs: Optional label -> GuardConfig overriding the default hyper-parameters of a method set.
+        fingerprint_extra: Fields that identify the data and prompts (benchmark, world seed, prompt templates...)
+            added to each records file's run fingerprint (see :func:`run_fingerprint`); every records file gets a
+            fingerprint whether or not this is given.
 
     Returns:
         The comparison dict (also written): per method set, its metrics and paired differences against greedy.
@@ -529,7 +555,8 @@ def run_benchmark(
             config = (configs or {}).get(label)
             code = run_config["method_code"]["sha256_16"]
             run = run_method_set(guarded, processor, tasks, label, records_path, loader,
-                                 batch_size=batch_size, progress=progress, config=config, code=code)
+                                 batch_size=batch_size, progress=progress, config=config, code=code,
+                                 fingerprint_extra=dict(fingerprint_extra or {}))
             run.summary_path = summary_path
             metrics = method_metrics(run.records, tasks, seed=seed, n_resamples=n_resamples)
             if compare and runs:
@@ -585,6 +612,106 @@ def run_benchmark(
         result["markdown"] = single_markdown(runs[0].metrics, title=run_config.get("title"))
         result["summary_path"] = str(runs[0].summary_path)
     return result
+
+
+def _flatten(prefix: str, value: Any, into: dict) -> dict:
+    if isinstance(value, Mapping) and value:
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}", inner, into)
+    else:
+        into[prefix] = value
+    return into
+
+
+def _sha16(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def head_map_digest(head_map: Any) -> str | None:
+    """16 hex digits of a head map's content (JSON and tensors), or None without a map."""
+    if head_map is None:
+        return None
+    import json
+
+    import numpy as np
+
+    parts = [json.dumps(head_map.to_json(), sort_keys=True, default=str).encode()]
+    for name, tensor in sorted(head_map._tensors().items()):
+        parts += [name.encode(), np.ascontiguousarray(tensor.numpy()).tobytes()]
+    return _sha16(b"\0".join(parts))
+
+
+def run_fingerprint(guarded: Any, processor: Any, label: str, config: Any, tasks: Sequence[EvalTask], *,
+                    code: str | None = None, extra: Mapping[str, Any] | None = None,
+                    generation_kwargs: Mapping[str, Any] | None = None) -> dict:
+    """What must not change while one results file is written, as flat ``field -> value``.
+
+    Fields: ``model.*`` (class, config and weights digests of :func:`vlm_guard.models.fingerprint.model_fingerprint`,
+    and the weights dtype), ``methods`` and ``guard_config.*`` (every hyper-parameter), ``head_map`` (a digest of
+    the map in use), ``generation.*`` (greedy settings and each task's ``max_new_tokens``), ``prompts.chat_template``
+    (a digest of the processor's template), ``code.method_code`` (:func:`code_digest`) and ``code.vlm_guard_version``,
+    plus ``extra`` under ``data.*`` (benchmark, world seed, prompt templates...). The batch size is left out (it
+    does not change greedy answers beyond float noise, and a resume may need a smaller one); the item list is left
+    out too (a larger ``--limit`` extends a file), but each finished item's stored prompt must equal its prompt now.
+
+    Example:
+        >>> run_fingerprint(guarded, processor, "vhr", config, tasks)["guard_config.vhr.alpha"]  # doctest: +SKIP
+        2.0
+    """
+    from vlm_guard.models.fingerprint import model_fingerprint
+    from vlm_guard.version import __version__
+
+    model = getattr(guarded, "model", guarded)
+    identity = model_fingerprint(model)
+    fingerprint: dict[str, Any] = {
+        "model.class": identity["model_class"],
+        "model.config_digest": identity["config_digest"],
+        "model.weights_digest": identity["weights_digest"],
+        "model.dtype": identity["weights_dtype"],
+        "methods": label,
+        "head_map": head_map_digest(getattr(guarded, "head_map", None)),
+        "generation.do_sample": False,
+        "generation.num_beams": 1,
+        "prompts.chat_template": _sha16(str(getattr(processor, "chat_template", None) or "").encode()),
+        "code.method_code": code,
+        "code.vlm_guard_version": __version__,
+    }
+    guard = {key: value for key, value in config.to_dict().items() if "version" not in key}
+    _flatten("guard_config", guard, fingerprint)
+    for task in tasks:
+        fingerprint[f"generation.max_new_tokens.{task.name}"] = task.max_new_tokens
+    for key, value in dict(generation_kwargs or {}).items():
+        fingerprint[f"generation.{key}"] = value
+    for key, value in dict(extra or {}).items():
+        _flatten(f"data.{key}", value, fingerprint)
+    return fingerprint
+
+
+def _check_done_records(writer: ResultsWriter, tasks: Sequence[EvalTask]) -> None:
+    """Refuse a resume whose finished items were asked with another prompt, or lack the fields the metrics read."""
+    from vlm_guard.eval.records import RunMismatchError
+
+    if not len(writer):
+        return
+    items = {(task.name, item.item_id): (task, item) for task in tasks for item in task.items}
+    for record in writer.records():
+        found = items.get((record.get("task"), record.get("id")))
+        if found is None:
+            continue
+        task, item = found
+        if record.get("prompt") != item.prompt:
+            raise RunMismatchError(
+                f"{writer.path}: item {item.item_id!r} was asked with the prompt {record.get('prompt')!r}, now "
+                f"{item.prompt!r}; pass another --out, or rerun with the same prompt settings."
+            )
+        missing = [key for key in SCORE_KEYS.get(task.kind, ()) if key not in record]
+        if missing:
+            raise ValueError(
+                f"{writer.path}: the record of item {item.item_id!r} lacks {missing}, which the {task.kind} metrics "
+                f"read; the file was edited or written by another tool. Fix or delete that line, or pass another --out."
+            )
 
 
 def code_digest() -> dict:
@@ -681,4 +808,7 @@ __all__ = [
     "comparison_paths",
     "code_digest",
     "weights_digest",
+    "run_fingerprint",
+    "head_map_digest",
+    "RECORD_KEYS",
 ]

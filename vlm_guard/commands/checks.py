@@ -1,0 +1,99 @@
+"""Checks a command runs on its arguments before any slow work (loading a model), each failing with a one-line
+``ValueError`` / ``FileNotFoundError`` that names the value and the fix (printed by ``vlm_guard.cli.main``).
+
+Example:
+    >>> check_device("cpu")
+    'cpu'
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..images import display_name
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """``device`` when torch can use it here; otherwise a one-line error (``cuda`` without a GPU, a typo)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"{flag} {device!r} is not a torch device ({error}); use cpu, cuda, cuda:1 or mps.") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"torch {torch.__version__}, " + (f"built with CUDA {torch.version.cuda}" if torch.version.cuda
+                                                       else "built without CUDA")
+            raise ValueError(f"{flag} {device}: no CUDA GPU is available here ({built}); use {flag} cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered "
+                             f"from 0; pass one of them.")
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"{flag} {device}: Apple MPS is not available here; use {flag} cpu.")
+    return device
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text.startswith((".", "/", "~")) or text.endswith(("/", os.sep)) or text.count("/") > 1
+            or os.sep != "/" and os.sep in text)
+
+
+def check_model_argument(model: str | None, flag: str = "--model") -> str | None:
+    """A ``--model`` value that can be loaded: an existing model folder (with ``config.json``), or a hub id
+    (``org/name``). A path that does not exist (a typo) is refused here, before transformers turns it into a hub
+    lookup with a long traceback."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    shown = display_name(model)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{flag} {shown} is a file; pass the model folder (the one holding config.json) or a hub id.")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{flag} {shown} has no config.json; pass a folder written by save_pretrained or a hub id.")
+        return model
+    if _looks_like_path(str(model)):
+        raise FileNotFoundError(f"{flag} {shown}: no such folder; check the path (or pass a hub id like "
+                                f"llava-hf/llava-1.5-7b-hf).")
+    return model
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as a file this process can create or append to: not a folder, in a folder that exists or can be
+    made, and that can be written (checked by creating a temporary file there)."""
+    out = Path(path).expanduser()
+    shown = display_name(out)
+    if out.is_dir():
+        raise ValueError(f"{flag} {shown} is a folder; pass a file name, e.g. {display_name(out / 'results.jsonl')}.")
+    _check_writable_folder(out.parent, flag, shown)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{flag} {shown} is read-only; pass another {flag} or make it writable.")
+    return out
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as a folder to write into: not an existing file, creatable and writable."""
+    out = Path(path).expanduser()
+    shown = display_name(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {shown} is an existing file; {flag} names a folder to write into: pass a new or "
+                         f"existing folder.")
+    _check_writable_folder(out, flag, shown)
+    return out
+
+
+def _check_writable_folder(folder: Path, flag: str, shown: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vlm_guard_write_test_"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"{flag} {shown}: cannot write into {display_name(folder)} ({reason}); pass a {flag} in a "
+                         f"folder you can write to.") from None
+
+
+__all__ = ["check_device", "check_model_argument", "check_output_file", "check_output_folder"]
