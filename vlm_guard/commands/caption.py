@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is out of range; allowed range is [1, 4096]")
     config = GuardConfig.from_methods(args.methods)
     image, _ = _load_image(args.image)
+    from .checks import check_device, check_model_argument
+
+    check_device(args.device)
+    check_model_argument(args.model)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                   allow_pickle=args.allow_pickle)
     prompt = args.prompt or (DEFAULT_PROMPT if args.model is None else "Please describe this image in detail.")

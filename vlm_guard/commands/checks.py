@@ -96,4 +96,27 @@ def _check_writable_folder(folder: Path, flag: str, shown: str) -> None:
                          f"folder you can write to.") from None
 
 
-__all__ = ["check_device", "check_model_argument", "check_output_file", "check_output_folder"]
+def check_port(host: str, port: int, flag: str = "--port") -> int:
+    """``port`` when a server can listen on ``host:port`` now; a one-line error when another program holds it."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closing socket does not count
+    try:
+        probe.bind((host.strip("[]"), port))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ValueError(f"{flag} {port} on {host} is already in use (another demo or server?); pass another "
+                             f"{flag}, or stop the program that holds it.") from None
+        if error.errno == errno.EACCES:
+            raise ValueError(f"{flag} {port} on {host} needs privileges (ports below 1024); pass {flag} 7860 or "
+                             f"another port above 1023.") from None
+        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); check --host and {flag}.") from None
+    finally:
+        probe.close()
+    return port
+
+
+__all__ = ["check_device", "check_model_argument", "check_output_file", "check_output_folder", "check_port"]

@@ -93,6 +93,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a valid port; choose 1..65535")
     limits = build_limits(args)
+    from ..commands.checks import check_device, check_model_argument, check_port
+
+    check_device(args.device)  # before the model loads: one line, not a traceback
+    check_model_argument(args.model)
+    check_port(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401

@@ -362,9 +362,10 @@ def _write_synthetic_images(args) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}.")
+    from vlm_guard.commands.checks import check_output_folder
+
     seed = TUNING_SEED if args.world_seed is None else args.world_seed
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = check_output_folder(args.out)
     world = synthetic_world(seed, args.biased)
     for index in range(args.n):
         render(world.scene(index)).save(folder / f"scene_{index:06d}.png")

@@ -106,6 +106,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be >= 1")
+    from ..commands.checks import check_device, check_model_argument, check_output_folder
+
+    check_output_folder(args.out)  # before the model loads
+    check_device(args.device)
+    check_model_argument(args.model)
     model, processor = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.allow_pickle)
     out = Path(args.out)
     head_map = calibrate(
