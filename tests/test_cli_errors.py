@@ -153,3 +153,11 @@ def test_non_utf8_file_name_under_a_strict_utf8_locale(tmp_path, tmp_path_factor
     assert "Traceback" not in stderr
     assert "profiled 1 images, skipped 1" in stdout and "caf\\xe9_broken.png" in stdout
     assert "caf\\\\xe9_broken.png" in (tmp_path / "map" / "head_map.json").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("command", [["eval", "synthetic", "--out", "{tmp}/o.jsonl"], ["demo"]])
+def test_model_folder_without_config(command, tmp_path, capsys):
+    folder = tmp_path / "half_copied_model"
+    folder.mkdir()
+    argv = [part.format(tmp=tmp_path) for part in command] + ["--model", str(folder)]
+    assert "has no config.json" in _refused(argv, capsys)

@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         from .images import display_name
 
         where = f": {display_name(error.filename)}" if getattr(error, "filename", None) else ""
-        print(f"vlm-guard {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        print(f"vlm-guard {args.command}: error: {_one_line(error.strerror or error)}{where}", file=sys.stderr)
         return 1
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: object) -> str:
     """The message on one line, printable whatever the locale (file names that are not UTF-8 included)."""
     text = " ".join(str(error).split("\n"))
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

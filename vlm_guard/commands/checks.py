@@ -61,6 +61,16 @@ def check_model_argument(model: str | None, flag: str = "--model") -> str | None
     return model
 
 
+def model_load_error(model: str | None, error: BaseException, flag: str = "--model") -> ValueError:
+    """A one-line error for a model that could not be loaded (``from_pretrained``'s ``OSError``: a hub id that is
+    not cached on a machine without access to the hub, a misspelt id, missing files)."""
+    reason = " ".join(str(error).split())
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    return ValueError(f"{flag} {display_name(model or 'default')}: could not load it ({reason}); pass a local folder "
+                      f"(with config.json) or a hub id whose files are in the local cache.")
+
+
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` as a file this process can create or append to: not a folder, in a folder that exists or can be
     made, and that can be written (checked by creating a temporary file there)."""
@@ -119,4 +129,4 @@ def check_port(host: str, port: int, flag: str = "--port") -> int:
     return port
 
 
-__all__ = ["check_device", "check_model_argument", "check_output_file", "check_output_folder", "check_port"]
+__all__ = ["model_load_error", "check_device", "check_model_argument", "check_output_file", "check_output_folder", "check_port"]

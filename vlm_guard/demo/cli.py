@@ -108,8 +108,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if not is_loopback(args.host):
         logger.warning("the demo listens on %s: anyone who can reach this machine can use it", args.host)
-    session = DemoSession.load(model=args.model, head_map=args.head_map, limits=limits,
-                               use_checker=not args.no_checker, device=args.device, allow_pickle=args.allow_pickle)
+    try:
+        session = DemoSession.load(model=args.model, head_map=args.head_map, limits=limits,
+                                   use_checker=not args.no_checker, device=args.device, allow_pickle=args.allow_pickle)
+    except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
+        from ..commands.checks import model_load_error
+
+        raise model_load_error(args.model, error) from None
     demo = build_app(session)
     print(f"vlm-guard demo on http://{args.host}:{args.port} (model: {session.model_name}); Ctrl+C to stop", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, **launch_options(limits))

@@ -259,7 +259,7 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
     from vlm_guard.defaults import DEFAULT_MODEL_DIR
     from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
 
-    from vlm_guard.commands.checks import check_device, check_model_argument, check_output_file
+    from vlm_guard.commands.checks import check_device, check_model_argument, check_output_file, model_load_error
     from vlm_guard.eval.runner import results_paths
 
     if args.threads:
@@ -272,8 +272,11 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
         check_output_file(results_paths(args.out, label if args.compare else None)[0])
     check_device(args.device)
     check_model_argument(args.model)
-    model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                                              device=args.device, allow_pickle=args.allow_pickle)
+    try:
+        model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                                                  dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    except OSError as error:
+        raise model_load_error(args.model, error) from None
     run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
                   "weights_sha256_16": weights_digest(args.model or DEFAULT_MODEL_DIR),
                   "head_map_dir": args.head_map, **run_config}
