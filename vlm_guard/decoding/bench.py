@@ -124,7 +124,9 @@ def default_model_inputs(processor, batch: int = 1) -> dict:
     from ..defaults import EXAMPLES_DIR
 
     images = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if EXAMPLES_DIR.exists() else []
-    image = Image.open(images[0]).convert("RGB") if images else Image.new("RGB", (64, 64), (120, 80, 40))
+    from ..images import load_image
+
+    image = load_image(images[0]) if images else Image.new("RGB", (64, 64), (120, 80, 40))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     return dict(processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt"))

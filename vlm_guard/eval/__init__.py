@@ -26,7 +26,8 @@ from vlm_guard.eval.pope import (
     pope_metric_fn,
     pope_metrics,
 )
-from vlm_guard.eval.records import ResultsWriter, read_records, read_summary, write_summary
+from vlm_guard.eval.records import (FileBusyError, ResultsWriter, RunMismatchError, read_header, read_records,
+                                    read_summary, write_summary)
 from vlm_guard.eval.stats import TotalsMetric, bootstrap_ci, paired_bootstrap
 
 __all__ = [
@@ -45,6 +46,9 @@ __all__ = [
     "pope_metric_fn",
     "pope_metrics",
     "ResultsWriter",
+    "RunMismatchError",
+    "FileBusyError",
+    "read_header",
     "read_records",
     "read_summary",
     "write_summary",

@@ -297,6 +297,14 @@ class ResultsWriter:
         path: The ``.jsonl`` file (parent folders are created).
         id_key: Record key holding the item id (``"question_id"`` for POPE, ``"image_id"`` for CHAIR).
         fsync: Also ``os.fsync`` after each record (survives a machine crash, not only a killed process).
+        fingerprint: Flat ``field -> value`` identifying the run (see :func:`vlm_guard.eval.runner.run_fingerprint`).
+            A new file starts with a header line holding it; an existing file must hold the same one, else
+            :class:`RunMismatchError` names the fields that differ (a file with records but no header is refused
+            too: it cannot be checked). None: no check, no header.
+        required_keys: Keys every existing record must have (a missing one is a one-line ``ValueError``).
+
+    While open, the writer holds ``<path>.lock`` (see :class:`_FileLock`): a second writer of the same file, in this
+    or another process, gets :class:`FileBusyError`; a lock left by a killed run does not block.
 
     Attributes:
         path: The file.
