@@ -44,4 +44,12 @@ def calibrate(*args, **kwargs):
     return _calibrate(*args, **kwargs)
 
 
-__all__ = ["GuardConfig", "GuardedModel", "wrap", "load_default", "calibrate", "__version__"]
+def tune(*args, **kwargs):
+    """Choose each method's strength and layer band for one model on a tuning split and store them in its head map
+    (see :func:`vlm_guard.tuning.search.tune`)."""
+    from .tuning.search import tune as _tune
+
+    return _tune(*args, **kwargs)
+
+
+__all__ = ["GuardConfig", "GuardedModel", "wrap", "load_default", "calibrate", "tune", "__version__"]

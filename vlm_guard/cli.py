@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "vlm_guard.commands.caption",
     "vlm_guard.toyworld.cli",
     "vlm_guard.heads.cli",
+    "vlm_guard.tuning.cli",
     "vlm_guard.decoding.bench",
     "vlm_guard.eval.cli",
     "vlm_guard.demo.cli",

@@ -104,6 +104,14 @@ class MethodConfig:
     preset: str = field(default="released", metadata={
         "help": "'released' (default: the official released code's settings) or 'paper' (the paper's text where it differs)"})
 
+    def __new__(cls, *args, **kwargs):
+        # Remember which fields the caller set (positional or by name): those win over a head map's tuned
+        # values (see :func:`vlm_guard.tuning.settings.resolve_config`); the others may be filled in by tuning.
+        instance = super().__new__(cls)
+        names = [f.name for f in fields(cls)] if dataclasses.is_dataclass(cls) else []
+        object.__setattr__(instance, "_explicit_fields", frozenset(names[:len(args)]) | frozenset(kwargs))
+        return instance
+
     def __post_init__(self) -> None:
         check_choice(type(self).__name__, "preset", self.preset, PRESETS)
         for spec in fields(self):
@@ -142,6 +150,12 @@ class MethodConfig:
             else:
                 object.__setattr__(self, name, previous)
             raise
+        object.__setattr__(self, "_explicit_fields", self.explicit_fields | {name})  # set by hand: explicit
+
+    @property
+    def explicit_fields(self) -> frozenset:
+        """Fields the user set (constructor arguments, ``from_dict`` keys, or assigned later); the rest hold defaults."""
+        return self.__dict__.get("_explicit_fields", frozenset())
 
     @classmethod
     def preset_values(cls, preset: str) -> dict:

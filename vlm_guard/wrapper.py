@@ -55,7 +55,7 @@ class GuardedModel:
             it was saved to; checked against the model's fingerprint.
     """
 
-    def __init__(self, model: nn.Module, processor=None, config: GuardConfig | None = None, head_map=None):
+    def __init__(self, model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None):
         object.__setattr__(self, "model", model)
         self._unwrapped = False
         self._call_lock = threading.RLock()
@@ -65,7 +65,7 @@ class GuardedModel:
         if head_map is not None:
             head_map.check_compatible(self.adapter)
         self.head_map = head_map
-        config = GuardConfig() if config is None else config
+        config, sources = self._resolve(GuardConfig() if config is None else config)
         interventions = self._build(config)  # validates everything before the model is touched
         self.engine = GuardEngine(model, self.adapter)
         try:
@@ -74,10 +74,23 @@ class GuardedModel:
             self.engine.uninstall()
             raise
         self.guard_config = config
+        self.settings_sources: dict[str, dict[str, str]] = sources
         self.interventions: list[Intervention] = interventions
         self._config_snapshot = config.to_dict()
 
     # ------------------------------------------------------------------ configuration
+    def _resolve(self, config: GuardConfig | str) -> tuple[GuardConfig, dict[str, dict[str, str]]]:
+        """A method list becomes a config; unset fields take the head map's tuned values
+        (:func:`vlm_guard.tuning.settings.resolve_config`)."""
+        from .tuning.settings import AUTO, default_config, resolve_config
+
+        if isinstance(config, str):
+            config = default_config(self.head_map) if config.strip().lower() == AUTO else GuardConfig.from_methods(config)
+        if not isinstance(config, GuardConfig):
+            raise ValueError(f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')")
+        config.validate()
+        return resolve_config(config, self.head_map)
+
     def _build(self, config: GuardConfig) -> list[Intervention]:
         if not isinstance(config, GuardConfig):
             raise ValueError(f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')")
@@ -92,14 +105,32 @@ class GuardedModel:
                 interventions.append(intervention)
         return interventions
 
-    def set_config(self, config: GuardConfig) -> None:
-        """Switch methods (validates the config and rebuilds the interventions; cheap)."""
+    def set_config(self, config: GuardConfig | str) -> None:
+        """Switch methods (validates the config and rebuilds the interventions; cheap).
+
+        Every field the config leaves unset takes the head map's tuned value when it has one (``vlm-guard tune``),
+        else the released default; a field set in ``config`` always wins. The values that run are in
+        :attr:`guard_config` and where each came from in :attr:`settings_sources` (see
+        :func:`vlm_guard.tuning.settings.resolve_config`).
+
+        Args:
+            config: a :class:`GuardConfig`, or a method list such as ``"vhr,pai"``, ``"all"``, ``"none"``, or
+                ``"auto"`` (the set tuned for this model, else VHR: :func:`vlm_guard.tuning.default_methods`).
+        """
         self._check_wrapped()
         with self._call_lock:
+            config, sources = self._resolve(config)
             interventions = self._build(config)
             self.guard_config = config
+            self.settings_sources = sources
             self.interventions = interventions
             self._config_snapshot = config.to_dict()
+
+    def describe_settings(self, tuned_only: bool = True) -> list[str]:
+        """One line per enabled method: the values that run and where each came from (config / tuned / default)."""
+        from .tuning.settings import describe_settings
+
+        return describe_settings(self.guard_config, self.settings_sources, tuned_only=tuned_only)
 
     def _refresh(self) -> None:
         """Raise after :meth:`unwrap`; re-validate and rebuild when ``guard_config`` was replaced or edited in place."""
@@ -213,17 +244,19 @@ def as_head_map(head_map):
                      f"{type(head_map).__name__}. Load one with HeadMap.from_pretrained(folder).")
 
 
-def wrap(model: nn.Module, processor=None, config: GuardConfig | None = None, head_map=None) -> GuardedModel:
+def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None) -> GuardedModel:
     """Wrap ``model`` so that ``generate`` runs the methods in ``config``.
 
     When ``head_map`` is None a cached map for this model is looked up in the head-map cache folder
-    (see :func:`vlm_guard.heads.default_cache_dir`); methods that need one and find none say so.
+    (see :func:`vlm_guard.heads.default_cache_dir`), then among the maps shipped with the package (the default
+    model's, with its tuned settings); methods that need one and find none say so.
 
     Args:
         model: a Hugging Face VLM of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
             Idefics3/SmolVLM).
         processor: its processor.
-        config: a :class:`GuardConfig` (default: every method off).
+        config: a :class:`GuardConfig` or a method list (``"auto"``: the set tuned for this model, else VHR);
+            default: every method off. Fields it leaves unset take the head map's tuned values.
         head_map: a :class:`vlm_guard.heads.HeadMap`, the folder it was saved to (``vlm-guard calibrate --out``), or None.
 
     Returns:
@@ -239,4 +272,10 @@ def _find_cached_head_map(model, processor):
         from .heads.head_map import find_cached_head_map
     except ImportError:
         return None
-    return find_cached_head_map(get_adapter(model, processor))
+    adapter = get_adapter(model, processor)
+    head_map = find_cached_head_map(adapter)
+    if head_map is None:
+        from .tuning.shipped import find_shipped_head_map
+
+        head_map = find_shipped_head_map(adapter, model)
+    return head_map

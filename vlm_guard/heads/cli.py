@@ -135,6 +135,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     from .head_map import HeadMap
 
+    from ..tuning.settings import tuned_report
+
     head_map = HeadMap.from_pretrained(args.directory)
     print(head_map.summary())
+    print()
+    print("\n".join(tuned_report(head_map)))
     return 0

@@ -231,6 +231,8 @@ class HeadMap:
         gift_layer_shift: ``[L]`` mean total positive gaze shift per layer (NaN where not measured).
         calibration: summary of the calibration set (``n_images``, ``n_skipped``, ``prompts``, ...).
         library_version: vlm_guard version that made the map.
+        tuned: per-model method settings chosen by ``vlm-guard tune`` (``settings``, ``default_methods``, the
+            objective, the tuning data and table; see :mod:`vlm_guard.tuning`); empty when never tuned.
     """
 
     fingerprint: dict
@@ -254,6 +256,7 @@ class HeadMap:
     calibration: dict = field(default_factory=dict)
     library_version: str = __version__
     weights_sample: torch.Tensor | None = None
+    tuned: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, dict):
@@ -402,6 +405,7 @@ class HeadMap:
                 "enhance_layers": self.gift_enhance_layers,
                 "layer_shift": [_json_float(v) for v in self.gift_layer_shift],
             },
+            **({"tuned": self.tuned} if self.tuned else {}),
         }
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -522,6 +526,7 @@ class HeadMap:
             calibration=data.get("calibration", {}),
             library_version=data.get("library_version", "unknown"),
             weights_sample=_vector(tensors.get("weights_sample"), "weights_sample"),
+            tuned=dict(data.get("tuned") or {}),
         )
 
     # ------------------------------------------------------------------ reading

@@ -1,0 +1,109 @@
+"""``vlm-guard tune``: choose each method's strength and layer band for one model and store them in its head map.
+
+Examples:
+    vlm-guard tune                                            # shipped default model, synthetic tuning seed 910001
+    vlm-guard tune --methods vhr,gift --budget 20 --out maps/default-tuned
+    vlm-guard tune --model llava-hf/llava-1.5-7b-hf --head-map maps/llava-7b \\
+        --pope my_pope/adversarial.json my_pope/random.json --images coco/train2014 \\
+        --instances annotations/instances_train2014.json --captions annotations/captions_train2014.json \\
+        --n-images 200 --out maps/llava-7b-tuned --budget 240 --device cuda
+
+The tuned map is written to --out (default: the head-map cache folder of the model, where ``vlm_guard.wrap`` finds
+it) with ``tuning.md`` (every setting measured) and ``tune_<method>.png`` (the objective against each method's
+strength). Rerunning the same command resumes from ``<out>/tune_state.json``. Tune on data you do not report on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("tune", help="choose each method's strength and layers for a model (stored in its head map)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
+    parser.add_argument("--head-map", default=None,
+                        help="the model's head map folder from `vlm-guard calibrate` (default: the cached or shipped one)")
+    parser.add_argument("--methods", default="vhr,var,gift,pai,vcd", help="methods to tune (default: all five)")
+    parser.add_argument("--out", default=None, help="folder for the tuned head map (default: the model's head-map cache folder)")
+    parser.add_argument("--state", default=None, help="resumable JSON state (default: <out>/tune_state.json)")
+    parser.add_argument("--budget", type=float, default=60.0, help="time budget in minutes, resumed runs included (default 60)")
+    parser.add_argument("--no-combine", action="store_true", help="tune the methods alone, not their combination")
+    data = parser.add_argument_group("tuning data (default: the synthetic world's tuning seed, for the default model)")
+    data.add_argument("--world-seed", type=int, default=None, help="synthetic world seed (default 910001; 900001 is refused)")
+    data.add_argument("--n-questions", type=int, default=600, help="synthetic POPE questions per split (default 600)")
+    data.add_argument("--n-captions", type=int, default=600, help="synthetic scenes to caption (default 600)")
+    data.add_argument("--pope", nargs="+", default=None, help="your POPE-format question files (split read from the name)")
+    data.add_argument("--images", default=None, help="folder of the images your POPE / COCO files name")
+    data.add_argument("--instances", default=None, help="COCO-format instances file (CHAIR ground truth)")
+    data.add_argument("--captions", default=None, help="COCO-format captions file (CHAIR ground truth)")
+    data.add_argument("--n-images", type=int, default=300, help="images drawn for CHAIR (default 300)")
+    data.add_argument("--seed", type=int, default=1, help="seed of the CHAIR image draw (default 1)")
+    data.add_argument("--caption-prompt", default=None, help="CHAIR prompt (default 'Please describe this image in detail.')")
+    data.add_argument("--pope-max-new-tokens", type=int, default=16)
+    data.add_argument("--chair-max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per generate call (default 32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu: small models run "
+                        "fastest unthreaded on shared cores)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..defaults import DEFAULT_MODEL_DIR
+    from ..eval.runner import load_model, weights_digest
+    from ..heads.head_map import HeadMap, cache_folder
+    from ..models import get_adapter
+    from .search import file_tuning_data, synthetic_tuning_data, tune
+    from .settings import tuned_report
+
+    if args.budget <= 0:
+        raise ValueError(f"--budget {args.budget} must be > 0 minutes")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    files = bool(args.pope or args.instances or args.captions)
+    if files:
+        data = file_tuning_data(args.pope or (), args.images, args.instances, args.captions, n_images=args.n_images,
+                                seed=args.seed, caption_prompt=args.caption_prompt,
+                                pope_max_new_tokens=args.pope_max_new_tokens, chair_max_new_tokens=args.chair_max_new_tokens)
+    else:
+        if args.model is not None:
+            logger.warning("no --pope / --instances given: tuning %s on the synthetic world, which only the default "
+                           "model knows; pass your own POPE-format and COCO-format files", args.model)
+        data = synthetic_tuning_data(args.n_questions, args.n_captions, args.world_seed)
+    model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
+                                        device=args.device)
+    adapter = get_adapter(model, processor)
+    if args.head_map:
+        head_map = HeadMap.from_pretrained(args.head_map)
+        head_map.check_compatible(adapter)
+    else:
+        from ..wrapper import _find_cached_head_map
+
+        head_map = _find_cached_head_map(model, processor)
+        if head_map is None:
+            raise ValueError(f"no head map for {name}: run `vlm-guard calibrate --model ... --out DIR` and pass --head-map DIR")
+    out = Path(args.out) if args.out else cache_folder(adapter.describe())
+    weights = weights_digest(args.model or DEFAULT_MODEL_DIR)
+    print(f"tuning {name} on {data.name}; methods {args.methods}; budget {args.budget:g} min; output {out}")
+    result = tune(model, processor, head_map, methods=args.methods.split(","), data=data, out_dir=out,
+                  state_path=args.state, budget_minutes=args.budget, batch_size=args.batch_size,
+                  progress=not args.no_progress, combine_methods=not args.no_combine, weights_sha256_16=weights)
+    print("\n".join(tuned_report(result.head_map)))
+    if not result.complete:
+        print(f"the budget ran out before the search finished: settings chosen from the largest finished rung; "
+              f"rerun with a larger --budget to continue from {out / 'tune_state.json'}")
+    print(f"tuned head map written to {out} (table: {out / 'tuning.md'})")
+    return 0
