@@ -1,7 +1,8 @@
 """``vlm-guard caption``: the plain and the guarded caption of one image, side by side.
 
 Example:
-    vlm-guard caption                                   # a bundled example, shipped default model
+    vlm-guard caption                                   # a bundled example, shipped default model, tuned methods
+    vlm-guard caption --all-examples --check            # every bundled example, hallucinations counted
     vlm-guard caption photo.jpg --methods vhr,gift --check
     vlm-guard caption photo.jpg --model llava-hf/llava-1.5-7b-hf --compare
 """
@@ -27,8 +28,12 @@ def register(subparsers) -> None:
     parser.add_argument("--model", help="hub id or local folder (default: the shipped toy model)")
     parser.add_argument("--prompt", default=None, help=f"instruction (default: {DEFAULT_PROMPT!r} for the shipped model, "
                         "'Please describe this image in detail.' otherwise)")
-    parser.add_argument("--methods", default="all", help="vhr,var,gift,pai,vcd | all (vhr,var,gift) | none (default: all)")
+    parser.add_argument("--methods", default="auto",
+                        help="vhr,var,gift,pai,vcd | all (vhr,var,gift) | none | auto (default: the set `vlm-guard tune` chose "
+                        "for this model, else VHR at its released settings)")
     parser.add_argument("--compare", action="store_true", help="also caption with each method alone")
+    parser.add_argument("--all-examples", action="store_true",
+                        help="caption every bundled example and count hallucinated objects, plain vs guarded")
     parser.add_argument("--check", action="store_true", help="flag mentions the grounding checker finds unsupported")
     parser.add_argument("--checker", help="open_clip model for --check on real images, as NAME:PRETRAINED "
                         "(e.g. ViT-B-32:laion2b_s34b_b79k; the weights must be available locally). "
@@ -84,8 +89,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is out of range; allowed range is [1, 4096]")
-    config = GuardConfig.from_methods(args.methods)
-    image, _ = _load_image(args.image)
+    from ..tuning.settings import AUTO, default_methods
+
+    auto = args.methods.strip().lower() == AUTO
+    config = None if auto else GuardConfig.from_methods(args.methods)
+    if args.all_examples and args.image:
+        raise ValueError(f"--all-examples captions the bundled examples; drop the image argument {args.image!r} or the flag")
+    images = _bundled_examples() if args.all_examples else [_load_image(args.image)]
     from .checks import check_device, check_model_argument
 
     check_device(args.device)
@@ -98,37 +108,93 @@ def run(args: argparse.Namespace) -> int:
         from ..heads.head_map import HeadMap
 
         head_map = HeadMap.from_pretrained(args.head_map)
-    guarded = vlm_guard.wrap(model, processor, config, head_map=head_map)
+    guarded = vlm_guard.wrap(model, processor, AUTO if auto else config, head_map=head_map)
+    config = guarded.guard_config
+    if auto:
+        methods, reason = default_methods(guarded.head_map)
+        print(f"methods: {','.join(methods) or 'none'} ({reason})")
+    for line in guarded.describe_settings():
+        print(f"settings {line}")
+    checker = _checker(args) if args.check else None
+    truth = _example_truth() if args.all_examples else {}
+    totals: dict[str, list[int]] = {"plain": [0, 0], "guarded": [0, 0]}  # [flagged by the checker, not in the scene]
+    print(f"prompt: {prompt}")
+    for image, path in images:
+        if args.all_examples:
+            print(f"\nimage: {path}")
+        rows = _rows(args, guarded, processor, config, image, prompt)
+        width = max(len(name) for name, _, _ in rows)
+        for name, text, seconds in rows:
+            print(f"{name:<{width}}  [{seconds:5.2f}s]  {text}")
+        for which, (name, text, _) in (("plain", rows[0]), ("guarded", rows[-1])):
+            if checker is not None:
+                mentions = checker.check(image, text)
+                flagged = [m for m in mentions if m.flagged]
+                summary = ", ".join(f"{m.word} ({m.score:.2f})" for m in flagged) or "none"
+                print(f"flagged in {name}: {summary}")
+                totals[which][0] += len(flagged)
+            if Path(path).name in truth:
+                from ..eval.synthetic import score_synthetic_caption
+
+                record = score_synthetic_caption(text, truth[Path(path).name])
+                totals[which][1] += record["n_hallucinated"]
+                wrong = ", ".join(word for word, _ in record["hallucinated"]) or "none"
+                print(f"not in the scene ({name}): {wrong}")
+    if args.all_examples:
+        print(f"\nall {len(images)} bundled examples: hallucinated object mentions (not in the scene's ground truth) "
+              f"plain {totals['plain'][1]}, guarded {totals['guarded'][1]}"
+              + (f"; flagged by the checker plain {totals['plain'][0]}, guarded {totals['guarded'][0]}" if checker else ""))
+    return 0
+
+
+def _bundled_examples() -> list:
+    from ..defaults import EXAMPLES_DIR
+
+    paths = sorted(EXAMPLES_DIR.glob("*.png"))
+    if not paths:
+        raise ValueError(f"no bundled examples in {EXAMPLES_DIR}; reinstall vlm-guard with its package data")
+    return [_load_image(str(path)) for path in paths]
+
+
+def _example_truth() -> dict[str, list[str]]:
+    """``{file name: object types}`` of the bundled examples (``examples.json``)."""
+    import json
+
+    from ..defaults import EXAMPLES_DIR
+
+    try:
+        entries = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+    except (OSError, ValueError) as error:
+        logger.warning("no ground truth for the bundled examples (%s): hallucinations are not counted", error)
+        return {}
+    return {entry["file"]: list(entry["types"]) for entry in entries}
+
+
+def _rows(args, guarded, processor, config, image, prompt) -> list[tuple[str, str, float]]:
+    from vlm_guard import GuardConfig
+
     rows: list[tuple[str, str, float]] = []
     with guarded.disabled():
         rows.append(("plain", *_caption(guarded, processor, image, prompt, args.max_new_tokens)))
     label = ",".join(intervention.name for intervention in guarded.interventions) or "none"  # the methods that run
     if args.compare and len(config.enabled_methods) > 1:
         for name in config.enabled_methods:
-            guarded.set_config(GuardConfig.from_methods(name))
+            guarded.set_config(GuardConfig(**{name: getattr(config, name)}))
             if not guarded.interventions:
                 print(f"{name}: switched off on this model (see the warning above)")
                 continue
             rows.append((name, *_caption(guarded, processor, image, prompt, args.max_new_tokens)))
         guarded.set_config(config)
     rows.append((f"guarded ({label})", *_caption(guarded, processor, image, prompt, args.max_new_tokens)))
-    width = max(len(name) for name, _, _ in rows)
-    print(f"prompt: {prompt}")
-    for name, text, seconds in rows:
-        print(f"{name:<{width}}  [{seconds:5.2f}s]  {text}")
-    if args.check:
-        from ..grounding import GroundingChecker
+    return rows
 
-        if args.checker:
-            name, _, pretrained = args.checker.partition(":")
-            checker = GroundingChecker.from_open_clip(name, pretrained or None)
-        else:
-            if args.model is not None:
-                logger.warning("--check without --checker uses the synthetic-world checker, which only knows toy objects")
-            checker = GroundingChecker.default()
-        for name, text, _ in (rows[0], rows[-1]):
-            mentions = checker.check(image, text)
-            flagged = [m for m in mentions if m.flagged]
-            summary = ", ".join(f"{m.word} ({m.score:.2f})" for m in flagged) or "none"
-            print(f"flagged in {name}: {summary}")
-    return 0
+
+def _checker(args):
+    from ..grounding import GroundingChecker
+
+    if args.checker:
+        name, _, pretrained = args.checker.partition(":")
+        return GroundingChecker.from_open_clip(name, pretrained or None)
+    if args.model is not None:
+        logger.warning("--check without --checker uses the synthetic-world checker, which only knows toy objects")
+    return GroundingChecker.default()

@@ -210,6 +210,11 @@ def build_app(session: DemoSession) -> gr.Blocks:
                    f"**caps:** {limits.max_upload_bytes // (1024 * 1024)} MB upload, {limits.max_image_pixels:,} pixels, "
                    f"{limits.max_new_tokens} new tokens"]
         startup += [f"- {note}" for note in session.notes]
+        default_methods, default_reason = session.default_methods()
+        strengths = {control.name: session.strength_default(control.name) for control in METHOD_CONTROLS}
+        startup.append(f"- Methods on at start: {', '.join(default_methods) or 'none'} ({default_reason}); strengths: "
+                       + ", ".join(f"{name} {value:g} ({source})" for name, (value, source) in strengths.items()
+                                   if name in default_methods))
         gr.Markdown("\n".join(startup), elem_id="startup-notes")
 
         with gr.Row():
@@ -234,13 +239,13 @@ def build_app(session: DemoSession) -> gr.Blocks:
                         status = session.availability[control.name]
                         with gr.Row():
                             checkbox = gr.Checkbox(
-                                value=status.available and control.name in ("vhr", "var", "gift"),
+                                value=status.available and control.name in default_methods,
                                 label=control.label, interactive=status.available, scale=1, min_width=80,
                                 elem_id=f"method-{control.name}",
                             )
                             slider = gr.Slider(
                                 minimum=control.minimum, maximum=control.maximum, step=control.step,
-                                value=min(max(status.default, control.minimum), control.maximum),
+                                value=min(max(strengths[control.name][0], control.minimum), control.maximum),
                                 label=f"{control.label} {control.strength_field}",
                                 info=status.note or control.help, interactive=status.available, scale=4,
                                 elem_id=f"strength-{control.name}",

@@ -425,6 +425,26 @@ class DemoSession:
     def head_map(self):
         return self.guarded.head_map
 
+    def default_methods(self) -> tuple[list[str], str]:
+        """Methods switched on when the demo opens, and why: the set ``vlm-guard tune`` chose for this model, else
+        VHR (:func:`vlm_guard.tuning.settings.default_methods`)."""
+        from ..tuning.settings import default_methods
+
+        methods, reason = default_methods(self.head_map)
+        return [m for m in methods if self.availability.get(m) is not None and self.availability[m].available], reason
+
+    def strength_default(self, name: str) -> tuple[float, str]:
+        """The slider's starting value for ``name`` and its source: the head map's tuned value, else the released
+        default. (The slider value is passed explicitly, so the other tuned fields, e.g. layers, still apply.)"""
+        from ..tuning.settings import SOURCE_DEFAULT, SOURCE_TUNED, tuned_settings
+
+        status = self.availability[name]
+        tuned = tuned_settings(self.head_map).get(name, {})
+        value = tuned.get(status.control.strength_field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), SOURCE_TUNED
+        return status.default, SOURCE_DEFAULT
+
     def example_for(self, image: Image.Image) -> Example | None:
         """The bundled example with exactly these pixels, if any."""
         return self._example_by_fingerprint.get(image_fingerprint(image))

@@ -1,0 +1,275 @@
+"""vlm-guard tune: precedence (config > head map's tuned value > released default), the default method set,
+storage in the head map, the objective, and a search that resumes where it stopped."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlm_guard
+from vlm_guard import GuardConfig
+from vlm_guard.decoding.pai import PAIConfig
+from vlm_guard.decoding.vhr import VHRConfig
+from vlm_guard.heads import HeadMap
+from vlm_guard.heads.calibrate import HeadProfiler
+from vlm_guard.testing import build_batch, tiny_model
+from vlm_guard.tuning import default_methods, resolve_config
+from vlm_guard.tuning import objective
+from vlm_guard.tuning.settings import SOURCE_CONFIG, SOURCE_DEFAULT, SOURCE_TUNED, UNTUNED_DEFAULT_METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llava")
+
+
+@pytest.fixture(scope="module")
+def head_map(model):
+    with HeadProfiler.open(model) as profiler:
+        profiler.profile(build_batch(model, [(True, 5), (True, 8)]))
+        return profiler.head_map({"prompts": ["describe"], "n_skipped": 0})
+
+
+@pytest.fixture()
+def tuned_map(head_map):
+    import copy
+
+    tuned = copy.copy(head_map)
+    tuned.tuned = {"settings": {"vhr": {"alpha": 1.5, "target_layers": [2, 3]}, "pai": {"alpha": 0.4}},
+                   "default_methods": ["vhr", "pai"], "tuning_data": {"name": "test data"}}
+    return tuned
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLM_GUARD_CACHE", str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------------------------------------- precedence
+def test_unset_fields_take_the_tuned_values(model, tuned_map):
+    guarded = vlm_guard.wrap(model, None, GuardConfig.from_methods("vhr"), head_map=tuned_map)
+    try:
+        assert guarded.guard_config.vhr.alpha == 1.5 and guarded.guard_config.vhr.target_layers == [2, 3]
+        assert guarded.settings_sources["vhr"]["alpha"] == SOURCE_TUNED
+        assert guarded.settings_sources["vhr"]["selection"] == SOURCE_DEFAULT
+        assert guarded.interventions[0].target_layers == [2, 3] and guarded.interventions[0].config.alpha == 1.5
+    finally:
+        guarded.unwrap()
+
+
+def test_a_value_set_in_the_config_wins_even_when_it_equals_the_released_default(model, tuned_map):
+    # alpha=2.0 is VHR's released default: a rule "tuned unless the value differs from the default" would lose it
+    for config in (VHRConfig(alpha=2.0), VHRConfig(2.0), VHRConfig.from_dict({"alpha": 2.0})):
+        resolved, sources = resolve_config(GuardConfig(vhr=config), tuned_map)
+        assert resolved.vhr.alpha == 2.0 and sources["vhr"]["alpha"] == SOURCE_CONFIG
+        assert resolved.vhr.target_layers == [2, 3] and sources["vhr"]["target_layers"] == SOURCE_TUNED
+    assigned = VHRConfig()
+    assigned.target_layers = [1]
+    resolved, sources = resolve_config(GuardConfig(vhr=assigned), tuned_map)
+    assert resolved.vhr.target_layers == [1] and sources["vhr"]["target_layers"] == SOURCE_CONFIG
+    assert resolved.vhr.alpha == 1.5 and sources["vhr"]["alpha"] == SOURCE_TUNED
+
+
+def test_without_tuned_settings_the_released_defaults_run(model, head_map):
+    resolved, sources = resolve_config(GuardConfig.from_methods("vhr,pai"), head_map)
+    assert resolved.vhr == VHRConfig() and resolved.pai == PAIConfig()
+    assert set(sources["vhr"].values()) == {SOURCE_DEFAULT}
+    resolved, _ = resolve_config(GuardConfig.from_methods("vhr"), None)
+    assert resolved.vhr.alpha == 2.0
+
+
+def test_resolving_twice_changes_nothing_and_other_methods_are_untouched(model, tuned_map):
+    guarded = vlm_guard.wrap(model, None, GuardConfig(vhr=VHRConfig(alpha=3.0), pai=PAIConfig()), head_map=tuned_map)
+    try:
+        first = guarded.guard_config
+        guarded.set_config(first)
+        assert guarded.guard_config == first
+        assert guarded.guard_config.vhr.alpha == 3.0 and guarded.guard_config.pai.alpha == 0.4
+        assert guarded.guard_config.pai.gamma == PAIConfig().gamma
+        lines = guarded.describe_settings()
+        assert "alpha=3.0 (config)" in lines[0] and "target_layers=[2, 3] (tuned)" in lines[0]
+        assert "alpha=0.4 (tuned)" in lines[1]
+    finally:
+        guarded.unwrap()
+
+
+def test_tuned_values_reach_the_math(model, tuned_map):
+    """The forward with tuned settings equals the one with the same values set by hand, and differs from the
+    released default's."""
+    batch = build_batch(model, [(True, 6), (True, 9)])
+    guarded = vlm_guard.wrap(model, None, GuardConfig.from_methods("vhr"), head_map=tuned_map)
+    try:
+        with torch.no_grad():
+            tuned_logits = guarded(**batch).logits
+            guarded.set_config(GuardConfig(vhr=VHRConfig(alpha=1.5, target_layers=[2, 3])))
+            by_hand = guarded(**batch).logits
+            guarded.set_config(GuardConfig(vhr=VHRConfig(alpha=2.0, target_layers=None, selection="per_sample")))
+            released = guarded(**batch).logits
+    finally:
+        guarded.unwrap()
+    assert torch.equal(tuned_logits, by_hand)
+    assert not torch.allclose(tuned_logits, released)
+
+
+def test_auto_method_set(model, head_map, tuned_map):
+    assert default_methods(head_map)[0] == list(UNTUNED_DEFAULT_METHODS) == ["vhr"]
+    assert default_methods(None)[0] == ["vhr"]
+    assert default_methods(tuned_map)[0] == ["vhr", "pai"]
+    guarded = vlm_guard.wrap(model, None, "auto", head_map=tuned_map)
+    try:
+        assert guarded.guard_config.enabled_methods == ["vhr", "pai"] and guarded.guard_config.pai.alpha == 0.4
+        guarded.set_config("auto")
+        assert guarded.guard_config.enabled_methods == ["vhr", "pai"]
+    finally:
+        guarded.unwrap()
+    nothing_helps = tuned_map
+    nothing_helps.tuned = {**tuned_map.tuned, "default_methods": []}
+    assert default_methods(nothing_helps)[0] == []
+
+
+def test_untuned_default_set_is_not_harmful_in_the_projects_table():
+    """The methods on by default before tuning are not significantly worse than greedy on any column of
+    docs/results/synthetic.summary.json (VHR+GIFT and VHR+VAR+GIFT at released settings are)."""
+    summary = json.loads((ROOT / "docs/results/synthetic.summary.json").read_text())
+    label = "+".join(UNTUNED_DEFAULT_METHODS)
+    if label not in summary["metrics"]:
+        pytest.skip(f"the results table has no row {label!r}")
+    worse = []
+    for task, metrics in summary["metrics"][label]["vs_greedy"].items():
+        for name, test in metrics.items() if isinstance(metrics, dict) else ():
+            if not isinstance(test, dict) or not test.get("significant"):
+                continue
+            lower_is_better = name.startswith("chair_")
+            if (test["diff"] > 0) == lower_is_better:
+                worse.append((task, name, test["diff"]))
+    assert not worse
+    harmful = [
+        label for label in ("gift", "all")
+        if label in summary["metrics"] and any(
+            test.get("significant") and (test["diff"] > 0) == name.startswith("chair_")
+            for metrics in summary["metrics"][label]["vs_greedy"].values() if isinstance(metrics, dict)
+            for name, test in metrics.items() if isinstance(test, dict))
+    ]
+    assert harmful, "the check above must be able to see a harmful row"
+
+
+def test_tuned_settings_survive_save_and_load(tuned_map, tmp_path):
+    tuned_map.save_pretrained(tmp_path / "map")
+    loaded = HeadMap.from_pretrained(tmp_path / "map")
+    assert loaded.tuned == tuned_map.tuned and loaded == tuned_map
+    assert "tuned" not in json.loads(json.dumps(HeadMap.to_json(type(tuned_map)(**{**tuned_map.__dict__, "tuned": {}}))))
+
+
+def test_heads_show_prints_tuned_settings_and_their_source(tuned_map, tmp_path, capsys):
+    from vlm_guard.cli import main
+
+    tuned_map.save_pretrained(tmp_path / "map")
+    assert main(["heads", "show", str(tmp_path / "map")]) == 0
+    out = capsys.readouterr().out
+    tuned_part = out.split("\ntuned settings", 1)[1]
+    rows = [line.split() for line in tuned_part.splitlines() if line.strip().startswith(("vhr ", "pai ", "gift "))]
+    assert ["vhr", "alpha", "1.5", "tuned", "2.0"] == rows[0][:5]
+    assert any(row[:2] == ["gift", "(all)"] and "default" in " ".join(row) for row in rows)
+    assert "default method set: vhr,pai" in out
+
+
+# ---------------------------------------------------------------------------------------------- objective
+def test_objective_by_hand():
+    results = {
+        "pope/adversarial": [{"c": 1, "y": 1}, {"c": 0, "y": 1}, {"c": 1, "y": 0}, {"c": 1, "y": 0}],  # error 25 %
+        "pope/random": [{"c": 1, "y": 1}, {"c": 1, "y": 0}],
+        "chair": [{"m": 3, "h": 1, "g": 2, "r": 2}, {"m": 2, "h": 0, "g": 3, "r": 1}],  # CHAIR_I 1/5, recall 3/5
+    }
+    metrics = objective.metrics(results)
+    assert metrics["chair"]["chair_i"] == pytest.approx(20.0) and metrics["chair"]["recall"] == pytest.approx(60.0)
+    assert metrics["chair"]["chair_s"] == pytest.approx(50.0)
+    assert objective.score(metrics) == pytest.approx(45.0)
+    greedy = objective.metrics({**results, "chair": [{"m": 3, "h": 1, "g": 2, "r": 2}, {"m": 2, "h": 0, "g": 3, "r": 2}]})
+    assert objective.violations(metrics, greedy) == ["recall -20.0"]  # 80 % -> 60 %
+    assert objective.violations(metrics, metrics) == []
+    worse_random = objective.metrics({**results, "pope/random": [{"c": 1, "y": 1}, {"c": 0, "y": 1}]})
+    assert objective.violations(worse_random, metrics) == ["pope/random acc -50.0"]
+    assert objective.rank_key(1.0, ["x"]) > objective.rank_key(99.0, [])
+
+
+# ---------------------------------------------------------------------------------------------- the search
+class FakeGenerator:
+    """Stands in for generate_answers: a deterministic answer per (setting, prompt, image), counting the rows
+    generated; raises KeyboardInterrupt after ``stop_after`` calls (an interrupted run)."""
+
+    def __init__(self, stop_after=None):
+        self.rows = 0
+        self.calls = 0
+        self.stop_after = stop_after
+
+    def __call__(self, guarded, processor, images, prompts, max_new_tokens, **kwargs):
+        if self.stop_after is not None and self.calls >= self.stop_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.rows += len(prompts)
+        setting = json.dumps(guarded.guard_config.to_dict(), sort_keys=True)
+        answers = []
+        for image, prompt in zip(images, prompts):
+            digest = int(hashlib.sha256((setting + prompt).encode() + image.tobytes()[::97]).hexdigest(), 16)
+            if "is there" in prompt:
+                answers.append("yes" if digest % 2 else "no")
+            else:
+                objects = ["house", "tree", "moon", "star", "cup", "plate", "kite", "ball", "ring", "cross"]
+                answers.append(" , ".join(f"a big red {objects[(digest >> (4 * k)) % 10]}" for k in range(1 + digest % 3)) + " .")
+        return answers
+
+
+def _run_tune(monkeypatch, generator, out, **kwargs):
+    from vlm_guard.tuning import search
+
+    monkeypatch.setattr("vlm_guard.eval.runner.generate_answers", generator)
+    model, processor = vlm_guard.load_default()
+    head_map = HeadMap.from_pretrained(ROOT / "docs/results/head_map_default")
+    data = search.synthetic_tuning_data(n_questions=18, n_captions=18)
+    return search.tune(model, processor, head_map, methods=["pai", "vcd"], data=data, out_dir=out, budget_minutes=30,
+                       batch_size=8, progress=False, **kwargs)
+
+
+def _stable(tuned):
+    return {k: v for k, v in tuned.items() if k not in ("search", "created_utc")}
+
+
+def test_search_resumes_where_it_stopped(monkeypatch, tmp_path):
+    whole = FakeGenerator()
+    reference = _run_tune(monkeypatch, whole, tmp_path / "whole")
+    assert reference.complete and whole.rows > 0
+    assert set(reference.tuned["settings"]) == {"pai", "vcd"}
+    # a successive-halving plan: the smallest rung runs every setting, the last only the survivors
+    pai_rows = [row for row in reference.table if row["stage"] == "pai"]
+    assert [sum(1 for r in pai_rows if r["rung"] == k) for k in range(3)] == [5, 2, 1]
+
+    interrupted = FakeGenerator(stop_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        _run_tune(monkeypatch, interrupted, tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "tune_state.json").read_text())["trials"]
+    rest = FakeGenerator()
+    resumed = _run_tune(monkeypatch, rest, tmp_path / "resumed")
+    assert interrupted.rows + rest.rows == whole.rows  # nothing generated twice, nothing lost
+    assert _stable(resumed.tuned) == _stable(reference.tuned)
+    again = FakeGenerator()
+    _run_tune(monkeypatch, again, tmp_path / "resumed")
+    assert again.rows == 0  # a finished state generates nothing more
+    saved = HeadMap.from_pretrained(tmp_path / "resumed")
+    assert _stable(saved.tuned) == _stable(reference.tuned)
+    assert (tmp_path / "resumed" / "tune_pai.png").is_file() and (tmp_path / "resumed" / "tuning.md").is_file()
+
+
+def test_state_of_another_run_is_refused(monkeypatch, tmp_path):
+    from vlm_guard.tuning import search
+
+    state = tmp_path / "out" / "tune_state.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"format": "vlm_guard.tune_state", "identity": {"fingerprint_hash": "other"}, "trials": {}}))
+    with pytest.raises(ValueError, match="another model or tuning data"):
+        _run_tune(monkeypatch, FakeGenerator(), tmp_path / "out")
+    with pytest.raises(ValueError, match="reported benchmark"):
+        search.synthetic_tuning_data(seed=900_001)
