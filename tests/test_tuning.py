@@ -63,7 +63,7 @@ def test_unset_fields_take_the_tuned_values(model, tuned_map):
 
 def test_a_value_set_in_the_config_wins_even_when_it_equals_the_released_default(model, tuned_map):
     # alpha=2.0 is VHR's released default: a rule "tuned unless the value differs from the default" would lose it
-    for config in (VHRConfig(alpha=2.0), VHRConfig(2.0), VHRConfig.from_dict({"alpha": 2.0})):
+    for config in (VHRConfig(alpha=2.0), VHRConfig.from_dict({"alpha": 2.0})):
         resolved, sources = resolve_config(GuardConfig(vhr=config), tuned_map)
         assert resolved.vhr.alpha == 2.0 and sources["vhr"]["alpha"] == SOURCE_CONFIG
         assert resolved.vhr.target_layers == [2, 3] and sources["vhr"]["target_layers"] == SOURCE_TUNED
@@ -77,7 +77,16 @@ def test_a_value_set_in_the_config_wins_even_when_it_equals_the_released_default
 def test_without_tuned_settings_the_released_defaults_run(model, head_map):
     resolved, sources = resolve_config(GuardConfig.from_methods("vhr,pai"), head_map)
     assert resolved.vhr == VHRConfig() and resolved.pai == PAIConfig()
-    assert set(sources["vhr"].values()) == {SOURCE_DEFAULT}
+    assert {v for k, v in sources["vhr"].items() if k != "preset"} == {SOURCE_DEFAULT}
+
+
+def test_a_paper_preset_keeps_its_values_over_tuned_ones(tuned_map):
+    tuned_map.tuned = {**tuned_map.tuned, "settings": {"vhr": {"outlier_filter": "off", "alpha": 1.5}}}
+    resolved, sources = resolve_config(GuardConfig.from_methods("vhr", preset="paper"), tuned_map)
+    assert resolved.vhr.outlier_filter == VHRConfig(preset="paper").outlier_filter and sources["vhr"]["outlier_filter"] == SOURCE_CONFIG
+    assert resolved.vhr.alpha == 1.5  # not a preset field: tuned
+    resolved, _ = resolve_config(GuardConfig.from_methods("vhr"), tuned_map)
+    assert resolved.vhr.outlier_filter == "off"
     resolved, _ = resolve_config(GuardConfig.from_methods("vhr"), None)
     assert resolved.vhr.alpha == 2.0
 

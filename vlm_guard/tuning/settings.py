@@ -3,7 +3,8 @@
 Precedence, field by field, for every enabled method:
 
 1. a value the user set in the config (a constructor argument, a ``from_dict`` key, or an attribute assigned
-   later: :attr:`~vlm_guard.config.MethodConfig.explicit_fields`) wins;
+   later: :attr:`~vlm_guard.config.MethodConfig.explicit_fields`; choosing ``preset="paper"`` counts as setting
+   the fields that preset governs) wins;
 2. else the head map's tuned value (``head_map.tuned["settings"][method][field]``, written by ``vlm-guard tune``);
 3. else the released default (the config class's default).
 
@@ -105,8 +106,10 @@ def resolve_config(config: GuardConfig, head_map: Any = None) -> tuple[GuardConf
         unknown = sorted(set(tuned.get(name, {})) - known)
         if unknown:
             logger.warning("the head map's tuned %s settings name unknown field(s) %s; ignored", name, unknown)
+        # a non-default preset the user chose sets its fields like explicit values ("released" is the baseline)
+        preset_chosen = "preset" in explicit and getattr(method_config, "preset", "released") != "released"
         for item in dataclasses.fields(method_config):
-            if item.name in explicit:
+            if item.name in explicit or (preset_chosen and "presets" in item.metadata):
                 field_sources[item.name] = SOURCE_CONFIG
             elif item.name in tuned.get(name, {}):
                 values[item.name] = tuned[name][item.name]

@@ -2,9 +2,8 @@
 model's calibrated map with the settings ``vlm-guard tune`` chose for it, found by ``vlm_guard.wrap`` when the
 head-map cache has none for the model.
 
-A shipped map records the sha256 prefix of the weights it was tuned on (``tuned["weights_sha256_16"]``); it is only
-used for a model loaded from a local folder holding those weights (a retrained model with the same name and
-geometry gets none, with a warning).
+Its fingerprint carries the digest of the weights it was calibrated and tuned on, and ``check_compatible`` refuses
+it for other weights, so a retrained model with the same geometry gets none (with a warning).
 
 Example:
     >>> model, processor = vlm_guard.load_default()
@@ -29,7 +28,7 @@ def shipped_folder(fingerprint: dict) -> Path:
     return cache_folder(fingerprint, SHIPPED_HEAD_MAPS)
 
 
-def find_shipped_head_map(adapter, model=None):
+def find_shipped_head_map(adapter, model=None):  # noqa: ARG001 - model kept for callers
     """The shipped head map for ``adapter``'s model, or None (never raises; problems are logged)."""
     from ..heads.head_map import HeadMap, model_name
 
@@ -49,17 +48,6 @@ def find_shipped_head_map(adapter, model=None):
     except (OSError, ValueError) as error:
         logger.warning("ignoring the shipped head map at %s: %s", folder, error)
         return None
-    expected = (head_map.tuned or {}).get("weights_sha256_16")
-    if expected:
-        from ..eval.runner import weights_digest
-
-        source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or fingerprint.get("name_or_path") or "")
-        actual = weights_digest(source) if source and Path(source).is_dir() else None
-        if actual != expected:
-            logger.warning("the shipped head map %s was tuned on weights %s, but this model's are %s: not used "
-                           "(calibrate and tune this model: `vlm-guard calibrate`, `vlm-guard tune`)",
-                           folder.name, expected, actual or "unknown")
-            return None
     logger.info("using the shipped head map from %s", folder)
     return head_map
 

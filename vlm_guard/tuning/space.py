@@ -2,7 +2,8 @@
 
 Layer bands are built from the model's depth (and the head map's GIFT saliency layer), so the same code gives a
 sensible grid for the 6-layer default model and for a 32-layer LLaVA-1.5-7B. Every grid holds the released
-default, so tuning can always fall back to it. The grids are small on purpose: successive halving
+default strength (VCD's grid contrasts greedy decoding, ``contrast_when="always"``: at its released setting VCD
+leaves greedy decoding plain, so there would be nothing to tune). The grids are small on purpose: successive halving
 (:mod:`vlm_guard.tuning.search`) spends most of the budget on the few settings that survive the first cheap rung.
 
 Example:
@@ -134,7 +135,8 @@ def method_candidates(method: str, num_layers: int, head_map: Any = None) -> lis
     if method == "pai":
         return [Candidate({"pai": {"alpha": alpha}}) for alpha in PAI_ALPHAS]
     if method == "vcd":
-        return [Candidate({"vcd": {"alpha": alpha}}) for alpha in VCD_ALPHAS]
+        # the released VCD contrasts sampled decoding only; tuning scores greedy decoding, so the contrast is on
+        return [Candidate({"vcd": {"alpha": alpha, "contrast_when": "always"}}) for alpha in VCD_ALPHAS]
     raise ValueError(f"unknown method {method!r}; tunable methods are {list(TUNABLE_METHODS)}")
 
 
