@@ -282,3 +282,65 @@ def test_state_of_another_run_is_refused(monkeypatch, tmp_path):
         _run_tune(monkeypatch, FakeGenerator(), tmp_path / "out")
     with pytest.raises(ValueError, match="reported benchmark"):
         search.synthetic_tuning_data(seed=900_001)
+
+
+# ---------------------------------------------------------------------------------------------- eval labels
+def test_eval_labels_released_and_tuned(tuned_map):
+    from vlm_guard.eval.runner import guard_config_for, method_display_name, method_label, parse_compare
+
+    assert method_label("VHR,pai@tuned") == "vhr+pai@tuned" and method_label("none@tuned") == "none"
+    assert parse_compare("vhr;vhr@tuned;all@tuned") == ["none", "vhr", "vhr@tuned", "all@tuned"]
+    assert method_display_name("all@tuned") == "VHR+VAR+GIFT tuned" and method_display_name("vhr") == "VHR"
+    released, _ = resolve_config(guard_config_for("vhr+pai"), tuned_map)   # a plain row stays at released values
+    assert released.vhr.alpha == 2.0 and released.pai.alpha == PAIConfig().alpha
+    tuned, _ = resolve_config(guard_config_for("vhr+pai@tuned"), tuned_map)
+    assert tuned.vhr.alpha == 1.5 and tuned.vhr.target_layers == [2, 3] and tuned.pai.alpha == 0.4
+
+
+# ---------------------------------------------------------------------------------------------- caption / shipped map
+def test_caption_says_which_settings_ran_and_where_from(capsys):
+    from vlm_guard.cli import main
+
+    assert main(["caption", "--methods", "vhr", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    settings = [line for line in out.splitlines() if line.startswith("settings vhr:")]
+    assert settings and ("(tuned)" in settings[0] or "released defaults" in settings[0])
+    assert main(["caption", "--max-new-tokens", "4"]) == 0  # default: auto
+    out = capsys.readouterr().out
+    methods_line = next(line for line in out.splitlines() if line.startswith("methods:"))
+    model, processor = vlm_guard.load_default()
+    expected, _ = default_methods(vlm_guard.wrap(model, processor).head_map)
+    assert methods_line.split()[1] == (",".join(expected) or "none")
+
+
+def test_caption_all_examples_counts_hallucinations(capsys):
+    from vlm_guard.cli import main
+
+    assert main(["caption", "--all-examples", "--methods", "vhr", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    examples = sorted((vlm_guard.defaults.EXAMPLES_DIR).glob("*.png"))
+    assert out.count("\nimage: ") == len(examples) >= 5
+    total = out.strip().splitlines()[-1]
+    assert total.startswith(f"all {len(examples)} bundled examples: hallucinated object mentions")
+    plain = sum(len([word for word in line.split(": ", 1)[1].split(", ") if word != "none"])
+                for line in out.splitlines() if line.startswith("not in the scene (plain)"))
+    assert f"plain {plain}," in total
+    assert main(["caption", "x.png", "--all-examples"]) == 2
+
+
+def test_default_model_finds_its_shipped_tuned_head_map():
+    from vlm_guard.tuning.shipped import SHIPPED_HEAD_MAPS
+
+    if not any(SHIPPED_HEAD_MAPS.glob("*/head_map.json")):
+        pytest.skip("no shipped head map in this installation")
+    model, processor = vlm_guard.load_default()
+    guarded = vlm_guard.wrap(model, processor, "auto")
+    try:
+        assert guarded.head_map is not None and guarded.head_map.tuned.get("settings")
+        assert guarded.guard_config.enabled_methods == guarded.head_map.tuned["default_methods"]
+        for name in guarded.guard_config.enabled_methods:
+            tuned_fields = guarded.head_map.tuned["settings"].get(name, {})
+            assert all(guarded.settings_sources[name][f] == SOURCE_TUNED for f in tuned_fields)
+            assert all(getattr(getattr(guarded.guard_config, name), f) == v for f, v in tuned_fields.items())
+    finally:
+        guarded.unwrap()

@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VLM="${VLM:-.venv/bin/vlm-guard}"
+PY="${PY:-.venv/bin/python}"
 SHIPPED=vlm_guard/assets/default_model
 TRAINED=runs/toy/final
 RESULTS=docs/results
@@ -41,10 +42,26 @@ if [ ! -f "$RESULTS/head_map_default/head_map.json" ]; then
     --prompt "describe the image" --prompt "is there a house ?" --batch-size 8 --no-cache --no-plots
 fi
 
-# 2. The comparison: greedy, VHR, VAR, GIFT, VHR+VAR+GIFT, PAI, VCD with library-default hyper-parameters,
-#    N_QUESTIONS questions per POPE split and N_CAPTIONS captions, 1000 bootstrap resamples. The item lists for a
-#    smaller N are prefixes of those for a larger one, so N_QUESTIONS=1500 N_CAPTIONS=1000 later extends the run.
-"$VLM" -v eval synthetic "${MODEL_ARGS[@]}" --head-map "$RESULTS/head_map_default" \
+# 2. Tuned rows: when the package ships a tuned head map for the default model (vlm_guard/assets/head_maps/, written
+#    by `vlm-guard tune` on the TUNING seed 910001 -- never on these scenes), the run uses it and adds each method at
+#    its tuned settings ("vhr@tuned" ...), VHR+VAR+GIFT tuned ("all@tuned") and the tuned default set. Rows without
+#    "@tuned" run at the released defaults whatever the head map holds. TUNED=0 leaves the tuned rows out.
+HEAD_MAP="$RESULTS/head_map_default"
+COMPARE="none;vhr;var;gift;all;pai;vcd"
+TUNED_MAP="$(ls -d vlm_guard/assets/head_maps/default_model-*/ 2>/dev/null | head -1 || true)"
+if [ "${TUNED:-1}" = 1 ] && [ -n "$TUNED_MAP" ] && [ "$(cat "$CHOICE")" = shipped ]; then
+  HEAD_MAP="${TUNED_MAP%/}"
+  DEFAULT_SET="$("$PY" -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["tuned"]["default_methods"]))' "$HEAD_MAP/head_map.json")"
+  COMPARE="none;vhr@tuned;gift@tuned;pai@tuned;vcd@tuned;all@tuned"
+  case ";$COMPARE;" in *";${DEFAULT_SET//,/+}@tuned;"*) ;; *) [ -n "$DEFAULT_SET" ] && COMPARE="$COMPARE;$DEFAULT_SET@tuned" ;; esac
+  COMPARE="$COMPARE;vhr;var;gift;all;pai;vcd"
+fi
+echo "$(date -u +%H:%M:%S) head map: $HEAD_MAP; method sets: $COMPARE"
+
+# 3. The comparison, N_QUESTIONS questions per POPE split and N_CAPTIONS captions, 1000 bootstrap resamples. The item
+#    lists for a smaller N are prefixes of those for a larger one, so N_QUESTIONS=1500 N_CAPTIONS=1000 later extends
+#    the run.
+"$VLM" -v eval synthetic "${MODEL_ARGS[@]}" --head-map "$HEAD_MAP" \
   --n-questions "$N_QUESTIONS" --n-captions "$N_CAPTIONS" --batch-size 32 --threads "$THREADS" --no-progress \
-  --compare "none;vhr;var;gift;all;pai;vcd" --out "$RESULTS/synthetic.jsonl"
+  --compare "$COMPARE" --out "${OUT:-$RESULTS/synthetic.jsonl}"
 echo "$(date -u +%H:%M:%S) done: $RESULTS/synthetic.md"

@@ -327,21 +327,33 @@ def run_items(
 
 
 # ---------------------------------------------------------------------------------------------- method sets
+TUNED_SUFFIX = "@tuned"
+"""A method set written ``vhr@tuned`` runs with the head map's tuned settings (``vlm-guard tune``); without the
+suffix a set runs at the released defaults, whatever the head map holds."""
+
+
 def method_label(methods: str) -> str:
-    """File-safe label of a method set: ``"none"``, ``"vhr"``, ``"vhr+var"``, ``"all"``.
+    """File-safe label of a method set: ``"none"``, ``"vhr"``, ``"vhr+var"``, ``"all"``, ``"vhr+pai@tuned"``.
 
     Example:
-        >>> method_label(" VHR, var "), method_label("")
-        ('vhr+var', 'none')
+        >>> method_label(" VHR, var "), method_label(""), method_label("vhr,pai@tuned")
+        ('vhr+var', 'none', 'vhr+pai@tuned')
     """
-    names = [name.strip().lower() for name in methods.replace("+", ",").split(",") if name.strip()]
+    text = methods.strip().lower()
+    tuned = text.endswith(TUNED_SUFFIX)
+    if tuned:
+        text = text[: -len(TUNED_SUFFIX)]
+    names = [name.strip() for name in text.replace("+", ",").split(",") if name.strip()]
     if not names or names in (["none"], ["off"], ["greedy"]):
         return "none"
-    return "+".join(names)
+    return "+".join(names) + (TUNED_SUFFIX if tuned else "")
 
 
 def method_display_name(label: str) -> str:
-    """Table name of a method set: ``"greedy"`` for none, ``"VHR+VAR+GIFT"`` for all, else upper-case."""
+    """Table name of a method set: ``"greedy"`` for none, ``"VHR+VAR+GIFT"`` for all, else upper-case; a tuned
+    set gets `` tuned`` (``"VHR tuned"``)."""
+    if label.endswith(TUNED_SUFFIX):
+        return method_display_name(label[: -len(TUNED_SUFFIX)]) + " tuned"
     if label == "none":
         return "greedy"
     if label == "all":
@@ -373,10 +385,16 @@ def parse_compare(text: str) -> list[str]:
 
 
 def guard_config_for(label: str):
-    """The :class:`~vlm_guard.config.GuardConfig` of a method-set label (default hyper-parameters)."""
+    """The :class:`~vlm_guard.config.GuardConfig` of a method-set label: released defaults, set explicitly so that a
+    head map's tuned settings do not change them; for ``...@tuned`` the fields are left unset, so the wrapper fills
+    them from the head map's tuned settings."""
     from vlm_guard.config import GuardConfig
 
-    return GuardConfig.from_methods("none" if label == "none" else label.replace("+", ","))
+    if label.endswith(TUNED_SUFFIX):
+        return GuardConfig.from_methods(label[: -len(TUNED_SUFFIX)].replace("+", ","))
+    config = GuardConfig.from_methods("none" if label == "none" else label.replace("+", ","))
+    return GuardConfig(**{name: type(getattr(config, name))(**getattr(config, name).to_dict())
+                          for name in config.enabled_methods})  # every field explicit: the released values
 
 
 def results_paths(out: str | os.PathLike, label: str | None) -> tuple[Path, Path]:
@@ -443,6 +461,17 @@ def run_method_set(
     writing the same file at once gets :class:`~vlm_guard.eval.records.FileBusyError`.
     """
     config = config if config is not None else guard_config_for(label)
+    if label.endswith(TUNED_SUFFIX):
+        from vlm_guard.tuning.settings import tuned_settings
+
+        tuned = tuned_settings(guarded.head_map)
+        if not getattr(guarded.head_map, "tuned", None):
+            raise ValueError(f"method set {label!r} asks for tuned settings, but the head map has none; run "
+                             "`vlm-guard tune` and pass the tuned head map (--head-map DIR)")
+        untuned = [name for name in config.enabled_methods if name not in tuned]
+        if untuned:
+            logger.warning("method set %r: the head map has no tuned settings for %s; they run at released defaults",
+                           label, untuned)
     guarded.set_config(config)
     fingerprint = run_fingerprint(guarded, processor, label, config, tasks, code=code,
                                   extra=fingerprint_extra) if fingerprint_extra is not None else None
@@ -479,7 +508,7 @@ def run_method_set(
         logger.warning("%s: %d duplicate records ignored (each item counts once).", records_path, duplicates)
     return MethodRun(
         label=label,
-        guard_config=config.to_dict(),
+        guard_config=guarded.guard_config.to_dict(),  # the values that ran (tuned ones filled in)
         active_methods=active,
         inactive_methods=inactive,
         records=records,
@@ -802,6 +831,7 @@ __all__ = [
     "run_benchmark",
     "method_label",
     "method_display_name",
+    "TUNED_SUFFIX",
     "parse_compare",
     "guard_config_for",
     "results_paths",
