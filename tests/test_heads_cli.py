@@ -58,7 +58,8 @@ def test_calibrate_end_to_end(model_dir, image_dir, tmp_path, monkeypatch, capsy
 
     assert main(["heads", "show", str(out)]) == 0
     shown = capsys.readouterr().out
-    assert shown.strip() == head_map.summary().strip()
+    assert shown.strip().startswith(head_map.summary().strip())
+    assert "tuned settings: none" in shown  # then the tuned settings (vlm-guard tune), here none
 
 
 def test_calibrate_limit_and_errors(model_dir, image_dir, tmp_path, capsys):
