@@ -24,6 +24,7 @@ from transformers import LogitsProcessorList
 
 from .config import METHOD_ORDER, GuardConfig
 from .decoding.base import Intervention
+from .decoding.calls import check_generate_call
 from .decoding.engine import GuardEngine
 from .decoding.registry import get_method
 from .models import ModelAdapter, get_adapter
@@ -146,7 +147,8 @@ class GuardedModel:
 
     # ------------------------------------------------------------------ calls
     def generate(self, *args, **kwargs):
-        """Same arguments and return values as ``model.generate``."""
+        """Same arguments and return values as ``model.generate`` (see :mod:`vlm_guard.decoding.calls` for
+        the calls that run the plain model with a warning, or are refused)."""
         self._refresh()
         if not self.engine.enabled or not self.interventions:
             return self.model.generate(*args, **kwargs)
@@ -163,14 +165,16 @@ class GuardedModel:
                 f"num_beams={num_beams} is not supported with {contrastive}: their contrast pass keeps one cache per row. "
                 "Use greedy or sampling (num_beams=1), or switch those methods off."
             )
-        model_inputs = dict(kwargs)
-        if args:
-            model_inputs.setdefault("input_ids", args[0])
+        input_ids, kwargs = check_generate_call(self.model, self.guard_config.enabled_methods, args, kwargs)
+        if input_ids is None:  # embeddings only: the image cannot be placed (warned)
+            return self.model.generate(*args, **kwargs)
+        model_inputs = {key: value for key, value in kwargs.items() if key != "inputs"}
+        model_inputs["input_ids"] = input_ids
         processors = [p for i in self.interventions for p in i.logits_processors(self, model_inputs)]
         if processors:
             user_processors = kwargs.get("logits_processor") or []
             kwargs["logits_processor"] = LogitsProcessorList([*user_processors, *processors])
-        with self.engine.activate(self.interventions):
+        with self.engine.activate(self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask"))):
             return self.model.generate(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):

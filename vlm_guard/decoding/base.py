@@ -74,14 +74,21 @@ class PromptContext:
 class LayerContext:
     """Where the engine is: one layer of one forward call.
 
+    Rows are placed by absolute position (``past_length + 0 .. Q-1``), not by the shape of the call:
+    positions ``< S`` (the prompt length) are prompt rows, later ones generated rows. One call may hold
+    both (a ``use_cache=False`` step recomputes the whole sequence), or several generated rows (a
+    manual loop feeding a chunk).
+
     Attributes:
         layer: decoder layer index (0-based).
-        phase: ``"prefill"`` (the prompt forward) or ``"decode"`` (one new token per row).
-        step: 0 during prefill, n for the n-th generated token.
+        phase: ``"prefill"`` (the call that starts the generation: its cache was empty) or ``"decode"``
+            (any later call of the same generation).
+        step: 0 during prefill, else the number of generated tokens up to this call's last row.
         prompt: the prompt context of this generation.
         query_length: Q, rows in this call.
-        key_length: K, keys in this call (prompt + generated so far, or a static cache length).
+        key_length: K, keys in this call (past + Q, or a static cache's length).
         num_heads / num_kv_heads: attention geometry of the layer.
+        past_length: absolute position of the first query row (tokens already in the cache).
     """
 
     layer: int
@@ -92,16 +99,17 @@ class LayerContext:
     key_length: int
     num_heads: int
     num_kv_heads: int
-    _cache: dict = field(default_factory=dict, repr=False)
+    past_length: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)  # shared by the layers of one forward call
 
     @property
     def query_offset(self) -> int:
         """Absolute position of the first query row."""
-        return self.key_length - self.query_length if self.phase == "decode" else 0
+        return self.past_length
 
     def keys(self, prompt_mask: torch.Tensor) -> torch.Tensor:
         """A ``[B, S]`` prompt mask extended to the keys: ``[B, K]`` (generated keys False)."""
-        key = ("keys", id(prompt_mask))
+        key = ("keys", id(prompt_mask), self.key_length)
         if key not in self._cache:
             batch, seq = prompt_mask.shape
             if seq >= self.key_length:
@@ -113,24 +121,49 @@ class LayerContext:
         return self._cache[key]
 
     def queries(self, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """A ``[B, S]`` prompt mask restricted to this call's query rows: ``[B, Q]`` (all False while
-        decoding, since generated tokens belong to no prompt span)."""
-        if self.phase == "prefill":
-            return prompt_mask[:, : self.query_length]
-        return torch.zeros(prompt_mask.shape[0], self.query_length, dtype=torch.bool, device=prompt_mask.device)
+        """A ``[B, S]`` prompt mask at this call's query rows: ``[B, Q]`` (False at generated rows)."""
+        key = ("queries", id(prompt_mask))
+        if key not in self._cache:
+            batch, seq = prompt_mask.shape
+            start, stop = self.past_length, self.past_length + self.query_length
+            rows = prompt_mask[:, min(start, seq) : min(stop, seq)]
+            if rows.shape[1] < self.query_length:
+                pad = torch.zeros(batch, self.query_length - rows.shape[1], dtype=prompt_mask.dtype, device=prompt_mask.device)
+                rows = torch.cat([rows, pad], dim=1)
+            self._cache[key] = rows
+        return self._cache[key]
+
+    def _positions(self) -> torch.Tensor:
+        """``[Q]`` absolute positions of the query rows."""
+        if "positions" not in self._cache:
+            device = self.prompt.input_ids.device
+            self._cache["positions"] = torch.arange(self.past_length, self.past_length + self.query_length, device=device)
+        return self._cache["positions"]
 
     def generated_rows(self) -> torch.Tensor:
-        """``[B, Q]`` True for rows that are generated tokens (every row while decoding)."""
-        value = self.phase == "decode"
-        device = self.prompt.input_ids.device
-        return torch.full((self.prompt.batch_size, self.query_length), value, dtype=torch.bool, device=device)
+        """``[B, Q]`` True for rows that are generated tokens (positions at or after the prompt's end)."""
+        if "generated" not in self._cache:
+            rows = self._positions() >= self.prompt.prompt_length  # [Q]
+            self._cache["generated"] = rows[None, :].expand(self.prompt.batch_size, -1)
+        return self._cache["generated"]
 
     def last_prompt_row(self) -> torch.Tensor:
-        """``[B, Q]`` the last prompt position during prefill (left padding puts it at the end)."""
-        rows = torch.zeros(self.prompt.batch_size, self.query_length, dtype=torch.bool, device=self.prompt.input_ids.device)
-        if self.phase == "prefill":
-            rows[:, -1] = True
-        return rows
+        """``[B, Q]`` the last prompt position (it predicts the first token; left padding puts it at the end)."""
+        if "last_prompt" not in self._cache:
+            rows = self._positions() == self.prompt.prompt_length - 1  # [Q]
+            self._cache["last_prompt"] = rows[None, :].expand(self.prompt.batch_size, -1)
+        return self._cache["last_prompt"]
+
+    def predicting_rows(self) -> torch.Tensor:
+        """``[B, Q]`` rows whose output predicts a generated token: the last prompt row and every generated row."""
+        if "predicting" not in self._cache:
+            self._cache["predicting"] = self.last_prompt_row() | self.generated_rows()
+        return self._cache["predicting"]
+
+    @property
+    def has_prompt_rows(self) -> bool:
+        """Whether this call holds prompt rows (the prefill, or a recomputation without cache)."""
+        return self.past_length < self.prompt.prompt_length
 
 
 @dataclass
@@ -168,7 +201,9 @@ class Intervention:
         return set()
 
     def begin(self, prompt: PromptContext, engine: "GuardEngine") -> None:
-        """Called at every prefill, before layer 0: reset per-sample state, run side passes."""
+        """Called when a generation starts (its first forward call, the cache empty), before layer 0:
+        reset per-sample state, run side passes (through :meth:`GuardEngine.side_pass`, which leaves the
+        model's state as it found it)."""
 
     def rows(self, ctx: LayerContext) -> torch.Tensor | None:
         """``[B, Q]`` bool: the query rows whose explicit weights this method needs at this layer, or None."""

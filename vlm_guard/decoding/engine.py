@@ -18,6 +18,7 @@ import contextlib
 import logging
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -27,6 +28,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ..models.base import ModelAdapter
+from ..models.compat import output_cache
 from .base import Intervention, LayerContext, PromptContext, RowSelection
 
 logger = logging.getLogger(__name__)
@@ -41,19 +43,69 @@ class StopForward(Exception):
 
 
 @dataclass
+class Generation:
+    """One generation: a prompt whose cache started empty, and every later call that extends that cache.
+
+    Attributes:
+        prompt: the prompt context; None when it cannot be known (embeddings only, a cache this wrapper did
+            not start): every call of the generation then runs the plain model.
+        interventions: the methods whose per-sample state (chosen heads, sinks, saliency) this generation set.
+        cache: weak reference to the key/value cache the generation extends (None until the first call returns).
+    """
+
+    prompt: PromptContext | None
+    interventions: tuple
+    cache: weakref.ref | None = None
+
+    def owns(self, cache) -> bool:
+        return cache is not None and self.cache is not None and self.cache() is cache
+
+
+@dataclass
+class CallState:
+    """One forward call, decided once by the model's pre-hook and read by every layer.
+
+    Attributes:
+        generation: the generation the call belongs to.
+        past_length: tokens already in the cache (absolute position of the call's first row).
+        phase: ``"prefill"`` for the call that starts the generation, ``"decode"`` for every later one.
+        row_cache: row masks shared by the layers of this call (see :class:`LayerContext`).
+    """
+
+    generation: Generation
+    past_length: int
+    phase: str
+    row_cache: dict = field(default_factory=dict)
+
+
+@dataclass
 class Frame:
-    """The interventions of one (possibly nested) forward or generate call and their prompt state."""
+    """The interventions of one (possibly nested) forward or generate call and their prompt state.
+
+    Attributes:
+        known_prompt: ``(input_ids, attention_mask)`` given to ``generate`` (lets a prefill that passes only
+            embeddings or prepared masks be placed).
+        generation: the generation started inside this frame (``use_cache=False`` steps recompute it).
+        call: the current forward call; None when it runs the plain model.
+    """
 
     interventions: list[Intervention]
-    prompt: PromptContext | None = None
-    step: int = 0
     by_layer: dict[int, list[Intervention]] = field(default_factory=dict)
+    known_prompt: tuple | None = None
+    generation: Generation | None = None
+    call: CallState | None = None
+    call_generation: Generation | None = None  # the generation of the current call (also when it runs plain)
     warned_no_image: bool = False
 
     def __post_init__(self) -> None:
         for intervention in self.interventions:
             for layer in intervention.layers():
                 self.by_layer.setdefault(layer, []).append(intervention)
+
+    @property
+    def prompt(self) -> PromptContext | None:
+        """The prompt context of the current call (None when it runs the plain model)."""
+        return self.call.generation.prompt if self.call is not None else None
 
 
 def save_forward_state(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
@@ -115,6 +167,8 @@ class GuardEngine:
         self._original_implementations: list[tuple[object, str]] = []
         self._layer_of: dict[int, int] = {}
         self._base_attention = None
+        self._returns_weights = False
+        self._generation: Generation | None = None  # the latest generation that holds the methods' per-sample state
         self.installed = False
         self.geometry = adapter.geometry
 
@@ -163,6 +217,7 @@ class GuardEngine:
         if base_implementation == "eager":
             module_namespace = sys.modules[type(attention_modules[0]).__module__]
             self._base_attention = module_namespace.eager_attention_forward
+            self._returns_weights = True
         else:
             self._base_attention = ALL_ATTENTION_FUNCTIONS[base_implementation]
         AttentionInterface.register(self.name, self._attention)
@@ -171,6 +226,7 @@ class GuardEngine:
             self._original_implementations.append((config, original))
             config._attn_implementation = self.name
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._after_model_forward, with_kwargs=True))
         for index, layer in enumerate(self.adapter.decoder_layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
         self.installed = True
@@ -189,10 +245,16 @@ class GuardEngine:
 
     # ------------------------------------------------------------------ frames
     @contextlib.contextmanager
-    def activate(self, interventions: list[Intervention]) -> Iterator[Frame]:
+    def activate(self, interventions: list[Intervention], known_prompt: tuple | None = None) -> Iterator[Frame]:
         """Run the enclosed forward / generate calls with ``interventions`` (nested calls allowed:
-        an intervention's side pass runs inside its own frame)."""
-        frame = Frame(list(interventions))
+        an intervention's side pass runs inside its own frame).
+
+        Args:
+            interventions: the methods.
+            known_prompt: ``(input_ids [B, S], attention_mask [B, S] or None)`` of a ``generate`` call, used
+                when its prefill passes only embeddings or prepared (4-D / per-layer-type) masks.
+        """
+        frame = Frame(list(interventions), known_prompt=known_prompt)
         self._frames.append(frame)
         try:
             yield frame
@@ -218,7 +280,8 @@ class GuardEngine:
         Returns:
             the model output, or None when the pass was stopped early.
 
-        State a forward call caches on the model (Qwen2-VL's ``rope_deltas``) is restored afterwards.
+        State a forward call caches on the model (Qwen2-VL's ``rope_deltas``) is restored afterwards: every
+        side pass leaves the model exactly as it found it.
         """
         hook = None
         if stop_after_layer is not None:
@@ -246,27 +309,60 @@ class GuardEngine:
 
     # ------------------------------------------------------------------ hooks
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Decide once per forward call what it is: the start of a generation (the cache is empty), a
+        continuation of the generation that owns the cache, or a call whose prompt context cannot be known
+        (one warning, the plain model runs)."""
         frame = self._current()
         if frame is None:
             return None
+        frame.call = None
+        frame.call_generation = None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past_length = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            past_length = int(cache.get_seq_length())
-        if past_length > 0 and frame.prompt is not None:
-            frame.step += 1
-            return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            logger.warning("vlm_guard needs input_ids to find image positions; this call passed only embeddings, so no intervention runs.")
-            frame.prompt = None
+        if input_ids is not None and not isinstance(input_ids, torch.Tensor):
+            input_ids = None
+        past = self._past_length(cache, kwargs)
+        interventions = tuple(frame.interventions)
+        if past > 0:
+            generation = self._generation
+            if generation is None or not generation.owns(cache) or generation.interventions != interventions:
+                logger.warning(
+                    "vlm_guard: this call continues a cache of %d tokens that this wrapper did not start with the "
+                    "current methods (a prefix cache built elsewhere, another generation's cache, or methods changed "
+                    "since), so its prompt and image positions are unknown; the plain model runs for the rest of this "
+                    "cache. Start the cache through the wrapper (guarded(...) or guarded.generate(...)) to run the methods.",
+                    past,
+                )
+                self._register(Generation(None, interventions), cache)
+                return None
+            frame.call_generation = generation
+            if generation.prompt is None:
+                return None
+            if past < generation.prompt.prompt_length:
+                logger.warning(
+                    "vlm_guard: the cache was cut back to %d tokens, inside its prompt of %d; the methods' per-sample "
+                    "state no longer matches, so the plain model runs for the rest of this cache.",
+                    past, generation.prompt.prompt_length,
+                )
+                self._register(Generation(None, interventions), cache)
+                return None
+            frame.call = CallState(generation, past, "decode")
             return None
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None or attention_mask.ndim != 2:
-            attention_mask = torch.ones_like(input_ids)
-        spans = self.adapter.prompt_spans(input_ids, attention_mask)
-        frame.prompt = PromptContext(input_ids=input_ids, attention_mask=attention_mask, spans=spans, model_inputs=dict(kwargs))
-        frame.step = 0
+        generation = frame.generation
+        if (cache is None and generation is not None and generation.prompt is not None and input_ids is not None
+                and _extends(input_ids, generation.prompt.input_ids)):
+            # generate(use_cache=False): every step recomputes the whole sequence of the same generation
+            frame.call = CallState(generation, 0, "decode")
+            frame.call_generation = generation
+            return None
+        prompt = self._new_prompt(frame, input_ids, kwargs)
+        generation = Generation(prompt, interventions)
+        frame.generation = generation
+        frame.call_generation = generation
+        if prompt is None:
+            return None
+        frame.call = CallState(generation, 0, "prefill")
+        spans = prompt.spans
         if not bool(spans.has_image.all()) and any(i.needs_image for i in frame.interventions) and not frame.warned_no_image:
             missing = (~spans.has_image).nonzero().flatten().tolist()
             logger.warning(
@@ -276,55 +372,109 @@ class GuardEngine:
             )
             frame.warned_no_image = True
         for intervention in frame.interventions:
-            intervention.begin(frame.prompt, self)
+            intervention.begin(prompt, self)
         return None
+
+    def _new_prompt(self, frame: Frame, input_ids: torch.Tensor | None, kwargs: dict) -> PromptContext | None:
+        """The prompt context of a call that starts a generation, or None (with one warning) when the call
+        passes only embeddings that no ``generate`` input_ids describe."""
+        embeds = kwargs.get("inputs_embeds")
+        known_ids, known_mask = frame.known_prompt if frame.known_prompt is not None else (None, None)
+        if input_ids is None and embeds is not None and known_ids is not None and tuple(known_ids.shape) == tuple(embeds.shape[:2]):
+            input_ids = known_ids
+        if input_ids is None:
+            logger.warning(
+                "vlm_guard needs input_ids to find image positions; this call passed only embeddings, so the plain "
+                "model runs it (and the calls that continue its cache). Pass input_ids as well to run the methods."
+            )
+            return None
+        attention_mask = _prompt_mask(kwargs.get("attention_mask"), input_ids)
+        if attention_mask is None and known_ids is not None and known_mask is not None and known_ids.shape == input_ids.shape:
+            attention_mask = known_mask
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        spans = self.adapter.prompt_spans(input_ids, attention_mask)
+        return PromptContext(input_ids=input_ids, attention_mask=attention_mask, spans=spans, model_inputs=dict(kwargs))
+
+    def _after_model_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        frame = self._current()
+        if frame is None or frame.call_generation is None:
+            return None
+        self._register(frame.call_generation, output_cache(output))
+        return None
+
+    def _register(self, generation: Generation, cache) -> None:
+        """Make ``generation`` the owner of ``cache`` (calls that extend it continue the generation)."""
+        if cache is None:
+            return
+        if not generation.owns(cache):
+            try:
+                generation.cache = weakref.ref(cache)
+            except TypeError:  # a legacy tuple cache: every later call is unknown (plain, with a warning)
+                return
+        self._generation = generation
+
+    @staticmethod
+    def _past_length(cache, kwargs: dict) -> int:
+        """Tokens already in the cache: ``cache_position[0]`` when given (4.57), else the cache's length."""
+        cache_position = kwargs.get("cache_position")
+        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+            return int(cache_position.reshape(-1)[0])
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        return 0
 
     def _make_layer_hook(self, layer_index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             frame = self._current()
-            if frame is None or frame.prompt is None or layer_index not in frame.by_layer:
+            if frame is None or frame.call is None or layer_index not in frame.by_layer:
                 return None
             users = [i for i in frame.by_layer[layer_index] if i.uses_layer_input]
             if not users:
                 return None
             hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-            ctx = self._layer_context(frame, layer_index, hidden_states.shape[1], hidden_states.shape[1] + self._past(frame, hidden_states))
+            query_length = hidden_states.shape[1]
+            ctx = self._layer_context(frame.call, layer_index, query_length, frame.call.past_length + query_length)
             for intervention in users:
                 intervention.on_layer_input(ctx, hidden_states)
             return None
 
         return hook
 
-    @staticmethod
-    def _past(frame: Frame, hidden_states: torch.Tensor) -> int:
-        if frame.step == 0:
-            return 0
-        return frame.prompt.prompt_length + frame.step - 1
-
-    def _layer_context(self, frame: Frame, layer: int, query_length: int, key_length: int) -> LayerContext:
+    def _layer_context(self, call: CallState, layer: int, query_length: int, key_length: int) -> LayerContext:
+        prompt = call.generation.prompt
+        step = 0 if call.phase == "prefill" else max(0, call.past_length + query_length - prompt.prompt_length)
         return LayerContext(
             layer=layer,
-            phase="prefill" if frame.step == 0 else "decode",
-            step=frame.step,
-            prompt=frame.prompt,
+            phase=call.phase,
+            step=step,
+            prompt=prompt,
             query_length=query_length,
             key_length=key_length,
             num_heads=self.geometry.num_heads,
             num_kv_heads=self.geometry.num_kv_heads,
+            past_length=call.past_length,
+            _cache=call.row_cache,
         )
 
     # ------------------------------------------------------------------ attention
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """The registered attention function. ``query [B, H, Q, D]``, ``key/value [B, KVH, K, D]``;
-        returns ``([B, Q, H, D], None)`` like transformers' implementations."""
+        returns ``([B, Q, H, D], weights)`` like transformers' implementations.
+
+        ``weights`` is what the base implementation returns: None for SDPA; for eager, the ``[B, H, Q, K]``
+        post-softmax weights, with a method's edits in the rows it edited (PAI, VAR, GIFT edit weights or
+        scores; VHR scales head outputs, so its layers report the unedited weights). So
+        ``output_attentions=True`` on an eager model gives one map per decoder layer, in layer order.
+        """
         base = self._base_attention
         frame = self._current()
         layer = self._layer_of.get(id(module))
-        if frame is None or frame.prompt is None or layer is None or layer not in frame.by_layer:
+        if frame is None or frame.call is None or layer is None or layer not in frame.by_layer:
             return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         interventions = frame.by_layer[layer]
-        ctx = self._layer_context(frame, layer, query.shape[2], key.shape[2])
-        has_image = frame.prompt.spans.has_image  # [B]
+        ctx = self._layer_context(frame.call, layer, query.shape[2], key.shape[2])
+        has_image = ctx.prompt.spans.has_image  # [B]
 
         # which rows each method needs explicitly
         requests: list[tuple[Intervention, torch.Tensor]] = []
@@ -337,35 +487,43 @@ class GuardEngine:
                     if bool(rows.any()):
                         requests.append((intervention, rows))
         output = None
+        weights = None
         if requests:
-            wanted = torch.zeros_like(requests[0][1])
-            for _, rows in requests:
+            wanted = requests[0][1]
+            for _, rows in requests[1:]:
                 wanted = wanted | rows
             every_row = bool(wanted.all())  # the decode hot path: one row, asked for in every batch row
             if every_row:
                 index = torch.arange(query.shape[2], device=query.device)  # [R = Q]
             else:
                 index = wanted.any(dim=0).nonzero().flatten()  # [R]
-            explicit = self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index, requests, every_row)
-            # [B, R, H, D]
+            explicit, explicit_weights = self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index,
+                                                             requests, every_row)
+            # explicit [B, H, R, D], explicit_weights [B, H, R, K]
             if every_row:
                 output = explicit.transpose(1, 2).to(value.dtype).contiguous()  # [B, Q, H, D]
+                if self._returns_weights:
+                    weights = explicit_weights.to(query.dtype)
             else:
-                output, _ = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+                output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
                 keep = wanted[:, index][:, :, None, None]  # [B, R, 1, 1]
                 output[:, index] = torch.where(keep, explicit.transpose(1, 2).to(output.dtype), output[:, index])
+                if weights is not None:
+                    keep_weights = wanted[:, index][:, None, :, None]  # [B, 1, R, 1]
+                    weights[:, :, index] = torch.where(keep_weights, explicit_weights.to(weights.dtype), weights[:, :, index])
         if output is None:
-            output, _ = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         for intervention in interventions:
             if intervention.uses_head_output:
                 edited = intervention.on_head_output(ctx, output)
                 if intervention.needs_image and not bool(has_image.all()):
                     edited = torch.where(has_image[:, None, None, None], edited, output)
                 output = edited
-        return output, None
+        return output, weights
 
     def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, requests, every_row=False):
-        """Explicit attention for rows ``index``; returns the per-head outputs ``[B, H, R, D]`` (fp32).
+        """Explicit attention for rows ``index``; returns the per-head outputs ``[B, H, R, D]`` and the
+        (edited) weights ``[B, H, R, K]``, both fp32.
 
         ``every_row``: all ``Q`` rows are wanted in every batch row (``index`` is ``0..Q-1``), so the row
         gather is skipped; a request covering every row then needs no masked merge either.
@@ -375,8 +533,8 @@ class GuardEngine:
         rows_query = (query if every_row else query[:, :, index, :]).float()  # [B, H, R, D]
         scores = _grouped_scores(rows_query * scaling, key.float())  # [B, H, R, K]
         allowed = None
-        if attention_mask is not None or query.shape[2] > 1:  # one row without a mask sees every key
-            allowed = self._allowed(attention_mask, index, query.shape[2], key.shape[2], scores.device)
+        if attention_mask is not None or query.shape[2] > 1 or key.shape[2] > ctx.past_length + query.shape[2]:
+            allowed = self._allowed(attention_mask, index, ctx.past_length, key.shape[2], scores.device)
         if allowed is not None:
             if allowed.dtype == torch.bool:
                 scores = scores.masked_fill(~allowed, float("-inf"))
@@ -391,21 +549,49 @@ class GuardEngine:
                 edited = intervention.on_scores(ctx, scores, selection)
                 scores = edited if whole else torch.where(selection.mask[:, None, :, None], edited, scores)
         weights = torch.softmax(scores, dim=-1)  # [B, H, R, K]
-        if ctx.phase != "decode":  # a generated row always sees itself; prompt rows of padding see nothing
+        if ctx.has_prompt_rows:  # a generated row always sees itself; prompt rows of padding see nothing
             weights = weights.nan_to_num(0.0)
         for intervention, selection, whole in selections:
             if intervention.uses_weights:
                 edited = intervention.on_weights(ctx, weights, selection)
                 weights = edited if whole else torch.where(selection.mask[:, None, :, None], edited, weights)
-        return _grouped_output(weights, value.float())
+        return _grouped_output(weights, value.float()), weights
 
     @staticmethod
-    def _allowed(attention_mask, index, query_length, key_length, device):
-        """The mask of the selected rows: bool ``[B|1, 1, R, K]`` (True = attend) or an additive float mask."""
+    def _allowed(attention_mask, index, past_length, key_length, device):
+        """The mask of the selected rows: bool ``[B|1, 1, R, K]`` (True = attend) or an additive float mask.
+
+        Without a mask, row ``i`` (absolute position ``past_length + i``) sees the keys up to its own
+        position and never the empty slots of a static cache."""
         if attention_mask is not None:
             if attention_mask.ndim == 4:
                 return attention_mask[:, :, index, :key_length]
             return None
-        offset = key_length - query_length
         key_positions = torch.arange(key_length, device=device)
-        return (key_positions[None, :] <= (index[:, None] + offset))[None, None]  # [1, 1, R, K]
+        return (key_positions[None, :] <= (index[:, None] + past_length))[None, None]  # [1, 1, R, K]
+
+
+def _extends(input_ids: torch.Tensor, prompt_ids: torch.Tensor) -> bool:
+    """Whether ``input_ids [B, S + n]`` is the prompt ``[B, S]`` followed by ``n >= 1`` more tokens."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != prompt_ids.shape[0] or input_ids.shape[1] <= prompt_ids.shape[1]:
+        return False
+    return bool(torch.equal(input_ids[:, : prompt_ids.shape[1]], prompt_ids.to(input_ids.device)))
+
+
+def _prompt_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """``[B, S]`` validity of a prompt's positions from whatever mask the forward call got: a 2-D mask, a
+    prepared 4-D mask (bool, or additive float) or a dict of them per layer type (the last row of a causal
+    prompt mask sees every real position); None when there is none."""
+    batch, seq = input_ids.shape
+    if isinstance(attention_mask, dict):
+        full = attention_mask.get("full_attention")
+        attention_mask = full if full is not None else next((m for m in attention_mask.values() if isinstance(m, torch.Tensor)), None)
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.ndim == 2 and attention_mask.shape == (batch, seq):
+        return attention_mask
+    if attention_mask.ndim == 4 and attention_mask.shape[-1] >= seq and attention_mask.shape[0] in (1, batch):
+        last_row = attention_mask[:, 0, -1, :seq]  # [B|1, S]
+        valid = last_row if last_row.dtype == torch.bool else last_row == 0
+        return valid.expand(batch, seq).long()
+    return None

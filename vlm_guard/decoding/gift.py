@@ -372,9 +372,7 @@ class GIFT(Intervention):
     def rows(self, ctx: LayerContext) -> torch.Tensor | None:
         if ctx.layer == self.saliency_layer and self.in_prefill:
             return self.saliency_rows(ctx) if ctx.phase == "prefill" else None
-        if ctx.phase == "prefill":
-            return ctx.last_prompt_row()
-        return ctx.generated_rows()
+        return ctx.predicting_rows()
 
     def _matrices(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._keys.get(ctx.key_length)

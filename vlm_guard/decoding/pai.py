@@ -218,7 +218,7 @@ class PAI(Intervention):
         self._image_keys = None
 
     def rows(self, ctx: LayerContext) -> torch.Tensor | None:
-        return ctx.last_prompt_row() if ctx.phase == "prefill" else ctx.generated_rows()
+        return ctx.predicting_rows()
 
     def on_scores(self, ctx: LayerContext, scores: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         if self._image_keys is None or self._image_keys[0] != ctx.key_length:

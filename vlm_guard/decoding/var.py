@@ -192,6 +192,8 @@ class VAR(Intervention):
     def rows(self, ctx: LayerContext) -> torch.Tensor | None:
         if ctx.phase == "prefill":
             return ctx.queries(self._after_image)
+        if ctx.has_prompt_rows:  # a step recomputed without cache holds the prompt rows again
+            return ctx.queries(self._after_image) | ctx.generated_rows()
         return ctx.generated_rows()
 
     def _matrices(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:

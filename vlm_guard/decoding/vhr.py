@@ -91,8 +91,7 @@ class VHR(Intervention):
             return
         recorder = HeadOutputRecorder(self.target_layers)
         input_ids, attention_mask = engine.adapter.remove_image(prompt.input_ids, prompt.attention_mask)
-        with torch.no_grad(), engine.activate([recorder]):
-            engine.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        engine.side_pass([recorder], {"input_ids": input_ids, "attention_mask": attention_mask})
         self._text_only = recorder.outputs  # layer -> [B, H, D]
 
     def head_mask_for(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:

@@ -22,5 +22,8 @@ def cache_kwargs(model: nn.Module, cache) -> dict:
 
 def output_cache(output):
     """The key/value cache of a forward output, under either name."""
+    fields = getattr(output, "__dataclass_fields__", None) or {}
+    if "cache" in fields:  # 5.x: reading the deprecated alias would log a warning
+        return getattr(output, "cache", None)
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
