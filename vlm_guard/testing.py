@@ -242,3 +242,50 @@ def offline_tokenizer(kind: str, corpus: list[str], vocab_size: int = 200):
 def word_level_tokenizer(corpus: list[str]):
     """:func:`offline_tokenizer` of kind ``"word_level"`` (the shipped default model's kind)."""
     return offline_tokenizer("word_level", corpus)
+
+
+def greedy_loop(model, inputs: dict, max_new_tokens: int, cache=None, processors=None, pass_mask: bool = True,
+                pass_positions: bool = True) -> torch.Tensor:
+    """A hand-written greedy decoding loop: one prefill call, then one call per new token that extends
+    the cache (what a user writes instead of ``generate``). ``model`` may be a guarded wrapper.
+
+    Args:
+        model: the model or :class:`vlm_guard.GuardedModel` whose forward is called.
+        inputs: the prompt's forward arguments (left padded).
+        max_new_tokens: tokens to generate.
+        cache: a cache object to fill (e.g. a ``StaticCache``); None lets the model create a dynamic one.
+        processors: logits processors applied to each step's scores (``guarded.logits_processor(...)``).
+        pass_mask: give each decode call the growing 2-D mask; False lets the model place the token itself
+            (M-RoPE models, rows without padding).
+        pass_positions: with ``pass_mask``, also give the left-padding-aware positions ``cumsum(mask) - 1``
+            (what ``generate`` does for LLaVA; Idefics3's ``generate`` counts positions from the cache).
+    Returns:
+        ``[B, S + max_new_tokens]`` prompt and generated ids, like ``generate``.
+    """
+    from .models.compat import cache_kwargs, output_cache
+
+    base = getattr(model, "model", model) if hasattr(model, "engine") else model
+    sequence = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(sequence)
+    with torch.no_grad():
+        extra = cache_kwargs(base, cache) if cache is not None else {}
+        output = model(**inputs, use_cache=True, **extra)
+        cache = output_cache(output)
+        for step in range(max_new_tokens):
+            scores = output.logits[:, -1].float()
+            if processors is not None:
+                scores = processors(sequence, scores)
+            token = scores.argmax(dim=-1, keepdim=True)  # [B, 1]
+            sequence = torch.cat([sequence, token], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            step_inputs = {"input_ids": token}
+            if pass_mask:
+                step_inputs["attention_mask"] = mask
+                if pass_positions:
+                    step_inputs["position_ids"] = mask.long().cumsum(-1)[:, -1:] - 1
+            output = model(**step_inputs, use_cache=True, **cache_kwargs(base, cache))
+    return sequence

@@ -170,12 +170,25 @@ class GuardedModel:
             return self.model.generate(*args, **kwargs)
         model_inputs = {key: value for key, value in kwargs.items() if key != "inputs"}
         model_inputs["input_ids"] = input_ids
-        processors = [p for i in self.interventions for p in i.logits_processors(self, model_inputs)]
+        processors = self.logits_processor(**model_inputs)
         if processors:
             user_processors = kwargs.get("logits_processor") or []
             kwargs["logits_processor"] = LogitsProcessorList([*user_processors, *processors])
         with self.engine.activate(self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask"))):
             return self.model.generate(*args, **kwargs)
+
+    def logits_processor(self, **model_inputs) -> LogitsProcessorList:
+        """The methods' logits processors (PAI's image-free and VCD's noised-image contrasts) for one prompt
+        batch, for a hand-written decoding loop: apply them to each step's next-token scores,
+        ``scores = processors(sequence_ids, logits[:, -1].float())``, as ``generate`` does. Build a new list
+        per generation (each keeps the contrast prompt's own cache).
+
+        Args:
+            model_inputs: the prompt's forward arguments (``input_ids``, ``attention_mask``, image tensors).
+        """
+        if not self.engine.enabled:
+            return LogitsProcessorList()
+        return LogitsProcessorList([p for i in self.interventions for p in i.logits_processors(self, model_inputs)])
 
     def __call__(self, *args, **kwargs):
         """A forward pass with the interventions (e.g. for scoring or profiling)."""

@@ -1,0 +1,90 @@
+"""The generation-path matrix (issue 10): family x {dynamic, static cache} x {each method, all together} x
+{generate, hand-written loop}.
+
+- methods off: ``guarded.generate`` and a hand-written loop through ``guarded(...)`` are token-identical to
+  the plain ``model.generate``;
+- methods on: the hand-written loop (with ``guarded.logits_processor`` for PAI/VCD's contrasts) gives the
+  tokens of the same call through ``guarded.generate``, and the static cache gives the dynamic cache's tokens
+  (the plain model's tokens do not depend on the cache kind either; checked first).
+
+One model per family, two prompt rows (one with an image, one without), two new tokens (the prefill and one decode step).
+"""
+
+import functools
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import vlm_guard
+from vlm_guard import GuardConfig
+from vlm_guard.decoding.var import VARConfig
+from vlm_guard.testing import FAMILIES, build_batch, greedy_loop, image_token_count, tiny_model
+
+NEW_TOKENS = 2
+MROPE = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _method_configs() -> dict[str, GuardConfig]:
+    var = VARConfig(sink_dims=[0, 1], tau=1.5)  # the random models have no massive activations: a low threshold makes sinks
+    configs = {name: GuardConfig.from_methods(name) for name in ("vhr", "gift", "pai", "vcd")}
+    configs["var"] = GuardConfig(var=var)
+    every = GuardConfig.from_methods("vhr,gift,pai,vcd")
+    every.var = var
+    configs["all"] = every
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(family: str):
+    model = tiny_model(family)
+    if family in MROPE:  # rows of equal length: the loop lets the model place its M-RoPE positions
+        n_image = image_token_count(model, family) + 2
+        inputs = build_batch(model, [(True, 4), (False, 4 + n_image)])
+        assert bool(inputs["attention_mask"].all())
+    else:
+        inputs = build_batch(model, [(True, 4), (False, 3)])
+    return model, inputs
+
+
+def _generate(model, inputs, cache_kind):
+    extra = {"cache_implementation": "static"} if cache_kind == "static" else {}
+    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **extra)
+
+
+_DYNAMIC_TOKENS: dict[tuple[str, str], torch.Tensor] = {}  # guarded dynamic-cache tokens, reused by the static case
+
+
+def _loop(guarded, family, inputs, cache_kind, processors=None):
+    cache = None
+    if cache_kind == "static":
+        cache = StaticCache(config=guarded.model.config, max_cache_len=inputs["input_ids"].shape[1] + NEW_TOKENS + 2)
+    return greedy_loop(guarded, inputs, NEW_TOKENS, cache=cache, processors=processors, pass_mask=family not in MROPE,
+                       pass_positions=family != "idefics3")
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_matrix(family, cache_kind):
+    model, inputs = _setup(family)
+    plain = _generate(model, inputs, cache_kind)
+    if cache_kind == "static":
+        assert torch.equal(plain, _generate(model, inputs, "dynamic")), "precondition: the plain model ignores the cache kind"
+    guarded = vlm_guard.wrap(model, config=GuardConfig())
+    try:
+        assert torch.equal(_generate(guarded, inputs, cache_kind), plain)
+        assert torch.equal(_loop(guarded, family, inputs, cache_kind), plain)
+        for name, config in _method_configs().items():
+            guarded.set_config(config)
+            generated = _generate(guarded, inputs, cache_kind)
+            if cache_kind == "dynamic":
+                _DYNAMIC_TOKENS[family, name] = generated
+            looped = _loop(guarded, family, inputs, cache_kind, guarded.logits_processor(**inputs))
+            assert torch.equal(looped, generated), f"{family}/{cache_kind}/{name}: loop {looped[:, -NEW_TOKENS:].tolist()} vs generate {generated[:, -NEW_TOKENS:].tolist()}"
+            if cache_kind == "static":
+                dynamic = _DYNAMIC_TOKENS.get((family, name))
+                if dynamic is None:
+                    dynamic = _generate(guarded, inputs, "dynamic")
+                assert torch.equal(generated, dynamic), f"{family}/{name}: static {generated[:, -NEW_TOKENS:].tolist()} vs dynamic {dynamic[:, -NEW_TOKENS:].tolist()}"
+    finally:
+        guarded.unwrap()
