@@ -394,7 +394,9 @@ class GuardEngine:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         spans = self.adapter.prompt_spans(input_ids, attention_mask)
-        return PromptContext(input_ids=input_ids, attention_mask=attention_mask, spans=spans, model_inputs=dict(kwargs))
+        # the cache stays out: the generation holds it only by a weak reference
+        model_inputs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
+        return PromptContext(input_ids=input_ids, attention_mask=attention_mask, spans=spans, model_inputs=model_inputs)
 
     def _after_model_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
         frame = self._current()
