@@ -110,28 +110,30 @@ class LayerContext:
     def keys(self, prompt_mask: torch.Tensor) -> torch.Tensor:
         """A ``[B, S]`` prompt mask extended to the keys: ``[B, K]`` (generated keys False)."""
         key = ("keys", id(prompt_mask), self.key_length)
-        if key not in self._cache:
+        cached = self._cache.get(key)
+        if cached is None or cached[0] is not prompt_mask:  # the entry holds the mask, so its id is not reused
             batch, seq = prompt_mask.shape
             if seq >= self.key_length:
                 extended = prompt_mask[:, : self.key_length]
             else:
                 pad = torch.zeros(batch, self.key_length - seq, dtype=prompt_mask.dtype, device=prompt_mask.device)
                 extended = torch.cat([prompt_mask, pad], dim=1)
-            self._cache[key] = extended
-        return self._cache[key]
+            cached = self._cache[key] = (prompt_mask, extended)
+        return cached[1]
 
     def queries(self, prompt_mask: torch.Tensor) -> torch.Tensor:
         """A ``[B, S]`` prompt mask at this call's query rows: ``[B, Q]`` (False at generated rows)."""
         key = ("queries", id(prompt_mask))
-        if key not in self._cache:
+        cached = self._cache.get(key)
+        if cached is None or cached[0] is not prompt_mask:
             batch, seq = prompt_mask.shape
             start, stop = self.past_length, self.past_length + self.query_length
             rows = prompt_mask[:, min(start, seq) : min(stop, seq)]
             if rows.shape[1] < self.query_length:
                 pad = torch.zeros(batch, self.query_length - rows.shape[1], dtype=prompt_mask.dtype, device=prompt_mask.device)
                 rows = torch.cat([rows, pad], dim=1)
-            self._cache[key] = rows
-        return self._cache[key]
+            cached = self._cache[key] = (prompt_mask, rows)
+        return cached[1]
 
     def _positions(self) -> torch.Tensor:
         """``[Q]`` absolute positions of the query rows."""

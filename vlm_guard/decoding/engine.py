@@ -7,6 +7,12 @@ implementation (SDPA or eager) with the original arguments, so with every method
 bit-identical to the plain model. Intervening layers compute explicit fp32 weights only for the query
 rows an intervention asks for, and splice them into the original output.
 
+Generations are tracked by cache position, not by the shape of a call: a forward call whose cache is
+empty starts a generation (its prompt is read from ``input_ids``); a call that extends the cache of the
+current generation continues it (one token, several tokens, a chunk); a ``use_cache=False`` step inside
+``generate`` recomputes it; a call that continues a cache this engine did not start, or passes only
+embeddings, gets one warning and runs the plain model (see :class:`Generation`).
+
 All state lives on the engine (and so on the wrapper that owns it): two engines on two models do not
 interfere, and :meth:`GuardEngine.uninstall` restores the model exactly (implementation name, hooks,
 registry entries).
