@@ -17,10 +17,11 @@ gr = pytest.importorskip("gradio")
 from vlm_guard.demo.app import DemoHandlers, build_app, launch_options  # noqa: E402
 from vlm_guard.demo.cli import check_host, is_loopback  # noqa: E402
 from vlm_guard.demo.inputs import DemoInputError, DemoLimits, load_examples, validate_image  # noqa: E402
-from vlm_guard.demo.overlay import ImageGrid, head_map_figure, heatmap_overlay, square_grid  # noqa: E402
+from vlm_guard.demo.overlay import SCALE_WIDTH, ImageGrid, colour_scale, head_map_figure, heatmap_overlay, square_grid  # noqa: E402
 from vlm_guard.demo.session import (  # noqa: E402
     LABEL_FLAGGED,
     LABEL_GROUNDED,
+    LABEL_WORD,
     DemoSession,
     GenerationResult,
     build_guard_config,
@@ -137,36 +138,46 @@ def test_load_examples_reads_ground_truth(example_dir):
 
 
 # ---------------------------------------------------------------------------- handlers (the UI path)
+def _assert_cleared(result_panels):
+    """The result panels of a refusal: no run, no answer, no picture (nothing stale beside the message)."""
+    run, plain_header, plain_answer, guarded_header, guarded_answer, which, token, heatmap, info, saliency = result_panels
+    assert run is None and plain_answer == [] and guarded_answer == [] and heatmap is None and saliency is None
+    assert " s · " not in plain_header and " s · " not in guarded_header
+    assert token["interactive"] is False and token["minimum"] < token["maximum"]
+
+
 def test_upload_handler_reports_corrupt_file_in_status(session, corrupt_png):
-    with pytest.warns(UserWarning, match="not a readable image"):  # gr.Warning outside a request
-        image_path, preview, truth, status = DemoHandlers(session).on_upload(str(corrupt_png))
+    outputs = DemoHandlers(session).on_upload(str(corrupt_png))
+    image_path, preview, truth, *panels, status = outputs
     assert image_path is None and preview is None
     assert status.startswith("**Upload refused:**") and "broken.png" in status and "not a readable image" in status
+    _assert_cleared(panels)
 
 
-def test_generate_handler_turns_bad_uploads_into_gr_error(session, corrupt_png, tmp_path):
+def test_generate_handler_refuses_bad_input_with_one_message_and_clears_results(session, corrupt_png, tmp_path):
+    """Issue 17 item 9: a refusal is one status message and empty panels, not gr.Error (which puts a red error
+    badge on every output beside the previous answers)."""
     handlers = DemoHandlers(session)
     methods = (True, 2.0) + (False, 0.5) * 4
-    with pytest.raises(gr.Error) as caught:
-        handlers.on_generate(str(corrupt_png), "describe the image", 4, *methods)
-    assert "not a readable image" in caught.value.message and "Traceback" not in caught.value.message
     big = tmp_path / "big.png"
     Image.effect_noise((400, 400), 80).convert("RGB").save(big)
-    with pytest.raises(gr.Error) as caught:
-        handlers.on_generate(str(big), "describe the image", 4, *methods)
-    assert "accepts images up to" in caught.value.message
-    with pytest.raises(gr.Error) as caught:
-        handlers.on_generate(None, "describe the image", 4, *methods)
-    assert "No image" in caught.value.message
-    with pytest.raises(gr.Error) as caught:
-        handlers.on_generate(str(session.examples[0].path), "describe the image", 99, *methods)
-    assert "max new tokens=99 is out of range" in caught.value.message
+    cases = [(str(corrupt_png), 4, "not a readable image"), (str(big), 4, "accepts images up to"), (None, 4, "No image"),
+             (str(session.examples[0].path), 99, "max new tokens=99 is out of range")]
+    for image, tokens, expected in cases:
+        *panels, status = handlers.on_generate(image, "describe the image", tokens, *methods)
+        assert status.startswith("**Input refused:**") and expected in status and "Traceback" not in status
+        _assert_cleared(panels)
+    *panels, status = handlers.on_generate(str(session.examples[0].path), "describe the image", 4, True, 50.0,
+                                           *(False, 0.5) * 4)
+    assert status.startswith("**Settings refused:**") and "VHRConfig.alpha" in status
+    _assert_cleared(panels)
 
 
 def test_generate_handler_returns_both_answers_and_a_heatmap(session):
     handlers = DemoHandlers(session)
-    path, preview, truth, status = handlers.pick_example(0)
+    path, preview, truth, *panels, status = handlers.pick_example(0)
     assert "Ground-truth objects" in truth and preview is not None
+    _assert_cleared(panels)  # a new image: the previous answers are gone
     methods = (True, 2.0) + (False, 0.5) * 4
     outputs = handlers.on_generate(path, "describe the image", 5, *methods)
     run, plain_header, plain_answer, guarded_header, guarded_answer, _, _, heatmap, info, saliency, status = outputs
@@ -176,7 +187,7 @@ def test_generate_handler_returns_both_answers_and_a_heatmap(session):
     assert isinstance(heatmap, Image.Image) and isinstance(saliency, Image.Image)
     assert status.startswith("**Done.**") and "Ground truth" in status
     heatmap, info = handlers.on_token(run, "plain", 2, "layer 1")
-    assert "layer 1" in info and heatmap.size == run.image.size
+    assert "layer 1" in info and heatmap.size == (run.image.size[0] + SCALE_WIDTH, run.image.size[1])
 
 
 # ---------------------------------------------------------------------------- session
@@ -208,7 +219,7 @@ def test_gift_saliency_is_exposed_and_drawn(session, example_dir):
     run = session.run(str(example_dir / "scene_0.png"), "describe the image", {"gift": 5.0}, max_new_tokens=4)
     assert run.guarded.saliency is not None and run.guarded.saliency.shape == (16,)
     picture = session.saliency_view(run)
-    assert picture.size == run.image.size
+    assert picture.size == (run.image.size[0] + SCALE_WIDTH, run.image.size[1])  # with its colour scale
     plain_run_view = session.saliency_view(run.__class__(**{**run.__dict__, "guarded": run.plain}))
     assert plain_run_view.size[0] > 0  # placeholder, not an error
 
@@ -240,7 +251,7 @@ def test_highlighting_labels_flagged_and_grounded_words():
     result.mentions = FakeChecker().check(None, result.text)
     assert [tokens for _, tokens in mention_tokens(result)] == [[2], [6]]
     labels = dict(enumerate(label for _, label in highlighted(result)))
-    assert labels[2] == LABEL_GROUNDED and labels[6] == LABEL_FLAGGED and labels[0] is None
+    assert labels[2] == LABEL_GROUNDED and labels[6] == LABEL_FLAGGED and labels[0] == LABEL_WORD
     result.tvhd = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1, 1.0])
     assert highlighted(result)[6][1] == LABEL_FLAGGED  # the checker's verdict wins over low T-VHD
 

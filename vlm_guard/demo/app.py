@@ -20,14 +20,17 @@ from typing import Any
 import gradio as gr
 
 from .inputs import DemoInputError, DemoLimits, validate_image
-from .overlay import placeholder
 from .session import (
     HIGHLIGHT_COLOURS,
+    LABEL_FLAGGED,
+    LABEL_GROUNDED,
+    LABEL_LOW_TVHD,
     METHOD_CONTROLS,
     DemoRun,
     DemoSession,
     highlighted,
 )
+from .tempfiles import discard_upload
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,46 @@ ANSWERS = ("guarded", "plain")
 CSS = """
 #run-status p { margin: 0.2em 0; }
 .vlm-guard-answer { min-height: 6em; }
+.vlm-guard-answer .textfield .token { cursor: pointer; }
+.vlm-guard-swatch { padding: 0 0.35em; border-radius: 3px; }
 """
+
+SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif")
+SYSTEM_MONO_FONTS = ("ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace")
+"""Fonts the browser already has: the default theme would fetch its fonts from an external host, and the
+page must work offline (no request leaves the server it came from)."""
+
+INTRO = ("# vlm-guard: plain vs guarded answers\n"
+         "Pick an example or upload an image, choose methods, and compare what the plain and the guarded "
+         "model say. Click any word of an answer (or move the token slider) to see where it looked in the image.")
+
+NO_RESULT = "Pick an example or upload an image, then press **Generate**."
+RESULT_COUNT = 10
+"""Outputs that show one run: run state, plain header/answer, guarded header/answer, answer radio, token
+slider, heatmap, token info, saliency (see :meth:`DemoHandlers.cleared_result`)."""
+
+
+def legend_html() -> str:
+    """The colour legend of the answers (every word is clickable; colours mark the checker's verdicts)."""
+    meaning = {LABEL_FLAGGED: "the grounding checker finds no such object in the image",
+               LABEL_LOW_TVHD: "the token leaned little on the image (low T-VHD)",
+               LABEL_GROUNDED: "an object the checker finds in the image"}
+    items = " · ".join(
+        f'<span class="vlm-guard-swatch" style="background:{HIGHLIGHT_COLOURS[label]}">{label}</span> {meaning[label]}'
+        for label in (LABEL_FLAGGED, LABEL_LOW_TVHD, LABEL_GROUNDED)
+    )
+    return f"<div id='answer-legend-text'>Click any word to see its attention heatmap. Colours: {items}.</div>"
+
+
+def token_slider(count: int, value: int = 0) -> dict:
+    """The token slider's update for an answer of ``count`` tokens.
+
+    Gradio refuses a slider whose minimum equals its maximum, so a one-token answer (every yes/no
+    answer) or an empty one keeps the range 0..1, locked at 0.
+    """
+    if count > 1:
+        return gr.update(minimum=0, maximum=count - 1, value=int(min(max(value, 0), count - 1)), step=1, interactive=True)
+    return gr.update(minimum=0, maximum=1, value=0, step=1, interactive=False)
 
 
 def _layer_choice(value: str | None) -> int | None:
@@ -61,18 +103,34 @@ class DemoHandlers:
         self.session = session
 
     # ------------------------------------------------------------------ inputs
+    def cleared_result(self, reason: str = NO_RESULT) -> tuple:
+        """Empty result panels (no stale answer may stay beside a new image or a refusal).
+
+        Returns:
+            ``RESULT_COUNT`` values: ``(run, plain header, plain answer, guarded header, guarded answer,
+            answer radio, token slider, heatmap, token info, saliency)``.
+        """
+        return (None, "### Plain model", [], "### Guarded", [], gr.update(value="guarded"), token_slider(0),
+                None, reason, None)
+
     def on_upload(self, path: str | None):
-        """Validate an upload. Returns ``(image path or None, preview, ground-truth text, status)``."""
+        """Validate an upload.
+
+        Returns:
+            ``(image path or None, preview, ground-truth text, *cleared_result(), status)``; a refused
+            file is deleted from the server at once and the status line says why.
+        """
         if path is None:
-            return None, None, "", ""
+            return (None, None, "", *self.cleared_result(), NO_RESULT)
         try:
             image = validate_image(path, self.session.limits)
         except DemoInputError as error:
-            gr.Warning(str(error))
-            return None, None, "", f"**Upload refused:** {error}"
+            discard_upload(path, gr.utils.get_upload_folder())
+            message = f"**Upload refused:** {error}"
+            return (None, None, "", *self.cleared_result("No image: the last upload was refused."), message)
         example = self.session.example_for(image)
         truth = self._truth_text(example) if example else "Uploaded image (no ground truth)."
-        return path, image, truth, "Image ready: press **Generate**."
+        return (path, image, truth, *self.cleared_result("Press **Generate**."), "Image ready: press **Generate**.")
 
     def on_example(self, evt: gr.SelectData):
         """A bundled example picked in the gallery. Returns like :meth:`on_upload`."""
@@ -87,8 +145,9 @@ class DemoHandlers:
         try:
             image = validate_image(example.path, self.session.limits)
         except DemoInputError as error:
-            raise gr.Error(str(error), title="Example refused") from None
-        return str(example.path), image, self._truth_text(example), f"Example **{example.name}** ready: press **Generate**."
+            return (None, None, "", *self.cleared_result(), f"**Example refused:** {error}")
+        return (str(example.path), image, self._truth_text(example), *self.cleared_result("Press **Generate**."),
+                f"Example **{example.name}** ready: press **Generate**.")
 
     @staticmethod
     def _truth_text(example) -> str:
@@ -113,22 +172,21 @@ class DemoHandlers:
         Returns:
             ``(run, plain header, plain highlighted answer, guarded header, guarded highlighted answer,
             answer radio update, token slider update, heatmap, token info, GIFT saliency, status)``.
-        Raises:
-            gr.Error: bad input or a failed generation, with a message for the user.
+            Bad input or a failed generation empties the result panels and says why in the status
+            line (one message; no error badge on every panel beside a stale answer).
         """
         try:
             run = self.session.run(image_path, prompt, self.settings(method_values), max_new_tokens)
         except DemoInputError as error:
-            raise gr.Error(str(error), title="Input refused") from None
+            return (*self.cleared_result("Nothing generated: see the message on the left."), f"**Input refused:** {error}")
         except ValueError as error:
-            raise gr.Error(f"Settings refused: {error}", title="Settings refused") from None
+            return (*self.cleared_result("Nothing generated: see the message on the left."), f"**Settings refused:** {error}")
         except Exception as error:  # never a traceback in the browser; the log has it
             logger.exception("generation failed")
-            raise gr.Error(f"Generation failed ({type(error).__name__}: {error}). The server log has the details.",
-                           title="Generation failed") from None
+            return (*self.cleared_result("Nothing generated: see the message on the left."),
+                    f"**Generation failed** ({type(error).__name__}: {error}). The server log has the details.")
         which = "guarded"
         heatmap, info = self.session.token_view(run, which, 0, None)
-        longest = max(run.result(which).num_tokens, 1)
         plain_header = f"### Plain model\n{run.plain.seconds:.2f} s · {run.plain.num_tokens} tokens"
         guarded_header = (f"### Guarded ({_method_title(run)})\n{run.guarded.seconds:.2f} s · {run.guarded.num_tokens} tokens "
                           "(includes attention recording)")
@@ -144,7 +202,7 @@ class DemoHandlers:
             guarded_header,
             highlighted(run.guarded),
             gr.update(value=which),
-            gr.update(minimum=0, maximum=longest - 1, value=0, step=1, interactive=longest > 1),
+            token_slider(run.result(which).num_tokens),
             heatmap,
             info,
             self.session.saliency_view(run),
@@ -155,32 +213,33 @@ class DemoHandlers:
     def on_token(self, run: DemoRun | None, which: str, token_index, layer: str | None):
         """Redraw the heatmap for another token, answer or layer. Returns ``(heatmap, info)``."""
         if run is None:
-            return placeholder("Generate first."), "Generate an answer first."
+            return None, "Generate an answer first."
         return self.session.token_view(run, which or "guarded", int(token_index or 0), _layer_choice(layer))
 
     def on_answer(self, run: DemoRun | None, which: str, layer: str | None):
         """Another answer picked: reset the token slider to its length and redraw."""
         if run is None:
-            return gr.update(), placeholder("Generate first."), "Generate an answer first."
-        count = max(run.result(which).num_tokens, 1)
+            return gr.update(), None, "Generate an answer first."
         heatmap, info = self.session.token_view(run, which, 0, _layer_choice(layer))
-        return gr.update(minimum=0, maximum=count - 1, value=0, interactive=count > 1), heatmap, info
+        return token_slider(run.result(which).num_tokens), heatmap, info
 
     def on_word_click(self, which: str, run: DemoRun | None, layer: str | None, evt: gr.SelectData):
         """A word clicked in an answer: show its heatmap. Returns ``(answer radio, slider, heatmap, info)``."""
         if run is None:
-            return gr.update(), gr.update(), placeholder("Generate first."), "Generate an answer first."
+            return gr.update(), gr.update(), None, "Generate an answer first."
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
-        count = max(run.result(which).num_tokens, 1)
         heatmap, info = self.session.token_view(run, which, index, _layer_choice(layer))
-        return gr.update(value=which), gr.update(maximum=count - 1, value=index, interactive=count > 1), heatmap, info
+        return gr.update(value=which), token_slider(run.result(which).num_tokens, index), heatmap, info
 
 
 def launch_options(limits: DemoLimits) -> dict[str, Any]:
-    """Keyword arguments for ``demo.launch`` that go with :func:`build_app` (upload cap, CSS, no SSR, no share)."""
+    """Keyword arguments for ``demo.launch`` that go with :func:`build_app`: upload cap, CSS, a theme with the
+    browser's own fonts (no external request), the session cap, no SSR, no share link."""
     return {
         "max_file_size": limits.max_upload_bytes,
         "css": CSS,
+        "theme": gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS),
+        "state_session_capacity": limits.max_sessions,
         "ssr_mode": False,
         "share": False,
         "show_error": True,
@@ -192,19 +251,23 @@ def build_app(session: DemoSession) -> gr.Blocks:
     """The demo's Blocks app for ``session`` (call ``.launch(**launch_options(session.limits))`` on it).
 
     The queue is configured here: one generation at a time (the model is shared), at most
-    ``limits.queue_size`` waiting.
+    ``limits.queue_size`` waiting. Memory and disk stay bounded: a session's run and image expire after
+    ``limits.session_ttl_seconds``, at most ``limits.max_sessions`` sessions are kept (see
+    :func:`launch_options`), and the app's temporary files older than the session lifetime are deleted
+    while it runs (``vlm-guard demo`` also gives it a temporary folder of its own,
+    :func:`vlm_guard.demo.tempfiles.owned_temp_dir`).
     """
     handlers = DemoHandlers(session)
     limits = session.limits
     layer_choices = [MEAN_OVER_LAYERS] + [f"layer {i}" for i in range(session.num_layers)]
 
-    with gr.Blocks(title="vlm-guard demo", analytics_enabled=False) as demo:
-        run_state = gr.State(None)
-        image_state = gr.State(None)
+    lifetime = limits.session_ttl_seconds
+    sweep_every = max(1, min(60, lifetime // 2))
+    with gr.Blocks(title="vlm-guard demo", analytics_enabled=False, delete_cache=(sweep_every, lifetime)) as demo:
+        run_state = gr.State(None, time_to_live=lifetime)
+        image_state = gr.State(None, time_to_live=lifetime)
 
-        gr.Markdown("# vlm-guard: plain vs guarded answers\n"
-                    "Pick an example or upload an image, choose methods, and compare what the plain and the guarded "
-                    "model say. Click a word (or move the token slider) to see where it looked in the image.")
+        gr.Markdown(INTRO, elem_id="intro")
         head_map_text = "loaded" if session.head_map is not None else "none"
         startup = [f"**Model:** {session.model_name} · **head map:** {head_map_text} · "
                    f"**caps:** {limits.max_upload_bytes // (1024 * 1024)} MB upload, {limits.max_image_pixels:,} pixels, "
@@ -254,22 +317,25 @@ def build_app(session: DemoSession) -> gr.Blocks:
                 max_tokens = gr.Slider(minimum=1, maximum=limits.max_new_tokens, step=1, value=limits.default_new_tokens,
                                        label="Max new tokens", elem_id="max-new-tokens")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-                status_md = gr.Markdown("Pick an example or upload an image.", elem_id="run-status")
+                status_md = gr.Markdown(NO_RESULT, elem_id="run-status")
 
             with gr.Column(scale=2, min_width=480):
                 with gr.Row():
                     with gr.Column():
                         plain_header = gr.Markdown("### Plain model", elem_id="plain-header")
                         plain_answer = gr.HighlightedText(
-                            label="Plain answer", color_map=HIGHLIGHT_COLOURS, combine_adjacent=False, show_legend=True,
+                            label="Plain answer", color_map=HIGHLIGHT_COLOURS, combine_adjacent=False, show_legend=False,
+                            show_inline_category=False,
                             elem_id="plain-answer", elem_classes=["vlm-guard-answer"], interactive=False,
                         )
                     with gr.Column():
                         guarded_header = gr.Markdown("### Guarded", elem_id="guarded-header")
                         guarded_answer = gr.HighlightedText(
-                            label="Guarded answer", color_map=HIGHLIGHT_COLOURS, combine_adjacent=False, show_legend=True,
+                            label="Guarded answer", color_map=HIGHLIGHT_COLOURS, combine_adjacent=False, show_legend=False,
+                            show_inline_category=False,
                             elem_id="guarded-answer", elem_classes=["vlm-guard-answer"], interactive=False,
                         )
+                gr.HTML(legend_html(), elem_id="answer-legend")
                 with gr.Row():
                     which = gr.Radio(choices=list(ANSWERS), value="guarded", label="Answer", elem_id="which-answer", scale=1)
                     token = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="Generated token", interactive=False,
@@ -289,15 +355,17 @@ def build_app(session: DemoSession) -> gr.Blocks:
             gr.Markdown(head_map_summary, elem_id="head-map-summary")
 
         # ------------------------------------------------------------------ events
-        input_outputs = [image_state, preview, truth, status_md]
+        result_outputs = [run_state, plain_header, plain_answer, guarded_header, guarded_answer, which, token,
+                          heatmap, token_info, saliency]
+        assert len(result_outputs) == RESULT_COUNT  # the handlers' cleared_result() has one value per panel
+        input_outputs = [image_state, preview, truth, *result_outputs, status_md]
         if gallery is not None:
             gallery.select(handlers.on_example, inputs=None, outputs=input_outputs, concurrency_limit=4)
         upload.upload(handlers.on_upload, inputs=upload, outputs=input_outputs, concurrency_limit=4)
         generate.click(
             handlers.on_generate,
             inputs=[image_state, prompt, max_tokens, *method_inputs],
-            outputs=[run_state, plain_header, plain_answer, guarded_header, guarded_answer, which, token,
-                     heatmap, token_info, saliency, status_md],
+            outputs=[*result_outputs, status_md],
             concurrency_limit=1,
             concurrency_id="generate",
         )

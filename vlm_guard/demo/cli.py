@@ -10,9 +10,12 @@ without it is refused. No public Gradio share link is ever created.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
+import threading
 
 from ..commands.arguments import add_allow_pickle_argument
 
@@ -40,6 +43,11 @@ def register(subparsers) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=None, help="largest accepted upload in MB (default 10)")
     parser.add_argument("--max-image-pixels", type=int, default=None, help="largest accepted width*height (default 4096*4096)")
     parser.add_argument("--queue-size", type=int, default=None, help="requests allowed to wait (default 16)")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help="browser sessions whose results are kept in memory; the oldest is dropped beyond it (default 64)")
+    parser.add_argument("--session-ttl", type=int, default=None, metavar="SECONDS",
+                        help="a session's results, its upload and the pictures served are deleted this long after "
+                             "they were made (default 1800)")
     parser.add_argument("--no-checker", action="store_true", help="do not load the grounding checker")
     add_allow_pickle_argument(parser)
     parser.set_defaults(func=run_demo)
@@ -83,6 +91,8 @@ def build_limits(args: argparse.Namespace):
         max_new_tokens=max_new_tokens,
         default_new_tokens=min(defaults.default_new_tokens, max_new_tokens),
         queue_size=args.queue_size or defaults.queue_size,
+        max_sessions=args.max_sessions or defaults.max_sessions,
+        session_ttl_seconds=args.session_ttl or defaults.session_ttl_seconds,
     )
 
 
@@ -92,30 +102,56 @@ def run_demo(args: argparse.Namespace) -> int:
     check_host(args.host, args.share_on_network)
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a valid port; choose 1..65535")
-    limits = build_limits(args)
+    try:
+        limits = build_limits(args)
+    except ValueError as error:
+        raise UserError(str(error)) from error
     from ..commands.checks import check_device, check_model_argument, check_port
 
     check_device(args.device)  # before the model loads: one line, not a traceback
     check_model_argument(args.model)
     check_port(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError as error:
-        raise UserError(f"the demo needs gradio ({error}); install it with: pip install 'vlm-attention-guard[demo]'") from error
-    from .app import build_app, launch_options
-    from .session import DemoSession
+    from .tempfiles import owned_temp_dir
 
-    if not is_loopback(args.host):
-        logger.warning("the demo listens on %s: anyone who can reach this machine can use it", args.host)
-    try:
-        session = DemoSession.load(model=args.model, head_map=args.head_map, limits=limits,
-                                   use_checker=not args.no_checker, device=args.device, allow_pickle=args.allow_pickle)
-    except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
-        from ..commands.checks import model_load_error
+    with owned_temp_dir() as temp_dir:  # uploads and served pictures live here and go when the server stops
+        try:
+            import gradio  # noqa: F401
+        except ImportError as error:
+            raise UserError(f"the demo needs gradio ({error}); install it with: pip install 'vlm-attention-guard[demo]'") from error
+        from .app import build_app, launch_options
+        from .session import DemoSession
 
-        raise model_load_error(args.model, error) from None
-    demo = build_app(session)
-    print(f"vlm-guard demo on http://{args.host}:{args.port} (model: {session.model_name}); Ctrl+C to stop", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, **launch_options(limits))
+        if not is_loopback(args.host):
+            logger.warning("the demo listens on %s: anyone who can reach this machine can use it", args.host)
+        try:
+            session = DemoSession.load(model=args.model, head_map=args.head_map, limits=limits,
+                                       use_checker=not args.no_checker, device=args.device, allow_pickle=args.allow_pickle)
+        except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
+            from ..commands.checks import model_load_error
+
+            raise model_load_error(args.model, error) from None
+        demo = build_app(session)
+        logger.info("temporary files in %s", temp_dir)
+        print(f"vlm-guard demo on http://{args.host}:{args.port} (model: {session.model_name}); Ctrl+C to stop", flush=True)
+        with _sigterm_as_interrupt():
+            demo.launch(server_name=args.host, server_port=args.port, **launch_options(limits))
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the server like Ctrl+C (Gradio shuts down, the temporary folder is removed) instead of
+    killing the process on the spot. The previous handler is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

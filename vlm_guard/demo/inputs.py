@@ -43,6 +43,10 @@ class DemoLimits:
         default_new_tokens: its initial value.
         max_prompt_chars: longest accepted prompt.
         queue_size: requests waiting in the queue before new ones are refused.
+        max_sessions: browser sessions whose state the server keeps; beyond it the oldest is dropped
+            (Gradio's ``state_session_capacity``).
+        session_ttl_seconds: a session's results and image are dropped, and the app's temporary files
+            (uploads, rendered pictures) deleted, this long after they were made.
     """
 
     max_upload_bytes: int = field(default=10 * MEGABYTE, metadata={"help": "largest accepted image file in bytes"})
@@ -51,9 +55,12 @@ class DemoLimits:
     default_new_tokens: int = field(default=48, metadata={"help": "initial max new tokens"})
     max_prompt_chars: int = field(default=500, metadata={"help": "longest accepted prompt"})
     queue_size: int = field(default=16, metadata={"help": "requests allowed to wait in the queue"})
+    max_sessions: int = field(default=64, metadata={"help": "browser sessions whose state is kept (oldest dropped)"})
+    session_ttl_seconds: int = field(default=1800, metadata={"help": "seconds a session's results and files are kept"})
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_image_pixels", "max_new_tokens", "default_new_tokens", "max_prompt_chars", "queue_size"):
+        for name in ("max_upload_bytes", "max_image_pixels", "max_new_tokens", "default_new_tokens", "max_prompt_chars", "queue_size",
+                     "max_sessions", "session_ttl_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoLimits.{name} must be a positive integer, got {value!r}")

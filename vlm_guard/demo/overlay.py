@@ -15,13 +15,17 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 DISPLAY_SIDE = 384
 """Long side of the pictures shown in the demo (small images are upscaled with nearest neighbours)."""
 
 SINK_COLOUR = (0, 255, 255)
 FLAG_COLOUR = (255, 80, 80)
+SCALE_WIDTH = 96
+"""Width of the colour scale drawn right of a heatmap (bar, tick labels and title)."""
+SCALE_BACKGROUND = (255, 255, 255)
+SCALE_TEXT = (30, 30, 30)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ def heatmap_overlay(
     colormap: str = "inferno",
     opacity: float = 0.55,
     smooth: bool = False,
+    scale_title: str | None = None,
+    scale_format: str = "{:.3g}",
 ) -> Image.Image:
     """Blend a ``[rows, cols]`` map over ``image`` and outline the cells where ``marks`` is True.
 
@@ -96,8 +102,11 @@ def heatmap_overlay(
         colormap: a matplotlib colormap name.
         opacity: weight of the heat colours.
         smooth: bilinear upscaling of the map instead of crisp patches.
+        scale_title: when given, a colour scale (:func:`colour_scale`) with this title is drawn to the
+            right, labelled with the map's real minimum and maximum.
+        scale_format: format of the scale's tick labels (e.g. ``"{:.1%}"``).
     Returns:
-        an RGB image of the size of ``image``.
+        an RGB image of the size of ``image`` (``SCALE_WIDTH`` wider with a scale).
     """
     from matplotlib import colormaps
 
@@ -117,7 +126,58 @@ def heatmap_overlay(
             box = (col * cell_width + line / 2, row * cell_height + line / 2,
                    (col + 1) * cell_width - line / 2, (row + 1) * cell_height - line / 2)
             draw.rectangle(box, outline=SINK_COLOUR, width=line)
-    return blended
+    if scale_title is None:
+        return blended
+    finite = np.nan_to_num(np.asarray(values, dtype=np.float64))
+    scale = colour_scale(float(finite.min()), float(finite.max()), blended.size[1], colormap, scale_title, scale_format)
+    canvas = Image.new("RGB", (blended.size[0] + scale.size[0], blended.size[1]), SCALE_BACKGROUND)
+    canvas.paste(blended, (0, 0))
+    canvas.paste(scale, (blended.size[0], 0))
+    return canvas
+
+
+def colour_scale(low: float, high: float, height: int, colormap: str = "inferno", title: str = "", value_format: str = "{:.3g}", width: int = SCALE_WIDTH) -> Image.Image:
+    """A vertical colour bar from ``low`` (bottom) to ``high`` (top) with tick labels, as drawn beside a heatmap.
+
+    The bar shows the colormap at full strength (on the picture it is blended with the image). A flat
+    map (``low == high``) gets a single labelled colour.
+
+    Args:
+        low / high: the values the darkest and brightest colours stand for.
+        height: pixel height (the heatmap's).
+        colormap: as in :func:`heatmap_overlay`.
+        title: one or two words above the bar (e.g. ``"attention"``).
+        value_format: tick label format.
+        width: pixel width of the whole scale.
+    Returns:
+        an RGB image ``width x height``.
+
+    Example:
+        >>> colour_scale(0.0, 0.12, 384, title="attention", value_format="{:.1%}").size
+        (96, 384)
+    """
+    from matplotlib import colormaps
+
+    canvas = Image.new("RGB", (width, height), SCALE_BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=12)
+    top, bottom = 28, max(height - 14, 40)
+    bar_left, bar_right = 8, 26
+    flat = high - low < 1e-12
+    fractions = np.linspace(1.0, 0.0, bottom - top)  # [rows] top row = high
+    colours = colormaps[colormap](np.zeros_like(fractions) if flat else fractions)[:, :3]  # [rows, 3]
+    for row, colour in enumerate(colours):
+        draw.line([(bar_left, top + row), (bar_right, top + row)], fill=tuple(int(round(255 * c)) for c in colour))
+    draw.rectangle((bar_left, top, bar_right, bottom - 1), outline=SCALE_TEXT)
+    if title:
+        draw.text((4, 6), title, fill=SCALE_TEXT, font=font)
+    ticks = [(low, bottom - 1)] if flat else [(high, top), ((low + high) / 2, (top + bottom) // 2), (low, bottom - 1)]
+    for value, y in ticks:
+        draw.line([(bar_right, y), (bar_right + 4, y)], fill=SCALE_TEXT)
+        draw.text((bar_right + 7, y - 7), value_format.format(value), fill=SCALE_TEXT, font=font)
+    if flat:
+        draw.text((bar_right + 7, top), "(flat)", fill=SCALE_TEXT, font=font)
+    return canvas
 
 
 def placeholder(text: str, side: int = DISPLAY_SIDE) -> Image.Image:

@@ -35,6 +35,7 @@ from PIL import Image
 
 from ..config import METHOD_ORDER, GuardConfig
 from ..decoding.base import Intervention, LayerContext, PromptContext, RowSelection
+from ..models.inputs import append_tokens
 from ..wrapper import GuardedModel, wrap
 from .inputs import DemoLimits, Example, image_fingerprint, load_examples, validate_image, validate_max_new_tokens, validate_prompt
 from .overlay import ImageGrid, display_image, head_map_figure, heatmap_overlay, placeholder, square_grid
@@ -49,8 +50,11 @@ instruction it was trained on (``describe the image``); with a trailing "." the 
 LABEL_FLAGGED = "not in image"
 LABEL_LOW_TVHD = "low T-VHD"
 LABEL_GROUNDED = "grounded object"
-HIGHLIGHT_COLOURS = {LABEL_FLAGGED: "#ff5050", LABEL_LOW_TVHD: "#ffb020", LABEL_GROUNDED: "#3cc060"}
-"""Labels of the risk highlighting and their colours (``gr.HighlightedText`` color_map)."""
+LABEL_WORD = "word"
+HIGHLIGHT_COLOURS = {LABEL_FLAGGED: "#ff5050", LABEL_LOW_TVHD: "#ffb020", LABEL_GROUNDED: "#3cc060", LABEL_WORD: "transparent"}
+"""Labels of the risk highlighting and their colours (``gr.HighlightedText`` color_map). Every other token
+is a plain ``word`` (no colour): ``gr.HighlightedText`` only sends clicks on labelled tokens, and every
+generated token must open its heatmap."""
 
 
 # ---------------------------------------------------------------------------- method controls
@@ -570,11 +574,8 @@ class DemoSession:
         if ids:
             # teacher-forced: the rows that produced tokens 0..T-1 are positions prompt_length-1 .. end
             recorder = ImageAttentionRecorder(self.num_layers, forced_start=prompt_length - 1)
-            answer = torch.tensor([ids[:-1]], dtype=inputs["input_ids"].dtype, device=self.device)
-            forward_inputs = dict(inputs)
-            forward_inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
-            if "attention_mask" in inputs:
-                forward_inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)
+            answer = torch.tensor([ids[:-1]], dtype=inputs["input_ids"].dtype, device=self.device)  # [1, T-1]
+            forward_inputs = append_tokens(inputs, answer)  # every per-token input grows (Qwen2-VL's mm_token_type_ids)
             with self.guarded.interventions_active([recorder]):
                 self.model(**forward_inputs, use_cache=False)
             result.attention = recorder.stacked(len(ids), self.num_layers)
@@ -659,7 +660,8 @@ class DemoSession:
                 marks = run.grid.to_grid(stacked.any(axis=0))
             elif layer in result.sink_mask:
                 marks = run.grid.to_grid(result.sink_mask[layer])
-        picture = heatmap_overlay(run.image, run.grid.to_grid(values), marks=marks)
+        picture = heatmap_overlay(run.image, run.grid.to_grid(values), marks=marks, scale_title="attention",
+                                  scale_format="{:.2%}")  # colour scale: share of this token's attention per cell
         where = "mean over layers" if layer is None else f"layer {layer}"
         lines.append(f"Attention to the image ({where}, mean over heads): {100 * float(values.sum()):.1f}% of this token's attention.")
         if marks is not None and np.asarray(marks).any():
@@ -684,7 +686,7 @@ class DemoSession:
             return placeholder(reason)
         if run.grid is None:
             return placeholder("No spatial layout known for this model's image tokens.")
-        return heatmap_overlay(run.image, run.grid.to_grid(saliency), colormap="viridis", opacity=0.6)
+        return heatmap_overlay(run.image, run.grid.to_grid(saliency), colormap="viridis", opacity=0.6, scale_title="saliency")
 
     def head_map_view(self) -> tuple[Image.Image | None, str]:
         """A layers x heads plot of the loaded head map's VHD, and a Markdown summary."""
@@ -767,12 +769,13 @@ def low_tvhd_tokens(result: GenerationResult, fraction: float = 0.5) -> set[int]
     return {i for i in words if float(result.tvhd[i]) < fraction * median}
 
 
-def highlighted(result: GenerationResult) -> list[tuple[str, str | None]]:
-    """The answer as ``(piece, label)`` pairs for ``gr.HighlightedText`` (labels: :data:`HIGHLIGHT_COLOURS`)."""
+def highlighted(result: GenerationResult) -> list[tuple[str, str]]:
+    """The answer as ``(piece, label)`` pairs for ``gr.HighlightedText``, one per generated token, every one
+    labelled (risk labels, else :data:`LABEL_WORD`) so that every token is clickable."""
     labels: dict[int, str] = {}
     for index in low_tvhd_tokens(result):
         labels[index] = LABEL_LOW_TVHD
     for mention, tokens in mention_tokens(result):
         for index in tokens:
             labels[index] = LABEL_FLAGGED if mention.flagged else labels.get(index, LABEL_GROUNDED)
-    return [(piece, labels.get(index)) for index, piece in enumerate(result.pieces)]
+    return [(piece, labels.get(index, LABEL_WORD)) for index, piece in enumerate(result.pieces)]

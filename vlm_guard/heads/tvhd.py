@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..decoding.base import Intervention, LayerContext
+from ..models.inputs import append_tokens
 from .session import profiling_session
 from .vhd import DISTANCES, head_divergence
 
@@ -80,13 +81,6 @@ class _TokenVHDObserver(Intervention):
         return head_output
 
 
-def _extend(value: torch.Tensor, batch: int, prompt_length: int, extra: int) -> torch.Tensor:
-    """Per-position prompt tensors (``[B, S]``, e.g. ``mm_token_type_ids``) padded with zeros for the
-    generated tokens."""
-    pad = torch.zeros(batch, extra, dtype=value.dtype, device=value.device)
-    return torch.cat([value, pad], dim=1)
-
-
 def token_vhd(guarded_or_model, processor, inputs: dict, generated_ids: torch.Tensor, top_k: int = DEFAULT_TOP_K,
               distance: str = "sq_l2", layers: list[int] | None = None, with_interventions: bool = False) -> torch.Tensor:
     """T-VHD of each generated token.
@@ -127,7 +121,6 @@ def token_vhd(guarded_or_model, processor, inputs: dict, generated_ids: torch.Te
     if attention_mask is None:
         attention_mask = torch.ones_like(prompt_ids)
     forced = generated[:, :-1]  # the last generated token emits nothing we score
-    extra = forced.shape[1]
 
     with profiling_session(guarded_or_model, processor) as session:
         adapter = session.adapter
@@ -148,14 +141,7 @@ def token_vhd(guarded_or_model, processor, inputs: dict, generated_ids: torch.Te
         session.forward(session.to_model(text_inputs), [*methods, recorder])
 
         # image pass
-        image_inputs = dict(inputs)
-        image_inputs["input_ids"] = torch.cat([prompt_ids, forced], dim=1)
-        image_inputs["attention_mask"] = torch.cat([attention_mask, torch.ones_like(forced, dtype=attention_mask.dtype)], dim=1)
-        for key, value in inputs.items():
-            if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
-                continue
-            if value.ndim == 2 and tuple(value.shape) == (batch, prompt_length) and not value.is_floating_point():
-                image_inputs[key] = _extend(value, batch, prompt_length, extra)  # e.g. mm_token_type_ids
+        image_inputs = append_tokens({**inputs, "attention_mask": attention_mask}, forced)  # e.g. mm_token_type_ids grows too
         observer = _TokenVHDObserver(recorder.outputs, steps, top_k, distance)
         session.forward(session.to_model(image_inputs), [*methods, observer])
     if observer.scores is None or observer.layers_seen != set(layers):
