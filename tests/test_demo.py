@@ -6,6 +6,7 @@ the test: no download, CPU only.
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from vlm_guard.demo.session import (  # noqa: E402
     LABEL_FLAGGED,
     LABEL_GROUNDED,
     LABEL_WORD,
+    METHOD_CONTROLS,
     DemoSession,
     GenerationResult,
     build_guard_config,
@@ -327,3 +329,207 @@ def test_missing_default_model_is_a_clear_cli_error(monkeypatch, tmp_path, capsy
     monkeypatch.setattr(vlm_guard.defaults, "DEFAULT_MODEL_DIR", tmp_path / "no_model")
     assert main(["demo", "--port", "7999", "--no-checker"]) == 2
     assert "no default model in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- issue 17: the demo under load
+def _event(demo, api_name):
+    return next(fn for fn in demo.fns.values() if fn.api_name == api_name)
+
+
+def _process(demo, api_name, inputs, state):
+    """One event through Gradio's own pre/post-processing (what a browser request runs), without a server."""
+    import asyncio
+
+    return asyncio.run(demo.process_api(block_fn=_event(demo, api_name), inputs=inputs, state=state))
+
+
+def test_one_token_answer_reaches_the_page(session):
+    """Item 6: a one-token answer (max 1 new token, like every yes/no answer) used to fail in Gradio's
+    postprocessing with "Slider minimum must be less than maximum" and the answer was lost."""
+    from gradio.state_holder import SessionState
+
+    demo = build_app(session)
+    generate = _event(demo, "on_generate")
+    state = SessionState(demo)
+    state[generate.inputs[0]._id] = str(session.examples[0].path)  # the image chosen earlier in this session
+    methods = [True, 2.0] + [False, 0.5] * 4
+    output = _process(demo, "on_generate", [None, "is there a house ?", 1, *methods], state)["data"]
+    plain_answer, guarded_answer, token_slider, status = output[2], output[4], output[6], output[10]
+    assert status.startswith("**Done.**")
+    assert len(plain_answer) == 1 and len(guarded_answer) == 1
+    assert token_slider["interactive"] is False and token_slider["value"] == 0
+    # a refusal empties the panels through the same slider rule (no answer at all)
+    state[generate.inputs[0]._id] = None
+    output = _process(demo, "on_generate", [None, "is there a house ?", 1, *methods], state)["data"]
+    assert output[10].startswith("**Input refused:** No image") and output[2] == [] and output[4] == []
+
+
+def test_append_tokens_extends_every_per_token_input():
+    """Item 7's kind: every per-token input grows with the appended tokens, as generate grows it."""
+    from vlm_guard.models.inputs import append_tokens
+
+    inputs = {
+        "input_ids": torch.tensor([[0, 5, 6], [7, 8, 9]]),
+        "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        "mm_token_type_ids": torch.tensor([[0, 1, 0], [1, 1, 0]]),
+        "token_type_ids": torch.tensor([[0, 0, 1], [0, 1, 2]]),
+        "position_ids": torch.tensor([[[0, 0, 1], [0, 1, 2]]] * 3),  # [3, B, S] (M-RoPE layout)
+        "pixel_values": torch.zeros(2, 3, 4, 4),
+        "image_grid_thw": torch.tensor([[1, 2, 3], [1, 2, 3]]),
+    }
+    out = append_tokens(inputs, torch.tensor([[11, 12], [13, 14]]))
+    assert out["input_ids"].tolist() == [[0, 5, 6, 11, 12], [7, 8, 9, 13, 14]]
+    assert out["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert out["mm_token_type_ids"].tolist() == [[0, 1, 0, 0, 0], [1, 1, 0, 0, 0]]  # new tokens are text
+    assert out["token_type_ids"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 2, 2, 2]]  # last value repeated
+    assert out["position_ids"][:, 0].tolist() == [[0, 0, 1, 2, 3]] * 3 and out["position_ids"][:, 1].tolist() == [[0, 1, 2, 3, 4]] * 3
+    assert out["pixel_values"] is inputs["pixel_values"] and out["image_grid_thw"] is inputs["image_grid_thw"]
+    assert inputs["input_ids"].shape == (2, 3)  # not modified in place
+    with pytest.raises(ValueError, match=r"cannot append tokens to the model input 'segment_ids' \(shape \(2, 3\)"):
+        append_tokens({**inputs, "segment_ids": torch.zeros(2, 3, dtype=torch.long)}, torch.tensor([[1], [2]]))
+    with pytest.raises(ValueError, match=r"new_ids must be \[batch=2, T\], got shape \(3,\)"):
+        append_tokens(inputs, torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_demo_runs_qwen_families(family):
+    """Item 7 / issue 15: Qwen2-VL and Qwen2.5-VL crashed on every Generate (the plain run's teacher-forced pass
+    grew input_ids but not mm_token_type_ids). With no method on, the live recording of the guarded run must
+    equal the plain run's teacher-forced one: the appended tokens got the right positions."""
+    from vlm_guard.testing import tiny_model, tiny_qwen_processor
+
+    model = tiny_model(family)
+    limits = DemoLimits(max_new_tokens=8, default_new_tokens=5)
+    demo_session = DemoSession(model, tiny_qwen_processor(), checker=None, limits=limits, examples=[], model_name=family)
+    image = Image.effect_noise((48, 40), 60).convert("RGB")
+    run = demo_session.run(image, "describe the image", {}, max_new_tokens=5)
+    assert run.guarded.token_ids == run.plain.token_ids and run.plain.num_tokens == 5
+    assert run.grid is not None and run.plain.attention.shape == (5, 4, run.grid.size)
+    np.testing.assert_allclose(run.guarded.attention, run.plain.attention, atol=1e-5)
+    assert run.plain.tvhd is not None and run.plain.tvhd.shape == (5,)
+    guarded = demo_session.run(image, "describe the image", {"vhr": 2.0}, max_new_tokens=5)
+    assert guarded.guarded.methods == ["vhr"] and guarded.guarded.num_tokens == 5
+    picture, info = demo_session.token_view(guarded, "plain", 4, None)
+    assert "token 5/5" in info and picture.size[0] == guarded.image.size[0] + SCALE_WIDTH
+
+
+def test_sessions_and_their_runs_are_bounded(session):
+    """Item 8: at most limits.max_sessions sessions are kept, and a session's run and image expire after
+    limits.session_ttl_seconds (Gradio's own state holder, as the server runs it)."""
+    import dataclasses
+
+    from gradio.state_holder import StateHolder
+
+    limits = dataclasses.replace(session.limits, max_sessions=3, session_ttl_seconds=1)
+    processor = build_processor(SPEC)
+    bounded = DemoSession(build_model(SPEC, processor.tokenizer, seed=0).eval(), processor, checker=None, limits=limits,
+                          examples=session.examples)
+    demo = build_app(bounded)
+    options = launch_options(limits)
+    assert options["state_session_capacity"] == 3 and demo.delete_cache == (1, 1)
+    demo.state_session_capacity = options["state_session_capacity"]  # what launch() does with the option
+    holder = StateHolder()
+    holder.set_blocks(demo)
+    generate = _event(demo, "on_generate")
+    image_state, run_state = generate.inputs[0], generate.outputs[0]
+    methods = [value for control in METHOD_CONTROLS for value in (False, control.fallback)]
+    for number in range(5):
+        state = holder[f"session-{number}"]
+        state[image_state._id] = str(session.examples[0].path)
+        output = _process(demo, "on_generate", [None, "describe the image", 2, *methods], state)
+        assert output["data"][10].startswith("**Done.**")
+    assert list(holder.session_data) == ["session-2", "session-3", "session-4"]
+    assert all(run_state._id in holder.session_data[key].state_data for key in holder.session_data)
+    time.sleep(1.2)
+    holder.delete_all_expired_state()
+    for key in holder.session_data:
+        assert run_state._id not in holder.session_data[key].state_data and image_state._id not in holder.session_data[key].state_data
+
+
+def test_refused_upload_is_deleted_and_other_files_are_not(session, tmp_path, monkeypatch, corrupt_png):
+    """Item 8: a refused upload is deleted from the app's upload folder at once; files elsewhere never are."""
+    upload_folder = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload_folder))
+    received = upload_folder / "0123abcd" / "broken.png"
+    received.parent.mkdir(parents=True)
+    received.write_bytes(corrupt_png.read_bytes())
+    handlers = DemoHandlers(session)
+    *_, status = handlers.on_upload(str(received))
+    assert status.startswith("**Upload refused:**")
+    assert not received.exists() and not received.parent.exists() and upload_folder.exists()
+    *_, status = handlers.on_upload(str(corrupt_png))  # outside the upload folder: refused but left alone
+    assert status.startswith("**Upload refused:**") and corrupt_png.exists()
+
+
+def test_owned_temp_dir_is_set_for_gradio_and_removed(tmp_path, monkeypatch):
+    from vlm_guard.demo.tempfiles import owned_temp_dir
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "outer"))
+    with owned_temp_dir() as folder:
+        assert gr.utils.get_upload_folder() == str(folder) and folder.parent == (tmp_path / "outer").resolve()
+        (folder / "upload").mkdir()
+        (folder / "upload" / "picture.png").write_bytes(b"x")
+    assert not folder.exists()
+    assert gr.utils.get_upload_folder() == str(tmp_path / "outer")
+
+
+def test_heatmaps_carry_a_colour_scale():
+    """Item 9: the heatmap shows what its colours mean (the map's real minimum and maximum)."""
+    from matplotlib import colormaps
+
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    values = np.array([[0.01, 0.02], [0.03, 0.10]], dtype=np.float32)
+    picture = heatmap_overlay(image, values, scale_title="attention", scale_format="{:.1%}")
+    assert picture.size == (64 + SCALE_WIDTH, 64)
+    assert np.asarray(picture.crop((0, 0, 64, 64))).tolist() == np.asarray(heatmap_overlay(image, values)).tolist()
+    scale = np.asarray(colour_scale(0.01, 0.10, 200, "inferno", "attention"))
+    bar = scale[29:185, 17].astype(float)  # inside the outline: the bar's middle column, top (max) to bottom (min)
+    top, bottom = (np.array(colormaps["inferno"](f)[:3]) * 255 for f in (1.0, 0.0))
+    assert np.abs(bar[0] - top).max() <= 6 and np.abs(bar[-1] - bottom).max() <= 6  # one row off the ends
+    labels = scale[:, 30:]
+    assert (labels < 100).any()  # tick labels are drawn
+
+
+def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
+    """Item 8: uploads and served pictures do not stay in the temporary folder forever: files older than the
+    session lifetime are deleted while the app runs (the page's own startup files stay), and the folder goes
+    with the server."""
+    import socket
+
+    gradio_client = pytest.importorskip("gradio_client")
+    from vlm_guard.demo.tempfiles import owned_temp_dir
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    upload = tmp_path / "noise_upload.png"
+    Image.effect_noise((40, 40), 90).convert("RGB").save(upload)
+    with owned_temp_dir() as folder:
+        limits = DemoLimits(max_upload_bytes=200_000, max_image_pixels=512 * 512, max_new_tokens=4, default_new_tokens=2,
+                            session_ttl_seconds=6)  # long enough for the upload to reach the handler on a busy CPU
+        processor = build_processor(SPEC)
+        app_session = DemoSession(build_model(SPEC, processor.tokenizer, seed=0).eval(), processor, checker=None,
+                                  limits=limits, examples=session.examples)
+        demo = build_app(app_session)
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(limits))
+        try:
+            startup_files = {p for p in folder.rglob("*") if p.is_file()}
+            client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+            assert client.predict(gradio_client.handle_file(str(upload)), api_name="/on_upload")[-1].startswith("Image ready")
+            methods = [value for control in METHOD_CONTROLS for value in (False, control.fallback)]
+            assert client.predict("describe the image", 2, *methods, api_name="/on_generate")[-1].startswith("**Done.**")
+            made = {p for p in folder.rglob("*") if p.is_file()} - startup_files
+            assert any(p.name == upload.name for p in made) and len(made) >= 3  # the upload and the pictures served
+            deadline = time.monotonic() + 40
+            while any(p.exists() for p in made if not p.name.startswith("tmp")) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            # Gradio's File component leaves an empty tmp* file per upload; the next upload sweeps old ones
+            second = tmp_path / "second_upload.png"
+            Image.effect_noise((40, 40), 30).convert("RGB").save(second)
+            assert client.predict(gradio_client.handle_file(str(second)), api_name="/on_upload")[-1].startswith("Image ready")
+            assert not [p for p in made if p.exists()], "files older than the session lifetime were not deleted"
+            assert all(p.exists() for p in startup_files)  # the gallery's pictures are kept
+        finally:
+            demo.close()
+    assert not folder.exists()

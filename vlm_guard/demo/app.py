@@ -30,7 +30,7 @@ from .session import (
     DemoSession,
     highlighted,
 )
-from .tempfiles import discard_upload
+from .tempfiles import STRAY_AGE_SECONDS, discard_upload, sweep_stray_files
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +120,14 @@ class DemoHandlers:
             ``(image path or None, preview, ground-truth text, *cleared_result(), status)``; a refused
             file is deleted from the server at once and the status line says why.
         """
+        upload_folder = gr.utils.get_upload_folder()
+        sweep_stray_files(upload_folder, age=min(STRAY_AGE_SECONDS, self.session.limits.session_ttl_seconds))
         if path is None:
             return (None, None, "", *self.cleared_result(), NO_RESULT)
         try:
             image = validate_image(path, self.session.limits)
         except DemoInputError as error:
-            discard_upload(path, gr.utils.get_upload_folder())
+            discard_upload(path, upload_folder)
             message = f"**Upload refused:** {error}"
             return (None, None, "", *self.cleared_result("No image: the last upload was refused."), message)
         example = self.session.example_for(image)

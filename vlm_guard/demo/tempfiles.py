@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,3 +80,35 @@ def discard_upload(path: str | os.PathLike | None, upload_folder: str | os.PathL
         with contextlib.suppress(OSError):
             parent.rmdir()  # only when empty
     return True
+
+
+STRAY_AGE_SECONDS = 30
+
+
+def sweep_stray_files(upload_folder: str | os.PathLike, age: float = STRAY_AGE_SECONDS) -> int:
+    """Delete the empty ``tmp*`` files Gradio leaves at the top of its upload folder.
+
+    ``gr.File(type="filepath")`` opens an empty ``NamedTemporaryFile(delete=False)`` there on every upload and
+    never uses or deletes it (Gradio 6.x), and Gradio's own sweep does not know those files: without this,
+    one file per upload stays until the server stops. Only empty regular files named ``tmp*`` directly in
+    ``upload_folder`` and older than ``age`` seconds are touched.
+
+    Returns:
+        how many files were deleted.
+    """
+    folder = Path(upload_folder)
+    now = time.time()
+    deleted = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if (entry.name.startswith("tmp") and entry.is_file(follow_symlinks=False)
+                    and entry.stat().st_size == 0 and now - entry.stat().st_mtime > age):
+                os.unlink(entry.path)
+                deleted += 1
+        except OSError:
+            continue
+    return deleted
