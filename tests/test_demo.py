@@ -150,8 +150,8 @@ def _assert_cleared(result_panels):
 
 def test_upload_handler_reports_corrupt_file_in_status(session, corrupt_png):
     outputs = DemoHandlers(session).on_upload(str(corrupt_png))
-    image_path, preview, truth, *panels, status = outputs
-    assert image_path is None and preview is None
+    image_path, preview, truth, *panels, status, upload_box = outputs
+    assert image_path is None and preview is None and upload_box is None
     assert status.startswith("**Upload refused:**") and "broken.png" in status and "not a readable image" in status
     _assert_cleared(panels)
 
@@ -454,10 +454,10 @@ def test_refused_upload_is_deleted_and_other_files_are_not(session, tmp_path, mo
     received.parent.mkdir(parents=True)
     received.write_bytes(corrupt_png.read_bytes())
     handlers = DemoHandlers(session)
-    *_, status = handlers.on_upload(str(received))
+    *_, status, _ = handlers.on_upload(str(received))
     assert status.startswith("**Upload refused:**")
     assert not received.exists() and not received.parent.exists() and upload_folder.exists()
-    *_, status = handlers.on_upload(str(corrupt_png))  # outside the upload folder: refused but left alone
+    *_, status, _ = handlers.on_upload(str(corrupt_png))  # outside the upload folder: refused but left alone
     assert status.startswith("**Upload refused:**") and corrupt_png.exists()
 
 
@@ -516,7 +516,7 @@ def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
         try:
             startup_files = {p for p in folder.rglob("*") if p.is_file()}
             client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
-            assert client.predict(gradio_client.handle_file(str(upload)), api_name="/on_upload")[-1].startswith("Image ready")
+            assert client.predict(gradio_client.handle_file(str(upload)), api_name="/on_upload")[-2].startswith("Image ready")
             methods = [value for control in METHOD_CONTROLS for value in (False, control.fallback)]
             assert client.predict("describe the image", 2, *methods, api_name="/on_generate")[-1].startswith("**Done.**")
             made = {p for p in folder.rglob("*") if p.is_file()} - startup_files
@@ -527,7 +527,7 @@ def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
             # Gradio's File component leaves an empty tmp* file per upload; the next upload sweeps old ones
             second = tmp_path / "second_upload.png"
             Image.effect_noise((40, 40), 30).convert("RGB").save(second)
-            assert client.predict(gradio_client.handle_file(str(second)), api_name="/on_upload")[-1].startswith("Image ready")
+            assert client.predict(gradio_client.handle_file(str(second)), api_name="/on_upload")[-2].startswith("Image ready")
             assert not [p for p in made if p.exists()], "files older than the session lifetime were not deleted"
             assert all(p.exists() for p in startup_files)  # the gallery's pictures are kept
         finally:

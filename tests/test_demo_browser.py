@@ -1,7 +1,10 @@
 """End to end: ``vlm-guard demo`` on the shipped default model, driven in Debian's headless Chromium.
 
 Starts the CLI on a free loopback port, picks a bundled example, generates, waits for both answers and
-the heatmap, saves a screenshot (``$VLM_GUARD_SCREENSHOT`` or a temporary file), then uploads a corrupt file and expects a readable refusal.
+the heatmap, clicks an ordinary word and a flagged one, saves a screenshot (``$VLM_GUARD_SCREENSHOT`` or a
+temporary file), generates a one-token answer, then uploads a corrupt file and expects one readable
+refusal with the old answers cleared. Every request the page makes is recorded: none may leave the
+demo's own server (the page must work offline).
 
 Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and the ``playwright`` Python package;
 no browser is downloaded. Run: ``pytest -m browser tests/test_demo_browser.py``.
@@ -83,9 +86,11 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
             profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
             viewport={"width": 1400, "height": 1200},
         )
+        requested: list[str] = []
+        context.on("request", lambda request: requested.append(request.url))
         try:
             page = context.new_page()
-            page.goto(demo_url, wait_until="domcontentloaded")
+            page.goto(demo_url, wait_until="load")
             page.wait_for_selector("#generate-btn", timeout=30_000)
 
             # pick the first bundled example
@@ -107,9 +112,22 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
             token_count = int(page.locator("#plain-header").inner_text().split(" s · ")[1].split()[0])
             assert 1 <= token_count <= 24, token_count
             assert page.locator(".toast-body.error").count() == 0
+            assert plain.strip() and guarded.strip(), (plain, guarded)
 
-            # click the first guarded word the checker flagged (if any) to show where it looked
+            # every generated token is clickable, not only the checker's object words (issue 17 item 9)
             guarded_tokens = page.locator("#guarded-answer .textfield .token")
+            count = guarded_tokens.count()
+            assert count >= 2, count
+            assert all(guarded_tokens.nth(i).get_attribute("role") == "button" for i in range(count))
+            plain_word = page.evaluate(
+                """() => [...document.querySelectorAll('#guarded-answer .textfield .token')]
+                       .findIndex(t => !/255, 80, 80|60, 192, 96|255, 176, 32/.test(t.getAttribute('style') || ''))"""
+            )
+            assert plain_word >= 0, "no uncoloured word in the answer"
+            guarded_tokens.nth(plain_word).click()
+            sync_api.expect(page.locator("#token-info")).to_contain_text(f"token {plain_word + 1}/", timeout=10_000)
+
+            # and a word the checker flagged (if any) says so
             flagged = page.evaluate(
                 """() => [...document.querySelectorAll('#guarded-answer .textfield .token')]
                        .findIndex(t => (t.getAttribute('style') || '').includes('255, 80, 80'))"""
@@ -123,9 +141,17 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
             assert screenshot.stat().st_size > 10_000
-            assert plain.strip() and guarded.strip(), (plain, guarded)
 
-            # a corrupt upload gets a readable refusal, not a traceback
+            # a one-token answer arrives (issue 17 item 6: it used to fail with a slider error and was lost)
+            tokens.fill("1")
+            tokens.press("Enter")
+            page.click("#generate-btn")
+            sync_api.expect(page.locator("#plain-header")).to_contain_text(" s · 1 tokens", timeout=60_000)
+            sync_api.expect(page.locator("#run-status")).to_contain_text("Done.")
+            assert page.locator("#guarded-answer .textfield .token").count() == 1
+            assert page.locator(".toast-body.error").count() == 0
+
+            # a corrupt upload gets one readable refusal, and no stale answer stays beside it (item 9)
             broken = tmp_path / "broken.png"
             broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not image data" * 50)
             page.locator("#image-upload input[type=file]").set_input_files(str(broken))
@@ -133,5 +159,26 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
             sync_api.expect(status).to_contain_text("Upload refused", timeout=20_000)
             sync_api.expect(status).to_contain_text("not a readable image")
             assert "Traceback" not in status.inner_text()
+            sync_api.expect(page.locator("#image-upload")).not_to_contain_text("broken.png", timeout=10_000)
+            sync_api.expect(page.locator("#guarded-answer .textfield .token")).to_have_count(0, timeout=10_000)
+            assert page.locator("#plain-answer .textfield .token").count() == 0
+            assert " s · " not in page.locator("#plain-header").inner_text()
+            assert page.locator("#attention-heatmap img").count() == 0
+            # pressing Generate now: one message, no red error badge on every panel
+            page.click("#generate-btn")
+            sync_api.expect(status).to_contain_text("Input refused", timeout=20_000)
+            page.wait_for_timeout(500)
+            assert page.locator(".toast-body.error").count() == 0
+            badges = page.evaluate("() => [...document.querySelectorAll('.error')].filter(e => e.offsetParent !== null).length")
+            assert badges == 0, f"{badges} error badges on the page"
+            refused_screenshot = tmp_path / "refused.png"
+            page.screenshot(path=str(refused_screenshot), full_page=True)
+
+            # the page works offline: every request went to the demo's own server (item 9: no font host)
+            outside = sorted({url for url in requested if not url.startswith((demo_url, "data:", "blob:"))})
+            assert not outside, f"the page requested other hosts: {outside}"
+            linked = page.evaluate("""() => [...document.querySelectorAll('script[src], link[href]')]
+                                       .map(e => e.src || e.href).filter(u => !u.startsWith(location.origin))""")
+            assert not linked, f"the page links other hosts (scripts, preconnects): {linked}"
         finally:
             context.close()

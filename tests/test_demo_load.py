@@ -108,7 +108,7 @@ def one_session(url: str, number: int, example: Path, corrupt: Path) -> dict:
     try:
         client = Client(url, verbose=False, download_files=False)
         uploaded = client.predict(handle_file(str(corrupt if bad else example)), api_name="/on_upload")
-        outcome["upload_status"] = uploaded[-1]
+        outcome["upload_status"] = uploaded[-2]  # (..., status, upload box)
         generated = client.predict(prompt, tokens, *_methods(), api_name="/on_generate")
         outcome["status"] = generated[-1]
         outcome["plain"], outcome["guarded"] = generated[1], generated[3]

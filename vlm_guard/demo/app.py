@@ -18,8 +18,10 @@ import logging
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from .inputs import DemoInputError, DemoLimits, validate_image
+from .offline import OfflinePage
 from .session import (
     HIGHLIGHT_COLOURS,
     LABEL_FLAGGED,
@@ -103,7 +105,7 @@ class DemoHandlers:
         self.session = session
 
     # ------------------------------------------------------------------ inputs
-    def cleared_result(self, reason: str = NO_RESULT) -> tuple:
+    def cleared_result(self, reason: str = "") -> tuple:
         """Empty result panels (no stale answer may stay beside a new image or a refusal).
 
         Returns:
@@ -117,25 +119,25 @@ class DemoHandlers:
         """Validate an upload.
 
         Returns:
-            ``(image path or None, preview, ground-truth text, *cleared_result(), status)``; a refused
-            file is deleted from the server at once and the status line says why.
+            ``(image path or None, preview, ground-truth text, *cleared_result(), status, upload box)``; a
+            refused file is deleted from the server at once, leaves the upload box, and the status line says why.
         """
         upload_folder = gr.utils.get_upload_folder()
         sweep_stray_files(upload_folder, age=min(STRAY_AGE_SECONDS, self.session.limits.session_ttl_seconds))
         if path is None:
-            return (None, None, "", *self.cleared_result(), NO_RESULT)
+            return (None, None, "", *self.cleared_result(), NO_RESULT, gr.update())
         try:
             image = validate_image(path, self.session.limits)
         except DemoInputError as error:
             discard_upload(path, upload_folder)
             message = f"**Upload refused:** {error}"
-            return (None, None, "", *self.cleared_result("No image: the last upload was refused."), message)
+            return (None, None, "", *self.cleared_result(), message, None)  # the refused file leaves the upload box too
         example = self.session.example_for(image)
         truth = self._truth_text(example) if example else "Uploaded image (no ground truth)."
-        return (path, image, truth, *self.cleared_result("Press **Generate**."), "Image ready: press **Generate**.")
+        return (path, image, truth, *self.cleared_result(), "Image ready: press **Generate**.", gr.update())
 
     def on_example(self, evt: gr.SelectData):
-        """A bundled example picked in the gallery. Returns like :meth:`on_upload`."""
+        """A bundled example picked in the gallery. Returns like :meth:`on_upload`, without the upload box."""
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
         return self.pick_example(index)
 
@@ -148,7 +150,7 @@ class DemoHandlers:
             image = validate_image(example.path, self.session.limits)
         except DemoInputError as error:
             return (None, None, "", *self.cleared_result(), f"**Example refused:** {error}")
-        return (str(example.path), image, self._truth_text(example), *self.cleared_result("Press **Generate**."),
+        return (str(example.path), image, self._truth_text(example), *self.cleared_result(),
                 f"Example **{example.name}** ready: press **Generate**.")
 
     @staticmethod
@@ -180,12 +182,12 @@ class DemoHandlers:
         try:
             run = self.session.run(image_path, prompt, self.settings(method_values), max_new_tokens)
         except DemoInputError as error:
-            return (*self.cleared_result("Nothing generated: see the message on the left."), f"**Input refused:** {error}")
+            return (*self.cleared_result(), f"**Input refused:** {error}")
         except ValueError as error:
-            return (*self.cleared_result("Nothing generated: see the message on the left."), f"**Settings refused:** {error}")
+            return (*self.cleared_result(), f"**Settings refused:** {error}")
         except Exception as error:  # never a traceback in the browser; the log has it
             logger.exception("generation failed")
-            return (*self.cleared_result("Nothing generated: see the message on the left."),
+            return (*self.cleared_result(),
                     f"**Generation failed** ({type(error).__name__}: {error}). The server log has the details.")
         which = "guarded"
         heatmap, info = self.session.token_view(run, which, 0, None)
@@ -236,11 +238,13 @@ class DemoHandlers:
 
 def launch_options(limits: DemoLimits) -> dict[str, Any]:
     """Keyword arguments for ``demo.launch`` that go with :func:`build_app`: upload cap, CSS, a theme with the
-    browser's own fonts (no external request), the session cap, no SSR, no share link."""
+    browser's own fonts and a page without third-party tags (:mod:`.offline`: no request leaves the server),
+    the session cap, no SSR, no share link."""
     return {
         "max_file_size": limits.max_upload_bytes,
         "css": CSS,
         "theme": gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS),
+        "app_kwargs": {"middleware": [Middleware(OfflinePage)]},  # no CDN script, no font-host preconnect
         "state_session_capacity": limits.max_sessions,
         "ssr_mode": False,
         "share": False,
@@ -319,9 +323,10 @@ def build_app(session: DemoSession) -> gr.Blocks:
                 max_tokens = gr.Slider(minimum=1, maximum=limits.max_new_tokens, step=1, value=limits.default_new_tokens,
                                        label="Max new tokens", elem_id="max-new-tokens")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-                status_md = gr.Markdown(NO_RESULT, elem_id="run-status")
 
             with gr.Column(scale=2, min_width=480):
+                # the one message of a run (done, refused, failed) sits above the answers it is about
+                status_md = gr.Markdown(NO_RESULT, elem_id="run-status")
                 with gr.Row():
                     with gr.Column():
                         plain_header = gr.Markdown("### Plain model", elem_id="plain-header")
@@ -363,7 +368,7 @@ def build_app(session: DemoSession) -> gr.Blocks:
         input_outputs = [image_state, preview, truth, *result_outputs, status_md]
         if gallery is not None:
             gallery.select(handlers.on_example, inputs=None, outputs=input_outputs, concurrency_limit=4)
-        upload.upload(handlers.on_upload, inputs=upload, outputs=input_outputs, concurrency_limit=4)
+        upload.upload(handlers.on_upload, inputs=upload, outputs=[*input_outputs, upload], concurrency_limit=4)
         generate.click(
             handlers.on_generate,
             inputs=[image_state, prompt, max_tokens, *method_inputs],
