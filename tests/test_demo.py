@@ -396,11 +396,13 @@ def test_demo_runs_qwen_families(family):
     """Item 7 / issue 15: Qwen2-VL and Qwen2.5-VL crashed on every Generate (the plain run's teacher-forced pass
     grew input_ids but not mm_token_type_ids). With no method on, the live recording of the guarded run must
     equal the plain run's teacher-forced one: the appended tokens got the right positions."""
-    from vlm_guard.testing import tiny_model, tiny_qwen_processor
+    from tiny_processors import tiny_processor
+
+    from vlm_guard.testing import tiny_model
 
     model = tiny_model(family)
     limits = DemoLimits(max_new_tokens=8, default_new_tokens=5)
-    demo_session = DemoSession(model, tiny_qwen_processor(), checker=None, limits=limits, examples=[], model_name=family)
+    demo_session = DemoSession(model, tiny_processor(family), checker=None, limits=limits, examples=[], model_name=family)
     image = Image.effect_noise((48, 40), 60).convert("RGB")
     run = demo_session.run(image, "describe the image", {}, max_new_tokens=5)
     assert run.guarded.token_ids == run.plain.token_ids and run.plain.num_tokens == 5
