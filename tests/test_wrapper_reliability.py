@@ -33,15 +33,29 @@ def _generate(model_like, inputs, tokens=6):
     return model_like.generate(**inputs, max_new_tokens=tokens, do_sample=False)
 
 
+def _registered() -> set[str]:
+    return {name for name in [*AttentionInterface._global_mapping, *AttentionMaskInterface._global_mapping]
+            if name.startswith("vlm_guard_")}
+
+
+@pytest.fixture(autouse=True)
+def _registry_before():
+    """The vlm_guard registry entries that exist before a test (other tests' wrappers may still be installed)."""
+    global REGISTERED_BEFORE
+    REGISTERED_BEFORE = _registered()
+    yield
+
+
+REGISTERED_BEFORE: set[str] = set()
+
+
 def _assert_untouched(model):
-    """No trace of a wrapper: original implementation, no hooks, no registry entries."""
+    """No trace of a wrapper: original implementation, no hooks, no new registry entries."""
     text_config = model.config.text_config
     assert text_config._attn_implementation == "sdpa"
     assert not model._forward_pre_hooks
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
-    leftovers = [name for name in list(AttentionInterface._global_mapping) + list(AttentionMaskInterface._global_mapping)
-                 if name.startswith("vlm_guard_")]
-    assert leftovers == []
+    assert _registered() - REGISTERED_BEFORE == set()
 
 
 # ---------------------------------------------------------------- item 1: atomic wrap
