@@ -517,6 +517,13 @@ def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(limits))
         try:
             startup_files = {p for p in folder.rglob("*") if p.is_file()}
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+                page = response.read()
+            # item 9: the page served loads nothing from another host (Gradio's template has a CDN script and font preconnects)
+            assert b"cdnjs" not in page and b"fonts.googleapis" not in page and b"fonts.gstatic" not in page
+            assert b'<script type="module"' in page  # the app's own scripts stay
             client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
             assert client.predict(gradio_client.handle_file(str(upload)), api_name="/on_upload")[-2].startswith("Image ready")
             methods = [value for control in METHOD_CONTROLS for value in (False, control.fallback)]
@@ -535,3 +542,17 @@ def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
         finally:
             demo.close()
     assert not folder.exists()
+
+
+def test_offline_page_strips_tags_that_load_from_other_hosts():
+    from pathlib import Path
+
+    from vlm_guard.demo.offline import strip_external_tags
+
+    template = (Path(gr.__file__).parent / "templates" / "frontend" / "index.html").read_bytes()
+    assert b"cdnjs.cloudflare.com" in template and b"fonts.googleapis.com" in template  # what Gradio ships
+    page = strip_external_tags(template)
+    assert b"cdnjs" not in page and b"fonts.googleapis" not in page and b"fonts.gstatic" not in page
+    assert b"./assets/index-" in page and b"window.gradio_config" in page
+    html = b'<head><script src="//cdn.example.org/x.js"></script><link rel="stylesheet" href="/local.css"><script>1</script></head>'
+    assert strip_external_tags(html) == b'<head><link rel="stylesheet" href="/local.css"><script>1</script></head>'
