@@ -19,6 +19,7 @@ from transformers import StaticCache
 import vlm_guard
 from vlm_guard import GuardConfig
 from vlm_guard.decoding.var import VARConfig
+from vlm_guard.decoding.vcd import VCDConfig
 from vlm_guard.testing import FAMILIES, build_batch, greedy_loop, image_token_count, tiny_model
 
 NEW_TOKENS = 2
@@ -27,10 +28,13 @@ MROPE = ("qwen2_vl", "qwen2_5_vl")
 
 def _method_configs() -> dict[str, GuardConfig]:
     var = VARConfig(sink_dims=[0, 1], tau=1.5)  # the random models have no massive activations: a low threshold makes sinks
-    configs = {name: GuardConfig.from_methods(name) for name in ("vhr", "gift", "pai", "vcd")}
+    vcd = VCDConfig(contrast_when="always")  # the released preset contrasts sampled decoding only; these runs are greedy
+    configs = {name: GuardConfig.from_methods(name) for name in ("vhr", "gift", "pai")}
     configs["var"] = GuardConfig(var=var)
-    every = GuardConfig.from_methods("vhr,gift,pai,vcd")
+    configs["vcd"] = GuardConfig(vcd=vcd)
+    every = GuardConfig.from_methods("vhr,gift,pai")
     every.var = var
+    every.vcd = vcd
     configs["all"] = every
     return configs
 

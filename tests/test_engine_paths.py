@@ -13,10 +13,12 @@ import vlm_guard
 from vlm_guard import GuardConfig
 from vlm_guard.decoding.engine import GuardEngine
 from vlm_guard.decoding.var import VARConfig
+from vlm_guard.decoding.vcd import VCDConfig
 from vlm_guard.decoding.vhr import VHRConfig
 from vlm_guard.models.compat import cache_kwargs, output_cache
 from vlm_guard.testing import build_batch, greedy_loop, tiny_model
 
+TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 ATTENTION_METHODS = "vhr,gift,pai"  # each edits a different point (head output, weights, scores) + PAI's contrast
 
 
@@ -43,7 +45,9 @@ def test_inputs_embeds_only_runs_the_plain_model_with_one_warning(caplog):
     guarded = vlm_guard.wrap(model, config=GuardConfig.from_methods("vhr"))
     with caplog.at_level(logging.WARNING):
         out = guarded.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False)
-    assert out.tolist() == plain.tolist() == [[115, 18, 18, 18], [4, 34, 34, 34]]
+    assert out.tolist() == plain.tolist()
+    if not TRANSFORMERS_4:  # the repro's values (random weights differ between the two majors)
+        assert plain.tolist() == [[115, 18, 18, 18], [4, 34, 34, 34]]
     messages = _warnings(caplog)
     assert len(messages) == 1 and "embeddings" in messages[0]
     # the same through a hand-written loop: one warning at the prefill, the continuations run plain silently
@@ -188,8 +192,9 @@ def test_use_cache_false_gives_the_cached_tokens():
     model = tiny_model("qwen2_vl")
     inputs = build_batch(model, [(True, 5), (False, 3)])
     assert torch.equal(_greedy(model, inputs, use_cache=False), _greedy(model, inputs))  # the plain model does not care
-    config = GuardConfig.from_methods("vhr,gift,pai,vcd")
+    config = GuardConfig.from_methods("vhr,gift,pai")
     config.var = VARConfig(sink_dims=[0, 1], tau=1.5)
+    config.vcd = VCDConfig(contrast_when="always")
     guarded = vlm_guard.wrap(model, config=config)
     try:
         assert torch.equal(_greedy(guarded, inputs, use_cache=False), _greedy(guarded, inputs))
@@ -209,6 +214,8 @@ def test_qwen_static_cache_with_a_method_gives_the_dynamic_tokens(family):
     finally:
         guarded.unwrap()
     assert torch.equal(static, dynamic)
+    if TRANSFORMERS_4:
+        return
     expected = {"qwen2_vl": [[123, 97, 125], [47, 69, 84]], "qwen2_5_vl": [[28, 28, 28], [3, 52, 3]]}[family]
     assert dynamic[:, -3:].tolist() == expected
 
@@ -304,7 +311,7 @@ def test_side_passes_leave_qwen_rope_deltas_as_found(family):
     finally:
         guarded.unwrap()
     assert deltas == plain_deltas
-    if transformers.__version__.startswith("4."):  # 4.57 derives the decode positions from them (repro 09)
+    if TRANSFORMERS_4:  # 4.57 derives the decode positions from them (repro 09)
         assert plain_deltas == [-6, -12, -2]
     assert max((a - b).abs().max().item() for a, b in zip(out.scores, plain.scores)) == 0.0
 
@@ -312,3 +319,17 @@ def test_side_passes_leave_qwen_rope_deltas_as_found(family):
 def test_loop_helper_matches_generate_for_the_plain_model(llava):
     model, inputs = llava
     assert torch.equal(greedy_loop(model, inputs, 3), _greedy(model, inputs))
+
+
+def test_prompt_validity_is_read_from_prepared_masks():
+    """Qwen2-VL's static-cache prefill passes a dict of prepared 4-D masks instead of the 2-D one (repro 04)."""
+    from vlm_guard.decoding.engine import _prompt_mask
+
+    ids = torch.ones(2, 4, dtype=torch.long)
+    valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    allowed = torch.tril(torch.ones(4, 6, dtype=torch.bool))[None, None] & torch.cat([valid, torch.zeros(2, 2, dtype=torch.long)], 1).bool()[:, None, None, :]
+    assert _prompt_mask(valid, ids).tolist() == valid.tolist()
+    assert _prompt_mask(allowed, ids).tolist() == valid.tolist()  # bool [B, 1, Q, K], K a static cache's length
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    assert _prompt_mask({"sliding_attention": additive[:, :, :, :1], "full_attention": additive}, ids).tolist() == valid.tolist()
+    assert _prompt_mask(None, ids) is None
