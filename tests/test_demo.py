@@ -177,7 +177,8 @@ def test_generate_handler_refuses_bad_input_with_one_message_and_clears_results(
 
 def test_generate_handler_returns_both_answers_and_a_heatmap(session):
     handlers = DemoHandlers(session)
-    path, preview, truth, *panels, status = handlers.pick_example(0)
+    path, preview, truth, *panels, status, upload_box = handlers.pick_example(0)
+    assert upload_box is None
     assert "Ground-truth objects" in truth and preview is not None
     _assert_cleared(panels)  # a new image: the previous answers are gone
     methods = (True, 2.0) + (False, 0.5) * 4

@@ -137,7 +137,8 @@ class DemoHandlers:
         return (path, image, truth, *self.cleared_result(), "Image ready: press **Generate**.", gr.update())
 
     def on_example(self, evt: gr.SelectData):
-        """A bundled example picked in the gallery. Returns like :meth:`on_upload`, without the upload box."""
+        """A bundled example picked in the gallery. Returns like :meth:`on_upload` (the upload box is emptied:
+        the example is the image now)."""
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
         return self.pick_example(index)
 
@@ -149,9 +150,9 @@ class DemoHandlers:
         try:
             image = validate_image(example.path, self.session.limits)
         except DemoInputError as error:
-            return (None, None, "", *self.cleared_result(), f"**Example refused:** {error}")
+            return (None, None, "", *self.cleared_result(), f"**Example refused:** {error}", None)
         return (str(example.path), image, self._truth_text(example), *self.cleared_result(),
-                f"Example **{example.name}** ready: press **Generate**.")
+                f"Example **{example.name}** ready: press **Generate**.", None)
 
     @staticmethod
     def _truth_text(example) -> str:
@@ -367,7 +368,7 @@ def build_app(session: DemoSession) -> gr.Blocks:
         assert len(result_outputs) == RESULT_COUNT  # the handlers' cleared_result() has one value per panel
         input_outputs = [image_state, preview, truth, *result_outputs, status_md]
         if gallery is not None:
-            gallery.select(handlers.on_example, inputs=None, outputs=input_outputs, concurrency_limit=4)
+            gallery.select(handlers.on_example, inputs=None, outputs=[*input_outputs, upload], concurrency_limit=4)
         upload.upload(handlers.on_upload, inputs=upload, outputs=[*input_outputs, upload], concurrency_limit=4)
         generate.click(
             handlers.on_generate,
