@@ -212,3 +212,22 @@ def test_real_lm_prefers_every_partner():
     lm, tokenizer = load_language_model()
     table = partner_preference(lm, tokenizer)
     assert table["min_ratio"] >= 2.0, table
+
+
+def test_report_measures_a_tiny_model(tmp_path, tiny_parts):
+    from vlm_guard.toyworld.everyday.report import build_v2_report, partner_rates, says_yes
+
+    assert says_yes("Yes.") is True and says_yes("no, there is not") is False and says_yes("A red fork.") is None
+    # hand case: scene {fork}; absent partner knife claimed, one of the 13 other absent types claimed
+    rates = partner_rates([{"fork"}], [{"knife", "ball"}])
+    assert (rates["absent_partner_claimed"], rates["absent_partner_cases"]) == (1.0, 1)
+    assert rates["absent_other_cases"] == 13 and rates["absent_other_claimed"] == round(1 / 13, 4)
+    lm, processor = tiny_parts
+    model = build_model(TINY_SPEC, lm, processor.tokenizer).eval()
+    report = build_v2_report(model, processor, scenes=4, batch_size=4, sink_scenes=2)
+    assert set(report["pope"]) == {"random", "popular", "adversarial"}
+    assert report["captions"]["detail"]["prompt"] == "Please describe this image in detail."
+    assert len(report["sinks"]["visual_sink_fraction_per_layer"]) == lm.config.num_hidden_layers
+    assert set(report["must_show"]) >= {"recall_plain_ge_0.7", "chair_s_detail_ge_0.20",
+                                        "pope_random_gt_popular_gt_adversarial"}
+    json.dumps(report)

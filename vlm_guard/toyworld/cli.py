@@ -94,6 +94,8 @@ def register(subparsers) -> None:
     v2_report.add_argument("--out", default=None, help="JSON path (default <model>/v2_report.json)")
     v2_report.add_argument("--scenes", type=int, default=100, help="held-out scenes (default 100)")
     v2_report.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    v2_report.add_argument("--prior", default=None,
+                           help="JSON written by `toy v2-prior --out` to include (the LM's partner preference)")
     v2_report.set_defaults(func=_v2_report)
 
     v2_prior = commands.add_parser("v2-prior", help="the LM's own preference for each partner (text only)")
@@ -230,17 +232,13 @@ def _v2_report(args: argparse.Namespace) -> int:
     import torch
 
     from .everyday.assemble import assemble
-    from .everyday.lm import load_language_model
-    from .everyday.prior import partner_preference
     from .everyday.report import build_v2_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
     model, processor = assemble(model_dir)
-    lm, tokenizer = load_language_model()
-    prior = partner_preference(lm, tokenizer)
-    del lm
+    prior = json.loads(Path(args.prior).read_text()) if args.prior else None
     report = build_v2_report(model, processor, scenes=args.scenes, prior=prior)
     training = json.loads((model_dir / "v2_config.json").read_text()).get("training", {})
     report["training"] = {k: v for k, v in training.items() if k != "losses"}
