@@ -133,6 +133,7 @@ def build_processor(lm_tokenizer, spec: V2Spec | None = None):
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.padding_side = "left"
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids (transformers 4.57)
     tokenizer.chat_template = CHAT_TEMPLATE
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
