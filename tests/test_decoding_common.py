@@ -17,7 +17,8 @@ from vlm_guard.decoding.pai import PAIConfig
 from vlm_guard.decoding.var import VARConfig
 from vlm_guard.decoding.vcd import VCDConfig
 from vlm_guard.decoding.vhr import VHRConfig
-from vlm_guard.testing import BOS, IMAGE, build_batch, tiny_model
+from vlm_guard.testing import BOS, IMAGE, TINY_FAMILIES, build_batch, tiny_model
+from vlm_guard.testing import split_row as tiny_split_row
 
 ROWS = [(True, 5), (False, 3), (True, 9)]
 NEW_TOKENS = 4
@@ -48,6 +49,8 @@ def greedy(guarded, inputs: dict, new_tokens: int = NEW_TOKENS):
 
 def split_row(model, inputs: dict, row: int) -> dict:
     """Row ``row`` of a left-padded batch as its own unpadded batch of one (with its image tensors)."""
+    if vlm_guard.models.get_adapter(model).family in TINY_FAMILIES:
+        return tiny_split_row(model, inputs, row)
     valid = inputs["attention_mask"][row].bool()
     input_ids = inputs["input_ids"][row][valid][None]
     single = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

@@ -15,10 +15,10 @@ from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_
 
 
 def test_amplification_on_image_columns_only():
-    scores = torch.tensor([[[[1.0, -2.0, 3.0, float("-inf")]]]])
-    image = torch.tensor([[False, True, True, False]])
+    scores = torch.tensor([[[[1.0, -2.0, 3.0, float("-inf"), float("-inf")]]]])
+    image = torch.tensor([[False, True, True, False, True]])  # the last image column is masked (outside a sliding window)
     out = amplify_image_scores(scores, image, 0.2)
-    torch.testing.assert_close(out[0, 0, 0], torch.tensor([1.0, -2.0 + 0.4, 3.0 * 1.2, float("-inf")]))
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([1.0, -2.0 + 0.4, 3.0 * 1.2, float("-inf"), float("-inf")]))
 
 
 def test_contrast_formula_and_plausibility_cut():

@@ -156,6 +156,22 @@ def _grouped_output(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return (grouped @ value).reshape(batch, num_heads, rows, value.shape[-1])
 
 
+def _place_window(key, value, attention_mask, missing: int, past_length: int, query_length: int):
+    """Keys ``[B, KVH, K, D]`` of a sliding-window cache (the last ``K`` positions) padded on the left by ``missing``
+    masked positions, so that key ``j`` is absolute position ``j``; the mask (bool, additive float, or None: causal
+    from ``past_length``) likewise."""
+    key = torch.nn.functional.pad(key, (0, 0, missing, 0))
+    value = torch.nn.functional.pad(value, (0, 0, missing, 0))
+    if attention_mask is not None and attention_mask.ndim == 4:
+        fill = False if attention_mask.dtype == torch.bool else torch.finfo(attention_mask.dtype).min
+        attention_mask = torch.nn.functional.pad(attention_mask[..., : key.shape[2] - missing], (missing, 0), value=fill)
+    else:
+        key_positions = torch.arange(key.shape[2], device=key.device)
+        rows = torch.arange(query_length, device=key.device)[:, None] + past_length  # absolute position of each row
+        attention_mask = ((key_positions[None, :] <= rows) & (key_positions[None, :] >= missing))[None, None]  # [1, 1, Q, K]
+    return key, value, attention_mask
+
+
 class GuardEngine:
     """Installs the guarded attention on one model and runs interventions inside :meth:`activate`.
 
@@ -481,7 +497,9 @@ class GuardEngine:
         if frame is None or frame.call is None or layer is None or layer not in frame.by_layer:
             return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         interventions = frame.by_layer[layer]
-        ctx = self._layer_context(frame.call, layer, query.shape[2], key.shape[2])
+        # a sliding-window layer's cache holds only the window's keys: the explicit rows place them at their positions
+        key_length = max(key.shape[2], frame.call.past_length + query.shape[2])
+        ctx = self._layer_context(frame.call, layer, query.shape[2], key_length)
         has_image = ctx.prompt.spans.has_image  # [B]
 
         # which rows each method needs explicitly
@@ -506,7 +524,7 @@ class GuardEngine:
             else:
                 index = wanted.any(dim=0).nonzero().flatten()  # [R]
             explicit, explicit_weights = self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index,
-                                                             requests, every_row)
+                                                             requests, every_row, softcap=kwargs.get("softcap"))
             # explicit [B, H, R, D], explicit_weights [B, H, R, K]
             if every_row:
                 output = explicit.transpose(1, 2).to(value.dtype).contiguous()  # [B, Q, H, D]
@@ -529,17 +547,28 @@ class GuardEngine:
                 output = edited
         return output, weights
 
-    def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, requests, every_row=False):
+    def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, requests, every_row=False,
+                       softcap=None):
         """Explicit attention for rows ``index``; returns the per-head outputs ``[B, H, R, D]`` and the
-        (edited) weights ``[B, H, R, K]``, both fp32.
+        (edited) weights ``[B, H, R, K]`` over the keys given, both fp32.
 
         ``every_row``: all ``Q`` rows are wanted in every batch row (``index`` is ``0..Q-1``), so the row
         gather is skipped; a request covering every row then needs no masked merge either.
+        ``softcap``: attention-logit soft-capping of the layer (Gemma 2 style, ``c * tanh(s / c)`` before the mask),
+        as the model's eager attention applies it.
+        When ``ctx.key_length`` exceeds the keys given (a sliding-window layer's cache holds only the last
+        window while decoding), the keys are placed at their absolute positions and the missing ones masked,
+        so that the methods' key masks (image, sinks, query span) index the right keys.
         """
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
+        missing = ctx.key_length - key.shape[2]
+        if missing > 0:
+            key, value, attention_mask = _place_window(key, value, attention_mask, missing, ctx.past_length, query.shape[2])
         rows_query = (query if every_row else query[:, :, index, :]).float()  # [B, H, R, D]
         scores = _grouped_scores(rows_query * scaling, key.float())  # [B, H, R, K]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         allowed = None
         if attention_mask is not None or query.shape[2] > 1 or key.shape[2] > ctx.past_length + query.shape[2]:
             allowed = self._allowed(attention_mask, index, ctx.past_length, key.shape[2], scores.device)
@@ -563,7 +592,7 @@ class GuardEngine:
             if intervention.uses_weights:
                 edited = intervention.on_weights(ctx, weights, selection)
                 weights = edited if whole else torch.where(selection.mask[:, None, :, None], edited, weights)
-        return _grouped_output(weights, value.float()), weights
+        return _grouped_output(weights, value.float()), weights[..., max(missing, 0):]
 
     @staticmethod
     def _allowed(attention_mask, index, past_length, key_length, device):

@@ -71,10 +71,11 @@ def amplify_image_scores(scores: torch.Tensor, image_keys: torch.Tensor, alpha: 
         ``[B, H, R, K]``.
 
     Example:
-        >>> amplify_image_scores(torch.tensor([[[[1.0, -2.0, 3.0]]]]), torch.tensor([[False, True, True]]), 0.5)
-        tensor([[[[ 1.0000, -1.0000,  4.5000]]]])
+        >>> amplify_image_scores(torch.tensor([[[[1.0, -2.0, 3.0, -float("inf")]]]]), torch.tensor([[False, True, True, True]]), 0.5)
+        tensor([[[[ 1.0000, -1.0000,  4.5000,    -inf]]]])
     """
-    return torch.where(image_keys[:, None, None, :], scores + alpha * scores.abs(), scores)
+    # masked keys stay masked (-inf + alpha * inf would be NaN): an image column outside a sliding window, say
+    return torch.where(image_keys[:, None, None, :] & torch.isfinite(scores), scores + alpha * scores.abs(), scores)
 
 
 def plausibility_cut(reference: torch.Tensor, plausibility: float) -> torch.Tensor:

@@ -42,5 +42,6 @@ def get_adapter(model: nn.Module, processor=None) -> ModelAdapter:
 
 
 from . import idefics3, llava, llava_next, qwen2_vl  # noqa: E402,F401  (registration)
+from . import gemma3, glm4v, internvl, llava_onevision, mistral3, qwen3_vl  # noqa: E402,F401  (registration)
 
 __all__ = ["ModelAdapter", "PromptSpans", "TextGeometry", "get_adapter", "register_adapter", "supported_families"]
