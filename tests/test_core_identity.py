@@ -6,13 +6,16 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 import vlm_guard
-from vlm_guard.testing import FAMILIES, build_batch, tiny_model
+from vlm_guard.testing import ALL_FAMILIES, build_batch, family_available, tiny_model
 
 ROWS = [(True, 5), (False, 3), (True, 9)]  # three prompts of different lengths, one without an image
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
 def family_model(request):
+    reason = family_available(request.param)
+    if reason:
+        pytest.skip(reason)
     model = tiny_model(request.param)
     return request.param, model, build_batch(model, ROWS)
 

@@ -5,6 +5,8 @@ FAMILIES include them). Families whose class this transformers version lacks are
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -238,7 +240,8 @@ def test_attention_softcapping_is_reproduced_by_the_explicit_rows():
     mask[1, :, :, :2] = False  # row 1 left padded by two
     mask[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # padding rows see themselves (no NaN in the reference)
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    ctx = LayerContext(layer=0, phase="prefill", step=0, prompt=None, query_length=5, key_length=5, num_heads=4, num_kv_heads=2)
+    prompt = types.SimpleNamespace(prompt_length=5)  # only its length is read: every row is a prompt row
+    ctx = LayerContext(layer=0, phase="prefill", step=0, prompt=prompt, query_length=5, key_length=5, num_heads=4, num_kv_heads=2)
     outputs = {}
     for softcap in (2.0, None):
         reference, _ = eager_attention_forward(module, query, key, value, additive, dropout=0.0, scaling=0.25, softcap=softcap)
