@@ -40,9 +40,10 @@ def method_configs() -> dict[str, GuardConfig]:
         "var": GuardConfig(var=tiny_var_config(p=1.0, rho=0.0, visual_threshold=0.0, layers=[0, 1, 2, 3])),
         "gift": GuardConfig(gift=GIFTConfig(alpha=15.0)),
         "pai": GuardConfig(pai=PAIConfig(alpha=2.0, gamma=2.0)),
-        "vcd": GuardConfig(vcd=VCDConfig(alpha=5.0)),
+        "vcd": GuardConfig(vcd=VCDConfig(alpha=5.0, contrast_when="always")),  # the tests decode greedily
     }
-    together = GuardConfig.from_methods("vhr,var,gift,pai,vcd").replace(var=tiny_var_config())
+    together = GuardConfig.from_methods("vhr,var,gift,pai,vcd").replace(var=tiny_var_config(),
+                                                                        vcd=VCDConfig(contrast_when="always"))
     return {**single, "all": together}
 
 
