@@ -9,3 +9,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _no_cached_head_map(tmp_path, monkeypatch):
+    """Parity compares the preset defaults: a head map cached (or tuned) on this machine must not apply."""
+    from vlm_guard.heads.head_map import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty_head_map_cache"))
