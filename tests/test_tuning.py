@@ -344,3 +344,18 @@ def test_default_model_finds_its_shipped_tuned_head_map():
             assert all(getattr(getattr(guarded.guard_config, name), f) == v for f, v in tuned_fields.items())
     finally:
         guarded.unwrap()
+
+
+def test_run_fingerprint_records_the_tuned_values_that_ran(model, tuned_map, head_map):
+    from vlm_guard.eval.runner import guard_config_for, head_map_digest, run_fingerprint
+
+    assert head_map_digest(tuned_map) == head_map_digest(head_map)  # tuned values are in guard_config.* instead
+    guarded = vlm_guard.wrap(model, None, None, head_map=tuned_map)
+    try:
+        guarded.set_config(guard_config_for("vhr@tuned"))
+        tuned = run_fingerprint(guarded, None, "vhr@tuned", guarded.guard_config, [])
+        guarded.set_config(guard_config_for("vhr"))
+        released = run_fingerprint(guarded, None, "vhr", guarded.guard_config, [])
+    finally:
+        guarded.unwrap()
+    assert tuned["guard_config.vhr.alpha"] == 1.5 and released["guard_config.vhr.alpha"] == 2.0

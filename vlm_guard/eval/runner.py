@@ -473,7 +473,8 @@ def run_method_set(
             logger.warning("method set %r: the head map has no tuned settings for %s; they run at released defaults",
                            label, untuned)
     guarded.set_config(config)
-    fingerprint = run_fingerprint(guarded, processor, label, config, tasks, code=code,
+    # the values that run (a head map's tuned settings filled in), not the request
+    fingerprint = run_fingerprint(guarded, processor, label, guarded.guard_config, tasks, code=code,
                                   extra=fingerprint_extra) if fingerprint_extra is not None else None
     active = [intervention.name for intervention in guarded.interventions]
     inactive = [name for name in config.enabled_methods if name not in active]
@@ -659,14 +660,19 @@ def _sha16(data: bytes) -> str:
 
 
 def head_map_digest(head_map: Any) -> str | None:
-    """16 hex digits of a head map's content (JSON and tensors), or None without a map."""
+    """16 hex digits of a head map's content (JSON and tensors), or None without a map.
+
+    The ``tuned`` section (``vlm-guard tune``) is left out: the values it contributes are in the run's resolved
+    ``guard_config``, so rows pinned to released values keep their records when the same map gains tuned settings.
+    """
     if head_map is None:
         return None
     import json
 
     import numpy as np
 
-    parts = [json.dumps(head_map.to_json(), sort_keys=True, default=str).encode()]
+    content = {key: value for key, value in head_map.to_json().items() if key != "tuned"}
+    parts = [json.dumps(content, sort_keys=True, default=str).encode()]
     for name, tensor in sorted(head_map._tensors().items()):
         parts += [name.encode(), np.ascontiguousarray(tensor.numpy()).tobytes()]
     return _sha16(b"\0".join(parts))
