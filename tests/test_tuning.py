@@ -224,21 +224,21 @@ class FakeGenerator:
         answers = []
         for image, prompt in zip(images, prompts):
             digest = int(hashlib.sha256((setting + prompt).encode() + image.tobytes()[::97]).hexdigest(), 16)
-            if "is there" in prompt:
+            if "is there" in prompt.lower():
                 answers.append("yes" if digest % 2 else "no")
             else:
-                objects = ["house", "tree", "moon", "star", "cup", "plate", "kite", "ball", "ring", "cross"]
+                objects = ["house", "tree", "moon", "star", "cup", "plate", "kite", "dog", "cat", "man"]
                 answers.append(" , ".join(f"a big red {objects[(digest >> (4 * k)) % 10]}" for k in range(1 + digest % 3)) + " .")
         return answers
 
 
-def _run_tune(monkeypatch, generator, out, **kwargs):
+def _run_tune(monkeypatch, generator, out, data=None, **kwargs):
     from vlm_guard.tuning import search
 
     monkeypatch.setattr("vlm_guard.eval.runner.generate_answers", generator)
     model, processor = vlm_guard.load_default()
     head_map = HeadMap.from_pretrained(ROOT / "docs/results/head_map_default")
-    data = search.synthetic_tuning_data(n_questions=18, n_captions=18)
+    data = data or search.synthetic_tuning_data(n_questions=18, n_captions=18)
     return search.tune(model, processor, head_map, methods=["pai", "vcd"], data=data, out_dir=out, budget_minutes=30,
                        batch_size=8, progress=False, **kwargs)
 
@@ -359,3 +359,24 @@ def test_run_fingerprint_records_the_tuned_values_that_ran(model, tuned_map, hea
     finally:
         guarded.unwrap()
     assert tuned["guard_config.vhr.alpha"] == 1.5 and released["guard_config.vhr.alpha"] == 2.0
+
+
+from test_eval_runner import coco_fixture  # noqa: E402,F401  (fixture)
+
+
+def test_tuning_on_the_users_pope_and_coco_files(monkeypatch, tmp_path, coco_fixture):  # noqa: F811
+    """The user's own POPE-format and COCO-format files, through the loaders of `vlm-guard eval`; an unreadable
+    image is skipped (left out of every setting's metrics), not fatal."""
+    from vlm_guard.tuning import search
+
+    data = search.file_tuning_data([str(coco_fixture / "coco_pope_random.json")], str(coco_fixture / "val2014"),
+                                   str(coco_fixture / "instances_val2014.json"), str(coco_fixture / "captions_val2014.json"),
+                                   n_images=4, seed=0)
+    assert [task.name for task in data.tasks] == ["pope/random", "chair"]
+    result = _run_tune(monkeypatch, FakeGenerator(), tmp_path / "files", data=data)
+    assert result.complete and result.tuned["tuning_data"]["kind"] == "files"
+    last = [row for row in result.table if row["stage"] == "pai" and row["rung"] == 2][0]
+    total = len(data.tasks[0].items)
+    assert last["n"]["pope/random"] == total - 2  # the corrupt image's two questions are left out
+    with pytest.raises(ValueError, match="both --instances and --captions"):
+        search.file_tuning_data([], str(coco_fixture / "val2014"), str(coco_fixture / "instances_val2014.json"))
