@@ -31,7 +31,11 @@ def plot_method_curves(tuned: dict, out_dir: str | Path) -> list[Path]:
         bands: dict[str, list[tuple[float, float, bool]]] = {}
         for row in rows:
             value = row["methods"][method].get(strength)
-            bands.setdefault(row.get("band") or method, []).append((float(value), float(row["score"]), bool(row["feasible"])))
+            layers = next((v for k, v in row["methods"][method].items() if k.endswith("layers")), "absent")
+            band = row.get("band") or method
+            if layers not in ("absent", None):
+                band = f"{band} ({','.join(map(str, layers))})"
+            bands.setdefault(band, []).append((float(value), float(row["score"]), bool(row["feasible"])))
         for band, points in sorted(bands.items()):
             points.sort()
             line = axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=band)[0]
