@@ -63,7 +63,8 @@ def _assert_untouched(model):
     GuardConfig(vhr=VHRConfig(target_layers=[1, 99])),  # bad layer index
     GuardConfig(vhr=VHRConfig(target_layers=[-1])),  # negative layer index
     GuardConfig(vhr=VHRConfig(selection="head_map")),  # needs a head map, none given
-    "vhr",  # not a GuardConfig
+    "no_such_method",  # a method list naming an unknown method ("vhr" or "auto" are accepted)
+    42,  # neither a GuardConfig nor a method list
 ])
 def test_failed_wrap_leaves_the_model_untouched_and_wrappable(model, inputs, config):
     reference = _generate(model, inputs)
