@@ -203,6 +203,13 @@ def test_objective_by_hand():
     worse_random = objective.metrics({**results, "pope/random": [{"c": 1, "y": 1}, {"c": 0, "y": 1}]})
     assert objective.violations(worse_random, metrics) == ["pope/random acc -50.0"]
     assert objective.rank_key(1.0, ["x"]) > objective.rank_key(99.0, [])
+    # no trading: fewer POPE errors bought with more hallucinated caption objects is infeasible, and the reverse
+    more_hallucination = objective.metrics({**results, "chair": [{"m": 3, "h": 2, "g": 2, "r": 2}, {"m": 2, "h": 0, "g": 3, "r": 1}],
+                                            "pope/adversarial": [{"c": 1, "y": 1}] * 4})
+    assert objective.score(more_hallucination) < objective.score(metrics)
+    assert objective.violations(more_hallucination, metrics) == ["CHAIR_I +20.0"]
+    more_pope_errors = objective.metrics({**results, "pope/adversarial": [{"c": 0, "y": 1}] * 4})
+    assert objective.violations(more_pope_errors, metrics) == ["POPE error +75.0"]
 
 
 # ---------------------------------------------------------------------------------------------- the search

@@ -7,6 +7,8 @@ Objective (lower is better), on the tuning split only:
 (when the tuning data has no adversarial split, the mean POPE error over the splits it has; with only captions or
 only questions, the part that exists). A setting is *feasible* when, against greedy decoding on the same items,
 
+- neither part of the score gets worse: CHAIR_I and the scored POPE error are each at most greedy's (a setting
+  may not buy fewer POPE errors with more hallucinated caption objects, or the reverse),
 - CHAIR object recall drops by at most :data:`MAX_RECALL_DROP` points, and
 - POPE accuracy on every other split (random, popular) drops by at most :data:`MAX_POPE_DROP` points.
 
@@ -30,8 +32,9 @@ MAX_RECALL_DROP = 2.0
 MAX_POPE_DROP = 1.0
 """Points of accuracy a feasible setting may lose on a POPE split that is not in the score."""
 
-OBJECTIVE_TEXT = (f"minimise CHAIR_I + adversarial POPE error (%), subject to CHAIR recall >= greedy - {MAX_RECALL_DROP:g} "
-                  f"points and random/popular POPE accuracy >= greedy - {MAX_POPE_DROP:g} points")
+OBJECTIVE_TEXT = (f"minimise CHAIR_I + adversarial POPE error (%), subject to CHAIR_I <= greedy, adversarial POPE error "
+                  f"<= greedy, CHAIR recall >= greedy - {MAX_RECALL_DROP:g} points and random/popular POPE accuracy >= "
+                  f"greedy - {MAX_POPE_DROP:g} points")
 
 
 def compact_result(kind: str, record: Mapping) -> dict:
@@ -81,10 +84,18 @@ def violations(task_metrics: Mapping[str, dict], greedy_metrics: Mapping[str, di
     """Why a setting is infeasible against greedy on the same items (empty: feasible)."""
     problems = []
     if "chair" in task_metrics and "chair" in greedy_metrics:
+        rise = task_metrics["chair"]["chair_i"] - greedy_metrics["chair"]["chair_i"]
+        if rise > 1e-9:
+            problems.append(f"CHAIR_I +{rise:.1f}")
         drop = greedy_metrics["chair"]["recall"] - task_metrics["chair"]["recall"]
         if drop > MAX_RECALL_DROP:
             problems.append(f"recall -{drop:.1f}")
     scored = "pope/adversarial" if "pope/adversarial" in task_metrics else None
+    pope_parts = [scored] if scored else [t for t in task_metrics if t.startswith("pope")]
+    own_error = [task_metrics[t]["error"] for t in pope_parts if t in greedy_metrics]
+    base_error = [greedy_metrics[t]["error"] for t in pope_parts if t in greedy_metrics]
+    if own_error and sum(own_error) / len(own_error) - sum(base_error) / len(base_error) > 1e-9:
+        problems.append(f"POPE error +{sum(own_error) / len(own_error) - sum(base_error) / len(base_error):.1f}")
     for task, m in task_metrics.items():
         if task.startswith("pope") and task != scored and task in greedy_metrics and scored is not None:
             drop = m["error"] - greedy_metrics[task]["error"]
