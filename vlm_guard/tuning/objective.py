@@ -12,8 +12,8 @@ only questions, the part that exists). A setting is *feasible* when, against gre
 - CHAIR object recall drops by at most :data:`MAX_RECALL_DROP` points, and
 - POPE accuracy on every other split (random, popular) drops by at most :data:`MAX_POPE_DROP` points.
 
-Infeasible settings rank after every feasible one. A method *gains* when its best feasible setting scores below
-greedy; only such methods enter the default combination.
+Infeasible settings rank after every feasible one. A method *gains* when its best feasible setting scores at least
+:data:`MIN_GAIN` below greedy; only such methods enter the default combination.
 
 Per-item results are compact dicts: POPE ``{"c": 1 if correct, "y": 1 if answered yes}``; captions
 ``{"m": mentions, "h": hallucinated mentions, "g": ground-truth objects, "r": recalled objects}``.
@@ -31,6 +31,10 @@ MAX_RECALL_DROP = 2.0
 """Points of CHAIR object recall a feasible setting may lose against greedy."""
 MAX_POPE_DROP = 1.0
 """Points of accuracy a feasible setting may lose on a POPE split that is not in the score."""
+MIN_GAIN = 0.25
+"""Points of score a setting must gain over greedy to count as helping (about one POPE answer in 300 plus a
+little): below that a difference is noise on a tuning split of a few hundred items. A larger method set must also
+score at least this much below a smaller one to be chosen as the default."""
 
 OBJECTIVE_TEXT = (f"minimise CHAIR_I + adversarial POPE error (%), subject to CHAIR_I <= greedy, adversarial POPE error "
                   f"<= greedy, CHAIR recall >= greedy - {MAX_RECALL_DROP:g} points and random/popular POPE accuracy >= "
@@ -109,5 +113,5 @@ def rank_key(score_value: float, problems: Sequence[str]) -> tuple[int, float]:
     return (1 if problems else 0, score_value)
 
 
-__all__ = ["MAX_RECALL_DROP", "MAX_POPE_DROP", "OBJECTIVE_TEXT", "compact_result", "metrics", "score", "violations",
+__all__ = ["MAX_RECALL_DROP", "MAX_POPE_DROP", "MIN_GAIN", "OBJECTIVE_TEXT", "compact_result", "metrics", "score", "violations",
            "rank_key"]

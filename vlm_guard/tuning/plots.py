@@ -16,12 +16,13 @@ from .space import STRENGTH_FIELD
 
 
 def plot_method_curves(tuned: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``tune_<method>.png`` for every method in ``tuned["settings"]``; returns the paths."""
+    """Write ``tune_<method>.png`` for every method the tuning table measured; returns the paths."""
     from ..heads.plots import _figure
 
     out = Path(out_dir)
     paths = []
-    for method in tuned.get("settings", {}):
+    methods = [m for m in STRENGTH_FIELD if any(row.get("stage") == m for row in tuned.get("table", []))]
+    for method in methods:
         rows = [row for row in tuned.get("table", []) if row.get("stage") == method and row.get("rung") == 0]
         if not rows:
             continue
@@ -44,8 +45,9 @@ def plot_method_curves(tuned: dict, out_dir: str | Path) -> list[Path]:
                 axes.scatter([p[0] for p in infeasible], [p[1] for p in infeasible], marker="x", s=60,
                              color=line.get_color(), zorder=3)
         axes.axhline(float(rows[0]["greedy_score"]), color="black", linestyle="--", label="greedy")
-        chosen = tuned["settings"][method]
-        axes.set_title(f"{method}: chosen " + ", ".join(f"{k}={v}" for k, v in chosen.items()), fontsize=9)
+        chosen = tuned.get("settings", {}).get(method)
+        title = ("chosen " + ", ".join(f"{k}={v}" for k, v in chosen.items())) if chosen else "no feasible setting: released defaults"
+        axes.set_title(f"{method}: {title}", fontsize=9)
         axes.set_xlabel(f"{method} {strength}")
         axes.set_ylabel("CHAIR_I + adv. POPE error (%)  [x: infeasible]")
         n = rows[0].get("n", {})

@@ -8,9 +8,10 @@ Search (budgeted successive halving, :data:`ETA` = 3, three rungs):
    (1/9 of the items); the best third (by the objective, feasible first) goes on to 1/3 of the items, and the best
    third of those to all of them. Rungs are run for all methods before the next rung starts, so a budget that runs
    out still leaves every method a measured choice;
-3. the methods whose best setting beats greedy on all items are combined (every subset of two or more, plus the
+3. the methods whose best setting beats greedy on all items (by at least ``objective.MIN_GAIN`` points) are combined (every subset of two or more, plus the
    paper trio VHR+VAR+GIFT of whatever can run) at their tuned settings, halving again from the middle rung;
-4. the default method set is the best single method or combination that beats greedy; none when nothing does.
+4. the default method set is the smallest single method or combination that beats greedy by ``MIN_GAIN`` and
+   scores within ``MIN_GAIN`` of the best such set; none when nothing does.
 
 Items of a smaller rung are a prefix of a larger one, so a setting promoted to the next rung only runs the items it
 has not seen. Every per-item result is kept in a JSON state file (atomic writes, every few seconds and at the end
@@ -443,7 +444,7 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
                     alive[name] = alive[name][:max(1, math.ceil(len(alive[name]) / ETA))]
         # stage 2: combinations of the methods that help
         best_single = _best_per_method(search, grids, greedy)
-        winners = [name for name, (row, _) in best_single.items() if row["feasible"] and row["score"] < row["greedy_score"]]
+        winners = [name for name, (row, _) in best_single.items() if _helps(row)]
         combos = _combinations(winners, best_single, grids) if combine_methods else []
         if combos:
             search.halve(combos, 1, greedy, "combination", table)
@@ -462,6 +463,11 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
     if out_dir is not None:
         save_tuned(head_map, out_dir, search, grids, greedy)
     return TuneResult(head_map=head_map, tuned=tuned, table=tuned["table"], complete=complete)
+
+
+def _helps(row: dict) -> bool:
+    """A feasible setting whose score beats greedy's by at least :data:`objective.MIN_GAIN` points."""
+    return bool(row["feasible"]) and row["score"] <= row["greedy_score"] - objective.MIN_GAIN
 
 
 def _planned_items(search: _Search, grids: dict, combine_methods: bool) -> int:
@@ -494,7 +500,7 @@ def _candidate_of(row: dict, grid: list[Candidate]) -> Candidate:
 
 
 def _combinations(winners: list[str], best_single: dict, grids: dict) -> list[Candidate]:
-    chosen = {name: _candidate_of(best_single[name][0], grids[name]) for name in best_single}
+    chosen = {name: _candidate_of(best_single[name][0], grids[name]) for name in best_single if best_single[name][0]["feasible"]}
     subsets = [list(s) for size in range(2, len(winners) + 1) for s in itertools.combinations(winners, size)]
     trio = [name for name in PAPER_TRIO if name in chosen]
     if len(trio) >= 2 and trio not in subsets:
@@ -508,8 +514,12 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
     settings, gain, chosen_rows = {}, {}, {}
     best_single = _best_per_method(search, grids, greedy)
     for name, (row, rung) in best_single.items():
-        settings[name] = dict(row["methods"][name])
-        helps = row["feasible"] and row["score"] < row["greedy_score"]
+        if row["feasible"]:  # the best setting that meets every constraint; else the released defaults stay
+            settings[name] = dict(row["methods"][name])
+        else:
+            skipped[name] = (f"no setting met the constraints on the tuning data (best: {row['label']}, "
+                             f"{', '.join(row['violations'])}): released defaults kept")
+        helps = _helps(row)
         gain[name] = (f"{'yes' if helps else 'no'}: score {row['score']:.2f} vs greedy {row['greedy_score']:.2f}"
                       f"{'' if row['feasible'] else ' (infeasible: ' + ', '.join(row['violations']) + ')'}"
                       f" on rung {rung} (n={row['n']})")
@@ -522,15 +532,19 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
     for name, (row, rung) in best_single.items():
         options.append({**row, "rung": rung})
     combo_candidates = []
-    winners = [n for n, (row, _) in best_single.items() if row["feasible"] and row["score"] < row["greedy_score"]]
+    winners = [n for n, (row, _) in best_single.items() if _helps(row)]
     if combine_methods:
         combo_candidates = _combinations(winners, best_single, grids)
         if combo_candidates:
             rows, rung = search.ranked_at_best_rung(combo_candidates, greedy)
             options.extend(rows)
     top_rung = max((row["rung"] for row in options), default=-1)
-    good = [row for row in options if row["rung"] == top_rung and row["feasible"] and row["score"] < row["greedy_score"]]
-    good.sort(key=lambda row: (row["score"], len(row["methods"])))  # a tie goes to the cheaper set
+    good = [row for row in options if row["rung"] == top_rung and _helps(row)]
+    good.sort(key=lambda row: (row["score"], len(row["methods"])))
+    if good:  # the smallest set within MIN_GAIN of the best: a larger one must earn its extra methods
+        best = good[0]["score"]
+        good.sort(key=lambda row: (len(row["methods"]), row["score"]) if row["score"] <= best + objective.MIN_GAIN
+                  else (len(TUNABLE_METHODS) + 1, row["score"]))
     default = sorted(good[0]["methods"], key=TUNABLE_METHODS.index) if good else []
     # the paper trio at tuned settings, for reports
     trio_row = None
@@ -556,7 +570,7 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
         "library_version": version,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "table": table if table else _table_from_state(search, grids, greedy),
-        "plots": {name: f"tune_{name}.png" for name in settings},
+        "plots": {name: f"tune_{name}.png" for name in grids if any(row.get("stage") == name for row in table)},
     }
 
 
