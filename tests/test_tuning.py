@@ -258,7 +258,7 @@ def test_search_resumes_where_it_stopped(monkeypatch, tmp_path):
     whole = FakeGenerator()
     reference = _run_tune(monkeypatch, whole, tmp_path / "whole")
     assert reference.complete and whole.rows > 0
-    assert set(reference.tuned["settings"]) == {"pai", "vcd"}
+    assert set(reference.tuned["settings"]) | set(reference.tuned["skipped"]) == {"pai", "vcd"}  # tuned, or why not
     # a successive-halving plan: the smallest rung runs every setting, the last only the survivors
     pai_rows = [row for row in reference.table if row["stage"] == "pai"]
     assert [sum(1 for r in pai_rows if r["rung"] == k) for k in range(3)] == [5, 2, 1]

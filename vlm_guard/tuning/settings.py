@@ -135,7 +135,7 @@ def describe_settings(config: GuardConfig, sources: dict[str, dict[str, str]], t
         parts, defaults = [], 0
         for item in dataclasses.fields(method_config):
             source = sources.get(name, {}).get(item.name, SOURCE_DEFAULT)
-            if tuned_only and source == SOURCE_DEFAULT:
+            if tuned_only and (source == SOURCE_DEFAULT or (item.name == "preset" and method_config.preset == "released")):
                 defaults += 1
                 continue
             parts.append(f"{item.name}={getattr(method_config, item.name)!r} ({source})")
