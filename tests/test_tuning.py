@@ -387,3 +387,17 @@ def test_tuning_on_the_users_pope_and_coco_files(monkeypatch, tmp_path, coco_fix
     assert last["n"]["pope/random"] == total - 2  # the corrupt image's two questions are left out
     with pytest.raises(ValueError, match="both --instances and --captions"):
         search.file_tuning_data([], str(coco_fixture / "val2014"), str(coco_fixture / "instances_val2014.json"))
+
+
+def test_shipped_maps_can_be_switched_off(monkeypatch):
+    from vlm_guard.tuning.shipped import SHIPPED_ENV, SHIPPED_HEAD_MAPS
+
+    if not any(SHIPPED_HEAD_MAPS.glob("*/head_map.json")):
+        pytest.skip("no shipped head map in this installation")
+    monkeypatch.setenv(SHIPPED_ENV, "0")
+    model, processor = vlm_guard.load_default()
+    guarded = vlm_guard.wrap(model, processor, "vhr")
+    try:
+        assert guarded.head_map is None and guarded.guard_config.vhr.alpha == VHRConfig().alpha
+    finally:
+        guarded.unwrap()

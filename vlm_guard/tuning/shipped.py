@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 SHIPPED_HEAD_MAPS = Path(__file__).resolve().parent.parent / "assets" / "head_maps"
 """Folder of the shipped head maps (one sub-folder per model, named like the cache's)."""
 
+SHIPPED_ENV = "VLM_GUARD_SHIPPED_HEAD_MAPS"
+"""Set to ``0`` to ignore the shipped head maps (e.g. to run the default model at the released settings without
+passing a config with every field set)."""
+
 
 def shipped_folder(fingerprint: dict) -> Path:
     """Where the shipped map of the model with ``fingerprint`` would be."""
@@ -30,8 +34,12 @@ def shipped_folder(fingerprint: dict) -> Path:
 
 def find_shipped_head_map(adapter, model=None):  # noqa: ARG001 - model kept for callers
     """The shipped head map for ``adapter``'s model, or None (never raises; problems are logged)."""
+    import os
+
     from ..heads.head_map import HeadMap, model_name
 
+    if os.environ.get(SHIPPED_ENV, "1").strip() == "0":
+        return None
     try:
         fingerprint = adapter.describe()
     except Exception as error:
@@ -52,4 +60,4 @@ def find_shipped_head_map(adapter, model=None):  # noqa: ARG001 - model kept for
     return head_map
 
 
-__all__ = ["SHIPPED_HEAD_MAPS", "shipped_folder", "find_shipped_head_map"]
+__all__ = ["SHIPPED_HEAD_MAPS", "SHIPPED_ENV", "shipped_folder", "find_shipped_head_map"]
