@@ -126,16 +126,33 @@ def test_padded_batch_matches_rows_alone(family, method):
         guarded.unwrap()
 
 
-def _batch_without_near_ties(guarded, model, seeds=range(4)) -> dict:
-    """The ROWS batch with the first text seed whose guarded greedy steps all have a clear winner (random weights
+def _batch_without_near_ties(guarded, model, rows=ROWS, seeds=range(4)) -> dict:
+    """The ``rows`` batch with the first text seed whose guarded greedy steps all have a clear winner (random weights
     differ between transformers versions, and a near tie could flip between batch and single for fp32 noise)."""
     for seed in seeds:
-        inputs = build_batch(model, ROWS, seed=seed)
+        inputs = build_batch(model, rows, seed=seed)
         scores = torch.stack(greedy(guarded, inputs, NEW_TOKENS).scores).float()  # [steps, B, V]
         top = scores.topk(2, dim=-1).values
         if bool(((top[..., 0] - top[..., 1]) > MIN_MARGIN).all()):
             return inputs
     pytest.fail(f"every batch seed in {list(seeds)} has a near tie; choose other seeds")
+
+
+def test_two_images_in_one_prompt(family):
+    """A prompt with two images (text before, between and after them) beside a one-image and an image-free prompt:
+    methods off give model.generate's tokens; all five methods together give each row's tokens alone."""
+    name, model, _ = family
+    rows = [(2, 9), (False, 3), (True, 5)]
+    reference = model.generate(**build_batch(model, rows), max_new_tokens=NEW_TOKENS, do_sample=False)
+    guarded = vlm_guard.wrap(model, tiny_tokenizer())
+    try:
+        assert torch.equal(guarded.generate(**build_batch(model, rows), max_new_tokens=NEW_TOKENS, do_sample=False), reference)
+        guarded.set_config(method_configs()["all"])
+        inputs = _batch_without_near_ties(guarded, model, rows)
+        assert inputs["input_ids"][0].eq(IMAGE).sum() == 2 * inputs["input_ids"][2].eq(IMAGE).sum()
+        assert_batch_matches_singles(guarded, model, inputs, f"{name} two images", new_tokens=NEW_TOKENS)
+    finally:
+        guarded.unwrap()
 
 
 def test_calibration_writes_a_head_map(family, tmp_path):
