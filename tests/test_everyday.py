@@ -204,6 +204,7 @@ real_lm = pytest.mark.skipif(
 
 
 @pytest.mark.real_lm
+@pytest.mark.slow
 @real_lm
 def test_real_lm_prefers_every_partner():
     from vlm_guard.toyworld.everyday.lm import load_language_model
