@@ -174,6 +174,11 @@ def test_training_resumes_exactly_and_assembles(tmp_path):
     inputs = processor(images=[w.render(w.World(0).scene(1))], text=[prompt], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, cached(**inputs).logits, atol=1e-5)
+    from transformers import AutoProcessor
+
+    folder = assembled_folder(straight, tmp_path / "cache")
+    assert cached_processor.tokenizer.padding_side == "left"
+    assert AutoProcessor.from_pretrained(str(folder)).tokenizer.padding_side == "left"  # batched generate
     again, _ = assemble(straight, cache_dir=tmp_path / "cache")  # from the cache: no LM needed
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, cached(**inputs).logits)

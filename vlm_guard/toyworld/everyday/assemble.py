@@ -94,6 +94,7 @@ def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
         processor.save_pretrained(str(tmp))
+        _pad_left(tmp / "tokenizer_config.json")
         for name in ("v2_config.json",):
             (tmp / name).write_text((Path(weights_dir) / name).read_text())
         try:
@@ -102,4 +103,13 @@ def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir
             pass
     model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
     processor = AutoProcessor.from_pretrained(str(folder))
+    processor.tokenizer.padding_side = "left"  # batched generation needs left padding
     return model.to(device).eval(), processor
+
+
+def _pad_left(tokenizer_config: Path) -> None:
+    """Record ``padding_side: left`` in a saved tokenizer config (transformers does not save the attribute
+    when it was set after construction), so the folder also pads left when loaded with ``from_pretrained``."""
+    values = json.loads(tokenizer_config.read_text())
+    values["padding_side"] = "left"
+    tokenizer_config.write_text(json.dumps(values, indent=2))
