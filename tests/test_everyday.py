@@ -228,6 +228,10 @@ def test_report_measures_a_tiny_model(tmp_path, tiny_parts):
     rates = partner_rates([{"fork"}], [{"knife", "ball"}])
     assert (rates["absent_partner_claimed"], rates["absent_partner_cases"]) == (1.0, 1)
     assert rates["absent_other_cases"] == 13 and rates["absent_other_claimed"] == round(1 / 13, 4)
+    assert rates["ratio"] == 13.0 and rates["partner_at_least_2x"]
+    never_other = partner_rates([{"fork"}], [{"knife"}])
+    assert never_other["ratio"] is None and never_other["partner_at_least_2x"]
+    assert not partner_rates([{"fork"}], [set()])["partner_at_least_2x"]
     lm, processor = tiny_parts
     model = build_model(TINY_SPEC, lm, processor.tokenizer).eval()
     report = build_v2_report(model, processor, scenes=4, batch_size=4, sink_scenes=2)

@@ -50,7 +50,8 @@ def partner_rates(truths: list[set[str]], claims: list[set[str]]) -> dict:
     return {
         "absent_partner_claimed": round(partner_rate, 4), "absent_partner_cases": partner_total,
         "absent_other_claimed": round(other_rate, 4), "absent_other_cases": other_total,
-        "ratio": round(partner_rate / other_rate, 2) if other_rate else None,
+        "ratio": round(partner_rate / other_rate, 2) if other_rate else None,  # None: no other absent claimed
+        "partner_at_least_2x": partner_rate > 0 and partner_rate >= 2 * other_rate,
     }
 
 
@@ -161,8 +162,11 @@ def build_v2_report(model, processor, scenes: int = 100, batch_size: int = 25, s
     report["must_show"] = {
         "recall_plain_ge_0.7": [captions["plain"]["recall"], captions["plain"]["recall"] >= 0.7],
         "chair_s_detail_ge_0.20": [captions["detail"]["chair_s"], captions["detail"]["chair_s"] >= 0.20],
-        "partner_2x_caption": [rates["captions_detail"]["ratio"], (rates["captions_detail"]["ratio"] or 0) >= 2],
-        "partner_2x_yes_no": [rates["yes_no"]["ratio"], (rates["yes_no"]["ratio"] or 0) >= 2],
+        "partner_2x_caption": [[rates["captions_detail"]["absent_partner_claimed"],
+                                rates["captions_detail"]["absent_other_claimed"]],
+                               rates["captions_detail"]["partner_at_least_2x"]],
+        "partner_2x_yes_no": [[rates["yes_no"]["absent_partner_claimed"], rates["yes_no"]["absent_other_claimed"]],
+                              rates["yes_no"]["partner_at_least_2x"]],
         "pope_random_gt_popular_gt_adversarial": [
             [pope[s]["accuracy"] for s in QUESTION_SPLITS],
             pope["random"]["accuracy"] > pope["popular"]["accuracy"] > pope["adversarial"]["accuracy"]],
