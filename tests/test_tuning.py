@@ -125,8 +125,8 @@ def test_tuned_values_reach_the_math(model, tuned_map):
 
 
 def test_auto_method_set(model, head_map, tuned_map):
-    assert default_methods(head_map)[0] == list(UNTUNED_DEFAULT_METHODS) == ["vhr"]
-    assert default_methods(None)[0] == ["vhr"]
+    assert default_methods(head_map)[0] == list(UNTUNED_DEFAULT_METHODS) == ["pai"]
+    assert default_methods(None)[0] == ["pai"]
     assert default_methods(tuned_map)[0] == ["vhr", "pai"]
     guarded = vlm_guard.wrap(model, None, "auto", head_map=tuned_map)
     try:

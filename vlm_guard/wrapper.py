@@ -116,7 +116,7 @@ class GuardedModel:
 
         Args:
             config: a :class:`GuardConfig`, or a method list such as ``"vhr,pai"``, ``"all"``, ``"none"``, or
-                ``"auto"`` (the set tuned for this model, else VHR: :func:`vlm_guard.tuning.default_methods`).
+                ``"auto"`` (the set tuned for this model, else PAI: :func:`vlm_guard.tuning.default_methods`).
         """
         self._check_wrapped()
         with self._call_lock:
@@ -272,7 +272,7 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = No
         model: a Hugging Face VLM of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
             Idefics3/SmolVLM).
         processor: its processor.
-        config: a :class:`GuardConfig` or a method list (``"auto"``: the set tuned for this model, else VHR);
+        config: a :class:`GuardConfig` or a method list (``"auto"``: the set tuned for this model, else PAI);
             default: every method off. Fields it leaves unset take the head map's tuned values.
         head_map: a :class:`vlm_guard.heads.HeadMap`, the folder it was saved to (``vlm-guard calibrate --out``), or None.
 

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                         "'Please describe this image in detail.' otherwise)")
     parser.add_argument("--methods", default="auto",
                         help="vhr,var,gift,pai,vcd | all (vhr,var,gift) | none | auto (default: the set `vlm-guard tune` chose "
-                        "for this model, else VHR at its released settings)")
+                        "for this model, else PAI at its released settings)")
     parser.add_argument("--compare", action="store_true", help="also caption with each method alone")
     parser.add_argument("--all-examples", action="store_true",
                         help="caption every bundled example and count hallucinated objects, plain vs guarded")

@@ -431,7 +431,7 @@ class DemoSession:
 
     def default_methods(self) -> tuple[list[str], str]:
         """Methods switched on when the demo opens, and why: the set ``vlm-guard tune`` chose for this model, else
-        VHR (:func:`vlm_guard.tuning.settings.default_methods`)."""
+        PAI (:func:`vlm_guard.tuning.settings.default_methods`)."""
         from ..tuning.settings import default_methods
 
         methods, reason = default_methods(self.head_map)

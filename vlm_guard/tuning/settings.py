@@ -13,9 +13,10 @@ alpha 3 and takes the tuned target layers. ``dataclasses.replace`` passes every 
 replaced config counts as fully explicit.
 
 Default method set: :func:`default_methods` -- the combination tuning chose for the model when its head map has one,
-else :data:`UNTUNED_DEFAULT_METHODS` (VHR at its released settings: the one method the project's own synthetic table,
-``docs/results/synthetic.md``, shows lowering caption hallucination without a significant loss anywhere; VHR+GIFT
-and VHR+VAR+GIFT at released settings are significantly worse there).
+else :data:`UNTUNED_DEFAULT_METHODS` (PAI at its released settings: in the project's own synthetic table,
+``docs/results/synthetic.md``, it is significantly worse than greedy on no column; VHR at released settings is
+significantly worse on random-split F1 there, VHR+GIFT and VHR+VAR+GIFT on the CHAIR columns, and
+``tests/test_tuning.py`` checks the choice against that table).
 
 Example:
     >>> config, sources = resolve_config(GuardConfig(vhr=VHRConfig(alpha=3.0)), head_map)   # doctest: +SKIP
@@ -40,7 +41,7 @@ SOURCE_TUNED = "tuned"
 SOURCE_DEFAULT = "released default"
 """The config class's default (the released code's value)."""
 
-UNTUNED_DEFAULT_METHODS: tuple[str, ...] = ("vhr",)
+UNTUNED_DEFAULT_METHODS: tuple[str, ...] = ("pai",)
 """Methods enabled by default for a model without tuned settings (see the module docstring)."""
 
 AUTO = "auto"
@@ -72,7 +73,7 @@ def default_methods(head_map: Any) -> tuple[list[str], str]:
             return methods, f"chosen by `vlm-guard tune` for this model (on {data})"
         return [], f"`vlm-guard tune` found no method that helps this model (on {data}): none enabled"
     return list(UNTUNED_DEFAULT_METHODS), (
-        "untuned default (VHR at released settings; run `vlm-guard tune` to choose settings for this model)"
+        "untuned default (PAI at released settings; run `vlm-guard tune` to choose settings for this model)"
     )
 
 
