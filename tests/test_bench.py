@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from vlm_guard.cli import build_parser
 from vlm_guard.decoding import bench
@@ -29,6 +30,17 @@ def test_bench_command_writes_table_and_json(tmp_path, capsys):
         assert result["ratio_to_plain"]["decode_ms"] > 0
         assert name in printed
     assert configs["plain"]["ratio_to_plain"]["decode_ms"] == 1.0
+    assert "ops/step" in printed and "prefill ops" in printed
+    assert "op_count" in report["settings"]
+    for name, result in configs.items():  # new fields: ops per decoding step and prefill, their ratios; prefill ratio
+        median, ratio = result["median"], result["ratio_to_plain"]
+        assert median["decode_ops"] > 0 and median["prefill_ops"] > median["decode_ops"]
+        assert ratio["prefill_ms"] > 0 and ratio["decode_ops"] > 0 and ratio["prefill_ops"] > 0
+        assert result["runs"][0]["decode_ops"] == median["decode_ops"]
+    assert configs["plain"]["ratio_to_plain"]["decode_ops"] == 1.0
+    assert configs["plain"]["ratio_to_plain"]["prefill_ops"] == 1.0
+    # the contrastive baseline runs a second forward per step: clearly more ops than plain
+    assert configs["vcd"]["ratio_to_plain"]["decode_ops"] > 1.5
     assert configs["var"]["config"]["var"]["sink_dims"] == [bench.PLANTED_SINK_DIM]
     assert configs["vhr+var+gift"]["decode_target"] == 1.3
 
@@ -54,3 +66,37 @@ def test_bad_arguments_are_rejected():
         args = parser.parse_args(argv)
         with pytest.raises(ValueError):
             args.func(args)
+
+
+def test_op_counter_counts_exactly_on_a_hand_made_case():
+    """x + 1, y * y, sum: three ops; x @ w on a vector: unsqueeze, mm, squeeze_; linear on a view: view, t, mm."""
+    x, w = torch.ones(3), torch.ones(3, 3)
+    with torch.no_grad(), bench.OpCounter() as counter:
+        y = x + 1
+        z = y * y
+        z.sum()
+        x @ w
+        torch.nn.functional.linear(x.view(1, 3), w)
+    assert counter.total == 9
+    assert dict(counter.by_op) == {"aten.add.Tensor": 1, "aten.mul.Tensor": 1, "aten.sum.default": 1, "aten.unsqueeze.default": 1,
+                                   "aten.mm.default": 2, "aten.squeeze_.dim": 1, "aten.view.default": 1, "aten.t.default": 1}
+    before = counter.total
+    _ = x + 1  # outside the mode: not counted
+    assert counter.total == before == 9
+
+
+def test_op_counts_per_step_are_differences_of_running_totals():
+    """A fake generate that does 5 ops of prefill then 2 ops per step: prefill 5, per decoding step 2."""
+
+    class FakeModel:
+        def generate(self, stopping_criteria, max_new_tokens, **kwargs):
+            ids = torch.zeros(1, 1, dtype=torch.long)
+            for _ in range(4):
+                ids.add(1).mul(2).sub(1)  # 3 ops
+            stopping_criteria[0](ids, None)  # its own torch.zeros: 1 op (prefill: 12 + 1 = 13)
+            for _ in range(max_new_tokens - 1):
+                ids.add(1)
+                stopping_criteria[0](ids, None)  # 1 + 1 = 2 ops per step
+
+    prefill_ops, decode_ops = bench.count_ops_once(FakeModel(), None, None, {}, new_tokens=4)
+    assert (prefill_ops, decode_ops) == (13, 2)

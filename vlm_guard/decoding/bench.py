@@ -22,6 +22,12 @@ Measured, per run (greedy, batch ``--batch``, ``--new-tokens`` tokens, no early 
   plus the logits processors), timed by a ``StoppingCriteria`` that runs after each step; the table
   gives the median over repetitions and its ratio to plain, and ``x(min)`` the ratio of the fastest
   repetitions (less sensitive to other load on a shared machine);
+- torch operations dispatched, in a separate untimed pass (one run per configuration): every aten
+  operation that reaches the dispatcher under a ``TorchDispatchMode`` (:class:`OpCounter`), views and
+  factory calls included, so the count is independent of the device and of other load. Reported per
+  decoding step (the median of the counts between consecutive steps) and for the prefill (up to the end
+  of the first step), with their ratios to plain: a device-independent figure of the launch and
+  dispatch overhead a GPU pays per step, where layers are fast;
 - peak memory, in a separate untimed pass (one run per configuration, after the timed ones): the rise
   of the process's peak resident set size (``VmHWM`` in ``/proc/self/status``, reset through
   ``/proc/self/clear_refs`` before each run) over the resident size just before the run. For that pass
@@ -54,10 +60,12 @@ import platform
 import re
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import GuardConfig
@@ -207,11 +215,50 @@ class PeakMemory:
         return None if peak is None else max(0, peak - self._start) / 1024
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the torch (aten) operations dispatched while it is active.
+
+    Every operation that reaches the dispatcher below autograd counts once, views and in-place ops
+    included; composite operations count as the operations they decompose into (``x @ w`` on a vector
+    is ``unsqueeze``, ``mm``, ``squeeze_``).
+
+    Example:
+        >>> with OpCounter() as counter:
+        ...     _ = (torch.ones(2) + 1).sum()
+        >>> counter.total, dict(counter.by_op)
+        (3, {'aten.ones.default': 1, 'aten.add.Tensor': 1, 'aten.sum.default': 1})
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.by_op[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class StepOpCounts(StoppingCriteria):
+    """Records an :class:`OpCounter`'s running total after every generation step; never stops generation."""
+
+    def __init__(self, counter: OpCounter):
+        self.counter = counter
+        self.totals: list[int] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        self.totals.append(self.counter.total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class Run:
     prefill_ms: float
     decode_ms: float
     peak_mib: float | None
+    prefill_ops: int | None = None
+    decode_ops: float | None = None
 
 
 def follow_live_memory(enabled: bool = True) -> bool:
@@ -253,6 +300,29 @@ def run_once(model, processor, config: GuardConfig | None, inputs: dict, new_tok
     return Run(prefill_ms=(timer.times[0] - start) * 1e3, decode_ms=statistics.median(steps) * 1e3 if steps else float("nan"), peak_mib=peak)
 
 
+def count_ops_once(model, processor, config: GuardConfig | None, inputs: dict, new_tokens: int) -> tuple[int, float]:
+    """One untimed ``generate`` under an :class:`OpCounter`.
+
+    Returns:
+        ``(prefill_ops, decode_ops)``: the operations dispatched up to the end of the first step, and
+        the median count between consecutive steps (one decoding step). The wrapping itself is not counted.
+    """
+    from ..wrapper import GuardedModel
+
+    guarded = None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
+    runner = model if guarded is None else guarded
+    try:
+        with OpCounter() as counter:
+            steps = StepOpCounts(counter)
+            runner.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            stopping_criteria=StoppingCriteriaList([steps]))
+    finally:
+        if guarded is not None:
+            guarded.unwrap()
+    per_step = [b - a for a, b in zip(steps.totals, steps.totals[1:])]
+    return steps.totals[0], (statistics.median(per_step) if per_step else float("nan"))
+
+
 _HEAD_MAPS: dict[int, object] = {}
 
 
@@ -291,9 +361,11 @@ def bench_model(name: str, model, processor, inputs: dict, configs: dict, repeat
     finally:
         if on_cpu:
             follow_live_memory(False)
+    op_counts = {config_name: count_ops_once(model, processor, configs[config_name], inputs, new_tokens) for config_name in names}
     for config_name in names:
         for run in runs[config_name]:
             run.peak_mib = memory_runs[config_name]
+            run.prefill_ops, run.decode_ops = op_counts[config_name]
     results = {}
     plain = _medians(runs["plain"])
     for config_name in names:
@@ -319,13 +391,15 @@ def _medians(runs: list[Run]) -> dict:
         "decode_ms": statistics.median(r.decode_ms for r in runs),
         "decode_ms_min": min(r.decode_ms for r in runs),
         "peak_mib": statistics.median(peaks) if peaks else None,
+        "prefill_ops": runs[0].prefill_ops,
+        "decode_ops": runs[0].decode_ops,
     }
 
 
 def format_table(model_name: str, results: dict) -> str:
     lines = [f"== {model_name}",
              f"{'config':<14}{'prefill ms':>11}{'x':>7}{'decode ms/tok':>15}{'x':>7}{'x(min)':>8}{'peak MiB':>10}{'x':>7}"
-             "  target (decode x, mem x)"]
+             f"{'ops/step':>10}{'x':>7}{'prefill ops':>13}{'x':>7}  target (decode x, mem x)"]
     for config_name, result in results.items():
         median, ratio = result["median"], result["ratio_to_plain"]
         target = result["decode_target"]
@@ -336,8 +410,13 @@ def format_table(model_name: str, results: dict) -> str:
             verdict += f"{'; ' if verdict else ''}mem <= {MEMORY_TARGET}: {'met' if result['memory_target_met'] else 'MISSED'}"
         peak = "n/a" if median["peak_mib"] is None else f"{median['peak_mib']:.1f}"
         peak_ratio = "n/a" if ratio["peak_mib"] is None else f"{ratio['peak_mib']:.2f}"
+        ops = "n/a" if median["decode_ops"] is None else f"{median['decode_ops']:.0f}"
+        ops_ratio = "n/a" if ratio["decode_ops"] is None else f"{ratio['decode_ops']:.2f}"
+        prefill_ops = "n/a" if median["prefill_ops"] is None else f"{median['prefill_ops']}"
+        prefill_ops_ratio = "n/a" if ratio["prefill_ops"] is None else f"{ratio['prefill_ops']:.2f}"
         lines.append(f"{config_name:<14}{median['prefill_ms']:>11.1f}{ratio['prefill_ms']:>7.2f}{median['decode_ms']:>15.2f}"
-                     f"{ratio['decode_ms']:>7.2f}{ratio['decode_ms_min']:>8.2f}{peak:>10}{peak_ratio:>7}  {verdict}")
+                     f"{ratio['decode_ms']:>7.2f}{ratio['decode_ms_min']:>8.2f}{peak:>10}{peak_ratio:>7}"
+                     f"{ops:>10}{ops_ratio:>7}{prefill_ops:>13}{prefill_ops_ratio:>7}  {verdict}")
     return "\n".join(lines)
 
 
@@ -355,7 +434,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "settings": {"repeats": args.repeats, "new_tokens": args.new_tokens, "batch": args.batch, "memory_measure":
-                     "cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS rise (VmHWM after reset - VmRSS before)"},
+                     "cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS rise (VmHWM after reset - VmRSS before)",
+                     "op_count": "aten ops dispatched under a TorchDispatchMode, one untimed run per configuration: "
+                                 "prefill_ops up to the end of the first step, decode_ops the median per decoding step"},
         "targets": {"decode_ratio": DECODE_TARGETS, "peak_memory_ratio": MEMORY_TARGET},
         "models": {},
         "notes": [],
