@@ -31,4 +31,6 @@ fi
 target="."
 [ -n "$extras" ] && target=".[$extras]"
 echo "[setup] installing vlm-attention-guard ($target)"
-.venv/bin/python -m pip install -q -e "$target"
+# transformers 5.x is the main target: ask for it explicitly, since pip's resolver may otherwise settle on 4.57 (which
+# the package also accepts) when other dependencies are resolved first. VLM_GUARD_TRANSFORMERS overrides it.
+.venv/bin/python -m pip install -q -e "$target" "transformers${VLM_GUARD_TRANSFORMERS:->=5,<6}"

@@ -68,7 +68,9 @@ def test_output_changes_and_alpha0_matches_plain(llava):
 
 def test_padded_batch_matches_rows_alone(llava):
     model, inputs = llava
-    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(contrast_when="always")))
+    # noise seed 4: every step's top logit leads by > 1.8e-3 under transformers 5.x and 4.57 alike (seed 0 leaves a
+    # 3.7e-4 near-tie under 4.57, where random init differs), so the comparison below is decisive on both
+    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(contrast_when="always", seed=4)))
     try:
         assert_batch_matches_singles(guarded, model, inputs, "vcd")
     finally:

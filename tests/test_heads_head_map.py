@@ -250,3 +250,17 @@ def test_override_sink_dims(head_map):
     assert copy.sink_dims == [3, 9] and copy.sink_dims_source == "override" and len(copy.sink_dim_ratios) == 2
     with pytest.raises(ValueError, match="outside"):
         copy.override_sink_dims([64])
+
+
+def test_cache_folder_is_the_same_under_every_transformers_version():
+    # transformers 4.57 and 5.x serialise the same config differently (other config digest): the map calibrated
+    # under one must be found under the other; other weights or geometry still get another folder
+    from vlm_guard.heads.head_map import cache_folder
+
+    fingerprint = {"family": "llava", "model_class": "LlavaForConditionalGeneration", "num_layers": 6, "num_heads": 6,
+                   "num_kv_heads": 6, "head_dim": 32, "hidden_size": 192, "name_or_path": "default_model",
+                   "config_digest": "aaaa", "weights_digest": "bbbb", "transformers_version": "5.24.0"}
+    other_version = dict(fingerprint, config_digest="cccc", transformers_version="4.57.6")
+    assert cache_folder(fingerprint, "/c") == cache_folder(other_version, "/c")
+    assert cache_folder(dict(fingerprint, weights_digest="dddd"), "/c") != cache_folder(fingerprint, "/c")
+    assert cache_folder(dict(fingerprint, num_layers=7), "/c") != cache_folder(fingerprint, "/c")

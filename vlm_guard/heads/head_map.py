@@ -624,10 +624,22 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vlm_guard" / "head_maps"
 
 
+CACHE_KEYS = GEOMETRY_KEYS + ("weights_digest",)
+"""What a cache folder is keyed by: the geometry and the weights digest, both the same under every transformers
+version. The config digest is not part of the key because transformers versions serialise configs differently
+(a map made under 5.x must be found under 4.57); :meth:`HeadMap.check_compatible` still compares it where it can."""
+
+
+def cache_key(fingerprint: dict) -> str:
+    """16 hex digits naming the cache folder of the model with ``fingerprint`` (see ``CACHE_KEYS``)."""
+    key = {k: fingerprint.get(k) for k in CACHE_KEYS}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def cache_folder(fingerprint: dict, cache_dir: str | Path | None = None) -> Path:
-    """Where the map of the model with ``fingerprint`` lives in the cache: ``<name>-<hash>``."""
+    """Where the map of the model with ``fingerprint`` lives in the cache: ``<name>-<cache key>``."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name(fingerprint) or str(fingerprint.get("family", "model")))[:64]
-    return Path(cache_dir or default_cache_dir()) / f"{slug}-{fingerprint_hash(fingerprint)}"
+    return Path(cache_dir or default_cache_dir()) / f"{slug}-{cache_key(fingerprint)}"
 
 
 def save_to_cache(head_map: HeadMap, cache_dir: str | Path | None = None) -> Path | None:
