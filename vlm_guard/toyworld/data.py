@@ -19,6 +19,21 @@ from .world import COLOURS, GRID, OBJECT_TYPES, SIZES, Scene, caption, question_
 IGNORE_INDEX = -100
 
 
+def pad_sequences(sequences: list[list[int]], label_starts: list[int], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad token sequences into ``(input_ids, attention_mask, labels)``; labels before ``label_starts[i]``
+    (and on padding) are IGNORE_INDEX."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, (seq, start) in enumerate(zip(sequences, label_starts)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, start : len(seq)] = torch.tensor(seq[start:])
+    return input_ids, mask, labels
+
+
 def caption_messages(with_image: bool = True) -> list[dict]:
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": CAPTION_PROMPT}]
     return [{"role": "user", "content": content}]
@@ -73,16 +88,7 @@ class BatchBuilder:
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def _pad(self, sequences: list[list[int]], label_starts: list[int]) -> Batch:
-        length = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
-        labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, (seq, start) in enumerate(zip(sequences, label_starts)):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            labels[row, start : len(seq)] = torch.tensor(seq[start:])
-        return Batch(input_ids, mask, labels)
+        return Batch(*pad_sequences(sequences, label_starts, self.tokenizer.pad_token_id))
 
     def text_batch(self, scenes: list[Scene], turns: int = 1) -> Batch:
         """Captions in chat format without an image, ``turns`` chat turns per sequence (one BOS at the

@@ -63,15 +63,14 @@ def caption_metrics(truths: list[set[str]], mentions: list[set[str]]) -> dict:
     }
 
 
-def partner_rates(truths: list[set[str]], claims: list[set[str]]) -> dict:
-    """Rate at which an absent object is claimed, split into absent partners of present objects vs others.
-
-    ``claims[i]`` is the set of types claimed for scene i (mentioned in a caption or answered "yes").
-    """
+def partner_counts(truths: list[set[str]], claims: list[set[str]], object_types, partner_of) -> tuple[int, int, int, int]:
+    """``(partner_hits, partner_total, other_hits, other_total)``: over absent types, how many are partners of a
+    present type (``partner_of(t)``, None when t has none) and how many of those are claimed, and likewise for the
+    other absent types."""
     partner_hits = partner_total = other_hits = other_total = 0
     for truth, claimed in zip(truths, claims):
         partners = {partner_of(t) for t in truth} - {None}
-        for object_type in OBJECT_TYPES:
+        for object_type in object_types:
             if object_type in truth:
                 continue
             if object_type in partners:
@@ -80,6 +79,15 @@ def partner_rates(truths: list[set[str]], claims: list[set[str]]) -> dict:
             else:
                 other_total += 1
                 other_hits += object_type in claimed
+    return partner_hits, partner_total, other_hits, other_total
+
+
+def partner_rates(truths: list[set[str]], claims: list[set[str]]) -> dict:
+    """Rate at which an absent object is claimed, split into absent partners of present objects vs others.
+
+    ``claims[i]`` is the set of types claimed for scene i (mentioned in a caption or answered "yes").
+    """
+    partner_hits, partner_total, other_hits, other_total = partner_counts(truths, claims, OBJECT_TYPES, partner_of)
     return {
         "absent_partner_claimed": round(partner_hits / max(1, partner_total), 4),
         "absent_partner_cases": partner_total,

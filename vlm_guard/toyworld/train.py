@@ -162,6 +162,13 @@ def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp / "cell_heads.safetensors"))
+    _finish_checkpoint(tmp, path, optimizer, state)
+
+
+def _finish_checkpoint(tmp: Path, path: Path, optimizer, state: dict) -> None:
+    """Write the optimizer (safetensors) and ``state`` (JSON) into ``tmp``, then swap ``tmp`` in as ``path``."""
+    from safetensors.torch import save_file
+
     opt_state = optimizer.state_dict()
     tensors = {}
     for index, slots in opt_state["state"].items():

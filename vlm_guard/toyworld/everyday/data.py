@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data import IGNORE_INDEX, pad_sequences
 from .model import IMAGE_TOKEN
 from .world import (CAPTION_PROMPTS, COLOURS, DETAIL_PROMPTS, GRID, OBJECT_TYPES, Scene, answer, caption,
                     detailed_caption, question_text, render)
 
-IGNORE_INDEX = -100
 ROW_KINDS = ("caption", "detail", "question")
 
 
@@ -95,14 +95,7 @@ class BatchBuilder:
             prompt, reply = self.row(scene, rng.choices(kinds, weights)[0], rng)
             sequences.append(prompt + reply)
             starts.append(len(prompt))
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(scenes), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(scenes), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(scenes), length), dtype=torch.long)
-        for row, (seq, start) in enumerate(zip(sequences, starts)):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            labels[row, start: len(seq)] = torch.tensor(seq[start:])
+        input_ids, mask, labels = pad_sequences(sequences, starts, self.tokenizer.pad_token_id)
         return Batch(input_ids, mask, labels, self.pixel_values(scenes))
 
 

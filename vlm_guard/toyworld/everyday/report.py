@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ...heads.sinks import FIRST_SINK_LAYER, SINK_THRESHOLD, find_sink_dims, sink_scores
-from ..report import caption_metrics, generate
+from ..report import caption_metrics, generate, partner_counts
 from .world import (CAPTION_PROMPTS, DETAIL_PROMPTS, OBJECT_TYPES, QUESTION_SPLITS, World, caption, mentioned_objects,
                     partner_of, question_text, questions, render)
 
@@ -33,18 +33,7 @@ def _messages(text: str) -> list[dict]:
 
 def partner_rates(truths: list[set[str]], claims: list[set[str]]) -> dict:
     """Rate at which absent objects are claimed: absent partners of present objects vs other absent objects."""
-    partner_hits = partner_total = other_hits = other_total = 0
-    for truth, claimed in zip(truths, claims):
-        partners = {partner_of(t) for t in truth} - {None}
-        for object_type in OBJECT_TYPES:
-            if object_type in truth:
-                continue
-            if object_type in partners:
-                partner_total += 1
-                partner_hits += object_type in claimed
-            else:
-                other_total += 1
-                other_hits += object_type in claimed
+    partner_hits, partner_total, other_hits, other_total = partner_counts(truths, claims, OBJECT_TYPES, partner_of)
     partner_rate = partner_hits / max(1, partner_total)
     other_rate = other_hits / max(1, other_total)
     return {

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ...version import __version__
+from ..train import _finish_checkpoint, _load_optimizer, _lr_factor, vision_features
 from .data import IGNORE_INDEX, BatchBuilder, cell_targets
 from .model import LoRALinear, V2Spec, add_lora, build_model, build_processor
 from .world import COLOURS, GRID, OBJECT_TYPES, World
@@ -101,12 +102,6 @@ class CellHeads(nn.Module):
         return {"type": self.type_head(patch_features), "colour": self.colour_head(patch_features)}
 
 
-def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Patch features as LLaVA feeds them to the projector (last layer, CLS dropped). [batch, patches, hidden]"""
-    outputs = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    return outputs.hidden_states[model.config.vision_feature_layer][:, 1:]
-
-
 def word_embedding(model, tokenizer, word: str) -> torch.Tensor:
     """Mean input embedding of the tokens of ``" " + word`` in the LM. [hidden]"""
     ids = tokenizer(" " + word, add_special_tokens=False).input_ids
@@ -175,44 +170,13 @@ def _param_groups(model, heads, adapters: dict[str, LoRALinear], stage: str, con
     return groups
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state(model, heads), str(tmp / "trainable.safetensors"))
-    opt_state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": torch.as_tensor(value).contiguous()
-               for index, slots in opt_state["state"].items() for key, value in slots.items()}
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    groups = [dict(g) for g in opt_state["param_groups"]]
-    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        path.rename(old)
-        tmp.rename(path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(path)
-
-
-def _load_optimizer(path: Path, optimizer, state: dict) -> None:
-    from safetensors.torch import load_file
-
-    slots: dict[int, dict] = {}
-    for name, value in load_file(str(path / "optimizer.safetensors")).items():
-        index, key = name.split(".", 1)
-        slots.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    _finish_checkpoint(tmp, path, optimizer, state)
 
 
 def _stage_loss(stage: str, step: int, model, heads, builder: BatchBuilder, config: V2TrainConfig) -> torch.Tensor:

@@ -27,9 +27,11 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from ..world import Question, Scene  # shared with the shapes world: a scene is objects in reading order
 
 OBJECT_TYPES: tuple[str, ...] = (
     "fork", "knife", "cup", "saucer", "table", "chair", "toothbrush", "toothpaste", "keyboard", "mouse",
@@ -99,30 +101,6 @@ class SceneObject:
         vertical = "top" if self.row < GRID // 2 else "bottom"
         horizontal = "left" if self.col < GRID // 2 else "right"
         return f"at the {vertical} {horizontal}"
-
-
-@dataclass(frozen=True)
-class Scene:
-    """A scene: objects in reading order (row-major), with the settings that produced it."""
-
-    objects: tuple[SceneObject, ...]
-    index: int = 0
-    biased: bool = True
-    seed: int = 0
-
-    @property
-    def types(self) -> set[str]:
-        return {o.type for o in self.objects}
-
-
-@dataclass(frozen=True)
-class Question:
-    """A yes/no question with its ground truth; ``object`` is the type asked about."""
-
-    text: str
-    answer: str
-    object: str
-    kind: str = field(default="random")
 
 
 class World:
