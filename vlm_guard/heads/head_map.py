@@ -652,7 +652,7 @@ def save_to_cache(head_map: HeadMap, cache_dir: str | Path | None = None) -> Pat
     return folder
 
 
-def find_cached_head_map(adapter, cache_dir: str | Path | None = None) -> HeadMap | None:
+def find_cached_head_map(adapter, cache_dir: str | Path | None = None, label: str = "cached") -> HeadMap | None:
     """The cached head map whose fingerprint matches ``adapter``'s model, or None.
 
     Never raises: an unreadable cached map is reported as a warning and ignored. Unnamed models are
@@ -667,13 +667,13 @@ def find_cached_head_map(adapter, cache_dir: str | Path | None = None) -> HeadMa
         return None
     folder = cache_folder(fingerprint, cache_dir)
     if not (folder / JSON_FILE).is_file():
-        logger.debug("no cached head map at %s", folder)
+        logger.debug("no %s head map at %s", label, folder)
         return None
     try:
         head_map = HeadMap.from_pretrained(folder)
         head_map.check_compatible(adapter)
     except (OSError, ValueError) as error:
-        logger.warning("ignoring the cached head map at %s: %s", folder, error)
+        logger.warning("ignoring the %s head map at %s: %s", label, folder, error)
         return None
-    logger.info("using the cached head map from %s", folder)
+    logger.info("using the %s head map from %s", label, folder)
     return head_map

@@ -285,20 +285,28 @@ class ModelAdapter:
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else tokenizer
         if tokenizer is None or not getattr(template_owner, "chat_template", None):
             return None
-        messages = [{"role": "user", "content": [{"type": "text", "text": QUERY_MARKER}]}]
-        try:
-            text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            if isinstance(text, list):
-                text = text[0]
-            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except Exception as error:  # a template that needs other content types
-            logger.debug("could not render the chat template to find the assistant turn: %s", error)
+        rendered = self._render_marker_turn([{"type": "text", "text": QUERY_MARKER}], template_owner, "the assistant turn")
+        if rendered is None:
             return None
+        text, encoded = rendered
         marker_end = text.find(QUERY_MARKER) + len(QUERY_MARKER)
         offsets = encoded["offset_mapping"]
         start = next((i for i, (begin, _) in enumerate(offsets) if begin >= marker_end), len(offsets))
         self._assistant_suffix = list(encoded["input_ids"][start:]) or None
         return self._assistant_suffix
+
+    def _render_marker_turn(self, content: list[dict], template_owner, purpose: str):
+        """``(text, encoding with offsets)`` of one user turn with ``content`` rendered by the chat template
+        (generation prompt added), or None when the template cannot render it."""
+        messages = [{"role": "user", "content": content}]
+        try:
+            text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if isinstance(text, list):
+                text = text[0]
+            return text, self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception as error:  # a template that needs other content types
+            logger.debug("could not render the chat template to find %s: %s", purpose, error)
+            return None
 
     def query_prefix_ids(self) -> list[int] | None:
         """Token ids the chat template puts between the image and the user's text (llava-1.5-hf: the
@@ -317,15 +325,11 @@ class ModelAdapter:
         if tokenizer is None or not image_token or not getattr(template_owner, "chat_template", None):
             return None
         image_token = str(getattr(image_token, "content", image_token))
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUERY_MARKER}]}]
-        try:
-            text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            if isinstance(text, list):
-                text = text[0]
-            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except Exception as error:  # a template that needs other content types
-            logger.debug("could not render the chat template to find the query start: %s", error)
+        rendered = self._render_marker_turn([{"type": "image"}, {"type": "text", "text": QUERY_MARKER}], template_owner,
+                                            "the query start")
+        if rendered is None:
             return None
+        text, encoded = rendered
         marker_start = text.find(QUERY_MARKER)
         image_end = text.rfind(image_token, 0, max(marker_start, 0))
         if marker_start < 0 or image_end < 0:

@@ -36,28 +36,11 @@ def find_shipped_head_map(adapter, model=None):  # noqa: ARG001 - model kept for
     """The shipped head map for ``adapter``'s model, or None (never raises; problems are logged)."""
     import os
 
-    from ..heads.head_map import HeadMap, model_name
+    from ..heads.head_map import find_cached_head_map
 
     if os.environ.get(SHIPPED_ENV, "1").strip() == "0":
         return None
-    try:
-        fingerprint = adapter.describe()
-    except Exception as error:
-        logger.debug("no shipped head-map lookup: %s", error)
-        return None
-    if not model_name(fingerprint):
-        return None
-    folder = shipped_folder(fingerprint)
-    if not (folder / "head_map.json").is_file():
-        return None
-    try:
-        head_map = HeadMap.from_pretrained(folder)
-        head_map.check_compatible(adapter)
-    except (OSError, ValueError) as error:
-        logger.warning("ignoring the shipped head map at %s: %s", folder, error)
-        return None
-    logger.info("using the shipped head map from %s", folder)
-    return head_map
+    return find_cached_head_map(adapter, SHIPPED_HEAD_MAPS, label="shipped")
 
 
 __all__ = ["SHIPPED_HEAD_MAPS", "SHIPPED_ENV", "shipped_folder", "find_shipped_head_map"]
