@@ -256,10 +256,7 @@ def _resumable(run):
 def _execute(args, tasks, loader, run_config: dict) -> int:
     import torch
 
-    from vlm_guard.defaults import DEFAULT_MODEL_DIR
-    from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
-
-    from vlm_guard.commands.checks import check_device, check_model_argument, check_output_file, model_load_error
+    from vlm_guard.commands.checks import check_device, check_model_argument, check_output_file
     from vlm_guard.eval.runner import results_paths
 
     if args.threads:
@@ -272,9 +269,24 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
         check_output_file(results_paths(args.out, label if args.compare else None)[0])
     check_device(args.device)
     check_model_argument(args.model)
+    from vlm_guard.parallel import data_parallel
+
+    parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
+    try:
+        return _execute_on(args, tasks, loader, run_config, method_sets, parallel)
+    finally:
+        parallel.close()
+
+
+def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], parallel) -> int:
+    from vlm_guard.commands.checks import model_load_error
+    from vlm_guard.defaults import DEFAULT_MODEL_DIR
+    from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
+
     try:
         model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code,
-                                                  dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+                                                  dtype=args.dtype, device=parallel.device(args.device),
+                                                  allow_pickle=args.allow_pickle)
     except OSError as error:
         raise model_load_error(args.model, error) from None
     run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
@@ -285,7 +297,10 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
         batch_size=args.batch_size, seed=args.seed, n_resamples=args.n_resamples, progress=not args.no_progress,
         run_config=run_config, compare=bool(args.compare),
         fingerprint_extra={key: run_config[key] for key in FINGERPRINT_KEYS if key in run_config},
+        parallel=parallel,
     )
+    if not parallel.is_main:
+        return 0  # rank 0 merged this rank's records and prints the result
     scored = _scored_items(result)
     if scored == 0 and loader.n_skipped:
         example = next(iter(loader.skipped.items()))

@@ -29,7 +29,7 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -443,6 +443,62 @@ class ResultsWriter:
         self._handle.flush()
         return read_records(self.path)
 
+    def merge_parts(self, parts: Sequence[str | os.PathLike]) -> int:
+        """Append the records of per-rank part files (see :func:`part_path`) that this file lacks, then delete the parts.
+
+        Each part is opened as a :class:`ResultsWriter` with this file's fingerprint and required keys (so a part of
+        another run is refused, a part still being written is :class:`FileBusyError`, and a truncated last line is
+        cut off); a record whose id is already here is dropped. A part is deleted only after its records are flushed
+        here, so a kill at any moment loses nothing and duplicates nothing: a part left behind is merged again and
+        its records already here are skipped.
+
+        Args:
+            parts: Part files, in the order their records are appended.
+
+        Returns:
+            The number of records appended.
+        """
+        added = 0
+        for part in parts:
+            part = Path(part)
+            if not part.exists():
+                continue
+            with ResultsWriter(part, id_key=self.id_key, fingerprint=self.fingerprint,
+                               required_keys=self.required_keys) as source:
+                for record in source.records():
+                    item_id = _hashable_id(record[self.id_key], part)
+                    if item_id not in self._done:
+                        self.write(record)
+                        added += 1
+                if not self.fsync:  # the part goes next: its records must be on disk here first
+                    os.fsync(self._handle.fileno())
+                part.unlink()
+            logger.info("merged %s into %s", part, self.path)
+        return added
+
+    def reorder(self, key: Callable[[dict], Any]) -> None:
+        """Rewrite the file with its records sorted by ``key`` (stable; the run header stays first).
+
+        The new content goes to ``<path>.tmp`` and replaces the file in one rename, so a kill leaves either the old
+        or the new file, never a mix. The writer stays open (and locked) for more records.
+        """
+        self._handle.flush()
+        scan = _scan_jsonl(self.path)
+        ordered = sorted(scan.records, key=key)
+        if ordered == scan.records:
+            return
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with temporary.open("w", encoding="utf-8") as handle:
+            if scan.header is not None:
+                handle.write(_dumps(scan.header, what="run header") + "\n")
+            for record in ordered:
+                handle.write(_dumps(record, what=f"record {record.get(self.id_key)!r}") + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._handle.close()
+        os.replace(temporary, self.path)
+        self._handle = self.path.open("a", encoding="utf-8")
+
     def close(self) -> None:
         """Close the file and release its lock (idempotent)."""
         handle = getattr(self, "_handle", None)
@@ -468,6 +524,44 @@ def _hashable_id(value: Any, path: Path) -> Any:
     if isinstance(value, list):
         return tuple(value)
     raise ValueError(f"{path}: item id {value!r} must be a string or a number.")
+
+
+PART_INFIX = ".part-"
+
+
+def part_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """The records file rank ``rank`` of ``world_size`` processes writes while a data-parallel run is in flight:
+    ``runs/syn.jsonl`` -> ``runs/syn.part-1-of-2.jsonl`` (rank 0 merges the parts into ``path`` and deletes them).
+
+    Example:
+        >>> part_path("runs/syn.jsonl", 1, 2).name
+        'syn.part-1-of-2.jsonl'
+    """
+    path = Path(path)
+    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    return path.with_name(f"{stem}{PART_INFIX}{rank}-of-{world_size}.jsonl")
+
+
+def part_paths(path: str | os.PathLike) -> list[Path]:
+    """The part files of ``path`` left on disk by a data-parallel run with any number of processes, in (world size,
+    rank) order: what a resumed run, with any number of processes, merges first.
+
+    Example:
+        >>> part_paths("runs/syn.jsonl")  # doctest: +SKIP
+        [PosixPath('runs/syn.part-0-of-2.jsonl'), PosixPath('runs/syn.part-1-of-2.jsonl')]
+    """
+    import re
+
+    path = Path(path)
+    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    pattern = re.compile(re.escape(stem + PART_INFIX) + r"(\d+)-of-(\d+)\.jsonl")
+    found = []
+    if path.parent.is_dir():
+        for candidate in path.parent.iterdir():
+            match = pattern.fullmatch(candidate.name)
+            if match and candidate.is_file():
+                found.append(((int(match.group(2)), int(match.group(1))), candidate))
+    return [candidate for _, candidate in sorted(found)]
 
 
 def _package_version(name: str) -> str | None:
@@ -581,6 +675,8 @@ __all__ = [
     "RunMismatchError",
     "FileBusyError",
     "read_records",
+    "part_path",
+    "part_paths",
     "read_header",
     "fingerprint_differences",
     "write_summary",

@@ -33,7 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from vlm_guard.eval.images import ImageLoader, ImageSource
 from vlm_guard.eval.pope import parse_pope_answer
-from vlm_guard.eval.records import ResultsWriter, read_records, write_summary
+from vlm_guard.eval.records import ResultsWriter, part_path, part_paths, read_records, write_summary
+from vlm_guard.parallel import DataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -449,8 +450,16 @@ def run_method_set(
     config: Any = None,
     code: str | None = None,
     fingerprint_extra: Mapping[str, Any] | None = None,
+    parallel: DataParallel | None = None,
 ) -> MethodRun:
     """Run every task with one method set (``guarded.set_config``) into one results file.
+
+    With ``parallel`` (a :class:`~vlm_guard.parallel.DataParallel` of several processes, every rank calls this) the
+    items not yet done are shared out by batches (:func:`~vlm_guard.parallel.shard_batches`); each rank writes its
+    own resumable part file (:func:`~vlm_guard.eval.records.part_path`), and rank 0 merges the parts into
+    ``records_path`` in the order a one-process run writes (task by task, item by item). Part files left by an
+    interrupted run, with any number of processes, are merged before anything runs, so a resume with any number of
+    processes (one included) neither repeats nor loses an item. Only rank 0's return value holds the records.
 
     ``code`` (e.g. :func:`code_digest`'s ``sha256_16``) is stored in every new record, so a file resumed after the
     method code changed shows it (see ``record_method_code`` in the summary).
@@ -483,16 +492,41 @@ def run_method_set(
             "method set %r: %s built no intervention on this model (switched off; see the warnings above); "
             "its rows measure the plain model for those methods.", label, inactive,
         )
+    parallel = parallel or DataParallel()
+    record_extra = {"methods": label, **({"method_code": code} if code else {})}
     stats: dict[str, RunStats] = {}
     records: dict[str, list[dict]] = {}
-    with ResultsWriter(records_path, id_key="id", fingerprint=fingerprint, required_keys=RECORD_KEYS) as writer:
-        _check_done_records(writer, tasks)
-        for task in tasks:
-            stats[task.name] = run_items(
-                guarded, processor, task, writer, loader, batch_size=batch_size, progress=progress,
-                record_extra={"methods": label, **({"method_code": code} if code else {})},
-            )
-            logger.info("%s %s: %s", label, task.name, stats[task.name])
+    writer = None
+    try:
+        done: frozenset | None = None
+        merged = 0
+        if parallel.is_main:
+            writer = ResultsWriter(records_path, id_key="id", fingerprint=fingerprint, required_keys=RECORD_KEYS)
+            # the parts an interrupted data-parallel run left (any number of processes) join the file first
+            merged = writer.merge_parts(part_paths(records_path))
+            if merged:
+                logger.info("%s: %d records merged from the part files of an interrupted run", records_path, merged)
+            _check_done_records(writer, tasks)
+            done = writer.done_ids()
+        if parallel.distributed:
+            done = parallel.broadcast(done)
+            stats = _run_shard(guarded, processor, tasks, records_path, loader, parallel, done, fingerprint,
+                               batch_size=batch_size, progress=progress, record_extra=record_extra)
+            if not parallel.is_main:
+                return MethodRun(label=label, guard_config=guarded.guard_config.to_dict(), active_methods=active,
+                                 inactive_methods=inactive, records={}, stats=stats, records_path=records_path,
+                                 skipped_images=dict(loader.skipped))
+            writer.merge_parts(part_paths(records_path))
+        else:
+            for task in tasks:
+                stats[task.name] = run_items(guarded, processor, task, writer, loader, batch_size=batch_size,
+                                             progress=progress, record_extra=record_extra)
+                logger.info("%s %s: %s", label, task.name, stats[task.name])
+        if parallel.distributed or merged:
+            writer.reorder(_item_order(tasks))  # the order a one-process run writes: task by task, item by item
+    finally:
+        if writer is not None:
+            writer.close()
     wanted = {task.name: {item.item_id for item in task.items} for task in tasks}
     counted: set[tuple[str, Any]] = set()
     duplicates = 0
@@ -519,6 +553,48 @@ def run_method_set(
     )
 
 
+def _item_order(tasks: Sequence[EvalTask]) -> Callable[[dict], tuple[int, int]]:
+    """Sort key of records: position of the item among ``tasks`` (records of other items after them, in file order)."""
+    position = {(task.name, item.item_id): index
+                for index, (task, item) in enumerate((task, item) for task in tasks for item in task.items)}
+    last = len(position)
+    return lambda record: (position.get((record.get("task"), record.get("id")), last), 0)
+
+
+def _run_shard(guarded: Any, processor: Any, tasks: Sequence[EvalTask], records_path: Path, loader: ImageLoader,
+               parallel: DataParallel, done: frozenset, fingerprint: Mapping[str, Any] | None, *, batch_size: int,
+               progress: bool, record_extra: Mapping[str, Any]) -> dict[str, RunStats]:
+    """This rank's share of the pending items into its part file; the stats (and unreadable images) of all ranks.
+
+    Called by every rank; returns after every rank has finished its share (the gather waits for the slowest).
+    """
+    from vlm_guard.parallel import shard_batches
+
+    stats: dict[str, RunStats] = {}
+    with ResultsWriter(part_path(records_path, parallel.rank, parallel.world_size), id_key="id",
+                       fingerprint=fingerprint, required_keys=RECORD_KEYS) as part:
+        for task in tasks:
+            pending = [item for item in task.items if item.item_id not in done]
+            share = EvalTask(task.name, task.kind, shard_batches(pending, batch_size, parallel.rank, parallel.world_size),
+                             task.scorer, task.max_new_tokens)
+            stats[task.name] = run_items(guarded, processor, share, part, loader, batch_size=batch_size,
+                                         progress=progress and parallel.is_main, record_extra=record_extra)
+            logger.info("rank %d %s: %s", parallel.rank, task.name, stats[task.name])
+    everyone = parallel.gather((stats, dict(loader.skipped)))
+    for _, skipped in everyone:
+        for name, reason in skipped.items():
+            loader.skipped.setdefault(name, reason)
+    total: dict[str, RunStats] = {}
+    for task in tasks:
+        shares = [rank_stats[task.name] for rank_stats, _ in everyone]
+        total[task.name] = RunStats(
+            n_items=len(task.items), n_done_before=sum(1 for item in task.items if item.item_id in done),
+            n_written=sum(share.n_written for share in shares), n_skipped=sum(share.n_skipped for share in shares),
+            elapsed_s=max(share.elapsed_s for share in shares), generate_s=sum(share.generate_s for share in shares),
+        )
+    return total
+
+
 def run_benchmark(
     model: Any,
     processor: Any,
@@ -536,6 +612,7 @@ def run_benchmark(
     compare: bool | None = None,
     configs: Mapping[str, Any] | None = None,
     fingerprint_extra: Mapping[str, Any] | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict:
     """Run ``tasks`` with each method set, write records and summaries, and compare against greedy.
 
@@ -559,9 +636,12 @@ def run_benchmark(
         fingerprint_extra: Fields that identify the data and prompts (benchmark, world seed, prompt templates...)
             added to each records file's run fingerprint (see :func:`run_fingerprint`); every records file gets a
             fingerprint whether or not this is given.
+        parallel: The data-parallel context when several processes run this (every rank calls it, see
+            :func:`run_method_set`); rank 0 writes the records files, summaries and comparison.
 
     Returns:
-        The comparison dict (also written): per method set, its metrics and paired differences against greedy.
+        The comparison dict (also written): per method set, its metrics and paired differences against greedy. On
+        ranks other than 0: ``{"method_sets": [], "rank": rank}`` (they write nothing).
     """
     from vlm_guard.eval.report import comparison_markdown, method_metrics, paired_vs_baseline
     from vlm_guard.wrapper import wrap
@@ -586,7 +666,9 @@ def run_benchmark(
             code = run_config["method_code"]["sha256_16"]
             run = run_method_set(guarded, processor, tasks, label, records_path, loader,
                                  batch_size=batch_size, progress=progress, config=config, code=code,
-                                 fingerprint_extra=dict(fingerprint_extra or {}))
+                                 fingerprint_extra=dict(fingerprint_extra or {}), parallel=parallel)
+            if parallel is not None and not parallel.is_main:
+                continue
             run.summary_path = summary_path
             metrics = method_metrics(run.records, tasks, seed=seed, n_resamples=n_resamples)
             if compare and runs:
@@ -609,6 +691,8 @@ def run_benchmark(
             runs.append(run)
     finally:
         guarded.unwrap()
+    if parallel is not None and not parallel.is_main:
+        return {"method_sets": [], "rank": parallel.rank}
     result = {
         "method_sets": [
             {"label": run.label, "name": method_display_name(run.label), "guard_config": run.guard_config,

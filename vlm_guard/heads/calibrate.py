@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import time
@@ -32,6 +33,7 @@ import torch
 
 from ..images import IMAGE_EXTENSIONS
 from ..models.fingerprint import weights_sample
+from ..parallel import DataParallel, shard_batches
 from ..version import __version__
 from .gift_layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
 from .head_map import HeadMap, ImageCentricStats, save_to_cache
@@ -168,6 +170,66 @@ class HeadProfiler:
         added = int(has_image.sum())
         self.prompts_profiled += added
         return added
+
+    def decide_sink_dims(self, inputs: dict) -> None:
+        """Decide the sink dimensions from one prompt batch's image-free pass alone (what :meth:`profile` does on its
+        first batch), so that data-parallel ranks all use the dimensions a one-process run finds on its first batch.
+        Nothing is accumulated."""
+        session = self.session
+        inputs = session.to_model(inputs)
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_ids, text_mask = session.adapter.remove_image(input_ids, attention_mask)
+        first_token = FirstTokenRecorder(self.all_layers)
+        session.forward({"input_ids": text_ids, "attention_mask": text_mask}, [first_token])
+        self._decide_sink_dims(first_token.states)
+
+    def accumulated(self) -> dict[str, torch.Tensor]:
+        """Every running sum and count of the profiled statistics, as float64 tensors: summing these over profilers
+        that saw disjoint prompts (data-parallel ranks) and :meth:`load_accumulated` gives the statistics of all the
+        prompts, up to float summation order."""
+        state = {
+            "prompts_profiled": torch.tensor(float(self.prompts_profiled), dtype=torch.float64),
+            "vhd.count": torch.tensor(float(self.vhd.count), dtype=torch.float64),
+            "vhd.sum": self.vhd._sum.clone(), "vhd.sum_sq": self.vhd._sum_sq.clone(),
+            "vhd.text_sum": self.vhd._text_sum.clone(), "vhd.selected": self.vhd._selected.clone(),
+        }
+        for layer, totals in self.image_centric.totals.items():
+            values = [getattr(totals, name.name) for name in dataclasses.fields(totals)]
+            state[f"image_centric.totals.{layer}"] = torch.tensor(values, dtype=torch.float64)
+        for layer in self.image_centric.totals:
+            pairs = self.image_centric.head_pairs.get(layer)
+            centric = self.image_centric.head_centric.get(layer)
+            zeros = torch.zeros(self.num_heads, dtype=torch.float64)
+            state[f"image_centric.head_pairs.{layer}"] = zeros if pairs is None else pairs.double()
+            state[f"image_centric.head_centric.{layer}"] = zeros if centric is None else centric.double()
+            state[f"image_centric.seen.{layer}"] = torch.tensor(float(pairs is not None), dtype=torch.float64)
+        for layer in self.gaze._sums:
+            state[f"gaze.{layer}"] = torch.tensor([self.gaze._sums[layer], float(self.gaze._prompts[layer])],
+                                                  dtype=torch.float64)
+        return state
+
+    def load_accumulated(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the running sums and counts by ``state`` (from :meth:`accumulated`, e.g. summed over ranks)."""
+        self.prompts_profiled = int(round(float(state["prompts_profiled"])))
+        self.vhd.count = int(round(float(state["vhd.count"])))
+        self.vhd._sum, self.vhd._sum_sq = state["vhd.sum"].clone(), state["vhd.sum_sq"].clone()
+        self.vhd._text_sum, self.vhd._selected = state["vhd.text_sum"].clone(), state["vhd.selected"].clone()
+        for layer, totals in self.image_centric.totals.items():
+            values = state[f"image_centric.totals.{layer}"].tolist()
+            for name, value in zip(dataclasses.fields(totals), values):
+                setattr(totals, name.name, float(value))
+            if float(state[f"image_centric.seen.{layer}"]) > 0:
+                self.image_centric.head_pairs[layer] = state[f"image_centric.head_pairs.{layer}"].float()
+                self.image_centric.head_centric[layer] = state[f"image_centric.head_centric.{layer}"].float()
+            else:
+                self.image_centric.head_pairs.pop(layer, None)
+                self.image_centric.head_centric.pop(layer, None)
+        for layer in self.gaze._sums:
+            total, prompts = state[f"gaze.{layer}"].tolist()
+            self.gaze._sums[layer], self.gaze._prompts[layer] = float(total), int(round(prompts))
 
     def _decide_sink_dims(self, first_token_states: torch.Tensor) -> None:
         found = find_sink_dims(first_token_states, min_ratio=self.sink_dim_min_ratio)
@@ -331,13 +393,36 @@ def _process(processor, family: str, images: list, texts: list[str]) -> dict:
     return dict(encoded)
 
 
+def _decide_sinks_from_first_batch(profiler: HeadProfiler, processor, family: str, items: list,
+                                   prompt_texts: list[str], batch_size: int) -> None:
+    """Sink dimensions from the batch a one-process calibration profiles first: the first ``batch_size`` readable
+    images (one at a time if the processor rejects the batch, as :func:`calibrate` does)."""
+    batch: list[tuple[object, str]] = []
+    for index, item in enumerate(items):
+        try:
+            image = load_image(item)
+        except Exception:
+            continue
+        batch.append((image, build_prompt(processor, prompt_texts[index % len(prompt_texts)])))
+        if len(batch) == batch_size:
+            break
+    candidates = [batch] + [[single] for single in batch]
+    for candidate in candidates if batch else []:
+        try:
+            inputs = _process(processor, family, [entry[0] for entry in candidate], [entry[1] for entry in candidate])
+        except Exception:
+            continue
+        profiler.decide_sink_dims(inputs)
+        return
+
+
 # ---------------------------------------------------------------------- calibrate
 def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, limit: int | None = None,
               distance: str = "sq_l2", outlier_filter: str = "released", sink_dims: Sequence[int] | None = None,
               sink_threshold: float = SINK_THRESHOLD, sink_dim_min_ratio: float | None = None, rho: float = DEFAULT_RHO,
               visual_mass_threshold: float = VISUAL_MASS_THRESHOLD, progress: bool = True,
               out_dir: str | Path | None = None, plots: bool = True, save_cache: bool = True,
-              cache_dir: str | Path | None = None) -> HeadMap:
+              cache_dir: str | Path | None = None, parallel: DataParallel | None = None) -> HeadMap:
     """Profile ``model``'s heads over ``images`` and return a :class:`HeadMap`.
 
     Two forward passes per batch (image-free and with the image), no generation. Unreadable images
@@ -361,8 +446,12 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
         save_cache: also save the map into the head-map cache (:func:`default_cache_dir`), where
             ``vlm_guard.wrap`` finds it; unnamed models are never cached.
         cache_dir: cache folder (default :func:`default_cache_dir`).
+        parallel: the data-parallel context when several processes calibrate together (every rank calls this):
+            the images are shared out by batches, every rank takes the sink dimensions from the first batch (as one
+            process does), the per-rank sums and counts are added up, and rank 0 writes ``out_dir`` and the cache.
+            The map equals a one-process run's up to float summation order.
     Returns:
-        the :class:`HeadMap`.
+        the :class:`HeadMap` (on every rank).
     Raises:
         ValueError: bad options, or no image could be profiled.
 
@@ -384,45 +473,53 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
     if not items:
         raise ValueError("images is empty: give a folder, a glob or a list of images")
 
+    parallel = parallel or DataParallel()
     started = time.perf_counter()
-    skipped: list[str] = [f"{name}: {reason}" for name, reason in skipped_links.items()]
-    for line in skipped:
-        logger.warning("skipping %s", line)
+    skipped: list[tuple[int, str]] = [(-1, f"{name}: {reason}") for name, reason in skipped_links.items()]  # (item, why)
+    if parallel.is_main:
+        for _, line in skipped:
+            logger.warning("skipping %s", line)
     with HeadProfiler.open(model, processor, distance=distance, outlier_filter=outlier_filter, sink_dims=sink_dims,
                            sink_threshold=sink_threshold, sink_dim_min_ratio=sink_dim_min_ratio, rho=rho,
                            visual_mass_threshold=visual_mass_threshold) as profiler:
         family = profiler.session.adapter.family
         if not getattr(processor, "chat_template", None):
             logger.warning("the processor has no chat template; calibration prompts are '<image token>\\n<prompt>'")
-        bar = tqdm(total=len(items), desc="calibrate", unit="image", disable=not progress)
+        indices = list(range(len(items)))
+        if parallel.distributed:
+            # every rank takes the sink dimensions from the batch a one-process run profiles first, then its share
+            _decide_sinks_from_first_batch(profiler, processor, family, items, prompt_texts, batch_size)
+            indices = shard_batches(indices, batch_size, parallel.rank, parallel.world_size)
+        bar = tqdm(total=len(indices), desc="calibrate", unit="image", disable=not progress or not parallel.is_main)
 
-        def run(batch: list[tuple[object, str, str]]) -> None:
-            images_, texts, names = [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+        def run(batch: list[tuple[object, str, str, int]]) -> None:
+            images_, texts = [b[0] for b in batch], [b[1] for b in batch]
             try:
                 inputs = _process(processor, family, images_, texts)
             except Exception as error:  # one bad image must not sink the batch: retry one by one
                 if len(batch) == 1:
-                    logger.warning("skipping %s: the processor rejected it (%s)", names[0], error)
-                    skipped.append(f"{names[0]}: {error}")
+                    logger.warning("skipping %s: the processor rejected it (%s)", batch[0][2], error)
+                    skipped.append((batch[0][3], f"{batch[0][2]}: {error}"))
                     return
                 for single in batch:
                     run([single])
                 return
             profiler.profile(inputs)
 
-        batch: list[tuple[object, str, str]] = []
+        batch: list[tuple[object, str, str, int]] = []
         try:
-            for index, item in enumerate(items):
+            for index in indices:
+                item = items[index]
                 name = _item_name(item, index)
                 try:
                     image = load_image(item)
                 except Exception as error:
                     logger.warning("skipping %s", error)
-                    skipped.append(str(error) if name in str(error) else f"{name}: {error}")
+                    skipped.append((index, str(error) if name in str(error) else f"{name}: {error}"))
                     bar.update(1)
                     continue
                 text = build_prompt(processor, prompt_texts[index % len(prompt_texts)])
-                batch.append((image, text, name))
+                batch.append((image, text, name, index))
                 if len(batch) == batch_size:
                     run(batch)
                     bar.update(len(batch))
@@ -432,14 +529,21 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
                 bar.update(len(batch))
         finally:
             bar.close()
+        if parallel.distributed:  # sums and counts of every rank, added up (rank order); skipped items in item order
+            shares = parallel.gather((profiler.accumulated(), [entry for entry in skipped if entry[0] >= 0]))
+            total = {key: sum(state[key] for state, _ in shares) for key in shares[0][0]}
+            profiler.load_accumulated(total)
+            skipped = [entry for entry in skipped if entry[0] < 0] + sorted(
+                (entry for _, rank_skipped in shares for entry in rank_skipped), key=lambda entry: entry[0])
+        skipped_lines = [line for _, line in skipped]
         if profiler.prompts_profiled == 0:
-            first = f" (first: {skipped[0]})" if skipped else ""
-            raise ValueError(f"no image could be profiled: {len(skipped)} of {len(items)} were skipped{first}; check the images argument")
+            first = f" (first: {skipped_lines[0]})" if skipped_lines else ""
+            raise ValueError(f"no image could be profiled: {len(skipped_lines)} of {len(items)} were skipped{first}; check the images argument")
         seconds = time.perf_counter() - started
         calibration = {
             "n_images": profiler.prompts_profiled,
-            "n_skipped": len(skipped),
-            "skipped": skipped[:MAX_SKIPPED_LISTED],
+            "n_skipped": len(skipped_lines),
+            "skipped": skipped_lines[:MAX_SKIPPED_LISTED],
             "prompts": prompt_texts,
             "batch_size": batch_size,
             "limit": limit,
@@ -449,6 +553,8 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
             "dtype": str(profiler.session.dtype).replace("torch.", ""),
         }
         head_map = profiler.head_map(calibration)
+    if not parallel.is_main:
+        return head_map  # every rank holds the reduced map; rank 0 writes it
     if skipped:
         logger.warning("calibration skipped %d of %d images (unreadable or rejected)", len(skipped), len(items))
     if out_dir is not None:

@@ -111,13 +111,22 @@ def run_calibrate(args: argparse.Namespace) -> int:
     check_output_folder(args.out)  # before the model loads
     check_device(args.device)
     check_model_argument(args.model)
-    model, processor = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.allow_pickle)
-    out = Path(args.out)
-    head_map = calibrate(
-        model, processor, args.images, args.prompt, batch_size=args.batch_size, limit=args.limit, distance=args.distance,
-        sink_dims=_parse_dims(args.sink_dims), rho=args.rho, progress=not args.quiet, out_dir=out, plots=not args.no_plots,
-        save_cache=not args.no_cache,
-    )
+    from ..parallel import data_parallel
+
+    parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
+    try:
+        model, processor = load_model(args.model, parallel.device(args.device), args.dtype, args.trust_remote_code,
+                                      args.allow_pickle)
+        out = Path(args.out)
+        head_map = calibrate(
+            model, processor, args.images, args.prompt, batch_size=args.batch_size, limit=args.limit,
+            distance=args.distance, sink_dims=_parse_dims(args.sink_dims), rho=args.rho, progress=not args.quiet,
+            out_dir=out, plots=not args.no_plots, save_cache=not args.no_cache, parallel=parallel,
+        )
+    finally:
+        parallel.close()
+    if not parallel.is_main:
+        return 0  # rank 0 wrote the map and prints the summary
     calibration = head_map.calibration
     if not args.quiet:
         print(head_map.summary())
