@@ -241,3 +241,23 @@ def test_calibrate_on_two_processes_equals_one_up_to_summation_order(tmp_path):
         entry["calibration"].pop("seconds"), entry["calibration"].pop("seconds_per_image")
     _assert_close(json_maps[1], json_maps[0])
     assert json_maps[0]["calibration"]["n_images"] == 7 and json_maps[0]["calibration"]["n_skipped"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tune_on_two_processes_chooses_what_one_process_chooses(tmp_path):
+    tune = ["tune", "--methods", "pai", "--n-questions", "4", "--n-captions", "4", "--no-combine", "--batch-size", "2",
+            "--budget", "600", "--no-progress", "--threads", "1"]
+    _launch(1, *tune, "--out", str(tmp_path / "one"))
+    output = _launch(2, *tune, "--out", str(tmp_path / "two")).stdout
+    assert "2 processes" in output and output.count("tuned head map written to") == 1
+    tuned = [json.loads((tmp_path / name / "head_map.json").read_text())["tuned"] for name in ("one", "two")]
+    for entry in tuned:  # timing: the plan's measured cost per item, the time spent, the date
+        entry.pop("created_utc")
+        entry["search"].pop("elapsed_s")
+        entry["search"]["plan"] = {key: value for key, value in entry["search"]["plan"].items()
+                                   if key not in ("seconds_per_item_greedy", "estimated_s")}
+    assert tuned[1] == tuned[0]
+    assert tuned[0]["search"]["complete"] and tuned[0]["table"]
+    states = [json.loads((tmp_path / name / "tune_state.json").read_text())["trials"] for name in ("one", "two")]
+    assert states[1] == states[0]  # every setting's per-item results, each item run once

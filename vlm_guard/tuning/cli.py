@@ -59,12 +59,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..defaults import DEFAULT_MODEL_DIR
-    from ..eval.runner import load_model, weights_digest
-    from ..heads.head_map import HeadMap, cache_folder
-    from ..models import get_adapter
-    from .search import file_tuning_data, synthetic_tuning_data, tune
-    from .settings import tuned_report
+    from .search import file_tuning_data, synthetic_tuning_data
 
     if args.budget <= 0:
         raise ValueError(f"--budget {args.budget} must be > 0 minutes")
@@ -83,8 +78,25 @@ def run(args: argparse.Namespace) -> int:
             logger.warning("no --pope / --instances given: tuning %s on the synthetic world, which only the default "
                            "model knows; pass your own POPE-format and COCO-format files", args.model)
         data = synthetic_tuning_data(args.n_questions, args.n_captions, args.world_seed)
+    from ..parallel import data_parallel
+
+    parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
+    try:
+        return _run_on(args, data, parallel)
+    finally:
+        parallel.close()
+
+
+def _run_on(args: argparse.Namespace, data, parallel) -> int:
+    from ..defaults import DEFAULT_MODEL_DIR
+    from ..eval.runner import load_model, weights_digest
+    from ..heads.head_map import HeadMap, cache_folder
+    from ..models import get_adapter
+    from .search import tune
+    from .settings import tuned_report
+
     model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                                        device=args.device)
+                                        device=parallel.device(args.device))
     adapter = get_adapter(model, processor)
     if args.head_map:
         head_map = HeadMap.from_pretrained(args.head_map)
@@ -97,10 +109,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no head map for {name}: run `vlm-guard calibrate --model ... --out DIR` and pass --head-map DIR")
     out = Path(args.out) if args.out else cache_folder(adapter.describe())
     weights = weights_digest(args.model or DEFAULT_MODEL_DIR)
-    print(f"tuning {name} on {data.name}; methods {args.methods}; budget {args.budget:g} min; output {out}")
+    if parallel.is_main:
+        print(f"tuning {name} on {data.name}; methods {args.methods}; budget {args.budget:g} min; output {out}"
+              + (f"; {parallel.world_size} processes" if parallel.distributed else ""))
     result = tune(model, processor, head_map, methods=args.methods.split(","), data=data, out_dir=out,
                   state_path=args.state, budget_minutes=args.budget, batch_size=args.batch_size,
-                  progress=not args.no_progress, combine_methods=not args.no_combine, weights_sha256_16=weights)
+                  progress=not args.no_progress, combine_methods=not args.no_combine, weights_sha256_16=weights,
+                  parallel=parallel)
+    if not parallel.is_main:
+        return 0  # rank 0 wrote the tuned map and prints the report
     print("\n".join(tuned_report(result.head_map)))
     if not result.complete:
         print(f"the budget ran out before the search finished: settings chosen from the largest finished rung; "

@@ -17,6 +17,10 @@ Items of a smaller rung are a prefix of a larger one, so a setting promoted to t
 has not seen. Every per-item result is kept in a JSON state file (atomic writes, every few seconds and at the end
 of each setting), so an interrupted run resumes where it stopped: rerun the same command.
 
+Data-parallel (``torchrun`` / ``accelerate launch``, see :mod:`vlm_guard.parallel`): each setting's pending items are
+dealt out over the ranks by batches and every rank's results are added to every rank's state, so all ranks rank the
+settings alike; rank 0 sizes the plan and writes the state and the tuned map.
+
 Budget: ``budget_minutes`` bounds the whole tuning (time already spent by earlier runs of the same state counts). The
 first run measures greedy's cost per item and shrinks the item counts (never below :data:`MIN_ITEMS` per task on the
 smallest rung) so that the estimated cost of the plan fits; when the budget still runs out, the settings are chosen
@@ -131,6 +135,7 @@ class TuningState:
         self.data = {"format": "vlm_guard.tune_state", "version": STATE_VERSION, "identity": identity,
                      "plan": None, "elapsed_s": 0.0, "trials": {}}
         self._last_save = 0.0
+        self.writer = True  # False on data-parallel ranks other than 0: they read the state, rank 0 writes it
         if self.path is not None and self.path.is_file():
             try:
                 loaded = json.loads(self.path.read_text())
@@ -158,7 +163,7 @@ class TuningState:
         return self.trial(candidate)["items"].setdefault(task, {})
 
     def save(self, force: bool = False) -> None:
-        if self.path is None:
+        if self.path is None or not self.writer:
             return
         now = time.monotonic()
         if not force and now - self._last_save < SAVE_EVERY_S:
@@ -190,9 +195,12 @@ class TuneResult:
 
 class _Search:
     def __init__(self, guarded, processor, data: TuningData, state: TuningState, budget_s: float, batch_size: int,
-                 progress: bool):
+                 progress: bool, parallel=None):
+        from ..parallel import DataParallel
+
         self.guarded, self.processor, self.data, self.state = guarded, processor, data, state
         self.budget_s, self.batch_size, self.progress = budget_s, batch_size, progress
+        self.parallel = parallel or DataParallel()
         self.tasks = {task.name: task for task in data.tasks}
         self.started = time.monotonic()
         self.spent_before = float(state.data.get("elapsed_s", 0.0))
@@ -246,38 +254,78 @@ class _Search:
     def evaluate(self, candidate: Candidate, rung: int) -> None:
         """Run ``candidate`` on the items of ``rung`` it has not seen yet."""
         from ..config import GuardConfig
-        from ..eval.runner import chat_prompt, generate_answers
 
         sizes = self.rung_sizes()[rung]
         config = candidate.guard_config() if candidate.methods else GuardConfig()
         self.guarded.set_config(config)
         if self.bar is not None:
             self.bar.set_description(f"rung {rung} {candidate.label}"[:60])
+        if self.parallel.distributed:
+            self._evaluate_shared(candidate, sizes)
+            return
         for name, task in self.tasks.items():
             done = self.state.results(candidate, name)
             pending = [item for item in task.items[:sizes[name]] if item.item_id not in done]
             for start in range(0, len(pending), self.batch_size):
                 self.check_budget()
                 batch = pending[start:start + self.batch_size]
-                images, prompts, ready = [], [], []
-                for item in batch:
-                    image = self.data.loader.load(item.image, name=item.image_name)
-                    if image is None:
-                        done[item.item_id] = {"skip": 1}
-                        continue
-                    images.append(image)
-                    prompts.append(chat_prompt(self.processor, item.prompt))
-                    ready.append(item)
-                if ready:
-                    answers = generate_answers(self.guarded, self.processor, images, prompts, task.max_new_tokens)
-                    for item, answer in zip(ready, answers):
-                        record = {**item.fields, "answer": answer, **task.scorer(item, answer)}
-                        done[item.item_id] = objective.compact_result(task.kind, record)
+                self._run_batch(task, batch, done)
                 if self.bar is not None:
                     self.bar.update(len(batch))
                 self.state.data["elapsed_s"] = round(self.elapsed(), 1)
                 self.state.save()
         self.flush()
+
+    def _run_batch(self, task, batch: list, done: dict) -> None:
+        """Generate and score one batch into ``done`` (item id -> compact result; unreadable images ``{"skip": 1}``)."""
+        from ..eval.runner import chat_prompt, generate_answers
+
+        images, prompts, ready = [], [], []
+        for item in batch:
+            image = self.data.loader.load(item.image, name=item.image_name)
+            if image is None:
+                done[item.item_id] = {"skip": 1}
+                continue
+            images.append(image)
+            prompts.append(chat_prompt(self.processor, item.prompt))
+            ready.append(item)
+        if ready:
+            answers = generate_answers(self.guarded, self.processor, images, prompts, task.max_new_tokens)
+            for item, answer in zip(ready, answers):
+                record = {**item.fields, "answer": answer, **task.scorer(item, answer)}
+                done[item.item_id] = objective.compact_result(task.kind, record)
+
+    def _evaluate_shared(self, candidate: Candidate, sizes: dict[str, int]) -> None:
+        """:meth:`evaluate` on several processes: the pending batches dealt out over the ranks
+        (:func:`~vlm_guard.parallel.shard_batches`), then every rank's results added to every rank's state, so that all
+        ranks take the same decisions. A rank past the budget stops its share; then every rank stops
+        (:class:`BudgetExhausted`) with what all ranks measured saved by rank 0."""
+        from ..parallel import shard_batches
+
+        parallel = self.parallel
+        mine: dict[str, dict] = {}
+        over_budget = False
+        for name, task in self.tasks.items():
+            done = self.state.results(candidate, name)
+            pending = [item for item in task.items[:sizes[name]] if item.item_id not in done]
+            share = shard_batches(pending, self.batch_size, parallel.rank, parallel.world_size)
+            results = mine.setdefault(name, {})
+            for start in range(0, len(share), self.batch_size):
+                if self.elapsed() > self.budget_s:
+                    over_budget = True
+                    break
+                self._run_batch(task, share[start:start + self.batch_size], results)
+            if over_budget:
+                break
+        everyone = parallel.gather((mine, over_budget))
+        for results, _ in everyone:
+            for name, items in results.items():
+                self.state.results(candidate, name).update(items)
+                if self.bar is not None:
+                    self.bar.update(len(items))
+        self.flush()
+        if any(stopped for _, stopped in everyone):
+            raise BudgetExhausted()
 
     def complete_at(self, candidate: Candidate, rung: int) -> bool:
         sizes = self.rung_sizes()[rung]
@@ -343,7 +391,7 @@ def _rounded(metrics: dict) -> dict:
 def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS, data: TuningData | None = None,
          out_dir: str | os.PathLike | None = None, state_path: str | os.PathLike | None = None,
          budget_minutes: float = 60.0, batch_size: int = 32, progress: bool = True, combine_methods: bool = True,
-         weights_sha256_16: str | None = None) -> TuneResult:
+         weights_sha256_16: str | None = None, parallel=None) -> TuneResult:
     """Choose each method's strength and layer band for ``model`` on a tuning split (see the module docstring).
 
     Args:
@@ -360,6 +408,10 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
         progress: show a progress bar.
         combine_methods: also tune the combination of the methods that help.
         weights_sha256_16: digest of the weights (recorded; a shipped map is only used for the same weights).
+        parallel: the :class:`~vlm_guard.parallel.DataParallel` context when several processes tune together (every
+            rank calls this): each setting's pending items are dealt out by batches, every rank's results go into
+            every rank's state (so all take the same decisions; the plan is rank 0's), and rank 0 writes the state
+            and ``out_dir``. With a budget that does not run out, the result equals a one-process run's.
 
     Returns:
         a :class:`TuneResult`.
@@ -390,10 +442,17 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
         state_path = Path(out_dir) / "tune_state.json"
     identity = {"fingerprint_hash": head_map.fingerprint_hash, "weights_sha256_16": weights_sha256_16,
                 "tuning_data": data.description, "methods": methods}
-    state = TuningState(state_path, identity)
+    from ..parallel import DataParallel
+
+    parallel = parallel or DataParallel()
+    state = TuningState(state_path if parallel.is_main else None, identity)
+    if parallel.distributed:  # rank 0 read the state (and checked it): every rank starts from it
+        state.data = parallel.broadcast(state.data)
+        state.path, state.writer = (Path(state_path) if state_path else None), parallel.is_main
     prepare_processor(processor)
     guarded = wrap(model, processor, None, head_map)
-    search = _Search(guarded, processor, data, state, budget_minutes * 60.0, batch_size, progress)
+    search = _Search(guarded, processor, data, state, budget_minutes * 60.0, batch_size, progress and parallel.is_main,
+                     parallel)
     greedy = Candidate({})
     num_layers = head_map.num_layers
 
@@ -424,10 +483,10 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
                 seconds[name] = (time.perf_counter() - started) / max(1, probe[name])
             n_candidates = sum(len(grid) for grid in grids.values())
             n_combos = (2 ** len(grids) - len(grids) - 1) if combine_methods and len(grids) > 1 else 0
-            state.data["plan"] = search.make_plan(seconds, n_candidates, n_combos)
+            state.data["plan"] = parallel.broadcast(search.make_plan(seconds, n_candidates, n_combos))  # one plan
             state.save(force=True)
         planned = _planned_items(search, grids, combine_methods)
-        search.bar = tqdm(total=planned, desc="tune", unit="item", disable=not progress)
+        search.bar = tqdm(total=planned, desc="tune", unit="item", disable=not progress or not parallel.is_main)
 
         # stage 1: every method's grid, rung by rung across methods
         alive = {name: list(grid) for name, grid in grids.items()}
@@ -460,7 +519,7 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
     tuned = _finish(search, grids, skipped, greedy, table, complete, combine_methods, data, budget_minutes,
                     weights_sha256_16, __version__)
     head_map.tuned = tuned
-    if out_dir is not None:
+    if out_dir is not None and parallel.is_main:
         save_tuned(head_map, out_dir, search, grids, greedy)
     return TuneResult(head_map=head_map, tuned=tuned, table=tuned["table"], complete=complete)
 
