@@ -553,12 +553,12 @@ def run_method_set(
     )
 
 
-def _item_order(tasks: Sequence[EvalTask]) -> Callable[[dict], tuple[int, int]]:
-    """Sort key of records: position of the item among ``tasks`` (records of other items after them, in file order)."""
-    position = {(task.name, item.item_id): index
-                for index, (task, item) in enumerate((task, item) for task in tasks for item in task.items)}
-    last = len(position)
-    return lambda record: (position.get((record.get("task"), record.get("id")), last), 0)
+def _item_order(tasks: Sequence[EvalTask]) -> Callable[[dict], int]:
+    """Sort key of records: position of the item among ``tasks``; records of other items (an earlier, larger
+    ``--limit``) go after them, in file order (the sort is stable)."""
+    pairs = [(task.name, item.item_id) for task in tasks for item in task.items]
+    position = {pair: index for index, pair in enumerate(pairs)}
+    return lambda record: position.get((record.get("task"), record.get("id")), len(pairs))
 
 
 def _run_shard(guarded: Any, processor: Any, tasks: Sequence[EvalTask], records_path: Path, loader: ImageLoader,
