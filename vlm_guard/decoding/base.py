@@ -18,7 +18,14 @@ logits              ``logits_processors``  ``transformers.LogitsProcessor`` obje
 
 Rows: explicit weights are computed only for the query rows some intervention asks for through
 :meth:`Intervention.rows` (text rows during prefill, the new row while decoding). The engine keeps a
-method's edits to the rows it asked for: whatever a hook returns for other rows is discarded.
+method's edits to the rows it asked for: whatever a hook returns for other rows is discarded. A method
+that wants every row of a call returns ``True`` (:data:`EVERY_ROW`) instead of a mask: the engine then
+decides without reading a tensor, so a decoding step never waits on the device (no host-device
+synchronisation). Long prefills are computed in chunks of rows (:attr:`RowSelection.first` /
+:attr:`RowSelection.last` mark a layer's first and last chunk), so their extra memory stays bounded.
+
+Hot path: the layers a method acts on while decoding are asked once per generation, after its prefill
+(:meth:`Intervention.decode_layers`); every other layer runs the model's own attention and costs nothing.
 
 Order when several methods are active (fixed, documented): pre-softmax hooks (PAI) -> softmax ->
 post-softmax hooks in registration order VAR, then GIFT -> ``weights @ v`` -> head-output hooks (VHR)
@@ -60,6 +67,11 @@ class PromptContext:
     attention_mask: torch.Tensor
     spans: PromptSpans
     model_inputs: dict = field(default_factory=dict)
+    all_have_image: bool | None = None  # every row has an image (read once at prefill; None: not known yet)
+
+    def __post_init__(self) -> None:
+        if self.all_have_image is None:
+            self.all_have_image = bool(self.spans.has_image.all())
 
     @property
     def batch_size(self) -> int:
@@ -162,10 +174,21 @@ class LayerContext:
             self._cache["predicting"] = self.last_prompt_row() | self.generated_rows()
         return self._cache["predicting"]
 
+    def image_rows(self) -> torch.Tensor:
+        """``[B, Q]`` True in the rows of samples whose prompt has an image."""
+        if "image_rows" not in self._cache:
+            self._cache["image_rows"] = self.prompt.spans.has_image[:, None].expand(-1, self.query_length)
+        return self._cache["image_rows"]
+
     @property
     def has_prompt_rows(self) -> bool:
         """Whether this call holds prompt rows (the prefill, or a recomputation without cache)."""
         return self.past_length < self.prompt.prompt_length
+
+    @property
+    def all_generated(self) -> bool:
+        """Whether every row of this call is a generated token (a decoding step): known without reading tensors."""
+        return self.past_length >= self.prompt.prompt_length
 
 
 @dataclass
@@ -173,12 +196,22 @@ class RowSelection:
     """The explicitly computed rows of one layer call.
 
     Attributes:
-        index: ``[R]`` row indices into the Q rows of this call.
-        mask: ``[B, R]`` the rows this intervention asked for (its edits are kept there only).
+        index: ``[R]`` row indices into the Q rows of this call; None: every row ``0 .. Q-1`` (a decoding step).
+        mask: ``[B, R]`` the rows this intervention asked for (its edits are kept there only); None: every
+            row of every sample.
+        first / last: whether these rows are the first / last chunk of this layer call (a long prefill's rows
+            come in chunks, in row order; a method that combines rows, like GIFT's gaze shift, accumulates
+            over the chunks of one layer call).
     """
 
-    index: torch.Tensor
-    mask: torch.Tensor
+    index: torch.Tensor | None
+    mask: torch.Tensor | None
+    first: bool = True
+    last: bool = True
+
+
+EVERY_ROW = True
+"""What :meth:`Intervention.rows` returns for "every row of this call" (e.g. every decoding step)."""
 
 
 class Intervention:
@@ -197,18 +230,28 @@ class Intervention:
     uses_weights: ClassVar[bool] = False
     uses_head_output: ClassVar[bool] = False
     uses_layer_input: ClassVar[bool] = False
+    # whether the method takes a long prefill's explicit rows in chunks (each row's edit on its own, or
+    # accumulated over the chunks of a layer call, see RowSelection.first/last); others get all rows at once
+    chunkable_rows: ClassVar[bool] = False
 
     def layers(self) -> set[int]:
         """Decoder layers where any hook of this method acts."""
         return set()
+
+    def decode_layers(self) -> set[int]:
+        """Decoder layers where this method still acts after the current prefill (asked once per generation,
+        right after its prefill): a layer whose edit is the identity for this sample (no head chosen, no sink)
+        can be left out, so it runs the plain attention at every step. Default: :meth:`layers`."""
+        return self.layers()
 
     def begin(self, prompt: PromptContext, engine: "GuardEngine") -> None:
         """Called when a generation starts (its first forward call, the cache empty), before layer 0:
         reset per-sample state, run side passes (through :meth:`GuardEngine.side_pass`, which leaves the
         model's state as it found it)."""
 
-    def rows(self, ctx: LayerContext) -> torch.Tensor | None:
-        """``[B, Q]`` bool: the query rows whose explicit weights this method needs at this layer, or None."""
+    def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
+        """``[B, Q]`` bool: the query rows whose explicit weights this method needs at this layer; ``True``
+        (:data:`EVERY_ROW`) for every row of the call (cheaper: no mask to read); or None."""
         return None
 
     def on_layer_input(self, ctx: LayerContext, hidden_states: torch.Tensor) -> None:

@@ -35,17 +35,55 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from ..models.base import ModelAdapter
 from ..models.compat import output_cache
-from .base import Intervention, LayerContext, PromptContext, RowSelection
+from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+# elements of one chunk of explicit prefill scores ``[B, H, rows, K]`` per element of the prompt's hidden states
+# ``[B, S, M]``: a chunk of rows is then no larger than one hidden-state tensor of the prompt (the model holds
+# many of those), so the explicit rows of a long prompt add little to the plain model's peak memory
+EXPLICIT_CHUNK_RATIO = 1.0
+MIN_CHUNK_ELEMENTS = 1 << 16
 # model attributes that a forward call may overwrite as a side effect (Qwen2-VL caches its M-RoPE deltas)
 _FORWARD_STATE_ATTRIBUTES = ("rope_deltas",)
 
 
 class StopForward(Exception):
     """Raised by :meth:`GuardEngine.side_pass` to end a forward call right after a given decoder layer."""
+
+
+@dataclass
+class LayerPlan:
+    """What runs at one decoder layer, sorted once per call kind (prefill, decode) instead of at every layer call.
+
+    Attributes:
+        interventions: every method active at the layer, in registration order.
+        explicit: those that read scores or weights (explicit rows).
+        head_output / layer_input: those that edit per-head outputs / read the layer input.
+    """
+
+    interventions: tuple
+    explicit: tuple
+    head_output: tuple
+    layer_input: tuple
+
+
+def layer_plans(interventions, layers_of) -> dict[int, LayerPlan]:
+    """``{layer: LayerPlan}`` for ``interventions``, each acting at ``layers_of(intervention)``."""
+    by_layer: dict[int, list[Intervention]] = {}
+    for intervention in interventions:
+        for layer in layers_of(intervention):
+            by_layer.setdefault(layer, []).append(intervention)
+    return {
+        layer: LayerPlan(
+            interventions=tuple(users),
+            explicit=tuple(i for i in users if i.uses_scores or i.uses_weights),
+            head_output=tuple(i for i in users if i.uses_head_output),
+            layer_input=tuple(i for i in users if i.uses_layer_input),
+        )
+        for layer, users in by_layer.items()
+    }
 
 
 @dataclass
@@ -62,6 +100,7 @@ class Generation:
     prompt: PromptContext | None
     interventions: tuple
     cache: weakref.ref | None = None
+    decode_plan: dict | None = None  # {layer: LayerPlan} for the calls after the prefill (set at its end)
 
     def owns(self, cache) -> bool:
         return cache is not None and self.cache is not None and self.cache() is cache
@@ -76,12 +115,16 @@ class CallState:
         past_length: tokens already in the cache (absolute position of the call's first row).
         phase: ``"prefill"`` for the call that starts the generation, ``"decode"`` for every later one.
         row_cache: row masks shared by the layers of this call (see :class:`LayerContext`).
+        plan: ``{layer: LayerPlan}`` the layers where methods act in this call.
+        contexts: the :class:`LayerContext` of each layer of this call.
     """
 
     generation: Generation
     past_length: int
     phase: str
     row_cache: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+    contexts: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +140,7 @@ class Frame:
 
     interventions: list[Intervention]
     by_layer: dict[int, list[Intervention]] = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)  # {layer: LayerPlan} of every layer a method may act on
     known_prompt: tuple | None = None
     generation: Generation | None = None
     call: CallState | None = None
@@ -104,9 +148,8 @@ class Frame:
     warned_no_image: bool = False
 
     def __post_init__(self) -> None:
-        for intervention in self.interventions:
-            for layer in intervention.layers():
-                self.by_layer.setdefault(layer, []).append(intervention)
+        self.plan = layer_plans(self.interventions, lambda intervention: intervention.layers())
+        self.by_layer = {layer: list(plan.interventions) for layer, plan in self.plan.items()}
 
     @property
     def prompt(self) -> PromptContext | None:
@@ -132,7 +175,7 @@ def restore_forward_state(saved: list[tuple[nn.Module, str, object]]) -> None:
 
 
 def _grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """``q k^T`` without materialising repeated keys.
+    """``q k^T`` without materialising repeated keys (one ``bmm`` over views).
 
     Args:
         query: ``[B, H, R, D]`` fp32.
@@ -141,19 +184,18 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         ``[B, H, R, K]``.
     """
     batch, num_heads, rows, dim = query.shape
-    num_kv_heads = key.shape[1]
-    groups = num_heads // num_kv_heads
-    grouped = query.reshape(batch, num_kv_heads, groups * rows, dim)
-    scores = grouped @ key.transpose(-1, -2)  # [B, KVH, groups*R, K]
-    return scores.reshape(batch, num_heads, rows, key.shape[2])
+    num_kv_heads, keys = key.shape[1], key.shape[2]
+    grouped = query.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * rows, dim)  # [B*KVH, groups*R, D]
+    scores = torch.bmm(grouped, key.reshape(batch * num_kv_heads, keys, dim).transpose(1, 2))  # [B*KVH, groups*R, K]
+    return scores.view(batch, num_heads, rows, keys)
 
 
 def _grouped_output(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``weights @ v`` for grouped heads: ``[B, H, R, K] x [B, KVH, K, D] -> [B, H, R, D]``."""
     batch, num_heads, rows, keys = weights.shape
-    num_kv_heads = value.shape[1]
-    grouped = weights.reshape(batch, num_kv_heads, (num_heads // num_kv_heads) * rows, keys)
-    return (grouped @ value).reshape(batch, num_heads, rows, value.shape[-1])
+    num_kv_heads, dim = value.shape[1], value.shape[-1]
+    grouped = weights.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * rows, keys)
+    return torch.bmm(grouped, value.reshape(batch * num_kv_heads, keys, dim)).view(batch, num_heads, rows, dim)
 
 
 def _place_window(key, value, attention_mask, missing: int, past_length: int, query_length: int):
@@ -191,6 +233,7 @@ class GuardEngine:
         self._base_attention = None
         self._returns_weights = False
         self._generation: Generation | None = None  # the latest generation that holds the methods' per-sample state
+        self.chunk_rows: int | None = None  # rows per chunk of a prefill's explicit rows; None: from the memory budget
         self.installed = False
         self.geometry = adapter.geometry
 
@@ -368,13 +411,13 @@ class GuardEngine:
                 )
                 self._register(Generation(None, interventions), cache)
                 return None
-            frame.call = CallState(generation, past, "decode")
+            frame.call = CallState(generation, past, "decode", plan=self._decode_plan(frame, generation))
             return None
         generation = frame.generation
         if (cache is None and generation is not None and generation.prompt is not None and input_ids is not None
                 and _extends(input_ids, generation.prompt.input_ids)):
             # generate(use_cache=False): every step recomputes the whole sequence of the same generation
-            frame.call = CallState(generation, 0, "decode")
+            frame.call = CallState(generation, 0, "decode", plan=self._decode_plan(frame, generation))
             frame.call_generation = generation
             return None
         prompt = self._new_prompt(frame, input_ids, kwargs)
@@ -383,9 +426,9 @@ class GuardEngine:
         frame.call_generation = generation
         if prompt is None:
             return None
-        frame.call = CallState(generation, 0, "prefill")
+        frame.call = CallState(generation, 0, "prefill", plan=frame.plan)
         spans = prompt.spans
-        if not bool(spans.has_image.all()) and any(i.needs_image for i in frame.interventions) and not frame.warned_no_image:
+        if not prompt.all_have_image and any(i.needs_image for i in frame.interventions) and not frame.warned_no_image:
             missing = (~spans.has_image).nonzero().flatten().tolist()
             logger.warning(
                 "prompt rows %s contain no image token (id %d): image-dependent interventions are skipped for them.",
@@ -420,10 +463,20 @@ class GuardEngine:
         model_inputs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
         return PromptContext(input_ids=input_ids, attention_mask=attention_mask, spans=spans, model_inputs=model_inputs)
 
+    def _decode_plan(self, frame: Frame, generation: Generation) -> dict:
+        """The layer plan of the calls after a prefill: each method at its :meth:`Intervention.decode_layers`
+        (asked once per generation, when its prefill ends)."""
+        if generation.decode_plan is None:
+            generation.decode_plan = layer_plans(frame.interventions, lambda intervention: intervention.decode_layers())
+        return generation.decode_plan
+
     def _after_model_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
         frame = self._current()
         if frame is None or frame.call_generation is None:
             return None
+        if frame.call is not None and frame.call.phase == "prefill":
+            frame.call.generation.decode_plan = None
+            self._decode_plan(frame, frame.call.generation)  # the methods' per-sample state is complete now
         self._register(frame.call_generation, output_cache(output))
         return None
 
@@ -440,7 +493,11 @@ class GuardEngine:
 
     @staticmethod
     def _past_length(cache, kwargs: dict) -> int:
-        """Tokens already in the cache: ``cache_position[0]`` when given (4.57), else the cache's length."""
+        """Tokens already in the cache. A dynamic cache's length is a shape, read without waiting on the device;
+        otherwise (a static cache, whose length is a count over its slots) ``cache_position[0]`` when given (4.57),
+        else the cache's length."""
+        if cache is not None and hasattr(cache, "get_seq_length") and not getattr(cache, "is_compileable", True):
+            return int(cache.get_seq_length())
         cache_position = kwargs.get("cache_position")
         if isinstance(cache_position, torch.Tensor) and cache_position.numel():
             return int(cache_position.reshape(-1)[0])
@@ -451,24 +508,27 @@ class GuardEngine:
     def _make_layer_hook(self, layer_index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             frame = self._current()
-            if frame is None or frame.call is None or layer_index not in frame.by_layer:
-                return None
-            users = [i for i in frame.by_layer[layer_index] if i.uses_layer_input]
-            if not users:
+            call = frame.call if frame is not None else None
+            plan = call.plan.get(layer_index) if call is not None else None
+            if plan is None or not plan.layer_input:
                 return None
             hidden_states = kwargs.get("hidden_states", args[0] if args else None)
             query_length = hidden_states.shape[1]
-            ctx = self._layer_context(frame.call, layer_index, query_length, frame.call.past_length + query_length)
-            for intervention in users:
+            ctx = self._layer_context(call, layer_index, query_length, call.past_length + query_length)
+            for intervention in plan.layer_input:
                 intervention.on_layer_input(ctx, hidden_states)
             return None
 
         return hook
 
     def _layer_context(self, call: CallState, layer: int, query_length: int, key_length: int) -> LayerContext:
+        """The layer's context, built once per call (the layer-input hook and the attention share it)."""
+        ctx = call.contexts.get(layer)
+        if ctx is not None and ctx.key_length == key_length and ctx.query_length == query_length:
+            return ctx
         prompt = call.generation.prompt
         step = 0 if call.phase == "prefill" else max(0, call.past_length + query_length - prompt.prompt_length)
-        return LayerContext(
+        ctx = call.contexts[layer] = LayerContext(
             layer=layer,
             phase=call.phase,
             step=step,
@@ -480,6 +540,7 @@ class GuardEngine:
             past_length=call.past_length,
             _cache=call.row_cache,
         )
+        return ctx
 
     # ------------------------------------------------------------------ attention
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -490,70 +551,137 @@ class GuardEngine:
         post-softmax weights, with a method's edits in the rows it edited (PAI, VAR, GIFT edit weights or
         scores; VHR scales head outputs, so its layers report the unedited weights). So
         ``output_attentions=True`` on an eager model gives one map per decoder layer, in layer order.
+
+        Hot path (a decoding step): layers without a method in the call's plan return the base implementation
+        at once; in the others every method asks for every row (:data:`EVERY_ROW`), so nothing here reads a
+        tensor's value (no host-device synchronisation).
         """
         base = self._base_attention
         frame = self._current()
+        call = frame.call if frame is not None else None
         layer = self._layer_of.get(id(module))
-        if frame is None or frame.call is None or layer is None or layer not in frame.by_layer:
+        plan = call.plan.get(layer) if call is not None else None
+        if plan is None:
             return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        interventions = frame.by_layer[layer]
         # a sliding-window layer's cache holds only the window's keys: the explicit rows place them at their positions
-        key_length = max(key.shape[2], frame.call.past_length + query.shape[2])
-        ctx = self._layer_context(frame.call, layer, query.shape[2], key_length)
-        has_image = ctx.prompt.spans.has_image  # [B]
+        key_length = max(key.shape[2], call.past_length + query.shape[2])
+        ctx = self._layer_context(call, layer, query.shape[2], key_length)
+        prompt = ctx.prompt
+        has_image = prompt.spans.has_image  # [B]
 
         # which rows each method needs explicitly
-        requests: list[tuple[Intervention, torch.Tensor]] = []
-        for intervention in interventions:
-            if intervention.uses_scores or intervention.uses_weights:
-                rows = intervention.rows(ctx)
-                if rows is not None:
-                    if intervention.needs_image:
-                        rows = rows & has_image[:, None]
-                    if bool(rows.any()):
-                        requests.append((intervention, rows))
+        requests: list[tuple[Intervention, object]] = []
+        every_row = True  # every request is EVERY_ROW: decided without reading a tensor
+        for intervention in plan.explicit:
+            rows = intervention.rows(ctx)
+            if rows is None:
+                continue
+            if rows is EVERY_ROW:
+                requests.append((intervention, ctx.image_rows() if intervention.needs_image and not prompt.all_have_image else None))
+                continue
+            every_row = False
+            if intervention.needs_image:
+                rows = rows & has_image[:, None]
+            if bool(rows.any()):  # a mask of prompt rows (prefill, a recomputation): read once per layer there
+                requests.append((intervention, rows))
         output = None
         weights = None
         if requests:
-            wanted = requests[0][1]
-            for _, rows in requests[1:]:
-                wanted = wanted | rows
-            every_row = bool(wanted.all())  # the decode hot path: one row, asked for in every batch row
-            if every_row:
-                index = torch.arange(query.shape[2], device=query.device)  # [R = Q]
+            if every_row:  # the decode hot path: all Q rows; a mixed image / no-image batch keeps edits on image rows
+                index = None
+                # [B, Q] image rows when every request keeps its edits there (a mixed batch), else None: every row
+                wanted = None if any(rows is None for _, rows in requests) else requests[0][1]
+                selections = [(intervention, RowSelection(index=None, mask=rows), rows is None) for intervention, rows in requests]
             else:
-                index = wanted.any(dim=0).nonzero().flatten()  # [R]
-            explicit, explicit_weights = self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index,
-                                                             requests, every_row, softcap=kwargs.get("softcap"))
-            # explicit [B, H, R, D], explicit_weights [B, H, R, K]
-            if every_row:
+                masks = [(intervention, torch.ones(has_image.shape[0], query.shape[2], dtype=torch.bool, device=has_image.device)
+                          if rows is None else rows) for intervention, rows in requests]
+                wanted = masks[0][1]
+                for _, rows in masks[1:]:
+                    wanted = wanted | rows
+                if bool(wanted.all()):
+                    index, wanted = None, None
+                else:
+                    index = wanted.any(dim=0).nonzero().flatten()  # [R]
+                selections = []
+                for intervention, rows in masks:
+                    mask = rows if index is None else rows[:, index]  # [B, R]
+                    selections.append((intervention, RowSelection(index=index, mask=mask), index is None and bool(mask.all())))
+            chunkable = all(intervention.chunkable_rows for intervention, _, _ in selections)
+            explicit, explicit_weights = self._explicit_chunks(ctx, module, query, key, value, attention_mask, scaling, index,
+                                                               selections, kwargs.get("softcap"), chunkable)
+            # explicit [B, H, R, D], explicit_weights [B, H, R, K] (None when the base implementation returns no weights)
+            if index is None and wanted is None:
                 output = explicit.transpose(1, 2).to(value.dtype).contiguous()  # [B, Q, H, D]
                 if self._returns_weights:
                     weights = explicit_weights.to(query.dtype)
             else:
                 output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-                keep = wanted[:, index][:, :, None, None]  # [B, R, 1, 1]
-                output[:, index] = torch.where(keep, explicit.transpose(1, 2).to(output.dtype), output[:, index])
-                if weights is not None:
-                    keep_weights = wanted[:, index][:, None, :, None]  # [B, 1, R, 1]
-                    weights[:, :, index] = torch.where(keep_weights, explicit_weights.to(weights.dtype), weights[:, :, index])
+                if index is None:  # every row, kept where an image is
+                    output = torch.where(wanted[:, :, None, None], explicit.transpose(1, 2).to(output.dtype), output)
+                    if weights is not None:
+                        weights = torch.where(wanted[:, None, :, None], explicit_weights.to(weights.dtype), weights)
+                else:
+                    keep = wanted[:, index][:, :, None, None]  # [B, R, 1, 1]
+                    output[:, index] = torch.where(keep, explicit.transpose(1, 2).to(output.dtype), output[:, index])
+                    if weights is not None:
+                        keep_weights = wanted[:, index][:, None, :, None]  # [B, 1, R, 1]
+                        weights[:, :, index] = torch.where(keep_weights, explicit_weights.to(weights.dtype), weights[:, :, index])
         if output is None:
             output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        for intervention in interventions:
-            if intervention.uses_head_output:
-                edited = intervention.on_head_output(ctx, output)
-                if intervention.needs_image and not bool(has_image.all()):
-                    edited = torch.where(has_image[:, None, None, None], edited, output)
-                output = edited
+        for intervention in plan.head_output:
+            edited = intervention.on_head_output(ctx, output)
+            if intervention.needs_image and not prompt.all_have_image:
+                edited = torch.where(has_image[:, None, None, None], edited, output)
+            output = edited
         return output, weights
 
-    def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, requests, every_row=False,
+    def _chunk_rows(self, ctx, query, rows: int) -> int:
+        """Rows per chunk of a prefill's explicit rows: one chunk's ``[B, H, rows, K]`` scores hold about as many
+        elements as the call's hidden states ``[B, Q, M]`` (``EXPLICIT_CHUNK_RATIO``), at least ``MIN_CHUNK_ELEMENTS``."""
+        batch, heads, query_length = query.shape[0], query.shape[1], query.shape[2]
+        budget = max(MIN_CHUNK_ELEMENTS, int(EXPLICIT_CHUNK_RATIO * batch * query_length * self.geometry.hidden_size))
+        return max(1, min(rows, budget // max(1, batch * heads * ctx.key_length)))
+
+    def _explicit_chunks(self, ctx, module, query, key, value, attention_mask, scaling, index, selections, softcap=None,
+                         chunkable=True):
+        """:meth:`_explicit_rows` over the rows ``index`` (None: all ``Q`` rows) in chunks of :meth:`_chunk_rows`
+        rows when the call holds prompt rows and every method accepts chunks (``Intervention.chunkable_rows``).
+        Returns ``[B, H, R, D]`` and the weights ``[B, H, R, K]`` (None for a chunked call whose base
+        implementation returns no weights: they are never held whole)."""
+        rows = query.shape[2] if index is None else index.shape[0]
+        chunk = self.chunk_rows if self.chunk_rows is not None else self._chunk_rows(ctx, query, rows)
+        if not chunkable or not ctx.has_prompt_rows or chunk >= rows:
+            return self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index, selections,
+                                       every_row=index is None, softcap=softcap)
+        if index is None:
+            index = torch.arange(rows, device=query.device)
+        output = None
+        weight_chunks = []
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            part = index[start:stop]  # [C]
+            chunk_selections = [
+                (intervention, RowSelection(index=part, mask=None if selection.mask is None else selection.mask[:, start:stop],
+                                            first=start == 0, last=stop == rows), whole)
+                for intervention, selection, whole in selections
+            ]
+            explicit, weights = self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, part,
+                                                    chunk_selections, softcap=softcap)
+            if output is None:
+                output = explicit.new_empty(*explicit.shape[:2], rows, explicit.shape[-1])  # [B, H, R, D]
+            output[:, :, start:stop] = explicit
+            if self._returns_weights:
+                weight_chunks.append(weights)
+        return output, (torch.cat(weight_chunks, dim=2) if weight_chunks else None)
+
+    def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, selections, every_row=False,
                        softcap=None):
         """Explicit attention for rows ``index``; returns the per-head outputs ``[B, H, R, D]`` and the
         (edited) weights ``[B, H, R, K]`` over the keys given, both fp32.
 
-        ``every_row``: all ``Q`` rows are wanted in every batch row (``index`` is ``0..Q-1``), so the row
-        gather is skipped; a request covering every row then needs no masked merge either.
+        ``selections``: ``(intervention, RowSelection, whole)`` per method; ``whole``: its rows are every row
+        computed here (no masked merge of its edits).
+        ``every_row``: all ``Q`` rows are wanted (``index`` is ``0..Q-1`` or None), so the row gather is skipped.
         ``softcap``: attention-logit soft-capping of the layer (Gemma 2 style, ``c * tanh(s / c)`` before the mask),
         as the model's eager attention applies it.
         When ``ctx.key_length`` exceeds the keys given (a sliding-window layer's cache holds only the last
@@ -571,16 +699,13 @@ class GuardEngine:
             scores = torch.tanh(scores / softcap) * softcap
         allowed = None
         if attention_mask is not None or query.shape[2] > 1 or key.shape[2] > ctx.past_length + query.shape[2]:
-            allowed = self._allowed(attention_mask, index, ctx.past_length, key.shape[2], scores.device)
+            allowed = self._allowed(attention_mask, None if every_row else index, ctx.past_length, key.shape[2],
+                                    scores.device, query.shape[2])
         if allowed is not None:
             if allowed.dtype == torch.bool:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             else:
                 scores = scores + allowed.float()
-        selections = []
-        for intervention, rows in requests:
-            mask = rows if every_row else rows[:, index]  # [B, R]
-            selections.append((intervention, RowSelection(index=index, mask=mask), every_row and bool(mask.all())))
         for intervention, selection, whole in selections:
             if intervention.uses_scores:
                 edited = intervention.on_scores(ctx, scores, selection)
@@ -592,18 +717,22 @@ class GuardEngine:
             if intervention.uses_weights:
                 edited = intervention.on_weights(ctx, weights, selection)
                 weights = edited if whole else torch.where(selection.mask[:, None, :, None], edited, weights)
-        return _grouped_output(weights, value.float()), weights[..., max(missing, 0):]
+        return _grouped_output(weights, value.float()), (weights[..., missing:] if missing > 0 else weights)
 
     @staticmethod
-    def _allowed(attention_mask, index, past_length, key_length, device):
-        """The mask of the selected rows: bool ``[B|1, 1, R, K]`` (True = attend) or an additive float mask.
+    def _allowed(attention_mask, index, past_length, key_length, device, query_length=None):
+        """The mask of the selected rows (``index``; None: all ``query_length`` rows): bool ``[B|1, 1, R, K]``
+        (True = attend) or an additive float mask.
 
         Without a mask, row ``i`` (absolute position ``past_length + i``) sees the keys up to its own
         position and never the empty slots of a static cache."""
         if attention_mask is not None:
             if attention_mask.ndim == 4:
-                return attention_mask[:, :, index, :key_length]
+                rows = attention_mask if index is None else attention_mask[:, :, index]
+                return rows if rows.shape[-1] == key_length else rows[..., :key_length]
             return None
+        if index is None:
+            index = torch.arange(query_length, device=device)
         key_positions = torch.arange(key_length, device=device)
         return (key_positions[None, :] <= (index[:, None] + past_length))[None, None]  # [1, 1, R, K]
 

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import MethodConfig, check_layers, check_range
-from ..heads.gaze import CLAMP_STDS, gaze_saliency, gaze_shift, normalise_saliency, saliency_multipliers
-from .base import Intervention, LayerContext, PromptContext, RowSelection
+import torch.nn.functional as F
+
+from ..heads.gaze import CLAMP_STDS, gaze_head_sums, gaze_shift, normalise_saliency, saliency_from_head_sums, saliency_multipliers
+from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
 from .registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -150,24 +152,37 @@ def fusion_matrices(image_gain: torch.Tensor, image_keys: torch.Tensor, query_ke
     return torch.stack((image_keys.to(dtype), query, gain), dim=-1), torch.stack((gain, query), dim=1)
 
 
-def _enhance(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torch.Tensor, beta: float) -> torch.Tensor:
+def _enhance(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torch.Tensor, beta: float,
+             one: torch.Tensor | None = None) -> torch.Tensor:
+    """The edit with the key matrices of :func:`fusion_matrices`; they may cover only the first ``S <= K`` keys (the
+    prompt's: later keys are neither image nor query keys, so only the renormalisation touches them). ``one``: a
+    1-element tensor of ones (made here when not given)."""
     batch, heads, rows, keys = weights.shape
     top = max(1, heads // 2)
-    # [B, H*R, K] @ [B, K, 3] -> attention to V, to Q, and the gained image mass, per (head, row)
-    sums = torch.bmm(weights.reshape(batch, heads * rows, keys), sums_matrix).reshape(batch, heads, rows, 3)
-    visual, to_query, gained = sums.unbind(-1)  # [B, H, R]
-    hv = _top_heads(visual, top).to(weights.dtype)  # [B, H, R] visual heads H_V
-    query_heads = _top_heads(to_query, top).to(weights.dtype)  # query heads H_Q
+    covered = min(keys, sums_matrix.shape[1])
+    if covered < sums_matrix.shape[1]:
+        sums_matrix, edit_matrix = sums_matrix[:, :covered], edit_matrix[..., :covered]
+    head = weights if covered == keys else weights[..., :covered]  # [B, H, R, S]
+    # [B, H*R, S] @ [B, S, 3] -> attention to V, to Q, and the gained image mass, per (head, row)
+    sums = torch.bmm(head.reshape(batch, heads * rows, covered), sums_matrix).view(batch, heads, rows, 3)
+    # the top heads of each column in one pass: column 0 the visual heads H_V, column 1 the query heads H_Q
+    leads = torch.zeros_like(sums).scatter_(1, sums.topk(top, dim=1).indices, 1.0)  # [B, H, R, 3]
+    visual, _, gained = sums.unbind(-1)  # [B, H, R]
+    hv, query_heads, _ = leads.unbind(-1)
     before = (visual * hv).sum(dim=1)  # [B, R]
     after = before + (gained * hv).sum(dim=1)
     ratio = torch.where(before > 0, after / before.clamp_min(torch.finfo(weights.dtype).tiny), 1.0)  # [B, R]
     query_scale = (beta * ratio - 1.0)[:, None, :] * query_heads  # [B, H, R]
+    if one is None:
+        one = torch.ones(1, dtype=weights.dtype, device=weights.device)
     # factor = 1 + hv * gain_j + query_scale * q_j, per (row, key)
-    factor = torch.baddbmm(torch.ones(1, dtype=weights.dtype, device=weights.device),
-                           torch.stack((hv, query_scale), dim=-1).reshape(batch, heads * rows, 2), edit_matrix)
-    edited = weights * factor.reshape(batch, heads, rows, keys)
+    factor = torch.baddbmm(one, torch.stack((hv, query_scale), dim=-1).view(batch, heads * rows, 2), edit_matrix)
+    if covered < keys:
+        factor = F.pad(factor, (0, keys - covered), value=1.0)  # [B, H*R, K]
+    edited = weights * factor.view(batch, heads, rows, keys)
     total = edited.sum(dim=-1, keepdim=True)
-    return edited / torch.where(total > 0, total, torch.ones_like(total))
+    # a row with no weight (padding) stays zero: 0 / tiny
+    return edited / total.clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def _top_heads(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -291,6 +306,7 @@ class GazeRecorder(Intervention):
 
     name = "gift_gaze"
     uses_weights = True
+    chunkable_rows = True  # the saliency accumulates over the chunks of l*
 
     def __init__(self, layer: int, owner: "GIFT"):
         self.layer = layer
@@ -317,6 +333,7 @@ class GIFT(Intervention):
 
     name = "gift"
     uses_weights = True
+    chunkable_rows = True  # each enhanced row on its own; the saliency accumulates over the chunks of l*
 
     def __init__(self, config: GIFTConfig, saliency_layer: int, enhance_layers: list[int], tokenizer=None):
         self.config = config
@@ -326,7 +343,8 @@ class GIFT(Intervention):
         self.tokenizer = tokenizer
         self.saliency: torch.Tensor | None = None
         self._gain: torch.Tensor | None = None  # [B, S] M - 1
-        self._keys: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._keys: dict = {}  # device -> (sums, edit, one) over the prompt keys, built once per prefill
+        self._gaze: tuple | None = None  # saliency accumulated over the chunks of l*: (sum per head [B, H, S], last row)
 
     def layers(self) -> set[int]:
         layers = set(self.enhance_layers)
@@ -338,8 +356,11 @@ class GIFT(Intervention):
     def begin(self, prompt: PromptContext, engine) -> None:
         spans = prompt.spans
         self._keys = {}
+        self._gaze = None
         self._prompt = prompt
         self._informative = informative_query_mask(prompt.input_ids, spans.query, self.tokenizer, self.config.use_spacy)
+        # the rows the saliency averages: the informative query tokens, or every query token when a sample has none
+        self._saliency_rows = torch.where(self._informative.any(dim=1, keepdim=True), self._informative, spans.query.bool())  # [B, S]
         self.saliency = torch.zeros(prompt.input_ids.shape, dtype=torch.float32, device=prompt.input_ids.device)
         self._gain = torch.zeros_like(self.saliency)
         if not self.in_prefill and bool(spans.has_image.any()):
@@ -354,14 +375,27 @@ class GIFT(Intervention):
         return ctx.queries(query | before)
 
     def record_saliency(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> None:
-        """Saliency from layer l*'s explicit rows ``[B, H, R, K]`` (prompt positions ``rows.index``)."""
+        """Saliency from layer l*'s explicit rows ``[B, H, R, K]`` (prompt positions ``rows.index``), accumulated
+        over the chunks of a long prefill (the last row of a chunk is kept: the next chunk's first row needs it)."""
         spans = ctx.prompt.spans
         seq = spans.query.shape[1]
         image_keys = ctx.keys(spans.image)[:, :seq]  # [B, S]
         weights = weights[..., :seq]
-        query_rows = spans.query[:, rows.index]  # [B, R]
-        shift = gaze_shift(weights, query_rows, image_keys, rows.index)  # [B, H, R, S]
-        raw = gaze_saliency(shift, self._informative[:, rows.index], query_rows)  # [B, S]
+        index = rows.index
+        if rows.first:
+            self._gaze = None
+        head_sums, previous = self._gaze if self._gaze is not None else (None, None)
+        if previous is not None:  # the previous chunk's last row, for the gaze shift of this chunk's first row
+            weights = torch.cat([previous[0], weights], dim=2)
+            index = torch.cat([previous[1], index])
+        shift = gaze_shift(weights, spans.query[:, index], image_keys, index)  # [B, H, R, S]
+        part = gaze_head_sums(shift, self._saliency_rows[:, index])  # [B, H, S]
+        head_sums = part if head_sums is None else head_sums + part
+        self._gaze = (head_sums, (weights[:, :, -1:], index[-1:]))
+        if not rows.last:
+            return
+        self._gaze = None
+        raw = saliency_from_head_sums(head_sums, self._saliency_rows.sum(dim=1))  # [B, S]
         normalised = normalise_saliency(raw, image_keys, self.config.clamp_stds)
         normalised = torch.where(spans.has_image[:, None], normalised, torch.zeros_like(normalised))
         self.saliency = normalised
@@ -369,28 +403,29 @@ class GIFT(Intervention):
         self._keys = {}
 
     # ------------------------------------------------------------------ enhancement
-    def rows(self, ctx: LayerContext) -> torch.Tensor | None:
+    def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
         if ctx.layer == self.saliency_layer and self.in_prefill:
             return self.saliency_rows(ctx) if ctx.phase == "prefill" else None
-        return ctx.predicting_rows()
+        return EVERY_ROW if ctx.all_generated else ctx.predicting_rows()
 
-    def _matrices(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self._keys.get(ctx.key_length)
+    def decode_layers(self) -> set[int]:
+        return set(self.enhance_layers)
+
+    def _matrices(self, ctx: LayerContext, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`fusion_matrices` over the prompt keys and a 1-element ones tensor (once per prefill and device)."""
+        cached = self._keys.get(device)
         if cached is None:
             spans = ctx.prompt.spans
-            cached = fusion_matrices(ctx.keys(self._gain), ctx.keys(spans.image), ctx.keys(spans.query))
-            self._keys = {ctx.key_length: cached}
+            sums_matrix, edit_matrix = fusion_matrices(self._gain.to(device), spans.image.to(device), spans.query.to(device))
+            cached = self._keys[device] = (sums_matrix, edit_matrix, torch.ones(1, device=device))
         return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         if ctx.layer == self.saliency_layer and self.in_prefill:
             self.record_saliency(ctx, weights, rows)
             return weights
-        sums_matrix, edit_matrix = self._matrices(ctx)
-        return _enhance(weights, sums_matrix.to(weights.dtype), edit_matrix.to(weights.dtype), self.config.beta)
-
-    def end(self) -> None:
-        self._keys = {}
+        sums_matrix, edit_matrix, one = self._matrices(ctx, weights.device)
+        return _enhance(weights, sums_matrix, edit_matrix, self.config.beta, one)
 
 
 def build(config: GIFTConfig, adapter, head_map) -> GIFT:

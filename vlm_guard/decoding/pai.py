@@ -26,7 +26,7 @@ import torch
 from transformers import LogitsProcessor
 
 from ..config import MethodConfig, check_layers, check_range
-from .base import Intervention, LayerContext, PromptContext, RowSelection
+from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
 from ..models.compat import cache_kwargs, output_cache
 from .engine import restore_forward_state, save_forward_state
 from .registry import register_method
@@ -218,8 +218,10 @@ class PAI(Intervention):
         self.prompt_position_ids = prompt.model_inputs.get("position_ids")
         self._image_keys = None
 
-    def rows(self, ctx: LayerContext) -> torch.Tensor | None:
-        return ctx.predicting_rows()
+    chunkable_rows = True  # each row's edit is its own
+
+    def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
+        return EVERY_ROW if ctx.all_generated else ctx.predicting_rows()
 
     def on_scores(self, ctx: LayerContext, scores: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         if self._image_keys is None or self._image_keys[0] != ctx.key_length:

@@ -21,7 +21,10 @@ paper's last-layer exclusion, ``preset="paper"``):
    layer whose sinks are all text tokens.
 
 Rows edited: text positions after the image during the prefill and every generated token.
-Everything is one batched computation over ``[B, H, R, K]``: no loop over heads or rows.
+Everything is one batched computation over ``[B, H, R, K]``: no loop over heads or rows. The key
+matrices of a layer are built once per prefill, over the prompt's keys (generated keys are never image
+or sink keys, so the edit leaves them as they are); a layer whose sinks are all dropped (none, or text
+only with ``require_visual_sink``) is the identity and is left out of the decoding steps.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+import torch.nn.functional as F
+
 from ..config import MethodConfig, check_layers, check_range, preset_field
 from ..heads.sinks import SINK_THRESHOLD, sink_scores
-from .base import Intervention, LayerContext, PromptContext, RowSelection
+from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
 from .registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -141,17 +146,28 @@ def recycling_matrices(image_keys: torch.Tensor, sink_keys: torch.Tensor, dtype=
 
 
 def _recycle(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torch.Tensor, p: float, rho: float,
-             visual_threshold: float) -> torch.Tensor:
+             visual_threshold: float, one: torch.Tensor | None = None) -> torch.Tensor:
+    """The edit with the key matrices of :func:`recycling_matrices`; they may cover only the first ``S <= K`` keys
+    (the prompt's: later keys are neither image nor sink keys, so their factor is 1). ``one``: a 1-element tensor
+    of ones (made here when not given)."""
     batch, heads, rows, keys = weights.shape
-    # one batched matmul for the three row sums: [B, H*R, K] @ [B, K, 3] -> [B, H*R, 3]
-    sums = torch.bmm(weights.reshape(batch, heads * rows, keys), sums_matrix)
+    covered = min(keys, sums_matrix.shape[1])
+    if covered < sums_matrix.shape[1]:
+        sums_matrix, edit_matrix = sums_matrix[:, :covered], edit_matrix[..., :covered]
+    head = weights if covered == keys else weights[..., :covered]  # [B, H, R, S]
+    # one batched matmul for the three row sums: [B, H*R, S] @ [B, S, 3] -> [B, H*R, 3]
+    sums = torch.bmm(head.reshape(batch, heads * rows, covered), sums_matrix)
     visual, sink_mass, free_visual = sums.unbind(-1)  # each [B, H*R]
     selected = ((visual >= visual_threshold) & (free_visual >= rho * visual) & (free_visual > 0)).to(weights.dtype)
     keep = selected * p  # [B, H*R] the sink keys lose p of their weight ...
     gain = keep * sink_mass / free_visual.clamp_min(torch.finfo(weights.dtype).tiny)  # ... the budget Omega, spread
-    # factor = 1 - keep*sink + gain*free_image, per (row, key): [B, H*R, 2] @ [B, 2, K]
-    factor = torch.baddbmm(torch.ones(1, dtype=weights.dtype, device=weights.device), torch.stack((keep, gain), dim=-1), edit_matrix)
-    return weights * factor.reshape(batch, heads, rows, keys)
+    if one is None:
+        one = torch.ones(1, dtype=weights.dtype, device=weights.device)
+    # factor = 1 - keep*sink + gain*free_image, per (row, key): [B, H*R, 2] @ [B, 2, S]
+    factor = torch.baddbmm(one, torch.stack((keep, gain), dim=-1), edit_matrix)
+    if covered < keys:
+        factor = F.pad(factor, (0, keys - covered), value=1.0)  # [B, H*R, K]
+    return weights * factor.view(batch, heads, rows, keys)
 
 
 class VAR(Intervention):
@@ -164,17 +180,25 @@ class VAR(Intervention):
     name = "var"
     uses_weights = True
     uses_layer_input = True
+    chunkable_rows = True  # each row's edit is its own
 
     def __init__(self, config: VARConfig, sink_dims: list[int], layers: list[int]):
         self.config = config
         self.sink_dims = list(sink_dims)
         self._layers = sorted(set(layers))
         self.sink_mask: dict[int, torch.Tensor] = {}
-        self._sink_dims_tensor: torch.Tensor | None = None
-        self._keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keys: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # layer -> matrices over the prompt keys
 
     def layers(self) -> set[int]:
         return set(self._layers)
+
+    def decode_layers(self) -> set[int]:
+        """The VAR layers with a sink left after the prefill (in any sample): the others are the identity."""
+        layers = [layer for layer in self._layers if layer in self.sink_mask]
+        if not layers:
+            return set()
+        has_sink = torch.stack([self._effective_sinks(layer).any(dim=-1) for layer in layers]).any(dim=-1).tolist()  # one read
+        return {layer for layer, sink in zip(layers, has_sink) if sink}
 
     def begin(self, prompt: PromptContext, engine) -> None:
         self.sink_mask = {}
@@ -188,37 +212,34 @@ class VAR(Intervention):
         valid = ctx.prompt.spans.valid  # [B, S]
         phi = sink_scores(hidden_states, self.sink_dims)  # [B, S]
         self.sink_mask[ctx.layer] = (phi > self.config.tau) & valid
+        self._keys.pop(ctx.layer, None)
 
-    def rows(self, ctx: LayerContext) -> torch.Tensor | None:
+    def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
+        if ctx.all_generated:
+            return EVERY_ROW
         if ctx.phase == "prefill":
             return ctx.queries(self._after_image)
-        if ctx.has_prompt_rows:  # a step recomputed without cache holds the prompt rows again
-            return ctx.queries(self._after_image) | ctx.generated_rows()
-        return ctx.generated_rows()
+        return ctx.queries(self._after_image) | ctx.generated_rows()  # a step recomputed without cache
 
-    def _matrices(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`recycling_matrices` for this layer's sinks and this step's key length (cached per step)."""
-        cache_key = (ctx.layer, ctx.key_length)
-        cached = self._keys.get(cache_key)
-        if cached is None:
-            sink = self.sink_mask.get(ctx.layer)
-            if sink is None:
-                sink = torch.zeros_like(self._image)
-            elif self.config.require_visual_sink:
-                sink = drop_text_only_sinks(sink, self._image)
-            cached = recycling_matrices(ctx.keys(self._image), ctx.keys(sink))
-            # keep only the current step's entries (the key length grows by one per step)
-            self._keys = {k: v for k, v in self._keys.items() if k[1] == ctx.key_length}
-            self._keys[cache_key] = cached
+    def _effective_sinks(self, layer: int) -> torch.Tensor:
+        """``[B, S]`` the sinks the edit uses at ``layer`` (``require_visual_sink`` drops a sample's text-only sinks)."""
+        sink = self.sink_mask.get(layer)
+        if sink is None:
+            return torch.zeros_like(self._image)
+        return drop_text_only_sinks(sink, self._image) if self.config.require_visual_sink else sink
+
+    def _matrices(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`recycling_matrices` over the prompt keys for this layer's sinks, and a 1-element ones tensor
+        (built once per prefill and layer)."""
+        cached = self._keys.get(layer)
+        if cached is None or cached[0].device != device:
+            sums_matrix, edit_matrix = recycling_matrices(self._image.to(device), self._effective_sinks(layer).to(device))
+            cached = self._keys[layer] = (sums_matrix, edit_matrix, torch.ones(1, device=device))
         return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        sums_matrix, edit_matrix = self._matrices(ctx)
-        return _recycle(weights, sums_matrix.to(weights.dtype), edit_matrix.to(weights.dtype), self.config.p, self.config.rho,
-                        self.config.visual_threshold)
-
-    def end(self) -> None:
-        self._keys = {}
+        sums_matrix, edit_matrix, one = self._matrices(ctx.layer, weights.device)
+        return _recycle(weights, sums_matrix, edit_matrix, self.config.p, self.config.rho, self.config.visual_threshold, one)
 
 
 def default_var_layers(num_layers: int, last_layer: bool = True) -> list[int]:

@@ -80,6 +80,15 @@ class VHR(Intervention):
         self.static_mask = head_mask
         self.selected: dict[int, torch.Tensor] = {}  # layer -> [B, H] bool, per sample
         self._text_only: dict[int, torch.Tensor] = {}
+        self._scales: dict[int, torch.Tensor] = {}  # layer -> [B, 1, H, 1] alpha or 1, built once per sample
+
+    def decode_layers(self) -> set[int]:
+        """The target layers where some sample has a chosen head (the others would multiply by 1)."""
+        layers = [layer for layer in self.target_layers if layer in self.selected]
+        if not layers:
+            return set()
+        chosen = torch.stack([self.selected[layer].any(dim=-1) for layer in layers]).any(dim=-1).tolist()  # one read
+        return {layer for layer, any_head in zip(layers, chosen) if any_head}
 
     def layers(self) -> set[int]:
         return set(self.target_layers)
@@ -87,6 +96,7 @@ class VHR(Intervention):
     def begin(self, prompt: PromptContext, engine) -> None:
         self.selected = {}
         self._text_only = {}
+        self._scales = {}
         if self.static_mask is not None:
             return
         recorder = HeadOutputRecorder(self.target_layers)
@@ -115,9 +125,12 @@ class VHR(Intervention):
         return mask
 
     def on_head_output(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
-        mask = self.head_mask_for(ctx, head_output)  # [B, H]
-        scale = torch.where(mask, self.config.alpha, 1.0).to(head_output.dtype)  # [B, H]
-        return head_output * scale[:, None, :, None]
+        scale = self._scales.get(ctx.layer)  # built at the prefill, one multiplication per decoding step
+        if scale is None or scale.dtype != head_output.dtype or scale.device != head_output.device or scale.shape[0] != head_output.shape[0]:
+            mask = self.head_mask_for(ctx, head_output)  # [B, H]
+            scale = torch.where(mask, self.config.alpha, 1.0).to(head_output.dtype)[:, None, :, None]  # [B, 1, H, 1]
+            self._scales[ctx.layer] = scale
+        return head_output * scale
 
 
 def build(config: VHRConfig, adapter, head_map) -> VHR:

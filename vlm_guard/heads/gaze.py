@@ -114,17 +114,26 @@ def gaze_saliency(shift: torch.Tensor, informative_rows: torch.Tensor, query_row
     Returns:
         ``[B, K]`` fp32, never NaN.
     """
-    batch, heads = shift.shape[:2]
     informative = informative_rows.bool()
     fallback = informative if query_rows is None else query_rows.bool()
     use_rows = torch.where(informative.any(dim=1, keepdim=True), informative, fallback)  # [B, R]
-    kept = shift * use_rows[:, None, :, None]  # [B, H, R, K]
-    per_head = kept.sum(dim=2)  # [B, H, K]
+    return saliency_from_head_sums(gaze_head_sums(shift, use_rows), use_rows.sum(dim=1), num_heads)
+
+
+def gaze_head_sums(shift: torch.Tensor, use_rows: torch.Tensor) -> torch.Tensor:
+    """``[B, H, K]`` the gaze shift summed over the rows that count (``use_rows [B, R]``). Sums of disjoint row
+    blocks add up, so a long prompt's rows can be taken in chunks (GIFT does)."""
+    return (shift * use_rows[:, None, :, None]).sum(dim=2)
+
+
+def saliency_from_head_sums(per_head: torch.Tensor, n_rows: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+    """The end of :func:`gaze_saliency`: the top heads of ``per_head [B, H, K]`` (summed over keys) averaged over
+    those heads and the ``n_rows [B]`` rows that count. Returns ``[B, K]``."""
+    heads = per_head.shape[1]
     k = max(1, heads // 2) if num_heads is None else max(1, min(num_heads, heads))
     top = per_head.sum(dim=-1).topk(k, dim=1).indices  # [B, k]
     chosen = per_head.gather(1, top[:, :, None].expand(-1, -1, per_head.shape[-1]))  # [B, k, K]
-    n_rows = use_rows.sum(dim=1).clamp_min(1).float()  # [B]
-    return chosen.sum(dim=1) / (k * n_rows[:, None])
+    return chosen.sum(dim=1) / (k * n_rows.clamp_min(1).float()[:, None])
 
 
 def normalise_saliency(saliency: torch.Tensor, image_keys: torch.Tensor, clamp_stds: float = CLAMP_STDS) -> torch.Tensor:
