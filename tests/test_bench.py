@@ -17,7 +17,7 @@ from vlm_guard.decoding import bench
 def test_bench_command_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = build_parser().parse_args(["bench", "--model", "random", "--repeats", "1", "--new-tokens", "2", "--hidden-size", "128",
-                                      "--layers", "4", "--vocab-size", "512", "--out", str(out)])
+                                      "--layers", "4", "--vocab-size", "512", "--long-prompt", "0", "--out", str(out)])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -42,7 +42,14 @@ def test_bench_command_writes_table_and_json(tmp_path, capsys):
     # the contrastive baseline runs a second forward per step: clearly more ops than plain
     assert configs["vcd"]["ratio_to_plain"]["decode_ops"] > 1.5
     assert configs["var"]["config"]["var"]["sink_dims"] == [bench.PLANTED_SINK_DIM]
-    assert configs["vhr+var+gift"]["decode_target"] == 1.3
+    assert configs["vhr+var+gift"]["decode_target"] == 1.3 and configs["off"]["decode_target"] == 1.03
+    assert configs["off"]["ops_target"] == 1.02 and configs["off"]["ops_target_met"] is True  # off dispatches plain's ops
+    # every method really acts: its prefill logits move, and it keeps decode layers (VAR's planted BOS sink is recycled)
+    for name in ("vhr", "var", "gift", "vhr+var+gift", "pai"):
+        acts = configs[name]["acts"]
+        assert acts["max_prefill_logit_change"] > 0 and any(acts["decode_layers"].values()), name
+    assert configs["off"]["acts"]["max_prefill_logit_change"] == 0.0 and "acts:" in printed
+    assert "long_prompt" not in report
 
 
 def test_planted_sink_is_found_by_var():
@@ -60,9 +67,36 @@ def test_planted_sink_is_found_by_var():
         guarded.unwrap()
 
 
+def test_long_prompt_memory_runs_each_configuration_in_a_fresh_process():
+    """The long-prompt pass on a 1024-token prompt for plain and VAR: a peak for each, ratios to plain, the target
+    on VAR only among those (it is a paper method), and the table names both."""
+    report = bench.long_prompt_memory(1024, configs=("plain", "var"))
+    assert report["prompt_length"] == 1024 and list(report["configs"]) == ["plain", "var"]
+    plain, var = report["configs"]["plain"], report["configs"]["var"]
+    assert plain["peak_mib"] > 0 and var["peak_mib"] > 0 and plain["ratio_to_plain"] == 1.0
+    assert var["memory_target"] == bench.MEMORY_TARGET and plain["memory_target"] is None
+    assert var["memory_target_met"] == (var["ratio_to_plain"] <= bench.MEMORY_TARGET)
+    table = bench.format_long_prompt(report)
+    assert "1024-token prompt" in table and "var" in table
+
+
+def test_bench_var_settings_make_var_act_on_a_model_without_massive_activations():
+    """The default-model recipe: the largest first-token ratio's dimension, tau at half BOS's smallest phi (so BOS is a
+    sink in every VAR layer), text sinks recycled; on a tiny model (64 wide, no planted sink) VAR then edits."""
+    from vlm_guard.testing import build_batch, tiny_model
+
+    model = tiny_model("llava")
+    inputs = build_batch(model, [(True, 6)])
+    settings = bench.bench_var_settings(model, inputs)
+    assert settings["require_visual_sink"] is False and len(settings["sink_dims"]) == 1
+    assert 0 < settings["tau"] < min(settings["bos_phi"])
+    acts = bench.method_action(model, None, bench.method_configs(False, settings)["var"], inputs)
+    assert acts["decode_layers"]["var"] == [2, 3] and acts["max_prefill_logit_change"] > 0
+
+
 def test_bad_arguments_are_rejected():
     parser = build_parser()
-    for argv in (["bench", "--repeats", "0"], ["bench", "--new-tokens", "1"]):
+    for argv in (["bench", "--repeats", "0"], ["bench", "--new-tokens", "1"], ["bench", "--long-prompt", "100"]):
         args = parser.parse_args(argv)
         with pytest.raises(ValueError):
             args.func(args)

@@ -158,8 +158,11 @@ def _recycle(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torc
     # one batched matmul for the three row sums: [B, H*R, S] @ [B, S, 3] -> [B, H*R, 3]
     sums = torch.bmm(head.reshape(batch, heads * rows, covered), sums_matrix)
     visual, sink_mass, free_visual = sums.unbind(-1)  # each [B, H*R]
-    selected = ((visual >= visual_threshold) & (free_visual >= rho * visual) & (free_visual > 0)).to(weights.dtype)
-    keep = selected * p  # [B, H*R] the sink keys lose p of their weight ...
+    selected = (visual >= visual_threshold) & (free_visual >= rho * visual)
+    if not (visual_threshold > 0 and rho > 0):  # (otherwise implied: free >= rho * visual >= rho * threshold > 0)
+        selected = selected & (free_visual > 0)
+    # [B, H*R] the sink keys lose p of their weight ...
+    keep = selected * p if weights.dtype == torch.get_default_dtype() else selected.to(weights.dtype) * p
     gain = keep * sink_mass / free_visual.clamp_min(torch.finfo(weights.dtype).tiny)  # ... the budget Omega, spread
     if one is None:
         one = torch.ones(1, dtype=weights.dtype, device=weights.device)
