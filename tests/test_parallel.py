@@ -130,6 +130,8 @@ def _env(**extra):
            "TRANSFORMERS_OFFLINE": "1", **extra}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: a CI container's host name may not resolve
     return env
 
 
