@@ -120,6 +120,38 @@ def test_a_part_of_another_run_or_still_written_is_refused(tmp_path):
         busy.close()
 
 
+def test_profiler_sums_of_disjoint_shares_add_up_to_one_profiler_over_everything():
+    """What calibrate's reduction does, in one process: two profilers on disjoint batches (both taking the sink
+    dimensions from the first batch), their sums added and loaded, give the map of one profiler over all batches."""
+    from vlm_guard.heads.calibrate import HeadProfiler
+    from vlm_guard.testing import build_batch, tiny_model
+
+    model = tiny_model("llava")
+    batches = [build_batch(model, [(True, 5), (True, 9), (True, 7)], seed=seed) for seed in range(3)]
+    with HeadProfiler.open(model, sink_dims=[5, 7]) as profiler:
+        for inputs in batches:
+            profiler.profile(inputs)
+        reference = profiler.head_map({"n_images": 9})
+    shares = []
+    for rank_batches in ([batches[0], batches[2]], [batches[1]]):
+        with HeadProfiler.open(model, sink_dims=[5, 7]) as profiler:
+            profiler.decide_sink_dims(batches[0])
+            for inputs in rank_batches:
+                profiler.profile(inputs)
+            shares.append(profiler.accumulated())
+    total = {key: shares[0][key] + shares[1][key] for key in shares[0]}
+    with HeadProfiler.open(model, sink_dims=[5, 7]) as profiler:
+        profiler.decide_sink_dims(batches[0])
+        profiler.load_accumulated(total)
+        merged = profiler.head_map({"n_images": 9})
+    assert profiler.prompts_profiled == 9
+    tensors = merged._tensors()
+    for name, value in reference._tensors().items():
+        assert torch.allclose(tensors[name], value, rtol=1e-5, atol=1e-7, equal_nan=True), name
+    assert not torch.isnan(reference.image_centric.head_fraction[2]).any()  # VAR statistics were measured
+    _assert_close(merged.to_json(), reference.to_json())
+
+
 # ---------------------------------------------------------------------------------------------- launched commands
 EVAL = ["eval", "synthetic", "--limit", "4", "--batch-size", "2", "--n-resamples", "50", "--threads", "1",
         "--no-progress"]
