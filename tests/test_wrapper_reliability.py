@@ -78,12 +78,11 @@ def test_failed_wrap_leaves_the_model_untouched_and_wrappable(model, inputs, con
 
 
 def test_error_midway_through_install_is_undone(model, monkeypatch):
-    layer = model.model.language_model.layers[2]
-
+    # the model's forward hook is registered last, after the attention and the pre-hook are installed
     def broken(*args, **kwargs):
         raise RuntimeError("hook registration failed")
 
-    monkeypatch.setattr(layer, "register_forward_pre_hook", broken)
+    monkeypatch.setattr(model, "register_forward_hook", broken)
     with pytest.raises(RuntimeError, match="hook registration failed"):
         vlm_guard.wrap(model)
     monkeypatch.undo()

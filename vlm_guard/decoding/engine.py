@@ -174,8 +174,8 @@ def restore_forward_state(saved: list[tuple[nn.Module, str, object]]) -> None:
         setattr(module, name, value)
 
 
-def _grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """``q k^T`` without materialising repeated keys (one ``bmm`` over views).
+def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """``scaling * q k^T`` without materialising repeated keys (one ``baddbmm`` over views).
 
     Args:
         query: ``[B, H, R, D]`` fp32.
@@ -186,8 +186,12 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     batch, num_heads, rows, dim = query.shape
     num_kv_heads, keys = key.shape[1], key.shape[2]
     grouped = query.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * rows, dim)  # [B*KVH, groups*R, D]
-    scores = torch.bmm(grouped, key.reshape(batch * num_kv_heads, keys, dim).transpose(1, 2))  # [B*KVH, groups*R, K]
-    return scores.view(batch, num_heads, rows, keys)
+    keys_t = key.reshape(batch * num_kv_heads, keys, dim).transpose(1, 2)  # [B*KVH, D, K]
+    if scaling == 1.0:
+        scores = torch.bmm(grouped, keys_t)
+    else:  # the scale inside the product (beta=0: the input tensor is not read)
+        scores = torch.baddbmm(grouped.new_empty(()), grouped, keys_t, beta=0.0, alpha=scaling)
+    return scores.view(batch, num_heads, rows, keys)  # [B*KVH, groups*R, K] -> [B, H, R, K]
 
 
 def _grouped_output(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -228,6 +232,9 @@ class GuardEngine:
         self.name = f"vlm_guard_{id(self):x}"
         self._thread_state = threading.local()  # frames and the on/off switch are per thread
         self._hooks: list = []
+        # layer-input hooks exist only while a frame needs them (a module with hooks takes torch's slower call path)
+        self._layer_hooks: dict[int, list] = {}  # layer -> [handle, users]
+        self._layer_hooks_lock = threading.Lock()
         self._original_implementations: list[tuple[object, str]] = []
         self._layer_of: dict[int, int] = {}
         self._base_attention = None
@@ -292,8 +299,6 @@ class GuardEngine:
             config._attn_implementation = self.name
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._after_model_forward, with_kwargs=True))
-        for index, layer in enumerate(self.adapter.decoder_layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
         self.installed = True
 
     def uninstall(self) -> None:
@@ -301,6 +306,10 @@ class GuardEngine:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        with self._layer_hooks_lock:
+            for handle, _ in self._layer_hooks.values():
+                handle.remove()
+            self._layer_hooks.clear()
         for config, original in self._original_implementations:
             config._attn_implementation = original
         self._original_implementations.clear()
@@ -320,13 +329,39 @@ class GuardEngine:
                 when its prefill passes only embeddings or prepared (4-D / per-layer-type) masks.
         """
         frame = Frame(list(interventions), known_prompt=known_prompt)
+        input_layers = [layer for layer, plan in frame.plan.items() if plan.layer_input]
+        self._acquire_layer_hooks(input_layers)
         self._frames.append(frame)
         try:
             yield frame
         finally:
             self._frames.pop()
+            self._release_layer_hooks(input_layers)
             for intervention in frame.interventions:
                 intervention.end()
+
+    def _acquire_layer_hooks(self, layers: list[int]) -> None:
+        if not layers:
+            return
+        decoder_layers = self.adapter.decoder_layers
+        with self._layer_hooks_lock:
+            for layer in layers:
+                entry = self._layer_hooks.get(layer)
+                if entry is None:
+                    handle = decoder_layers[layer].register_forward_pre_hook(self._make_layer_hook(layer), with_kwargs=True)
+                    entry = self._layer_hooks[layer] = [handle, 0]
+                entry[1] += 1
+
+    def _release_layer_hooks(self, layers: list[int]) -> None:
+        with self._layer_hooks_lock:
+            for layer in layers:
+                entry = self._layer_hooks.get(layer)
+                if entry is None:
+                    continue
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    entry[0].remove()
+                    del self._layer_hooks[layer]
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
@@ -367,9 +402,11 @@ class GuardEngine:
             restore_forward_state(saved)
 
     def _current(self) -> Frame | None:
-        if not self.enabled or not self._frames:
+        state = self._thread_state  # read once: this runs at every layer
+        frames = getattr(state, "frames", None)
+        if not frames or not getattr(state, "enabled", True):
             return None
-        frame = self._frames[-1]
+        frame = frames[-1]
         return frame if frame.interventions else None
 
     # ------------------------------------------------------------------ hooks
@@ -649,8 +686,10 @@ class GuardEngine:
         Returns ``[B, H, R, D]`` and the weights ``[B, H, R, K]`` (None for a chunked call whose base
         implementation returns no weights: they are never held whole)."""
         rows = query.shape[2] if index is None else index.shape[0]
-        chunk = self.chunk_rows if self.chunk_rows is not None else self._chunk_rows(ctx, query, rows)
-        if not chunkable or not ctx.has_prompt_rows or chunk >= rows:
+        chunk = rows
+        if chunkable and ctx.has_prompt_rows:
+            chunk = self.chunk_rows if self.chunk_rows is not None else self._chunk_rows(ctx, query, rows)
+        if chunk >= rows:
             return self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index, selections,
                                        every_row=index is None, softcap=softcap)
         if index is None:
@@ -694,7 +733,7 @@ class GuardEngine:
         if missing > 0:
             key, value, attention_mask = _place_window(key, value, attention_mask, missing, ctx.past_length, query.shape[2])
         rows_query = (query if every_row else query[:, :, index, :]).float()  # [B, H, R, D]
-        scores = _grouped_scores(rows_query * scaling, key.float())  # [B, H, R, K]
+        scores = _grouped_scores(rows_query, key.float(), scaling)  # [B, H, R, K]
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         allowed = None

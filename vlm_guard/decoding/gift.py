@@ -47,6 +47,8 @@ REFERENCE_SALIENCY_LAYER = 11
 REFERENCE_ENHANCE_LAYERS = (12, 22)
 SPACY_INFORMATIVE_POS = ("NOUN", "PROPN", "VERB", "ADJ", "ADV", "NUM")
 
+KEY_ROOM = 256  # generated keys the per-prefill key matrices hold before they are rebuilt (doubling)
+
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are aren't as at be because been before being below
     between both but by can could did do does doing don't down during each few for from further had has have
@@ -167,16 +169,17 @@ def _enhance(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torc
     sums = torch.bmm(head.reshape(batch, heads * rows, covered), sums_matrix).view(batch, heads, rows, 3)
     # the top heads of each column in one pass: column 0 the visual heads H_V, column 1 the query heads H_Q
     leads = torch.zeros_like(sums).scatter_(1, sums.topk(top, dim=1).indices, 1.0)  # [B, H, R, 3]
-    visual, _, gained = sums.unbind(-1)  # [B, H, R]
-    hv, query_heads, _ = leads.unbind(-1)
-    before = (visual * hv).sum(dim=1)  # [B, R]
-    after = before + (gained * hv).sum(dim=1)
-    ratio = torch.where(before > 0, after / before.clamp_min(torch.finfo(weights.dtype).tiny), 1.0)  # [B, R]
-    query_scale = (beta * ratio - 1.0)[:, None, :] * query_heads  # [B, H, R]
+    # over H_V: visual mass before the edit and the mass it gains; r = 1 + gained / before (1 where before is 0:
+    # then every H_V weight on V is 0, and so is the gain)
+    before, _, gained = (sums * leads[..., :1]).sum(dim=1).unbind(-1)  # [B, R]
+    extra = gained / before.clamp_min(torch.finfo(weights.dtype).tiny)  # r - 1
+    query_scale = extra if beta == 1.0 else extra * beta + (beta - 1.0)  # beta * r - 1
+    hv, query_heads, _ = leads.unbind(-1)  # [B, H, R]
+    # factor = 1 + hv * gain_j + (beta * r - 1) * hq * q_j, per (row, key)
     if one is None:
         one = torch.ones(1, dtype=weights.dtype, device=weights.device)
-    # factor = 1 + hv * gain_j + query_scale * q_j, per (row, key)
-    factor = torch.baddbmm(one, torch.stack((hv, query_scale), dim=-1).view(batch, heads * rows, 2), edit_matrix)
+    factor = torch.baddbmm(one, torch.stack((hv, query_scale[:, None, :] * query_heads), dim=-1).view(batch, heads * rows, 2),
+                           edit_matrix)
     if covered < keys:
         factor = F.pad(factor, (0, keys - covered), value=1.0)  # [B, H*R, K]
     edited = weights * factor.view(batch, heads, rows, keys)
@@ -411,20 +414,27 @@ class GIFT(Intervention):
     def decode_layers(self) -> set[int]:
         return set(self.enhance_layers)
 
-    def _matrices(self, ctx: LayerContext, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:func:`fusion_matrices` over the prompt keys and a 1-element ones tensor (once per prefill and device)."""
+    def _matrices(self, ctx: LayerContext, keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`fusion_matrices` over ``keys`` keys and a 1-element ones tensor: built once per prefill (with room for
+        generated keys, zero rows: neither image nor query keys), sliced once per step and shared by the layers."""
         cached = self._keys.get(device)
-        if cached is None:
+        if cached is None or cached[0].shape[1] < keys:
             spans = ctx.prompt.spans
-            sums_matrix, edit_matrix = fusion_matrices(self._gain.to(device), spans.image.to(device), spans.query.to(device))
-            cached = self._keys[device] = (sums_matrix, edit_matrix, torch.ones(1, device=device))
-        return cached
+            seq = spans.image.shape[1]
+            room = max(keys, seq + KEY_ROOM, 2 * cached[0].shape[1] if cached is not None else 0) - seq
+            sums_matrix, edit_matrix = fusion_matrices(*(F.pad(mask.to(device), (0, room)) for mask in (self._gain, spans.image, spans.query)))
+            cached = self._keys[device] = (sums_matrix, edit_matrix, torch.ones(1, device=device), None)
+        step = cached[3]
+        if step is None or step[0] != keys:  # the layers of one step share the slices
+            step = (keys, cached[0][:, :keys], cached[1][..., :keys])
+            self._keys[device] = (*cached[:3], step)
+        return step[1], step[2], cached[2]
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         if ctx.layer == self.saliency_layer and self.in_prefill:
             self.record_saliency(ctx, weights, rows)
             return weights
-        sums_matrix, edit_matrix, one = self._matrices(ctx, weights.device)
+        sums_matrix, edit_matrix, one = self._matrices(ctx, weights.shape[-1], weights.device)
         return _enhance(weights, sums_matrix, edit_matrix, self.config.beta, one)
 
 

@@ -44,6 +44,7 @@ from .registry import register_method
 logger = logging.getLogger(__name__)
 
 FIRST_SINK_LAYER = 2
+KEY_ROOM = 256  # generated keys the per-prefill key matrices hold before they are rebuilt (doubling)
 
 
 @dataclass
@@ -231,17 +232,20 @@ class VAR(Intervention):
             return torch.zeros_like(self._image)
         return drop_text_only_sinks(sink, self._image) if self.config.require_visual_sink else sink
 
-    def _matrices(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:func:`recycling_matrices` over the prompt keys for this layer's sinks, and a 1-element ones tensor
-        (built once per prefill and layer)."""
+    def _matrices(self, layer: int, keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`recycling_matrices` for this layer's sinks over ``keys`` keys (views of matrices built once per prefill
+        and layer, with room for generated keys: zero rows, as those are neither image nor sink keys), and a
+        1-element ones tensor."""
         cached = self._keys.get(layer)
-        if cached is None or cached[0].device != device:
-            sums_matrix, edit_matrix = recycling_matrices(self._image.to(device), self._effective_sinks(layer).to(device))
+        if cached is None or cached[0].shape[1] < keys or cached[0].device != device:
+            image, sink = self._image.to(device), self._effective_sinks(layer).to(device)  # [B, S]
+            room = max(keys, image.shape[1] + KEY_ROOM, 2 * cached[0].shape[1] if cached is not None else 0) - image.shape[1]
+            sums_matrix, edit_matrix = recycling_matrices(F.pad(image, (0, room)), F.pad(sink, (0, room)))
             cached = self._keys[layer] = (sums_matrix, edit_matrix, torch.ones(1, device=device))
-        return cached
+        return cached[0][:, :keys], cached[1][..., :keys], cached[2]
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        sums_matrix, edit_matrix, one = self._matrices(ctx.layer, weights.device)
+        sums_matrix, edit_matrix, one = self._matrices(ctx.layer, weights.shape[-1], weights.device)
         return _recycle(weights, sums_matrix, edit_matrix, self.config.p, self.config.rho, self.config.visual_threshold, one)
 
 
