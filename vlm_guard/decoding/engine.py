@@ -13,6 +13,23 @@ current generation continues it (one token, several tokens, a chunk); a ``use_ca
 ``generate`` recomputes it; a call that continues a cache this engine did not start, or passes only
 embeddings, gets one warning and runs the plain model (see :class:`Generation`).
 
+Hot path (a decoding step). What can be decided once is: which layers each method acts on is sorted
+into a :class:`LayerPlan` once per frame, and again once per generation right after its prefill
+(:meth:`Intervention.decode_layers`: a layer whose edit is the identity for this sample, such as VHR
+with no head chosen or VAR with no sink, leaves the plan), so every other layer calls the model's own
+attention and dispatches exactly its operations; the methods' key matrices, head scales and masks are
+built at the prefill; layer-input hooks exist only while a frame needs them. Nothing in a step reads a
+tensor's value: a method asks for every row with :data:`~vlm_guard.decoding.base.EVERY_ROW`, and
+prompt-level facts (every sample has an image) are Python values read once at the prefill
+(``tests/test_hot_path.py`` runs a step of every method under a mode that fails on ``.item()``,
+``bool(tensor)``, ``.tolist()``, ``nonzero`` ...).
+
+Memory of long prompts: a prefill's explicit rows (VAR edits every text row after the image, GIFT reads
+the query rows of its saliency layer) are computed in chunks of rows, so that one chunk's fp32 scores
+``[B, H, rows, K]`` hold about as many elements as the prompt's hidden states ``[B, S, M]``
+(``EXPLICIT_CHUNK_RATIO``); each row's result is the same as computed whole (GIFT accumulates its
+saliency over the chunks of its layer). ``GuardEngine.chunk_rows`` fixes the chunk size (tests).
+
 All state lives on the engine (and so on the wrapper that owns it): two engines on two models do not
 interfere, and :meth:`GuardEngine.uninstall` restores the model exactly (implementation name, hooks,
 registry entries).

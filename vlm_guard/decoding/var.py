@@ -191,6 +191,7 @@ class VAR(Intervention):
         self.sink_dims = list(sink_dims)
         self._layers = sorted(set(layers))
         self.sink_mask: dict[int, torch.Tensor] = {}
+        self._active: dict[int, bool] = {}  # layer -> some sample has a sink there (set at the prefill)
         self._keys: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # layer -> matrices over the prompt keys
 
     def layers(self) -> set[int]:
@@ -198,14 +199,11 @@ class VAR(Intervention):
 
     def decode_layers(self) -> set[int]:
         """The VAR layers with a sink left after the prefill (in any sample): the others are the identity."""
-        layers = [layer for layer in self._layers if layer in self.sink_mask]
-        if not layers:
-            return set()
-        has_sink = torch.stack([self._effective_sinks(layer).any(dim=-1) for layer in layers]).any(dim=-1).tolist()  # one read
-        return {layer for layer, sink in zip(layers, has_sink) if sink}
+        return {layer for layer in self._layers if self._active.get(layer, False)}
 
     def begin(self, prompt: PromptContext, engine) -> None:
         self.sink_mask = {}
+        self._active = {}
         self._keys = {}
         self._image = prompt.spans.image  # [B, S]
         self._after_image = prompt.spans.after_image  # [B, S]
@@ -217,8 +215,12 @@ class VAR(Intervention):
         phi = sink_scores(hidden_states, self.sink_dims)  # [B, S]
         self.sink_mask[ctx.layer] = (phi > self.config.tau) & valid
         self._keys.pop(ctx.layer, None)
+        # a layer without a sink (after require_visual_sink) is the identity: read once here, at the prefill
+        self._active[ctx.layer] = bool(self._effective_sinks(ctx.layer).any())
 
     def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
+        if not self._active.get(ctx.layer, False):  # no sink at this layer (or no prefill seen): nothing to recycle
+            return None
         if ctx.all_generated:
             return EVERY_ROW
         if ctx.phase == "prefill":
