@@ -17,7 +17,8 @@ from vlm_guard.decoding import bench
 def test_bench_command_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = build_parser().parse_args(["bench", "--model", "random", "--repeats", "1", "--new-tokens", "2", "--hidden-size", "128",
-                                      "--layers", "4", "--vocab-size", "512", "--long-prompt", "0", "--out", str(out)])
+                                      "--layers", "4", "--vocab-size", "512", "--long-prompt", "0", "--out", str(out),
+                                      "--markdown", str(tmp_path / "bench.md")])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -50,6 +51,8 @@ def test_bench_command_writes_table_and_json(tmp_path, capsys):
         assert acts["max_prefill_logit_change"] > 0 and any(acts["decode_layers"].values()), name
     assert configs["off"]["acts"]["max_prefill_logit_change"] == 0.0 and "acts:" in printed
     assert "long_prompt" not in report
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "| off |" in markdown and "(<= 1.03" in markdown and "ops x" in markdown
 
 
 def test_planted_sink_is_found_by_var():

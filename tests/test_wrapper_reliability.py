@@ -78,11 +78,13 @@ def test_failed_wrap_leaves_the_model_untouched_and_wrappable(model, inputs, con
 
 
 def test_error_midway_through_install_is_undone(model, monkeypatch):
-    # the model's forward hook is registered last, after the attention and the pre-hook are installed
+    # the mask function is registered after the attention function: a failure there leaves one registration to undo
+    from transformers.masking_utils import AttentionMaskInterface
+
     def broken(*args, **kwargs):
         raise RuntimeError("hook registration failed")
 
-    monkeypatch.setattr(model, "register_forward_hook", broken)
+    monkeypatch.setattr(AttentionMaskInterface, "register", broken)
     with pytest.raises(RuntimeError, match="hook registration failed"):
         vlm_guard.wrap(model)
     monkeypatch.undo()

@@ -249,9 +249,10 @@ class GuardEngine:
         self.name = f"vlm_guard_{id(self):x}"
         self._thread_state = threading.local()  # frames and the on/off switch are per thread
         self._hooks: list = []
-        # layer-input hooks exist only while a frame needs them (a module with hooks takes torch's slower call path)
-        self._layer_hooks: dict[int, list] = {}  # layer -> [handle, users]
-        self._layer_hooks_lock = threading.Lock()
+        # the model's hooks and the layer-input hooks exist only while a frame needs them (a module with hooks takes
+        # torch's slower call path): "model" or a layer index -> [handles, frames using them]
+        self._dynamic_hooks: dict[object, list] = {}
+        self._dynamic_hooks_lock = threading.Lock()
         self._original_implementations: list[tuple[object, str]] = []
         self._layer_of: dict[int, int] = {}
         self._base_attention = None
@@ -314,8 +315,6 @@ class GuardEngine:
         for config in configs.values():
             self._original_implementations.append((config, original))
             config._attn_implementation = self.name
-        self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(self._after_model_forward, with_kwargs=True))
         self.installed = True
 
     def uninstall(self) -> None:
@@ -323,10 +322,11 @@ class GuardEngine:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        with self._layer_hooks_lock:
-            for handle, _ in self._layer_hooks.values():
-                handle.remove()
-            self._layer_hooks.clear()
+        with self._dynamic_hooks_lock:
+            for handles, _ in self._dynamic_hooks.values():
+                for handle in handles:
+                    handle.remove()
+            self._dynamic_hooks.clear()
         for config, original in self._original_implementations:
             config._attn_implementation = original
         self._original_implementations.clear()
@@ -346,39 +346,49 @@ class GuardEngine:
                 when its prefill passes only embeddings or prepared (4-D / per-layer-type) masks.
         """
         frame = Frame(list(interventions), known_prompt=known_prompt)
-        input_layers = [layer for layer, plan in frame.plan.items() if plan.layer_input]
-        self._acquire_layer_hooks(input_layers)
-        self._frames.append(frame)
+        # a frame without methods needs no hook (its calls run the plain model); one with methods needs the model's
+        # hooks, and a layer-input hook where a method reads the layer input
+        hooked = (["model"] if frame.interventions else []) + [layer for layer, plan in frame.plan.items() if plan.layer_input]
+        self._acquire_hooks(hooked)
         try:
-            yield frame
+            self._frames.append(frame)
+            try:
+                yield frame
+            finally:
+                self._frames.pop()
+                for intervention in frame.interventions:
+                    intervention.end()
         finally:
-            self._frames.pop()
-            self._release_layer_hooks(input_layers)
-            for intervention in frame.interventions:
-                intervention.end()
+            self._release_hooks(hooked)
 
-    def _acquire_layer_hooks(self, layers: list[int]) -> None:
-        if not layers:
+    def _acquire_hooks(self, keys: list) -> None:
+        """Register the hooks of ``keys`` ("model", or a layer index) unless registered already; count the user."""
+        if not keys:
             return
-        decoder_layers = self.adapter.decoder_layers
-        with self._layer_hooks_lock:
-            for layer in layers:
-                entry = self._layer_hooks.get(layer)
+        with self._dynamic_hooks_lock:
+            for key in keys:
+                entry = self._dynamic_hooks.get(key)
                 if entry is None:
-                    handle = decoder_layers[layer].register_forward_pre_hook(self._make_layer_hook(layer), with_kwargs=True)
-                    entry = self._layer_hooks[layer] = [handle, 0]
+                    if key == "model":
+                        handles = [self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
+                                   self.model.register_forward_hook(self._after_model_forward, with_kwargs=True)]
+                    else:
+                        layer = self.adapter.decoder_layers[key]
+                        handles = [layer.register_forward_pre_hook(self._make_layer_hook(key), with_kwargs=True)]
+                    entry = self._dynamic_hooks[key] = [handles, 0]
                 entry[1] += 1
 
-    def _release_layer_hooks(self, layers: list[int]) -> None:
-        with self._layer_hooks_lock:
-            for layer in layers:
-                entry = self._layer_hooks.get(layer)
+    def _release_hooks(self, keys: list) -> None:
+        with self._dynamic_hooks_lock:
+            for key in keys:
+                entry = self._dynamic_hooks.get(key)
                 if entry is None:
                     continue
                 entry[1] -= 1
                 if entry[1] <= 0:
-                    entry[0].remove()
-                    del self._layer_hooks[layer]
+                    for handle in entry[0]:
+                        handle.remove()
+                    del self._dynamic_hooks[key]
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
