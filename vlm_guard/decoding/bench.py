@@ -23,7 +23,8 @@ Measured, per run (greedy, batch ``--batch``, ``--new-tokens`` tokens, no early 
   gives the median over repetitions and its ratio to plain, ``x(min)`` the ratio of the fastest
   repetitions, and ``x(cpu)`` the ratio of the median CPU time per step of the generating thread
   (``time.thread_time``: time spent descheduled by other jobs is not counted; both are less sensitive
-  to other load on a shared machine than the wall-clock median);
+  to other load on a shared machine than the wall-clock median). Python's garbage collector runs before
+  each timed run and is paused during it (as ``timeit`` does), so no run pays for an earlier one's garbage;
 - torch operations dispatched, in a separate untimed pass (one run per configuration): every aten
   operation that reaches the dispatcher under a ``TorchDispatchMode`` (:class:`OpCounter`), views and
   factory calls included, so the count is independent of the device and of other load. Reported per
@@ -70,6 +71,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import platform
@@ -349,6 +351,8 @@ def run_once(model, processor, config: GuardConfig | None, inputs: dict, new_tok
     guarded = None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
     runner = model if guarded is None else guarded
     timer = StepTimer()
+    gc.collect()  # as timeit does: no collection of an earlier run's garbage inside this run's timing
+    gc.disable()
     try:
         with PeakMemory(device) as memory:
             start = time.perf_counter()
@@ -358,6 +362,7 @@ def run_once(model, processor, config: GuardConfig | None, inputs: dict, new_tok
                 torch.cuda.synchronize(device)
         peak = memory.rise_mib()
     finally:
+        gc.enable()
         if guarded is not None:
             guarded.unwrap()
     steps = [b - a for a, b in zip(timer.times, timer.times[1:])]

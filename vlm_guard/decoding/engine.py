@@ -191,7 +191,7 @@ def restore_forward_state(saved: list[tuple[nn.Module, str, object]]) -> None:
         setattr(module, name, value)
 
 
-def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0, zero: torch.Tensor | None = None) -> torch.Tensor:
     """``scaling * q k^T`` without materialising repeated keys (one ``baddbmm`` over views).
 
     Args:
@@ -206,8 +206,8 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0
     keys_t = key.reshape(batch * num_kv_heads, keys, dim).transpose(1, 2)  # [B*KVH, D, K]
     if scaling == 1.0:
         scores = torch.bmm(grouped, keys_t)
-    else:  # the scale inside the product (beta=0: the input tensor is not read)
-        scores = torch.baddbmm(grouped.new_empty(()), grouped, keys_t, beta=0.0, alpha=scaling)
+    else:  # the scale inside the product (beta=0: the input is not read, a 0-d tensor of the dtype will do)
+        scores = torch.baddbmm(zero if zero is not None else grouped.new_zeros(()), grouped, keys_t, beta=0.0, alpha=scaling)
     return scores.view(batch, num_heads, rows, keys)  # [B*KVH, groups*R, K] -> [B, H, R, K]
 
 
@@ -258,6 +258,7 @@ class GuardEngine:
         self._base_attention = None
         self._returns_weights = False
         self._generation: Generation | None = None  # the latest generation that holds the methods' per-sample state
+        self._zeros: dict = {}  # device -> a 0-d fp32 zero (the unread input of the scores' baddbmm)
         self.chunk_rows: int | None = None  # rows per chunk of a prefill's explicit rows; None: from the memory budget
         self.installed = False
         self.geometry = adapter.geometry
@@ -760,7 +761,10 @@ class GuardEngine:
         if missing > 0:
             key, value, attention_mask = _place_window(key, value, attention_mask, missing, ctx.past_length, query.shape[2])
         rows_query = (query if every_row else query[:, :, index, :]).float()  # [B, H, R, D]
-        scores = _grouped_scores(rows_query, key.float(), scaling)  # [B, H, R, K]
+        zero = self._zeros.get(query.device)
+        if zero is None:
+            zero = self._zeros[query.device] = torch.zeros((), device=query.device)
+        scores = _grouped_scores(rows_query, key.float(), scaling, zero)  # [B, H, R, K]
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         allowed = None
