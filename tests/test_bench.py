@@ -137,3 +137,12 @@ def test_op_counts_per_step_are_differences_of_running_totals():
 
     prefill_ops, decode_ops = bench.count_ops_once(FakeModel(), None, None, {}, new_tokens=4)
     assert (prefill_ops, decode_ops) == (13, 2)
+
+
+def test_default_v2_without_weights_is_skipped_with_a_note(tmp_path, capsys):
+    """``--model default-v2`` with a folder that holds no v2 weights reports why it skipped, and still succeeds."""
+    args = build_parser().parse_args(["bench", "--model", "default-v2", "--v2-weights", str(tmp_path / "none"),
+                                      "--long-prompt", "0", "--out", ""])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "default model v2 skipped" in printed and "no v2 weights" in printed
