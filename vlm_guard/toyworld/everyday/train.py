@@ -52,7 +52,7 @@ class V2TrainConfig:
     out_dir: str = field(default="runs/v2", metadata={"help": "run folder (checkpoints, final weights)"})
     seed: int = field(default=0, metadata={"help": "seed for init and data"})
     spec: V2Spec = field(default_factory=V2Spec, metadata={"help": "vision/adapter sizes"})
-    pair_prob: float = field(default=0.9, metadata={"help": "co-occurrence of partners in training scenes"})
+    pair_prob: float = field(default=0.97, metadata={"help": "co-occurrence of partners in training scenes"})
     vision_steps: int = 200
     prealign_steps: int = 200
     align_steps: int = 60
