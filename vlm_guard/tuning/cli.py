@@ -74,10 +74,13 @@ def run(args: argparse.Namespace) -> int:
                                 seed=args.seed, caption_prompt=args.caption_prompt,
                                 pope_max_new_tokens=args.pope_max_new_tokens, chair_max_new_tokens=args.chair_max_new_tokens)
     else:
-        if args.model is not None:
-            logger.warning("no --pope / --instances given: tuning %s on the synthetic world, which only the default "
-                           "model knows; pass your own POPE-format and COCO-format files", args.model)
-        data = synthetic_tuning_data(args.n_questions, args.n_captions, args.world_seed)
+        from ..toyworld.worlds import world_for_model_argument
+
+        world = world_for_model_argument(args.model)
+        if args.model is not None and world.name != "shapes":
+            logger.warning("no --pope / --instances given: tuning %s on the synthetic %s world; for a real model pass "
+                           "your own POPE-format and COCO-format files", args.model, world.name)
+        data = synthetic_tuning_data(args.n_questions, args.n_captions, args.world_seed, world=world.name)
     from ..parallel import data_parallel
 
     parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch

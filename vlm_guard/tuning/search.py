@@ -83,8 +83,11 @@ class TuningData:
     description: dict = field(default_factory=dict)
 
 
-def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: int | None = None) -> TuningData:
-    """POPE-style splits and captions of the synthetic world's **tuning** seed (910001), never the reported one.
+def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: int | None = None,
+                          world: str | None = None) -> TuningData:
+    """POPE-style splits and captions of a synthetic world's **tuning** seed (910001), never the reported one.
+    ``world``: ``"everyday"`` or ``"shapes"`` (the model's own world: see ``vlm_guard.toyworld.worlds``;
+    ``None``: the default model's).
 
     Raises:
         ValueError: ``seed`` is the reported seed 900001.
@@ -96,10 +99,14 @@ def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: i
     seed = TUNING_SEED if seed is None else int(seed)
     if seed == EVAL_SEED:
         raise ValueError(f"seed {seed} is the reported benchmark's world seed; tune on {TUNING_SEED} (or another unreported seed)")
+    from ..toyworld.worlds import world_kind
+
+    world = world_kind(world).name
     tasks = synthetic_tasks(n_questions, n_captions, world_seed=seed, pope_max_new_tokens=DEFAULT_MAX_NEW_TOKENS["synthetic_pope"],
-                            chair_max_new_tokens=DEFAULT_MAX_NEW_TOKENS["synthetic_chair"])
-    return TuningData(f"synthetic world seed {seed} (tuning)", tasks, ImageLoader(),
-                      {"kind": "synthetic", "world_seed": seed, "n_questions_per_split": n_questions, "n_captions": n_captions})
+                            world=world)
+    return TuningData(f"synthetic {world} world seed {seed} (tuning)", tasks, ImageLoader(),
+                      {"kind": "synthetic", "world": world, "world_seed": seed, "n_questions_per_split": n_questions,
+                       "n_captions": n_captions})
 
 
 def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, instances: str | None = None,
@@ -435,7 +442,10 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
         raise ValueError(f"budget_minutes={budget_minutes} must be > 0")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-    data = data or synthetic_tuning_data()
+    if data is None:
+        from ..toyworld.worlds import world_for_model
+
+        data = synthetic_tuning_data(world=world_for_model(model).name)
     head_map = copy.copy(head_map)
     head_map.tuned = {}
     if out_dir is not None and state_path is None:

@@ -97,6 +97,7 @@ def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir
         _pad_left(tmp / "tokenizer_config.json")
         for name in ("v2_config.json",):
             (tmp / name).write_text((Path(weights_dir) / name).read_text())
+        (tmp / "vlm_guard.json").write_text(json.dumps({"world": "everyday", "role": "default model v2"}, indent=2))
         try:
             tmp.rename(folder)
         except OSError:  # another process assembled it first
