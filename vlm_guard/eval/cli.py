@@ -289,7 +289,7 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
 
 def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], parallel) -> int:
     from vlm_guard.commands.checks import model_load_error
-    from vlm_guard.defaults import DEFAULT_MODEL_DIR
+    from vlm_guard.defaults import default_model_dir
     from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
 
     try:

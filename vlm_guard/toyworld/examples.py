@@ -34,9 +34,9 @@ def example_scene(name: str) -> Scene:
 
 def write_examples(folder: Path | None = None, size: int = 256) -> Path:
     """Render every example and write ``examples.json``; returns the folder."""
-    from ..defaults import EXAMPLES_DIR
+    from ..defaults import EXAMPLES_DIRS
 
-    folder = Path(folder) if folder else EXAMPLES_DIR
+    folder = Path(folder) if folder else EXAMPLES_DIRS["shapes"]
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in EXAMPLE_SCENES:
