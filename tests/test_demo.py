@@ -327,9 +327,9 @@ def test_missing_default_model_is_a_clear_cli_error(monkeypatch, tmp_path, capsy
     import vlm_guard.defaults
     from vlm_guard.cli import main
 
-    monkeypatch.setattr(vlm_guard.defaults, "DEFAULT_MODEL_DIR", tmp_path / "no_model")
+    monkeypatch.setattr(vlm_guard.defaults, "FIXTURE_MODEL_DIR", tmp_path / "no_model")
     assert main(["demo", "--port", "7999", "--no-checker"]) == 2
-    assert "no default model in" in capsys.readouterr().err
+    assert "no test fixture in" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- issue 17: the demo under load
