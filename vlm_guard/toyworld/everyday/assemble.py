@@ -38,8 +38,13 @@ def weights_fingerprint(weights_dir: str | Path) -> str:
 
 
 def assembled_folder(weights_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Where the assembled model of ``weights_dir`` is cached."""
-    return Path(cache_dir or model_cache_dir()) / f"default-v2-{weights_fingerprint(weights_dir)}"
+    """Where the assembled model of ``weights_dir`` is cached: one folder per transformers major version
+    (``transformers5/default-v2-<hash>``), since a tokenizer saved by transformers 5 does not load in 4.x; the
+    folder's own name stays the same, so the head map shipped for it is found under every version."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    return Path(cache_dir or model_cache_dir()) / f"transformers{major}" / f"default-v2-{weights_fingerprint(weights_dir)}"
 
 
 def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
@@ -91,7 +96,7 @@ def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir
         logger.info("assembling default model v2 (first use; cached in %s)", folder)
         model, processor = build_assembled(weights_dir, lm, lm_tokenizer)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)  # parents: the per-version folder
         model.save_pretrained(str(tmp), safe_serialization=True)
         processor.save_pretrained(str(tmp))
         _pad_left(tmp / "tokenizer_config.json")

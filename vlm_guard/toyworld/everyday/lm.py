@@ -64,7 +64,10 @@ def lm_available() -> bool:
 def _cache_folder() -> Path:
     path = gguf_path()
     stamp = f"{path.stat().st_size}"
-    return model_cache_dir() / f"{LM_NAME}-fp32-{stamp}"
+    import transformers
+
+    major = transformers.__version__.split(".")[0]  # a tokenizer saved by transformers 5 does not load in 4.x
+    return model_cache_dir() / f"transformers{major}" / f"{LM_NAME}-fp32-{stamp}"
 
 
 def load_language_model(dtype=None):
