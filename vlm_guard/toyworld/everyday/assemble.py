@@ -65,7 +65,7 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
     processor = build_processor(lm_tokenizer, spec)
     model = build_model(spec, lm, processor.tokenizer)
     add_lora(model, spec)
-    state = load_file(str(weights_dir / WEIGHTS_FILE))
+    state = _match_key_names(load_file(str(weights_dir / WEIGHTS_FILE)), set(model.state_dict()))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{weights_dir / WEIGHTS_FILE} holds tensors this model lacks: {unexpected[:5]}")
@@ -75,6 +75,24 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
         raise ValueError(f"{weights_dir / WEIGHTS_FILE} lacks {trained[:5]}")
     merge_lora(model)
     return model.eval(), processor
+
+
+_VISION_PREFIXES = ("model.vision_tower.", "model.vision_tower.vision_model.")
+
+
+def _match_key_names(state: dict, model_keys: set) -> dict:
+    """Rename the vision tower's tensors between the two CLIP layouts (transformers 5: ``vision_tower.embeddings``,
+    4.x: ``vision_tower.vision_model.embeddings``), so weights trained under one version load under the other."""
+    renamed = {}
+    for key, value in state.items():
+        if key not in model_keys:
+            for old, new in (_VISION_PREFIXES, _VISION_PREFIXES[::-1]):
+                candidate = new + key[len(old):] if key.startswith(old) else None
+                if candidate in model_keys:
+                    key = candidate
+                    break
+        renamed[key] = value
+    return renamed
 
 
 def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir: str | Path | None = None,
