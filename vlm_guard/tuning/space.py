@@ -19,10 +19,13 @@ from typing import Any
 
 TUNABLE_METHODS: tuple[str, ...] = ("vhr", "var", "gift", "pai", "vcd")
 
-VHR_ALPHAS = (1.25, 1.5, 2.0, 2.5, 3.0)
+VHR_ALPHAS = (1.1, 1.25, 1.5, 2.0, 3.0)  # small models break at the 7B default 2.0: the grid reaches down
 GIFT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 5.0)
 VAR_PS = (0.2, 0.4, 0.6, 0.8)
 VAR_RHOS = (0.5, 0.8)
+VAR_TAUS = (20.0, 10.0, 5.0)
+"""Sink thresholds: the released 20 finds no visual sinks on small models (their phi stays lower), so VAR would edit
+nothing; lower thresholds are tried with the released rho."""
 PAI_ALPHAS = (0.05, 0.1, 0.2, 0.4, 0.8)
 VCD_ALPHAS = (0.25, 0.5, 1.0, 1.5)
 
@@ -131,7 +134,9 @@ def method_candidates(method: str, num_layers: int, head_map: Any = None) -> lis
         return [Candidate({"gift": {"alpha": alpha, "enhance_layers": layers}}, band)
                 for band, layers in bands.items() for alpha in GIFT_ALPHAS]
     if method == "var":
-        return [Candidate({"var": {"p": p, "rho": rho}}, f"rho={rho:g}") for rho in VAR_RHOS for p in VAR_PS]
+        bands = [(rho, VAR_TAUS[0]) for rho in VAR_RHOS] + [(VAR_RHOS[0], tau) for tau in VAR_TAUS[1:]]
+        return [Candidate({"var": {"p": p, "rho": rho, "tau": tau}}, f"rho={rho:g} tau={tau:g}")
+                for rho, tau in bands for p in VAR_PS]
     if method == "pai":
         return [Candidate({"pai": {"alpha": alpha}}) for alpha in PAI_ALPHAS]
     if method == "vcd":

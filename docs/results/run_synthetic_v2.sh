@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Regenerates the results table of the default model v2 (SmolLM2-135M language model, everyday world):
+# docs/results/v2/synthetic.md (+ synthetic.summary.json and one synthetic.<methods>.jsonl / .summary.json per row).
+#
+# Held-out scenes only: everyday world seed 900001, unbiased. The head map is the one shipped for v2
+# (vlm_guard/assets/head_maps/default-v2-*/), calibrated on 48 scenes of the TUNING seed 910001; when it holds tuned
+# settings (`vlm-guard tune`, also on the tuning seed 910001 only) the table adds one "@tuned" row per tuned method,
+# VHR+VAR+GIFT tuned ("all@tuned") and the tuned default set. Rows without "@tuned" pin the released values.
+#
+# Resumable: every finished item is on disk; rerun to continue. A larger N only generates the missing items.
+#   nohup docs/results/run_synthetic_v2.sh > runs/eval_synthetic_v2.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VLM="${VLM:-.venv/bin/vlm-guard}"
+PY="${PY:-.venv/bin/python}"
+OUT_DIR="${OUT_DIR:-docs/results/v2}"
+THREADS="${THREADS:-1}"              # 1: small models run fastest unthreaded on the 2 shared cores
+N_QUESTIONS="${N_QUESTIONS:-300}"    # per POPE split
+N_CAPTIONS="${N_CAPTIONS:-300}"
+mkdir -p "$OUT_DIR"
+
+HEAD_MAP="$(ls -d vlm_guard/assets/head_maps/default-v2-*/ | head -1)"
+HEAD_MAP="${HEAD_MAP%/}"
+RELEASED="vhr;var;gift;all;pai;vcd"
+COMPARE="${COMPARE:-}"
+if [ -z "$COMPARE" ]; then
+  COMPARE="none;$RELEASED"
+  if [ "${TUNED:-1}" = 1 ] && "$PY" -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get("tuned") else 1)' "$HEAD_MAP/head_map.json"; then
+    DEFAULT_SET="$("$PY" -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["tuned"].get("default_methods") or []))' "$HEAD_MAP/head_map.json")"
+    TUNED_ROWS="$("$PY" -c 'import json,sys; s=json.load(open(sys.argv[1]))["tuned"]["settings"]; print(";".join(m + "@tuned" for m in ("vhr","var","gift","pai","vcd") if m in s))' "$HEAD_MAP/head_map.json")"
+    COMPARE="none;$TUNED_ROWS;all@tuned"
+    case ";$COMPARE;" in *";${DEFAULT_SET//,/+}@tuned;"*) ;; *) [ -n "$DEFAULT_SET" ] && COMPARE="$COMPARE;$DEFAULT_SET@tuned" ;; esac
+    COMPARE="$COMPARE;$RELEASED"
+  fi
+fi
+echo "$(date -u +%H:%M:%S) model: shipped default v2; head map: $HEAD_MAP; rows: $COMPARE"
+
+"$VLM" -v eval synthetic --world everyday --head-map "$HEAD_MAP" \
+  --n-questions "$N_QUESTIONS" --n-captions "$N_CAPTIONS" --batch-size 32 --threads "$THREADS" --no-progress \
+  --compare "$COMPARE" --out "$OUT_DIR/synthetic.jsonl"
+echo "$(date -u +%H:%M:%S) done: $OUT_DIR/synthetic.md"
