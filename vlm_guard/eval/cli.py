@@ -12,6 +12,12 @@ Nothing is downloaded: the benchmark files and images are arguments. Records go 
 item, written as it finishes; a rerun skips finished items), the summary to ``<out stem>.summary.json``. With
 ``--compare`` each method set gets ``<out stem>.<methods>.jsonl`` and its summary, and the comparison goes to
 ``<out stem>.summary.json`` and the markdown table ``<out stem>.md`` (also printed).
+
+Exit codes: 0 done; 2 bad arguments or input; 130 interrupted (rerun to resume); 3
+(:data:`~vlm_guard.eval.following.EXIT_PROMPT_NOT_FOLLOWED`) the model did not follow a task's prompt (more than
+``--max-unclear`` of its outputs are not yes/no answers, or not captions; see :mod:`vlm_guard.eval.following`): the
+task's numbers are withheld from the table and flagged ``followed_prompt: false`` in the summary. With ``--compare``
+only the greedy baseline's tasks set code 3.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import random
 from pathlib import Path
 
 from ..commands.arguments import add_allow_pickle_argument
+from .following import EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +104,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--max-unclear", type=float, default=MAX_UNCLEAR_SHARE,
+                        help="largest share of outputs that may not answer the prompt (POPE: no yes/no word; CHAIR: "
+                             f"not a caption) before a task's numbers are withheld and the command exits "
+                             f"{EXIT_PROMPT_NOT_FOLLOWED} (default {MAX_UNCLEAR_SHARE}; 1 turns the check off)")
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -272,6 +283,9 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if not 0.0 <= args.max_unclear <= 1.0:
+        raise ValueError(f"--max-unclear must be a share between 0 and 1, got {args.max_unclear}; e.g. "
+                         f"{MAX_UNCLEAR_SHARE} (the default), or 1 to turn the prompt-following check off.")
     method_sets = _method_sets(args)
     check_output_file(args.out)  # before the model loads: a folder, a read-only place
     for label in method_sets:
@@ -306,7 +320,7 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
         batch_size=args.batch_size, seed=args.seed, n_resamples=args.n_resamples, progress=not args.no_progress,
         run_config=run_config, compare=bool(args.compare),
         fingerprint_extra={key: run_config[key] for key in FINGERPRINT_KEYS if key in run_config},
-        parallel=parallel,
+        parallel=parallel, max_unclear=args.max_unclear, prompt_fixes=_prompt_fixes(run_config),
     )
     if not parallel.is_main:
         return 0  # rank 0 merged this rank's records and prints the result
@@ -322,7 +336,38 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
     print(f"summary: {result['summary_path']}")
     if result.get("markdown_path"):
         print(f"table: {result['markdown_path']}")
-    return 0
+    return _prompt_exit_code(result, compared=bool(args.compare))
+
+
+def _prompt_fixes(run_config: dict) -> dict[str, str]:
+    """What the prompt-following warning tells the user to do, per task kind, for this benchmark's options."""
+    if run_config.get("benchmark") == "synthetic":
+        prompts = run_config.get("prompts", {})
+        return {"pope": f"the synthetic questions are fixed ({prompts.get('pope')!r}); use a model that answers "
+                        "them with yes or no (e.g. the shipped default model)",
+                "chair": f"the synthetic caption prompt is fixed ({prompts.get('chair')!r}); use a model that "
+                         "captions (e.g. the shipped default model)"}
+    return {"pope": "ask for a yes/no answer, e.g. --prompt-suffix ' Please answer yes or no.', or use a model "
+                    "that answers the question with yes or no",
+            "chair": "pass a caption prompt this model follows with --prompt (e.g. 'Describe this image.'), or use "
+                     "a model that captions"}
+
+
+def _prompt_exit_code(result: dict, compared: bool) -> int:
+    """:data:`EXIT_PROMPT_NOT_FOLLOWED` when the numbers the run exists for are withheld: any task of a single run,
+    or a task of the greedy baseline of a comparison (a method set that breaks the answers is a result: its cells
+    say "prompt not followed" and the other rows stand), else 0."""
+    import sys
+
+    failed = [entry for entry in result.get("prompt_not_followed", [])
+              if not compared or entry["methods"] == "none"]
+    if not failed:
+        return 0
+    tasks = ", ".join(sorted({entry["task"] for entry in failed}))
+    print(f"vlm-guard eval: the model did not follow the prompt of {tasks}: no numbers for it (see the warning "
+          f"above; the summary marks it followed_prompt: false); exit code {EXIT_PROMPT_NOT_FOLLOWED}.",
+          file=sys.stderr)
+    return EXIT_PROMPT_NOT_FOLLOWED
 
 
 def _run_pope(args) -> int:

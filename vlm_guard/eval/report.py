@@ -8,6 +8,9 @@ Every metric is ``{"point", "low", "high"}`` (95% percentile bootstrap over item
 comparison resamples the same items for both method sets (:func:`vlm_guard.eval.stats.paired_bootstrap`);
 a difference whose interval contains 0 is reported as "n.s." (inside the resampling noise).
 
+Each task's metrics also hold the prompt-following check of :mod:`vlm_guard.eval.following` (``followed_prompt``,
+``unclear_share``...); the tables show "prompt not followed" instead of the numbers of a task that failed it.
+
 Example:
     >>> records = {"pope/random": [{"id": "1", "answer": "yes", "label": "yes"},
     ...                            {"id": "2", "answer": "no", "label": "yes"}]}
@@ -23,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vlm_guard.eval.chair import CHAIR_METRIC_NAMES, chair_item_counts, chair_metric_fn
+from vlm_guard.eval.following import MAX_UNCLEAR_SHARE, task_following
 from vlm_guard.eval.pope import POPE_METRIC_NAMES, pope_item_counts, pope_metric_fn
 from vlm_guard.eval.stats import bootstrap_ci, paired_bootstrap
 
@@ -65,11 +69,22 @@ def _metric_fn(kind: str, name: str):
     return pope_metric_fn(name) if kind == "pope" else chair_metric_fn(name)
 
 
-def task_metrics(kind: str, records: Sequence[Mapping[str, Any]], seed: int = 0, n_resamples: int = 1000) -> dict:
-    """Every metric of a task with its bootstrap interval, plus ``n``.
+def task_metrics(kind: str, records: Sequence[Mapping[str, Any]], seed: int = 0, n_resamples: int = 1000,
+                 max_unclear: float = MAX_UNCLEAR_SHARE) -> dict:
+    """Every metric of a task with its bootstrap interval, ``n``, and the prompt-following check.
+
+    Args:
+        kind: ``"pope"`` or ``"chair"``.
+        records: The task's records (``answer`` plus the score fields).
+        seed: Bootstrap seed.
+        n_resamples: Bootstrap resamples.
+        max_unclear: Largest share of outputs that do not answer the prompt before the task is marked
+            ``followed_prompt: False`` (see :mod:`vlm_guard.eval.following`).
 
     Returns:
-        ``{metric: {"point", "low", "high"}, ..., "n": n}``; with no records only ``{"n": 0}``.
+        ``{metric: {"point", "low", "high"}, ..., "n": n, "followed_prompt": bool, "unclear_share": float,
+        "n_unclear", "unclear_examples", "max_unclear"}``; with no records only ``{"n": 0}``. The metrics are computed
+        either way; a task with ``followed_prompt`` False must not be reported as a result (the tables withhold it).
     """
     if not records:
         return {"n": 0}
@@ -79,15 +94,28 @@ def task_metrics(kind: str, records: Sequence[Mapping[str, Any]], seed: int = 0,
         point, low, high = bootstrap_ci(counts, _metric_fn(kind, name), n_resamples=n_resamples, seed=seed)
         metrics[name] = {"point": point, "low": low, "high": high}
     metrics["n"] = len(records)
+    check = task_following(kind, records, max_unclear)
+    check.pop("n")
+    metrics.update(check)
     return metrics
 
 
+def followed_prompt(task_metrics_: Mapping[str, Any]) -> bool:
+    """False when a task's metrics say its prompt was not followed (metrics without the check count as followed).
+
+    Example:
+        >>> followed_prompt({"n": 3, "followed_prompt": False}), followed_prompt({"n": 0})
+        (False, True)
+    """
+    return task_metrics_.get("followed_prompt", True) is not False
+
+
 def method_metrics(records_by_task: Mapping[str, Sequence[Mapping]], tasks: Sequence[Any], seed: int = 0,
-                   n_resamples: int = 1000) -> dict:
+                   n_resamples: int = 1000, max_unclear: float = MAX_UNCLEAR_SHARE) -> dict:
     """:func:`task_metrics` for every task (``tasks`` give the order and names)."""
     return {
         task.name: task_metrics(task_kind(task.name), records_by_task.get(task.name, []), seed=seed,
-                                n_resamples=n_resamples)
+                                n_resamples=n_resamples, max_unclear=max_unclear)
         for task in tasks
     }
 
@@ -148,15 +176,60 @@ def _column_title(task: str, name: str) -> str:
     return f"{prefix}{COLUMN_NAMES[name]}"
 
 
+NOT_FOLLOWED_CELL = "prompt not followed"
+"""Table cell of a task whose prompt the model did not follow (see :mod:`vlm_guard.eval.following`)."""
+
+FOLLOWING_TEXT = ("Outputs that do not answer the prompt, in % (POPE: no yes/no word in the first sentence, which the "
+                  "parse rule counts as 'yes'; CHAIR: not a caption)")
+
+
+def _task_label(task: str) -> str:
+    return task.split("/", 1)[1] if "/" in task else task
+
+
+def _not_followed_cell(task_metrics_: Mapping[str, Any]) -> str:
+    return f"{NOT_FOLLOWED_CELL} ({_pct(task_metrics_.get('unclear_share'))}% unclear)"
+
+
+def _following_shares(metrics: Mapping[str, Any], task_names: Sequence[str]) -> str | None:
+    """``"random 0.0, popular 1.3, chair 0.0"`` (unclear shares in %), or None when no task holds the check."""
+    parts = [f"{_task_label(task)} {_pct(metrics[task]['unclear_share'])}" for task in task_names
+             if "unclear_share" in metrics.get(task, {})]
+    return ", ".join(parts) if parts else None
+
+
+def _withheld_line(entries: Sequence[tuple[str, str, Mapping[str, Any]]]) -> str:
+    """The warning under a table listing the (method set, task) cells withheld because the prompt was not followed."""
+    described = []
+    for method_name, task, task_metrics_ in entries:
+        examples = ", ".join(repr(text[:40]) for text in task_metrics_.get("unclear_examples") or [])
+        who = f"{method_name} " if method_name else ""
+        described.append(f"{who}{task} ({_pct(task_metrics_.get('unclear_share'))}% of outputs"
+                         + (f", e.g. {examples}" if examples else "") + ")")
+    return ("⚠ Prompt not followed, numbers withheld (they would measure the parse rule, not the model): "
+            + "; ".join(described) + ". The summary JSON marks these tasks `followed_prompt: false`.")
+
+
 def single_markdown(metrics: Mapping[str, Any], title: str | None = None) -> str:
-    """One method set's headline metrics as a markdown table (values in %, 95% intervals)."""
+    """One method set's headline metrics as a markdown table (values in %, 95% intervals).
+
+    A task whose prompt the model did not follow shows :data:`NOT_FOLLOWED_CELL` instead of numbers, with a warning
+    line under the table; the share of outputs that do not answer the prompt is listed for every task.
+    """
     task_names = [task for task in metrics if task != "vs_greedy"]
     columns = _columns(task_names)
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(_column_title(task, name) for task, name in columns) + " |")
     lines.append("|" + "---|" * len(columns))
-    cells = [_interval(metrics[task][name]) if name in metrics[task] else "–" for task, name in columns]
+    cells = [(_interval(metrics[task][name]) if followed_prompt(metrics[task]) else _not_followed_cell(metrics[task]))
+             if name in metrics[task] else "–" for task, name in columns]
     lines.append("| " + " | ".join(cells) + " |")
+    shares = _following_shares(metrics, task_names)
+    if shares:
+        lines += ["", f"{FOLLOWING_TEXT}: {shares}."]
+    withheld = [("", task, metrics[task]) for task in task_names if not followed_prompt(metrics[task])]
+    if withheld:
+        lines += ["", _withheld_line(withheld)]
     return "\n".join(lines) + "\n"
 
 
@@ -165,8 +238,11 @@ def comparison_markdown(summary: Mapping[str, Any], title: str | None = None) ->
 
     One row per method set; each cell holds the metric (in %) with its 95% bootstrap interval and, below it,
     the paired difference against greedy with its interval ("n.s." when the interval contains 0; bold with
-    better/worse when it does not). Followed by the items per task, each method set's hyper-parameters, the
-    methods that built no intervention on this model, and the versions that produced the numbers.
+    better/worse when it does not). A task whose prompt a method set did not follow shows
+    :data:`NOT_FOLLOWED_CELL` instead (no difference is shown against a baseline that did not follow it). Followed
+    by the share of outputs that do not answer the prompt, the withheld tasks, the items per task, each method
+    set's hyper-parameters, the methods that built no intervention on this model, and the versions that produced
+    the numbers.
     """
     comparison = summary["extra"]["comparison"]
     method_sets = comparison["method_sets"]
@@ -196,12 +272,25 @@ def comparison_markdown(summary: Mapping[str, Any], title: str | None = None) ->
         cells = []
         for task, metric_name in columns:
             task_metrics_ = metrics.get(task, {})
+            if metric_name in task_metrics_ and not followed_prompt(task_metrics_):
+                cells.append(_not_followed_cell(task_metrics_))
+                continue
             cell = _interval(task_metrics_[metric_name]) if metric_name in task_metrics_ else "–"
             paired = metrics.get("vs_greedy", {}).get(task, {}).get(metric_name)
-            if paired is not None:
+            if paired is not None and followed_prompt(method_sets[0]["metrics"].get(task, {})):
                 cell += "<br>" + _delta(paired, metric_name)
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    following = [(m["name"], _following_shares(m["metrics"], task_names)) for m in method_sets]
+    following = [(name, shares) for name, shares in following if shares]
+    if following:
+        lines.append("")
+        lines.append(f"{FOLLOWING_TEXT}: " + "; ".join(f"{name}: {shares}" for name, shares in following) + ".")
+    withheld = [(m["name"], task, m["metrics"][task]) for m in method_sets for task in task_names
+                if task in m["metrics"] and not followed_prompt(m["metrics"][task])]
+    if withheld:
+        lines.append("")
+        lines.append(_withheld_line(withheld))
     lines.append("")
     lines.append("Items per task: " + ", ".join(f"{task} {n}" for task, n in comparison["tasks"].items())
                  + f"; unreadable images skipped: {summary['extra'].get('skipped_images', 0)}.")
@@ -248,6 +337,8 @@ __all__ = [
     "task_kind",
     "item_counts",
     "task_metrics",
+    "followed_prompt",
+    "NOT_FOLLOWED_CELL",
     "method_metrics",
     "paired_vs_baseline",
     "single_markdown",

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from vlm_guard.eval.following import MAX_UNCLEAR_SHARE
 from vlm_guard.eval.images import ImageLoader, ImageSource
 from vlm_guard.eval.pope import parse_pope_answer
 from vlm_guard.eval.records import ResultsWriter, part_path, part_paths, read_records, write_summary
@@ -613,6 +614,8 @@ def run_benchmark(
     configs: Mapping[str, Any] | None = None,
     fingerprint_extra: Mapping[str, Any] | None = None,
     parallel: DataParallel | None = None,
+    max_unclear: float = MAX_UNCLEAR_SHARE,
+    prompt_fixes: Mapping[str, str] | None = None,
 ) -> dict:
     """Run ``tasks`` with each method set, write records and summaries, and compare against greedy.
 
@@ -638,12 +641,20 @@ def run_benchmark(
             fingerprint whether or not this is given.
         parallel: The data-parallel context when several processes run this (every rank calls it, see
             :func:`run_method_set`); rank 0 writes the records files, summaries and comparison.
+        max_unclear: The prompt-following check (:mod:`vlm_guard.eval.following`): a task where more than this
+            share of outputs does not answer the prompt is marked ``followed_prompt: False`` in the summaries, its
+            table cells say so instead of showing numbers, and one warning naming the share, examples and the fix
+            is logged. 1 turns the check off. Recorded in the summaries' config (not in the records' fingerprint).
+        prompt_fixes: Task kind (``"pope"``, ``"chair"``) -> the remedy the warning names (default: a generic one).
 
     Returns:
-        The comparison dict (also written): per method set, its metrics and paired differences against greedy. On
-        ranks other than 0: ``{"method_sets": [], "rank": rank}`` (they write nothing).
+        The comparison dict (also written): per method set, its metrics and paired differences against greedy,
+        and ``prompt_not_followed``: one ``{"methods", "task", "unclear_share", "message"}`` per task whose prompt
+        was not followed (empty when every prompt was followed). On ranks other than 0:
+        ``{"method_sets": [], "rank": rank}`` (they write nothing).
     """
-    from vlm_guard.eval.report import comparison_markdown, method_metrics, paired_vs_baseline
+    from vlm_guard.eval.following import not_followed_message
+    from vlm_guard.eval.report import comparison_markdown, followed_prompt, method_metrics, paired_vs_baseline
     from vlm_guard.wrapper import wrap
 
     method_sets = list(method_sets)
@@ -657,8 +668,9 @@ def run_benchmark(
     guarded = wrap(model, processor, None, head_map)
     for label in method_sets:
         guard_config_for(label)  # imports every method module now, so the digest below is of the code that runs
-    run_config = {**dict(run_config or {}), "method_code": code_digest()}
+    run_config = {**dict(run_config or {}), "method_code": code_digest(), "max_unclear": max_unclear}
     runs: list[MethodRun] = []
+    not_followed: list[dict] = []
     try:
         for label in method_sets:
             records_path, summary_path = results_paths(out, label if compare else None)
@@ -670,7 +682,16 @@ def run_benchmark(
             if parallel is not None and not parallel.is_main:
                 continue
             run.summary_path = summary_path
-            metrics = method_metrics(run.records, tasks, seed=seed, n_resamples=n_resamples)
+            metrics = method_metrics(run.records, tasks, seed=seed, n_resamples=n_resamples, max_unclear=max_unclear)
+            for task in tasks:
+                if not followed_prompt(metrics[task.name]):
+                    baseline = runs[0].metrics.get(task.name, {}) if compare and runs else {}
+                    message = not_followed_message(task.name, metrics[task.name], methods=label,
+                                                   fix=(prompt_fixes or {}).get(task.kind),
+                                                   baseline_followed=followed_prompt(baseline))
+                    logger.warning("%s", message)
+                    not_followed.append({"methods": label, "task": task.name,
+                                         "unclear_share": metrics[task.name]["unclear_share"], "message": message})
             if compare and runs:
                 metrics["vs_greedy"] = paired_vs_baseline(run.records, runs[0].records, tasks, seed=seed,
                                                           n_resamples=n_resamples)
@@ -702,6 +723,7 @@ def run_benchmark(
             for run in runs
         ],
         "tasks": {task.name: len(task.items) for task in tasks},
+        "prompt_not_followed": not_followed,
     }
     if compare:
         summary_path, markdown_path = comparison_paths(out)
