@@ -401,3 +401,34 @@ def test_shipped_maps_can_be_switched_off(monkeypatch):
         assert guarded.head_map is None and guarded.guard_config.vhr.alpha == VHRConfig().alpha
     finally:
         guarded.unwrap()
+
+
+def test_a_winner_that_breaks_a_constraint_on_the_confirmation_rung_is_not_shipped(monkeypatch, tmp_path):
+    """Successive halving picks winners on small rungs; the confirmation rung measures them again and a winner that
+    fails there keeps its method at the released defaults (and the default set never holds it)."""
+    from vlm_guard.tuning import search
+
+    real_measure = search._Search.measure
+
+    def measure(self, candidate, rung, greedy):
+        row = real_measure(self, candidate, rung, greedy)
+        if rung == search.RUNGS and "pai" in candidate.methods:  # PAI loses on the larger rung
+            row = {**row, "violations": ["POPE error +3.0"], "feasible": False, "score": row["greedy_score"] + 3.0}
+        return row
+
+    monkeypatch.setattr(search._Search, "measure", measure)
+    result = _run_tune(monkeypatch, FakeGenerator(), tmp_path / "confirmed")
+    state = json.loads((tmp_path / "confirmed" / "tune_state.json").read_text())
+    assert len(state["plan"]["rungs"]) == search.RUNGS + 1 and state["plan"]["confirm_items"] == search.CONFIRM_ITEMS
+    confirm = [row for row in result.table if row["stage"] == "confirm"]
+    assert confirm and all(row["rung"] == search.RUNGS for row in confirm)
+    assert "pai" not in result.tuned["settings"] and "pai" not in result.tuned["default_methods"]
+    # (deterministic fake answers: PAI's best setting on the halving rungs is feasible, so it was confirmed)
+    assert [row["label"] for row in confirm if list(row["methods"]) == ["pai"]] == ["pai alpha=0.1"]
+    assert "confirmation rung" in result.tuned["skipped"]["pai"]
+
+    plain = _run_tune(monkeypatch, FakeGenerator(), tmp_path / "unconfirmed", confirm_items=0)
+    assert not [row for row in plain.table if row["stage"] == "confirm"]
+    assert len(json.loads((tmp_path / "unconfirmed" / "tune_state.json").read_text())["plan"]["rungs"]) == search.RUNGS
+    with pytest.raises(ValueError, match="confirm_items"):
+        _run_tune(monkeypatch, FakeGenerator(), tmp_path / "bad", confirm_items=-1)

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--state", default=None, help="resumable JSON state (default: <out>/tune_state.json)")
     parser.add_argument("--budget", type=float, default=60.0, help="time budget in minutes, resumed runs included (default 60)")
     parser.add_argument("--no-combine", action="store_true", help="tune the methods alone, not their combination")
+    parser.add_argument("--confirm-items", type=int, default=None,
+                        help="items per task on which each method's winner and the best combination are measured again "
+                             "before they are shipped (default 300, all when the tuning data has fewer; 0: off)")
     data = parser.add_argument_group("tuning data (default: the synthetic world's tuning seed, for the default model)")
     data.add_argument("--world-seed", type=int, default=None, help="synthetic world seed (default 910001; 900001 is refused)")
     data.add_argument("--n-questions", type=int, default=600, help="synthetic POPE questions per split (default 600)")
@@ -61,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .search import file_tuning_data, synthetic_tuning_data
 
+    if args.confirm_items is not None and args.confirm_items < 0:
+        raise ValueError(f"--confirm-items {args.confirm_items} must be >= 0 (0 switches the confirmation off)")
     if args.budget <= 0:
         raise ValueError(f"--budget {args.budget} must be > 0 minutes")
     if args.batch_size < 1:
@@ -118,7 +123,7 @@ def _run_on(args: argparse.Namespace, data, parallel) -> int:
     result = tune(model, processor, head_map, methods=args.methods.split(","), data=data, out_dir=out,
                   state_path=args.state, budget_minutes=args.budget, batch_size=args.batch_size,
                   progress=not args.no_progress, combine_methods=not args.no_combine, weights_sha256_16=weights,
-                  parallel=parallel)
+                  parallel=parallel, **({} if args.confirm_items is None else {"confirm_items": args.confirm_items}))
     if not parallel.is_main:
         return 0  # rank 0 wrote the tuned map and prints the report
     print("\n".join(tuned_report(result.head_map)))

@@ -10,7 +10,12 @@ Search (budgeted successive halving, :data:`ETA` = 3, three rungs):
    out still leaves every method a measured choice;
 3. the methods whose best setting beats greedy on all items (by at least ``objective.MIN_GAIN`` points) are combined (every subset of two or more, plus the
    paper trio VHR+VAR+GIFT of whatever can run) at their tuned settings, halving again from the middle rung;
-4. the default method set is the smallest single method or combination that beats greedy by ``MIN_GAIN`` and
+4. confirmation (``confirm_items``, default :data:`CONFIRM_ITEMS`): greedy, each method's best feasible setting and
+   the best combination run again on a larger rung (``confirm_items`` items per task, all of them when the tuning
+   data has fewer). Successive halving picks its winners on small rungs, where a loss of one or two points of
+   accuracy is invisible; a winner that breaks a constraint on the confirmation rung is not shipped (the method keeps
+   its released defaults, the table says why). The settings and the default set are chosen from this rung;
+5. the default method set is the smallest single method or combination that beats greedy by ``MIN_GAIN`` and
    scores within ``MIN_GAIN`` of the best such set; none when nothing does.
 
 Items of a smaller rung are a prefix of a larger one, so a setting promoted to the next rung only runs the items it
@@ -57,6 +62,9 @@ MIN_ITEMS = 8
 COST_OVERHEAD = 1.7
 """Guarded settings cost about this much more than greedy per item (extra prefills, contrast passes)."""
 STATE_VERSION = 1
+CONFIRM_ITEMS = 300
+"""Items per task of the confirmation rung (the last rung's winners measured again; 0 switches it off). 300 items
+give a paired interval of about +-2 points on a POPE split: the size at which the reported tables see a loss."""
 SAVE_EVERY_S = 5.0
 PAPER_TRIO = ("vhr", "var", "gift")
 
@@ -228,7 +236,23 @@ class _Search:
 
     # ------------------------------------------------------------------ plan
     def rung_sizes(self) -> list[dict[str, int]]:
+        """Item counts per task of each rung: the :data:`RUNGS` halving rungs, then the confirmation rung if any."""
         return self.state.data["plan"]["rungs"]
+
+    def add_confirmation(self, confirm_items: int) -> int | None:
+        """Append the confirmation rung to the plan (once; kept in the state, so a resumed run finds it) and return
+        its index, or None when ``confirm_items`` is 0. It holds ``confirm_items`` items per task (all the task's items
+        when it has fewer), never fewer than the last halving rung."""
+        plan = self.state.data["plan"]
+        if not confirm_items:
+            return None
+        if len(plan["rungs"]) == RUNGS:
+            last = plan["rungs"][RUNGS - 1]
+            plan["rungs"].append({name: max(last.get(name, 0), min(len(task.items), int(confirm_items)))
+                                  for name, task in self.tasks.items()})
+            plan["confirm_items"] = int(confirm_items)
+            self.state.save(force=True)
+        return len(plan["rungs"]) - 1
 
     def make_plan(self, seconds_per_item: dict[str, float], n_candidates: int, n_combos: int) -> dict:
         """Item counts per task and rung, shrunk to fit the budget (see the module docstring)."""
@@ -378,9 +402,12 @@ class _Search:
                 alive = alive[:max(1, math.ceil(len(alive) / ETA))]
         return alive
 
-    def ranked_at_best_rung(self, candidates: list[Candidate], greedy: Candidate) -> tuple[list[dict], int]:
-        """Rows of the candidates finished at the largest rung where any (and greedy) finished, best first."""
-        for rung in reversed(range(RUNGS)):
+    def ranked_at_best_rung(self, candidates: list[Candidate], greedy: Candidate,
+                            max_rung: int | None = None) -> tuple[list[dict], int]:
+        """Rows of the candidates finished at the largest rung (at most ``max_rung``) where any (and greedy)
+        finished, best first."""
+        last = len(self.rung_sizes()) - 1 if max_rung is None else min(max_rung, len(self.rung_sizes()) - 1)
+        for rung in reversed(range(last + 1)):
             if not self.complete_at(greedy, rung):
                 continue
             finished = [c for c in candidates if self.complete_at(c, rung)]
@@ -398,7 +425,7 @@ def _rounded(metrics: dict) -> dict:
 def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS, data: TuningData | None = None,
          out_dir: str | os.PathLike | None = None, state_path: str | os.PathLike | None = None,
          budget_minutes: float = 60.0, batch_size: int = 32, progress: bool = True, combine_methods: bool = True,
-         weights_sha256_16: str | None = None, parallel=None) -> TuneResult:
+         weights_sha256_16: str | None = None, parallel=None, confirm_items: int = CONFIRM_ITEMS) -> TuneResult:
     """Choose each method's strength and layer band for ``model`` on a tuning split (see the module docstring).
 
     Args:
@@ -419,6 +446,7 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
             rank calls this): each setting's pending items are dealt out by batches, every rank's results go into
             every rank's state (so all take the same decisions; the plan is rank 0's), and rank 0 writes the state
             and ``out_dir``. With a budget that does not run out, the result equals a one-process run's.
+        confirm_items: items per task of the confirmation rung (see the module docstring); 0: no confirmation.
 
     Returns:
         a :class:`TuneResult`.
@@ -440,6 +468,8 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
                          "`vlm-guard calibrate` first and pass it")
     if budget_minutes <= 0:
         raise ValueError(f"budget_minutes={budget_minutes} must be > 0")
+    if not isinstance(confirm_items, int) or isinstance(confirm_items, bool) or confirm_items < 0:
+        raise ValueError(f"confirm_items={confirm_items!r} must be an int >= 0 (0: no confirmation rung)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     if data is None:
@@ -495,6 +525,7 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
             n_combos = (2 ** len(grids) - len(grids) - 1) if combine_methods and len(grids) > 1 else 0
             state.data["plan"] = parallel.broadcast(search.make_plan(seconds, n_candidates, n_combos))  # one plan
             state.save(force=True)
+        confirm_rung = search.add_confirmation(confirm_items)
         planned = _planned_items(search, grids, combine_methods)
         search.bar = tqdm(total=planned, desc="tune", unit="item", disable=not progress or not parallel.is_main)
 
@@ -511,12 +542,18 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
                 alive[name] = [alive[name][i] for i in order]
                 if rung < RUNGS - 1:
                     alive[name] = alive[name][:max(1, math.ceil(len(alive[name]) / ETA))]
-        # stage 2: combinations of the methods that help
-        best_single = _best_per_method(search, grids, greedy)
+        # stage 2: combinations of the methods that help (on the halving rungs, also in a resumed run)
+        best_single = _best_per_method(search, grids, greedy, max_rung=RUNGS - 1)
         winners = [name for name, (row, _) in best_single.items() if _helps(row)]
         combos = _combinations(winners, best_single, grids) if combine_methods else []
         if combos:
             search.halve(combos, 1, greedy, "combination", table)
+        # stage 3: the winners measured again on the confirmation rung
+        if confirm_rung is not None:
+            for candidate in _to_confirm(search, grids, combos, greedy):
+                search.evaluate(greedy, confirm_rung)
+                search.evaluate(candidate, confirm_rung)
+                table.append({"stage": "confirm", **search.measure(candidate, confirm_rung, greedy)})
     except BudgetExhausted:
         complete = False
         logger.warning("the tuning budget (%.0f min) ran out; choosing from the largest finished rung", budget_minutes)
@@ -534,6 +571,19 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
     return TuneResult(head_map=head_map, tuned=tuned, table=tuned["table"], complete=complete)
 
 
+def _to_confirm(search: _Search, grids: dict, combos: list[Candidate], greedy: Candidate) -> list[Candidate]:
+    """Each method's best feasible setting on the halving rungs, then the best feasible combination (the same choice
+    in a resumed run: only the halving rungs are read)."""
+    chosen = []
+    for candidates in [*grids.values(), combos]:
+        if not candidates:
+            continue
+        rows, _ = search.ranked_at_best_rung(candidates, greedy, max_rung=RUNGS - 1)
+        if rows and rows[0]["feasible"]:
+            chosen.append(_candidate_of(rows[0], candidates))
+    return chosen
+
+
 def _helps(row: dict) -> bool:
     """A feasible setting whose score beats greedy's by at least :data:`objective.MIN_GAIN` points."""
     return bool(row["feasible"]) and row["score"] <= row["greedy_score"] - objective.MIN_GAIN
@@ -544,20 +594,23 @@ def _planned_items(search: _Search, grids: dict, combine_methods: bool) -> int:
     sizes = search.rung_sizes()
     total, previous = 0, 0
     per_method = [len(g) for g in grids.values()]
-    for rung_sizes in sizes:
+    for rung_sizes in sizes[:RUNGS]:
         n = sum(rung_sizes.values())
         total += (n - previous) * (1 + sum(per_method))  # promoted settings only run the new items
         per_method = [max(1, math.ceil(k / ETA)) for k in per_method]
         previous = n
     if combine_methods and len(grids) > 1:
-        total += sum(sizes[-1].values()) * 2
+        total += sum(sizes[RUNGS - 1].values()) * 2
+    if len(sizes) > RUNGS:  # confirmation: greedy, one setting per method and one combination on the new items
+        total += (sum(sizes[RUNGS].values()) - sum(sizes[RUNGS - 1].values())) * (len(grids) + 2)
     return total
 
 
-def _best_per_method(search: _Search, grids: dict, greedy: Candidate) -> dict[str, tuple[dict, int]]:
+def _best_per_method(search: _Search, grids: dict, greedy: Candidate,
+                     max_rung: int | None = None) -> dict[str, tuple[dict, int]]:
     best = {}
     for name, grid in grids.items():
-        rows, rung = search.ranked_at_best_rung(grid, greedy)
+        rows, rung = search.ranked_at_best_rung(grid, greedy, max_rung)
         if rows:
             best[name] = (rows[0], rung)
     return best
@@ -586,8 +639,9 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
         if row["feasible"]:  # the best setting that meets every constraint; else the released defaults stay
             settings[name] = dict(row["methods"][name])
         else:
-            skipped[name] = (f"no setting met the constraints on the tuning data (best: {row['label']}, "
-                             f"{', '.join(row['violations'])}): released defaults kept")
+            where = " on the confirmation rung" if rung >= RUNGS else ""
+            skipped[name] = (f"no setting met the constraints on the tuning data{where} (best: {row['label']}, "
+                             f"{', '.join(row['violations'])}; n={row['n']}): released defaults kept")
         helps = _helps(row)
         gain[name] = (f"{'yes' if helps else 'no'}: score {row['score']:.2f} vs greedy {row['greedy_score']:.2f}"
                       f"{'' if row['feasible'] else ' (infeasible: ' + ', '.join(row['violations']) + ')'}"
@@ -647,7 +701,7 @@ def _table_from_state(search: _Search, grids: dict, greedy: Candidate) -> list[d
     """Rows of every finished (setting, rung) in the state (used when a resumed run measured nothing new)."""
     rows = []
     for name, grid in grids.items():
-        for rung in range(RUNGS):
+        for rung in range(len(search.rung_sizes())):
             if not search.complete_at(greedy, rung):
                 continue
             rows.extend({"stage": name, **search.measure(c, rung, greedy)} for c in grid if search.complete_at(c, rung))
