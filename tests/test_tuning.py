@@ -320,6 +320,26 @@ def test_caption_says_which_settings_ran_and_where_from(capsys):
     assert methods_line.split()[1] == (",".join(expected) or "none")
 
 
+def test_caption_says_so_when_tuning_enabled_no_method(capsys, tmp_path):
+    """A model whose tuning found no method that helps: `caption` runs none, and says why and what to do."""
+    import copy
+
+    from vlm_guard.cli import main
+
+    model, processor = vlm_guard.load_default()
+    shipped = vlm_guard.wrap(model, processor).head_map
+    empty = copy.copy(shipped)
+    empty.tuned = {"settings": {}, "default_methods": [], "tuning_data": {"name": "test tuning data"}}
+    empty.save_pretrained(tmp_path / "map")
+    assert main(["caption", "--head-map", str(tmp_path / "map"), "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("methods: none (`vlm-guard tune` found no method that helps") for line in lines)
+    assert any("the guarded caption is the plain one" in line and "--methods" in line for line in lines)
+    plain = next(line for line in lines if line.startswith("plain "))
+    guarded = next(line for line in lines if line.startswith("guarded (none)"))
+    assert plain.split("]", 1)[1] == guarded.split("]", 1)[1]
+
+
 def test_caption_all_examples_counts_hallucinations(capsys):
     from vlm_guard.cli import main
 

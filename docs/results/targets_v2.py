@@ -37,6 +37,9 @@ def targets(summary: dict) -> list[str]:
     tuned = [name for name in metrics if name.endswith("@tuned")]
     worse = []
     for name in tuned:
+        broken = [task for task in ("pope/random", "pope/popular", "pope/adversarial", "chair")
+                  if metrics[name].get(task, {}).get("followed_prompt", True) is False]
+        worse.extend(f"{name} {task.split('/')[-1]}: prompt not followed" for task in broken)
         for task, metric in COLUMNS:
             paired = metrics[name].get("vs_greedy", {}).get(task, {}).get(metric)
             if paired is not None and _worse(paired, metric):
@@ -50,8 +53,13 @@ def targets(summary: dict) -> list[str]:
         return lines
     g_ci, t_ci = greedy["chair"]["chair_i"]["point"], trio["chair"]["chair_i"]["point"]
     rel_ci = (t_ci - g_ci) / g_ci if g_ci else float("nan")
-    lines.append(f"| VHR+VAR+GIFT tuned: CHAIR_I -20 % relative | {100 * g_ci:.1f} -> {100 * t_ci:.1f} "
-                 f"({100 * rel_ci:+.0f} %) | {'met' if rel_ci <= -0.20 else 'missed'} |")
+    if trio["chair"].get("followed_prompt", True) is False:  # no captions: CHAIR_I counts nothing, it is no gain
+        share = trio["chair"].get("unclear_share", 0.0)
+        lines.append(f"| VHR+VAR+GIFT tuned: CHAIR_I -20 % relative | outputs are not captions ({100 * share:.0f} %): "
+                     f"CHAIR_I {100 * t_ci:.1f} counts nothing | missed |")
+    else:
+        lines.append(f"| VHR+VAR+GIFT tuned: CHAIR_I -20 % relative | {100 * g_ci:.1f} -> {100 * t_ci:.1f} "
+                     f"({100 * rel_ci:+.0f} %) | {'met' if rel_ci <= -0.20 else 'missed'} |")
     g_err = 1 - greedy["pope/adversarial"]["accuracy"]["point"]
     t_err = 1 - trio["pope/adversarial"]["accuracy"]["point"]
     rel_err = (t_err - g_err) / g_err if g_err else float("nan")

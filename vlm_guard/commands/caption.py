@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     if auto:
         methods, reason = default_methods(guarded.head_map)
         print(f"methods: {','.join(methods) or 'none'} ({reason})")
+        if not methods:
+            print("  so the guarded caption is the plain one; the tuning table (`vlm-guard heads show` on the model's head "
+                  "map) says what each method cost; --methods NAME,... runs them anyway")
     for line in guarded.describe_settings():
         print(f"settings {line}")
     checker = _checker(args, world.name) if args.check else None
