@@ -49,17 +49,17 @@ def targets(summary: dict) -> list[str]:
                  f"{'; '.join(worse) if worse else 'none worse'} | {'missed' if worse else 'met'} |")
     trio = metrics.get("all@tuned")
     if trio is None:
-        lines.append("| VHR+VAR+GIFT tuned | no all@tuned row (the head map has no tuned settings) | not measured |")
+        lines.append("| VHR+VAR+GIFT tuned: CHAIR_I -20 %, adversarial POPE errors -10 %, recall within 2 points | no "
+                     "all@tuned row: tuning kept no setting for VHR and GIFT (none passed its constraints), so there is "
+                     "no tuned trio on this model | missed |")
+        return lines
+    if any(trio.get(task, {}).get("followed_prompt", True) is False for task in trio if isinstance(trio.get(task), dict)):
+        lines.append("| VHR+VAR+GIFT tuned | its outputs do not follow the prompts (cells withheld in the table) | missed |")
         return lines
     g_ci, t_ci = greedy["chair"]["chair_i"]["point"], trio["chair"]["chair_i"]["point"]
     rel_ci = (t_ci - g_ci) / g_ci if g_ci else float("nan")
-    if trio["chair"].get("followed_prompt", True) is False:  # no captions: CHAIR_I counts nothing, it is no gain
-        share = trio["chair"].get("unclear_share", 0.0)
-        lines.append(f"| VHR+VAR+GIFT tuned: CHAIR_I -20 % relative | outputs are not captions ({100 * share:.0f} %): "
-                     f"CHAIR_I {100 * t_ci:.1f} counts nothing | missed |")
-    else:
-        lines.append(f"| VHR+VAR+GIFT tuned: CHAIR_I -20 % relative | {100 * g_ci:.1f} -> {100 * t_ci:.1f} "
-                     f"({100 * rel_ci:+.0f} %) | {'met' if rel_ci <= -0.20 else 'missed'} |")
+    lines.append(f"| VHR+VAR+GIFT tuned: CHAIR_I -20 % relative | {100 * g_ci:.1f} -> {100 * t_ci:.1f} "
+                 f"({100 * rel_ci:+.0f} %) | {'met' if rel_ci <= -0.20 else 'missed'} |")
     g_err = 1 - greedy["pope/adversarial"]["accuracy"]["point"]
     t_err = 1 - trio["pope/adversarial"]["accuracy"]["point"]
     rel_err = (t_err - g_err) / g_err if g_err else float("nan")

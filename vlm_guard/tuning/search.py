@@ -645,7 +645,7 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
         helps = _helps(row)
         gain[name] = (f"{'yes' if helps else 'no'}: score {row['score']:.2f} vs greedy {row['greedy_score']:.2f}"
                       f"{'' if row['feasible'] else ' (infeasible: ' + ', '.join(row['violations']) + ')'}"
-                      f" on rung {rung} (n={row['n']})")
+                      f" on {'the confirmation rung' if rung >= RUNGS else f'rung {rung}'} (n={row['n']})")
         chosen_rows[name] = row
     for name in grids:
         if name not in best_single:
