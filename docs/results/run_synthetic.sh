@@ -51,12 +51,7 @@ COMPARE="none;vhr;var;gift;all;pai;vcd"
 TUNED_MAP="$(ls -d vlm_guard/assets/head_maps/default_model-*/ 2>/dev/null | head -1 || true)"
 if [ "${TUNED:-1}" = 1 ] && [ -n "$TUNED_MAP" ] && [ "$(cat "$CHOICE")" = shipped ]; then
   HEAD_MAP="${TUNED_MAP%/}"
-  DEFAULT_SET="$("$PY" -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["tuned"]["default_methods"]))' "$HEAD_MAP/head_map.json")"
-  # one "@tuned" row per method that got tuned settings (the others keep their released defaults: their row above)
-  TUNED_ROWS="$("$PY" -c 'import json,sys; s=json.load(open(sys.argv[1]))["tuned"]["settings"]; print(";".join(m + "@tuned" for m in ("vhr","var","gift","pai","vcd") if m in s))' "$HEAD_MAP/head_map.json")"
-  COMPARE="none;$TUNED_ROWS;all@tuned"
-  case ";$COMPARE;" in *";${DEFAULT_SET//,/+}@tuned;"*) ;; *) [ -n "$DEFAULT_SET" ] && COMPARE="$COMPARE;$DEFAULT_SET@tuned" ;; esac
-  COMPARE="$COMPARE;vhr;var;gift;all;pai;vcd"
+  COMPARE="$("$PY" docs/results/table_rows.py "$HEAD_MAP/head_map.json")"   # tuned rows, then the released ones
 fi
 echo "$(date -u +%H:%M:%S) head map: $HEAD_MAP; method sets: $COMPARE"
 

@@ -21,20 +21,12 @@ mkdir -p "$OUT_DIR"
 
 HEAD_MAP="$(ls -d vlm_guard/assets/head_maps/default-v2-*/ | head -1)"
 HEAD_MAP="${HEAD_MAP%/}"
-RELEASED="vhr;var;gift;all;pai;vcd"
 COMPARE="${COMPARE:-}"
 if [ -z "$COMPARE" ]; then
-  COMPARE="none;$RELEASED"
-  if [ "${TUNED:-1}" = 1 ] && "$PY" -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get("tuned") else 1)' "$HEAD_MAP/head_map.json"; then
-    DEFAULT_SET="$("$PY" -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["tuned"].get("default_methods") or []))' "$HEAD_MAP/head_map.json")"
-    TUNED_ROWS="$("$PY" -c 'import json,sys; s=json.load(open(sys.argv[1]))["tuned"]["settings"]; print(";".join(m + "@tuned" for m in ("vhr","var","gift","pai","vcd") if m in s))' "$HEAD_MAP/head_map.json")"
-    # VHR+VAR+GIFT tuned: only when tuning kept settings for VHR and GIFT (else that row would run them at their
-    # released values, the released trio's row again, under a "tuned" name)
-    TRIO="$("$PY" -c 'import json,sys; s=json.load(open(sys.argv[1]))["tuned"]["settings"]; print("all@tuned" if "vhr" in s and "gift" in s else "")' "$HEAD_MAP/head_map.json")"
-    COMPARE="none;$TUNED_ROWS${TRIO:+;$TRIO}"
-    [ "$DEFAULT_SET" = "vhr,var,gift" ] && DEFAULT_SET=""   # the tuned default set is VHR+VAR+GIFT: the all@tuned row
-    case ";$COMPARE;" in *";${DEFAULT_SET//,/+}@tuned;"*) ;; *) [ -n "$DEFAULT_SET" ] && COMPARE="$COMPARE;$DEFAULT_SET@tuned" ;; esac
-    COMPARE="$COMPARE;$RELEASED"
+  if [ "${TUNED:-1}" = 1 ]; then
+    COMPARE="$("$PY" docs/results/table_rows.py "$HEAD_MAP/head_map.json")"   # tuned rows, then the released ones
+  else
+    COMPARE="none;vhr;var;gift;all;pai;vcd"
   fi
 fi
 echo "$(date -u +%H:%M:%S) model: shipped default v2; head map: $HEAD_MAP; rows: $COMPARE"

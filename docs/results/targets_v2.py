@@ -77,9 +77,9 @@ def main(folder: str) -> int:
     summary = json.loads((folder_path / "synthetic.summary.json").read_text())
     table = folder_path / "synthetic.md"
     text = table.read_text()
-    text = text.split(MARK)[0].rstrip("\n") + "\n" + MARK + "\n" + "\n".join(targets(summary)) + "\n"
-    table.write_text(text)
-    print("\n".join(targets(summary)))
+    section = "\n".join(targets(summary))
+    table.write_text(text.split(MARK)[0].rstrip("\n") + "\n" + MARK + "\n" + section + "\n")
+    print(section)
     return 0
 
 

@@ -26,10 +26,9 @@ Example:
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Mapping, Sequence
 
-from vlm_guard.eval.pope import first_sentence
+from vlm_guard.eval.pope import NEGATION_WORDS, answer_words, first_sentence
 
 MAX_UNCLEAR_SHARE = 0.5
 """Default ``max_unclear``: a task is marked not followed when more than this share of its outputs does not answer
@@ -38,7 +37,7 @@ the prompt (POPE: no yes/no word; CHAIR: not a caption). ``vlm-guard eval ... --
 YES_WORDS = frozenset({"yes", "yeah", "yep", "yup"})
 """Words that answer "yes" (the POPE rule reads every answer without a negation as "yes")."""
 
-NO_WORDS = frozenset({"no", "not"})
+NO_WORDS = NEGATION_WORDS
 """The POPE parse rule's negation words (an answer holding one is read as "no")."""
 
 NON_CAPTION_FIRST_WORDS = YES_WORDS | {"no", "nope"}
@@ -53,13 +52,6 @@ N_EXAMPLES = 2
 EXIT_PROMPT_NOT_FOLLOWED = 3
 """Exit code of ``vlm-guard eval`` when a task's prompt was not followed (its numbers are withheld)."""
 
-_WORD_PATTERN = re.compile(r"[a-z0-9']+")
-
-
-def _words(text: str) -> list[str]:
-    return _WORD_PATTERN.findall(text.lower())
-
-
 def pope_answer_is_clear(answer: str) -> bool:
     """Whether a POPE answer says yes or no: its first sentence holds a word of :data:`YES_WORDS` or :data:`NO_WORDS`.
 
@@ -69,7 +61,7 @@ def pope_answer_is_clear(answer: str) -> bool:
     """
     if not isinstance(answer, str):
         raise ValueError(f"answer must be a string, got {type(answer).__name__}: {answer!r:.80}.")
-    return any(word in YES_WORDS or word in NO_WORDS for word in _words(first_sentence(answer)))
+    return any(word in YES_WORDS or word in NO_WORDS for word in answer_words(first_sentence(answer)))
 
 
 def is_caption(text: str) -> bool:
@@ -82,7 +74,7 @@ def is_caption(text: str) -> bool:
     """
     if not isinstance(text, str):
         raise ValueError(f"caption must be a string, got {type(text).__name__}: {text!r:.80}.")
-    words = _words(text)
+    words = answer_words(text)
     return len(words) >= MIN_CAPTION_WORDS and words[0] not in NON_CAPTION_FIRST_WORDS
 
 

@@ -44,7 +44,18 @@ COUNT_NAMES: tuple[str, ...] = ("tp", "fp", "tn", "fn")
 
 _REQUIRED_KEYS: tuple[str, ...] = ("question_id", "image", "text", "label")
 _WORD_PATTERN = re.compile(r"[a-z0-9']+")
-_NEGATION_WORDS = frozenset({"no", "not"})
+NEGATION_WORDS = frozenset({"no", "not"})
+"""The words that make the ``"words"`` rule answer "no"."""
+
+
+def answer_words(text: str) -> list[str]:
+    """The words the ``"words"`` rule reads: runs of letters, digits and apostrophes after lower-casing.
+
+    Example:
+        >>> answer_words("No, it's NOT.")
+        ['no', "it's", 'not']
+    """
+    return _WORD_PATTERN.findall(text.lower())
 _QUESTION_PATTERN = re.compile(r"^\s*is there an? (?P<object>.+?) in the ima\w*\s*\?\s*$", re.IGNORECASE)
 
 
@@ -214,8 +225,7 @@ def parse_pope_answer(text: str, rule: str = "words") -> str:
         raise ValueError(f"answer must be a string, got {type(text).__name__}: {text!r:.80}.")
     sentence = first_sentence(text)
     if rule == "words":
-        words = _WORD_PATTERN.findall(sentence.lower())
-        return "no" if any(word in _NEGATION_WORDS for word in words) else "yes"
+        return "no" if any(word in NEGATION_WORDS for word in answer_words(sentence)) else "yes"
     if rule == "released":
         tokens = sentence.replace(",", "").split(" ")
         return "no" if ("No" in tokens or "not" in tokens or "no" in tokens) else "yes"

@@ -243,14 +243,14 @@ class _Search:
         """Append the confirmation rung to the plan (once; kept in the state, so a resumed run finds it) and return
         its index, or None when ``confirm_items`` is 0. It holds ``confirm_items`` items per task (all the task's items
         when it has fewer), never fewer than the last halving rung."""
-        plan = self.state.data["plan"]
         if not confirm_items:
             return None
+        plan = self.state.data["plan"]
         if len(plan["rungs"]) == RUNGS:
             last = plan["rungs"][RUNGS - 1]
-            plan["rungs"].append({name: max(last.get(name, 0), min(len(task.items), int(confirm_items)))
+            plan["rungs"].append({name: max(last.get(name, 0), min(len(task.items), confirm_items))
                                   for name, task in self.tasks.items()})
-            plan["confirm_items"] = int(confirm_items)
+            plan["confirm_items"] = confirm_items
             self.state.save(force=True)
         return len(plan["rungs"]) - 1
 
@@ -549,9 +549,10 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
         if combos:
             search.halve(combos, 1, greedy, "combination", table)
         # stage 3: the winners measured again on the confirmation rung
-        if confirm_rung is not None:
-            for candidate in _to_confirm(search, grids, combos, greedy):
-                search.evaluate(greedy, confirm_rung)
+        to_confirm = _to_confirm(search, grids, combos, greedy) if confirm_rung is not None else []
+        if to_confirm:
+            search.evaluate(greedy, confirm_rung)
+            for candidate in to_confirm:
                 search.evaluate(candidate, confirm_rung)
                 table.append({"stage": "confirm", **search.measure(candidate, confirm_rung, greedy)})
     except BudgetExhausted:
@@ -636,16 +637,17 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
     settings, gain, chosen_rows = {}, {}, {}
     best_single = _best_per_method(search, grids, greedy)
     for name, (row, rung) in best_single.items():
+        confirmed = rung >= RUNGS
+        where = "the confirmation rung" if confirmed else f"rung {rung}"
         if row["feasible"]:  # the best setting that meets every constraint; else the released defaults stay
             settings[name] = dict(row["methods"][name])
         else:
-            where = " on the confirmation rung" if rung >= RUNGS else ""
-            skipped[name] = (f"no setting met the constraints on the tuning data{where} (best: {row['label']}, "
-                             f"{', '.join(row['violations'])}; n={row['n']}): released defaults kept")
+            skipped[name] = (f"no setting met the constraints on the tuning data{' on ' + where if confirmed else ''} "
+                             f"(best: {row['label']}, {', '.join(row['violations'])}; n={row['n']}): released defaults kept")
         helps = _helps(row)
         gain[name] = (f"{'yes' if helps else 'no'}: score {row['score']:.2f} vs greedy {row['greedy_score']:.2f}"
                       f"{'' if row['feasible'] else ' (infeasible: ' + ', '.join(row['violations']) + ')'}"
-                      f" on {'the confirmation rung' if rung >= RUNGS else f'rung {rung}'} (n={row['n']})")
+                      f" on {where} (n={row['n']})")
         chosen_rows[name] = row
     for name in grids:
         if name not in best_single:
