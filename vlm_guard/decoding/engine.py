@@ -202,6 +202,14 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0
     """
     batch, num_heads, rows, dim = query.shape
     num_kv_heads, keys = key.shape[1], key.shape[2]
+    if rows == 1 and num_heads == num_kv_heads:
+        # one row per head (a decoding step): keys @ query gives [B*H, K, 1], the memory of [B, H, 1, K], with no
+        # transposed copy of the keys
+        keys_3d, column = key.reshape(batch * num_heads, keys, dim), query.reshape(batch * num_heads, dim, 1)
+        if scaling == 1.0:
+            return torch.bmm(keys_3d, column).view(batch, num_heads, 1, keys)
+        return torch.baddbmm(zero if zero is not None else column.new_zeros(()), keys_3d, column, beta=0.0,
+                             alpha=scaling).view(batch, num_heads, 1, keys)
     grouped = query.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * rows, dim)  # [B*KVH, groups*R, D]
     keys_t = key.reshape(batch * num_kv_heads, keys, dim).transpose(1, 2)  # [B*KVH, D, K]
     if scaling == 1.0:

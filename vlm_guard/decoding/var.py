@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-import torch.nn.functional as F
 
 from ..config import MethodConfig, check_layers, check_range, preset_field
 from ..heads.sinks import SINK_THRESHOLD, sink_scores
@@ -44,7 +43,6 @@ from .registry import register_method
 logger = logging.getLogger(__name__)
 
 FIRST_SINK_LAYER = 2
-KEY_ROOM = 256  # generated keys the per-prefill key matrices hold before they are rebuilt (doubling)
 
 
 @dataclass
@@ -103,7 +101,7 @@ class VARConfig(MethodConfig):
 
 def recycle_sink_attention(weights: torch.Tensor, image_keys: torch.Tensor, sink_keys: torch.Tensor, p: float,
                            rho: float, visual_threshold: float) -> torch.Tensor:
-    """The VAR edit of a block of attention rows (pure function).
+    """The VAR edit of a block of attention rows (pure function; ``weights`` is not modified).
 
     Args:
         weights: ``[B, H, R, K]`` post-softmax attention (fp32).
@@ -121,7 +119,9 @@ def recycle_sink_attention(weights: torch.Tensor, image_keys: torch.Tensor, sink
         >>> recycle_sink_attention(A, image, sink, p=0.5, rho=0.5, visual_threshold=0.2)
         tensor([[[[0.2500, 0.0500, 0.5250, 0.1750]]]])
     """
-    return _recycle(weights, *recycling_matrices(image_keys, sink_keys, weights.dtype), p, rho, visual_threshold)
+    if p == 0:
+        return weights.clone()
+    return _recycle(weights, RecyclingMatrices.build(image_keys, sink_keys, p, rho, visual_threshold, weights.dtype))
 
 
 def drop_text_only_sinks(sink_keys: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
@@ -137,41 +137,79 @@ def drop_text_only_sinks(sink_keys: torch.Tensor, image_keys: torch.Tensor) -> t
     return sink_keys & (sink_keys & image_keys).any(dim=1, keepdim=True)
 
 
-def recycling_matrices(image_keys: torch.Tensor, sink_keys: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-step key matrices of :func:`recycle_sink_attention` (computed once per step, reused by
-    every VAR layer): ``sums [B, K, 3]`` (columns V, S, V minus S) and ``edit [B, 2, K]`` (rows -S, V minus S)."""
-    image = image_keys.to(dtype)  # [B, K]
-    sink = sink_keys.to(dtype)  # [B, K]
-    free_image = image * (1.0 - sink)  # [B, K] non-sink image keys
-    return torch.stack((image, sink, free_image), dim=-1), torch.stack((-sink, free_image), dim=1)
+@dataclass(frozen=True)
+class RecyclingMatrices:
+    """Everything :func:`_recycle` needs that does not depend on the attention rows, built once per prefill and layer
+    over the prompt's ``S`` keys (later keys are neither image nor sink keys: the edit leaves them as they are).
+
+    With ``I`` the image keys, ``Sk`` the sinks and ``F = I and not Sk`` the non-sink image keys, one matmul of the
+    rows with ``sums [B, S, 4]`` plus ``bias`` gives, per row, the columns
+
+    0. ``sum_I A - visual_threshold``           (>= 0: enough visual mass)
+    1. ``sum_F A - rho * sum_I A``              (>= 0: enough of it on non-sink image keys)
+    2. ``sum_F A / p + tiny``                   (> 0: the divisor, never zero)
+    3. ``sum_Sk A``                             (the sink mass, >= 0)
+
+    so a row is image-centric exactly when every column is ``>= 0``. Divided by column 2 they become
+    ``[.., .., 1, p * sink / free]``: the coefficients of the edit's rows ``edit [B, 4, S] = [0, 0, -p Sk, F]``, and
+    ``1 + coefficients @ edit`` is the factor of each key: sinks keep ``1 - p``, non-sink image keys gain
+    ``p * sink / free`` of their weight. (Columns 0 and 1 divided by column 2 stay finite, ``|c| <= 1 / tiny``, and meet
+    zero rows of ``edit``.)
+
+    Attributes:
+        sums: ``[B, S, 4]`` the columns above (without the bias).
+        edit: ``[B, 4, S]``.
+        bias: ``[4]`` ``(-visual_threshold, 0, tiny, 0)``.
+        one: ``[1]`` ones (the factor's base).
+        check_free: whether rows must also be checked for non-sink visual mass (only when ``rho`` or
+            ``visual_threshold`` is 0; otherwise it is implied: ``free >= rho * visual >= rho * threshold > 0``).
+    """
+
+    sums: torch.Tensor
+    edit: torch.Tensor
+    bias: torch.Tensor
+    one: torch.Tensor
+    check_free: bool
+
+    @classmethod
+    def build(cls, image_keys: torch.Tensor, sink_keys: torch.Tensor, p: float, rho: float, visual_threshold: float,
+              dtype=torch.float32) -> "RecyclingMatrices":
+        """From ``[B, S]`` bool image and sink keys; ``p > 0``."""
+        image = image_keys.to(dtype)
+        sink = sink_keys.to(dtype)
+        free = image * (1.0 - sink)  # [B, S] non-sink image keys
+        zeros = torch.zeros_like(image)
+        tiny = torch.finfo(dtype).tiny
+        sums = torch.stack((image, free - rho * image, free / p, sink), dim=-1)
+        edit = torch.stack((zeros, zeros, -p * sink, free), dim=1)
+        bias = torch.tensor([-visual_threshold, 0.0, tiny, 0.0], dtype=dtype, device=image.device)
+        one = torch.ones(1, dtype=dtype, device=image.device)
+        return cls(sums, edit, bias, one, check_free=not (visual_threshold > 0 and rho > 0))
 
 
-def _recycle(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torch.Tensor, p: float, rho: float,
-             visual_threshold: float, one: torch.Tensor | None = None) -> torch.Tensor:
-    """The edit with the key matrices of :func:`recycling_matrices`; they may cover only the first ``S <= K`` keys
-    (the prompt's: later keys are neither image nor sink keys, so their factor is 1). ``one``: a 1-element tensor
-    of ones (made here when not given)."""
+def _recycle(weights: torch.Tensor, matrices: RecyclingMatrices, in_place: bool = False) -> torch.Tensor:
+    """The edit with :class:`RecyclingMatrices` over the first ``S`` keys (``S <= K``; when ``S > K``, the first ``K``
+    of them). ``in_place``: edit ``weights`` itself (contiguous; the caller reads only the result), else a copy.
+
+    A decoding step costs ten tensor operations here (one view, two slices, two matmuls, five element-wise ones).
+    """
     batch, heads, rows, keys = weights.shape
-    covered = min(keys, sums_matrix.shape[1])
-    if covered < sums_matrix.shape[1]:
-        sums_matrix, edit_matrix = sums_matrix[:, :covered], edit_matrix[..., :covered]
-    head = weights if covered == keys else weights[..., :covered]  # [B, H, R, S]
-    # one batched matmul for the three row sums: [B, H*R, S] @ [B, S, 3] -> [B, H*R, 3]
-    sums = torch.bmm(head.reshape(batch, heads * rows, covered), sums_matrix)
-    visual, sink_mass, free_visual = sums.unbind(-1)  # each [B, H*R]
-    selected = (visual >= visual_threshold) & (free_visual >= rho * visual)
-    if not (visual_threshold > 0 and rho > 0):  # (otherwise implied: free >= rho * visual >= rho * threshold > 0)
-        selected = selected & (free_visual > 0)
-    # [B, H*R] the sink keys lose p of their weight ...
-    keep = selected * p if weights.dtype == torch.get_default_dtype() else selected.to(weights.dtype) * p
-    gain = keep * sink_mass / free_visual.clamp_min(torch.finfo(weights.dtype).tiny)  # ... the budget Omega, spread
-    if one is None:
-        one = torch.ones(1, dtype=weights.dtype, device=weights.device)
-    # factor = 1 - keep*sink + gain*free_image, per (row, key): [B, H*R, 2] @ [B, 2, S]
-    factor = torch.baddbmm(one, torch.stack((keep, gain), dim=-1), edit_matrix)
-    if covered < keys:
-        factor = F.pad(factor, (0, keys - covered), value=1.0)  # [B, H*R, K]
-    return weights * factor.view(batch, heads, rows, keys)
+    sums_matrix, edit_matrix = matrices.sums, matrices.edit
+    covered = sums_matrix.shape[1]
+    if covered > keys:
+        sums_matrix, edit_matrix, covered = sums_matrix[:, :keys], edit_matrix[..., :keys], keys
+    in_place = in_place and weights.is_contiguous()
+    flat = weights.view(batch, heads * rows, keys) if in_place else weights.reshape(batch, heads * rows, keys).clone()
+    head = flat if covered == keys else flat[..., :covered]  # [B, H*R, S]
+    # one batched matmul for the four row sums: [B, H*R, S] @ [B, S, 4] (+ bias) -> [B, H*R, 4]
+    sums = torch.baddbmm(matrices.bias, head, sums_matrix)
+    selected = (sums >= 0).all(dim=-1, keepdim=True)  # [B, H*R, 1] image-centric rows
+    if matrices.check_free:
+        selected = selected & (sums[..., 2:3] > matrices.bias[2])
+    # coefficients [.., .., 1, p * sink / free] in the selected rows, 0 elsewhere; factor = 1 + coefficients @ edit
+    factor = torch.baddbmm(matrices.one, sums / sums[..., 2:3] * selected, edit_matrix)  # [B, H*R, S]
+    head.mul_(factor)
+    return weights if in_place else flat.view(batch, heads, rows, keys)
 
 
 class VAR(Intervention):
@@ -192,7 +230,7 @@ class VAR(Intervention):
         self._layers = sorted(set(layers))
         self.sink_mask: dict[int, torch.Tensor] = {}
         self._active: dict[int, bool] = {}  # layer -> some sample has a sink there (set at the prefill)
-        self._keys: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # layer -> matrices over the prompt keys
+        self._keys: dict[int, RecyclingMatrices] = {}  # layer -> matrices over the prompt keys (built at the prefill)
 
     def layers(self) -> set[int]:
         return set(self._layers)
@@ -215,8 +253,9 @@ class VAR(Intervention):
         phi = sink_scores(hidden_states, self.sink_dims)  # [B, S]
         self.sink_mask[ctx.layer] = (phi > self.config.tau) & valid
         self._keys.pop(ctx.layer, None)
-        # a layer without a sink (after require_visual_sink) is the identity: read once here, at the prefill
-        self._active[ctx.layer] = bool(self._effective_sinks(ctx.layer).any())
+        # a layer without a sink (after require_visual_sink) is the identity, and so is every layer at p = 0: read once
+        # here, at the prefill
+        self._active[ctx.layer] = self.config.p > 0 and bool(self._effective_sinks(ctx.layer).any())
 
     def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
         if not self._active.get(ctx.layer, False):  # no sink at this layer (or no prefill seen): nothing to recycle
@@ -234,21 +273,19 @@ class VAR(Intervention):
             return torch.zeros_like(self._image)
         return drop_text_only_sinks(sink, self._image) if self.config.require_visual_sink else sink
 
-    def _matrices(self, layer: int, keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:func:`recycling_matrices` for this layer's sinks over ``keys`` keys (views of matrices built once per prefill
-        and layer, with room for generated keys: zero rows, as those are neither image nor sink keys), and a
-        1-element ones tensor."""
+    def _matrices(self, layer: int, device: torch.device) -> RecyclingMatrices:
+        """:class:`RecyclingMatrices` of this layer's sinks over the prompt keys, built once per prefill and layer."""
         cached = self._keys.get(layer)
-        if cached is None or cached[0].shape[1] < keys or cached[0].device != device:
-            image, sink = self._image.to(device), self._effective_sinks(layer).to(device)  # [B, S]
-            room = max(keys, image.shape[1] + KEY_ROOM, 2 * cached[0].shape[1] if cached is not None else 0) - image.shape[1]
-            sums_matrix, edit_matrix = recycling_matrices(F.pad(image, (0, room)), F.pad(sink, (0, room)))
-            cached = self._keys[layer] = (sums_matrix, edit_matrix, torch.ones(1, device=device))
-        return cached[0][:, :keys], cached[1][..., :keys], cached[2]
+        if cached is None or cached.sums.device != device:
+            cached = self._keys[layer] = RecyclingMatrices.build(
+                self._image.to(device), self._effective_sinks(layer).to(device), self.config.p, self.config.rho,
+                self.config.visual_threshold)
+        return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        sums_matrix, edit_matrix, one = self._matrices(ctx.layer, weights.shape[-1], weights.device)
-        return _recycle(weights, sums_matrix, edit_matrix, self.config.p, self.config.rho, self.config.visual_threshold, one)
+        # every row of the call is this method's (no masked merge follows) and no gradient is recorded: edit in place
+        in_place = rows.mask is None and not torch.is_grad_enabled()
+        return _recycle(weights, self._matrices(ctx.layer, weights.device), in_place)
 
 
 def default_var_layers(num_layers: int, last_layer: bool = True) -> list[int]:
