@@ -191,7 +191,7 @@ class LayerContext:
         return self.past_length >= self.prompt.prompt_length
 
 
-@dataclass
+@dataclass(frozen=True)
 class RowSelection:
     """The explicitly computed rows of one layer call.
 
@@ -230,6 +230,9 @@ class Intervention:
     uses_weights: ClassVar[bool] = False
     uses_head_output: ClassVar[bool] = False
     uses_layer_input: ClassVar[bool] = False
+    # whether ``on_layer_input`` is still needed after a generation's prefill (VAR reads its sinks at the prefill only:
+    # the engine then removes the layer-input hooks for the decoding steps, so those layers take torch's fast call path)
+    layer_input_while_decoding: ClassVar[bool] = True
     # whether the method takes a long prefill's explicit rows in chunks (each row's edit on its own, or
     # accumulated over the chunks of a layer call, see RowSelection.first/last); others get all rows at once
     chunkable_rows: ClassVar[bool] = False

@@ -18,7 +18,8 @@ into a :class:`LayerPlan` once per frame, and again once per generation right af
 (:meth:`Intervention.decode_layers`: a layer whose edit is the identity for this sample, such as VHR
 with no head chosen or VAR with no sink, leaves the plan), so every other layer calls the model's own
 attention and dispatches exactly its operations; the methods' key matrices, head scales and masks are
-built at the prefill; layer-input hooks exist only while a frame needs them. Nothing in a step reads a
+built at the prefill; layer-input hooks exist only while a frame needs them (a method that reads the layer input
+at the prefill only, like VAR, has them removed for the decoding steps). Nothing in a step reads a
 tensor's value: a method asks for every row with :data:`~vlm_guard.decoding.base.EVERY_ROW`, and
 prompt-level facts (every sample has an image) are Python values read once at the prefill
 (``tests/test_hot_path.py`` runs a step of every method under a mode that fails on ``.item()``,
@@ -54,6 +55,8 @@ from ..models.base import ModelAdapter
 from ..models.compat import output_cache
 from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
 
+EVERY_ROW_SELECTION = RowSelection(index=None, mask=None)  # every row of every sample (a decoding step), shared
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -86,8 +89,9 @@ class LayerPlan:
     layer_input: tuple
 
 
-def layer_plans(interventions, layers_of) -> dict[int, LayerPlan]:
-    """``{layer: LayerPlan}`` for ``interventions``, each acting at ``layers_of(intervention)``."""
+def layer_plans(interventions, layers_of, decoding: bool = False) -> dict[int, LayerPlan]:
+    """``{layer: LayerPlan}`` for ``interventions``, each acting at ``layers_of(intervention)``; ``decoding``: the plan
+    of the calls after a prefill (layer-input readers only where ``Intervention.layer_input_while_decoding``)."""
     by_layer: dict[int, list[Intervention]] = {}
     for intervention in interventions:
         for layer in layers_of(intervention):
@@ -97,7 +101,7 @@ def layer_plans(interventions, layers_of) -> dict[int, LayerPlan]:
             interventions=tuple(users),
             explicit=tuple(i for i in users if i.uses_scores or i.uses_weights),
             head_output=tuple(i for i in users if i.uses_head_output),
-            layer_input=tuple(i for i in users if i.uses_layer_input),
+            layer_input=tuple(i for i in users if i.uses_layer_input and (i.layer_input_while_decoding or not decoding)),
         )
         for layer, users in by_layer.items()
     }
@@ -163,6 +167,8 @@ class Frame:
     call: CallState | None = None
     call_generation: Generation | None = None  # the generation of the current call (also when it runs plain)
     warned_no_image: bool = False
+    layer_hooks: tuple = ()  # the layers whose layer-input hook this frame uses
+    layer_hooks_held: bool = False  # whether it holds them now (released after a prefill when decoding needs none)
 
     def __post_init__(self) -> None:
         self.plan = layer_plans(self.interventions, lambda intervention: intervention.layers())
@@ -220,11 +226,15 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0
 
 
 def _grouped_output(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``weights @ v`` for grouped heads: ``[B, H, R, K] x [B, KVH, K, D] -> [B, H, R, D]``."""
+    """``weights @ v`` for grouped heads in the model's layout: ``[B, H, R, K] x [B, KVH, K, D] -> [B, R, H, D]``
+    (one row per head, a decoding step: a view of the product, no transpose)."""
     batch, num_heads, rows, keys = weights.shape
     num_kv_heads, dim = value.shape[1], value.shape[-1]
     grouped = weights.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * rows, keys)
-    return torch.bmm(grouped, value.reshape(batch * num_kv_heads, keys, dim)).view(batch, num_heads, rows, dim)
+    product = torch.bmm(grouped, value.reshape(batch * num_kv_heads, keys, dim))  # [B*KVH, G*R, D]
+    if rows == 1:
+        return product.view(batch, 1, num_heads, dim)
+    return product.view(batch, num_heads, rows, dim).transpose(1, 2)
 
 
 def _place_window(key, value, attention_mask, missing: int, past_length: int, query_length: int):
@@ -357,8 +367,10 @@ class GuardEngine:
         frame = Frame(list(interventions), known_prompt=known_prompt)
         # a frame without methods needs no hook (its calls run the plain model); one with methods needs the model's
         # hooks, and a layer-input hook where a method reads the layer input
-        hooked = (["model"] if frame.interventions else []) + [layer for layer, plan in frame.plan.items() if plan.layer_input]
+        hooked = ["model"] if frame.interventions else []
+        frame.layer_hooks = tuple(layer for layer, plan in frame.plan.items() if plan.layer_input)
         self._acquire_hooks(hooked)
+        self._hold_layer_hooks(frame, True)
         try:
             self._frames.append(frame)
             try:
@@ -368,7 +380,15 @@ class GuardEngine:
                 for intervention in frame.interventions:
                     intervention.end()
         finally:
+            self._hold_layer_hooks(frame, False)
             self._release_hooks(hooked)
+
+    def _hold_layer_hooks(self, frame: Frame, hold: bool) -> None:
+        """Acquire (``hold``) or release the frame's layer-input hooks, once: released after a prefill whose decoding
+        steps read no layer input, acquired again when the frame starts another generation."""
+        if hold != frame.layer_hooks_held and frame.layer_hooks:
+            (self._acquire_hooks if hold else self._release_hooks)(list(frame.layer_hooks))
+            frame.layer_hooks_held = hold
 
     def _acquire_hooks(self, keys: list) -> None:
         """Register the hooks of ``keys`` ("model", or a layer index) unless registered already; count the user."""
@@ -500,6 +520,7 @@ class GuardEngine:
         if prompt is None:
             return None
         frame.call = CallState(generation, 0, "prefill", plan=frame.plan)
+        self._hold_layer_hooks(frame, True)  # released after an earlier prefill of this frame
         spans = prompt.spans
         if not prompt.all_have_image and any(i.needs_image for i in frame.interventions) and not frame.warned_no_image:
             missing = (~spans.has_image).nonzero().flatten().tolist()
@@ -540,7 +561,8 @@ class GuardEngine:
         """The layer plan of the calls after a prefill: each method at its :meth:`Intervention.decode_layers`
         (asked once per generation, when its prefill ends)."""
         if generation.decode_plan is None:
-            generation.decode_plan = layer_plans(frame.interventions, lambda intervention: intervention.decode_layers())
+            generation.decode_plan = layer_plans(frame.interventions, lambda intervention: intervention.decode_layers(),
+                                                 decoding=True)
         return generation.decode_plan
 
     def _after_model_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -549,7 +571,9 @@ class GuardEngine:
             return None
         if frame.call is not None and frame.call.phase == "prefill":
             frame.call.generation.decode_plan = None
-            self._decode_plan(frame, frame.call.generation)  # the methods' per-sample state is complete now
+            plan = self._decode_plan(frame, frame.call.generation)  # the methods' per-sample state is complete now
+            if not any(layer_plan.layer_input for layer_plan in plan.values()):
+                self._hold_layer_hooks(frame, False)  # the decoding steps take the layers' fast call path
         self._register(frame.call_generation, output_cache(output))
         return None
 
@@ -664,7 +688,8 @@ class GuardEngine:
                 index = None
                 # [B, Q] image rows when every request keeps its edits there (a mixed batch), else None: every row
                 wanted = None if any(rows is None for _, rows in requests) else requests[0][1]
-                selections = [(intervention, RowSelection(index=None, mask=rows), rows is None) for intervention, rows in requests]
+                selections = [(intervention, EVERY_ROW_SELECTION if rows is None else RowSelection(index=None, mask=rows), rows is None)
+                              for intervention, rows in requests]
             else:
                 masks = [(intervention, torch.ones(has_image.shape[0], query.shape[2], dtype=torch.bool, device=has_image.device)
                           if rows is None else rows) for intervention, rows in requests]
@@ -679,23 +704,22 @@ class GuardEngine:
                 for intervention, rows in masks:
                     mask = rows if index is None else rows[:, index]  # [B, R]
                     selections.append((intervention, RowSelection(index=index, mask=mask), index is None and bool(mask.all())))
-            chunkable = all(intervention.chunkable_rows for intervention, _, _ in selections)
             explicit, explicit_weights = self._explicit_chunks(ctx, module, query, key, value, attention_mask, scaling, index,
-                                                               selections, kwargs.get("softcap"), chunkable)
-            # explicit [B, H, R, D], explicit_weights [B, H, R, K] (None when the base implementation returns no weights)
+                                                               selections, kwargs.get("softcap"))
+            # explicit [B, R, H, D], explicit_weights [B, H, R, K] (None when the base implementation returns no weights)
             if index is None and wanted is None:
-                output = explicit.transpose(1, 2).to(value.dtype).contiguous()  # [B, Q, H, D]
+                output = explicit.to(value.dtype).contiguous()  # [B, Q, H, D]
                 if self._returns_weights:
                     weights = explicit_weights.to(query.dtype)
             else:
                 output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
                 if index is None:  # every row, kept where an image is
-                    output = torch.where(wanted[:, :, None, None], explicit.transpose(1, 2).to(output.dtype), output)
+                    output = torch.where(wanted[:, :, None, None], explicit.to(output.dtype), output)
                     if weights is not None:
                         weights = torch.where(wanted[:, None, :, None], explicit_weights.to(weights.dtype), weights)
                 else:
                     keep = wanted[:, index][:, :, None, None]  # [B, R, 1, 1]
-                    output[:, index] = torch.where(keep, explicit.transpose(1, 2).to(output.dtype), output[:, index])
+                    output[:, index] = torch.where(keep, explicit.to(output.dtype), output[:, index])
                     if weights is not None:
                         keep_weights = wanted[:, index][:, None, :, None]  # [B, 1, R, 1]
                         weights[:, :, index] = torch.where(keep_weights, explicit_weights.to(weights.dtype), weights[:, :, index])
@@ -715,15 +739,14 @@ class GuardEngine:
         budget = max(MIN_CHUNK_ELEMENTS, int(EXPLICIT_CHUNK_RATIO * batch * query_length * self.geometry.hidden_size))
         return max(1, min(rows, budget // max(1, batch * heads * ctx.key_length)))
 
-    def _explicit_chunks(self, ctx, module, query, key, value, attention_mask, scaling, index, selections, softcap=None,
-                         chunkable=True):
+    def _explicit_chunks(self, ctx, module, query, key, value, attention_mask, scaling, index, selections, softcap=None):
         """:meth:`_explicit_rows` over the rows ``index`` (None: all ``Q`` rows) in chunks of :meth:`_chunk_rows`
         rows when the call holds prompt rows and every method accepts chunks (``Intervention.chunkable_rows``).
-        Returns ``[B, H, R, D]`` and the weights ``[B, H, R, K]`` (None for a chunked call whose base
+        Returns ``[B, R, H, D]`` and the weights ``[B, H, R, K]`` (None for a chunked call whose base
         implementation returns no weights: they are never held whole)."""
         rows = query.shape[2] if index is None else index.shape[0]
         chunk = rows
-        if chunkable and ctx.has_prompt_rows:
+        if ctx.has_prompt_rows and all(intervention.chunkable_rows for intervention, _, _ in selections):
             chunk = self.chunk_rows if self.chunk_rows is not None else self._chunk_rows(ctx, query, rows)
         if chunk >= rows:
             return self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, index, selections,
@@ -743,15 +766,15 @@ class GuardEngine:
             explicit, weights = self._explicit_rows(ctx, module, query, key, value, attention_mask, scaling, part,
                                                     chunk_selections, softcap=softcap)
             if output is None:
-                output = explicit.new_empty(*explicit.shape[:2], rows, explicit.shape[-1])  # [B, H, R, D]
-            output[:, :, start:stop] = explicit
+                output = explicit.new_empty(explicit.shape[0], rows, *explicit.shape[2:])  # [B, R, H, D]
+            output[:, start:stop] = explicit
             if self._returns_weights:
                 weight_chunks.append(weights)
         return output, (torch.cat(weight_chunks, dim=2) if weight_chunks else None)
 
     def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, selections, every_row=False,
                        softcap=None):
-        """Explicit attention for rows ``index``; returns the per-head outputs ``[B, H, R, D]`` and the
+        """Explicit attention for rows ``index``; returns the per-head outputs ``[B, R, H, D]`` (the model's layout) and the
         (edited) weights ``[B, H, R, K]`` over the keys given, both fp32.
 
         ``selections``: ``(intervention, RowSelection, whole)`` per method; ``whole``: its rows are every row

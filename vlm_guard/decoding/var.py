@@ -191,16 +191,17 @@ def _recycle(weights: torch.Tensor, matrices: RecyclingMatrices, in_place: bool 
     """The edit with :class:`RecyclingMatrices` over the first ``S`` keys (``S <= K``; when ``S > K``, the first ``K``
     of them). ``in_place``: edit ``weights`` itself (contiguous; the caller reads only the result), else a copy.
 
-    A decoding step costs ten tensor operations here (one view, two slices, two matmuls, five element-wise ones).
+    A decoding step costs nine tensor operations here (two views, two matmuls, five element-wise ones).
     """
     batch, heads, rows, keys = weights.shape
     sums_matrix, edit_matrix = matrices.sums, matrices.edit
     covered = sums_matrix.shape[1]
     if covered > keys:
         sums_matrix, edit_matrix, covered = sums_matrix[:, :keys], edit_matrix[..., :keys], keys
-    in_place = in_place and weights.is_contiguous()
-    flat = weights.view(batch, heads * rows, keys) if in_place else weights.reshape(batch, heads * rows, keys).clone()
-    head = flat if covered == keys else flat[..., :covered]  # [B, H*R, S]
+    if not (in_place and weights.is_contiguous()):
+        weights = weights.clone(memory_format=torch.contiguous_format)
+    # [B, H*R, S]: the rows' weights on the covered keys, one view of the contiguous weights
+    head = weights.as_strided((batch, heads * rows, covered), (heads * rows * keys, keys, 1), weights.storage_offset())
     # one batched matmul for the four row sums: [B, H*R, S] @ [B, S, 4] (+ bias) -> [B, H*R, 4]
     sums = torch.baddbmm(matrices.bias, head, sums_matrix)
     selected = (sums >= 0).all(dim=-1, keepdim=True)  # [B, H*R, 1] image-centric rows
@@ -209,7 +210,7 @@ def _recycle(weights: torch.Tensor, matrices: RecyclingMatrices, in_place: bool 
     # coefficients [.., .., 1, p * sink / free] in the selected rows, 0 elsewhere; factor = 1 + coefficients @ edit
     factor = torch.baddbmm(matrices.one, sums / sums[..., 2:3] * selected, edit_matrix)  # [B, H*R, S]
     head.mul_(factor)
-    return weights if in_place else flat.view(batch, heads, rows, keys)
+    return weights
 
 
 class VAR(Intervention):
@@ -222,6 +223,7 @@ class VAR(Intervention):
     name = "var"
     uses_weights = True
     uses_layer_input = True
+    layer_input_while_decoding = False  # sinks are read at the prefill only
     chunkable_rows = True  # each row's edit is its own
 
     def __init__(self, config: VARConfig, sink_dims: list[int], layers: list[int]):
