@@ -204,33 +204,27 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0
         query: ``[B, H, R, D]`` fp32.
         key: ``[B, KVH, K, D]`` fp32.
     Returns:
-        ``[B, H, R, K]``.
+        ``[B*KVH, G*R, K]`` (``G = H / KVH``), the memory of ``[B, H, R, K]``.
     """
     batch, num_heads, rows, dim = query.shape
     num_kv_heads, keys = key.shape[1], key.shape[2]
-    if rows == 1 and num_heads == num_kv_heads:
-        # one row per head (a decoding step): keys @ query gives [B*H, K, 1], the memory of [B, H, 1, K], with no
-        # transposed copy of the keys
-        keys_3d, column = key.reshape(batch * num_heads, keys, dim), query.reshape(batch * num_heads, dim, 1)
-        if scaling == 1.0:
-            return torch.bmm(keys_3d, column).view(batch, num_heads, 1, keys)
-        return torch.baddbmm(zero if zero is not None else column.new_zeros(()), keys_3d, column, beta=0.0,
-                             alpha=scaling).view(batch, num_heads, 1, keys)
     grouped = query.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * rows, dim)  # [B*KVH, groups*R, D]
     keys_t = key.reshape(batch * num_kv_heads, keys, dim).transpose(1, 2)  # [B*KVH, D, K]
     if scaling == 1.0:
         scores = torch.bmm(grouped, keys_t)
     else:  # the scale inside the product (beta=0: the input is not read, a 0-d tensor of the dtype will do)
         scores = torch.baddbmm(zero if zero is not None else grouped.new_zeros(()), grouped, keys_t, beta=0.0, alpha=scaling)
-    return scores.view(batch, num_heads, rows, keys)  # [B*KVH, groups*R, K] -> [B, H, R, K]
+    return scores  # [B*KVH, groups*R, K]
 
 
-def _grouped_output(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _grouped_output(weights: torch.Tensor, value: torch.Tensor, grouped: torch.Tensor | None = None) -> torch.Tensor:
     """``weights @ v`` for grouped heads in the model's layout: ``[B, H, R, K] x [B, KVH, K, D] -> [B, R, H, D]``
-    (one row per head, a decoding step: a view of the product, no transpose)."""
+    (one row per head, a decoding step: a view of the product, no transpose). ``grouped``: the weights as
+    ``[B*KVH, G*R, K]`` when the caller holds them so (no reshape)."""
     batch, num_heads, rows, keys = weights.shape
     num_kv_heads, dim = value.shape[1], value.shape[-1]
-    grouped = weights.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * rows, keys)
+    if grouped is None:
+        grouped = weights.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * rows, keys)
     product = torch.bmm(grouped, value.reshape(batch * num_kv_heads, keys, dim))  # [B*KVH, G*R, D]
     if rows == 1:
         return product.view(batch, 1, num_heads, dim)
@@ -795,7 +789,8 @@ class GuardEngine:
         zero = self._zeros.get(query.device)
         if zero is None:
             zero = self._zeros[query.device] = torch.zeros((), device=query.device)
-        scores = _grouped_scores(rows_query, key.float(), scaling, zero)  # [B, H, R, K]
+        product = _grouped_scores(rows_query, key.float(), scaling, zero)  # [B*KVH, G*R, K]
+        scores = product.view(rows_query.shape[0], rows_query.shape[1], rows_query.shape[2], product.shape[-1])  # [B, H, R, K]
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         allowed = None
@@ -811,14 +806,23 @@ class GuardEngine:
             if intervention.uses_scores:
                 edited = intervention.on_scores(ctx, scores, selection)
                 scores = edited if whole else torch.where(selection.mask[:, None, :, None], edited, scores)
-        weights = torch.softmax(scores, dim=-1)  # [B, H, R, K]
+        grouped = None  # the weights as [B*KVH, G*R, K] while they are the softmax of the product itself
+        if softcap is None and allowed is None and not any(i.uses_scores for i, _, _ in selections):
+            # no cap, mask or score edit: the softmax of the product, viewed for the methods
+            grouped = torch.softmax(product, dim=-1)
+            weights = grouped.view(scores.shape)
+        else:
+            weights = torch.softmax(scores, dim=-1)  # [B, H, R, K]
         if ctx.has_prompt_rows:  # a generated row always sees itself; prompt rows of padding see nothing
-            weights = weights.nan_to_num(0.0)
+            weights, grouped = weights.nan_to_num(0.0), None
+        viewed = weights
         for intervention, selection, whole in selections:
             if intervention.uses_weights:
                 edited = intervention.on_weights(ctx, weights, selection)
                 weights = edited if whole else torch.where(selection.mask[:, None, :, None], edited, weights)
-        return _grouped_output(weights, value.float()), (weights[..., missing:] if missing > 0 else weights)
+        # methods that edit in place (a decoding step) return the same tensor: the product's layout is still valid
+        output = _grouped_output(weights, value.float(), grouped if weights is viewed else None)
+        return output, (weights[..., missing:] if missing > 0 else weights)
 
     @staticmethod
     def _allowed(attention_mask, index, past_length, key_length, device, query_length=None):

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import MethodConfig, check_layers, check_range
-import torch.nn.functional as F
 
 from ..heads.gaze import CLAMP_STDS, gaze_head_sums, gaze_shift, normalise_saliency, saliency_from_head_sums, saliency_multipliers
 from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
@@ -47,7 +46,6 @@ REFERENCE_SALIENCY_LAYER = 11
 REFERENCE_ENHANCE_LAYERS = (12, 22)
 SPACY_INFORMATIVE_POS = ("NOUN", "PROPN", "VERB", "ADJ", "ADV", "NUM")
 
-KEY_ROOM = 256  # generated keys the per-prefill key matrices hold before they are rebuilt (doubling)
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are aren't as at be because been before being below
@@ -142,50 +140,79 @@ def enhance_fusion(weights: torch.Tensor, image_gain: torch.Tensor, image_keys: 
         <BLANKLINE>
                  [[0.8000, 0.1000, 0.1000]]]])
     """
-    return _enhance(weights, *fusion_matrices(image_gain, image_keys, query_keys, weights.dtype), beta)
+    return _enhance(weights, FusionMatrices.build(image_gain, image_keys, query_keys, beta, weights.dtype))
 
 
-def fusion_matrices(image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor,
-                    dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-step key matrices of :func:`enhance_fusion` (computed once per step, reused by every
-    enhancement layer): ``sums [B, K, 3]`` (columns V, Q, M-1) and ``edit [B, 2, K]`` (rows M-1, Q)."""
-    gain = image_gain.to(dtype)
-    query = query_keys.to(dtype)
-    return torch.stack((image_keys.to(dtype), query, gain), dim=-1), torch.stack((gain, query), dim=1)
+@dataclass(frozen=True)
+class FusionMatrices:
+    """Everything :func:`_enhance` needs that does not depend on the attention rows, built once per prefill over the
+    prompt's ``S`` keys (later keys are neither image nor query keys: only the renormalisation touches them).
+
+    One matmul of the rows with ``sums [B, S, 3]`` plus ``bias`` gives, per (head, row), the columns
+
+    0. ``sum_V A + tiny``            the visual mass (never 0: it divides)
+    1. ``beta * sum_V A (M - 1)``    the visual mass the image multipliers add, times ``beta``
+    2. ``sum_Q A``                   the attention to the query span
+
+    Summed over the visual heads ``H_V`` and divided by column 0 they give ``[1, beta (r - 1), ..]``; plus
+    ``offset = (0, beta - 1)``, the coefficients ``[1, beta r - 1]`` of the edit's rows ``edit [B, 2, S] = [M - 1, Q]``
+    in the visual heads (first) and the query heads (second).
+
+    Attributes:
+        sums: ``[B, S, 3]``; edit: ``[B, 2, S]``; bias: ``[3]`` ``(tiny, 0, 0)``; one: ``[1]`` ones.
+        offset: ``[2]`` ``(0, beta - 1)``, or None when ``beta == 1``.
+    """
+
+    sums: torch.Tensor
+    edit: torch.Tensor
+    bias: torch.Tensor
+    one: torch.Tensor
+    offset: torch.Tensor | None
+
+    @classmethod
+    def build(cls, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor, beta: float,
+              dtype=torch.float32) -> "FusionMatrices":
+        """From ``[B, S]`` image multipliers minus one (zero outside the image), image keys and query keys."""
+        gain = image_gain.to(dtype)
+        query = query_keys.to(dtype)
+        device = gain.device
+        sums = torch.stack((image_keys.to(dtype), beta * gain, query), dim=-1)
+        bias = torch.tensor([torch.finfo(dtype).tiny, 0.0, 0.0], dtype=dtype, device=device)
+        offset = None if beta == 1.0 else torch.tensor([0.0, beta - 1.0], dtype=dtype, device=device)
+        return cls(sums, torch.stack((gain, query), dim=1), bias, torch.ones(1, dtype=dtype, device=device), offset)
 
 
-def _enhance(weights: torch.Tensor, sums_matrix: torch.Tensor, edit_matrix: torch.Tensor, beta: float,
-             one: torch.Tensor | None = None) -> torch.Tensor:
-    """The edit with the key matrices of :func:`fusion_matrices`; they may cover only the first ``S <= K`` keys (the
-    prompt's: later keys are neither image nor query keys, so only the renormalisation touches them). ``one``: a
-    1-element tensor of ones (made here when not given)."""
+def _enhance(weights: torch.Tensor, matrices: FusionMatrices, in_place: bool = False) -> torch.Tensor:
+    """The edit with :class:`FusionMatrices` over the first ``S`` keys (``S <= K``; when ``S > K``, the first ``K`` of
+    them). ``in_place``: edit ``weights`` itself (contiguous; the caller reads only the result), else a copy.
+
+    A decoding step costs eighteen tensor operations here (nineteen when ``beta != 1``)."""
     batch, heads, rows, keys = weights.shape
     top = max(1, heads // 2)
-    covered = min(keys, sums_matrix.shape[1])
-    if covered < sums_matrix.shape[1]:
-        sums_matrix, edit_matrix = sums_matrix[:, :covered], edit_matrix[..., :covered]
-    head = weights if covered == keys else weights[..., :covered]  # [B, H, R, S]
-    # [B, H*R, S] @ [B, S, 3] -> attention to V, to Q, and the gained image mass, per (head, row)
-    sums = torch.bmm(head.reshape(batch, heads * rows, covered), sums_matrix).view(batch, heads, rows, 3)
-    # the top heads of each column in one pass: column 0 the visual heads H_V, column 1 the query heads H_Q
-    leads = torch.zeros_like(sums).scatter_(1, sums.topk(top, dim=1).indices, 1.0)  # [B, H, R, 3]
-    # over H_V: visual mass before the edit and the mass it gains; r = 1 + gained / before (1 where before is 0:
-    # then every H_V weight on V is 0, and so is the gain)
-    before, _, gained = (sums * leads[..., :1]).sum(dim=1).unbind(-1)  # [B, R]
-    extra = gained / before.clamp_min(torch.finfo(weights.dtype).tiny)  # r - 1
-    query_scale = extra if beta == 1.0 else extra * beta + (beta - 1.0)  # beta * r - 1
-    hv, query_heads, _ = leads.unbind(-1)  # [B, H, R]
-    # factor = 1 + hv * gain_j + (beta * r - 1) * hq * q_j, per (row, key)
-    if one is None:
-        one = torch.ones(1, dtype=weights.dtype, device=weights.device)
-    factor = torch.baddbmm(one, torch.stack((hv, query_scale[:, None, :] * query_heads), dim=-1).view(batch, heads * rows, 2),
-                           edit_matrix)
-    if covered < keys:
-        factor = F.pad(factor, (0, keys - covered), value=1.0)  # [B, H*R, K]
-    edited = weights * factor.view(batch, heads, rows, keys)
-    total = edited.sum(dim=-1, keepdim=True)
-    # a row with no weight (padding) stays zero: 0 / tiny
-    return edited / total.clamp_min(torch.finfo(weights.dtype).tiny)
+    sums_matrix, edit_matrix = matrices.sums, matrices.edit
+    covered = sums_matrix.shape[1]
+    if covered > keys:
+        sums_matrix, edit_matrix, covered = sums_matrix[:, :keys], edit_matrix[..., :keys], keys
+    if not (in_place and weights.is_contiguous()):
+        weights = weights.clone(memory_format=torch.contiguous_format)
+    # [B, H*R, S]: the rows' weights on the covered keys, one view of the contiguous weights
+    head = weights.as_strided((batch, heads * rows, covered), (heads * rows * keys, keys, 1), weights.storage_offset())
+    sums = torch.baddbmm(matrices.bias, head, sums_matrix)  # [B, H*R, 3]
+    by_head = sums if rows == 1 else sums.view(batch, heads, rows, 3)  # heads on dim 1: [B, H, (R,) 3]
+    # the top heads of each column in one pass: column 0 the visual heads H_V, column 2 the query heads H_Q
+    leads = torch.zeros_like(by_head).scatter_(1, by_head.topk(top, dim=1).indices, 1.0)
+    over_visual = (by_head * leads[..., :1]).sum(dim=1, keepdim=True)  # [B, 1, (R,) 3] summed over H_V
+    # [1, beta (r - 1)] (+ (0, beta - 1)) = [1, beta r - 1]: r = 1 + gained / before (1 where before is 0: then every
+    # H_V weight on V is 0, and so is the gain)
+    scale = (over_visual / over_visual[..., :1])[..., :2]
+    if matrices.offset is not None:
+        scale = scale + matrices.offset
+    coefficients = leads[..., ::2] * scale  # [B, H, (R,) 2]: (in H_V, in H_Q * (beta r - 1))
+    # factor = 1 + hv * (M_j - 1) + (beta r - 1) * hq * q_j, per (row, key)
+    factor = torch.baddbmm(matrices.one, coefficients if rows == 1 else coefficients.view(batch, heads * rows, 2), edit_matrix)
+    head.mul_(factor)
+    # rows renormalised; a row with no weight (padding) stays zero: 0 / tiny
+    return weights.div_(weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny))
 
 
 def _top_heads(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -346,7 +373,7 @@ class GIFT(Intervention):
         self.tokenizer = tokenizer
         self.saliency: torch.Tensor | None = None
         self._gain: torch.Tensor | None = None  # [B, S] M - 1
-        self._keys: dict = {}  # device -> (sums, edit, one) over the prompt keys, built once per prefill
+        self._keys: dict = {}  # device -> FusionMatrices over the prompt keys, built once per prefill
         self._gaze: tuple | None = None  # saliency accumulated over the chunks of l*: (sum per head [B, H, S], last row)
 
     def layers(self) -> set[int]:
@@ -414,28 +441,22 @@ class GIFT(Intervention):
     def decode_layers(self) -> set[int]:
         return set(self.enhance_layers)
 
-    def _matrices(self, ctx: LayerContext, keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:func:`fusion_matrices` over ``keys`` keys and a 1-element ones tensor: built once per prefill (with room for
-        generated keys, zero rows: neither image nor query keys), sliced once per step and shared by the layers."""
+    def _matrices(self, ctx: LayerContext, device: torch.device) -> FusionMatrices:
+        """:class:`FusionMatrices` over the prompt keys, built once per prefill and shared by the layers."""
         cached = self._keys.get(device)
-        if cached is None or cached[0].shape[1] < keys:
+        if cached is None:
             spans = ctx.prompt.spans
-            seq = spans.image.shape[1]
-            room = max(keys, seq + KEY_ROOM, 2 * cached[0].shape[1] if cached is not None else 0) - seq
-            sums_matrix, edit_matrix = fusion_matrices(*(F.pad(mask.to(device), (0, room)) for mask in (self._gain, spans.image, spans.query)))
-            cached = self._keys[device] = (sums_matrix, edit_matrix, torch.ones(1, device=device), None)
-        step = cached[3]
-        if step is None or step[0] != keys:  # the layers of one step share the slices
-            step = (keys, cached[0][:, :keys], cached[1][..., :keys])
-            self._keys[device] = (*cached[:3], step)
-        return step[1], step[2], cached[2]
+            cached = self._keys[device] = FusionMatrices.build(self._gain.to(device), spans.image.to(device),
+                                                               spans.query.to(device), self.config.beta)
+        return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         if ctx.layer == self.saliency_layer and self.in_prefill:
             self.record_saliency(ctx, weights, rows)
             return weights
-        sums_matrix, edit_matrix, one = self._matrices(ctx, weights.shape[-1], weights.device)
-        return _enhance(weights, sums_matrix, edit_matrix, self.config.beta, one)
+        # every row of the call is this method's (no masked merge follows) and no gradient is recorded: edit in place
+        in_place = rows.mask is None and not torch.is_grad_enabled()
+        return _enhance(weights, self._matrices(ctx, weights.device), in_place)
 
 
 def build(config: GIFTConfig, adapter, head_map) -> GIFT:
