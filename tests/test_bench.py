@@ -146,3 +146,22 @@ def test_default_v2_without_weights_is_skipped_with_a_note(tmp_path, capsys):
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "default model v2 skipped" in printed and "no v2 weights" in printed
+
+
+def test_fixture_model_is_benched_under_its_own_name(tmp_path, capsys):
+    """``--model fixture``: the 3.6M test fixture, whatever the default model is; its VAR acts (bench settings), the
+    markdown has a peak-memory ratio column, and VAR's decoding step costs fewer operations than the old 25 per
+    layer over plain (four VAR layers: at most 18 each)."""
+    out = tmp_path / "bench.json"
+    args = build_parser().parse_args(["bench", "--model", "fixture", "--repeats", "1", "--new-tokens", "2", "--long-prompt", "0",
+                                      "--out", str(out), "--markdown", str(tmp_path / "bench.md")])
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert list(report["models"]) == ["fixture"] and "3.6M test fixture" in report["models"]["fixture"]["description"]
+    configs = report["models"]["fixture"]["configs"]
+    var_layers = configs["var"]["acts"]["decode_layers"]["var"]
+    assert len(var_layers) == 4 and configs["var"]["acts"]["max_prefill_logit_change"] > 0
+    extra = configs["var"]["median"]["decode_ops"] - configs["plain"]["median"]["decode_ops"]
+    assert 0 < extra <= 18 * len(var_layers)
+    assert configs["off"]["median"]["decode_ops"] == configs["plain"]["median"]["decode_ops"]
+    assert "peak memory x" in (tmp_path / "bench.md").read_text()

@@ -231,3 +231,88 @@ def test_long_prefill_is_chunked_by_the_memory_budget():
     rows = engine._chunk_rows(ctx, query, 4000)
     assert rows * 2 * 4 * 4096 <= max(engine_module.MIN_CHUNK_ELEMENTS, 2 * 4096 * 64) and rows == 16
     assert engine._chunk_rows(SimpleNamespace(key_length=8), torch.zeros(1, 4, 8, 16), 5) == 5  # short prompt: one chunk
+
+
+def _naive_recycle(weights, image, sink, p, rho, threshold):
+    """VAR's edit row by row in plain Python (the reference of the batched, in-place one)."""
+    out = weights.clone()
+    batch, heads, rows, keys = weights.shape
+    free = image & ~sink
+    for b in range(batch):
+        for h in range(heads):
+            for r in range(rows):
+                row = weights[b, h, r]
+                visual, free_mass, sink_mass = float(row[image[b]].sum()), float(row[free[b]].sum()), float(row[sink[b]].sum())
+                if visual >= threshold and free_mass >= rho * visual and free_mass > 0:
+                    out[b, h, r, sink[b]] = row[sink[b]] * (1 - p)
+                    out[b, h, r, free[b]] = row[free[b]] * (1 + p * sink_mass / free_mass)
+    return out
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_var_edit_over_the_prompt_keys_matches_the_row_by_row_reference(in_place):
+    """The matrices cover the prompt's 6 keys, the rows have 9 (3 generated keys, left as they are); in place or on a
+    copy, the batched edit equals the per-row formula, and the copy leaves its input untouched."""
+    from vlm_guard.decoding.var import RecyclingMatrices, _recycle
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.softmax(torch.randn(2, 3, 2, 9, generator=generator) * 2, dim=-1)
+    weights[0, 0, 0] = torch.tensor([0.3, 0.1, 0.1, 0.3, 0.1, 0.0, 0.05, 0.05, 0.0])  # image-centric (visual 0.5)
+    image = torch.tensor([[False, False, True, True, True, False], [False, True, True, True, False, False]])
+    sink = torch.tensor([[True, False, True, False, False, False], [True, False, False, False, False, True]])
+    padded = lambda mask: torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], dim=1)  # noqa: E731
+    expected = _naive_recycle(weights, padded(image), padded(sink), 0.4, 0.5, 0.2)
+    original = weights.clone()
+    result = _recycle(weights, RecyclingMatrices.build(image, sink, 0.4, 0.5, 0.2), in_place=in_place)
+    torch.testing.assert_close(result, expected)
+    assert (result is weights) == in_place
+    if not in_place:
+        assert torch.equal(weights, original)
+    assert not torch.equal(expected[0, 0, 0], original[0, 0, 0])  # the hand-made row is edited
+
+
+@pytest.mark.parametrize("beta", [1.0, 1.5])
+def test_gift_edit_in_place_equals_the_copy_and_the_pure_function(beta):
+    from vlm_guard.decoding.gift import FusionMatrices, _enhance, enhance_fusion
+
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.softmax(torch.randn(1, 4, 1, 8, generator=generator), dim=-1)
+    gain = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0]])
+    image = torch.tensor([[False, True, True, False, False]])
+    query = torch.tensor([[False, False, False, True, True]])
+    keys = lambda mask: torch.cat([mask, torch.zeros(1, 3, dtype=mask.dtype)], dim=1)  # noqa: E731
+    reference = enhance_fusion(weights, keys(gain), keys(image), keys(query), beta)  # matrices over all 8 keys
+    copy = _enhance(weights, FusionMatrices.build(gain, image, query, beta))  # over the 5 prompt keys
+    in_place = _enhance(weights.clone(), FusionMatrices.build(gain, image, query, beta), in_place=True)
+    torch.testing.assert_close(copy, reference)
+    torch.testing.assert_close(in_place, reference)
+    torch.testing.assert_close(reference.sum(-1), torch.ones(1, 4, 1))
+
+
+def test_var_reads_the_layer_input_at_the_prefill_only():
+    """VAR's layer-input hooks exist during the prefill (its sinks) and are gone while decoding (the layers take torch's
+    fast call path); a second generation through the same wrapper finds its own sinks again."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model = planted_sink_model("llava")
+    guarded = vlm_guard.wrap(model, config=GuardConfig(var=tiny_var_config(p=1.0)))
+    layers = guarded.adapter.decoder_layers
+    seen = []
+
+    class Hooks(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            seen.append(sum(len(layer._forward_pre_hooks) for layer in layers))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    try:
+        for rows in ([(True, 5)], [(True, 8), (True, 3)]):
+            inputs = build_batch(model, rows)
+            seen.clear()
+            guarded.generate(**inputs, max_new_tokens=4, do_sample=False, stopping_criteria=StoppingCriteriaList([Hooks()]))
+            assert seen == [0, 0, 0, 0]  # after the prefill and every step: no layer hook
+            var = guarded.interventions[0]
+            assert sorted(var.sink_mask) == [2, 3] and var.sink_mask[2].shape == inputs["input_ids"].shape
+            assert bool(var.sink_mask[2][:, :].any(dim=1).all())  # BOS found in every row of this prompt
+        assert sum(len(layer._forward_pre_hooks) for layer in layers) == 0
+    finally:
+        guarded.unwrap()

@@ -616,14 +616,15 @@ def format_markdown(report: dict) -> str:
              "✓/✗: the issue-16 target met or missed.", ""]
     for key, model in report["models"].items():
         lines += [f"### {model['description']} (prompt {model['prompt_length']} tokens)", "",
-                  "| config | decode ms/tok | decode x | x(cpu) | prefill x | ops/step | ops x | prefill ops x |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| config | decode ms/tok | decode x | x(cpu) | prefill x | peak memory x | ops/step | ops x | prefill ops x |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, result in model["configs"].items():
             median, ratios = result["median"], result["ratio_to_plain"]
             target = "" if result["decode_target"] is None else f" (<= {result['decode_target']:.2f}{verdict(result['decode_target_met'])})"
             ops_target = "" if result.get("ops_target") is None else f" (<= {result['ops_target']:.2f}{verdict(result['ops_target_met'])})"
             lines.append(f"| {name} | {median['decode_ms']:.2f} | {ratio(ratios['decode_ms'])}{target} | "
-                         f"{ratio(ratios.get('decode_cpu_ms'))} | {ratio(ratios['prefill_ms'])} | {median['decode_ops']:.0f} | "
+                         f"{ratio(ratios.get('decode_cpu_ms'))} | {ratio(ratios['prefill_ms'])} | {ratio(ratios.get('peak_mib'))} | "
+                         f"{median['decode_ops']:.0f} | "
                          f"{ratio(ratios['decode_ops'])}{ops_target} | {ratio(ratios['prefill_ops'])} |")
         if model.get("var_settings"):
             lines += ["", f"VAR settings for this model (see `bench_var_settings`): {model['var_settings']}"]
@@ -662,11 +663,17 @@ def run_bench(args: argparse.Namespace) -> dict:
         "notes": [],
     }
     tables = []
-    if args.model in ("default", "both"):
+    if args.model in ("default", "both", "all", "fixture"):
         try:
             from .. import load_default
+            from ..defaults import describe_default, load_fixture
 
-            model, processor = load_default(device=str(device))
+            if args.model in ("all", "fixture"):
+                model, processor = load_fixture(device=str(device))
+                description = "the 3.6M test fixture (vlm_guard.defaults.load_fixture())"
+            else:
+                model, processor = load_default(device=str(device))
+                description = f"vlm_guard.load_default(): {describe_default()}"
         except (FileNotFoundError, OSError) as error:
             note = f"default model skipped: {error}"
             report["notes"].append(note)
@@ -675,10 +682,11 @@ def run_bench(args: argparse.Namespace) -> dict:
             inputs = {k: v.to(device) for k, v in default_model_inputs(processor, args.batch).items()}
             var_settings = bench_var_settings(model, inputs)
             results = bench_model("default", model, processor, inputs, method_configs(False, var_settings), args.repeats, args.new_tokens)
-            report["models"]["default"] = {"description": "vlm_guard.load_default()", "prompt_length": int(inputs["input_ids"].shape[1]),
-                                           "var_settings": var_settings, "configs": results}
-            tables.append(format_table(f"default model (prompt {inputs['input_ids'].shape[1]} tokens)", results))
-    if args.model == "default-v2":
+            key = "fixture" if args.model in ("all", "fixture") else "default"
+            report["models"][key] = {"description": description, "prompt_length": int(inputs["input_ids"].shape[1]),
+                                     "var_settings": var_settings, "configs": results}
+            tables.append(format_table(f"{description} (prompt {inputs['input_ids'].shape[1]} tokens)", results))
+    if args.model in ("default-v2", "all"):
         try:
             from ..defaults import load_default_v2
 
@@ -697,7 +705,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             report["models"]["default_v2"] = {"description": description, "prompt_length": int(inputs["input_ids"].shape[1]),
                                               "var_settings": var_settings, "configs": results}
             tables.append(format_table(f"{description} (prompt {inputs['input_ids'].shape[1]} tokens)", results))
-    if args.model in ("random", "both"):
+    if args.model in ("random", "both", "all"):
         model = llava15_shaped_model(args.hidden_size, args.layers, args.heads, args.vocab_size).to(device)
         inputs = {k: v.to(device) for k, v in llava15_inputs(model, args.batch).items()}
         results = bench_model("llava15-shaped", model, None, inputs, method_configs(True, planted_var_settings(args.hidden_size)),
@@ -740,9 +748,10 @@ def _command(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="latency and memory of each decoding method vs plain generate",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("both", "default", "random", "default-v2", "none"), default="both",
+    parser.add_argument("--model", choices=("both", "default", "random", "default-v2", "fixture", "all", "none"), default="both",
                         help="the shipped default model, the LLaVA-1.5-shaped random model, both (default), default model "
-                             "v2 (vlm_guard.defaults.load_default_v2, --v2-weights), or none (only the long-prompt pass)")
+                             "v2 (vlm_guard.defaults.load_default_v2, --v2-weights), the 3.6M test fixture, all (the fixture, "
+                             "v2 and the random model: the issue-16 table), or none (only the long-prompt pass)")
     parser.add_argument("--v2-weights", default=None,
                         help="with --model default-v2: folder of v2_weights.safetensors (default: the shipped one)")
     parser.add_argument("--long-prompt", type=int, default=8192,
