@@ -789,14 +789,19 @@ class GuardEngine:
         zero = self._zeros.get(query.device)
         if zero is None:
             zero = self._zeros[query.device] = torch.zeros((), device=query.device)
-        product = _grouped_scores(rows_query, key.float(), scaling, zero)  # [B*KVH, G*R, K]
-        scores = product.view(rows_query.shape[0], rows_query.shape[1], rows_query.shape[2], product.shape[-1])  # [B, H, R, K]
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
         allowed = None
         if attention_mask is not None or query.shape[2] > 1 or key.shape[2] > ctx.past_length + query.shape[2]:
             allowed = self._allowed(attention_mask, None if every_row else index, ctx.past_length, key.shape[2],
-                                    scores.device, query.shape[2])
+                                    query.device, query.shape[2])
+        product = _grouped_scores(rows_query, key.float(), scaling, zero)  # [B*KVH, G*R, K]
+        scores = product.view(rows_query.shape[0], rows_query.shape[1], rows_query.shape[2], product.shape[-1])  # [B, H, R, K]
+        # no cap, mask or score edit (a decoding step): the weights are the softmax of the product itself, which the
+        # output's matmul can take as it is; otherwise the product is let go here (a prefill chunk's scores are large)
+        plain_product = softcap is None and allowed is None and not any(i.uses_scores for i, _, _ in selections)
+        if not plain_product:
+            product = None
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         if allowed is not None:
             if allowed.dtype == torch.bool:
                 scores = scores.masked_fill(~allowed, float("-inf"))
@@ -807,10 +812,10 @@ class GuardEngine:
                 edited = intervention.on_scores(ctx, scores, selection)
                 scores = edited if whole else torch.where(selection.mask[:, None, :, None], edited, scores)
         grouped = None  # the weights as [B*KVH, G*R, K] while they are the softmax of the product itself
-        if softcap is None and allowed is None and not any(i.uses_scores for i, _, _ in selections):
-            # no cap, mask or score edit: the softmax of the product, viewed for the methods
+        if plain_product:
             grouped = torch.softmax(product, dim=-1)
-            weights = grouped.view(scores.shape)
+            weights = grouped.view(scores.shape)  # for the methods
+            product = None
         else:
             weights = torch.softmax(scores, dim=-1)  # [B, H, R, K]
         if ctx.has_prompt_rows:  # a generated row always sees itself; prompt rows of padding see nothing

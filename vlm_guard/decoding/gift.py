@@ -168,6 +168,7 @@ class FusionMatrices:
     bias: torch.Tensor
     one: torch.Tensor
     offset: torch.Tensor | None
+    zeros: dict = field(default_factory=dict, compare=False)  # shape -> zeros the top heads are scattered into (never written)
 
     @classmethod
     def build(cls, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor, beta: float,
@@ -186,7 +187,7 @@ def _enhance(weights: torch.Tensor, matrices: FusionMatrices, in_place: bool = F
     """The edit with :class:`FusionMatrices` over the first ``S`` keys (``S <= K``; when ``S > K``, the first ``K`` of
     them). ``in_place``: edit ``weights`` itself (contiguous; the caller reads only the result), else a copy.
 
-    A decoding step costs eighteen tensor operations here (nineteen when ``beta != 1``)."""
+    A decoding step costs seventeen tensor operations here (eighteen when ``beta != 1``)."""
     batch, heads, rows, keys = weights.shape
     top = max(1, heads // 2)
     sums_matrix, edit_matrix = matrices.sums, matrices.edit
@@ -200,7 +201,10 @@ def _enhance(weights: torch.Tensor, matrices: FusionMatrices, in_place: bool = F
     sums = torch.baddbmm(matrices.bias, head, sums_matrix)  # [B, H*R, 3]
     by_head = sums if rows == 1 else sums.view(batch, heads, rows, 3)  # heads on dim 1: [B, H, (R,) 3]
     # the top heads of each column in one pass: column 0 the visual heads H_V, column 2 the query heads H_Q
-    leads = torch.zeros_like(by_head).scatter_(1, by_head.topk(top, dim=1).indices, 1.0)
+    zeros = matrices.zeros.get(by_head.shape)
+    if zeros is None:  # one per shape (a decoding step's is the same at every step and layer)
+        zeros = matrices.zeros[by_head.shape] = torch.zeros_like(by_head)
+    leads = zeros.scatter(1, by_head.topk(top, dim=1).indices, 1.0)
     over_visual = (by_head * leads[..., :1]).sum(dim=1, keepdim=True)  # [B, 1, (R,) 3] summed over H_V
     # [1, beta (r - 1)] (+ (0, beta - 1)) = [1, beta r - 1]: r = 1 + gained / before (1 where before is 0: then every
     # H_V weight on V is 0, and so is the gain)
