@@ -794,12 +794,13 @@ class GuardEngine:
             allowed = self._allowed(attention_mask, None if every_row else index, ctx.past_length, key.shape[2],
                                     query.device, query.shape[2])
         product = _grouped_scores(rows_query, key.float(), scaling, zero)  # [B*KVH, G*R, K]
-        scores = product.view(rows_query.shape[0], rows_query.shape[1], rows_query.shape[2], product.shape[-1])  # [B, H, R, K]
+        shape = (rows_query.shape[0], rows_query.shape[1], rows_query.shape[2], product.shape[-1])  # [B, H, R, K]
         # no cap, mask or score edit (a decoding step): the weights are the softmax of the product itself, which the
-        # output's matmul can take as it is; otherwise the product is let go here (a prefill chunk's scores are large)
+        # output's matmul can take as it is; otherwise the scores are a view of it, and the product is let go here (a
+        # prefill chunk's scores are large)
         plain_product = softcap is None and allowed is None and not any(i.uses_scores for i, _, _ in selections)
         if not plain_product:
-            product = None
+            scores, product = product.view(shape), None
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         if allowed is not None:
@@ -814,7 +815,7 @@ class GuardEngine:
         grouped = None  # the weights as [B*KVH, G*R, K] while they are the softmax of the product itself
         if plain_product:
             grouped = torch.softmax(product, dim=-1)
-            weights = grouped.view(scores.shape)  # for the methods
+            weights = grouped.view(shape)  # for the methods
             product = None
         else:
             weights = torch.softmax(scores, dim=-1)  # [B, H, R, K]
