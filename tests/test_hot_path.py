@@ -19,6 +19,7 @@ from vlm_guard.config import GuardConfig
 from vlm_guard.decoding.bench import OpCounter
 from vlm_guard.decoding.gift import GIFTConfig
 from vlm_guard.decoding.pai import PAIConfig
+from vlm_guard.decoding.var import recycle_sink_attention
 from vlm_guard.decoding.vhr import VHRConfig
 from vlm_guard.models.compat import cache_kwargs, output_cache
 from vlm_guard.testing import build_batch
@@ -315,4 +316,71 @@ def test_var_reads_the_layer_input_at_the_prefill_only():
             assert bool(var.sink_mask[2][:, :].any(dim=1).all())  # BOS found in every row of this prompt
         assert sum(len(layer._forward_pre_hooks) for layer in layers) == 0
     finally:
+        guarded.unwrap()
+
+
+def test_gradients_flow_through_a_guarded_decoding_step():
+    """With gradients recorded, VAR and GIFT edit a copy (never their input) and divide by a clamped mass: backward
+    through a decoding step gives finite gradients (the in-place fast path is for steps without gradients only)."""
+    from vlm_guard.testing import BOS, tiny_model
+
+    model = tiny_model("llava")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[BOS, 5] = 200.0
+    inputs = build_batch(model, [(True, 5), (True, 9)])
+    var = tiny_var_config(sink_dims=[5], tau=5.0, p=1.0)
+    gift = GIFTConfig(saliency_layer=1, enhance_layers=[2, 3])
+    for name, config in {"var": GuardConfig(var=var), "var+gift": GuardConfig(var=var, gift=gift)}.items():
+        guarded = vlm_guard.wrap(model, config=config)
+        try:
+            with torch.no_grad():
+                prefill = guarded(**inputs, use_cache=True)
+                ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
+                mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids)], 1)
+            with torch.enable_grad():
+                step = guarded(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, output_cache(prefill)))
+                step.logits[:, -1].logsumexp(-1).sum().backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads, name
+            assert all(bool(torch.isfinite(g).all()) for g in grads), name
+        finally:
+            model.zero_grad(set_to_none=True)
+            guarded.unwrap()
+
+
+def test_var_with_zero_thresholds_never_divides_by_a_denormal_mass():
+    """rho = 0 and visual_threshold = 0 pass validation; a row whose non-sink visual weight is denormal is not
+    image-centric (no 1 / 1e-39 coefficient, no inf * 0 = NaN), and a row with real visual weight is edited."""
+    image = torch.tensor([[False, True, True, False]])
+    sink = torch.tensor([[True, True, False, False]])
+    for free in (1e-39, 1e-44):
+        weights = torch.tensor([[[[0.5, 0.3, free, 0.2 - free]]]])
+        out = recycle_sink_attention(weights, image, sink, p=0.6, rho=0.0, visual_threshold=0.0)
+        assert bool(torch.isfinite(out).all()), (free, out)
+        torch.testing.assert_close(out, weights)
+    edited = recycle_sink_attention(torch.tensor([[[[0.5, 0.1, 0.2, 0.2]]]]), image, sink, p=0.5, rho=0.0, visual_threshold=0.0)
+    torch.testing.assert_close(edited, torch.tensor([[[[0.25, 0.05, 0.5, 0.2]]]]))
+
+
+def test_a_hand_written_decoding_loop_runs_its_steps_without_layer_hooks():
+    """One guarded call per step (a frame each): VAR's layer-input hooks are taken at the prefill only."""
+    model = planted_sink_model("llava")
+    guarded = vlm_guard.wrap(model, config=GuardConfig(var=tiny_var_config(p=1.0)))
+    layers = guarded.adapter.decoder_layers
+    seen = []
+    probe = layers[0].register_forward_pre_hook(lambda module, args: seen.append(sum(len(layer._forward_pre_hooks) for layer in layers)))
+    try:
+        inputs = build_batch(model, [(True, 6)])
+        with torch.no_grad():
+            out = guarded(**inputs, use_cache=True)
+            cache, mask = output_cache(out), inputs["attention_mask"]
+            for _ in range(3):
+                ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(ids)], 1)
+                out = guarded(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
+                cache = output_cache(out)
+        # the probe itself is one hook on layer 0; the prefill adds VAR's (layers 2, 3), the steps none
+        assert seen == [3, 1, 1, 1]
+    finally:
+        probe.remove()
         guarded.unwrap()

@@ -685,9 +685,9 @@ def run_bench(args: argparse.Namespace) -> dict:
                 model, processor = load_default(device=str(device), dtype=dtype)
                 description = f"vlm_guard.load_default(): {describe_default()}"
         except (FileNotFoundError, OSError) as error:
-            note = f"default model skipped: {error}"
-            report["notes"].append(note)
-            tables.append(f"== default model: skipped ({error})")
+            which = "the test fixture" if args.model in ("all", "fixture") else "default model"
+            report["notes"].append(f"{which} skipped: {error}")
+            tables.append(f"== {which}: skipped ({error})")
         else:
             inputs = _on_device(default_model_inputs(processor, args.batch), device, dtype)
             var_settings = bench_var_settings(model, inputs)
@@ -759,11 +759,12 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="latency and memory of each decoding method vs plain generate",
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("both", "default", "random", "default-v2", "fixture", "all", "none"), default="both",
-                        help="the shipped default model, the LLaVA-1.5-shaped random model, both (default), default model "
-                             "v2 (vlm_guard.defaults.load_default_v2, --v2-weights), the 3.6M test fixture, all (the fixture, "
-                             "v2 and the random model: the issue-16 table), or none (only the long-prompt pass)")
+                        help="default: vlm_guard.load_default() (v2 unless $VLM_GUARD_DEFAULT_MODEL=fixture); random: the "
+                             "LLaVA-1.5-shaped random model; both (the default): those two; default-v2: v2 from --v2-weights; "
+                             "fixture: the 3.6M test fixture; all: the fixture, v2 and the random model (the issue-16 table); "
+                             "none: only the long-prompt pass")
     parser.add_argument("--v2-weights", default=None,
-                        help="with --model default-v2: folder of v2_weights.safetensors (default: the shipped one)")
+                        help="with --model default-v2 or all: folder of v2_weights.safetensors (default: the shipped one)")
     parser.add_argument("--long-prompt", type=int, default=8192,
                         help="peak memory of every configuration at a prompt of this many tokens on a small random "
                              "LLaVA-shaped model, each in a fresh process (0: skip)")

@@ -360,11 +360,12 @@ class GuardEngine:
         """
         frame = Frame(list(interventions), known_prompt=known_prompt)
         # a frame without methods needs no hook (its calls run the plain model); one with methods needs the model's
-        # hooks, and a layer-input hook where a method reads the layer input
+        # hooks, and a layer-input hook where a method reads the layer input: taken by the model's pre-hook at a call that
+        # needs them (a prefill, or a continuing call whose methods still read the layer input), not here, so that a
+        # loop of single decoding calls (one frame each) runs its layers without them
         hooked = ["model"] if frame.interventions else []
         frame.layer_hooks = tuple(layer for layer, plan in frame.plan.items() if plan.layer_input)
         self._acquire_hooks(hooked)
-        self._hold_layer_hooks(frame, True)
         try:
             self._frames.append(frame)
             try:
@@ -499,6 +500,7 @@ class GuardEngine:
                 self._register(Generation(None, interventions), cache)
                 return None
             frame.call = CallState(generation, past, "decode", plan=self._decode_plan(frame, generation))
+            self._hold_layer_hooks(frame, any(layer_plan.layer_input for layer_plan in frame.call.plan.values()))
             return None
         generation = frame.generation
         if (cache is None and generation is not None and generation.prompt is not None and input_ids is not None
@@ -506,6 +508,7 @@ class GuardEngine:
             # generate(use_cache=False): every step recomputes the whole sequence of the same generation
             frame.call = CallState(generation, 0, "decode", plan=self._decode_plan(frame, generation))
             frame.call_generation = generation
+            self._hold_layer_hooks(frame, any(layer_plan.layer_input for layer_plan in frame.call.plan.values()))
             return None
         prompt = self._new_prompt(frame, input_ids, kwargs)
         generation = Generation(prompt, interventions)

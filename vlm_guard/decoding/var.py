@@ -150,25 +150,26 @@ class RecyclingMatrices:
     2. ``sum_F A / p``               (the divisor: > 0 in every image-centric row)
     3. ``sum_Sk A``                  (the sink mass)
 
-    so a row is image-centric exactly when every column is ``>= lower = (visual_threshold, 0, 0, 0)``. Divided by
-    column 2 they become ``[.., .., 1, p * sink / free]``: the coefficients of the edit's rows
-    ``edit [B, 4, S] = [0, 0, -p Sk, F]``, and ``1 + coefficients @ edit`` is the factor of each key: sinks keep
-    ``1 - p``, non-sink image keys gain ``p * sink / free`` of their weight (other rows: coefficients 0).
+    so a row is image-centric exactly when every column is ``>= lower = (visual_threshold, 0, tiny, 0)`` (column 2 at
+    least the smallest normal float: some non-sink visual weight, which with ``rho`` and ``visual_threshold`` above 0
+    every row that clears the first two has anyway). Divided by column 2 they become ``[.., .., 1, p * sink / free]``
+    (each at most ``1 / tiny``, finite): the coefficients of the edit's rows ``edit [B, 4, S] = [0, 0, -p Sk, F]``, and
+    ``1 + coefficients @ edit`` is the factor of each key: sinks keep ``1 - p``, non-sink image keys gain
+    ``p * sink / free`` of their weight (other rows: coefficients 0).
 
     Attributes:
         sums: ``[B, S, 4]`` the columns above.
         edit: ``[B, 4, S]``.
-        lower: ``[4]`` ``(visual_threshold, 0, 0, 0)``.
+        lower: ``[4]`` ``(visual_threshold, 0, tiny, 0)``.
         zero: ``[]`` a 0-d zero (the coefficients of the other rows).
-        check_free: whether rows must also be checked for non-sink visual mass (only when ``rho`` or
-            ``visual_threshold`` is 0; otherwise it is implied: ``free >= rho * visual >= rho * threshold > 0``).
+        one: ``[1]`` a one (the factor's base, on the path that records gradients).
     """
 
     sums: torch.Tensor
     edit: torch.Tensor
     lower: torch.Tensor
     zero: torch.Tensor
-    check_free: bool
+    one: torch.Tensor
 
     @classmethod
     def build(cls, image_keys: torch.Tensor, sink_keys: torch.Tensor, p: float, rho: float, visual_threshold: float,
@@ -180,37 +181,45 @@ class RecyclingMatrices:
         zeros = torch.zeros_like(image)
         sums = torch.stack((image, free - rho * image, free / p, sink), dim=-1)
         edit = torch.stack((zeros, zeros, -p * sink, free), dim=1)
-        lower = torch.tensor([visual_threshold, 0.0, 0.0, 0.0], dtype=dtype, device=image.device)
+        lower = torch.tensor([visual_threshold, 0.0, torch.finfo(dtype).tiny, 0.0], dtype=dtype, device=image.device)
         zero = torch.zeros((), dtype=dtype, device=image.device)
-        return cls(sums, edit, lower, zero, check_free=not (visual_threshold > 0 and rho > 0))
+        return cls(sums, edit, lower, zero, torch.ones(1, dtype=dtype, device=image.device))
 
 
 def _recycle(weights: torch.Tensor, matrices: RecyclingMatrices, in_place: bool = False) -> torch.Tensor:
     """The edit with :class:`RecyclingMatrices` over the first ``S`` keys (``S <= K``; when ``S > K``, the first ``K``
-    of them). ``in_place``: edit ``weights`` itself (contiguous; the caller reads only the result), else a copy.
+    of them). ``in_place``: edit ``weights`` itself (contiguous, no gradient recorded; the caller reads only the
+    result), else a new tensor (gradients flow through it).
 
-    A decoding step costs nine tensor operations here (two views, two matmuls, five element-wise ones); batched
-    matmuls without an added input (``bmm``), which are faster than ``baddbmm`` on small blocks.
+    In place, a decoding step costs nine tensor operations here (two views, two matmuls, five element-wise ones);
+    batched matmuls without an added input (``bmm``), which are faster than ``baddbmm`` on small blocks.
     """
     batch, heads, rows, keys = weights.shape
     sums_matrix, edit_matrix = matrices.sums, matrices.edit
     covered = sums_matrix.shape[1]
     if covered > keys:
         sums_matrix, edit_matrix, covered = sums_matrix[:, :keys], edit_matrix[..., :keys], keys
-    if not (in_place and weights.is_contiguous()):
-        weights = weights.clone(memory_format=torch.contiguous_format)
-    # [B, H*R, S]: the rows' weights on the covered keys, one view of the contiguous weights
-    head = weights.as_strided((batch, heads * rows, covered), (heads * rows * keys, keys, 1), weights.storage_offset())
-    # one batched matmul for the four row sums: [B, H*R, S] @ [B, S, 4] -> [B, H*R, 4]
+    if in_place and weights.is_contiguous():
+        # [B, H*R, S]: the rows' weights on the covered keys, one view of the contiguous weights
+        head = weights.as_strided((batch, heads * rows, covered), (heads * rows * keys, keys, 1), weights.storage_offset())
+        # one batched matmul for the four row sums: [B, H*R, S] @ [B, S, 4] -> [B, H*R, 4]
+        sums = torch.bmm(head, sums_matrix)
+        selected = (sums >= matrices.lower).all(dim=-1, keepdim=True)  # [B, H*R, 1] image-centric rows
+        # coefficients [.., .., 1, p * sink / free] in the selected rows (free >= tiny there), 0 elsewhere
+        coefficients = torch.where(selected, sums / sums[..., 2:3], matrices.zero)
+        head.addcmul_(head, torch.bmm(coefficients, edit_matrix))  # weights * (1 + coefficients @ edit)
+        return weights
+    # the same edit without writing into any input: every intermediate stays as autograd needs it, and the divisor is
+    # never zero (a 0 / 0 in a row that is not selected would still give a NaN gradient through ``where``)
+    flat = weights.reshape(batch, heads * rows, keys)
+    head = flat[..., :covered]
     sums = torch.bmm(head, sums_matrix)
-    selected = (sums >= matrices.lower).all(dim=-1, keepdim=True)  # [B, H*R, 1] image-centric rows
-    if matrices.check_free:
-        selected = selected & (sums[..., 2:3] > 0)
-    # coefficients [.., .., 1, p * sink / free] in the selected rows (free > 0 there), 0 elsewhere
-    coefficients = torch.where(selected, sums / sums[..., 2:3], matrices.zero)
-    # weights * (1 + coefficients @ edit), per (row, key)
-    head.addcmul_(head, torch.bmm(coefficients, edit_matrix))
-    return weights
+    selected = (sums >= matrices.lower).all(dim=-1, keepdim=True)
+    coefficients = torch.where(selected, sums / sums[..., 2:3].clamp_min(matrices.lower[2]), matrices.zero)
+    edited = head * torch.baddbmm(matrices.one, coefficients, edit_matrix)
+    if covered < keys:
+        edited = torch.cat([edited, flat[..., covered:]], dim=-1)
+    return edited.view(batch, heads, rows, keys)
 
 
 class VAR(Intervention):
