@@ -209,6 +209,19 @@ class RowSelection:
     first: bool = True
     last: bool = True
 
+    @property
+    def may_edit_in_place(self) -> bool:
+        """Whether a weights hook may edit the tensor it is given in place: these rows are every row of every sample
+        (no masked merge reads the unedited weights afterwards) and no gradient is recorded (autograd keeps them)."""
+        return self.mask is None and not torch.is_grad_enabled()
+
+
+def prompt_key_rows(weights: torch.Tensor, covered: int) -> torch.Tensor:
+    """``[B, H*R, S]``: contiguous weights ``[B, H, R, K]`` on their first ``S = covered`` keys, as one view (what the
+    methods' per-prefill key matrices multiply; an in-place edit of it edits ``weights``)."""
+    batch, heads, rows, keys = weights.shape
+    return weights.as_strided((batch, heads * rows, covered), (heads * rows * keys, keys, 1), weights.storage_offset())
+
 
 EVERY_ROW = True
 """What :meth:`Intervention.rows` returns for "every row of this call" (e.g. every decoding step)."""

@@ -641,9 +641,6 @@ def format_markdown(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------- command
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def _on_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """The model inputs on ``device``, floating ones (pixel values) in ``dtype``."""
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
@@ -651,7 +648,7 @@ def _on_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 def run_bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -776,7 +773,9 @@ def register(subparsers) -> None:
     parser.add_argument("--heads", type=int, default=32, help="random model: attention heads")
     parser.add_argument("--vocab-size", type=int, default=4096, help="random model: vocabulary (scaled down like the width)")
     parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+    from ..models.loading import DTYPE_NAMES
+
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                         help="model dtype (float16 for a GPU run; the methods' explicit rows stay fp32)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default="bench.json", help="JSON report path ('' to skip)")

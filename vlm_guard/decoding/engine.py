@@ -107,6 +107,11 @@ def layer_plans(interventions, layers_of, decoding: bool = False) -> dict[int, L
     }
 
 
+def reads_layer_input(plan: dict) -> bool:
+    """Whether a ``{layer: LayerPlan}`` has a method that reads a layer's input (its calls need the layer hooks)."""
+    return any(layer_plan.layer_input for layer_plan in plan.values())
+
+
 @dataclass
 class Generation:
     """One generation: a prompt whose cache started empty, and every later call that extends that cache.
@@ -500,7 +505,7 @@ class GuardEngine:
                 self._register(Generation(None, interventions), cache)
                 return None
             frame.call = CallState(generation, past, "decode", plan=self._decode_plan(frame, generation))
-            self._hold_layer_hooks(frame, any(layer_plan.layer_input for layer_plan in frame.call.plan.values()))
+            self._hold_layer_hooks(frame, reads_layer_input(frame.call.plan))
             return None
         generation = frame.generation
         if (cache is None and generation is not None and generation.prompt is not None and input_ids is not None
@@ -508,7 +513,7 @@ class GuardEngine:
             # generate(use_cache=False): every step recomputes the whole sequence of the same generation
             frame.call = CallState(generation, 0, "decode", plan=self._decode_plan(frame, generation))
             frame.call_generation = generation
-            self._hold_layer_hooks(frame, any(layer_plan.layer_input for layer_plan in frame.call.plan.values()))
+            self._hold_layer_hooks(frame, reads_layer_input(frame.call.plan))
             return None
         prompt = self._new_prompt(frame, input_ids, kwargs)
         generation = Generation(prompt, interventions)
@@ -569,7 +574,7 @@ class GuardEngine:
         if frame.call is not None and frame.call.phase == "prefill":
             frame.call.generation.decode_plan = None
             plan = self._decode_plan(frame, frame.call.generation)  # the methods' per-sample state is complete now
-            if not any(layer_plan.layer_input for layer_plan in plan.values()):
+            if not reads_layer_input(plan):
                 self._hold_layer_hooks(frame, False)  # the decoding steps take the layers' fast call path
         self._register(frame.call_generation, output_cache(output))
         return None

@@ -35,7 +35,7 @@ import torch
 from ..config import MethodConfig, check_layers, check_range
 
 from ..heads.gaze import CLAMP_STDS, gaze_head_sums, gaze_shift, normalise_saliency, saliency_from_head_sums, saliency_multipliers
-from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
+from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection, prompt_key_rows
 from .registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -196,8 +196,7 @@ def _enhance(weights: torch.Tensor, matrices: FusionMatrices, in_place: bool = F
         sums_matrix, edit_matrix, covered = sums_matrix[:, :keys], edit_matrix[..., :keys], keys
     if not (in_place and weights.is_contiguous()):
         weights = weights.clone(memory_format=torch.contiguous_format)
-    # [B, H*R, S]: the rows' weights on the covered keys, one view of the contiguous weights
-    head = weights.as_strided((batch, heads * rows, covered), (heads * rows * keys, keys, 1), weights.storage_offset())
+    head = prompt_key_rows(weights, covered)  # [B, H*R, S]
     sums = torch.baddbmm(matrices.bias, head, sums_matrix)  # [B, H*R, 3]
     by_head = sums if rows == 1 else sums.view(batch, heads, rows, 3)  # heads on dim 1: [B, H, (R,) 3]
     # the top heads of each column in one pass: column 0 the visual heads H_V, column 2 the query heads H_Q
@@ -458,9 +457,7 @@ class GIFT(Intervention):
         if ctx.layer == self.saliency_layer and self.in_prefill:
             self.record_saliency(ctx, weights, rows)
             return weights
-        # every row of the call is this method's (no masked merge follows) and no gradient is recorded: edit in place
-        in_place = rows.mask is None and not torch.is_grad_enabled()
-        return _enhance(weights, self._matrices(ctx, weights.device), in_place)
+        return _enhance(weights, self._matrices(ctx, weights.device), rows.may_edit_in_place)
 
 
 def build(config: GIFTConfig, adapter, head_map) -> GIFT:

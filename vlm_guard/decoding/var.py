@@ -37,7 +37,7 @@ import torch
 
 from ..config import MethodConfig, check_layers, check_range, preset_field
 from ..heads.sinks import SINK_THRESHOLD, sink_scores
-from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
+from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection, prompt_key_rows
 from .registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -200,8 +200,7 @@ def _recycle(weights: torch.Tensor, matrices: RecyclingMatrices, in_place: bool 
     if covered > keys:
         sums_matrix, edit_matrix, covered = sums_matrix[:, :keys], edit_matrix[..., :keys], keys
     if in_place and weights.is_contiguous():
-        # [B, H*R, S]: the rows' weights on the covered keys, one view of the contiguous weights
-        head = weights.as_strided((batch, heads * rows, covered), (heads * rows * keys, keys, 1), weights.storage_offset())
+        head = prompt_key_rows(weights, covered)  # [B, H*R, S]
         # one batched matmul for the four row sums: [B, H*R, S] @ [B, S, 4] -> [B, H*R, 4]
         sums = torch.bmm(head, sums_matrix)
         selected = (sums >= matrices.lower).all(dim=-1, keepdim=True)  # [B, H*R, 1] image-centric rows
@@ -294,9 +293,7 @@ class VAR(Intervention):
         return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        # every row of the call is this method's (no masked merge follows) and no gradient is recorded: edit in place
-        in_place = rows.mask is None and not torch.is_grad_enabled()
-        return _recycle(weights, self._matrices(ctx.layer, weights.device), in_place)
+        return _recycle(weights, self._matrices(ctx.layer, weights.device), rows.may_edit_in_place)
 
 
 def default_var_layers(num_layers: int, last_layer: bool = True) -> list[int]:

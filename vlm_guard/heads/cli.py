@@ -14,10 +14,9 @@ import logging
 from pathlib import Path
 
 from ..commands.arguments import add_allow_pickle_argument
+from ..models.loading import DTYPE_NAMES as DTYPES
 
 logger = logging.getLogger(__name__)
-
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def register(subparsers) -> None:

@@ -73,6 +73,10 @@ def load_pretrained_model(source: str | os.PathLike, *, allow_pickle: bool = Fal
         raise
 
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+"""The model dtypes the commands take by name (``getattr(torch, name)``)."""
+
+
 def load_model(model: str | None = None, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False,
                allow_pickle: bool = False):
     """Load ``(model, processor)``.
@@ -92,7 +96,7 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: str | None 
 
     torch_dtype = None
     if dtype is not None:
-        if dtype not in ("float32", "float16", "bfloat16"):
+        if dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={dtype!r} is not known; use float32, float16 or bfloat16")
         torch_dtype = getattr(torch, dtype)
     if model is None:
