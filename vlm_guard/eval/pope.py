@@ -44,6 +44,7 @@ COUNT_NAMES: tuple[str, ...] = ("tp", "fp", "tn", "fn")
 
 _REQUIRED_KEYS: tuple[str, ...] = ("question_id", "image", "text", "label")
 _WORD_PATTERN = re.compile(r"[a-z0-9']+")
+_QUESTION_PATTERN = re.compile(r"^\s*is there an? (?P<object>.+?) in the ima\w*\s*\?\s*$", re.IGNORECASE)
 NEGATION_WORDS = frozenset({"no", "not"})
 """The words that make the ``"words"`` rule answer "no"."""
 
@@ -56,7 +57,6 @@ def answer_words(text: str) -> list[str]:
         ['no', "it's", 'not']
     """
     return _WORD_PATTERN.findall(text.lower())
-_QUESTION_PATTERN = re.compile(r"^\s*is there an? (?P<object>.+?) in the ima\w*\s*\?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
