@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+__all__ = ["atomic_path", "atomic_paths", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_save_safetensors", "sha256_file", "TEMPORARY_MARK"]
 
 TEMPORARY_MARK = ".tmp-"  # in every temporary name: ``.<stem>.tmp-<random><suffix>``
@@ -104,6 +104,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(temporary)
         raise
     _fsync_folder(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together: one temporary path per file, renamed in the given order.
+
+    Every file is written to its temporary path first; only when the block exits cleanly are they fsynced and
+    renamed, one after the other, so a failure (a full disk, an exception, a kill) while any of them is written
+    leaves every previous file as it was. The renames are separate system calls: readers of such a pair should
+    also check a digest one file records of the other (see the module docstring).
+
+    Example::
+
+        with atomic_paths(folder / "map.safetensors", folder / "map.json") as (tensors_tmp, json_tmp):
+            save_file(tensors, str(tensors_tmp))
+            json_tmp.write_text(json.dumps({"sha256": sha256_file(tensors_tmp)}))
+    """
+    with contextlib.ExitStack() as stack:
+        # entered in order, left in reverse: enter the last file first so the first one is renamed first
+        temporaries = [stack.enter_context(atomic_path(path)) for path in reversed(paths)]
+        yield temporaries[::-1]
 
 
 def _write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
