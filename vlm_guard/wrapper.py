@@ -56,7 +56,8 @@ class GuardedModel:
             it was saved to; checked against the model's fingerprint.
     """
 
-    def __init__(self, model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None):
+    def __init__(self, model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None,
+                 task: str | None = None):
         object.__setattr__(self, "model", model)
         self._unwrapped = False
         self._call_lock = threading.RLock()
@@ -66,6 +67,7 @@ class GuardedModel:
         if head_map is not None:
             head_map.check_compatible(self.adapter)
         self.head_map = head_map
+        self.task = task  # the task profile of the head map's tuned settings (vlm_guard.tuning.settings.PROFILES)
         config, sources = self._resolve(GuardConfig() if config is None else config)
         interventions = self._build(config)  # validates everything before the model is touched
         self.engine = GuardEngine(model, self.adapter)
@@ -75,6 +77,7 @@ class GuardedModel:
             self.engine.uninstall()
             raise
         self.guard_config = config
+        self.settings_profile = self._requested_profile  # which task profile's tuned values run (a line)
         self.settings_sources: dict[str, dict[str, str]] = sources
         self.interventions: list[Intervention] = interventions
         self._config_snapshot = config.to_dict()
@@ -83,14 +86,10 @@ class GuardedModel:
     def _resolve(self, config: GuardConfig | str) -> tuple[GuardConfig, dict[str, dict[str, str]]]:
         """A method list becomes a config; unset fields take the head map's tuned values
         (:func:`vlm_guard.tuning.settings.resolve_config`)."""
-        from .tuning.settings import AUTO, default_config, resolve_config
+        from .tuning.settings import resolve_request
 
-        if isinstance(config, str):
-            config = default_config(self.head_map) if config.strip().lower() == AUTO else GuardConfig.from_methods(config)
-        if not isinstance(config, GuardConfig):
-            raise ValueError(f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')")
-        config.validate()
-        return resolve_config(config, self.head_map)
+        config, sources, self._requested_profile = resolve_request(config, self.head_map, self.task)
+        return config, sources
 
     def _build(self, config: GuardConfig) -> list[Intervention]:
         if not isinstance(config, GuardConfig):
@@ -123,6 +122,7 @@ class GuardedModel:
             config, sources = self._resolve(config)
             interventions = self._build(config)
             self.guard_config = config
+            self.settings_profile = self._requested_profile
             self.settings_sources = sources
             self.interventions = interventions
             self._config_snapshot = config.to_dict()
@@ -131,7 +131,8 @@ class GuardedModel:
         """One line per enabled method: the values that run and where each came from (config / tuned / default)."""
         from .tuning.settings import describe_settings
 
-        return describe_settings(self.guard_config, self.settings_sources, tuned_only=tuned_only)
+        return describe_settings(self.guard_config, self.settings_sources, tuned_only=tuned_only,
+                                 profile=getattr(self, "settings_profile", None))
 
     def _refresh(self) -> None:
         """Raise after :meth:`unwrap`; re-validate and rebuild when ``guard_config`` was replaced or edited in place."""
@@ -261,12 +262,15 @@ def as_head_map(head_map):
                      f"{type(head_map).__name__}. Load one with HeadMap.from_pretrained(folder).")
 
 
-def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None) -> GuardedModel:
+def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None,
+         task: str | None = None) -> GuardedModel:
     """Wrap ``model`` so that ``generate`` runs the methods in ``config``.
 
-    When ``head_map`` is None a cached map for this model is looked up in the head-map cache folder
-    (see :func:`vlm_guard.heads.default_cache_dir`), then among the maps shipped with the package (the default
-    model's, with its tuned settings); methods that need one and find none say so.
+    When ``head_map`` is None a map for this model is looked up (:func:`vlm_guard.heads.head_map.find_head_map`): a
+    tuned map in the head-map cache (see :func:`vlm_guard.heads.default_cache_dir`), then the one shipped with the
+    package (the default model's, with its tuned settings), then a calibrated, untuned map in the cache (a tuned map
+    is preferred, with a warning when it hides a calibrated one; pass ``head_map`` to choose); methods that need one
+    and find none say so.
 
     Args:
         model: a Hugging Face VLM of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
@@ -275,24 +279,24 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = No
         config: a :class:`GuardConfig` or a method list (``"auto"``: the set tuned for this model, else PAI);
             default: every method off. Fields it leaves unset take the head map's tuned values.
         head_map: a :class:`vlm_guard.heads.HeadMap`, the folder it was saved to (``vlm-guard calibrate --out``), or None.
+        task: the task profile of the head map's tuned settings: ``"caption"`` (free-form descriptions) or
+            ``"answer"`` (short answers); ``config="auto:caption"`` says the same. None: the map's default profile.
+            :meth:`GuardedModel.describe_settings` says which profile ran.
 
     Returns:
         a :class:`GuardedModel`.
     """
+    from .tuning.settings import check_task
+
+    task = check_task(task)  # an unknown task fails before any lookup
     if head_map is None:
         head_map = _find_cached_head_map(model, processor)
-    return GuardedModel(model, processor, config, head_map)  # atomic: on error the model is left unwrapped
+    return GuardedModel(model, processor, config, head_map, task=task)  # atomic: on error the model is left unwrapped
 
 
 def _find_cached_head_map(model, processor):
     try:
-        from .heads.head_map import find_cached_head_map
+        from .heads.head_map import find_head_map
     except ImportError:
         return None
-    adapter = get_adapter(model, processor)
-    head_map = find_cached_head_map(adapter)
-    if head_map is None:
-        from .tuning.shipped import find_shipped_head_map
-
-        head_map = find_shipped_head_map(adapter, model)
-    return head_map
+    return find_head_map(get_adapter(model, processor))  # a tuned map first (cache, then shipped), else a calibrated one

@@ -3,6 +3,7 @@
 Examples:
     vlm-guard tune                                            # shipped default model, synthetic tuning seed 910001
     vlm-guard tune --methods vhr,gift --budget 20 --out maps/default-tuned
+    vlm-guard tune --profiles caption,answer --out maps/default-profiles   # one setting per task profile
     vlm-guard tune --model llava-hf/llava-1.5-7b-hf --head-map maps/llava-7b \\
         --pope my_pope/adversarial.json my_pope/random.json --images coco/train2014 \\
         --instances annotations/instances_train2014.json --captions annotations/captions_train2014.json \\
@@ -19,7 +20,23 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..commands.arguments import (INTERRUPTED_RESUMABLE, max_new_tokens_int, non_negative_int, positive_float,
+                                  positive_int, seed_int)
+
+TUNABLE_METHODS = ("vhr", "var", "gift", "pai", "vcd")
+"""The methods `vlm-guard tune` can tune (:data:`vlm_guard.tuning.space.TUNABLE_METHODS`, which imports torch; a
+test keeps the two equal)."""
+
 logger = logging.getLogger(__name__)
+
+
+def _methods(text: str) -> list[str]:
+    """``--methods vhr,gift`` -> ``["vhr", "gift"]``, checked while parsing (before any data or model loads)."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TUNABLE_METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r} must name methods from {','.join(TUNABLE_METHODS)}, comma-separated")
+    return names
 
 
 def register(subparsers) -> None:
@@ -28,35 +45,43 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
     parser.add_argument("--head-map", default=None,
                         help="the model's head map folder from `vlm-guard calibrate` (default: the cached or shipped one)")
-    parser.add_argument("--methods", default="vhr,var,gift,pai,vcd", help="methods to tune (default: all five)")
+    parser.add_argument("--methods", type=_methods, default=",".join(TUNABLE_METHODS),
+                        help="methods to tune, comma-separated (default: all five, %(default)s)")
     parser.add_argument("--out", default=None, help="folder for the tuned head map (default: the model's head-map cache folder)")
     parser.add_argument("--state", default=None, help="resumable JSON state (default: <out>/tune_state.json)")
-    parser.add_argument("--budget", type=float, default=60.0, help="time budget in minutes, resumed runs included (default 60)")
+    parser.add_argument("--budget", type=positive_float, default=60.0,
+                        help="time budget in minutes, resumed runs included (default %(default)s)")
     parser.add_argument("--no-combine", action="store_true", help="tune the methods alone, not their combination")
-    parser.add_argument("--confirm-items", type=int, default=None,
+    parser.add_argument("--profiles", default=None,
+                        help="tune one setting per task profile, comma-separated (caption,answer), on the synthetic "
+                             "world's tuning and confirmation seeds (default: one setting for every task)")
+    parser.add_argument("--confirm-items", type=non_negative_int, default=None,
                         help="items per task on which each method's winner and the best combination are measured again "
                              "before they are shipped (default 300, all when the tuning data has fewer; 0: off)")
     data = parser.add_argument_group("tuning data (default: the synthetic world's tuning seed, for the default model)")
-    data.add_argument("--world-seed", type=int, default=None, help="synthetic world seed (default 910001; 900001 is refused)")
-    data.add_argument("--n-questions", type=int, default=600, help="synthetic POPE questions per split (default 600)")
-    data.add_argument("--n-captions", type=int, default=600, help="synthetic scenes to caption (default 600)")
+    data.add_argument("--world-seed", type=seed_int, default=None, help="synthetic world seed (default 910001; 900001 is refused)")
+    data.add_argument("--n-questions", type=positive_int, default=600, help="synthetic POPE questions per split (default %(default)s)")
+    data.add_argument("--n-captions", type=positive_int, default=600, help="synthetic scenes to caption (default %(default)s)")
     data.add_argument("--pope", nargs="+", default=None, help="your POPE-format question files (split read from the name)")
     data.add_argument("--images", default=None, help="folder of the images your POPE / COCO files name")
     data.add_argument("--instances", default=None, help="COCO-format instances file (CHAIR ground truth)")
     data.add_argument("--captions", default=None, help="COCO-format captions file (CHAIR ground truth)")
-    data.add_argument("--n-images", type=int, default=300, help="images drawn for CHAIR (default 300)")
-    data.add_argument("--seed", type=int, default=1, help="seed of the CHAIR image draw (default 1)")
+    data.add_argument("--n-images", type=positive_int, default=300, help="images drawn for CHAIR (default %(default)s)")
+    data.add_argument("--seed", type=seed_int, default=1, help="seed of the CHAIR image draw (default %(default)s)")
     data.add_argument("--caption-prompt", default=None, help="CHAIR prompt (default 'Please describe this image in detail.')")
-    data.add_argument("--pope-max-new-tokens", type=int, default=16)
-    data.add_argument("--chair-max-new-tokens", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per generate call (default 32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu: small models run "
-                        "fastest unthreaded on shared cores)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
+    data.add_argument("--pope-max-new-tokens", type=max_new_tokens_int, default=16,
+                      help="generation budget of a POPE answer (default %(default)s)")
+    data.add_argument("--chair-max-new-tokens", type=max_new_tokens_int, default=512,
+                      help="generation budget of a CHAIR caption (default %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per generate call (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default 1 on cpu: small models "
+                        "run fastest unthreaded on shared cores)")
+    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                        help="model dtype (default %(default)s)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupt_note=INTERRUPTED_RESUMABLE)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,15 +89,37 @@ def run(args: argparse.Namespace) -> int:
 
     from .search import file_tuning_data, synthetic_tuning_data
 
-    if args.confirm_items is not None and args.confirm_items < 0:
-        raise ValueError(f"--confirm-items {args.confirm_items} must be >= 0 (0 switches the confirmation off)")
-    if args.budget <= 0:
-        raise ValueError(f"--budget {args.budget} must be > 0 minutes")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    from ..commands.checks import check_device, check_model_argument, check_output_file, check_output_folder
+
+    # numbers were checked by the parser; the places and names here, before the data and the model load
+    if args.out:
+        check_output_folder(args.out)
+    if args.state:
+        check_output_file(args.state, "--state")
+    if args.head_map and not Path(args.head_map).expanduser().is_dir():
+        raise FileNotFoundError(f"--head-map {args.head_map}: no such folder; pass the --out folder of `vlm-guard calibrate`")
+    for flag, path in (("--instances", args.instances), ("--captions", args.captions), *(("--pope", p) for p in args.pope or ())):
+        if path and not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    if args.images and not Path(args.images).expanduser().is_dir():
+        raise FileNotFoundError(f"--images {args.images}: no such folder")
+    check_device(args.device)
+    check_model_argument(args.model)
+    if args.profiles is not None:
+        from .settings import PROFILES
+
+        names = [p.strip().lower() for p in args.profiles.split(",") if p.strip()]
+        unknown = [p for p in names if p not in PROFILES]
+        if unknown or not names:
+            raise ValueError(f"--profiles {args.profiles!r}: choose from {','.join(PROFILES)}")
+        if args.pope or args.instances or args.captions:
+            raise ValueError("--profiles tunes on the synthetic world's tuning and confirmation seeds; drop --pope / "
+                             "--instances / --captions (file data is tuned without --profiles)")
     threads = args.threads or (1 if args.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
+    if args.profiles is not None:
+        return _run_profiles(args)
     files = bool(args.pope or args.instances or args.captions)
     if files:
         data = file_tuning_data(args.pope or (), args.images, args.instances, args.captions, n_images=args.n_images,
@@ -118,9 +165,9 @@ def _run_on(args: argparse.Namespace, data, parallel) -> int:
     out = Path(args.out) if args.out else cache_folder(adapter.describe())
     weights = weights_digest(args.model or DEFAULT_MODEL_DIR)
     if parallel.is_main:
-        print(f"tuning {name} on {data.name}; methods {args.methods}; budget {args.budget:g} min; output {out}"
+        print(f"tuning {name} on {data.name}; methods {','.join(_method_list(args.methods))}; budget {args.budget:g} min; output {out}"
               + (f"; {parallel.world_size} processes" if parallel.distributed else ""))
-    result = tune(model, processor, head_map, methods=args.methods.split(","), data=data, out_dir=out,
+    result = tune(model, processor, head_map, methods=_method_list(args.methods), data=data, out_dir=out,
                   state_path=args.state, budget_minutes=args.budget, batch_size=args.batch_size,
                   progress=not args.no_progress, combine_methods=not args.no_combine, weights_sha256_16=weights,
                   parallel=parallel, **({} if args.confirm_items is None else {"confirm_items": args.confirm_items}))
@@ -132,3 +179,50 @@ def _run_on(args: argparse.Namespace, data, parallel) -> int:
               f"rerun with a larger --budget to continue from {out / 'tune_state.json'}")
     print(f"tuned head map written to {out} (table: {out / 'tuning.md'})")
     return 0
+
+
+def _run_profiles(args: argparse.Namespace) -> int:
+    """``--profiles``: :func:`vlm_guard.tuning.profiles.tune_profiles` on the synthetic tuning and confirmation seeds."""
+    from ..defaults import DEFAULT_MODEL_DIR
+    from ..eval.runner import load_model, weights_digest
+    from ..heads.head_map import HeadMap, cache_folder
+    from ..models import get_adapter
+    from ..toyworld.worlds import world_for_model_argument
+    from .profiles import tune_profiles
+    from .search import BudgetExhausted
+    from .settings import tuned_report
+
+    model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
+                                        device=args.device)
+    adapter = get_adapter(model, processor)
+    if args.head_map:
+        head_map = HeadMap.from_pretrained(args.head_map)
+        head_map.check_compatible(adapter)
+    else:
+        from ..wrapper import _find_cached_head_map
+
+        head_map = _find_cached_head_map(model, processor)
+        if head_map is None:
+            raise ValueError(f"no head map for {name}: run `vlm-guard calibrate --model ... --out DIR` and pass --head-map DIR")
+    out = Path(args.out) if args.out else cache_folder(adapter.describe())
+    world = world_for_model_argument(args.model).name
+    print(f"tuning the task profiles {args.profiles} of {name} on the synthetic {world} world; budget {args.budget:g} "
+          f"min; output {out}")
+    try:
+        tuned = tune_profiles(model, processor, head_map, profiles=args.profiles.split(","), out_dir=out,
+                              n_items=max(args.n_questions, args.n_captions), budget_minutes=args.budget,
+                              batch_size=args.batch_size, progress=not args.no_progress,
+                              weights_sha256_16=weights_digest(args.model or DEFAULT_MODEL_DIR), world=world)
+    except BudgetExhausted:
+        print(f"the budget of {args.budget:g} min ran out; everything measured is saved: rerun the same command with a "
+              f"larger --budget to continue")
+        return 1
+    tuned_map = HeadMap.from_pretrained(out)
+    print("\n".join(tuned_report(tuned_map)))
+    print(f"tuned head map written to {out} (table: {out / 'tuning.md'}); profiles: {', '.join(tuned['profiles'])}")
+    return 0
+
+
+def _method_list(methods) -> list[str]:
+    """``args.methods`` as a list (the parser gives a list; the default is the comma-separated text)."""
+    return _methods(methods) if isinstance(methods, str) else list(methods)

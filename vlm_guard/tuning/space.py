@@ -67,7 +67,8 @@ class Candidate:
         configs = {}
         for name, values in self.methods.items():
             config_class = _method_config_class(name)
-            defaults = config_class().to_dict()
+            # a preset chooses the defaults of the fields it governs (VAR's "paper": p 0.6 ...)
+            defaults = config_class(**({"preset": values["preset"]} if "preset" in values else {})).to_dict()
             configs[name] = config_class(**{**defaults, **values})  # all fields explicit: exactly this setting
         return GuardConfig(**configs)
 
@@ -153,4 +154,63 @@ def combine(candidates: list[Candidate]) -> Candidate:
     return Candidate(methods, "+".join(c.band for c in candidates if c.band))
 
 
-__all__ = ["TUNABLE_METHODS", "STRENGTH_FIELD", "Candidate", "vhr_bands", "gift_bands", "method_candidates", "combine"]
+# ---------------------------------------------------------------------------------------------- task profiles
+PAI_ATTENTION_ALPHAS = (0.1, 0.2, 0.4)
+"""PAI's attention half alone (``gamma=1``: no image-free contrast pass, so one forward per token, 1x cost)."""
+
+
+def profile_candidates(profile: str, num_layers: int, head_map: Any = None) -> list[Candidate]:
+    """The short, principled candidate list of one task profile (see :mod:`vlm_guard.tuning.profiles`).
+
+    Each method enters at its released setting and as the parts and presets its papers ablate, plus the settings
+    earlier searches on small models found (VHR at alpha 1.1 on the late half of the layers):
+
+    - ``caption`` (free-form descriptions, judged by CHAIR_I with recall kept): PAI's attention half alone
+      (``gamma=1``, alpha in :data:`PAI_ATTENTION_ALPHAS`), PAI released (attention + contrast), GIFT released
+      (head-map layers), VHR alpha 1.1 on the late half, VAR's ``paper`` preset;
+    - ``answer`` (short answers, judged by POPE accuracy with no split allowed to lose): PAI's contrast half alone
+      (``alpha=0``), PAI's attention half at its mildest alpha, VCD contrasting greedy decoding, VHR alpha 1.1 on
+      the late half, VAR's ``paper`` preset.
+
+    A method that builds no intervention on the model (VAR without sink dimensions) is left out by the tuner.
+
+    Example:
+        >>> [c.label for c in profile_candidates("caption", num_layers=30)][:2]
+        ['pai alpha=0.1 gamma=1', 'pai alpha=0.2 gamma=1']
+    """
+    late_half = list(range(num_layers - max(1, math.ceil(num_layers / 2)), num_layers))
+    vhr_late = Candidate({"vhr": {"alpha": 1.1, "target_layers": late_half}}, "late half")
+    var_paper = Candidate({"var": {"preset": "paper"}}, "paper preset")
+    if profile == "caption":
+        return [
+            *(Candidate({"pai": {"alpha": alpha, "gamma": 1.0}}, "attention only") for alpha in PAI_ATTENTION_ALPHAS),
+            Candidate({"pai": {"alpha": 0.2, "gamma": 1.1}}, "released"),
+            Candidate({"gift": {"alpha": 5.0}}, "released"),
+            vhr_late,
+            var_paper,
+        ]
+    if profile == "answer":
+        return [
+            Candidate({"pai": {"alpha": 0.0, "gamma": 1.1}}, "contrast only"),
+            Candidate({"pai": {"alpha": PAI_ATTENTION_ALPHAS[0], "gamma": 1.0}}, "attention only"),
+            Candidate({"vcd": {"alpha": 1.0, "contrast_when": "always"}}, "greedy contrast"),
+            vhr_late,
+            var_paper,
+        ]
+    from .settings import PROFILES
+
+    raise ValueError(f"unknown task profile {profile!r}; profiles are {list(PROFILES)}")
+
+
+def forward_passes(candidate: Candidate) -> int:
+    """Forward passes per generated token (the structural cost): 2 when a contrast stream runs (PAI with
+    ``gamma != 1``, VCD contrasting), else 1."""
+    pai = candidate.methods.get("pai")
+    vcd = candidate.methods.get("vcd")
+    contrast = (pai is not None and float(pai.get("gamma", 1.1)) != 1.0) or (
+        vcd is not None and vcd.get("contrast_when", "sampling") == "always")
+    return 2 if contrast else 1
+
+
+__all__ = ["TUNABLE_METHODS", "STRENGTH_FIELD", "Candidate", "vhr_bands", "gift_bands", "method_candidates", "combine",
+           "PAI_ATTENTION_ALPHAS", "profile_candidates", "forward_passes"]
