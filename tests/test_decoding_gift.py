@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.gift import GIFTConfig, default_gift_layers, enhance_fusion, informative_query_mask, query_words
-from vlm_guard.heads.gaze import gaze_saliency, gaze_shift, normalise_saliency, saliency_multipliers, total_positive_gaze_shift
+from vlm_guard.decoding.gift import (GIFTConfig, default_gift_layers, enhance_fusion, informative_query_counts, informative_query_mask,
+                                     informative_word_spans, overlap_counts, query_words, token_char_spans)
+from vlm_guard.heads.gaze import (gaze_head_sums, gaze_saliency, gaze_shift, normalise_saliency, saliency_from_head_sums,
+                                  saliency_multipliers, total_positive_gaze_shift)
 from vlm_guard.testing import TOKENIZER_KINDS, build_batch, offline_tokenizer, tiny_model
 
 from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
@@ -195,3 +198,119 @@ def test_padded_batch_matches_rows_alone(llava):
         assert_batch_matches_singles(guarded, model, inputs, "gift")
     finally:
         guarded.unwrap()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# word -> token alignment by character offsets (the released code's extract_and_align)
+def released_alignment(tokenizer, text: str) -> list[int]:
+    """The released code's rule, written out: the informative words of ``text`` (here: not stop words), each word's
+    tokens those whose offset span overlaps it, listed once per word (a token spanning two words twice)."""
+    from vlm_guard.decoding.gift import STOP_WORDS
+
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # words as spaCy splits them here: "dog's" -> dog, 's; "don't" -> do, n't (letters and digits, apostrophes apart)
+    words = [m.span() for m in re.finditer(r"[^\W_]+", text) if m.group().lower() not in STOP_WORDS]
+    counts = [0] * len(encoded["input_ids"])
+    for first, last in words:
+        for i, (start, end) in enumerate(encoded["offset_mapping"]):
+            if not (end <= first or start >= last):
+                counts[i] += 1
+    return counts
+
+
+ALIGNMENT_TEXTS = [
+    "what color is the car ?",  # unknown words (word-level vocabulary)
+    "is there a skateboard near the house ?",  # a word split into pieces
+    "describe the café , its naïve décor and the 12 chairs",  # multi-byte characters: byte-level pieces
+    "don't describe the dog's red-brown ball",  # apostrophes, a hyphen
+    "  describe   the image",  # leading and repeated spaces
+]
+
+
+@pytest.mark.parametrize("vocabulary", ["small", "covering"])  # covering: trained on the texts too (fewer unknown tokens)
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+@pytest.mark.parametrize("text", ALIGNMENT_TEXTS)
+def test_alignment_by_character_offsets_matches_the_released_rule(kind, text, vocabulary):
+    tokenizer = offline_tokenizer(kind, CORPUS + (ALIGNMENT_TEXTS * 4 if vocabulary == "covering" else []), vocab_size=400)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])
+    query = torch.ones_like(input_ids, dtype=torch.bool)
+    expected = released_alignment(tokenizer, text)
+    # with the query's own text: the released alignment exactly, unknown words included
+    with_text = informative_query_counts(input_ids, query, tokenizer, texts=[text])[0].tolist()
+    assert with_text == expected, (tokenizer.convert_ids_to_tokens(ids), with_text, expected)
+    # from the ids alone: the same when the ids keep the whole text; an unknown token (its text lost: a word, a piece
+    # of one, or punctuation) always counts
+    unknown = [i == tokenizer.unk_token_id for i in ids]
+    from_ids = informative_query_counts(input_ids, query, tokenizer)[0].tolist()
+    if not any(unknown):
+        assert from_ids == expected
+    assert all(from_ids[i] >= 1 for i, u in enumerate(unknown) if u)
+    assert informative_query_mask(input_ids, query, tokenizer)[0].tolist() == [c > 0 for c in from_ids]
+
+
+def test_unknown_word_tokens_are_kept():
+    # the shipped fixture's kind: a word-level vocabulary that does not know "color" nor "car"
+    tokenizer = offline_tokenizer("word_level", CORPUS)
+    text = "is the color of the car red ?"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["is", "the", "<unk>", "<unk>", "the", "<unk>", "red", "?"]
+    input_ids = torch.tensor([ids])
+    query = torch.ones_like(input_ids, dtype=torch.bool)
+    # "of" is unknown too: from the ids alone its text is lost and it counts; with the text it does not
+    assert informative_query_mask(input_ids, query, tokenizer)[0].nonzero().flatten().tolist() == [2, 3, 5, 6]
+    assert informative_query_mask(input_ids, query, tokenizer, texts=[text])[0].nonzero().flatten().tolist() == [2, 5, 6]
+    # a text that does not give these ids is not used (the decoded ids are aligned instead)
+    assert informative_query_mask(input_ids, query, tokenizer, texts=["is there a house ?"])[0].nonzero().flatten().tolist() == [2, 3, 5, 6]
+
+
+def test_a_token_spanning_two_words_counts_for_each():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "a": 1, "red/blue": 2, "ball": 3, "the/a": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    text = "the/a red/blue ball"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == [4, 2, 3]
+    counts = informative_query_counts(torch.tensor([ids]), torch.ones(1, 3, dtype=torch.bool), tokenizer)[0].tolist()
+    assert counts == [0.0, 2.0, 1.0] == released_alignment(tokenizer, text)
+
+
+def test_byte_pieces_of_one_character_share_its_span_without_offsets():
+    tokenizer = offline_tokenizer("byte_level_bpe", CORPUS)
+    ids = tokenizer("naïve décor", add_special_tokens=False)["input_ids"]
+
+    class SlowView:  # the same tokenizer seen as a slow one: spans from decoding growing prefixes
+        is_fast = False
+        all_special_ids = tokenizer.all_special_ids
+        unk_token_id = tokenizer.unk_token_id
+
+        def decode(self, token_ids, **kwargs):
+            return tokenizer.decode(token_ids, **kwargs)
+
+    text, spans = token_char_spans(SlowView(), ids)
+    assert text == "naïve décor"
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in piece for piece in pieces), pieces  # "ï" and "é" are split into bytes in this vocabulary
+    assert all(end > start for start, end in spans) and spans[-1][1] == len(text)
+    fast_text, fast_spans = token_char_spans(tokenizer, ids)
+    assert fast_text == text
+    assert overlap_counts(spans, informative_word_spans(text)) == overlap_counts(fast_spans, informative_word_spans(text)) \
+        == released_alignment(tokenizer, text)
+
+
+def test_saliency_weights_tokens_once_per_word_as_the_released_code():
+    # the released code indexes the shift with its token list (duplicates included), picks the top heads by the sum
+    # and averages: the same as weighting each row by its count
+    torch.manual_seed(0)
+    shift = torch.rand(1, 4, 5, 6)  # [B, H, R, K]
+    counts = torch.tensor([[0.0, 2.0, 1.0, 0.0, 1.0]])
+    selected = [1, 1, 2, 4]
+    listed = shift[0][:, selected]  # [H, 4, K]
+    top = listed.sum(dim=(1, 2)).topk(2).indices
+    expected = listed[top].double().mean(dim=(0, 1))
+    ours = saliency_from_head_sums(gaze_head_sums(shift, counts), counts.sum(dim=1))[0]
+    torch.testing.assert_close(ours.double(), expected, atol=0.0, rtol=4 * torch.finfo(torch.float32).eps * 8)

@@ -17,10 +17,10 @@
    - rows renormalised to sum 1.
 
 Informative words: the released code keeps spaCy NOUN/PROPN/VERB/ADJ/ADV/NUM words. Here a stop-word
-list decides by default (no dependency); ``use_spacy=True`` uses spaCy when installed. Tokens are
-grouped into words from their character offsets in the decoded query (:func:`query_words`), the same
-for every tokenizer kind; without a tokenizer every query token counts. A query with no informative
-word falls back to all its tokens (the released code returns NaN).
+list decides by default (no dependency); ``use_spacy=True`` uses spaCy when installed. Words are aligned
+to tokens by character offsets, as the released code (:func:`informative_query_counts`), the same for
+every tokenizer kind; without a tokenizer every query token counts. A query with no informative word
+falls back to all its tokens (the released code returns NaN).
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ STOP_WORDS = frozenset(
     most my myself no nor not of off on once only or other our ours ourselves out over own please same she should
     so some such than that that's the their theirs them themselves then there there's these they this those through
     to too under until up very was we were what what's when where which while who whom why will with would you
-    your yours yourself yourselves s t""".split()
+    your yours yourself yourselves s t
+    don doesn didn isn aren wasn weren haven hasn hadn won wouldn shouldn couldn mustn needn ain ll re ve d m o y""".split()
 )
+"""Stop words, with the pieces of contractions a tokenizer or a decoder may split off (``don ' t``, ``it ' s``)."""
 
 
 
@@ -224,15 +226,9 @@ def _top_heads(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(score, dtype=torch.bool).scatter_(1, index, True)
 
 
-def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokenizer=None, use_spacy: bool = False) -> torch.Tensor:
-    """``[B, S]`` bool: query tokens that belong to informative words.
-
-    The query tokens of each row are decoded to text and grouped into words by their character
-    offsets (:func:`query_words`), so every tokenizer kind (SentencePiece, byte-level BPE, word-level,
-    WordPiece) gets the same words for the same text. A word is informative when it is not a stop word
-    (or, with ``use_spacy``, when spaCy tags it NOUN, PROPN, VERB, ADJ, ADV or NUM, as the released
-    code); tokens outside every word (punctuation, whitespace) are never informative. Without a
-    tokenizer every query token is informative.
+def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokenizer=None, use_spacy: bool = False,
+                           texts: list[str | None] | None = None) -> torch.Tensor:
+    """``[B, S]`` bool: query tokens that belong to informative words (:func:`informative_query_counts` > 0).
 
     Example:
         >>> from vlm_guard.testing import word_level_tokenizer
@@ -243,24 +239,117 @@ def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokeniz
     """
     if tokenizer is None:
         return query.clone()
+    return informative_query_counts(input_ids, query, tokenizer, use_spacy, texts) > 0
+
+
+def informative_query_counts(input_ids: torch.Tensor, query: torch.Tensor, tokenizer=None, use_spacy: bool = False,
+                             texts: list[str | None] | None = None) -> torch.Tensor:
+    """``[B, S]`` float: how many informative words each query token overlaps, by character offsets.
+
+    The released code aligns words to tokens by character offsets: spaCy's content words of the question
+    text, each word's tokens those whose ``(start, end)`` span overlaps the word's, listed once per word
+    (a token spanning two content words counts twice in the saliency's sums and mean). The same here,
+    for every tokenizer kind:
+
+    - ``texts[b]`` (the query's own text, when the caller has it): the text is tokenised with offsets
+      and, when that gives the row's query ids, aligned exactly as the released code (a word the
+      vocabulary does not know keeps its ``<unk>`` token when the word is informative).
+    - otherwise the query tokens are decoded and aligned to their decoded text
+      (:func:`token_char_spans`): pieces of one word, byte-level pieces of one character, leading
+      spaces and tokens spanning two words all follow from the offsets. An unknown token's text is lost
+      there (it decodes to the unknown-token string), so each one counts as one informative word of its
+      own: the words a vocabulary lacks are, in practice, content words.
+
+    A word is informative when it is not a stop word (or, with ``use_spacy``, when spaCy tags it NOUN,
+    PROPN, VERB, ADJ, ADV or NUM, as the released code). Punctuation, whitespace and special tokens
+    other than the unknown token are never informative. Without a tokenizer every query token counts
+    once. A word repeated in the query counts at each occurrence (the released code keys its word list
+    by the word's text, so only the last occurrence of a repeated word counts there: a collision, not a
+    rule).
+
+    Example:
+        >>> from vlm_guard.testing import word_level_tokenizer
+        >>> tokenizer = word_level_tokenizer(["is there a house ?"])
+        >>> ids = torch.tensor([tokenizer("is there a red car ?")["input_ids"]])  # red, car: unknown words
+        >>> informative_query_counts(ids, torch.ones_like(ids, dtype=torch.bool), tokenizer).tolist()
+        [[0.0, 0.0, 0.0, 1.0, 1.0, 0.0]]
+    """
+    if tokenizer is None:
+        return query.float()
     nlp = _spacy_pipeline() if use_spacy else None
-    informative = torch.zeros_like(query)
+    counts = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     for row in range(input_ids.shape[0]):
         positions = query[row].nonzero().flatten().tolist()
         if not positions:
             continue
-        words = query_words(tokenizer, input_ids[row, positions].tolist())
-        if nlp is not None:
-            keep = _spacy_informative(nlp, [word for word, _ in words])
-        else:
-            keep = [word.lower() not in STOP_WORDS for word, _ in words]
-        for (word, token_indices), kept in zip(words, keep):
-            if kept:
-                informative[row, [positions[i] for i in token_indices]] = True
-    return informative
+        token_ids = input_ids[row, positions].tolist()
+        text = texts[row] if texts is not None else None
+        row_counts = _counts_from_text(tokenizer, token_ids, text, nlp) if text is not None else None
+        if row_counts is None:
+            row_counts = token_word_counts(tokenizer, token_ids, nlp)
+        counts[row, positions] = torch.tensor(row_counts, dtype=torch.float32, device=query.device)
+    return counts
 
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # letters/digits, with inner apostrophes (don't)
+_WORD_PART = re.compile(r"[^\W_]+")  # letters/digits: "dog's" -> dog, s and "don't" -> don, t (as spaCy's dog, 's / do, n't)
+
+
+def informative_word_spans(text: str, nlp=None) -> list[tuple[int, int]]:
+    """``(start, end)`` character spans of the informative words of ``text``: runs of letters and digits
+    (split at apostrophes, so a possessive or contraction piece is a stop word of its own, as spaCy's ``'s``
+    and ``n't`` are no content words) that are not stop words, or with a spaCy pipeline ``nlp`` its tokens
+    tagged NOUN, PROPN, VERB, ADJ, ADV or NUM (the released code's rule).
+
+    Example:
+        >>> informative_word_spans("is there a red car?")
+        [(11, 14), (15, 18)]
+    """
+    if nlp is not None:
+        return [(token.idx, token.idx + len(token.text)) for token in nlp(text) if token.pos_ in SPACY_INFORMATIVE_POS]
+    return [match.span() for match in _WORD_PART.finditer(text) if match.group().lower() not in STOP_WORDS]
+
+
+def overlap_counts(spans: list[tuple[int, int]], words: list[tuple[int, int]]) -> list[int]:
+    """Per token span, how many word spans it overlaps (the released code's test: not ``end <= word start`` and
+    not ``start >= word end``; an empty span overlaps nothing).
+
+    Example:
+        >>> overlap_counts([(0, 3), (3, 7), (7, 7), (7, 12)], [(1, 5), (8, 9)])
+        [1, 1, 0, 1]
+    """
+    return [sum(1 for first, last in words if start < last and end > first) if end > start else 0 for start, end in spans]
+
+
+def token_word_counts(tokenizer, token_ids: list[int], nlp=None) -> list[int]:
+    """Per token of ``token_ids``, how many informative words of its decoded text it overlaps; an unknown token
+    counts as one word (see :func:`informative_query_counts`); other special tokens count zero."""
+    text, spans = token_char_spans(tokenizer, token_ids)
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", None) or []) - {unknown}
+    # special tokens' characters are no words of the query; an unknown token's ("<unk>") stand for letters of a word
+    # (a whole unknown word, or a piece inside one: "s<unk>ateboard" stays one word)
+    chars = list(text)
+    for token, (start, end) in zip(token_ids, spans):
+        if token in special or token == unknown:
+            chars[start:end] = ("x" if token == unknown else " ") * (end - start)
+    counts = overlap_counts(spans, informative_word_spans("".join(chars), nlp))
+    return [0 if token in special else (max(1, count) if token == unknown else count) for token, count in zip(token_ids, counts)]
+
+
+def _counts_from_text(tokenizer, token_ids: list[int], text: str, nlp=None) -> list[int] | None:
+    """The released alignment on the query's own ``text``, or None when ``text`` does not tokenise to ``token_ids``
+    (or the tokenizer gives no offsets)."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer: no offsets
+        return None
+    if list(encoded["input_ids"]) != list(token_ids):
+        logger.debug("GIFT: the query text does not tokenise to the query's ids; aligning the decoded ids instead")
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", None) or []) - {getattr(tokenizer, "unk_token_id", None)}
+    counts = overlap_counts([tuple(span) for span in encoded["offset_mapping"]], informative_word_spans(text, nlp))
+    return [0 if token in special else count for token, count in zip(token_ids, counts)]
 
 
 def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
@@ -268,7 +357,8 @@ def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[i
 
     Fast tokenizers: the text is re-encoded with ``return_offsets_mapping``; when that gives back the
     same ids, its offsets are used. Otherwise (slow tokenizers, context-dependent merges) each token's
-    span comes from decoding growing prefixes.
+    span comes from decoding growing prefixes; a token whose prefix ends inside a character (one byte of
+    a multi-byte character) shares the span of the token that completes the character.
     """
     text = tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     if getattr(tokenizer, "is_fast", False):
@@ -278,13 +368,21 @@ def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[i
             encoded = None
         if encoded is not None and list(encoded["input_ids"]) == list(token_ids):
             return text, [tuple(span) for span in encoded["offset_mapping"]]
-    spans = []
+    spans: list[tuple[int, int]] = []
     previous = 0
+    pending: list[int] = []  # tokens whose prefix ended inside a character: they get the completing token's span
     for count in range(1, len(token_ids) + 1):
         prefix = tokenizer.decode(token_ids[:count], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        end = len(prefix) if text.startswith(prefix) else previous
-        spans.append((previous, max(previous, end)))
-        previous = max(previous, end)
+        complete = text.startswith(prefix) and not prefix.endswith("\ufffd")
+        spans.append((previous, previous))
+        if not complete:
+            pending.append(count - 1)
+            continue
+        end = max(previous, len(prefix))
+        for index in [*pending, count - 1]:
+            spans[index] = (previous, end)
+        pending = []
+        previous = end
     return text, spans
 
 
@@ -325,13 +423,6 @@ def _spacy_pipeline():
         except (ImportError, OSError) as error:
             logger.warning("GIFT use_spacy=True but spaCy/en_core_web_sm is unavailable (%s); using the stop-word list.", error)
     return _SPACY["nlp"]
-
-
-def _spacy_informative(nlp, words: list[str]) -> list[bool]:
-    from spacy.tokens import Doc
-
-    doc = nlp(Doc(nlp.vocab, words=[w if w else "_" for w in words]))
-    return [token.pos_ in SPACY_INFORMATIVE_POS for token in doc]
 
 
 class GazeRecorder(Intervention):
@@ -391,9 +482,10 @@ class GIFT(Intervention):
         self._keys = {}
         self._gaze = None
         self._prompt = prompt
-        self._informative = informative_query_mask(prompt.input_ids, spans.query, self.tokenizer, self.config.use_spacy)
-        # the rows the saliency averages: the informative query tokens, or every query token when a sample has none
-        self._saliency_rows = torch.where(self._informative.any(dim=1, keepdim=True), self._informative, spans.query.bool())  # [B, S]
+        informative = informative_query_counts(prompt.input_ids, spans.query, self.tokenizer, self.config.use_spacy)
+        # the rows the saliency averages, each weighted by how many informative words it overlaps (the released code
+        # lists a token once per word): the informative query tokens, or every query token when a sample has none
+        self._saliency_rows = torch.where((informative > 0).any(dim=1, keepdim=True), informative, spans.query.float())  # [B, S]
         self.saliency = torch.zeros(prompt.input_ids.shape, dtype=torch.float32, device=prompt.input_ids.device)
         self._gain = torch.zeros_like(self.saliency)
         if not self.in_prefill and bool(spans.has_image.any()):
