@@ -19,8 +19,9 @@ Search (per profile, :func:`tune_profiles`):
 
 1. **pilot rung** (:data:`PILOT_ITEMS` items per task): greedy and every candidate of the profile
    (:func:`vlm_guard.tuning.space.profile_candidates`: a short list of each method's released setting, the parts and
-   presets its papers ablate, e.g. PAI's attention half alone with ``gamma=1``). Candidates significantly worse on
-   the objective or with a broken constraint are dropped; the best :data:`KEEP` by the point gain go on;
+   presets its papers ablate, e.g. PAI's attention half alone with ``gamma=1``). Candidates with no gain at all
+   (point estimate <= 0: one that is not better on the pilot items is not worth the full rung's cost) or with a
+   broken constraint are dropped; the best :data:`KEEP` by the point gain go on;
 2. **rung size from the effect to resolve**: a paired interval's half-width shrinks as 1/sqrt(n), so the n at which
    a change of :data:`TARGET_EFFECT` points (2 points of CHAIR_I, or of adversarial POPE accuracy) is significant is
    ``n = n_pilot * (w_pilot / TARGET_EFFECT)^2``, with ``w_pilot`` the largest half-width among the survivors at
@@ -385,17 +386,19 @@ def _tune_one(profile: str, splits: dict, guarded, greedy: Candidate, head_map, 
         tuning.run(candidate, pilot_sizes)
     pilot_rows = [_row(tuning, profile, c, greedy, pilot_n, "pilot") for c in candidates]
     table.extend(pilot_rows)
-    alive = [row for row in pilot_rows if not row["judgement"]["worse"] and not row["judgement"]["broken"]]
+    alive = [row for row in pilot_rows if row["judgement"]["gain"] > 0 and not row["judgement"]["broken"]]
     alive.sort(key=lambda row: -row["judgement"]["gain"])
     alive = alive[:KEEP]
     for row in pilot_rows:
         row["promoted"] = row in alive
     # 2. the full rung's size from the pilot's interval widths
-    sizing = full_rung_size(pilot_n, [_half_width(row["judgement"]["objective"]) for row in alive], n_items)
+    sizing = full_rung_size(pilot_n, [_half_width(row["judgement"]["objective"]) for row in alive] or
+                            [_half_width(row["judgement"]["objective"]) for row in pilot_rows], n_items)
     n = sizing["n"]
     # 3. full rung
     full_sizes = {task: n for task in tasks}
-    tuning.run(greedy, full_sizes)
+    if alive:
+        tuning.run(greedy, full_sizes)
     by_label = {c.label: c for c in candidates}
     for row in alive:
         tuning.run(by_label[row["label"]], full_sizes)
