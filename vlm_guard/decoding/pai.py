@@ -11,7 +11,9 @@ Two parts:
    :class:`ContrastStream` with its own KV cache, on the plain model (``engine.suspended()``).
 
 Rows whose prompt has no image run exactly as the plain model: no amplification and no contrast or
-plausibility cut (so sampled text-only rows match plain sampling).
+plausibility cut (so sampled text-only rows match plain sampling). Rows made of image tokens only (an
+empty image-free prompt) get the amplification and the plausibility cut without the contrast, as with
+``gamma=1`` (one warning).
 
 :class:`ContrastStream` is shared with the VCD baseline (:mod:`vlm_guard.decoding.vcd`).
 """
@@ -184,15 +186,21 @@ class ImageFreeContrast(LogitsProcessor):
         config: the PAI settings.
         stream: the image-free stream (None: no contrast, only the cut).
         has_image: ``[B]`` bool, rows whose prompt has an image; None = every row.
+        has_text: ``[B]`` bool, rows whose image-free prompt is not empty (the others are contrasted with
+            nothing: log-probabilities and the cut only, as with ``gamma=1``); None = every row.
     """
 
-    def __init__(self, config: PAIConfig, stream: ContrastStream | None, has_image: torch.Tensor | None = None):
+    def __init__(self, config: PAIConfig, stream: ContrastStream | None, has_image: torch.Tensor | None = None,
+                 has_text: torch.Tensor | None = None):
         self.config = config
         self.stream = stream
         self.has_image = has_image
+        self.has_text = has_text
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         text_logits = self.stream.logits(input_ids) if self.stream is not None else scores
+        if self.stream is not None and self.has_text is not None:  # an empty image-free row: logp(y|txt) := logp(y|img,txt)
+            text_logits = torch.where(self.has_text.to(scores.device)[:, None], text_logits, scores.float())
         contrast = image_free_contrast(scores, text_logits, self.config.gamma, self.config.plausibility).to(scores.dtype)
         if self.has_image is None:
             return contrast
@@ -239,12 +247,21 @@ class PAI(Intervention):
             if not bool(has_image.any()):
                 return []  # no row has an image: PAI leaves the call plain (no image-free pass either)
         stream = None
+        has_text = None
         if self.config.gamma != 1.0:
             if input_ids is None:
                 raise ValueError("PAI's image-free contrast needs input_ids in generate(...); set PAIConfig(gamma=1.0) to use embeddings")
             text_ids, text_mask = guarded.adapter.remove_image(input_ids, attention_mask)
-            stream = _LazyPositions(guarded.engine, {"input_ids": text_ids, "attention_mask": text_mask}, self)
-        return [ImageFreeContrast(self.config, stream, has_image)]
+            has_text = text_mask.bool().any(dim=1)  # [B] rows whose image-free prompt keeps a token
+            if has_image is not None and not bool((has_text | ~has_image).all()):
+                logger.warning(
+                    "PAI: prompt rows %s are made of image tokens only, so their image-free prompt is empty; those rows "
+                    "get PAI's attention edit and plausibility cut without the image-free contrast (as with gamma=1).",
+                    (has_image & ~has_text).nonzero().flatten().tolist(),
+                )
+            if bool(has_text.any()):
+                stream = _LazyPositions(guarded.engine, {"input_ids": text_ids, "attention_mask": text_mask}, self)
+        return [ImageFreeContrast(self.config, stream, has_image, has_text)]
 
     def end(self) -> None:
         self._image_keys = None

@@ -8,7 +8,8 @@ Head selection:
 - ``"per_sample"`` (the paper): one extra forward of the image-free prompt (short: no image tokens)
   records the head outputs at the last position; during the image prefill each target layer picks
   its heads from VHD, layer by layer, so later layers see the reinforced earlier ones. The choice is
-  reused for every generated token.
+  reused for every generated token. A row made of image tokens only has an empty image-free prompt:
+  its VHD is undefined, so no head is reinforced there (one warning per generation).
 - ``"head_map"``: the heads stored in a calibrated head map (``vlm-guard calibrate``), averaged over
   many images; no extra pass.
 """
@@ -80,6 +81,7 @@ class VHR(Intervention):
         self.static_mask = head_mask
         self.selected: dict[int, torch.Tensor] = {}  # layer -> [B, H] bool, per sample
         self._text_only: dict[int, torch.Tensor] = {}
+        self._compared: torch.Tensor | None = None  # [B] rows with an image and a non-empty image-free prompt
         self._scales: dict[int, torch.Tensor] = {}  # layer -> [B, 1, H, 1] alpha or 1, built once per sample
 
     def decode_layers(self) -> set[int]:
@@ -96,11 +98,23 @@ class VHR(Intervention):
     def begin(self, prompt: PromptContext, engine) -> None:
         self.selected = {}
         self._text_only = {}
+        self._compared = None
         self._scales = {}
         if self.static_mask is not None:
             return
-        recorder = HeadOutputRecorder(self.target_layers)
         input_ids, attention_mask = engine.adapter.remove_image(prompt.input_ids, prompt.attention_mask)
+        has_text = attention_mask.bool().any(dim=1)  # [B] rows whose image-free prompt keeps a token
+        compared = has_text & prompt.spans.has_image
+        if not bool((compared | ~prompt.spans.has_image).all()):
+            logger.warning(
+                "VHR: prompt rows %s are made of image tokens only, so the image-free prompt that VHR compares with is "
+                "empty; no head is reinforced in those rows (add text, e.g. a BOS token or a question, to run VHR there).",
+                (prompt.spans.has_image & ~has_text).nonzero().flatten().tolist(),
+            )
+        self._compared = compared
+        if not bool(compared.any()):
+            return  # nothing to compare with: no side pass, no head chosen
+        recorder = HeadOutputRecorder(self.target_layers)
         engine.side_pass([recorder], {"input_ids": input_ids, "attention_mask": attention_mask})
         self._text_only = recorder.outputs  # layer -> [B, H, D]
 
@@ -119,6 +133,8 @@ class VHR(Intervention):
             vhd = head_divergence(head_output[:, -1], without_image, self.config.distance)  # [B, H]
             text_activation = (without_image**2).sum(dim=-1)  # [B, H]
             mask = select_vhr_heads(vhd, text_activation, self.config.outlier_filter)
+            if self._compared is not None:  # rows whose image-free prompt is empty: VHD undefined, no head
+                mask = mask & self._compared.to(mask.device)[:, None]
         else:
             mask = torch.zeros(batch, self.num_heads, dtype=torch.bool, device=head_output.device)
         self.selected[ctx.layer] = mask
