@@ -89,6 +89,7 @@ class _Scan:
     needs_newline: bool  # last valid record lacks its newline
     dropped_line: str | None
     header: dict | None = None  # the run header (first line), if any
+    line_numbers: list[int] = dataclasses.field(default_factory=list)  # the file line of each record (1-based)
 
 
 def _scan_jsonl(path: Path) -> _Scan:
@@ -100,6 +101,7 @@ def _scan_jsonl(path: Path) -> _Scan:
     needs_newline = False
     good_length = 0
     scan_header = None
+    line_numbers: list[int] = []
     while position < len(data):
         line_number += 1
         end = data.find(b"\n", position)
@@ -138,11 +140,12 @@ def _scan_jsonl(path: Path) -> _Scan:
                 )
         else:
             records.append(record)
+            line_numbers.append(line_number)
         good_length = next_position
         needs_newline = not complete
         position = next_position
     return _Scan(records=records, good_length=good_length, needs_newline=needs_newline, dropped_line=dropped_line,
-                 header=scan_header)
+                 header=scan_header, line_numbers=line_numbers)
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -161,6 +164,20 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"results file not found: {str(path)!r}.")
     return _scan_jsonl(path).records
+
+
+def read_numbered_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """Like :func:`read_records`, with each record's line number in the file (1-based; for error messages).
+
+    Example:
+        >>> for line, record in read_numbered_records("runs/pope_random.jsonl"):  # doctest: +SKIP
+        ...     print(f"line {line}: {record['id']}")
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {str(path)!r}.")
+    scan = _scan_jsonl(path)
+    return list(zip(scan.line_numbers, scan.records))
 
 
 def read_header(path: str | os.PathLike) -> dict | None:
@@ -378,19 +395,19 @@ class ResultsWriter:
         scan = _scan_jsonl(self.path)
         self._check_fingerprint(scan)
         self.header = scan.header
-        for index, record in enumerate(scan.records):
+        for index, (line, record) in enumerate(zip(scan.line_numbers, scan.records)):
             if self.id_key not in record:
                 raise ValueError(
-                    f"{self.path}: record {index + 1} has no {self.id_key!r} key (keys: {sorted(record)}); open it "
+                    f"{self.path}:{line}: record {index + 1} has no {self.id_key!r} key (keys: {sorted(record)}); open it "
                     f"with the id_key it was written with."
                 )
             missing = [key for key in self.required_keys if key not in record]
             if missing:
                 raise ValueError(
-                    f"{self.path}: record {index + 1} (id {record.get(self.id_key)!r}) lacks {missing}; the file was "
-                    f"edited or written by another tool. Fix or delete that line, or pass another --out."
+                    f"{self.path}:{line}: record {index + 1} (id {record.get(self.id_key)!r}) lacks {missing}; the file "
+                    f"was edited or written by another tool. Fix or delete that line, or pass another --out."
                 )
-            item_id = _hashable_id(record[self.id_key], self.path)
+            item_id = _hashable_id(record[self.id_key], f"{self.path}:{line}", self.id_key)
             if item_id in self._done:
                 logger.warning("%s: id %r appears more than once; it counts as done.", self.path, item_id)
             self._done[item_id] = None
@@ -443,6 +460,11 @@ class ResultsWriter:
         self._handle.flush()
         return read_records(self.path)
 
+    def numbered_records(self) -> list[tuple[int, dict]]:
+        """``(line number, record)`` of every record in the file, in order (see :func:`read_numbered_records`)."""
+        self._handle.flush()
+        return read_numbered_records(self.path)
+
     def merge_parts(self, parts: Sequence[str | os.PathLike]) -> int:
         """Append the records of per-rank part files (see :func:`part_path`) that this file lacks, then delete the parts.
 
@@ -479,25 +501,25 @@ class ResultsWriter:
     def reorder(self, key: Callable[[dict], Any]) -> None:
         """Rewrite the file with its records sorted by ``key`` (stable; the run header stays first).
 
-        The new content goes to ``<path>.tmp`` and replaces the file in one rename, so a kill leaves either the old
-        or the new file, never a mix. The writer stays open (and locked) for more records.
+        The new content goes to a temporary file that replaces this one in one rename
+        (:func:`vlm_guard.fileio.atomic_write_text`), so a kill or a full disk leaves either the old or the new file,
+        never a mix. The writer stays open (and locked) for more records, also when the rewrite fails.
         """
+        from vlm_guard.fileio import atomic_write_text
+
         self._handle.flush()
         scan = _scan_jsonl(self.path)
         ordered = sorted(scan.records, key=key)
         if ordered == scan.records:
             return
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with temporary.open("w", encoding="utf-8") as handle:
-            if scan.header is not None:
-                handle.write(_dumps(scan.header, what="run header") + "\n")
-            for record in ordered:
-                handle.write(_dumps(record, what=f"record {record.get(self.id_key)!r}") + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        lines = [] if scan.header is None else [_dumps(scan.header, what="run header")]
+        lines += [_dumps(record, what=f"record {record.get(self.id_key)!r}") for record in ordered]
+        text = "".join(line + "\n" for line in lines)
         self._handle.close()
-        os.replace(temporary, self.path)
-        self._handle = self.path.open("a", encoding="utf-8")
+        try:
+            atomic_write_text(self.path, text)
+        finally:
+            self._handle = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         """Close the file and release its lock (idempotent)."""
@@ -518,12 +540,15 @@ class ResultsWriter:
         self.close()
 
 
-def _hashable_id(value: Any, path: Path) -> Any:
+def _hashable_id(value: Any, where: Path | str, id_key: str = "id") -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, list):
-        return tuple(value)
-    raise ValueError(f"{path}: item id {value!r} must be a string or a number.")
+        try:
+            return tuple(_hashable_id(part, where, id_key) for part in value)
+        except ValueError:
+            pass
+    raise ValueError(f"{where}: field {id_key!r} is {value!r}; an item id must be a string or a number.")
 
 
 PART_INFIX = ".part-"
@@ -593,7 +618,8 @@ def write_summary(
 ) -> dict:
     """Write a run summary JSON: metrics plus what produced them.
 
-    The file is written to a temporary name and renamed, so it is never half-written.
+    The file is written atomically (:func:`vlm_guard.fileio.atomic_write_text`): a failure leaves the previous
+    summary whole, never a half-written one.
 
     Args:
         path: Output ``.json`` file (parent folders are created).
@@ -634,9 +660,9 @@ def write_summary(
     text = _dumps(summary, what="summary", indent=2, sort_keys=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    from vlm_guard.fileio import atomic_write_text
+
+    atomic_write_text(path, text + "\n")
     logger.info("Wrote summary %s (n=%d)", path, n)
     return json.loads(text)
 

@@ -831,28 +831,71 @@ def run_fingerprint(guarded: Any, processor: Any, label: str, config: Any, tasks
 
 
 def _check_done_records(writer: ResultsWriter, tasks: Sequence[EvalTask]) -> None:
-    """Refuse a resume whose finished items were asked with another prompt, or lack the fields the metrics read."""
+    """Refuse a resume from a records file whose records were edited or damaged, with a one-line error naming the
+    file, the line and the field.
+
+    Every record must hold a string or integer ``id``, name one of this run's tasks in ``task`` (the one its item
+    belongs to, when the item is one of this run's), and hold a string ``prompt`` and ``answer`` and valid score
+    fields (:data:`SCORE_KEYS`: a yes/no POPE ``label``, non-negative CHAIR counts). A finished item's prompt must
+    equal its prompt now. Items are skipped as done by id, so a record that passed as done but dropped out of the
+    metrics (an edited ``task``) would silently shrink them: it is refused here instead.
+    """
     from vlm_guard.eval.records import RunMismatchError
 
     if not len(writer):
         return
     items = {(task.name, item.item_id): (task, item) for task in tasks for item in task.items}
-    for record in writer.records():
-        found = items.get((record.get("task"), record.get("id")))
+    task_of_id = {item.item_id: task.name for task in tasks for item in task.items}
+    kinds = {task.name: task.kind for task in tasks}
+    fix = "the file was edited or written by another tool: fix or delete that line, or pass another --out."
+    for line, record in writer.numbered_records():
+        where = f"{writer.path}:{line}"
+        item_id = record.get("id")
+        if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+            raise ValueError(f"{where}: field 'id' is {item_id!r}, not a string or an integer; {fix}")
+        task_name = record.get("task")
+        if not isinstance(task_name, str) or task_name not in kinds:
+            raise ValueError(f"{where}: record {item_id!r} has field 'task' {task_name!r}, not a task of this run "
+                             f"({', '.join(kinds)}); {fix}")
+        owner = task_of_id.get(item_id)
+        if owner is not None and owner != task_name:
+            raise ValueError(f"{where}: record {item_id!r} has field 'task' {task_name!r}, but item {item_id!r} belongs "
+                             f"to {owner!r}; {fix}")
+        for key in ("prompt", "answer"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"{where}: record {item_id!r} has field {key!r} {record.get(key)!r}, not a string; {fix}")
+        _check_score_fields(record, kinds[task_name], where, fix)
+        found = items.get((task_name, item_id))
         if found is None:
-            continue
+            continue  # an item of an earlier, larger --limit: kept, not scored
         task, item = found
         if record.get("prompt") != item.prompt:
             raise RunMismatchError(
-                f"{writer.path}: item {item.item_id!r} was asked with the prompt {record.get('prompt')!r}, now "
+                f"{where}: item {item.item_id!r} was asked with the prompt {record.get('prompt')!r}, now "
                 f"{item.prompt!r}; pass another --out, or rerun with the same prompt settings."
             )
-        missing = [key for key in SCORE_KEYS.get(task.kind, ()) if key not in record]
-        if missing:
-            raise ValueError(
-                f"{writer.path}: the record of item {item.item_id!r} lacks {missing}, which the {task.kind} metrics "
-                f"read; the file was edited or written by another tool. Fix or delete that line, or pass another --out."
-            )
+
+
+def _check_score_fields(record: Mapping[str, Any], kind: str, where: str, fix: str) -> None:
+    """The fields the ``kind`` metrics read: present and of the right type and range."""
+    item_id = record.get("id")
+    missing = [key for key in SCORE_KEYS.get(kind, ()) if key not in record]
+    if missing:
+        raise ValueError(f"{where}: the record of item {item_id!r} lacks {missing}, which the {kind} metrics read; {fix}")
+    if kind == "pope":
+        label = record["label"]
+        if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
+            raise ValueError(f"{where}: record {item_id!r} has field 'label' {label!r}, not 'yes' or 'no'; {fix}")
+    elif kind == "chair":
+        for key in SCORE_KEYS["chair"]:
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: record {item_id!r} has field {key!r} {value!r}, not a non-negative "
+                                 f"integer; {fix}")
+        for part, whole in (("n_hallucinated", "n_mentions"), ("n_recalled", "n_gt_objects")):
+            if record[part] > record[whole]:
+                raise ValueError(f"{where}: record {item_id!r} has field {part!r} {record[part]} larger than {whole!r} "
+                                 f"{record[whole]}; {fix}")
 
 
 def code_digest() -> dict:
