@@ -175,7 +175,8 @@ class GuardedModel:
         if processors:
             user_processors = kwargs.get("logits_processor") or []
             kwargs["logits_processor"] = LogitsProcessorList([*user_processors, *processors])
-        with self.engine.activate(self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask"))):
+        images = {key: kwargs[key] for key in self.adapter.image_input_keys if kwargs.get(key) is not None}
+        with self.engine.activate(self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask")), known_images=images):
             return self.model.generate(*args, **kwargs)
 
     def logits_processor(self, **model_inputs) -> LogitsProcessorList:

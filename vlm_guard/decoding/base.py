@@ -61,12 +61,17 @@ class PromptContext:
         spans: position masks from the adapter (image, query, ...), each ``[B, S]``.
         model_inputs: the keyword arguments of the prefill forward call (pixel values etc.), for
             methods that need a side pass.
+        image_inputs: the prompt's image tensors (``pixel_values``, ``image_sizes`` ...: the adapter's
+            ``image_input_keys``) from the prefill call, else from the ``generate`` call that started it
+            (transformers 5 may prefill with precomputed image features instead of pixels); what a
+            contrast pass needs to join the generation when ``generate`` continues its cache.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     spans: PromptSpans
     model_inputs: dict = field(default_factory=dict)
+    image_inputs: dict = field(default_factory=dict)
     all_have_image: bool | None = None  # every row has an image (read once at prefill; None: not known yet)
 
     def __post_init__(self) -> None:

@@ -168,6 +168,7 @@ class Frame:
     by_layer: dict[int, list[Intervention]] = field(default_factory=dict)
     plan: dict = field(default_factory=dict)  # {layer: LayerPlan} of every layer a method may act on
     known_prompt: tuple | None = None
+    known_images: dict = field(default_factory=dict)  # the generate call's image tensors (see PromptContext.image_inputs)
     generation: Generation | None = None
     call: CallState | None = None
     call_generation: Generation | None = None  # the generation of the current call (also when it runs plain)
@@ -354,7 +355,8 @@ class GuardEngine:
 
     # ------------------------------------------------------------------ frames
     @contextlib.contextmanager
-    def activate(self, interventions: list[Intervention], known_prompt: tuple | None = None) -> Iterator[Frame]:
+    def activate(self, interventions: list[Intervention], known_prompt: tuple | None = None,
+                 known_images: dict | None = None) -> Iterator[Frame]:
         """Run the enclosed forward / generate calls with ``interventions`` (nested calls allowed:
         an intervention's side pass runs inside its own frame).
 
@@ -362,8 +364,9 @@ class GuardEngine:
             interventions: the methods.
             known_prompt: ``(input_ids [B, S], attention_mask [B, S] or None)`` of a ``generate`` call, used
                 when its prefill passes only embeddings or prepared (4-D / per-layer-type) masks.
+            known_images: the image tensors of that ``generate`` call (kept with the generation it starts).
         """
-        frame = Frame(list(interventions), known_prompt=known_prompt)
+        frame = Frame(list(interventions), known_prompt=known_prompt, known_images=dict(known_images or {}))
         # a frame without methods needs no hook (its calls run the plain model); one with methods needs the model's
         # hooks, and a layer-input hook where a method reads the layer input: taken by the model's pre-hook at a call that
         # needs them (a prefill, or a continuing call whose methods still read the layer input), not here, so that a
@@ -456,6 +459,14 @@ class GuardEngine:
             if hook is not None:
                 hook.remove()
             restore_forward_state(saved)
+
+    def continued_prompt(self, cache, interventions) -> PromptContext | None:
+        """The prompt of the generation that ``cache`` continues, when this engine started it with ``interventions``
+        (what a ``generate`` call that continues the wrapper's cache runs in); None otherwise."""
+        generation = self._generation
+        if cache is None or generation is None or not generation.owns(cache) or generation.interventions != tuple(interventions):
+            return None
+        return generation.prompt
 
     def _current(self) -> Frame | None:
         state = self._thread_state  # read once: this runs at every layer
@@ -557,7 +568,11 @@ class GuardEngine:
         spans = self.adapter.prompt_spans(input_ids, attention_mask)
         # the cache stays out: the generation holds it only by a weak reference
         model_inputs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
-        return PromptContext(input_ids=input_ids, attention_mask=attention_mask, spans=spans, model_inputs=model_inputs)
+        image_inputs = {key: model_inputs[key] for key in self.adapter.image_input_keys if model_inputs.get(key) is not None}
+        if image_inputs.get("pixel_values") is None and known_ids is not None and tuple(known_ids.shape) == tuple(input_ids.shape):
+            image_inputs = dict(frame.known_images)
+        return PromptContext(input_ids=input_ids, attention_mask=attention_mask, spans=spans, model_inputs=model_inputs,
+                             image_inputs=image_inputs)
 
     def _decode_plan(self, frame: Frame, generation: Generation) -> dict:
         """The layer plan of the calls after a prefill: each method at its :meth:`Intervention.decode_layers`

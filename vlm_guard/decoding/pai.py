@@ -126,9 +126,13 @@ class ContrastStream:
         inputs: forward arguments of the stream's prompt: ``input_ids`` ``[B, S']``, ``attention_mask``
             and optional image tensors.
         position_ids: the prompt's positions, ``[B, S']`` or M-RoPE ``[N, B, S']``; None = ``cumsum(mask) - 1``.
+        main_prompt_length: the length of the main sequence that ``inputs`` stand for; None: the length of the
+            first call's ``input_ids``. A stream that joins a generation midway (``generate`` continuing a cache
+            the wrapper started) is given the generation's prompt and its length: its first call then prefills
+            the prompt and feeds the tokens generated since, as the one-shot stream had.
     """
 
-    def __init__(self, engine, inputs: dict, position_ids: torch.Tensor | None = None):
+    def __init__(self, engine, inputs: dict, position_ids: torch.Tensor | None = None, main_prompt_length: int | None = None):
         self.engine = engine
         self.inputs = dict(inputs)
         self.attention_mask = inputs["attention_mask"]
@@ -136,7 +140,7 @@ class ContrastStream:
             position_ids = text_positions(self.attention_mask)
         self.position_ids = position_ids
         self.cache = None
-        self.main_prompt_length: int | None = None
+        self.main_prompt_length: int | None = main_prompt_length
         self.fed = 0  # generated tokens already fed
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -150,11 +154,17 @@ class ContrastStream:
         saved = save_forward_state(self.engine.model)
         try:
             with torch.no_grad(), self.engine.suspended():
+                output = None
                 if self.cache is None:
-                    self.main_prompt_length = input_ids.shape[1]
+                    if self.main_prompt_length is None:
+                        self.main_prompt_length = input_ids.shape[1]
+                    if input_ids.shape[1] < self.main_prompt_length:
+                        raise ValueError(f"generate passed {input_ids.shape[1]} tokens, fewer than the {self.main_prompt_length} "
+                                         "of the prompt this contrast pass stands for; build a new processor per generate call")
                     output = self.engine.model(**self.inputs, position_ids=self.position_ids, use_cache=True, logits_to_keep=1)
-                else:
-                    new = input_ids.shape[1] - self.main_prompt_length - self.fed
+                    self.cache = output_cache(output)
+                new = input_ids.shape[1] - self.main_prompt_length - self.fed
+                if output is None or new > 0:  # a later step, or a stream that joined a generation midway
                     if new <= 0:
                         raise ValueError("the contrast pass was called twice for the same step; build a new processor per generate call")
                     steps = torch.arange(self.fed + 1, self.fed + new + 1, device=input_ids.device)
@@ -163,9 +173,9 @@ class ContrastStream:
                     mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(batch, self.fed)], dim=1)
                     output = self.engine.model(input_ids=input_ids[:, -new:], attention_mask=mask, position_ids=positions,
                                                use_cache=True, logits_to_keep=1, **cache_kwargs(self.engine.model, self.cache))
+                    self.cache = output_cache(output)
         finally:
             restore_forward_state(saved)
-        self.cache = output_cache(output)
         return output.logits[:, -1].float()
 
 

@@ -186,19 +186,37 @@ class VCD(Intervention):
                         "does not sample, so it runs plain. Use VCDConfig(contrast_when='always') to contrast greedy decoding.")
             return []
         input_ids = model_inputs.get("input_ids")
-        pixel_values = model_inputs.get("pixel_values")
-        if input_ids is None or pixel_values is None:
-            logger.info("VCD needs input_ids and pixel_values in generate(...); it is skipped for this call.")
+        if input_ids is None:
+            logger.info("VCD needs input_ids in generate(...); it is skipped for this call.")
             return []
-        attention_mask = model_inputs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        inputs = {key: value for key, value in model_inputs.items() if key in guarded.adapter.image_input_keys}
-        inputs.update(input_ids=input_ids, attention_mask=attention_mask)
+        source, joined = model_inputs, None
+        if model_inputs.get("pixel_values") is None:
+            # generate continuing a cache the wrapper started: the image is in the cache, its pixels in the generation
+            cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
+            prompt = guarded.engine.continued_prompt(cache, guarded.interventions)
+            if prompt is not None and prompt.image_inputs.get("pixel_values") is not None:
+                source, joined = prompt.image_inputs, prompt
+        pixel_values = source.get("pixel_values")
+        if pixel_values is None:
+            has_image = guarded.adapter.prompt_spans(input_ids, model_inputs.get("attention_mask")).has_image
+            if bool(has_image.any()):
+                raise ValueError("VCD contrasts with a noised copy of the image, but this generate call has image tokens "
+                                 "and no pixel_values (and continues no cache this wrapper started with them); pass "
+                                 "pixel_values, or switch VCD off for this call.")
+            return []  # no row has an image: VCD leaves the call plain
+        if joined is not None:  # the stream is the generation's prompt; its first call feeds the tokens generated since
+            prompt_ids, attention_mask = joined.input_ids, joined.attention_mask
+        else:
+            prompt_ids, attention_mask = input_ids, model_inputs.get("attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+        inputs = {key: value for key, value in source.items() if key in guarded.adapter.image_input_keys}
+        inputs.update(input_ids=prompt_ids, attention_mask=attention_mask)
         inputs["pixel_values"] = add_diffusion_noise(pixel_values, self.config.noise_step, self.config.num_steps,
-                                                     self.config.beta_schedule, self.config.seed, model_inputs.get("image_grid_thw"))
-        has_image = guarded.adapter.prompt_spans(input_ids, attention_mask).has_image  # [B]
-        return [VisualContrast(self.config, _NoisedStream(guarded.engine, inputs, self), has_image)]
+                                                     self.config.beta_schedule, self.config.seed, source.get("image_grid_thw"))
+        has_image = guarded.adapter.prompt_spans(prompt_ids, attention_mask).has_image  # [B]
+        stream = _NoisedStream(guarded.engine, inputs, self, joined)
+        return [VisualContrast(self.config, stream, has_image)]
 
 
 def will_sample(guarded, generate_kwargs: dict) -> bool:
@@ -213,13 +231,16 @@ def will_sample(guarded, generate_kwargs: dict) -> bool:
 class _NoisedStream(ContrastStream):
     """The noised prompt has the same tokens as the main one: it reuses the main prefill's positions."""
 
-    def __init__(self, engine, inputs: dict, owner: VCD):
-        super().__init__(engine, inputs)
+    def __init__(self, engine, inputs: dict, owner: VCD, joined: PromptContext | None = None):
+        super().__init__(engine, inputs, main_prompt_length=None if joined is None else joined.prompt_length)
         self.owner = owner
+        self.joined = joined  # the generation this stream joins midway (a continued cache), else None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.cache is None and self.owner.prompt_position_ids is not None:
-            self.position_ids = self.owner.prompt_position_ids
+        if self.cache is None:
+            positions = self.owner.prompt_position_ids if self.joined is None else self.joined.model_inputs.get("position_ids")
+            if positions is not None:
+                self.position_ids = positions
         return super().logits(input_ids)
 
 
