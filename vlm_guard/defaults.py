@@ -136,6 +136,30 @@ def load_default_v2(weights_dir: str | Path | None = None, device: str = "cpu", 
     return assemble(folder, device=device, dtype=dtype)
 
 
+DEFAULT_V3_DIR = ASSETS / "default_model_v3"
+"""Where the trained parts of default model v3 (``v3_weights.safetensors`` + ``v3_config.json``) will ship once v3
+meets its bars (docs/default-model-v3.md); until then v2 stays the default and v3 loads from a run folder."""
+
+
+def load_default_v3(weights_dir: str | Path | None = None, device: str = "cpu", dtype=None):
+    """Assemble default model v3 (not the default yet): its vision tower, projector and merged adapters on
+    SmolLM2-135M-Instruct. ``weights_dir`` is a folder written by ``python -m toyworld.v3.train`` (``<run>/final``
+    or ``<run>/export``); default: the shipped ``assets/default_model_v3``.
+
+    Returns:
+        ``(LlavaForConditionalGeneration, LlavaProcessor)``.
+    Raises:
+        FileNotFoundError: no v3 weights there.
+    """
+    from .toyworld.everyday_v3.assemble import WEIGHTS_FILE, assemble
+
+    folder = Path(weights_dir) if weights_dir is not None else DEFAULT_V3_DIR
+    if not (folder / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"no v3 weights in {folder}; train them with `python -m toyworld.v3.train --out DIR` "
+                                "and pass DIR/final (or DIR/export after `--export`)")
+    return assemble(folder, device=device, dtype=dtype)
+
+
 def __getattr__(name: str):
     """``DEFAULT_MODEL_DIR`` and ``EXAMPLES_DIR`` follow ``$VLM_GUARD_DEFAULT_MODEL`` (read at each access)."""
     if name == "DEFAULT_MODEL_DIR":
