@@ -209,7 +209,7 @@ def test_corrupt_files_give_clear_errors(head_map, tmp_path):
     data = json.loads((folder / JSON_FILE).read_text())
     del data["sinks"]
     (folder / JSON_FILE).write_text(json.dumps(data))
-    with pytest.raises(HeadMapFileError, match="missing field 'sinks'"):
+    with pytest.raises(HeadMapFileError, match=f"{JSON_FILE}: field sinks is missing"):
         HeadMap.from_pretrained(folder)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         HeadMap.from_pretrained(tmp_path / "nowhere")

@@ -483,6 +483,9 @@ class HeadMap:
             raise HeadMapFileError(
                 f"{tensor_path} is not a readable safetensors file ({error}); the head map is corrupt: re-run `vlm-guard calibrate`."
             ) from None
+        from .head_map_schema import check_head_map_fields
+
+        check_head_map_fields(json_path, tensor_path, data, tensors)  # every field but `tuned`, and the tensor shapes
         try:
             return cls._from_parts(data, tensors)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as error:

@@ -156,13 +156,15 @@ class TuningState:
                 loaded = json.loads(self.path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ValueError(f"{self.path} is not a readable tuning state ({error}); delete it to start over") from None
-            if loaded.get("format") != "vlm_guard.tune_state":
+            if not isinstance(loaded, dict) or loaded.get("format") != "vlm_guard.tune_state":
                 raise ValueError(f"{self.path} is not a vlm_guard tuning state; pass another --state path")
             if loaded.get("identity") != identity:
                 raise ValueError(
                     f"{self.path} holds a tuning run of another model or tuning data ({loaded.get('identity')}); "
                     f"delete it or pass another --state path to tune {identity}")
-            self.data = loaded
+            from .state_schema import validate_state
+
+            self.data = validate_state(self.path, loaded, STATE_VERSION)
             logger.info("resuming the tuning state %s (%d settings, %.0f s spent)", self.path,
                         len(self.data["trials"]), self.data["elapsed_s"])
 
@@ -183,10 +185,10 @@ class TuningState:
         now = time.monotonic()
         if not force and now - self._last_save < SAVE_EVERY_S:
             return
+        from ..fileio import atomic_write_json
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(self.data))
-        os.replace(temporary, self.path)
+        atomic_write_json(self.path, self.data, allow_nan=True)  # as json.dumps wrote it before; a save never fails on a value
         self._last_save = now
 
 
@@ -718,7 +720,9 @@ def save_tuned(head_map, out_dir: str | os.PathLike, search: _Search | None = No
 
     out = Path(out_dir)
     head_map.save_pretrained(out)
-    (out / "tuning.md").write_text(tuning_markdown(head_map.tuned), encoding="utf-8")
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(out / "tuning.md", tuning_markdown(head_map.tuned))
     try:
         plot_method_curves(head_map.tuned, out)
     except Exception as error:  # a plot is a nicety; the settings are saved already
