@@ -61,8 +61,9 @@ TARGET_EFFECT = 2.0
 """Points (CHAIR_I, or adversarial POPE accuracy) the full rung must resolve: its paired interval's half-width."""
 PILOT_ITEMS = {"caption": 60, "answer": 100}
 """Items per task on the pilot rung (answer: per POPE split)."""
-KEEP = 3
-"""Candidates promoted from the pilot to the full rung."""
+KEEP = 2
+"""Candidates promoted from the pilot to the full rung (the full rung costs KEEP + 1 runs of n items: on the shared
+2-core machine of the default model's retune, a third would have cost 20 more minutes)."""
 COST_TIE = 0.5
 """Points of gain within which the cheaper candidate (fewer forward passes per token) wins."""
 MAX_CONFIRM = 2
