@@ -10,7 +10,8 @@ import torch
 import vlm_guard
 from vlm_guard.heads import HeadMap, HeadMapFileError, HeadMapMismatchError, find_cached_head_map
 from vlm_guard.heads.calibrate import HeadProfiler
-from vlm_guard.heads.head_map import JSON_FILE, TENSOR_FILE, cache_folder, default_cache_dir, save_to_cache
+from vlm_guard.heads.head_map import (JSON_FILE, TENSOR_FILE, cache_folder, calibrated_cache_folder, default_cache_dir,
+                                      save_to_cache)
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import build_batch, tiny_model
 
@@ -224,7 +225,7 @@ def test_cache_lookup(head_map, model, tmp_path, caplog):
     try:
         named = dataclasses.replace(head_map, fingerprint=get_adapter(model).describe())
         folder = save_to_cache(named)
-        assert folder == cache_folder(named.fingerprint) and folder.parent == tmp_path / "cache"
+        assert folder == calibrated_cache_folder(named.fingerprint) and folder.parent == tmp_path / "cache"  # untuned: beside a tuned map
         assert find_cached_head_map(get_adapter(model)) == named
         guarded = vlm_guard.wrap(model)
         try:

@@ -483,11 +483,15 @@ class HeadMap:
             raise HeadMapFileError(
                 f"{tensor_path} is not a readable safetensors file ({error}); the head map is corrupt: re-run `vlm-guard calibrate`."
             ) from None
+        from ..tuning.settings import TunedSectionError
+
         from .head_map_schema import check_head_map_fields
 
         check_head_map_fields(json_path, tensor_path, data, tensors)  # every field but `tuned`, and the tensor shapes
         try:
             return cls._from_parts(data, tensors)
+        except TunedSectionError as error:  # names the field and the fix (re-tune), not "re-run calibrate"
+            raise HeadMapFileError(f"{json_path}: {error}") from None
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as error:
             detail = f"missing field {error}" if isinstance(error, KeyError) else (str(error) or type(error).__name__)
             raise HeadMapFileError(
@@ -541,7 +545,7 @@ class HeadMap:
             calibration=data.get("calibration", {}),
             library_version=data.get("library_version", "unknown"),
             weights_sample=_vector(tensors.get("weights_sample"), "weights_sample"),
-            tuned=dict(data.get("tuned") or {}),
+            tuned=_validated_tuned(data.get("tuned")),
         )
 
     # ------------------------------------------------------------------ reading
@@ -615,6 +619,13 @@ def _check_tensors_digest(directory: Path, data: dict, tensor_path: Path) -> Non
             f"(sha256 {expected[:12]}...; an interrupted or mixed save); re-run `vlm-guard calibrate --out {directory}`.")
 
 
+def _validated_tuned(tuned: Any) -> dict:
+    """The ``tuned`` section checked against its schema (:func:`vlm_guard.tuning.settings.validate_tuned`)."""
+    from ..tuning.settings import validate_tuned
+
+    return validate_tuned(tuned)
+
+
 def _index(value: Any, what: str) -> int:
     """An index from JSON: an int or a decimal string of one ("3"); anything else (3.5, true, null) is refused."""
     if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
@@ -677,30 +688,33 @@ def cache_folder(fingerprint: dict, cache_dir: str | Path | None = None) -> Path
     return Path(cache_dir or default_cache_dir()) / f"{slug}-{cache_key(fingerprint)}"
 
 
+CALIBRATED_SUFFIX = "-calibrated"
+"""``vlm-guard calibrate`` saves a map that holds no tuned settings into ``<name>-<cache key>-calibrated``, beside the
+folder ``vlm-guard tune`` writes (``<name>-<cache key>``): a new calibration never replaces a tuned map."""
+
+
+def calibrated_cache_folder(fingerprint: dict, cache_dir: str | Path | None = None) -> Path:
+    """Where calibration saves the (untuned) map of the model with ``fingerprint``: ``<name>-<cache key>-calibrated``."""
+    folder = cache_folder(fingerprint, cache_dir)
+    return folder.with_name(folder.name + CALIBRATED_SUFFIX)
+
+
 def save_to_cache(head_map: HeadMap, cache_dir: str | Path | None = None) -> Path | None:
-    """Save ``head_map`` into the cache; returns the folder, or None for an unnamed model (not cacheable)."""
+    """Save ``head_map`` into the cache; returns the folder, or None for an unnamed model (not cacheable).
+
+    A tuned map goes to :func:`cache_folder`, an untuned one (fresh from calibration) to
+    :func:`calibrated_cache_folder`, so a calibration never replaces a tuned map of the same model.
+    """
     if not model_name(head_map.fingerprint):
         logger.info("the model has no name_or_path, so its head map is not cached (it could not be told apart from others)")
         return None
-    folder = cache_folder(head_map.fingerprint, cache_dir)
+    tuned = bool(head_map.tuned)
+    folder = cache_folder(head_map.fingerprint, cache_dir) if tuned else calibrated_cache_folder(head_map.fingerprint, cache_dir)
     head_map.save_pretrained(folder)
     return folder
 
 
-def find_cached_head_map(adapter, cache_dir: str | Path | None = None, label: str = "cached") -> HeadMap | None:
-    """The cached head map whose fingerprint matches ``adapter``'s model, or None.
-
-    Never raises: an unreadable cached map is reported as a warning and ignored. Unnamed models are
-    never looked up.
-    """
-    try:
-        fingerprint = adapter.describe()
-    except Exception as error:  # an adapter that cannot describe its model: no cache
-        logger.debug("no head-map cache lookup: %s", error)
-        return None
-    if not model_name(fingerprint):
-        return None
-    folder = cache_folder(fingerprint, cache_dir)
+def _read_cached(folder: Path, adapter, label: str) -> HeadMap | None:
     if not (folder / JSON_FILE).is_file():
         logger.debug("no %s head map at %s", label, folder)
         return None
@@ -710,5 +724,94 @@ def find_cached_head_map(adapter, cache_dir: str | Path | None = None, label: st
     except (OSError, ValueError) as error:
         logger.warning("ignoring the %s head map at %s: %s", label, folder, error)
         return None
-    logger.info("using the %s head map from %s", label, folder)
     return head_map
+
+
+def find_cached_head_map(adapter, cache_dir: str | Path | None = None, label: str = "cached") -> HeadMap | None:
+    """The cached head map whose fingerprint matches ``adapter``'s model, or None: the tuned one
+    (:func:`cache_folder`) when there is one, else the calibrated one (:func:`calibrated_cache_folder`).
+
+    Never raises: an unreadable cached map is reported as a warning and ignored. Unnamed models are
+    never looked up.
+    """
+    head_map, folder = _find_cached(adapter, cache_dir, label)
+    if head_map is not None:
+        logger.info("using the %s head map from %s", label, folder)
+    return head_map
+
+
+def _find_cached(adapter, cache_dir: str | Path | None, label: str) -> tuple[HeadMap | None, Path | None]:
+    try:
+        fingerprint = adapter.describe()
+    except Exception as error:  # an adapter that cannot describe its model: no cache
+        logger.debug("no head-map cache lookup: %s", error)
+        return None, None
+    if not model_name(fingerprint):
+        return None, None
+    folder = cache_folder(fingerprint, cache_dir)
+    head_map = _read_cached(folder, adapter, label)
+    if head_map is None or not head_map.tuned:
+        calibrated_folder = calibrated_cache_folder(fingerprint, cache_dir)
+        calibrated = _read_cached(calibrated_folder, adapter, f"{label} calibrated")
+        if calibrated is not None:
+            head_map, folder = calibrated, calibrated_folder
+    return head_map, (folder if head_map is not None else None)
+
+
+_REPORTED: set[str] = set()
+
+
+def find_head_map(adapter, cache_dir: str | Path | None = None) -> HeadMap | None:
+    """The head map ``vlm_guard.wrap`` uses when none is passed, or None.
+
+    Order: a tuned map in the cache (written by ``vlm-guard tune``), then the map shipped with the package for
+    this model (tuned), then an untuned map in the cache (written by ``vlm-guard calibrate``). A tuned map is
+    preferred because its settings were measured on the model; when it hides a calibrated map, a warning (once
+    per process) says so and how to use the calibrated one instead (``head_map=FOLDER``, ``--head-map FOLDER``).
+    """
+    cached, folder = _find_cached(adapter, cache_dir, "cached")
+    if cached is not None and cached.tuned:
+        logger.info("using the tuned head map from %s", folder)
+        return cached
+    from ..tuning.shipped import find_shipped_head_map
+
+    shipped = find_shipped_head_map(adapter)
+    if shipped is not None and shipped.tuned and cached is not None:
+        if str(folder) not in _REPORTED:
+            _REPORTED.add(str(folder))
+            logger.warning("using the tuned head map shipped for this model; your calibrated map at %s is kept but not "
+                           "used: pass head_map=%r to vlm_guard.wrap (--head-map on the command line) to use it, or tune it "
+                           "with `vlm-guard tune --head-map %s`", folder, str(folder), folder)
+        return shipped
+    if cached is not None:
+        logger.info("using the calibrated (untuned) head map from %s", folder)
+        return cached
+    return shipped
+
+
+def cache_report(head_map: HeadMap, cache_dir: str | Path | None = None) -> list[str]:
+    """Lines for ``vlm-guard calibrate``: where the new map was cached and which map ``vlm_guard.wrap`` will use."""
+    fingerprint = head_map.fingerprint
+    if not model_name(fingerprint):
+        return ["not cached: the model has no name (pass head_map=FOLDER to vlm_guard.wrap)"]
+    from ..tuning.shipped import SHIPPED_HEAD_MAPS
+
+    saved = calibrated_cache_folder(fingerprint, cache_dir)
+    lines = [f"cached at {saved}"]
+    for label, folder in (("tuned", cache_folder(fingerprint, cache_dir)), ("shipped tuned", cache_folder(fingerprint, SHIPPED_HEAD_MAPS))):
+        other = _peek(folder)
+        if other is not None and other.get("tuned") and (other.get("fingerprint") or {}).get("weights_digest") == fingerprint.get("weights_digest"):
+            lines.append(f"vlm_guard.wrap keeps using the {label} head map of this model ({folder}); to use the new one pass "
+                         f"head_map={str(saved)!r} to vlm_guard.wrap or --head-map {saved} to the commands, or tune it with "
+                         f"`vlm-guard tune --head-map {saved}`")
+            return lines
+    lines.append("vlm_guard.wrap will use it for this model (no tuned map exists: `vlm-guard tune` chooses method settings)")
+    return lines
+
+
+def _peek(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / JSON_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
