@@ -162,3 +162,50 @@ def test_sha256_file(tmp_path):
     data = os.urandom(3 * 1024 + 7)
     target.write_bytes(data)
     assert sha256_file(target, chunk_bytes=1024) == hashlib.sha256(data).hexdigest()
+
+
+def test_atomic_folder_replaces_a_folder_whole(tmp_path):
+    from vlm_guard.fileio import atomic_folder
+
+    target = tmp_path / "export"
+    with atomic_folder(target) as temporary:
+        (temporary / "a.txt").write_text("one")
+    assert _only(target) == ["a.txt"]
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(target) as temporary:
+            (temporary / "b.txt").write_text("half")
+            raise KeyboardInterrupt
+    assert _only(target) == ["a.txt"] and _only(tmp_path) == ["export"]  # the previous folder, no leftovers
+    with atomic_folder(target) as temporary:
+        (temporary / "b.txt").write_text("two")
+    assert _only(target) == ["b.txt"] and _only(tmp_path) == ["export"]
+    with atomic_folder(target, replace=False) as temporary:  # a cache another process filled first is kept
+        (temporary / "c.txt").write_text("three")
+    assert _only(target) == ["b.txt"] and _only(tmp_path) == ["export"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        with atomic_folder(tmp_path / "file"):
+            pass
+
+
+def test_atomic_folder_failed_swap_restores_the_previous_folder(tmp_path, monkeypatch):
+    from vlm_guard.fileio import atomic_folder
+
+    target = tmp_path / "checkpoint"
+    target.mkdir()
+    (target / "state.json").write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def replace(source, destination):
+        calls.append(destination)
+        if len(calls) == 2:  # the new folder's rename, after the previous one was moved aside
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError):
+        with atomic_folder(target) as temporary:
+            (temporary / "state.json").write_text("new")
+    monkeypatch.undo()
+    assert (target / "state.json").read_text() == "old" and _only(tmp_path) == ["checkpoint"]

@@ -293,7 +293,11 @@ class GuardConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        """Write the config as JSON, atomically (:func:`vlm_guard.fileio.atomic_write_json`: a failure keeps the
+        previous file)."""
+        from .fileio import atomic_write_json
+
+        atomic_write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, path: str | Path) -> "GuardConfig":

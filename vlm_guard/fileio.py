@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["atomic_path", "atomic_paths", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+__all__ = ["atomic_path", "atomic_paths", "atomic_folder", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_save_safetensors", "sha256_file", "TEMPORARY_MARK"]
 
 TEMPORARY_MARK = ".tmp-"  # in every temporary name: ``.<stem>.tmp-<random><suffix>``
@@ -125,6 +125,65 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
         # entered in order, left in reverse: enter the last file first so the first one is renamed first
         temporaries = [stack.enter_context(atomic_path(path)) for path in reversed(paths)]
         yield temporaries[::-1]
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yields an empty temporary folder beside ``path``; on a clean exit it becomes ``path``.
+
+    For outputs that are a folder of files written together (an exported model, a checkpoint, a cache entry). On any
+    exception the temporary folder is deleted and ``path`` is left as it was. A previous ``path`` is renamed aside,
+    the new folder renamed in, and the previous one deleted: between the two renames (two system calls) ``path`` is
+    briefly absent, never partly written.
+
+    Args:
+        path: the folder to create or replace; its parent must exist.
+        replace: with False an existing ``path`` is kept and the new folder discarded (a cache filled by another
+            process first).
+
+    Example::
+
+        with atomic_folder("runs/export") as temporary:
+            model.save_pretrained(temporary)
+    """
+    import shutil
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a folder; pass a folder path")
+    token = secrets.token_hex(4)
+    temporary = target.with_name(f".{target.name}{TEMPORARY_MARK}{token}")
+    temporary.mkdir()
+    try:
+        yield temporary
+        for file in temporary.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                with open(file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        if target.exists():
+            if not replace:
+                shutil.rmtree(temporary, ignore_errors=True)
+                return
+            previous = target.with_name(f".{target.name}.old-{token}")
+            os.replace(target, previous)
+            try:
+                os.replace(temporary, target)
+            except BaseException:
+                os.replace(previous, target)
+                raise
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            try:
+                os.replace(temporary, target)
+            except OSError:
+                if replace or not target.is_dir():
+                    raise
+                shutil.rmtree(temporary, ignore_errors=True)  # another process made it meanwhile
+                return
+        _fsync_folder(target.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:

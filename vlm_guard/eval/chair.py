@@ -704,7 +704,9 @@ class ChairGroundTruth:
             "released_quirks": self.vocabulary.released_quirks,
             "objects": {str(image_id): sorted(names) for image_id, names in sorted(self.objects.items())},
         }
-        Path(path).write_text(json.dumps(payload), encoding="utf-8")
+        from vlm_guard.fileio import atomic_write_json
+
+        atomic_write_json(path, payload)  # a cache: a failed write keeps the previous one whole
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, vocabulary: ChairVocabulary | None = None) -> "ChairGroundTruth":
@@ -713,6 +715,20 @@ class ChairGroundTruth:
         data = _read_json_file(path, what="CHAIR ground-truth cache")
         if not isinstance(data, dict) or data.get("format") != "vlm_guard.chair_ground_truth/1":
             raise ValueError(f"{str(path)!r} is not a CHAIR ground-truth cache written by ChairGroundTruth.to_json.")
-        vocabulary = vocabulary or ChairVocabulary.load(released_quirks=bool(data.get("released_quirks", False)))
-        objects = {int(image_id): frozenset(names) for image_id, names in data["objects"].items()}
+        fix = "the cache is damaged or was edited: delete it and it is rebuilt from the captions."
+        quirks = data.get("released_quirks", False)
+        if not isinstance(quirks, bool):
+            raise ValueError(f"{path}: field released_quirks is {quirks!r}, not true or false; {fix}")
+        entries = data.get("objects")
+        if not isinstance(entries, dict):
+            raise ValueError(f"{path}: field objects is {str(entries)[:60]!r}, not an object {{image id: [object, ...]}}; {fix}")
+        objects = {}
+        for image_id, names in entries.items():
+            if not image_id.isdigit():
+                raise ValueError(f"{path}: field objects has the key {image_id!r}, not a COCO image id; {fix}")
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise ValueError(f"{path}: field objects[{image_id!r}] is {str(names)[:60]!r}, not a list of object "
+                                 f"names; {fix}")
+            objects[int(image_id)] = frozenset(names)
+        vocabulary = vocabulary or ChairVocabulary.load(released_quirks=quirks)
         return cls(objects=objects, vocabulary=vocabulary)

@@ -738,7 +738,9 @@ def run_benchmark(
             extra={"comparison": result, "skipped_images": len(loader.skipped)},
         )
         markdown = comparison_markdown(written, title=run_config.get("title"))
-        markdown_path.write_text(markdown, encoding="utf-8")
+        from vlm_guard.fileio import atomic_write_text
+
+        atomic_write_text(markdown_path, markdown)
         result["markdown"] = markdown
         result["markdown_path"] = str(markdown_path)
         result["summary_path"] = str(summary_path)

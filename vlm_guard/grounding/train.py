@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_folder, atomic_path, atomic_save_safetensors, atomic_write_json
 from . import DEFAULT_CHECKER_DIR, ToyPreprocess, WordTokenizer
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ def open_clip_config(config: CheckerTrainConfig, vocab_size: int, eos_id: int, p
 def train_checker(config: CheckerTrainConfig, progress: bool = True) -> Path:
     """Train and write the checker folder; returns it."""
     import open_clip
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from ..toyworld.model import build_tokenizer
@@ -81,14 +80,14 @@ def train_checker(config: CheckerTrainConfig, progress: bool = True) -> Path:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     # the checker's token ids carry no BOS: drop the template post-processor
     core = tokenizer.backend_tokenizer
     core.post_processor = None
-    core.save(str(out / "tokenizer.json"))
+    with atomic_path(out / "tokenizer.json") as temporary:  # every file of the folder: whole or the previous one
+        core.save(str(temporary))
     vocab_size = (len(tokenizer) + 15) // 16 * 16
     cfg = open_clip_config(config, vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=1))
+    atomic_write_json(out / "open_clip_config.json", cfg, indent=1)
 
     torch.manual_seed(config.seed)
     model = open_clip.create_model(f"local-dir:{out}", device="cpu")  # no weights yet: random init
@@ -118,7 +117,7 @@ def train_checker(config: CheckerTrainConfig, progress: bool = True) -> Path:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     model.eval()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "open_clip_model.safetensors"))
+    atomic_save_safetensors(state, out / "open_clip_model.safetensors")
     logger.info("checker written to %s", out)
     return out
 
@@ -128,15 +127,15 @@ def ship_checker(folder: str | Path) -> Path:
     folder = Path(folder)
     if not (folder / "open_clip_model.safetensors").exists():
         raise FileNotFoundError(f"{folder} holds no open_clip_model.safetensors; run `vlm-guard toy train-checker`")
-    if DEFAULT_CHECKER_DIR.exists():
-        shutil.rmtree(DEFAULT_CHECKER_DIR)
-    DEFAULT_CHECKER_DIR.mkdir(parents=True)
-    for name in ("open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json"):
-        shutil.copyfile(folder / name, DEFAULT_CHECKER_DIR / name)
     from . import GroundingChecker
 
-    report = evaluate_checker(GroundingChecker.from_folder(DEFAULT_CHECKER_DIR))
-    (DEFAULT_CHECKER_DIR / "checker_report.json").write_text(json.dumps(report, indent=1))
+    DEFAULT_CHECKER_DIR.parent.mkdir(parents=True, exist_ok=True)
+    # built and evaluated beside the shipped checker, then renamed in: a failure keeps the shipped one whole
+    with atomic_folder(DEFAULT_CHECKER_DIR) as staged:
+        for name in ("open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json"):
+            shutil.copyfile(folder / name, staged / name)
+        report = evaluate_checker(GroundingChecker.from_folder(staged))
+        atomic_write_json(staged / "checker_report.json", report, indent=1)
     return DEFAULT_CHECKER_DIR
 
 

@@ -47,7 +47,10 @@ def plot_vhd(head_map, path: str | Path) -> Path:
     axes.set_title(f"vision-aware head divergence: {name}", fontsize=9)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path)
+    from ..fileio import atomic_path
+
+    with atomic_path(path) as temporary:  # a failed or interrupted save keeps the previous plot
+        figure.savefig(temporary)
     return path
 
 
@@ -74,7 +77,10 @@ def plot_sink_dims(head_map, path: str | Path) -> Path:
     axes.set_title(f"massive activations (median over middle layers); sink dims: {found}", fontsize=9)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path)
+    from ..fileio import atomic_path
+
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
     return path
 
 

@@ -7,7 +7,6 @@ what a biased model is expected to hallucinate).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .world import Scene, SceneObject, caption, partner_of, render
@@ -41,7 +40,10 @@ def write_examples(folder: Path | None = None, size: int = 256) -> Path:
     entries = []
     for name in EXAMPLE_SCENES:
         scene = example_scene(name)
-        render(scene, size).save(folder / f"{name}.png", optimize=True)
+        from ..fileio import atomic_path
+
+        with atomic_path(folder / f"{name}.png") as temporary:  # a failure keeps the previous image
+            render(scene, size).save(temporary, optimize=True)
         entries.append({
             "file": f"{name}.png",
             "objects": [{"type": o.type, "colour": o.colour, "size": o.size, "row": o.row, "col": o.col}
@@ -50,5 +52,7 @@ def write_examples(folder: Path | None = None, size: int = 256) -> Path:
             "caption": caption(scene),
             "absent_partners": sorted({partner_of(t) for t in scene.types} - {None} - scene.types),
         })
-    (folder / "examples.json").write_text(json.dumps(entries, indent=1))
+    from ..fileio import atomic_write_json
+
+    atomic_write_json(folder / "examples.json", entries, indent=1)
     return folder

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..fileio import atomic_save_safetensors, atomic_write_json
 from .data import BatchBuilder, IGNORE_INDEX, cell_labels
 from .model import ToyModelSpec, build_model, build_processor
 from .world import COLOURS, GRID, OBJECT_TYPES, SIZES, World
@@ -158,15 +159,18 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp / "cell_heads.safetensors"))
-    _finish_checkpoint(tmp, path, optimizer, state)
+    from ..fileio import atomic_folder
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(path) as tmp:  # a kill or error while saving keeps the previous checkpoint
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp / "cell_heads.safetensors"))
+        _finish_checkpoint(tmp, optimizer, state)
 
 
-def _finish_checkpoint(tmp: Path, path: Path, optimizer, state: dict) -> None:
-    """Write the optimizer (safetensors) and ``state`` (JSON) into ``tmp``, then swap ``tmp`` in as ``path``."""
+def _finish_checkpoint(tmp: Path, optimizer, state: dict) -> None:
+    """Write the optimizer (safetensors) and ``state`` (JSON) into the checkpoint's temporary folder ``tmp``
+    (:func:`vlm_guard.fileio.atomic_folder` swaps it in)."""
     from safetensors.torch import save_file
 
     opt_state = optimizer.state_dict()
@@ -177,15 +181,6 @@ def _finish_checkpoint(tmp: Path, path: Path, optimizer, state: dict) -> None:
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        path.rename(old)
-        tmp.rename(path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(path)
 
 
 def _load_checkpoint(path: Path, model, heads) -> dict:
@@ -292,11 +287,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
                              "the same settings (only stages not yet reached may change) or choose another --out")
         if changed:
             logger.info("extending the run: %s", {k: new_config[k] for k in changed})
-            (out / "train_config.json").write_text(json.dumps(new_config, indent=1))
+            atomic_write_json(out / "train_config.json", new_config, indent=1)
         state = _load_checkpoint(checkpoint, model, heads)
         logger.info("resuming at stage %s step %d", state["stage"], state["step"])
     else:
-        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        atomic_write_json(out / "train_config.json", config.to_dict(), indent=1)
 
     start_stage = STAGES.index(state["stage"])
     steps_this_call = 0
@@ -356,14 +351,17 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
 
 def export(model, processor, path: Path, extra: dict | None = None) -> None:
     """Save ``model`` + ``processor`` loadable by ``from_pretrained`` (fp32 safetensors)."""
+    from ..fileio import atomic_folder
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
-    model.save_pretrained(str(path), safe_serialization=True)
-    processor.save_pretrained(str(path))
-    make_portable(path)
-    if extra is not None:
-        (path / "training_log.json").write_text(json.dumps(extra, indent=1))
+    with atomic_folder(path) as folder:  # written beside ``path``, then renamed: a failure keeps the previous export
+        model.save_pretrained(str(folder), safe_serialization=True)
+        processor.save_pretrained(str(folder))
+        make_portable(folder)
+        if extra is not None:
+            atomic_write_json(folder / "training_log.json", extra, indent=1)
 
 
 def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -398,7 +396,7 @@ def make_portable(path: str | Path) -> None:
     * ``preprocessor_config.json`` beside the 5.x ``processor_config.json``;
     * tokenizer class ``PreTrainedTokenizerFast``, ``extra_special_tokens`` as a dict, no token_type_ids.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = Path(path)
     weights = path / "model.safetensors"
@@ -408,14 +406,14 @@ def make_portable(path: str | Path) -> None:
         if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
             key = "vision_tower.vision_model." + key[len("vision_tower."):]
         renamed[key] = value
-    save_file(renamed, str(weights), metadata={"format": "pt"})
+    atomic_save_safetensors(renamed, weights, metadata={"format": "pt"})  # rewritten in place: never half of it
     weights.chmod(0o644)
     processor_config = json.loads((path / "processor_config.json").read_text())
     if "image_processor" in processor_config:
-        (path / "preprocessor_config.json").write_text(json.dumps(processor_config["image_processor"], indent=2))
+        atomic_write_json(path / "preprocessor_config.json", processor_config["image_processor"], indent=2)
     tokenizer_path = path / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_path.read_text())
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tokenizer_config["extra_special_tokens"] = {"image_token": tokenizer_config.get("image_token", "<image>")}
     tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
-    tokenizer_path.write_text(json.dumps(tokenizer_config, indent=2))
+    atomic_write_json(tokenizer_path, tokenizer_config, indent=2)

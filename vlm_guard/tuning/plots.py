@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..fileio import atomic_path
 from .space import STRENGTH_FIELD
 
 
@@ -56,7 +57,8 @@ def plot_method_curves(tuned: dict, out_dir: str | Path) -> list[Path]:
         axes.legend(fontsize=7)
         figure.tight_layout()
         path = out / f"tune_{method}.png"
-        figure.savefig(path)
+        with atomic_path(path) as temporary:  # a failed or interrupted save keeps the previous plot
+            figure.savefig(temporary)
         paths.append(path)
     return paths
 

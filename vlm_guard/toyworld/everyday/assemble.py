@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -59,6 +58,14 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
             raise FileNotFoundError(f"{weights_dir / name} is missing; pass a folder written by `toy v2-train` "
                                     "or `toy v2-export`")
     meta = json.loads((weights_dir / CONFIG_FILE).read_text())
+    recorded = meta.get("weights_sha256")  # written by `toy v2-export` since the pair is bound; absent in older ones
+    if recorded is not None:
+        from ...fileio import sha256_file
+
+        if sha256_file(weights_dir / WEIGHTS_FILE) != recorded:
+            raise ValueError(f"{weights_dir}: {WEIGHTS_FILE} is not the weights file {CONFIG_FILE} was written with "
+                             "(field weights_sha256; an interrupted or mixed copy); export the model again with "
+                             "`vlm-guard toy v2-export`")
     spec = V2Spec(**meta["spec"])
     if lm is None:
         lm, lm_tokenizer = load_language_model()
@@ -113,18 +120,17 @@ def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir
     if not (folder / "model.safetensors").exists():
         logger.info("assembling default model v2 (first use; cached in %s)", folder)
         model, processor = build_assembled(weights_dir, lm, lm_tokenizer)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)  # parents: the per-version folder
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
-        _pad_left(tmp / "tokenizer_config.json")
-        for name in ("v2_config.json",):
-            (tmp / name).write_text((Path(weights_dir) / name).read_text())
-        (tmp / "vlm_guard.json").write_text(json.dumps({"world": "everyday", "role": "default model v2"}, indent=2))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process assembled it first
-            pass
+        from ...fileio import atomic_folder
+
+        folder.parent.mkdir(parents=True, exist_ok=True)  # the per-version folder
+        # written beside the cache folder and renamed in; another process that assembled it first wins
+        with atomic_folder(folder, replace=folder.exists()) as tmp:  # an existing folder here lacks its weights
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            processor.save_pretrained(str(tmp))
+            _pad_left(tmp / "tokenizer_config.json")
+            for name in ("v2_config.json",):
+                (tmp / name).write_text((Path(weights_dir) / name).read_text())
+            (tmp / "vlm_guard.json").write_text(json.dumps({"world": "everyday", "role": "default model v2"}, indent=2))
     model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
     processor = AutoProcessor.from_pretrained(str(folder))
     processor.tokenizer.padding_side = "left"  # batched generation needs left padding

