@@ -1,8 +1,16 @@
 """Command-line entry point: ``vlm-guard <command> ...``.
 
-Each command lives in the module that owns its job and exposes ``register(subparsers)``,
-which adds its parser and sets ``func`` (called with the parsed ``argparse.Namespace``,
-returning an exit code). This file only wires them together.
+Each command's parser is built by a ``register(subparsers)`` function in a module that imports only the standard
+library and light helpers (no torch, transformers or gradio), so ``vlm-guard --help`` and every
+``vlm-guard COMMAND --help`` answer at once; the parser's ``func`` (called with the parsed
+``argparse.Namespace``, returning an exit code) imports the module that does the work when the command runs
+(see :func:`vlm_guard.commands.arguments.deferred`). Every numeric option is checked while the arguments are
+parsed (:class:`vlm_guard.commands.arguments.Number`); paths, devices and model names are checked by each command
+before its model loads.
+
+Ctrl-C and SIGTERM stop any command with one line, ``vlm-guard COMMAND: interrupted`` (``...: interrupted: rerun
+the same command to resume`` for the commands that resume), and exit code 130, never a traceback, also while the
+heavy libraries are being imported.
 """
 
 from __future__ import annotations
@@ -10,21 +18,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
+import threading
 
+from .commands.arguments import INTERRUPTED, ArgumentParser
 from .version import __version__
 
-# module path -> the commands it registers; imported lazily so `vlm-guard --help` stays fast
-# and a command whose optional dependency is missing does not break the others.
+# modules whose ``register(subparsers)`` adds commands; each imports only light modules (tests/test_cli_light.py)
 COMMAND_MODULES = [
     "vlm_guard.commands.caption",
-    "vlm_guard.toyworld.cli",
-    "vlm_guard.heads.cli",
+    "vlm_guard.commands.toy",
+    "vlm_guard.commands.heads",
     "vlm_guard.tuning.cli",
-    "vlm_guard.decoding.bench",
+    "vlm_guard.commands.bench",
     "vlm_guard.eval.cli",
+    "vlm_guard.integrations.lmms_eval.cli",
     "vlm_guard.demo.cli",
 ]
+
+EXIT_INTERRUPTED = 130
+"""Exit code of an interrupted command (128 + SIGINT, what a shell reports for Ctrl-C)."""
 
 
 class UserError(Exception):
@@ -32,7 +47,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="vlm-guard",
         description="Training-free hallucination mitigation for vision-language models.",
     )
@@ -51,8 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = None
+    previous = _sigterm_as_interrupt()  # {signal: handler before main}, restored on the way out
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as stop:  # --help, --version, or a usage error already printed on one line
+            return stop.code if isinstance(stop.code, int) else 2
+        return _run(parser, args)
+    except KeyboardInterrupt:
+        return _interrupted(args)
+    except Exception as error:
+        if _caused_by_interrupt(error):  # a library turned the interrupt into its own error (an import, a worker)
+            return _interrupted(args)
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
@@ -67,11 +101,53 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm-guard {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a read-only folder, a full disk, a busy port...: one line, not a traceback
-        from .images import display_name
-
-        where = f": {display_name(error.filename)}" if getattr(error, "filename", None) else ""
+        where = f": {_display(error.filename)}" if getattr(error, "filename", None) else ""
         print(f"vlm-guard {args.command}: error: {_one_line(error.strerror or error)}{where}", file=sys.stderr)
         return 1
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM raises ``KeyboardInterrupt`` in the main thread, so ``kill`` stops a command the way Ctrl-C does
+    (files closed, temporary files removed, one line). Returns the handlers to restore when ``main`` returns
+    (none when called from another thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+    previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, interrupt)
+    return {signum: handler for signum, handler in previous.items() if handler is not None}
+
+
+def _interrupted(args: argparse.Namespace | None) -> int:
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C while the line is printed changes nothing
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+    command = getattr(args, "command", None)
+    note = getattr(args, "interrupt_note", None) or INTERRUPTED
+    try:
+        print(f"vlm-guard{' ' + command if command else ''}: {note}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed (a pipe whose reader went away)
+        pass
+    return EXIT_INTERRUPTED
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _display(path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if isinstance(path, (str, bytes, os.PathLike)) else str(path)
 
 
 def _one_line(error: object) -> str:

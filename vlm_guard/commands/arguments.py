@@ -1,22 +1,170 @@
-"""Command-line arguments shared by every command that loads a model (stdlib only, so ``--help`` stays fast).
+"""Command-line building blocks shared by every command (stdlib only, so ``--help`` stays fast).
+
+- :class:`Number`: the ``type=`` of every numeric option. It refuses NaN, infinities and values outside the
+  option's range while the arguments are parsed, before any work, with one line that names the option, the value
+  and the allowed range (``argument --batch-size: 0 is out of range: an integer >= 1``). Shorthands:
+  :func:`positive_int`, :func:`non_negative_int`, :func:`positive_float`, :func:`share`, :func:`int_range`,
+  :func:`float_range`. A ``tests/test_cli_errors.py`` test fails for an option declared with a bare ``int`` or
+  ``float``.
+- :class:`ArgumentParser`: argparse's parser whose usage errors are one line (``vlm-guard eval synthetic: error:
+  ...; see vlm-guard eval synthetic --help``) instead of the usage block and the message.
+- :func:`deferred`: a command function named by module and attribute, imported only when the command runs, so
+  building the parser imports neither torch nor transformers.
 
 Example:
-    >>> import argparse
-    >>> parser = argparse.ArgumentParser()
-    >>> add_allow_pickle_argument(parser)
-    >>> parser.parse_args(["--allow-pickle"]).allow_pickle
-    True
+    >>> parser = ArgumentParser(prog="demo")
+    >>> _ = parser.add_argument("--batch-size", type=positive_int, default=4)
+    >>> parser.parse_args(["--batch-size", "8"]).batch_size
+    8
+    >>> positive_int("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: 0 is out of range: an integer >= 1
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
+import sys
+from typing import Any, Callable
 
 ALLOW_PICKLE_FLAG = "--allow-pickle"
 ALLOW_PICKLE_HELP = ("read a checkpoint that has only pickle weights (pytorch_model.bin, *.pt); off by default because "
                      "unpickling can run code: use it only for files you trust")
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+"""The model dtypes the commands take by name; the same tuple as :data:`vlm_guard.models.loading.DTYPE_NAMES`
+(which imports torch), repeated here so a parser needs no torch (a test keeps the two equal)."""
+
+INTERRUPTED = "interrupted"
+INTERRUPTED_RESUMABLE = "interrupted: rerun the same command to resume"
+
 
 def add_allow_pickle_argument(parser: argparse.ArgumentParser) -> None:
     """``--allow-pickle`` (``args.allow_pickle``): see :mod:`vlm_guard.models.loading`."""
     parser.add_argument(ALLOW_PICKLE_FLAG, action="store_true", help=ALLOW_PICKLE_HELP)
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+class Number:
+    """An argparse ``type=``: text -> ``int`` or ``float`` within ``[minimum, maximum]`` (either bound optional,
+    ``strict`` bounds exclude the bound itself), finite. Raises ``argparse.ArgumentTypeError`` with the value and
+    the allowed range; argparse prefixes the option's name."""
+
+    def __init__(self, kind: type, minimum: float | None = None, maximum: float | None = None, *,
+                 strict_minimum: bool = False, strict_maximum: bool = False, note: str = ""):
+        if kind not in (int, float):
+            raise TypeError(f"Number kind must be int or float, got {kind!r}")
+        self.kind, self.minimum, self.maximum = kind, minimum, maximum
+        self.strict_minimum, self.strict_maximum, self.note = strict_minimum, strict_maximum, note
+        self.__name__ = kind.__name__  # argparse names the type in some messages
+
+    def describe(self) -> str:
+        """``"an integer >= 1"``, ``"a number in (0, 1]"``."""
+        what = "an integer" if self.kind is int else "a number"
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            text = (f"{what} in {'(' if self.strict_minimum else '['}{low:g}, {high:g}"
+                    f"{')' if self.strict_maximum else ']'}")
+        elif low is not None:
+            text = f"{what} {'>' if self.strict_minimum else '>='} {low:g}"
+        elif high is not None:
+            text = f"{what} {'<' if self.strict_maximum else '<='} {high:g}"
+        else:
+            text = f"a finite {'integer' if self.kind is int else 'number'}"
+        return text + (f" ({self.note})" if self.note else "")
+
+    def allows(self, value: float) -> bool:
+        if self.minimum is not None and (value < self.minimum or self.strict_minimum and value == self.minimum):
+            return False
+        if self.maximum is not None and (value > self.maximum or self.strict_maximum and value == self.maximum):
+            return False
+        return True
+
+    def __call__(self, text: str) -> int | float:
+        shown = str(text).strip()
+        try:
+            if self.kind is int:
+                value: int | float = int(shown, 10)
+            else:
+                value = float(shown)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{shown!r} is not {self.describe()}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{shown} is not {self.describe()}")
+        if not self.allows(value):
+            raise argparse.ArgumentTypeError(f"{shown} is out of range: {self.describe()}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Number({self.describe()})"
+
+
+def int_range(minimum: int | None = None, maximum: int | None = None, note: str = "") -> Number:
+    """Integers in ``[minimum, maximum]``."""
+    return Number(int, minimum, maximum, note=note)
+
+
+def float_range(minimum: float | None = None, maximum: float | None = None, *, strict_minimum: bool = False,
+                strict_maximum: bool = False, note: str = "") -> Number:
+    """Finite floats in ``[minimum, maximum]`` (``strict_*``: the bound excluded)."""
+    return Number(float, minimum, maximum, strict_minimum=strict_minimum, strict_maximum=strict_maximum, note=note)
+
+
+positive_int = int_range(1)
+"""Counts that must be at least one (a batch size, a number of items)."""
+non_negative_int = int_range(0)
+"""Counts where 0 means "none" or "off"."""
+positive_float = float_range(0.0, strict_minimum=True)
+"""Strengths, budgets and sizes that must be above zero."""
+non_negative_float = float_range(0.0)
+share = float_range(0.0, 1.0)
+"""A fraction in [0, 1]."""
+seed_int = int_range(0, 2 ** 32 - 1, note="a seed")
+"""Random seeds (numpy and torch take 0 .. 2**32 - 1)."""
+max_new_tokens_int = int_range(1, 1 << 20)
+"""A generation budget in tokens."""
+
+
+def number_actions(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.Action]]:
+    """Every ``(command path, action)`` of ``parser`` and its subcommands (used by the tests to find numeric options
+    declared without a :class:`Number`)."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found += number_actions(child, path + (name,))
+        else:
+            found.append((path, action))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- parser
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error printed as one line that names the command and where help is."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        text = " ".join(str(message).split())
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        sys.stderr.write(f"{self.prog}: error: {text}; see {self.prog} --help\n")
+        sys.exit(2)
+
+
+def deferred(module: str, function: str) -> Callable[[argparse.Namespace], Any]:
+    """A command function that imports ``module`` only when called (the parser is built without it)."""
+
+    def run(args: argparse.Namespace) -> Any:
+        return getattr(importlib.import_module(module), function)(args)
+
+    run.__name__ = function
+    run.__qualname__ = f"deferred({module}.{function})"
+    run.deferred_target = (module, function)  # type: ignore[attr-defined]
+    return run
+
+
+__all__ = ["ALLOW_PICKLE_FLAG", "ALLOW_PICKLE_HELP", "DTYPE_NAMES", "INTERRUPTED", "INTERRUPTED_RESUMABLE",
+           "ArgumentParser", "Number", "add_allow_pickle_argument", "deferred", "float_range", "int_range",
+           "max_new_tokens_int", "non_negative_float", "non_negative_int", "number_actions", "positive_float",
+           "positive_int", "seed_int", "share"]

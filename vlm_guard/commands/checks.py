@@ -72,16 +72,35 @@ def model_load_error(model: str | None, error: BaseException, flag: str = "--mod
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """``path`` as a file this process can create or append to: not a folder, in a folder that exists or can be
-    made, and that can be written (checked by creating a temporary file there)."""
+    """``path`` as a file this process can create or append to: not a folder, not a device, pipe or socket (such as
+    ``/dev/null``: a result written there is lost), in a folder that exists or can be made, and that can be written
+    (checked by creating a temporary file there)."""
     out = Path(path).expanduser()
     shown = display_name(out)
     if out.is_dir():
         raise ValueError(f"{flag} {shown} is a folder; pass a file name, e.g. {display_name(out / 'results.jsonl')}.")
+    if out.exists() and not out.is_file():  # /dev/null, a pipe, a socket, a link to one: the result could not be kept
+        what = "a link to " if out.is_symlink() else ""
+        raise ValueError(f"{flag} {shown} is {what}{_file_kind(out)}, not a regular file: what is written there cannot be "
+                         f"read back; pass a file name in a folder.")
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"{flag} {shown} is a link to nothing ({display_name(os.readlink(out))}); pass a file name "
+                         f"in a folder, or remove the link.")
     _check_writable_folder(out.parent, flag, shown)
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"{flag} {shown} is read-only; pass another {flag} or make it writable.")
     return out
+
+
+def _file_kind(path: Path) -> str:
+    import stat
+
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:

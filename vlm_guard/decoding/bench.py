@@ -752,32 +752,4 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="latency and memory of each decoding method vs plain generate",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("both", "default", "random", "default-v2", "fixture", "all", "none"), default="both",
-                        help="default: vlm_guard.load_default() (v2 unless $VLM_GUARD_DEFAULT_MODEL=fixture); random: the "
-                             "LLaVA-1.5-shaped random model; both (the default): those two; default-v2: v2 from --v2-weights; "
-                             "fixture: the 3.6M test fixture; all: the fixture, v2 and the random model (the issue-16 table); "
-                             "none: only the long-prompt pass")
-    parser.add_argument("--v2-weights", default=None,
-                        help="with --model default-v2 or all: folder of v2_weights.safetensors (default: the shipped one)")
-    parser.add_argument("--long-prompt", type=int, default=8192,
-                        help="peak memory of every configuration at a prompt of this many tokens on a small random "
-                             "LLaVA-shaped model, each in a fresh process (0: skip)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per configuration (interleaved)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per batch")
-    parser.add_argument("--hidden-size", type=int, default=1024, help="random model: text width")
-    parser.add_argument("--layers", type=int, default=6, help="random model: text layers")
-    parser.add_argument("--heads", type=int, default=32, help="random model: attention heads")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="random model: vocabulary (scaled down like the width)")
-    parser.add_argument("--device", default="cpu", help="torch device")
-    from ..models.loading import DTYPE_NAMES
-
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
-                        help="model dtype (float16 for a GPU run; the methods' explicit rows stay fp32)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", default="bench.json", help="JSON report path ('' to skip)")
-    parser.add_argument("--markdown", default="", help="also write the tables as markdown to this path")
-    parser.set_defaults(func=_command)
+# the parser of `vlm-guard bench` lives in vlm_guard.commands.bench (this module imports torch and transformers)

@@ -17,7 +17,8 @@ import os
 import signal
 import threading
 
-from ..commands.arguments import add_allow_pickle_argument
+from ..commands.arguments import (add_allow_pickle_argument, int_range, max_new_tokens_int, positive_float,
+                                  positive_int)
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +36,17 @@ def register(subparsers) -> None:
                         help="hub id or local folder of a supported VLM (default: the shipped toy LLaVA)")
     parser.add_argument("--head-map", default=None, help="head map folder from `vlm-guard calibrate` (default: the cached one, if any)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}, loopback only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=int_range(1, 65535), default=DEFAULT_PORT, help="port (default %(default)s)")
     parser.add_argument("--share-on-network", action="store_true",
                         help="allow a non-loopback --host (e.g. 0.0.0.0): anyone who can reach this machine can use the demo")
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap of the max-new-tokens control (default 128)")
-    parser.add_argument("--max-upload-mb", type=float, default=None, help="largest accepted upload in MB (default 10)")
-    parser.add_argument("--max-image-pixels", type=int, default=None, help="largest accepted width*height (default 4096*4096)")
-    parser.add_argument("--queue-size", type=int, default=None, help="requests allowed to wait (default 16)")
-    parser.add_argument("--max-sessions", type=int, default=None,
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=max_new_tokens_int, default=None, help="cap of the max-new-tokens control (default 128)")
+    parser.add_argument("--max-upload-mb", type=positive_float, default=None, help="largest accepted upload in MB (default 10)")
+    parser.add_argument("--max-image-pixels", type=positive_int, default=None, help="largest accepted width*height (default 4096*4096)")
+    parser.add_argument("--queue-size", type=positive_int, default=None, help="requests allowed to wait (default 16)")
+    parser.add_argument("--max-sessions", type=positive_int, default=None,
                         help="browser sessions whose results are kept in memory; the oldest is dropped beyond it (default 64)")
-    parser.add_argument("--session-ttl", type=int, default=None, metavar="SECONDS",
+    parser.add_argument("--session-ttl", type=positive_int, default=None, metavar="SECONDS",
                         help="a session's results, its upload and the pictures served are deleted this long after "
                              "they were made (default 1800)")
     parser.add_argument("--no-checker", action="store_true", help="do not load the grounding checker")

@@ -27,13 +27,17 @@ import logging
 import random
 from pathlib import Path
 
-from ..commands.arguments import add_allow_pickle_argument
+from ..commands.arguments import (INTERRUPTED_RESUMABLE, add_allow_pickle_argument, max_new_tokens_int,
+                                  non_negative_int, positive_int, seed_int, share)
 from .following import EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHAIR_PROMPT = "Please describe this image in detail."
 DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 512, "synthetic_pope": 4, "synthetic_chair": None}  # None: the world's
+WORLD_CAPTION_TOKENS = {"everyday": 120, "shapes": 48}
+"""Each synthetic world's caption budget (``WorldKind.caption_tokens``; quoted in ``--help``, which must not import
+the worlds; a test keeps the two equal)."""
 
 
 def register(subparsers) -> None:
@@ -42,7 +46,7 @@ def register(subparsers) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
     pope = commands.add_parser("pope", help="POPE on COCO: official question files + val2014 images")
-    _common(pope)
+    _common(pope, f"default {DEFAULT_MAX_NEW_TOKENS['pope']}")
     pope.add_argument("--questions", nargs="+", default=None,
                       help="official question files (e.g. coco_pope_random.json ...); the split is read from the name")
     pope.add_argument("--pope-dir", default=None, help="folder holding coco_pope_{random,popular,adversarial}.json")
@@ -50,34 +54,35 @@ def register(subparsers) -> None:
     pope.add_argument("--images", required=True, help="folder of the images the questions name (COCO val2014)")
     pope.add_argument("--prompt-suffix", default="",
                       help="text appended to each question (e.g. ' Answer with one word.'); default none")
-    pope.set_defaults(func=_resumable(_run_pope))
+    pope.set_defaults(func=_run_pope, interrupt_note=INTERRUPTED_RESUMABLE)
 
     chair = commands.add_parser("chair", help="CHAIR on COCO val2014: captions scored against instances + captions")
-    _common(chair)
+    _common(chair, f"default {DEFAULT_MAX_NEW_TOKENS['chair']}")
     chair.add_argument("--images", required=True, help="folder of COCO val2014 images")
     chair.add_argument("--instances", required=True, help="instances_val2014.json")
     chair.add_argument("--captions", required=True, help="captions_val2014.json")
-    chair.add_argument("--n-images", type=int, default=500, help="random images drawn with --seed (default 500)")
+    chair.add_argument("--n-images", type=positive_int, default=500, help="random images drawn with --seed (default %(default)s)")
     chair.add_argument("--prompt", default=DEFAULT_CHAIR_PROMPT, help=f"caption prompt (default {DEFAULT_CHAIR_PROMPT!r})")
-    chair.set_defaults(func=_resumable(_run_chair))
+    chair.set_defaults(func=_run_chair, interrupt_note=INTERRUPTED_RESUMABLE)
 
     synthetic = commands.add_parser("synthetic", help="POPE- and CHAIR-style benchmark on held-out toy-world scenes")
-    _common(synthetic)
-    synthetic.add_argument("--n-questions", type=int, default=500, help="questions per POPE split (default 500)")
-    synthetic.add_argument("--n-captions", type=int, default=500, help="scenes to caption (default 500)")
-    synthetic.add_argument("--world-seed", type=int, default=None,
+    _common(synthetic, f"default: {DEFAULT_MAX_NEW_TOKENS['synthetic_pope']} for the yes/no questions; for the captions "
+                       "the world's budget, " + ", ".join(f"{tokens} {name}" for name, tokens in WORLD_CAPTION_TOKENS.items()))
+    synthetic.add_argument("--n-questions", type=positive_int, default=500, help="questions per POPE split (default %(default)s)")
+    synthetic.add_argument("--n-captions", type=positive_int, default=500, help="scenes to caption (default %(default)s)")
+    synthetic.add_argument("--world-seed", type=seed_int, default=None,
                            help="world seed (default 900001, the reported held-out seed; 910001 is for tuning)")
     synthetic.add_argument("--biased", action="store_true", help="training-like biased scenes instead of unbiased")
     synthetic.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
                            help="which synthetic world (default: the model's own, everyday for other models)")
     synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
-    synthetic.set_defaults(func=_resumable(_run_synthetic))
+    synthetic.set_defaults(func=_run_synthetic, interrupt_note=INTERRUPTED_RESUMABLE)
 
     images = commands.add_parser("synthetic-images",
                                  help="render synthetic scenes as PNGs (e.g. tuning-seed scenes for `vlm-guard calibrate`)")
     images.add_argument("--out", required=True, help="folder to write scene_XXXXXX.png into")
-    images.add_argument("--n", type=int, default=200, help="number of scenes (default 200)")
-    images.add_argument("--world-seed", type=int, default=None,
+    images.add_argument("--n", type=positive_int, default=200, help="number of scenes (default %(default)s)")
+    images.add_argument("--world-seed", type=seed_int, default=None,
                         help="world seed (default 910001, the tuning seed: never the reported one)")
     images.add_argument("--biased", action="store_true", help="training-like biased scenes")
     images.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
@@ -85,29 +90,32 @@ def register(subparsers) -> None:
     images.set_defaults(func=_write_synthetic_images)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, max_new_tokens_default: str) -> None:
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
     parser.add_argument("--methods", default="none", help="method set: 'vhr,var,gift', 'all' or 'none' (default)")
     parser.add_argument("--compare", default=None,
                         help="several method sets on the same items, ';'-separated, e.g. 'none;vhr;var;gift;all;pai;vcd'")
-    parser.add_argument("--limit", type=int, default=None, help="at most N items per task / split")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="generation budget (default: POPE 16, CHAIR 512; synthetic 4 and 48)")
-    parser.add_argument("--out", required=True, help="results .jsonl (resumable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of image sampling (default 0)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="at most N items per task / split")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per generate call (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=max_new_tokens_int, default=None,
+                        help=f"generation budget in tokens ({max_new_tokens_default})")
+    parser.add_argument("--out", required=True, help="results .jsonl (resumable); with --compare, every method set's "
+                        "records together (each set also gets <out stem>.<methods>.jsonl, which a rerun resumes)")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="seed of the bootstrap and of image sampling (default %(default)s)")
     parser.add_argument("--head-map", default=None, help="folder of a calibrated head map (default: the cached one)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     add_allow_pickle_argument(parser)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                        help="model dtype (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    parser.add_argument("--n-resamples", type=positive_int, default=1000, help="bootstrap resamples (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("--max-unclear", type=float, default=MAX_UNCLEAR_SHARE,
+    parser.add_argument("--max-unclear", type=share, default=MAX_UNCLEAR_SHARE,
                         help="largest share of outputs that may not answer the prompt (POPE: no yes/no word; CHAIR: "
                              f"not a caption) before a task's numbers are withheld and the command exits "
-                             f"{EXIT_PROMPT_NOT_FOLLOWED} (default {MAX_UNCLEAR_SHARE}; 1 turns the check off)")
+                             f"{EXIT_PROMPT_NOT_FOLLOWED} (a share in [0, 1]; default %(default)s; 1 turns the check off)")
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -244,7 +252,7 @@ def _load_head_map(args):
 FINGERPRINT_KEYS = ("benchmark", "world", "world_seed", "bias", "prompt", "prompt_suffix", "prompts")
 """run_config fields that identify the data and prompts: part of each records file's fingerprint."""
 
-INTERRUPTED_MESSAGE = "interrupted: rerun the same command to resume"
+INTERRUPTED_MESSAGE = INTERRUPTED_RESUMABLE  # printed by vlm_guard.cli.main on Ctrl-C / SIGTERM (exit 130)
 
 
 def _scored_items(result: dict) -> int:
@@ -257,20 +265,11 @@ def _scored_items(result: dict) -> int:
         return -1
 
 
-def _resumable(run):
-    """Ctrl-C during a run prints one line and exits 130: every finished item is on disk and a rerun resumes."""
-    import functools
-    import sys
+def _check_out_first(args) -> None:
+    """``--out`` checked before anything is read or imported (a folder, /dev/null, a read-only place)."""
+    from vlm_guard.commands.checks import check_output_file
 
-    @functools.wraps(run)
-    def wrapper(args) -> int:
-        try:
-            return run(args)
-        except KeyboardInterrupt:
-            print(f"vlm-guard eval: {INTERRUPTED_MESSAGE}", file=sys.stderr)
-            return 130
-
-    return wrapper
+    check_output_file(args.out)
 
 
 def _execute(args, tasks, loader, run_config: dict) -> int:
@@ -281,11 +280,6 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    if not 0.0 <= args.max_unclear <= 1.0:
-        raise ValueError(f"--max-unclear must be a share between 0 and 1, got {args.max_unclear}; e.g. "
-                         f"{MAX_UNCLEAR_SHARE} (the default), or 1 to turn the prompt-following check off.")
     method_sets = _method_sets(args)
     check_output_file(args.out)  # before the model loads: a folder, a read-only place
     for label in method_sets:
@@ -329,6 +323,8 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
         example = next(iter(loader.skipped.items()))
         raise ValueError(f"no item could be run: all {loader.n_skipped} images were skipped (e.g. {example[0]}: "
                          f"{example[1]}); check --images.")
+    if args.compare:
+        _write_compared_records(args.out, result)
     print(result["markdown"])
     skipped = loader.n_skipped
     if skipped:
@@ -336,7 +332,23 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
     print(f"summary: {result['summary_path']}")
     if result.get("markdown_path"):
         print(f"table: {result['markdown_path']}")
+    if args.compare:
+        print(f"records of every method set: {args.out}")
     return _prompt_exit_code(result, compared=bool(args.compare))
+
+
+def _write_compared_records(out, result: dict) -> None:
+    """``--out`` of a comparison: every method set's records, in method-set order, one JSON line each (each record
+    names its ``methods``), written atomically. The per-set files stay the ones a rerun resumes from; this file has
+    no run header, so it is never taken for one of them."""
+    import json
+
+    from vlm_guard.eval.records import read_records
+    from vlm_guard.fileio import atomic_write_text
+
+    lines = [json.dumps(record, allow_nan=False) for method_set in result["method_sets"]
+             for record in read_records(method_set["records"])]
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
 
 
 def _prompt_fixes(run_config: dict) -> dict[str, str]:
@@ -371,6 +383,7 @@ def _prompt_exit_code(result: dict, compared: bool) -> int:
 
 
 def _run_pope(args) -> int:
+    _check_out_first(args)
     from vlm_guard.eval.images import ImageLoader
     from vlm_guard.eval.pope import pope_question_file
 
@@ -393,6 +406,7 @@ def _run_pope(args) -> int:
 
 
 def _run_chair(args) -> int:
+    _check_out_first(args)
     from vlm_guard.eval.images import ImageLoader
 
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["chair"]
@@ -406,6 +420,7 @@ def _run_chair(args) -> int:
 
 
 def _run_synthetic(args) -> int:
+    _check_out_first(args)
     from vlm_guard.eval.images import ImageLoader
     from vlm_guard.eval.synthetic import EVAL_SEED
     from vlm_guard.toyworld.worlds import world_for_model_argument
@@ -435,8 +450,6 @@ def _write_synthetic_images(args) -> int:
     from vlm_guard.eval.synthetic import TUNING_SEED, synthetic_world
     from vlm_guard.toyworld.worlds import world_for_model_argument
 
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}.")
     from vlm_guard.commands.checks import check_output_folder
 
     seed = TUNING_SEED if args.world_seed is None else args.world_seed

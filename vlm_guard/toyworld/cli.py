@@ -1,4 +1,4 @@
-"""``vlm-guard toy ...``: train, report and ship the embedded toy models.
+"""``vlm-guard toy ...``: train, report and ship the embedded toy models (the parsers: :mod:`vlm_guard.commands.toy`).
 
 Commands:
     vlm-guard toy train --out runs/toy [--resume] [--preset default|tiny] [--ship]
@@ -21,90 +21,7 @@ import shutil
 from pathlib import Path
 
 
-def register(subparsers) -> None:
-    toy = subparsers.add_parser("toy", help="synthetic world: train/report/ship the embedded default models")
-    commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
-    toy.set_defaults(func=lambda args: (toy.print_help(), 2)[1])
-
-    train = commands.add_parser("train", help="train the toy LLaVA from scratch on CPU (deterministic, resumable)")
-    train.add_argument("--out", default="runs/toy", help="run folder (default runs/toy)")
-    train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    train.add_argument("--preset", choices=("default", "tiny"), default="default",
-                       help="model size: default (~3.6M params) or tiny (for tests)")
-    # step counts and mixture default to the shipped recipe (see TrainConfig)
-    train.add_argument("--seed", type=int, default=0)
-    for stage in ("vision", "lm", "align", "finetune", "qa"):
-        train.add_argument(f"--{stage}-steps", type=int, default=None, help=f"steps of the {stage} stage")
-    train.add_argument("--batch", type=int, default=None, help="multimodal batch size (default 32)")
-    train.add_argument("--lm-turns", type=int, default=None, help="captions packed per LM-pretraining sequence")
-    train.add_argument("--lm-lr", type=float, default=None, help="LM-pretraining learning rate")
-    train.add_argument("--question-fraction", type=float, default=None,
-                       help="share of yes/no rows in the multimodal stages (default 0.3)")
-    train.add_argument("--pair-prob", type=float, default=None, help="partner co-occurrence in training scenes")
-    train.add_argument("--checkpoint-every", type=int, default=None)
-    train.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of the recipe)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    train.add_argument("--ship", action="store_true",
-                       help="copy the final model into vlm_guard/assets/default_model and write its report")
-    train.set_defaults(func=_train)
-
-    report = commands.add_parser("report", help="measure a toy model: caption F1, partner hallucination, sinks")
-    report.add_argument("--model", default=None, help="model folder (default: the shipped default model)")
-    report.add_argument("--out", default=None, help="JSON path (default: <model>/training_report.json for your own model "
-                        "folder, ./training_report.json for the shipped model: the installed package is never written)")
-    report.add_argument("--scenes", type=int, default=300, help="held-out scenes per measurement")
-    report.set_defaults(func=_report)
-
-    ship = commands.add_parser("ship", help="copy a trained model folder into the package assets and report it")
-    ship.add_argument("--model", required=True, help="folder written by `toy train` (e.g. runs/toy/final)")
-    ship.add_argument("--scenes", type=int, default=300)
-    ship.set_defaults(func=_ship)
-
-    export = commands.add_parser("export", help="export the latest checkpoint of a run (finished or not)")
-    export.add_argument("--run", default="runs/toy", help="run folder written by `toy train`")
-    export.add_argument("--out", default=None, help="destination (default <run>/export)")
-    export.set_defaults(func=_export)
-
-    checker = commands.add_parser("train-checker", help="train the open_clip grounding checker on the world")
-    checker.add_argument("--out", default="runs/checker")
-    checker.add_argument("--steps", type=int, default=None)
-    checker.add_argument("--seed", type=int, default=0)
-    checker.add_argument("--threads", type=int, default=2)
-    checker.add_argument("--ship", action="store_true", help="copy into vlm_guard/assets/checker")
-    checker.set_defaults(func=_train_checker)
-
-    v2_train = commands.add_parser("v2-train", help="train default model v2 (own vision tower + projector + "
-                                   "adapters on the pretrained SmolLM2-135M-Instruct); deterministic, resumable")
-    v2_train.add_argument("--out", default="runs/v2", help="run folder (default runs/v2)")
-    v2_train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    v2_train.add_argument("--seed", type=int, default=0)
-    for stage in ("vision", "prealign", "align", "instruct"):
-        v2_train.add_argument(f"--{stage}-steps", type=int, default=None, help=f"steps of the {stage} stage")
-    v2_train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
-    v2_train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    v2_train.set_defaults(func=_v2_train)
-
-    v2_export = commands.add_parser("v2-export", help="export the latest checkpoint of a v2 run (finished or not)")
-    v2_export.add_argument("--run", default="runs/v2")
-    v2_export.add_argument("--out", default=None, help="destination (default <run>/export)")
-    v2_export.set_defaults(func=_v2_export)
-
-    v2_report = commands.add_parser("v2-report", help="measure default model v2 on held-out scenes (issue 12 bars)")
-    v2_report.add_argument("--model", required=True, help="folder with v2_weights.safetensors (final or export)")
-    v2_report.add_argument("--out", default=None, help="JSON path (default <model>/v2_report.json)")
-    v2_report.add_argument("--scenes", type=int, default=100, help="held-out scenes (default 100)")
-    v2_report.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    v2_report.add_argument("--prior", default=None,
-                           help="JSON written by `toy v2-prior --out` to include (the LM's partner preference)")
-    v2_report.set_defaults(func=_v2_report)
-
-    v2_prior = commands.add_parser("v2-prior", help="the LM's own preference for each partner (text only)")
-    v2_prior.add_argument("--out", default=None, help="JSON path (default: print only)")
-    v2_prior.set_defaults(func=_v2_prior)
-
-    examples = commands.add_parser("examples", help="render the example images shipped with the package")
-    examples.add_argument("--out", default=None, help="folder (default vlm_guard/assets/examples)")
-    examples.set_defaults(func=_examples)
+# the parsers of these commands live in vlm_guard.commands.toy (importing this package imports PIL and numpy)
 
 
 def _train(args: argparse.Namespace) -> int:
