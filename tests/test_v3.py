@@ -210,3 +210,40 @@ def test_training_state_holds_only_the_trained_parts(tiny_lm):
     names = trainable_state(model, heads)
     assert not [k for k in names if ".language_model." in k and ".lora_" not in k]
     assert any(k.startswith("heads.") for k in names)
+
+
+def test_report_measures_a_checkpoint(tmp_path, tiny_lm):
+    from toyworld.v3.report import build_report, partner_slots
+
+    lm, tokenizer = tiny_lm
+    config = _config(tmp_path / "run")
+    train(config, stop_after=7, lm=lm, lm_tokenizer=tokenizer)
+    model, processor, _, _ = load_run(tmp_path / "run", lm=lm, lm_tokenizer=tokenizer)
+    report = build_report(model, processor, partner_scenes=4, caption_scenes=1, sink_scenes=2, max_new_tokens=24)
+    slot = report["partner_slot"]
+    assert slot["slots"] == sum(len(partner_slots(s)) for s in independent_world(424_242).scenes(0, 4)) > 0
+    for key in ("p_partner_image", "p_partner_no_image", "p_other_absent_image", "p_other_absent_no_image"):
+        assert 0.0 <= slot[key] <= 1.0
+    decay = report["attention_decay"]
+    assert decay["captions"] <= 1
+    assert 0.0 <= decay["image_share_second_half"] <= 1.0 and 0.0 <= decay["image_share_first_half"] <= 1.0
+    layers = lm.config.num_hidden_layers
+    assert [row["layer"] for row in report["sinks"]["per_layer"]] == list(range(layers))
+    assert report["image_tokens"] == 64 and set(report["bars"]) == {
+        "partner_image_below_no_image", "image_attention_second_half_below_first", "image_tokens_reach_tau"}
+
+
+def test_partner_slots_stop_before_the_next_objects_type():
+    from toyworld.v3.report import partner_slots
+
+    world = independent_world(424_242)
+    found = 0
+    for scene in world.scenes(0, 30):
+        text = long_description(scene)
+        for prefix, partner, others in partner_slots(scene):
+            found += 1
+            assert text.startswith(prefix) and partner not in scene.types and partner not in others
+            assert 0 < len(others) <= 4 and not set(others) & scene.types
+            following = text[len(prefix):].split()[0]
+            assert following in scene.types
+    assert found > 10

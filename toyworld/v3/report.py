@@ -1,0 +1,283 @@
+"""Measure the first bars of default model v3 on any checkpoint or exported weights (run from the repository root):
+
+    python -m toyworld.v3.report --run /root/vlm-guard-runs/v3 --out /root/vlm-guard-runs/v3/report.json
+    python -m toyworld.v3.report --weights /root/vlm-guard-runs/v3/final --out report.json
+
+Every measure uses held-out **independent** scenes (seed ``HELD_OUT_SEED``), greedy decoding, fp32:
+
+* ``partner_slot``: does the image support an absent partner? In the reference description, at each slot where
+  the object after a present paired type ``a`` is named (the text up to ``"A small faint red"``), with ``a``'s
+  partner absent: ``P(partner word | image)`` against ``P(partner word | no image)`` (the same chat without the
+  image item), and the same for ``OTHERS_PER_SLOT`` other absent types. Bar: mean P(partner | image) < mean
+  P(partner | no image).
+* ``attention_decay``: greedy detail descriptions ("Please describe this image in detail."), then one eager
+  forward over prompt + description; per generated token the attention share on the image tokens (mean over
+  layers and heads). Bar: the mean share over the second half of each description is below the first half's.
+  Since a longer context alone dilutes attention, the share is also given relative to what uniform attention
+  over the visible keys would give the image (``relative_to_uniform_*``).
+* ``sinks``: the sink dimensions found by VAR's rule on the first token, and per layer the image tokens' sink
+  score phi (mean, max, fraction >= tau) against tau and the first token's phi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from vlm_guard.heads.sinks import FIRST_SINK_LAYER, SINK_THRESHOLD, find_sink_dims, sink_scores
+from vlm_guard.toyworld.everyday.world import _groups
+from vlm_guard.toyworld.everyday_v3.world import (DETAIL_PROMPTS, OBJECT_TYPES, brightness_word, independent_world,
+                                                  long_description, partner_of, render, size_word)
+from vlm_guard.toyworld.report import generate
+
+logger = logging.getLogger("toyworld.v3.report")
+
+HELD_OUT_SEED = 424_242  # training draws seed + k * 1_000_003, k = 1..4
+REPORT_PROMPT = DETAIL_PROMPTS[1]
+OTHERS_PER_SLOT = 4
+"""Other absent types scored at each partner slot (a rotating sample, so every type is compared over a run)."""
+
+
+def messages(text: str, with_image: bool = True) -> list[dict]:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+def _cell(model) -> int:
+    return model.config.vision_config.image_size // 4
+
+
+def partner_slots(scene) -> list[tuple[str, str, list[str]]]:
+    """``(prefix, partner, other absent types)`` for each object that follows a present paired type whose partner
+    is absent: ``prefix`` is the reference description up to the type word of that next object."""
+    ordered = [obj for group in _groups(scene) for obj in group]
+    text = long_description(scene)
+    slots = []
+    for before, after in zip(ordered, ordered[1:]):
+        partner = partner_of(before.type)
+        if partner is None or partner in scene.types:
+            continue
+        opening = f"A {size_word(after)} {brightness_word(after)} {after.colour}"
+        sentence = f"{opening} {after.type} is "
+        position = text.find(sentence)
+        if position < 0:
+            raise RuntimeError(f"no sentence {sentence!r} in the description of scene {scene.index}")
+        others = [t for t in OBJECT_TYPES if t not in scene.types and t != partner]
+        start = (scene.index + len(slots)) % len(others)
+        others = (others[start:] + others[:start])[:OTHERS_PER_SLOT]  # a rotating sample keeps the batch small
+        slots.append((text[: position + len(opening)], partner, others))
+    return slots
+
+
+@torch.no_grad()
+def word_logprobs(model, processor, image, with_image: bool, prefix: str, words: list[str]) -> list[float]:
+    """``log P(" " + word | chat(prompt) + prefix)`` for each word (sum over its tokens), one batched forward."""
+    tokenizer = processor.tokenizer
+    chat = processor.apply_chat_template(messages(REPORT_PROMPT, with_image), add_generation_prompt=True)
+    texts = [chat + prefix + " " + word for word in words]
+    word_ids = [tokenizer(" " + word, add_special_tokens=False).input_ids for word in words]
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        if with_image:
+            inputs = processor(images=[image] * len(words), text=texts, return_tensors="pt", padding=True)
+        else:
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = previous_side
+    logprobs = model(**inputs).logits.float().log_softmax(-1)  # [words, seq, vocab]
+    lengths = inputs["attention_mask"].sum(-1)
+    values = []
+    for row, tokens in enumerate(word_ids):
+        end = int(lengths[row])
+        ids = inputs["input_ids"][row, end - len(tokens): end].tolist()
+        if ids != tokens:
+            raise RuntimeError(f"the word {words[row]!r} does not tokenize the same after the prefix: {ids} vs {tokens}")
+        values.append(float(sum(logprobs[row, end - len(tokens) - 1 + k, t] for k, t in enumerate(tokens))))
+    return values
+
+
+def partner_slot_report(model, processor, scenes) -> dict:
+    with_image, without, other_with, other_without, cases = [], [], [], [], []
+    for scene in scenes:
+        image = render(scene, _cell(model))
+        for prefix, partner, others in partner_slots(scene):
+            words = [partner] + others
+            lp_image = word_logprobs(model, processor, image, True, prefix, words)
+            lp_text = word_logprobs(model, processor, image, False, prefix, words)
+            with_image.append(math.exp(lp_image[0]))
+            without.append(math.exp(lp_text[0]))
+            other_with.append(sum(math.exp(v) for v in lp_image[1:]) / len(others))
+            other_without.append(sum(math.exp(v) for v in lp_text[1:]) / len(others))
+            if len(cases) < 5:
+                cases.append({"scene": scene.index, "prefix_end": prefix[-60:], "partner": partner,
+                              "p_image": round(with_image[-1], 5), "p_no_image": round(without[-1], 5)})
+    n = len(with_image)
+
+    def mean(values):
+        return round(sum(values) / max(1, len(values)), 5)
+
+    raised = sum(a > b for a, b in zip(with_image, without))
+    return {
+        "slots": n, "p_partner_image": mean(with_image), "p_partner_no_image": mean(without),
+        "p_other_absent_image": mean(other_with), "p_other_absent_no_image": mean(other_without),
+        "image_raises_partner_fraction": round(raised / max(1, n), 4), "examples": cases,
+        "bar_partner_image_below_no_image": bool(n) and mean(with_image) < mean(without),
+    }
+
+
+@torch.no_grad()
+def attention_decay_report(model, processor, scenes, max_new_tokens: int = 200, batch_size: int = 4) -> dict:
+    images = [render(scene, _cell(model)) for scene in scenes]
+    texts = generate(model, processor, images, [messages(REPORT_PROMPT)] * len(scenes),
+                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    image_token_id = model.config.image_token_id
+    chat = processor.apply_chat_template(messages(REPORT_PROMPT), add_generation_prompt=True)
+    first, second, lengths, per_scene, relative_first, relative_second = [], [], [], [], [], []
+    try:
+        for image, text in zip(images, texts):
+            inputs = processor(images=[image], text=[chat], return_tensors="pt")
+            prompt_length = inputs["input_ids"].shape[1]
+            answer = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+            if answer.shape[1] < 4:
+                continue
+            ids = torch.cat([inputs["input_ids"], answer], 1)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                        output_attentions=True)
+            image_mask = (ids[0] == image_token_id).float()  # [seq]
+            # each answer token's query row (the row that predicts the next token): mean over layers and heads
+            attention = torch.stack([a[0].float() for a in out.attentions]).mean((0, 1))  # [seq, seq]
+            rows = attention[prompt_length - 1: ids.shape[1] - 1]  # [answer, seq]
+            share = (rows * image_mask).sum(-1)  # [answer]
+            # what uniform attention over the visible keys would give the image: a share that falls with length
+            visible = torch.arange(prompt_length, ids.shape[1], dtype=torch.float32)  # keys seen by each row
+            uniform = image_mask.sum() / visible
+            half = share.shape[0] // 2
+            first.append(float(share[:half].mean()))
+            second.append(float(share[half:].mean()))
+            relative_first.append(float((share[:half] / uniform[:half]).mean()))
+            relative_second.append(float((share[half:] / uniform[half:]).mean()))
+            lengths.append(int(answer.shape[1]))
+            per_scene.append([round(first[-1], 4), round(second[-1], 4)])
+    finally:
+        model.set_attn_implementation(previous)
+    n = len(first)
+    mean_first, mean_second = sum(first) / max(1, n), sum(second) / max(1, n)
+    lower = sum(b < a for a, b in zip(first, second))
+    return {
+        "captions": n, "mean_tokens": round(sum(lengths) / max(1, n), 1),
+        "image_share_first_half": round(mean_first, 5), "image_share_second_half": round(mean_second, 5),
+        "second_half_lower_fraction": round(lower / max(1, n), 4), "per_caption": per_scene,
+        "relative_to_uniform_first_half": round(sum(relative_first) / max(1, n), 4),
+        "relative_to_uniform_second_half": round(sum(relative_second) / max(1, n), 4),
+        "sample": texts[:2],
+        "bar_second_half_below_first": bool(n) and mean_second < mean_first,
+    }
+
+
+@torch.no_grad()
+def sink_report(model, processor, scenes) -> dict:
+    image_token_id = model.config.image_token_id
+    chat = processor.apply_chat_template(messages(REPORT_PROMPT), add_generation_prompt=True)
+    first_states, per_scene = [], []
+    for scene in scenes:
+        inputs = processor(images=[render(scene, _cell(model))], text=[chat], return_tensors="pt")
+        out = model(**inputs, output_hidden_states=True)
+        states = torch.stack(out.hidden_states[:-1])[:, 0].float()  # [layers, seq, hidden]: each layer's input
+        first_states.append(states[:, 0])
+        per_scene.append((states, inputs["input_ids"][0] == image_token_id))
+    found = find_sink_dims(torch.stack(first_states))
+    dims = found.dims or [int(torch.stack(first_states).abs().mean((0, 1)).argmax())]
+    layers = per_scene[0][0].shape[0]
+    table = []
+    for layer in range(layers):
+        image_phi = torch.cat([sink_scores(states[layer, mask], dims) for states, mask in per_scene])
+        first_phi = torch.stack([sink_scores(states[layer, :1], dims)[0] for states, _ in per_scene])
+        table.append({"layer": layer, "image_phi_mean": round(float(image_phi.mean()), 3),
+                      "image_phi_max": round(float(image_phi.max()), 3),
+                      "image_fraction_ge_tau": round(float((image_phi >= SINK_THRESHOLD).float().mean()), 4),
+                      "first_token_phi": round(float(first_phi.mean()), 3)})
+    return {"sink_dims": found.dims, "dims_measured": dims, "dims_found_by_rule": bool(found.dims),
+            "sink_dim_ratios": [round(r, 2) for r in found.ratios], "tau": SINK_THRESHOLD,
+            "first_sink_layer": FIRST_SINK_LAYER, "scenes": len(scenes), "per_layer": table,
+            "any_image_token_ge_tau": any(row["image_fraction_ge_tau"] > 0 for row in table[FIRST_SINK_LAYER:])}
+
+
+def build_report(model, processor, partner_scenes: int = 20, caption_scenes: int = 8, sink_scenes: int = 6,
+                 max_new_tokens: int = 200) -> dict:
+    world = independent_world(HELD_OUT_SEED)
+    report = {"held_out_seed": HELD_OUT_SEED, "prompt": REPORT_PROMPT,
+              "image_tokens": int(model.config.image_seq_length)}
+    logger.info("partner slots on %d scenes", partner_scenes)
+    report["partner_slot"] = partner_slot_report(model, processor, world.scenes(0, partner_scenes))
+    logger.info("attention decay on %d descriptions", caption_scenes)
+    report["attention_decay"] = attention_decay_report(model, processor, world.scenes(1000, caption_scenes),
+                                                         max_new_tokens=max_new_tokens)
+    logger.info("sinks on %d scenes", sink_scenes)
+    report["sinks"] = sink_report(model, processor, world.scenes(2000, sink_scenes))
+    report["bars"] = {
+        "partner_image_below_no_image": [[report["partner_slot"]["p_partner_image"],
+                                          report["partner_slot"]["p_partner_no_image"]],
+                                         report["partner_slot"]["bar_partner_image_below_no_image"]],
+        "image_attention_second_half_below_first": [
+            [report["attention_decay"]["image_share_first_half"], report["attention_decay"]["image_share_second_half"]],
+            report["attention_decay"]["bar_second_half_below_first"]],
+        "image_tokens_reach_tau": [max(r["image_phi_max"] for r in report["sinks"]["per_layer"]),
+                                   report["sinks"]["any_image_token_ge_tau"]],
+    }
+    return report
+
+
+def load_model(run: str | None, weights: str | None):
+    """``(model, processor, where)``: a run's latest checkpoint (adapters unmerged) or exported weights."""
+    if (run is None) == (weights is None):
+        raise ValueError("pass exactly one of --run (a training folder) or --weights (a final/ or export/ folder)")
+    if run is not None:
+        from .train import load_run
+
+        model, processor, _, state = load_run(run)
+        return model, processor, {"run": str(run), "stage": state["stage"], "step": state["step"]}
+    from vlm_guard.toyworld.everyday_v3.assemble import build_assembled
+
+    model, processor = build_assembled(weights)
+    return model, processor, {"weights": str(weights)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m toyworld.v3.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", help="training folder: measure its latest checkpoint")
+    parser.add_argument("--weights", help="folder with v3_weights.safetensors + v3_config.json")
+    parser.add_argument("--out", help="write the report as JSON here (atomically)")
+    parser.add_argument("--partner-scenes", type=int, default=20)
+    parser.add_argument("--caption-scenes", type=int, default=8)
+    parser.add_argument("--sink-scenes", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="length limit of the detail descriptions")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    for name in ("partner_scenes", "caption_scenes", "sink_scenes", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model, processor, source = load_model(args.run, args.weights)
+    report = {"source": source, **build_report(model.eval(), processor, args.partner_scenes, args.caption_scenes,
+                                               args.sink_scenes, args.max_new_tokens)}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        from vlm_guard.fileio import atomic_write_text
+
+        atomic_write_text(Path(args.out), text + "\n")
+    print(json.dumps(report["bars"], indent=1) if args.out else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
