@@ -219,7 +219,8 @@ def test_report_measures_a_checkpoint(tmp_path, tiny_lm):
     config = _config(tmp_path / "run")
     train(config, stop_after=7, lm=lm, lm_tokenizer=tokenizer)
     model, processor, _, _ = load_run(tmp_path / "run", lm=lm, lm_tokenizer=tokenizer)
-    report = build_report(model, processor, partner_scenes=4, caption_scenes=1, sink_scenes=2, max_new_tokens=24)
+    report = build_report(model, processor, partner_scenes=4, caption_scenes=1, sink_scenes=2, max_new_tokens=24,
+                          probe_scenes=40)
     slot = report["partner_slot"]
     assert slot["slots"] == sum(len(partner_slots(s)) for s in independent_world(424_242).scenes(0, 4)) > 0
     for key in ("p_partner_image", "p_partner_no_image", "p_other_absent_image", "p_other_absent_no_image"):
@@ -230,7 +231,24 @@ def test_report_measures_a_checkpoint(tmp_path, tiny_lm):
     layers = lm.config.num_hidden_layers
     assert [row["layer"] for row in report["sinks"]["per_layer"]] == list(range(layers))
     assert report["image_tokens"] == 64 and set(report["bars"]) == {
-        "partner_image_below_no_image", "image_attention_second_half_below_first", "image_tokens_reach_tau"}
+        "partner_image_below_no_image", "image_attention_second_half_below_first", "image_tokens_reach_tau",
+        "probe_partner_auc_below_0.6_presence_above_0.9"}
+    assert (report["probe"]["fit_scenes"], report["probe"]["test_scenes"]) == (40, 20)
+
+
+def test_probe_finds_what_the_features_hold():
+    from toyworld.v3.report import auc, fit_probes
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.rand(300, 3, generator=generator) < 0.4
+    features = torch.randn(300, 8, generator=generator)
+    features[:, 0] += 3.0 * labels[:, 0]  # column 0 is encoded, 1 and 2 are not
+    score = fit_probes(features[:200], labels[:200])(features[200:])
+    test = labels[200:]
+    found = auc(score[test[:, 0], 0].tolist(), score[~test[:, 0], 0].tolist())
+    blind = auc(score[test[:, 1], 1].tolist(), score[~test[:, 1], 1].tolist())
+    assert found > 0.95 and abs(blind - 0.5) < 0.2
+    assert auc([1.0], [1.0]) == 0.5 and auc([], [0.0]) is None
 
 
 def test_partner_slots_stop_before_the_next_objects_type():

@@ -15,6 +15,10 @@ Every measure uses held-out **independent** scenes (seed ``HELD_OUT_SEED``), gre
   layers and heads). Bar: the mean share over the second half of each description is below the first half's.
   Since a longer context alone dilutes attention, the share is also given relative to what uniform attention
   over the visible keys would give the image (``relative_to_uniform_*``).
+* ``probe``: linear probes (one logistic regression per type) on the mean of the image tokens as they enter the
+  LM (projector outputs), fitted on held-out scenes, tested on others: present objects are found (AUC of
+  present vs absent), and, among scenes where a type is absent, its score does not separate scenes holding its
+  partner from the rest (AUC near 0.5). Bar: partner AUC < 0.6 while presence AUC > 0.9.
 * ``sinks``: the sink dimensions found by VAR's rule on the first token, and per layer the image tokens' sink
   score phi (mean, max, fraction >= tau) against tau and the first token's phi.
 """
@@ -183,6 +187,81 @@ def attention_decay_report(model, processor, scenes, max_new_tokens: int = 200, 
     }
 
 
+def auc(positive: list[float], negative: list[float]) -> float | None:
+    """Probability that a positive case scores above a negative one (ties count half); None without both."""
+    if not positive or not negative:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+@torch.no_grad()
+def image_token_features(model, processor, scenes) -> torch.Tensor:
+    """Mean over each image's tokens as they enter the LM (projector outputs). [scenes, hidden]"""
+    from vlm_guard.toyworld.train import vision_features
+
+    from .data import V3BatchBuilder
+
+    builder = V3BatchBuilder(processor, int(model.config.image_seq_length), _cell(model))
+    features = []
+    for start in range(0, len(scenes), 16):
+        pixels = builder.pixel_values(scenes[start:start + 16]).to(model.dtype)
+        features.append(model.model.multi_modal_projector(vision_features(model, pixels)).float().mean(1))
+    return torch.cat(features)
+
+
+def fit_probes(features: torch.Tensor, labels: torch.Tensor, steps: int = 300, weight_decay: float = 1e-3):
+    """Logistic regressions (one per column of ``labels``) on standardised ``features``; returns a scorer."""
+    mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
+    x = (features - mean) / std  # [n, hidden]
+    weight = torch.zeros(x.shape[1], labels.shape[1], requires_grad=True)
+    bias = torch.zeros(labels.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, labels.float())
+        loss = loss + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return lambda f: (((f - mean) / std) @ weight + bias).detach()
+
+
+def probe_report(model, processor, fit_scenes, test_scenes) -> dict:
+    def labels(scenes):
+        return torch.tensor([[t in s.types for t in OBJECT_TYPES] for s in scenes])
+
+    score = fit_probes(image_token_features(model, processor, fit_scenes), labels(fit_scenes))
+    scores = score(image_token_features(model, processor, test_scenes))  # [test, types]
+    presence, partner = {}, {}
+    for column, object_type in enumerate(OBJECT_TYPES):
+        present = [float(scores[i, column]) for i, s in enumerate(test_scenes) if object_type in s.types]
+        absent = [(float(scores[i, column]), s) for i, s in enumerate(test_scenes) if object_type not in s.types]
+        presence[object_type] = auc(present, [v for v, _ in absent])
+        mate = partner_of(object_type)
+        if mate is not None:
+            partner[object_type] = auc([v for v, s in absent if mate in s.types],
+                                       [v for v, s in absent if mate not in s.types])
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
+    presence_auc, partner_auc = mean(presence.values()), mean(partner.values())
+    return {
+        "features": "mean of the image tokens entering the LM (projector outputs)",
+        "fit_scenes": len(fit_scenes), "test_scenes": len(test_scenes),
+        "presence_auc_mean": presence_auc, "absent_partner_auc_mean": partner_auc,
+        "presence_auc": {k: None if v is None else round(v, 3) for k, v in presence.items()},
+        "absent_partner_auc": {k: None if v is None else round(v, 3) for k, v in partner.items()},
+        "bar_partner_not_found_while_present_found": (presence_auc is not None and partner_auc is not None
+                                                      and presence_auc > 0.9 and partner_auc < 0.6),
+    }
+
+
 @torch.no_grad()
 def sink_report(model, processor, scenes) -> dict:
     image_token_id = model.config.image_token_id
@@ -212,7 +291,7 @@ def sink_report(model, processor, scenes) -> dict:
 
 
 def build_report(model, processor, partner_scenes: int = 20, caption_scenes: int = 8, sink_scenes: int = 6,
-                 max_new_tokens: int = 200) -> dict:
+                 max_new_tokens: int = 200, probe_scenes: int = 400) -> dict:
     world = independent_world(HELD_OUT_SEED)
     report = {"held_out_seed": HELD_OUT_SEED, "prompt": REPORT_PROMPT,
               "image_tokens": int(model.config.image_seq_length)}
@@ -221,6 +300,9 @@ def build_report(model, processor, partner_scenes: int = 20, caption_scenes: int
     logger.info("attention decay on %d descriptions", caption_scenes)
     report["attention_decay"] = attention_decay_report(model, processor, world.scenes(1000, caption_scenes),
                                                          max_new_tokens=max_new_tokens)
+    logger.info("linear probes on %d + %d scenes", probe_scenes, probe_scenes // 2)
+    report["probe"] = probe_report(model, processor, world.scenes(3000, probe_scenes),
+                                   world.scenes(3000 + probe_scenes, max(1, probe_scenes // 2)))
     logger.info("sinks on %d scenes", sink_scenes)
     report["sinks"] = sink_report(model, processor, world.scenes(2000, sink_scenes))
     report["bars"] = {
@@ -230,6 +312,9 @@ def build_report(model, processor, partner_scenes: int = 20, caption_scenes: int
         "image_attention_second_half_below_first": [
             [report["attention_decay"]["image_share_first_half"], report["attention_decay"]["image_share_second_half"]],
             report["attention_decay"]["bar_second_half_below_first"]],
+        "probe_partner_auc_below_0.6_presence_above_0.9": [
+            [report["probe"]["absent_partner_auc_mean"], report["probe"]["presence_auc_mean"]],
+            report["probe"]["bar_partner_not_found_while_present_found"]],
         "image_tokens_reach_tau": [max(r["image_phi_max"] for r in report["sinks"]["per_layer"]),
                                    report["sinks"]["any_image_token_ge_tau"]],
     }
@@ -260,16 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-scenes", type=int, default=8)
     parser.add_argument("--sink-scenes", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=200, help="length limit of the detail descriptions")
+    parser.add_argument("--probe-scenes", type=int, default=400, help="scenes the probes are fitted on (half as many tested)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
-    for name in ("partner_scenes", "caption_scenes", "sink_scenes", "max_new_tokens"):
+    for name in ("partner_scenes", "caption_scenes", "sink_scenes", "max_new_tokens", "probe_scenes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model, processor, source = load_model(args.run, args.weights)
     report = {"source": source, **build_report(model.eval(), processor, args.partner_scenes, args.caption_scenes,
-                                               args.sink_scenes, args.max_new_tokens)}
+                                               args.sink_scenes, args.max_new_tokens, args.probe_scenes)}
     text = json.dumps(report, indent=1)
     if args.out:
         from vlm_guard.fileio import atomic_write_text
