@@ -231,10 +231,9 @@ class VLMGuardModel(lmms):
             raise ValueError(f"the processor of {self.model_info['model']} has no chat template; use an "
                              f"instruction-tuned checkpoint (with chat_template.json).")
         prompt = self.processor.apply_chat_template(turns, add_generation_prompt=True)
-        image = images[0]
-        if hasattr(image, "convert") and getattr(image, "mode", "RGB") != "RGB":
-            image = image.convert("RGB")
-        return image, prompt
+        from vlm_guard.images import load_image
+
+        return load_image(images[0]), prompt  # a path or a decoded image, as RGB (as `vlm-guard eval` reads them)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
