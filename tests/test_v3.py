@@ -220,7 +220,7 @@ def test_report_measures_a_checkpoint(tmp_path, tiny_lm):
     train(config, stop_after=7, lm=lm, lm_tokenizer=tokenizer)
     model, processor, _, _ = load_run(tmp_path / "run", lm=lm, lm_tokenizer=tokenizer)
     report = build_report(model, processor, partner_scenes=4, caption_scenes=1, sink_scenes=2, max_new_tokens=24,
-                          probe_scenes=40)
+                          probe_scenes=40, prior_scenes=2)
     slot = report["partner_slot"]
     assert slot["slots"] == sum(len(partner_slots(s)) for s in independent_world(424_242).scenes(0, 4)) > 0
     for key in ("p_partner_image", "p_partner_no_image", "p_other_absent_image", "p_other_absent_no_image"):
@@ -232,7 +232,9 @@ def test_report_measures_a_checkpoint(tmp_path, tiny_lm):
     assert [row["layer"] for row in report["sinks"]["per_layer"]] == list(range(layers))
     assert report["image_tokens"] == 64 and set(report["bars"]) == {
         "partner_image_below_no_image", "image_attention_second_half_below_first", "image_tokens_reach_tau",
-        "probe_partner_auc_below_0.6_presence_above_0.9"}
+        "probe_partner_auc_below_0.6_presence_above_0.9", "prior_partner_named_2x",
+        "prior_pope_random_gt_popular_gt_adversarial"}
+    assert [report["prior"]["pope"][s]["questions"] for s in ("random", "popular", "adversarial")] == [8, 8, 8]
     assert (report["probe"]["fit_scenes"], report["probe"]["test_scenes"]) == (40, 20)
 
 

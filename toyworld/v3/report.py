@@ -19,6 +19,9 @@ Every measure uses held-out **independent** scenes (seed ``HELD_OUT_SEED``), gre
   LM (projector outputs), fitted on held-out scenes, tested on others: present objects are found (AUC of
   present vs absent), and, among scenes where a type is absent, its score does not separate scenes holding its
   partner from the rest (AUC near 0.5). Bar: partner AUC < 0.6 while presence AUC > 0.9.
+* ``prior``: the co-occurrence prior still shows: in greedy detail descriptions an absent partner of a present
+  object is named at least twice as often as another absent object, and POPE accuracy orders random > popular >
+  adversarial (questions in POPE's wording, 2 present + 2 absent objects per scene and split).
 * ``sinks``: the sink dimensions found by VAR's rule on the first token, and per layer the image tokens' sink
   score phi (mean, max, fraction >= tau) against tau and the first token's phi.
 """
@@ -290,8 +293,32 @@ def sink_report(model, processor, scenes) -> dict:
             "any_image_token_ge_tau": any(row["image_fraction_ge_tau"] > 0 for row in table[FIRST_SINK_LAYER:])}
 
 
+def prior_report(model, processor, caption_scenes, pope_scenes, max_new_tokens: int = 200,
+                 batch_size: int = 8) -> dict:
+    from vlm_guard.toyworld.everyday.report import partner_rates, says_yes
+    from vlm_guard.toyworld.everyday_v3.world import QUESTION_SPLITS, mentioned_objects, questions
+
+    cell = _cell(model)
+    texts = generate(model, processor, [render(s, cell) for s in caption_scenes],
+                     [messages(REPORT_PROMPT)] * len(caption_scenes), max_new_tokens=max_new_tokens,
+                     batch_size=batch_size)
+    rates = partner_rates([s.types for s in caption_scenes], [mentioned_objects(t) for t in texts])
+    pope = {}
+    for split in QUESTION_SPLITS:
+        items = [(s, q) for s in pope_scenes for q in questions(s, split=split)]
+        answers = generate(model, processor, [render(s, cell) for s, _ in items],
+                           [messages(q.text) for _, q in items], max_new_tokens=3, batch_size=batch_size)
+        correct = sum(bool(says_yes(a)) == (q.answer == "yes") for (_, q), a in zip(items, answers))
+        pope[split] = {"accuracy": round(correct / max(1, len(items)), 4), "questions": len(items),
+                       "unclear": sum(says_yes(a) is None for a in answers)}
+    accuracy = [pope[s]["accuracy"] for s in QUESTION_SPLITS]
+    return {"captions": len(caption_scenes), "detail_partner_rates": rates, "pope": pope,
+            "bar_partner_named_2x": bool(rates["partner_at_least_2x"]),
+            "bar_pope_random_gt_popular_gt_adversarial": accuracy[0] > accuracy[1] > accuracy[2]}
+
+
 def build_report(model, processor, partner_scenes: int = 20, caption_scenes: int = 8, sink_scenes: int = 6,
-                 max_new_tokens: int = 200, probe_scenes: int = 400) -> dict:
+                 max_new_tokens: int = 200, probe_scenes: int = 400, prior_scenes: int = 100) -> dict:
     world = independent_world(HELD_OUT_SEED)
     report = {"held_out_seed": HELD_OUT_SEED, "prompt": REPORT_PROMPT,
               "image_tokens": int(model.config.image_seq_length)}
@@ -303,6 +330,10 @@ def build_report(model, processor, partner_scenes: int = 20, caption_scenes: int
     logger.info("linear probes on %d + %d scenes", probe_scenes, probe_scenes // 2)
     report["probe"] = probe_report(model, processor, world.scenes(3000, probe_scenes),
                                    world.scenes(3000 + probe_scenes, max(1, probe_scenes // 2)))
+    if prior_scenes:
+        logger.info("prior: %d descriptions, POPE on %d scenes", prior_scenes, prior_scenes)
+        report["prior"] = prior_report(model, processor, world.scenes(4000, prior_scenes),
+                                       world.scenes(5000, prior_scenes), max_new_tokens)
     logger.info("sinks on %d scenes", sink_scenes)
     report["sinks"] = sink_report(model, processor, world.scenes(2000, sink_scenes))
     report["bars"] = {
@@ -315,6 +346,12 @@ def build_report(model, processor, partner_scenes: int = 20, caption_scenes: int
         "probe_partner_auc_below_0.6_presence_above_0.9": [
             [report["probe"]["absent_partner_auc_mean"], report["probe"]["presence_auc_mean"]],
             report["probe"]["bar_partner_not_found_while_present_found"]],
+        **({"prior_partner_named_2x": [[report["prior"]["detail_partner_rates"]["absent_partner_claimed"],
+                                        report["prior"]["detail_partner_rates"]["absent_other_claimed"]],
+                                       report["prior"]["bar_partner_named_2x"]],
+            "prior_pope_random_gt_popular_gt_adversarial": [
+                [report["prior"]["pope"][s]["accuracy"] for s in ("random", "popular", "adversarial")],
+                report["prior"]["bar_pope_random_gt_popular_gt_adversarial"]]} if "prior" in report else {}),
         "image_tokens_reach_tau": [max(r["image_phi_max"] for r in report["sinks"]["per_layer"]),
                                    report["sinks"]["any_image_token_ge_tau"]],
     }
@@ -346,16 +383,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink-scenes", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=200, help="length limit of the detail descriptions")
     parser.add_argument("--probe-scenes", type=int, default=400, help="scenes the probes are fitted on (half as many tested)")
+    parser.add_argument("--prior-scenes", type=int, default=100,
+                        help="descriptions and POPE scenes for the prior bars (0 leaves them out)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
+    if args.prior_scenes < 0:
+        parser.error(f"--prior-scenes must be >= 0, got {args.prior_scenes}")
     for name in ("partner_scenes", "caption_scenes", "sink_scenes", "max_new_tokens", "probe_scenes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model, processor, source = load_model(args.run, args.weights)
     report = {"source": source, **build_report(model.eval(), processor, args.partner_scenes, args.caption_scenes,
-                                               args.sink_scenes, args.max_new_tokens, args.probe_scenes)}
+                                               args.sink_scenes, args.max_new_tokens, args.probe_scenes,
+                                               args.prior_scenes)}
     text = json.dumps(report, indent=1)
     if args.out:
         from vlm_guard.fileio import atomic_write_text
