@@ -330,3 +330,47 @@ def test_a_tensor_that_disagrees_with_the_fingerprint_is_refused(shipped_map_fol
         HeadMap.from_pretrained(folder)
     message = str(error.value)
     assert message.startswith(f"{folder / TENSOR_FILE} ") and expected in message, message
+
+
+# ---------------------------------------------------------------------------------------------- summaries, configs
+@pytest.mark.parametrize("field, value, expected", [
+    ("n", "6", "field 'n' is '6', not a non-negative integer"),
+    ("n", -1, "field 'n' is '-1'"),
+    ("n", True, "field 'n' is 'True'"),
+    ("metrics", [], "field 'metrics' is '[]', not an object"),
+    ("seed", 1.5, "field 'seed' is '1.5', not an integer or null"),
+    ("config", None, "field 'config' is 'None', not an object"),
+    ("extra", _DELETE, "field 'extra' is missing"),
+])
+def test_a_damaged_summary_is_refused_naming_the_field(tmp_path, field, value, expected):
+    from vlm_guard.eval.records import write_summary
+
+    path = tmp_path / "run.summary.json"
+    data = write_summary(path, {"methods": "vhr"}, {"pope/random": {"n": 6}}, seed=0, n=6)
+    if value is _DELETE:
+        del data[field]
+    else:
+        data[field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as error:
+        read_summary(path)
+    assert str(error.value).startswith(f"{path}: ") and expected in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda data: data["vhr"].__setitem__("alpha", "x"), "VHRConfig.alpha must be a number, got 'x'"),
+    (lambda data: data["gift"].__setitem__("bogus", 1), "GIFTConfig: unknown field(s) ['bogus']"),
+    (lambda data: data.__setitem__("var", 5), "GuardConfig.var must be a VARConfig"),
+])
+def test_a_damaged_guard_config_file_names_the_file_and_field(tmp_path, change, expected):
+    from vlm_guard.config import GuardConfig
+
+    path = tmp_path / "config.json"
+    GuardConfig.from_methods("vhr,var,gift").save(path)
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as error:
+        GuardConfig.load(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message, message

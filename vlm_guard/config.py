@@ -301,11 +301,15 @@ class GuardConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "GuardConfig":
+        """Read a config written by :meth:`save`; a bad field is a one-line ``ValueError`` naming the file and it."""
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); write it with GuardConfig.save()") from error
-        return cls.from_dict(data)
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); write it with GuardConfig.save()") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def replace(self, **changes) -> "GuardConfig":
         return dataclasses.replace(self, **changes)

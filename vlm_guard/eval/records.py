@@ -682,6 +682,19 @@ def read_summary(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
     if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
         raise ValueError(f"{path} is not a summary written by write_summary (format {SUMMARY_FORMAT!r}).")
+    checks = {
+        "n": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+        "seed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"),
+        "metrics": (lambda v: isinstance(v, dict), "an object"),
+        "config": (lambda v: isinstance(v, dict), "an object"),
+        "extra": (lambda v: isinstance(v, dict), "an object"),
+    }
+    for field, (valid, expected) in checks.items():
+        if field not in data:
+            raise ValueError(f"{path}: field {field!r} is missing; the summary was edited: rerun the command to write it.")
+        if not valid(data[field]):
+            raise ValueError(f"{path}: field {field!r} is {str(data[field])[:60]!r}, not {expected}; the summary was "
+                             "edited: rerun the command to write it.")
     return data
 
 
