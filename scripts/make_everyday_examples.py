@@ -1,35 +1,103 @@
-"""Write the bundled examples of the everyday world (vlm_guard/assets/examples): five hand-specified scenes,
-four with a usual partner absent (the co-occurrence trap) and one with both partners, plus examples.json."""
+"""Write the bundled examples of the everyday world (vlm_guard/assets/examples): scenes of the TUNING seed 910001
+chosen by a rule written in code (vlm_guard.toyworld.examples.select_examples), from the plain default model's
+greedy captions only (never a guarded caption): the first 4 scenes whose plain caption names an absent usual
+partner of a present object, and the first scene whose plain caption is right (every object named, nothing absent),
+to show the guard does no harm there; scenes of at most 3 objects. Also writes examples.json (a list: per image its ground truth, the plain
+caption at selection and the rule that chose it).
+
+    .venv/bin/python scripts/make_everyday_examples.py [FOLDER] [--max-scenes 200]
+
+Deterministic: the same model and seed give the same examples (greedy decoding, scenes in index order).
+"""
+import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-from vlm_guard.toyworld.everyday.world import Scene, SceneObject, caption, partner_of, render
-
-O = SceneObject
-EXAMPLES = {
-    "fork_without_knife": (O("fork", "white", 1, 1, 0.9, 0.95), O("cup", "red", 2, 2, 0.8, 0.9)),
-    "cup_without_saucer": (O("cup", "yellow", 1, 2, 0.85, 0.9), O("ball", "green", 2, 0, 0.8, 0.9)),
-    "keyboard_without_mouse": (O("keyboard", "blue", 1, 1, 1.0, 0.95), O("clock", "white", 0, 3, 0.8, 0.9)),
-    "moon_without_star": (O("moon", "yellow", 0, 1, 0.9, 0.95), O("leaf", "green", 3, 2, 0.8, 0.9)),
-    "table_and_chair": (O("table", "red", 2, 1, 0.95, 0.95), O("chair", "blue", 2, 2, 0.9, 0.9)),
-}
+SEED = 910001  # the tuning seed: never the reported 900001
+BATCH = 8
 
 
-def main(folder: str) -> None:
-    out = Path(folder)
+def plain_records(max_scenes: int, n_trap: int, n_right: int):
+    """Plain greedy captions of the tuning seed's scenes in index order, scored, until the rule is satisfied."""
+    import torch
+
+    from vlm_guard.defaults import load_default
+    from vlm_guard.eval.runner import chat_prompt, generate_answers, prepare_processor
+    from vlm_guard.eval.synthetic import score_synthetic_caption, synthetic_world
+    from vlm_guard.toyworld.examples import select_examples
+    from vlm_guard.toyworld.worlds import world_kind
+
+    torch.set_num_threads(1)
+    kind = world_kind("everyday")
+    scenes = synthetic_world(SEED, False, kind)
+    model, processor = load_default()
+    prepare_processor(processor)
+    records = []
+    for start in range(0, max_scenes, BATCH):
+        batch = [scenes.scene(i) for i in range(start, min(start + BATCH, max_scenes))]
+        images = [kind.render(scene) for scene in batch]
+        prompts = [chat_prompt(processor, kind.caption_prompt)] * len(batch)
+        with torch.no_grad():
+            answers = generate_answers(model, processor, images, prompts, kind.caption_tokens)
+        for scene, image, answer in zip(batch, images, answers):
+            types = sorted(scene.types)
+            scored = score_synthetic_caption(answer, types, kind)
+            records.append({
+                "index": scene.index, "scene": scene, "image": image, "types": types,
+                "absent_partners": sorted({kind.partner_of(t) for t in types} - {None} - set(types)),
+                "hallucinated": sorted({t for _, t in scored["hallucinated"]}),
+                "recalled": sorted(scored["recalled_objects"]), "plain_caption": answer,
+            })
+        chosen = select_examples(records, n_trap, n_right)
+        if sum(r["kind"] == "trap" for r in chosen) >= n_trap and sum(r["kind"] == "right" for r in chosen) >= n_right:
+            return chosen, len(records)
+    raise SystemExit(f"the rule found fewer than {n_trap} traps / {n_right} right scenes in {max_scenes} scenes; "
+                     "raise --max-scenes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", default="vlm_guard/assets/examples")
+    parser.add_argument("--max-scenes", type=int, default=200)
+    parser.add_argument("--traps", type=int, default=4)
+    parser.add_argument("--right", type=int, default=1)
+    args = parser.parse_args()
+    from vlm_guard.fileio import atomic_write_bytes, atomic_write_json
+    from vlm_guard.toyworld.examples import EXAMPLE_RULE
+    from vlm_guard.toyworld.worlds import world_kind
+
+    kind = world_kind("everyday")
+    chosen, scanned = plain_records(args.max_scenes, args.traps, args.right)
+    out = Path(args.folder)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
     entries = []
-    for index, (name, objects) in enumerate(EXAMPLES.items()):
-        scene = Scene(tuple(sorted(objects, key=lambda o: (o.row, o.col))), index=index, biased=False, seed=31337)
-        render(scene).save(out / f"{name}.png")
-        types = sorted(scene.types)
-        absent = sorted({partner_of(t) for t in types if partner_of(t) and partner_of(t) not in scene.types})
-        entries.append({"file": f"{name}.png", "objects": [asdict(o) for o in scene.objects], "types": types,
-                        "caption": caption(scene), "absent_partners": absent})
-    (out / "examples.json").write_text(json.dumps(entries, indent=1))
+    for record in chosen:
+        scene = record["scene"]
+        what = (f"no_{'_'.join(sorted(set(record['hallucinated']) & set(record['absent_partners'])))}"
+                if record["kind"] == "trap" else "plain_right")
+        name = f"scene{record['index']:03d}_{what}.png"
+        import io
+
+        buffer = io.BytesIO()
+        record["image"].save(buffer, format="PNG", optimize=True)
+        atomic_write_bytes(out / name, buffer.getvalue())
+        entries.append({"file": name, "kind": record["kind"], "scene_index": record["index"], "world_seed": SEED,
+                        "objects": [{"type": o.type, "colour": o.colour, "row": o.row, "col": o.col}
+                                    for o in scene.objects],
+                        "types": record["types"], "caption": kind.reference_caption(scene),
+                        "absent_partners": record["absent_partners"],
+                        "plain_caption_at_selection": record["plain_caption"],
+                        "plain_hallucinated_at_selection": record["hallucinated"]})
+    rule = EXAMPLE_RULE.format(n_trap=args.traps, n_right=args.right, max_objects=3)
+    for entry in entries:  # a list of entries, as every reader expects; each carries how it was chosen
+        entry["selected_by"] = {"rule": rule, "scenes_scanned": scanned}
+    atomic_write_json(out / "examples.json", entries, indent=1)
+    for entry in entries:
+        print(f"{entry['file']}: {entry['kind']}; plain: {entry['plain_caption_at_selection']!r}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "vlm_guard/assets/examples")
+    sys.exit(main())

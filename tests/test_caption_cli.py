@@ -35,4 +35,87 @@ def test_caption_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert main(["caption", "--methods", "magic"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert main(["caption", "--max-new-tokens", "0"]) == 2
-    assert "--max-new-tokens=0 is out of range" in capsys.readouterr().err
+    assert "--max-new-tokens: 0 is out of range" in capsys.readouterr().err
+
+
+def test_check_works_for_a_bundled_example_given_by_path(tmp_path, capsys):
+    """`caption FILE --check` counts against the ground truth when FILE is a bundled example (also a copy of one)."""
+    import shutil
+
+    image = sorted(EXAMPLES_DIR.glob("*.png"))[0]
+    copy = tmp_path / "copy.png"
+    shutil.copyfile(image, copy)
+    for path in (image, copy):
+        assert main(["caption", str(path), "--methods", "none", "--max-new-tokens", "6", "--check"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert any(line.startswith("not in the scene (plain): ") for line in lines), lines
+        assert any(line.startswith("not in the scene (guarded") for line in lines), lines
+
+
+def test_check_says_so_when_an_image_cannot_be_checked(tmp_path, capsys, monkeypatch):
+    """No ground truth and no checker for the model's world: one line says so (it printed nothing)."""
+    from PIL import Image
+
+    from vlm_guard.commands import caption
+
+    monkeypatch.setattr(caption, "_checker", lambda args, world="shapes": None)
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
+    assert main(["caption", str(path), "--methods", "none", "--max-new-tokens", "4", "--check"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("not checked: photo.png is not a bundled example") and "--checker" in line
+               for line in lines), lines
+
+
+def test_caption_runs_the_caption_profile_and_prints_its_held_out_effect(tmp_path, capsys):
+    """`caption` with a map of task profiles runs the caption profile, says so, and prints the held-out line read
+    from held_out.json beside the map (only when the settings that ran are the ones measured)."""
+    import json
+
+    import vlm_guard
+
+    model, processor = vlm_guard.load_default()
+    shipped = vlm_guard.wrap(model, processor).head_map
+    import copy
+
+    mapped = copy.copy(shipped)
+    mapped.tuned = {"format": "profiles", "default_profile": "caption", "tuning_data": {"name": "test data"},
+                    "profiles": {"caption": {"settings": {"pai": {"alpha": 0.3, "gamma": 1.0}}, "default_methods": ["pai"]},
+                                 "answer": {"settings": {}, "default_methods": []}}}
+    folder = tmp_path / "map"
+    mapped.save_pretrained(folder)
+    line = "held-out effect of the caption profile (pai alpha=0.3 gamma=1.0): CHAIR_I 26.1 -> 22.8 (-3.3 [-4.9, -1.6])"
+    (folder / "held_out.json").write_text(json.dumps({"source": "test", "profiles": {"caption": {
+        "settings": {"pai": {"alpha": 0.3, "gamma": 1.0}}, "line": line}}}))
+    assert main(["caption", "--head-map", str(folder), "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(l.startswith("methods: pai (caption profile, chosen by `vlm-guard tune`") for l in lines), lines
+    assert any(l.startswith("settings profile: caption (task 'caption'") for l in lines), lines
+    assert any(l.startswith("guarded (pai)") for l in lines) and lines[-1] == line
+    assert main(["caption", "--head-map", str(folder), "--max-new-tokens", "4", "--methods", "auto:answer"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(l.startswith("guarded (none)") for l in lines)
+    assert main(["caption", "--head-map", str(folder), "--methods", "auto:vqa"]) == 2
+    assert "unknown task 'vqa'" in capsys.readouterr().err
+
+
+def test_bundled_everyday_examples_follow_the_written_rule():
+    """The shipped everyday examples are what select_examples picks from their recorded plain captions: traps where
+    plain names an absent partner, one scene where plain is right; never chosen by a guarded caption."""
+    import json
+
+    from vlm_guard.defaults import EXAMPLES_DIRS
+    from vlm_guard.toyworld.examples import select_examples
+
+    entries = json.loads((EXAMPLES_DIRS["everyday"] / "examples.json").read_text())
+    assert {entry["kind"] for entry in entries} == {"trap", "right"}
+    assert sum(entry["kind"] == "right" for entry in entries) == 1
+    for entry in entries:
+        assert (EXAMPLES_DIRS["everyday"] / entry["file"]).is_file() and entry["world_seed"] == 910001
+        assert "guarded" not in json.dumps(entry).replace("never a guarded", "")
+        named = set(entry["plain_hallucinated_at_selection"])
+        assert (named & set(entry["absent_partners"])) if entry["kind"] == "trap" else not named
+    records = [{"index": e["scene_index"], "types": e["types"], "absent_partners": e["absent_partners"],
+                "hallucinated": e["plain_hallucinated_at_selection"], "recalled": e["types"] if e["kind"] == "right" else []}
+               for e in sorted(entries, key=lambda e: e["scene_index"])]
+    assert [r["index"] for r in select_examples(records)] == [e["scene_index"] for e in entries]

@@ -452,3 +452,230 @@ def test_a_winner_that_breaks_a_constraint_on_the_confirmation_rung_is_not_shipp
     assert len(json.loads((tmp_path / "unconfirmed" / "tune_state.json").read_text())["plan"]["rungs"]) == search.RUNGS
     with pytest.raises(ValueError, match="confirm_items"):
         _run_tune(monkeypatch, FakeGenerator(), tmp_path / "bad", confirm_items=-1)
+
+
+# ---------------------------------------------------------------------------------------------- task profiles
+def _profiles_section():
+    return {"format": "profiles", "default_profile": "caption", "tuning_data": {"name": "test data"},
+            "profiles": {"caption": {"settings": {"pai": {"alpha": 0.3, "gamma": 1.0}}, "default_methods": ["pai"]},
+                         "answer": {"settings": {}, "default_methods": []}}}
+
+
+@pytest.fixture()
+def profiles_map(head_map):
+    import copy
+
+    tuned = copy.copy(head_map)
+    tuned.tuned = _profiles_section()
+    return tuned
+
+
+def test_auto_takes_the_tasks_profile_and_says_which(model, profiles_map):
+    processor = None
+    for request, task, methods in (("auto:caption", None, ["pai"]), ("auto", "caption", ["pai"]),
+                                   ("auto", None, ["pai"]), ("auto:answer", None, []), ("auto", "answer", [])):
+        guarded = vlm_guard.wrap(model, processor, request, head_map=profiles_map, task=task)
+        try:
+            assert guarded.guard_config.enabled_methods == methods, (request, task)
+            lines = guarded.describe_settings()
+            expected = task or (request.split(":")[1] if ":" in request else "caption")
+            assert lines[-1].startswith(f"profile: {expected} ("), lines
+            if methods:
+                assert guarded.guard_config.pai.alpha == 0.3 and guarded.guard_config.pai.gamma == 1.0
+                assert guarded.settings_sources["pai"]["alpha"] == SOURCE_TUNED
+            else:
+                assert lines[-2] == "methods: none (the plain model)"
+        finally:
+            guarded.unwrap()
+
+
+def test_an_unknown_task_is_a_clear_error(model, profiles_map):
+    processor = None
+    for kwargs in ({"config": "auto:vqa"}, {"config": "auto", "task": "vqa"}, {"config": "auto:caption", "task": "answer"}):
+        with pytest.raises(ValueError) as error:
+            vlm_guard.wrap(model, processor, head_map=profiles_map, **kwargs)
+        message = str(error.value)
+        assert "\n" not in message and ("unknown task 'vqa'" in message or "different tasks" in message), message
+    assert not any(name.startswith("_vlm_guard") for name in vars(model))  # nothing was installed
+
+
+def test_the_single_profile_of_an_older_map_serves_every_task(model, tuned_map):
+    processor = None
+    for task in ("caption", "answer", None):
+        guarded = vlm_guard.wrap(model, processor, "auto", head_map=tuned_map, task=task)
+        try:
+            assert guarded.guard_config.enabled_methods == ["vhr", "pai"]
+            assert guarded.describe_settings()[-1].startswith("profile: single (a map tuned before task profiles")
+        finally:
+            guarded.unwrap()
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda t: t.__setitem__("settings", [1, 2]), "tuned.settings"),
+    (lambda t: t.__setitem__("default_methods", "vhr,magic"), "tuned.default_methods"),
+    (lambda t: t.__setitem__("default_methods", 3), "tuned.default_methods"),
+    (lambda t: t["settings"].__setitem__("pai", {"alpha": -1.0}), "tuned.settings.pai"),
+    (lambda t: t["settings"].__setitem__("pai", {"strength": 1.0}), "tuned.settings.pai"),
+    (lambda t: t["settings"].__setitem__("magic", {}), "tuned.settings"),
+    (lambda t: t.clear() or t.update(_profiles_section()) or t["profiles"].__setitem__("vqa", {}), "tuned.profiles"),
+    (lambda t: t.clear() or t.update(_profiles_section()) or t.__setitem__("default_profile", "vqa"), "tuned.default_profile"),
+    (lambda t: t.clear() or t.update(_profiles_section()) or t["profiles"]["caption"].__setitem__("settings", "pai"),
+     "tuned.profiles.caption.settings"),
+    (lambda t: t.clear() or t.update(_profiles_section()) or t["profiles"]["answer"].pop("default_methods"),
+     "tuned.profiles.answer.default_methods"),
+])
+def test_a_malformed_tuned_section_is_refused_naming_the_file_and_field(tuned_map, tmp_path, edit, field):
+    from vlm_guard.heads.head_map import HeadMapFileError
+
+    tuned_map.save_pretrained(tmp_path / "map")
+    path = tmp_path / "map" / "head_map.json"
+    data = json.loads(path.read_text())
+    edit(data["tuned"])
+    path.write_text(json.dumps(data))
+    with pytest.raises(HeadMapFileError) as error:
+        HeadMap.from_pretrained(tmp_path / "map")
+    message = str(error.value)
+    assert message.startswith(f"{path}: field {field}") and "\n" not in message and "vlm-guard tune" in message, message
+
+
+def test_a_method_list_written_as_text_is_read_as_the_list(tuned_map, tmp_path):
+    """`"vhr,pai"` for default_methods (the spelling GuardConfig.from_methods takes) runs those methods, never none."""
+    tuned_map.save_pretrained(tmp_path / "map")
+    path = tmp_path / "map" / "head_map.json"
+    data = json.loads(path.read_text())
+    data["tuned"]["default_methods"] = "vhr,pai"
+    path.write_text(json.dumps(data))
+    loaded = HeadMap.from_pretrained(tmp_path / "map")
+    assert default_methods(loaded)[0] == ["vhr", "pai"]
+
+
+def test_profiles_section_survives_save_and_load(profiles_map, tmp_path):
+    from vlm_guard.tuning.settings import tuned_report
+
+    profiles_map.save_pretrained(tmp_path / "map")
+    loaded = HeadMap.from_pretrained(tmp_path / "map")
+    assert loaded.tuned["profiles"] == _profiles_section()["profiles"]
+    report = "\n".join(tuned_report(loaded))
+    assert "profile caption" in report and "profile answer" in report and "alpha" in report
+
+
+# ---------------------------------------------------------------------------------------------- the profile tuner
+def _items(pairs):
+    return [{"h": h, "m": m, "g": 2, "r": r} for h, m, r in pairs]
+
+
+def test_gains_and_constraints_are_judged_by_paired_intervals():
+    from vlm_guard.tuning.profiles import judge
+
+    base = _items([(1, 4, 2)] * 100)
+    better = _items([(0, 4, 2)] * 60 + [(1, 4, 2)] * 40)        # CHAIR_I 25 -> 10: a clear gain
+    noisy = _items([(0, 4, 2)] * 3 + [(1, 4, 2)] * 97)          # 25 -> 24.25 on 3 items of 100: within the noise
+    lossy = _items([(0, 4, 0)] * 60 + [(1, 4, 2)] * 40)         # fewer hallucinations but recall -60 points
+    assert judge("caption", {"chair": better}, {"chair": base})["significant"]
+    j = judge("caption", {"chair": noisy}, {"chair": base})
+    assert j["gain"] > 0 and not j["significant"]               # a point gain that "no loss on any item" would take
+    j = judge("caption", {"chair": lossy}, {"chair": base})
+    assert j["significant"] and j["broken"] == ["recall"] and not j["kept"]
+    pope = {t: [{"c": 1, "y": 1}] * 80 + [{"c": 0, "y": 1}] * 20 for t in ("pope/random", "pope/popular", "pope/adversarial")}
+    worse = dict(pope, **{"pope/random": [{"c": 1, "y": 1}] * 50 + [{"c": 0, "y": 1}] * 50})
+    j = judge("answer", worse, pope)
+    assert j["broken"] == ["pope/random"] and not j["significant"]
+
+
+def test_rung_size_is_the_n_that_resolves_the_target_effect():
+    import numpy as np
+
+    from vlm_guard.tuning.profiles import full_rung_size, paired
+
+    # a 1/sqrt(n) law: the half-width at the computed n is about the target
+    rng = np.random.default_rng(0)
+    base = [{"c": int(x)} for x in rng.random(2400) < 0.8]
+    own = [{"c": b["c"] if rng.random() > 0.1 else 1 - b["c"]} for b in base]  # 10 % of answers flip
+    pilot = paired(own[:100], base[:100], "accuracy")
+    sizing = full_rung_size(100, [(pilot["high"] - pilot["low"]) / 2], 2400, target=2.0)
+    at_n = paired(own[:sizing["n"]], base[:sizing["n"]], "accuracy")
+    assert 1.4 <= (at_n["high"] - at_n["low"]) / 2 <= 2.6, (sizing, at_n)
+    assert full_rung_size(60, [1.0], 600)["n"] == 60                # never below the pilot
+    capped = full_rung_size(60, [10.0], 600)
+    assert capped["n"] == 600 and capped["capped"] and "capped" in capped["rule"]
+
+
+def test_ranking_prefers_the_cheaper_of_two_close_winners():
+    from vlm_guard.tuning.profiles import rank
+
+    def row(label, gain, passes, significant=True, kept=True):
+        return {"label": label, "passes": passes, "judgement": {"gain": gain, "significant": significant, "kept": kept}}
+
+    rows = [row("contrast", 3.0, 2), row("attention", 2.7, 1), row("big", 5.0, 2, kept=False), row("ns", 4.0, 1, False)]
+    assert [r["label"] for r in rank(rows)] == ["attention", "contrast"]
+
+
+def test_pai_attention_only_runs_one_forward_per_token():
+    """gamma=1 switches PAI's contrast off and skips its image-free pass: as many forwards as the plain model."""
+    from vlm_guard.tuning.space import Candidate, forward_passes
+
+    model = tiny_model("llava")
+    processor = None
+    batch = build_batch(model, [(True, 5)])
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    try:
+        counts = {}
+        for name, config in (("plain", None), ("attention", GuardConfig(pai=PAIConfig(alpha=0.2, gamma=1.0))),
+                             ("released", GuardConfig(pai=PAIConfig(alpha=0.2, gamma=1.1)))):
+            guarded = vlm_guard.wrap(model, processor, config)
+            try:
+                calls.clear()
+                with torch.no_grad():
+                    guarded.generate(**batch, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+                counts[name] = len(calls)
+            finally:
+                guarded.unwrap()
+    finally:
+        handle.remove()
+    assert counts["attention"] == counts["plain"] and counts["released"] > counts["plain"], counts
+    assert forward_passes(Candidate({"pai": {"alpha": 0.2, "gamma": 1.0}})) == 1
+    assert forward_passes(Candidate({"pai": {"alpha": 0.0, "gamma": 1.1}})) == 2
+
+
+def test_profile_space_holds_method_parts_and_presets():
+    from vlm_guard.tuning.space import profile_candidates
+
+    caption = profile_candidates("caption", num_layers=30)
+    labels = [c.label for c in caption]
+    assert "pai alpha=0.2 gamma=1" in labels and "pai alpha=0.2 gamma=1.1" in labels   # attention half, whole PAI
+    assert "var preset=paper" in labels
+    var = next(c for c in caption if "var" in c.methods).guard_config().var
+    assert var.preset == "paper" and var.p == 0.6                                       # the preset's own values
+    assert "pai alpha=0 gamma=1.1" in [c.label for c in profile_candidates("answer", num_layers=30)]  # contrast half
+    with pytest.raises(ValueError, match="unknown task profile 'vqa'"):
+        profile_candidates("vqa", num_layers=30)
+
+
+def test_profile_tuning_confirms_on_a_separate_split_and_resumes(tmp_path, monkeypatch):
+    """A small run on the fixture: the table has pilot/full rows with intervals, the map loads with both profiles,
+    and a rerun of the same command generates nothing new (everything is read back from the states)."""
+    from vlm_guard.defaults import load_fixture
+    from vlm_guard.tuning import profiles
+
+    model, processor = load_fixture()
+    guarded = vlm_guard.wrap(model, processor)
+    head_map = guarded.head_map
+    guarded.unwrap()
+    kwargs = dict(out_dir=tmp_path / "map", n_items=12, pilot_items={"caption": 6, "answer": 6}, batch_size=6,
+                  world="shapes", progress=False)
+    first = profiles.tune_profiles(model, processor, head_map, **kwargs)
+    assert set(first["profiles"]) == {"caption", "answer"}
+    for section in first["profiles"].values():
+        rungs = {row["rung"] for row in section["table"]}
+        assert "pilot" in rungs and all({"diff", "low", "high", "n"} <= set(r["judgement"]["objective"]) for r in section["table"])
+        assert section["rungs"]["sizing"]["rule"].startswith("n = 6 * (")
+    assert first["confirmation_data"]["world_seed"] == profiles.CONFIRM_SEED != first["tuning_data"]["world_seed"]
+    loaded = HeadMap.from_pretrained(tmp_path / "map")
+    assert loaded.tuned["profiles"].keys() == first["profiles"].keys()
+    assert "### Profile `caption`" in (tmp_path / "map" / "tuning.md").read_text()
+    from vlm_guard.tuning import search
+
+    monkeypatch.setattr(search._Search, "_run_batch", lambda *a, **k: pytest.fail("a resumed run generated again"))
+    again = profiles.tune_profiles(model, processor, head_map, **kwargs)
+    assert {p: s["table"] for p, s in again["profiles"].items()} == {p: s["table"] for p, s in first["profiles"].items()}

@@ -1,8 +1,9 @@
 """``vlm-guard caption``: the plain and the guarded caption of one image, side by side.
 
 Example:
-    vlm-guard caption                                   # a bundled example, shipped default model, tuned methods
+    vlm-guard caption                                   # a bundled example, shipped default model, the caption profile
     vlm-guard caption --all-examples --check            # every bundled example, hallucinations counted
+    vlm-guard caption vlm_guard/assets/examples/scene005_no_toothpaste.png --check
     vlm-guard caption photo.jpg --methods vhr,gift --check
     vlm-guard caption photo.jpg --model llava-hf/llava-1.5-7b-hf --compare
 """
@@ -14,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from .arguments import add_allow_pickle_argument
+from .arguments import add_allow_pickle_argument, int_range
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
                         "for the shapes test fixture)")
     parser.add_argument("--methods", default="auto",
                         help="vhr,var,gift,pai,vcd | all (vhr,var,gift) | none | auto (default: the set `vlm-guard tune` chose "
-                        "for this model, else PAI at its released settings)")
+                        "for this model's caption profile, else PAI at its released settings)")
     parser.add_argument("--compare", action="store_true", help="also caption with each method alone")
     parser.add_argument("--all-examples", action="store_true",
                         help="caption every bundled example and count hallucinated objects, plain vs guarded")
@@ -40,8 +41,10 @@ def register(subparsers) -> None:
                         "(e.g. ViT-B-32:laion2b_s34b_b79k; the weights must be available locally). "
                         "Default: the shipped checker, trained on the synthetic world")
     parser.add_argument("--head-map", help="head map folder from `vlm-guard calibrate` (default: the cache)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int_range(1, 4096), default=None,
+                        help="generation budget in tokens, 1..4096 (default: the world's caption budget, as in the "
+                             "benchmark: 120 for the default model, 48 for the shapes fixture; 64 for other models)")
+    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     add_allow_pickle_argument(parser)
@@ -90,11 +93,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..models.loading import load_model
 
-    if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
+    if args.max_new_tokens is not None and (args.max_new_tokens < 1 or args.max_new_tokens > 4096):
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is out of range; allowed range is [1, 4096]")
-    from ..tuning.settings import AUTO, default_methods
+    from ..tuning.settings import default_methods, parse_auto
 
-    auto = args.methods.strip().lower() == AUTO
+    auto, task = parse_auto(args.methods)
+    task = task or TASK
     config = None if auto else GuardConfig.from_methods(args.methods)
     if args.all_examples and args.image:
         raise ValueError(f"--all-examples captions the bundled examples; drop the image argument {args.image!r} or the flag")
@@ -114,10 +118,13 @@ def run(args: argparse.Namespace) -> int:
         from ..heads.head_map import HeadMap
 
         head_map = HeadMap.from_pretrained(args.head_map)
-    guarded = vlm_guard.wrap(model, processor, AUTO if auto else config, head_map=head_map)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = world.caption_tokens if args.model is None else 64
+    # a caption is a free-form description: the head map's caption profile fills the unset fields
+    guarded = vlm_guard.wrap(model, processor, f"auto:{task}" if auto else config, head_map=head_map, task=task)
     config = guarded.guard_config
     if auto:
-        methods, reason = default_methods(guarded.head_map)
+        methods, reason = default_methods(guarded.head_map, task)
         print(f"methods: {','.join(methods) or 'none'} ({reason})")
         if not methods:
             print("  so the guarded caption is the plain one; the tuning table (`vlm-guard heads show` on the model's head "
@@ -125,12 +132,14 @@ def run(args: argparse.Namespace) -> int:
     for line in guarded.describe_settings():
         print(f"settings {line}")
     checker = _checker(args, world.name) if args.check else None
-    truth = _example_truth(world.name) if args.all_examples or args.image is None else {}
+    truth = _example_truth(world.name) if args.all_examples or args.image is None or args.check else {}
+    kinds = _example_kinds(world.name) if args.all_examples else {}
     totals: dict[str, list[int]] = {"plain": [0, 0], "guarded": [0, 0]}  # [flagged by the checker, not in the scene]
     print(f"prompt: {prompt}")
     for image, path in images:
         if args.all_examples:
-            print(f"\nimage: {path}")
+            kind = {"trap": " (the plain model hallucinates here)", "right": " (the plain model is right here)"}
+            print(f"\nimage: {Path(path).name}{kind.get(kinds.get(Path(path).name), '')}")
         rows = _rows(args, guarded, processor, config, image, prompt)
         width = max(len(name) for name, _, _ in rows)
         for name, text, seconds in rows:
@@ -142,17 +151,27 @@ def run(args: argparse.Namespace) -> int:
                 summary = ", ".join(f"{m.word} ({m.score:.2f})" for m in flagged) or "none"
                 print(f"flagged in {name}: {summary}")
                 totals[which][0] += len(flagged)
-            if Path(path).name in truth:
+            key = _truth_key(path, truth, args.image is not None, world.name)
+            if key is not None:
                 from ..eval.synthetic import score_synthetic_caption
 
-                record = score_synthetic_caption(text, truth[Path(path).name], world)
+                record = score_synthetic_caption(text, truth[key], world)
                 totals[which][1] += record["n_hallucinated"]
                 wrong = ", ".join(word for word, _ in record["hallucinated"]) or "none"
                 print(f"not in the scene ({name}): {wrong}")
+        if args.check and checker is None and _truth_key(path, truth, args.image is not None, world.name) is None:
+            print(f"not checked: {Path(path).name} is not a bundled example (no ground truth) and the shipped grounding "
+                  f"checker knows the shapes world only; pass --checker NAME:PRETRAINED to check a real image")
     if args.all_examples:
         print(f"\nall {len(images)} bundled examples: hallucinated object mentions (not in the scene's ground truth) "
               f"plain {totals['plain'][1]}, guarded {totals['guarded'][1]}"
               + (f"; flagged by the checker plain {totals['plain'][0]}, guarded {totals['guarded'][0]}" if checker else ""))
+    if auto:
+        from ..tuning.shipped import held_out_line
+
+        line = held_out_line(guarded.head_map, task, config, folder=args.head_map)
+        if line:
+            print(line)
     return 0
 
 
@@ -164,6 +183,44 @@ def _bundled_examples(world: str | None = None) -> list:
     if not paths:
         raise ValueError(f"no bundled examples in {folder}; reinstall vlm-guard with its package data")
     return [_load_image(str(path)) for path in paths]
+
+
+TASK = "caption"
+"""The task profile a caption runs with (:data:`vlm_guard.tuning.settings.PROFILES`)."""
+
+
+def _truth_key(path: str, truth: dict, given: bool, world: str | None = None) -> str | None:
+    """The bundled example ``path`` is (its file name when it lies in the examples folder, or when its bytes equal a
+    bundled example's: a copy), else None."""
+    name = Path(path).name
+    if not given:
+        return name if name in truth else None
+    from ..defaults import examples_dir
+
+    try:
+        folder = examples_dir(world)
+        if name in truth and Path(path).resolve().parent == folder.resolve():
+            return name
+        from ..fileio import sha256_file
+
+        digest = sha256_file(path)
+        return next((entry for entry in truth if (folder / entry).is_file() and sha256_file(folder / entry) == digest),
+                    None)
+    except (OSError, ValueError):
+        return None
+
+
+def _example_kinds(world: str | None = None) -> dict[str, str]:
+    """``{file name: "trap" | "right"}`` of the bundled examples that record how they were chosen."""
+    import json
+
+    from ..defaults import examples_dir
+
+    try:
+        entries = json.loads((examples_dir(world) / "examples.json").read_text())
+        return {entry["file"]: entry["kind"] for entry in entries if isinstance(entry, dict) and "kind" in entry}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _example_truth(world: str | None = None) -> dict[str, list[str]]:

@@ -474,7 +474,7 @@ def run_method_set(
     if label.endswith(TUNED_SUFFIX):
         from vlm_guard.tuning.settings import tuned_settings
 
-        tuned = tuned_settings(guarded.head_map)
+        tuned = tuned_settings(guarded.head_map, getattr(guarded, "task", None))
         if not getattr(guarded.head_map, "tuned", None):
             raise ValueError(f"method set {label!r} asks for tuned settings, but the head map has none; run "
                              "`vlm-guard tune` and pass the tuned head map (--head-map DIR)")
@@ -665,7 +665,9 @@ def run_benchmark(
         raise ValueError(f"a comparison needs greedy ('none') first as its baseline, got {method_sets}.")
     loader = loader or ImageLoader()
     prepare_processor(processor)
-    guarded = wrap(model, processor, None, head_map)
+    # the head map's task profile for "@tuned" rows: yes/no questions only -> "answer", else "caption"
+    profile = "answer" if tasks and all(task.kind == "pope" for task in tasks) else "caption"
+    guarded = wrap(model, processor, None, head_map, task=profile)
     for label in method_sets:
         guard_config_for(label)  # imports every method module now, so the digest below is of the code that runs
     run_config = {**dict(run_config or {}), "method_code": code_digest(), "max_unclear": max_unclear}

@@ -65,7 +65,10 @@ def profiles_markdown(tuned: dict) -> str:
         rungs = section.get("rungs", {})
         sizing = rungs.get("sizing", {})
         lines += [f"### Profile `{name}`: {section.get('description', '')}", "",
-                  f"Objective: {section.get('objective', '?')}.", "",
+                  f"Objective: {section.get('objective', '?')}."
+                  + (f" Tuning data: {section['tuning_data'].get('name')} ({section['tuning_data'].get('n_captions')} "
+                     f"captions, {section['tuning_data'].get('n_questions_per_split')} questions per POPE split "
+                     f"available)." if isinstance(section.get("tuning_data"), dict) else ""), "",
                   f"Shipped: **{', '.join(f'{m} ' + ', '.join(f'{k}={v}' for k, v in vals.items()) for m, vals in section.get('settings', {}).items()) or 'no method (greedy)'}** "
                   f"-- {section.get('decision', '')}", "",
                   f"Rungs: pilot {rungs.get('pilot')} items per task; full rung {rungs.get('full')} "
