@@ -267,3 +267,12 @@ def test_partner_slots_stop_before_the_next_objects_type():
             following = text[len(prefix):].split()[0]
             assert following in scene.types
     assert found > 10
+
+
+def test_cost_command_times_each_row_kind(tiny_lm):
+    from toyworld.v3.cost import measure
+
+    lm, tokenizer = tiny_lm
+    rows = measure(128, ["question", "detail"], batch=2, repeats=1, lm=lm, lm_tokenizer=tokenizer)
+    assert [r["kind"] for r in rows] == ["question", "detail"] and all(r["image_tokens"] == 64 for r in rows)
+    assert rows[0]["seq"] < rows[1]["seq"] and all(r["cpu_s"] >= 0 for r in rows)
