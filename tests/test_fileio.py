@@ -209,3 +209,17 @@ def test_atomic_folder_failed_swap_restores_the_previous_folder(tmp_path, monkey
             (temporary / "state.json").write_text("new")
     monkeypatch.undo()
     assert (target / "state.json").read_text() == "old" and _only(tmp_path) == ["checkpoint"]
+
+
+def test_temporaries_left_by_a_killed_writer_are_removed_later(tmp_path):
+    target = tmp_path / "head_map.json"
+    stale = tmp_path / f".head_map{fileio.TEMPORARY_MARK}dead0000.json"
+    fresh = tmp_path / f".head_map{fileio.TEMPORARY_MARK}live0000.json"  # maybe another writer's, still working
+    other = tmp_path / f".other{fileio.TEMPORARY_MARK}dead0000.json"
+    for path in (stale, fresh, other):
+        path.write_text("partial")
+    old = os.stat(stale).st_mtime - 2 * fileio.STALE_AFTER_S
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    atomic_write_json(target, {"x": 1})
+    assert _only(tmp_path) == sorted([fresh.name, other.name, "head_map.json"])

@@ -104,6 +104,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(temporary)
         raise
     _fsync_folder(target.parent)
+    _remove_stale_temporaries(target)
+
+
+STALE_AFTER_S = 3600.0
+"""A temporary file of a target older than this was left by a killed process (no write takes an hour)."""
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporary files of ``target`` that a killed writer left behind (``kill -9`` skips every cleanup)."""
+    import time
+
+    cutoff = time.time() - STALE_AFTER_S
+    pattern = f".{target.stem}{TEMPORARY_MARK}*{target.suffix}"
+    for leftover in target.parent.glob(pattern):
+        with contextlib.suppress(OSError):
+            if leftover.is_file() and leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,11 @@ A :class:`HeadMap` holds, for one model (identified by its fingerprint, ``adapte
 
 On disk a head map is a folder with ``head_map.json`` (readable; everything but the large tensors)
 and ``head_map.safetensors`` (the ``[L, H]`` tensors and the ``[M]`` sink-dimension profile); never
-pickle. ``calibrate`` also writes the PNG plots there (:mod:`vlm_guard.heads.plots`).
+pickle. ``calibrate`` also writes the PNG plots there (:mod:`vlm_guard.heads.plots`). The two files are a bound
+pair: :meth:`HeadMap.save_pretrained` writes both under temporary names and then renames them, and the JSON records
+the tensors file's SHA-256 (``tensors_sha256``), which :meth:`HeadMap.from_pretrained` checks; every JSON field is
+checked against its schema on reading (:mod:`vlm_guard.heads.head_map_schema`), with one line naming the file and
+the field.
 
 Identity: the fingerprint holds the family, class and geometry of the model plus the digests of its
 config and weights (:mod:`vlm_guard.models.fingerprint`). :meth:`HeadMap.check_compatible` refuses a
