@@ -135,7 +135,7 @@ def ship_checker(folder: str | Path) -> Path:
         for name in ("open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json"):
             shutil.copyfile(folder / name, staged / name)
         report = evaluate_checker(GroundingChecker.from_folder(staged))
-        atomic_write_json(staged / "checker_report.json", report, indent=1)
+        atomic_write_json(staged / "checker_report.json", report, indent=1, allow_nan=True)
     return DEFAULT_CHECKER_DIR
 
 

@@ -287,11 +287,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
                              "the same settings (only stages not yet reached may change) or choose another --out")
         if changed:
             logger.info("extending the run: %s", {k: new_config[k] for k in changed})
-            atomic_write_json(out / "train_config.json", new_config, indent=1)
+            atomic_write_json(out / "train_config.json", new_config, indent=1, allow_nan=True)
         state = _load_checkpoint(checkpoint, model, heads)
         logger.info("resuming at stage %s step %d", state["stage"], state["step"])
     else:
-        atomic_write_json(out / "train_config.json", config.to_dict(), indent=1)
+        atomic_write_json(out / "train_config.json", config.to_dict(), indent=1, allow_nan=True)
 
     start_stage = STAGES.index(state["stage"])
     steps_this_call = 0
@@ -361,7 +361,7 @@ def export(model, processor, path: Path, extra: dict | None = None) -> None:
         processor.save_pretrained(str(folder))
         make_portable(folder)
         if extra is not None:
-            atomic_write_json(folder / "training_log.json", extra, indent=1)
+            atomic_write_json(folder / "training_log.json", extra, indent=1, allow_nan=True)  # a diverged loss is NaN
 
 
 def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -269,13 +269,13 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
                              "with the same settings (only step counts of stages not finished may change)")
         if changed:
             logger.info("changed on resume: %s", {k: current[k] for k in changed})
-            atomic_write_json(out / "train_config.json", current, indent=1)
+            atomic_write_json(out / "train_config.json", current, indent=1, allow_nan=True)
         load_trainable_state(model, heads, load_file(str(checkpoint / "trainable.safetensors")))
         state = json.loads((checkpoint / "state.json").read_text())
         state.pop("param_groups", None)
         logger.info("resuming at stage %s step %d", state["stage"], state["step"])
     else:
-        atomic_write_json(out / "train_config.json", config.to_dict(), indent=1)
+        atomic_write_json(out / "train_config.json", config.to_dict(), indent=1, allow_nan=True)
 
     steps_this_call = 0
     for stage in STAGES[STAGES.index(state["stage"]):]:
