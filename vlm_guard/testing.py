@@ -674,3 +674,66 @@ def tiny_tokenizer():
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+# ------------------------------------------------------------------------------ float comparisons on any CPU
+ROUNDING_SAFETY = 16.0
+"""Safety factor of :func:`rounding_tolerance` over the expected rounding (another CPU's vector width, a thread count
+or a chunking that sums in another order moves a float32 result by a few ``eps * sqrt(n)``; 16 covers them with room,
+and stays far below any method's effect)."""
+
+
+def forward_reduction(model) -> int:
+    """How many terms a forward pass of ``model`` sums into one output value, for :func:`rounding_tolerance`: the text
+    model's hidden size times its decoder layers plus one (each layer's projections sum over the hidden size and add to
+    the residual stream).
+
+    Example:
+        >>> forward_reduction(tiny_model("llava"))  # hidden size 64, 4 layers
+        320
+    """
+    config = getattr(model, "config", model)
+    text = getattr(config, "text_config", None) or config
+    return int(text.hidden_size) * (int(text.num_hidden_layers) + 1)
+
+
+def rounding_tolerance(reference, reduction: int = 1, safety: float = ROUNDING_SAFETY, dtype=None) -> float:
+    """An absolute tolerance for two computations of the same values that differ only in rounding (summation order,
+    kernels, chunking, threads, another CPU): ``safety * eps(dtype) * magnitude * sqrt(reduction)``.
+
+    Args:
+        reference: the expected values; ``magnitude`` is their largest finite absolute value, at least 1 (values near 0
+            carry the rounding of the larger terms they come from; attention weights and normalised scores are <= 1).
+        reduction: terms summed into each value along the computation (keys x head dim, a model's
+            :func:`forward_reduction`, ...).
+        safety: factor over the expected rounding (:data:`ROUNDING_SAFETY`).
+        dtype: whose ``eps`` (default: the reference's floating dtype, float32 for other tensors).
+
+    Example:
+        >>> round(rounding_tolerance(torch.tensor([0.5, -4.0]), reduction=100), 9)  # 16 * 1.19e-7 * 4 * 10
+        7.6294e-05
+    """
+    values = torch.as_tensor(reference)
+    if dtype is None:
+        dtype = values.dtype if values.is_floating_point() else torch.float32
+    values = values.detach().double()
+    finite = values[torch.isfinite(values)]
+    magnitude = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    return float(safety * torch.finfo(dtype).eps * magnitude * max(1, int(reduction)) ** 0.5)
+
+
+def assert_close_scaled(actual, expected, reduction: int = 1, safety: float = ROUNDING_SAFETY, msg=None) -> None:
+    """``torch.testing.assert_close`` with ``atol = rounding_tolerance(expected, reduction, safety)`` and ``rtol = 0``,
+    in the lower precision of the two (a float64 reference is compared at the other's ``eps``); infinities and NaNs
+    must match exactly.
+
+    Example:
+        >>> assert_close_scaled(torch.tensor([1.0 + 1e-6]), torch.tensor([1.0]), reduction=4)
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    dtype = actual.dtype if actual.is_floating_point() else torch.float32
+    if expected.is_floating_point() and torch.finfo(expected.dtype).eps > torch.finfo(dtype).eps:
+        dtype = expected.dtype
+    atol = rounding_tolerance(expected, reduction, safety, dtype)
+    torch.testing.assert_close(actual.to(expected.dtype) if actual.dtype != expected.dtype else actual, expected,
+                               atol=atol, rtol=0.0, equal_nan=True, msg=msg)

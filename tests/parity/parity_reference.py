@@ -112,7 +112,7 @@ class EagerHarness:
         """Last-position logits ``[V]`` of one full forward."""
         self.edits = edits or Edits()
         try:
-            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
+            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False, "logits_to_keep": 1}
             if pixel_values is not None:
                 inputs["pixel_values"] = pixel_values
             return self.model(**inputs).logits[0, -1].float()
@@ -307,6 +307,18 @@ def contrast(logits: torch.Tensor, other: torch.Tensor, weight: float, plausibil
     return out.masked_fill(logits < cutoff, float("-inf"))
 
 
+def repetition_penalised(logits: torch.Tensor, sequence: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """transformers' repetition penalty: the scores of tokens already in ``sequence`` (prompt included) divided by
+    ``penalty`` where positive, multiplied where negative."""
+    if penalty is None:
+        return logits
+    seen = torch.unique(sequence[0])
+    picked = logits[seen]
+    out = logits.clone()
+    out[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return out
+
+
 def vcd_noised(pixel_values: torch.Tensor, noise_step: int, seed: int = 0) -> torch.Tensor:
     """The released ``add_diffusion_noise`` (sigmoid schedule, 1000 steps) with the noise drawn from a
     seeded generator, one ``[C, H, W]`` pattern per image (vlm_guard's reproducible choice; the released
@@ -319,11 +331,16 @@ def vcd_noised(pixel_values: torch.Tensor, noise_step: int, seed: int = 0) -> to
 
 # ---------------------------------------------------------------------------------------------- decoding
 def decode(harness: EagerHarness, method: str, preset: str, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-           prompt: Prompt, plan: dict, steps: int, forced: list[int] | None = None) -> tuple[list[torch.Tensor], list[int]]:
+           prompt: Prompt, plan: dict, steps: int, forced: list[int] | None = None,
+           repetition_penalty: float | None = None, penalty_effect: list | None = None) -> tuple[list[torch.Tensor], list[int]]:
     """Reference greedy decoding: ``steps`` next-token score vectors (prefill first) and the tokens.
 
     ``plan`` holds the model-specific parts (layers, sink dims, tau, ...); ``forced`` feeds given tokens
-    instead of the argmax (to follow a sampled run).
+    instead of the argmax (to follow a sampled run). ``repetition_penalty``: transformers' processor, where the
+    released codes have it: PAI's contrast is a logits processor given to ``generate`` (``CFGLogits``), so it runs
+    after transformers' own processors, on the penalised scores (the image-free scores are not penalised); VCD
+    contrasts the raw logits in its own sampling loop and passes the contrast to the processors. ``penalty_effect``
+    (a list) receives, per step, how far the penalty moved the scores (``inf`` where it changed the plausible set).
     """
     settings = SETTINGS[preset].get(method, {})  # "plain": no method
     num_layers = len(harness.layers)
@@ -349,12 +366,24 @@ def decode(harness: EagerHarness, method: str, preset: str, input_ids: torch.Ten
     noised = vcd_noised(pixel_values, settings["noise_step"]) if method == "vcd" else None
     for step in range(steps):
         logits = harness.logits(sequence, pixel_values, edits)
+        raw = logits
         if method == "pai":
             keep = [i for i in range(sequence.shape[1]) if not prompt.image_start <= i < prompt.image_end]
             text_logits = harness.logits(sequence[:, keep], None)
-            logits = contrast(logits, text_logits, settings["gamma"] - 1, settings["plausibility"], log_space=True)
+            final = lambda penalty: contrast(repetition_penalised(raw, sequence, penalty), text_logits,  # noqa: E731
+                                             settings["gamma"] - 1, settings["plausibility"], log_space=True)
         elif method == "vcd" and (settings["contrast_greedy"] or forced is not None):
-            logits = contrast(logits, harness.logits(sequence, noised), settings["alpha"], settings["plausibility"], log_space=False)
+            noised_logits = harness.logits(sequence, noised)
+            final = lambda penalty: repetition_penalised(  # noqa: E731
+                contrast(raw, noised_logits, settings["alpha"], settings["plausibility"], log_space=False), sequence, penalty)
+        else:
+            final = lambda penalty: repetition_penalised(raw, sequence, penalty)  # noqa: E731
+        logits = final(repetition_penalty)
+        if penalty_effect is not None:
+            without = final(None)
+            both = torch.isfinite(logits) & torch.isfinite(without)
+            moved = float((logits[both] - without[both]).abs().max()) if bool(both.any()) else 0.0
+            penalty_effect.append(float("inf") if not torch.equal(torch.isinf(logits), torch.isinf(without)) else moved)
         scores.append(logits)
         token = forced[step] if forced is not None else int(logits.argmax())
         tokens.append(token)
