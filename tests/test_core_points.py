@@ -7,7 +7,7 @@ import torch
 
 import vlm_guard
 from vlm_guard.decoding.base import Intervention
-from vlm_guard.testing import build_batch, tiny_model
+from vlm_guard.testing import assert_close_scaled, build_batch, forward_reduction, tiny_model
 
 ROWS = [(True, 5), (False, 3), (True, 9)]
 LAYER = 1
@@ -184,4 +184,4 @@ def test_grouped_query_attention_rows_match_sdpa():
     guarded = vlm_guard.wrap(model)
     with torch.no_grad(), guarded.interventions_active([Identity("weights")]):
         logits = guarded.model(**inputs).logits
-    assert torch.allclose(logits, plain, atol=1e-5)
+    assert_close_scaled(logits, plain, reduction=forward_reduction(model))

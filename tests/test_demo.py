@@ -33,6 +33,7 @@ from vlm_guard.demo.session import (  # noqa: E402
 from vlm_guard.grounding import Mention  # noqa: E402
 from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor  # noqa: E402
 from vlm_guard.toyworld.world import World, caption, render  # noqa: E402
+from vlm_guard.testing import assert_close_scaled, forward_reduction  # noqa: E402
 
 SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
                     text_hidden=48, text_layers=4, text_heads=4, text_intermediate=96, max_positions=128)
@@ -212,7 +213,7 @@ def test_live_recording_matches_teacher_forced_recording(session, example_dir):
     plain run's teacher-forced rows token by token (checks the row/token alignment of both paths)."""
     run = session.run(str(example_dir / "scene_1.png"), "describe the image", {}, max_new_tokens=6)
     assert run.guarded.token_ids == run.plain.token_ids
-    np.testing.assert_allclose(run.guarded.attention, run.plain.attention, atol=1e-5)
+    assert_close_scaled(run.guarded.attention, run.plain.attention, reduction=forward_reduction(session.model))
     assert any("No method is switched on" in note for note in run.notes)
 
 
@@ -408,7 +409,7 @@ def test_demo_runs_qwen_families(family):
     run = demo_session.run(image, "describe the image", {}, max_new_tokens=5)
     assert run.guarded.token_ids == run.plain.token_ids and run.plain.num_tokens == 5
     assert run.grid is not None and run.plain.attention.shape == (5, 4, run.grid.size)
-    np.testing.assert_allclose(run.guarded.attention, run.plain.attention, atol=1e-5)
+    assert_close_scaled(run.guarded.attention, run.plain.attention, reduction=forward_reduction(model))
     assert run.plain.tvhd is not None and run.plain.tvhd.shape == (5,)
     guarded = demo_session.run(image, "describe the image", {"vhr": 2.0}, max_new_tokens=5)
     assert guarded.guarded.methods == ["vhr"] and guarded.guarded.num_tokens == 5
