@@ -274,3 +274,16 @@ def test_shipping_a_checker_that_fails_keeps_the_shipped_one(tmp_path, monkeypat
         train.ship_checker(DEFAULT_CHECKER_DIR)
     assert {name: (shipped / name).read_bytes() for name in _names(shipped)} == before
     assert _names(tmp_path) == ["checker"]
+
+
+@pytest.mark.parametrize("spec", [None, {"no_such_field": 1}, [1, 2]])
+def test_a_damaged_v2_spec_is_one_line(tmp_path, spec):
+    from vlm_guard.toyworld.everyday.assemble import CONFIG_FILE, WEIGHTS_FILE, build_assembled
+
+    folder = tmp_path / "v2"
+    folder.mkdir()
+    fileio.atomic_save_safetensors({"w": __import__("torch").zeros(2)}, folder / WEIGHTS_FILE)
+    fileio.atomic_write_json(folder / CONFIG_FILE, {} if spec is None else {"spec": spec})
+    with pytest.raises(ValueError) as error:
+        build_assembled(folder, lm=object(), lm_tokenizer=object())
+    assert str(error.value).startswith(f"{folder / CONFIG_FILE}: field spec is not a v2 model spec")

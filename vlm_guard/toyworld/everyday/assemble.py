@@ -66,7 +66,11 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
             raise ValueError(f"{weights_dir}: {WEIGHTS_FILE} is not the weights file {CONFIG_FILE} was written with "
                              "(field weights_sha256; an interrupted or mixed copy); export the model again with "
                              "`vlm-guard toy v2-export`")
-    spec = V2Spec(**meta["spec"])
+    try:
+        spec = V2Spec(**meta["spec"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{weights_dir / CONFIG_FILE}: field spec is not a v2 model spec ({error}); export the model "
+                         "again with `vlm-guard toy v2-export`") from None
     if lm is None:
         lm, lm_tokenizer = load_language_model()
     processor = build_processor(lm_tokenizer, spec)
