@@ -187,3 +187,21 @@ def test_number_type_describes_its_range():
     with pytest.raises(argparse.ArgumentTypeError, match="is not a number in"):
         float_range(0.0, 1.0)("nan")
     assert math.isfinite(positive_float("1e300"))
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["eval", "synthetic", "--out", "{tmp}/o.jsonl", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
+    (["eval", "synthetic", "--out", "{tmp}/o.jsonl", "--head-map", "{tmp}"], "holds no head_map.json or head_map.safetensors"),
+    (["tune", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
+    (["demo", "--head-map", "{tmp}/no_map", "--port", "1"], "--head-map {tmp}/no_map: no such folder"),
+    (["tune", "--pope", "{tmp}/missing_random.json"], "--pope {tmp}/missing_random.json: no such file"),
+    (["tune", "--images", "{tmp}/no_images", "--instances", "{tmp}/i.json"], "--instances {tmp}/i.json: no such file"),
+    (["calibrate", "--images", "{tmp}/empty", "--out", "{tmp}/map"], "the folder holds no file ending in"),
+])
+def test_missing_inputs_are_refused_before_the_model_loads(command, shown, tmp_path, capsys, no_model_load):
+    (tmp_path / "empty").mkdir()
+    argv = [part.format(tmp=tmp_path) for part in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert shown.format(tmp=tmp_path) in err, err

@@ -64,14 +64,15 @@ class Number:
     def describe(self) -> str:
         """``"an integer >= 1"``, ``"a number in (0, 1]"``."""
         what = "an integer" if self.kind is int else "a number"
+        shown = (lambda value: str(int(value))) if self.kind is int else (lambda value: f"{value:g}")
         low, high = self.minimum, self.maximum
         if low is not None and high is not None:
-            text = (f"{what} in {'(' if self.strict_minimum else '['}{low:g}, {high:g}"
+            text = (f"{what} in {'(' if self.strict_minimum else '['}{shown(low)}, {shown(high)}"
                     f"{')' if self.strict_maximum else ']'}")
         elif low is not None:
-            text = f"{what} {'>' if self.strict_minimum else '>='} {low:g}"
+            text = f"{what} {'>' if self.strict_minimum else '>='} {shown(low)}"
         elif high is not None:
-            text = f"{what} {'<' if self.strict_maximum else '<='} {high:g}"
+            text = f"{what} {'<' if self.strict_maximum else '<='} {shown(high)}"
         else:
             text = f"a finite {'integer' if self.kind is int else 'number'}"
         return text + (f" ({self.note})" if self.note else "")

@@ -92,6 +92,22 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     return out
 
 
+def check_head_map_folder(path: str | os.PathLike | None, flag: str = "--head-map") -> Path | None:
+    """A ``--head-map`` folder that holds a head map's two files (read fully later, with the model), else a
+    one-line error now, before the model loads."""
+    if path is None:
+        return None
+    folder = Path(path).expanduser()
+    shown = display_name(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {shown}: no such folder; pass the --out folder of `vlm-guard calibrate`.")
+    missing = [name for name in ("head_map.json", "head_map.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{flag} {shown} holds no {' or '.join(missing)}; pass the --out folder of "
+                                f"`vlm-guard calibrate`.")
+    return folder
+
+
 def _file_kind(path: Path) -> str:
     import stat
 
@@ -148,4 +164,4 @@ def check_port(host: str, port: int, flag: str = "--port") -> int:
     return port
 
 
-__all__ = ["model_load_error", "check_device", "check_model_argument", "check_output_file", "check_output_folder", "check_port"]
+__all__ = ["model_load_error", "check_device", "check_head_map_folder", "check_model_argument", "check_output_file", "check_output_folder", "check_port"]

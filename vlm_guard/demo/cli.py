@@ -107,10 +107,11 @@ def run_demo(args: argparse.Namespace) -> int:
         limits = build_limits(args)
     except ValueError as error:
         raise UserError(str(error)) from error
-    from ..commands.checks import check_device, check_model_argument, check_port
+    from ..commands.checks import check_device, check_head_map_folder, check_model_argument, check_port
 
     check_device(args.device)  # before the model loads: one line, not a traceback
     check_model_argument(args.model)
+    check_head_map_folder(args.head_map)
     check_port(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from .tempfiles import owned_temp_dir

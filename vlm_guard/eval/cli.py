@@ -275,7 +275,7 @@ def _check_out_first(args) -> None:
 def _execute(args, tasks, loader, run_config: dict) -> int:
     import torch
 
-    from vlm_guard.commands.checks import check_device, check_model_argument, check_output_file
+    from vlm_guard.commands.checks import check_device, check_head_map_folder, check_model_argument, check_output_file
     from vlm_guard.eval.runner import results_paths
 
     if args.threads:
@@ -286,6 +286,7 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
         check_output_file(results_paths(args.out, label if args.compare else None)[0])
     check_device(args.device)
     check_model_argument(args.model)
+    check_head_map_folder(args.head_map)
     from vlm_guard.parallel import data_parallel
 
     parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
@@ -300,6 +301,7 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
     from vlm_guard.defaults import default_model_dir
     from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
 
+    head_map = _load_head_map(args)  # a corrupt map: refused before the model loads
     try:
         model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code,
                                                   dtype=args.dtype, device=parallel.device(args.device),
@@ -310,7 +312,7 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
                   "weights_sha256_16": weights_digest(args.model or default_model_dir()),
                   "head_map_dir": args.head_map, **run_config}
     result = run_benchmark(
-        model, processor, tasks, method_sets, args.out, loader=loader, head_map=_load_head_map(args),
+        model, processor, tasks, method_sets, args.out, loader=loader, head_map=head_map,
         batch_size=args.batch_size, seed=args.seed, n_resamples=args.n_resamples, progress=not args.no_progress,
         run_config=run_config, compare=bool(args.compare),
         fingerprint_extra={key: run_config[key] for key in FINGERPRINT_KEYS if key in run_config},

@@ -89,15 +89,15 @@ def run(args: argparse.Namespace) -> int:
 
     from .search import file_tuning_data, synthetic_tuning_data
 
-    from ..commands.checks import check_device, check_model_argument, check_output_file, check_output_folder
+    from ..commands.checks import (check_device, check_head_map_folder, check_model_argument, check_output_file,
+                                   check_output_folder)
 
     # numbers were checked by the parser; the places and names here, before the data and the model load
     if args.out:
         check_output_folder(args.out)
     if args.state:
         check_output_file(args.state, "--state")
-    if args.head_map and not Path(args.head_map).expanduser().is_dir():
-        raise FileNotFoundError(f"--head-map {args.head_map}: no such folder; pass the --out folder of `vlm-guard calibrate`")
+    check_head_map_folder(args.head_map)
     for flag, path in (("--instances", args.instances), ("--captions", args.captions), *(("--pope", p) for p in args.pope or ())):
         if path and not Path(path).expanduser().is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
