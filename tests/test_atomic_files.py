@@ -148,7 +148,7 @@ def test_a_malformed_digest_is_refused(head_map, tmp_path, digest):
         (folder / JSON_FILE).write_text(json.dumps(data))
         assert HeadMap.from_pretrained(folder) == head_map
         return
-    with pytest.raises(HeadMapFileError, match=f"{JSON_FILE} has {TENSORS_DIGEST_KEY}"):
+    with pytest.raises(HeadMapFileError, match=f"{JSON_FILE}: field {TENSORS_DIGEST_KEY} is "):
         HeadMap.from_pretrained(folder)
 
 

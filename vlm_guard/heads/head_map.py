@@ -614,8 +614,8 @@ def _check_tensors_digest(directory: Path, data: dict, tensor_path: Path) -> Non
     if expected is None:
         return
     if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
-        raise HeadMapFileError(f"{directory / JSON_FILE} has {TENSORS_DIGEST_KEY}={str(expected)[:80]!r}, not a SHA-256 "
-                               "hex digest; the head map is corrupt: re-run `vlm-guard calibrate`.")
+        raise HeadMapFileError(f"{directory / JSON_FILE}: field {TENSORS_DIGEST_KEY} is {json.dumps(expected)[:80]}, not "
+                               "a SHA-256 hex digest; the head map is corrupt or was edited: re-run `vlm-guard calibrate`.")
     actual = sha256_file(tensor_path)
     if actual != expected:
         raise HeadMapFileError(
