@@ -51,3 +51,22 @@ def test_checker_flags_absent_objects_more_than_present_ones(checker):
 def test_checker_rejects_bad_prompt(checker):
     with pytest.raises(ValueError, match="prompt"):
         GroundingChecker(checker.model, checker.preprocess, checker.tokenize, OBJECT_TYPES, prompt="a photo")
+
+
+def test_the_shipped_checker_knows_only_the_shapes_world(checker):
+    assert checker.world == "shapes"
+    assert checker.knows_world("shapes") and not checker.knows_world("everyday") and not checker.knows_world(None)
+
+
+def test_truth_mentions_judge_a_caption_against_the_examples_objects():
+    from vlm_guard.grounding import TRUTH, truth_mentions
+    from vlm_guard.toyworld.worlds import world_kind
+
+    everyday = world_kind("everyday")
+    mentions = truth_mentions("A white fork and a red cup, and a knife.", ["fork", "cup"], everyday.mentions_with_words)
+    assert [(m.word, m.object, m.flagged, m.source) for m in mentions] == [
+        ("fork", "fork", False, TRUTH), ("cup", "cup", False, TRUTH), ("knife", "knife", True, TRUTH)]
+    assert [m.score for m in mentions] == [1.0, 1.0, 0.0]
+    # without a world parser: the vocabulary and the objects
+    assert [(m.object, m.flagged) for m in truth_mentions("two houses and a tree", ["house"], vocabulary=OBJECT_TYPES)] == [
+        ("house", False), ("tree", True)]

@@ -44,6 +44,8 @@ CSS = """
 .vlm-guard-answer { min-height: 6em; }
 .vlm-guard-answer .textfield .token { cursor: pointer; }
 .vlm-guard-swatch { padding: 0 0.35em; border-radius: 3px; }
+#examples-gallery .caption-label { white-space: normal; overflow: visible; max-width: none;
+                                   left: var(--block-label-margin); text-overflow: clip; }
 """
 
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif")
@@ -56,6 +58,8 @@ INTRO = ("# vlm-guard: plain vs guarded answers\n"
          "model say. Click any word of an answer (or move the token slider) to see where it looked in the image.")
 
 NO_RESULT = "Pick an example or upload an image, then press **Generate**."
+GALLERY_COLUMNS = 3
+"""Thumbnails per gallery row: wide enough for each example's short label (its objects) to show whole."""
 RESULT_COUNT = 10
 """Outputs that show one run: run state, plain header/answer, guarded header/answer, answer radio, token
 slider, heatmap, token info, saliency (see :meth:`DemoHandlers.cleared_result`)."""
@@ -63,9 +67,9 @@ slider, heatmap, token info, saliency (see :meth:`DemoHandlers.cleared_result`).
 
 def legend_html() -> str:
     """The colour legend of the answers (every word is clickable; colours mark the checker's verdicts)."""
-    meaning = {LABEL_FLAGGED: "the grounding checker finds no such object in the image",
+    meaning = {LABEL_FLAGGED: "an object that is not in the image (a bundled example's ground truth, else the checker)",
                LABEL_LOW_TVHD: "the token leaned little on the image (low T-VHD)",
-               LABEL_GROUNDED: "an object the checker finds in the image"}
+               LABEL_GROUNDED: "an object that is in the image"}
     items = " · ".join(
         f'<span class="vlm-guard-swatch" style="background:{HIGHLIGHT_COLOURS[label]}">{label}</span> {meaning[label]}'
         for label in (LABEL_FLAGGED, LABEL_LOW_TVHD, LABEL_GROUNDED)
@@ -82,6 +86,27 @@ def token_slider(count: int, value: int = 0) -> dict:
     if count > 1:
         return gr.update(minimum=0, maximum=count - 1, value=int(min(max(value, 0), count - 1)), step=1, interactive=True)
     return gr.update(minimum=0, maximum=1, value=0, step=1, interactive=False)
+
+
+def startup_lines(session: DemoSession) -> list[str]:
+    """The start line's Markdown bullets: which methods are on and why, and where every slider starts."""
+    default_methods, default_reason = session.default_methods()
+    on = ", ".join(name.upper() for name in default_methods) or "none"
+    lines = [f"- Methods on at start: {on} ({default_reason})."]
+    starts = []
+    for control in METHOD_CONTROLS:
+        if not session.availability[control.name].available:
+            continue
+        value, source = session.strength_default(control.name)
+        starts.append(f"{control.label} {control.strength_field} {value:g} ({source})")
+    if starts:
+        lines.append("- Sliders start at: " + "; ".join(starts) + ".")
+    return lines
+
+
+def warnings_markdown(lines: list[str]) -> str:
+    """The settings-warning box: one bullet per setting the tuning table measured as breaking the answers."""
+    return "\n".join(f"- ⚠ {line}" for line in lines)
 
 
 def _layer_choice(value: str | None) -> int | None:
@@ -163,6 +188,10 @@ class DemoHandlers:
         return text
 
     # ------------------------------------------------------------------ generation
+    def on_settings(self, *method_values) -> str:
+        """The methods changed: warn now about a setting the tuning table measured as breaking the answers."""
+        return warnings_markdown(self.session.setting_warnings(self.settings(method_values)))
+
     def settings(self, method_values: tuple) -> dict[str, float | None]:
         """``(on_1, strength_1, on_2, strength_2, ...)`` in :data:`METHOD_CONTROLS` order -> ``{method: strength or None}``."""
         result = {}
@@ -280,19 +309,17 @@ def build_app(session: DemoSession) -> gr.Blocks:
                    f"**caps:** {limits.max_upload_bytes // (1024 * 1024)} MB upload, {limits.max_image_pixels:,} pixels, "
                    f"{limits.max_new_tokens} new tokens"]
         startup += [f"- {note}" for note in session.notes]
-        default_methods, default_reason = session.default_methods()
+        default_methods, _ = session.default_methods()
         strengths = {control.name: session.strength_default(control.name) for control in METHOD_CONTROLS}
-        startup.append(f"- Methods on at start: {', '.join(default_methods) or 'none'} ({default_reason}); strengths: "
-                       + ", ".join(f"{name} {value:g} ({source})" for name, (value, source) in strengths.items()
-                                   if name in default_methods))
+        startup += startup_lines(session)
         gr.Markdown("\n".join(startup), elem_id="startup-notes")
 
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 if session.examples:
                     gallery = gr.Gallery(
-                        value=[(str(example.path), example.label) for example in session.examples],
-                        label="Bundled examples (click one)", columns=5, height=170, allow_preview=False,
+                        value=[(str(example.path), example.short_label) for example in session.examples],
+                        label="Bundled examples (click one)", columns=GALLERY_COLUMNS, height="auto", allow_preview=False,
                         interactive=False, elem_id="examples-gallery", object_fit="contain",
                     )
                 else:
@@ -317,10 +344,12 @@ def build_app(session: DemoSession) -> gr.Blocks:
                                 minimum=control.minimum, maximum=control.maximum, step=control.step,
                                 value=min(max(strengths[control.name][0], control.minimum), control.maximum),
                                 label=f"{control.label} {control.strength_field}",
-                                info=status.note or control.help, interactive=status.available, scale=4,
-                                elem_id=f"strength-{control.name}",
+                                info=status.note or f"{control.help}. Starts at: {strengths[control.name][1]}",
+                                interactive=status.available, scale=4, elem_id=f"strength-{control.name}",
                             )
                         method_inputs += [checkbox, slider]
+                settings_warning = gr.Markdown(handlers.on_settings(*_start_values(session, default_methods, strengths)),
+                                               elem_id="settings-warning")
                 max_tokens = gr.Slider(minimum=1, maximum=limits.max_new_tokens, step=1, value=limits.default_new_tokens,
                                        label="Max new tokens", elem_id="max-new-tokens")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate-btn")
@@ -370,6 +399,9 @@ def build_app(session: DemoSession) -> gr.Blocks:
         if gallery is not None:
             gallery.select(handlers.on_example, inputs=None, outputs=[*input_outputs, upload], concurrency_limit=4)
         upload.upload(handlers.on_upload, inputs=upload, outputs=[*input_outputs, upload], concurrency_limit=4)
+        for component in method_inputs:
+            component.change(handlers.on_settings, inputs=method_inputs, outputs=settings_warning, concurrency_limit=4,
+                             show_progress="hidden")
         generate.click(
             handlers.on_generate,
             inputs=[image_state, prompt, max_tokens, *method_inputs],
@@ -391,6 +423,15 @@ def build_app(session: DemoSession) -> gr.Blocks:
 
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
     return demo
+
+
+def _start_values(session: DemoSession, default_methods: list[str], strengths: dict) -> list:
+    """``(on_1, strength_1, ...)`` as the page starts."""
+    values = []
+    for control in METHOD_CONTROLS:
+        available = session.availability[control.name].available
+        values += [available and control.name in default_methods, strengths[control.name][0]]
+    return values
 
 
 def _word_click(handlers: DemoHandlers, which: str):

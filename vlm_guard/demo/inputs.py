@@ -184,6 +184,11 @@ class Example:
     def label(self) -> str:
         return f"{self.name}: {', '.join(self.objects)}" if self.objects else self.name
 
+    @property
+    def short_label(self) -> str:
+        """The gallery's caption: the name in words (``"fork without knife"``); the ground truth shows once picked."""
+        return self.name.replace("_", " ")
+
 
 def image_fingerprint(image: Image.Image) -> str:
     """SHA-256 of the RGB pixels and size: identifies an example however Gradio renamed its file."""

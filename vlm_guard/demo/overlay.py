@@ -180,22 +180,37 @@ def colour_scale(low: float, high: float, height: int, colormap: str = "inferno"
     return canvas
 
 
+PLACEHOLDER_FONT_SIZE = 18
+
+
+def wrap_words(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[list[tuple[int, str]]]:
+    """Lines of ``(x, word)`` fitting ``width`` pixels. Each word is placed on its own, one explicit gap (the width
+    of "n" in ``font``) after the previous one: the default font's space is too narrow to read as one."""
+    gap = max(4, round(draw.textlength("n", font=font)))
+    lines: list[list[tuple[int, str]]] = [[]]
+    x = 0
+    for word in text.split():
+        length = round(draw.textlength(word, font=font))
+        if lines[-1] and x + length > width:
+            lines.append([])
+            x = 0
+        lines[-1].append((x, word))
+        x += length + gap
+    return lines
+
+
 def placeholder(text: str, side: int = DISPLAY_SIDE) -> Image.Image:
-    """A grey square with a short note (for a map that does not exist for this run)."""
+    """A grey square with a short note (for a map that does not exist for this run), wrapped to its width."""
     canvas = Image.new("RGB", (side, side), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
-    lines, line = [], ""
-    for word in text.split():
-        if len(line) + len(word) + 1 > 36:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    lines.append(line)
-    y = side // 2 - 8 * len(lines)
-    for entry in lines:
-        draw.text((16, y), entry, fill=(220, 220, 220))
-        y += 16
+    font = ImageFont.load_default(size=PLACEHOLDER_FONT_SIZE)
+    margin, height = 16, PLACEHOLDER_FONT_SIZE + 6
+    lines = wrap_words(text, font, side - 2 * margin, draw)
+    y = side // 2 - height * len(lines) // 2
+    for line in lines:
+        for x, word in line:
+            draw.text((margin + x, y), word, fill=(220, 220, 220), font=font)
+        y += height
     return canvas
 
 

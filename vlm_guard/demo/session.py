@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from PIL import Image
 
 from ..config import METHOD_ORDER, GuardConfig
 from ..decoding.base import Intervention, LayerContext, PromptContext, RowSelection
+from ..grounding import TRUTH
 from ..models.inputs import append_tokens
 from ..wrapper import GuardedModel, wrap
 from .inputs import DemoLimits, Example, image_fingerprint, load_examples, validate_image, validate_max_new_tokens, validate_prompt
@@ -42,10 +45,17 @@ from .overlay import ImageGrid, display_image, head_map_figure, heatmap_overlay,
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "Describe the image."
-TOY_PROMPT = "Describe the image"
-"""Default prompt for the shipped toy LLaVA: its word-level tokenizer lower-cases it to exactly the
-instruction it was trained on (``describe the image``); with a trailing "." the toy model answers "yes"."""
+DEFAULT_PROMPT = "Please describe this image in detail."
+"""The prompt box's first text for a model of no synthetic world: ``vlm-guard caption``'s (CHAIR's wording). A model
+trained on a synthetic world gets its world's caption prompt (the same words for the everyday world, the default
+model's; ``describe the image`` for the shapes test fixture), as ``vlm-guard caption`` does."""
+
+DEMO_TASK = "caption"
+"""The task profile whose tuned settings the demo starts from: it asks for descriptions."""
+
+BREAKING_DROP = 20.0
+"""A row of a tuning table made before task profiles (no ``broken`` verdict) breaks the answers when it lost at least
+this many points of CHAIR recall or of a POPE split's accuracy, or added as many points of POPE error, against greedy."""
 
 LABEL_FLAGGED = "not in image"
 LABEL_LOW_TVHD = "low T-VHD"
@@ -129,10 +139,13 @@ def method_availability() -> dict[str, MethodAvailability]:
     return result
 
 
-def build_guard_config(settings: dict[str, float | None], availability: dict[str, MethodAvailability] | None = None
-                       ) -> tuple[GuardConfig, list[str]]:
+def build_guard_config(settings: dict[str, float | None], availability: dict[str, MethodAvailability] | None = None,
+                       fields: dict[str, dict[str, Any]] | None = None) -> tuple[GuardConfig, list[str]]:
     """A :class:`GuardConfig` from the UI: ``{method: strength or None (off)}``.
 
+    Args:
+        fields: other fields to set with a method's strength (``{method: {field: value}}``, e.g. the layers of the
+            setting a slider started from).
     Returns:
         ``(config, notes)``; notes say which requested methods were skipped and why.
     Raises:
@@ -150,11 +163,103 @@ def build_guard_config(settings: dict[str, float | None], availability: dict[str
             notes.append(status.note if status else f"unknown method {name!r} skipped.")
             continue
         field_names = {f.name for f in dataclasses.fields(status.config_class)}
-        kwargs = {status.control.strength_field: float(strength)} if status.control.strength_field in field_names else {}
+        kwargs = {k: v for k, v in ((fields or {}).get(name) or {}).items() if k in field_names}
+        if status.control.strength_field in field_names:
+            kwargs[status.control.strength_field] = float(strength)
         if status.note:
             notes.append(status.note)
         chosen[name] = status.config_class(**kwargs)
     return GuardConfig(**chosen), notes
+
+
+# ---------------------------------------------------------------------------- the tuning table
+@dataclass(frozen=True)
+class StartSetting:
+    """Where a method's slider starts.
+
+    Attributes:
+        strength: the slider's value.
+        fields: the other fields of that setting (run with the slider's strength), e.g. VHR's layers.
+        source: where it comes from, for the page.
+    """
+
+    strength: float
+    fields: dict
+    source: str
+
+
+def tuning_rows(head_map: Any, task: str = DEMO_TASK) -> list[dict]:
+    """The rows of the tuning table that ``vlm-guard tune`` stored in ``head_map`` for ``task``'s profile (a map
+    tuned before profiles: its one table), or ``[]``."""
+    from ..tuning.settings import profile_section
+
+    if head_map is None or not getattr(head_map, "tuned", None):
+        return []
+    try:
+        section, _ = profile_section(head_map, task)
+    except ValueError as error:  # a malformed tuned section: no table (wrap reports it)
+        logger.info("no tuning table: %s", error)
+        return []
+    rows = (section or {}).get("table") or []
+    return [row for row in rows if isinstance(row, dict) and isinstance(row.get("methods"), dict)]
+
+
+def _single_method(row: dict) -> tuple[str, dict] | None:
+    methods = row["methods"]
+    if len(methods) != 1:
+        return None
+    (name, fields), = methods.items()
+    return (name, dict(fields or {})) if isinstance(fields, dict) or fields is None else None
+
+
+def row_items(row: dict) -> int:
+    """Items a table row was measured on (the most of any task)."""
+    n = row.get("n")
+    if isinstance(n, dict):
+        return max((int(v) for v in n.values() if isinstance(v, (int, float))), default=0)
+    return int(n) if isinstance(n, (int, float)) else 0
+
+
+_DROP = re.compile(r"(recall|acc|POPE error)\s*([+-][0-9.]+)")
+
+
+def row_breaks(row: dict) -> str:
+    """Why a tuning-table row broke the answers (``""`` when it did not): the constraints a profile's judgement
+    found broken, or in a table made before profiles, a loss of :data:`BREAKING_DROP` points or more."""
+    judgement = row.get("judgement")
+    if isinstance(judgement, dict):
+        broken = judgement.get("broken") or []
+        details = []
+        for name in broken:
+            interval = (judgement.get("constraints") or {}).get(name) or {}
+            diff = interval.get("diff") if isinstance(interval, dict) else None
+            details.append(f"{name} {diff:+.1f}" if isinstance(diff, (int, float)) else str(name))
+        return ", ".join(details)
+    heavy = []
+    for violation in row.get("violations") or []:
+        match = _DROP.search(str(violation))
+        if match is None:
+            continue
+        value = float(match.group(2))
+        if (match.group(1) == "POPE error" and value >= BREAKING_DROP) or (match.group(1) != "POPE error" and value <= -BREAKING_DROP):
+            heavy.append(str(violation))
+    return ", ".join(heavy)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
+def _fields_match(row_fields: dict, running: dict, skip: str | None = None) -> bool:
+    return all(key in running and _same(value, running[key]) for key, value in row_fields.items() if key != skip)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 SWITCHED_OFF_HINTS = {
@@ -312,6 +417,22 @@ def load_model(model: str | None = None, device: str = "cpu", allow_pickle: bool
     return loaded, processor, str(model)
 
 
+def model_world(model) -> str | None:
+    """The synthetic world ``model`` was trained on (``config.vlm_guard_world`` or its folder's record), or None for
+    any other model (real images)."""
+    from ..toyworld.worlds import CONFIG_KEY, world_of_folder
+
+    config = getattr(model, "config", None)
+    name = getattr(config, CONFIG_KEY, None)
+    if name is None:
+        try:
+            name = world_of_folder(getattr(config, "_name_or_path", None))
+        except ValueError as error:
+            logger.warning("%s", error)
+            name = None
+    return name
+
+
 def load_head_map(folder: str | Path):
     """A head map from ``vlm-guard calibrate``'s folder (raises ``FileNotFoundError`` / ``ValueError``)."""
     try:
@@ -344,18 +465,32 @@ class DemoSession:
         examples: bundled examples (default: the package's).
         model_name: shown in the UI.
         notes: startup notes shown in the UI (missing pieces).
-        default_prompt: the prompt box's initial text.
+        default_prompt: the prompt box's initial text (default: the model's world's caption prompt, as
+            ``vlm-guard caption`` uses, else :data:`DEFAULT_PROMPT`).
+
+    Grounding colours: on a bundled example, from its ground truth; otherwise from ``checker`` when it knows the
+    model's world (:meth:`vlm_guard.grounding.GroundingChecker.knows_world`; a checker without that method is
+    trusted); otherwise none, with a note saying why.
     """
 
     def __init__(self, model, processor, head_map=None, checker=None, limits: DemoLimits | None = None,
                  examples: list[Example] | None = None, model_name: str = "", notes: list[str] | None = None,
-                 default_prompt: str = DEFAULT_PROMPT):
+                 default_prompt: str | None = None):
         if processor is None:
             raise ValueError("DemoSession needs the model's processor (for images and the chat template); got None")
         self.model = model
         self.processor = processor
-        self.guarded: GuardedModel = wrap(model, processor, GuardConfig(), head_map)
+        self.guarded: GuardedModel = wrap(model, processor, GuardConfig(), head_map, task=DEMO_TASK)
+        self.world = model_world(model)
         self.checker = checker
+        self.checker_note = ""
+        knows_world = getattr(checker, "knows_world", None)
+        if checker is not None and callable(knows_world) and not knows_world(self.world):
+            checked = getattr(checker, "world", None)
+            self.checker_note = (f"The grounding checker knows the {checked or 'real-image'} world, not this model's "
+                                 f"({self.world or 'real images'}): it colours no word. Bundled examples are coloured "
+                                 "from their ground truth.")
+            self.checker = None
         self.limits = limits or DemoLimits()
         self.examples = load_examples() if examples is None else examples
         self._example_by_fingerprint: dict[str, Example] = {}
@@ -365,17 +500,24 @@ class DemoSession:
                     self._example_by_fingerprint[image_fingerprint(image)] = example
             except OSError as error:
                 logger.warning("bundled example %s is unreadable: %s", example.path, error)
+        if default_prompt is None:
+            from ..toyworld.worlds import world_kind
+
+            default_prompt = world_kind(self.world).caption_prompt if self.world else DEFAULT_PROMPT
         self.default_prompt = default_prompt
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.notes = list(notes or [])
         self.availability = method_availability()
         self._check_methods_build()
+        self.start = {name: self._start_setting(name) for name in self.availability}
         self.lock = threading.Lock()
         self.tvhd_function, tvhd_note = _find_tvhd()
         if tvhd_note:
             self.notes.append(tvhd_note)
-        if self.checker is None and not any(note.startswith("Grounding checker") for note in self.notes):
-            self.notes.append("Grounding checker unavailable; words are not checked against the image.")
+        if self.checker_note:
+            self.notes.append(self.checker_note)
+        elif self.checker is None and not any(note.startswith("Grounding checker") for note in self.notes):
+            self.notes.append("Grounding checker unavailable; only bundled examples are coloured (from their ground truth).")
         if not self.examples:
             self.notes.append("No bundled examples found (vlm_guard/assets/examples); upload an image.")
 
@@ -395,8 +537,7 @@ class DemoSession:
                 notes.append(note)
         else:
             notes.append("Grounding checker switched off (--no-checker).")
-        return cls(loaded, processor, head_map=head_map_object, checker=checker, limits=limits, model_name=name, notes=notes,
-                   default_prompt=TOY_PROMPT if model is None else DEFAULT_PROMPT)
+        return cls(loaded, processor, head_map=head_map_object, checker=checker, limits=limits, model_name=name, notes=notes)
 
     def _check_methods_build(self) -> None:
         """Mark methods whose default config cannot be built for this model (e.g. no head map) as unavailable."""
@@ -430,24 +571,105 @@ class DemoSession:
         return self.guarded.head_map
 
     def default_methods(self) -> tuple[list[str], str]:
-        """Methods switched on when the demo opens, and why: the set ``vlm-guard tune`` chose for this model, else
-        PAI (:func:`vlm_guard.tuning.settings.default_methods`)."""
+        """Methods switched on when the demo opens, and why: the set ``vlm-guard tune`` chose for this model's
+        :data:`DEMO_TASK` profile, else PAI (:func:`vlm_guard.tuning.settings.default_methods`)."""
         from ..tuning.settings import default_methods
 
-        methods, reason = default_methods(self.head_map)
+        methods, reason = default_methods(self.head_map, DEMO_TASK)
         return [m for m in methods if self.availability.get(m) is not None and self.availability[m].available], reason
 
     def strength_default(self, name: str) -> tuple[float, str]:
-        """The slider's starting value for ``name`` and its source: the head map's tuned value, else the released
-        default. (The slider value is passed explicitly, so the other tuned fields, e.g. layers, still apply.)"""
-        from ..tuning.settings import SOURCE_DEFAULT, SOURCE_TUNED, tuned_settings
+        """The slider's starting value for ``name`` and its source (see :meth:`_start_setting`)."""
+        start = self.start[name]
+        return start.strength, start.source
+
+    def start_fields(self) -> dict[str, dict]:
+        """``{method: other fields}`` run with each slider's strength (those of the setting it started from)."""
+        return {name: dict(start.fields) for name, start in self.start.items() if start.fields}
+
+    def _start_setting(self, name: str) -> StartSetting:
+        """Where the slider of ``name`` starts: the head map's tuned value for the :data:`DEMO_TASK` profile; else the
+        best setting of that method the tuning table measured that did not break the answers (not adopted by tuning:
+        it did not beat greedy decoding), run with that row's other fields; else the released default. The released
+        strengths were chosen for 7B models and can break a small one (VHR alpha 2 on the default model)."""
+        from ..tuning.settings import tuned_settings
 
         status = self.availability[name]
-        tuned = tuned_settings(self.head_map).get(name, {})
-        value = tuned.get(status.control.strength_field)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), SOURCE_TUNED
-        return status.default, SOURCE_DEFAULT
+        strength_field = status.control.strength_field
+        try:
+            tuned = tuned_settings(self.head_map, DEMO_TASK).get(name, {})
+        except ValueError as error:
+            logger.info("no tuned settings: %s", error)
+            tuned = {}
+        value = _number(tuned.get(strength_field))
+        if value is not None:
+            return StartSetting(value, {}, f"tuned, {DEMO_TASK} profile")
+        candidates = []
+        for row in tuning_rows(self.head_map):
+            single = _single_method(row)
+            if single is None or single[0] != name or "preset" in single[1] or row_breaks(row):
+                continue
+            strength = _number(single[1].get(strength_field))
+            if strength is None or not status.control.minimum <= strength <= status.control.maximum:
+                continue
+            score = _number(row.get("score"))
+            gain = _number((row.get("judgement") or {}).get("gain")) if isinstance(row.get("judgement"), dict) else None
+            rank = -gain if gain is not None else (score if score is not None else math.inf)
+            candidates.append((-row_items(row), len(row.get("violations") or []), rank, row, strength, single[1]))
+        if candidates:
+            _, _, _, row, strength, fields = min(candidates, key=lambda c: c[:3])
+            others = {k: v for k, v in fields.items() if k != strength_field}
+            return StartSetting(strength, others, f"best measured by tuning, not adopted: {row.get('label', name)}, "
+                                                  f"n={row_items(row)}")
+        return StartSetting(status.default, {}, "released default")
+
+    def setting_warnings(self, settings: dict[str, float | None]) -> list[str]:
+        """One line per chosen method setting that the tuning table of the head map measured as breaking the answers
+        (that exact setting, or a weaker one of the same method with the same other fields)."""
+        rows = tuning_rows(self.head_map)
+        if not rows:
+            return []
+        try:
+            config, _ = build_guard_config(settings, self.availability, self.start_fields())
+            from ..tuning.settings import resolve_config
+
+            resolved, _ = resolve_config(config, self.head_map, DEMO_TASK)
+        except ValueError:
+            return []  # the run itself reports a bad setting
+        warnings = []
+        for name in resolved.enabled_methods:
+            status = self.availability.get(name)
+            if status is None or not status.available:
+                continue
+            running = getattr(resolved, name).to_dict()
+            strength_field = status.control.strength_field
+            chosen = _number(running.get(strength_field))
+            exact, weaker = [], []
+            for row in rows:
+                single = _single_method(row)
+                if single is None or single[0] != name:
+                    continue
+                if _fields_match(single[1], running):
+                    exact.append(row)
+                elif chosen is not None and _fields_match(single[1], running, skip=strength_field):
+                    measured = _number(single[1].get(strength_field))
+                    if measured is not None and measured < chosen and row_breaks(row):
+                        weaker.append((measured, row))
+            label = f"{status.control.label} {strength_field}={chosen:g}" if chosen is not None else status.control.label
+            start = self.start.get(name)
+            advice = f" Its slider started at {start.strength:g} ({start.source})." if start is not None else ""
+            if exact:
+                row = max(exact, key=row_items)
+                why = row_breaks(row)
+                if why:
+                    warnings.append(f"{label}: the tuning table of this model's head map measured this setting as "
+                                    f"breaking the answers ({why}; n={row_items(row)}).{advice}")
+            elif weaker:
+                measured, row = max(weaker, key=lambda item: item[0])
+                warnings.append(f"{label}: the tuning table of this model's head map measured a weaker setting, "
+                                f"{strength_field}={measured:g}, as breaking the answers ({row_breaks(row)}; "
+                                f"n={row_items(row)}).{advice}")
+        return warnings
 
     def example_for(self, image: Image.Image) -> Example | None:
         """The bundled example with exactly these pixels, if any."""
@@ -533,22 +755,24 @@ class DemoSession:
         picture = validate_image(image, self.limits)
         prompt = validate_prompt(prompt, self.limits)
         max_new_tokens = validate_max_new_tokens(max_new_tokens or self.limits.default_new_tokens, self.limits)
-        config, notes = build_guard_config(settings, self.availability)
+        config, notes = build_guard_config(settings, self.availability, self.start_fields())
         inputs = self.prepare(picture, prompt)
         spans = self.guarded.adapter.prompt_spans(inputs["input_ids"], inputs.get("attention_mask"))
         image_positions = spans.image[0].nonzero().flatten()
         grid = self.image_grid(inputs, int(image_positions.numel()))
         if grid is None:
             notes.append(f"No spatial layout known for {image_positions.numel()} image tokens of this model: heatmaps are not drawn.")
+        notes += [f"Warning: {line}" for line in self.setting_warnings(settings)]
+        example = self.example_for(picture)
         with self.lock, torch.no_grad():
             plain = self._run_plain(inputs, max_new_tokens)
             guarded = self._run_guarded(inputs, max_new_tokens, config, image_positions)
             for result in (plain, guarded):
                 result.tvhd = self._token_vhd(inputs, result)
-                result.mentions = self._check(picture, result.text)
+                result.mentions = self._ground(picture, example, result.text)
+        notes.append(self.grounding_note(example))
         if not config.enabled_methods:
             notes.append("No method is switched on: the guarded answer is the plain model's.")
-        example = self.example_for(picture)
         return DemoRun(
             image=display_image(picture, center_crop=self._center_crop()),
             grid=grid,
@@ -613,6 +837,44 @@ class DemoSession:
                     result.notes.append("GIFT ran but exposed no saliency map for this prompt.")
         return result
 
+    def grounding_note(self, example: Example | None) -> str:
+        """What the answers' colours are based on, for the page."""
+        if example is not None and example.objects:
+            return (f"Colours: the example's ground truth ({', '.join(example.objects)}): green objects are in the image, "
+                    "red ones are not.")
+        if self.checker is not None:
+            return "Colours: the grounding checker's verdicts (a model's estimate, not ground truth)."
+        why = self.checker_note or "no grounding checker is loaded."
+        return f"Colours hidden: this image has no ground truth and {why[0].lower() + why[1:]}"
+
+    def _ground(self, image: Image.Image, example: Example | None, text: str) -> list:
+        """The answer's object mentions judged against the example's ground truth, else by the checker, else none."""
+        if not text.strip():
+            return []
+        if example is not None and example.objects:
+            from ..grounding import truth_mentions
+
+            from ..toyworld.worlds import world_kind
+
+            world = self._examples_world()
+            parser = world_kind(world).mentions_with_words if world is not None else None
+            vocabulary = sorted({o for e in self.examples for o in (*e.objects, *e.absent)})
+            return truth_mentions(text, example.objects, parser, vocabulary)
+        return self._check(image, text)
+
+    def _examples_world(self) -> str | None:
+        """The synthetic world the bundled examples come from: the model's, else the one whose object types hold
+        every example's objects (its mention parser knows its synonyms and plurals), else None."""
+        if self.world is not None:
+            return self.world
+        from ..toyworld.worlds import WORLD_NAMES, world_kind
+
+        objects = {o for e in self.examples for o in (*e.objects, *e.absent)}
+        for name in WORLD_NAMES:
+            if objects and objects <= set(world_kind(name).object_types):
+                return name
+        return None
+
     def _check(self, image: Image.Image, text: str) -> list:
         if self.checker is None or not text.strip():
             return []
@@ -674,6 +936,10 @@ class DemoSession:
             lines.append(f"T-VHD of this token: {float(result.tvhd[token_index]):.3g} (answer median {float(np.median(result.tvhd)):.3g}).")
         for mention, tokens in mention_tokens(result):
             if token_index in tokens:
+                if getattr(mention, "source", "checker") == TRUTH:
+                    where = "not in this example (ground truth)" if mention.flagged else "in this example (ground truth)"
+                    lines.append(f"Ground truth: '{mention.word}' -> {mention.object} is {where}.")
+                    continue
                 verdict = "flagged: probably not in the image" if mention.flagged else "grounded"
                 lines.append(f"Checker: '{mention.word}' -> {mention.object}, score {mention.score:.2f} ({verdict}).")
         return picture, "\n\n".join(lines)
@@ -776,6 +1042,7 @@ def highlighted(result: GenerationResult) -> list[tuple[str, str]]:
     for index in low_tvhd_tokens(result):
         labels[index] = LABEL_LOW_TVHD
     for mention, tokens in mention_tokens(result):
+        truth = getattr(mention, "source", "checker") == TRUTH  # certain: wins over a low T-VHD mark
         for index in tokens:
-            labels[index] = LABEL_FLAGGED if mention.flagged else labels.get(index, LABEL_GROUNDED)
+            labels[index] = LABEL_FLAGGED if mention.flagged else (LABEL_GROUNDED if truth else labels.get(index, LABEL_GROUNDED))
     return [(piece, labels.get(index, LABEL_WORD)) for index, piece in enumerate(result.pieces)]

@@ -1,5 +1,9 @@
 """Grounding checker: score each object a caption mentions against the image with an open_clip model.
 
+A checker knows one world (:attr:`GroundingChecker.world`): the shipped one was trained on the shapes world and
+says nothing true about the everyday world's images (the default model's); :func:`truth_mentions` judges a
+caption of a bundled example against its ground truth instead.
+
 The default checker is a small open_clip CLIP trained by ``vlm-guard toy train-checker`` on the
 synthetic world (shipped in ``vlm_guard/assets/checker``: ``open_clip_config.json`` +
 ``open_clip_model.safetensors`` + the word tokenizer). It is trained with a sigmoid (SigLIP-style)
@@ -51,6 +55,36 @@ class Mention:
     object: str
     score: float
     flagged: bool
+    source: str = "checker"
+    """``"checker"`` (scored by a grounding checker) or ``"ground truth"`` (a bundled example's objects)."""
+
+
+TRUTH = "ground truth"
+
+
+def truth_mentions(caption: str, objects: Sequence[str], mentions_with_words: Callable[[str], list] | None = None,
+                   vocabulary: Sequence[str] = ()) -> list[Mention]:
+    """Mentions of ``caption`` judged against an image's known ``objects`` (a bundled example's ground truth): a
+    mentioned object in ``objects`` is grounded (score 1), any other is flagged (score 0).
+
+    Args:
+        mentions_with_words: the world's own mention parser (``(word, object)`` pairs, synonyms included), else
+            :func:`find_mentions` over ``vocabulary`` and ``objects``.
+    """
+    present = set(objects)
+    found = mentions_with_words(caption) if mentions_with_words is not None else find_mentions(
+        caption, sorted(set(vocabulary) | present))
+    return [Mention(word, name, 1.0 if name in present else 0.0, name not in present, TRUTH) for word, name in found]
+
+
+def world_of_vocabulary(vocabulary: Sequence[str]) -> str | None:
+    """The synthetic world whose object types are exactly ``vocabulary`` (``"shapes"``, ``"everyday"``), or None."""
+    from ..toyworld.worlds import WORLD_NAMES, world_kind
+
+    for name in WORLD_NAMES:
+        if set(world_kind(name).object_types) == set(vocabulary):
+            return name
+    return None
 
 
 def find_mentions(caption: str, vocabulary: Sequence[str]) -> list[tuple[str, str]]:
@@ -77,10 +111,13 @@ class GroundingChecker:
         vocabulary: object names to look for in captions.
         prompt: text template with one ``{}`` for the object name.
         threshold: mentions scoring below it are flagged.
+        world: the synthetic world the checker was trained on (``"shapes"``, ``"everyday"``), None for a checker of
+            real images; its verdicts mean nothing on another world's images (:meth:`knows_world`).
     """
 
     def __init__(self, model, preprocess: Callable, tokenize: Callable, vocabulary: Sequence[str],
-                 prompt: str = "a photo of a {}", threshold: float | None = None, device: str = "cpu"):
+                 prompt: str = "a photo of a {}", threshold: float | None = None, device: str = "cpu",
+                 world: str | None = None):
         if "{}" not in prompt:
             raise ValueError(f"prompt must contain '{{}}' for the object name, got {prompt!r}")
         if not vocabulary:
@@ -91,6 +128,11 @@ class GroundingChecker:
         self.calibrated = getattr(model, "logit_bias", None) is not None
         self.threshold = threshold if threshold is not None else (0.5 if self.calibrated else 0.2)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.world = world
+
+    def knows_world(self, world: str | None) -> bool:
+        """Whether this checker can judge images of ``world`` (a synthetic world's name, None for real images)."""
+        return self.world == world
 
     # ---- constructors ---------------------------------------------------------------------------------------
     @classmethod
@@ -114,8 +156,10 @@ class GroundingChecker:
         tokenize = WordTokenizer(folder / "tokenizer.json", config["model_cfg"]["text_cfg"]["context_length"])
         preprocess = ToyPreprocess(config["preprocess_cfg"]["size"], config["preprocess_cfg"]["mean"],
                                    config["preprocess_cfg"]["std"])
-        return cls(model, preprocess, tokenize, checker_cfg.get("vocabulary", []),
-                   prompt=checker_cfg.get("prompt", "a {}"), threshold=threshold, device=device)
+        vocabulary = checker_cfg.get("vocabulary", [])
+        world = checker_cfg.get("world") or world_of_vocabulary(vocabulary)  # the shipped one: the shapes world
+        return cls(model, preprocess, tokenize, vocabulary, prompt=checker_cfg.get("prompt", "a {}"), threshold=threshold,
+                   device=device, world=world)
 
     @classmethod
     def from_open_clip(cls, name: str, pretrained: str | None = None, vocabulary: Sequence[str] = COCO_OBJECTS,
@@ -198,4 +242,5 @@ class ToyPreprocess:
         return (array - self.mean) / self.std
 
 
-__all__ = ["COCO_OBJECTS", "DEFAULT_CHECKER_DIR", "GroundingChecker", "Mention", "find_mentions"]
+__all__ = ["COCO_OBJECTS", "DEFAULT_CHECKER_DIR", "TRUTH", "GroundingChecker", "Mention", "find_mentions", "truth_mentions",
+           "world_of_vocabulary"]
