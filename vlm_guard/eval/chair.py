@@ -715,7 +715,7 @@ class ChairGroundTruth:
         data = _read_json_file(path, what="CHAIR ground-truth cache")
         if not isinstance(data, dict) or data.get("format") != "vlm_guard.chair_ground_truth/1":
             raise ValueError(f"{str(path)!r} is not a CHAIR ground-truth cache written by ChairGroundTruth.to_json.")
-        fix = "the cache is damaged or was edited: delete it and it is rebuilt from the captions."
+        fix = "the cache is damaged or was edited: write it again with ChairGroundTruth.to_json."
         quirks = data.get("released_quirks", False)
         if not isinstance(quirks, bool):
             raise ValueError(f"{path}: field released_quirks is {quirks!r}, not true or false; {fix}")
