@@ -10,12 +10,14 @@ Usage::
     vlm-guard export-lmms chair --images coco/val2014 --instances annotations/instances_val2014.json \\
         --captions annotations/captions_val2014.json --out runs/lmms_coco
 
-Only argparse is imported here; the export runs in :mod:`vlm_guard.integrations.lmms_eval.export`.
+Only argparse and the checked argument types are imported here; the export runs in :mod:`vlm_guard.integrations.lmms_eval.export`.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from vlm_guard.commands.arguments import max_new_tokens_int, non_negative_int, positive_int, seed_int
 
 
 def register(subparsers) -> None:
@@ -26,10 +28,10 @@ def register(subparsers) -> None:
 
     synthetic = commands.add_parser("synthetic", help="the synthetic benchmark's items (`vlm-guard eval synthetic`'s)")
     synthetic.add_argument("--out", required=True, help="folder to write (pass it to lmms-eval --include_path)")
-    synthetic.add_argument("--n-questions", type=int, default=300, help="questions per POPE split (default 300; 0: none)")
-    synthetic.add_argument("--n-captions", type=int, default=100, help="scenes to caption (default 100; 0: none)")
+    synthetic.add_argument("--n-questions", type=non_negative_int, default=300, help="questions per POPE split (default 300; 0: none)")
+    synthetic.add_argument("--n-captions", type=non_negative_int, default=100, help="scenes to caption (default 100; 0: none)")
     synthetic.add_argument("--splits", default="random,popular,adversarial", help="POPE splits (default all three)")
-    synthetic.add_argument("--world-seed", type=int, default=None,
+    synthetic.add_argument("--world-seed", type=seed_int, default=None,
                            help="world seed (default 900001, the held-out seed of the reported numbers)")
     synthetic.add_argument("--biased", action="store_true", help="training-like biased scenes")
     synthetic.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
@@ -43,8 +45,8 @@ def register(subparsers) -> None:
     pope.add_argument("--pope-dir", default=None, help="folder holding coco_pope_{random,popular,adversarial}.json")
     pope.add_argument("--images", required=True, help="folder of the images the questions name (COCO val2014)")
     pope.add_argument("--prompt-suffix", default="", help="text appended to each question (as `vlm-guard eval pope`)")
-    pope.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default 16)")
-    pope.add_argument("--limit", type=int, default=None, help="at most N questions per split")
+    pope.add_argument("--max-new-tokens", type=max_new_tokens_int, default=None, help="generation budget (default 16)")
+    pope.add_argument("--limit", type=positive_int, default=None, help="at most N questions per split")
     pope.set_defaults(func=_run_pope)
 
     chair = commands.add_parser("chair", help="`vlm-guard eval chair`'s COCO images with their ground truth")
@@ -52,10 +54,10 @@ def register(subparsers) -> None:
     chair.add_argument("--images", required=True, help="folder of COCO val2014 images")
     chair.add_argument("--instances", required=True, help="instances_val2014.json")
     chair.add_argument("--captions", required=True, help="captions_val2014.json")
-    chair.add_argument("--n-images", type=int, default=500, help="images drawn with --seed (default 500)")
-    chair.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0, as `vlm-guard eval chair`)")
+    chair.add_argument("--n-images", type=positive_int, default=500, help="images drawn with --seed (default 500)")
+    chair.add_argument("--seed", type=seed_int, default=0, help="seed of the draw (default 0, as `vlm-guard eval chair`)")
     chair.add_argument("--prompt", default=None, help="caption prompt (default 'Please describe this image in detail.')")
-    chair.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default 512)")
+    chair.add_argument("--max-new-tokens", type=max_new_tokens_int, default=None, help="generation budget (default 512)")
     chair.set_defaults(func=_run_chair)
 
 
@@ -93,8 +95,6 @@ def _run_pope(args: argparse.Namespace) -> int:
 
     if not args.questions and not args.pope_dir:
         raise ValueError("pass --questions coco_pope_random.json ... or --pope-dir DIR holding the official files.")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}.")
     files = list(args.questions or [])
     if args.pope_dir:
         files += [pope_question_file(args.pope_dir, split) for split in POPE_SPLITS]
@@ -110,8 +110,6 @@ def _run_chair(args: argparse.Namespace) -> int:
 
     from .export import export_coco_chair
 
-    if args.n_images < 1:
-        raise ValueError(f"--n-images must be >= 1, got {args.n_images}.")
     check_output_folder(args.out)
     manifest = export_coco_chair(args.out, args.images, args.instances, args.captions, n_images=args.n_images,
                                  seed=args.seed, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
