@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -227,11 +228,16 @@ ALIGNMENT_TEXTS = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
+def alignment_tokenizer(kind: str, vocabulary: str):
+    return offline_tokenizer(kind, CORPUS + (ALIGNMENT_TEXTS * 4 if vocabulary == "covering" else []), vocab_size=400)
+
+
 @pytest.mark.parametrize("vocabulary", ["small", "covering"])  # covering: trained on the texts too (fewer unknown tokens)
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
 @pytest.mark.parametrize("text", ALIGNMENT_TEXTS)
 def test_alignment_by_character_offsets_matches_the_released_rule(kind, text, vocabulary):
-    tokenizer = offline_tokenizer(kind, CORPUS + (ALIGNMENT_TEXTS * 4 if vocabulary == "covering" else []), vocab_size=400)
+    tokenizer = alignment_tokenizer(kind, vocabulary)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     input_ids = torch.tensor([ids])
     query = torch.ones_like(input_ids, dtype=torch.bool)
