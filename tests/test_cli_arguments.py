@@ -193,6 +193,7 @@ def test_number_type_describes_its_range():
     (["eval", "synthetic", "--out", "{tmp}/o.jsonl", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
     (["eval", "synthetic", "--out", "{tmp}/o.jsonl", "--head-map", "{tmp}"], "holds no head_map.json or head_map.safetensors"),
     (["tune", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
+    (["caption", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
     (["demo", "--head-map", "{tmp}/no_map", "--port", "1"], "--head-map {tmp}/no_map: no such folder"),
     (["tune", "--pope", "{tmp}/missing_random.json"], "--pope {tmp}/missing_random.json: no such file"),
     (["tune", "--images", "{tmp}/no_images", "--instances", "{tmp}/i.json"], "--instances {tmp}/i.json: no such file"),

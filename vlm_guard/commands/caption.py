@@ -106,10 +106,11 @@ def run(args: argparse.Namespace) -> int:
 
     world = world_for_model_argument(args.model)
     images = _bundled_examples(world.name) if args.all_examples else [_load_image(args.image, world.name)]
-    from .checks import check_device, check_model_argument
+    from .checks import check_device, check_head_map_folder, check_model_argument
 
     check_device(args.device)
     check_model_argument(args.model)
+    check_head_map_folder(args.head_map)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                   allow_pickle=args.allow_pickle)
     prompt = args.prompt or world.caption_prompt
