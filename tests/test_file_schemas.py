@@ -374,3 +374,25 @@ def test_a_damaged_guard_config_file_names_the_file_and_field(tmp_path, change, 
         GuardConfig.load(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message, message
+
+
+def test_deeply_nested_json_is_a_one_line_error_in_every_reader(tmp_path):
+    from vlm_guard.eval.chair import ChairGroundTruth, ChairVocabulary
+    from vlm_guard.eval.records import ResultsWriter
+    from vlm_guard.tuning.search import TuningState
+
+    deep = "[" * 100_000 + "]" * 100_000
+    records = tmp_path / "run.jsonl"
+    records.write_text('{"id": "a", "answer": "yes"}\n' + deep + "\n")
+    summary = tmp_path / "run.summary.json"
+    summary.write_text(deep)
+    state = tmp_path / "tune_state.json"
+    state.write_text(deep)
+    cache = tmp_path / "chair.json"
+    cache.write_text(deep)
+    readers = {records: lambda: ResultsWriter(records), summary: lambda: read_summary(summary),
+               state: lambda: TuningState(state, {}), cache: lambda: ChairGroundTruth.from_json(cache, ChairVocabulary.load())}
+    for path, read in readers.items():
+        with pytest.raises(ValueError) as error:
+            read()
+        assert str(path) in str(error.value) and "\n" not in str(error.value), str(error.value)

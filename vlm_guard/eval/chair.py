@@ -279,6 +279,9 @@ def _read_json_file(path: Path, what: str) -> Any:
         ) from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{what} file {str(path)!r} is not UTF-8 text ({error.reason}); is it the right file?") from None
+    except RecursionError:
+        raise ValueError(f"{what} file {str(path)!r} is nested too deeply to be JSON this tool wrote; is it the right "
+                         "file?") from None
 
 
 def _read_shipped_synonyms() -> dict:

@@ -116,7 +116,7 @@ def _scan_jsonl(path: Path) -> _Scan:
         try:
             record = json.loads(text)
             valid = isinstance(record, dict)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply to be a record
             valid = False
         if not valid:
             if not complete:
@@ -680,6 +680,8 @@ def read_summary(path: str | os.PathLike) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+    except (UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(f"{path} is not a summary written by write_summary ({type(error).__name__}).") from None
     if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
         raise ValueError(f"{path} is not a summary written by write_summary (format {SUMMARY_FORMAT!r}).")
     checks = {

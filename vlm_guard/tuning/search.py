@@ -154,7 +154,7 @@ class TuningState:
         if self.path is not None and self.path.is_file():
             try:
                 loaded = json.loads(self.path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
                 raise ValueError(f"{self.path} is not a readable tuning state ({error}); delete it to start over") from None
             if not isinstance(loaded, dict) or loaded.get("format") != "vlm_guard.tune_state":
                 raise ValueError(f"{self.path} is not a vlm_guard tuning state; pass another --state path")
