@@ -36,7 +36,7 @@ from ..models.fingerprint import weights_sample
 from ..parallel import DataParallel, shard_batches
 from ..version import __version__
 from .gift_layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
-from .head_map import HeadMap, ImageCentricStats, save_to_cache
+from .head_map import HeadMap, ImageCentricStats, cache_report, save_to_cache
 from .session import ProfilingSession, profiling_session
 from .sinks import (DEFAULT_RHO, FIRST_SINK_LAYER, SINK_THRESHOLD, VISUAL_MASS_THRESHOLD,
                     FirstTokenRecorder, ImageCentricObserver, find_sink_dims)
@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 MAX_SKIPPED_LISTED = 50
+MIN_CALIBRATION_IMAGES = 16
+"""Fewer calibration images than this draw a warning: below it, maps calibrated on two disjoint image sets of the
+default model disagree on the GIFT saliency layer and share too few VHR heads (``docs/calibration.md``, measured by
+``scripts/calibration_stability.py`` into ``docs/results/calibration_stability.json``)."""
 
 
 def var_layers(num_layers: int) -> list[int]:
@@ -474,6 +478,8 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
         raise ValueError("images is empty: give a folder, a glob or a list of images")
 
     parallel = parallel or DataParallel()
+    if len(items) < MIN_CALIBRATION_IMAGES and parallel.is_main:
+        _warn_few_images(len(items))
     started = time.perf_counter()
     skipped: list[tuple[int, str]] = [(-1, f"{name}: {reason}") for name, reason in skipped_links.items()]  # (item, why)
     if parallel.is_main:
@@ -557,6 +563,8 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
         return head_map  # every rank holds the reduced map; rank 0 writes it
     if skipped:
         logger.warning("calibration skipped %d of %d images (unreadable or rejected)", len(skipped), len(items))
+        if len(items) >= MIN_CALIBRATION_IMAGES > head_map.calibration["n_images"]:
+            _warn_few_images(head_map.calibration["n_images"])
     if out_dir is not None:
         head_map.save_pretrained(out_dir)
         if plots:
@@ -564,7 +572,14 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
 
             save_plots(head_map, out_dir)
     if save_cache:
-        folder = save_to_cache(head_map, cache_dir)
+        folder = save_to_cache(head_map, cache_dir)  # an untuned map: beside a tuned one, never over it
         if folder is not None:
-            logger.info("head map cached at %s", folder)
+            for line in cache_report(head_map, cache_dir):
+                logger.info("%s", line)
     return head_map
+
+
+def _warn_few_images(count: int) -> None:
+    logger.warning("calibrating on %d image%s: below %d the selected heads and layers change from one image set to the "
+                   "next (docs/calibration.md); use at least %d images of the kind the model will see",
+                   count, "" if count == 1 else "s", MIN_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES)

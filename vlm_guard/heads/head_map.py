@@ -438,15 +438,24 @@ class HeadMap:
         logger.info("saved head map to %s", directory)
         return directory
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        """Share this map on the hub with a model card (see :func:`vlm_guard.heads.hub.push_to_hub`)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "HeadMap":
-        """Read a map written by :meth:`save_pretrained`.
+    def from_pretrained(cls, directory: str | Path, revision: str | None = None) -> "HeadMap":
+        """Read a map written by :meth:`save_pretrained`, from a folder or a hub id ``"org/name"`` (a map shared with
+        :meth:`push_to_hub`, read through the huggingface_hub cache; see :mod:`vlm_guard.heads.hub`).
 
         Raises:
             FileNotFoundError: the folder or one of its two files is missing.
             HeadMapFileError: a file is corrupt or incomplete (the message names it).
         """
-        directory = Path(directory)
+        from .hub import resolve
+
+        directory = resolve(directory, revision=revision)  # a local folder wins over a hub id of the same name
         json_path, tensor_path = directory / JSON_FILE, directory / TENSOR_FILE
         for path in (json_path, tensor_path):
             if not path.is_file():
