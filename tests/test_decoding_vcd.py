@@ -99,3 +99,51 @@ def test_released_preset_contrasts_sampling_only(llava):
         torch.testing.assert_close(scores, logits)
     finally:
         guarded.unwrap()
+
+
+def test_contrast_runs_before_generates_own_processors_as_released(llava):
+    """Released vcd_sample.py: contrast(raw logits, noised logits), then logits_processor (repetition penalty ...),
+    then the warpers. The scores generate returns are recomputed here in that order along the same tokens (repro
+    turn3/10); the wrapper's reordering leaves nothing on the model."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    model, inputs = llava
+    single = build_batch(model, [(True, 6)], seed=2)  # one unpadded row with an image
+    penalty, config = 1.5, VCDConfig(beta_schedule="linear")  # released preset (contrast when sampling), a strong noise
+    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=config))
+    try:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            out = guarded.generate(**single, max_new_tokens=4, do_sample=True, top_k=0, repetition_penalty=penalty,
+                                   output_scores=True, return_dict_in_generate=True)
+    finally:
+        guarded.unwrap()
+    assert "_get_logits_processor" not in model.__dict__
+    noised = add_diffusion_noise(single["pixel_values"], config.noise_step, config.num_steps, config.beta_schedule, config.seed)
+    sequence, prompt_length = single["input_ids"], single["input_ids"].shape[1]
+    worst_other_order = 0.0
+    for step, scores in enumerate(out.scores):
+        sequence = out.sequences[:, : prompt_length + step]
+        with torch.no_grad():
+            logits = model(input_ids=sequence, pixel_values=single["pixel_values"]).logits[:, -1].double()
+            noised_logits = model(input_ids=sequence, pixel_values=noised).logits[:, -1].double()
+        released = RepetitionPenaltyLogitsProcessor(penalty)(sequence, visual_contrast(logits, noised_logits, 1.0, 0.1).double())
+        other = visual_contrast(RepetitionPenaltyLogitsProcessor(penalty)(sequence, logits.clone()), noised_logits, 1.0, 0.1)
+        assert torch.equal(torch.isinf(scores), torch.isinf(released))
+        finite = torch.isfinite(released)
+        scale = float(released[finite].abs().max())
+        torch.testing.assert_close(scores[finite].double(), released[finite], rtol=1e-5, atol=1e-5 * max(1.0, scale))
+        both = finite & torch.isfinite(other)
+        worst_other_order = max(worst_other_order, float((other[both] - released[both]).abs().max()))
+    assert worst_other_order > 1e-3  # the two orders differ on these inputs: the comparison above is decisive
+
+
+def test_a_failed_generate_leaves_no_reordering_behind(llava):
+    model, inputs = llava
+    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(contrast_when="always")))
+    try:
+        with pytest.raises(Exception):
+            guarded.generate(**inputs, max_new_tokens=2, do_sample=False, repetition_penalty=-1.0)  # refused by transformers
+    finally:
+        guarded.unwrap()
+    assert "_get_logits_processor" not in model.__dict__

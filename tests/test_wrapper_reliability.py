@@ -248,3 +248,33 @@ def test_wrap_accepts_a_head_map_folder(model, inputs, tmp_path):
     with pytest.raises(ValueError, match="HeadMap.from_pretrained"):
         vlm_guard.wrap(model, head_map={"vhr_heads": []})
     _assert_untouched(model)
+
+
+# ---------------------------------------------------------------- issue 23 item 7: one check for one-row-per-prompt
+@pytest.mark.parametrize("methods", ["pai", "vcd"])
+@pytest.mark.parametrize("setting", ["num_beams", "num_return_sequences"])
+def test_beams_or_several_sequences_with_a_contrast_are_refused_before_any_work(model, inputs, methods, setting):
+    """PAI and VCD keep one contrast cache per prompt row: beam search and num_return_sequences > 1 are refused with
+    one message, whether they come as keywords or in a generation_config object, before any forward runs."""
+    from transformers import GenerationConfig
+
+    config = GuardConfig.from_methods("pai") if methods == "pai" else GuardConfig(vcd=VCDConfig(contrast_when="always"))
+    guarded = vlm_guard.wrap(model, config=config)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    extra = {"num_beams": 2} if setting == "num_return_sequences" else {}  # several sequences need beams or sampling
+    try:
+        messages = []
+        for spelling in ("keyword", "generation_config"):
+            settings = {setting: 2, **extra}
+            if spelling == "generation_config":
+                settings = {"generation_config": GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0, **settings)}
+            with pytest.raises(ValueError) as error:
+                guarded.generate(**inputs, max_new_tokens=2, do_sample=False, **settings)
+            messages.append(str(error.value))
+    finally:
+        handle.remove()
+        guarded.unwrap()
+    assert calls == []  # refused before the first forward
+    assert messages[0] == messages[1]
+    assert f"{setting}=2 is not supported with ['{methods}']" in messages[0]

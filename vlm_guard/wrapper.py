@@ -31,8 +31,6 @@ from .models import ModelAdapter, get_adapter
 
 logger = logging.getLogger(__name__)
 
-CONTRASTIVE_METHODS = ("pai", "vcd")
-
 
 class GuardedModel:
     """A VLM whose ``generate`` and forward run the configured interventions.
@@ -159,13 +157,6 @@ class GuardedModel:
     def _generate_guarded(self, *args, **kwargs):
         if not self.engine.enabled or not self.interventions:
             return self.model.generate(*args, **kwargs)
-        num_beams = kwargs.get("num_beams", getattr(getattr(self.model, "generation_config", None), "num_beams", 1)) or 1
-        contrastive = [name for name in self.guard_config.enabled_methods if name in CONTRASTIVE_METHODS]
-        if num_beams > 1 and contrastive:
-            raise ValueError(
-                f"num_beams={num_beams} is not supported with {contrastive}: their contrast pass keeps one cache per row. "
-                "Use greedy or sampling (num_beams=1), or switch those methods off."
-            )
         input_ids, kwargs = check_generate_call(self.model, self.guard_config.enabled_methods, args, kwargs)
         if input_ids is None:  # embeddings only: the image cannot be placed (warned)
             return self.model.generate(*args, **kwargs)
@@ -176,7 +167,9 @@ class GuardedModel:
             user_processors = kwargs.get("logits_processor") or []
             kwargs["logits_processor"] = LogitsProcessorList([*user_processors, *processors])
         images = {key: kwargs[key] for key in self.adapter.image_input_keys if kwargs.get(key) is not None}
-        with self.engine.activate(self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask")), known_images=images):
+        first = [processor for processor in processors if getattr(processor, "runs_first", False)]
+        with self.engine.activate(self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask")), known_images=images), \
+                processors_first(self.model, first):
             return self.model.generate(*args, **kwargs)
 
     def logits_processor(self, **model_inputs) -> LogitsProcessorList:
@@ -190,7 +183,9 @@ class GuardedModel:
         """
         if not self.engine.enabled:
             return LogitsProcessorList()
-        return LogitsProcessorList([p for i in self.interventions for p in i.logits_processors(self, model_inputs)])
+        processors = [p for i in self.interventions for p in i.logits_processors(self, model_inputs)]
+        # the ones that run before generate's own processors (VCD's contrast) come first here too
+        return LogitsProcessorList(sorted(processors, key=lambda p: not getattr(p, "runs_first", False)))
 
     def __call__(self, *args, **kwargs):
         """A forward pass with the interventions (e.g. for scoring or profiling)."""
@@ -241,6 +236,38 @@ class GuardedModel:
         methods = ",".join(self.guard_config.enabled_methods) or "none"
         state = ", unwrapped" if self.__dict__.get("_unwrapped") else ""
         return f"GuardedModel({type(self.model).__name__}, family={self.adapter.family}, methods={methods}{state})"
+
+
+@contextlib.contextmanager
+def processors_first(model: nn.Module, first: list) -> Iterator[None]:
+    """Inside the block, ``model.generate`` puts the processors ``first`` (objects of this call) ahead of its own
+    (repetition penalty, ...) and of the warpers, instead of after them where transformers merges a call's
+    ``logits_processor``. One instance attribute wraps ``model._get_logits_processor`` and is removed on exit; a list
+    without those objects (a plain call from another thread) is left as it is."""
+    original = getattr(model, "_get_logits_processor", None)
+    if not first or original is None:
+        if first:
+            logger.warning("this transformers version has no GenerationMixin._get_logits_processor: %s run after "
+                           "generate's own logits processors", [type(p).__name__ for p in first])
+        yield
+        return
+    own = model.__dict__.get("_get_logits_processor")
+
+    def reordered(*args, **kwargs):
+        processors = original(*args, **kwargs)
+        ours = [p for p in processors if any(p is mine for mine in first)]
+        if not ours:
+            return processors
+        return LogitsProcessorList([*ours, *(p for p in processors if not any(p is mine for mine in ours))])
+
+    model.__dict__["_get_logits_processor"] = reordered
+    try:
+        yield
+    finally:
+        if own is not None:
+            model.__dict__["_get_logits_processor"] = own
+        else:
+            model.__dict__.pop("_get_logits_processor", None)
 
 
 def as_head_map(head_map):

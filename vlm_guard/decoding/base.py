@@ -29,7 +29,9 @@ Hot path: the layers a method acts on while decoding are asked once per generati
 
 Order when several methods are active (fixed, documented): pre-softmax hooks (PAI) -> softmax ->
 post-softmax hooks in registration order VAR, then GIFT -> ``weights @ v`` -> head-output hooks (VHR)
--> ``o_proj``. Logits processors run PAI's image-free contrast before VCD's noised-image contrast.
+-> ``o_proj``. Logits: VCD's noised-image contrast runs on the raw logits, before ``generate``'s own
+processors (repetition penalty ...), as its released code does; PAI's image-free contrast runs after them
+(its released code passes it to ``generate`` as a custom processor), so with both on, VCD's runs first.
 VAR reads the layer input (its sinks) before the layer's attention; GIFT reads its saliency at l*
 in the same prefill when l* precedes its enhancement layers.
 

@@ -9,6 +9,12 @@ image. This module finds them, refuses what the methods cannot follow, and says 
 - embeddings only: one warning, the plain model runs the call.
 - assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``, ``assistant_early_exit``):
   ``ValueError`` (the methods' contrast streams and per-step state do not follow rejected drafts).
+- beam search or ``num_return_sequences > 1`` with PAI or VCD, given as keywords or in a
+  ``generation_config=`` object (or the model's own): ``ValueError`` before any work (their contrast
+  pass keeps one cache per prompt row).
+- ``compile_config`` with ``fullgraph=True`` (in the call, its ``generation_config`` or the model's):
+  ``ValueError`` before any work: the methods run outside compiled graphs (``fullgraph=False``, the
+  default, compiles the rest of the model and gives the eager tokens; ``docs/compile.md``).
 - ``prefill_chunk_size``: one warning, the prompt is prefilled in one pass (the methods choose heads,
   sinks and saliency from the whole prompt); the tokens are those of the same call without chunking.
 """
@@ -22,6 +28,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 ASSISTED_ARGUMENTS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+CONTRASTIVE_METHODS = ("pai", "vcd")  # methods whose contrast pass keeps one cache per prompt row
+ONE_ROW_PER_PROMPT = ("num_beams", "num_return_sequences")
 
 
 def prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -49,8 +57,24 @@ def check_generate_call(model, methods: list[str], args: tuple, kwargs: dict) ->
         ``(input_ids or None, kwargs)``: None means the plain model runs the call (a warning was logged);
         the kwargs may have ``prefill_chunk_size`` switched off.
     Raises:
-        ValueError: assisted generation with methods on.
+        ValueError: assisted generation with methods on; beam search or several sequences per prompt with PAI/VCD.
     """
+    compile_config = _setting("compile_config", kwargs, model)
+    if compile_config is not None and getattr(compile_config, "fullgraph", False):
+        raise ValueError(
+            f"compile_config.fullgraph=True cannot compile vlm_guard methods {methods}: they run outside torch.compile "
+            "graphs. Use CompileConfig(fullgraph=False) (the default: the rest of the model compiles, the tokens are the "
+            "eager ones), or run the call inside `with guarded.disabled():`. See docs/compile.md."
+        )
+    contrastive = [name for name in methods if name in CONTRASTIVE_METHODS]
+    for name in ONE_ROW_PER_PROMPT if contrastive else ():
+        value = _setting(name, kwargs, model)
+        if value is not None and value > 1:
+            raise ValueError(
+                f"{name}={value} is not supported with {contrastive}: their contrast pass keeps one cache per prompt row. "
+                "Use greedy or sampling with num_beams=1 and num_return_sequences=1 (in the call and in its "
+                "generation_config), or switch those methods off."
+            )
     for name in ASSISTED_ARGUMENTS:
         if _setting(name, kwargs, model) is not None:
             raise ValueError(

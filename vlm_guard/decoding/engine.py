@@ -69,6 +69,21 @@ MIN_CHUNK_ELEMENTS = 1 << 16
 _FORWARD_STATE_ATTRIBUTES = ("rope_deltas",)
 
 
+COMPILE_REASON = (
+    "vlm_guard's methods run outside torch.compile graphs (they read per-generation state: the cache length, the "
+    "prompt's image positions, the heads chosen at the prefill). Compile with fullgraph=False (the default; "
+    "transformers' CompileConfig default too): each method's hooks and the attention of the layers it edits then run "
+    "eagerly and the rest of the model compiled, with the eager tokens; or switch the methods off "
+    "(guarded.disabled(), or unwrap()) to compile the whole graph. See docs/compile.md."
+)
+
+
+def _eager(function):
+    """``function`` run eagerly under ``torch.compile`` (a graph break there; with ``fullgraph=True`` the compiler's
+    error names :data:`COMPILE_REASON`)."""
+    return torch.compiler.disable(function, reason=COMPILE_REASON)
+
+
 class StopForward(Exception):
     """Raised by :meth:`GuardEngine.side_pass` to end a forward call right after a given decoder layer."""
 
@@ -278,6 +293,14 @@ class GuardEngine:
         self._generation: Generation | None = None  # the latest generation that holds the methods' per-sample state
         self._zeros: dict = {}  # device -> a 0-d fp32 zero (the unread input of the scores' baddbmm)
         self.chunk_rows: int | None = None  # rows per chunk of a prefill's explicit rows; None: from the memory budget
+        # frames with methods active, in any thread: 0 lets a compiled graph take the base attention inline (the one
+        # Python value torch.compile guards on here, so it compiles at most twice); the guarded path runs eagerly
+        self._active_frames = 0
+        # one object per hook, registered again and again (a compiled graph guards on the hooks' identity)
+        self._model_pre_hook = _eager(self._on_model_forward)
+        self._model_post_hook = _eager(self._after_model_forward)
+        self._layer_hook_functions: dict[int, object] = {}
+        self._guarded_attention_eager = _eager(self._guarded_attention)
         self.installed = False
         self.geometry = adapter.geometry
 
@@ -374,6 +397,9 @@ class GuardEngine:
         hooked = ["model"] if frame.interventions else []
         frame.layer_hooks = tuple(layer for layer, plan in frame.plan.items() if plan.layer_input)
         self._acquire_hooks(hooked)
+        if frame.interventions:
+            with self._dynamic_hooks_lock:
+                self._active_frames += 1
         try:
             self._frames.append(frame)
             try:
@@ -383,6 +409,9 @@ class GuardEngine:
                 for intervention in frame.interventions:
                     intervention.end()
         finally:
+            if frame.interventions:
+                with self._dynamic_hooks_lock:
+                    self._active_frames -= 1
             self._hold_layer_hooks(frame, False)
             self._release_hooks(hooked)
 
@@ -402,11 +431,14 @@ class GuardEngine:
                 entry = self._dynamic_hooks.get(key)
                 if entry is None:
                     if key == "model":
-                        handles = [self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
-                                   self.model.register_forward_hook(self._after_model_forward, with_kwargs=True)]
+                        handles = [self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
+                                   self.model.register_forward_hook(self._model_post_hook, with_kwargs=True)]
                     else:
                         layer = self.adapter.decoder_layers[key]
-                        handles = [layer.register_forward_pre_hook(self._make_layer_hook(key), with_kwargs=True)]
+                        function = self._layer_hook_functions.get(key)
+                        if function is None:
+                            function = self._layer_hook_functions[key] = _eager(self._make_layer_hook(key))
+                        handles = [layer.register_forward_pre_hook(function, with_kwargs=True)]
                     entry = self._dynamic_hooks[key] = [handles, 0]
                 entry[1] += 1
 
@@ -658,7 +690,15 @@ class GuardEngine:
 
     # ------------------------------------------------------------------ attention
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        """The registered attention function. ``query [B, H, Q, D]``, ``key/value [B, KVH, K, D]``;
+        """The registered attention function: the base implementation while no methods run in any thread (what
+        ``torch.compile`` traces into its graph), else :meth:`_guarded_attention`, run eagerly."""
+        if not self._active_frames:
+            return self._base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        guarded = self._guarded_attention_eager if torch.compiler.is_compiling() else self._guarded_attention
+        return guarded(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    def _guarded_attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """The attention while methods run. ``query [B, H, Q, D]``, ``key/value [B, KVH, K, D]``;
         returns ``([B, Q, H, D], weights)`` like transformers' implementations.
 
         ``weights`` is what the base implementation returns: None for SDPA; for eager, the ``[B, H, Q, K]``

@@ -8,7 +8,9 @@ contrasts greedy decoding too):
 forward-diffusion sample ``sqrt(abar_t) * x + sqrt(1 - abar_t) * eps`` at step ``noise_step`` of
 ``num_steps``, drawn with a seeded generator. The noised prompt is decoded in lockstep by a
 :class:`~vlm_guard.decoding.pai.ContrastStream` (its own KV cache, plain model): about 2x the
-decoding cost.
+decoding cost. A ``generate`` call that continues a cache the wrapper started (the sequence so far
+and the cache, no image tensors) contrasts as the one-shot call does: the noised stream is rebuilt from
+the generation's prompt and image and fed the tokens generated since.
 
 Beta schedule: the released VCD code (``vcd_utils/vcd_add_noise.py``) uses
 ``sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5`` (``beta_schedule="sigmoid"``, default); the
@@ -151,11 +153,18 @@ def visual_contrast(logits: torch.Tensor, noised_logits: torch.Tensor, alpha: fl
 class VisualContrast(LogitsProcessor):
     """VCD's logits processor (returns a new tensor). Rows without an image pass through unchanged.
 
+    It runs on the model's raw next-token logits, before ``generate``'s own processors (repetition penalty,
+    n-gram blocking, minimum length ...) and warpers, as the released code does (``vcd_sample.py``: contrast,
+    then ``logits_processor``, then ``logits_warper``); the wrapper moves it to the front of the list
+    (:attr:`runs_first`).
+
     Args:
         config: the VCD settings.
         stream: the noised-image stream.
         has_image: ``[B]`` bool, rows whose prompt has an image.
     """
+
+    runs_first = True  # before generate's own processors (see GuardedModel.generate)
 
     def __init__(self, config: VCDConfig, stream: ContrastStream | None, has_image: torch.Tensor):
         self.config = config
@@ -190,16 +199,18 @@ class VCD(Intervention):
             logger.info("VCD needs input_ids in generate(...); it is skipped for this call.")
             return []
         source, joined = model_inputs, None
-        if model_inputs.get("pixel_values") is None:
+        cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
+        if model_inputs.get("pixel_values") is None and cache is not None:
             # generate continuing a cache the wrapper started: the image is in the cache, its pixels in the generation
-            cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
             prompt = guarded.engine.continued_prompt(cache, guarded.interventions)
-            if prompt is not None and prompt.image_inputs.get("pixel_values") is not None:
+            if prompt is None:
+                return []  # a cache this wrapper did not start: the engine runs the call plain (one warning)
+            if prompt.image_inputs.get("pixel_values") is not None:
                 source, joined = prompt.image_inputs, prompt
         pixel_values = source.get("pixel_values")
         if pixel_values is None:
             has_image = guarded.adapter.prompt_spans(input_ids, model_inputs.get("attention_mask")).has_image
-            if bool(has_image.any()):
+            if bool(has_image.any()) and joined is None and cache is None:
                 raise ValueError("VCD contrasts with a noised copy of the image, but this generate call has image tokens "
                                  "and no pixel_values (and continues no cache this wrapper started with them); pass "
                                  "pixel_values, or switch VCD off for this call.")
