@@ -81,7 +81,10 @@ COMPILE_REASON = (
 def _eager(function):
     """``function`` run eagerly under ``torch.compile`` (a graph break there; with ``fullgraph=True`` the compiler's
     error names :data:`COMPILE_REASON`)."""
-    return torch.compiler.disable(function, reason=COMPILE_REASON)
+    try:
+        return torch.compiler.disable(function, reason=COMPILE_REASON)
+    except TypeError:  # torch before 2.7 takes no reason (its error then names the function only)
+        return torch.compiler.disable(function)
 
 
 class StopForward(Exception):
