@@ -5,20 +5,42 @@ from __future__ import annotations
 
 import json
 import shutil
+
 import pytest
 import torch
 
 from toyworld.v3.data import V3BatchBuilder, patch_targets
-from toyworld.v3.train import (CHECKPOINT_DIR, STATE_FILE, V3TrainConfig, build_for_training, load_run,
-                               read_checkpoint, train, trainable_state)
+from toyworld.v3.train import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    V3TrainConfig,
+    build_for_training,
+    load_run,
+    read_checkpoint,
+    train,
+    trainable_state,
+)
 from vlm_guard.toyworld.everyday.testing import tiny_language_model
-from vlm_guard.toyworld.everyday_v3.assemble import WEIGHTS_FILE, build_assembled, read_meta
+from vlm_guard.toyworld.everyday_v3.assemble import (
+    WEIGHTS_FILE,
+    build_assembled,
+    read_meta,
+)
 from vlm_guard.toyworld.everyday_v3.model import V3Spec
-from vlm_guard.toyworld.everyday_v3.world import (GRID, OBJECT_TYPES, biased_world, clutter_count,
-                                                  independent_world, long_description, mentioned_objects,
-                                                  partner_of, position_phrase, render)
+from vlm_guard.toyworld.everyday_v3.world import (
+    GRID,
+    OBJECT_TYPES,
+    biased_world,
+    clutter_count,
+    independent_world,
+    long_description,
+    mentioned_objects,
+    partner_of,
+    position_phrase,
+    render,
+)
 
-TINY_SPEC = dict(vision_hidden=32, vision_layers=1, vision_heads=2, lora_rank=2)
+TINY_SPEC = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "lora_rank": 2}
 
 
 def _pair_rates(world, count: int) -> tuple[float, float]:
@@ -114,8 +136,9 @@ def test_spec_gives_64_or_144_image_tokens_and_refuses_split_cells():
 
 
 def _config(out, **overrides) -> V3TrainConfig:
-    values = dict(out_dir=str(out), spec=V3Spec(**TINY_SPEC), vision_steps=2, prealign_steps=2, align_steps=2,
-                  instruct_steps=3, vision_batch=3, prealign_batch=3, chat_batch=2, warmup_steps=1)
+    values = {"out_dir": str(out), "spec": V3Spec(**TINY_SPEC), "vision_steps": 2, "prealign_steps": 2,
+              "align_steps": 2, "instruct_steps": 3, "vision_batch": 3, "prealign_batch": 3, "chat_batch": 2,
+              "warmup_steps": 1}
     values.update(overrides)
     return V3TrainConfig(**values)
 

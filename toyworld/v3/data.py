@@ -15,15 +15,27 @@ import torch
 
 from vlm_guard.toyworld.data import IGNORE_INDEX, pad_sequences
 from vlm_guard.toyworld.everyday.data import Batch, BatchBuilder
-from vlm_guard.toyworld.everyday_v3.world import (CAPTION_PROMPTS, COLOURS, DETAIL_PROMPTS, GRID, OBJECT_TYPES, Scene,
-                                                  answer, brightness_word, caption, long_description, question_text,
-                                                  render, size_word)
+from vlm_guard.toyworld.everyday_v3.world import (
+    CAPTION_PROMPTS,
+    COLOURS,
+    DETAIL_PROMPTS,
+    GRID,
+    OBJECT_TYPES,
+    Scene,
+    answer,
+    brightness_word,
+    caption,
+    long_description,
+    question_text,
+    render,
+    size_word,
+)
 
 ROW_KINDS = ("caption", "detail", "question")
 SIZES = ("small", "medium-sized", "large")
 BRIGHTNESS = ("barely visible", "faint", "bright")
 
-__all__ = ["BRIGHTNESS", "Batch", "IGNORE_INDEX", "ROW_KINDS", "SIZES", "V3BatchBuilder", "patch_targets"]
+__all__ = ["BRIGHTNESS", "IGNORE_INDEX", "ROW_KINDS", "SIZES", "Batch", "V3BatchBuilder", "patch_targets"]
 
 
 class V3BatchBuilder(BatchBuilder):

@@ -29,6 +29,7 @@ Every measure uses held-out **independent** scenes (seed ``HELD_OUT_SEED``), gre
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -37,10 +38,23 @@ from pathlib import Path
 
 import torch
 
-from vlm_guard.heads.sinks import FIRST_SINK_LAYER, SINK_THRESHOLD, find_sink_dims, sink_scores
+from vlm_guard.heads.sinks import (
+    FIRST_SINK_LAYER,
+    SINK_THRESHOLD,
+    find_sink_dims,
+    sink_scores,
+)
 from vlm_guard.toyworld.everyday.world import _groups
-from vlm_guard.toyworld.everyday_v3.world import (DETAIL_PROMPTS, OBJECT_TYPES, brightness_word, independent_world,
-                                                  long_description, partner_of, render, size_word)
+from vlm_guard.toyworld.everyday_v3.world import (
+    DETAIL_PROMPTS,
+    OBJECT_TYPES,
+    brightness_word,
+    independent_world,
+    long_description,
+    partner_of,
+    render,
+    size_word,
+)
 from vlm_guard.toyworld.report import generate
 
 logger = logging.getLogger("toyworld.v3.report")
@@ -66,7 +80,7 @@ def partner_slots(scene) -> list[tuple[str, str, list[str]]]:
     ordered = [obj for group in _groups(scene) for obj in group]
     text = long_description(scene)
     slots = []
-    for before, after in zip(ordered, ordered[1:]):
+    for before, after in itertools.pairwise(ordered):
         partner = partner_of(before.type)
         if partner is None or partner in scene.types:
             continue
@@ -296,7 +310,11 @@ def sink_report(model, processor, scenes) -> dict:
 def prior_report(model, processor, caption_scenes, pope_scenes, max_new_tokens: int = 200,
                  batch_size: int = 8) -> dict:
     from vlm_guard.toyworld.everyday.report import partner_rates, says_yes
-    from vlm_guard.toyworld.everyday_v3.world import QUESTION_SPLITS, mentioned_objects, questions
+    from vlm_guard.toyworld.everyday_v3.world import (
+        QUESTION_SPLITS,
+        mentioned_objects,
+        questions,
+    )
 
     cell = _cell(model)
     texts = generate(model, processor, [render(s, cell) for s in caption_scenes],

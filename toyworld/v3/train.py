@@ -40,9 +40,20 @@ import torch
 from torch import nn
 
 from vlm_guard.fileio import atomic_save_safetensors, atomic_write_json, sha256_file
-from vlm_guard.toyworld.everyday_v3.assemble import CONFIG_FILE, WEIGHTS_FILE, FORMAT
-from vlm_guard.toyworld.everyday_v3.model import LoRALinear, V3Spec, add_lora, build_model, build_processor
-from vlm_guard.toyworld.everyday_v3.world import COLOURS, OBJECT_TYPES, biased_world, independent_world
+from vlm_guard.toyworld.everyday_v3.assemble import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from vlm_guard.toyworld.everyday_v3.model import (
+    LoRALinear,
+    V3Spec,
+    add_lora,
+    build_model,
+    build_processor,
+)
+from vlm_guard.toyworld.everyday_v3.world import (
+    COLOURS,
+    OBJECT_TYPES,
+    biased_world,
+    independent_world,
+)
 from vlm_guard.toyworld.train import vision_features
 
 from .data import BRIGHTNESS, IGNORE_INDEX, SIZES, V3BatchBuilder, patch_targets

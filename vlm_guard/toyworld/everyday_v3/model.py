@@ -13,8 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..everyday.model import (CHAT_TEMPLATE, IMAGE_TOKEN, LoRALinear, V2Spec, add_lora, build_config, build_model,
-                              build_processor, merge_lora)
+from ..everyday.model import (
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    LoRALinear,
+    V2Spec,
+    add_lora,
+    build_config,
+    build_model,
+    build_processor,
+    merge_lora,
+)
 from .world import CELL, GRID
 
 __all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "V3Spec", "add_lora", "build_config", "build_model",
