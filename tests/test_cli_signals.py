@@ -111,3 +111,30 @@ def test_demo_while_its_model_loads(tmp_path):
         port = probe.getsockname()[1]
     argv = _vlm_guard("demo", "--port", str(port))
     _assert_one_line(*_interrupt(argv, tmp_path, signal.SIGTERM, after_s=2.5), "demo", "interrupted")
+
+
+def test_an_interrupt_before_the_arguments_are_parsed_still_names_the_command(monkeypatch, capsys):
+    import vlm_guard.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["eval", "synthetic", "--out", "x.jsonl"]) == 130
+    assert capsys.readouterr().err == "vlm-guard eval: interrupted\n"
+    assert cli.main(["--verbose"]) == 130
+    assert capsys.readouterr().err == "vlm-guard: interrupted\n"
+
+
+def test_an_error_caused_by_an_interrupt_counts_as_one(monkeypatch, capsys):
+    import vlm_guard.cli as cli
+
+    def wrapped():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as error:
+            raise RuntimeError("Failed to import transformers.models.llava") from error
+
+    monkeypatch.setattr(cli, "build_parser", wrapped)
+    assert cli.main(["calibrate"]) == 130
+    assert capsys.readouterr().err == "vlm-guard calibrate: interrupted\n"

@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             return stop.code if isinstance(stop.code, int) else 2
         return _run(parser, args)
     except KeyboardInterrupt:
-        return _interrupted(args)
+        return _interrupted(args, argv)
     except Exception as error:
         if _caused_by_interrupt(error):  # a library turned the interrupt into its own error (an import, a worker)
-            return _interrupted(args)
+            return _interrupted(args, argv)
         raise
     finally:
         for signum, handler in previous.items():
@@ -121,13 +121,16 @@ def _sigterm_as_interrupt():
     return {signum: handler for signum, handler in previous.items() if handler is not None}
 
 
-def _interrupted(args: argparse.Namespace | None) -> int:
+def _interrupted(args: argparse.Namespace | None, argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C while the line is printed changes nothing
         try:
             signal.signal(signum, signal.SIG_IGN)
         except ValueError:  # not the main thread
             pass
     command = getattr(args, "command", None)
+    if args is None:  # stopped before the arguments were parsed (while the commands' modules were imported)
+        words = [word for word in (sys.argv[1:] if argv is None else argv) if not word.startswith("-")]
+        command = words[0] if words and words[0].replace("-", "_").isidentifier() else None
     note = getattr(args, "interrupt_note", None) or INTERRUPTED
     try:
         print(f"vlm-guard{' ' + command if command else ''}: {note}", file=sys.stderr, flush=True)
