@@ -84,3 +84,32 @@ def test_eval_help_gives_each_benchmarks_generation_budget():
     assert f"{DEFAULT_MAX_NEW_TOKENS['synthetic_pope']} for the yes/no questions" in helps["synthetic"]
     for world in ("everyday", "shapes"):
         assert f"{world_kind(world).caption_tokens} {world}" in helps["synthetic"]
+
+
+def _help_of(path, flag):
+    for found_path, action in number_actions(build_parser()):
+        if found_path == path and flag in action.option_strings:
+            return action.help
+    raise AssertionError(f"no {flag} in {path}")
+
+
+def test_help_of_options_defaulting_to_a_config_states_the_configs_value():
+    """Options whose default is None take their value from a config class; the help must quote that value."""
+    from vlm_guard.demo.inputs import MEGABYTE, DemoLimits
+    from vlm_guard.grounding.train import CheckerTrainConfig
+    from vlm_guard.toyworld.train import TrainConfig
+
+    limits, recipe = DemoLimits(), TrainConfig()
+    expected = {
+        (("demo",), "--max-new-tokens"): limits.max_new_tokens,
+        (("demo",), "--max-upload-mb"): limits.max_upload_bytes // MEGABYTE,
+        (("demo",), "--queue-size"): limits.queue_size,
+        (("demo",), "--max-sessions"): limits.max_sessions,
+        (("demo",), "--session-ttl"): limits.session_ttl_seconds,
+        (("toy", "train"), "--batch"): recipe.multimodal_batch,
+        (("toy", "train"), "--question-fraction"): recipe.question_fraction,
+        (("toy", "train-checker"), "--steps"): CheckerTrainConfig().steps,
+    }
+    for (path, flag), value in expected.items():
+        stated = HELP_DEFAULT.search(_help_of(path, flag)).group(1)
+        assert float(stated) == float(value), f"{' '.join(path)} {flag}: help says {stated}, the config says {value}"

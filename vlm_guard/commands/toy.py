@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     train.add_argument("--lm-turns", type=positive_int, default=None, help="captions packed per LM-pretraining sequence")
     train.add_argument("--lm-lr", type=positive_float, default=None, help="LM-pretraining learning rate")
     train.add_argument("--question-fraction", type=share, default=None,
-                       help="share of yes/no rows in the multimodal stages, in [0, 1] (default 0.3)")
+                       help="share of yes/no rows in the multimodal stages, in [0, 1] (default 0.5)")
     train.add_argument("--pair-prob", type=share, default=None, help="partner co-occurrence in training scenes, in [0, 1]")
     train.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
     train.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (part of the recipe; default %(default)s)")
