@@ -262,15 +262,15 @@ def test_beams_or_several_sequences_with_a_contrast_are_refused_before_any_work(
     guarded = vlm_guard.wrap(model, config=config)
     calls = []
     handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    extra = {"num_beams": 2} if setting == "num_return_sequences" else {}  # several sequences need beams or sampling
+    sample = setting == "num_return_sequences"  # several sequences of one prompt need sampling (or beams)
     try:
         messages = []
         for spelling in ("keyword", "generation_config"):
-            settings = {setting: 2, **extra}
+            settings = {setting: 2, "do_sample": sample}
             if spelling == "generation_config":
-                settings = {"generation_config": GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0, **settings)}
+                settings = {"generation_config": GenerationConfig(max_new_tokens=2, pad_token_id=0, **settings)}
             with pytest.raises(ValueError) as error:
-                guarded.generate(**inputs, max_new_tokens=2, do_sample=False, **settings)
+                guarded.generate(**inputs, max_new_tokens=2, **settings)
             messages.append(str(error.value))
     finally:
         handle.remove()
