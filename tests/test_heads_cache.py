@@ -126,3 +126,28 @@ def test_calibrate_warns_below_the_minimum_image_count(count, warned, caplog):
     assert bool(messages) is warned
     if warned:
         assert f"calibrating on {count} images" in messages[0] and str(MIN_CALIBRATION_IMAGES) in messages[0]
+
+
+def test_a_near_tie_for_the_gift_layer_is_reported(calibrated):
+    from vlm_guard.heads.calibrate import gift_layer_tie
+
+    layers = calibrated.num_layers
+    shifts = [float("nan")] + [1.0] * (layers - 2) + [float("nan")]
+    tied = dataclasses.replace(calibrated, gift_saliency_layer=1, gift_layer_shift=[*shifts[:1], 2.56, *shifts[2:]])
+    tied.gift_layer_shift[2] = 2.49  # the default model's layers 23 and 1: 3 % apart
+    assert gift_layer_tie(tied) == (1, 2.56, 2, 2.49)
+    clear = dataclasses.replace(tied, gift_layer_shift=[*shifts[:1], 2.56, 1.5, *shifts[3:]])
+    assert gift_layer_tie(clear) is None
+    assert gift_layer_tie(dataclasses.replace(tied, gift_saliency_layer=None)) is None
+
+
+def test_calibrate_help_states_the_minimum_and_the_cache_rule(capsys):
+    from vlm_guard.cli import main
+
+    try:
+        code = main(["calibrate", "--help"])
+    except SystemExit as exit_:  # argparse's own exit
+        code = exit_.code
+    assert code in (0, None)
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"Use at least {MIN_CALIBRATION_IMAGES} images" in text and "never over, a tuned map" in text

@@ -78,8 +78,10 @@ def register(subparsers) -> None:
         description=(
             "Profile attention heads over a set of images (two forward passes per batch, no generation) and save a head "
             "map (head_map.json + head_map.safetensors) with a VHD heatmap and a sink-dimension plot into --out. The map is "
-            "also saved into the head-map cache ($VLM_GUARD_CACHE or ~/.cache/vlm_guard/head_maps), where vlm_guard.wrap "
-            "finds it. Unreadable images are skipped and counted."
+            "also saved into the head-map cache ($VLM_GUARD_CACHE or ~/.cache/vlm_guard/head_maps) beside, never over, a tuned "
+            "map of the same model; vlm_guard.wrap prefers a tuned map, and the last line says which map it uses "
+            "(docs/calibration.md). Use at least 16 images (fewer are warned about). Unreadable images are skipped and "
+            "counted."
         ),
     )
     calibrate_parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
