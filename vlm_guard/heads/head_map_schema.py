@@ -96,7 +96,7 @@ def _check(data: dict, tensors: dict[str, torch.Tensor]) -> None:
         value = fingerprint.get(key)
         if (value is not None or key in ("num_layers", "num_heads")) and not (_is_int(value) and value > 0):
             raise _FieldError(f"fingerprint.{key}", value, "not a positive integer")
-    layers, heads = fingerprint["num_layers"], fingerprint["num_heads"]
+    layers = fingerprint["num_layers"]
     hidden = fingerprint.get("hidden_size")
     if "calibration" in data and not isinstance(data["calibration"], dict):
         raise _FieldError("calibration", data["calibration"], "not an object")
