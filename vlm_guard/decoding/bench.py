@@ -87,6 +87,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import GuardConfig
+from ..fileio import atomic_write_json, atomic_write_text
 from .vcd import VCDConfig
 from ..version import __version__
 
@@ -744,10 +745,10 @@ def _command(args: argparse.Namespace) -> int:
     for note in report["notes"]:
         print(f"note: {note}")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        atomic_write_json(args.out, report, indent=2, allow_nan=True)
         print(f"wrote {args.out}")
     if args.markdown:
-        Path(args.markdown).write_text(format_markdown(report))
+        atomic_write_text(args.markdown, format_markdown(report))
         print(f"wrote {args.markdown}")
     return 0
 

@@ -458,8 +458,11 @@ def _write_synthetic_images(args) -> int:
     folder = check_output_folder(args.out)
     kind = world_for_model_argument(getattr(args, "model", None), args.world)
     scenes = synthetic_world(seed, args.biased, kind)
-    for index in range(args.n):
-        kind.render(scenes.scene(index)).save(folder / f"scene_{index:06d}.png")
+    from vlm_guard.fileio import atomic_path
+
+    for index in range(args.n):  # each image whole or absent: a failure keeps the previous file of that name
+        with atomic_path(folder / f"scene_{index:06d}.png") as temporary:
+            kind.render(scenes.scene(index)).save(temporary, format="PNG")
     print(f"wrote {args.n} scenes of the {kind.name} world, seed {seed} ({'biased' if args.biased else 'unbiased'}) "
           f"to {folder}")
     return 0

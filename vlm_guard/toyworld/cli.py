@@ -20,6 +20,8 @@ import json
 import shutil
 from pathlib import Path
 
+from ..fileio import atomic_folder, atomic_write_json, atomic_write_text
+
 
 # the parsers of these commands live in vlm_guard.commands.toy (importing this package imports PIL and numpy)
 
@@ -68,7 +70,7 @@ def _report(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     out = Path(args.out) if args.out else default_report_path(model_dir)
     report = build_report(model_dir, scenes=args.scenes)
-    out.write_text(json.dumps(report, indent=1))
+    atomic_write_json(out, report, indent=1, allow_nan=True)
     print(json.dumps(report["summary"], indent=1))
     print(f"report written to {out}")
     return 0
@@ -91,14 +93,26 @@ def _ship(args: argparse.Namespace) -> int:
     source = Path(args.model)
     if not (source / "model.safetensors").exists():
         raise FileNotFoundError(f"{source} holds no model.safetensors; pass the folder written by `toy train`")
-    if DEFAULT_MODEL_DIR.exists():
-        shutil.rmtree(DEFAULT_MODEL_DIR)
-    shutil.copytree(source, DEFAULT_MODEL_DIR)
-    report = build_report(DEFAULT_MODEL_DIR, scenes=args.scenes)
-    (DEFAULT_MODEL_DIR / "training_report.json").write_text(json.dumps(report, indent=1))
+    # the new folder is built and measured under a temporary name beside the shipped one, then swapped in: a failure
+    # (a bad model, a full disk, Ctrl-C during the report) leaves the previously shipped model as it was
+    DEFAULT_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(DEFAULT_MODEL_DIR) as temporary:
+        copy_files(source, temporary)
+        report = build_report(temporary, scenes=args.scenes)
+        atomic_write_json(temporary / "training_report.json", report, indent=1, allow_nan=True)
     print(json.dumps(report["summary"], indent=1))
     print(f"shipped {source} to {DEFAULT_MODEL_DIR}")
     return 0
+
+
+def copy_files(source: Path, folder: Path) -> None:
+    """Copy every file under ``source`` into the existing ``folder`` (same relative paths). Only the contents are
+    copied, not permissions: a read-only source still gives files the new folder can finish and replace."""
+    for path in sorted(Path(source).rglob("*")):
+        if path.is_file():
+            target = folder / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def _train_checker(args: argparse.Namespace) -> int:
@@ -160,7 +174,7 @@ def _v2_report(args: argparse.Namespace) -> int:
     training = json.loads((model_dir / "v2_config.json").read_text()).get("training", {})
     report["training"] = {k: v for k, v in training.items() if k != "losses"}
     out = Path(args.out) if args.out else model_dir / "v2_report.json"
-    out.write_text(json.dumps(report, indent=1))
+    atomic_write_json(out, report, indent=1, allow_nan=True)
     print(json.dumps({"must_show": report["must_show"], "captions": report["captions"],
                       "pope": {k: v["accuracy"] for k, v in report["pope"].items()}}, indent=1))
     print(f"report written to {out}")
@@ -176,5 +190,5 @@ def _v2_prior(args: argparse.Namespace) -> int:
     text = json.dumps(table, indent=1)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text + "\n")
     return 0

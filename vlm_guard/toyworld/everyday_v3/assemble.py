@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -95,17 +94,19 @@ def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir
     if not (folder / "model.safetensors").exists():
         logger.info("assembling default model v3 (first use; cached in %s)", folder)
         model, processor = build_assembled(weights_dir, lm, lm_tokenizer)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
-        _pad_left(tmp / "tokenizer_config.json")
-        (tmp / CONFIG_FILE).write_text((Path(weights_dir) / CONFIG_FILE).read_text())
-        (tmp / "vlm_guard.json").write_text(json.dumps({"world": "everyday_v3", "role": "default model v3"}, indent=2))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process assembled it first
-            pass
+        import shutil
+
+        from ...fileio import atomic_folder, atomic_write_json
+
+        folder.parent.mkdir(parents=True, exist_ok=True)  # the per-version folder
+        # written beside the cache folder and renamed in (a failure leaves no partial cache); another process that
+        # assembled it first wins; an existing folder here lacks its weights, so it is replaced
+        with atomic_folder(folder, replace=folder.exists()) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            processor.save_pretrained(str(tmp))
+            _pad_left(tmp / "tokenizer_config.json")
+            shutil.copyfile(Path(weights_dir) / CONFIG_FILE, tmp / CONFIG_FILE)
+            atomic_write_json(tmp / "vlm_guard.json", {"world": "everyday_v3", "role": "default model v3"}, indent=2)
     model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
     processor = AutoProcessor.from_pretrained(str(folder))
     processor.tokenizer.padding_side = "left"
