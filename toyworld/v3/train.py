@@ -40,6 +40,12 @@ import torch
 from torch import nn
 
 from vlm_guard.fileio import atomic_save_safetensors, atomic_write_json, sha256_file
+from vlm_guard.schema import (
+    FileSchemaError,
+    check_train_state,
+    load_dataclass,
+    read_json,
+)
 from vlm_guard.toyworld.everyday_v3.assemble import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from vlm_guard.toyworld.everyday_v3.model import (
     LoRALinear,
@@ -66,6 +72,8 @@ FINAL_DIR = "final"
 STATE_FILE = "state.json"
 CONFIG_NAME = "train_config.json"
 ROW_MIXTURES = ("align_mixture", "instruct_mixture")
+RESUME_REMEDY = ("the run folder is damaged or was edited: restore it from a copy, or start a new --out "
+                 "(or delete the folder)")
 
 
 @dataclass
@@ -296,7 +304,8 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     state_path = folder / STATE_FILE
     if not state_path.exists():
         raise FileNotFoundError(f"{state_path} is missing: {folder} holds no complete checkpoint")
-    state = json.loads(state_path.read_text())
+    state = check_train_state(state_path, read_json(state_path, RESUME_REMEDY), STAGES, RESUME_REMEDY, optimizer=True,
+                              files=("trainable", "optimizer"))
     loaded = {}
     for key in ("trainable", "optimizer"):
         entry = state["files"][key]
@@ -335,8 +344,13 @@ def train(config: V3TrainConfig, resume: bool = False, stop_after: int | None = 
         torch.set_num_threads(previous)
 
 
+def read_train_config(path: Path) -> V3TrainConfig:
+    """A run's ``train_config.json``, checked (one-line :class:`vlm_guard.schema.FileSchemaError` naming the field)."""
+    return load_dataclass(path, V3TrainConfig, RESUME_REMEDY)
+
+
 def _check_resumable(out: Path, config: V3TrainConfig, stage: str) -> None:
-    saved = json.loads((out / CONFIG_NAME).read_text())
+    saved = read_train_config(out / CONFIG_NAME).to_dict()
     current = config.to_dict()
     later = {f"{name}_steps" for name in STAGES[STAGES.index(stage):]}
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -466,7 +480,7 @@ def load_run(run_dir: str | Path, lm=None, lm_tokenizer=None):
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{run_dir} is not a v3 training run (no {CONFIG_NAME}); pass the --out folder")
-    config = V3TrainConfig(**json.loads((run_dir / CONFIG_NAME).read_text()))
+    config = read_train_config(run_dir / CONFIG_NAME)
     state, trainable, _ = read_checkpoint(run_dir / CHECKPOINT_DIR)
     model, processor, heads, _ = build_for_training(config, lm, lm_tokenizer)
     load_trainable_state(model, heads, trainable)
@@ -482,6 +496,15 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a damaged run folder is refused with one line (exit status 2), not a traceback."""
+    try:
+        return _main(argv)
+    except FileSchemaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toyworld.v3.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="run folder (checkpoint/, final/, train_config.json)")
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -503,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(export_checkpoint(out))
         return 0
     if args.resume and (out / CONFIG_NAME).exists():
-        values = json.loads((out / CONFIG_NAME).read_text())
+        values = read_train_config(out / CONFIG_NAME).to_dict()
     else:
         values = {"seed": args.seed, "spec": asdict(V3Spec(image_size=args.image_size))}
     values.update(out_dir=str(out), threads=args.threads, checkpoint_minutes=args.checkpoint_minutes)

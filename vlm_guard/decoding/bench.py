@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import platform
 import re

@@ -183,12 +183,32 @@ def _finish_checkpoint(tmp: Path, optimizer, state: dict) -> None:
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
 
 
+RESUME_REMEDY = ("the run folder is damaged or was edited: restore it from a copy, or start a new --out "
+                 "(or delete the folder)")
+
+
+def read_train_config(path: Path) -> TrainConfig:
+    """The run's ``train_config.json``, checked (one-line :class:`vlm_guard.schema.FileSchemaError` naming the field)."""
+    from ..schema import load_dataclass
+
+    return load_dataclass(path, TrainConfig, RESUME_REMEDY)
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's ``state.json`` (``path`` is the checkpoint folder), checked against its schema."""
+    from ..schema import check_train_state, read_json
+
+    file = path / "state.json"
+    return check_train_state(file, read_json(file, RESUME_REMEDY), STAGES, RESUME_REMEDY, optimizer=True)
+
+
 def _load_checkpoint(path: Path, model, heads) -> dict:
     from safetensors.torch import load_file
 
+    state = read_state(path)  # before the tensors: a damaged state refuses without loading anything
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     heads.load_state_dict(load_file(str(path / "cell_heads.safetensors")))
-    return json.loads((path / "state.json").read_text())
+    return state
 
 
 def _load_optimizer(path: Path, optimizer, state: dict) -> None:
@@ -275,9 +295,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
     heads = CellHeads(config.spec.vision_hidden, config.spec.image_size // config.spec.patch_size)
     state = {"stage": STAGES[0], "step": 0, "elapsed_s": 0.0, "losses": {}}
     if checkpoint.exists():
-        saved_config = json.loads(json.dumps(TrainConfig(**json.loads((out / "train_config.json").read_text())).to_dict()))
+        saved_config = json.loads(json.dumps(read_train_config(out / "train_config.json").to_dict()))
         new_config = json.loads(json.dumps(config.to_dict()))
-        saved_stage = json.loads((checkpoint / "state.json").read_text())["stage"]
+        saved_stage = read_state(checkpoint)["stage"]
         # stages not reached yet may be lengthened or added: the run so far is identical either way
         later = [f"{name}_steps" for name in STAGES[STAGES.index(saved_stage) + 1:]]
         later += ["qa_question_fraction"] if "qa_steps" in later else []
@@ -377,7 +397,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Pat
     config_path, checkpoint = run_dir / "train_config.json", run_dir / CHECKPOINT_DIR
     if not config_path.exists() or not checkpoint.exists():
         raise FileNotFoundError(f"{run_dir} is not a training run (needs train_config.json and {CHECKPOINT_DIR}/)")
-    config = TrainConfig(**json.loads(config_path.read_text()))
+    config = read_train_config(config_path)
     processor = build_processor(config.spec)
     model = build_model(config.spec, processor.tokenizer, seed=config.seed)
     heads = CellHeads(config.spec.vision_hidden, config.spec.image_size // config.spec.patch_size)

@@ -32,7 +32,13 @@ from torch import nn
 
 from ...fileio import atomic_write_json
 from ...version import __version__
-from ..train import _finish_checkpoint, _load_optimizer, _lr_factor, vision_features
+from ..train import (
+    RESUME_REMEDY,
+    _finish_checkpoint,
+    _load_optimizer,
+    _lr_factor,
+    vision_features,
+)
 from .data import IGNORE_INDEX, BatchBuilder, cell_targets
 from .model import LoRALinear, V2Spec, add_lora, build_model, build_processor
 from .world import COLOURS, GRID, OBJECT_TYPES, World
@@ -182,6 +188,21 @@ def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
         _finish_checkpoint(tmp, optimizer, state)
 
 
+def read_train_config(path: Path) -> V2TrainConfig:
+    """The run's ``train_config.json``, checked (one-line :class:`vlm_guard.schema.FileSchemaError` naming the field)."""
+    from ...schema import load_dataclass
+
+    return load_dataclass(path, V2TrainConfig, RESUME_REMEDY)
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's ``state.json`` (``path`` is the checkpoint folder), checked against its schema."""
+    from ...schema import check_train_state, read_json
+
+    file = path / "state.json"
+    return check_train_state(file, read_json(file, RESUME_REMEDY), STAGES, RESUME_REMEDY, optimizer=True)
+
+
 def _stage_loss(stage: str, step: int, model, heads, builder: BatchBuilder, config: V2TrainConfig) -> torch.Tensor:
     offset = 1_000_003 * (STAGES.index(stage) + 1)
     if stage in ("vision", "prealign"):
@@ -259,9 +280,10 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
     builder = BatchBuilder(processor, config.spec.num_image_tokens)
     state = {"stage": STAGES[0], "step": 0, "elapsed_s": 0.0, "losses": {}}
     if checkpoint.exists():
-        saved = json.loads((out / "train_config.json").read_text())
+        saved = json.loads(json.dumps(read_train_config(out / "train_config.json").to_dict()))
         current = json.loads(json.dumps(config.to_dict()))
-        saved_stage = json.loads((checkpoint / "state.json").read_text())["stage"]
+        saved_state = read_state(checkpoint)  # before any tensor loads: a damaged state refuses at once
+        saved_stage = saved_state["stage"]
         later = {f"{name}_steps" for name in STAGES[STAGES.index(saved_stage):]} | {"threads", "checkpoint_every"}
         changed = sorted(k for k in current if saved.get(k) != current[k])
         if any(k not in later for k in changed):
@@ -271,7 +293,7 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
             logger.info("changed on resume: %s", {k: current[k] for k in changed})
             atomic_write_json(out / "train_config.json", current, indent=1, allow_nan=True)
         load_trainable_state(model, heads, load_file(str(checkpoint / "trainable.safetensors")))
-        state = json.loads((checkpoint / "state.json").read_text())
+        state = dict(saved_state)
         state.pop("param_groups", None)
         logger.info("resuming at stage %s step %d", state["stage"], state["step"])
     else:
@@ -284,8 +306,7 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.98))
         first = state["step"] if stage == state["stage"] else 0
         if first > 0:
-            saved_state = json.loads((checkpoint / "state.json").read_text())
-            _load_optimizer(checkpoint, optimizer, saved_state)
+            _load_optimizer(checkpoint, optimizer, read_state(checkpoint))
         model.train()
         every = config.checkpoint_every if stage in ("align", "instruct") else max(config.checkpoint_every, 100)
         bar = tqdm(range(first, total), desc=f"{stage:>8}", initial=first, total=total, disable=not progress,
@@ -362,10 +383,10 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, lm=Non
     config_path, checkpoint = run_dir / "train_config.json", run_dir / CHECKPOINT_DIR
     if not config_path.exists() or not checkpoint.exists():
         raise FileNotFoundError(f"{run_dir} is not a v2 training run (needs train_config.json and {CHECKPOINT_DIR}/)")
-    config = V2TrainConfig(**json.loads(config_path.read_text()))
+    config = read_train_config(config_path)
     model, _, heads, _ = build_for_training(config, lm, lm_tokenizer)
     load_trainable_state(model, heads, load_file(str(checkpoint / "trainable.safetensors")))
-    state = json.loads((checkpoint / "state.json").read_text())
+    state = read_state(checkpoint)
     training = {"elapsed_s": state["elapsed_s"], "losses": state["losses"], "finished": False,
                 "checkpoint": {"stage": state["stage"], "step": state["step"]}}
     return export(model, config, Path(out) if out else run_dir / "export", training)
