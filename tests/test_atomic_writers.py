@@ -4,6 +4,8 @@ library that fails on any new write that bypasses fileio."""
 
 import errno
 import json
+import os
+import posixpath
 import re
 from pathlib import Path
 
@@ -98,9 +100,20 @@ SAFE_CALLS = re.compile(r"\b(head_map|result_map)\.save_pretrained\(|^>>>|^\"")
 PENDING: dict[str, str] = {}
 
 
+# the training code of default model v3 lives beside the package (toyworld/v3, run as `python -m toyworld.v3.train`);
+# its files (checkpoints, exported weights, reports) are scanned too, keyed "../toyworld/..."
+TRAINING_CODE = PACKAGE.parent / "toyworld"
+
+
+def _sources():
+    yield from sorted(PACKAGE.rglob("*.py"))
+    if TRAINING_CODE.is_dir():
+        yield from sorted(TRAINING_CODE.rglob("*.py"))
+
+
 def _raw_writes():
-    for path in sorted(PACKAGE.rglob("*.py")):
-        relative = path.relative_to(PACKAGE).as_posix()
+    for path in _sources():
+        relative = Path(os.path.relpath(path, PACKAGE)).as_posix()
         if relative == "fileio.py":
             continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -113,7 +126,7 @@ def _raw_writes():
 
 
 def test_every_write_goes_through_fileio():
-    unsafe = [f"vlm_guard/{relative}:{number}: {kind}: {text}" for relative, number, kind, text in _raw_writes()
+    unsafe = [f"{posixpath.normpath('vlm_guard/' + relative)}:{number}: {kind}: {text}" for relative, number, kind, text in _raw_writes()
               if (relative, text) not in SAFE and relative not in PENDING]
     assert not unsafe, ("files written in place (a failure destroys the previous version); use vlm_guard.fileio "
                         "(atomic_write_text / _json / _bytes, atomic_save_safetensors, atomic_path, atomic_folder):\n"
