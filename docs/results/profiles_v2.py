@@ -5,7 +5,8 @@
 Reads the shipped v2 head map's ``tuned.profiles`` (written by ``vlm-guard tune --profiles`` on the tuning seed
 910001, winners confirmed on 910002), runs each profile's setting on the held-out everyday scenes (seed 900001,
 unbiased, 300 captions and 300 questions per POPE split: the items of ``docs/results/v2/synthetic.md``) into
-``docs/results/v2/profiles.<label>.jsonl``, and compares it item by item with the greedy records of that table
+``docs/results/v2/profiles.<label>.jsonl`` (or reuses the row of ``synthetic.md`` that ran exactly that setting, after
+regenerating a sample of its items with the current code), and compares it item by item with the greedy records of that table
 (``synthetic.none.jsonl``; first checked to be reproduced token for token by the current code on a sample), with
 paired 95 % bootstrap intervals (1000 resamples, seed 0). A profile whose setting is "no method" is greedy itself
 (with every method off the guarded model is token-identical to ``generate``): its row is greedy's, Δ = 0.
@@ -54,8 +55,27 @@ def _config(settings: dict):
     return Candidate(settings).guard_config()
 
 
+def _table_row_with(config) -> Path | None:
+    """A records file of ``synthetic.md`` (same scenes, same items) whose run used exactly ``config`` (its
+    fingerprint's ``guard_config.*``), e.g. ``synthetic.pai.jsonl`` for PAI at its released values."""
+    wanted = {f"guard_config.{name}": None for name in ("vhr", "var", "gift", "pai", "vcd")}
+    for name in config.enabled_methods:
+        wanted.pop(f"guard_config.{name}")
+        for key, value in getattr(config, name).to_dict().items():
+            wanted[f"guard_config.{name}.{key}"] = value
+    for path in sorted(OUT.glob("synthetic.*.jsonl")):
+        with path.open(encoding="utf-8") as handle:
+            first = json.loads(handle.readline())
+        fingerprint = first.get("fingerprint", {})
+        got = {key: value for key, value in fingerprint.items() if key.startswith("guard_config.")}
+        if got == wanted:
+            return path
+    return None
+
+
 def _verify_greedy(model, processor, tasks, greedy: dict, sample: int) -> dict:
-    """Regenerate the first ``sample`` items of every task with the current code: they must equal the records."""
+    """Regenerate the first ``sample`` items of every task with the current code: they must equal the records
+    (``model`` may be a guarded model running a setting: then its records are checked)."""
     from vlm_guard.eval.images import ImageLoader
     from vlm_guard.eval.runner import chat_prompt, generate_answers
 
@@ -136,7 +156,21 @@ def main() -> int:
             settings = section.get("settings") or {}
             label = _label(profile, settings)
             row = {"profile": profile, "label": label, "settings": settings, "decision": section.get("decision")}
-            if settings:
+            reuse = _table_row_with(_config(settings)) if settings else None
+            if reuse is not None:
+                guarded.set_config(_config(settings))
+                reused = _records_by_task(reuse)
+                own_tasks = [t for t in tasks if profile == "caption" or t.name != "chair"]
+                row_check = _verify_greedy(guarded, processor, own_tasks, reused, args.verify) if args.verify else {}
+                print(f"{profile}: reusing {reuse.name} (the same setting in synthetic.md); reproduced: {row_check}")
+                if row_check.get("mismatched"):
+                    reuse = None
+            if reuse is not None:
+                own = {task.name: reused[task.name] for task in own_tasks}
+                row["columns"] = compare(own, greedy)
+                row["records"] = reuse.name
+                row["reproduced"] = row_check
+            elif settings:
                 # the caption setting on every column (what it costs on answers too); the answer setting on POPE
                 run_tasks = tasks if profile == "caption" else [t for t in tasks if t.name != "chair"]
                 run = run_method_set(guarded, processor, run_tasks, label, OUT / f"profiles.{label}.jsonl", ImageLoader(),
@@ -215,7 +249,11 @@ def markdown(summary: dict) -> str:
         lines.append("Greedy: " + ", ".join(f"{k} {c['greedy']:.1f}" for k, c in greedy.items()) + ".")
         lines.append("")
     for row in summary["rows"]:
-        lines.append(f"- `{row['profile']}`: {row.get('decision') or ''} {row.get('note') or ''}".rstrip())
+        reproduced = row.get("reproduced")
+        source = f" Records: `{row['records']}`" + (
+            f" (a row of `synthetic.md` with exactly this setting; {reproduced.get('checked', 0)} of its items regenerated "
+            f"by the current code, {reproduced.get('mismatched', 0)} differ)" if reproduced else "") + "."
+        lines.append(f"- `{row['profile']}`: {row.get('decision') or ''} {row.get('note') or ''}".rstrip() + source)
     return "\n".join(lines) + "\n"
 
 

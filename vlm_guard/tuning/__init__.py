@@ -6,6 +6,8 @@ released default).
 - :mod:`vlm_guard.tuning.space`: the grids (strength x layer band per method);
 - :mod:`vlm_guard.tuning.objective`: what is minimised and the recall / POPE constraints;
 - :mod:`vlm_guard.tuning.search`: budgeted successive halving, resumable JSON state;
+- :mod:`vlm_guard.tuning.profiles`: one setting per task profile (``caption``, ``answer``), judged by paired
+  intervals, rung sizes from the effect to resolve, winners confirmed on a separate split (``tune --profiles``);
 - :mod:`vlm_guard.tuning.plots`, :mod:`vlm_guard.tuning.report`: PNG curves and the markdown table;
 - :mod:`vlm_guard.tuning.cli`: the command.
 """
@@ -13,6 +15,7 @@ released default).
 from __future__ import annotations
 
 from .settings import (
+    PROFILES,
     UNTUNED_DEFAULT_METHODS,
     default_config,
     default_methods,
@@ -30,5 +33,5 @@ def tune(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-__all__ = ["resolve_config", "default_methods", "default_config", "describe_settings", "tuned_report",
+__all__ = ["PROFILES", "resolve_config", "default_methods", "default_config", "describe_settings", "tuned_report",
            "tuned_settings", "UNTUNED_DEFAULT_METHODS"]
