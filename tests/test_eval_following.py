@@ -204,7 +204,7 @@ def test_pope_answered_with_captions_is_withheld_and_exits_3(coco_fixture, tmp_p
     assert summary["metrics"]["pope/random"]["followed_prompt"] is True
     assert summary["metrics"]["pope/random"]["unclear_share"] == 1.0  # still reported
     assert main(_pope_argv(coco_fixture, out, tmp_path_factory, "--max-unclear", "2")) == 2
-    assert "--max-unclear must be a share between 0 and 1, got 2.0" in capsys.readouterr().err
+    assert "argument --max-unclear: 2 is out of range: a number in [0, 1]" in capsys.readouterr().err
 
 
 def test_pope_answered_yes_no_is_reported_normally(coco_fixture, tmp_path, tmp_path_factory, monkeypatch,  # noqa: F811
