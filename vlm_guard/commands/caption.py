@@ -63,7 +63,9 @@ def _load_image(path: str | None, world: str | None = None):
         candidates = sorted(folder.glob("*.png"))
         if not candidates:
             raise ValueError(f"no image given and no bundled examples in {folder}; pass an image path")
-        path = str(candidates[0])
+        # the first scene where the plain model hallucinates (examples.json "kind": "trap"), else the first by name
+        traps = [folder / name for name, kind in _example_kinds(world).items() if kind == "trap"]
+        path = str(next((trap for trap in traps if trap in candidates), candidates[0]))
         print(f"image: {display_name(path)} (bundled example)")
     if not Path(path).is_file():
         raise FileNotFoundError(f"image {display_name(path)!r} does not exist; pass the path of a PNG or JPEG file")
