@@ -43,7 +43,7 @@ def test_readme_command_synopses_list_every_required_flag():
     from vlm_guard.cli import build_parser
 
     parser = build_parser()
-    lines = [line for line in _code_block("bash", "## Commands").splitlines() if line.startswith("vlm-guard ")]
+    lines = [line for line in _code_block("text", "## Commands").splitlines() if line.startswith("vlm-guard ")]
     seen = set()
     for line in lines:
         words = shlex.split(line.replace("(", " ").replace(")", " ").replace("|", " "))[1:]
