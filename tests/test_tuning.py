@@ -409,6 +409,26 @@ def test_tuning_on_the_users_pope_and_coco_files(monkeypatch, tmp_path, coco_fix
         search.file_tuning_data([], str(coco_fixture / "val2014"), str(coco_fixture / "instances_val2014.json"))
 
 
+
+def test_tuning_refuses_pope_files_whose_images_are_not_in_the_folder(tmp_path, coco_fixture, caplog):  # noqa: F811
+    """POPE questions naming images that are not in --images would tune on zero POPE items (and still ship a
+    setting): refused before any work; a file with some images missing warns and keeps the others."""
+    from vlm_guard.tuning import search
+
+    elsewhere = tmp_path / "train2014"
+    elsewhere.mkdir()
+    with pytest.raises(ValueError, match=r"--pope .*coco_pope_random.json: none of its \d+ images .* is in --images"):
+        search.file_tuning_data([str(coco_fixture / "coco_pope_random.json")], str(elsewhere))
+    lines = [line for line in (coco_fixture / "coco_pope_random.json").read_text().splitlines() if line.strip()]
+    first_image = json.loads(lines[0])["image"]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / first_image).write_bytes((coco_fixture / "val2014" / first_image).read_bytes())
+    with caplog.at_level("WARNING", logger="vlm_guard.tuning.search"):
+        data = search.file_tuning_data([str(coco_fixture / "coco_pope_random.json")], str(partial))
+    assert data.tasks[0].name == "pope/random"
+    assert any("are not in" in record.getMessage() for record in caplog.records)
+
 def test_shipped_maps_can_be_switched_off(monkeypatch):
     from vlm_guard.tuning.shipped import SHIPPED_ENV, SHIPPED_HEAD_MAPS
 
@@ -678,4 +698,8 @@ def test_profile_tuning_confirms_on_a_separate_split_and_resumes(tmp_path, monke
 
     monkeypatch.setattr(search._Search, "_run_batch", lambda *a, **k: pytest.fail("a resumed run generated again"))
     again = profiles.tune_profiles(model, processor, head_map, **kwargs)
-    assert {p: s["table"] for p, s in again["profiles"].items()} == {p: s["table"] for p, s in first["profiles"].items()}
+    def decisions(tuned):  # the measured time per item is read when a row is made, so it is left out
+        return {p: [{k: v for k, v in row.items() if k != "time_ratio"} for row in s["table"]] for p, s in tuned["profiles"].items()}
+
+    assert decisions(again) == decisions(first)
+    assert {p: s["settings"] for p, s in again["profiles"].items()} == {p: s["settings"] for p, s in first["profiles"].items()}

@@ -128,6 +128,8 @@ def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, 
     if not images:
         raise ValueError("tuning on files needs --images, the folder the POPE questions and COCO annotations name")
     tasks = list(pope_tasks(list(pope_files), max_new_tokens=pope_max_new_tokens)) if pope_files else []
+    for task, path in zip(tasks, pope_files):
+        _check_images_present(task, path, images)
     if instances or captions:
         if not (instances and captions):
             raise ValueError("CHAIR tuning data needs both --instances and --captions (COCO-format annotation files)")
@@ -138,6 +140,23 @@ def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, 
     return TuningData(f"user files ({', '.join(t.name for t in tasks)})", tasks, ImageLoader(images),
                       {"kind": "files", "pope_files": [str(p) for p in pope_files], "images": str(images),
                        "instances": instances, "captions": captions, "n_images": n_images, "seed": seed})
+
+
+def _check_images_present(task, path, images) -> None:
+    """Refuse a POPE file none of whose images is in ``images`` (tuning on zero items would ship a setting chosen
+    on nothing); warn when some are missing (those questions are skipped)."""
+    from ..eval.images import ImageLoader
+
+    loader = ImageLoader(images)
+    names = sorted({str(item.image_name) for item in task.items})
+    missing = [name for name in names if not loader.path_of(name).is_file()]
+    if names and len(missing) == len(names):
+        raise ValueError(f"--pope {path}: none of its {len(names)} images (e.g. {missing[0]}) is in --images {images}; "
+                         "pass the image folder the questions name (POPE files built from train2014 name train2014 "
+                         "images)")
+    if missing:
+        logger.warning("%s: %d of its %d images are not in %s; their questions are skipped", path, len(missing),
+                       len(names), images)
 
 
 # ---------------------------------------------------------------------------------------------- state
