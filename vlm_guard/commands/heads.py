@@ -312,7 +312,9 @@ def _tuned_lines(tuned: Any) -> list[str]:
     if not tuned:
         return ["tuned settings: none (every method runs at its released defaults unless set; "
                 "default method set: " + ",".join(UNTUNED_DEFAULT_METHODS) + "). Run `vlm-guard tune` to choose them."]
-    if not isinstance(tuned, dict) or "profiles" in tuned or "default_methods" not in tuned:
+    if isinstance(tuned, dict) and "profiles" in tuned:
+        return _profile_lines(tuned)
+    if not isinstance(tuned, dict) or "default_methods" not in tuned:
         raise _NotLight
     settings, methods = tuned.get("settings") or {}, tuned["default_methods"]
     if not isinstance(settings, dict) or not isinstance(methods, list):
@@ -346,5 +348,45 @@ def _tuned_lines(tuned: Any) -> list[str]:
     lines.append("  (all other fields: released defaults; a value set in the user's config wins over both)")
     return lines
 
+
+
+def _profile_lines(tuned: dict) -> list[str]:
+    """The report of a map with task profiles (``vlm_guard.tuning.settings._profiles_report``, without torch); a
+    section that does not look as ``vlm-guard tune`` writes it goes to the full reader, which names the field."""
+    from ..tuning.settings import PROFILES
+
+    profiles, default = tuned.get("profiles"), tuned.get("default_profile")
+    if not isinstance(profiles, dict) or not profiles or default not in profiles:
+        raise _NotLight
+    data, confirm = tuned.get("tuning_data") or {}, tuned.get("confirmation_data") or {}
+    if not isinstance(data, dict) or not isinstance(confirm, dict):
+        raise _NotLight
+    name_of_data = data.get("name", "tuning data")
+    lines = [f"tuned task profiles (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
+             f"winners confirmed on {confirm.get('name', '?')}); default profile: {default}"]
+    for name, section in profiles.items():
+        if name not in PROFILES or not isinstance(section, dict):
+            raise _NotLight
+        settings, methods = section.get("settings") or {}, section.get("default_methods")
+        if not isinstance(settings, dict) or not isinstance(methods, list):
+            raise _NotLight
+        if not all(isinstance(m, str) and m in METHOD_ORDER for m in methods):
+            raise _NotLight
+        for method, values in settings.items():
+            if method not in RELEASED_DEFAULTS or not isinstance(values, dict) or set(values) - set(RELEASED_DEFAULTS[method]):
+                raise _NotLight
+        reason = (f"{name} profile, chosen by `vlm-guard tune` for this model (on {name_of_data})" if methods else
+                  f"{name} profile, `vlm-guard tune` found no method that helps this model (on {name_of_data}): "
+                  "none enabled")
+        lines.append(f"  profile {name} ({PROFILES[name]}): {','.join(methods) or 'none'} -- {reason}")
+        if section.get("decision"):
+            lines.append(f"    decision: {section['decision']}")
+        for method, values in settings.items():
+            for field_name, value in values.items():
+                lines.append(f"    {method:<6} {field_name:<16} {value!r:<22} (released default "
+                             f"{RELEASED_DEFAULTS[method][field_name]!r})")
+    lines.append("  (a field not listed runs at its released default; a value set in the user's config wins over both; "
+                 "choose a profile with wrap(..., \"auto:answer\") or task=)")
+    return lines
 
 __all__ = ["register", "run_show", "light_summary", "display_model_name", "RELEASED_DEFAULTS"]

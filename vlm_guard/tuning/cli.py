@@ -144,25 +144,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_on(args: argparse.Namespace, data, parallel) -> int:
     from ..defaults import DEFAULT_MODEL_DIR
-    from ..eval.runner import load_model, weights_digest
-    from ..heads.head_map import HeadMap, cache_folder
-    from ..models import get_adapter
+    from ..eval.runner import weights_digest
     from .search import tune
     from .settings import tuned_report
 
-    model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                                        device=parallel.device(args.device))
-    adapter = get_adapter(model, processor)
-    if args.head_map:
-        head_map = HeadMap.from_pretrained(args.head_map)
-        head_map.check_compatible(adapter)
-    else:
-        from ..wrapper import _find_cached_head_map
-
-        head_map = _find_cached_head_map(model, processor)
-        if head_map is None:
-            raise ValueError(f"no head map for {name}: run `vlm-guard calibrate --model ... --out DIR` and pass --head-map DIR")
-    out = Path(args.out) if args.out else cache_folder(adapter.describe())
+    model, processor, name, head_map, out = _model_and_head_map(args, parallel.device(args.device))
     weights = weights_digest(args.model or DEFAULT_MODEL_DIR)
     if parallel.is_main:
         print(f"tuning {name} on {data.name}; methods {','.join(_method_list(args.methods))}; budget {args.budget:g} min; output {out}"
@@ -184,27 +170,14 @@ def _run_on(args: argparse.Namespace, data, parallel) -> int:
 def _run_profiles(args: argparse.Namespace) -> int:
     """``--profiles``: :func:`vlm_guard.tuning.profiles.tune_profiles` on the synthetic tuning and confirmation seeds."""
     from ..defaults import DEFAULT_MODEL_DIR
-    from ..eval.runner import load_model, weights_digest
-    from ..heads.head_map import HeadMap, cache_folder
-    from ..models import get_adapter
+    from ..eval.runner import weights_digest
+    from ..heads.head_map import HeadMap
     from ..toyworld.worlds import world_for_model_argument
     from .profiles import tune_profiles
     from .search import BudgetExhausted
     from .settings import tuned_report
 
-    model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                                        device=args.device)
-    adapter = get_adapter(model, processor)
-    if args.head_map:
-        head_map = HeadMap.from_pretrained(args.head_map)
-        head_map.check_compatible(adapter)
-    else:
-        from ..wrapper import _find_cached_head_map
-
-        head_map = _find_cached_head_map(model, processor)
-        if head_map is None:
-            raise ValueError(f"no head map for {name}: run `vlm-guard calibrate --model ... --out DIR` and pass --head-map DIR")
-    out = Path(args.out) if args.out else cache_folder(adapter.describe())
+    model, processor, name, head_map, out = _model_and_head_map(args, args.device)
     world = world_for_model_argument(args.model).name
     print(f"tuning the task profiles {args.profiles} of {name} on the synthetic {world} world; budget {args.budget:g} "
           f"min; output {out}")
@@ -226,3 +199,26 @@ def _run_profiles(args: argparse.Namespace) -> int:
 def _method_list(methods) -> list[str]:
     """``args.methods`` as a list (the parser gives a list; the default is the comma-separated text)."""
     return _methods(methods) if isinstance(methods, str) else list(methods)
+
+
+def _model_and_head_map(args: argparse.Namespace, device):
+    """The model named by ``--model``, its head map (``--head-map`` checked against it, else the cached or shipped
+    one) and the output folder (``--out``, else the model's head-map cache folder)."""
+    from ..eval.runner import load_model
+    from ..heads.head_map import HeadMap, cache_folder
+    from ..models import get_adapter
+
+    model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
+                                        device=device)
+    adapter = get_adapter(model, processor)
+    if args.head_map:
+        head_map = HeadMap.from_pretrained(args.head_map)
+        head_map.check_compatible(adapter)
+    else:
+        from ..wrapper import _find_cached_head_map
+
+        head_map = _find_cached_head_map(model, processor)
+        if head_map is None:
+            raise ValueError(f"no head map for {name}: run `vlm-guard calibrate --model ... --out DIR` and pass --head-map DIR")
+    out = Path(args.out) if args.out else cache_folder(adapter.describe())
+    return model, processor, name, head_map, out
