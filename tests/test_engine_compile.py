@@ -87,9 +87,20 @@ def test_a_model_compiled_by_hand_with_fullgraph_names_the_reason_and_compiles_w
             guarded(**inputs)
         assert COMPILE_REASON in str(error.value)
         torch._dynamo.reset()
+        if not _plain_llava_compiles_whole():
+            return  # transformers 4.57's own LLaVA forward has a data-dependent check that fullgraph cannot trace
         with guarded.disabled(), torch.no_grad():  # methods off: the wrapped model compiles as one graph
             torch.testing.assert_close(guarded(**inputs).logits, plain)
     finally:
         del model.forward
         torch._dynamo.reset()
         guarded.unwrap()
+
+
+def _plain_llava_compiles_whole() -> bool:
+    """Whether transformers' own LLaVA forward compiles with ``fullgraph=True``: 5.x yes; 4.57 no (its
+    ``get_placeholder_mask`` compares a data-dependent ``numel``), so there the test asks the wrapper for no more
+    than the plain model gives."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
