@@ -18,9 +18,16 @@ from .version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import GuardConfig
+    from .decoding.gift import GIFTConfig
+    from .decoding.pai import PAIConfig
+    from .decoding.var import VARConfig
+    from .decoding.vcd import VCDConfig
+    from .decoding.vhr import VHRConfig
     from .wrapper import GuardedModel, wrap
 
-_LAZY = {"GuardConfig": "vlm_guard.config", "GuardedModel": "vlm_guard.wrapper", "wrap": "vlm_guard.wrapper"}
+_LAZY = {"GuardConfig": "vlm_guard.config", "GuardedModel": "vlm_guard.wrapper", "wrap": "vlm_guard.wrapper",
+         "VHRConfig": "vlm_guard.decoding.vhr", "VARConfig": "vlm_guard.decoding.var", "GIFTConfig": "vlm_guard.decoding.gift",
+         "PAIConfig": "vlm_guard.decoding.pai", "VCDConfig": "vlm_guard.decoding.vcd"}
 
 
 def __getattr__(name: str):
@@ -52,4 +59,4 @@ def tune(*args, **kwargs):
     return _tune(*args, **kwargs)
 
 
-__all__ = ["GuardConfig", "GuardedModel", "wrap", "load_default", "calibrate", "tune", "__version__"]
+__all__ = ["GuardConfig", "GuardedModel", "wrap", "VHRConfig", "VARConfig", "GIFTConfig", "PAIConfig", "VCDConfig", "load_default", "calibrate", "tune", "__version__"]
