@@ -164,6 +164,8 @@ def _chat_case(name: str) -> Case:
             if saved is not None:
                 os.environ[DEFAULT_MODEL_ENV] = saved
         assert model.config.text_config.num_hidden_layers == 30 and model.config.text_config.num_key_value_heads == 3
+        if processor.tokenizer.pad_token is None:  # transformers 4.57 reads the GGUF tokenizer without one
+            processor.tokenizer.pad_token = processor.tokenizer.eos_token
         # sink dimension 507 carries the first token's massive activation (phi ~ 20-24 in most layers, image tokens
         # up to ~14): tau 10 makes the first token a text sink and some image tokens visual sinks, so both VAR rules act
         sink_fields = {"sink_dims": [507], "tau": 10.0}
