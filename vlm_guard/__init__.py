@@ -14,16 +14,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .version import __version__
+from vlm_guard.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import GuardConfig
-    from .decoding.gift import GIFTConfig
-    from .decoding.pai import PAIConfig
-    from .decoding.var import VARConfig
-    from .decoding.vcd import VCDConfig
-    from .decoding.vhr import VHRConfig
-    from .wrapper import GuardedModel, wrap
+    from vlm_guard.config import GuardConfig
+    from vlm_guard.decoding.gift import GIFTConfig
+    from vlm_guard.decoding.pai import PAIConfig
+    from vlm_guard.decoding.var import VARConfig
+    from vlm_guard.decoding.vcd import VCDConfig
+    from vlm_guard.decoding.vhr import VHRConfig
+    from vlm_guard.wrapper import GuardedModel, wrap
 
 _LAZY = {"GuardConfig": "vlm_guard.config", "GuardedModel": "vlm_guard.wrapper", "wrap": "vlm_guard.wrapper",
          "VHRConfig": "vlm_guard.decoding.vhr", "VARConfig": "vlm_guard.decoding.var", "GIFTConfig": "vlm_guard.decoding.gift",
@@ -38,7 +38,7 @@ def __getattr__(name: str):
 
 def load_default(*args, **kwargs):
     """The shipped default model and processor (see :func:`vlm_guard.defaults.load_default`)."""
-    from .defaults import load_default as _load_default
+    from vlm_guard.defaults import load_default as _load_default
 
     return _load_default(*args, **kwargs)
 
@@ -46,7 +46,7 @@ def load_default(*args, **kwargs):
 def calibrate(*args, **kwargs):
     """Profile a model's heads once and return a :class:`vlm_guard.heads.head_map.HeadMap`
     (see :func:`vlm_guard.heads.calibrate.calibrate`)."""
-    from .heads.calibrate import calibrate as _calibrate
+    from vlm_guard.heads.calibrate import calibrate as _calibrate
 
     return _calibrate(*args, **kwargs)
 
@@ -54,7 +54,7 @@ def calibrate(*args, **kwargs):
 def tune(*args, **kwargs):
     """Choose each method's strength and layer band for one model on a tuning split and store them in its head map
     (see :func:`vlm_guard.tuning.search.tune`)."""
-    from .tuning.search import tune as _tune
+    from vlm_guard.tuning.search import tune as _tune
 
     return _tune(*args, **kwargs)
 

@@ -23,8 +23,8 @@ import signal
 import sys
 import threading
 
-from .commands.arguments import INTERRUPTED, ArgumentParser
-from .version import __version__
+from vlm_guard.commands.arguments import INTERRUPTED, ArgumentParser
+from vlm_guard.version import __version__
 
 # modules whose ``register(subparsers)`` adds commands; each imports only light modules (tests/test_cli_light.py)
 COMMAND_MODULES = [

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .version import __version__
+from vlm_guard.version import __version__
 
 
 def check_range(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
@@ -203,7 +203,7 @@ ALL_METHODS = ("vhr", "var", "gift")
 
 
 def _method_config_class(name: str) -> type[MethodConfig]:
-    from .decoding import registry
+    from vlm_guard.decoding import registry
 
     return registry.get_method(name).config_class
 
@@ -295,7 +295,7 @@ class GuardConfig:
     def save(self, path: str | Path) -> None:
         """Write the config as JSON, atomically (:func:`vlm_guard.fileio.atomic_write_json`: a failure keeps the
         previous file)."""
-        from .fileio import atomic_write_json
+        from vlm_guard.fileio import atomic_write_json
 
         atomic_write_json(path, self.to_dict(), indent=2)
 

@@ -176,7 +176,7 @@ def _count_images(ids: torch.Tensor, block: list[int]) -> int:
 
 
 def _family_of(model) -> str:
-    from .models import get_adapter
+    from vlm_guard.models import get_adapter
 
     return get_adapter(model).family
 
@@ -323,7 +323,7 @@ def greedy_loop(model, inputs: dict, max_new_tokens: int, cache=None, processors
     Returns:
         ``[B, S + max_new_tokens]`` prompt and generated ids, like ``generate``.
     """
-    from .models.compat import cache_kwargs, output_cache
+    from vlm_guard.models.compat import cache_kwargs, output_cache
 
     base = getattr(model, "model", model) if hasattr(model, "engine") else model
     sequence = inputs["input_ids"]

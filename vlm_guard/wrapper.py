@@ -22,12 +22,12 @@ from typing import Any, Iterator
 from torch import nn
 from transformers import LogitsProcessorList
 
-from .config import METHOD_ORDER, GuardConfig
-from .decoding.base import Intervention
-from .decoding.calls import check_generate_call
-from .decoding.engine import GuardEngine
-from .decoding.registry import get_method
-from .models import ModelAdapter, get_adapter
+from vlm_guard.config import METHOD_ORDER, GuardConfig
+from vlm_guard.decoding.base import Intervention
+from vlm_guard.decoding.calls import check_generate_call
+from vlm_guard.decoding.engine import GuardEngine
+from vlm_guard.decoding.registry import get_method
+from vlm_guard.models import ModelAdapter, get_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class GuardedModel:
     def _resolve(self, config: GuardConfig | str) -> tuple[GuardConfig, dict[str, dict[str, str]]]:
         """A method list becomes a config; unset fields take the head map's tuned values
         (:func:`vlm_guard.tuning.settings.resolve_config`)."""
-        from .tuning.settings import resolve_request
+        from vlm_guard.tuning.settings import resolve_request
 
         config, sources, self._requested_profile = resolve_request(config, self.head_map, self.task)
         return config, sources
@@ -127,7 +127,7 @@ class GuardedModel:
 
     def describe_settings(self, tuned_only: bool = True) -> list[str]:
         """One line per enabled method: the values that run and where each came from (config / tuned / default)."""
-        from .tuning.settings import describe_settings
+        from vlm_guard.tuning.settings import describe_settings
 
         return describe_settings(self.guard_config, self.settings_sources, tuned_only=tuned_only,
                                  profile=getattr(self, "settings_profile", None))
@@ -280,7 +280,7 @@ def as_head_map(head_map):
     """
     if head_map is None:
         return None
-    from .heads.head_map import HeadMap
+    from vlm_guard.heads.head_map import HeadMap
 
     if isinstance(head_map, HeadMap):
         return head_map
@@ -314,7 +314,7 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = No
     Returns:
         a :class:`GuardedModel`.
     """
-    from .tuning.settings import check_task
+    from vlm_guard.tuning.settings import check_task
 
     task = check_task(task)  # an unknown task fails before any lookup
     if head_map is None:
@@ -324,7 +324,7 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = No
 
 def _find_cached_head_map(model, processor):
     try:
-        from .heads.head_map import find_head_map
+        from vlm_guard.heads.head_map import find_head_map
     except ImportError:
         return None
     return find_head_map(get_adapter(model, processor))  # a tuned map first (cache, then shipped), else a calibrated one

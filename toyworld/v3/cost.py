@@ -19,8 +19,8 @@ import torch
 from vlm_guard.toyworld.everyday_v3.model import V3Spec
 from vlm_guard.toyworld.everyday_v3.world import biased_world
 
-from .data import IGNORE_INDEX, V3BatchBuilder
-from .train import V3TrainConfig, build_for_training
+from toyworld.v3.data import IGNORE_INDEX, V3BatchBuilder
+from toyworld.v3.train import V3TrainConfig, build_for_training
 
 
 def measure(image_size: int, kinds: list[str], batch: int, repeats: int, lm=None, lm_tokenizer=None) -> list[dict]:

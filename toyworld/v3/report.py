@@ -217,7 +217,7 @@ def image_token_features(model, processor, scenes) -> torch.Tensor:
     """Mean over each image's tokens as they enter the LM (projector outputs). [scenes, hidden]"""
     from vlm_guard.toyworld.train import vision_features
 
-    from .data import V3BatchBuilder
+    from toyworld.v3.data import V3BatchBuilder
 
     builder = V3BatchBuilder(processor, int(model.config.image_seq_length), _cell(model))
     features = []
@@ -381,7 +381,7 @@ def load_model(run: str | None, weights: str | None):
     if (run is None) == (weights is None):
         raise ValueError("pass exactly one of --run (a training folder) or --weights (a final/ or export/ folder)")
     if run is not None:
-        from .train import load_run
+        from toyworld.v3.train import load_run
 
         model, processor, _, state = load_run(run)
         return model, processor, {"run": str(run), "stage": state["stage"], "step": state["step"]}

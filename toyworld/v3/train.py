@@ -62,7 +62,7 @@ from vlm_guard.toyworld.everyday_v3.world import (
 )
 from vlm_guard.toyworld.train import vision_features
 
-from .data import BRIGHTNESS, IGNORE_INDEX, SIZES, V3BatchBuilder, patch_targets
+from toyworld.v3.data import BRIGHTNESS, IGNORE_INDEX, SIZES, V3BatchBuilder, patch_targets
 
 logger = logging.getLogger("toyworld.v3.train")
 

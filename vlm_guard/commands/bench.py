@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import DTYPE_NAMES, deferred, int_range, non_negative_int, positive_int
+from vlm_guard.commands.arguments import DTYPE_NAMES, deferred, int_range, non_negative_int, positive_int
 
 DESCRIPTION = "``vlm-guard bench``: latency and memory of every decoding method against plain ``generate``."
 MIN_LONG_PROMPT = 1024
@@ -26,7 +26,7 @@ _long_prompt.checked = True  # a checked numeric type, like arguments.Number (te
 
 def run(args: argparse.Namespace) -> int:
     """Checks the output paths and the device, then runs :func:`vlm_guard.decoding.bench._command`."""
-    from .checks import check_device, check_output_file
+    from vlm_guard.commands.checks import check_device, check_output_file
 
     for flag, path in (("--out", args.out), ("--markdown", args.markdown)):
         if path:

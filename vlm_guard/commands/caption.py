@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from .arguments import add_allow_pickle_argument, int_range
+from vlm_guard.commands.arguments import add_allow_pickle_argument, int_range
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,10 @@ def register(subparsers) -> None:
 def _load_image(path: str | None, world: str | None = None):
     """``(RGB image, path)`` through :func:`vlm_guard.images.load_image`; a bundled example of ``world`` when
     ``path`` is None."""
-    from ..images import ImageLoadError, display_name, load_image
+    from vlm_guard.images import ImageLoadError, display_name, load_image
 
     if path is None:
-        from ..defaults import examples_dir
+        from vlm_guard.defaults import examples_dir
 
         folder = examples_dir(world)
         candidates = sorted(folder.glob("*.png"))
@@ -78,7 +78,7 @@ def _load_image(path: str | None, world: str | None = None):
 def _caption(guarded, processor, image, prompt: str, max_new_tokens: int) -> tuple[str, float]:
     import torch
 
-    from ..models.loading import chat_prompt
+    from vlm_guard.models.loading import chat_prompt
 
     inputs = processor(images=[image], text=[chat_prompt(processor, prompt)], return_tensors="pt").to(guarded.device)
     start = time.perf_counter()
@@ -93,22 +93,22 @@ def run(args: argparse.Namespace) -> int:
     import vlm_guard
     from vlm_guard import GuardConfig
 
-    from ..models.loading import load_model
+    from vlm_guard.models.loading import load_model
 
     if args.max_new_tokens is not None and (args.max_new_tokens < 1 or args.max_new_tokens > 4096):
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is out of range; allowed range is [1, 4096]")
-    from ..tuning.settings import default_methods, parse_auto
+    from vlm_guard.tuning.settings import default_methods, parse_auto
 
     auto, task = parse_auto(args.methods)
     task = task or TASK
     config = None if auto else GuardConfig.from_methods(args.methods)
     if args.all_examples and args.image:
         raise ValueError(f"--all-examples captions the bundled examples; drop the image argument {args.image!r} or the flag")
-    from ..toyworld.worlds import world_for_model_argument
+    from vlm_guard.toyworld.worlds import world_for_model_argument
 
     world = world_for_model_argument(args.model)
     images = _bundled_examples(world.name) if args.all_examples else [_load_image(args.image, world.name)]
-    from .checks import check_device, check_head_map_folder, check_model_argument
+    from vlm_guard.commands.checks import check_device, check_head_map_folder, check_model_argument
 
     check_device(args.device)
     check_model_argument(args.model)
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt or world.caption_prompt
     head_map = None
     if args.head_map:
-        from ..heads.head_map import HeadMap
+        from vlm_guard.heads.head_map import HeadMap
 
         head_map = HeadMap.from_pretrained(args.head_map)
     if args.max_new_tokens is None:
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 totals[which][0] += len(flagged)
             key = _truth_key(path, truth, args.image is not None, world.name)
             if key is not None:
-                from ..eval.synthetic import score_synthetic_caption
+                from vlm_guard.eval.synthetic import score_synthetic_caption
 
                 record = score_synthetic_caption(text, truth[key], world)
                 totals[which][1] += record["n_hallucinated"]
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
               f"plain {totals['plain'][1]}, guarded {totals['guarded'][1]}"
               + (f"; flagged by the checker plain {totals['plain'][0]}, guarded {totals['guarded'][0]}" if checker else ""))
     if auto:
-        from ..tuning.shipped import held_out_line
+        from vlm_guard.tuning.shipped import held_out_line
 
         line = held_out_line(guarded.head_map, task, config, folder=args.head_map)
         if line:
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bundled_examples(world: str | None = None) -> list:
-    from ..defaults import examples_dir
+    from vlm_guard.defaults import examples_dir
 
     folder = examples_dir(world)
     paths = sorted(folder.glob("*.png"))
@@ -198,13 +198,13 @@ def _truth_key(path: str, truth: dict, given: bool, world: str | None = None) ->
     name = Path(path).name
     if not given:
         return name if name in truth else None
-    from ..defaults import examples_dir
+    from vlm_guard.defaults import examples_dir
 
     try:
         folder = examples_dir(world)
         if name in truth and Path(path).resolve().parent == folder.resolve():
             return name
-        from ..fileio import sha256_file
+        from vlm_guard.fileio import sha256_file
 
         digest = sha256_file(path)
         return next((entry for entry in truth if (folder / entry).is_file() and sha256_file(folder / entry) == digest),
@@ -217,7 +217,7 @@ def _example_kinds(world: str | None = None) -> dict[str, str]:
     """``{file name: "trap" | "right"}`` of the bundled examples that record how they were chosen."""
     import json
 
-    from ..defaults import examples_dir
+    from vlm_guard.defaults import examples_dir
 
     try:
         entries = json.loads((examples_dir(world) / "examples.json").read_text())
@@ -230,7 +230,7 @@ def _example_truth(world: str | None = None) -> dict[str, list[str]]:
     """``{file name: object types}`` of the bundled examples of ``world`` (``examples.json``)."""
     import json
 
-    from ..defaults import examples_dir
+    from vlm_guard.defaults import examples_dir
 
     try:
         entries = json.loads((examples_dir(world) / "examples.json").read_text())
@@ -262,7 +262,7 @@ def _rows(args, guarded, processor, config, image, prompt) -> list[tuple[str, st
 def _checker(args, world: str = "shapes"):
     """The grounding checker for ``--check``: ``--checker`` when given; else the shipped one, which knows the
     shapes world only (``None`` for other worlds: their bundled examples are counted against ground truth)."""
-    from ..grounding import GroundingChecker
+    from vlm_guard.grounding import GroundingChecker
 
     if args.checker:
         name, _, pretrained = args.checker.partition(":")

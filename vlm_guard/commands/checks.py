@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..images import display_name
+from vlm_guard.images import display_name
 
 
 def check_device(device: str, flag: str = "--device") -> str:

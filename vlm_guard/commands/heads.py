@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .arguments import (DTYPE_NAMES, add_allow_pickle_argument, deferred, float_range, int_range, positive_int)
+from vlm_guard.commands.arguments import DTYPE_NAMES, add_allow_pickle_argument, deferred, float_range, int_range, positive_int
 
 # the head-map file format (vlm_guard.heads.head_map; tests/test_cli_light.py keeps these equal to it)
 FORMAT_NAME = "vlm_guard.head_map"
@@ -129,8 +129,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def _full_summary(directory: str) -> str:
-    from ..heads.head_map import HeadMap
-    from ..tuning.settings import tuned_report
+    from vlm_guard.heads.head_map import HeadMap
+    from vlm_guard.tuning.settings import tuned_report
 
     head_map = HeadMap.from_pretrained(directory)
     lines = head_map.summary().splitlines()
@@ -353,7 +353,7 @@ def _tuned_lines(tuned: Any) -> list[str]:
 def _profile_lines(tuned: dict) -> list[str]:
     """The report of a map with task profiles (``vlm_guard.tuning.settings._profiles_report``, without torch); a
     section that does not look as ``vlm-guard tune`` writes it goes to the full reader, which names the field."""
-    from ..tuning.settings import PROFILES
+    from vlm_guard.tuning.settings import PROFILES
 
     profiles, default = tuned.get("profiles"), tuned.get("default_profile")
     if not isinstance(profiles, dict) or not profiles or default not in profiles:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from .arguments import deferred, non_negative_int, positive_float, positive_int, seed_int, share
+from vlm_guard.commands.arguments import deferred, non_negative_int, positive_float, positive_int, seed_int, share
 
 RESUME_NOTE = "interrupted: rerun the same command with --resume to continue from the last checkpoint"
 
@@ -31,7 +31,7 @@ def _checked(function: str, files: tuple[str, ...] = (), folders: tuple[str, ...
     run = deferred("vlm_guard.toyworld.cli", function)
 
     def checked(args: argparse.Namespace) -> int:
-        from .checks import check_output_file, check_output_folder
+        from vlm_guard.commands.checks import check_output_file, check_output_folder
 
         for name in files:
             if getattr(args, name, None):

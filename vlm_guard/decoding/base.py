@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..models.base import PromptSpans
+from vlm_guard.models.base import PromptSpans
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import GuardEngine
+    from vlm_guard.decoding.engine import GuardEngine
 
 
 @dataclass

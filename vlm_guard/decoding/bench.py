@@ -85,10 +85,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..config import GuardConfig
-from ..fileio import atomic_write_json, atomic_write_text
-from .vcd import VCDConfig
-from ..version import __version__
+from vlm_guard.config import GuardConfig
+from vlm_guard.fileio import atomic_write_json, atomic_write_text
+from vlm_guard.decoding.vcd import VCDConfig
+from vlm_guard.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def planted_var_settings(hidden_size: int) -> dict:
         >>> planted_var_settings(1024)["tau"], planted_var_settings(256)["tau"]
         (20.0, 8.0)
     """
-    from ..heads.sinks import SINK_THRESHOLD
+    from vlm_guard.heads.sinks import SINK_THRESHOLD
 
     tau = SINK_THRESHOLD if hidden_size > 625 else round(hidden_size**0.5 / 2, 3)
     return {"sink_dims": [PLANTED_SINK_DIM], "tau": float(tau), "require_visual_sink": False}
@@ -166,10 +166,10 @@ def llava15_inputs(model, batch: int = 1, text_tokens: int = 40, seed: int = 0) 
 def default_model_inputs(processor, batch: int = 1) -> dict:
     from PIL import Image
 
-    from ..defaults import EXAMPLES_DIR
+    from vlm_guard.defaults import EXAMPLES_DIR
 
     images = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if EXAMPLES_DIR.exists() else []
-    from ..images import load_image
+    from vlm_guard.images import load_image
 
     image = load_image(images[0]) if images else Image.new("RGB", (64, 64), (120, 80, 40))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}]
@@ -186,8 +186,8 @@ def bench_var_settings(model, inputs: dict) -> dict:
     layers, so BOS is a sink in every one of them; text sinks are recycled (``require_visual_sink=False``, the
     paper's form), since BOS is a text sink. This measures what VAR costs, not what it gains.
     """
-    from ..heads.sinks import massive_activation_ratios, middle_layers
-    from .var import default_var_layers
+    from vlm_guard.heads.sinks import massive_activation_ratios, middle_layers
+    from vlm_guard.decoding.var import default_var_layers
 
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states  # L+1 x [B, S, M]; [l] enters layer l
@@ -345,7 +345,7 @@ def follow_live_memory(enabled: bool = True) -> bool:
 
 def run_once(model, processor, config: GuardConfig | None, inputs: dict, new_tokens: int) -> Run:
     """One timed ``generate``; wraps the model for this run only (plain: unwrapped)."""
-    from ..wrapper import GuardedModel
+    from vlm_guard.wrapper import GuardedModel
 
     device = next(model.parameters()).device
     guarded = None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
@@ -378,7 +378,7 @@ def count_ops_once(model, processor, config: GuardConfig | None, inputs: dict, n
         ``(prefill_ops, decode_ops)``: the operations dispatched up to the end of the first step, and
         the median count between consecutive steps (one decoding step). The wrapping itself is not counted.
     """
-    from ..wrapper import GuardedModel
+    from vlm_guard.wrapper import GuardedModel
 
     guarded = None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
     runner = model if guarded is None else guarded
@@ -397,7 +397,7 @@ def count_ops_once(model, processor, config: GuardConfig | None, inputs: dict, n
 def method_action(model, processor, config: GuardConfig | None, inputs: dict) -> dict | None:
     """Whether a configuration really edits the model on these inputs: the largest change of the prefill's
     last-position logits against plain, and the layers each method still acts on while decoding."""
-    from ..wrapper import GuardedModel
+    from vlm_guard.wrapper import GuardedModel
 
     if config is None:
         return None
@@ -418,7 +418,7 @@ _HEAD_MAPS: dict[int, object] = {}
 
 def _head_map_for(model, processor):
     if id(model) not in _HEAD_MAPS:
-        from ..wrapper import _find_cached_head_map
+        from vlm_guard.wrapper import _find_cached_head_map
 
         try:
             _HEAD_MAPS[id(model)] = _find_cached_head_map(model, processor)
@@ -528,7 +528,7 @@ def format_table(model_name: str, results: dict) -> str:
 def _long_prompt_child(config_name: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
     """One configuration in a fresh process: build the long-prompt model, warm up on a short prompt, then the
     peak resident-set rise of one ``generate`` at the long prompt (see :func:`long_prompt_memory`)."""
-    from ..wrapper import GuardedModel
+    from vlm_guard.wrapper import GuardedModel
 
     tuned = follow_live_memory()  # before anything is allocated: the heap is laid out this way from the start
     torch.set_num_threads(threads)
@@ -672,8 +672,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     tables = []
     if args.model in ("default", "both", "all", "fixture"):
         try:
-            from .. import load_default
-            from ..defaults import describe_default, load_fixture
+            from vlm_guard import load_default
+            from vlm_guard.defaults import describe_default, load_fixture
 
             if args.model in ("all", "fixture"):
                 model, processor = load_fixture(device=str(device), dtype=dtype)
@@ -695,7 +695,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             tables.append(format_table(f"{description} (prompt {inputs['input_ids'].shape[1]} tokens)", results))
     if args.model in ("default-v2", "all"):
         try:
-            from ..defaults import load_default_v2
+            from vlm_guard.defaults import load_default_v2
 
             model, processor = load_default_v2(args.v2_weights, device=str(device), dtype=dtype)
         except (FileNotFoundError, OSError, ModuleNotFoundError) as error:

@@ -51,9 +51,9 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from ..models.base import ModelAdapter
-from ..models.compat import output_cache
-from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
+from vlm_guard.models.base import ModelAdapter
+from vlm_guard.models.compat import output_cache
+from vlm_guard.decoding.base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
 
 EVERY_ROW_SELECTION = RowSelection(index=None, mask=None)  # every row of every sample (a decoding step), shared
 

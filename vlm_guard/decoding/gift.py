@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import MethodConfig, check_layers, check_range
+from vlm_guard.config import MethodConfig, check_layers, check_range
 
-from ..heads.gaze import CLAMP_STDS, gaze_head_sums, gaze_shift, normalise_saliency, saliency_from_head_sums, saliency_multipliers
-from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection, prompt_key_rows
-from .registry import register_method
+from vlm_guard.heads.gaze import CLAMP_STDS, gaze_head_sums, gaze_shift, normalise_saliency, saliency_from_head_sums, saliency_multipliers
+from vlm_guard.decoding.base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection, prompt_key_rows
+from vlm_guard.decoding.registry import register_method
 
 logger = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor
 
-from ..config import MethodConfig, check_layers, check_range
-from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
-from ..models.compat import cache_kwargs, output_cache
-from .engine import restore_forward_state, save_forward_state
-from .registry import register_method
+from vlm_guard.config import MethodConfig, check_layers, check_range
+from vlm_guard.decoding.base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
+from vlm_guard.models.compat import cache_kwargs, output_cache
+from vlm_guard.decoding.engine import restore_forward_state, save_forward_state
+from vlm_guard.decoding.registry import register_method
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import METHOD_ORDER
+from vlm_guard.config import METHOD_ORDER
 
 
 @dataclass(frozen=True)

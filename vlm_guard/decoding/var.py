@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import torch
 
 
-from ..config import MethodConfig, check_layers, check_range, preset_field
-from ..heads.sinks import SINK_THRESHOLD, sink_scores
-from .base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection, prompt_key_rows
-from .registry import register_method
+from vlm_guard.config import MethodConfig, check_layers, check_range, preset_field
+from vlm_guard.heads.sinks import SINK_THRESHOLD, sink_scores
+from vlm_guard.decoding.base import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection, prompt_key_rows
+from vlm_guard.decoding.registry import register_method
 
 logger = logging.getLogger(__name__)
 

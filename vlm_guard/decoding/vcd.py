@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor
 
-from ..config import MethodConfig, check_choice, check_range, preset_field
-from .base import Intervention, PromptContext
-from .pai import ContrastStream, plausibility_cut
-from .registry import register_method
+from vlm_guard.config import MethodConfig, check_choice, check_range, preset_field
+from vlm_guard.decoding.base import Intervention, PromptContext
+from vlm_guard.decoding.pai import ContrastStream, plausibility_cut
+from vlm_guard.decoding.registry import register_method
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import MethodConfig, check_choice, check_layers, check_range, preset_field
-from ..heads.vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, default_target_layers, head_divergence, select_vhr_heads
-from .base import Intervention, LayerContext, PromptContext
-from .registry import register_method
+from vlm_guard.config import MethodConfig, check_choice, check_layers, check_range, preset_field
+from vlm_guard.heads.vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, default_target_layers, head_divergence, select_vhr_heads
+from vlm_guard.decoding.base import Intervention, LayerContext, PromptContext
+from vlm_guard.decoding.registry import register_method
 
 logger = logging.getLogger(__name__)
 

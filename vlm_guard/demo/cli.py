@@ -17,8 +17,7 @@ import os
 import signal
 import threading
 
-from ..commands.arguments import (add_allow_pickle_argument, int_range, max_new_tokens_int, positive_float,
-                                  positive_int)
+from vlm_guard.commands.arguments import add_allow_pickle_argument, int_range, max_new_tokens_int, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def check_host(host: str, share_on_network: bool) -> None:
     Raises:
         UserError: with what to do instead.
     """
-    from ..cli import UserError
+    from vlm_guard.cli import UserError
 
     if not host or not host.strip():
         raise UserError("--host is empty; use 127.0.0.1 (default) or pass an interface address")
@@ -82,7 +81,7 @@ def check_host(host: str, share_on_network: bool) -> None:
 
 
 def build_limits(args: argparse.Namespace):
-    from .inputs import MEGABYTE, DemoLimits
+    from vlm_guard.demo.inputs import MEGABYTE, DemoLimits
 
     defaults = DemoLimits()
     max_new_tokens = args.max_new_tokens or defaults.max_new_tokens
@@ -98,7 +97,7 @@ def build_limits(args: argparse.Namespace):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from vlm_guard.cli import UserError
 
     check_host(args.host, args.share_on_network)
     if not 0 < args.port < 65536:
@@ -107,22 +106,22 @@ def run_demo(args: argparse.Namespace) -> int:
         limits = build_limits(args)
     except ValueError as error:
         raise UserError(str(error)) from error
-    from ..commands.checks import check_device, check_head_map_folder, check_model_argument, check_port
+    from vlm_guard.commands.checks import check_device, check_head_map_folder, check_model_argument, check_port
 
     check_device(args.device)  # before the model loads: one line, not a traceback
     check_model_argument(args.model)
     check_head_map_folder(args.head_map)
     check_port(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from .tempfiles import owned_temp_dir
+    from vlm_guard.demo.tempfiles import owned_temp_dir
 
     with owned_temp_dir() as temp_dir:  # uploads and served pictures live here and go when the server stops
         try:
             import gradio  # noqa: F401
         except ImportError as error:
             raise UserError(f"the demo needs gradio ({error}); install it with: pip install 'vlm-attention-guard[demo]'") from error
-        from .app import build_app, launch_options
-        from .session import DemoSession
+        from vlm_guard.demo.app import build_app, launch_options
+        from vlm_guard.demo.session import DemoSession
 
         if not is_loopback(args.host):
             logger.warning("the demo listens on %s: anyone who can reach this machine can use it", args.host)
@@ -130,7 +129,7 @@ def run_demo(args: argparse.Namespace) -> int:
             session = DemoSession.load(model=args.model, head_map=args.head_map, limits=limits,
                                        use_checker=not args.no_checker, device=args.device, allow_pickle=args.allow_pickle)
         except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
-            from ..commands.checks import model_load_error
+            from vlm_guard.commands.checks import model_load_error
 
             raise model_load_error(args.model, error) from None
         demo = build_app(session)

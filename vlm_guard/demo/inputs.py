@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..images import ImageLoadError, load_image, to_rgb
+from vlm_guard.images import ImageLoadError, load_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def load_examples(folder: str | os.PathLike | None = None) -> list[Example]:
     file name (``file``/``image``/``path``/``name``) and ``objects``, or a mapping file name -> objects.
     """
     if folder is None:
-        from ..defaults import EXAMPLES_DIR
+        from vlm_guard.defaults import EXAMPLES_DIR
 
         folder = EXAMPLES_DIR
     folder = Path(folder)

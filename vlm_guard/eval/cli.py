@@ -27,9 +27,8 @@ import logging
 import random
 from pathlib import Path
 
-from ..commands.arguments import (INTERRUPTED_RESUMABLE, add_allow_pickle_argument, max_new_tokens_int,
-                                  non_negative_int, positive_int, seed_int, share)
-from .following import EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE
+from vlm_guard.commands.arguments import INTERRUPTED_RESUMABLE, add_allow_pickle_argument, max_new_tokens_int, non_negative_int, positive_int, seed_int, share
+from vlm_guard.eval.following import EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_folder, atomic_path, atomic_save_safetensors, atomic_write_json
-from . import DEFAULT_CHECKER_DIR, ToyPreprocess, WordTokenizer
+from vlm_guard.fileio import atomic_folder, atomic_path, atomic_save_safetensors, atomic_write_json
+from vlm_guard.grounding import DEFAULT_CHECKER_DIR, ToyPreprocess, WordTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class CheckerTrainConfig:
 
 
 def open_clip_config(config: CheckerTrainConfig, vocab_size: int, eos_id: int, pad_id: int) -> dict:
-    from ..toyworld.world import IMAGE_SIZE, OBJECT_TYPES
+    from vlm_guard.toyworld.world import IMAGE_SIZE, OBJECT_TYPES
 
     return {
         "model_cfg": {
@@ -73,8 +73,8 @@ def train_checker(config: CheckerTrainConfig, progress: bool = True) -> Path:
     import open_clip
     from tqdm.auto import tqdm
 
-    from ..toyworld.model import build_tokenizer
-    from ..toyworld.world import OBJECT_TYPES, World, render
+    from vlm_guard.toyworld.model import build_tokenizer
+    from vlm_guard.toyworld.world import OBJECT_TYPES, World, render
 
     torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
@@ -127,7 +127,7 @@ def ship_checker(folder: str | Path) -> Path:
     folder = Path(folder)
     if not (folder / "open_clip_model.safetensors").exists():
         raise FileNotFoundError(f"{folder} holds no open_clip_model.safetensors; run `vlm-guard toy train-checker`")
-    from . import GroundingChecker
+    from vlm_guard.grounding import GroundingChecker
 
     DEFAULT_CHECKER_DIR.parent.mkdir(parents=True, exist_ok=True)
     # built and evaluated beside the shipped checker, then renamed in: a failure keeps the shipped one whole
@@ -142,7 +142,7 @@ def ship_checker(folder: str | Path) -> Path:
 def evaluate_checker(checker, scenes: int = 200, seed: int = 777_002) -> dict:
     """Presence accuracy of ``checker`` on held-out unbiased scenes, for every (scene, object type) pair,
     with the flag rate of present objects, absent partners of present objects and other absent objects."""
-    from ..toyworld.world import OBJECT_TYPES, World, partner_of, render
+    from vlm_guard.toyworld.world import OBJECT_TYPES, World, partner_of, render
 
     counts = {"present": [0, 0], "absent_partner": [0, 0], "absent_other": [0, 0]}  # [flagged, total]
     for scene in World(seed=seed, bias=False).scenes(0, scenes):

@@ -14,13 +14,12 @@ Example:
     True
 """
 
-from .head_map import (HeadMap, HeadMapFileError, HeadMapMismatchError, ImageCentricStats, default_cache_dir,
-                       find_cached_head_map)
+from vlm_guard.heads.head_map import HeadMap, HeadMapFileError, HeadMapMismatchError, ImageCentricStats, default_cache_dir, find_cached_head_map
 
 
 def token_vhd(*args, **kwargs):
     """See :func:`vlm_guard.heads.tvhd.token_vhd`."""
-    from .tvhd import token_vhd as _token_vhd
+    from vlm_guard.heads.tvhd import token_vhd as _token_vhd
 
     return _token_vhd(*args, **kwargs)
 

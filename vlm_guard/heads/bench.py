@@ -26,7 +26,7 @@ def _random_images(count: int, size: int, seed: int = 0):
 
 def llava_shaped(layers: int, hidden: int, heads: int = 32, intermediate: int | None = None):
     """``(model, processor)``: a random LLaVA with 576 image tokens and ``heads`` heads (toy tokenizer)."""
-    from ..toyworld.model import ToyModelSpec, build_model, build_processor
+    from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor
 
     spec = ToyModelSpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=2, text_hidden=hidden,
                         text_layers=layers, text_heads=heads, text_intermediate=intermediate or 2 * hidden, max_positions=1024)
@@ -37,7 +37,7 @@ def llava_shaped(layers: int, hidden: int, heads: int = 32, intermediate: int | 
 
 def measure(model, processor, images, prompt: str, batch_size: int) -> dict:
     """Calibrate once on one image (warm-up), then on ``images``; returns timings."""
-    from .calibrate import calibrate
+    from vlm_guard.heads.calibrate import calibrate
 
     calibrate(model, processor, images[:1], prompt, batch_size=1, progress=False, save_cache=False)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         size = processor.image_processor.crop_size["height"]
         label = "default model"
     elif args.toy_shape:
-        from ..toyworld.model import ToyModelSpec, build_model, build_processor
+        from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor
 
         spec = ToyModelSpec()
         processor = build_processor(spec)

@@ -31,16 +31,15 @@ from typing import Sequence
 
 import torch
 
-from ..images import IMAGE_EXTENSIONS
-from ..models.fingerprint import weights_sample
-from ..parallel import DataParallel, shard_batches
-from ..version import __version__
-from .gift_layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
-from .head_map import HeadMap, ImageCentricStats, cache_report, save_to_cache
-from .session import ProfilingSession, profiling_session
-from .sinks import (DEFAULT_RHO, FIRST_SINK_LAYER, SINK_THRESHOLD, VISUAL_MASS_THRESHOLD,
-                    FirstTokenRecorder, ImageCentricObserver, find_sink_dims)
-from .vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, VHDAccumulator, stack_divergence
+from vlm_guard.images import IMAGE_EXTENSIONS
+from vlm_guard.models.fingerprint import weights_sample
+from vlm_guard.parallel import DataParallel, shard_batches
+from vlm_guard.version import __version__
+from vlm_guard.heads.gift_layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
+from vlm_guard.heads.head_map import HeadMap, ImageCentricStats, cache_report, save_to_cache
+from vlm_guard.heads.session import ProfilingSession, profiling_session
+from vlm_guard.heads.sinks import DEFAULT_RHO, FIRST_SINK_LAYER, SINK_THRESHOLD, VISUAL_MASS_THRESHOLD, FirstTokenRecorder, ImageCentricObserver, find_sink_dims
+from vlm_guard.heads.vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, VHDAccumulator, stack_divergence
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +314,7 @@ def find_calibration_images(images) -> tuple[list, dict[str, str]]:
     Raises:
         ValueError: nothing matches (the message says whether links were skipped).
     """
-    from ..images import display_name, find_images
+    from vlm_guard.images import display_name, find_images
 
     if isinstance(images, (str, Path)):
         search = find_images(images, IMAGE_EXTENSIONS)
@@ -342,7 +341,7 @@ def resolve_images(images) -> list:
 
 
 def _item_name(item, index: int) -> str:
-    from ..images import display_name
+    from vlm_guard.images import display_name
 
     return display_name(item) if isinstance(item, (str, Path)) else f"image #{index}"
 
@@ -352,7 +351,7 @@ def load_image(item):
     :class:`~vlm_guard.images.ImageLoadError` on unreadable input."""
     from PIL import Image
 
-    from ..images import load_image as load_rgb
+    from vlm_guard.images import load_image as load_rgb
 
     if isinstance(item, (str, Path, Image.Image)):
         return load_rgb(item)
@@ -396,7 +395,7 @@ class _LeftPadding:
 
 
 def _process(processor, family: str, images: list, texts: list[str]) -> dict:
-    from ..models.loading import encode_prompts
+    from vlm_guard.models.loading import encode_prompts
 
     with _LeftPadding(processor):
         encoded = encode_prompts(processor, images, texts)
@@ -574,7 +573,7 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
     if out_dir is not None:
         head_map.save_pretrained(out_dir)
         if plots:
-            from .plots import save_plots
+            from vlm_guard.heads.plots import save_plots
 
             save_plots(head_map, out_dir)
     tie = gift_layer_tie(head_map)
@@ -593,7 +592,7 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
 def gift_layer_tie(head_map: HeadMap, margin: float = GIFT_TIE) -> tuple[int, float, int, float] | None:
     """``(l*, its gaze shift, runner-up layer, its gaze shift)`` when another candidate layer comes within ``margin``
     (a fraction) of l*'s gaze shift, else None."""
-    from .gift_layer import candidate_layers
+    from vlm_guard.heads.gift_layer import candidate_layers
 
     best = head_map.gift_saliency_layer
     shifts = head_map.gift_layer_shift

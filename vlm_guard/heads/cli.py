@@ -35,7 +35,7 @@ def load_model(model_id: str | None, device: str = "cpu", dtype: str | None = No
         return vlm_guard.load_default(device=device, dtype=torch_dtype)
     from transformers import AutoProcessor
 
-    from ..models.loading import load_pretrained_model
+    from vlm_guard.models.loading import load_pretrained_model
 
     local = Path(model_id).expanduser()
     if str(model_id).startswith((".", "/", "~")) and not local.exists():
@@ -48,18 +48,18 @@ def load_model(model_id: str | None, device: str = "cpu", dtype: str | None = No
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
-    from .head_map import cache_report, model_name
+    from vlm_guard.heads.calibrate import calibrate
+    from vlm_guard.heads.head_map import cache_report, model_name
 
-    from ..commands.checks import check_device, check_model_argument, check_output_folder
+    from vlm_guard.commands.checks import check_device, check_model_argument, check_output_folder
 
     check_output_folder(args.out)  # before the model loads
     check_device(args.device)
     check_model_argument(args.model)
-    from .calibrate import find_calibration_images
+    from vlm_guard.heads.calibrate import find_calibration_images
 
     find_calibration_images(args.images)  # no image matches --images: one line now, not after the model loaded
-    from ..parallel import data_parallel
+    from vlm_guard.parallel import data_parallel
 
     parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
     try:

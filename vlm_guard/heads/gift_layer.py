@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..decoding.base import Intervention, LayerContext, RowSelection
-from .gaze import saliency_layer, total_positive_gaze_shift
+from vlm_guard.decoding.base import Intervention, LayerContext, RowSelection
+from vlm_guard.heads.gaze import saliency_layer, total_positive_gaze_shift
 
 ENHANCE_END_FRACTION = 22 / 32
 """End of the enhancement band as a fraction of depth (paper recipe for LLaVA-1.5-7B: layers 12..22 of 32)."""

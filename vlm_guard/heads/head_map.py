@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from ..version import __version__
+from vlm_guard.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def fingerprint_mismatches(expected: dict, actual: dict, expected_sample: torch.
     and both weight samples are given and agree up to float16/bfloat16 rounding. The config digest is compared
     only when both were made with the same transformers major.minor version.
     """
-    from ..models.fingerprint import samples_match
+    from vlm_guard.models.fingerprint import samples_match
 
     differing = [k for k in GEOMETRY_KEYS if expected.get(k) != actual.get(k)]
     if expected.get("weights_digest") != actual.get("weights_digest"):
@@ -347,7 +347,7 @@ class HeadMap:
         model = getattr(adapter, "model", None)
         if (self.weights_sample is not None and model is not None and self.fingerprint.get("weights_digest") != actual.get("weights_digest")
                 and self.fingerprint.get("weights_dtype") != actual.get("weights_dtype")):
-            from ..models.fingerprint import weights_sample
+            from vlm_guard.models.fingerprint import weights_sample
 
             actual_sample = weights_sample(model)[0]
         differing = fingerprint_mismatches(self.fingerprint, actual, self.weights_sample, actual_sample)
@@ -426,7 +426,7 @@ class HeadMap:
         """
         from safetensors.torch import save_file
 
-        from ..fileio import atomic_paths, sha256_file
+        from vlm_guard.fileio import atomic_paths, sha256_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -440,7 +440,7 @@ class HeadMap:
 
     def push_to_hub(self, repo_id: str, **kwargs) -> Any:
         """Share this map on the hub with a model card (see :func:`vlm_guard.heads.hub.push_to_hub`)."""
-        from .hub import push_to_hub
+        from vlm_guard.heads.hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
 
@@ -453,7 +453,7 @@ class HeadMap:
             FileNotFoundError: the folder or one of its two files is missing.
             HeadMapFileError: a file is corrupt or incomplete (the message names it).
         """
-        from .hub import resolve
+        from vlm_guard.heads.hub import resolve
 
         directory = resolve(directory, revision=revision)  # a local folder wins over a hub id of the same name
         json_path, tensor_path = directory / JSON_FILE, directory / TENSOR_FILE
@@ -496,9 +496,9 @@ class HeadMap:
             raise HeadMapFileError(
                 f"{tensor_path} is not a readable safetensors file ({error}); the head map is corrupt: re-run `vlm-guard calibrate`."
             ) from None
-        from ..tuning.settings import TunedSectionError
+        from vlm_guard.tuning.settings import TunedSectionError
 
-        from .head_map_schema import check_head_map_fields
+        from vlm_guard.heads.head_map_schema import check_head_map_fields
 
         check_head_map_fields(json_path, tensor_path, data, tensors)  # every field but `tuned`, and the tensor shapes
         try:
@@ -617,7 +617,7 @@ def _check_tensors_digest(directory: Path, data: dict, tensor_path: Path) -> Non
 
     Maps written before the digest was recorded have no such field and are read as they are.
     """
-    from ..fileio import sha256_file
+    from vlm_guard.fileio import sha256_file
 
     expected = data.get(TENSORS_DIGEST_KEY)
     if expected is None:
@@ -634,7 +634,7 @@ def _check_tensors_digest(directory: Path, data: dict, tensor_path: Path) -> Non
 
 def _validated_tuned(tuned: Any) -> dict:
     """The ``tuned`` section checked against its schema (:func:`vlm_guard.tuning.settings.validate_tuned`)."""
-    from ..tuning.settings import validate_tuned
+    from vlm_guard.tuning.settings import validate_tuned
 
     return validate_tuned(tuned)
 
@@ -786,7 +786,7 @@ def find_head_map(adapter, cache_dir: str | Path | None = None) -> HeadMap | Non
     if cached is not None and cached.tuned:
         logger.info("using the tuned head map from %s", folder)
         return cached
-    from ..tuning.shipped import find_shipped_head_map
+    from vlm_guard.tuning.shipped import find_shipped_head_map
 
     shipped = find_shipped_head_map(adapter)
     if shipped is not None and shipped.tuned and cached is not None:
@@ -807,7 +807,7 @@ def cache_report(head_map: HeadMap, cache_dir: str | Path | None = None) -> list
     fingerprint = head_map.fingerprint
     if not model_name(fingerprint):
         return ["not cached: the model has no name (pass head_map=FOLDER to vlm_guard.wrap)"]
-    from ..tuning.shipped import SHIPPED_HEAD_MAPS
+    from vlm_guard.tuning.shipped import SHIPPED_HEAD_MAPS
 
     saved = calibrated_cache_folder(fingerprint, cache_dir)
     lines = [f"cached at {saved}"]

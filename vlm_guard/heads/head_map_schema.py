@@ -81,7 +81,7 @@ def _positive(value: Any, field: str) -> None:
 
 
 def _check(data: dict, tensors: dict[str, torch.Tensor]) -> None:
-    from .vhd import DISTANCES, OUTLIER_FILTERS
+    from vlm_guard.heads.vhd import DISTANCES, OUTLIER_FILTERS
 
     for key in ("library_version", "fingerprint_hash"):
         if key in data and not isinstance(data[key], str):
@@ -141,7 +141,7 @@ def _check(data: dict, tensors: dict[str, torch.Tensor]) -> None:
             if not _is_number(value) or value < 0:
                 raise _FieldError(f"image_centric.{key}", value, "not a non-negative number")
         _index_list(_require(centric, "layers", "image_centric."), "image_centric.layers", layers)
-        from .head_map import PER_LAYER_STATS
+        from vlm_guard.heads.head_map import PER_LAYER_STATS
 
         for key in PER_LAYER_STATS:
             _number_list(_require(centric, key, "image_centric."), f"image_centric.{key}", layers)
@@ -185,7 +185,7 @@ def check_head_map_fields(json_path: Path, tensor_path: Path, data: dict, tensor
     Raises:
         vlm_guard.heads.HeadMapFileError: one line naming the file and the field.
     """
-    from .head_map import HeadMapFileError
+    from vlm_guard.heads.head_map import HeadMapFileError
 
     fix = "the head map is corrupt or was edited: re-run `vlm-guard calibrate`."
     try:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .head_map import JSON_FILE, TENSOR_FILE, model_name
+from vlm_guard.heads.head_map import JSON_FILE, TENSOR_FILE, model_name
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _measured_effect(tuned: dict) -> list[str]:
 
 def model_card(head_map: Any, repo_id: str | None = None) -> str:
     """The ``README.md`` of a head-map repository: checkpoint, calibration, tuning and measured effect."""
-    from ..version import __version__
+    from vlm_guard.version import __version__
 
     fp = head_map.fingerprint
     calibration = head_map.calibration or {}
@@ -149,7 +149,7 @@ def model_card(head_map: Any, repo_id: str | None = None) -> str:
         f"- device {calibration.get('device', '?')}, dtype {calibration.get('dtype', '?')}, "
         f"{calibration.get('seconds', '?')} s; vlm-guard {head_map.library_version}",
     ]
-    from .calibrate import MIN_CALIBRATION_IMAGES
+    from vlm_guard.heads.calibrate import MIN_CALIBRATION_IMAGES
 
     n_images = calibration.get("n_images")
     if isinstance(n_images, int) and n_images < MIN_CALIBRATION_IMAGES:
@@ -189,7 +189,7 @@ def push_to_hub(head_map: Any, repo_id: str, *, private: bool | None = None, tok
 
     if not is_hub_id(repo_id):
         raise ValueError(f"repo_id={repo_id!r} is not a hub id; give it as 'org/name' (e.g. 'me/llava-1.5-7b-head-map')")
-    from ..fileio import atomic_write_text
+    from vlm_guard.fileio import atomic_write_text
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

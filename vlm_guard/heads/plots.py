@@ -43,13 +43,13 @@ def plot_vhd(head_map, path: str | Path) -> Path:
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
-    from ..commands.heads import display_model_name  # the model's name, not the folders of the machine that made the map
+    from vlm_guard.commands.heads import display_model_name  # the model's name, not the folders of the machine that made the map
 
     name = display_model_name(head_map.fingerprint) if head_map.fingerprint.get("name_or_path") else head_map.fingerprint.get("family")
     axes.set_title(f"vision-aware head divergence: {name}", fontsize=9)
     figure.tight_layout()
     path = Path(path)
-    from ..fileio import atomic_path
+    from vlm_guard.fileio import atomic_path
 
     with atomic_path(path) as temporary:  # a failed or interrupted save keeps the previous plot
         figure.savefig(temporary)
@@ -79,7 +79,7 @@ def plot_sink_dims(head_map, path: str | Path) -> Path:
     axes.set_title(f"massive activations (median over middle layers); sink dims: {found}", fontsize=9)
     figure.tight_layout()
     path = Path(path)
-    from ..fileio import atomic_path
+    from vlm_guard.fileio import atomic_path
 
     with atomic_path(path) as temporary:
         figure.savefig(temporary)

@@ -65,9 +65,9 @@ def _accepts(model: nn.Module, name: str) -> bool:
 @contextlib.contextmanager
 def profiling_session(model, processor=None) -> Iterator[ProfilingSession]:
     """Yield a :class:`ProfilingSession` for ``model`` (plain or wrapped); undone in ``finally``."""
-    from ..decoding.engine import GuardEngine
-    from ..models import get_adapter
-    from ..wrapper import GuardedModel
+    from vlm_guard.decoding.engine import GuardEngine
+    from vlm_guard.models import get_adapter
+    from vlm_guard.wrapper import GuardedModel
 
     if isinstance(model, GuardedModel):
         engine = model.engine

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decoding.base import Intervention, LayerContext, RowSelection
+from vlm_guard.decoding.base import Intervention, LayerContext, RowSelection
 
 SINK_THRESHOLD = 20.0
 EPSILON = 1e-6

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from ..decoding.base import Intervention, LayerContext
-from ..models.inputs import append_tokens
-from .session import profiling_session
-from .vhd import DISTANCES, head_divergence
+from vlm_guard.decoding.base import Intervention, LayerContext
+from vlm_guard.models.inputs import append_tokens
+from vlm_guard.heads.session import profiling_session
+from vlm_guard.heads.vhd import DISTANCES, head_divergence
 
 DEFAULT_TOP_K = 4
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..decoding.base import Intervention, LayerContext
+from vlm_guard.decoding.base import Intervention, LayerContext
 
 DISTANCES = ("sq_l2", "l2", "cosine")
 OUTLIER_FILTERS = ("released", "always", "off")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter, PromptSpans, TextGeometry
+from vlm_guard.models.base import ModelAdapter, PromptSpans, TextGeometry
 
 ADAPTERS: list[type[ModelAdapter]] = []
 
@@ -41,7 +41,7 @@ def get_adapter(model: nn.Module, processor=None) -> ModelAdapter:
     )
 
 
-from . import idefics3, llava, llava_next, qwen2_vl  # noqa: E402,F401  (registration)
-from . import gemma3, glm4v, internvl, llava_onevision, mistral3, qwen3_vl  # noqa: E402,F401  (registration)
+from vlm_guard.models import idefics3, llava, llava_next, qwen2_vl  # noqa: E402,F401  (registration)
+from vlm_guard.models import gemma3, glm4v, internvl, llava_onevision, mistral3, qwen3_vl  # noqa: E402,F401  (registration)
 
 __all__ = ["ModelAdapter", "PromptSpans", "TextGeometry", "get_adapter", "register_adapter", "supported_families"]

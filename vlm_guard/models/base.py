@@ -415,7 +415,7 @@ class ModelAdapter:
         weights (:func:`vlm_guard.models.fingerprint.model_fingerprint`; a few thousand sampled numbers)."""
         import transformers
 
-        from .fingerprint import config_digest, weights_digest, weights_dtype
+        from vlm_guard.models.fingerprint import config_digest, weights_digest, weights_dtype
 
         geometry = self.geometry
         return {

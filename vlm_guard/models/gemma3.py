@@ -19,8 +19,8 @@
 
 from typing import ClassVar
 
-from . import register_adapter
-from .base import ModelAdapter
+from vlm_guard.models import register_adapter
+from vlm_guard.models.base import ModelAdapter
 
 
 @register_adapter

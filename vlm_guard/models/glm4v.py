@@ -8,8 +8,8 @@
 - Grouped-query attention (GLM-4.1V-9B: 32 query heads, 2 key/value heads).
 """
 
-from . import register_adapter
-from .base import ModelAdapter
+from vlm_guard.models import register_adapter
+from vlm_guard.models.base import ModelAdapter
 
 
 @register_adapter

@@ -3,8 +3,8 @@
 image, rows ended by a newline). The whole block is the image span; the words around it are text.
 The marker tokens are found in the processor's tokenizer."""
 
-from . import register_adapter
-from .base import ModelAdapter
+from vlm_guard.models import register_adapter
+from vlm_guard.models.base import ModelAdapter
 
 
 @register_adapter

@@ -8,8 +8,8 @@
 - Plain 1-D positions, Qwen2 text backbone with grouped-query attention.
 """
 
-from . import register_adapter
-from .base import ModelAdapter
+from vlm_guard.models import register_adapter
+from vlm_guard.models.base import ModelAdapter
 
 
 @register_adapter

@@ -100,7 +100,7 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: str | None 
             raise ValueError(f"dtype={dtype!r} is not known; use float32, float16 or bfloat16")
         torch_dtype = getattr(torch, dtype)
     if model is None:
-        from ..defaults import load_default
+        from vlm_guard.defaults import load_default
 
         return load_default(device=device, dtype=torch_dtype)
     if Path(model).exists() and not (Path(model) / "config.json").exists():

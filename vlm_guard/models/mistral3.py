@@ -9,8 +9,8 @@
 - Plain 1-D positions; Mistral text backbone with grouped-query attention (no sliding window in Mistral 3).
 """
 
-from . import register_adapter
-from .base import ModelAdapter
+from vlm_guard.models import register_adapter
+from vlm_guard.models.base import ModelAdapter
 
 
 @register_adapter

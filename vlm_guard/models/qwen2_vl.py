@@ -4,8 +4,8 @@ Position ids are multimodal RoPE computed by the model from ``input_ids`` and ``
 the image-free prompt only needs the span deleted and the image tensors dropped.
 """
 
-from . import register_adapter
-from .base import ModelAdapter
+from vlm_guard.models import register_adapter
+from vlm_guard.models.base import ModelAdapter
 
 
 @register_adapter

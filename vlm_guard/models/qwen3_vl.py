@@ -13,8 +13,8 @@
   is the same module, so both classes share this adapter's rules.
 """
 
-from . import register_adapter
-from .qwen2_vl import Qwen2VLAdapter
+from vlm_guard.models import register_adapter
+from vlm_guard.models.qwen2_vl import Qwen2VLAdapter
 
 
 @register_adapter

@@ -4,24 +4,7 @@ See ``vlm_guard.toyworld.world`` for the world's API, ``model`` for the toy LLaV
 ``train`` for the training recipe and ``report`` for the measurements shipped beside the model.
 """
 
-from .world import (
-    COLOURS,
-    OBJECT_TYPES,
-    PARTNER_PAIRS,
-    QUESTION_SPLITS,
-    SIZES,
-    Question,
-    Scene,
-    SceneObject,
-    World,
-    answer,
-    caption,
-    mentioned_objects,
-    mentions_with_words,
-    partner_of,
-    questions,
-    render,
-)
+from vlm_guard.toyworld.world import COLOURS, OBJECT_TYPES, PARTNER_PAIRS, QUESTION_SPLITS, SIZES, Question, Scene, SceneObject, World, answer, caption, mentioned_objects, mentions_with_words, partner_of, questions, render
 
 __all__ = [
     "COLOURS", "OBJECT_TYPES", "PARTNER_PAIRS", "QUESTION_SPLITS", "SIZES", "Question", "Scene", "SceneObject",

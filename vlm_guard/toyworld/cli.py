@@ -20,14 +20,14 @@ import json
 import shutil
 from pathlib import Path
 
-from ..fileio import atomic_folder, atomic_write_json, atomic_write_text
+from vlm_guard.fileio import atomic_folder, atomic_write_json, atomic_write_text
 
 
 # the parsers of these commands live in vlm_guard.commands.toy (importing this package imports PIL and numpy)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TINY_SPEC, TrainConfig, train
+    from vlm_guard.toyworld.train import TINY_SPEC, TrainConfig, train
 
     config = TrainConfig(out_dir=args.out, seed=args.seed, threads=args.threads)
     if args.preset == "tiny":
@@ -57,15 +57,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .train import export_checkpoint
+    from vlm_guard.toyworld.train import export_checkpoint
 
     print(f"exported to {export_checkpoint(args.run, args.out)}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ..defaults import DEFAULT_MODEL_DIR
-    from .report import build_report
+    from vlm_guard.defaults import DEFAULT_MODEL_DIR
+    from vlm_guard.toyworld.report import build_report
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     out = Path(args.out) if args.out else default_report_path(model_dir)
@@ -87,8 +87,8 @@ def default_report_path(model_dir: Path) -> Path:
 
 
 def _ship(args: argparse.Namespace) -> int:
-    from ..defaults import DEFAULT_MODEL_DIR
-    from .report import build_report
+    from vlm_guard.defaults import DEFAULT_MODEL_DIR
+    from vlm_guard.toyworld.report import build_report
 
     source = Path(args.model)
     if not (source / "model.safetensors").exists():
@@ -116,7 +116,7 @@ def copy_files(source: Path, folder: Path) -> None:
 
 
 def _train_checker(args: argparse.Namespace) -> int:
-    from ..grounding.train import CheckerTrainConfig, ship_checker, train_checker
+    from vlm_guard.grounding.train import CheckerTrainConfig, ship_checker, train_checker
 
     config = CheckerTrainConfig(out_dir=args.out, seed=args.seed, threads=args.threads)
     if args.steps is not None:
@@ -129,7 +129,7 @@ def _train_checker(args: argparse.Namespace) -> int:
 
 
 def _examples(args: argparse.Namespace) -> int:
-    from .examples import write_examples
+    from vlm_guard.toyworld.examples import write_examples
 
     folder = write_examples(Path(args.out) if args.out else None)
     print(f"examples written to {folder}")
@@ -137,7 +137,7 @@ def _examples(args: argparse.Namespace) -> int:
 
 
 def _v2_train(args: argparse.Namespace) -> int:
-    from .everyday.train import STAGES, V2TrainConfig, train
+    from vlm_guard.toyworld.everyday.train import STAGES, V2TrainConfig, train
 
     config = V2TrainConfig(out_dir=args.out, seed=args.seed)
     for stage in STAGES:
@@ -153,7 +153,7 @@ def _v2_train(args: argparse.Namespace) -> int:
 
 
 def _v2_export(args: argparse.Namespace) -> int:
-    from .everyday.train import export_checkpoint
+    from vlm_guard.toyworld.everyday.train import export_checkpoint
 
     print(f"exported to {export_checkpoint(args.run, args.out)}")
     return 0
@@ -162,8 +162,8 @@ def _v2_export(args: argparse.Namespace) -> int:
 def _v2_report(args: argparse.Namespace) -> int:
     import torch
 
-    from .everyday.assemble import assemble
-    from .everyday.report import build_v2_report
+    from vlm_guard.toyworld.everyday.assemble import assemble
+    from vlm_guard.toyworld.everyday.report import build_v2_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,8 +182,8 @@ def _v2_report(args: argparse.Namespace) -> int:
 
 
 def _v2_prior(args: argparse.Namespace) -> int:
-    from .everyday.lm import load_language_model
-    from .everyday.prior import partner_preference
+    from vlm_guard.toyworld.everyday.lm import load_language_model
+    from vlm_guard.toyworld.everyday.prior import partner_preference
 
     lm, tokenizer = load_language_model()
     table = partner_preference(lm, tokenizer)

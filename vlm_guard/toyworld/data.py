@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import CAPTION_PROMPT, SPECIAL_TOKENS
-from .world import COLOURS, GRID, OBJECT_TYPES, SIZES, Scene, caption, question_text, render
+from vlm_guard.toyworld.model import CAPTION_PROMPT, SPECIAL_TOKENS
+from vlm_guard.toyworld.world import COLOURS, GRID, OBJECT_TYPES, SIZES, Scene, caption, question_text, render
 
 IGNORE_INDEX = -100
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .world import Scene, SceneObject, caption, partner_of, render
+from vlm_guard.toyworld.world import Scene, SceneObject, caption, partner_of, render
 
 EXAMPLE_SCENES: dict[str, tuple[tuple[str, str, str, int, int], ...]] = {
     # name: (type, colour, size, row, col), ...
@@ -81,14 +81,14 @@ def example_scene(name: str) -> Scene:
 
 def write_examples(folder: Path | None = None, size: int = 256) -> Path:
     """Render every example and write ``examples.json``; returns the folder."""
-    from ..defaults import EXAMPLES_DIRS
+    from vlm_guard.defaults import EXAMPLES_DIRS
 
     folder = Path(folder) if folder else EXAMPLES_DIRS["shapes"]
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in EXAMPLE_SCENES:
         scene = example_scene(name)
-        from ..fileio import atomic_path
+        from vlm_guard.fileio import atomic_path
 
         with atomic_path(folder / f"{name}.png") as temporary:  # a failure keeps the previous image
             render(scene, size).save(temporary, optimize=True)
@@ -100,7 +100,7 @@ def write_examples(folder: Path | None = None, size: int = 256) -> Path:
             "caption": caption(scene),
             "absent_partners": sorted({partner_of(t) for t in scene.types} - {None} - scene.types),
         })
-    from ..fileio import atomic_write_json
+    from vlm_guard.fileio import atomic_write_json
 
     atomic_write_json(folder / "examples.json", entries, indent=1)
     return folder

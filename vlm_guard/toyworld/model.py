@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .world import IMAGE_SIZE, vocabulary
+from vlm_guard.toyworld.world import IMAGE_SIZE, vocabulary
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
 

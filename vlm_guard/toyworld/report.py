@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .world import OBJECT_TYPES, QUESTION_SPLITS, World, caption, mentioned_objects, partner_of, questions, render
+from vlm_guard.toyworld.world import OBJECT_TYPES, QUESTION_SPLITS, World, caption, mentioned_objects, partner_of, questions, render
 
 logger = logging.getLogger(__name__)
 

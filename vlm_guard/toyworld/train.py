@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fileio import atomic_save_safetensors, atomic_write_json
-from .data import BatchBuilder, IGNORE_INDEX, cell_labels
-from .model import ToyModelSpec, build_model, build_processor
-from .world import COLOURS, GRID, OBJECT_TYPES, SIZES, World
+from vlm_guard.fileio import atomic_save_safetensors, atomic_write_json
+from vlm_guard.toyworld.data import BatchBuilder, IGNORE_INDEX, cell_labels
+from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor
+from vlm_guard.toyworld.world import COLOURS, GRID, OBJECT_TYPES, SIZES, World
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_folder
+    from vlm_guard.fileio import atomic_folder
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(path) as tmp:  # a kill or error while saving keeps the previous checkpoint
@@ -189,14 +189,14 @@ RESUME_REMEDY = ("the run folder is damaged or was edited: restore it from a cop
 
 def read_train_config(path: Path) -> TrainConfig:
     """The run's ``train_config.json``, checked (one-line :class:`vlm_guard.schema.FileSchemaError` naming the field)."""
-    from ..schema import load_dataclass
+    from vlm_guard.schema import load_dataclass
 
     return load_dataclass(path, TrainConfig, RESUME_REMEDY)
 
 
 def read_state(path: Path) -> dict:
     """A checkpoint's ``state.json`` (``path`` is the checkpoint folder), checked against its schema."""
-    from ..schema import check_train_state, read_json
+    from vlm_guard.schema import check_train_state, read_json
 
     file = path / "state.json"
     return check_train_state(file, read_json(file, RESUME_REMEDY), STAGES, RESUME_REMEDY, optimizer=True)
@@ -371,7 +371,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
 
 def export(model, processor, path: Path, extra: dict | None = None) -> None:
     """Save ``model`` + ``processor`` loadable by ``from_pretrained`` (fp32 safetensors)."""
-    from ..fileio import atomic_folder
+    from vlm_guard.fileio import atomic_folder
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

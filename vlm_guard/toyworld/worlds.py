@@ -86,7 +86,7 @@ class WorldKind:
 
 
 def _everyday() -> WorldKind:
-    from .everyday import world
+    from vlm_guard.toyworld.everyday import world
 
     return WorldKind(
         name="everyday", module=world, caption_prompt=world.DETAIL_PROMPTS[1],
@@ -97,7 +97,7 @@ def _everyday() -> WorldKind:
 
 
 def _shapes() -> WorldKind:
-    from . import world
+    from vlm_guard.toyworld import world
 
     paired = frozenset(t for pair in world.PARTNER_PAIRS for t in pair)
     return WorldKind(
@@ -117,7 +117,7 @@ def world_kind(name: str | WorldKind | None) -> WorldKind:
     if isinstance(name, WorldKind):
         return name
     if name is None:
-        from ..defaults import default_world
+        from vlm_guard.defaults import default_world
 
         name = default_world()
     if name not in _BUILDERS:
@@ -167,7 +167,7 @@ def world_for_model_argument(model: str | None, requested: str | None = "auto") 
     if requested not in (None, "auto"):
         return world_kind(requested)
     if model is None:
-        from ..defaults import default_world
+        from vlm_guard.defaults import default_world
 
         return world_kind(default_world())
     return world_kind(world_of_folder(model) or "everyday")

@@ -14,21 +14,12 @@ released default).
 
 from __future__ import annotations
 
-from .settings import (
-    PROFILES,
-    UNTUNED_DEFAULT_METHODS,
-    default_config,
-    default_methods,
-    describe_settings,
-    resolve_config,
-    tuned_report,
-    tuned_settings,
-)
+from vlm_guard.tuning.settings import PROFILES, UNTUNED_DEFAULT_METHODS, default_config, default_methods, describe_settings, resolve_config, tuned_report, tuned_settings
 
 
 def tune(*args, **kwargs):
     """See :func:`vlm_guard.tuning.search.tune`."""
-    from .search import tune as run
+    from vlm_guard.tuning.search import tune as run
 
     return run(*args, **kwargs)
 

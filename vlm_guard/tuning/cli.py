@@ -20,8 +20,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..commands.arguments import (INTERRUPTED_RESUMABLE, max_new_tokens_int, non_negative_int, positive_float,
-                                  positive_int, seed_int)
+from vlm_guard.commands.arguments import INTERRUPTED_RESUMABLE, max_new_tokens_int, non_negative_int, positive_float, positive_int, seed_int
 
 TUNABLE_METHODS = ("vhr", "var", "gift", "pai", "vcd")
 """The methods `vlm-guard tune` can tune (:data:`vlm_guard.tuning.space.TUNABLE_METHODS`, which imports torch; a
@@ -87,10 +86,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .search import file_tuning_data, synthetic_tuning_data
+    from vlm_guard.tuning.search import file_tuning_data, synthetic_tuning_data
 
-    from ..commands.checks import (check_device, check_head_map_folder, check_model_argument, check_output_file,
-                                   check_output_folder)
+    from vlm_guard.commands.checks import check_device, check_head_map_folder, check_model_argument, check_output_file, check_output_folder
 
     # numbers were checked by the parser; the places and names here, before the data and the model load
     if args.out:
@@ -106,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_model_argument(args.model)
     if args.profiles is not None:
-        from .settings import PROFILES
+        from vlm_guard.tuning.settings import PROFILES
 
         names = [p.strip().lower() for p in args.profiles.split(",") if p.strip()]
         unknown = [p for p in names if p not in PROFILES]
@@ -126,14 +124,14 @@ def run(args: argparse.Namespace) -> int:
                                 seed=args.seed, caption_prompt=args.caption_prompt,
                                 pope_max_new_tokens=args.pope_max_new_tokens, chair_max_new_tokens=args.chair_max_new_tokens)
     else:
-        from ..toyworld.worlds import world_for_model_argument
+        from vlm_guard.toyworld.worlds import world_for_model_argument
 
         world = world_for_model_argument(args.model)
         if args.model is not None and world.name != "shapes":
             logger.warning("no --pope / --instances given: tuning %s on the synthetic %s world; for a real model pass "
                            "your own POPE-format and COCO-format files", args.model, world.name)
         data = synthetic_tuning_data(args.n_questions, args.n_captions, args.world_seed, world=world.name)
-    from ..parallel import data_parallel
+    from vlm_guard.parallel import data_parallel
 
     parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
     try:
@@ -143,10 +141,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_on(args: argparse.Namespace, data, parallel) -> int:
-    from ..defaults import DEFAULT_MODEL_DIR
-    from ..eval.runner import weights_digest
-    from .search import tune
-    from .settings import tuned_report
+    from vlm_guard.defaults import DEFAULT_MODEL_DIR
+    from vlm_guard.eval.runner import weights_digest
+    from vlm_guard.tuning.search import tune
+    from vlm_guard.tuning.settings import tuned_report
 
     model, processor, name, head_map, out = _model_and_head_map(args, parallel.device(args.device))
     weights = weights_digest(args.model or DEFAULT_MODEL_DIR)
@@ -169,13 +167,13 @@ def _run_on(args: argparse.Namespace, data, parallel) -> int:
 
 def _run_profiles(args: argparse.Namespace) -> int:
     """``--profiles``: :func:`vlm_guard.tuning.profiles.tune_profiles` on the synthetic tuning and confirmation seeds."""
-    from ..defaults import DEFAULT_MODEL_DIR
-    from ..eval.runner import weights_digest
-    from ..heads.head_map import HeadMap
-    from ..toyworld.worlds import world_for_model_argument
-    from .profiles import tune_profiles
-    from .search import BudgetExhausted
-    from .settings import tuned_report
+    from vlm_guard.defaults import DEFAULT_MODEL_DIR
+    from vlm_guard.eval.runner import weights_digest
+    from vlm_guard.heads.head_map import HeadMap
+    from vlm_guard.toyworld.worlds import world_for_model_argument
+    from vlm_guard.tuning.profiles import tune_profiles
+    from vlm_guard.tuning.search import BudgetExhausted
+    from vlm_guard.tuning.settings import tuned_report
 
     model, processor, name, head_map, out = _model_and_head_map(args, args.device)
     world = world_for_model_argument(args.model).name
@@ -204,9 +202,9 @@ def _method_list(methods) -> list[str]:
 def _model_and_head_map(args: argparse.Namespace, device):
     """The model named by ``--model``, its head map (``--head-map`` checked against it, else the cached or shipped
     one) and the output folder (``--out``, else the model's head-map cache folder)."""
-    from ..eval.runner import load_model
-    from ..heads.head_map import HeadMap, cache_folder
-    from ..models import get_adapter
+    from vlm_guard.eval.runner import load_model
+    from vlm_guard.heads.head_map import HeadMap, cache_folder
+    from vlm_guard.models import get_adapter
 
     model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                                         device=device)
@@ -215,7 +213,7 @@ def _model_and_head_map(args: argparse.Namespace, device):
         head_map = HeadMap.from_pretrained(args.head_map)
         head_map.check_compatible(adapter)
     else:
-        from ..wrapper import _find_cached_head_map
+        from vlm_guard.wrapper import _find_cached_head_map
 
         head_map = _find_cached_head_map(model, processor)
         if head_map is None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..fileio import atomic_path
-from .space import STRENGTH_FIELD
+from vlm_guard.fileio import atomic_path
+from vlm_guard.tuning.space import STRENGTH_FIELD
 
 
 def plot_method_curves(tuned: dict, out_dir: str | Path) -> list[Path]:
     """Write ``tune_<method>.png`` for every method the tuning table measured; returns the paths."""
-    from ..heads.plots import _figure
+    from vlm_guard.heads.plots import _figure
 
     out = Path(out_dir)
     paths = []

@@ -52,8 +52,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import objective
-from .space import Candidate, forward_passes, profile_candidates
+from vlm_guard.tuning import objective
+from vlm_guard.tuning.space import Candidate, forward_passes, profile_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def paired(own: Sequence[dict], base: Sequence[dict], metric: str) -> dict:
         >>> r = paired(a, b, "accuracy"); round(r["diff"], 1), r["low"] > 0
         (20.0, True)
     """
-    from ..eval.stats import TotalsMetric, paired_bootstrap
+    from vlm_guard.eval.stats import TotalsMetric, paired_bootstrap
 
     result = paired_bootstrap(_counts(own, metric), _counts(base, metric), TotalsMetric(_ratio, name=metric),
                               n_resamples=N_RESAMPLES, seed=0)
@@ -146,7 +146,7 @@ def judge(profile: str, own: dict[str, list], base: dict[str, list]) -> dict:
                 "significant": main["low"] > 0, "worse": main["high"] < 0,
                 "constraints": {task: interval for task, interval in splits.items() if task != "pope/adversarial"},
                 "broken": broken, "kept": not broken, "extra": {}}
-    from .settings import PROFILES
+    from vlm_guard.tuning.settings import PROFILES
 
     raise ValueError(f"unknown task profile {profile!r}; profiles are {list(PROFILES)}")
 
@@ -191,7 +191,7 @@ class _Split:
     """One data split (tuning or confirmation): its tasks and its resumable per-item results."""
 
     def __init__(self, guarded, processor, data, path: Path | None, identity: dict, batch_size: int, budget, progress: bool):
-        from .search import TuningState, _Search
+        from vlm_guard.tuning.search import TuningState, _Search
 
         self.data = data
         self.state = TuningState(path, identity)
@@ -205,7 +205,7 @@ class _Split:
 
     def run(self, candidate: Candidate, sizes: dict[str, int]) -> None:
         """Generate ``candidate`` on the first ``sizes[task]`` items of each task it has not done (timed)."""
-        from .search import BudgetExhausted
+        from vlm_guard.tuning.search import BudgetExhausted
 
         self.state.data["plan"] = {"rungs": [{name: sizes.get(name, 0) for name in self.tasks}]}
         before = {name: len(self.state.results(candidate, name)) for name in sizes}
@@ -294,12 +294,12 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
     """
     import copy
 
-    from ..eval.runner import prepare_processor
-    from ..eval.synthetic import EVAL_SEED, TUNING_SEED
-    from ..version import __version__
-    from ..wrapper import wrap
-    from .search import synthetic_tuning_data
-    from .settings import PROFILES, validate_tuned
+    from vlm_guard.eval.runner import prepare_processor
+    from vlm_guard.eval.synthetic import EVAL_SEED, TUNING_SEED
+    from vlm_guard.version import __version__
+    from vlm_guard.wrapper import wrap
+    from vlm_guard.tuning.search import synthetic_tuning_data
+    from vlm_guard.tuning.settings import PROFILES, validate_tuned
 
     profiles = [p.strip().lower() for p in profiles if p.strip()]
     unknown = [p for p in profiles if p not in PROFILES]
@@ -313,7 +313,7 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
         raise ValueError("tuning needs the model's head map: run `vlm-guard calibrate` first and pass it")
     pilot_items = {**PILOT_ITEMS, **(pilot_items or {})}
     if world is None:
-        from ..toyworld.worlds import world_for_model
+        from vlm_guard.toyworld.worlds import world_for_model
 
         world = world_for_model(model).name
     tuning = synthetic_tuning_data(n_items, n_items, tuning_seed, world=world)
@@ -355,19 +355,19 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
     }
     tuned = validate_tuned(tuned, "the tuned section written by tune_profiles")
     if out is not None:
-        from .report import profiles_markdown
+        from vlm_guard.tuning.report import profiles_markdown
 
         result_map = copy.copy(head_map)
         result_map.tuned = tuned
         result_map.save_pretrained(out)
-        from ..fileio import atomic_write_text
+        from vlm_guard.fileio import atomic_write_text
 
         atomic_write_text(out / "tuning.md", profiles_markdown(tuned))
     return tuned
 
 
 def _tune_one(profile: str, splits: dict, guarded, greedy: Candidate, head_map, pilot_n: int, n_items: int) -> dict:
-    from .settings import PROFILES
+    from vlm_guard.tuning.settings import PROFILES
 
     tasks = profile_tasks(profile)
     tuning = splits["tuning"]

@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import objective
-from .space import TUNABLE_METHODS, Candidate, combine, method_candidates
+from vlm_guard.tuning import objective
+from vlm_guard.tuning.space import TUNABLE_METHODS, Candidate, combine, method_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,14 @@ def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: i
     Raises:
         ValueError: ``seed`` is the reported seed 900001.
     """
-    from ..eval.cli import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
-    from ..eval.images import ImageLoader
-    from ..eval.synthetic import EVAL_SEED, TUNING_SEED
+    from vlm_guard.eval.cli import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
+    from vlm_guard.eval.images import ImageLoader
+    from vlm_guard.eval.synthetic import EVAL_SEED, TUNING_SEED
 
     seed = TUNING_SEED if seed is None else int(seed)
     if seed == EVAL_SEED:
         raise ValueError(f"seed {seed} is the reported benchmark's world seed; tune on {TUNING_SEED} (or another unreported seed)")
-    from ..toyworld.worlds import world_kind
+    from vlm_guard.toyworld.worlds import world_kind
 
     world = world_kind(world).name
     tasks = synthetic_tasks(n_questions, n_captions, world_seed=seed, pope_max_new_tokens=DEFAULT_MAX_NEW_TOKENS["synthetic_pope"],
@@ -122,8 +122,8 @@ def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, 
                      pope_max_new_tokens: int = 16, chair_max_new_tokens: int = 512) -> TuningData:
     """The user's own POPE-format question files and / or COCO-format caption annotations (the loaders of
     ``vlm-guard eval``). Use files and images that are not the ones you report on."""
-    from ..eval.cli import DEFAULT_CHAIR_PROMPT, chair_task, pope_tasks
-    from ..eval.images import ImageLoader
+    from vlm_guard.eval.cli import DEFAULT_CHAIR_PROMPT, chair_task, pope_tasks
+    from vlm_guard.eval.images import ImageLoader
 
     if not images:
         raise ValueError("tuning on files needs --images, the folder the POPE questions and COCO annotations name")
@@ -145,7 +145,7 @@ def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, 
 def _check_images_present(task, path, images) -> None:
     """Refuse a POPE file none of whose images is in ``images`` (tuning on zero items would ship a setting chosen
     on nothing); warn when some are missing (those questions are skipped)."""
-    from ..eval.images import ImageLoader
+    from vlm_guard.eval.images import ImageLoader
 
     loader = ImageLoader(images)
     names = sorted({str(item.image_name) for item in task.items})
@@ -181,7 +181,7 @@ class TuningState:
                 raise ValueError(
                     f"{self.path} holds a tuning run of another model or tuning data ({loaded.get('identity')}); "
                     f"delete it or pass another --state path to tune {identity}")
-            from .state_schema import validate_state
+            from vlm_guard.tuning.state_schema import validate_state
 
             self.data = validate_state(self.path, loaded, STATE_VERSION)
             logger.info("resuming the tuning state %s (%d settings, %.0f s spent)", self.path,
@@ -204,7 +204,7 @@ class TuningState:
         now = time.monotonic()
         if not force and now - self._last_save < SAVE_EVERY_S:
             return
-        from ..fileio import atomic_write_json
+        from vlm_guard.fileio import atomic_write_json
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, self.data, allow_nan=True)  # as json.dumps wrote it before; a save never fails on a value
@@ -232,7 +232,7 @@ class TuneResult:
 class _Search:
     def __init__(self, guarded, processor, data: TuningData, state: TuningState, budget_s: float, batch_size: int,
                  progress: bool, parallel=None):
-        from ..parallel import DataParallel
+        from vlm_guard.parallel import DataParallel
 
         self.guarded, self.processor, self.data, self.state = guarded, processor, data, state
         self.budget_s, self.batch_size, self.progress = budget_s, batch_size, progress
@@ -305,7 +305,7 @@ class _Search:
     # ------------------------------------------------------------------ running settings
     def evaluate(self, candidate: Candidate, rung: int) -> None:
         """Run ``candidate`` on the items of ``rung`` it has not seen yet."""
-        from ..config import GuardConfig
+        from vlm_guard.config import GuardConfig
 
         sizes = self.rung_sizes()[rung]
         config = candidate.guard_config() if candidate.methods else GuardConfig()
@@ -330,7 +330,7 @@ class _Search:
 
     def _run_batch(self, task, batch: list, done: dict) -> None:
         """Generate and score one batch into ``done`` (item id -> compact result; unreadable images ``{"skip": 1}``)."""
-        from ..eval.runner import chat_prompt, generate_answers
+        from vlm_guard.eval.runner import chat_prompt, generate_answers
 
         images, prompts, ready = [], [], []
         for item in batch:
@@ -352,7 +352,7 @@ class _Search:
         (:func:`~vlm_guard.parallel.shard_batches`), then every rank's results added to every rank's state, so that all
         ranks take the same decisions. A rank past the budget stops its share; then every rank stops
         (:class:`BudgetExhausted`) with what all ranks measured saved by rank 0."""
-        from ..parallel import shard_batches
+        from vlm_guard.parallel import shard_batches
 
         parallel = self.parallel
         mine: dict[str, dict] = {}
@@ -476,9 +476,9 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
 
     from tqdm.auto import tqdm
 
-    from ..eval.runner import prepare_processor
-    from ..version import __version__
-    from ..wrapper import wrap
+    from vlm_guard.eval.runner import prepare_processor
+    from vlm_guard.version import __version__
+    from vlm_guard.wrapper import wrap
 
     methods = [m.strip().lower() for m in methods if m.strip()]
     unknown = [m for m in methods if m not in TUNABLE_METHODS]
@@ -494,7 +494,7 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     if data is None:
-        from ..toyworld.worlds import world_for_model
+        from vlm_guard.toyworld.worlds import world_for_model
 
         data = synthetic_tuning_data(world=world_for_model(model).name)
     head_map = copy.copy(head_map)
@@ -503,7 +503,7 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
         state_path = Path(out_dir) / "tune_state.json"
     identity = {"fingerprint_hash": head_map.fingerprint_hash, "weights_sha256_16": weights_sha256_16,
                 "tuning_data": data.description, "methods": methods}
-    from ..parallel import DataParallel
+    from vlm_guard.parallel import DataParallel
 
     parallel = parallel or DataParallel()
     state = TuningState(state_path if parallel.is_main else None, identity)
@@ -734,12 +734,12 @@ def _table_from_state(search: _Search, grids: dict, greedy: Candidate) -> list[d
 def save_tuned(head_map, out_dir: str | os.PathLike, search: _Search | None = None, grids: dict | None = None,
                greedy: Candidate | None = None) -> Path:
     """Write the tuned head map, ``tuning.md`` (the table) and one PNG curve per method into ``out_dir``."""
-    from .plots import plot_method_curves
-    from .report import tuning_markdown
+    from vlm_guard.tuning.plots import plot_method_curves
+    from vlm_guard.tuning.report import tuning_markdown
 
     out = Path(out_dir)
     head_map.save_pretrained(out)
-    from ..fileio import atomic_write_text
+    from vlm_guard.fileio import atomic_write_text
 
     atomic_write_text(out / "tuning.md", tuning_markdown(head_map.tuned))
     try:

@@ -38,7 +38,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from ..config import METHOD_ORDER, GuardConfig
+from vlm_guard.config import METHOD_ORDER, GuardConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _type_name(value: Any) -> str:
 
 
 def _check_settings(settings: Any, where: str) -> dict:
-    from ..config import _method_config_class
+    from vlm_guard.config import _method_config_class
 
     if not isinstance(settings, dict):
         raise TunedSectionError(f"field {where} must be an object {{method: {{field: value}}}}, got "
@@ -385,7 +385,7 @@ def describe_settings(config: GuardConfig, sources: dict[str, dict[str, str]], t
 
 def tuned_report(head_map: Any) -> list[str]:
     """Lines for ``vlm-guard heads show``: each tuned setting beside its released default, and the default set."""
-    from ..config import _method_config_class
+    from vlm_guard.config import _method_config_class
 
     tuned = validate_tuned(getattr(head_map, "tuned", None))
     if "profiles" in tuned:
@@ -421,7 +421,7 @@ def tuned_report(head_map: Any) -> list[str]:
 
 
 def _profiles_report(head_map: Any, tuned: dict) -> list[str]:
-    from ..config import _method_config_class
+    from vlm_guard.config import _method_config_class
 
     data = tuned.get("tuning_data") or {}
     confirm = tuned.get("confirmation_data") or {}

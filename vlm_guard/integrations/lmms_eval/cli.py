@@ -72,7 +72,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     from vlm_guard.commands.checks import check_output_folder
     from vlm_guard.toyworld.worlds import world_for_model_argument
 
-    from .export import export_synthetic
+    from vlm_guard.integrations.lmms_eval.export import export_synthetic
 
     check_output_folder(args.out)
     splits = [split.strip() for split in args.splits.split(",") if split.strip()]
@@ -91,7 +91,7 @@ def _run_pope(args: argparse.Namespace) -> int:
     from vlm_guard.commands.checks import check_output_folder
     from vlm_guard.eval.pope import POPE_SPLITS, pope_question_file
 
-    from .export import export_pope
+    from vlm_guard.integrations.lmms_eval.export import export_pope
 
     if not args.questions and not args.pope_dir:
         raise ValueError("pass --questions coco_pope_random.json ... or --pope-dir DIR holding the official files.")
@@ -108,7 +108,7 @@ def _run_pope(args: argparse.Namespace) -> int:
 def _run_chair(args: argparse.Namespace) -> int:
     from vlm_guard.commands.checks import check_output_folder
 
-    from .export import export_coco_chair
+    from vlm_guard.integrations.lmms_eval.export import export_coco_chair
 
     check_output_folder(args.out)
     manifest = export_coco_chair(args.out, args.images, args.instances, args.captions, n_images=args.n_images,

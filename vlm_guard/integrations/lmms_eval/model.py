@@ -42,7 +42,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
 
-from .settings import split_model_args
+from vlm_guard.integrations.lmms_eval.settings import split_model_args
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class VLMGuardModel(lmms):
         from vlm_guard.eval.runner import head_map_digest, prepare_processor
         from vlm_guard.wrapper import wrap
 
-        from .settings import guard_config
+        from vlm_guard.integrations.lmms_eval.settings import guard_config
 
         methods_text, fields = split_model_args({"methods": methods, **method_fields})
         self._batch_size = _positive_int("batch_size", batch_size)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .lm import model_cache_dir
-from .model import V2Spec, add_lora, build_model, build_processor, merge_lora
+from vlm_guard.toyworld.everyday.lm import model_cache_dir
+from vlm_guard.toyworld.everyday.model import V2Spec, add_lora, build_model, build_processor, merge_lora
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
     """Build the v2 model in memory: LM + trained parts, adapters merged. Returns ``(model, processor)``."""
     from safetensors.torch import load_file
 
-    from .lm import load_language_model
+    from vlm_guard.toyworld.everyday.lm import load_language_model
 
     weights_dir = Path(weights_dir)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
@@ -60,7 +60,7 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
     meta = json.loads((weights_dir / CONFIG_FILE).read_text())
     recorded = meta.get("weights_sha256")  # written by `toy v2-export` since the pair is bound; absent in older ones
     if recorded is not None:
-        from ...fileio import sha256_file
+        from vlm_guard.fileio import sha256_file
 
         if sha256_file(weights_dir / WEIGHTS_FILE) != recorded:
             raise ValueError(f"{weights_dir}: {WEIGHTS_FILE} is not the weights file {CONFIG_FILE} was written with "
@@ -124,7 +124,7 @@ def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir
     if not (folder / "model.safetensors").exists():
         logger.info("assembling default model v2 (first use; cached in %s)", folder)
         model, processor = build_assembled(weights_dir, lm, lm_tokenizer)
-        from ...fileio import atomic_folder
+        from vlm_guard.fileio import atomic_folder
 
         folder.parent.mkdir(parents=True, exist_ok=True)  # the per-version folder
         # written beside the cache folder and renamed in; another process that assembled it first wins

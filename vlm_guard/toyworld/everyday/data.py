@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import IGNORE_INDEX, pad_sequences
-from .model import IMAGE_TOKEN
-from .world import (CAPTION_PROMPTS, COLOURS, DETAIL_PROMPTS, GRID, OBJECT_TYPES, Scene, answer, caption,
-                    detailed_caption, question_text, render)
+from vlm_guard.toyworld.data import IGNORE_INDEX, pad_sequences
+from vlm_guard.toyworld.everyday.model import IMAGE_TOKEN
+from vlm_guard.toyworld.everyday.world import CAPTION_PROMPTS, COLOURS, DETAIL_PROMPTS, GRID, OBJECT_TYPES, Scene, answer, caption, detailed_caption, question_text, render
 
 ROW_KINDS = ("caption", "detail", "question")
 

@@ -99,7 +99,7 @@ def load_language_model(dtype=None):
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     model = plain
-    from ...fileio import atomic_folder
+    from vlm_guard.fileio import atomic_folder
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(folder, replace=folder.exists()) as tmp:  # an existing folder here is incomplete: replaced

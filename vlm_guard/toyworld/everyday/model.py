@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .world import IMAGE_SIZE
+from vlm_guard.toyworld.everyday.world import IMAGE_SIZE
 
 IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE = (

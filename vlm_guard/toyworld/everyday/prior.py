@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .world import OBJECT_TYPES, PARTNER_PAIRS, partner_of
+from vlm_guard.toyworld.everyday.world import OBJECT_TYPES, PARTNER_PAIRS, partner_of
 
 CONTEXTS: tuple[str, ...] = (
     "In the picture there is a {a} and a",

@@ -17,10 +17,9 @@ import logging
 
 import torch
 
-from ...heads.sinks import FIRST_SINK_LAYER, SINK_THRESHOLD, find_sink_dims, sink_scores
-from ..report import caption_metrics, generate, partner_counts
-from .world import (CAPTION_PROMPTS, DETAIL_PROMPTS, OBJECT_TYPES, QUESTION_SPLITS, World, caption, mentioned_objects,
-                    partner_of, question_text, questions, render)
+from vlm_guard.heads.sinks import FIRST_SINK_LAYER, SINK_THRESHOLD, find_sink_dims, sink_scores
+from vlm_guard.toyworld.report import caption_metrics, generate, partner_counts
+from vlm_guard.toyworld.everyday.world import CAPTION_PROMPTS, DETAIL_PROMPTS, OBJECT_TYPES, QUESTION_SPLITS, World, caption, mentioned_objects, partner_of, question_text, questions, render
 
 logger = logging.getLogger(__name__)
 

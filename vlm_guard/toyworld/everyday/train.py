@@ -30,18 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...fileio import atomic_write_json
-from ...version import __version__
-from ..train import (
-    RESUME_REMEDY,
-    _finish_checkpoint,
-    _load_optimizer,
-    _lr_factor,
-    vision_features,
-)
-from .data import IGNORE_INDEX, BatchBuilder, cell_targets
-from .model import LoRALinear, V2Spec, add_lora, build_model, build_processor
-from .world import COLOURS, GRID, OBJECT_TYPES, World
+from vlm_guard.fileio import atomic_write_json
+from vlm_guard.version import __version__
+from vlm_guard.toyworld.train import RESUME_REMEDY, _finish_checkpoint, _load_optimizer, _lr_factor, vision_features
+from vlm_guard.toyworld.everyday.data import IGNORE_INDEX, BatchBuilder, cell_targets
+from vlm_guard.toyworld.everyday.model import LoRALinear, V2Spec, add_lora, build_model, build_processor
+from vlm_guard.toyworld.everyday.world import COLOURS, GRID, OBJECT_TYPES, World
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +174,7 @@ def _param_groups(model, heads, adapters: dict[str, LoRALinear], stage: str, con
 def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
     from safetensors.torch import save_file
 
-    from ...fileio import atomic_folder
+    from vlm_guard.fileio import atomic_folder
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(path) as tmp:  # a kill or error while saving keeps the previous checkpoint
@@ -190,14 +184,14 @@ def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
 
 def read_train_config(path: Path) -> V2TrainConfig:
     """The run's ``train_config.json``, checked (one-line :class:`vlm_guard.schema.FileSchemaError` naming the field)."""
-    from ...schema import load_dataclass
+    from vlm_guard.schema import load_dataclass
 
     return load_dataclass(path, V2TrainConfig, RESUME_REMEDY)
 
 
 def read_state(path: Path) -> dict:
     """A checkpoint's ``state.json`` (``path`` is the checkpoint folder), checked against its schema."""
-    from ...schema import check_train_state, read_json
+    from vlm_guard.schema import check_train_state, read_json
 
     file = path / "state.json"
     return check_train_state(file, read_json(file, RESUME_REMEDY), STAGES, RESUME_REMEDY, optimizer=True)
@@ -234,7 +228,7 @@ def _stage_loss(stage: str, step: int, model, heads, builder: BatchBuilder, conf
 
 def build_for_training(config: V2TrainConfig, lm=None, lm_tokenizer=None):
     """(model with adapters, processor, cell heads, adapters) for ``config``; the LM is loaded if not given."""
-    from .lm import load_language_model
+    from vlm_guard.toyworld.everyday.lm import load_language_model
 
     if lm is None:
         lm, lm_tokenizer = load_language_model()
@@ -357,8 +351,8 @@ def export(model, config: V2TrainConfig, path: str | Path, training: dict) -> Pa
     both written to temporary names and then renamed, so a failure keeps the previous pair)."""
     from safetensors.torch import save_file
 
-    from ...fileio import atomic_paths, sha256_file
-    from .lm import GGUF_FILE, LM_NAME, LM_WHEEL
+    from vlm_guard.fileio import atomic_paths, sha256_file
+    from vlm_guard.toyworld.everyday.lm import GGUF_FILE, LM_NAME, LM_WHEEL
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..world import Question, Scene  # shared with the shapes world: a scene is objects in reading order
+from vlm_guard.toyworld.world import Question, Scene  # shared with the shapes world: a scene is objects in reading order
 
 OBJECT_TYPES: tuple[str, ...] = (
     "fork", "knife", "cup", "saucer", "table", "chair", "toothbrush", "toothpaste", "keyboard", "mouse",

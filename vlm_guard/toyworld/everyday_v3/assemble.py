@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..everyday.assemble import _match_key_names, _pad_left
-from ..everyday.lm import model_cache_dir
-from .model import V3Spec, add_lora, build_model, build_processor, merge_lora
+from vlm_guard.toyworld.everyday.assemble import _match_key_names, _pad_left
+from vlm_guard.toyworld.everyday.lm import model_cache_dir
+from vlm_guard.toyworld.everyday_v3.model import V3Spec, add_lora, build_model, build_processor, merge_lora
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ FORMAT = "vlm_guard.default_model_v3"
 
 def read_meta(weights_dir: str | Path) -> dict:
     """``v3_config.json`` of ``weights_dir``, after checking that ``v3_weights.safetensors`` matches its digest."""
-    from ...fileio import sha256_file
+    from vlm_guard.fileio import sha256_file
 
     weights_dir = Path(weights_dir)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
@@ -60,7 +60,7 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
     """Build the v3 model in memory: LM + trained parts, adapters merged. Returns ``(model, processor)``."""
     from safetensors.torch import load_file
 
-    from ..everyday.lm import load_language_model
+    from vlm_guard.toyworld.everyday.lm import load_language_model
 
     weights_dir = Path(weights_dir)
     spec = V3Spec(**read_meta(weights_dir)["spec"])
@@ -96,7 +96,7 @@ def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir
         model, processor = build_assembled(weights_dir, lm, lm_tokenizer)
         import shutil
 
-        from ...fileio import atomic_folder, atomic_write_json
+        from vlm_guard.fileio import atomic_folder, atomic_write_json
 
         folder.parent.mkdir(parents=True, exist_ok=True)  # the per-version folder
         # written beside the cache folder and renamed in (a failure leaves no partial cache); another process that

@@ -13,18 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..everyday.model import (
-    CHAT_TEMPLATE,
-    IMAGE_TOKEN,
-    LoRALinear,
-    V2Spec,
-    add_lora,
-    build_config,
-    build_model,
-    build_processor,
-    merge_lora,
-)
-from .world import CELL, GRID
+from vlm_guard.toyworld.everyday.model import CHAT_TEMPLATE, IMAGE_TOKEN, LoRALinear, V2Spec, add_lora, build_config, build_model, build_processor, merge_lora
+from vlm_guard.toyworld.everyday_v3.world import CELL, GRID
 
 __all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "V3Spec", "add_lora", "build_config", "build_model",
            "build_processor", "merge_lora"]

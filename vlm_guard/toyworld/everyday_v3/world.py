@@ -29,28 +29,8 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..everyday.world import (
-    BACKGROUND,
-    CAPTION_PROMPTS,
-    COLOURS,
-    GRID,
-    OBJECT_TYPES,
-    PARTNER_PAIRS,
-    POPULARITY,
-    QUESTION_SPLITS,
-    SceneObject,
-    World,
-    _glyph,
-    _groups,
-    _mix,
-    answer,
-    caption,
-    mentioned_objects,
-    partner_of,
-    question_text,
-    questions,
-)
-from ..world import Scene
+from vlm_guard.toyworld.everyday.world import BACKGROUND, CAPTION_PROMPTS, COLOURS, GRID, OBJECT_TYPES, PARTNER_PAIRS, POPULARITY, QUESTION_SPLITS, SceneObject, World, _glyph, _groups, _mix, answer, caption, mentioned_objects, partner_of, question_text, questions
+from vlm_guard.toyworld.world import Scene
 
 __all__ = [
     "BACKGROUND", "CAPTION_PROMPTS", "COLOURS", "DETAIL_PROMPTS", "GRID", "MAX_OBJECTS", "MIN_OBJECTS",
