@@ -26,7 +26,7 @@ import torch
 
 import vlm_guard
 from vlm_guard.fileio import atomic_write_json
-from vlm_guard.toyworld.worlds import world_kind
+from vlm_guard.synthetic.worlds import world_kind
 
 SIZES = (2, 4, 8, 16, 32, 64, 128)
 CENTRIC_HEAD = 0.5
@@ -63,7 +63,7 @@ def compare(a: dict, b: dict) -> dict:
 def main() -> int:
     import random
 
-    from vlm_guard.heads.calibrate import DEFAULT_PROMPT, HeadProfiler, _process, build_prompt
+    from vlm_guard.calibration.calibrate import DEFAULT_PROMPT, HeadProfiler, _process, build_prompt
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -124,7 +124,7 @@ def main() -> int:
                     print(f"reference {index + 1}/{args.reference} ({time.perf_counter() - started:.0f} s)", flush=True)
             reference_map = head_map_of(reference_parts)
         else:  # the map shipped with the package: 48 scenes of the tuning seed 910001, disjoint from the pool
-            from vlm_guard.heads.head_map import find_head_map
+            from vlm_guard.calibration.head_map import find_head_map
 
             reference_map = find_head_map(profiler.session.adapter)
             reference_map.check_compatible(profiler.session.adapter)

@@ -1,5 +1,5 @@
 """Write the bundled examples of the everyday world (vlm_guard/assets/examples): scenes of the TUNING seed 910001
-chosen by a rule written in code (vlm_guard.toyworld.examples.select_examples), from the plain default model's
+chosen by a rule written in code (vlm_guard.synthetic.examples.select_examples), from the plain default model's
 greedy captions only (never a guarded caption): the first 4 scenes whose plain caption names an absent usual
 partner of a present object, and the first scene whose plain caption is right (every object named, nothing absent),
 to show the guard does no harm there; scenes of at most 3 objects. Also writes examples.json (a list: per image its ground truth, the plain
@@ -25,8 +25,8 @@ def plain_records(max_scenes: int, n_trap: int, n_right: int):
     from vlm_guard.defaults import load_default
     from vlm_guard.eval.runner import chat_prompt, generate_answers, prepare_processor
     from vlm_guard.eval.synthetic import score_synthetic_caption, synthetic_world
-    from vlm_guard.toyworld.examples import select_examples
-    from vlm_guard.toyworld.worlds import world_kind
+    from vlm_guard.synthetic.examples import select_examples
+    from vlm_guard.synthetic.worlds import world_kind
 
     torch.set_num_threads(1)
     kind = world_kind("everyday")
@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--right", type=int, default=1)
     args = parser.parse_args()
     from vlm_guard.fileio import atomic_write_bytes, atomic_write_json
-    from vlm_guard.toyworld.examples import EXAMPLE_RULE
-    from vlm_guard.toyworld.worlds import world_kind
+    from vlm_guard.synthetic.examples import EXAMPLE_RULE
+    from vlm_guard.synthetic.worlds import world_kind
 
     kind = world_kind("everyday")
     chosen, scanned = plain_records(args.max_scenes, args.traps, args.right)

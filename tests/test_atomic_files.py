@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vlm_guard import fileio
-from vlm_guard.heads import HeadMap, HeadMapFileError
-from vlm_guard.heads.calibrate import HeadProfiler
-from vlm_guard.heads.head_map import JSON_FILE, TENSOR_FILE, TENSORS_DIGEST_KEY
+from vlm_guard.calibration import HeadMap, HeadMapFileError
+from vlm_guard.calibration.calibrate import HeadProfiler
+from vlm_guard.calibration.head_map import JSON_FILE, TENSOR_FILE, TENSORS_DIGEST_KEY
 from vlm_guard.testing import build_batch, tiny_model
 
 
@@ -46,7 +46,7 @@ def test_the_json_records_the_tensors_digest(head_map, tmp_path):
 # repro turn3/01: SIGKILL right after the tensors are written, before the JSON
 KILL_AFTER_TENSORS = r'''
 import os, signal, sys, safetensors.torch as st
-from vlm_guard.heads.head_map import HeadMap
+from vlm_guard.calibration.head_map import HeadMap
 new = HeadMap.from_pretrained(sys.argv[1])
 new.vhd_mean = new.vhd_mean * 0 + 7.0
 real = st.save_file
@@ -67,7 +67,7 @@ def test_kill_between_the_two_files_leaves_the_previous_map(head_map, tmp_path):
 
 
 # repro turn3/02: a file-size limit (a full disk) while the map is overwritten
-REWRITE = "import sys; from vlm_guard.heads.head_map import HeadMap; HeadMap.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])"
+REWRITE = "import sys; from vlm_guard.calibration.head_map import HeadMap; HeadMap.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])"
 
 
 @pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE")

@@ -149,7 +149,7 @@ def test_guard_config_save_is_atomic(tmp_path, monkeypatch):
 
 
 def _shipped_map():
-    from vlm_guard.heads import HeadMap
+    from vlm_guard.calibration import HeadMap
 
     return HeadMap.from_pretrained(sorted(SHIPPED_MAPS.glob("*/head_map.json"))[0].parent)
 
@@ -158,7 +158,7 @@ def _shipped_map():
 def test_a_failed_plot_keeps_the_previous_image(tmp_path, monkeypatch, plot):
     import matplotlib.figure
 
-    from vlm_guard.heads import plots
+    import vlm_guard.calibration.plots as plots
 
     head_map = _shipped_map()
     path = tmp_path / "plot.png"
@@ -230,8 +230,8 @@ def test_chair_cache_is_atomic_and_checked_on_read(tmp_path, monkeypatch):
 
 
 def test_toy_export_failure_keeps_the_previous_export(tmp_path, monkeypatch):
-    from vlm_guard.toyworld import train
-    from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor
+    import toyworld.shapes.train as train
+    from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
     spec = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
                         text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64)
@@ -254,7 +254,7 @@ def test_toy_export_failure_keeps_the_previous_export(tmp_path, monkeypatch):
 
 def test_v2_weights_and_config_are_a_bound_pair(tmp_path):
     """``toy v2-export`` records the weights' digest in v2_config.json; assembling a mixed pair is refused."""
-    from vlm_guard.toyworld.everyday.assemble import CONFIG_FILE, WEIGHTS_FILE, build_assembled
+    from vlm_guard.synthetic.everyday.assemble import CONFIG_FILE, WEIGHTS_FILE, build_assembled
 
     folder = tmp_path / "v2"
     folder.mkdir()
@@ -270,7 +270,7 @@ def test_shipping_a_checker_that_fails_keeps_the_shipped_one(tmp_path, monkeypat
     import shutil
 
     from vlm_guard.grounding import DEFAULT_CHECKER_DIR
-    from vlm_guard.grounding import train
+    import toyworld.checker as train
 
     if not (DEFAULT_CHECKER_DIR / "open_clip_model.safetensors").exists():
         pytest.skip("no shipped checker")
@@ -291,7 +291,7 @@ def test_shipping_a_checker_that_fails_keeps_the_shipped_one(tmp_path, monkeypat
 
 @pytest.mark.parametrize("spec", [None, {"no_such_field": 1}, [1, 2]])
 def test_a_damaged_v2_spec_is_one_line(tmp_path, spec):
-    from vlm_guard.toyworld.everyday.assemble import CONFIG_FILE, WEIGHTS_FILE, build_assembled
+    from vlm_guard.synthetic.everyday.assemble import CONFIG_FILE, WEIGHTS_FILE, build_assembled
 
     folder = tmp_path / "v2"
     folder.mkdir()
@@ -305,7 +305,7 @@ def test_a_damaged_v2_spec_is_one_line(tmp_path, spec):
 def test_bench_out_and_markdown_are_atomic(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from vlm_guard.decoding import bench
+    import vlm_guard.eval.bench as bench
 
     monkeypatch.setattr(bench, "run_bench", lambda args: {"table": "t", "notes": [], "rows": [1]})
     monkeypatch.setattr(bench, "format_markdown", lambda report: f"# rows {report['rows']}\n")
@@ -328,7 +328,7 @@ def test_bench_out_and_markdown_are_atomic(tmp_path, monkeypatch, capsys):
 def test_export_images_keeps_the_previous_images_on_a_failure(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from vlm_guard.eval.cli import _write_synthetic_images
+    from vlm_guard.cli.eval import _write_synthetic_images
 
     folder = tmp_path / "images"
     args = argparse.Namespace(world_seed=3, out=str(folder), model=None, world="shapes", biased=False, n=2)
@@ -356,7 +356,8 @@ def test_shipping_a_toy_model_that_fails_keeps_the_shipped_one(tmp_path, monkeyp
     import argparse
 
     from vlm_guard import defaults
-    from vlm_guard.toyworld import cli, report
+    import toyworld.cli as cli
+    import toyworld.shapes.report as report
 
     shipped = _fake_model_folder(tmp_path / "shipped", b"old")
     before = {path.relative_to(shipped).as_posix(): path.read_bytes() for path in shipped.rglob("*") if path.is_file()}
@@ -390,7 +391,8 @@ def test_shipping_a_toy_model_that_fails_keeps_the_shipped_one(tmp_path, monkeyp
 def test_toy_report_is_atomic(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from vlm_guard.toyworld import cli, report
+    import toyworld.cli as cli
+    import toyworld.shapes.report as report
 
     out = tmp_path / "report.json"
     monkeypatch.setattr(report, "build_report", lambda model_dir, scenes: {"summary": {"scenes": scenes}})
@@ -406,7 +408,7 @@ def test_toy_report_is_atomic(tmp_path, monkeypatch, capsys):
 def test_a_failed_v3_cache_write_leaves_no_cache(tmp_path, monkeypatch):
     import torch
 
-    from vlm_guard.toyworld.everyday_v3 import assemble as v3
+    from vlm_guard.synthetic.everyday_v3 import assemble as v3
 
     weights = tmp_path / "v3"
     weights.mkdir()

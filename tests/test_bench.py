@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlm_guard.cli import build_parser
-from vlm_guard.decoding import bench
+import vlm_guard.eval.bench as bench
 
 
 def test_bench_command_writes_table_and_json(tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_bench_var_settings_make_var_act_on_a_model_without_massive_activations(
 def test_bad_arguments_are_rejected():
     parser = build_parser()
     for argv in (["bench", "--repeats", "0"], ["bench", "--new-tokens", "1"], ["bench", "--long-prompt", "100"]):
-        with pytest.raises(SystemExit):  # refused while the arguments are parsed (vlm_guard.commands.bench)
+        with pytest.raises(SystemExit):  # refused while the arguments are parsed (vlm_guard.cli.bench)
             parser.parse_args(argv)
 
 

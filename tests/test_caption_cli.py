@@ -56,7 +56,7 @@ def test_check_says_so_when_an_image_cannot_be_checked(tmp_path, capsys, monkeyp
     """No ground truth and no checker for the model's world: one line says so (it printed nothing)."""
     from PIL import Image
 
-    from vlm_guard.commands import caption
+    import vlm_guard.cli.caption as caption
 
     monkeypatch.setattr(caption, "_checker", lambda args, world="shapes": None)
     path = tmp_path / "photo.png"
@@ -105,7 +105,7 @@ def test_bundled_everyday_examples_follow_the_written_rule():
     import json
 
     from vlm_guard.defaults import EXAMPLES_DIRS
-    from vlm_guard.toyworld.examples import select_examples
+    from vlm_guard.synthetic.examples import select_examples
 
     entries = json.loads((EXAMPLES_DIRS["everyday"] / "examples.json").read_text())
     assert {entry["kind"] for entry in entries} == {"trap", "right"}

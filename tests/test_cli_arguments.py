@@ -11,7 +11,7 @@ import os
 import pytest
 
 from vlm_guard.cli import build_parser, main
-from vlm_guard.commands.arguments import Number, number_actions
+from vlm_guard.cli.arguments import Number, number_actions
 
 PARSER = build_parser()
 ACTIONS = [(path, action) for path, action in number_actions(PARSER)
@@ -40,7 +40,7 @@ def test_the_parser_reaches_every_command():
 def test_numeric_option_has_a_checked_type(path, action):
     assert action.type not in (int, float) and action.type is not None, (
         f"{' '.join(path)} {action.option_strings[-1]} is declared with type={getattr(action.type, '__name__', None)}: "
-        "use a checked type from vlm_guard.commands.arguments (positive_int, int_range, share, ...)")
+        "use a checked type from vlm_guard.cli.arguments (positive_int, int_range, share, ...)")
 
 
 def _bad_values(kind: Number | None) -> list[str]:
@@ -109,7 +109,7 @@ def test_bad_text_arguments_are_refused_while_parsing(argv, shown, capsys):
 def no_model_load(monkeypatch):
     """Any model load fails the test: a refused argument must be refused before it."""
     import vlm_guard.eval.runner as runner
-    import vlm_guard.heads.cli as heads_cli
+    import vlm_guard.cli.calibrate as heads_cli
     import vlm_guard.models.loading as loading
 
     def loaded(*args, **kwargs):
@@ -152,15 +152,15 @@ def test_output_that_is_not_a_regular_file_is_refused_before_any_work(which, com
 
 
 def test_light_copies_match_the_modules_they_mirror():
-    from vlm_guard.commands import heads as light
-    from vlm_guard.commands.arguments import DTYPE_NAMES
+    import vlm_guard.cli.heads as light
+    from vlm_guard.cli.arguments import DTYPE_NAMES
     from vlm_guard.config import _method_config_class
-    from vlm_guard.eval.cli import WORLD_CAPTION_TOKENS
-    from vlm_guard.heads import head_map
+    from vlm_guard.cli.eval import WORLD_CAPTION_TOKENS
+    import vlm_guard.calibration.head_map as head_map
     from vlm_guard.models.loading import DTYPE_NAMES as LOADING_DTYPES
-    from vlm_guard.toyworld.worlds import world_kind
-    from vlm_guard.tuning.cli import TUNABLE_METHODS
-    from vlm_guard.tuning.settings import UNTUNED_DEFAULT_METHODS
+    from vlm_guard.synthetic.worlds import world_kind
+    from vlm_guard.cli.tune import TUNABLE_METHODS
+    from vlm_guard.settings import UNTUNED_DEFAULT_METHODS
     from vlm_guard.tuning.space import TUNABLE_METHODS as SPACE_METHODS
 
     assert DTYPE_NAMES == LOADING_DTYPES
@@ -177,7 +177,7 @@ def test_light_copies_match_the_modules_they_mirror():
 
 
 def test_number_type_describes_its_range():
-    from vlm_guard.commands.arguments import float_range, int_range, positive_float, share
+    from vlm_guard.cli.arguments import float_range, int_range, positive_float, share
 
     assert int_range(1, 4096).describe() == "an integer in [1, 4096]"
     assert positive_float.describe() == "a number > 0"

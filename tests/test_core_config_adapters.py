@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.decoding.vhr import VHRConfig
+from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.models import get_adapter, supported_families
 from vlm_guard.testing import IMAGE, build_batch, tiny_model
 

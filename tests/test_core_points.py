@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlm_guard
-from vlm_guard.decoding.base import Intervention
+from vlm_guard.core.contract import Intervention
 from vlm_guard.testing import assert_close_scaled, build_batch, forward_reduction, tiny_model
 
 ROWS = [(True, 5), (False, 3), (True, 9)]

@@ -12,11 +12,11 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.gift import GIFTConfig
-from vlm_guard.decoding.pai import PAIConfig
-from vlm_guard.decoding.var import VARConfig
-from vlm_guard.decoding.vcd import VCDConfig
-from vlm_guard.decoding.vhr import VHRConfig
+from vlm_guard.methods.gift.intervention import GIFTConfig
+from vlm_guard.methods.pai.intervention import PAIConfig
+from vlm_guard.methods.var.intervention import VARConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
+from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.testing import BOS, IMAGE, TINY_FAMILIES, build_batch, tiny_model
 from vlm_guard.testing import split_row as tiny_split_row
 

@@ -11,9 +11,9 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.gift import (GIFTConfig, default_gift_layers, enhance_fusion, informative_query_counts, informative_query_mask,
+from vlm_guard.methods.gift.intervention import (GIFTConfig, default_gift_layers, enhance_fusion, informative_query_counts, informative_query_mask,
                                      informative_word_spans, overlap_counts, query_words, token_char_spans)
-from vlm_guard.heads.gaze import (gaze_head_sums, gaze_saliency, gaze_shift, normalise_saliency, saliency_from_head_sums,
+from vlm_guard.methods.gift.gaze import (gaze_head_sums, gaze_saliency, gaze_shift, normalise_saliency, saliency_from_head_sums,
                                   saliency_multipliers, total_positive_gaze_shift)
 from vlm_guard.testing import TOKENIZER_KINDS, assert_close_scaled, build_batch, forward_reduction, offline_tokenizer, tiny_model
 
@@ -206,7 +206,7 @@ def test_padded_batch_matches_rows_alone(llava):
 def released_alignment(tokenizer, text: str) -> list[int]:
     """The released code's rule, written out: the informative words of ``text`` (here: not stop words), each word's
     tokens those whose offset span overlaps it, listed once per word (a token spanning two words twice)."""
-    from vlm_guard.decoding.gift import STOP_WORDS
+    from vlm_guard.methods.gift.intervention import STOP_WORDS
 
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     # words as spaCy splits them here: "dog's" -> dog, 's; "don't" -> do, n't (letters and digits, apostrophes apart)

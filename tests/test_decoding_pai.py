@@ -8,7 +8,7 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.pai import ContrastStream, PAIConfig, amplify_image_scores, image_free_contrast, plausibility_cut
+from vlm_guard.methods.pai.intervention import ContrastStream, PAIConfig, amplify_image_scores, image_free_contrast, plausibility_cut
 from vlm_guard.testing import build_batch, tiny_model
 
 from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain

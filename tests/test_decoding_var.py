@@ -10,8 +10,8 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding import var as var_module
-from vlm_guard.decoding.var import VARConfig, recycle_sink_attention
+import vlm_guard.methods.var.intervention as var_module
+from vlm_guard.methods.var.intervention import VARConfig, recycle_sink_attention
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import build_batch
 
@@ -73,7 +73,7 @@ def llava():
 def test_no_sink_dims_switches_var_off_with_one_warning(llava, caplog):
     model, inputs = llava
     adapter = get_adapter(model)
-    with caplog.at_level(logging.WARNING, logger="vlm_guard.decoding.var"):
+    with caplog.at_level(logging.WARNING, logger="vlm_guard.methods.var.intervention"):
         assert var_module.build(VARConfig(), adapter, None) is None
         assert var_module.build(VARConfig(), adapter, SimpleNamespace(sink_dims=[])) is None
     assert len([r for r in caplog.records if "VAR is switched off" in r.message]) == 2  # one per build

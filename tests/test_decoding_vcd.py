@@ -7,7 +7,7 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.vcd import VCDConfig, add_diffusion_noise, diffusion_alpha_bar, visual_contrast
+from vlm_guard.methods.vcd.intervention import VCDConfig, add_diffusion_noise, diffusion_alpha_bar, visual_contrast
 from vlm_guard.testing import build_batch, tiny_model
 
 from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain

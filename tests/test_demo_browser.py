@@ -237,10 +237,10 @@ def test_demo_tells_the_truth_on_a_bundled_example(demo_v2_url):
     about a setting the tuning table measured as breaking, shows whole gallery labels, and on a bundled example no
     grounding colour contradicts the example's ground truth while the starting settings keep the caption whole."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    from vlm_guard.commands.caption import DEFAULT_PROMPT
+    from vlm_guard.cli.caption import DEFAULT_PROMPT
     from vlm_guard.defaults import EXAMPLES_DIRS
     from vlm_guard.demo.inputs import load_examples
-    from vlm_guard.toyworld.worlds import world_kind
+    from vlm_guard.synthetic.worlds import world_kind
 
     world = world_kind("everyday")  # default model v2's
     example = load_examples(EXAMPLES_DIRS["everyday"])[0]

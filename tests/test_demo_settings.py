@@ -26,8 +26,8 @@ from vlm_guard.demo.session import (  # noqa: E402
     row_breaks,
 )
 from vlm_guard.grounding import TRUTH, Mention, find_mentions, truth_mentions  # noqa: E402
-from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor  # noqa: E402
-from vlm_guard.toyworld.world import World, caption, render  # noqa: E402
+from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor  # noqa: E402
+from vlm_guard.synthetic.world import World, caption, render  # noqa: E402
 
 SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
                     text_hidden=48, text_layers=4, text_heads=4, text_intermediate=96, max_positions=128)
@@ -230,8 +230,8 @@ def test_truth_mentions_are_what_the_page_uses():
 
 # ---------------------------------------------------------------------------- text defects
 def test_the_default_prompt_is_the_clis(toy, example_dir):
-    from vlm_guard.commands.caption import DEFAULT_PROMPT as CLI_PROMPT
-    from vlm_guard.toyworld.worlds import world_kind
+    from vlm_guard.cli.caption import DEFAULT_PROMPT as CLI_PROMPT
+    from vlm_guard.synthetic.worlds import world_kind
 
     assert DEFAULT_PROMPT == CLI_PROMPT == world_kind("everyday").caption_prompt
     session = _session(toy, example_dir)

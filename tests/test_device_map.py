@@ -9,8 +9,8 @@ import torch
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.decoding.var import VARConfig
-from vlm_guard.decoding.vcd import VCDConfig
+from vlm_guard.methods.var.intervention import VARConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.testing import PAD, assert_close_scaled, build_batch, forward_reduction, tiny_model
 
 pytest.importorskip("accelerate")

@@ -11,9 +11,9 @@ from transformers import CompileConfig, StaticCache
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.decoding.engine import COMPILE_REASON
-from vlm_guard.decoding.var import VARConfig
-from vlm_guard.decoding.vcd import VCDConfig
+from vlm_guard.core.engine import COMPILE_REASON
+from vlm_guard.methods.var.intervention import VARConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.models.compat import cache_kwargs
 from vlm_guard.testing import build_batch, tiny_model
 

@@ -9,8 +9,8 @@ import transformers
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.decoding.var import VARConfig
-from vlm_guard.decoding.vcd import VCDConfig
+from vlm_guard.methods.var.intervention import VARConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.models.compat import cache_kwargs
 from vlm_guard.testing import build_batch, image_token_count, tiny_model
 

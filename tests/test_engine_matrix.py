@@ -18,8 +18,8 @@ from transformers import StaticCache
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.decoding.var import VARConfig
-from vlm_guard.decoding.vcd import VCDConfig
+from vlm_guard.methods.var.intervention import VARConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.testing import FAMILIES, build_batch, greedy_loop, image_token_count, tiny_model
 
 NEW_TOKENS = 2

@@ -11,10 +11,10 @@ import transformers
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.decoding.engine import GuardEngine
-from vlm_guard.decoding.var import VARConfig
-from vlm_guard.decoding.vcd import VCDConfig
-from vlm_guard.decoding.vhr import VHRConfig
+from vlm_guard.core.engine import GuardEngine
+from vlm_guard.methods.var.intervention import VARConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
+from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.models.compat import cache_kwargs, output_cache
 from vlm_guard.testing import assert_close_scaled, build_batch, forward_reduction, greedy_loop, tiny_model
 
@@ -323,7 +323,7 @@ def test_loop_helper_matches_generate_for_the_plain_model(llava):
 
 def test_prompt_validity_is_read_from_prepared_masks():
     """Qwen2-VL's static-cache prefill passes a dict of prepared 4-D masks instead of the 2-D one (repro 04)."""
-    from vlm_guard.decoding.engine import _prompt_mask
+    from vlm_guard.core.engine import _prompt_mask
 
     ids = torch.ones(2, 4, dtype=torch.long)
     valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])

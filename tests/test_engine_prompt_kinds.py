@@ -9,9 +9,9 @@ import torch
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.decoding.pai import PAIConfig
-from vlm_guard.decoding.var import VARConfig
-from vlm_guard.decoding.vcd import VCDConfig
+from vlm_guard.methods.pai.intervention import PAIConfig
+from vlm_guard.methods.var.intervention import VARConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import BOS, IMAGE, PAD, build_batch, tiny_model
 

@@ -3,7 +3,7 @@
 import pytest
 
 from vlm_guard.cli import build_parser, main
-from vlm_guard.eval.cli import synthetic_tasks
+from vlm_guard.cli.eval import synthetic_tasks
 from vlm_guard.eval.records import read_records, read_summary
 from vlm_guard.eval.synthetic import EVAL_SEED
 
@@ -60,7 +60,7 @@ def test_synthetic_images_are_tuning_seed_scenes(tmp_path):
     from PIL import Image
 
     from vlm_guard.eval.synthetic import TUNING_SEED, synthetic_world
-    from vlm_guard.toyworld.world import render
+    from vlm_guard.synthetic.world import render
 
     assert main(["eval", "synthetic-images", "--out", str(tmp_path), "--n", "3"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"scene_{i:06d}.png" for i in range(3)]

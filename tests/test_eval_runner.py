@@ -35,7 +35,7 @@ _TINY = {}
 
 def tiny_model_dir(tmp_path_factory) -> Path:
     if "dir" not in _TINY:
-        from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor
+        from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
         spec = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
                             text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64)

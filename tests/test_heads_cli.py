@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from vlm_guard.cli import main
-from vlm_guard.heads import HeadMap
-from vlm_guard.heads.plots import SINK_PLOT, VHD_PLOT
-from vlm_guard.toyworld.model import ToyModelSpec, build_model, build_processor
+from vlm_guard.calibration import HeadMap
+from vlm_guard.calibration.plots import SINK_PLOT, VHD_PLOT
+from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
 SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64,
                     text_layers=4, text_heads=4, text_intermediate=128)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import vlm_guard
-from vlm_guard.heads import HeadMap, HeadMapFileError, HeadMapMismatchError, find_cached_head_map
-from vlm_guard.heads.calibrate import HeadProfiler
-from vlm_guard.heads.head_map import (JSON_FILE, TENSOR_FILE, cache_folder, calibrated_cache_folder, default_cache_dir,
+from vlm_guard.calibration import HeadMap, HeadMapFileError, HeadMapMismatchError, find_cached_head_map
+from vlm_guard.calibration.calibrate import HeadProfiler
+from vlm_guard.calibration.head_map import (JSON_FILE, TENSOR_FILE, cache_folder, calibrated_cache_folder, default_cache_dir,
                                       save_to_cache)
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import build_batch, tiny_model
@@ -241,7 +241,7 @@ def test_cache_lookup(head_map, model, tmp_path, caplog):
 
 
 def test_vhr_runs_from_the_head_map(head_map, model):
-    from vlm_guard.decoding.vhr import VHRConfig
+    from vlm_guard.methods.vhr.intervention import VHRConfig
 
     inputs = build_batch(model, [(True, 5), (True, 8)])
     guarded = vlm_guard.wrap(model, config=vlm_guard.GuardConfig(vhr=VHRConfig(selection="head_map")), head_map=head_map)
@@ -265,7 +265,7 @@ def test_override_sink_dims(head_map):
 def test_cache_folder_is_the_same_under_every_transformers_version():
     # transformers 4.57 and 5.x serialise the same config differently (other config digest): the map calibrated
     # under one must be found under the other; other weights or geometry still get another folder
-    from vlm_guard.heads.head_map import cache_folder
+    from vlm_guard.calibration.head_map import cache_folder
 
     fingerprint = {"family": "llava", "model_class": "LlavaForConditionalGeneration", "num_layers": 6, "num_heads": 6,
                    "num_kv_heads": 6, "head_dim": 32, "hidden_size": 192, "name_or_path": "default_model",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vlm_guard.heads import HeadMap
-from vlm_guard.heads import hub
-from vlm_guard.heads.calibrate import HeadProfiler, MIN_CALIBRATION_IMAGES
-from vlm_guard.heads.head_map import JSON_FILE, TENSOR_FILE
+from vlm_guard.calibration import HeadMap
+import vlm_guard.calibration.hub as hub
+from vlm_guard.calibration.calibrate import HeadProfiler, MIN_CALIBRATION_IMAGES
+from vlm_guard.calibration.head_map import JSON_FILE, TENSOR_FILE
 from vlm_guard.testing import build_batch, tiny_model
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-from vlm_guard.heads.calibrate import HeadProfiler
-from vlm_guard.heads.gift_layer import choose_saliency_layer, enhancement_layers
-from vlm_guard.heads.sinks import find_sink_dims, image_centric_rows, sink_mask
-from vlm_guard.heads.tvhd import token_vhd
+from vlm_guard.calibration.calibrate import HeadProfiler
+from vlm_guard.methods.gift.layer import choose_saliency_layer, enhancement_layers
+from vlm_guard.methods.var.sinks import find_sink_dims, image_centric_rows, sink_mask
+from vlm_guard.calibration.tvhd import token_vhd
 from vlm_guard.testing import BOS, build_batch, tiny_model
 
 ROWS = [(True, 5), (True, 9), (True, 7)]
@@ -114,7 +114,7 @@ def test_sink_dims_find_the_planted_massive_activation():
 
 def test_no_massive_activation_gives_no_sink_dims_and_one_warning(caplog):
     model = tiny_model("llava")
-    with caplog.at_level(logging.WARNING, logger="vlm_guard.heads.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="vlm_guard.calibration.calibrate"):
         head_map = _profile(model, [build_batch(model, ROWS), build_batch(model, ROWS, seed=2)])
     assert head_map.sink_dims == [] and head_map.sink_dim_ratios == []
     warnings = [r for r in caplog.records if "no massive activations" in r.getMessage()]

@@ -16,11 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.bench import OpCounter
-from vlm_guard.decoding.gift import GIFTConfig
-from vlm_guard.decoding.pai import PAIConfig
-from vlm_guard.decoding.var import recycle_sink_attention
-from vlm_guard.decoding.vhr import VHRConfig
+from vlm_guard.eval.bench import OpCounter
+from vlm_guard.methods.gift.intervention import GIFTConfig
+from vlm_guard.methods.pai.intervention import PAIConfig
+from vlm_guard.methods.var.intervention import recycle_sink_attention
+from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.models.compat import cache_kwargs, output_cache
 from vlm_guard.testing import assert_close_scaled, build_batch, forward_reduction
 
@@ -96,7 +96,7 @@ def _prefill_and_step(runner, inputs: dict, base_model, mode=None):
 
 def test_sync_detector_catches_a_value_read_in_vlm_guard():
     """The detector can fail: vlm_guard code that reads a tensor value (``.item()``) is reported."""
-    from vlm_guard.heads.gaze import saliency_layer
+    from vlm_guard.methods.gift.gaze import saliency_layer
 
     with SyncDetector() as detector:
         saliency_layer(torch.tensor([0.1, 0.7]))
@@ -158,7 +158,7 @@ def test_layers_without_an_active_method_cost_what_plain_layers_cost():
     inputs = build_batch(model, [(True, 5), (True, 7)])
     plain_total, plain = _ops_per_layer(model, inputs, model, layers)
     heads = {0: [], 1: [0, 2], 2: [], 3: []}  # head-map selection: layer 2 is a target with no head chosen
-    from vlm_guard.decoding.vhr import VHR
+    from vlm_guard.methods.vhr.intervention import VHR
 
     cases = {
         "off": (GuardConfig(), set()),
@@ -224,7 +224,7 @@ def test_long_prefill_is_chunked_by_the_memory_budget():
     hold about as many elements as the prompt's hidden states ``[B, S, M]``."""
     from types import SimpleNamespace
 
-    from vlm_guard.decoding import engine as engine_module
+    import vlm_guard.core.engine as engine_module
 
     model = planted_sink_model("llava")
     engine = engine_module.GuardEngine(model, vlm_guard.models.get_adapter(model))
@@ -255,7 +255,7 @@ def _naive_recycle(weights, image, sink, p, rho, threshold):
 def test_var_edit_over_the_prompt_keys_matches_the_row_by_row_reference(in_place):
     """The matrices cover the prompt's 6 keys, the rows have 9 (3 generated keys, left as they are); in place or on a
     copy, the batched edit equals the per-row formula, and the copy leaves its input untouched."""
-    from vlm_guard.decoding.var import RecyclingMatrices, _recycle
+    from vlm_guard.methods.var.intervention import RecyclingMatrices, _recycle
 
     generator = torch.Generator().manual_seed(0)
     weights = torch.softmax(torch.randn(2, 3, 2, 9, generator=generator) * 2, dim=-1)
@@ -275,7 +275,7 @@ def test_var_edit_over_the_prompt_keys_matches_the_row_by_row_reference(in_place
 
 @pytest.mark.parametrize("beta", [1.0, 1.5])
 def test_gift_edit_in_place_equals_the_copy_and_the_pure_function(beta):
-    from vlm_guard.decoding.gift import FusionMatrices, _enhance, enhance_fusion
+    from vlm_guard.methods.gift.intervention import FusionMatrices, _enhance, enhance_fusion
 
     generator = torch.Generator().manual_seed(1)
     weights = torch.softmax(torch.randn(1, 4, 1, 8, generator=generator), dim=-1)

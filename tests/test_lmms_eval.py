@@ -34,7 +34,7 @@ def _auto_label() -> str:
     """What methods=auto runs on the fixture, as a `vlm-guard eval` method set: the tuned set of its shipped head
     map, with the tuned values (``vhr@tuned`` for the shipped map)."""
     from vlm_guard.defaults import load_fixture
-    from vlm_guard.tuning.settings import default_methods
+    from vlm_guard.settings import default_methods
     from vlm_guard.wrapper import wrap
 
     methods, _ = default_methods(wrap(*load_fixture()).head_map)
@@ -238,7 +238,7 @@ def _requests(images, questions, gen_kwargs, task="t", split="test"):
 
 def _scenes(count):
     from vlm_guard.eval.synthetic import synthetic_world
-    from vlm_guard.toyworld.worlds import world_kind
+    from vlm_guard.synthetic.worlds import world_kind
 
     kind = world_kind("shapes")
     scenes = synthetic_world(900001, False, kind)
@@ -399,7 +399,7 @@ def test_chair_scoring_is_vlm_guard_eval_chair():
 def test_export_writes_the_synthetic_items_in_the_pope_and_chair_layouts(exported):
     from lmms_eval.utils import load_yaml_config
 
-    from vlm_guard.eval.cli import synthetic_tasks
+    from vlm_guard.cli.eval import synthetic_tasks
     from vlm_guard.eval.pope import load_pope_questions
 
     folder, manifest = exported

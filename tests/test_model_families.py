@@ -12,13 +12,13 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.base import Intervention
-from vlm_guard.decoding.gift import GIFTConfig
-from vlm_guard.decoding.pai import PAIConfig
-from vlm_guard.decoding.vcd import VCDConfig
-from vlm_guard.decoding.vhr import VHRConfig
-from vlm_guard.heads import HeadMap
-from vlm_guard.heads.calibrate import HeadProfiler
+from vlm_guard.core.contract import Intervention
+from vlm_guard.methods.gift.intervention import GIFTConfig
+from vlm_guard.methods.pai.intervention import PAIConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
+from vlm_guard.methods.vhr.intervention import VHRConfig
+from vlm_guard.calibration import HeadMap
+from vlm_guard.calibration.calibrate import HeadProfiler
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import (BOS, IMAGE, IMG_BREAK, IMG_END, PAD, TINY_FAMILIES, VISION_END, VISION_START, build_batch,
                                family_available, tiny_model, tiny_tokenizer)
@@ -244,8 +244,8 @@ def test_attention_softcapping_is_reproduced_by_the_explicit_rows():
     explicit rows as from transformers' own eager attention with the cap; the cap is strong enough to matter."""
     from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 
-    from vlm_guard.decoding.base import LayerContext
-    from vlm_guard.decoding.engine import GuardEngine
+    from vlm_guard.core.contract import LayerContext
+    from vlm_guard.core.engine import GuardEngine
 
     model = tiny_model("llava", attn_implementation="eager")
     adapter = get_adapter(model)

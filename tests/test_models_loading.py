@@ -21,7 +21,7 @@ def pickle_folder(tmp_path_factory):
 
 def _loaders():
     from vlm_guard.eval.runner import load_model as eval_load
-    from vlm_guard.heads.cli import load_model as calibrate_load
+    from vlm_guard.cli.calibrate import load_model as calibrate_load
     from vlm_guard.models.loading import load_model as caption_load
 
     loaders = {"caption": caption_load, "calibrate": calibrate_load, "eval": lambda source: eval_load(source)}

@@ -123,7 +123,7 @@ def test_a_part_of_another_run_or_still_written_is_refused(tmp_path):
 def test_profiler_sums_of_disjoint_shares_add_up_to_one_profiler_over_everything():
     """What calibrate's reduction does, in one process: two profilers on disjoint batches (both taking the sink
     dimensions from the first batch), their sums added and loaded, give the map of one profiler over all batches."""
-    from vlm_guard.heads.calibrate import HeadProfiler
+    from vlm_guard.calibration.calibrate import HeadProfiler
     from vlm_guard.testing import build_batch, tiny_model
 
     model = tiny_model("llava")
@@ -256,7 +256,7 @@ def _assert_close(value, reference, where="head_map.json"):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_calibrate_on_two_processes_equals_one_up_to_summation_order(tmp_path):
-    from vlm_guard.heads.head_map import HeadMap
+    from vlm_guard.calibration.head_map import HeadMap
 
     images = tmp_path / "images"
     _launch(1, "eval", "synthetic-images", "--out", str(images), "--n", "7")

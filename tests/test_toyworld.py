@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vlm_guard.toyworld import (
+from vlm_guard.synthetic import (
     OBJECT_TYPES, PARTNER_PAIRS, World, caption, mentioned_objects, partner_of, questions, render,
 )
-from vlm_guard.toyworld.world import mentions_with_words
+from vlm_guard.synthetic.world import mentions_with_words
 
 
 def _together_rate(scenes) -> float:
@@ -82,8 +82,8 @@ def test_partner_table_and_errors():
 
 
 def test_tokenizer_and_processor_expand_image_tokens():
-    from vlm_guard.toyworld.data import BatchBuilder, caption_messages
-    from vlm_guard.toyworld.model import ToyModelSpec, build_processor
+    from toyworld.shapes.data import BatchBuilder, caption_messages
+    from vlm_guard.synthetic.model import ToyModelSpec, build_processor
 
     processor = build_processor()
     tokenizer = processor.tokenizer

@@ -15,7 +15,7 @@ from vlm_guard.schema import (
     check_train_state,
     read_json,
 )
-from vlm_guard.toyworld.everyday.testing import tiny_language_model
+from vlm_guard.synthetic.everyday.testing import tiny_language_model
 
 # (field as named in the message, a change that damages it); applied to a valid state.json
 STATE_DAMAGES = [
@@ -58,7 +58,7 @@ def _assert_one_line(error, path, field) -> None:
 
 # ---------------------------------------------------------------------------------------------- toy model (v1)
 def _v1_run(tmp_path):
-    from vlm_guard.toyworld.train import TINY_SPEC, TrainConfig
+    from toyworld.shapes.train import TINY_SPEC, TrainConfig
 
     config = TrainConfig(out_dir=str(tmp_path / "run"), spec=TINY_SPEC, vision_steps=4)
     (tmp_path / "run" / "checkpoint").mkdir(parents=True)
@@ -69,7 +69,7 @@ def _v1_run(tmp_path):
 
 @pytest.mark.parametrize("field,change", STATE_DAMAGES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(STATE_DAMAGES)])
 def test_v1_resume_refuses_a_damaged_state_in_one_line(tmp_path, field, change):
-    from vlm_guard.toyworld.train import train
+    from toyworld.shapes.train import train
 
     config = _v1_run(tmp_path)
     path = tmp_path / "run" / "checkpoint" / "state.json"
@@ -81,7 +81,7 @@ def test_v1_resume_refuses_a_damaged_state_in_one_line(tmp_path, field, change):
 
 @pytest.mark.parametrize("field,change", CONFIG_DAMAGES, ids=[f for f, _ in CONFIG_DAMAGES])
 def test_v1_resume_and_export_refuse_a_damaged_config_in_one_line(tmp_path, field, change):
-    from vlm_guard.toyworld.train import export_checkpoint, train
+    from toyworld.shapes.train import export_checkpoint, train
 
     config = _v1_run(tmp_path)
     path = tmp_path / "run" / "train_config.json"
@@ -95,7 +95,7 @@ def test_v1_resume_and_export_refuse_a_damaged_config_in_one_line(tmp_path, fiel
 
 
 def test_a_state_that_is_not_json_is_one_line(tmp_path):
-    from vlm_guard.toyworld.train import train
+    from toyworld.shapes.train import train
 
     config = _v1_run(tmp_path)
     path = tmp_path / "run" / "checkpoint" / "state.json"
@@ -107,7 +107,7 @@ def test_a_state_that_is_not_json_is_one_line(tmp_path):
 
 
 def test_a_config_value_the_settings_refuse_names_the_file(tmp_path):
-    from vlm_guard.toyworld.train import read_train_config
+    from toyworld.shapes.train import read_train_config
 
     _v1_run(tmp_path)
     path = tmp_path / "run" / "train_config.json"
@@ -121,8 +121,8 @@ def test_v1_states_and_configs_that_runs_write_still_read(tmp_path):
     """A real checkpoint (a NaN loss included, as a diverged run writes it) passes the checks."""
     import torch
 
-    from vlm_guard.toyworld.model import build_model, build_processor
-    from vlm_guard.toyworld.train import (
+    from vlm_guard.synthetic.model import build_model, build_processor
+    from toyworld.shapes.train import (
         TINY_SPEC,
         CellHeads,
         TrainConfig,
@@ -153,8 +153,8 @@ def tiny_lm():
 
 
 def _v2_run(tmp_path):
-    from vlm_guard.toyworld.everyday.model import V2Spec
-    from vlm_guard.toyworld.everyday.train import V2TrainConfig
+    from vlm_guard.synthetic.everyday.model import V2Spec
+    from toyworld.everyday.train import V2TrainConfig
 
     config = V2TrainConfig(out_dir=str(tmp_path / "run"), spec=V2Spec(vision_hidden=32, vision_layers=1,
                                                                        vision_heads=2, lora_rank=2))
@@ -170,7 +170,7 @@ def _v2_run(tmp_path):
                                                 ("config", "spec.lora_targets[0]",
                                                  lambda c: c["spec"].update(lora_targets=[1]))])
 def test_v2_resume_refuses_damaged_files_in_one_line(tmp_path, tiny_lm, which, field, change):
-    from vlm_guard.toyworld.everyday.train import train
+    from toyworld.everyday.train import train
 
     config = _v2_run(tmp_path)
     path = tmp_path / "run" / ("checkpoint/state.json" if which == "state" else "train_config.json")
@@ -220,7 +220,7 @@ def test_v3_resume_with_a_damaged_config_is_one_line_and_exit_2(tmp_path, capsys
 
 def test_v3_resume_refuses_a_damaged_state_before_training(tmp_path):
     from toyworld.v3.train import CHECKPOINT_DIR, STATE_FILE, V3TrainConfig, train
-    from vlm_guard.toyworld.everyday_v3.model import V3Spec
+    from vlm_guard.synthetic.everyday_v3.model import V3Spec
 
     config = V3TrainConfig(out_dir=str(tmp_path), spec=V3Spec(vision_hidden=32, vision_layers=1, vision_heads=2,
                                                               lora_rank=2))
@@ -266,7 +266,7 @@ def test_v3_files_in_the_format_the_running_job_writes_still_read(tmp_path):
 
 
 def test_check_dataclass_allows_missing_fields_and_refuses_a_list_for_an_object(tmp_path):
-    from vlm_guard.toyworld.train import TrainConfig
+    from toyworld.shapes.train import TrainConfig
 
     assert check_dataclass("f.json", {"seed": 1}, TrainConfig, "fix it") == {"seed": 1}  # older files: defaults
     with pytest.raises(FileSchemaError, match=r"^f\.json: field \(the whole file\) is \[1\], not a JSON object; fix it$"):

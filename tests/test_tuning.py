@@ -10,14 +10,14 @@ import torch
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.decoding.pai import PAIConfig
-from vlm_guard.decoding.vhr import VHRConfig
-from vlm_guard.heads import HeadMap
-from vlm_guard.heads.calibrate import HeadProfiler
+from vlm_guard.methods.pai.intervention import PAIConfig
+from vlm_guard.methods.vhr.intervention import VHRConfig
+from vlm_guard.calibration import HeadMap
+from vlm_guard.calibration.calibrate import HeadProfiler
 from vlm_guard.testing import build_batch, tiny_model
 from vlm_guard.tuning import default_methods, resolve_config
 from vlm_guard.tuning import objective
-from vlm_guard.tuning.settings import SOURCE_CONFIG, SOURCE_DEFAULT, SOURCE_TUNED, UNTUNED_DEFAULT_METHODS
+from vlm_guard.settings import SOURCE_CONFIG, SOURCE_DEFAULT, SOURCE_TUNED, UNTUNED_DEFAULT_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -545,7 +545,7 @@ def test_the_single_profile_of_an_older_map_serves_every_task(model, tuned_map):
      "tuned.profiles.answer.default_methods"),
 ])
 def test_a_malformed_tuned_section_is_refused_naming_the_file_and_field(tuned_map, tmp_path, edit, field):
-    from vlm_guard.heads.head_map import HeadMapFileError
+    from vlm_guard.calibration.head_map import HeadMapFileError
 
     tuned_map.save_pretrained(tmp_path / "map")
     path = tmp_path / "map" / "head_map.json"
@@ -570,7 +570,7 @@ def test_a_method_list_written_as_text_is_read_as_the_list(tuned_map, tmp_path):
 
 
 def test_profiles_section_survives_save_and_load(profiles_map, tmp_path):
-    from vlm_guard.tuning.settings import tuned_report
+    from vlm_guard.settings import tuned_report
 
     profiles_map.save_pretrained(tmp_path / "map")
     loaded = HeadMap.from_pretrained(tmp_path / "map")

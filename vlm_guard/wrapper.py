@@ -23,10 +23,10 @@ from torch import nn
 from transformers import LogitsProcessorList
 
 from vlm_guard.config import METHOD_ORDER, GuardConfig
-from vlm_guard.decoding.base import Intervention
-from vlm_guard.decoding.calls import check_generate_call
-from vlm_guard.decoding.engine import GuardEngine
-from vlm_guard.decoding.registry import get_method
+from vlm_guard.core.contract import Intervention
+from vlm_guard.core.calls import check_generate_call
+from vlm_guard.core.engine import GuardEngine
+from vlm_guard.methods.registry import get_method
 from vlm_guard.models import ModelAdapter, get_adapter
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class GuardedModel:
         model: a supported ``...ForConditionalGeneration`` model.
         processor: its processor (used for the chat template spans and the image-free prompts).
         config: which methods run (default: none, i.e. the plain model).
-        head_map: a calibrated :class:`vlm_guard.heads.HeadMap` (from ``vlm-guard calibrate``) or the folder
+        head_map: a calibrated :class:`vlm_guard.calibration.HeadMap` (from ``vlm-guard calibrate``) or the folder
             it was saved to; checked against the model's fingerprint.
     """
 
@@ -65,7 +65,7 @@ class GuardedModel:
         if head_map is not None:
             head_map.check_compatible(self.adapter)
         self.head_map = head_map
-        self.task = task  # the task profile of the head map's tuned settings (vlm_guard.tuning.settings.PROFILES)
+        self.task = task  # the task profile of the head map's tuned settings (vlm_guard.settings.PROFILES)
         config, sources = self._resolve(GuardConfig() if config is None else config)
         interventions = self._build(config)  # validates everything before the model is touched
         self.engine = GuardEngine(model, self.adapter)
@@ -83,8 +83,8 @@ class GuardedModel:
     # ------------------------------------------------------------------ configuration
     def _resolve(self, config: GuardConfig | str) -> tuple[GuardConfig, dict[str, dict[str, str]]]:
         """A method list becomes a config; unset fields take the head map's tuned values
-        (:func:`vlm_guard.tuning.settings.resolve_config`)."""
-        from vlm_guard.tuning.settings import resolve_request
+        (:func:`vlm_guard.settings.resolve_config`)."""
+        from vlm_guard.settings import resolve_request
 
         config, sources, self._requested_profile = resolve_request(config, self.head_map, self.task)
         return config, sources
@@ -109,7 +109,7 @@ class GuardedModel:
         Every field the config leaves unset takes the head map's tuned value when it has one (``vlm-guard tune``),
         else the released default; a field set in ``config`` always wins. The values that run are in
         :attr:`guard_config` and where each came from in :attr:`settings_sources` (see
-        :func:`vlm_guard.tuning.settings.resolve_config`).
+        :func:`vlm_guard.settings.resolve_config`).
 
         Args:
             config: a :class:`GuardConfig`, or a method list such as ``"vhr,pai"``, ``"all"``, ``"none"``, or
@@ -127,7 +127,7 @@ class GuardedModel:
 
     def describe_settings(self, tuned_only: bool = True) -> list[str]:
         """One line per enabled method: the values that run and where each came from (config / tuned / default)."""
-        from vlm_guard.tuning.settings import describe_settings
+        from vlm_guard.settings import describe_settings
 
         return describe_settings(self.guard_config, self.settings_sources, tuned_only=tuned_only,
                                  profile=getattr(self, "settings_profile", None))
@@ -146,7 +146,7 @@ class GuardedModel:
 
     # ------------------------------------------------------------------ calls
     def generate(self, *args, **kwargs):
-        """Same arguments and return values as ``model.generate`` (see :mod:`vlm_guard.decoding.calls` for
+        """Same arguments and return values as ``model.generate`` (see :mod:`vlm_guard.core.calls` for
         the calls that run the plain model with a warning, or are refused)."""
         self._refresh()
         if not self.engine.enabled or not self.interventions:
@@ -271,7 +271,7 @@ def processors_first(model: nn.Module, first: list) -> Iterator[None]:
 
 
 def as_head_map(head_map):
-    """``head_map`` as a :class:`vlm_guard.heads.HeadMap`: a map is returned as is, a folder path (``str`` or
+    """``head_map`` as a :class:`vlm_guard.calibration.HeadMap`: a map is returned as is, a folder path (``str`` or
     ``os.PathLike``) is read with ``HeadMap.from_pretrained``, None stays None.
 
     Raises:
@@ -280,13 +280,13 @@ def as_head_map(head_map):
     """
     if head_map is None:
         return None
-    from vlm_guard.heads.head_map import HeadMap
+    from vlm_guard.calibration.head_map import HeadMap
 
     if isinstance(head_map, HeadMap):
         return head_map
     if isinstance(head_map, (str, os.PathLike)):
         return HeadMap.from_pretrained(head_map)
-    raise ValueError(f"head_map must be a vlm_guard.heads.HeadMap, the folder it was saved to, or None; got "
+    raise ValueError(f"head_map must be a vlm_guard.calibration.HeadMap, the folder it was saved to, or None; got "
                      f"{type(head_map).__name__}. Load one with HeadMap.from_pretrained(folder).")
 
 
@@ -294,8 +294,8 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = No
          task: str | None = None) -> GuardedModel:
     """Wrap ``model`` so that ``generate`` runs the methods in ``config``.
 
-    When ``head_map`` is None a map for this model is looked up (:func:`vlm_guard.heads.head_map.find_head_map`): a
-    tuned map in the head-map cache (see :func:`vlm_guard.heads.default_cache_dir`), then the one shipped with the
+    When ``head_map`` is None a map for this model is looked up (:func:`vlm_guard.calibration.head_map.find_head_map`): a
+    tuned map in the head-map cache (see :func:`vlm_guard.calibration.default_cache_dir`), then the one shipped with the
     package (the default model's, with its tuned settings), then a calibrated, untuned map in the cache (a tuned map
     is preferred, with a warning when it hides a calibrated one; pass ``head_map`` to choose); methods that need one
     and find none say so.
@@ -306,7 +306,7 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = No
         processor: its processor.
         config: a :class:`GuardConfig` or a method list (``"auto"``: the set tuned for this model, else PAI);
             default: every method off. Fields it leaves unset take the head map's tuned values.
-        head_map: a :class:`vlm_guard.heads.HeadMap`, the folder it was saved to (``vlm-guard calibrate --out``), or None.
+        head_map: a :class:`vlm_guard.calibration.HeadMap`, the folder it was saved to (``vlm-guard calibrate --out``), or None.
         task: the task profile of the head map's tuned settings: ``"caption"`` (free-form descriptions) or
             ``"answer"`` (short answers); ``config="auto:caption"`` says the same. None: the map's default profile.
             :meth:`GuardedModel.describe_settings` says which profile ran.
@@ -314,7 +314,7 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = No
     Returns:
         a :class:`GuardedModel`.
     """
-    from vlm_guard.tuning.settings import check_task
+    from vlm_guard.settings import check_task
 
     task = check_task(task)  # an unknown task fails before any lookup
     if head_map is None:
@@ -324,7 +324,7 @@ def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = No
 
 def _find_cached_head_map(model, processor):
     try:
-        from vlm_guard.heads.head_map import find_head_map
+        from vlm_guard.calibration.head_map import find_head_map
     except ImportError:
         return None
     return find_head_map(get_adapter(model, processor))  # a tuned map first (cache, then shipped), else a calibrated one

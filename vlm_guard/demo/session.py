@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from vlm_guard.config import METHOD_ORDER, GuardConfig
-from vlm_guard.decoding.base import Intervention, LayerContext, PromptContext, RowSelection
+from vlm_guard.core.contract import Intervention, LayerContext, PromptContext, RowSelection
 from vlm_guard.grounding import TRUTH
 from vlm_guard.models.inputs import append_tokens
 from vlm_guard.wrapper import GuardedModel, wrap
@@ -116,7 +116,7 @@ class MethodAvailability:
 
 def method_availability() -> dict[str, MethodAvailability]:
     """Every method of :data:`METHOD_CONTROLS` with its status (a missing module is a note, not an error)."""
-    from vlm_guard.decoding.registry import get_method
+    from vlm_guard.methods.registry import get_method
 
     result = {}
     for control in METHOD_CONTROLS:
@@ -191,7 +191,7 @@ class StartSetting:
 def tuning_rows(head_map: Any, task: str = DEMO_TASK) -> list[dict]:
     """The rows of the tuning table that ``vlm-guard tune`` stored in ``head_map`` for ``task``'s profile (a map
     tuned before profiles: its one table), or ``[]``."""
-    from vlm_guard.tuning.settings import profile_section
+    from vlm_guard.settings import profile_section
 
     if head_map is None or not getattr(head_map, "tuned", None):
         return []
@@ -420,7 +420,7 @@ def load_model(model: str | None = None, device: str = "cpu", allow_pickle: bool
 def model_world(model) -> str | None:
     """The synthetic world ``model`` was trained on (``config.vlm_guard_world`` or its folder's record), or None for
     any other model (real images)."""
-    from vlm_guard.toyworld.worlds import CONFIG_KEY, world_of_folder
+    from vlm_guard.synthetic.worlds import CONFIG_KEY, world_of_folder
 
     config = getattr(model, "config", None)
     name = getattr(config, CONFIG_KEY, None)
@@ -436,7 +436,7 @@ def model_world(model) -> str | None:
 def load_head_map(folder: str | Path):
     """A head map from ``vlm-guard calibrate``'s folder (raises ``FileNotFoundError`` / ``ValueError``)."""
     try:
-        from vlm_guard.heads.head_map import HeadMap
+        from vlm_guard.calibration.head_map import HeadMap
     except ImportError as error:
         raise ValueError(f"head maps are not available in this installation ({error})") from error
     return HeadMap.from_pretrained(str(folder))
@@ -459,7 +459,7 @@ class DemoSession:
 
     Args:
         model / processor: the VLM (a processor is required: the demo renders its chat template).
-        head_map: a :class:`vlm_guard.heads.head_map.HeadMap` or None (a cached one is looked up).
+        head_map: a :class:`vlm_guard.calibration.head_map.HeadMap` or None (a cached one is looked up).
         checker: a grounding checker with ``check(image, caption)``, or None.
         limits: input caps.
         examples: bundled examples (default: the package's).
@@ -501,7 +501,7 @@ class DemoSession:
             except OSError as error:
                 logger.warning("bundled example %s is unreadable: %s", example.path, error)
         if default_prompt is None:
-            from vlm_guard.toyworld.worlds import world_kind
+            from vlm_guard.synthetic.worlds import world_kind
 
             default_prompt = world_kind(self.world).caption_prompt if self.world else DEFAULT_PROMPT
         self.default_prompt = default_prompt
@@ -541,7 +541,7 @@ class DemoSession:
 
     def _check_methods_build(self) -> None:
         """Mark methods whose default config cannot be built for this model (e.g. no head map) as unavailable."""
-        from vlm_guard.decoding.registry import get_method
+        from vlm_guard.methods.registry import get_method
 
         for name, status in self.availability.items():
             if not status.available:
@@ -572,8 +572,8 @@ class DemoSession:
 
     def default_methods(self) -> tuple[list[str], str]:
         """Methods switched on when the demo opens, and why: the set ``vlm-guard tune`` chose for this model's
-        :data:`DEMO_TASK` profile, else PAI (:func:`vlm_guard.tuning.settings.default_methods`)."""
-        from vlm_guard.tuning.settings import default_methods
+        :data:`DEMO_TASK` profile, else PAI (:func:`vlm_guard.settings.default_methods`)."""
+        from vlm_guard.settings import default_methods
 
         methods, reason = default_methods(self.head_map, DEMO_TASK)
         return [m for m in methods if self.availability.get(m) is not None and self.availability[m].available], reason
@@ -592,7 +592,7 @@ class DemoSession:
         best setting of that method the tuning table measured that did not break the answers (not adopted by tuning:
         it did not beat greedy decoding), run with that row's other fields; else the released default. The released
         strengths were chosen for 7B models and can break a small one (VHR alpha 2 on the default model)."""
-        from vlm_guard.tuning.settings import tuned_settings
+        from vlm_guard.settings import tuned_settings
 
         status = self.availability[name]
         strength_field = status.control.strength_field
@@ -631,7 +631,7 @@ class DemoSession:
             return []
         try:
             config, _ = build_guard_config(settings, self.availability, self.start_fields())
-            from vlm_guard.tuning.settings import resolve_config
+            from vlm_guard.settings import resolve_config
 
             resolved, _ = resolve_config(config, self.head_map, DEMO_TASK)
         except ValueError:
@@ -854,7 +854,7 @@ class DemoSession:
         if example is not None and example.objects:
             from vlm_guard.grounding import truth_mentions
 
-            from vlm_guard.toyworld.worlds import world_kind
+            from vlm_guard.synthetic.worlds import world_kind
 
             world = self._examples_world()
             parser = world_kind(world).mentions_with_words if world is not None else None
@@ -867,7 +867,7 @@ class DemoSession:
         every example's objects (its mention parser knows its synonyms and plurals), else None."""
         if self.world is not None:
             return self.world
-        from vlm_guard.toyworld.worlds import WORLD_NAMES, world_kind
+        from vlm_guard.synthetic.worlds import WORLD_NAMES, world_kind
 
         objects = {o for e in self.examples for o in (*e.objects, *e.absent)}
         for name in WORLD_NAMES:
@@ -986,14 +986,14 @@ def _format_summary(summary) -> str:
 def _find_tvhd():
     """The T-VHD scorer adapted to the demo's call, or ``(None, note)``."""
     try:
-        from vlm_guard.heads import tvhd  # noqa: F401
+        import vlm_guard.calibration.tvhd as tvhd  # noqa: F401
     except Exception as error:
         return None, f"T-VHD is not available in this installation ({error}); only checker flags are highlighted."
     return _call_tvhd, ""
 
 
 def _call_tvhd(session: DemoSession, inputs: dict, result: GenerationResult):
-    from vlm_guard.heads.tvhd import token_vhd
+    from vlm_guard.calibration.tvhd import token_vhd
 
     generated = torch.tensor([result.token_ids], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
     return token_vhd(session.guarded, session.processor, inputs, generated)[0]  # [T], plain model's heads

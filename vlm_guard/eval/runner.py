@@ -472,7 +472,7 @@ def run_method_set(
     """
     config = config if config is not None else guard_config_for(label)
     if label.endswith(TUNED_SUFFIX):
-        from vlm_guard.tuning.settings import tuned_settings
+        from vlm_guard.settings import tuned_settings
 
         tuned = tuned_settings(guarded.head_map, getattr(guarded, "task", None))
         if not getattr(guarded.head_map, "tuned", None):
@@ -627,7 +627,7 @@ def run_benchmark(
             must come first (the baseline).
         out: Results path (``.jsonl``); see :func:`results_paths` and :func:`comparison_paths`.
         loader: Image loader (default: paths relative to the working directory).
-        head_map: A :class:`~vlm_guard.heads.head_map.HeadMap` (None: the cached one, if any).
+        head_map: A :class:`~vlm_guard.calibration.head_map.HeadMap` (None: the cached one, if any).
         batch_size: Rows per ``generate`` call.
         seed: Bootstrap seed (recorded in every summary).
         n_resamples: Bootstrap resamples.

@@ -1,11 +1,11 @@
-"""A synthetic POPE / CHAIR benchmark on the project's own worlds (:mod:`vlm_guard.toyworld.worlds`).
+"""A synthetic POPE / CHAIR benchmark on the project's own worlds (:mod:`vlm_guard.synthetic.worlds`).
 
 Two worlds: ``everyday`` (the default model's: fork/knife, cup/saucer, table/chair, toothbrush/toothpaste,
 keyboard/mouse, moon/star paired; ball, clock, leaf unpaired; POPE's and CHAIR's official wordings) and
 ``shapes`` (the 3.6M test fixture's: house/tree, moon/star, cup/plate, kite/ball; ring and cross; the toy
 wording ``"is there a {object} ?"`` / ``"describe the image"``). Every function takes ``world=`` (a name, a
-:class:`~vlm_guard.toyworld.worlds.WorldKind`, or ``None`` for the default model's world); the CLI picks the model's own world
-(:func:`~vlm_guard.toyworld.worlds.world_for_model`).
+:class:`~vlm_guard.synthetic.worlds.WorldKind`, or ``None`` for the default model's world); the CLI picks the model's own world
+(:func:`~vlm_guard.synthetic.worlds.world_for_model`).
 
 Models are trained on *biased* scenes where partners co-occur. This benchmark asks about *held-out, unbiased*
 scenes (every type drawn independently) by default, so the co-occurrence prior a model learned is often wrong,
@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from vlm_guard.eval.chair import mention_record
-from vlm_guard.toyworld.world import QUESTION_SPLITS, Scene
-from vlm_guard.toyworld.worlds import WorldKind, world_kind
+from vlm_guard.synthetic.world import QUESTION_SPLITS, Scene
+from vlm_guard.synthetic.worlds import WorldKind, world_kind
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def negative_candidates(scene: Scene, split: str, rng: random.Random,
         Absent types; for ``adversarial`` only the absent partners of present objects (possibly none).
 
     Example:
-        >>> from vlm_guard.toyworld.world import SceneObject
+        >>> from vlm_guard.synthetic.world import SceneObject
         >>> scene = Scene((SceneObject("house", "red", "big", 0, 0), SceneObject("ring", "blue", "small", 1, 1)))
         >>> negative_candidates(scene, "adversarial", random.Random(0), world="shapes")
         ['tree']
@@ -181,7 +181,7 @@ def scene_questions(scene: Scene, split: str, per_scene: int = 2, seed: int = 0,
         Questions in the order yes, no, yes, no, ...
 
     Example:
-        >>> from vlm_guard.toyworld.world import SceneObject
+        >>> from vlm_guard.synthetic.world import SceneObject
         >>> scene = Scene((SceneObject("moon", "red", "big", 0, 0),), index=7)
         >>> [(q.object, q.label, q.kind) for q in scene_questions(scene, "adversarial", world="shapes")]
         [('moon', 'yes', 'present'), ('star', 'no', 'absent_partner')]

@@ -79,7 +79,7 @@ def truth_mentions(caption: str, objects: Sequence[str], mentions_with_words: Ca
 
 def world_of_vocabulary(vocabulary: Sequence[str]) -> str | None:
     """The synthetic world whose object types are exactly ``vocabulary`` (``"shapes"``, ``"everyday"``), or None."""
-    from vlm_guard.toyworld.worlds import WORLD_NAMES, world_kind
+    from vlm_guard.synthetic.worlds import WORLD_NAMES, world_kind
 
     for name in WORLD_NAMES:
         if set(world_kind(name).object_types) == set(vocabulary):

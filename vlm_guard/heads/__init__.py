@@ -1,28 +1,22 @@
-"""Head profiling: VHD vision sensitivity, VAR sink dimensions and image-centric heads, GIFT saliency layer.
+"""Deprecated: the head map and calibration moved to :mod:`vlm_guard.calibration` (the measures each method uses to
+:mod:`vlm_guard.methods`). ``from vlm_guard.heads import HeadMap`` keeps working for one release, with a
+``DeprecationWarning``."""
 
-One module per measure (``vhd``, ``tvhd``, ``sinks``, ``gift_layer``; GIFT's pure gaze functions in
-``gaze``), the :class:`HeadMap` that stores the results (``head_map``), the calibration run that fills
-it (``calibrate``; call ``vlm_guard.calibrate`` or ``vlm_guard.heads.calibrate.calibrate``), its plots
-(``plots``) and its command line (``cli``: ``vlm-guard calibrate``, ``vlm-guard heads show``).
+from __future__ import annotations
 
-Example:
-    >>> import vlm_guard
-    >>> from vlm_guard.heads import HeadMap
-    >>> head_map = vlm_guard.calibrate(model, processor, "photos/", out_dir="maps/mine")
-    >>> scores = token_vhd(model, processor, inputs, output_ids)  # [B, T] per generated token
-    >>> HeadMap.from_pretrained("maps/mine") == head_map
-    True
-"""
+import importlib
+import warnings
 
-from vlm_guard.heads.head_map import HeadMap, HeadMapFileError, HeadMapMismatchError, ImageCentricStats, default_cache_dir, find_cached_head_map
+_MOVED = {"HeadMap", "HeadMapFileError", "HeadMapMismatchError", "ImageCentricStats", "default_cache_dir",
+          "find_cached_head_map", "token_vhd"}
 
 
-def token_vhd(*args, **kwargs):
-    """See :func:`vlm_guard.heads.tvhd.token_vhd`."""
-    from vlm_guard.heads.tvhd import token_vhd as _token_vhd
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"vlm_guard.heads.{name} moved to vlm_guard.calibration.{name}; vlm_guard.heads goes away in "
+                      "the next release", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("vlm_guard.calibration"), name)
+    raise AttributeError(f"module 'vlm_guard.heads' has no attribute {name!r}")
 
-    return _token_vhd(*args, **kwargs)
 
-
-__all__ = ["HeadMap", "HeadMapFileError", "HeadMapMismatchError", "ImageCentricStats", "default_cache_dir",
-           "find_cached_head_map", "token_vhd"]
+__all__ = sorted(_MOVED)

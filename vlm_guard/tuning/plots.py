@@ -18,7 +18,7 @@ from vlm_guard.tuning.space import STRENGTH_FIELD
 
 def plot_method_curves(tuned: dict, out_dir: str | Path) -> list[Path]:
     """Write ``tune_<method>.png`` for every method the tuning table measured; returns the paths."""
-    from vlm_guard.heads.plots import _figure
+    from vlm_guard.calibration.plots import _figure
 
     out = Path(out_dir)
     paths = []

@@ -1,7 +1,7 @@
 """``vlm-guard tune --profiles caption,answer``: one tuned setting per task profile, judged by paired intervals.
 
 A method that helps long captions may cost yes/no answers (PAI on the default model: CHAIR_I -4.9 but adversarial
-POPE accuracy -3.3), so a head map carries one setting per *task profile* (:data:`~vlm_guard.tuning.settings.PROFILES`):
+POPE accuracy -3.3), so a head map carries one setting per *task profile* (:data:`~vlm_guard.settings.PROFILES`):
 
 - ``caption`` (free-form descriptions): minimise CHAIR_I; constraint: CHAIR object recall within
   :data:`~vlm_guard.tuning.objective.MAX_RECALL_DROP` points of greedy;
@@ -37,7 +37,7 @@ Search (per profile, :func:`tune_profiles`):
 
 Every per-item result is kept in resumable JSON states (``<out>/tune_profiles_state.tuning.json`` and
 ``...confirmation.json``; atomic writes): an interrupted run resumes where it stopped when the same command is rerun.
-The head map's ``tuned`` section then holds ``profiles`` (see :func:`vlm_guard.tuning.settings.validate_tuned`), and
+The head map's ``tuned`` section then holds ``profiles`` (see :func:`vlm_guard.settings.validate_tuned`), and
 ``tuning.md`` the per-profile table: every candidate's gain and cost with intervals, at each rung.
 """
 
@@ -146,7 +146,7 @@ def judge(profile: str, own: dict[str, list], base: dict[str, list]) -> dict:
                 "significant": main["low"] > 0, "worse": main["high"] < 0,
                 "constraints": {task: interval for task, interval in splits.items() if task != "pope/adversarial"},
                 "broken": broken, "kept": not broken, "extra": {}}
-    from vlm_guard.tuning.settings import PROFILES
+    from vlm_guard.settings import PROFILES
 
     raise ValueError(f"unknown task profile {profile!r}; profiles are {list(PROFILES)}")
 
@@ -299,7 +299,7 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
     from vlm_guard.version import __version__
     from vlm_guard.wrapper import wrap
     from vlm_guard.tuning.search import synthetic_tuning_data
-    from vlm_guard.tuning.settings import PROFILES, validate_tuned
+    from vlm_guard.settings import PROFILES, validate_tuned
 
     profiles = [p.strip().lower() for p in profiles if p.strip()]
     unknown = [p for p in profiles if p not in PROFILES]
@@ -313,7 +313,7 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
         raise ValueError("tuning needs the model's head map: run `vlm-guard calibrate` first and pass it")
     pilot_items = {**PILOT_ITEMS, **(pilot_items or {})}
     if world is None:
-        from vlm_guard.toyworld.worlds import world_for_model
+        from vlm_guard.synthetic.worlds import world_for_model
 
         world = world_for_model(model).name
     tuning = synthetic_tuning_data(n_items, n_items, tuning_seed, world=world)
@@ -367,7 +367,7 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
 
 
 def _tune_one(profile: str, splits: dict, guarded, greedy: Candidate, head_map, pilot_n: int, n_items: int) -> dict:
-    from vlm_guard.tuning.settings import PROFILES
+    from vlm_guard.settings import PROFILES
 
     tasks = profile_tasks(profile)
     tuning = splits["tuning"]

@@ -94,20 +94,20 @@ class TuningData:
 def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: int | None = None,
                           world: str | None = None) -> TuningData:
     """POPE-style splits and captions of a synthetic world's **tuning** seed (910001), never the reported one.
-    ``world``: ``"everyday"`` or ``"shapes"`` (the model's own world: see ``vlm_guard.toyworld.worlds``;
+    ``world``: ``"everyday"`` or ``"shapes"`` (the model's own world: see ``vlm_guard.synthetic.worlds``;
     ``None``: the default model's).
 
     Raises:
         ValueError: ``seed`` is the reported seed 900001.
     """
-    from vlm_guard.eval.cli import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
+    from vlm_guard.cli.eval import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
     from vlm_guard.eval.images import ImageLoader
     from vlm_guard.eval.synthetic import EVAL_SEED, TUNING_SEED
 
     seed = TUNING_SEED if seed is None else int(seed)
     if seed == EVAL_SEED:
         raise ValueError(f"seed {seed} is the reported benchmark's world seed; tune on {TUNING_SEED} (or another unreported seed)")
-    from vlm_guard.toyworld.worlds import world_kind
+    from vlm_guard.synthetic.worlds import world_kind
 
     world = world_kind(world).name
     tasks = synthetic_tasks(n_questions, n_captions, world_seed=seed, pope_max_new_tokens=DEFAULT_MAX_NEW_TOKENS["synthetic_pope"],
@@ -122,7 +122,7 @@ def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, 
                      pope_max_new_tokens: int = 16, chair_max_new_tokens: int = 512) -> TuningData:
     """The user's own POPE-format question files and / or COCO-format caption annotations (the loaders of
     ``vlm-guard eval``). Use files and images that are not the ones you report on."""
-    from vlm_guard.eval.cli import DEFAULT_CHAIR_PROMPT, chair_task, pope_tasks
+    from vlm_guard.cli.eval import DEFAULT_CHAIR_PROMPT, chair_task, pope_tasks
     from vlm_guard.eval.images import ImageLoader
 
     if not images:
@@ -452,7 +452,7 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
     Args:
         model: the plain model (wrapped here, unwrapped at the end).
         processor: its processor.
-        head_map: the model's calibrated :class:`~vlm_guard.heads.head_map.HeadMap` (GIFT's l*, VAR's sink
+        head_map: the model's calibrated :class:`~vlm_guard.calibration.head_map.HeadMap` (GIFT's l*, VAR's sink
             dimensions); its ``tuned`` section is replaced.
         methods: methods to tune (each with its grid, see :mod:`vlm_guard.tuning.space`).
         data: the tuning split (default: :func:`synthetic_tuning_data`, for the shipped default model).
@@ -494,7 +494,7 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     if data is None:
-        from vlm_guard.toyworld.worlds import world_for_model
+        from vlm_guard.synthetic.worlds import world_for_model
 
         data = synthetic_tuning_data(world=world_for_model(model).name)
     head_map = copy.copy(head_map)

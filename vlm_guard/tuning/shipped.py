@@ -27,7 +27,7 @@ passing a config with every field set)."""
 
 def shipped_folder(fingerprint: dict) -> Path:
     """Where the shipped map of the model with ``fingerprint`` would be."""
-    from vlm_guard.heads.head_map import cache_folder
+    from vlm_guard.calibration.head_map import cache_folder
 
     return cache_folder(fingerprint, SHIPPED_HEAD_MAPS)
 
@@ -36,7 +36,7 @@ def find_shipped_head_map(adapter, model=None):  # noqa: ARG001 - model kept for
     """The shipped head map for ``adapter``'s model, or None (never raises; problems are logged)."""
     import os
 
-    from vlm_guard.heads.head_map import find_cached_head_map
+    from vlm_guard.calibration.head_map import find_cached_head_map
 
     if os.environ.get(SHIPPED_ENV, "1").strip() == "0":
         return None

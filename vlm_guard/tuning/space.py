@@ -90,7 +90,7 @@ def _band_text(layers: list[int]) -> str:
 def vhr_bands(num_layers: int) -> dict[str, list[int] | None]:
     """VHR target-layer bands: the paper's recipe mapped to depth (None), the last half, the last third and the
     middle third (duplicates dropped)."""
-    from vlm_guard.heads.vhd import default_target_layers
+    from vlm_guard.methods.vhr.vhd import default_target_layers
 
     late_half = list(range(num_layers - max(1, math.ceil(num_layers / 2)), num_layers))
     last_third = list(range(num_layers - max(1, math.ceil(num_layers / 3)), num_layers))
@@ -197,7 +197,7 @@ def profile_candidates(profile: str, num_layers: int, head_map: Any = None) -> l
             vhr_late,
             var_paper,
         ]
-    from vlm_guard.tuning.settings import PROFILES
+    from vlm_guard.settings import PROFILES
 
     raise ValueError(f"unknown task profile {profile!r}; profiles are {list(PROFILES)}")
 

@@ -74,7 +74,7 @@ class VLMGuardModel(lmms):
                  batch_size: int | str = 1, max_batch_size: int | None = None, trust_remote_code: bool = False,
                  allow_pickle: bool = False, system_prompt: str | None = None, **method_fields: Any) -> None:
         super().__init__()
-        from vlm_guard.commands.checks import check_device
+        from vlm_guard.cli.checks import check_device
         from vlm_guard.eval.runner import head_map_digest, prepare_processor
         from vlm_guard.wrapper import wrap
 
@@ -90,7 +90,7 @@ class VLMGuardModel(lmms):
         prepare_processor(processor)
         loaded_map = None
         if head_map:
-            from vlm_guard.heads.head_map import HeadMap
+            from vlm_guard.calibration.head_map import HeadMap
 
             loaded_map = HeadMap.from_pretrained(str(head_map))
         self.guarded = wrap(model, processor, None, loaded_map)  # None: the cached or shipped map, as wrap finds it
@@ -298,7 +298,7 @@ def cut_at_stop(answer: str, until: Sequence[str]) -> str:
 def _load(pretrained: str, *, dtype: str, device: str, attn_implementation: str | None, trust_remote_code: bool,
           allow_pickle: bool):
     """``(model, processor, name, weights digest)``; ``default`` is the shipped default model."""
-    from vlm_guard.commands.checks import check_model_argument, model_load_error
+    from vlm_guard.cli.checks import check_model_argument, model_load_error
     from vlm_guard.defaults import default_model_dir
     from vlm_guard.eval.runner import load_model, weights_digest
 
@@ -321,7 +321,7 @@ def _load_with_attention(model_id: str, dtype: str, device: str, attn_implementa
     import torch
     from transformers import AutoProcessor
 
-    from vlm_guard.commands.checks import model_load_error
+    from vlm_guard.cli.checks import model_load_error
     from vlm_guard.eval.runner import weights_digest
     from vlm_guard.models.loading import load_pretrained_model
 

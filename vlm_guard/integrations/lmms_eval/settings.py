@@ -7,7 +7,7 @@ mean what they mean for ``vlm-guard eval --methods``:
 - ``vhr+gift``: those methods at their released settings (a head map's tuned values are not used);
 - ``vhr+gift@tuned``: those methods with the head map's tuned values where it has them (``vlm-guard tune``);
 - ``auto``: the set tuning chose for this model, with its tuned values (else PAI; see
-  :func:`vlm_guard.tuning.settings.default_methods`), as ``wrap(model, processor, "auto")``.
+  :func:`vlm_guard.settings.default_methods`), as ``wrap(model, processor, "auto")``.
 
 A per-method field is ``method.field=value`` (``gift.alpha=3``, ``vhr.target_layers=15-29``; a list is written
 ``a-b`` for a range or ``a+b+c``) and wins over both the released and the tuned value.
@@ -87,7 +87,7 @@ def field_value(method: str, name: str, value: Any) -> Any:
     Raises:
         ValueError: unknown field, or a value of the wrong kind (the message names the field and the fix).
     """
-    from vlm_guard.decoding import registry
+    import vlm_guard.methods.registry as registry
 
     config_class = registry.get_method(method).config_class
     specs = {spec.name: spec for spec in dataclasses.fields(config_class)}
@@ -132,7 +132,7 @@ def guard_config(methods: str, fields: Mapping[str, Mapping[str, Any]], head_map
         ValueError: unknown methods, a field for a method that is not in the set, a bad value.
     """
     from vlm_guard.eval.runner import guard_config_for, method_label
-    from vlm_guard.tuning.settings import default_config
+    from vlm_guard.settings import default_config
 
     text = str(methods).strip().lower()
     if text == AUTO:

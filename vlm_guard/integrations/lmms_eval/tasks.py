@@ -165,7 +165,7 @@ def chair_score(doc: Mapping[str, Any], caption: str) -> dict:
 
         return score_caption(caption, list(gt_objects))
     from vlm_guard.eval.synthetic import score_synthetic_caption
-    from vlm_guard.toyworld.worlds import WORLD_NAMES
+    from vlm_guard.synthetic.worlds import WORLD_NAMES
 
     if vocabulary not in WORLD_NAMES:
         raise ValueError(f"CHAIR document {_doc_name(doc)} has vocabulary {vocabulary!r}; use 'coco' or a synthetic "

@@ -1,0 +1,467 @@
+"""``vlm-guard eval {pope,chair,synthetic}``: run a benchmark, resumably, with one or several method sets.
+
+Usage::
+
+    vlm-guard eval synthetic --out docs/results/synthetic.jsonl --compare "none;vhr;var;gift;all;pai;vcd"
+    vlm-guard eval pope --pope-dir data/pope --images coco/val2014 --model llava-hf/llava-1.5-7b-hf \\
+        --methods vhr --out runs/pope.jsonl
+    vlm-guard eval chair --images coco/val2014 --instances annotations/instances_val2014.json \\
+        --captions annotations/captions_val2014.json --limit 500 --out runs/chair.jsonl
+
+Nothing is downloaded: the benchmark files and images are arguments. Records go to ``--out`` (one JSON line per
+item, written as it finishes; a rerun skips finished items), the summary to ``<out stem>.summary.json``. With
+``--compare`` each method set gets ``<out stem>.<methods>.jsonl`` and its summary, and the comparison goes to
+``<out stem>.summary.json`` and the markdown table ``<out stem>.md`` (also printed).
+
+Exit codes: 0 done; 2 bad arguments or input; 130 interrupted (rerun to resume); 3
+(:data:`~vlm_guard.eval.following.EXIT_PROMPT_NOT_FOLLOWED`) the model did not follow a task's prompt (more than
+``--max-unclear`` of its outputs are not yes/no answers, or not captions; see :mod:`vlm_guard.eval.following`): the
+task's numbers are withheld from the table and flagged ``followed_prompt: false`` in the summary. With ``--compare``
+only the greedy baseline's tasks set code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from pathlib import Path
+
+from vlm_guard.cli.arguments import INTERRUPTED_RESUMABLE, add_allow_pickle_argument, max_new_tokens_int, non_negative_int, positive_int, seed_int, share
+from vlm_guard.eval.following import EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHAIR_PROMPT = "Please describe this image in detail."
+DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 512, "synthetic_pope": 4, "synthetic_chair": None}  # None: the world's
+WORLD_CAPTION_TOKENS = {"everyday": 120, "shapes": 48}
+"""Each synthetic world's caption budget (``WorldKind.caption_tokens``; quoted in ``--help``, which must not import
+the worlds; a test keeps the two equal)."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="run POPE / CHAIR / the synthetic benchmark, resumably")
+    commands = parser.add_subparsers(dest="eval_command", metavar="BENCHMARK")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+    pope = commands.add_parser("pope", help="POPE on COCO: official question files + val2014 images")
+    _common(pope, f"default {DEFAULT_MAX_NEW_TOKENS['pope']}")
+    pope.add_argument("--questions", nargs="+", default=None,
+                      help="official question files (e.g. coco_pope_random.json ...); the split is read from the name")
+    pope.add_argument("--pope-dir", default=None, help="folder holding coco_pope_{random,popular,adversarial}.json")
+    pope.add_argument("--splits", default="random,popular,adversarial", help="splits to run with --pope-dir")
+    pope.add_argument("--images", required=True, help="folder of the images the questions name (COCO val2014)")
+    pope.add_argument("--prompt-suffix", default="",
+                      help="text appended to each question (e.g. ' Answer with one word.'); default none")
+    pope.set_defaults(func=_run_pope, interrupt_note=INTERRUPTED_RESUMABLE)
+
+    chair = commands.add_parser("chair", help="CHAIR on COCO val2014: captions scored against instances + captions")
+    _common(chair, f"default {DEFAULT_MAX_NEW_TOKENS['chair']}")
+    chair.add_argument("--images", required=True, help="folder of COCO val2014 images")
+    chair.add_argument("--instances", required=True, help="instances_val2014.json")
+    chair.add_argument("--captions", required=True, help="captions_val2014.json")
+    chair.add_argument("--n-images", type=positive_int, default=500, help="random images drawn with --seed (default %(default)s)")
+    chair.add_argument("--prompt", default=DEFAULT_CHAIR_PROMPT, help=f"caption prompt (default {DEFAULT_CHAIR_PROMPT!r})")
+    chair.set_defaults(func=_run_chair, interrupt_note=INTERRUPTED_RESUMABLE)
+
+    synthetic = commands.add_parser("synthetic", help="POPE- and CHAIR-style benchmark on held-out toy-world scenes")
+    _common(synthetic, f"default: {DEFAULT_MAX_NEW_TOKENS['synthetic_pope']} for the yes/no questions; for the captions "
+                       "the world's budget, " + ", ".join(f"{tokens} {name}" for name, tokens in WORLD_CAPTION_TOKENS.items()))
+    synthetic.add_argument("--n-questions", type=positive_int, default=500, help="questions per POPE split (default %(default)s)")
+    synthetic.add_argument("--n-captions", type=positive_int, default=500, help="scenes to caption (default %(default)s)")
+    synthetic.add_argument("--world-seed", type=seed_int, default=None,
+                           help="world seed (default 900001, the reported held-out seed; 910001 is for tuning)")
+    synthetic.add_argument("--biased", action="store_true", help="training-like biased scenes instead of unbiased")
+    synthetic.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
+                           help="which synthetic world (default: the model's own, everyday for other models)")
+    synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
+    synthetic.set_defaults(func=_run_synthetic, interrupt_note=INTERRUPTED_RESUMABLE)
+
+    images = commands.add_parser("synthetic-images",
+                                 help="render synthetic scenes as PNGs (e.g. tuning-seed scenes for `vlm-guard calibrate`)")
+    images.add_argument("--out", required=True, help="folder to write scene_XXXXXX.png into")
+    images.add_argument("--n", type=positive_int, default=200, help="number of scenes (default %(default)s)")
+    images.add_argument("--world-seed", type=seed_int, default=None,
+                        help="world seed (default 910001, the tuning seed: never the reported one)")
+    images.add_argument("--biased", action="store_true", help="training-like biased scenes")
+    images.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
+                        help="which synthetic world (default: the default model's)")
+    images.set_defaults(func=_write_synthetic_images)
+
+
+def _common(parser: argparse.ArgumentParser, max_new_tokens_default: str) -> None:
+    parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
+    parser.add_argument("--methods", default="none", help="method set: 'vhr,var,gift', 'all' or 'none' (default)")
+    parser.add_argument("--compare", default=None,
+                        help="several method sets on the same items, ';'-separated, e.g. 'none;vhr;var;gift;all;pai;vcd'")
+    parser.add_argument("--limit", type=positive_int, default=None, help="at most N items per task / split")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per generate call (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=max_new_tokens_int, default=None,
+                        help=f"generation budget in tokens ({max_new_tokens_default})")
+    parser.add_argument("--out", required=True, help="results .jsonl (resumable); with --compare, every method set's "
+                        "records together (each set also gets <out stem>.<methods>.jsonl, which a rerun resumes)")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="seed of the bootstrap and of image sampling (default %(default)s)")
+    parser.add_argument("--head-map", default=None, help="folder of a calibrated head map (default: the cached one)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    add_allow_pickle_argument(parser)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                        help="model dtype (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    parser.add_argument("--n-resamples", type=positive_int, default=1000, help="bootstrap resamples (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--max-unclear", type=share, default=MAX_UNCLEAR_SHARE,
+                        help="largest share of outputs that may not answer the prompt (POPE: no yes/no word; CHAIR: "
+                             f"not a caption) before a task's numbers are withheld and the command exits "
+                             f"{EXIT_PROMPT_NOT_FOLLOWED} (a share in [0, 1]; default %(default)s; 1 turns the check off)")
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def pope_tasks(question_files, image_root_name: str = "", limit: int | None = None, max_new_tokens: int = 16,
+               prompt_suffix: str = ""):
+    """One :class:`~vlm_guard.eval.runner.EvalTask` per official question file."""
+    from vlm_guard.eval.pope import load_pope_questions, pope_split_from_path
+    from vlm_guard.eval.runner import EvalItem, EvalTask, pope_scorer
+
+    tasks = []
+    for path in question_files:
+        split = pope_split_from_path(path) or Path(path).stem
+        questions = load_pope_questions(path)[: limit if limit is not None else None]
+        items = [
+            EvalItem(
+                item_id=f"{split}/{question.question_id}",
+                prompt=question.text + prompt_suffix,
+                image=question.image,
+                image_name=question.image,
+                fields={"question_id": question.question_id, "split": split, "image": question.image,
+                        "label": question.label, "object": question.object_name},
+            )
+            for question in questions
+        ]
+        name = f"pope/{split}"
+        if any(task.name == name for task in tasks):
+            raise ValueError(f"two question files map to split {split!r}; pass one file per split.")
+        tasks.append(EvalTask(name=name, kind="pope", items=items, scorer=pope_scorer, max_new_tokens=max_new_tokens))
+    return tasks
+
+
+def chair_task(images_dir: str, instances: str, captions: str, n_images: int, seed: int, prompt: str,
+               max_new_tokens: int = 512, limit: int | None = None):
+    """The CHAIR task: ``n_images`` val2014 images drawn with ``seed`` among those in the instances file that are
+    also in ``images_dir`` (the usual 500-image setup)."""
+    import json
+
+    from vlm_guard.eval.chair import ChairGroundTruth, coco_image_id
+    from vlm_guard.eval.runner import EvalItem, EvalTask
+
+    with open(instances, "r", encoding="utf-8") as handle:
+        image_entries = json.load(handle).get("images", [])
+    names = {int(entry["id"]): entry["file_name"] for entry in image_entries if "id" in entry and "file_name" in entry}
+    if not names:
+        raise ValueError(f"{instances} lists no images ('images' with 'id' and 'file_name'); is it a COCO instances file?")
+    folder = Path(images_dir)
+    available = sorted(image_id for image_id, name in names.items() if (folder / name).exists())
+    if not available:
+        raise ValueError(f"none of the {len(names)} images of {instances} is in {images_dir}; is it the val2014 folder?")
+    count = min(n_images, len(available))
+    if count < n_images:
+        logger.warning("only %d of the requested %d images are available; using all of them", count, n_images)
+    chosen = sorted(random.Random(seed).sample(available, count))
+    if limit is not None:
+        chosen = chosen[:limit]
+    ground_truth = ChairGroundTruth.from_coco(instances, captions, image_ids=chosen)
+
+    def scorer(item, answer):
+        scored = ground_truth.score_caption(item.fields["image_id"], answer)
+        scored.pop("caption", None)
+        scored.pop("image_id", None)
+        return scored
+
+    items = [
+        EvalItem(item_id=str(image_id), prompt=prompt, image=names[image_id], image_name=names[image_id],
+                 fields={"image_id": coco_image_id(image_id), "image": names[image_id]})
+        for image_id in chosen
+    ]
+    return EvalTask(name="chair", kind="chair", items=items, scorer=scorer, max_new_tokens=max_new_tokens)
+
+
+def synthetic_tasks(n_questions: int = 500, n_captions: int = 500, world_seed: int | None = None, bias: bool = False,
+                    pope_max_new_tokens: int = 4, chair_max_new_tokens: int | None = None, kinds=("pope", "chair"),
+                    splits=None, image_size: int | None = None, world=None):
+    """The synthetic POPE splits and CHAIR-style task (see :mod:`vlm_guard.eval.synthetic`) of ``world``
+    (``"everyday"``, ``"shapes"``, a :class:`~vlm_guard.synthetic.worlds.WorldKind`, or ``None`` for the default
+    model's); ``chair_max_new_tokens``
+    defaults to the world's caption budget."""
+    from vlm_guard.eval.runner import EvalItem, EvalTask, pope_scorer
+    from vlm_guard.eval.synthetic import (
+        EVAL_SEED, SPLITS, caption_items, pope_questions, score_synthetic_caption, synthetic_world,
+    )
+    from vlm_guard.synthetic.worlds import world_kind
+
+    kind = world_kind(world)
+    seed = EVAL_SEED if world_seed is None else world_seed
+    scenes = synthetic_world(seed, bias, kind)
+    chair_max_new_tokens = chair_max_new_tokens or kind.caption_tokens
+
+    def image_of(index: int):
+        return lambda: kind.render(scenes.scene(index), image_size)
+
+    tasks = []
+    if "pope" in kinds:
+        for split in splits or SPLITS:
+            items = [
+                EvalItem(item_id=question.question_id, prompt=question.text, image=image_of(question.scene_index),
+                         image_name=f"scene/{question.scene_index:06d}",
+                         fields={"split": split, "scene": question.scene_index, "object": question.object,
+                                 "label": question.label, "kind": question.kind})
+                for question in pope_questions(split, n_questions, seed=seed, bias=bias, world=kind)
+            ]
+            tasks.append(EvalTask(f"pope/{split}", "pope", items, pope_scorer, pope_max_new_tokens))
+    if "chair" in kinds:
+        def scorer(item, answer):
+            return score_synthetic_caption(answer, item.fields["gt_objects"], kind)
+
+        items = [
+            EvalItem(item_id=entry.image_id, prompt=kind.caption_prompt, image=image_of(entry.scene_index),
+                     image_name=entry.image_id, fields={"scene": entry.scene_index, "gt_objects": list(entry.gt_objects)})
+            for entry in caption_items(n_captions, seed=seed, bias=bias, world=kind)
+        ]
+        tasks.append(EvalTask("chair", "chair", items, scorer, chair_max_new_tokens))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _method_sets(args) -> list[str]:
+    from vlm_guard.eval.runner import method_label, parse_compare
+
+    if args.compare:
+        return parse_compare(args.compare)
+    return [method_label(args.methods)]
+
+
+def _load_head_map(args):
+    if not args.head_map:
+        return None
+    from vlm_guard.calibration.head_map import HeadMap
+
+    return HeadMap.from_pretrained(args.head_map)
+
+
+FINGERPRINT_KEYS = ("benchmark", "world", "world_seed", "bias", "prompt", "prompt_suffix", "prompts")
+"""run_config fields that identify the data and prompts: part of each records file's fingerprint."""
+
+INTERRUPTED_MESSAGE = INTERRUPTED_RESUMABLE  # printed by vlm_guard.cli.main on Ctrl-C / SIGTERM (exit 130)
+
+
+def _scored_items(result: dict) -> int:
+    from vlm_guard.eval.records import read_summary
+
+    try:
+        first = result["method_sets"][0]
+        return int(read_summary(first["summary"])["n"])
+    except (KeyError, IndexError, ValueError, FileNotFoundError):
+        return -1
+
+
+def _check_out_first(args) -> None:
+    """``--out`` checked before anything is read or imported (a folder, /dev/null, a read-only place)."""
+    from vlm_guard.cli.checks import check_output_file
+
+    check_output_file(args.out)
+
+
+def _execute(args, tasks, loader, run_config: dict) -> int:
+    import torch
+
+    from vlm_guard.cli.checks import check_device, check_head_map_folder, check_model_argument, check_output_file
+    from vlm_guard.eval.runner import results_paths
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method_sets = _method_sets(args)
+    check_output_file(args.out)  # before the model loads: a folder, a read-only place
+    for label in method_sets:
+        check_output_file(results_paths(args.out, label if args.compare else None)[0])
+    check_device(args.device)
+    check_model_argument(args.model)
+    check_head_map_folder(args.head_map)
+    from vlm_guard.parallel import data_parallel
+
+    parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
+    try:
+        return _execute_on(args, tasks, loader, run_config, method_sets, parallel)
+    finally:
+        parallel.close()
+
+
+def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], parallel) -> int:
+    from vlm_guard.cli.checks import model_load_error
+    from vlm_guard.defaults import default_model_dir
+    from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
+
+    head_map = _load_head_map(args)  # a corrupt map: refused before the model loads
+    try:
+        model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                                                  dtype=args.dtype, device=parallel.device(args.device),
+                                                  allow_pickle=args.allow_pickle)
+    except OSError as error:
+        raise model_load_error(args.model, error) from None
+    run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
+                  "weights_sha256_16": weights_digest(args.model or default_model_dir()),
+                  "head_map_dir": args.head_map, **run_config}
+    result = run_benchmark(
+        model, processor, tasks, method_sets, args.out, loader=loader, head_map=head_map,
+        batch_size=args.batch_size, seed=args.seed, n_resamples=args.n_resamples, progress=not args.no_progress,
+        run_config=run_config, compare=bool(args.compare),
+        fingerprint_extra={key: run_config[key] for key in FINGERPRINT_KEYS if key in run_config},
+        parallel=parallel, max_unclear=args.max_unclear, prompt_fixes=_prompt_fixes(run_config),
+    )
+    if not parallel.is_main:
+        return 0  # rank 0 merged this rank's records and prints the result
+    scored = _scored_items(result)
+    if scored == 0 and loader.n_skipped:
+        example = next(iter(loader.skipped.items()))
+        raise ValueError(f"no item could be run: all {loader.n_skipped} images were skipped (e.g. {example[0]}: "
+                         f"{example[1]}); check --images.")
+    if args.compare:
+        _write_compared_records(args.out, result)
+    print(result["markdown"])
+    skipped = loader.n_skipped
+    if skipped:
+        print(f"{skipped} unreadable image(s) skipped (listed in {result['summary_path']}).")
+    print(f"summary: {result['summary_path']}")
+    if result.get("markdown_path"):
+        print(f"table: {result['markdown_path']}")
+    if args.compare:
+        print(f"records of every method set: {args.out}")
+    return _prompt_exit_code(result, compared=bool(args.compare))
+
+
+def _write_compared_records(out, result: dict) -> None:
+    """``--out`` of a comparison: every method set's records, in method-set order, one JSON line each (each record
+    names its ``methods``), written atomically. The per-set files stay the ones a rerun resumes from; this file has
+    no run header, so it is never taken for one of them."""
+    import json
+
+    from vlm_guard.eval.records import read_records
+    from vlm_guard.fileio import atomic_write_text
+
+    lines = [json.dumps(record, allow_nan=False) for method_set in result["method_sets"]
+             for record in read_records(method_set["records"])]
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
+
+
+def _prompt_fixes(run_config: dict) -> dict[str, str]:
+    """What the prompt-following warning tells the user to do, per task kind, for this benchmark's options."""
+    if run_config.get("benchmark") == "synthetic":
+        prompts = run_config.get("prompts", {})
+        return {"pope": f"the synthetic questions are fixed ({prompts.get('pope')!r}); use a model that answers "
+                        "them with yes or no (e.g. the shipped default model)",
+                "chair": f"the synthetic caption prompt is fixed ({prompts.get('chair')!r}); use a model that "
+                         "captions (e.g. the shipped default model)"}
+    return {"pope": "ask for a yes/no answer, e.g. --prompt-suffix ' Please answer yes or no.', or use a model "
+                    "that answers the question with yes or no",
+            "chair": "pass a caption prompt this model follows with --prompt (e.g. 'Describe this image.'), or use "
+                     "a model that captions"}
+
+
+def _prompt_exit_code(result: dict, compared: bool) -> int:
+    """:data:`EXIT_PROMPT_NOT_FOLLOWED` when the numbers the run exists for are withheld: any task of a single run,
+    or a task of the greedy baseline of a comparison (a method set that breaks the answers is a result: its cells
+    say "prompt not followed" and the other rows stand), else 0."""
+    import sys
+
+    failed = [entry for entry in result.get("prompt_not_followed", [])
+              if not compared or entry["methods"] == "none"]
+    if not failed:
+        return 0
+    tasks = ", ".join(sorted({entry["task"] for entry in failed}))
+    print(f"vlm-guard eval: the model did not follow the prompt of {tasks}: no numbers for it (see the warning "
+          f"above; the summary marks it followed_prompt: false); exit code {EXIT_PROMPT_NOT_FOLLOWED}.",
+          file=sys.stderr)
+    return EXIT_PROMPT_NOT_FOLLOWED
+
+
+def _run_pope(args) -> int:
+    _check_out_first(args)
+    from vlm_guard.eval.images import ImageLoader
+    from vlm_guard.eval.pope import pope_question_file
+
+    if not args.questions and not args.pope_dir:
+        raise ValueError("pass --questions coco_pope_random.json ... or --pope-dir DIR holding the official files.")
+    files = list(args.questions or [])
+    if args.pope_dir:
+        files += [pope_question_file(args.pope_dir, split.strip()) for split in args.splits.split(",") if split.strip()]
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["pope"]
+    tasks = pope_tasks(files, limit=args.limit, max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix)
+    loader = ImageLoader(args.images)
+    names = sorted({item.image_name for task in tasks for item in task.items})
+    if names and not any(loader.path_of(name).is_file() for name in names):
+        raise ValueError(f"none of the {len(names)} images the questions name is in --images {args.images} (e.g. "
+                         f"{names[0]}); pass the folder that holds them (COCO val2014).")
+    run_config = {"benchmark": "pope", "question_files": [str(path) for path in files], "images": args.images,
+                  "max_new_tokens": max_new_tokens, "prompt_suffix": args.prompt_suffix, "limit": args.limit,
+                  "title": "POPE"}
+    return _execute(args, tasks, loader, run_config)
+
+
+def _run_chair(args) -> int:
+    _check_out_first(args)
+    from vlm_guard.eval.images import ImageLoader
+
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["chair"]
+    task = chair_task(args.images, args.instances, args.captions, args.n_images, args.seed, args.prompt,
+                      max_new_tokens=max_new_tokens, limit=args.limit)
+    loader = ImageLoader(args.images)
+    run_config = {"benchmark": "chair", "images": args.images, "instances": args.instances, "captions": args.captions,
+                  "n_images": args.n_images, "prompt": args.prompt, "max_new_tokens": max_new_tokens,
+                  "limit": args.limit, "title": "CHAIR"}
+    return _execute(args, [task], loader, run_config)
+
+
+def _run_synthetic(args) -> int:
+    _check_out_first(args)
+    from vlm_guard.eval.images import ImageLoader
+    from vlm_guard.eval.synthetic import EVAL_SEED
+    from vlm_guard.synthetic.worlds import world_for_model_argument
+
+    world = world_for_model_argument(args.model, args.world)
+    kinds = [kind.strip() for kind in args.tasks.split(",") if kind.strip()]
+    bad = [kind for kind in kinds if kind not in ("pope", "chair")]
+    if bad or not kinds:
+        raise ValueError(f"--tasks must name 'pope' and/or 'chair', got {args.tasks!r}.")
+    n_questions = args.n_questions if args.limit is None else min(args.n_questions, args.limit)
+    n_captions = args.n_captions if args.limit is None else min(args.n_captions, args.limit)
+    pope_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["synthetic_pope"]
+    chair_tokens = args.max_new_tokens or world.caption_tokens
+    world_seed = EVAL_SEED if args.world_seed is None else args.world_seed
+    tasks = synthetic_tasks(n_questions, n_captions, world_seed=world_seed, bias=args.biased,
+                            pope_max_new_tokens=pope_tokens, chair_max_new_tokens=chair_tokens, kinds=kinds, world=world)
+    run_config = {"benchmark": "synthetic", "world": world.name, "world_seed": world_seed, "bias": args.biased,
+                  "n_questions_per_split": n_questions, "n_captions": n_captions,
+                  "max_new_tokens": {"pope": pope_tokens, "chair": chair_tokens},
+                  "prompts": {"pope": world.pope_template, "chair": world.caption_prompt}, "limit": args.limit,
+                  "title": f"Synthetic benchmark ({world.name} world, seed {world_seed}, "
+                           f"{'biased' if args.biased else 'unbiased'} scenes)"}
+    return _execute(args, tasks, ImageLoader(), run_config)
+
+
+def _write_synthetic_images(args) -> int:
+    from vlm_guard.eval.synthetic import TUNING_SEED, synthetic_world
+    from vlm_guard.synthetic.worlds import world_for_model_argument
+
+    from vlm_guard.cli.checks import check_output_folder
+
+    seed = TUNING_SEED if args.world_seed is None else args.world_seed
+    folder = check_output_folder(args.out)
+    kind = world_for_model_argument(getattr(args, "model", None), args.world)
+    scenes = synthetic_world(seed, args.biased, kind)
+    from vlm_guard.fileio import atomic_path
+
+    for index in range(args.n):  # each image whole or absent: a failure keeps the previous file of that name
+        with atomic_path(folder / f"scene_{index:06d}.png") as temporary:
+            kind.render(scenes.scene(index)).save(temporary, format="PNG")
+    print(f"wrote {args.n} scenes of the {kind.name} world, seed {seed} ({'biased' if args.biased else 'unbiased'}) "
+          f"to {folder}")
+    return 0

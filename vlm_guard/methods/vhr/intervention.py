@@ -1,0 +1,165 @@
+"""VHR: vision-aware head reinforcement (He et al., ACL 2025).
+
+Heads whose output changes most when the image is removed (high VHD) are amplified: their per-head
+output before ``o_proj`` is multiplied by ``alpha`` at every prompt position during the prefill and at
+every decoding step. Attention weights are untouched.
+
+Head selection:
+- ``"per_sample"`` (the paper): one extra forward of the image-free prompt (short: no image tokens)
+  records the head outputs at the last position; during the image prefill each target layer picks
+  its heads from VHD, layer by layer, so later layers see the reinforced earlier ones. The choice is
+  reused for every generated token. A row made of image tokens only has an empty image-free prompt:
+  its VHD is undefined, so no head is reinforced there (one warning per generation).
+- ``"head_map"``: the heads stored in a calibrated head map (``vlm-guard calibrate``), averaged over
+  many images; no extra pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from vlm_guard.config import MethodConfig, check_choice, check_layers, check_range, preset_field
+from vlm_guard.methods.vhr.vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, default_target_layers, head_divergence, select_vhr_heads
+from vlm_guard.core.contract import Intervention, LayerContext, PromptContext
+from vlm_guard.methods.registry import register_method
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VHRConfig(MethodConfig):
+    """VHR settings.
+
+    VHR's official code is not public here; "released" follows the behaviour reported for it (see
+    ``docs/presets.md``), "paper" the paper's text where it differs.
+
+    - ``alpha=2.0`` (both presets): multiplier of the selected heads' outputs.
+    - ``target_layers=None`` (both): the paper's LLaVA-1.5-7B layers (1 and 18..31 of 32) mapped to the
+      model's depth (layer 1 plus the last ~44 %).
+    - ``selection="per_sample"`` (both, the paper's method); ``"head_map"`` uses calibrated heads.
+    - ``distance="sq_l2"`` (both): squared L2 VHD in fp32.
+    - ``outlier_filter``: released: ``"released"`` (filter only when the layer's VHD std exceeds 1);
+      paper: ``"always"``.
+    """
+
+    method = "vhr"
+    alpha: float = field(default=2.0, metadata={"help": "multiplier of the selected heads' outputs (both presets 2.0; 4 degenerates)"})
+    target_layers: list[int] | None = field(default=None, metadata={"help": "layers to reinforce; None = paper recipe mapped to depth (both presets)"})
+    selection: str = field(default="per_sample", metadata={"help": "'per_sample' (both presets; one image-free prefill) or 'head_map'"})
+    distance: str = field(default="sq_l2", metadata={"help": "VHD distance: sq_l2 (both presets), l2, cosine"})
+    outlier_filter: str = preset_field("'released' (only when std>1), 'always', 'off'", released="released", paper="always")
+
+    def validate(self) -> None:
+        check_range("VHRConfig", "alpha", self.alpha, 0.0, 10.0, low_inclusive=False)
+        check_layers("VHRConfig", "target_layers", self.target_layers)
+        check_choice("VHRConfig", "selection", self.selection, ("per_sample", "head_map"))
+        check_choice("VHRConfig", "distance", self.distance, DISTANCES)
+        check_choice("VHRConfig", "outlier_filter", self.outlier_filter, OUTLIER_FILTERS)
+
+
+class VHR(Intervention):
+    """Scales the selected heads' outputs by ``alpha`` in the target layers.
+
+    ``head_mask`` (optional, ``{layer: [H] bool}``) fixes the heads for every sample (``"head_map"`` mode
+    or tests); otherwise heads are chosen per sample.
+    """
+
+    name = "vhr"
+    uses_head_output = True
+
+    def __init__(self, config: VHRConfig, num_layers: int, num_heads: int, head_mask: dict[int, torch.Tensor] | None = None):
+        self.config = config
+        layers = config.target_layers if config.target_layers is not None else default_target_layers(num_layers)
+        bad = [layer for layer in layers if not 0 <= layer < num_layers]
+        if bad:
+            raise ValueError(f"VHRConfig.target_layers {bad} are out of range; the model has layers 0..{num_layers - 1}")
+        self.target_layers = sorted(set(layers))
+        self.num_heads = num_heads
+        self.static_mask = head_mask
+        self.selected: dict[int, torch.Tensor] = {}  # layer -> [B, H] bool, per sample
+        self._text_only: dict[int, torch.Tensor] = {}
+        self._compared: torch.Tensor | None = None  # [B] rows with an image and a non-empty image-free prompt
+        self._scales: dict[int, torch.Tensor] = {}  # layer -> [B, 1, H, 1] alpha or 1, built once per sample
+
+    def decode_layers(self) -> set[int]:
+        """The target layers where some sample has a chosen head (the others would multiply by 1)."""
+        layers = [layer for layer in self.target_layers if layer in self.selected]
+        if not layers:
+            return set()
+        chosen = torch.stack([self.selected[layer].any(dim=-1) for layer in layers]).any(dim=-1).tolist()  # one read
+        return {layer for layer, any_head in zip(layers, chosen) if any_head}
+
+    def layers(self) -> set[int]:
+        return set(self.target_layers)
+
+    def begin(self, prompt: PromptContext, engine) -> None:
+        self.selected = {}
+        self._text_only = {}
+        self._compared = None
+        self._scales = {}
+        if self.static_mask is not None:
+            return
+        input_ids, attention_mask = engine.adapter.remove_image(prompt.input_ids, prompt.attention_mask)
+        has_text = attention_mask.bool().any(dim=1)  # [B] rows whose image-free prompt keeps a token
+        compared = has_text & prompt.spans.has_image
+        if not bool((compared | ~prompt.spans.has_image).all()):
+            logger.warning(
+                "VHR: prompt rows %s are made of image tokens only, so the image-free prompt that VHR compares with is "
+                "empty; no head is reinforced in those rows (add text, e.g. a BOS token or a question, to run VHR there).",
+                (prompt.spans.has_image & ~has_text).nonzero().flatten().tolist(),
+            )
+        self._compared = compared
+        if not bool(compared.any()):
+            return  # nothing to compare with: no side pass, no head chosen
+        recorder = HeadOutputRecorder(self.target_layers)
+        engine.side_pass([recorder], {"input_ids": input_ids, "attention_mask": attention_mask})
+        self._text_only = recorder.outputs  # layer -> [B, H, D]
+
+    def head_mask_for(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
+        """``[B, H]`` bool heads to reinforce at this layer (chosen at prefill, reused while decoding)."""
+        if ctx.layer in self.selected:
+            return self.selected[ctx.layer]
+        batch = head_output.shape[0]
+        if self.static_mask is not None:
+            mask = self.static_mask.get(ctx.layer)
+            if mask is None:
+                mask = torch.zeros(self.num_heads, dtype=torch.bool)
+            mask = mask.to(head_output.device).bool()[None].expand(batch, -1)
+        elif ctx.phase == "prefill" and ctx.layer in self._text_only:
+            without_image = self._text_only[ctx.layer].to(head_output.device)  # [B, H, D]
+            vhd = head_divergence(head_output[:, -1], without_image, self.config.distance)  # [B, H]
+            text_activation = (without_image**2).sum(dim=-1)  # [B, H]
+            mask = select_vhr_heads(vhd, text_activation, self.config.outlier_filter)
+            if self._compared is not None:  # rows whose image-free prompt is empty: VHD undefined, no head
+                mask = mask & self._compared.to(mask.device)[:, None]
+        else:
+            mask = torch.zeros(batch, self.num_heads, dtype=torch.bool, device=head_output.device)
+        self.selected[ctx.layer] = mask
+        return mask
+
+    def on_head_output(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
+        scale = self._scales.get(ctx.layer)  # built at the prefill, one multiplication per decoding step
+        if scale is None or scale.dtype != head_output.dtype or scale.device != head_output.device or scale.shape[0] != head_output.shape[0]:
+            mask = self.head_mask_for(ctx, head_output)  # [B, H]
+            scale = torch.where(mask, self.config.alpha, 1.0).to(head_output.dtype)[:, None, :, None]  # [B, 1, H, 1]
+            self._scales[ctx.layer] = scale
+        return head_output * scale
+
+
+def build(config: VHRConfig, adapter, head_map) -> VHR:
+    geometry = adapter.geometry
+    head_mask = None
+    if config.selection == "head_map":
+        if head_map is None:
+            raise ValueError(
+                "VHRConfig.selection='head_map' needs a head map: run `vlm-guard calibrate` and pass head_map=..., "
+                "or use selection='per_sample'."
+            )
+        head_mask = head_map.vhr_head_masks()
+    return VHR(config, geometry.num_layers, geometry.num_heads, head_mask)
+
+
+register_method("vhr", VHRConfig, build)
