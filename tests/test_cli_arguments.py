@@ -10,7 +10,15 @@ import os
 
 import pytest
 
-from vlm_guard.cli import build_parser, main
+from toyworld import build_parser
+from vlm_guard.cli import COMMAND_MODULES
+from vlm_guard.cli import main as _main
+
+
+def main(argv):
+    """``vlm-guard`` and, for ``toy ...``, the repository's training commands (``python -m toyworld``)."""
+    return _main(argv, modules=[*COMMAND_MODULES, "toyworld.commands"])
+
 from vlm_guard.cli.arguments import Number, number_actions
 
 PARSER = build_parser()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlm_guard.cli import main
+from toyworld import main
 from vlm_guard.defaults import DEFAULT_MODEL_DIR, load_default
 from vlm_guard.synthetic import World, render
 from toyworld.shapes.report import CAPTION_MESSAGES, HELD_OUT_SEED, caption_metrics, generate

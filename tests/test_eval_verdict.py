@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from vlm_guard.cli import build_parser, main
+from toyworld import build_parser
+from vlm_guard.cli import main
 from vlm_guard.cli.arguments import number_actions
 from vlm_guard.eval.records import read_records
 from vlm_guard.eval.report import MIN_ITEMS_FOR_VERDICT, _delta

@@ -64,7 +64,7 @@ def test_readme_command_synopses_list_every_required_flag():
 
 def test_toy_report_does_not_write_into_the_installed_package(tmp_path, monkeypatch):
     import toyworld.shapes.report as report_module
-    from vlm_guard.cli import main
+    from toyworld import main
     from vlm_guard.defaults import DEFAULT_MODEL_DIR
 
     shipped = DEFAULT_MODEL_DIR / "training_report.json"
