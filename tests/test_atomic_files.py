@@ -57,6 +57,7 @@ new.save_pretrained(sys.argv[2])
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
 def test_kill_between_the_two_files_leaves_the_previous_map(head_map, tmp_path):
     source = head_map.save_pretrained(tmp_path / "source")
@@ -70,6 +71,7 @@ def test_kill_between_the_two_files_leaves_the_previous_map(head_map, tmp_path):
 REWRITE = "import sys; from vlm_guard.calibration.head_map import HeadMap; HeadMap.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE")
 @pytest.mark.parametrize("cut", ["tensors", "json"])
 def test_full_disk_while_overwriting_leaves_the_previous_map(head_map, tmp_path, cut):

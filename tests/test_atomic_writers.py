@@ -266,6 +266,7 @@ def test_v2_weights_and_config_are_a_bound_pair(tmp_path):
     assert "weights_sha256" in str(error.value)
 
 
+@pytest.mark.slow
 def test_shipping_a_checker_that_fails_keeps_the_shipped_one(tmp_path, monkeypatch):
     import shutil
 

@@ -13,6 +13,8 @@ import torch
 from vlm_guard.cli import build_parser
 import vlm_guard.eval.bench as bench
 
+pytestmark = pytest.mark.slow  # runs the benchmark
+
 
 def test_bench_command_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"

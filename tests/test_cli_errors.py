@@ -134,6 +134,7 @@ def test_ctrl_c_during_eval_says_how_to_resume(tmp_path, tmp_path_factory, capsy
     assert len(records) == 6 and len({record["id"] for record in records}) == 6
 
 
+@pytest.mark.slow
 def test_non_utf8_file_name_under_a_strict_utf8_locale(tmp_path, tmp_path_factory):
     folder = tmp_path / "images"
     folder.mkdir()

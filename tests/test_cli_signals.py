@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # signals sent to command subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 RESUME = "interrupted: rerun the same command to resume"
 

@@ -53,6 +53,7 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "final" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_training_command_is_deterministic_and_resumes(tmp_path):
     from toyworld.shapes.train import TINY_SPEC, TrainConfig, train
 

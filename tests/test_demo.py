@@ -494,6 +494,7 @@ def test_heatmaps_carry_a_colour_scale():
     assert (labels < 100).any()  # tick labels are drawn
 
 
+@pytest.mark.slow
 def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
     """Item 8: uploads and served pictures do not stay in the temporary folder forever: files older than the
     session lifetime are deleted while the app runs (the page's own startup files stay), and the folder goes

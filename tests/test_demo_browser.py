@@ -33,6 +33,7 @@ STARTUP_SECONDS = int(os.environ.get("VLM_GUARD_BROWSER_STARTUP_SECONDS", "240")
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"),
 ]
 

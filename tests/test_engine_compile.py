@@ -1,4 +1,4 @@
-"""torch.compile with the methods on (issue 23, item 7). The methods run outside compiled graphs: with
+"""torch.compile with the methods on. The methods run outside compiled graphs: with
 ``fullgraph=False`` (the default) generate's compiled static-cache decoding gives the eager tokens and compiles once
 (no recompilation between steps or calls after the warm-up); ``fullgraph=True`` is refused before any work in
 ``generate`` and, for a model compiled by hand, by the compiler with vlm_guard's reason; with the methods off the
@@ -16,6 +16,8 @@ from vlm_guard.methods.var.intervention import VARConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.models.compat import cache_kwargs
 from vlm_guard.testing import build_batch, tiny_model
+
+pytestmark = pytest.mark.slow  # torch.compile
 
 CACHE_LENGTH = 48
 

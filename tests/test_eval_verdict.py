@@ -41,6 +41,7 @@ def test_the_minimum_keeps_the_bootstrap_interval_near_the_t_interval():
     assert ratio(MIN_ITEMS_FOR_VERDICT) >= 0.94 > ratio(20)
 
 
+@pytest.mark.slow
 def test_compare_on_few_items_writes_out_and_gives_no_verdict(tmp_path, tmp_path_factory, capsys):
     out = tmp_path / "syn.jsonl"
     argv = ["eval", "synthetic", *model_args(tmp_path_factory), "--limit", "4", "--compare", "none;vhr",

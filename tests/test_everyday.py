@@ -16,6 +16,8 @@ from toyworld.everyday.data import BatchBuilder, IGNORE_INDEX, cell_targets
 from vlm_guard.synthetic.everyday.model import LoRALinear, V2Spec, add_lora, build_model, build_processor, merge_lora
 from vlm_guard.synthetic.everyday.testing import tiny_language_model
 
+pytestmark = pytest.mark.slow  # default model v2 worlds and training pieces
+
 TINY_SPEC = V2Spec(vision_hidden=32, vision_layers=1, vision_heads=2, lora_rank=2)
 
 

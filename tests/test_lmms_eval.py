@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the lmms-eval command
+
 pytest.importorskip("lmms_eval", reason="the lmms-eval extra is not installed (pip install -e '.[lmms-eval]')")
 
 from vlm_guard.integrations.lmms_eval import MODEL_CLASS_PATH, MODEL_NAME  # noqa: E402

@@ -24,6 +24,8 @@ from vlm_guard.eval.records import (FileBusyError, ResultsWriter, RunMismatchErr
                                     read_header, read_records)
 from vlm_guard.parallel import DataParallel, data_parallel, shard_batches
 
+pytestmark = pytest.mark.slow  # torchrun subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -48,6 +48,8 @@ from pathlib import Path
 import pytest
 import transformers
 
+pytestmark = pytest.mark.slow  # runs the README's blocks
+
 if int(transformers.__version__.split(".")[0]) < 5:  # the README's blocks are checked on the main target, 5.x
     pytest.skip("README blocks run on transformers 5.x: 4.57's LLaVA generate refuses the tiny test processor's "
                 "token_type_ids", allow_module_level=True)

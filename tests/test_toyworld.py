@@ -29,6 +29,7 @@ def test_scenes_and_images_are_deterministic():
     assert World(seed=3).scene(0) != World(seed=4).scene(0) or World(seed=3).scene(1) != World(seed=4).scene(1)
 
 
+@pytest.mark.slow
 def test_bias_statistics():
     biased = World(seed=0, bias=True).scenes(0, 2000)
     unbiased = World(seed=0, bias=False).scenes(0, 2000)

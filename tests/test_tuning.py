@@ -254,6 +254,7 @@ def _stable(tuned):
     return {k: v for k, v in tuned.items() if k not in ("search", "created_utc")}
 
 
+@pytest.mark.slow
 def test_search_resumes_where_it_stopped(monkeypatch, tmp_path):
     whole = FakeGenerator()
     reference = _run_tune(monkeypatch, whole, tmp_path / "whole")
@@ -443,6 +444,7 @@ def test_shipped_maps_can_be_switched_off(monkeypatch):
         guarded.unwrap()
 
 
+@pytest.mark.slow
 def test_a_winner_that_breaks_a_constraint_on_the_confirmation_rung_is_not_shipped(monkeypatch, tmp_path):
     """Successive halving picks winners on small rungs; the confirmation rung measures them again and a winner that
     fails there keeps its method at the released defaults (and the default set never holds it)."""
@@ -672,6 +674,7 @@ def test_profile_space_holds_method_parts_and_presets():
         profile_candidates("vqa", num_layers=30)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason="a resumed profile tuning's table differed from the first run's in one CI run "
                    "(not reproduced in the tuner's own runs); under investigation")
 def test_profile_tuning_confirms_on_a_separate_split_and_resumes(tmp_path, monkeypatch):
