@@ -1,3 +1,5 @@
+"""Settings for every test of the repository (tests/ and toyworld/tests/)."""
+
 import logging
 import os
 
