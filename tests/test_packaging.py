@@ -36,3 +36,39 @@ def test_every_install_hint_names_our_distribution_and_a_real_extra(project):
     for source, (name, wanted) in hints:
         assert _normalise(name) == _normalise(project["name"]), (source, name)
         assert set(wanted.split(",")) <= extras, (source, wanted)
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_library_and_no_training_code(tmp_path):
+    """``pip wheel .``: the ``vlm_guard`` package with its assets; the training project (``toyworld/``) and the tests
+    stay in the repository; the installed command has no ``toy`` command."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    # from a copy of the files git tracks, so a stale build/ folder of an earlier build cannot leak into the wheel
+    source = tmp_path / "source"
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, (item.decode() for item in listed)):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert "vlm_guard" in tops
+    assert not {"toyworld", "tests"} & tops, sorted(tops)
+    assert not [name for name in names if re.search(r"(^|/)(train|checker)\.py$", name)], "training code in the wheel"
+    assert any(name.startswith("vlm_guard/assets/default_model_v2/") for name in names)
+
+
+def test_the_command_has_no_training_commands():
+    from vlm_guard.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if getattr(action, "choices", None)).choices
+    assert "toy" not in commands and {"caption", "calibrate", "tune", "eval", "demo", "bench"} <= set(commands)
