@@ -1,4 +1,4 @@
-"""The shipped default toy LLaVA (quality floor) and the determinism of `vlm-guard toy train`."""
+"""The shipped default toy LLaVA (quality floor) and the determinism of `python -m toyworld toy train`."""
 
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def ship_checker(folder: str | Path) -> Path:
     """Copy a trained checker folder into the package assets."""
     folder = Path(folder)
     if not (folder / "open_clip_model.safetensors").exists():
-        raise FileNotFoundError(f"{folder} holds no open_clip_model.safetensors; run `vlm-guard toy train-checker`")
+        raise FileNotFoundError(f"{folder} holds no open_clip_model.safetensors; run `python -m toyworld toy train-checker`")
     from vlm_guard.grounding import GroundingChecker
 
     DEFAULT_CHECKER_DIR.parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,16 @@
-"""``vlm-guard toy ...``: train, report and ship the embedded toy models (the parsers: :mod:`toyworld.commands`).
+"""``python -m toyworld toy ...``: train, report and ship the embedded toy models (the parsers: :mod:`toyworld.commands`).
 
 Commands:
-    vlm-guard toy train --out runs/toy [--resume] [--preset default|tiny] [--ship]
-    vlm-guard toy export --run runs/toy [--out runs/toy/export]     (latest checkpoint, finished or not)
-    vlm-guard toy ship --model runs/toy/final                        (copy into the package + report)
-    vlm-guard toy report --model runs/toy/final [--out report.json]
-    vlm-guard toy train-checker --out runs/checker [--ship]
-    vlm-guard toy examples [--out vlm_guard/assets/examples]
-    vlm-guard toy v2-train --out runs/v2 [--resume] [--instruct-steps N]   (default model v2, SmolLM2 backbone)
-    vlm-guard toy v2-export --run runs/v2 [--out runs/v2/export]
-    vlm-guard toy v2-report --model runs/v2/final [--out report.json] [--scenes N]
-    vlm-guard toy v2-prior [--out prior.json]       (the LM's own preference for each partner)
+    python -m toyworld toy train --out runs/toy [--resume] [--preset default|tiny] [--ship]
+    python -m toyworld toy export --run runs/toy [--out runs/toy/export]     (latest checkpoint, finished or not)
+    python -m toyworld toy ship --model runs/toy/final                        (copy into the package + report)
+    python -m toyworld toy report --model runs/toy/final [--out report.json]
+    python -m toyworld toy train-checker --out runs/checker [--ship]
+    python -m toyworld toy examples [--out vlm_guard/assets/examples]
+    python -m toyworld toy v2-train --out runs/v2 [--resume] [--instruct-steps N]   (default model v2, SmolLM2 backbone)
+    python -m toyworld toy v2-export --run runs/v2 [--out runs/v2/export]
+    python -m toyworld toy v2-report --model runs/v2/final [--out report.json] [--scenes N]
+    python -m toyworld toy v2-prior [--out prior.json]       (the LM's own preference for each partner)
 """
 
 from __future__ import annotations

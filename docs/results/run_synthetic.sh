@@ -4,7 +4,7 @@
 #
 # Resumable: every finished item is on disk; rerun this script to continue after an interruption.
 # Model: the shipped default model (vlm_guard/assets/default_model) when it is there; otherwise, unless
-# USE_TRAINING_OUTPUT=0, the finished training output runs/toy/final (the folder `vlm-guard toy ship` copies);
+# USE_TRAINING_OUTPUT=0, the finished training output runs/toy/final (the folder `python -m toyworld toy ship` copies);
 # otherwise it waits for one of them. The summaries record the weights' sha256, to check against the shipped copy.
 #
 #   nohup docs/results/run_synthetic.sh > runs/eval_synthetic.log 2>&1 &

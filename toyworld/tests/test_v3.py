@@ -40,6 +40,8 @@ from vlm_guard.synthetic.everyday_v3.world import (
     render,
 )
 
+pytestmark = pytest.mark.slow  # trains default model v3 pieces
+
 TINY_SPEC = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "lora_rank": 2}
 
 
