@@ -6,12 +6,12 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 import vlm_guard
-from vlm_guard.testing import ALL_FAMILIES, build_batch, family_available, tiny_model
+from vlm_guard.testing import FAMILY_NAMES, build_batch, family_available, tiny_model
 
 ROWS = [(True, 5), (False, 3), (True, 9)]  # three prompts of different lengths, one without an image
 
 
-@pytest.fixture(scope="module", params=ALL_FAMILIES)
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
 def family_model(request):
     reason = family_available(request.param)
     if reason:

@@ -12,6 +12,7 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
+from vlm_guard.methods.registry import method_names
 from vlm_guard.methods.gift.intervention import GIFTConfig
 from vlm_guard.methods.pai.intervention import PAIConfig
 from vlm_guard.methods.var.intervention import VARConfig
@@ -124,7 +125,7 @@ def all_methods_config(identity: bool = False) -> GuardConfig:
     if identity:
         return GuardConfig(vhr=VHRConfig(alpha=1.0), var=tiny_var_config(p=0.0), gift=GIFTConfig(alpha=0.0),
                            pai=PAIConfig(alpha=0.0, gamma=1.0, plausibility=0.0), vcd=VCDConfig(alpha=0.0, plausibility=0.0))
-    config = GuardConfig.from_methods("vhr,var,gift,pai,vcd")
+    config = GuardConfig.from_methods(list(method_names()))
     return config.replace(var=tiny_var_config())
 
 
@@ -132,7 +133,7 @@ def test_from_methods_builds_every_method_in_the_documented_order(llava):
     model, _ = llava
     guarded = vlm_guard.wrap(model, config=all_methods_config())
     try:
-        assert [i.name for i in guarded.interventions] == ["vhr", "var", "gift", "pai", "vcd"]
+        assert [i.name for i in guarded.interventions] == list(method_names())
     finally:
         guarded.unwrap()
 

@@ -9,6 +9,7 @@ import torch
 
 import vlm_guard
 from vlm_guard import GuardConfig
+from vlm_guard.methods.registry import method_names
 from vlm_guard.methods.var.intervention import VARConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.testing import PAD, assert_close_scaled, build_batch, forward_reduction, tiny_model
@@ -32,7 +33,7 @@ DEVICE_MAP = {
 
 
 def _method_configs() -> dict[str, GuardConfig]:
-    configs = {name: GuardConfig.from_methods(name) for name in ("vhr", "gift", "pai")}
+    configs = {name: GuardConfig.from_methods(name) for name in method_names()}
     configs["var"] = GuardConfig(var=VARConfig(sink_dims=[0, 1], tau=1.5))  # random weights: low threshold makes sinks
     configs["vcd"] = GuardConfig(vcd=VCDConfig(contrast_when="always"))  # greedy runs: contrast every step
     return configs
@@ -87,7 +88,7 @@ def _scored(model_like, inputs):
     return out.sequences, torch.stack(out.scores)  # scores: [step, batch, vocab]
 
 
-@pytest.mark.parametrize("method", ["vhr", "var", "gift", "pai", "vcd"])
+@pytest.mark.parametrize("method", method_names())
 def test_each_method_runs_as_on_the_undispatched_model(models, method):
     model, dispatched, inputs = models
     config = _method_configs()[method]

@@ -1,7 +1,7 @@
-"""One-shot and continued generation are the same generation (issue 23, item 6): ``generate`` continuing a cache the
+"""One-shot and continued generation are the same generation: ``generate`` continuing a cache the
 wrapper started (the sequence so far and the returned cache, no image tensors: transformers' own
 test_generate_continue_from_past_key_values) gives the one-shot call's tokens and scores, for every method, the
-contrastive ones included. Repro turn3/08 is a test here."""
+contrastive ones included."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The generation-path matrix (issue 10): family x {dynamic, static cache} x {each method, all together} x
+"""The generation-path matrix: family x {dynamic, static cache} x {each method, all together} x
 {generate, hand-written loop}.
 
 - methods off: ``guarded.generate`` and a hand-written loop through ``guarded(...)`` are token-identical to
@@ -7,7 +7,9 @@
   tokens of the same call through ``guarded.generate``, and the static cache gives the dynamic cache's tokens
   (the plain model's tokens do not depend on the cache kind either; checked first).
 
-One model per family, two prompt rows (one with an image, one without), two new tokens (the prefill and one decode step).
+One model per family (every family of ``vlm_guard.testing.FAMILY_NAMES``), two prompt rows (one with an image, one
+without), two new tokens (the prefill and one decode step). The dynamic cache of every family is in the fast tier, the
+static cache is marked slow.
 """
 
 import functools
@@ -20,10 +22,9 @@ import vlm_guard
 from vlm_guard import GuardConfig
 from vlm_guard.methods.var.intervention import VARConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig
-from vlm_guard.testing import FAMILIES, build_batch, greedy_loop, image_token_count, tiny_model
+from vlm_guard.testing import FAMILY_NAMES, build_batch, family_available, family_spec, greedy_loop, image_token_count, tiny_model
 
 NEW_TOKENS = 2
-MROPE = ("qwen2_vl", "qwen2_5_vl")
 
 
 def _method_configs() -> dict[str, GuardConfig]:
@@ -42,7 +43,7 @@ def _method_configs() -> dict[str, GuardConfig]:
 @functools.lru_cache(maxsize=None)
 def _setup(family: str):
     model = tiny_model(family)
-    if family in MROPE:  # rows of equal length: the loop lets the model place its M-RoPE positions
+    if family_spec(family).mrope:  # rows of equal length: the loop lets the model place its M-RoPE positions
         n_image = image_token_count(model, family) + 2
         inputs = build_batch(model, [(True, 4), (False, 4 + n_image)])
         assert bool(inputs["attention_mask"].all())
@@ -63,13 +64,17 @@ def _loop(guarded, family, inputs, cache_kind, processors=None):
     cache = None
     if cache_kind == "static":
         cache = StaticCache(config=guarded.model.config, max_cache_len=inputs["input_ids"].shape[1] + NEW_TOKENS + 2)
-    return greedy_loop(guarded, inputs, NEW_TOKENS, cache=cache, processors=processors, pass_mask=family not in MROPE,
-                       pass_positions=family != "idefics3")
+    spec = family_spec(family)
+    return greedy_loop(guarded, inputs, NEW_TOKENS, cache=cache, processors=processors, pass_mask=not spec.mrope,
+                       pass_positions=spec.loop_positions)
 
 
-@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cache_kind", ["dynamic", pytest.param("static", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_generation_matrix(family, cache_kind):
+    reason = family_available(family)
+    if reason:
+        pytest.skip(reason)
     model, inputs = _setup(family)
     plain = _generate(model, inputs, cache_kind)
     if cache_kind == "static":

@@ -1,17 +1,16 @@
-"""Every way transformers drives a model, through the wrapper (issue 10): the generation is tracked by cache
-position, not by the shape of a call. Repros 02, 03, 04 and 09 of shared/repros/engine are tests here."""
+"""Every way transformers drives a model, through the wrapper: the generation is tracked by cache
+position, not by the shape of a call."""
 
 import copy
 import logging
 
 import pytest
 import torch
-
 import transformers
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.core.engine import GuardEngine
+from vlm_guard.core.explicit_rows import allowed_rows
 from vlm_guard.methods.var.intervention import VARConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.methods.vhr.intervention import VHRConfig
@@ -36,7 +35,7 @@ def _greedy(model, inputs, n=3, **kwargs):
     return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kwargs)
 
 
-# ---------------------------------------------------------------------- embeddings (repro 02)
+# ---------------------------------------------------------------------- embeddings
 def test_inputs_embeds_only_runs_the_plain_model_with_one_warning(caplog):
     model = tiny_model("llava")
     inputs = build_batch(model, [(False, 5), (False, 8)])  # left padded
@@ -46,7 +45,7 @@ def test_inputs_embeds_only_runs_the_plain_model_with_one_warning(caplog):
     with caplog.at_level(logging.WARNING):
         out = guarded.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False)
     assert out.tolist() == plain.tolist()
-    if not TRANSFORMERS_4:  # the repro's values (random weights differ between the two majors)
+    if not TRANSFORMERS_4:  # the expected values (random weights differ between the two majors)
         assert plain.tolist() == [[115, 18, 18, 18], [4, 34, 34, 34]]
     messages = _warnings(caplog)
     assert len(messages) == 1 and "embeddings" in messages[0]
@@ -202,7 +201,7 @@ def test_use_cache_false_gives_the_cached_tokens():
         guarded.unwrap()
 
 
-# ---------------------------------------------------------------------- static cache (repro 04, issue item 8)
+# ---------------------------------------------------------------------- static cache
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_static_cache_with_a_method_gives_the_dynamic_tokens(family):
     model = tiny_model(family)
@@ -233,10 +232,10 @@ def test_eager_static_cache_prefill_ignores_the_empty_slots():
 
 def test_explicit_rows_without_a_mask_see_only_keys_up_to_their_position():
     # a prefill of 3 rows into a static cache of 6 slots: row i sees keys 0..i, never the empty slots 3..5
-    allowed = GuardEngine._allowed(None, torch.arange(3), past_length=0, key_length=6, device="cpu")
+    allowed = allowed_rows(None, torch.arange(3), past_length=0, key_length=6, device="cpu")
     assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
     # one decode row at position 4 of the same cache
-    allowed = GuardEngine._allowed(None, torch.arange(1), past_length=4, key_length=6, device="cpu")
+    allowed = allowed_rows(None, torch.arange(1), past_length=4, key_length=6, device="cpu")
     assert allowed[0, 0].int().tolist() == [[1, 1, 1, 1, 1, 0]]
 
 
@@ -266,7 +265,7 @@ def test_prefill_chunk_size_prefills_in_one_pass_with_a_warning(llava, caplog):
     assert any("prefill_chunk_size is ignored" in m for m in _warnings(caplog))
 
 
-# ---------------------------------------------------------------------- output_attentions (repro 03)
+# ---------------------------------------------------------------------- output_attentions
 @pytest.mark.parametrize("methods", ["pai", "vhr", "gift"])
 def test_output_attentions_one_map_per_layer_in_layer_order(methods):
     model = tiny_model("llava", attn_implementation="eager")
@@ -296,7 +295,7 @@ def test_output_attentions_one_map_per_layer_in_layer_order(methods):
     assert steps[1][3].shape[-2:] == (1, inputs["input_ids"].shape[1] + 1)
 
 
-# ---------------------------------------------------------------------- side passes leave the model as found (repro 09)
+# ---------------------------------------------------------------------- side passes leave the model as found
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_side_passes_leave_qwen_rope_deltas_as_found(family):
     model = tiny_model(family)
@@ -311,7 +310,7 @@ def test_side_passes_leave_qwen_rope_deltas_as_found(family):
     finally:
         guarded.unwrap()
     assert deltas == plain_deltas
-    if TRANSFORMERS_4:  # 4.57 derives the decode positions from them (repro 09)
+    if TRANSFORMERS_4:  # 4.57 derives the decode positions from them
         assert plain_deltas == [-6, -12, -2]
     assert max((a - b).abs().max().item() for a, b in zip(out.scores, plain.scores)) == 0.0
 
@@ -322,7 +321,7 @@ def test_loop_helper_matches_generate_for_the_plain_model(llava):
 
 
 def test_prompt_validity_is_read_from_prepared_masks():
-    """Qwen2-VL's static-cache prefill passes a dict of prepared 4-D masks instead of the 2-D one (repro 04)."""
+    """Qwen2-VL's static-cache prefill passes a dict of prepared 4-D masks instead of the 2-D one."""
     from vlm_guard.core.engine import _prompt_mask
 
     ids = torch.ones(2, 4, dtype=torch.long)

@@ -1,6 +1,6 @@
-"""Every prompt the plain model accepts runs the methods (issue 23, item 5): a prompt made only of image tokens (what
+"""Every prompt the plain model accepts runs the methods: a prompt made only of image tokens (what
 transformers' own Idefics3 generation tests feed), the image at the very end (an empty query span), the image first,
-rows without an image beside rows made only of the image, no image at all. Repro turn3/07 is a test here."""
+rows without an image beside rows made only of the image, no image at all."""
 
 import logging
 

@@ -1,4 +1,4 @@
-"""The decoding hot path (issue 16): no host-device synchronisation in a decoding step, layers without an
+"""The decoding hot path: no host-device synchronisation in a decoding step, layers without an
 active method cost exactly what plain layers cost, and a long prefill's explicit rows taken in chunks give
 the same results as taken whole.
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_decoding_common import planted_sink_model, tiny_var_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlm_guard
@@ -19,12 +20,10 @@ from vlm_guard.config import GuardConfig
 from vlm_guard.eval.bench import OpCounter
 from vlm_guard.methods.gift.intervention import GIFTConfig
 from vlm_guard.methods.pai.intervention import PAIConfig
-from vlm_guard.methods.var.intervention import recycle_sink_attention
+from vlm_guard.methods.var.kernel import recycle_sink_attention
 from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.models.compat import cache_kwargs, output_cache
 from vlm_guard.testing import assert_close_scaled, build_batch, forward_reduction
-
-from test_decoding_common import planted_sink_model, tiny_var_config
 
 PACKAGE = str(Path(vlm_guard.__file__).resolve().parent)
 TORCH = str(Path(torch.__file__).resolve().parent)
@@ -255,7 +254,7 @@ def _naive_recycle(weights, image, sink, p, rho, threshold):
 def test_var_edit_over_the_prompt_keys_matches_the_row_by_row_reference(in_place):
     """The matrices cover the prompt's 6 keys, the rows have 9 (3 generated keys, left as they are); in place or on a
     copy, the batched edit equals the per-row formula, and the copy leaves its input untouched."""
-    from vlm_guard.methods.var.intervention import RecyclingMatrices, _recycle
+    from vlm_guard.methods.var.kernel import RecyclingMatrices, recycle
 
     generator = torch.Generator().manual_seed(0)
     weights = torch.softmax(torch.randn(2, 3, 2, 9, generator=generator) * 2, dim=-1)
@@ -265,7 +264,7 @@ def test_var_edit_over_the_prompt_keys_matches_the_row_by_row_reference(in_place
     padded = lambda mask: torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], dim=1)  # noqa: E731
     expected = _naive_recycle(weights, padded(image), padded(sink), 0.4, 0.5, 0.2)
     original = weights.clone()
-    result = _recycle(weights, RecyclingMatrices.build(image, sink, 0.4, 0.5, 0.2), in_place=in_place)
+    result = recycle(weights, RecyclingMatrices.build(image, sink, 0.4, 0.5, 0.2), in_place=in_place)
     torch.testing.assert_close(result, expected)
     assert (result is weights) == in_place
     if not in_place:
@@ -275,7 +274,7 @@ def test_var_edit_over_the_prompt_keys_matches_the_row_by_row_reference(in_place
 
 @pytest.mark.parametrize("beta", [1.0, 1.5])
 def test_gift_edit_in_place_equals_the_copy_and_the_pure_function(beta):
-    from vlm_guard.methods.gift.intervention import FusionMatrices, _enhance, enhance_fusion
+    from vlm_guard.methods.gift.kernel import FusionMatrices, enhance, enhance_fusion
 
     generator = torch.Generator().manual_seed(1)
     weights = torch.softmax(torch.randn(1, 4, 1, 8, generator=generator), dim=-1)
@@ -284,8 +283,8 @@ def test_gift_edit_in_place_equals_the_copy_and_the_pure_function(beta):
     query = torch.tensor([[False, False, False, True, True]])
     keys = lambda mask: torch.cat([mask, torch.zeros(1, 3, dtype=mask.dtype)], dim=1)  # noqa: E731
     reference = enhance_fusion(weights, keys(gain), keys(image), keys(query), beta)  # matrices over all 8 keys
-    copy = _enhance(weights, FusionMatrices.build(gain, image, query, beta))  # over the 5 prompt keys
-    in_place = _enhance(weights.clone(), FusionMatrices.build(gain, image, query, beta), in_place=True)
+    copy = enhance(weights, FusionMatrices.build(gain, image, query, beta))  # over the 5 prompt keys
+    in_place = enhance(weights.clone(), FusionMatrices.build(gain, image, query, beta), in_place=True)
     torch.testing.assert_close(copy, reference)
     torch.testing.assert_close(in_place, reference)
     torch.testing.assert_close(reference.sum(-1), torch.ones(1, 4, 1))

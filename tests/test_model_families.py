@@ -1,7 +1,8 @@
-"""The families of issue 15 (Qwen3-VL dense and MoE, Gemma 3, LLaVA-OneVision, InternVL, Mistral 3, GLM-4.1V) on tiny
-random-weight models: spans and image-free prompts from token ids, each method acting on image rows only, padded
-batches equal to rows alone, calibration. Methods-off identity for these families is in test_core_identity (its
-FAMILIES include them). Families whose class this transformers version lacks are skipped with the reason."""
+"""Every family of ``vlm_guard.testing.FAMILY_NAMES`` on its tiny random-weight model: spans and image-free prompts
+from token ids, each method acting on image rows only, padded batches equal to rows alone, two images in one prompt,
+calibration. Methods-off identity for every family is in test_core_identity. Families whose class this transformers
+version lacks are skipped with the reason. Fast tier: every family with all methods together; each method alone is
+marked slow."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
+from vlm_guard.methods.registry import method_names
 from vlm_guard.core.contract import Intervention
 from vlm_guard.methods.gift.intervention import GIFTConfig
 from vlm_guard.methods.pai.intervention import PAIConfig
@@ -20,17 +22,21 @@ from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.calibration import HeadMap
 from vlm_guard.calibration.calibrate import HeadProfiler
 from vlm_guard.models import get_adapter
-from vlm_guard.testing import (BOS, IMAGE, IMG_BREAK, IMG_END, PAD, TINY_FAMILIES, VISION_END, VISION_START, build_batch,
+from vlm_guard.testing import (BOS, FAKE, FAMILY_NAMES, IMAGE, IMG_BREAK, IMG_END, PAD, VISION_END, VISION_START, build_batch,
                                family_available, tiny_model, tiny_tokenizer)
 
 from test_decoding_common import MIN_MARGIN, ROWS, SINK_DIM, assert_batch_matches_singles, greedy, tiny_var_config
 
 NEW_TOKENS = 3
 CHANGE_TOKENS = 6  # the change test decodes longer: weak methods on a random model flip a token within a few steps
-MARKERS = {VISION_START, VISION_END, IMG_BREAK, IMG_END}
-# the marker tokens of one image block, per family (Mistral 3's 2x2 tokens: one [IMG_BREAK] after the first row, then
-# [IMG_END]; LLaVA-OneVision: none, its newline features are image tokens)
-SPAN_MARKERS = {"qwen3_vl": 2, "qwen3_vl_moe": 2, "glm4v": 2, "gemma3": 2, "internvl": 2, "mistral3": 2, "llava_onevision": 0}
+MARKERS = {VISION_START, VISION_END, IMG_BREAK, IMG_END, FAKE}
+# the marker tokens of one image block in its image span, per family (Mistral 3's 2x2 tokens: one [IMG_BREAK] after the
+# first row, then [IMG_END]; LLaVA-NeXT and LLaVA-OneVision: none, their newline features are image tokens; Idefics3:
+# none, its <fake_token_around_image> markers stay outside the span)
+SPAN_MARKERS = {"llava": 0, "llava_next": 0, "qwen2_vl": 2, "qwen2_5_vl": 2, "idefics3": 0, "qwen3_vl": 2, "qwen3_vl_moe": 2,
+                "glm4v": 2, "gemma3": 2, "internvl": 2, "mistral3": 2, "llava_onevision": 0}
+# each method alone is slow-tier; all of them together runs in the fast tier
+METHODS = [*(pytest.param(name, marks=pytest.mark.slow) for name in method_names()), "all"]
 
 
 def method_configs() -> dict[str, GuardConfig]:
@@ -42,12 +48,14 @@ def method_configs() -> dict[str, GuardConfig]:
         "pai": GuardConfig(pai=PAIConfig(alpha=2.0, gamma=2.0)),
         "vcd": GuardConfig(vcd=VCDConfig(alpha=5.0, contrast_when="always")),  # the tests decode greedily
     }
-    together = GuardConfig.from_methods("vhr,var,gift,pai,vcd").replace(var=tiny_var_config(),
-                                                                        vcd=VCDConfig(contrast_when="always"))
+    for name in method_names():  # a method without a tiny-model setting here runs its defaults
+        single.setdefault(name, GuardConfig.from_methods(name))
+    together = GuardConfig.from_methods(list(method_names())).replace(var=tiny_var_config(),
+                                                                       vcd=VCDConfig(contrast_when="always"))
     return {**single, "all": together}
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_FAMILIES))
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
 def family(request):
     reason = family_available(request.param)
     if reason:
@@ -100,7 +108,7 @@ def test_without_processor_markers_from_config_or_image_tokens_only(family):
     assert (spans.image_span & ~spans.image).sum(dim=1).tolist() == [expected, 0, expected]
 
 
-@pytest.mark.parametrize("method", ["vhr", "var", "gift", "pai", "vcd", "all"])
+@pytest.mark.parametrize("method", METHODS)
 def test_method_changes_image_rows_only(family, method):
     name, model, inputs = family
     guarded = vlm_guard.wrap(model, tiny_tokenizer(), config=method_configs()[method])
@@ -115,7 +123,7 @@ def test_method_changes_image_rows_only(family, method):
     assert any(changed), f"{name} {method}: no image row changed"
 
 
-@pytest.mark.parametrize("method", ["vhr", "var", "gift", "pai", "vcd", "all"])
+@pytest.mark.parametrize("method", METHODS)
 def test_padded_batch_matches_rows_alone(family, method):
     name, model, _ = family
     guarded = vlm_guard.wrap(model, tiny_tokenizer(), config=method_configs()[method])

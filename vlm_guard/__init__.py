@@ -18,21 +18,26 @@ from vlm_guard.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_guard.config import GuardConfig
-    from vlm_guard.methods.gift.intervention import GIFTConfig
-    from vlm_guard.methods.pai.intervention import PAIConfig
-    from vlm_guard.methods.var.intervention import VARConfig
-    from vlm_guard.methods.vcd.intervention import VCDConfig
-    from vlm_guard.methods.vhr.intervention import VHRConfig
+    from vlm_guard.methods.gift.config import GIFTConfig
+    from vlm_guard.methods.pai.config import PAIConfig
+    from vlm_guard.methods.var.config import VARConfig
+    from vlm_guard.methods.vcd.config import VCDConfig
+    from vlm_guard.methods.vhr.config import VHRConfig
     from vlm_guard.wrapper import GuardedModel, wrap
 
 _LAZY = {"GuardConfig": "vlm_guard.config", "GuardedModel": "vlm_guard.wrapper", "wrap": "vlm_guard.wrapper",
-         "VHRConfig": "vlm_guard.methods.vhr.intervention", "VARConfig": "vlm_guard.methods.var.intervention", "GIFTConfig": "vlm_guard.methods.gift.intervention",
-         "PAIConfig": "vlm_guard.methods.pai.intervention", "VCDConfig": "vlm_guard.methods.vcd.intervention"}
+         "register_method": "vlm_guard.methods.registry"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name.endswith("Config") and name[:1].isupper():  # a registered method's config class: VHRConfig, ...
+        from vlm_guard.methods.registry import method_specs
+
+        for spec in method_specs():
+            if spec.config_class.__name__ == name:
+                return spec.config_class
     raise AttributeError(f"module 'vlm_guard' has no attribute {name!r}")
 
 
@@ -59,4 +64,4 @@ def tune(*args, **kwargs):
     return _tune(*args, **kwargs)
 
 
-__all__ = ["GuardConfig", "GuardedModel", "wrap", "VHRConfig", "VARConfig", "GIFTConfig", "PAIConfig", "VCDConfig", "load_default", "calibrate", "tune", "__version__"]
+__all__ = ["GuardConfig", "GuardedModel", "wrap", "register_method", "VHRConfig", "VARConfig", "GIFTConfig", "PAIConfig", "VCDConfig", "load_default", "calibrate", "tune", "__version__"]

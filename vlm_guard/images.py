@@ -22,10 +22,15 @@ returned as skipped, with the reason, so the caller can count and report them.
 :func:`display_name` makes any path printable, including file names that are not valid UTF-8.
 
 Example:
+    >>> from PIL import Image
     >>> from vlm_guard.images import load_image
-    >>> image = load_image("photo.jpg")                       # doctest: +SKIP
-    >>> image.mode
-    'RGB'
+    >>> image = load_image(Image.new("RGBA", (8, 8), (0, 0, 0, 0)))   # or a path: load_image("photo.jpg")
+    >>> image.mode, image.getpixel((0, 0))                            # transparency composited on white
+    ('RGB', (255, 255, 255))
+    >>> load_image("no_such_photo.jpg")
+    Traceback (most recent call last):
+    ...
+    vlm_guard.images.ImageLoadError: no_such_photo.jpg: file not found; check the path.
 """
 
 from __future__ import annotations
@@ -155,7 +160,9 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
         ImageLoadError: one line naming the image and what to do.
 
     Example:
-        >>> load_image("scan16.png").getpixel((0, 0))          # doctest: +SKIP
+        >>> from PIL import Image
+        >>> scan16 = Image.new("I;16", (2, 2), 32896)            # a 16-bit grey scan, as from load_image("scan16.png")
+        >>> load_image(scan16).getpixel((0, 0))                  # scaled to 8 bits, not clipped
         (128, 128, 128)
     """
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):

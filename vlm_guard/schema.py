@@ -11,7 +11,23 @@ Used for the toy-model training runs (``train_config.json``: :func:`load_datacla
 :func:`check_train_state`).
 
 Example:
-    >>> config = load_dataclass("runs/toy/train_config.json", TrainConfig, REMEDY)  # doctest: +SKIP
+    >>> import dataclasses, json, tempfile
+    >>> from pathlib import Path
+    >>> @dataclasses.dataclass
+    ... class TrainConfig:
+    ...     steps: int = 100
+    ...     lr: float = 1e-3
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = Path(tmp.name) / "train_config.json"                # e.g. runs/toy/train_config.json
+    >>> _ = path.write_text(json.dumps({"steps": 300, "lr": 0.01}))
+    >>> load_dataclass(path, TrainConfig, "start a new --out")
+    TrainConfig(steps=300, lr=0.01)
+    >>> _ = path.write_text(json.dumps({"steps": "7", "lr": 0.01}))
+    >>> load_dataclass(path, TrainConfig, "start a new --out")
+    Traceback (most recent call last):
+    ...
+    vlm_guard.schema.FileSchemaError: ...train_config.json: field steps is "7", not an integer; start a new --out
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

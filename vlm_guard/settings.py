@@ -27,9 +27,15 @@ single profile that serves every task. The ``tuned`` section is checked against 
 (:func:`validate_tuned`) when a map is read: a malformed one is refused with one line naming the field.
 
 Example:
-    >>> config, sources = resolve_config(GuardConfig(vhr=VHRConfig(alpha=3.0)), head_map)   # doctest: +SKIP
-    >>> sources["vhr"]["alpha"], sources["vhr"]["target_layers"]                            # doctest: +SKIP
+    >>> from types import SimpleNamespace
+    >>> from vlm_guard import VHRConfig
+    >>> head_map = SimpleNamespace(tuned={"settings": {"vhr": {"alpha": 1.25, "target_layers": [2, 3]}},
+    ...                                   "default_methods": ["vhr"]})           # a HeadMap's tuned section
+    >>> config, sources = resolve_config(GuardConfig(vhr=VHRConfig(alpha=3.0)), head_map)
+    >>> sources["vhr"]["alpha"], sources["vhr"]["target_layers"]
     ('config', 'tuned')
+    >>> config.vhr.alpha, config.vhr.target_layers
+    (3.0, [2, 3])
 """
 
 from __future__ import annotations

@@ -2,13 +2,19 @@
 
 Example:
     >>> import vlm_guard
-    >>> model, processor = vlm_guard.load_default()
+    >>> from PIL import Image
+    >>> from vlm_guard.models.loading import chat_prompt
+    >>> model, processor = vlm_guard.load_default()       # the test fixture when VLM_GUARD_DEFAULT_MODEL=fixture
     >>> guarded = vlm_guard.wrap(model, processor, vlm_guard.GuardConfig.from_methods("vhr"))
+    >>> image, prompt = Image.new("RGB", (64, 64), "red"), chat_prompt(processor, "describe the image")
     >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
-    >>> output_ids = guarded.generate(**inputs, max_new_tokens=32, do_sample=False)
+    >>> output_ids = guarded.generate(**inputs, max_new_tokens=4, do_sample=False)
     >>> with guarded.disabled():
-    ...     plain_ids = guarded.generate(**inputs, max_new_tokens=32, do_sample=False)
-    >>> model = guarded.unwrap()
+    ...     plain_ids = guarded.generate(**inputs, max_new_tokens=4, do_sample=False)
+    >>> output_ids.shape == plain_ids.shape
+    True
+    >>> guarded.unwrap() is model
+    True
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any, Iterator
 from torch import nn
 from transformers import LogitsProcessorList
 
-from vlm_guard.config import METHOD_ORDER, GuardConfig
+from vlm_guard.config import GuardConfig
 from vlm_guard.core.contract import Intervention
 from vlm_guard.core.calls import check_generate_call
 from vlm_guard.core.engine import GuardEngine
@@ -94,11 +100,8 @@ class GuardedModel:
             raise ValueError(f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')")
         config.validate()
         interventions = []
-        for name in METHOD_ORDER:
-            method_config = getattr(config, name)
-            if method_config is None:
-                continue
-            intervention = get_method(name).build(method_config, self.adapter, self.head_map)
+        for name in config.enabled_methods:  # in the registry's run order
+            intervention = get_method(name).build(getattr(config, name), self.adapter, self.head_map)
             if intervention is not None:
                 interventions.append(intervention)
         return interventions
@@ -157,7 +160,9 @@ class GuardedModel:
     def _generate_guarded(self, *args, **kwargs):
         if not self.engine.enabled or not self.interventions:
             return self.model.generate(*args, **kwargs)
-        input_ids, kwargs = check_generate_call(self.model, self.guard_config.enabled_methods, args, kwargs)
+        methods = self.guard_config.enabled_methods
+        contrastive = [name for name in methods if get_method(name).contrastive]
+        input_ids, kwargs = check_generate_call(self.model, methods, args, kwargs, contrastive=contrastive)
         if input_ids is None:  # embeddings only: the image cannot be placed (warned)
             return self.model.generate(*args, **kwargs)
         model_inputs = {key: value for key, value in kwargs.items() if key != "inputs"}

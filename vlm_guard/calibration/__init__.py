@@ -5,13 +5,13 @@ One module per measure (``vhd``, ``tvhd``, ``sinks``, ``gift_layer``; GIFT's pur
 it (``calibrate``; call ``vlm_guard.calibrate`` or ``vlm_guard.calibration.calibrate.calibrate``), its plots
 (``plots``) and its command line (``cli``: ``vlm-guard calibrate``, ``vlm-guard heads show``).
 
-Example:
-    >>> import vlm_guard
-    >>> from vlm_guard.calibration import HeadMap
-    >>> head_map = vlm_guard.calibrate(model, processor, "photos/", out_dir="maps/mine")
-    >>> scores = token_vhd(model, processor, inputs, output_ids)  # [B, T] per generated token
-    >>> HeadMap.from_pretrained("maps/mine") == head_map
-    True
+Example (not run: calibrates a real model on a folder of photos)::
+
+    import vlm_guard
+    from vlm_guard.calibration import HeadMap, token_vhd
+    head_map = vlm_guard.calibrate(model, processor, "photos/", out_dir="maps/mine")
+    scores = token_vhd(model, processor, inputs, output_ids)  # [B, T] per generated token
+    assert HeadMap.from_pretrained("maps/mine") == head_map
 """
 
 from vlm_guard.calibration.head_map import HeadMap, HeadMapFileError, HeadMapMismatchError, ImageCentricStats, default_cache_dir, find_cached_head_map

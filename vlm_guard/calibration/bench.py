@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.default_model:
-        import vlm_guard
+        from vlm_guard.defaults import load_default
 
-        model, processor = vlm_guard.load_default()
+        model, processor = load_default()
         size = processor.image_processor.crop_size["height"]
         label = "default model"
     elif args.toy_shape:

@@ -13,11 +13,12 @@ logits):
 
 Only the rows the observers ask for are recomputed explicitly; no full attention matrix is stored.
 
-Example:
-    >>> import vlm_guard
-    >>> model, processor = vlm_guard.load_default()
-    >>> head_map = vlm_guard.calibrate(model, processor, "photos/*.jpg", limit=200, out_dir="maps/toy")
-    >>> print(head_map.summary())
+Example (not run: profiles 200 photos)::
+
+    import vlm_guard
+    model, processor = vlm_guard.load_default()
+    head_map = vlm_guard.calibrate(model, processor, "photos/*.jpg", limit=200, out_dir="maps/toy")
+    print(head_map.summary())
 """
 
 from __future__ import annotations
@@ -360,13 +361,10 @@ def load_image(item):
 
 def build_prompt(processor, text: str) -> str:
     """The processor's chat template around an image and ``text`` (with the generation prompt), or
-    ``"<image>\\n{text}"`` when the processor has no chat template."""
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return prompt[0] if isinstance(prompt, list) else prompt
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    return f"{image_token}\n{text}"
+    ``"<image>\\n{text}"`` when the processor has no chat template (:func:`vlm_guard.models.loading.chat_prompt`)."""
+    from vlm_guard.models.loading import chat_prompt
+
+    return chat_prompt(processor, text, fallback=True)
 
 
 def _normalise_prompts(prompts) -> list[str]:
@@ -464,8 +462,9 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
     Raises:
         ValueError: bad options, or no image could be profiled.
 
-    Example:
-        >>> head_map = calibrate(model, processor, "coco/val2014", limit=500, out_dir="maps/llava-7b")
+    Example (not run: profiles 500 COCO images on a 7B model)::
+
+        head_map = calibrate(model, processor, "coco/val2014", limit=500, out_dir="maps/llava-7b")
     """
     from tqdm.auto import tqdm
 

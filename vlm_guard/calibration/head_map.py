@@ -33,11 +33,12 @@ digests, and :func:`find_cached_head_map` (called by ``vlm_guard.wrap`` when no 
 it up by that hash. Models without a name (``config._name_or_path`` empty, e.g. built from a config in
 a test) are not cached.
 
-Example:
-    >>> head_map = vlm_guard.calibrate(model, processor, images)
-    >>> head_map.save_pretrained("maps/llava-7b")
-    >>> head_map = HeadMap.from_pretrained("maps/llava-7b")
-    >>> print(head_map.summary())
+Example (not run: calibrates a real model)::
+
+    head_map = vlm_guard.calibrate(model, processor, images)
+    head_map.save_pretrained("maps/llava-7b")
+    head_map = HeadMap.from_pretrained("maps/llava-7b")
+    print(head_map.summary())
 """
 
 from __future__ import annotations
@@ -786,7 +787,7 @@ def find_head_map(adapter, cache_dir: str | Path | None = None) -> HeadMap | Non
     if cached is not None and cached.tuned:
         logger.info("using the tuned head map from %s", folder)
         return cached
-    from vlm_guard.tuning.shipped import find_shipped_head_map
+    from vlm_guard.calibration.shipped import find_shipped_head_map
 
     shipped = find_shipped_head_map(adapter)
     if shipped is not None and shipped.tuned and cached is not None:
@@ -807,7 +808,7 @@ def cache_report(head_map: HeadMap, cache_dir: str | Path | None = None) -> list
     fingerprint = head_map.fingerprint
     if not model_name(fingerprint):
         return ["not cached: the model has no name (pass head_map=FOLDER to vlm_guard.wrap)"]
-    from vlm_guard.tuning.shipped import SHIPPED_HEAD_MAPS
+    from vlm_guard.calibration.shipped import SHIPPED_HEAD_MAPS
 
     saved = calibrated_cache_folder(fingerprint, cache_dir)
     lines = [f"cached at {saved}"]

@@ -6,11 +6,12 @@ the repository's ``head_map.json`` + ``head_map.safetensors`` come from the hugg
 only). ``HeadMap.push_to_hub("org/name")`` uploads the two files with a model card (``README.md``) saying which
 checkpoint the map belongs to, how it was calibrated, what was tuned and the measured effect.
 
-Example:
-    >>> head_map = vlm_guard.calibrate(model, processor, "coco/val2014", limit=200)
-    >>> head_map.push_to_hub("me/llava-1.5-7b-head-map")            # needs `huggingface-cli login`
-    >>> head_map = HeadMap.from_pretrained("me/llava-1.5-7b-head-map")
-    >>> guarded = vlm_guard.wrap(model, processor, "auto", head_map=head_map)
+Example (not run: calibrates a real model and uploads to the hub)::
+
+    head_map = vlm_guard.calibrate(model, processor, "coco/val2014", limit=200)
+    head_map.push_to_hub("me/llava-1.5-7b-head-map")            # needs `huggingface-cli login`
+    head_map = HeadMap.from_pretrained("me/llava-1.5-7b-head-map")
+    guarded = vlm_guard.wrap(model, processor, "auto", head_map=head_map)
 """
 
 from __future__ import annotations

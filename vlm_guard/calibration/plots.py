@@ -4,9 +4,10 @@ heads marked) and the sink-dimension profile (first-token ratio per hidden dimen
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change).
 
-Example:
-    >>> save_plots(head_map, "maps/llava-7b")
-    [PosixPath('maps/llava-7b/vhd_heatmap.png'), PosixPath('maps/llava-7b/sink_dims.png')]
+Example (not run: needs a calibrated head map)::
+
+    save_plots(head_map, "maps/llava-7b")
+    # [PosixPath('maps/llava-7b/vhd_heatmap.png'), PosixPath('maps/llava-7b/sink_dims.png')]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def plot_vhd(head_map, path: str | Path) -> Path:
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
-    from vlm_guard.cli.heads import display_model_name  # the model's name, not the folders of the machine that made the map
+    from vlm_guard.checks import display_model_name  # the model's name, not the folders of the machine that made the map
 
     name = display_model_name(head_map.fingerprint) if head_map.fingerprint.get("name_or_path") else head_map.fingerprint.get("family")
     axes.set_title(f"vision-aware head divergence: {name}", fontsize=9)

@@ -3,7 +3,8 @@
 Profilers accept either a plain model or a :class:`vlm_guard.GuardedModel`. For a plain model a
 temporary :class:`~vlm_guard.core.engine.GuardEngine` is installed and removed in ``finally``;
 for a wrapped model its own engine is used (with the wrapper's methods inactive unless asked), and
-its ``enabled`` flag is restored afterwards.
+its ``enabled`` flag is restored afterwards. A wrapped model is recognised by what it holds (an installed
+``engine``, its ``adapter``, the bare ``model`` and its ``interventions``), so this module needs no wrapper.
 """
 
 from __future__ import annotations
@@ -67,9 +68,8 @@ def profiling_session(model, processor=None) -> Iterator[ProfilingSession]:
     """Yield a :class:`ProfilingSession` for ``model`` (plain or wrapped); undone in ``finally``."""
     from vlm_guard.core.engine import GuardEngine
     from vlm_guard.models import get_adapter
-    from vlm_guard.wrapper import GuardedModel
 
-    if isinstance(model, GuardedModel):
+    if isinstance(getattr(model, "engine", None), GuardEngine):  # a GuardedModel: profile through its own engine
         engine = model.engine
         previous = engine.enabled
         engine.enabled = True

@@ -13,9 +13,10 @@ on the fly.
 ``top_k`` default: 4 heads per layer (capped at H), a project choice; methods.md does not restate the
 paper's k.
 
-Example:
-    >>> output_ids = guarded.generate(**inputs, max_new_tokens=32, do_sample=False)
-    >>> scores = token_vhd(guarded, processor, inputs, output_ids)  # [B, 32]
+Example (not run: needs a wrapped model and its inputs; :func:`token_vhd`'s own example runs)::
+
+    output_ids = guarded.generate(**inputs, max_new_tokens=32, do_sample=False)
+    scores = token_vhd(guarded, processor, inputs, output_ids)  # [B, 32]
 """
 
 from __future__ import annotations
@@ -101,7 +102,16 @@ def token_vhd(guarded_or_model, processor, inputs: dict, generated_ids: torch.Te
         ``[B, T]`` fp32 on CPU. Positions after a row's end-of-sequence token are scored too.
 
     Example:
+        >>> from PIL import Image
+        >>> from vlm_guard.defaults import load_fixture
+        >>> from vlm_guard.models.loading import chat_prompt
+        >>> model, processor = load_fixture()                          # the 3.6M test fixture
+        >>> prompt = chat_prompt(processor, "describe the image")
+        >>> inputs = processor(images=Image.new("RGB", (32, 32), "red"), text=prompt, return_tensors="pt")
+        >>> output_ids = processor.tokenizer("a red house", add_special_tokens=False, return_tensors="pt").input_ids
         >>> scores = token_vhd(model, processor, inputs, output_ids, top_k=4)
+        >>> scores.shape, scores.dtype                                 # one score per given token
+        (torch.Size([1, 3]), torch.float32)
     """
     if distance not in DISTANCES:
         raise ValueError(f"distance={distance!r} is not known; choose one of {list(DISTANCES)}")

@@ -21,37 +21,20 @@ logger = logging.getLogger(__name__)
 
 def load_model(model_id: str | None, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False,
                allow_pickle: bool = False):
-    """``(model, processor)``: the shipped default when ``model_id`` is None, else
-    ``AutoModelForImageTextToText`` / ``AutoProcessor`` from a hub id or a local folder (safetensors weights
-    only unless ``allow_pickle``, see :mod:`vlm_guard.models.loading`)."""
-    import torch
+    """``(model, processor)`` for ``vlm-guard calibrate`` (:func:`vlm_guard.models.loading.load_model`), in
+    ``dtype``, by default float16 on a CUDA device and float32 elsewhere."""
+    from vlm_guard.models.loading import load_model as load
 
     if dtype is None:
         dtype = "float16" if str(device).startswith("cuda") else "float32"
-    torch_dtype = getattr(torch, dtype)
-    if model_id is None:
-        import vlm_guard
-
-        return vlm_guard.load_default(device=device, dtype=torch_dtype)
-    from transformers import AutoProcessor
-
-    from vlm_guard.models.loading import load_pretrained_model
-
-    local = Path(model_id).expanduser()
-    if str(model_id).startswith((".", "/", "~")) and not local.exists():
-        raise FileNotFoundError(f"--model {model_id}: no such folder")
-    source = str(local) if local.exists() else model_id
-    model = load_pretrained_model(source, allow_pickle=allow_pickle, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    return model, processor
+    return load(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from vlm_guard.calibration.calibrate import calibrate
     from vlm_guard.calibration.head_map import cache_report, model_name
 
-    from vlm_guard.cli.checks import check_device, check_model_argument, check_output_folder
+    from vlm_guard.cli.checks import check_device, check_model_argument, check_output_folder, model_load_error
 
     check_output_folder(args.out)  # before the model loads
     check_device(args.device)
@@ -63,8 +46,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
     try:
-        model, processor = load_model(args.model, parallel.device(args.device), args.dtype, args.trust_remote_code,
-                                      args.allow_pickle)
+        try:
+            model, processor = load_model(args.model, parallel.device(args.device), args.dtype, args.trust_remote_code,
+                                          args.allow_pickle)
+        except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
+            raise model_load_error(args.model, error) from None
         out = Path(args.out)
         head_map = calibrate(
             model, processor, args.images, args.prompt, batch_size=args.batch_size, limit=args.limit,

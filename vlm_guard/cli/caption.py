@@ -80,7 +80,7 @@ def _caption(guarded, processor, image, prompt: str, max_new_tokens: int) -> tup
 
     from vlm_guard.models.loading import chat_prompt
 
-    inputs = processor(images=[image], text=[chat_prompt(processor, prompt)], return_tensors="pt").to(guarded.device)
+    inputs = processor(images=[image], text=[chat_prompt(processor, prompt, fallback=True)], return_tensors="pt").to(guarded.device)
     start = time.perf_counter()
     with torch.no_grad():
         output = guarded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -108,13 +108,16 @@ def run(args: argparse.Namespace) -> int:
 
     world = world_for_model_argument(args.model)
     images = _bundled_examples(world.name) if args.all_examples else [_load_image(args.image, world.name)]
-    from vlm_guard.cli.checks import check_device, check_head_map_folder, check_model_argument
+    from vlm_guard.cli.checks import check_device, check_head_map_folder, check_model_argument, model_load_error
 
     check_device(args.device)
     check_model_argument(args.model)
     check_head_map_folder(args.head_map)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                  allow_pickle=args.allow_pickle)
+    try:
+        model, processor = load_model(args.model, device=args.device, dtype=args.dtype,
+                                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
+        raise model_load_error(args.model, error) from None
     prompt = args.prompt or world.caption_prompt
     head_map = None
     if args.head_map:
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
               f"plain {totals['plain'][1]}, guarded {totals['guarded'][1]}"
               + (f"; flagged by the checker plain {totals['plain'][0]}, guarded {totals['guarded'][0]}" if checker else ""))
     if auto:
-        from vlm_guard.tuning.shipped import held_out_line
+        from vlm_guard.calibration.shipped import held_out_line
 
         line = held_out_line(guarded.head_map, task, config, folder=args.head_map)
         if line:

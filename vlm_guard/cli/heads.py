@@ -27,10 +27,13 @@ import json
 import math
 import struct
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vlm_guard.checks import display_model_name
 from vlm_guard.cli.arguments import DTYPE_NAMES, add_allow_pickle_argument, deferred, float_range, int_range, positive_int
+from vlm_guard.methods import registry
 
 # the head-map file format (vlm_guard.calibration.head_map; tests/test_cli_light.py keeps these equal to it)
 FORMAT_NAME = "vlm_guard.head_map"
@@ -39,21 +42,11 @@ JSON_FILE = "head_map.json"
 TENSOR_FILE = "head_map.safetensors"
 TENSORS_DIGEST_KEY = "tensors_sha256"
 MAX_JSON_BYTES = 16 << 20
-METHOD_ORDER = ("vhr", "var", "gift", "pai", "vcd")
+METHOD_ORDER = registry.MethodNames()
 
-RELEASED_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vhr": {"preset": "released", "alpha": 2.0, "target_layers": None, "selection": "per_sample", "distance": "sq_l2",
-            "outlier_filter": "released"},
-    "var": {"preset": "released", "p": 0.4, "rho": 0.5, "visual_threshold": 0.2, "tau": 20.0, "sink_dims": None,
-            "layers": None, "last_layer": True, "require_visual_sink": True},
-    "gift": {"preset": "released", "alpha": 5.0, "beta": 1.0, "saliency_layer": None, "enhance_layers": None,
-             "use_spacy": False, "clamp_stds": 3.0},
-    "pai": {"preset": "released", "alpha": 0.2, "gamma": 1.1, "plausibility": 0.1, "layers": None},
-    "vcd": {"preset": "released", "alpha": 1.0, "plausibility": 0.1, "noise_step": 500, "num_steps": 1000,
-            "beta_schedule": "sigmoid", "seed": 0, "contrast_when": "sampling"},
-}
-"""Each method config's fields and released defaults, in declaration order (the ``*Config`` classes of
-``vlm_guard.decoding`` import torch); a test keeps this equal to the classes."""
+RELEASED_DEFAULTS: Mapping[str, dict[str, Any]] = registry.MethodFacts(lambda spec: spec.config_class().to_dict(),
+                                                                       "released defaults")
+"""Each method config's fields and released defaults, in declaration order (read from the registry: no torch)."""
 UNTUNED_DEFAULT_METHODS = ("pai",)  # vlm_guard.settings.UNTUNED_DEFAULT_METHODS (kept equal by a test)
 
 
@@ -136,17 +129,6 @@ def _full_summary(directory: str) -> str:
     lines = head_map.summary().splitlines()
     lines = [_model_line(head_map.fingerprint) if line.startswith("model ") else line for line in lines]
     return "\n".join(lines) + "\n\n" + "\n".join(tuned_report(head_map))
-
-
-def display_model_name(fingerprint: dict) -> str:
-    """The model a map was calibrated on, without the builder's folders: a hub id as it is
-    (``llava-hf/llava-1.5-7b-hf``), a local path by its last component."""
-    name = str(fingerprint.get("name_or_path") or "").replace("\\", "/").rstrip("/")
-    if not name:
-        return "(unnamed)"
-    if name.startswith(("/", "~", ".")) or (len(name) > 1 and name[1] == ":") or name.count("/") > 1:
-        return name.rsplit("/", 1)[-1]
-    return name
 
 
 def _model_line(fingerprint: dict) -> str:

@@ -21,10 +21,11 @@ import logging
 from pathlib import Path
 
 from vlm_guard.cli.arguments import INTERRUPTED_RESUMABLE, max_new_tokens_int, non_negative_int, positive_float, positive_int, seed_int
+from vlm_guard.methods.registry import MethodNames
 
-TUNABLE_METHODS = ("vhr", "var", "gift", "pai", "vcd")
-"""The methods `vlm-guard tune` can tune (:data:`vlm_guard.tuning.space.TUNABLE_METHODS`, which imports torch; a
-test keeps the two equal)."""
+TUNABLE_METHODS = MethodNames(lambda spec: spec.tuning_grid is not None, "the methods with a tuning grid")
+"""The methods `vlm-guard tune` can tune: the registry's, as :data:`vlm_guard.tuning.space.TUNABLE_METHODS` (registering
+a method imports no torch)."""
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     parser.add_argument("--head-map", default=None,
                         help="the model's head map folder from `vlm-guard calibrate` (default: the cached or shipped one)")
     parser.add_argument("--methods", type=_methods, default=",".join(TUNABLE_METHODS),
-                        help="methods to tune, comma-separated (default: all five, %(default)s)")
+                        help="methods to tune, comma-separated (default: every tunable method, %(default)s)")
     parser.add_argument("--out", default=None, help="folder for the tuned head map (default: the model's head-map cache folder)")
     parser.add_argument("--state", default=None, help="resumable JSON state (default: <out>/tune_state.json)")
     parser.add_argument("--budget", type=positive_float, default=60.0,

@@ -9,7 +9,8 @@ image. This module finds them, refuses what the methods cannot follow, and says 
 - embeddings only: one warning, the plain model runs the call.
 - assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``, ``assistant_early_exit``):
   ``ValueError`` (the methods' contrast streams and per-step state do not follow rejected drafts).
-- beam search or ``num_return_sequences > 1`` with PAI or VCD, given as keywords or in a
+- beam search or ``num_return_sequences > 1`` with a contrastive method (its contrast pass keeps
+  one cache per prompt row), given as keywords or in a
   ``generation_config=`` object (or the model's own): ``ValueError`` before any work (their contrast
   pass keeps one cache per prompt row).
 - ``compile_config`` with ``fullgraph=True`` (in the call, its ``generation_config`` or the model's):
@@ -28,7 +29,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 ASSISTED_ARGUMENTS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-CONTRASTIVE_METHODS = ("pai", "vcd")  # methods whose contrast pass keeps one cache per prompt row
 ONE_ROW_PER_PROMPT = ("num_beams", "num_return_sequences")
 
 
@@ -50,14 +50,19 @@ def _setting(name: str, kwargs: dict, model):
     return None
 
 
-def check_generate_call(model, methods: list[str], args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, dict]:
+def check_generate_call(model, methods: list[str], args: tuple, kwargs: dict,
+                        contrastive: list[str] = ()) -> tuple[torch.Tensor | None, dict]:
     """Read a guarded ``generate`` call.
+
+    ``methods`` are the enabled methods, ``contrastive`` those among them whose contrast pass keeps one cache per
+    prompt row (``MethodSpec.contrastive``).
 
     Returns:
         ``(input_ids or None, kwargs)``: None means the plain model runs the call (a warning was logged);
         the kwargs may have ``prefill_chunk_size`` switched off.
     Raises:
-        ValueError: assisted generation with methods on; beam search or several sequences per prompt with PAI/VCD.
+        ValueError: assisted generation with methods on; beam search or several sequences per prompt with a
+            contrastive method.
     """
     compile_config = _setting("compile_config", kwargs, model)
     if compile_config is not None and getattr(compile_config, "fullgraph", False):
@@ -66,7 +71,7 @@ def check_generate_call(model, methods: list[str], args: tuple, kwargs: dict) ->
             "graphs. Use CompileConfig(fullgraph=False) (the default: the rest of the model compiles, the tokens are the "
             "eager ones), or run the call inside `with guarded.disabled():`. See docs/compile.md."
         )
-    contrastive = [name for name in methods if name in CONTRASTIVE_METHODS]
+    contrastive = [name for name in methods if name in contrastive]
     for name in ONE_ROW_PER_PROMPT if contrastive else ():
         value = _setting(name, kwargs, model)
         if value is not None and value > 1:

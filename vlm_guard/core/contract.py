@@ -267,7 +267,7 @@ class Intervention:
         can be left out, so it runs the plain attention at every step. Default: :meth:`layers`."""
         return self.layers()
 
-    def begin(self, prompt: PromptContext, engine: "GuardEngine") -> None:
+    def begin(self, prompt: PromptContext, engine: GuardEngine) -> None:
         """Called when a generation starts (its first forward call, the cache empty), before layer 0:
         reset per-sample state, run side passes (through :meth:`GuardEngine.side_pass`, which leaves the
         model's state as it found it)."""

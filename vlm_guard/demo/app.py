@@ -5,11 +5,13 @@ The handlers live in :class:`DemoHandlers` (plain methods, callable from tests w
 :func:`build_app` only lays out the components and wires the events. Errors reach the user as
 ``gr.Error`` / ``gr.Warning`` messages or in the status line, never as tracebacks.
 
-Example:
-    >>> from vlm_guard.demo.session import DemoSession
-    >>> from vlm_guard.demo.app import build_app, launch_options
-    >>> demo = build_app(DemoSession.load())
-    >>> demo.launch(server_name="127.0.0.1", server_port=7860, **launch_options(demo_limits))
+Example (not run: loads the default model and starts a web server)::
+
+    from vlm_guard.demo.session import DemoSession
+    from vlm_guard.demo.app import build_app, launch_options
+    session = DemoSession.load()
+    demo = build_app(session)
+    demo.launch(server_name="127.0.0.1", server_port=7860, **launch_options(session.limits))
 """
 
 from __future__ import annotations

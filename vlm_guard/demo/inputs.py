@@ -5,8 +5,11 @@ model sees it; they raise :class:`DemoInputError` with a message meant for the u
 browser as a ``gr.Error``), never a traceback.
 
 Example:
+    >>> from PIL import Image
     >>> limits = DemoLimits()
-    >>> image = validate_image("photo.png", limits)   # PIL RGB image, or DemoInputError
+    >>> image = validate_image(Image.new("RGBA", (64, 48)), limits)   # or an upload's path; DemoInputError if refused
+    >>> image.mode, image.size
+    ('RGB', (64, 48))
     >>> examples = load_examples()                     # the PNGs shipped in vlm_guard/assets/examples
 """
 
@@ -89,9 +92,16 @@ def validate_image(source: str | os.PathLike | Image.Image | None, limits: DemoL
         DemoInputError: with a message for the user.
 
     Example:
-        >>> validate_image("not_an_image.txt", DemoLimits())
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> upload = Path(tmp.name) / "not_an_image.txt"
+        >>> _ = upload.write_text("hello")
+        >>> validate_image(upload, DemoLimits())
         Traceback (most recent call last):
-        DemoInputError: "not_an_image.txt" is not a readable image ...
+        ...
+        vlm_guard.demo.inputs.DemoInputError: "not_an_image.txt" is not a readable image ...
+        >>> tmp.cleanup()
     """
     if source is None or (isinstance(source, str) and not source.strip()):
         raise DemoInputError("No image: upload one or pick a bundled example first.")

@@ -6,8 +6,9 @@ network the page then waits on them, and on any machine they tell third parties 
 :class:`OfflinePage` is an ASGI middleware that removes such tags from the HTML pages the app serves;
 the fonts themselves are the browser's own (see ``SYSTEM_FONTS`` in :mod:`.app`).
 
-Example:
-    >>> demo.launch(app_kwargs={"middleware": [starlette.middleware.Middleware(OfflinePage)]})
+Example (not run: starts a web server)::
+
+    demo.launch(app_kwargs={"middleware": [starlette.middleware.Middleware(OfflinePage)]})
 """
 
 from __future__ import annotations

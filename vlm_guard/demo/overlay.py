@@ -4,8 +4,15 @@ Pure functions from arrays to ``PIL`` images (matplotlib's Agg backend, no displ
 tested without a browser.
 
 Example:
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> image = Image.new("RGB", (336, 336), "white")
+    >>> attention = np.random.default_rng(0).random(64)           # [I] one value per image token
+    >>> sink_mask = attention > 0.9                                # [I] VAR's visual sinks
     >>> grid = ImageGrid(rows=8, cols=8)
     >>> picture = heatmap_overlay(image, grid.to_grid(attention), marks=grid.to_grid(sink_mask))
+    >>> picture.size, picture.mode
+    ((336, 336), 'RGB')
 """
 
 from __future__ import annotations

@@ -12,11 +12,12 @@ over heads, restricted to the image keys.
 - Guarded run: the recorder rides along with the methods (last in the post-softmax order, so it sees
   VAR's and GIFT's edits). Its time therefore includes the recording: one fp32 row per layer and step.
 
-Example:
-    >>> session = DemoSession.load()                     # the shipped default model
-    >>> run = session.run("house.png", "Describe the image.", {"vhr": 2.0, "var": None}, max_new_tokens=32)
-    >>> run.plain.text, run.guarded.text, run.guarded.seconds
-    >>> picture, info = session.token_view(run, "guarded", token_index=0, layer=None)
+Example (not run: loads the default model and generates two answers)::
+
+    session = DemoSession.load()                     # the shipped default model
+    run = session.run("house.png", "Describe the image.", {"vhr": 2.0, "var": None}, max_new_tokens=32)
+    run.plain.text, run.guarded.text, run.guarded.seconds
+    picture, info = session.token_view(run, "guarded", token_index=0, layer=None)
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vlm_guard.config import METHOD_ORDER, GuardConfig
+from vlm_guard.methods import registry
 from vlm_guard.core.contract import Intervention, LayerContext, PromptContext, RowSelection
 from vlm_guard.grounding import TRUTH
 from vlm_guard.models.inputs import append_tokens
@@ -91,13 +93,15 @@ class MethodControl:
     help: str
 
 
-METHOD_CONTROLS: tuple[MethodControl, ...] = (
-    MethodControl("vhr", "VHR", "alpha", 1.0, 4.0, 0.1, 2.0, "alpha: multiplier of vision-aware heads (paper 2; 4 degenerates)"),
-    MethodControl("var", "VAR", "p", 0.0, 1.0, 0.05, 0.6, "p: fraction of sink attention moved to image tokens"),
-    MethodControl("gift", "GIFT", "alpha", 0.0, 10.0, 0.5, 5.0, "alpha: saliency multiplier exp(alpha * S)"),
-    MethodControl("pai", "PAI", "alpha", 0.0, 1.0, 0.05, 0.2, "alpha: image-attention boost a + alpha*|a|"),
-    MethodControl("vcd", "VCD", "alpha", 0.0, 3.0, 0.1, 0.5, "alpha: contrast with a noised image"),
-)
+def method_controls() -> tuple[MethodControl, ...]:
+    """The controls of the registered methods that have one (``MethodSpec.ui``), in run order."""
+    return tuple(MethodControl(spec.name, spec.ui.label, spec.strength_field, spec.ui.minimum, spec.ui.maximum, spec.ui.step,
+                               spec.ui.fallback, spec.ui.help)
+                 for spec in registry.method_specs() if spec.ui is not None)
+
+
+METHOD_CONTROLS: Sequence[MethodControl] = registry.LiveTuple(method_controls, "the demo's method controls")
+"""Every method's switch and slider (a live view of the registry: a method registered later appears too)."""
 
 
 @dataclass
@@ -116,12 +120,10 @@ class MethodAvailability:
 
 def method_availability() -> dict[str, MethodAvailability]:
     """Every method of :data:`METHOD_CONTROLS` with its status (a missing module is a note, not an error)."""
-    from vlm_guard.methods.registry import get_method
-
     result = {}
     for control in METHOD_CONTROLS:
         try:
-            config_class = get_method(control.name).config_class
+            config_class = registry.get_method(control.name).config_class
         except Exception as error:  # a module not written yet, or broken: the demo runs without it
             logger.info("method %s unavailable: %s", control.name, error)
             result[control.name] = MethodAvailability(control, None, control.fallback,
@@ -262,9 +264,14 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-SWITCHED_OFF_HINTS = {
-    "var": "It needs the model's sink dimensions: run `vlm-guard calibrate` and pass --head-map DIR.",
-}
+def _showing(view: str) -> list:
+    """The registered methods whose demo control shows ``view`` (``"sink_mask"``, ``"saliency"``)."""
+    return [spec for spec in registry.method_specs() if spec.ui is not None and view in spec.ui.shows]
+
+
+SWITCHED_OFF_HINTS = registry.MethodFacts(lambda spec: (spec.ui.switched_off_hint or None) if spec.ui else None,
+                                         "what to do when the method switched itself off")
+"""``{method: hint}`` shown when a method builds no intervention on the model (``MethodUI.switched_off_hint``)."""
 
 
 # ---------------------------------------------------------------------------- attention recorder
@@ -400,21 +407,13 @@ class DemoRun:
 # ---------------------------------------------------------------------------- loading
 def load_model(model: str | None = None, device: str = "cpu", allow_pickle: bool = False):
     """``(model, processor, name)``: the shipped default model when ``model`` is None, else a hub id or a
-    local folder through ``AutoModelForImageTextToText`` / ``AutoProcessor`` (safetensors weights only unless
-    ``allow_pickle``, see :mod:`vlm_guard.models.loading`)."""
-    if model is None:
-        from vlm_guard.defaults import describe_default, load_default
+    local folder in its own dtype (safetensors weights only unless ``allow_pickle``), through
+    :func:`vlm_guard.models.loading.load_model`, the loader of every command."""
+    from vlm_guard.models.loading import load_model as load
+    from vlm_guard.models.loading import model_label
 
-        loaded, processor = load_default(device=device)
-        return loaded, processor, describe_default()
-    from transformers import AutoProcessor
-
-    from vlm_guard.models.loading import load_pretrained_model
-
-    loaded = load_pretrained_model(model, allow_pickle=allow_pickle)
-    loaded.to(device).eval()
-    processor = AutoProcessor.from_pretrained(model)
-    return loaded, processor, str(model)
+    loaded, processor = load(model, device=device, allow_pickle=allow_pickle)
+    return loaded, processor, model_label(model)
 
 
 def model_world(model) -> str | None:
@@ -541,13 +540,11 @@ class DemoSession:
 
     def _check_methods_build(self) -> None:
         """Mark methods whose default config cannot be built for this model (e.g. no head map) as unavailable."""
-        from vlm_guard.methods.registry import get_method
-
         for name, status in self.availability.items():
             if not status.available:
                 continue
             try:
-                built = get_method(name).build(status.config_class(), self.guarded.adapter, self.guarded.head_map)
+                built = registry.get_method(name).build(status.config_class(), self.guarded.adapter, self.guarded.head_map)
             except Exception as error:
                 logger.info("method %s cannot run on this model: %s", name, error)
                 status.config_class = None
@@ -677,14 +674,10 @@ class DemoSession:
 
     def prepare(self, image: Image.Image, prompt: str) -> dict:
         """Model inputs for one image and prompt, through the processor's chat template."""
+        from vlm_guard.models.loading import chat_prompt
+
         processor = self.processor
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        if getattr(processor, "chat_template", None):
-            text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        else:
-            image_token = getattr(processor, "image_token", "<image>")
-            text = f"{image_token}\n{prompt}"
-        inputs = processor(images=image, text=text, return_tensors="pt")
+        inputs = processor(images=image, text=chat_prompt(processor, prompt, fallback=True), return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
         prepared = {}
         for key, value in inputs.items():
@@ -822,19 +815,22 @@ class DemoSession:
         result.attention = recorder.stacked(len(ids), self.num_layers)
         positions = image_positions.cpu()
         for intervention in methods:
-            if intervention.name == "var":
+            ui = registry.get_method(intervention.name).ui if registry.is_method(intervention.name) else None
+            shows = ui.shows if ui is not None else ()
+            label = ui.label if ui is not None else intervention.name
+            if "sink_mask" in shows:
                 sink_mask = getattr(intervention, "sink_mask", None)
                 if isinstance(sink_mask, dict) and sink_mask:
                     result.sink_mask = {int(layer): mask[0].detach().cpu()[positions].numpy().astype(bool)
                                         for layer, mask in sink_mask.items()}
                 else:
-                    result.notes.append("VAR ran but exposed no sinks for this prompt.")
-            if intervention.name == "gift":
+                    result.notes.append(f"{label} ran but exposed no sinks for this prompt.")
+            if "saliency" in shows:
                 saliency = getattr(intervention, "saliency", None)
                 if isinstance(saliency, torch.Tensor):
                     result.saliency = saliency[0].detach().float().cpu()[positions].numpy()
                 else:
-                    result.notes.append("GIFT ran but exposed no saliency map for this prompt.")
+                    result.notes.append(f"{label} ran but exposed no saliency map for this prompt.")
         return result
 
     def grounding_note(self, example: Example | None) -> str:
@@ -930,8 +926,8 @@ class DemoSession:
             lines.append(f"Cyan boxes: VAR's visual sink tokens ({int(np.asarray(marks).sum())} cells).")
         elif result.sink_mask:
             lines.append("VAR marked no image token as a sink here.")
-        elif which == "guarded" and "var" not in result.methods:
-            lines.append("Switch VAR on to see its sink tokens.")
+        elif which == "guarded" and (sinks := _showing("sink_mask")) and not any(spec.name in result.methods for spec in sinks):
+            lines.append(f"Switch {' or '.join(spec.ui.label for spec in sinks)} on to see its sink tokens.")
         if result.tvhd is not None:
             lines.append(f"T-VHD of this token: {float(result.tvhd[token_index]):.3g} (answer median {float(np.median(result.tvhd)):.3g}).")
         for mention, tokens in mention_tokens(result):
@@ -945,10 +941,14 @@ class DemoSession:
         return picture, "\n\n".join(lines)
 
     def saliency_view(self, run: DemoRun) -> Image.Image:
-        """GIFT's saliency over the image (guarded run), or a placeholder saying why there is none."""
+        """The saliency over the image of a method that shows one (GIFT; guarded run), or a placeholder saying why there
+        is none."""
         saliency = run.guarded.saliency
         if saliency is None:
-            reason = "Switch GIFT on to see its saliency map." if "gift" not in run.guarded.methods else "GIFT exposed no saliency map."
+            shown = _showing("saliency")
+            labels = " or ".join(spec.ui.label for spec in shown) or "a method with a saliency map"
+            running = [spec.ui.label for spec in shown if spec.name in run.guarded.methods]
+            reason = f"{' and '.join(running)} exposed no saliency map." if running else f"Switch {labels} on to see its saliency map."
             return placeholder(reason)
         if run.grid is None:
             return placeholder("No spatial layout known for this model's image tokens.")

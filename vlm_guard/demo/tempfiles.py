@@ -7,8 +7,11 @@ session lifetime while it runs (``gr.Blocks(delete_cache=...)``), deletes refuse
 (:func:`discard_upload`), and removes the folder on exit.
 
 Example:
-    >>> with owned_temp_dir() as folder:      # GRADIO_TEMP_DIR=folder inside the block
-    ...     demo = build_app(session); demo.launch(...)
+    >>> with owned_temp_dir() as folder:      # build_app(session).launch() here keeps its files in folder
+    ...     os.environ["GRADIO_TEMP_DIR"] == str(folder)
+    True
+    >>> folder.exists()                       # deleted on exit
+    False
 """
 
 from __future__ import annotations

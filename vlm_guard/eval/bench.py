@@ -87,17 +87,57 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vlm_guard.config import GuardConfig
 from vlm_guard.fileio import atomic_write_json, atomic_write_text
-from vlm_guard.methods.vcd.intervention import VCDConfig
+from vlm_guard.methods import registry
 from vlm_guard.version import __version__
 
 logger = logging.getLogger(__name__)
 
-CONFIGURATIONS = ("plain", "off", "vhr", "var", "gift", "vhr+var+gift", "pai", "vcd")
-# targets on the decode-latency ratio to plain (issue 16); None = reported, no target (contrastive baselines)
-DECODE_TARGETS = {"off": 1.03, "vhr": 1.15, "var": 1.15, "gift": 1.15, "vhr+var+gift": 1.3}
+OFF_DECODE_TARGET = 1.03  # decode-latency ratio to plain with every method off
+COMBINED_DECODE_TARGET = 1.3  # the paper methods together; each method's own target is its MethodSpec.bench_decode_target
 OPS_TARGETS = {"off": 1.02}  # operations per decoding step, ratio to plain
-MEMORY_TARGET = 1.2  # peak memory at the long prompt, ratio to plain, for the paper methods (PAI and VCD run a second stream)
-MEMORY_TARGET_CONFIGS = ("off", "vhr", "var", "gift", "vhr+var+gift")
+MEMORY_TARGET = 1.2  # peak memory at the long prompt, ratio to plain, for the methods without a contrast stream
+
+
+def _bench_specs() -> list:
+    return [spec for spec in registry.method_specs() if spec.bench_fields is not None]
+
+
+def _combined_name() -> str | None:
+    paper = [spec.name for spec in _bench_specs() if spec.in_all]
+    return "+".join(paper) if len(paper) > 1 else None
+
+
+def configurations() -> tuple[str, ...]:
+    """The rows of the table: plain, every method off, each paper method alone, the paper methods together, then the
+    other registered methods (the baselines); every method with ``MethodSpec.bench_fields``."""
+    specs = _bench_specs()
+    combined = _combined_name()
+    return ("plain", "off", *(spec.name for spec in specs if spec.in_all), *((combined,) if combined else ()),
+            *(spec.name for spec in specs if not spec.in_all))
+
+
+def decode_targets() -> dict[str, float]:
+    """Targets on the decode-latency ratio to plain; a configuration without one is reported only (contrastive
+    baselines)."""
+    targets = {"off": OFF_DECODE_TARGET}
+    targets.update({spec.name: spec.bench_decode_target for spec in _bench_specs() if spec.bench_decode_target is not None})
+    if _combined_name():
+        targets[_combined_name()] = COMBINED_DECODE_TARGET
+    return targets
+
+
+def memory_target_configs() -> tuple[str, ...]:
+    """The configurations held to :data:`MEMORY_TARGET` at the long prompt: those without a contrast stream."""
+    contrastive = {spec.name for spec in _bench_specs() if spec.contrastive}
+    return tuple(name for name in configurations()[1:] if not contrastive & set(name.split("+")))
+
+
+def __getattr__(name: str):
+    # the table's rows and targets follow the method registry: read at every use
+    computed = {"CONFIGURATIONS": configurations, "DECODE_TARGETS": decode_targets, "MEMORY_TARGET_CONFIGS": memory_target_configs}
+    if name in computed:
+        return computed[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 PLANTED_SINK_DIM = 7
 PLANTED_SINK_VALUE = 400.0
 BOS_TOKEN, PAD_TOKEN = 1, 0
@@ -172,8 +212,9 @@ def default_model_inputs(processor, batch: int = 1) -> dict:
     from vlm_guard.images import load_image
 
     image = load_image(images[0]) if images else Image.new("RGB", (64, 64), (120, 80, 40))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    from vlm_guard.models.loading import chat_prompt
+
+    prompt = chat_prompt(processor, "Describe the image in detail.")
     return dict(processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt"))
 
 
@@ -211,17 +252,16 @@ def method_configs(random_model: bool, var_override: dict | None = None) -> dict
             return config.replace(var={**config.var.to_dict(), **var_override})
         return config
 
-    return {
-        "plain": None,
-        "off": GuardConfig(),
-        "vhr": GuardConfig.from_methods("vhr"),
-        "var": with_var(GuardConfig.from_methods("var")),
-        "gift": GuardConfig.from_methods("gift"),
-        "vhr+var+gift": with_var(GuardConfig.from_methods("vhr,var,gift")),
-        "pai": GuardConfig.from_methods("pai"),
-        # VCD contrasts sampled decoding only by default (released code); the benchmark decodes greedily
-        "vcd": GuardConfig(vcd=VCDConfig(contrast_when="always")),
-    }
+    configs: dict[str, GuardConfig | None] = {"plain": None, "off": GuardConfig()}
+    for name in configurations()[2:]:
+        methods = name.split("+")
+        config = GuardConfig.from_methods(methods)
+        for method in methods:  # the fields the method's spec sets for the benchmark (VCD contrasting greedy decoding)
+            fields = registry.get_method(method).bench_fields
+            if fields:
+                config = config.replace(**{method: registry.get_method(method).config_class(**fields)})
+        configs[name] = with_var(config)
+    return configs
 
 
 # ---------------------------------------------------------------------- measuring
@@ -462,7 +502,7 @@ def bench_model(name: str, model, processor, inputs: dict, configs: dict, repeat
     for config_name in names:
         medians = _medians(runs[config_name])
         ratios = {key: (medians[key] / plain[key] if medians[key] is not None and plain[key] else None) for key in medians}
-        target = DECODE_TARGETS.get(config_name)
+        target = decode_targets().get(config_name)
         ops_target = OPS_TARGETS.get(config_name)
         results[config_name] = {
             "config": None if configs[config_name] is None else configs[config_name].to_dict(),
@@ -574,7 +614,7 @@ def long_prompt_memory(prompt_tokens: int, new_tokens: int = 2, threads: int = 1
     for config_name, result in results.items():
         ratio = None if plain is None or result["peak_mib"] is None else result["peak_mib"] / plain
         result["ratio_to_plain"] = ratio
-        result["memory_target"] = MEMORY_TARGET if config_name in MEMORY_TARGET_CONFIGS else None
+        result["memory_target"] = MEMORY_TARGET if config_name in memory_target_configs() else None
         result["memory_target_met"] = None if result["memory_target"] is None or ratio is None else ratio <= MEMORY_TARGET
     shape = LONG_PROMPT_MODEL
     return {"prompt_length": results["plain"]["prompt_length"], "new_tokens": new_tokens,
@@ -664,16 +704,15 @@ def run_bench(args: argparse.Namespace) -> dict:
                      "cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS rise (VmHWM after reset - VmRSS before)",
                      "op_count": "aten ops dispatched under a TorchDispatchMode, one untimed run per configuration: "
                                  "prefill_ops up to the end of the first step, decode_ops the median per decoding step"},
-        "targets": {"decode_ratio": DECODE_TARGETS, "ops_per_step_ratio": OPS_TARGETS,
-                    "long_prompt_peak_memory_ratio": {name: MEMORY_TARGET for name in MEMORY_TARGET_CONFIGS}},
+        "targets": {"decode_ratio": decode_targets(), "ops_per_step_ratio": OPS_TARGETS,
+                    "long_prompt_peak_memory_ratio": {name: MEMORY_TARGET for name in memory_target_configs()}},
         "models": {},
         "notes": [],
     }
     tables = []
     if args.model in ("default", "both", "all", "fixture"):
         try:
-            from vlm_guard import load_default
-            from vlm_guard.defaults import describe_default, load_fixture
+            from vlm_guard.defaults import describe_default, load_default, load_fixture
 
             if args.model in ("all", "fixture"):
                 model, processor = load_fixture(device=str(device), dtype=dtype)

@@ -8,10 +8,21 @@ A COCO folder may hold a truncated download or a stray non-image file; one bad f
 reason in :attr:`ImageLoader.skipped` so the run summary can report how many items were dropped and why.
 
 Example:
-    >>> loader = ImageLoader("coco/val2014")                        # doctest: +SKIP
-    >>> image = loader.load("COCO_val2014_000000310196.jpg")         # doctest: +SKIP
-    >>> loader.skipped                                               # doctest: +SKIP
-    {}
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = Path(tmp.name)                                     # e.g. "coco/val2014"
+    >>> Image.new("RGB", (640, 480)).save(folder / "COCO_val2014_000000310196.jpg")
+    >>> _ = (folder / "stray.jpg").write_bytes(b"not a jpeg")
+    >>> loader = ImageLoader(folder)
+    >>> loader.load("COCO_val2014_000000310196.jpg").size
+    (640, 480)
+    >>> loader.load("stray.jpg") is None                            # skipped, with one warning
+    True
+    >>> print(loader.skipped["stray.jpg"])
+    /.../stray.jpg is not a readable image (corrupt, truncated or unsupported: ...); pass a PNG, JPEG or WebP file.
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -99,9 +99,17 @@ def load_pope_questions(path: str | os.PathLike) -> list[PopeQuestion]:
         ValueError: For a malformed line, naming the file and the 1-based line number.
 
     Example:
-        >>> questions = load_pope_questions("pope/coco_pope_random.json")  # doctest: +SKIP
-        >>> questions[0].label  # doctest: +SKIP
-        'yes'
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = Path(tmp.name) / "coco_pope_random.json"
+        >>> line = {"question_id": 1, "image": "COCO_val2014_000000310196.jpg",
+        ...         "text": "Is there a snowboard in the image?", "label": "Yes"}
+        >>> _ = path.write_text(json.dumps(line) + "\\n")
+        >>> questions = load_pope_questions(path)
+        >>> questions[0].label, questions[0].object_name
+        ('yes', 'snowboard')
+        >>> tmp.cleanup()
     """
     path = Path(path)
     if not path.is_file():
@@ -295,8 +303,8 @@ def pope_metrics_from_totals(totals: np.ndarray) -> dict[str, np.ndarray]:
         Dict of arrays with shape ``totals.shape[:-1]``: accuracy, precision, recall, f1, yes_ratio.
 
     Example:
-        >>> float(pope_metrics_from_totals(np.array([2, 1, 1, 0]))["precision"])
-        0.6666666666666666
+        >>> round(float(pope_metrics_from_totals(np.array([2, 1, 1, 0]))["precision"]), 4)
+        0.6667
     """
     totals = np.asarray(totals, dtype=np.float64)
     if totals.shape[-1:] != (4,):

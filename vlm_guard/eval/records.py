@@ -158,7 +158,15 @@ def read_records(path: str | os.PathLike) -> list[dict]:
         The records in file order.
 
     Example:
-        >>> records = read_records("runs/pope_random.jsonl")  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = Path(tmp.name) / "pope_random.jsonl"               # e.g. "runs/pope_random.jsonl"
+        >>> with ResultsWriter(path) as writer:
+        ...     writer.write({"id": 1, "answer": "Yes."})
+        >>> read_records(path)
+        [{'id': 1, 'answer': 'Yes.'}]
+        >>> tmp.cleanup()
     """
     path = Path(path)
     if not path.is_file():
@@ -170,8 +178,16 @@ def read_numbered_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """Like :func:`read_records`, with each record's line number in the file (1-based; for error messages).
 
     Example:
-        >>> for line, record in read_numbered_records("runs/pope_random.jsonl"):  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = Path(tmp.name) / "pope_random.jsonl"
+        >>> with ResultsWriter(path, fingerprint={"methods": "vhr"}) as writer:   # line 1: the header
+        ...     writer.write({"id": 7, "answer": "Yes."})
+        >>> for line, record in read_numbered_records(path):
         ...     print(f"line {line}: {record['id']}")
+        line 2: 7
+        >>> tmp.cleanup()
     """
     path = Path(path)
     if not path.is_file():
@@ -328,10 +344,14 @@ class ResultsWriter:
         dropped_line: Text of the truncated line removed on opening, or None.
 
     Example:
-        >>> with ResultsWriter(tmp_path / "run.jsonl", id_key="question_id") as writer:  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with ResultsWriter(Path(tmp.name) / "run.jsonl", id_key="question_id") as writer:
         ...     writer.write({"question_id": 1, "answer": "Yes."})
         ...     1 in writer.done_ids()
         True
+        >>> tmp.cleanup()
     """
 
     def __init__(self, path: str | os.PathLike, id_key: str = "id", fsync: bool = False,
@@ -572,8 +592,15 @@ def part_paths(path: str | os.PathLike) -> list[Path]:
     rank) order: what a resumed run, with any number of processes, merges first.
 
     Example:
-        >>> part_paths("runs/syn.jsonl")  # doctest: +SKIP
-        [PosixPath('runs/syn.part-0-of-2.jsonl'), PosixPath('runs/syn.part-1-of-2.jsonl')]
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = Path(tmp.name) / "syn.jsonl"                        # e.g. "runs/syn.jsonl"
+        >>> for rank in (1, 0):
+        ...     _ = part_path(path, rank, 2).write_text("")
+        >>> [part.name for part in part_paths(path)]
+        ['syn.part-0-of-2.jsonl', 'syn.part-1-of-2.jsonl']
+        >>> tmp.cleanup()
     """
     import re
 
@@ -633,8 +660,16 @@ def write_summary(
         The dict that was written.
 
     Example:
-        >>> write_summary("runs/pope_random.summary.json", {"method": "vhr", "alpha": 2.0},
-        ...               {"f1": 0.855}, seed=0, n=3000)  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> summary = write_summary(Path(tmp.name) / "pope_random.summary.json", {"method": "vhr", "alpha": 2.0},
+        ...                         {"f1": 0.855}, seed=0, n=3000)
+        >>> summary["config"], summary["metrics"], summary["n"]
+        ({'method': 'vhr', 'alpha': 2.0}, {'f1': 0.855}, 3000)
+        >>> read_summary(Path(tmp.name) / "pope_random.summary.json") == summary
+        True
+        >>> tmp.cleanup()
     """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative int (the number of items scored), got {n!r}.")

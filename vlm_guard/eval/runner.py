@@ -15,11 +15,13 @@ Records are plain JSON: ``id``, ``task`` (e.g. ``"pope/random"``, ``"chair"``), 
 object, image...), ``prompt``, ``answer`` and the task's score fields (``prediction`` for POPE; the CHAIR
 counts for captions).
 
-Example:
-    >>> from vlm_guard.eval.runner import load_model, run_benchmark
-    >>> model, processor, name = load_model()                                     # doctest: +SKIP
-    >>> tasks = synthetic_tasks(n_questions=500, n_captions=500)                  # doctest: +SKIP
-    >>> run_benchmark(model, processor, tasks, ["none", "vhr"], "runs/syn.jsonl")  # doctest: +SKIP
+Example (not run: loads a model and generates for minutes)::
+
+    from vlm_guard.eval.runner import load_model, run_benchmark
+    from vlm_guard.eval.tasks import synthetic_tasks
+    model, processor, name = load_model()
+    tasks = synthetic_tasks(n_questions=500, n_captions=500)
+    run_benchmark(model, processor, tasks, ["none", "vhr"], "runs/syn.jsonl")
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def load_model(
     device: str = "cpu",
     allow_pickle: bool = False,
 ) -> tuple[Any, Any, str]:
-    """The model to evaluate and its processor.
+    """The model to evaluate, its processor and its name for reports (:func:`vlm_guard.models.loading.load_model`,
+    the loader of every command, and :func:`~vlm_guard.models.loading.model_label`).
 
     Args:
         model_id: A Hugging Face hub id or a local folder; None loads the shipped default model
@@ -125,56 +128,36 @@ def load_model(
 
     Returns:
         ``(model, processor, name)``: the model in eval mode, its processor with left padding, and a name for
-        reports (the id or ``"vlm_guard default"``).
+        reports (the id or a description of the default model).
     """
-    import torch
+    from vlm_guard.models.loading import load_model as load
+    from vlm_guard.models.loading import model_label
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}.")
-    if model_id is None:
-        from vlm_guard.defaults import describe_default, load_default
-
-        model, processor = load_default(device=device, dtype=None if dtype == "auto" else dtypes[dtype])
-        name = describe_default()
-    else:
-        from transformers import AutoProcessor
-
-        from vlm_guard.models.loading import load_pretrained_model
-
-        model = load_pretrained_model(model_id, allow_pickle=allow_pickle, dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
-        model.to(device).eval()
-        processor = AutoProcessor.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
-        name = str(model_id)
-    prepare_processor(processor)
-    return model, processor, name
+    model, processor = load(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                            allow_pickle=allow_pickle)
+    return model, processor, model_label(model_id)
 
 
 def prepare_processor(processor: Any) -> Any:
-    """Left padding for batched generation (the new tokens then start at the same column in every row)."""
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(f"processor {type(processor).__name__} has no tokenizer; pass the model's AutoProcessor.")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return processor
+    """Left padding and a pad token for batched generation (:func:`vlm_guard.models.loading.prepare_processor`)."""
+    from vlm_guard.models.loading import prepare_processor as prepare
+
+    return prepare(processor)
 
 
 def chat_prompt(processor: Any, text: str) -> str:
-    """The generation prompt for one image followed by ``text``, through the processor's chat template.
+    """The generation prompt for one image followed by ``text``, through the processor's chat template; a
+    ``ValueError`` when the processor has none (:func:`vlm_guard.models.loading.chat_prompt`).
 
     Example:
-        >>> chat_prompt(processor, "describe the image")  # doctest: +SKIP
+        >>> from vlm_guard.synthetic.model import build_processor
+        >>> processor = build_processor()                              # the 3.6M test fixture's processor
+        >>> chat_prompt(processor, "describe the image")
         'USER: <image> describe the image ASSISTANT:'
     """
-    if not getattr(processor, "chat_template", None):
-        raise ValueError(
-            f"processor {type(processor).__name__} has no chat template; load the processor of an instruction-tuned "
-            f"checkpoint (its chat_template.json) or set processor.chat_template."
-        )
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    from vlm_guard.models.loading import chat_prompt as build
+
+    return build(processor, text)
 
 
 def generate_answers(
@@ -802,7 +785,14 @@ def run_fingerprint(guarded: Any, processor: Any, label: str, config: Any, tasks
     out too (a larger ``--limit`` extends a file), but each finished item's stored prompt must equal its prompt now.
 
     Example:
-        >>> run_fingerprint(guarded, processor, "vhr", config, tasks)["guard_config.vhr.alpha"]  # doctest: +SKIP
+        >>> import vlm_guard
+        >>> from vlm_guard.defaults import load_fixture
+        >>> from vlm_guard.eval.tasks import synthetic_tasks
+        >>> model, processor = load_fixture()                          # the 3.6M test fixture
+        >>> config = vlm_guard.GuardConfig.from_methods("vhr")
+        >>> guarded = vlm_guard.wrap(model, processor, config)
+        >>> tasks = synthetic_tasks(n_questions=2, n_captions=0)
+        >>> run_fingerprint(guarded, processor, "vhr", config, tasks)["guard_config.vhr.alpha"]
         2.0
     """
     from vlm_guard.models.fingerprint import model_fingerprint

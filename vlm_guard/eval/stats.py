@@ -43,8 +43,8 @@ class TotalsMetric:
 
     Example:
         >>> accuracy = TotalsMetric(lambda t: t[..., 0] / (t[..., 0] + t[..., 1]), name="accuracy")
-        >>> accuracy(np.array([[1, 0], [0, 1], [1, 0]]))
-        0.6666666666666666
+        >>> round(accuracy(np.array([[1, 0], [0, 1], [1, 0]])), 4)
+        0.6667
     """
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], name: str = "metric"):

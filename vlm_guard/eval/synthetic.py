@@ -37,10 +37,10 @@ bootstrap helpers work unchanged.
 Everything is a pure function of its arguments (world, seed, split, sizes).
 
 Example:
-    >>> questions = pope_questions("adversarial", n_questions=4)
-    >>> [(q.object, q.label, q.kind) for q in questions][:2]  # doctest: +SKIP
-    [('fork', 'yes', 'present'), ('knife', 'no', 'absent_partner')]
-    >>> score_synthetic_caption("A red fork and a blue knife.", {"fork"})["hallucinated"]
+    >>> questions = pope_questions("adversarial", n_questions=4, world="everyday")
+    >>> [(q.object, q.label, q.kind) for q in questions][:2]
+    [('ball', 'yes', 'present'), ('saucer', 'no', 'absent_partner')]
+    >>> score_synthetic_caption("A red fork and a blue knife.", {"fork"}, world="everyday")["hallucinated"]
     [['knife', 'knife']]
 """
 

@@ -4,7 +4,7 @@ A checker knows one world (:attr:`GroundingChecker.world`): the shipped one was 
 says nothing true about the everyday world's images (the default model's); :func:`truth_mentions` judges a
 caption of a bundled example against its ground truth instead.
 
-The default checker is a small open_clip CLIP trained by ``vlm-guard toy train-checker`` on the
+The default checker is a small open_clip CLIP trained by ``python -m toyworld toy train-checker`` on the
 synthetic world (shipped in ``vlm_guard/assets/checker``: ``open_clip_config.json`` +
 ``open_clip_model.safetensors`` + the word tokenizer). It is trained with a sigmoid (SigLIP-style)
 loss on "a {object}" prompts, so ``sigmoid(scale * cos + bias)`` is the probability that the object
@@ -13,9 +13,13 @@ open_clip model whose weights you have locally; without a learned bias its score
 similarity, flagged below ``threshold`` (a heuristic: calibrate it on your data).
 
 Example:
+    >>> from vlm_guard.synthetic.world import Scene, SceneObject, render
+    >>> image = render(Scene((SceneObject("house", "red", "big", 0, 0),)))   # a toy scene with one house
     >>> checker = GroundingChecker.default()
     >>> for mention in checker.check(image, "a big red house , a small green tree ."):
-    ...     print(mention.word, mention.object, round(mention.score, 2), mention.flagged)
+    ...     print(mention.word, mention.object, round(mention.score, 1), mention.flagged)
+    house house 1.0 False
+    tree tree 0.0 True
 """
 
 from __future__ import annotations
@@ -142,14 +146,14 @@ class GroundingChecker:
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "cpu", threshold: float | None = None):
-        """Load a checker written by ``vlm-guard toy train-checker`` (open_clip ``local-dir:`` layout)."""
+        """Load a checker written by ``python -m toyworld toy train-checker`` (open_clip ``local-dir:`` layout)."""
         import open_clip
 
         folder = Path(folder)
         config_path = folder / "open_clip_config.json"
         if not config_path.exists():
             raise FileNotFoundError(f"no open_clip_config.json in {folder}; train one with "
-                                    "`vlm-guard toy train-checker --ship`")
+                                    "`python -m toyworld toy train-checker --ship`")
         config = json.loads(config_path.read_text())
         model = open_clip.create_model(f"local-dir:{folder}", device=device)
         checker_cfg = config.get("vlm_guard", {})

@@ -1,9 +1,12 @@
 """Model-family adapters: one small file per VLM family, chosen by the model's class.
 
 Example:
+    >>> from vlm_guard.defaults import load_fixture
     >>> from vlm_guard.models import get_adapter
+    >>> model, processor = load_fixture()                 # the 3.6M test fixture, a LLaVA
     >>> adapter = get_adapter(model, processor)
     >>> adapter.geometry.num_heads, adapter.image_token_id
+    (6, 4)
 """
 
 from __future__ import annotations

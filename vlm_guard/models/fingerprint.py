@@ -27,10 +27,12 @@ How the digests are made:
 All digests are the first 16 hex digits of the SHA-256.
 
 Example:
+    >>> from vlm_guard.defaults import load_fixture
     >>> from vlm_guard.models.fingerprint import model_fingerprint
+    >>> model, processor = load_fixture()                 # the 3.6M test fixture
     >>> model_fingerprint(model)
-    {'model_class': 'LlavaForConditionalGeneration', 'name_or_path': '...', 'config_digest': '3f9c...',
-     'weights_digest': '0a1b...', 'weights_dtype': 'float32', 'num_parameters': 3612928}
+    {'model_class': 'LlavaForConditionalGeneration', 'name_or_path': '...default_model', 'config_digest': '...',
+     'weights_digest': '...', 'weights_dtype': 'float32', 'num_parameters': ...}
 """
 
 from __future__ import annotations

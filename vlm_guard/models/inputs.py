@@ -8,8 +8,19 @@ fails on a length mismatch. The rules are those of ``generate`` when it appends 
 rather than passed on at the wrong length.
 
 Example:
-    >>> forced = append_tokens(inputs, answer_ids)   # answer_ids: [B, T]
-    >>> model(**forced, use_cache=False)
+    >>> from PIL import Image
+    >>> from vlm_guard.defaults import load_fixture
+    >>> from vlm_guard.models.loading import chat_prompt
+    >>> model, processor = load_fixture()                 # the 3.6M test fixture
+    >>> inputs = processor(images=Image.new("RGB", (32, 32)), text=chat_prompt(processor, "describe the image"),
+    ...                    return_tensors="pt")
+    >>> answer_ids = torch.tensor([[5, 31, 21]])          # [B, T]
+    >>> forced = append_tokens(inputs, answer_ids)
+    >>> forced["input_ids"].shape[1] - inputs["input_ids"].shape[1]
+    3
+    >>> forced["attention_mask"].shape == forced["input_ids"].shape
+    True
+    >>> logits = model(**forced, use_cache=False).logits   # [B, S + T, V]
 """
 
 from __future__ import annotations

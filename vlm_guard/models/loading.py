@@ -1,4 +1,5 @@
-"""Loading a model for the command-line tools: the shipped default, a local folder or a hub id.
+"""Loading a model (the shipped default, a local folder or a hub id) and building its prompts: the one
+:func:`load_model` and the one :func:`chat_prompt` of every command.
 
 Real checkpoints go through ``AutoModelForImageTextToText`` / ``AutoProcessor.from_pretrained`` exactly
 as a user would load them (a hub id needs the hub or a populated cache; a local folder works offline).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -77,57 +79,115 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 """The model dtypes the commands take by name (``getattr(torch, name)``)."""
 
 
-def load_model(model: str | None = None, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False,
-               allow_pickle: bool = False):
-    """Load ``(model, processor)``.
+def _torch_dtype(dtype: Any):
+    """``None`` (the checkpoint's own), ``"auto"``, or a ``torch.dtype`` from a name in :data:`DTYPE_NAMES` (a
+    ``torch.dtype`` passes through)."""
+    import torch
+
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is not known; use float32, float16, bfloat16 or auto")
+    return getattr(torch, dtype)
+
+
+def load_model(model: str | os.PathLike | None = None, device: str = "cpu", dtype: Any = None,
+               trust_remote_code: bool = False, allow_pickle: bool = False, attn_implementation: str | None = None):
+    """Load ``(model, processor)``: the one loader behind every command (caption, calibrate, eval, tune, the demo,
+    the lmms-eval model).
 
     Args:
-        model: hub id or local folder; None for the shipped default model.
+        model: hub id or local folder; None for the shipped default model (:func:`vlm_guard.defaults.load_default`).
         device: torch device.
-        dtype: "float32", "float16", "bfloat16" or None (the checkpoint's own / float32 on CPU).
+        dtype: "float32", "float16", "bfloat16", a ``torch.dtype``, or None / "auto": the checkpoint's own dtype
+            (the default model's weights are float32).
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
         allow_pickle: read a checkpoint that has only pickle weights (off by default).
+        attn_implementation: transformers' attention implementation (``"eager"``, ``"sdpa"``...); None keeps
+            the model's default.
+    Returns:
+        The model in eval mode on ``device`` and its processor, prepared for batched generation
+        (:func:`prepare_processor`: left padding, a pad token).
     Raises:
-        ValueError: the dtype name is unknown, or the checkpoint cannot be loaded (the message says why).
+        ValueError: the dtype name is unknown, or ``model`` is a folder without ``config.json``.
         PickleCheckpointError: the checkpoint has only pickle weights and ``allow_pickle`` is False.
+        OSError: transformers cannot read the checkpoint (a hub id that is not cached on a machine without access
+            to the hub, missing files); commands turn it into one line with :func:`vlm_guard.checks.model_load_error`.
     """
-    import torch
-    from transformers import AutoProcessor
-
-    torch_dtype = None
-    if dtype is not None:
-        if dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype={dtype!r} is not known; use float32, float16 or bfloat16")
-        torch_dtype = getattr(torch, dtype)
+    torch_dtype = _torch_dtype(dtype)
     if model is None:
         from vlm_guard.defaults import load_default
 
-        return load_default(device=device, dtype=torch_dtype)
-    if Path(model).exists() and not (Path(model) / "config.json").exists():
+        loaded, processor = load_default(device=device, dtype=torch_dtype)
+        if attn_implementation is not None:
+            loaded.set_attn_implementation(str(attn_implementation))
+        return loaded, prepare_processor(processor)
+    from transformers import AutoProcessor
+
+    local = Path(model).expanduser()
+    source = str(local) if local.exists() else str(model)
+    if local.exists() and not (local / "config.json").exists():
         raise ValueError(f"{model} is a folder without config.json; pass a model folder saved with save_pretrained or a hub id")
-    try:
-        weights_format_kwargs(model, allow_pickle)  # refuse pickle before anything else is read
-        processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-        loaded = load_pretrained_model(model, allow_pickle=allow_pickle, dtype=torch_dtype or "auto",
-                                       trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise ValueError(
-            f"could not load {model!r}: {error}. Pass a local folder, or a hub id whose files are in the local cache "
-            "(this machine may have no access to the hub)."
-        ) from error
-    tokenizer = getattr(processor, "tokenizer", processor)
+    weights_format_kwargs(source, allow_pickle)  # refuse pickle before anything else is read
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    attention = {} if attn_implementation is None else {"attn_implementation": str(attn_implementation)}
+    loaded = load_pretrained_model(source, allow_pickle=allow_pickle, dtype=torch_dtype or "auto",
+                                   trust_remote_code=trust_remote_code, **attention)
+    return loaded.to(device).eval(), prepare_processor(processor)
+
+
+def model_label(model: str | os.PathLike | None) -> str:
+    """The name of the model :func:`load_model` loads for ``model``, for reports: the id or folder as given, or a
+    description of the shipped default model."""
+    if model is None:
+        from vlm_guard.defaults import describe_default
+
+        return describe_default()
+    return str(model)
+
+
+def prepare_processor(processor: Any) -> Any:
+    """Left padding for batched generation (the new tokens then start at the same column in every row), and the
+    end-of-sequence token as pad token when the tokenizer has none. Returns ``processor``.
+
+    Raises:
+        ValueError: ``processor`` has no tokenizer (pass the model's ``AutoProcessor``).
+    """
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"processor {type(processor).__name__} has no tokenizer; pass the model's AutoProcessor.")
     tokenizer.padding_side = "left"
-    return loaded.to(device).eval(), processor
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
 
 
-def chat_prompt(processor, text: str, with_image: bool = True) -> str:
-    """A one-turn prompt built with the processor's chat template (a plain ``<image>\\ntext`` fallback
-    when the processor has none)."""
+def chat_prompt(processor: Any, text: str, with_image: bool = True, fallback: bool = False) -> str:
+    """The generation prompt of one user turn (an image, then ``text``) through the processor's chat template.
+
+    Args:
+        with_image: put an image placeholder before the text.
+        fallback: without a chat template, a plain ``<image>\\ntext`` prompt instead of an error.
+    Raises:
+        ValueError: the processor has no chat template and ``fallback`` is False.
+
+    Example:
+        >>> from vlm_guard.synthetic.model import build_processor
+        >>> processor = build_processor()                              # the 3.6M test fixture's processor
+        >>> chat_prompt(processor, "describe the image")
+        'USER: <image> describe the image ASSISTANT:'
+    """
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
-    messages = [{"role": "user", "content": content}]
-    if getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    image_token = getattr(processor, "image_token", "<image>")
+    if getattr(processor, "chat_template", None):
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                               tokenize=False)
+        return prompt[0] if isinstance(prompt, list) else prompt
+    if not fallback:
+        raise ValueError(
+            f"processor {type(processor).__name__} has no chat template; load the processor of an instruction-tuned "
+            f"checkpoint (its chat_template.json) or set processor.chat_template."
+        )
+    image_token = getattr(processor, "image_token", None) or "<image>"
     return f"{image_token}\n{text}" if with_image else text
 
 
@@ -148,7 +208,15 @@ def encode_prompts(processor, images, texts, **kwargs):
         The processor's ``BatchFeature``.
 
     Example:
-        >>> inputs = encode_prompts(processor, [image_a, image_b], [prompt_a, prompt_b])  # doctest: +SKIP
+        >>> from PIL import Image
+        >>> from vlm_guard.synthetic.model import build_processor
+        >>> processor = build_processor()                              # the 3.6M test fixture's processor
+        >>> image_a, image_b = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+        >>> prompt_a = chat_prompt(processor, "describe the image")
+        >>> prompt_b = chat_prompt(processor, "is there a house ?")
+        >>> inputs = encode_prompts(processor, [image_a, image_b], [prompt_a, prompt_b])
+        >>> inputs["input_ids"].shape[0], inputs["pixel_values"].shape[0]
+        (2, 2)
     """
     if len(images) != len(texts):
         raise ValueError(f"images and prompts differ in length ({len(images)} vs {len(texts)}); give one image per prompt.")

@@ -81,7 +81,7 @@ def example_scene(name: str) -> Scene:
 
 def write_examples(folder: Path | None = None, size: int = 256) -> Path:
     """Render every example and write ``examples.json``; returns the folder."""
-    from vlm_guard.defaults import EXAMPLES_DIRS
+    from vlm_guard.synthetic.default import EXAMPLES_DIRS
 
     folder = Path(folder) if folder else EXAMPLES_DIRS["shapes"]
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ Example:
     >>> sorted(mentioned_objects("Two houses and a tree."))
     ['house', 'tree']
     >>> World(seed=1, bias=False).scene(0)     # held-out, unbiased: types drawn independently
+    Scene(objects=(SceneObject(type='ball', colour='green', size='small', row=2, col=2),), index=0, biased=False, seed=1)
 
 API summary (all importable from ``vlm_guard.synthetic``):
     OBJECT_TYPES, PARTNER_PAIRS, COLOURS, SIZES, QUESTION_SPLITS   constants

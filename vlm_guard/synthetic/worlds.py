@@ -113,11 +113,11 @@ _CACHE: dict[str, WorldKind] = {}
 
 def world_kind(name: str | WorldKind | None) -> WorldKind:
     """The world called ``name`` (a :class:`WorldKind` passes through; ``None``: the default model's world,
-    see :func:`vlm_guard.defaults.default_world`)."""
+    see :func:`vlm_guard.synthetic.default.default_world`)."""
     if isinstance(name, WorldKind):
         return name
     if name is None:
-        from vlm_guard.defaults import default_world
+        from vlm_guard.synthetic.default import default_world
 
         name = default_world()
     if name not in _BUILDERS:
@@ -167,7 +167,7 @@ def world_for_model_argument(model: str | None, requested: str | None = "auto") 
     if requested not in (None, "auto"):
         return world_kind(requested)
     if model is None:
-        from vlm_guard.defaults import default_world
+        from vlm_guard.synthetic.default import default_world
 
         return world_kind(default_world())
     return world_kind(world_of_folder(model) or "everyday")

@@ -3,9 +3,10 @@
 Drawn from the smallest rung (the only one every setting of the grid ran on), with matplotlib's object API and the
 Agg canvas (no pyplot, no global backend change).
 
-Example:
-    >>> plot_method_curves(head_map.tuned, "maps/default-tuned")   # doctest: +SKIP
-    [PosixPath('maps/default-tuned/tune_vhr.png'), ...]
+Example (not run: draws and writes a PNG per method, seconds of matplotlib)::
+
+    plot_method_curves(head_map.tuned, "maps/default-tuned")
+    # [PosixPath('maps/default-tuned/tune_vhr.png'), ...]
 """
 
 from __future__ import annotations

@@ -1,7 +1,14 @@
 """The tuning table as markdown (``tuning.md`` beside the tuned head map).
 
 Example:
-    >>> print(tuning_markdown(head_map.tuned))   # doctest: +SKIP
+    >>> import json
+    >>> from pathlib import Path
+    >>> import vlm_guard
+    >>> shipped = Path(vlm_guard.__file__).parent / "assets" / "head_maps"
+    >>> tuned = json.loads(next(shipped.glob("default_model-*/head_map.json")).read_text())["tuned"]   # head_map.tuned
+    >>> print(tuning_markdown(tuned))
+    ## Tuning (vlm-guard tune)
+    ...
 """
 
 from __future__ import annotations

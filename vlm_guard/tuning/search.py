@@ -31,10 +31,11 @@ first run measures greedy's cost per item and shrinks the item counts (never bel
 smallest rung) so that the estimated cost of the plan fits; when the budget still runs out, the settings are chosen
 from the largest rung that finished.
 
-Example:
-    >>> model, processor = vlm_guard.load_default()                                        # doctest: +SKIP
-    >>> result = vlm_guard.tune(model, processor, head_map, out_dir="maps/default-tuned")   # doctest: +SKIP
-    >>> result.head_map.tuned["default_methods"]                                           # doctest: +SKIP
+Example (not run: generates for every setting tried, minutes to hours)::
+
+    model, processor = vlm_guard.load_default()
+    result = vlm_guard.tune(model, processor, head_map, out_dir="maps/default-tuned")
+    result.head_map.tuned["default_methods"]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from vlm_guard.config import ALL_METHODS
 from vlm_guard.tuning import objective
 from vlm_guard.tuning.space import TUNABLE_METHODS, Candidate, combine, method_candidates
 
@@ -66,7 +68,8 @@ CONFIRM_ITEMS = 300
 """Items per task of the confirmation rung (the last rung's winners measured again; 0 switches it off). 300 items
 give a paired interval of about +-2 points on a POPE split: the size at which the reported tables see a loss."""
 SAVE_EVERY_S = 5.0
-PAPER_TRIO = ("vhr", "var", "gift")
+PAPER_TRIO = ALL_METHODS
+"""The paper methods (those ``"all"`` switches on), tuned together for the reports."""
 
 
 class BudgetExhausted(Exception):
@@ -100,7 +103,7 @@ def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: i
     Raises:
         ValueError: ``seed`` is the reported seed 900001.
     """
-    from vlm_guard.cli.eval import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
+    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
     from vlm_guard.eval.images import ImageLoader
     from vlm_guard.eval.synthetic import EVAL_SEED, TUNING_SEED
 
@@ -122,7 +125,7 @@ def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, 
                      pope_max_new_tokens: int = 16, chair_max_new_tokens: int = 512) -> TuningData:
     """The user's own POPE-format question files and / or COCO-format caption annotations (the loaders of
     ``vlm-guard eval``). Use files and images that are not the ones you report on."""
-    from vlm_guard.cli.eval import DEFAULT_CHAIR_PROMPT, chair_task, pope_tasks
+    from vlm_guard.eval.tasks import DEFAULT_CHAIR_PROMPT, chair_task, pope_tasks
     from vlm_guard.eval.images import ImageLoader
 
     if not images:

@@ -1,4 +1,5 @@
-"""The search space of ``vlm-guard tune``: per method, a small grid over its strength and its layer band.
+"""The search space of ``vlm-guard tune``: per method, a small grid over its strength and its layer band, registered
+with the method (``tuning_grid`` in ``vlm_guard/methods/<name>/__init__.py``, read through :mod:`vlm_guard.methods.registry`).
 
 Layer bands are built from the model's depth (and the head map's GIFT saliency layer), so the same code gives a
 sensible grid for the 6-layer default model and for a 32-layer LLaVA-1.5-7B. Every grid holds the released
@@ -17,20 +18,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-TUNABLE_METHODS: tuple[str, ...] = ("vhr", "var", "gift", "pai", "vcd")
+from vlm_guard.methods import registry
 
-VHR_ALPHAS = (1.1, 1.25, 1.5, 2.0, 3.0)  # small models break at the 7B default 2.0: the grid reaches down
-GIFT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 5.0)
-VAR_PS = (0.2, 0.4, 0.6, 0.8)
-VAR_RHOS = (0.5, 0.8)
-VAR_TAUS = (20.0, 10.0, 5.0)
-"""Sink thresholds: the released 20 finds no visual sinks on small models (their phi stays lower), so VAR would edit
-nothing; lower thresholds are tried with the released rho."""
-PAI_ALPHAS = (0.05, 0.1, 0.2, 0.4, 0.8)
-VCD_ALPHAS = (0.25, 0.5, 1.0, 1.5)
+TUNABLE_METHODS = registry.MethodNames(lambda spec: spec.tuning_grid is not None, "the methods with a tuning grid")
+"""The methods ``vlm-guard tune`` can tune: the registered ones with a tuning grid (a live view, in run order)."""
 
-STRENGTH_FIELD = {"vhr": "alpha", "var": "p", "gift": "alpha", "pai": "alpha", "vcd": "alpha"}
-"""The field plotted on the x axis of each method's tuning curve."""
+STRENGTH_FIELD = registry.MethodFacts(lambda spec: spec.strength_field, "main strength field")
+"""The field plotted on the x axis of each method's tuning curve (``{method: field}``, a live view)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +49,7 @@ class Candidate:
     @property
     def label(self) -> str:
         parts = []
-        for name in sorted(self.methods, key=TUNABLE_METHODS.index):
+        for name in sorted(self.methods, key=_run_order):
             values = " ".join(f"{k}={_short(v)}" for k, v in self.methods[name].items())
             parts.append(f"{name} {values}".strip())
         return " + ".join(parts) or "greedy"
@@ -73,6 +67,10 @@ class Candidate:
         return GuardConfig(**configs)
 
 
+def _run_order(name: str) -> float:
+    return registry.get_method(name).order
+
+
 def _short(value: Any) -> str:
     if isinstance(value, list):
         return _band_text(value)
@@ -88,62 +86,25 @@ def _band_text(layers: list[int]) -> str:
 
 
 def vhr_bands(num_layers: int) -> dict[str, list[int] | None]:
-    """VHR target-layer bands: the paper's recipe mapped to depth (None), the last half, the last third and the
-    middle third (duplicates dropped)."""
-    from vlm_guard.methods.vhr.vhd import default_target_layers
+    """VHR's target-layer bands (:func:`vlm_guard.methods.vhr.layer_bands`)."""
+    from vlm_guard.methods.vhr import layer_bands
 
-    late_half = list(range(num_layers - max(1, math.ceil(num_layers / 2)), num_layers))
-    last_third = list(range(num_layers - max(1, math.ceil(num_layers / 3)), num_layers))
-    middle = list(range(num_layers // 3, max(num_layers // 3 + 1, (2 * num_layers) // 3)))
-    bands: dict[str, list[int] | None] = {"released": None}
-    seen = [default_target_layers(num_layers)]
-    for name, layers in (("late half", late_half), ("last third", last_third), ("middle third", middle)):
-        if layers not in seen:
-            bands[name] = layers
-            seen.append(layers)
-    return bands
+    return layer_bands(num_layers)
 
 
 def gift_bands(num_layers: int, saliency_layer: int | None, head_map_layers: list[int] | None) -> dict[str, list[int] | None]:
-    """GIFT enhancement bands after the saliency layer l*: the head map's (or the released mapping's, None), the
-    layer right after l*, the later half of the layers after l* and a single late layer (never the last layer)."""
-    start = (saliency_layer if saliency_layer is not None else round(num_layers * 11 / 32)) + 1
-    stop = max(start + 1, num_layers - 1)  # the last layer is left alone
-    after = list(range(min(start, num_layers - 1), min(stop, num_layers)))
-    bands: dict[str, list[int] | None] = {"released": None}
-    seen = [list(head_map_layers or [])]
-    candidates = [
-        ("next to l*", after[:1]),
-        ("late", after[len(after) // 2:] if len(after) > 1 else after),
-        ("single late", after[-1:]),
-    ]
-    for name, layers in candidates:
-        if layers and layers not in seen:
-            bands[name] = layers
-            seen.append(layers)
-    return bands
+    """GIFT's enhancement bands after l* (:func:`vlm_guard.methods.gift.layer_bands`)."""
+    from vlm_guard.methods.gift import layer_bands
+
+    return layer_bands(num_layers, saliency_layer, head_map_layers)
 
 
 def method_candidates(method: str, num_layers: int, head_map: Any = None) -> list[Candidate]:
-    """The grid of one method (see the module constants); the released default is always in it."""
-    if method == "vhr":
-        return [Candidate({"vhr": {"alpha": alpha, "target_layers": layers}}, band)
-                for band, layers in vhr_bands(num_layers).items() for alpha in VHR_ALPHAS]
-    if method == "gift":
-        bands = gift_bands(num_layers, getattr(head_map, "gift_saliency_layer", None),
-                           getattr(head_map, "gift_enhance_layers", None))
-        return [Candidate({"gift": {"alpha": alpha, "enhance_layers": layers}}, band)
-                for band, layers in bands.items() for alpha in GIFT_ALPHAS]
-    if method == "var":
-        bands = [(rho, VAR_TAUS[0]) for rho in VAR_RHOS] + [(VAR_RHOS[0], tau) for tau in VAR_TAUS[1:]]
-        return [Candidate({"var": {"p": p, "rho": rho, "tau": tau}}, f"rho={rho:g} tau={tau:g}")
-                for rho, tau in bands for p in VAR_PS]
-    if method == "pai":
-        return [Candidate({"pai": {"alpha": alpha}}) for alpha in PAI_ALPHAS]
-    if method == "vcd":
-        # the released VCD contrasts sampled decoding only; tuning scores greedy decoding, so the contrast is on
-        return [Candidate({"vcd": {"alpha": alpha, "contrast_when": "always"}}) for alpha in VCD_ALPHAS]
-    raise ValueError(f"unknown method {method!r}; tunable methods are {list(TUNABLE_METHODS)}")
+    """The grid of one method (its registered ``tuning_grid``); the released default is always in it."""
+    spec = registry.get_method(method) if registry.is_method(method) else None
+    if spec is None or spec.tuning_grid is None:
+        raise ValueError(f"unknown method {method!r}; tunable methods are {list(TUNABLE_METHODS)}")
+    return [Candidate({method: fields}, band) for fields, band in spec.grid(num_layers, head_map)]
 
 
 def combine(candidates: list[Candidate]) -> Candidate:
@@ -204,12 +165,8 @@ def profile_candidates(profile: str, num_layers: int, head_map: Any = None) -> l
 
 def forward_passes(candidate: Candidate) -> int:
     """Forward passes per generated token (the structural cost): 2 when a contrast stream runs (PAI with
-    ``gamma != 1``, VCD contrasting), else 1."""
-    pai = candidate.methods.get("pai")
-    vcd = candidate.methods.get("vcd")
-    contrast = (pai is not None and float(pai.get("gamma", 1.1)) != 1.0) or (
-        vcd is not None and vcd.get("contrast_when", "sampling") == "always")
-    return 2 if contrast else 1
+    ``gamma != 1``, VCD contrasting), else 1 (each method's registered ``forward_passes``)."""
+    return max([registry.get_method(name).passes(fields) for name, fields in candidate.methods.items()] or [1])
 
 
 __all__ = ["TUNABLE_METHODS", "STRENGTH_FIELD", "Candidate", "vhr_bands", "gift_bands", "method_candidates", "combine",

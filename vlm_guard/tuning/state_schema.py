@@ -15,7 +15,16 @@ either crash the search later with a traceback or bend the metrics silently, so 
 with one line naming the file and the field.
 
 Example:
-    >>> validate_state("tune_state.json", json.loads(text), STATE_VERSION)  # doctest: +SKIP
+    >>> text = ('{"format": "vlm_guard.tune_state", "version": 1, "identity": {}, "elapsed_s": 12.5, '
+    ...         '"plan": null, "trials": {}}')                       # a tune_state.json with no trial yet
+    >>> state = json.loads(text)
+    >>> validate_state("tune_state.json", state, 1) is state
+    True
+    >>> state["elapsed_s"] = "12.5"
+    >>> validate_state("tune_state.json", state, 1)
+    Traceback (most recent call last):
+    ...
+    vlm_guard.tuning.state_schema.TuningStateError: tune_state.json: field elapsed_s is '12.5', not a non-negative number of seconds; ...
 """
 
 from __future__ import annotations

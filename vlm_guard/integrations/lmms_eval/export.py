@@ -18,8 +18,9 @@ export again after moving the images), prompts and generation budget. Every file
 - :func:`export_pope`: official POPE question files (e.g. COCO's) and their image folder;
 - :func:`export_coco_chair`: ``vlm-guard eval chair``'s image draw from COCO annotation files.
 
-Example:
-    >>> export_synthetic("runs/lmms_synthetic", n_questions=300, n_captions=100)  # doctest: +SKIP
+Example (not run: renders and writes 400 images)::
+
+    export_synthetic("runs/lmms_synthetic", n_questions=300, n_captions=100)
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def export_synthetic(out: str | Path, n_questions: int = 300, n_captions: int = 
         The manifest written to ``export.json`` (tasks, counts, prompts, and ``vlm_guard_eval_command``: the
         ``vlm-guard eval synthetic`` command that runs the same items).
     """
-    from vlm_guard.cli.eval import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
+    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
     from vlm_guard.eval.synthetic import EVAL_SEED, SPLITS
     from vlm_guard.fileio import atomic_path
     from vlm_guard.synthetic.worlds import world_for_model_argument, world_kind
@@ -235,7 +236,7 @@ def export_pope(out: str | Path, question_files: Sequence[str | Path], images: s
     The files are copied (checked by :func:`vlm_guard.eval.pope.load_pope_questions`; with ``limit`` only the
     first ``limit`` questions); the images stay where they are.
     """
-    from vlm_guard.cli.eval import DEFAULT_MAX_NEW_TOKENS
+    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS
     from vlm_guard.eval.pope import load_pope_questions, pope_split_from_path
 
     images = Path(images)
@@ -272,7 +273,7 @@ def export_coco_chair(out: str | Path, images: str | Path, instances: str | Path
     """``vlm-guard eval chair``'s items (``n_images`` val2014 images drawn with ``seed``) with their ground-truth
     COCO objects, as the CHAIR task of ``out``."""
     from vlm_guard.eval.chair import ChairGroundTruth
-    from vlm_guard.cli.eval import DEFAULT_CHAIR_PROMPT, DEFAULT_MAX_NEW_TOKENS, chair_task
+    from vlm_guard.eval.tasks import DEFAULT_CHAIR_PROMPT, DEFAULT_MAX_NEW_TOKENS, chair_task
 
     prompt = prompt or DEFAULT_CHAIR_PROMPT
     tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS["chair"]

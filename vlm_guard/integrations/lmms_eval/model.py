@@ -74,7 +74,7 @@ class VLMGuardModel(lmms):
                  batch_size: int | str = 1, max_batch_size: int | None = None, trust_remote_code: bool = False,
                  allow_pickle: bool = False, system_prompt: str | None = None, **method_fields: Any) -> None:
         super().__init__()
-        from vlm_guard.cli.checks import check_device
+        from vlm_guard.checks import check_device
         from vlm_guard.eval.runner import head_map_digest, prepare_processor
         from vlm_guard.wrapper import wrap
 
@@ -298,41 +298,16 @@ def cut_at_stop(answer: str, until: Sequence[str]) -> str:
 def _load(pretrained: str, *, dtype: str, device: str, attn_implementation: str | None, trust_remote_code: bool,
           allow_pickle: bool):
     """``(model, processor, name, weights digest)``; ``default`` is the shipped default model."""
-    from vlm_guard.cli.checks import check_model_argument, model_load_error
+    from vlm_guard.checks import check_model_argument, model_load_error
     from vlm_guard.defaults import default_model_dir
-    from vlm_guard.eval.runner import load_model, weights_digest
+    from vlm_guard.eval.runner import weights_digest
+    from vlm_guard.models.loading import load_model, model_label
 
     model_id = None if pretrained.strip().lower() == "default" else pretrained
     check_model_argument(model_id, flag="pretrained")
-    if attn_implementation is not None and model_id is not None:
-        return _load_with_attention(model_id, dtype, device, attn_implementation, trust_remote_code, allow_pickle)
     try:
-        model, processor, name = load_model(model_id, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
-                                            allow_pickle=allow_pickle)
+        model, processor = load_model(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      allow_pickle=allow_pickle, attn_implementation=attn_implementation)
     except OSError as error:
         raise model_load_error(model_id, error, flag="pretrained") from None
-    if attn_implementation is not None:
-        model.set_attn_implementation(str(attn_implementation))
-    return model, processor, name, weights_digest(model_id or default_model_dir())
-
-
-def _load_with_attention(model_id: str, dtype: str, device: str, attn_implementation: str, trust_remote_code: bool,
-                         allow_pickle: bool):
-    import torch
-    from transformers import AutoProcessor
-
-    from vlm_guard.cli.checks import model_load_error
-    from vlm_guard.eval.runner import weights_digest
-    from vlm_guard.models.loading import load_pretrained_model
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype={dtype!r}: use one of {sorted(dtypes)}.")
-    try:
-        model = load_pretrained_model(model_id, allow_pickle=allow_pickle, dtype=dtypes[dtype],
-                                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
-        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise model_load_error(model_id, error, flag="pretrained") from None
-    model.to(device).eval()
-    return model, processor, model_id, weights_digest(model_id)
+    return model, processor, model_label(model_id), weights_digest(model_id or default_model_dir())

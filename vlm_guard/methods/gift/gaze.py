@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-CLAMP_STDS = 3.0
+from vlm_guard.methods.gift.config import CLAMP_STDS  # noqa: F401  (defined beside the config)
 
 
 def gaze_shift(weights: torch.Tensor, query_rows: torch.Tensor, image_keys: torch.Tensor,

@@ -21,6 +21,8 @@ list decides by default (no dependency); ``use_spacy=True`` uses spaCy when inst
 to tokens by character offsets, as the released code (:func:`informative_query_counts`), the same for
 every tokenizer kind; without a tokenizer every query token counts. A query with no informative word
 falls back to all its tokens (the released code returns NaN).
+
+The enhancement itself, as a plain formula and as the fast path run here: :mod:`vlm_guard.methods.gift.kernel`.
 """
 
 from __future__ import annotations
@@ -28,15 +30,14 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
 
 import torch
 
-from vlm_guard.config import MethodConfig, check_layers, check_range
+from vlm_guard.methods.gift.config import GIFTConfig
 
-from vlm_guard.methods.gift.gaze import CLAMP_STDS, gaze_head_sums, gaze_shift, normalise_saliency, saliency_from_head_sums, saliency_multipliers
-from vlm_guard.core.contract import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection, prompt_key_rows
-from vlm_guard.methods.registry import register_method
+from vlm_guard.methods.gift.gaze import gaze_head_sums, gaze_shift, normalise_saliency, saliency_from_head_sums, saliency_multipliers
+from vlm_guard.core.contract import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
+from vlm_guard.methods.gift.kernel import FusionMatrices, enhance, enhance_fusion  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -60,50 +61,6 @@ STOP_WORDS = frozenset(
 """Stop words, with the pieces of contractions a tokenizer or a decoder may split off (``don ' t``, ``it ' s``)."""
 
 
-
-@dataclass
-class GIFTConfig(MethodConfig):
-    """GIFT settings.
-
-    The released code and the paper agree on every setting below, so both presets (``"released"``,
-    the default, and ``"paper"``) give the same values:
-
-    - ``alpha=5.0``: saliency sharpness in ``M = exp(alpha * S')`` (released code: 5 for LLaVA-1.5-7B/13B,
-      4 for Qwen2-VL-7B).
-    - ``beta=1.0``: query-head scale factor.
-    - ``saliency_layer=None``: the head map's ``gift_saliency_layer``, else the released LLaVA-1.5-7B
-      layer 11 of 32 mapped to the model's depth.
-    - ``enhance_layers=None``: the head map's ``gift_enhance_layers``, else the released LLaVA-1.5-7B
-      layers 12..22 of 32 mapped to depth.
-    - ``use_spacy=False``: informative query words from a stop-word list (no dependency; on the usual
-      prompts it keeps the same words as spaCy's NOUN/PROPN/VERB/ADJ/ADV/NUM tags); ``True`` uses spaCy
-      as the released code (only if spaCy and ``en_core_web_sm`` are installed).
-    - ``clamp_stds=3.0``: saliency clamp at mean +- 3 unbiased std (``N - 1``, as ``torch.std`` in the
-      released code) over the image.
-
-    Query span: the user's own words (the chat template's separator after the image, e.g. llava-1.5-hf's
-    newline, is left out), as the released code's question span.
-    """
-
-    method = "gift"
-    alpha: float = field(default=5.0, metadata={"help": "saliency sharpness, M = exp(alpha*S') (both presets 5; released: 5 LLaVA, 4 Qwen2-VL)"})
-    beta: float = field(default=1.0, metadata={"help": "query-head scale factor (both presets 1.0)"})
-    saliency_layer: int | None = field(default=None, metadata={"help": "l*; None = head map, else 11/32 of depth (both presets)"})
-    enhance_layers: list[int] | None = field(default=None, metadata={"help": "layers to enhance; None = head map, else 12..22 of 32 mapped (both presets)"})
-    use_spacy: bool = field(default=False, metadata={"help": "informative words by spaCy POS (as the released code) instead of stop words (both presets False)"})
-    clamp_stds: float = field(default=CLAMP_STDS, metadata={"help": "saliency clamp width in unbiased std over the image (both presets 3)"})
-
-    def validate(self) -> None:
-        check_range("GIFTConfig", "alpha", self.alpha, 0.0, 20.0)
-        check_range("GIFTConfig", "beta", self.beta, 0.0, 10.0)
-        if self.saliency_layer is not None and (not isinstance(self.saliency_layer, int) or isinstance(self.saliency_layer, bool) or self.saliency_layer < 0):
-            raise ValueError(f"GIFTConfig.saliency_layer must be a non-negative layer index or None, got {self.saliency_layer!r}")
-        check_layers("GIFTConfig", "enhance_layers", self.enhance_layers)
-        if not isinstance(self.use_spacy, bool):
-            raise ValueError(f"GIFTConfig.use_spacy must be True or False, got {self.use_spacy!r}")
-        check_range("GIFTConfig", "clamp_stds", self.clamp_stds, 0.0, None, low_inclusive=False)
-
-
 def default_gift_layers(num_layers: int) -> tuple[int, list[int]]:
     """The released LLaVA-1.5-7B recipe (l* = 11, enhancement 12..22 of 32) mapped to ``num_layers``.
 
@@ -118,112 +75,6 @@ def default_gift_layers(num_layers: int) -> tuple[int, list[int]]:
     last = min(num_layers - 1, max(first, math.floor(REFERENCE_ENHANCE_LAYERS[1] * scale + 0.5)))
     saliency = min(first - 1, math.floor(REFERENCE_SALIENCY_LAYER * scale + 0.5))
     return max(0, saliency), list(range(first, last + 1))
-
-
-def enhance_fusion(weights: torch.Tensor, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor,
-                   beta: float) -> torch.Tensor:
-    """The GIFT edit of a block of attention rows (pure function).
-
-    Args:
-        weights: ``[B, H, R, K]`` post-softmax attention (fp32).
-        image_gain: ``[B, K]`` ``M_j - 1`` (zero outside the image).
-        image_keys: ``[B, K]`` bool, image keys V.
-        query_keys: ``[B, K]`` bool, query-span keys Q.
-        beta: query-head scale factor.
-    Returns:
-        ``[B, H, R, K]`` edited weights, each row renormalised to sum 1.
-
-    Example:
-        >>> A = torch.tensor([[[[0.5, 0.25, 0.25]], [[0.8, 0.1, 0.1]]]])  # 2 heads; keys: text, image, query
-        >>> gain = torch.tensor([[0.0, 1.0, 0.0]])  # M = 2 on the image token
-        >>> # head 0 leads both: image 0.25 -> 0.5, r = 2, query 0.25 -> 0.5, then / 1.5; head 1 untouched
-        >>> enhance_fusion(A, gain, torch.tensor([[False, True, False]]), torch.tensor([[False, False, True]]), 1.0)
-        tensor([[[[0.3333, 0.3333, 0.3333]],
-        <BLANKLINE>
-                 [[0.8000, 0.1000, 0.1000]]]])
-    """
-    return _enhance(weights, FusionMatrices.build(image_gain, image_keys, query_keys, beta, weights.dtype))
-
-
-@dataclass(frozen=True)
-class FusionMatrices:
-    """Everything :func:`_enhance` needs that does not depend on the attention rows, built once per prefill over the
-    prompt's ``S`` keys (later keys are neither image nor query keys: only the renormalisation touches them).
-
-    One matmul of the rows with ``sums [B, S, 3]`` plus ``bias`` gives, per (head, row), the columns
-
-    0. ``sum_V A + tiny``            the visual mass (never 0: it divides)
-    1. ``beta * sum_V A (M - 1)``    the visual mass the image multipliers add, times ``beta``
-    2. ``sum_Q A``                   the attention to the query span
-
-    Summed over the visual heads ``H_V`` and divided by column 0 they give ``[1, beta (r - 1), ..]``; plus
-    ``offset = (0, beta - 1)``, the coefficients ``[1, beta r - 1]`` of the edit's rows ``edit [B, 2, S] = [M - 1, Q]``
-    in the visual heads (first) and the query heads (second).
-
-    Attributes:
-        sums: ``[B, S, 3]``; edit: ``[B, 2, S]``; bias: ``[3]`` ``(tiny, 0, 0)``; one: ``[1]`` ones.
-        offset: ``[2]`` ``(0, beta - 1)``, or None when ``beta == 1``.
-    """
-
-    sums: torch.Tensor
-    edit: torch.Tensor
-    bias: torch.Tensor
-    one: torch.Tensor
-    offset: torch.Tensor | None
-    zeros: dict = field(default_factory=dict, compare=False)  # shape -> zeros the top heads are scattered into (never written)
-
-    @classmethod
-    def build(cls, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor, beta: float,
-              dtype=torch.float32) -> "FusionMatrices":
-        """From ``[B, S]`` image multipliers minus one (zero outside the image), image keys and query keys."""
-        gain = image_gain.to(dtype)
-        query = query_keys.to(dtype)
-        device = gain.device
-        sums = torch.stack((image_keys.to(dtype), beta * gain, query), dim=-1)
-        bias = torch.tensor([torch.finfo(dtype).tiny, 0.0, 0.0], dtype=dtype, device=device)
-        offset = None if beta == 1.0 else torch.tensor([0.0, beta - 1.0], dtype=dtype, device=device)
-        return cls(sums, torch.stack((gain, query), dim=1), bias, torch.ones(1, dtype=dtype, device=device), offset)
-
-
-def _enhance(weights: torch.Tensor, matrices: FusionMatrices, in_place: bool = False) -> torch.Tensor:
-    """The edit with :class:`FusionMatrices` over the first ``S`` keys (``S <= K``; when ``S > K``, the first ``K`` of
-    them). ``in_place``: edit ``weights`` itself (contiguous; the caller reads only the result), else a copy.
-
-    A decoding step costs seventeen tensor operations here (eighteen when ``beta != 1``)."""
-    batch, heads, rows, keys = weights.shape
-    top = max(1, heads // 2)
-    sums_matrix, edit_matrix = matrices.sums, matrices.edit
-    covered = sums_matrix.shape[1]
-    if covered > keys:
-        sums_matrix, edit_matrix, covered = sums_matrix[:, :keys], edit_matrix[..., :keys], keys
-    if not (in_place and weights.is_contiguous()):
-        weights = weights.clone(memory_format=torch.contiguous_format)
-    head = prompt_key_rows(weights, covered)  # [B, H*R, S]
-    sums = torch.baddbmm(matrices.bias, head, sums_matrix)  # [B, H*R, 3]
-    by_head = sums if rows == 1 else sums.view(batch, heads, rows, 3)  # heads on dim 1: [B, H, (R,) 3]
-    # the top heads of each column in one pass: column 0 the visual heads H_V, column 2 the query heads H_Q
-    zeros = matrices.zeros.get(by_head.shape)
-    if zeros is None:  # one per shape (a decoding step's is the same at every step and layer)
-        zeros = matrices.zeros[by_head.shape] = torch.zeros_like(by_head)
-    leads = zeros.scatter(1, by_head.topk(top, dim=1).indices, 1.0)
-    over_visual = (by_head * leads[..., :1]).sum(dim=1, keepdim=True)  # [B, 1, (R,) 3] summed over H_V
-    # [1, beta (r - 1)] (+ (0, beta - 1)) = [1, beta r - 1]: r = 1 + gained / before (1 where before is 0: then every
-    # H_V weight on V is 0, and so is the gain)
-    scale = (over_visual / over_visual[..., :1])[..., :2]
-    if matrices.offset is not None:
-        scale = scale + matrices.offset
-    coefficients = leads[..., ::2] * scale  # [B, H, (R,) 2]: (in H_V, in H_Q * (beta r - 1))
-    # factor = 1 + hv * (M_j - 1) + (beta r - 1) * hq * q_j, per (row, key)
-    factor = torch.baddbmm(matrices.one, coefficients if rows == 1 else coefficients.view(batch, heads * rows, 2), edit_matrix)
-    head.mul_(factor)
-    # rows renormalised; a row with no weight (padding) stays zero: 0 / tiny
-    return weights.div_(weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny))
-
-
-def _top_heads(score: torch.Tensor, k: int) -> torch.Tensor:
-    """``[B, H, R]`` scores -> bool mask of the top ``k`` heads per (batch, row)."""
-    index = score.topk(k, dim=1).indices  # [B, k, R]
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, index, True)
 
 
 def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokenizer=None, use_spacy: bool = False,
@@ -549,7 +400,7 @@ class GIFT(Intervention):
         if ctx.layer == self.saliency_layer and self.in_prefill:
             self.record_saliency(ctx, weights, rows)
             return weights
-        return _enhance(weights, self._matrices(ctx, weights.device), rows.may_edit_in_place)
+        return enhance(weights, self._matrices(ctx, weights.device), rows.may_edit_in_place)
 
 
 def build(config: GIFTConfig, adapter, head_map) -> GIFT:
@@ -567,6 +418,3 @@ def build(config: GIFTConfig, adapter, head_map) -> GIFT:
     if bad:
         raise ValueError(f"GIFT layers {bad} are out of range; the model has layers 0..{geometry.num_layers - 1}")
     return GIFT(config, saliency_layer, layers, getattr(adapter, "tokenizer", None))
-
-
-register_method("gift", GIFTConfig, build)

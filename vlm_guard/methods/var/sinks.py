@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from vlm_guard.core.contract import Intervention, LayerContext, RowSelection
+from vlm_guard.methods.var.config import SINK_THRESHOLD  # defined beside the config
 
-SINK_THRESHOLD = 20.0
 EPSILON = 1e-6
 SINK_DIM_MIN_RATIO = SINK_THRESHOLD / 2
 """Default "near tau" rule for sink dimensions: median first-token ratio over the middle layers >= tau / 2."""

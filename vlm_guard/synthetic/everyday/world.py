@@ -24,11 +24,12 @@ Example:
     >>> scene = world.scene(3)
     >>> image = render(scene)                                   # PIL.Image, 128x128 RGB, noise and clutter
     >>> caption(scene)                                          # partners next to each other
-    'A red fork and a blue knife, and a green clock.'
-    >>> detailed_caption(scene)
-    'A red fork at the top left and a blue knife at the top right, and a green clock at the bottom left.'
+    'A blue saucer and a yellow cup, and a red knife and a green fork.'
+    >>> print(detailed_caption(scene))
+    A blue saucer at the top left and a yellow cup at the bottom left, and a red knife at the top right
+    and a green fork at the bottom left.
     >>> [q.text for q in questions(scene, split="adversarial")][:1]
-    ['Is there a cup in the image?']
+    ['Is there a saucer in the image?']
 """
 
 from __future__ import annotations

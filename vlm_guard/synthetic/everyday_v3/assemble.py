@@ -6,8 +6,9 @@ The first call builds the LLaVA, checks the weights' digest, loads them, merges 
 attention weights and saves the whole model with its processor under the user cache folder
 (``transformers<major>/default-v3-<hash>``); later calls load that folder with ``from_pretrained``.
 
-Example:
-    >>> model, processor = assemble("/root/vlm-guard-runs/v3/final")
+Example (not run: needs trained weights and the language model)::
+
+    model, processor = assemble("/root/vlm-guard-runs/v3/final")
 """
 
 from __future__ import annotations

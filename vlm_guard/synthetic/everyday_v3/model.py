@@ -3,10 +3,11 @@ patches, so each object of the 4x4 grid spans 2x2 image tokens (64 per 128-pixel
 and low-rank adapters on all four attention projections (the language side learns the long descriptions and
 the co-occurrence prior while the vision side stays frozen).
 
-Example:
-    >>> lm, lm_tokenizer = load_language_model()
-    >>> processor = build_processor(lm_tokenizer, V3Spec())
-    >>> model = build_model(V3Spec(), lm, processor.tokenizer)
+Example (not run: loads the language model)::
+
+    lm, lm_tokenizer = load_language_model()
+    processor = build_processor(lm_tokenizer, V3Spec())
+    model = build_model(V3Spec(), lm, processor.tokenizer)
 """
 
 from __future__ import annotations

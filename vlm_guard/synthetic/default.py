@@ -1,0 +1,52 @@
+"""Which shipped model is "the default model" (``$VLM_GUARD_DEFAULT_MODEL``), the synthetic world it was trained on,
+and the bundled example images of each world.
+
+Read by the worlds (``world_kind(None)`` is the default model's world) and re-exported by :mod:`vlm_guard.defaults`,
+which loads the model.
+
+Example:
+    >>> default_world() in EXAMPLES_DIRS
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+"""The package's ``assets`` folder."""
+
+EXAMPLES_DIRS = {"everyday": ASSETS / "examples", "shapes": ASSETS / "examples_shapes"}
+"""Bundled example images per world, with their ground-truth objects in ``examples.json``."""
+
+DEFAULT_MODEL_ENV = "VLM_GUARD_DEFAULT_MODEL"
+"""Environment variable choosing what "the default model" is: ``v2`` (unset) or ``fixture``."""
+
+DEFAULT_MODEL_CHOICES = ("v2", "fixture")
+
+
+def default_model_name() -> str:
+    """``"v2"`` or ``"fixture"`` (``$VLM_GUARD_DEFAULT_MODEL``, default ``v2``)."""
+    name = os.environ.get(DEFAULT_MODEL_ENV, "v2").strip() or "v2"
+    if name not in DEFAULT_MODEL_CHOICES:
+        raise ValueError(f"{DEFAULT_MODEL_ENV}={name!r} is not one of {DEFAULT_MODEL_CHOICES}; unset it for default "
+                         "model v2, or set it to 'fixture' for the 3.6M test fixture")
+    return name
+
+
+def default_world() -> str:
+    """The world the default model was trained on: ``"everyday"`` (v2) or ``"shapes"`` (fixture)."""
+    return "everyday" if default_model_name() == "v2" else "shapes"
+
+
+def examples_dir(world: str | None = None) -> Path:
+    """Bundled examples of ``world`` (default: the default model's world)."""
+    world = world or default_world()
+    if world not in EXAMPLES_DIRS:
+        raise ValueError(f"no bundled examples for world {world!r}; worlds: {sorted(EXAMPLES_DIRS)}")
+    return EXAMPLES_DIRS[world]
+
+
+__all__ = ["ASSETS", "EXAMPLES_DIRS", "DEFAULT_MODEL_ENV", "DEFAULT_MODEL_CHOICES", "default_model_name",
+           "default_world", "examples_dir"]
