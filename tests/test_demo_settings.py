@@ -161,7 +161,31 @@ def test_a_profile_table_broken_verdict_is_warned_and_its_unbroken_best_starts(t
         warnings = session.setting_warnings({"pai": 0.4})
         assert len(warnings) == 1 and "recall -9.5" in warnings[0] and "n=200" in warnings[0]
         assert session.setting_warnings({"pai": 0.1}) == []
+        stronger = session.setting_warnings({"pai": 0.9})  # above every measured alpha, none of them at 0.9
+        assert len(stronger) == 1, stronger
+        assert "weaker setting, alpha=0.4" in stronger[0]  # a weaker measured setting broke: that is the reason given
         assert session.default_methods()[0] == []  # the caption profile's set, not the answer profile's PAI
+    finally:
+        session.guarded.unwrap()
+
+
+def test_a_setting_stronger_than_every_measured_one_is_warned_as_unmeasured(toy, example_dir):
+    """The shipped v2 map measured VHR only at alpha 1.1 (not breaking): the released alpha 2 is not in the table, so
+    the demo says it was never measured on this model instead of staying silent."""
+    import copy
+
+    tuned = copy.deepcopy(PROFILE_TUNED)
+    tuned["profiles"]["caption"]["table"].append(
+        {"rung": "full", "label": "vhr alpha=1.1", "methods": {"vhr": {"alpha": 1.1}}, "n": 60,
+         "judgement": {"gain": 0.5, "broken": [], "constraints": {"recall": {"diff": -0.2}}}})
+    session = _session(toy, example_dir, tuned=tuned)
+    try:
+        warnings = session.setting_warnings({"vhr": 2.0})
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith("VHR alpha=2: stronger than every VHR setting") and "at most alpha=1.1" in warnings[0]
+        assert "may break the answers" in warnings[0]
+        assert session.setting_warnings({"vhr": 1.1}) == [] and session.setting_warnings({"vhr": 0.5}) == []
+        assert session.setting_warnings({"gift": 9.0}) == []  # GIFT never measured at all: no claim either way
     finally:
         session.guarded.unwrap()
 

@@ -622,7 +622,8 @@ class DemoSession:
 
     def setting_warnings(self, settings: dict[str, float | None]) -> list[str]:
         """One line per chosen method setting that the tuning table of the head map measured as breaking the answers
-        (that exact setting, or a weaker one of the same method with the same other fields)."""
+        (that exact setting, or a weaker one of the same method with the same other fields), or that is stronger than
+        every setting of that method the table measured (not measured on this model: it may break the answers)."""
         rows = tuning_rows(self.head_map)
         if not rows:
             return []
@@ -641,11 +642,14 @@ class DemoSession:
             running = getattr(resolved, name).to_dict()
             strength_field = status.control.strength_field
             chosen = _number(running.get(strength_field))
-            exact, weaker = [], []
+            exact, weaker, strengths = [], [], []
             for row in rows:
                 single = _single_method(row)
                 if single is None or single[0] != name:
                     continue
+                measured_strength = _number(single[1].get(strength_field))
+                if measured_strength is not None:
+                    strengths.append(measured_strength)
                 if _fields_match(single[1], running):
                     exact.append(row)
                 elif chosen is not None and _fields_match(single[1], running, skip=strength_field):
@@ -666,6 +670,10 @@ class DemoSession:
                 warnings.append(f"{label}: the tuning table of this model's head map measured a weaker setting, "
                                 f"{strength_field}={measured:g}, as breaking the answers ({row_breaks(row)}; "
                                 f"n={row_items(row)}).{advice}")
+            elif chosen is not None and strengths and chosen > max(strengths):
+                warnings.append(f"{label}: stronger than every {status.control.label} setting the tuning table of this "
+                                f"model's head map measured (at most {strength_field}={max(strengths):g}); not measured "
+                                f"on this model, it may break the answers.{advice}")
         return warnings
 
     def example_for(self, image: Image.Image) -> Example | None:
