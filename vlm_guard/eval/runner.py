@@ -342,7 +342,9 @@ def method_display_name(label: str) -> str:
     if label == "none":
         return "greedy"
     if label == "all":
-        return "VHR+VAR+GIFT"
+        from vlm_guard.config import ALL_METHODS
+
+        return "+".join(name.upper() for name in ALL_METHODS)
     return label.upper()
 
 

@@ -44,7 +44,20 @@ def get_adapter(model: nn.Module, processor=None) -> ModelAdapter:
     )
 
 
-from vlm_guard.models import idefics3, llava, llava_next, qwen2_vl  # noqa: E402,F401  (registration)
-from vlm_guard.models import gemma3, glm4v, internvl, llava_onevision, mistral3, qwen3_vl  # noqa: E402,F401  (registration)
+# Every module of this package but the shared ones is a family adapter that registers itself when imported: a new
+# family is one file here.
+SHARED_MODULES = frozenset({"base", "compat", "fingerprint", "inputs", "loading"})
+
+
+def _import_families() -> None:
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in SHARED_MODULES and not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_families()
 
 __all__ = ["ModelAdapter", "PromptSpans", "TextGeometry", "get_adapter", "register_adapter", "supported_families"]
