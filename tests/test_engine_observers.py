@@ -120,3 +120,27 @@ def test_an_observer_added_between_the_calls_of_a_generation_does_not_end_it(cap
     finally:
         guarded.engine.remove_observer(recorder)
         guarded.unwrap()
+
+
+def test_the_wrappers_observing_block_holds_the_lock_and_removes_the_observer():
+    """``GuardedModel.observing``: the observer runs in the block's guarded calls, another thread's call waits for the
+    block to end (so it never runs the observer), and the observer is gone afterwards."""
+    import threading
+
+    model = tiny_model("llava")
+    inputs = build_batch(model, [(True, 4)])
+    guarded = vlm_guard.wrap(model, config=GuardConfig(vhr=VHRConfig(target_layers=[1, 3])))
+    try:
+        recorder, finished = Recorder(), threading.Event()
+        other = threading.Thread(target=lambda: (_greedy(guarded, inputs), finished.set()))
+        with guarded.observing(recorder):
+            assert guarded.engine.observers == (recorder,)
+            other.start()
+            _greedy(guarded, inputs)
+            assert not finished.wait(0.5)  # the other thread's call waits for the block
+            seen = len(recorder.seen)
+        other.join(120)
+        assert finished.is_set() and seen > 0 and recorder.begun == 1
+        assert len(recorder.seen) == seen and guarded.engine.observers == ()
+    finally:
+        guarded.unwrap()

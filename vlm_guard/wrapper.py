@@ -220,6 +220,16 @@ class GuardedModel:
         with self._call_lock, self.engine.activate(interventions):
             yield
 
+    @contextlib.contextmanager
+    def observing(self, *observers: Intervention) -> Iterator[None]:
+        """Run read-only observers (a recorder, a profiler: :class:`Intervention` objects that never edit) after the
+        methods in every guarded call inside the block (see :meth:`vlm_guard.core.engine.GuardEngine.add_observer`).
+        The block holds the wrapper's call lock, so calls from other threads wait and never see the observers; a call
+        that runs no method runs no observer either (use :meth:`interventions_active` for those)."""
+        self._check_wrapped()
+        with self._call_lock, self.engine.observing(*observers):
+            yield
+
     def unwrap(self) -> nn.Module:
         """Remove every trace of the wrapper and return the model with its original attention.
 

@@ -811,13 +811,13 @@ class DemoSession:
         self.guarded.set_config(config)
         methods = list(self.guarded.interventions)
         recorder = ImageAttentionRecorder(self.num_layers)
-        self.guarded.interventions = [*methods, recorder]  # last: sees the methods' edited weights
-        try:
+        # an observer runs after the methods (it sees their edited weights), under the wrapper's lock; with no
+        # method on, the recorder runs as the only intervention
+        watching = self.guarded.observing(recorder) if methods else self.guarded.interventions_active([recorder])
+        with watching:
             start = time.perf_counter()
             output = self.guarded.generate(**inputs, **self._generation_kwargs(max_new_tokens))
             seconds = time.perf_counter() - start
-        finally:
-            self.guarded.interventions = methods
         ids, pieces, text = self._split_answer(output[0, prompt_length:])
         result = GenerationResult("guarded", text, ids, pieces, seconds, methods=[i.name for i in methods])
         result.attention = recorder.stacked(len(ids), self.num_layers)
