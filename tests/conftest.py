@@ -1,4 +1,4 @@
-"""Settings for every test of the repository (tests/ and toyworld/tests/)."""
+"""Settings for every test of the repository (tests/ and, through its own conftest, toyworld/tests/)."""
 
 import logging
 import os

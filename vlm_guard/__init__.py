@@ -15,6 +15,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 from vlm_guard.version import __version__
+from vlm_guard import moved as _moved
+
+_moved.install()  # the previous layout's module paths, deprecated (vlm_guard.moved)
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_guard.config import GuardConfig
