@@ -10,7 +10,6 @@ caption at selection and the rule that chose it).
 Deterministic: the same model and seed give the same examples (greedy decoding, scenes in index order).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

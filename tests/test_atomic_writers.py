@@ -270,8 +270,8 @@ def test_v2_weights_and_config_are_a_bound_pair(tmp_path):
 def test_shipping_a_checker_that_fails_keeps_the_shipped_one(tmp_path, monkeypatch):
     import shutil
 
-    from vlm_guard.grounding import DEFAULT_CHECKER_DIR
     import toyworld.checker as train
+    from vlm_guard.grounding import DEFAULT_CHECKER_DIR
 
     if not (DEFAULT_CHECKER_DIR / "open_clip_model.safetensors").exists():
         pytest.skip("no shipped checker")
@@ -356,9 +356,9 @@ def _fake_model_folder(folder, content):
 def test_shipping_a_toy_model_that_fails_keeps_the_shipped_one(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from vlm_guard import defaults
     import toyworld.cli as cli
     import toyworld.shapes.report as report
+    from vlm_guard import defaults
 
     shipped = _fake_model_folder(tmp_path / "shipped", b"old")
     before = {path.relative_to(shipped).as_posix(): path.read_bytes() for path in shipped.rglob("*") if path.is_file()}

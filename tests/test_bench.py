@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from vlm_guard.cli import build_parser
 import vlm_guard.eval.bench as bench
+from vlm_guard.cli import build_parser
 
 pytestmark = pytest.mark.slow  # runs the benchmark
 
@@ -35,7 +35,7 @@ def test_bench_command_writes_table_and_json(tmp_path, capsys):
     assert configs["plain"]["ratio_to_plain"]["decode_ms"] == 1.0
     assert "ops/step" in printed and "prefill ops" in printed
     assert "op_count" in report["settings"]
-    for name, result in configs.items():  # new fields: ops per decoding step and prefill, their ratios; prefill ratio
+    for result in configs.values():  # new fields: ops per decoding step and prefill, their ratios; prefill ratio
         median, ratio = result["median"], result["ratio_to_plain"]
         assert median["decode_ops"] > 0 and median["prefill_ops"] > median["decode_ops"]
         assert ratio["prefill_ms"] > 0 and ratio["decode_ops"] > 0 and ratio["prefill_ops"] > 0

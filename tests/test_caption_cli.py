@@ -89,12 +89,12 @@ def test_caption_runs_the_caption_profile_and_prints_its_held_out_effect(tmp_pat
         "settings": {"pai": {"alpha": 0.3, "gamma": 1.0}}, "line": line}}}))
     assert main(["caption", "--head-map", str(folder), "--max-new-tokens", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any(l.startswith("methods: pai (caption profile, chosen by `vlm-guard tune`") for l in lines), lines
-    assert any(l.startswith("settings profile: caption (task 'caption'") for l in lines), lines
-    assert any(l.startswith("guarded (pai)") for l in lines) and lines[-1] == line
+    assert any(line_.startswith("methods: pai (caption profile, chosen by `vlm-guard tune`") for line_ in lines), lines
+    assert any(line_.startswith("settings profile: caption (task 'caption'") for line_ in lines), lines
+    assert any(line_.startswith("guarded (pai)") for line_ in lines) and lines[-1] == line
     assert main(["caption", "--head-map", str(folder), "--max-new-tokens", "4", "--methods", "auto:answer"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any(l.startswith("guarded (none)") for l in lines)
+    assert any(line_.startswith("guarded (none)") for line_ in lines)
     assert main(["caption", "--head-map", str(folder), "--methods", "auto:vqa"]) == 2
     assert "unknown task 'vqa'" in capsys.readouterr().err
 

@@ -13,13 +13,13 @@ import pytest
 from toyworld import build_parser
 from vlm_guard.cli import COMMAND_MODULES
 from vlm_guard.cli import main as _main
+from vlm_guard.cli.arguments import Number, number_actions
 
 
 def main(argv):
     """``vlm-guard`` and, for ``toy ...``, the repository's training commands (``python -m toyworld``)."""
     return _main(argv, modules=[*COMMAND_MODULES, "toyworld.commands"])
 
-from vlm_guard.cli.arguments import Number, number_actions
 
 PARSER = build_parser()
 ACTIONS = [(path, action) for path, action in number_actions(PARSER)
@@ -116,8 +116,8 @@ def test_bad_text_arguments_are_refused_while_parsing(argv, shown, capsys):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any model load fails the test: a refused argument must be refused before it."""
-    import vlm_guard.eval.runner as runner
     import vlm_guard.cli.calibrate as heads_cli
+    import vlm_guard.eval.runner as runner
     import vlm_guard.models.loading as loading
 
     def loaded(*args, **kwargs):
@@ -160,15 +160,15 @@ def test_output_that_is_not_a_regular_file_is_refused_before_any_work(which, com
 
 
 def test_light_copies_match_the_modules_they_mirror():
+    import vlm_guard.calibration.head_map as head_map
     import vlm_guard.cli.heads as light
     from vlm_guard.cli.arguments import DTYPE_NAMES
-    from vlm_guard.config import _method_config_class
     from vlm_guard.cli.eval import WORLD_CAPTION_TOKENS
-    import vlm_guard.calibration.head_map as head_map
-    from vlm_guard.models.loading import DTYPE_NAMES as LOADING_DTYPES
-    from vlm_guard.synthetic.worlds import world_kind
     from vlm_guard.cli.tune import TUNABLE_METHODS
+    from vlm_guard.config import _method_config_class
+    from vlm_guard.models.loading import DTYPE_NAMES as LOADING_DTYPES
     from vlm_guard.settings import UNTUNED_DEFAULT_METHODS
+    from vlm_guard.synthetic.worlds import world_kind
     from vlm_guard.tuning.space import TUNABLE_METHODS as SPACE_METHODS
 
     assert DTYPE_NAMES == LOADING_DTYPES

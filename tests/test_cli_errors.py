@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_eval_runner import coco_fixture, tiny_model_dir  # noqa: F401  (fixture)
 
 from vlm_guard.cli import main
 from vlm_guard.eval.records import read_records
-
-from test_eval_runner import coco_fixture, tiny_model_dir  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -78,8 +78,8 @@ print("HEAVY", sorted(m for m in ("torch", "transformers", "safetensors", "gradi
 
 @pytest.mark.parametrize("folder", SHIPPED_MAPS, ids=[path.name for path in SHIPPED_MAPS])
 def test_heads_show_says_what_the_full_reader_says(folder):
-    from vlm_guard.cli.heads import _full_summary, display_model_name, light_summary
     from vlm_guard.calibration.head_map import HeadMap
+    from vlm_guard.cli.heads import _full_summary, display_model_name, light_summary
     from vlm_guard.settings import tuned_report
 
     head_map = HeadMap.from_pretrained(folder)

@@ -8,16 +8,38 @@ import re
 
 import pytest
 import torch
+from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.methods.gift.intervention import (GIFTConfig, default_gift_layers, enhance_fusion, informative_query_counts, informative_query_mask,
-                                     informative_word_spans, overlap_counts, query_words, token_char_spans)
-from vlm_guard.methods.gift.gaze import (gaze_head_sums, gaze_saliency, gaze_shift, normalise_saliency, saliency_from_head_sums,
-                                  saliency_multipliers, total_positive_gaze_shift)
-from vlm_guard.testing import TOKENIZER_KINDS, assert_close_scaled, build_batch, forward_reduction, offline_tokenizer, tiny_model
-
-from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
+from vlm_guard.methods.gift.gaze import (
+    gaze_head_sums,
+    gaze_saliency,
+    gaze_shift,
+    normalise_saliency,
+    saliency_from_head_sums,
+    saliency_multipliers,
+    total_positive_gaze_shift,
+)
+from vlm_guard.methods.gift.intervention import (
+    GIFTConfig,
+    default_gift_layers,
+    enhance_fusion,
+    informative_query_counts,
+    informative_query_mask,
+    informative_word_spans,
+    overlap_counts,
+    query_words,
+    token_char_spans,
+)
+from vlm_guard.testing import (
+    TOKENIZER_KINDS,
+    assert_close_scaled,
+    build_batch,
+    forward_reduction,
+    offline_tokenizer,
+    tiny_model,
+)
 
 
 def test_enhancement_multipliers_ratio_and_renormalisation():
@@ -228,7 +250,7 @@ ALIGNMENT_TEXTS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def alignment_tokenizer(kind: str, vocabulary: str):
     return offline_tokenizer(kind, CORPUS + (ALIGNMENT_TEXTS * 4 if vocabulary == "covering" else []), vocab_size=400)
 

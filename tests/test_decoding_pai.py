@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.methods.pai.intervention import ContrastStream, PAIConfig, amplify_image_scores, image_free_contrast, plausibility_cut
+from vlm_guard.methods.pai.intervention import (
+    ContrastStream,
+    PAIConfig,
+    amplify_image_scores,
+    image_free_contrast,
+    plausibility_cut,
+)
 from vlm_guard.testing import build_batch, tiny_model
-
-from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
 
 
 def test_amplification_on_image_columns_only():

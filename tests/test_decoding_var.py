@@ -7,15 +7,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_decoding_common import (
+    ROWS,
+    assert_batch_matches_singles,
+    image_rows_changed,
+    matches_plain,
+    planted_sink_model,
+    tiny_var_config,
+)
 
 import vlm_guard
-from vlm_guard.config import GuardConfig
 import vlm_guard.methods.var.intervention as var_module
+from vlm_guard.config import GuardConfig
 from vlm_guard.methods.var.intervention import VARConfig, recycle_sink_attention
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import build_batch
-
-from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain, planted_sink_model, tiny_var_config
 
 # keys: BOS (text sink), text, visual sink, image, image, text
 IMAGE = torch.tensor([[False, False, True, True, True, False]])

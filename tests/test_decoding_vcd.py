@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig, add_diffusion_noise, diffusion_alpha_bar, visual_contrast
 from vlm_guard.testing import build_batch, tiny_model
-
-from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_changed, matches_plain
 
 
 def test_contrast_formula_and_cut():
@@ -142,7 +141,7 @@ def test_a_failed_generate_leaves_no_reordering_behind(llava):
     model, inputs = llava
     guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(contrast_when="always")))
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError):
             guarded.generate(**inputs, max_new_tokens=2, do_sample=False, repetition_penalty=-1.0)  # refused by transformers
     finally:
         guarded.unwrap()

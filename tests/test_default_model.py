@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from toyworld import main
+from toyworld.shapes.report import CAPTION_MESSAGES, HELD_OUT_SEED, caption_metrics, generate
 from vlm_guard.defaults import DEFAULT_MODEL_DIR, load_default
 from vlm_guard.synthetic import World, render
-from toyworld.shapes.report import CAPTION_MESSAGES, HELD_OUT_SEED, caption_metrics, generate
 from vlm_guard.synthetic.world import mentioned_objects
 
 

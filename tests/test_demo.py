@@ -15,8 +15,8 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
-from vlm_guard.demo.app import DemoHandlers, build_app, launch_options  # noqa: E402
 from vlm_guard.cli.demo import check_host, is_loopback  # noqa: E402
+from vlm_guard.demo.app import DemoHandlers, build_app, launch_options  # noqa: E402
 from vlm_guard.demo.inputs import DemoInputError, DemoLimits, load_examples, validate_image  # noqa: E402
 from vlm_guard.demo.overlay import SCALE_WIDTH, ImageGrid, colour_scale, head_map_figure, heatmap_overlay, square_grid  # noqa: E402
 from vlm_guard.demo.session import (  # noqa: E402

@@ -70,19 +70,26 @@ def test_examples_run(name, _isolated):
         runner.run(test, out=report.append)
     results = runner.summarize(verbose=False)
     if results.failed:
-        pytest.fail(f"{results.failed} of {results.attempted} examples of {name} failed:\n" + "".join(report),
-                    pytrace=False)
+        pytest.fail(
+            f"{results.failed} of {results.attempted} examples of {name} failed:\n" + "".join(report), pytrace=False
+        )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_example_is_run(name):
     tests = _doctests(name)
     found = sum(len(test.examples) for test in tests)
-    skipped = [f"{test.name} line {(test.lineno or 0) + example.lineno + 1}"
-               for test in tests for example in test.examples if example.options.get(doctest.SKIP)]
+    skipped = [
+        f"{test.name} line {(test.lineno or 0) + example.lineno + 1}"
+        for test in tests
+        for example in test.examples
+        if example.options.get(doctest.SKIP)
+    ]
     prompts = _prompt_lines(MODULES[name])
-    assert not skipped, (f"{name}: examples marked +SKIP claim a result nothing checks: {skipped}; make them run, "
-                         f"or write them as a plain code block (Example (not run: why)::)")
+    assert not skipped, (
+        f"{name}: examples marked +SKIP claim a result nothing checks: {skipped}; make them run, "
+        f"or write them as a plain code block (Example (not run: why)::)"
+    )
     assert found == prompts, (
         f"{MODULES[name]}: {prompts} '>>>' lines but the doctest finder runs {found} examples; a '>>>' line outside "
         f"a docstring the finder reads (module, class, function or method) is never run: move it, or drop the prompts"

@@ -1,13 +1,12 @@
 """`vlm-guard eval ...`: registration, argument errors, and a tiny synthetic comparison run."""
 
 import pytest
+from test_eval_runner import model_args
 
 from vlm_guard.cli import build_parser, main
 from vlm_guard.cli.eval import synthetic_tasks
 from vlm_guard.eval.records import read_records, read_summary
 from vlm_guard.eval.synthetic import EVAL_SEED
-
-from test_eval_runner import model_args
 
 
 def test_eval_is_registered_with_its_benchmarks():

@@ -7,16 +7,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from test_eval_runner import tiny_model_dir
 
 from vlm_guard.cli import main
-from vlm_guard.eval.records import (FileBusyError, ResultsWriter, RunMismatchError, fingerprint_differences, read_header,
-                                    read_records, read_summary)
-
-from test_eval_runner import tiny_model_dir
+from vlm_guard.eval.records import (
+    FileBusyError,
+    ResultsWriter,
+    RunMismatchError,
+    fingerprint_differences,
+    read_header,
+    read_records,
+    read_summary,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

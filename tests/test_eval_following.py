@@ -10,18 +10,22 @@ import logging
 from pathlib import Path
 
 import pytest
+from test_eval_runner import coco_fixture, model_args  # noqa: F401  (fixture)
 
 import vlm_guard.eval.runner as runner
 from vlm_guard.cli import main
 from vlm_guard.eval.following import (
-    EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE, chair_following, is_caption, not_followed_message,
-    pope_answer_is_clear, pope_following,
+    EXIT_PROMPT_NOT_FOLLOWED,
+    MAX_UNCLEAR_SHARE,
+    chair_following,
+    is_caption,
+    not_followed_message,
+    pope_answer_is_clear,
+    pope_following,
 )
 from vlm_guard.eval.records import read_header, read_records, read_summary
 from vlm_guard.eval.report import comparison_markdown, method_metrics, single_markdown, task_metrics
 from vlm_guard.eval.runner import EvalTask, results_paths
-
-from test_eval_runner import coco_fixture, model_args  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max-new-tokens", "3", "--batch-size", "2", "--no-progress", "--n-resamples", "50"]

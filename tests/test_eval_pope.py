@@ -19,7 +19,6 @@ from vlm_guard.eval.pope import (
     yes_no_counts,
 )
 
-
 # (answer, "words" rule, "released" rule = exact released evaluate.py behaviour)
 PARSE_CASES = [
     ("No, there is not.", "no", "no"),

@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
+from toyworld.shapes.report import HELD_OUT_SEED
 from vlm_guard.eval import synthetic as synthetic_module
 from vlm_guard.eval.chair import chair_metrics
 from vlm_guard.eval.synthetic import EVAL_SEED, SPLITS, TUNING_SEED
-from toyworld.shapes.report import HELD_OUT_SEED
 from vlm_guard.synthetic.world import PARTNER_PAIRS, Scene, SceneObject, partner_of
 
 PAIRED_TYPES = frozenset(t for pair in PARTNER_PAIRS for t in pair)

@@ -5,14 +5,13 @@ import json
 import re
 
 import pytest
+from test_eval_runner import model_args
 
 from toyworld import build_parser
 from vlm_guard.cli import main
 from vlm_guard.cli.arguments import number_actions
 from vlm_guard.eval.records import read_records
 from vlm_guard.eval.report import MIN_ITEMS_FOR_VERDICT, _delta
-
-from test_eval_runner import model_args
 
 SIGNIFICANT = {"diff": 0.25, "low": 0.25, "high": 0.25, "significant": True}
 
@@ -97,9 +96,9 @@ def _help_of(path, flag):
 
 def test_help_of_options_defaulting_to_a_config_states_the_configs_value():
     """Options whose default is None take their value from a config class; the help must quote that value."""
-    from vlm_guard.demo.inputs import MEGABYTE, DemoLimits
     from toyworld.checker import CheckerTrainConfig
     from toyworld.shapes.train import TrainConfig
+    from vlm_guard.demo.inputs import MEGABYTE, DemoLimits
 
     limits, recipe = DemoLimits(), TrainConfig()
     expected = {

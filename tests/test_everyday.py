@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
+from toyworld.everyday.data import IGNORE_INDEX, BatchBuilder, cell_targets
 from vlm_guard.synthetic.everyday import world as w
-from toyworld.everyday.data import BatchBuilder, IGNORE_INDEX, cell_targets
-from vlm_guard.synthetic.everyday.model import LoRALinear, V2Spec, add_lora, build_model, build_processor, merge_lora
+from vlm_guard.synthetic.everyday.model import LoRALinear, V2Spec, add_lora, build_model, build_processor
 from vlm_guard.synthetic.everyday.testing import tiny_language_model
 
 pytestmark = pytest.mark.slow  # default model v2 worlds and training pieces
@@ -148,8 +148,8 @@ def _tiny_config(out_dir):
 def test_training_resumes_exactly_and_assembles(tmp_path):
     from safetensors.torch import load_file
 
-    from vlm_guard.synthetic.everyday.assemble import assemble, assembled_folder, build_assembled
     from toyworld.everyday.train import train
+    from vlm_guard.synthetic.everyday.assemble import assemble, assembled_folder, build_assembled
 
     lm, tokenizer = tiny_language_model()
     straight = train(_tiny_config(tmp_path / "a"), progress=False, lm=lm, lm_tokenizer=tokenizer)

@@ -5,11 +5,10 @@ map JSON fields below."""
 import json
 
 import pytest
+from test_eval_runner import tiny_model_dir
 
 from vlm_guard.cli import main
 from vlm_guard.eval.records import read_numbered_records, read_summary
-
-from test_eval_runner import tiny_model_dir
 
 
 def _eval(out, model_dir, tasks="pope"):
@@ -311,9 +310,9 @@ def test_a_tensor_that_disagrees_with_the_fingerprint_is_refused(shipped_map_fol
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vlm_guard.fileio import sha256_file
     from vlm_guard.calibration import HeadMap, HeadMapFileError
     from vlm_guard.calibration.head_map import JSON_FILE, TENSOR_FILE
+    from vlm_guard.fileio import sha256_file
 
     folder = tmp_path / "edited"
     shutil.copytree(shipped_map_folder, folder)

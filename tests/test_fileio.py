@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from vlm_guard import fileio
-from vlm_guard.fileio import (atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
-                              atomic_write_text, sha256_file)
+from vlm_guard.fileio import (
+    atomic_path,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    sha256_file,
+)
 
 
 def _only(folder):

@@ -10,11 +10,17 @@ import pytest
 from PIL import Image
 
 import vlm_guard
-from vlm_guard.calibration import HeadMap
 import vlm_guard.calibration.head_map as head_map_module
+from vlm_guard.calibration import HeadMap
 from vlm_guard.calibration.calibrate import MIN_CALIBRATION_IMAGES, HeadProfiler
-from vlm_guard.calibration.head_map import (cache_folder, cache_report, calibrated_cache_folder, find_cached_head_map,
-                                      find_head_map, save_to_cache)
+from vlm_guard.calibration.head_map import (
+    cache_folder,
+    cache_report,
+    calibrated_cache_folder,
+    find_cached_head_map,
+    find_head_map,
+    save_to_cache,
+)
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import build_batch, tiny_model
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_guard.cli import main
 from vlm_guard.calibration import HeadMap
 from vlm_guard.calibration.plots import SINK_PLOT, VHD_PLOT
+from vlm_guard.cli import main
 from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
 SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64,

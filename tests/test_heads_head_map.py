@@ -10,8 +10,14 @@ import torch
 import vlm_guard
 from vlm_guard.calibration import HeadMap, HeadMapFileError, HeadMapMismatchError, find_cached_head_map
 from vlm_guard.calibration.calibrate import HeadProfiler
-from vlm_guard.calibration.head_map import (JSON_FILE, TENSOR_FILE, cache_folder, calibrated_cache_folder, default_cache_dir,
-                                      save_to_cache)
+from vlm_guard.calibration.head_map import (
+    JSON_FILE,
+    TENSOR_FILE,
+    cache_folder,
+    calibrated_cache_folder,
+    default_cache_dir,
+    save_to_cache,
+)
 from vlm_guard.models import get_adapter
 from vlm_guard.testing import build_batch, tiny_model
 

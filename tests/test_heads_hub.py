@@ -2,15 +2,14 @@
 push_to_hub with a model card (HfApi monkeypatched to write into a folder: no network)."""
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from vlm_guard.calibration import HeadMap
 import vlm_guard.calibration.hub as hub
-from vlm_guard.calibration.calibrate import HeadProfiler, MIN_CALIBRATION_IMAGES
+from vlm_guard.calibration import HeadMap
+from vlm_guard.calibration.calibrate import MIN_CALIBRATION_IMAGES, HeadProfiler
 from vlm_guard.calibration.head_map import JSON_FILE, TENSOR_FILE
 from vlm_guard.testing import build_batch, tiny_model
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from vlm_guard.calibration.calibrate import HeadProfiler
+from vlm_guard.calibration.tvhd import token_vhd
 from vlm_guard.methods.gift.layer import choose_saliency_layer, enhancement_layers
 from vlm_guard.methods.var.sinks import find_sink_dims, image_centric_rows, sink_mask
-from vlm_guard.calibration.tvhd import token_vhd
 from vlm_guard.testing import BOS, build_batch, tiny_model
 
 ROWS = [(True, 5), (True, 9), (True, 7)]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlm_guard.calibration.calibrate import find_calibration_images
+from vlm_guard.calibration.calibrate import load_image as calibrate_load
 from vlm_guard.cli import main
 from vlm_guard.cli.caption import _load_image as caption_load
 from vlm_guard.demo.inputs import DemoInputError, DemoLimits, validate_image
 from vlm_guard.eval.images import ImageLoader
-from vlm_guard.calibration.calibrate import find_calibration_images
-from vlm_guard.calibration.calibrate import load_image as calibrate_load
 from vlm_guard.images import ImageLoadError, display_name, find_images, load_image
 
 

@@ -21,8 +21,7 @@ pytestmark = pytest.mark.slow  # runs the lmms-eval command
 
 pytest.importorskip("lmms_eval", reason="the lmms-eval extra is not installed (pip install -e '.[lmms-eval]')")
 
-from vlm_guard.integrations.lmms_eval import MODEL_CLASS_PATH, MODEL_NAME  # noqa: E402
-from vlm_guard.integrations.lmms_eval import export, settings, tasks  # noqa: E402
+from vlm_guard.integrations.lmms_eval import MODEL_CLASS_PATH, MODEL_NAME, export, settings, tasks  # noqa: E402  # noqa: E402
 
 N_QUESTIONS = 4
 N_CAPTIONS = 2

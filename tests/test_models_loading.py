@@ -20,8 +20,8 @@ def pickle_folder(tmp_path_factory):
 
 
 def _loaders():
-    from vlm_guard.eval.runner import load_model as eval_load
     from vlm_guard.cli.calibrate import load_model as calibrate_load
+    from vlm_guard.eval.runner import load_model as eval_load
     from vlm_guard.models.loading import load_model as caption_load
 
     loaders = {"caption": caption_load, "calibrate": calibrate_load, "eval": lambda source: eval_load(source)}
@@ -38,7 +38,7 @@ def test_pickle_only_folder_is_refused_by_every_loader(pickle_folder):
     folder, _ = pickle_folder
     with pytest.raises(PickleCheckpointError, match=r"only pickle checkpoints \(pytorch_model.bin\).*--allow-pickle"):
         weights_format_kwargs(folder)
-    for name, load in _loaders().items():
+    for load in _loaders().values():
         with pytest.raises(PickleCheckpointError, match="--allow-pickle"):
             load(str(folder))
 

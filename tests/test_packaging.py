@@ -42,11 +42,10 @@ def test_every_install_hint_names_our_distribution_and_a_real_extra(project):
 def test_the_wheel_carries_the_library_and_no_training_code(tmp_path):
     """``pip wheel .``: the ``vlm_guard`` package with its assets; the training project (``toyworld/``) and the tests
     stay in the repository; the installed command has no ``toy`` command."""
+    import shutil
     import subprocess
     import sys
     import zipfile
-
-    import shutil
 
     # from a copy of the files git tracks, so a stale build/ folder of an earlier build cannot leak into the wheel
     source = tmp_path / "source"

@@ -20,8 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_guard.eval.records import (FileBusyError, ResultsWriter, RunMismatchError, part_path, part_paths,
-                                    read_header, read_records)
+from vlm_guard.eval.records import (
+    FileBusyError,
+    ResultsWriter,
+    RunMismatchError,
+    part_path,
+    part_paths,
+    read_header,
+    read_records,
+)
 from vlm_guard.parallel import DataParallel, data_parallel, shard_batches
 
 pytestmark = pytest.mark.slow  # torchrun subprocesses

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from vlm_guard.synthetic import (
-    OBJECT_TYPES, PARTNER_PAIRS, World, caption, mentioned_objects, partner_of, questions, render,
+    OBJECT_TYPES,
+    PARTNER_PAIRS,
+    World,
+    caption,
+    mentioned_objects,
+    partner_of,
+    questions,
+    render,
 )
 from vlm_guard.synthetic.world import mentions_with_words
 

@@ -10,14 +10,13 @@ import torch
 
 import vlm_guard
 from vlm_guard import GuardConfig
-from vlm_guard.methods.pai.intervention import PAIConfig
-from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.calibration import HeadMap
 from vlm_guard.calibration.calibrate import HeadProfiler
-from vlm_guard.testing import build_batch, tiny_model
-from vlm_guard.tuning import default_methods, resolve_config
-from vlm_guard.tuning import objective
+from vlm_guard.methods.pai.intervention import PAIConfig
+from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.settings import SOURCE_CONFIG, SOURCE_DEFAULT, SOURCE_TUNED, UNTUNED_DEFAULT_METHODS
+from vlm_guard.testing import build_batch, tiny_model
+from vlm_guard.tuning import default_methods, objective, resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

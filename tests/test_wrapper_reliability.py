@@ -11,9 +11,9 @@ from transformers.modeling_utils import AttentionInterface
 
 import vlm_guard
 from vlm_guard import GuardConfig
+from vlm_guard.calibration.calibrate import HeadProfiler
 from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.methods.vhr.intervention import VHRConfig
-from vlm_guard.calibration.calibrate import HeadProfiler
 from vlm_guard.testing import build_batch, tiny_model
 
 ROWS = [(True, 5), (False, 3), (True, 9)]

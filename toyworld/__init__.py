@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser():
     """Every ``vlm-guard`` command and the ``toy`` commands, in one parser (for tests of every option)."""
-    from vlm_guard.cli import COMMAND_MODULES as LIBRARY, build_parser as library_parser
+    from vlm_guard.cli import COMMAND_MODULES as LIBRARY
+    from vlm_guard.cli import build_parser as library_parser
 
     return library_parser([*LIBRARY, *COMMAND_MODULES])

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from vlm_guard.fileio import atomic_folder, atomic_write_json, atomic_write_text
 
-
 # the parsers of these commands live in toyworld.commands (importing this package imports PIL and numpy)
 
 
@@ -64,8 +63,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from vlm_guard.defaults import DEFAULT_MODEL_DIR
     from toyworld.shapes.report import build_report
+    from vlm_guard.defaults import DEFAULT_MODEL_DIR
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     out = Path(args.out) if args.out else default_report_path(model_dir)
@@ -87,8 +86,8 @@ def default_report_path(model_dir: Path) -> Path:
 
 
 def _ship(args: argparse.Namespace) -> int:
-    from vlm_guard.defaults import DEFAULT_MODEL_DIR
     from toyworld.shapes.report import build_report
+    from vlm_guard.defaults import DEFAULT_MODEL_DIR
 
     source = Path(args.model)
     if not (source / "model.safetensors").exists():
@@ -162,8 +161,8 @@ def _v2_export(args: argparse.Namespace) -> int:
 def _v2_report(args: argparse.Namespace) -> int:
     import torch
 
-    from vlm_guard.synthetic.everyday.assemble import assemble
     from toyworld.everyday.report import build_v2_report
+    from vlm_guard.synthetic.everyday.assemble import assemble
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 from vlm_guard.cli.arguments import deferred, non_negative_int, positive_float, positive_int, seed_int, share
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from vlm_guard.version import __version__
 from vlm_guard import moved as _moved
+from vlm_guard.version import __version__
 
 _moved.install()  # the previous layout's module paths, deprecated (vlm_guard.moved)
 

@@ -32,7 +32,6 @@ from vlm_guard.methods.base import (  # noqa: F401  (re-exported: the configs' b
 )
 from vlm_guard.version import __version__
 
-
 METHOD_ORDER = registry.MethodNames(description="every registered method, in run order")
 """The registered methods' names in run order: a live view of :mod:`vlm_guard.methods.registry` (a tuple in use)."""
 ALL_METHODS = registry.MethodNames(lambda spec: spec.in_all, "the methods 'all' switches on")
@@ -111,7 +110,7 @@ class GuardConfig:
         return [name for name, value in self._methods().items() if value is not None]
 
     @classmethod
-    def from_methods(cls, methods: str | list[str] | None, preset: str = "released") -> "GuardConfig":
+    def from_methods(cls, methods: str | list[str] | None, preset: str = "released") -> GuardConfig:
         """Default configs for a comma-separated list: ``"vhr,var"``, ``"all"`` (the paper methods, VHR+VAR+GIFT) or
         ``"none"``, each with ``preset`` (``"released"`` or ``"paper"``)."""
         check_choice("GuardConfig.from_methods", "preset", preset, PRESETS)
@@ -134,7 +133,7 @@ class GuardConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GuardConfig":
+    def from_dict(cls, data: dict) -> GuardConfig:
         if not isinstance(data, dict):
             raise ValueError(f"GuardConfig.from_dict needs a dict (as written by GuardConfig.to_dict()), got "
                              f"{type(data).__name__} ({data!r:.80}); use GuardConfig() for every method off")
@@ -153,7 +152,7 @@ class GuardConfig:
         atomic_write_json(path, self.to_dict(), indent=2)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GuardConfig":
+    def load(cls, path: str | Path) -> GuardConfig:
         """Read a config written by :meth:`save`; a bad field is a one-line ``ValueError`` naming the file and it."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -164,7 +163,7 @@ class GuardConfig:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from None
 
-    def replace(self, **changes) -> "GuardConfig":
+    def replace(self, **changes) -> GuardConfig:
         """A copy with some methods changed (``config.replace(var=None)``); the others are the same objects."""
         unknown = [name for name in changes if not registry.is_method(name)]
         if unknown:

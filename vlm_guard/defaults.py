@@ -22,8 +22,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_guard.synthetic.default import (ASSETS, DEFAULT_MODEL_CHOICES, DEFAULT_MODEL_ENV, EXAMPLES_DIRS,
-                                         default_model_name, default_world, examples_dir)
+from vlm_guard.synthetic.default import (
+    ASSETS,
+    DEFAULT_MODEL_CHOICES,
+    DEFAULT_MODEL_ENV,
+    EXAMPLES_DIRS,
+    default_model_name,
+    default_world,
+    examples_dir,
+)
 
 FIXTURE_MODEL_DIR = ASSETS / "default_model"
 """Folder of the 3.6M toy LLaVA test fixture (``from_pretrained``-loadable; the default model before v2)."""

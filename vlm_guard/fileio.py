@@ -24,9 +24,9 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any
 
 __all__ = ["atomic_path", "atomic_paths", "atomic_folder", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_save_safetensors", "sha256_file", "TEMPORARY_MARK"]

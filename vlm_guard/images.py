@@ -56,7 +56,7 @@ twice its own ``Image.MAX_IMAGE_PIXELS`` whatever this cap says."""
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 """File name endings :func:`find_images` takes from a folder (case-insensitive)."""
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+ImageInput = Union[str, os.PathLike, Image.Image]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
 class ImageLoadError(ValueError):

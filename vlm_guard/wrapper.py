@@ -23,14 +23,15 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 from transformers import LogitsProcessorList
 
 from vlm_guard.config import GuardConfig
-from vlm_guard.core.contract import Intervention
 from vlm_guard.core.calls import check_generate_call
+from vlm_guard.core.contract import Intervention
 from vlm_guard.core.engine import GuardEngine
 from vlm_guard.methods.registry import get_method
 from vlm_guard.models import ModelAdapter, get_adapter
@@ -203,7 +204,7 @@ class GuardedModel:
     forward = __call__
 
     @contextlib.contextmanager
-    def disabled(self) -> Iterator["GuardedModel"]:
+    def disabled(self) -> Iterator[GuardedModel]:
         """Run the plain model inside the block (in the calling thread only); restores the previous state in ``finally``."""
         self._check_wrapped()
         previous = self.engine.enabled

@@ -121,12 +121,12 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from vlm_guard.defaults import load_default
+    from vlm_guard.calibration.head_map import HeadMap
     from vlm_guard.cli.eval import synthetic_tasks
+    from vlm_guard.defaults import load_default
     from vlm_guard.eval.images import ImageLoader
     from vlm_guard.eval.runner import code_digest, prepare_processor, run_method_set
     from vlm_guard.fileio import atomic_write_json, atomic_write_text
-    from vlm_guard.calibration.head_map import HeadMap
     from vlm_guard.settings import validate_tuned
     from vlm_guard.wrapper import wrap
 

@@ -21,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(folders: list[str]) -> int:
-    from vlm_guard.fileio import atomic_write_json, atomic_write_text
     from vlm_guard.calibration.head_map import HeadMap
-    from vlm_guard.tuning.report import profiles_markdown
+    from vlm_guard.fileio import atomic_write_json, atomic_write_text
     from vlm_guard.settings import validate_tuned
+    from vlm_guard.tuning.report import profiles_markdown
 
     if not folders:
         raise SystemExit(__doc__)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+import parity_reference as reference
 import pytest
 import torch
 
@@ -26,8 +27,6 @@ from vlm_guard.methods.var.intervention import VARConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.methods.vhr.intervention import VHRConfig
 from vlm_guard.testing import BOS, build_batch, forward_reduction, rounding_tolerance, tiny_model
-
-import parity_reference as reference
 
 TOLERANCE = 1e-4
 DECODE_STEPS = 16
@@ -47,7 +46,7 @@ PENALTY_QUESTION = "describe the white and red things"
 PARITY_SAFETY = 4.0  # rounding_tolerance's safety factor here (the largest difference seen is ~1/10 of the tolerance)
 
 
-def tolerance(case: "Case", scores: list[torch.Tensor]) -> float:
+def tolerance(case: Case, scores: list[torch.Tensor]) -> float:
     """The scores' tolerance: ``TOLERANCE``, or the rounding of a forward pass of the case's model at the magnitude of
     its logits where that is larger (the 135M default model's logits reach ~30 through 30 layers; PAI's log-probs
     carry the rounding of the logits they come from)."""
@@ -132,7 +131,7 @@ def example_images(model, count: int) -> list[str]:
     return (files * count)[:count]
 
 
-def reference_prompt(model, processor, input_ids: torch.Tensor, question: str) -> "reference.Prompt":
+def reference_prompt(model, processor, input_ids: torch.Tensor, question: str) -> reference.Prompt:
     """The released code's positions for one unpadded prompt: the query is the question's own tokens (found as the
     question's token ids after the image), informative tokens those whose character span overlaps a content word
     (the released ``extract_and_align``, with the tags of :data:`POS`)."""

@@ -15,7 +15,19 @@ import torch
 
 from toyworld.shapes.data import IGNORE_INDEX, pad_sequences
 from vlm_guard.synthetic.everyday.model import IMAGE_TOKEN
-from vlm_guard.synthetic.everyday.world import CAPTION_PROMPTS, COLOURS, DETAIL_PROMPTS, GRID, OBJECT_TYPES, Scene, answer, caption, detailed_caption, question_text, render
+from vlm_guard.synthetic.everyday.world import (
+    CAPTION_PROMPTS,
+    COLOURS,
+    DETAIL_PROMPTS,
+    GRID,
+    OBJECT_TYPES,
+    Scene,
+    answer,
+    caption,
+    detailed_caption,
+    question_text,
+    render,
+)
 
 ROW_KINDS = ("caption", "detail", "question")
 

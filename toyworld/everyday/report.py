@@ -17,9 +17,21 @@ import logging
 
 import torch
 
-from vlm_guard.methods.var.sinks import FIRST_SINK_LAYER, SINK_THRESHOLD, find_sink_dims, sink_scores
 from toyworld.shapes.report import caption_metrics, generate, partner_counts
-from vlm_guard.synthetic.everyday.world import CAPTION_PROMPTS, DETAIL_PROMPTS, OBJECT_TYPES, QUESTION_SPLITS, World, caption, mentioned_objects, partner_of, question_text, questions, render
+from vlm_guard.methods.var.sinks import FIRST_SINK_LAYER, SINK_THRESHOLD, find_sink_dims, sink_scores
+from vlm_guard.synthetic.everyday.world import (
+    CAPTION_PROMPTS,
+    DETAIL_PROMPTS,
+    OBJECT_TYPES,
+    QUESTION_SPLITS,
+    World,
+    caption,
+    mentioned_objects,
+    partner_of,
+    question_text,
+    questions,
+    render,
+)
 
 logger = logging.getLogger(__name__)
 

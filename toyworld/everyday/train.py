@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlm_guard.fileio import atomic_write_json
-from vlm_guard.version import __version__
-from toyworld.shapes.train import RESUME_REMEDY, _finish_checkpoint, _load_optimizer, _lr_factor, vision_features
 from toyworld.everyday.data import IGNORE_INDEX, BatchBuilder, cell_targets
+from toyworld.shapes.train import RESUME_REMEDY, _finish_checkpoint, _load_optimizer, _lr_factor, vision_features
+from vlm_guard.fileio import atomic_write_json
 from vlm_guard.synthetic.everyday.model import LoRALinear, V2Spec, add_lora, build_model, build_processor
 from vlm_guard.synthetic.everyday.world import COLOURS, GRID, OBJECT_TYPES, World
+from vlm_guard.version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import torch
 
-from vlm_guard.synthetic.world import OBJECT_TYPES, QUESTION_SPLITS, World, caption, mentioned_objects, partner_of, questions, render
+from vlm_guard.synthetic.world import (
+    OBJECT_TYPES,
+    QUESTION_SPLITS,
+    World,
+    caption,
+    mentioned_objects,
+    partner_of,
+    questions,
+    render,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +220,9 @@ def inner_structure(model, processor, scenes) -> dict:
 
 def build_report(model_dir: str | Path, scenes: int = 300, structure_scenes: int = 24) -> dict:
     """Measure the model in ``model_dir`` (see module docstring). Deterministic for a given model."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
     import json
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model_dir = Path(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()

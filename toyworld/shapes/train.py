@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from toyworld.shapes.data import IGNORE_INDEX, BatchBuilder, cell_labels
 from vlm_guard.fileio import atomic_save_safetensors, atomic_write_json
-from toyworld.shapes.data import BatchBuilder, IGNORE_INDEX, cell_labels
 from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 from vlm_guard.synthetic.world import COLOURS, GRID, OBJECT_TYPES, SIZES, World
 

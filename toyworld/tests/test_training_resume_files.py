@@ -121,7 +121,6 @@ def test_v1_states_and_configs_that_runs_write_still_read(tmp_path):
     """A real checkpoint (a NaN loss included, as a diverged run writes it) passes the checks."""
     import torch
 
-    from vlm_guard.synthetic.model import build_model, build_processor
     from toyworld.shapes.train import (
         TINY_SPEC,
         CellHeads,
@@ -130,6 +129,7 @@ def test_v1_states_and_configs_that_runs_write_still_read(tmp_path):
         read_state,
         read_train_config,
     )
+    from vlm_guard.synthetic.model import build_model, build_processor
 
     config = TrainConfig(out_dir=str(tmp_path), spec=TINY_SPEC)
     fileio.atomic_write_json(tmp_path / "train_config.json", config.to_dict(), indent=1, allow_nan=True)
@@ -153,8 +153,8 @@ def tiny_lm():
 
 
 def _v2_run(tmp_path):
-    from vlm_guard.synthetic.everyday.model import V2Spec
     from toyworld.everyday.train import V2TrainConfig
+    from vlm_guard.synthetic.everyday.model import V2Spec
 
     config = V2TrainConfig(out_dir=str(tmp_path / "run"), spec=V2Spec(vision_hidden=32, vision_layers=1,
                                                                        vision_heads=2, lora_rank=2))

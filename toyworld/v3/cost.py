@@ -16,11 +16,10 @@ import time
 
 import torch
 
-from vlm_guard.synthetic.everyday_v3.model import V3Spec
-from vlm_guard.synthetic.everyday_v3.world import biased_world
-
 from toyworld.v3.data import IGNORE_INDEX, V3BatchBuilder
 from toyworld.v3.train import V3TrainConfig, build_for_training
+from vlm_guard.synthetic.everyday_v3.model import V3Spec
+from vlm_guard.synthetic.everyday_v3.world import biased_world
 
 
 def measure(image_size: int, kinds: list[str], batch: int, repeats: int, lm=None, lm_tokenizer=None) -> list[dict]:

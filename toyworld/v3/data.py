@@ -13,8 +13,8 @@ import random
 import numpy as np
 import torch
 
-from toyworld.shapes.data import IGNORE_INDEX, pad_sequences
 from toyworld.everyday.data import Batch, BatchBuilder
+from toyworld.shapes.data import IGNORE_INDEX, pad_sequences
 from vlm_guard.synthetic.everyday_v3.world import (
     CAPTION_PROMPTS,
     COLOURS,

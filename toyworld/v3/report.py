@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from toyworld.shapes.report import generate
 from vlm_guard.methods.var.sinks import (
     FIRST_SINK_LAYER,
     SINK_THRESHOLD,
@@ -55,7 +56,6 @@ from vlm_guard.synthetic.everyday_v3.world import (
     render,
     size_word,
 )
-from toyworld.shapes.report import generate
 
 logger = logging.getLogger("toyworld.v3.report")
 
@@ -216,7 +216,6 @@ def auc(positive: list[float], negative: list[float]) -> float | None:
 def image_token_features(model, processor, scenes) -> torch.Tensor:
     """Mean over each image's tokens as they enter the LM (projector outputs). [scenes, hidden]"""
     from toyworld.shapes.train import vision_features
-
     from toyworld.v3.data import V3BatchBuilder
 
     builder = V3BatchBuilder(processor, int(model.config.image_seq_length), _cell(model))

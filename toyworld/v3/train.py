@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from toyworld.shapes.train import vision_features
+from toyworld.v3.data import BRIGHTNESS, IGNORE_INDEX, SIZES, V3BatchBuilder, patch_targets
 from vlm_guard.fileio import atomic_save_safetensors, atomic_write_json, sha256_file
 from vlm_guard.schema import (
     FileSchemaError,
@@ -60,9 +62,6 @@ from vlm_guard.synthetic.everyday_v3.world import (
     biased_world,
     independent_world,
 )
-from toyworld.shapes.train import vision_features
-
-from toyworld.v3.data import BRIGHTNESS, IGNORE_INDEX, SIZES, V3BatchBuilder, patch_targets
 
 logger = logging.getLogger("toyworld.v3.train")
 

@@ -14,7 +14,14 @@ Example (not run: calibrates a real model on a folder of photos)::
     assert HeadMap.from_pretrained("maps/mine") == head_map
 """
 
-from vlm_guard.calibration.head_map import HeadMap, HeadMapFileError, HeadMapMismatchError, ImageCentricStats, default_cache_dir, find_cached_head_map
+from vlm_guard.calibration.head_map import (
+    HeadMap,
+    HeadMapFileError,
+    HeadMapMismatchError,
+    ImageCentricStats,
+    default_cache_dir,
+    find_cached_head_map,
+)
 
 
 def token_vhd(*args, **kwargs):

@@ -24,23 +24,30 @@ Example (not run: profiles 200 photos)::
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from vlm_guard.calibration.head_map import HeadMap, ImageCentricStats, cache_report, save_to_cache
+from vlm_guard.calibration.session import ProfilingSession, profiling_session
 from vlm_guard.images import IMAGE_EXTENSIONS
+from vlm_guard.methods.gift.layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
+from vlm_guard.methods.var.sinks import (
+    DEFAULT_RHO,
+    FIRST_SINK_LAYER,
+    SINK_THRESHOLD,
+    VISUAL_MASS_THRESHOLD,
+    FirstTokenRecorder,
+    ImageCentricObserver,
+    find_sink_dims,
+)
+from vlm_guard.methods.vhr.vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, VHDAccumulator, stack_divergence
 from vlm_guard.models.fingerprint import weights_sample
 from vlm_guard.parallel import DataParallel, shard_batches
 from vlm_guard.version import __version__
-from vlm_guard.methods.gift.layer import GazeShiftObserver, candidate_layers, choose_saliency_layer, enhancement_layers
-from vlm_guard.calibration.head_map import HeadMap, ImageCentricStats, cache_report, save_to_cache
-from vlm_guard.calibration.session import ProfilingSession, profiling_session
-from vlm_guard.methods.var.sinks import DEFAULT_RHO, FIRST_SINK_LAYER, SINK_THRESHOLD, VISUAL_MASS_THRESHOLD, FirstTokenRecorder, ImageCentricObserver, find_sink_dims
-from vlm_guard.methods.vhr.vhd import DISTANCES, OUTLIER_FILTERS, HeadOutputRecorder, VHDAccumulator, stack_divergence
 
 logger = logging.getLogger(__name__)
 

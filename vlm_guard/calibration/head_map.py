@@ -186,7 +186,7 @@ class ImageCentricStats:
         return data
 
     @classmethod
-    def from_json(cls, data: dict, head_fraction: torch.Tensor) -> "ImageCentricStats":
+    def from_json(cls, data: dict, head_fraction: torch.Tensor) -> ImageCentricStats:
         values = {name: [_read_float(v) for v in data[name]] for name in PER_LAYER_STATS}
         return cls(rho=float(data["rho"]), mass_threshold=float(data["mass_threshold"]), sink_threshold=float(data["sink_threshold"]),
                    layers=[int(v) for v in data["layers"]], head_fraction=head_fraction, **values)
@@ -446,7 +446,7 @@ class HeadMap:
         return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, revision: str | None = None) -> "HeadMap":
+    def from_pretrained(cls, directory: str | Path, revision: str | None = None) -> HeadMap:
         """Read a map written by :meth:`save_pretrained`, from a folder or a hub id ``"org/name"`` (a map shared with
         :meth:`push_to_hub`, read through the huggingface_hub cache; see :mod:`vlm_guard.calibration.hub`).
 
@@ -497,9 +497,8 @@ class HeadMap:
             raise HeadMapFileError(
                 f"{tensor_path} is not a readable safetensors file ({error}); the head map is corrupt: re-run `vlm-guard calibrate`."
             ) from None
-        from vlm_guard.settings import TunedSectionError
-
         from vlm_guard.calibration.head_map_schema import check_head_map_fields
+        from vlm_guard.settings import TunedSectionError
 
         check_head_map_fields(json_path, tensor_path, data, tensors)  # every field but `tuned`, and the tensor shapes
         try:
@@ -513,7 +512,7 @@ class HeadMap:
             ) from None
 
     @classmethod
-    def _from_parts(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "HeadMap":
+    def _from_parts(cls, data: dict, tensors: dict[str, torch.Tensor]) -> HeadMap:
         fingerprint = data["fingerprint"]
         if not isinstance(fingerprint, dict):
             raise ValueError(f"fingerprint must be an object, got {type(fingerprint).__name__}")

@@ -44,7 +44,9 @@ def plot_vhd(head_map, path: str | Path) -> Path:
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
-    from vlm_guard.checks import display_model_name  # the model's name, not the folders of the machine that made the map
+    from vlm_guard.checks import (
+        display_model_name,  # the model's name, not the folders of the machine that made the map
+    )
 
     name = display_model_name(head_map.fingerprint) if head_map.fingerprint.get("name_or_path") else head_map.fingerprint.get("family")
     axes.set_title(f"vision-aware head divergence: {name}", fontsize=9)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from vlm_guard.core.contract import Intervention, LayerContext
-from vlm_guard.models.inputs import append_tokens
 from vlm_guard.calibration.session import profiling_session
+from vlm_guard.core.contract import Intervention, LayerContext
 from vlm_guard.methods.vhr.vhd import DISTANCES, head_divergence
+from vlm_guard.models.inputs import append_tokens
 
 DEFAULT_TOP_K = 4
 

@@ -28,7 +28,8 @@ import argparse
 import importlib
 import math
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 ALLOW_PICKLE_FLAG = "--allow-pickle"
 ALLOW_PICKLE_HELP = ("read a checkpoint that has only pickle weights (pytorch_model.bin, *.pt); off by default because "

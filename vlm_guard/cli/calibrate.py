@@ -33,7 +33,6 @@ def load_model(model_id: str | None, device: str = "cpu", dtype: str | None = No
 def run_calibrate(args: argparse.Namespace) -> int:
     from vlm_guard.calibration.calibrate import calibrate
     from vlm_guard.calibration.head_map import cache_report, model_name
-
     from vlm_guard.cli.checks import check_device, check_model_argument, check_output_folder, model_load_error
 
     check_output_folder(args.out)  # before the model loads

@@ -92,7 +92,6 @@ def _caption(guarded, processor, image, prompt: str, max_new_tokens: int) -> tup
 def run(args: argparse.Namespace) -> int:
     import vlm_guard
     from vlm_guard import GuardConfig
-
     from vlm_guard.models.loading import load_model
 
     if args.max_new_tokens is not None and (args.max_new_tokens < 1 or args.max_new_tokens > 4096):

@@ -17,7 +17,13 @@ import os
 import signal
 import threading
 
-from vlm_guard.cli.arguments import add_allow_pickle_argument, int_range, max_new_tokens_int, positive_float, positive_int
+from vlm_guard.cli.arguments import (
+    add_allow_pickle_argument,
+    int_range,
+    max_new_tokens_int,
+    positive_float,
+    positive_int,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from vlm_guard.cli.arguments import INTERRUPTED_RESUMABLE, add_allow_pickle_argument, max_new_tokens_int, non_negative_int, positive_int, seed_int, share
+from vlm_guard.cli.arguments import (
+    INTERRUPTED_RESUMABLE,
+    add_allow_pickle_argument,
+    max_new_tokens_int,
+    positive_int,
+    seed_int,
+    share,
+)
 from vlm_guard.eval.following import EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE
 from vlm_guard.eval.tasks import DEFAULT_CHAIR_PROMPT, DEFAULT_MAX_NEW_TOKENS, chair_task, pope_tasks, synthetic_tasks
 
@@ -331,10 +338,9 @@ def _run_synthetic(args) -> int:
 
 
 def _write_synthetic_images(args) -> int:
+    from vlm_guard.cli.checks import check_output_folder
     from vlm_guard.eval.synthetic import TUNING_SEED, synthetic_world
     from vlm_guard.synthetic.worlds import world_for_model_argument
-
-    from vlm_guard.cli.checks import check_output_folder
 
     seed = TUNING_SEED if args.world_seed is None else args.world_seed
     folder = check_output_folder(args.out)

@@ -70,9 +70,8 @@ def _print_usage(out: str, tasks: list[str]) -> None:
 
 def _run_synthetic(args: argparse.Namespace) -> int:
     from vlm_guard.cli.checks import check_output_folder
-    from vlm_guard.synthetic.worlds import world_for_model_argument
-
     from vlm_guard.integrations.lmms_eval.export import export_synthetic
+    from vlm_guard.synthetic.worlds import world_for_model_argument
 
     check_output_folder(args.out)
     splits = [split.strip() for split in args.splits.split(",") if split.strip()]
@@ -90,7 +89,6 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 def _run_pope(args: argparse.Namespace) -> int:
     from vlm_guard.cli.checks import check_output_folder
     from vlm_guard.eval.pope import POPE_SPLITS, pope_question_file
-
     from vlm_guard.integrations.lmms_eval.export import export_pope
 
     if not args.questions and not args.pope_dir:
@@ -107,7 +105,6 @@ def _run_pope(args: argparse.Namespace) -> int:
 
 def _run_chair(args: argparse.Namespace) -> int:
     from vlm_guard.cli.checks import check_output_folder
-
     from vlm_guard.integrations.lmms_eval.export import export_coco_chair
 
     check_output_folder(args.out)

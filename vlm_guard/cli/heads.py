@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from vlm_guard.checks import display_model_name
-from vlm_guard.cli.arguments import DTYPE_NAMES, add_allow_pickle_argument, deferred, float_range, int_range, positive_int
+from vlm_guard.cli.arguments import (
+    DTYPE_NAMES,
+    add_allow_pickle_argument,
+    deferred,
+    float_range,
+    positive_int,
+)
 from vlm_guard.methods import registry
 
 # the head-map file format (vlm_guard.calibration.head_map; tests/test_cli_light.py keeps these equal to it)

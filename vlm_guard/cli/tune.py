@@ -20,7 +20,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from vlm_guard.cli.arguments import INTERRUPTED_RESUMABLE, max_new_tokens_int, non_negative_int, positive_float, positive_int, seed_int
+from vlm_guard.cli.arguments import (
+    INTERRUPTED_RESUMABLE,
+    max_new_tokens_int,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from vlm_guard.methods.registry import MethodNames
 
 TUNABLE_METHODS = MethodNames(lambda spec: spec.tuning_grid is not None, "the methods with a tuning grid")
@@ -87,9 +94,14 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from vlm_guard.cli.checks import (
+        check_device,
+        check_head_map_folder,
+        check_model_argument,
+        check_output_file,
+        check_output_folder,
+    )
     from vlm_guard.tuning.search import file_tuning_data, synthetic_tuning_data
-
-    from vlm_guard.cli.checks import check_device, check_head_map_folder, check_model_argument, check_output_file, check_output_folder
 
     # numbers were checked by the parser; the places and names here, before the data and the model load
     if args.out:
@@ -144,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_on(args: argparse.Namespace, data, parallel) -> int:
     from vlm_guard.defaults import DEFAULT_MODEL_DIR
     from vlm_guard.eval.runner import weights_digest
-    from vlm_guard.tuning.search import tune
     from vlm_guard.settings import tuned_report
+    from vlm_guard.tuning.search import tune
 
     model, processor, name, head_map, out = _model_and_head_map(args, parallel.device(args.device))
     weights = weights_digest(args.model or DEFAULT_MODEL_DIR)
@@ -168,13 +180,13 @@ def _run_on(args: argparse.Namespace, data, parallel) -> int:
 
 def _run_profiles(args: argparse.Namespace) -> int:
     """``--profiles``: :func:`vlm_guard.tuning.profiles.tune_profiles` on the synthetic tuning and confirmation seeds."""
+    from vlm_guard.calibration.head_map import HeadMap
     from vlm_guard.defaults import DEFAULT_MODEL_DIR
     from vlm_guard.eval.runner import weights_digest
-    from vlm_guard.calibration.head_map import HeadMap
+    from vlm_guard.settings import tuned_report
     from vlm_guard.synthetic.worlds import world_for_model_argument
     from vlm_guard.tuning.profiles import tune_profiles
     from vlm_guard.tuning.search import BudgetExhausted
-    from vlm_guard.settings import tuned_report
 
     model, processor, name, head_map, out = _model_and_head_map(args, args.device)
     world = world_for_model_argument(args.model).name
@@ -203,8 +215,8 @@ def _method_list(methods) -> list[str]:
 def _model_and_head_map(args: argparse.Namespace, device):
     """The model named by ``--model``, its head map (``--head-map`` checked against it, else the cached or shipped
     one) and the output folder (``--out``, else the model's head-map cache folder)."""
-    from vlm_guard.eval.runner import load_model
     from vlm_guard.calibration.head_map import HeadMap, cache_folder
+    from vlm_guard.eval.runner import load_model
     from vlm_guard.models import get_adapter
 
     model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,

@@ -24,7 +24,16 @@ from starlette.middleware import Middleware
 
 from vlm_guard.demo.inputs import DemoInputError, DemoLimits, validate_image
 from vlm_guard.demo.offline import OfflinePage
-from vlm_guard.demo.session import HIGHLIGHT_COLOURS, LABEL_FLAGGED, LABEL_GROUNDED, LABEL_LOW_TVHD, METHOD_CONTROLS, DemoRun, DemoSession, highlighted
+from vlm_guard.demo.session import (
+    HIGHLIGHT_COLOURS,
+    LABEL_FLAGGED,
+    LABEL_GROUNDED,
+    LABEL_LOW_TVHD,
+    METHOD_CONTROLS,
+    DemoRun,
+    DemoSession,
+    highlighted,
+)
 from vlm_guard.demo.tempfiles import STRAY_AGE_SECONDS, discard_upload, sweep_stray_files
 
 logger = logging.getLogger(__name__)

@@ -28,22 +28,31 @@ import math
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vlm_guard.config import METHOD_ORDER, GuardConfig
-from vlm_guard.methods import registry
 from vlm_guard.core.contract import Intervention, LayerContext, PromptContext, RowSelection
+from vlm_guard.demo.inputs import (
+    DemoLimits,
+    Example,
+    image_fingerprint,
+    load_examples,
+    validate_image,
+    validate_max_new_tokens,
+    validate_prompt,
+)
+from vlm_guard.demo.overlay import ImageGrid, display_image, head_map_figure, heatmap_overlay, placeholder, square_grid
 from vlm_guard.grounding import TRUTH
+from vlm_guard.methods import registry
 from vlm_guard.models.inputs import append_tokens
 from vlm_guard.wrapper import GuardedModel, wrap
-from vlm_guard.demo.inputs import DemoLimits, Example, image_fingerprint, load_examples, validate_image, validate_max_new_tokens, validate_prompt
-from vlm_guard.demo.overlay import ImageGrid, display_image, head_map_figure, heatmap_overlay, placeholder, square_grid
 
 logger = logging.getLogger(__name__)
 
@@ -522,7 +531,7 @@ class DemoSession:
 
     @classmethod
     def load(cls, model: str | None = None, head_map: str | Path | None = None, limits: DemoLimits | None = None,
-             use_checker: bool = True, device: str = "cpu", allow_pickle: bool = False) -> "DemoSession":
+             use_checker: bool = True, device: str = "cpu", allow_pickle: bool = False) -> DemoSession:
         """Load a model (default: the shipped one), an optional head map and the grounding checker."""
         loaded, processor, name = load_model(model, device=device, allow_pickle=allow_pickle)
         notes = []
@@ -857,7 +866,6 @@ class DemoSession:
             return []
         if example is not None and example.objects:
             from vlm_guard.grounding import truth_mentions
-
             from vlm_guard.synthetic.worlds import world_kind
 
             world = self._examples_world()

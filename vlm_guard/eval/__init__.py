@@ -26,8 +26,15 @@ from vlm_guard.eval.pope import (
     pope_metric_fn,
     pope_metrics,
 )
-from vlm_guard.eval.records import (FileBusyError, ResultsWriter, RunMismatchError, read_header, read_records,
-                                    read_summary, write_summary)
+from vlm_guard.eval.records import (
+    FileBusyError,
+    ResultsWriter,
+    RunMismatchError,
+    read_header,
+    read_records,
+    read_summary,
+    write_summary,
+)
 from vlm_guard.eval.stats import TotalsMetric, bootstrap_ci, paired_bootstrap
 
 __all__ = [

@@ -227,8 +227,8 @@ def bench_var_settings(model, inputs: dict) -> dict:
     layers, so BOS is a sink in every one of them; text sinks are recycled (``require_visual_sink=False``, the
     paper's form), since BOS is a text sink. This measures what VAR costs, not what it gains.
     """
-    from vlm_guard.methods.var.sinks import massive_activation_ratios, middle_layers
     from vlm_guard.methods.var.intervention import default_var_layers
+    from vlm_guard.methods.var.sinks import massive_activation_ratios, middle_layers
 
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states  # L+1 x [B, S, M]; [l] enters layer l
@@ -294,7 +294,7 @@ class PeakMemory:
         self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM-VmRSS"
         self._start = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -654,7 +654,7 @@ def format_markdown(report: dict) -> str:
              f"interleaved repetitions, {report['settings']['new_tokens']} new tokens). Ratios to plain `generate`; "
              "decode x: median wall-clock time per step, x(cpu): median CPU time per step of the generating thread; "
              "✓/✗: the issue-16 target met or missed.", ""]
-    for key, model in report["models"].items():
+    for model in report["models"].values():
         lines += [f"### {model['description']} (prompt {model['prompt_length']} tokens)", "",
                   "| config | decode ms/tok | decode x | x(cpu) | prefill x | peak memory x | ops/step | ops x | prefill ops x |",
                   "|---|---|---|---|---|---|---|---|---|"]

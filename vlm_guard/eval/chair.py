@@ -50,11 +50,12 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -189,7 +190,7 @@ class ChairVocabulary:
     released_quirks: bool = False
 
     @classmethod
-    def load(cls, released_quirks: bool = False, path: str | os.PathLike | None = None) -> "ChairVocabulary":
+    def load(cls, released_quirks: bool = False, path: str | os.PathLike | None = None) -> ChairVocabulary:
         """Read the vocabulary JSON (default: the shipped ``vlm_guard/eval/data/chair_synonyms.json``).
 
         Args:
@@ -213,7 +214,7 @@ class ChairVocabulary:
         return cls.from_dict(data, released_quirks=released_quirks)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], released_quirks: bool = False) -> "ChairVocabulary":
+    def from_dict(cls, data: Mapping[str, Any], released_quirks: bool = False) -> ChairVocabulary:
         """Build from the dict layout of ``chair_synonyms.json`` (see :meth:`load`)."""
         required = ("synonym_lines", "coco_double_words", "animal_words", "animal_qualifiers", "vehicle_words",
                     "vehicle_qualifiers", "double_word_overrides")
@@ -583,7 +584,7 @@ class ChairGroundTruth:
         captions_path: str | os.PathLike,
         image_ids: Iterable[int | str] | None = None,
         vocabulary: ChairVocabulary | None = None,
-    ) -> "ChairGroundTruth":
+    ) -> ChairGroundTruth:
         """Build from COCO ``instances_val2014.json`` and ``captions_val2014.json``.
 
         Args:
@@ -722,7 +723,7 @@ class ChairGroundTruth:
         atomic_write_json(path, payload)  # a cache: a failed write keeps the previous one whole
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, vocabulary: ChairVocabulary | None = None) -> "ChairGroundTruth":
+    def from_json(cls, path: str | os.PathLike, vocabulary: ChairVocabulary | None = None) -> ChairGroundTruth:
         """Load what :meth:`to_json` saved."""
         path = Path(path)
         data = _read_json_file(path, what="CHAIR ground-truth cache")

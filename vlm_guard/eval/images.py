@@ -30,8 +30,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 from PIL import Image
 
@@ -39,7 +40,7 @@ from vlm_guard.images import DEFAULT_MAX_PIXELS, ImageLoadError, display_name, l
 
 logger = logging.getLogger(__name__)
 
-ImageSource = Union[str, os.PathLike, Image.Image, Callable[[], Image.Image]]
+ImageSource = Union[str, os.PathLike, Image.Image, Callable[[], Image.Image]]  # noqa: UP007 (a runtime alias on Python 3.10)
 """What an eval item names as its image: a path (relative to the loader's root), a PIL image, or a callable
 returning one (e.g. a synthetic scene rendered on demand)."""
 

@@ -27,9 +27,10 @@ import math
 import os
 import platform
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -550,7 +551,7 @@ class ResultsWriter:
         if lock is not None:
             lock.release()
 
-    def __enter__(self) -> "ResultsWriter":
+    def __enter__(self) -> ResultsWriter:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

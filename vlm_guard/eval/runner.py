@@ -29,9 +29,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from vlm_guard.eval.following import MAX_UNCLEAR_SHARE
 from vlm_guard.eval.images import ImageLoader, ImageSource

@@ -24,7 +24,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class TotalsMetric:
         self.name = name
 
     @classmethod
-    def pick(cls, benchmark: str, name: str, names: tuple[str, ...], metrics_from_totals: Callable) -> "TotalsMetric":
+    def pick(cls, benchmark: str, name: str, names: tuple[str, ...], metrics_from_totals: Callable) -> TotalsMetric:
         """The metric ``name`` out of a benchmark's ``metrics_from_totals(totals) -> dict`` (POPE, CHAIR).
 
         Raises:

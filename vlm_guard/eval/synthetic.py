@@ -49,8 +49,8 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from vlm_guard.eval.chair import mention_record
 from vlm_guard.synthetic.world import QUESTION_SPLITS, Scene

@@ -53,7 +53,7 @@ def chair_task(images_dir: str, instances: str, captions: str, n_images: int, se
     from vlm_guard.eval.chair import ChairGroundTruth, coco_image_id
     from vlm_guard.eval.runner import EvalItem, EvalTask
 
-    with open(instances, "r", encoding="utf-8") as handle:
+    with open(instances, encoding="utf-8") as handle:
         image_entries = json.load(handle).get("images", [])
     names = {int(entry["id"]): entry["file_name"] for entry in image_entries if "id" in entry and "file_name" in entry}
     if not names:
@@ -93,7 +93,12 @@ def synthetic_tasks(n_questions: int = 500, n_captions: int = 500, world_seed: i
     defaults to the world's caption budget."""
     from vlm_guard.eval.runner import EvalItem, EvalTask, pope_scorer
     from vlm_guard.eval.synthetic import (
-        EVAL_SEED, SPLITS, caption_items, pope_questions, score_synthetic_caption, synthetic_world,
+        EVAL_SEED,
+        SPLITS,
+        caption_items,
+        pope_questions,
+        score_synthetic_caption,
+        synthetic_world,
     )
     from vlm_guard.synthetic.worlds import world_kind
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -140,7 +140,7 @@ class GroundingChecker:
 
     # ---- constructors ---------------------------------------------------------------------------------------
     @classmethod
-    def default(cls, device: str = "cpu", threshold: float | None = None) -> "GroundingChecker":
+    def default(cls, device: str = "cpu", threshold: float | None = None) -> GroundingChecker:
         """The checker trained on the synthetic world and shipped with the package."""
         return cls.from_folder(DEFAULT_CHECKER_DIR, device=device, threshold=threshold)
 

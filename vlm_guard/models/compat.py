@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 from torch import nn
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cache_argument(model_class: type) -> str:
     parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"

@@ -52,7 +52,7 @@ VOLATILE_CONFIG_KEYS = frozenset({
 })
 
 
-def _short(digest: "hashlib._Hash") -> str:
+def _short(digest: hashlib._Hash) -> str:
     return digest.hexdigest()[:DIGEST_LENGTH]
 
 

@@ -24,10 +24,11 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 WORLD_NAMES = ("everyday", "shapes")
 CONFIG_KEY = "vlm_guard_world"

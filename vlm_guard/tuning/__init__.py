@@ -14,7 +14,16 @@ released default).
 
 from __future__ import annotations
 
-from vlm_guard.settings import PROFILES, UNTUNED_DEFAULT_METHODS, default_config, default_methods, describe_settings, resolve_config, tuned_report, tuned_settings
+from vlm_guard.settings import (
+    PROFILES,
+    UNTUNED_DEFAULT_METHODS,
+    default_config,
+    default_methods,
+    describe_settings,
+    resolve_config,
+    tuned_report,
+    tuned_settings,
+)
 
 
 def tune(*args, **kwargs):

@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 MAX_RECALL_DROP = 2.0
 """Points of CHAIR object recall a feasible setting may lose against greedy."""

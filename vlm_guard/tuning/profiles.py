@@ -45,10 +45,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 
@@ -296,10 +295,10 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
 
     from vlm_guard.eval.runner import prepare_processor
     from vlm_guard.eval.synthetic import EVAL_SEED, TUNING_SEED
+    from vlm_guard.settings import PROFILES, validate_tuned
+    from vlm_guard.tuning.search import synthetic_tuning_data
     from vlm_guard.version import __version__
     from vlm_guard.wrapper import wrap
-    from vlm_guard.tuning.search import synthetic_tuning_data
-    from vlm_guard.settings import PROFILES, validate_tuned
 
     profiles = [p.strip().lower() for p in profiles if p.strip()]
     unknown = [p for p in profiles if p not in PROFILES]
@@ -322,7 +321,6 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
     guarded = wrap(model, processor, None, head_map)
     out = Path(out_dir) if out_dir is not None else None
     identity = {"fingerprint_hash": head_map.fingerprint_hash, "weights_sha256_16": weights_sha256_16, "kind": "profiles"}
-    spent = 0.0
     states = {}
     for name, data in (("tuning", tuning), ("confirmation", confirmation)):
         path = out / f"tune_profiles_state.{name}.json" if out is not None else None

@@ -46,9 +46,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vlm_guard.config import ALL_METHODS
 from vlm_guard.tuning import objective
@@ -103,9 +104,9 @@ def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: i
     Raises:
         ValueError: ``seed`` is the reported seed 900001.
     """
-    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
     from vlm_guard.eval.images import ImageLoader
     from vlm_guard.eval.synthetic import EVAL_SEED, TUNING_SEED
+    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
 
     seed = TUNING_SEED if seed is None else int(seed)
     if seed == EVAL_SEED:
@@ -125,8 +126,8 @@ def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, 
                      pope_max_new_tokens: int = 16, chair_max_new_tokens: int = 512) -> TuningData:
     """The user's own POPE-format question files and / or COCO-format caption annotations (the loaders of
     ``vlm-guard eval``). Use files and images that are not the ones you report on."""
-    from vlm_guard.eval.tasks import DEFAULT_CHAIR_PROMPT, chair_task, pope_tasks
     from vlm_guard.eval.images import ImageLoader
+    from vlm_guard.eval.tasks import DEFAULT_CHAIR_PROMPT, chair_task, pope_tasks
 
     if not images:
         raise ValueError("tuning on files needs --images, the folder the POPE questions and COCO annotations name")
@@ -678,7 +679,7 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
             skipped.setdefault(name, "the budget ran out before any setting finished its first rung: not tuned")
     # the default set: the best single method or combination that beats greedy at the largest rung it reached
     options: list[dict] = []
-    for name, (row, rung) in best_single.items():
+    for row, rung in best_single.values():
         options.append({**row, "rung": rung})
     combo_candidates = []
     winners = [n for n, (row, _) in best_single.items() if _helps(row)]

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +164,8 @@ def export_synthetic(out: str | Path, n_questions: int = 300, n_captions: int = 
         The manifest written to ``export.json`` (tasks, counts, prompts, and ``vlm_guard_eval_command``: the
         ``vlm-guard eval synthetic`` command that runs the same items).
     """
-    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
     from vlm_guard.eval.synthetic import EVAL_SEED, SPLITS
+    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS, synthetic_tasks
     from vlm_guard.fileio import atomic_path
     from vlm_guard.synthetic.worlds import world_for_model_argument, world_kind
 
@@ -236,8 +237,8 @@ def export_pope(out: str | Path, question_files: Sequence[str | Path], images: s
     The files are copied (checked by :func:`vlm_guard.eval.pope.load_pope_questions`; with ``limit`` only the
     first ``limit`` questions); the images stay where they are.
     """
-    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS
     from vlm_guard.eval.pope import load_pope_questions, pope_split_from_path
+    from vlm_guard.eval.tasks import DEFAULT_MAX_NEW_TOKENS
 
     images = Path(images)
     if not images.is_dir():

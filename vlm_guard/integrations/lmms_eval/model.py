@@ -35,7 +35,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
@@ -76,9 +77,8 @@ class VLMGuardModel(lmms):
         super().__init__()
         from vlm_guard.checks import check_device
         from vlm_guard.eval.runner import head_map_digest, prepare_processor
-        from vlm_guard.wrapper import wrap
-
         from vlm_guard.integrations.lmms_eval.settings import guard_config
+        from vlm_guard.wrapper import wrap
 
         methods_text, fields = split_model_args({"methods": methods, **method_fields})
         self._batch_size = _positive_int("batch_size", batch_size)

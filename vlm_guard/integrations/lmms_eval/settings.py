@@ -24,7 +24,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 AUTO = "auto"
 """The ``methods`` value for the model's default method set."""

@@ -27,8 +27,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 DEFAULT_CHAIR_PROMPT = "Please describe this image in detail."
 POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unclear_share")

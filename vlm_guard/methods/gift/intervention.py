@@ -33,10 +33,15 @@ import re
 
 import torch
 
-from vlm_guard.methods.gift.config import GIFTConfig
-
-from vlm_guard.methods.gift.gaze import gaze_head_sums, gaze_shift, normalise_saliency, saliency_from_head_sums, saliency_multipliers
 from vlm_guard.core.contract import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
+from vlm_guard.methods.gift.config import GIFTConfig
+from vlm_guard.methods.gift.gaze import (
+    gaze_head_sums,
+    gaze_shift,
+    normalise_saliency,
+    saliency_from_head_sums,
+    saliency_multipliers,
+)
 from vlm_guard.methods.gift.kernel import FusionMatrices, enhance, enhance_fusion  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -283,7 +288,7 @@ class GazeRecorder(Intervention):
     uses_weights = True
     chunkable_rows = True  # the saliency accumulates over the chunks of l*
 
-    def __init__(self, layer: int, owner: "GIFT"):
+    def __init__(self, layer: int, owner: GIFT):
         self.layer = layer
         self.owner = owner
 

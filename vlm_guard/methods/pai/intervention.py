@@ -26,10 +26,10 @@ import math
 import torch
 from transformers import LogitsProcessor
 
-from vlm_guard.methods.pai.config import PAIConfig
 from vlm_guard.core.contract import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
-from vlm_guard.models.compat import cache_kwargs, output_cache
 from vlm_guard.core.forward_state import restore_forward_state, save_forward_state
+from vlm_guard.methods.pai.config import PAIConfig
+from vlm_guard.models.compat import cache_kwargs, output_cache
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def amplify_image_scores(scores: torch.Tensor, image_keys: torch.Tensor, alpha: 
         ``[B, H, R, K]``.
 
     Example:
-        >>> amplify_image_scores(torch.tensor([[[[1.0, -2.0, 3.0, -float("inf")]]]]), torch.tensor([[False, True, True, True]]), 0.5)
+        >>> scores = torch.tensor([[[[1.0, -2.0, 3.0, -float("inf")]]]])          # [B, H, Q, K]
+        >>> amplify_image_scores(scores, torch.tensor([[False, True, True, True]]), 0.5)
         tensor([[[[ 1.0000, -1.0000,  4.5000,    -inf]]]])
     """
     # masked keys stay masked (-inf + alpha * inf would be NaN): an image column outside a sliding window, say

@@ -34,11 +34,10 @@ import logging
 
 import torch
 
-
-from vlm_guard.methods.var.config import VARConfig
-from vlm_guard.methods.var.sinks import sink_scores
 from vlm_guard.core.contract import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
+from vlm_guard.methods.var.config import VARConfig
 from vlm_guard.methods.var.kernel import RecyclingMatrices, recycle, recycle_sink_attention  # noqa: F401 (re-exported)
+from vlm_guard.methods.var.sinks import sink_scores
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import logging
 import torch
 from transformers import LogitsProcessor
 
-from vlm_guard.methods.vcd.config import BETA_SCHEDULES, VCDConfig
 from vlm_guard.core.contract import Intervention, PromptContext
 from vlm_guard.methods.pai.intervention import ContrastStream, plausibility_cut
+from vlm_guard.methods.vcd.config import BETA_SCHEDULES, VCDConfig
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import logging
 
 import torch
 
+from vlm_guard.core.contract import Intervention, LayerContext, PromptContext
 from vlm_guard.methods.vhr.config import VHRConfig
 from vlm_guard.methods.vhr.vhd import HeadOutputRecorder, default_target_layers, head_divergence, select_vhr_heads
-from vlm_guard.core.contract import Intervention, LayerContext, PromptContext
 
 logger = logging.getLogger(__name__)
 

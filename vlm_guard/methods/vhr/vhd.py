@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from vlm_guard.core.contract import Intervention, LayerContext
-
 from vlm_guard.methods.vhr.config import DISTANCES, OUTLIER_FILTERS  # noqa: F401  (defined beside the config)
 
 

@@ -42,7 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlm_guard.synthetic.world import Question, Scene  # shared with the shapes world: a scene is objects in reading order
+from vlm_guard.synthetic.world import (  # shared with the shapes world: a scene is objects in reading order
+    Question,
+    Scene,
+)
 
 OBJECT_TYPES: tuple[str, ...] = (
     "fork", "knife", "cup", "saucer", "table", "chair", "toothbrush", "toothpaste", "keyboard", "mouse",
@@ -212,8 +215,8 @@ def _glyph(object_type: str) -> Image.Image:
     x0 = y0 = 0
     cx, cy = CELL / 2, CELL / 2
 
-    def box(l, t, r, b):  # cell-relative fractions -> pixels
-        return (l * CELL, t * CELL, r * CELL, b * CELL)
+    def box(left, top, right, bottom):  # cell-relative fractions -> pixels
+        return (left * CELL, top * CELL, right * CELL, bottom * CELL)
 
     t = object_type
     if t == "fork":

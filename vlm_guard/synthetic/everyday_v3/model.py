@@ -14,7 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlm_guard.synthetic.everyday.model import CHAT_TEMPLATE, IMAGE_TOKEN, LoRALinear, V2Spec, add_lora, build_config, build_model, build_processor, merge_lora
+from vlm_guard.synthetic.everyday.model import (
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    LoRALinear,
+    V2Spec,
+    add_lora,
+    build_config,
+    build_model,
+    build_processor,
+    merge_lora,
+)
 from vlm_guard.synthetic.everyday_v3.world import CELL, GRID
 
 __all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "V3Spec", "add_lora", "build_config", "build_model",

@@ -29,7 +29,27 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlm_guard.synthetic.everyday.world import BACKGROUND, CAPTION_PROMPTS, COLOURS, GRID, OBJECT_TYPES, PARTNER_PAIRS, POPULARITY, QUESTION_SPLITS, SceneObject, World, _glyph, _groups, _mix, answer, caption, mentioned_objects, partner_of, question_text, questions
+from vlm_guard.synthetic.everyday.world import (
+    BACKGROUND,
+    CAPTION_PROMPTS,
+    COLOURS,
+    GRID,
+    OBJECT_TYPES,
+    PARTNER_PAIRS,
+    POPULARITY,
+    QUESTION_SPLITS,
+    SceneObject,
+    World,
+    _glyph,
+    _groups,
+    _mix,
+    answer,
+    caption,
+    mentioned_objects,
+    partner_of,
+    question_text,
+    questions,
+)
 from vlm_guard.synthetic.world import Scene
 
 __all__ = [
