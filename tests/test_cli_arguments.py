@@ -22,14 +22,21 @@ def main(argv):
 
 
 PARSER = build_parser()
-ACTIONS = [(path, action) for path, action in number_actions(PARSER)
-           if action.option_strings and action.nargs != 0 and not isinstance(action, argparse._HelpAction)]
+ACTIONS = [
+    (path, action)
+    for path, action in number_actions(PARSER)
+    if action.option_strings and action.nargs != 0 and not isinstance(action, argparse._HelpAction)
+]
 
 
 def _numeric(action) -> bool:
     default_is_number = isinstance(action.default, (int, float)) and not isinstance(action.default, bool)
-    return action.type in (int, float) or isinstance(action.type, Number) or getattr(action.type, "checked", False) \
+    return (
+        action.type in (int, float)
+        or isinstance(action.type, Number)
+        or getattr(action.type, "checked", False)
         or (action.type is None and default_is_number)
+    )
 
 
 NUMERIC = [(path, action) for path, action in ACTIONS if _numeric(action)]
@@ -38,8 +45,18 @@ IDS = [" ".join(path + (action.option_strings[-1],)) for path, action in NUMERIC
 
 def test_the_parser_reaches_every_command():
     commands = {path for path, _ in ACTIONS}
-    for expected in [("calibrate",), ("tune",), ("caption",), ("bench",), ("demo",), ("eval", "synthetic"),
-                     ("eval", "pope"), ("eval", "chair"), ("eval", "synthetic-images"), ("toy", "train")]:
+    for expected in [
+        ("calibrate",),
+        ("tune",),
+        ("caption",),
+        ("bench",),
+        ("demo",),
+        ("eval", "synthetic"),
+        ("eval", "pope"),
+        ("eval", "chair"),
+        ("eval", "synthetic-images"),
+        ("toy", "train"),
+    ]:
         assert expected in commands
     assert len(NUMERIC) >= 40  # every numeric option of every command is tested below
 
@@ -48,7 +65,8 @@ def test_the_parser_reaches_every_command():
 def test_numeric_option_has_a_checked_type(path, action):
     assert action.type not in (int, float) and action.type is not None, (
         f"{' '.join(path)} {action.option_strings[-1]} is declared with type={getattr(action.type, '__name__', None)}: "
-        "use a checked type from vlm_guard.cli.arguments (positive_int, int_range, share, ...)")
+        "use a checked type from vlm_guard.cli.arguments (positive_int, int_range, share, ...)"
+    )
 
 
 def _bad_values(kind: Number | None) -> list[str]:
@@ -95,16 +113,22 @@ def test_good_values_pass_and_defaults_are_converted():
     assert PARSER.parse_args(["calibrate", "--images", "x", "--out", "y", "--sink-dims", "5, 7"]).sink_dims == [5, 7]
 
 
-@pytest.mark.parametrize("argv, shown", [
-    (["tune", "--methods", "vhr,nope"], "--methods: 'vhr,nope' must name methods from vhr,var,gift,pai,vcd"),
-    (["calibrate", "--images", "x", "--out", "y", "--sink-dims", "a,b"], "--sink-dims: 'a,b' is not comma-separated"),
-    (["calibrate", "--images", "x", "--out", "y", "--sink-dims", "3,-1"], "negative dimension(s) [-1]"),
-    (["bench", "--long-prompt", "100"], "--long-prompt: 100 is out of range: 0 (skip) or an integer >= 1024"),
-    (["eval", "synthetic", "--out", "o", "--batch-size", "0"], "--batch-size: 0 is out of range: an integer >= 1"),
-    (["eval", "synthetic", "--out", "o", "--max-unclear", "nan"], "--max-unclear: nan is not a number in [0, 1]"),
-    (["demo", "--port", "70000"], "--port: 70000 is out of range: an integer in [1, 65535]"),
-    (["tune", "--budget", "-inf"], "--budget: expected one argument"),
-])
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["tune", "--methods", "vhr,nope"], "--methods: 'vhr,nope' must name methods from vhr,var,gift,pai,vcd"),
+        (
+            ["calibrate", "--images", "x", "--out", "y", "--sink-dims", "a,b"],
+            "--sink-dims: 'a,b' is not comma-separated",
+        ),
+        (["calibrate", "--images", "x", "--out", "y", "--sink-dims", "3,-1"], "negative dimension(s) [-1]"),
+        (["bench", "--long-prompt", "100"], "--long-prompt: 100 is out of range: 0 (skip) or an integer >= 1024"),
+        (["eval", "synthetic", "--out", "o", "--batch-size", "0"], "--batch-size: 0 is out of range: an integer >= 1"),
+        (["eval", "synthetic", "--out", "o", "--max-unclear", "nan"], "--max-unclear: nan is not a number in [0, 1]"),
+        (["demo", "--port", "70000"], "--port: 70000 is out of range: an integer in [1, 65535]"),
+        (["tune", "--budget", "-inf"], "--budget: expected one argument"),
+    ],
+)
 def test_bad_text_arguments_are_refused_while_parsing(argv, shown, capsys):
     with pytest.raises(SystemExit):
         PARSER.parse_args(argv)
@@ -134,22 +158,27 @@ def _special_files(tmp_path):
     os.mkfifo(fifo)
     dangling = tmp_path / "dangling.jsonl"
     dangling.symlink_to(tmp_path / "missing" / "x")
-    return {"/dev/null": (os.devnull, "is a character device, not a regular file"),
-            "link": (str(link), "is a link to a character device"),
-            "fifo": (str(fifo), "is a named pipe, not a regular file"),
-            "dangling": (str(dangling), "is a link to nothing")}
+    return {
+        "/dev/null": (os.devnull, "is a character device, not a regular file"),
+        "link": (str(link), "is a link to a character device"),
+        "fifo": (str(fifo), "is a named pipe, not a regular file"),
+        "dangling": (str(dangling), "is a link to nothing"),
+    }
 
 
 @pytest.mark.parametrize("which", ["/dev/null", "link", "fifo", "dangling"])
-@pytest.mark.parametrize("command", [
-    ["eval", "synthetic", "--out", "{out}"],
-    ["eval", "synthetic", "--compare", "none;vhr", "--out", "{out}"],
-    ["tune", "--state", "{out}", "--out", "{tmp}/tuned"],
-    ["bench", "--out", "{out}"],
-    ["bench", "--out", "", "--markdown", "{out}"],
-    ["toy", "report", "--out", "{out}"],
-    ["toy", "v2-prior", "--out", "{out}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "synthetic", "--out", "{out}"],
+        ["eval", "synthetic", "--compare", "none;vhr", "--out", "{out}"],
+        ["tune", "--state", "{out}", "--out", "{tmp}/tuned"],
+        ["bench", "--out", "{out}"],
+        ["bench", "--out", "", "--markdown", "{out}"],
+        ["toy", "report", "--out", "{out}"],
+        ["toy", "v2-prior", "--out", "{out}"],
+    ],
+)
 def test_output_that_is_not_a_regular_file_is_refused_before_any_work(which, command, tmp_path, capsys, no_model_load):
     out, message = _special_files(tmp_path)[which]
     argv = [part.format(out=out, tmp=tmp_path) for part in command]
@@ -197,16 +226,28 @@ def test_number_type_describes_its_range():
     assert math.isfinite(positive_float("1e300"))
 
 
-@pytest.mark.parametrize("command, shown", [
-    (["eval", "synthetic", "--out", "{tmp}/o.jsonl", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
-    (["eval", "synthetic", "--out", "{tmp}/o.jsonl", "--head-map", "{tmp}"], "holds no head_map.json or head_map.safetensors"),
-    (["tune", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
-    (["caption", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
-    (["demo", "--head-map", "{tmp}/no_map", "--port", "1"], "--head-map {tmp}/no_map: no such folder"),
-    (["tune", "--pope", "{tmp}/missing_random.json"], "--pope {tmp}/missing_random.json: no such file"),
-    (["tune", "--images", "{tmp}/no_images", "--instances", "{tmp}/i.json"], "--instances {tmp}/i.json: no such file"),
-    (["calibrate", "--images", "{tmp}/empty", "--out", "{tmp}/map"], "the folder holds no file ending in"),
-])
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        (
+            ["eval", "synthetic", "--out", "{tmp}/o.jsonl", "--head-map", "{tmp}/no_map"],
+            "--head-map {tmp}/no_map: no such folder",
+        ),
+        (
+            ["eval", "synthetic", "--out", "{tmp}/o.jsonl", "--head-map", "{tmp}"],
+            "holds no head_map.json or head_map.safetensors",
+        ),
+        (["tune", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
+        (["caption", "--head-map", "{tmp}/no_map"], "--head-map {tmp}/no_map: no such folder"),
+        (["demo", "--head-map", "{tmp}/no_map", "--port", "1"], "--head-map {tmp}/no_map: no such folder"),
+        (["tune", "--pope", "{tmp}/missing_random.json"], "--pope {tmp}/missing_random.json: no such file"),
+        (
+            ["tune", "--images", "{tmp}/no_images", "--instances", "{tmp}/i.json"],
+            "--instances {tmp}/i.json: no such file",
+        ),
+        (["calibrate", "--images", "{tmp}/empty", "--out", "{tmp}/map"], "the folder holds no file ending in"),
+    ],
+)
 def test_missing_inputs_are_refused_before_the_model_loads(command, shown, tmp_path, capsys, no_model_load):
     (tmp_path / "empty").mkdir()
     argv = [part.format(tmp=tmp_path) for part in command]

@@ -31,8 +31,24 @@ def _refused(argv, capsys, code=2) -> str:
 
 
 def _synthetic(out, *extra):
-    return ["eval", "synthetic", "--tasks", "pope", "--limit", "2", "--no-progress", "--n-resamples", "20",
-            "--max-new-tokens", "2", "--max-unclear", "1", "--out", str(out), *extra]  # random models answer no yes/no
+    return [
+        "eval",
+        "synthetic",
+        "--tasks",
+        "pope",
+        "--limit",
+        "2",
+        "--no-progress",
+        "--n-resamples",
+        "20",
+        "--max-new-tokens",
+        "2",
+        "--max-unclear",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]  # random models answer no yes/no
 
 
 def test_eval_into_a_read_only_folder(tmp_path, capsys):
@@ -51,12 +67,15 @@ def test_eval_out_is_a_folder(tmp_path, capsys):
     assert "is a folder" in _refused(_synthetic(tmp_path), capsys)
 
 
-@pytest.mark.parametrize("command", [
-    ["eval", "synthetic", "--out", "{tmp}/o.jsonl"],
-    ["demo"],
-    ["calibrate", "--images", "{tmp}", "--out", "{tmp}/map"],
-    ["caption"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "synthetic", "--out", "{tmp}/o.jsonl"],
+        ["demo"],
+        ["calibrate", "--images", "{tmp}", "--out", "{tmp}/map"],
+        ["caption"],
+    ],
+)
 def test_mistyped_model_path(command, tmp_path, capsys):
     argv = [part.format(tmp=tmp_path) for part in command] + ["--model", "./modles/tiny-llava"]
     line = _refused(argv, capsys)
@@ -64,12 +83,15 @@ def test_mistyped_model_path(command, tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("command", [
-    ["eval", "synthetic", "--out", "{tmp}/o.jsonl"],
-    ["demo"],
-    ["calibrate", "--images", "{tmp}", "--out", "{tmp}/map"],
-    ["caption"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "synthetic", "--out", "{tmp}/o.jsonl"],
+        ["demo"],
+        ["calibrate", "--images", "{tmp}", "--out", "{tmp}/map"],
+        ["caption"],
+    ],
+)
 def test_device_cuda_without_a_gpu(command, tmp_path, capsys):
     argv = [part.format(tmp=tmp_path) for part in command] + ["--device", "cuda"]
     line = _refused(argv, capsys)
@@ -103,8 +125,19 @@ def test_images_folder_without_a_matching_image(coco_fixture, tmp_path, capsys):
     empty = tmp_path / "images"
     empty.mkdir()
     Image.new("RGB", (8, 8)).save(empty / "unrelated.png")
-    line = _refused(["eval", "pope", "--questions", str(coco_fixture / "coco_pope_random.json"), "--images", str(empty),
-                     "--out", str(tmp_path / "pope.jsonl")], capsys)
+    line = _refused(
+        [
+            "eval",
+            "pope",
+            "--questions",
+            str(coco_fixture / "coco_pope_random.json"),
+            "--images",
+            str(empty),
+            "--out",
+            str(tmp_path / "pope.jsonl"),
+        ],
+        capsys,
+    )
     assert "none of the 4 images the questions name is in --images" in line and "COCO_val2014_" in line
 
 
@@ -140,14 +173,39 @@ def test_non_utf8_file_name_under_a_strict_utf8_locale(tmp_path, tmp_path_factor
     Image.new("RGB", (32, 32), (90, 20, 20)).save(folder / "good.png")
     bad_name = os.fsdecode(b"caf\xe9_broken.png")  # a Latin-1 name: not UTF-8
     (folder / bad_name).write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(("LC_", "PYTHONIO", "PYTHONUTF8"))}
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith(("LC_", "PYTHONIO", "PYTHONUTF8"))
+    }
     # a strict UTF-8 locale (e.g. en_US.UTF-8): stdout refuses what is not UTF-8 (C.UTF-8 would escape it)
-    environment.update({"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO), "PYTHONUTF8": "0",
-                        "PYTHONIOENCODING": "utf-8:strict"})
+    environment.update(
+        {
+            "LC_ALL": "C.UTF-8",
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": str(REPO),
+            "PYTHONUTF8": "0",
+            "PYTHONIOENCODING": "utf-8:strict",
+        }
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "vlm_guard.cli", "calibrate", "--model", str(tiny_model_dir(tmp_path_factory)),
-         "--images", str(folder), "--out", str(tmp_path / "map"), "--no-cache", "--no-plots", "--quiet"],
-        cwd=REPO, env=environment, capture_output=True)
+        [
+            sys.executable,
+            "-m",
+            "vlm_guard.cli",
+            "calibrate",
+            "--model",
+            str(tiny_model_dir(tmp_path_factory)),
+            "--images",
+            str(folder),
+            "--out",
+            str(tmp_path / "map"),
+            "--no-cache",
+            "--no-plots",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+    )
     stdout, stderr = result.stdout.decode("utf-8"), result.stderr.decode("utf-8", "replace")
     assert result.returncode == 0, stderr
     assert "Traceback" not in stderr

@@ -11,8 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "gradio", "safetensors", "matplotlib")
-SHIPPED_MAPS = sorted(path for path in (REPO / "vlm_guard" / "assets" / "head_maps").iterdir()
-                      if (path / "head_map.json").is_file())
+SHIPPED_MAPS = sorted(
+    path for path in (REPO / "vlm_guard" / "assets" / "head_maps").iterdir() if (path / "head_map.json").is_file()
+)
 
 
 def _fresh(code: str) -> str:
@@ -88,7 +89,9 @@ def test_heads_show_says_what_the_full_reader_says(folder):
     assert len(light) == len(full)
     for mine, theirs in zip(light, full):
         if theirs.startswith("model "):
-            assert mine.endswith(" " + display_model_name(head_map.fingerprint)) and not mine.split()[-1].startswith("/")
+            assert mine.endswith(" " + display_model_name(head_map.fingerprint)) and not mine.split()[-1].startswith(
+                "/"
+            )
         else:
             assert mine == theirs
     assert _full_summary(str(folder)).splitlines() == light
@@ -115,13 +118,16 @@ def test_heads_show_sends_a_map_it_does_not_check_to_the_full_reader(tmp_path, c
     assert "head_map.safetensors" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name_or_path, shown", [
-    ("/root/.cache/vlm_guard/models/default-v2-913254c020304393", "default-v2-913254c020304393"),
-    ("/work/main/vlm_guard/assets/default_model/", "default_model"),
-    ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-7b-hf"),
-    ("C:\\models\\qwen", "qwen"),
-    ("", "(unnamed)"),
-])
+@pytest.mark.parametrize(
+    "name_or_path, shown",
+    [
+        ("/root/.cache/vlm_guard/models/default-v2-913254c020304393", "default-v2-913254c020304393"),
+        ("/work/main/vlm_guard/assets/default_model/", "default_model"),
+        ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-7b-hf"),
+        ("C:\\models\\qwen", "qwen"),
+        ("", "(unnamed)"),
+    ],
+)
 def test_model_names_drop_the_builders_folders(name_or_path, shown):
     from vlm_guard.cli.heads import display_model_name
 

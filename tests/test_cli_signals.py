@@ -18,8 +18,15 @@ RESUME = "interrupted: rerun the same command to resume"
 
 
 def _environment(tmp_path):
-    return dict(os.environ, VLM_GUARD_DEFAULT_MODEL="fixture", VLM_GUARD_CACHE=str(tmp_path / "cache"),
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False")
+    return dict(
+        os.environ,
+        VLM_GUARD_DEFAULT_MODEL="fixture",
+        VLM_GUARD_CACHE=str(tmp_path / "cache"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=str(REPO),
+        GRADIO_ANALYTICS_ENABLED="False",
+    )
 
 
 def _vlm_guard(*argv):
@@ -30,9 +37,15 @@ def _interrupt(argv, tmp_path, signum, markers=(), after_s=None, timeout_s=240):
     """Run ``argv``, send ``signum`` once a marker shows in its output (or after ``after_s``), return (code, output)."""
     log = tmp_path / f"run_{signum}.log"
     with log.open("w") as handle:
-        process = subprocess.Popen(argv, cwd=tmp_path, env=_environment(tmp_path), stdout=handle, stderr=handle,
-                                   start_new_session=True,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        process = subprocess.Popen(
+            argv,
+            cwd=tmp_path,
+            env=_environment(tmp_path),
+            stdout=handle,
+            stderr=handle,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         start = time.monotonic()
         try:
             while process.poll() is None and time.monotonic() - start < timeout_s:
@@ -64,8 +77,13 @@ def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scenes")
     # 600 images: calibrate profiles ~45 images/s on a fast CPU, so the loop lasts ~13 s and the signal (sent 0.5 s
     # after the first progress line) always lands inside it; 40 images once finished first on a fast CI machine.
-    subprocess.run(_vlm_guard("eval", "synthetic-images", "--out", str(folder), "--n", "600"), check=True,
-                   env=_environment(folder), capture_output=True, cwd=REPO)
+    subprocess.run(
+        _vlm_guard("eval", "synthetic-images", "--out", str(folder), "--n", "600"),
+        check=True,
+        env=_environment(folder),
+        capture_output=True,
+        cwd=REPO,
+    )
     return folder
 
 
@@ -78,14 +96,35 @@ def test_calibrate_in_its_work_loop(tmp_path, images):
 
 
 def test_tune_in_its_work_loop_says_how_to_resume(tmp_path):
-    argv = _vlm_guard("tune", "--out", str(tmp_path / "tuned"), "--budget", "30", "--n-questions", "60",
-                      "--n-captions", "20", "--batch-size", "2")
+    argv = _vlm_guard(
+        "tune",
+        "--out",
+        str(tmp_path / "tuned"),
+        "--budget",
+        "30",
+        "--n-questions",
+        "60",
+        "--n-captions",
+        "20",
+        "--batch-size",
+        "2",
+    )
     _assert_one_line(*_interrupt(argv, tmp_path, signal.SIGTERM, PROGRESS), "tune", RESUME)
 
 
 def test_eval_in_its_work_loop_says_how_to_resume(tmp_path):
-    argv = _vlm_guard("eval", "synthetic", "--out", str(tmp_path / "o.jsonl"), "--n-questions", "200",
-                      "--n-captions", "50", "--batch-size", "1")
+    argv = _vlm_guard(
+        "eval",
+        "synthetic",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--n-questions",
+        "200",
+        "--n-captions",
+        "50",
+        "--batch-size",
+        "1",
+    )
     _assert_one_line(*_interrupt(argv, tmp_path, signal.SIGTERM, PROGRESS), "eval", RESUME)
 
 
@@ -101,8 +140,19 @@ def test_while_the_heavy_libraries_import(tmp_path, signum):
 
 
 def test_bench_while_measuring(tmp_path):
-    argv = _vlm_guard("bench", "--model", "fixture", "--long-prompt", "0", "--repeats", "50", "--out",
-                      str(tmp_path / "bench.json"), "--threads", "1")
+    argv = _vlm_guard(
+        "bench",
+        "--model",
+        "fixture",
+        "--long-prompt",
+        "0",
+        "--repeats",
+        "50",
+        "--out",
+        str(tmp_path / "bench.json"),
+        "--threads",
+        "1",
+    )
     _assert_one_line(*_interrupt(argv, tmp_path, signal.SIGTERM, after_s=12), "bench", "interrupted")
 
 

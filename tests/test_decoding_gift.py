@@ -44,24 +44,28 @@ from vlm_guard.testing import (
 
 def test_enhancement_multipliers_ratio_and_renormalisation():
     # keys: text, image a, image b, query; 4 heads -> 2 visual heads and 2 query heads
-    weights = torch.tensor([
-        [0.1, 0.4, 0.2, 0.3],  # most visual (0.6) -> H_V; query 0.3 -> H_Q
-        [0.5, 0.2, 0.2, 0.1],  # visual 0.4 -> H_V; query 0.1
-        [0.5, 0.1, 0.0, 0.4],  # visual 0.1; query 0.4 -> H_Q
-        [0.7, 0.05, 0.05, 0.2],  # neither
-    ])[None, :, None, :]  # [1, 4, 1, 4]
+    weights = torch.tensor(
+        [
+            [0.1, 0.4, 0.2, 0.3],  # most visual (0.6) -> H_V; query 0.3 -> H_Q
+            [0.5, 0.2, 0.2, 0.1],  # visual 0.4 -> H_V; query 0.1
+            [0.5, 0.1, 0.0, 0.4],  # visual 0.1; query 0.4 -> H_Q
+            [0.7, 0.05, 0.05, 0.2],  # neither
+        ]
+    )[None, :, None, :]  # [1, 4, 1, 4]
     image = torch.tensor([[False, True, True, False]])
     query = torch.tensor([[False, False, False, True]])
     gain = torch.tensor([[0.0, 1.0, 0.5, 0.0]])  # M = 2, 1.5 on the image
     out = enhance_fusion(weights, gain, image, query, beta=1.0)[0, :, 0]
     # r = (0.8 + 0.3 + 0.4 + 0.3) / (0.6 + 0.4) = 1.8
     r = 1.8
-    expected = torch.tensor([
-        [0.1, 0.8, 0.3, 0.3 * r],
-        [0.5, 0.4, 0.3, 0.1],
-        [0.5, 0.1, 0.0, 0.4 * r],
-        [0.7, 0.05, 0.05, 0.2],
-    ])
+    expected = torch.tensor(
+        [
+            [0.1, 0.8, 0.3, 0.3 * r],
+            [0.5, 0.4, 0.3, 0.1],
+            [0.5, 0.1, 0.0, 0.4 * r],
+            [0.7, 0.05, 0.05, 0.2],
+        ]
+    )
     expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out.sum(-1), torch.ones(4))
@@ -71,10 +75,12 @@ def test_enhancement_multipliers_ratio_and_renormalisation():
 
 def test_saliency_hand_computed_and_nan_free():
     # 2 heads, rows 0..2 (row 0 text, rows 1-2 query), keys: text, image, image
-    weights = torch.tensor([
-        [[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.3, 0.6]],
-        [[0.4, 0.3, 0.3], [0.4, 0.3, 0.3], [0.4, 0.3, 0.3]],
-    ])[None]
+    weights = torch.tensor(
+        [
+            [[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.3, 0.6]],
+            [[0.4, 0.3, 0.3], [0.4, 0.3, 0.3], [0.4, 0.3, 0.3]],
+        ]
+    )[None]
     query = torch.tensor([[False, True, True]])
     image = torch.tensor([[False, True, True]])
     shift = gaze_shift(weights, query, image)
@@ -106,8 +112,12 @@ def test_saliency_clamps_outliers_at_three_std():
 
 
 CORPUS = [
-    "is there a house ?", "describe the image", "what is the red elephant sitting on ?",
-    "a big red house , a big green tree .", "is there a tree in the image ?", "please describe this image in detail .",
+    "is there a house ?",
+    "describe the image",
+    "what is the red elephant sitting on ?",
+    "a big red house , a big green tree .",
+    "is there a tree in the image ?",
+    "please describe this image in detail .",
 ] * 4
 
 
@@ -255,7 +265,9 @@ def alignment_tokenizer(kind: str, vocabulary: str):
     return offline_tokenizer(kind, CORPUS + (ALIGNMENT_TEXTS * 4 if vocabulary == "covering" else []), vocab_size=400)
 
 
-@pytest.mark.parametrize("vocabulary", ["small", "covering"])  # covering: trained on the texts too (fewer unknown tokens)
+@pytest.mark.parametrize(
+    "vocabulary", ["small", "covering"]
+)  # covering: trained on the texts too (fewer unknown tokens)
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
 @pytest.mark.parametrize("text", ALIGNMENT_TEXTS)
 def test_alignment_by_character_offsets_matches_the_released_rule(kind, text, vocabulary):
@@ -287,9 +299,15 @@ def test_unknown_word_tokens_are_kept():
     query = torch.ones_like(input_ids, dtype=torch.bool)
     # "of" is unknown too: from the ids alone its text is lost and it counts; with the text it does not
     assert informative_query_mask(input_ids, query, tokenizer)[0].nonzero().flatten().tolist() == [2, 3, 5, 6]
-    assert informative_query_mask(input_ids, query, tokenizer, texts=[text])[0].nonzero().flatten().tolist() == [2, 5, 6]
+    assert informative_query_mask(input_ids, query, tokenizer, texts=[text])[0].nonzero().flatten().tolist() == [
+        2,
+        5,
+        6,
+    ]
     # a text that does not give these ids is not used (the decoded ids are aligned instead)
-    assert informative_query_mask(input_ids, query, tokenizer, texts=["is there a house ?"])[0].nonzero().flatten().tolist() == [2, 3, 5, 6]
+    assert informative_query_mask(input_ids, query, tokenizer, texts=["is there a house ?"])[
+        0
+    ].nonzero().flatten().tolist() == [2, 3, 5, 6]
 
 
 def test_a_token_spanning_two_words_counts_for_each():
@@ -326,8 +344,11 @@ def test_byte_pieces_of_one_character_share_its_span_without_offsets():
     assert all(end > start for start, end in spans) and spans[-1][1] == len(text)
     fast_text, fast_spans = token_char_spans(tokenizer, ids)
     assert fast_text == text
-    assert overlap_counts(spans, informative_word_spans(text)) == overlap_counts(fast_spans, informative_word_spans(text)) \
+    assert (
+        overlap_counts(spans, informative_word_spans(text))
+        == overlap_counts(fast_spans, informative_word_spans(text))
         == released_alignment(tokenizer, text)
+    )
 
 
 def test_saliency_weights_tokens_once_per_word_as_the_released_code():

@@ -20,7 +20,9 @@ from vlm_guard.testing import build_batch, tiny_model
 
 def test_amplification_on_image_columns_only():
     scores = torch.tensor([[[[1.0, -2.0, 3.0, float("-inf"), float("-inf")]]]])
-    image = torch.tensor([[False, True, True, False, True]])  # the last image column is masked (outside a sliding window)
+    image = torch.tensor(
+        [[False, True, True, False, True]]
+    )  # the last image column is masked (outside a sliding window)
     out = amplify_image_scores(scores, image, 0.2)
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([1.0, -2.0 + 0.4, 3.0 * 1.2, float("-inf"), float("-inf")]))
 
@@ -28,7 +30,9 @@ def test_amplification_on_image_columns_only():
 def test_contrast_formula_and_plausibility_cut():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     text_probs = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
-    out = image_free_contrast(probs.log() + 3.0, text_probs.log() - 1.0, gamma=1.1, plausibility=0.2)  # logits = log p + const
+    out = image_free_contrast(
+        probs.log() + 3.0, text_probs.log() - 1.0, gamma=1.1, plausibility=0.2
+    )  # logits = log p + const
     expected = 1.1 * probs.log() - 0.1 * text_probs.log()
     assert out[0, 3] == float("-inf")  # 0.05 < 0.2 * 0.5
     torch.testing.assert_close(out[0, :3], expected[0, :3])
@@ -111,7 +115,9 @@ def test_rows_without_an_image_are_not_edited(llava):
         scores = torch.randn(3, model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(0))
         edited = processor(inputs["input_ids"], scores)
         assert torch.equal(edited[1], scores[1])  # the text-only row: untouched, no cut
-        assert not torch.equal(edited[0], scores[0]) and bool(torch.isinf(edited[0]).any())  # image rows: contrast + cut
+        assert not torch.equal(edited[0], scores[0]) and bool(
+            torch.isinf(edited[0]).any()
+        )  # image rows: contrast + cut
     finally:
         guarded.unwrap()
 

@@ -44,7 +44,9 @@ def test_selection_per_head_and_row_is_vectorised():
     low_visual = torch.tensor([0.50, 0.35, 0.05, 0.05, 0.04, 0.01])  # visual mass 0.14 < 0.2
     sink_heavy = torch.tensor([0.10, 0.10, 0.50, 0.10, 0.10, 0.10])  # non-sink visual share 0.2/0.7 < rho
     no_free = torch.tensor([0.50, 0.20, 0.30, 0.0, 0.0, 0.0])  # no non-sink visual attention
-    weights = torch.stack([torch.stack([selected, low_visual]), torch.stack([sink_heavy, no_free])])[None]  # [1, 2, 2, 6]
+    weights = torch.stack([torch.stack([selected, low_visual]), torch.stack([sink_heavy, no_free])])[
+        None
+    ]  # [1, 2, 2, 6]
     out = recycle_sink_attention(weights, IMAGE, SINK, p=0.6, rho=0.5, visual_threshold=0.2)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out.sum(-1), torch.ones(1, 2, 2))
@@ -57,8 +59,15 @@ def test_selection_per_head_and_row_is_vectorised():
     torch.testing.assert_close(out[0, 1, 0], torch.tensor([0.05, 0.10, 0.25, 0.25, 0.25, 0.10]))
 
 
-@pytest.mark.parametrize("field, value, allowed", [("p", 1.5, "[0.0, 1.0]"), ("rho", -0.1, "[0.0, 1.0]"),
-                                                    ("visual_threshold", 2.0, "[0.0, 1.0]"), ("tau", 0.0, "(0.0, inf]")])
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("p", 1.5, "[0.0, 1.0]"),
+        ("rho", -0.1, "[0.0, 1.0]"),
+        ("visual_threshold", 2.0, "[0.0, 1.0]"),
+        ("tau", 0.0, "(0.0, inf]"),
+    ],
+)
 def test_out_of_range_values_name_field_and_range(field, value, allowed):
     with pytest.raises(ValueError) as error:
         VARConfig(**{field: value})
@@ -130,7 +139,9 @@ def test_released_preset_leaves_layers_without_a_visual_sink_untouched():
     text_sink_only = torch.tensor([[True, False, False, False, False]])
     kept = var_module.drop_text_only_sinks(text_sink_only, image)
     assert not kept.any()
-    torch.testing.assert_close(recycle_sink_attention(weights, image, kept, p=0.4, rho=0.5, visual_threshold=0.2), weights)
+    torch.testing.assert_close(
+        recycle_sink_attention(weights, image, kept, p=0.4, rho=0.5, visual_threshold=0.2), weights
+    )
     # the paper's equations recycle the BOS mass anyway: 0.4 * 0.3 = 0.12 moved to the image, 2:1
     paper = recycle_sink_attention(weights, image, text_sink_only, p=0.4, rho=0.5, visual_threshold=0.2)
     torch.testing.assert_close(paper, torch.tensor([[[[0.18, 0.1, 0.48, 0.24, 0.0]]]]))

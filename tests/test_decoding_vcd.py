@@ -40,7 +40,9 @@ def test_noise_schedule_and_seeded_batch_invariant_noise():
     torch.testing.assert_close(noised[:4], add_diffusion_noise(patches[:4], 500, image_grid_thw=grid[:1]))
 
 
-@pytest.mark.parametrize("field, value", [("alpha", -1.0), ("plausibility", 2.0), ("noise_step", 1000), ("beta_schedule", "cosine")])
+@pytest.mark.parametrize(
+    "field, value", [("alpha", -1.0), ("plausibility", 2.0), ("noise_step", 1000), ("beta_schedule", "cosine")]
+)
 def test_out_of_range_values_name_field_and_range(field, value):
     with pytest.raises(ValueError, match=rf"VCDConfig\.{field}="):
         VCDConfig(**{field: value})
@@ -85,10 +87,18 @@ def test_released_preset_contrasts_sampling_only(llava):
     try:
         assert guarded.interventions[0].logits_processors(guarded, dict(inputs, do_sample=False)) == []
         assert matches_plain(guarded, inputs)
+
         # sampling (no warper changes the scores here): the contrast turns the logits into other scores
         def sample(model_or_guard):
-            out = model_or_guard.generate(**inputs, max_new_tokens=2, do_sample=True, top_k=0, output_scores=True,
-                                          output_logits=True, return_dict_in_generate=True)
+            out = model_or_guard.generate(
+                **inputs,
+                max_new_tokens=2,
+                do_sample=True,
+                top_k=0,
+                output_scores=True,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
             return out.scores[0][0], out.logits[0][0]
 
         scores, logits = sample(guarded)
@@ -113,12 +123,21 @@ def test_contrast_runs_before_generates_own_processors_as_released(llava):
     try:
         torch.manual_seed(3)
         with torch.no_grad():
-            out = guarded.generate(**single, max_new_tokens=4, do_sample=True, top_k=0, repetition_penalty=penalty,
-                                   output_scores=True, return_dict_in_generate=True)
+            out = guarded.generate(
+                **single,
+                max_new_tokens=4,
+                do_sample=True,
+                top_k=0,
+                repetition_penalty=penalty,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
     finally:
         guarded.unwrap()
     assert "_get_logits_processor" not in model.__dict__
-    noised = add_diffusion_noise(single["pixel_values"], config.noise_step, config.num_steps, config.beta_schedule, config.seed)
+    noised = add_diffusion_noise(
+        single["pixel_values"], config.noise_step, config.num_steps, config.beta_schedule, config.seed
+    )
     sequence, prompt_length = single["input_ids"], single["input_ids"].shape[1]
     worst_other_order = 0.0
     for step, scores in enumerate(out.scores):
@@ -126,8 +145,12 @@ def test_contrast_runs_before_generates_own_processors_as_released(llava):
         with torch.no_grad():
             logits = model(input_ids=sequence, pixel_values=single["pixel_values"]).logits[:, -1].double()
             noised_logits = model(input_ids=sequence, pixel_values=noised).logits[:, -1].double()
-        released = RepetitionPenaltyLogitsProcessor(penalty)(sequence, visual_contrast(logits, noised_logits, 1.0, 0.1).double())
-        other = visual_contrast(RepetitionPenaltyLogitsProcessor(penalty)(sequence, logits.clone()), noised_logits, 1.0, 0.1)
+        released = RepetitionPenaltyLogitsProcessor(penalty)(
+            sequence, visual_contrast(logits, noised_logits, 1.0, 0.1).double()
+        )
+        other = visual_contrast(
+            RepetitionPenaltyLogitsProcessor(penalty)(sequence, logits.clone()), noised_logits, 1.0, 0.1
+        )
         assert torch.equal(torch.isinf(scores), torch.isinf(released))
         finite = torch.isfinite(released)
         scale = float(released[finite].abs().max())
@@ -142,7 +165,9 @@ def test_a_failed_generate_leaves_no_reordering_behind(llava):
     guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(contrast_when="always")))
     try:
         with pytest.raises(ValueError):
-            guarded.generate(**inputs, max_new_tokens=2, do_sample=False, repetition_penalty=-1.0)  # refused by transformers
+            guarded.generate(
+                **inputs, max_new_tokens=2, do_sample=False, repetition_penalty=-1.0
+            )  # refused by transformers
     finally:
         guarded.unwrap()
     assert "_get_logits_processor" not in model.__dict__

@@ -11,14 +11,27 @@ from vlm_guard.models.base import PromptSpans
 
 def _context(layer: int, batch: int = 2, seq: int = 3) -> LayerContext:
     mask = torch.ones(batch, seq, dtype=torch.bool)
-    spans = PromptSpans(valid=mask, image=mask, image_span=mask, query=mask, has_image=torch.ones(batch, dtype=torch.bool))
+    spans = PromptSpans(
+        valid=mask, image=mask, image_span=mask, query=mask, has_image=torch.ones(batch, dtype=torch.bool)
+    )
     prompt = PromptContext(input_ids=torch.ones(batch, seq, dtype=torch.long), attention_mask=mask.long(), spans=spans)
-    return LayerContext(layer=layer, phase="prefill", step=0, prompt=prompt, query_length=seq, key_length=seq, num_heads=4, num_kv_heads=4)
+    return LayerContext(
+        layer=layer,
+        phase="prefill",
+        step=0,
+        prompt=prompt,
+        query_length=seq,
+        key_length=seq,
+        num_heads=4,
+        num_kv_heads=4,
+    )
 
 
 def test_only_selected_heads_are_scaled_by_alpha():
     head_mask = {1: torch.tensor([True, False, False, True]), 3: torch.tensor([False, True, False, False])}
-    vhr = VHR(VHRConfig(alpha=2.0, target_layers=[1, 3], selection="head_map"), num_layers=4, num_heads=4, head_mask=head_mask)
+    vhr = VHR(
+        VHRConfig(alpha=2.0, target_layers=[1, 3], selection="head_map"), num_layers=4, num_heads=4, head_mask=head_mask
+    )
     head_output = torch.randn(2, 3, 4, 5)  # [B, Q, H, D]
     out = vhr.on_head_output(_context(1), head_output)
     torch.testing.assert_close(out[:, :, [0, 3]], 2.0 * head_output[:, :, [0, 3]])

@@ -45,8 +45,27 @@ def test_shipped_report_shows_partner_hallucination():
     assert rates["absent_partner_claimed"] > rates["absent_other_claimed"]
 
 
-TINY = ["toy", "train", "--preset", "tiny", "--vision-steps", "2", "--lm-steps", "2", "--align-steps", "2",
-        "--finetune-steps", "3", "--qa-steps", "2", "--batch", "4", "--checkpoint-every", "2", "--no-progress"]
+TINY = [
+    "toy",
+    "train",
+    "--preset",
+    "tiny",
+    "--vision-steps",
+    "2",
+    "--lm-steps",
+    "2",
+    "--align-steps",
+    "2",
+    "--finetune-steps",
+    "3",
+    "--qa-steps",
+    "2",
+    "--batch",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--no-progress",
+]
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
@@ -63,8 +82,17 @@ def test_training_command_is_deterministic_and_resumes(tmp_path):
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     # interrupted after 4 steps, then resumed: same weights as the uninterrupted run
-    config = TrainConfig(out_dir=str(tmp_path / "c"), spec=TINY_SPEC, vision_steps=2, lm_steps=2, align_steps=2,
-                         finetune_steps=3, qa_steps=2, multimodal_batch=4, checkpoint_every=2)
+    config = TrainConfig(
+        out_dir=str(tmp_path / "c"),
+        spec=TINY_SPEC,
+        vision_steps=2,
+        lm_steps=2,
+        align_steps=2,
+        finetune_steps=3,
+        qa_steps=2,
+        multimodal_batch=4,
+        checkpoint_every=2,
+    )
     assert train(config, progress=False, stop_after=4) is None
     with pytest.raises(FileExistsError, match="--resume"):
         train(config, progress=False)

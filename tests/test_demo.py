@@ -35,8 +35,18 @@ from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 from vlm_guard.synthetic.world import World, caption, render  # noqa: E402
 from vlm_guard.testing import assert_close_scaled, forward_reduction  # noqa: E402
 
-SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
-                    text_hidden=48, text_layers=4, text_heads=4, text_intermediate=96, max_positions=128)
+SPEC = ToyModelSpec(
+    image_size=32,
+    patch_size=8,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    text_hidden=48,
+    text_layers=4,
+    text_heads=4,
+    text_intermediate=96,
+    max_positions=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +56,14 @@ def example_dir(tmp_path_factory):
     for index in range(2):
         scene = World(seed=0).scene(index)
         render(scene).save(folder / f"scene_{index}.png")
-        entries.append({"file": f"scene_{index}.png", "objects": [{"type": o.type} for o in scene.objects],
-                        "caption": caption(scene), "absent_partners": []})
+        entries.append(
+            {
+                "file": f"scene_{index}.png",
+                "objects": [{"type": o.type} for o in scene.objects],
+                "caption": caption(scene),
+                "absent_partners": [],
+            }
+        )
     (folder / "examples.json").write_text(json.dumps(entries))
     return folder
 
@@ -58,8 +74,10 @@ class FakeChecker:
     def check(self, image, text):
         from vlm_guard.grounding import find_mentions
 
-        return [Mention(word, name, 0.1 if name == "tree" else 0.9, name == "tree")
-                for word, name in find_mentions(text, ["house", "tree", "moon", "star", "cup", "plate", "ring"])]
+        return [
+            Mention(word, name, 0.1 if name == "tree" else 0.9, name == "tree")
+            for word, name in find_mentions(text, ["house", "tree", "moon", "star", "cup", "plate", "ring"])
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +86,14 @@ def session(example_dir):
     processor = build_processor(SPEC)
     model = build_model(SPEC, processor.tokenizer, seed=0).eval()
     limits = DemoLimits(max_upload_bytes=200_000, max_image_pixels=512 * 512, max_new_tokens=16, default_new_tokens=6)
-    return DemoSession(model, processor, checker=FakeChecker(), limits=limits, examples=load_examples(example_dir),
-                       model_name="random toy")
+    return DemoSession(
+        model,
+        processor,
+        checker=FakeChecker(),
+        limits=limits,
+        examples=load_examples(example_dir),
+        model_name="random toy",
+    )
 
 
 @pytest.fixture()
@@ -143,7 +167,9 @@ def test_load_examples_reads_ground_truth(example_dir):
 # ---------------------------------------------------------------------------- handlers (the UI path)
 def _assert_cleared(result_panels):
     """The result panels of a refusal: no run, no answer, no picture (nothing stale beside the message)."""
-    run, plain_header, plain_answer, guarded_header, guarded_answer, which, token, heatmap, info, saliency = result_panels
+    run, plain_header, plain_answer, guarded_header, guarded_answer, which, token, heatmap, info, saliency = (
+        result_panels
+    )
     assert run is None and plain_answer == [] and guarded_answer == [] and heatmap is None and saliency is None
     assert " s · " not in plain_header and " s · " not in guarded_header
     assert token["interactive"] is False and token["minimum"] < token["maximum"]
@@ -164,14 +190,19 @@ def test_generate_handler_refuses_bad_input_with_one_message_and_clears_results(
     methods = (True, 2.0) + (False, 0.5) * 4
     big = tmp_path / "big.png"
     Image.effect_noise((400, 400), 80).convert("RGB").save(big)
-    cases = [(str(corrupt_png), 4, "not a readable image"), (str(big), 4, "accepts images up to"), (None, 4, "No image"),
-             (str(session.examples[0].path), 99, "max new tokens=99 is out of range")]
+    cases = [
+        (str(corrupt_png), 4, "not a readable image"),
+        (str(big), 4, "accepts images up to"),
+        (None, 4, "No image"),
+        (str(session.examples[0].path), 99, "max new tokens=99 is out of range"),
+    ]
     for image, tokens, expected in cases:
         *panels, status = handlers.on_generate(image, "describe the image", tokens, *methods)
         assert status.startswith("**Input refused:**") and expected in status and "Traceback" not in status
         _assert_cleared(panels)
-    *panels, status = handlers.on_generate(str(session.examples[0].path), "describe the image", 4, True, 50.0,
-                                           *(False, 0.5) * 4)
+    *panels, status = handlers.on_generate(
+        str(session.examples[0].path), "describe the image", 4, True, 50.0, *(False, 0.5) * 4
+    )
     assert status.startswith("**Settings refused:**") and "VHRConfig.alpha" in status
     _assert_cleared(panels)
 
@@ -250,7 +281,9 @@ def test_build_guard_config_maps_strengths_and_reports_missing():
 
 
 def test_highlighting_labels_flagged_and_grounded_words():
-    result = GenerationResult("plain", "a red house , a green tree .", [], ["a", " red", " house", " ,", " a", " green", " tree", " ."], 0.1)
+    result = GenerationResult(
+        "plain", "a red house , a green tree .", [], ["a", " red", " house", " ,", " a", " green", " tree", " ."], 0.1
+    )
     result.token_ids = list(range(len(result.pieces)))
     result.mentions = FakeChecker().check(None, result.text)
     assert [tokens for _, tokens in mention_tokens(result)] == [[2], [6]]
@@ -287,8 +320,18 @@ def test_build_app_wires_a_queue(session):
     assert options["max_file_size"] == session.limits.max_upload_bytes and options["share"] is False
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.2", True),
-                                             ("0.0.0.0", False), ("192.168.1.5", False), ("example.org", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("127.0.0.2", True),
+        ("0.0.0.0", False),
+        ("192.168.1.5", False),
+        ("example.org", False),
+    ],
+)
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback
 
@@ -384,7 +427,10 @@ def test_append_tokens_extends_every_per_token_input():
     assert out["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert out["mm_token_type_ids"].tolist() == [[0, 1, 0, 0, 0], [1, 1, 0, 0, 0]]  # new tokens are text
     assert out["token_type_ids"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 2, 2, 2]]  # last value repeated
-    assert out["position_ids"][:, 0].tolist() == [[0, 0, 1, 2, 3]] * 3 and out["position_ids"][:, 1].tolist() == [[0, 1, 2, 3, 4]] * 3
+    assert (
+        out["position_ids"][:, 0].tolist() == [[0, 0, 1, 2, 3]] * 3
+        and out["position_ids"][:, 1].tolist() == [[0, 1, 2, 3, 4]] * 3
+    )
     assert out["pixel_values"] is inputs["pixel_values"] and out["image_grid_thw"] is inputs["image_grid_thw"]
     assert inputs["input_ids"].shape == (2, 3)  # not modified in place
     with pytest.raises(ValueError, match=r"cannot append tokens to the model input 'segment_ids' \(shape \(2, 3\)"):
@@ -404,7 +450,9 @@ def test_demo_runs_qwen_families(family):
 
     model = tiny_model(family)
     limits = DemoLimits(max_new_tokens=8, default_new_tokens=5)
-    demo_session = DemoSession(model, tiny_processor(family), checker=None, limits=limits, examples=[], model_name=family)
+    demo_session = DemoSession(
+        model, tiny_processor(family), checker=None, limits=limits, examples=[], model_name=family
+    )
     image = Image.effect_noise((48, 40), 60).convert("RGB")
     run = demo_session.run(image, "describe the image", {}, max_new_tokens=5)
     assert run.guarded.token_ids == run.plain.token_ids and run.plain.num_tokens == 5
@@ -426,8 +474,13 @@ def test_sessions_and_their_runs_are_bounded(session):
 
     limits = dataclasses.replace(session.limits, max_sessions=3, session_ttl_seconds=1)
     processor = build_processor(SPEC)
-    bounded = DemoSession(build_model(SPEC, processor.tokenizer, seed=0).eval(), processor, checker=None, limits=limits,
-                          examples=session.examples)
+    bounded = DemoSession(
+        build_model(SPEC, processor.tokenizer, seed=0).eval(),
+        processor,
+        checker=None,
+        limits=limits,
+        examples=session.examples,
+    )
     demo = build_app(bounded)
     options = launch_options(limits)
     assert options["state_session_capacity"] == 3 and demo.delete_cache == (1, 1)
@@ -447,7 +500,10 @@ def test_sessions_and_their_runs_are_bounded(session):
     time.sleep(1.2)
     holder.delete_all_expired_state()
     for key in holder.session_data:
-        assert run_state._id not in holder.session_data[key].state_data and image_state._id not in holder.session_data[key].state_data
+        assert (
+            run_state._id not in holder.session_data[key].state_data
+            and image_state._id not in holder.session_data[key].state_data
+        )
 
 
 def test_refused_upload_is_deleted_and_other_files_are_not(session, tmp_path, monkeypatch, corrupt_png):
@@ -511,13 +567,25 @@ def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
     upload = tmp_path / "noise_upload.png"
     Image.effect_noise((40, 40), 90).convert("RGB").save(upload)
     with owned_temp_dir() as folder:
-        limits = DemoLimits(max_upload_bytes=200_000, max_image_pixels=512 * 512, max_new_tokens=4, default_new_tokens=2,
-                            session_ttl_seconds=6)  # long enough for the upload to reach the handler on a busy CPU
+        limits = DemoLimits(
+            max_upload_bytes=200_000,
+            max_image_pixels=512 * 512,
+            max_new_tokens=4,
+            default_new_tokens=2,
+            session_ttl_seconds=6,
+        )  # long enough for the upload to reach the handler on a busy CPU
         processor = build_processor(SPEC)
-        app_session = DemoSession(build_model(SPEC, processor.tokenizer, seed=0).eval(), processor, checker=None,
-                                  limits=limits, examples=session.examples)
+        app_session = DemoSession(
+            build_model(SPEC, processor.tokenizer, seed=0).eval(),
+            processor,
+            checker=None,
+            limits=limits,
+            examples=session.examples,
+        )
         demo = build_app(app_session)
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(limits))
+        demo.launch(
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(limits)
+        )
         try:
             startup_files = {p for p in folder.rglob("*") if p.is_file()}
             import urllib.request
@@ -528,9 +596,13 @@ def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
             assert b"cdnjs" not in page and b"fonts.googleapis" not in page and b"fonts.gstatic" not in page
             assert b'<script type="module"' in page  # the app's own scripts stay
             client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
-            assert client.predict(gradio_client.handle_file(str(upload)), api_name="/on_upload")[-2].startswith("Image ready")
+            assert client.predict(gradio_client.handle_file(str(upload)), api_name="/on_upload")[-2].startswith(
+                "Image ready"
+            )
             methods = [value for control in METHOD_CONTROLS for value in (False, control.fallback)]
-            assert client.predict("describe the image", 2, *methods, api_name="/on_generate")[-1].startswith("**Done.**")
+            assert client.predict("describe the image", 2, *methods, api_name="/on_generate")[-1].startswith(
+                "**Done.**"
+            )
             made = {p for p in folder.rglob("*") if p.is_file()} - startup_files
             assert any(p.name == upload.name for p in made) and len(made) >= 3  # the upload and the pictures served
             deadline = time.monotonic() + 40
@@ -539,7 +611,9 @@ def test_app_sweeps_its_temporary_files(tmp_path, monkeypatch, session):
             # Gradio's File component leaves an empty tmp* file per upload; the next upload sweeps old ones
             second = tmp_path / "second_upload.png"
             Image.effect_noise((40, 40), 30).convert("RGB").save(second)
-            assert client.predict(gradio_client.handle_file(str(second)), api_name="/on_upload")[-2].startswith("Image ready")
+            assert client.predict(gradio_client.handle_file(str(second)), api_name="/on_upload")[-2].startswith(
+                "Image ready"
+            )
             assert not [p for p in made if p.exists()], "files older than the session lifetime were not deleted"
             assert all(p.exists() for p in startup_files)  # the gallery's pictures are kept
         finally:

@@ -27,14 +27,24 @@ REPO = Path(__file__).resolve().parents[1]
 # the screenshot goes to $VLM_GUARD_SCREENSHOT when set (docs/demo.png was made with
 # `VLM_GUARD_SCREENSHOT=docs/demo.png bash scripts/test.sh -m browser`), else into the test's temporary folder
 SCREENSHOT_ENV = "VLM_GUARD_SCREENSHOT"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 STARTUP_SECONDS = int(os.environ.get("VLM_GUARD_BROWSER_STARTUP_SECONDS", "240"))  # model load on a busy CPU
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"
+    ),
 ]
 
 
@@ -51,8 +61,13 @@ def _demo_server(tmp_path, env_overrides: dict | None = None):
     # VLM_GUARD_DEMO_TEST_MODEL: debugging aid to point the test at another model; CI leaves it unset
     if os.environ.get("VLM_GUARD_DEMO_TEST_MODEL"):
         command += ["--model", os.environ["VLM_GUARD_DEMO_TEST_MODEL"]]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
-           "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), **(env_overrides or {})}
+    env = {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+        "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
+        **(env_overrides or {}),
+    }
     log_path = tmp_path / "demo.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -69,7 +84,9 @@ def _demo_server(tmp_path, env_overrides: dict | None = None):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the demo did not answer on {url} within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the demo did not answer on {url} within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield url
     finally:
@@ -98,7 +115,10 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            profile,
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
             viewport={"width": 1400, "height": 1200},
         )
         requested: list[str] = []
@@ -184,7 +204,9 @@ def test_demo_generates_in_chromium(demo_url, tmp_path):
             sync_api.expect(status).to_contain_text("Input refused", timeout=20_000)
             page.wait_for_timeout(500)
             assert page.locator(".toast-body.error").count() == 0
-            badges = page.evaluate("() => [...document.querySelectorAll('.error')].filter(e => e.offsetParent !== null).length")
+            badges = page.evaluate(
+                "() => [...document.querySelectorAll('.error')].filter(e => e.offsetParent !== null).length"
+            )
             assert badges == 0, f"{badges} error badges on the page"
             refused_screenshot = tmp_path / "refused.png"
             page.screenshot(path=str(refused_screenshot), full_page=True)
@@ -206,13 +228,18 @@ GENERATION_SECONDS = int(os.environ.get("VLM_GUARD_BROWSER_GENERATION_SECONDS", 
 def _tokens(page, answer: str) -> list[tuple[str, str]]:
     """``(text, colour)`` of every token of ``answer`` in order; colour "red" ("not in image"), "green" ("grounded
     object"), "orange" (low T-VHD) or ""."""
-    return [tuple(item) for item in page.evaluate(
-        """(id) => [...document.querySelectorAll(`#${id} .textfield .token`)].map(t => {
+    return [
+        tuple(item)
+        for item in page.evaluate(
+            """(id) => [...document.querySelectorAll(`#${id} .textfield .token`)].map(t => {
              const style = t.getAttribute('style') || '';
              const colour = style.includes('255, 80, 80') ? 'red' : style.includes('60, 192, 96') ? 'green'
                           : style.includes('255, 176, 32') ? 'orange' : '';
              return [t.textContent, colour];
-           })""", answer)]
+           })""",
+            answer,
+        )
+    ]
 
 
 def _mention_colours(tokens: list[tuple[str, str]], mentions: list[tuple[str, str]]) -> tuple[list, set[int]]:
@@ -249,7 +276,10 @@ def test_demo_tells_the_truth_on_a_bundled_example(demo_v2_url):
     assert truth, f"bundled example {example.name} lists no ground truth"
     with sync_api.sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            profile,
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
             viewport={"width": 1400, "height": 1200},
         )
         try:
@@ -298,12 +328,16 @@ def test_demo_tells_the_truth_on_a_bundled_example(demo_v2_url):
                         assert "red" not in colours and "green" in colours, (answer, word, colours, truth, text)
                     else:  # not in the image: never green, and marked
                         assert "green" not in colours and "red" in colours, (answer, word, colours, truth, text)
-                stray = [tokens[i][0] for i, (_, colour) in enumerate(tokens) if colour in ("red", "green") and i not in used]
+                stray = [
+                    tokens[i][0] for i, (_, colour) in enumerate(tokens) if colour in ("red", "green") and i not in used
+                ]
                 assert not stray, f"{answer}: grounding colours on words that name no object: {stray}"
             print(f"{example.name} (truth {sorted(truth)}): {answers}")  # shown with -rP
             plain, guarded = answers["plain-answer"].split(), answers["guarded-answer"].split()
             assert len(guarded) >= 0.6 * len(plain), f"the starting settings shortened the caption: {answers}"
             named = {name for _, name in world.mentions_with_words(answers["guarded-answer"])}
-            assert named & truth, f"the guarded caption names no ground-truth object ({truth}): {answers['guarded-answer']!r}"
+            assert named & truth, (
+                f"the guarded caption names no ground-truth object ({truth}): {answers['guarded-answer']!r}"
+            )
         finally:
             context.close()

@@ -58,10 +58,29 @@ def server(tmp_path):
         pytest.skip("needs /proc to read the server's memory")
     port = free_port()
     temp_parent = tmp_path / "gradio"
-    command = [sys.executable, "-m", "vlm_guard.cli", "demo", "--host", "127.0.0.1", "--port", str(port),
-               "--max-new-tokens", "8", "--max-sessions", str(MAX_SESSIONS), "--session-ttl", str(SESSION_TTL)]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(temp_parent),
-           "OMP_NUM_THREADS": "2"}
+    command = [
+        sys.executable,
+        "-m",
+        "vlm_guard.cli",
+        "demo",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-new-tokens",
+        "8",
+        "--max-sessions",
+        str(MAX_SESSIONS),
+        "--session-ttl",
+        str(SESSION_TTL),
+    ]
+    env = {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+        "GRADIO_TEMP_DIR": str(temp_parent),
+        "OMP_NUM_THREADS": "2",
+    }
     log_path = tmp_path / "demo.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -79,7 +98,9 @@ def server(tmp_path):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the demo did not answer on {url} within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the demo did not answer on {url} within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield info
     finally:
@@ -157,8 +178,10 @@ def test_demo_under_load(server, tmp_path):
         check(outcome)
     answered = sum(1 for o in outcomes if not o["bad"] and "error" not in o)
     refused = [o for o in outcomes if o["bad"] or "error" in o]
-    print(f"\n{len(outcomes)} requests: {answered} answered, {len(refused)} refused with a message; "
-          f"server memory {after_first:.0f} MB after the first batch, {after_second:.0f} MB after the second")
+    print(
+        f"\n{len(outcomes)} requests: {answered} answered, {len(refused)} refused with a message; "
+        f"server memory {after_first:.0f} MB after the first batch, {after_second:.0f} MB after the second"
+    )
     assert answered >= 80, f"only {answered} of {len(outcomes)} requests were answered"
     assert after_second <= 1.10 * after_first, (after_first, after_second)
 

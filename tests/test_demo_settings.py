@@ -29,21 +29,46 @@ from vlm_guard.grounding import TRUTH, Mention, find_mentions, truth_mentions  #
 from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor  # noqa: E402
 from vlm_guard.synthetic.world import World, caption, render  # noqa: E402
 
-SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
-                    text_hidden=48, text_layers=4, text_heads=4, text_intermediate=96, max_positions=128)
+SPEC = ToyModelSpec(
+    image_size=32,
+    patch_size=8,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    text_hidden=48,
+    text_layers=4,
+    text_heads=4,
+    text_intermediate=96,
+    max_positions=128,
+)
 
 
 def _legacy_row(label, methods, n, violations, score):
-    return {"stage": next(iter(methods)), "label": label, "methods": methods, "rung": 1, "n": {"chair": n, "pope/random": n},
-            "violations": violations, "score": score, "feasible": not violations}
+    return {
+        "stage": next(iter(methods)),
+        "label": label,
+        "methods": methods,
+        "rung": 1,
+        "n": {"chair": n, "pope/random": n},
+        "violations": violations,
+        "score": score,
+        "feasible": not violations,
+    }
 
 
 # the shape of the shipped v2 map's table (a map tuned before task profiles)
 LEGACY_TUNED = {
-    "settings": {"var": {"p": 0.2}}, "default_methods": [],
+    "settings": {"var": {"p": 0.2}},
+    "default_methods": [],
     "tuning_data": {"name": "synthetic tuning set"},
     "table": [
-        _legacy_row("vhr alpha=2", {"vhr": {"alpha": 2.0, "target_layers": None}}, 86, ["recall -76.9", "POPE error +24.4"], 80.0),
+        _legacy_row(
+            "vhr alpha=2",
+            {"vhr": {"alpha": 2.0, "target_layers": None}},
+            86,
+            ["recall -76.9", "POPE error +24.4"],
+            80.0,
+        ),
         _legacy_row("vhr alpha=1.5", {"vhr": {"alpha": 1.5, "target_layers": None}}, 29, ["recall -40.9"], 33.3),
         _legacy_row("vhr alpha=1.1", {"vhr": {"alpha": 1.1, "target_layers": None}}, 10, ["recall -5.0"], 38.9),
         _legacy_row("vhr alpha=1.1 late", {"vhr": {"alpha": 1.1, "target_layers": [2, 3]}}, 300, [], 44.6),
@@ -54,12 +79,26 @@ LEGACY_TUNED = {
 
 PROFILE_TUNED = {
     "profiles": {
-        "caption": {"settings": {}, "default_methods": [], "table": [
-            {"rung": "full", "label": "pai alpha=0.4 gamma=1", "methods": {"pai": {"alpha": 0.4, "gamma": 1.0}}, "n": 200,
-             "judgement": {"gain": -1.0, "broken": ["recall"], "constraints": {"recall": {"diff": -9.5}}}},
-            {"rung": "full", "label": "pai alpha=0.1 gamma=1", "methods": {"pai": {"alpha": 0.1, "gamma": 1.0}}, "n": 200,
-             "judgement": {"gain": 1.5, "broken": [], "constraints": {"recall": {"diff": -0.5}}}},
-        ]},
+        "caption": {
+            "settings": {},
+            "default_methods": [],
+            "table": [
+                {
+                    "rung": "full",
+                    "label": "pai alpha=0.4 gamma=1",
+                    "methods": {"pai": {"alpha": 0.4, "gamma": 1.0}},
+                    "n": 200,
+                    "judgement": {"gain": -1.0, "broken": ["recall"], "constraints": {"recall": {"diff": -9.5}}},
+                },
+                {
+                    "rung": "full",
+                    "label": "pai alpha=0.1 gamma=1",
+                    "methods": {"pai": {"alpha": 0.1, "gamma": 1.0}},
+                    "n": 200,
+                    "judgement": {"gain": 1.5, "broken": [], "constraints": {"recall": {"diff": -0.5}}},
+                },
+            ],
+        },
         "answer": {"settings": {"pai": {"alpha": 0.9}}, "default_methods": ["pai"], "table": []},
     },
     "default_profile": "caption",
@@ -80,8 +119,14 @@ def example_dir(tmp_path_factory):
     entries = []
     for index, scene in enumerate(scenes):
         render(scene).save(folder / f"scene_{index}_of_world.png")
-        entries.append({"file": f"scene_{index}_of_world.png", "objects": [{"type": o.type} for o in scene.objects],
-                        "caption": caption(scene), "absent_partners": []})
+        entries.append(
+            {
+                "file": f"scene_{index}_of_world.png",
+                "objects": [{"type": o.type} for o in scene.objects],
+                "caption": caption(scene),
+                "absent_partners": [],
+            }
+        )
     (folder / "examples.json").write_text(json.dumps(entries))
     return folder
 
@@ -100,15 +145,20 @@ class FlagEverything:
 
     def check(self, image, text):
         self.calls += 1
-        return [Mention(word, name, 0.0, True) for word, name in find_mentions(text, ["house", "tree", "moon", "star", "cup",
-                                                                                     "plate", "kite", "ball", "ring", "cross"])]
+        return [
+            Mention(word, name, 0.0, True)
+            for word, name in find_mentions(
+                text, ["house", "tree", "moon", "star", "cup", "plate", "kite", "ball", "ring", "cross"]
+            )
+        ]
 
 
 def _session(toy, example_dir, checker=None, tuned=None):
     model, processor = toy
     limits = DemoLimits(max_upload_bytes=200_000, max_image_pixels=512 * 512, max_new_tokens=16, default_new_tokens=6)
-    session = DemoSession(model, processor, checker=checker, limits=limits, examples=load_examples(example_dir),
-                          model_name="random toy")
+    session = DemoSession(
+        model, processor, checker=checker, limits=limits, examples=load_examples(example_dir), model_name="random toy"
+    )
     if tuned is not None:
         session.guarded.head_map = SimpleNamespace(tuned=tuned)  # only the tuned section is read by these views
         session.start = {name: session._start_setting(name) for name in session.availability}
@@ -126,7 +176,10 @@ def test_sliders_start_from_the_tuned_values_not_the_released_strengths(toy, exa
         assert session.strength_default("gift")[1] == "released default"  # never measured
         lines = startup_lines(session)
         assert lines[0].startswith("- Methods on at start: none (") and lines[0].endswith(").")
-        assert lines[1].startswith("- Sliders start at: VHR alpha 1.1 (best measured") and "GIFT alpha 5 (released default)" in lines[1]
+        assert (
+            lines[1].startswith("- Sliders start at: VHR alpha 1.1 (best measured")
+            and "GIFT alpha 5 (released default)" in lines[1]
+        )
         assert not any(line.rstrip().endswith(":") for line in lines)  # no dangling "strengths:"
     finally:
         session.guarded.unwrap()
@@ -156,7 +209,10 @@ def test_a_setting_measured_as_breaking_is_warned_about(toy, example_dir):
 def test_a_profile_table_broken_verdict_is_warned_and_its_unbroken_best_starts(toy, example_dir):
     session = _session(toy, example_dir, tuned=PROFILE_TUNED)
     try:
-        assert session.strength_default("pai") == (0.1, "best measured by tuning, not adopted: pai alpha=0.1 gamma=1, n=200")
+        assert session.strength_default("pai") == (
+            0.1,
+            "best measured by tuning, not adopted: pai alpha=0.1 gamma=1, n=200",
+        )
         assert session.start_fields()["pai"] == {"gamma": 1.0}
         warnings = session.setting_warnings({"pai": 0.4})
         assert len(warnings) == 1 and "recall -9.5" in warnings[0] and "n=200" in warnings[0]
@@ -176,13 +232,22 @@ def test_a_setting_stronger_than_every_measured_one_is_warned_as_unmeasured(toy,
 
     tuned = copy.deepcopy(PROFILE_TUNED)
     tuned["profiles"]["caption"]["table"].append(
-        {"rung": "full", "label": "vhr alpha=1.1", "methods": {"vhr": {"alpha": 1.1}}, "n": 60,
-         "judgement": {"gain": 0.5, "broken": [], "constraints": {"recall": {"diff": -0.2}}}})
+        {
+            "rung": "full",
+            "label": "vhr alpha=1.1",
+            "methods": {"vhr": {"alpha": 1.1}},
+            "n": 60,
+            "judgement": {"gain": 0.5, "broken": [], "constraints": {"recall": {"diff": -0.2}}},
+        }
+    )
     session = _session(toy, example_dir, tuned=tuned)
     try:
         warnings = session.setting_warnings({"vhr": 2.0})
         assert len(warnings) == 1, warnings
-        assert warnings[0].startswith("VHR alpha=2: stronger than every VHR setting") and "at most alpha=1.1" in warnings[0]
+        assert (
+            warnings[0].startswith("VHR alpha=2: stronger than every VHR setting")
+            and "at most alpha=1.1" in warnings[0]
+        )
         assert "may break the answers" in warnings[0]
         assert session.setting_warnings({"vhr": 1.1}) == [] and session.setting_warnings({"vhr": 0.5}) == []
         assert session.setting_warnings({"gift": 9.0}) == []  # GIFT never measured at all: no claim either way
@@ -192,10 +257,15 @@ def test_a_setting_stronger_than_every_measured_one_is_warned_as_unmeasured(toy,
 
 def test_row_breaks_reads_both_table_formats():
     assert row_breaks({"violations": ["CHAIR_I +2.8", "recall -5.0", "pope/popular acc -10.0"]}) == ""
-    assert row_breaks({"violations": ["recall -47.5", "pope/popular acc -20.0", "POPE error +10.0"]}) == \
-        "recall -47.5, pope/popular acc -20.0"
+    assert (
+        row_breaks({"violations": ["recall -47.5", "pope/popular acc -20.0", "POPE error +10.0"]})
+        == "recall -47.5, pope/popular acc -20.0"
+    )
     assert row_breaks({"judgement": {"broken": [], "constraints": {}}}) == ""
-    assert row_breaks({"judgement": {"broken": ["pope/random"], "constraints": {"pope/random": {"diff": -3.0}}}}) == "pope/random -3.0"
+    assert (
+        row_breaks({"judgement": {"broken": ["pope/random"], "constraints": {"pope/random": {"diff": -3.0}}}})
+        == "pope/random -3.0"
+    )
 
 
 # ---------------------------------------------------------------------------- grounding colours
@@ -209,15 +279,24 @@ def test_a_bundled_example_is_coloured_from_its_ground_truth_not_the_checker(toy
     try:
         example = session.examples[0]
         present = example.objects[0]
-        absent = next(t for t in ("house", "tree", "moon", "star", "cup", "plate", "kite", "ball", "ring", "cross")
-                      if t not in example.objects)
+        absent = next(
+            t
+            for t in ("house", "tree", "moon", "star", "cup", "plate", "kite", "ball", "ring", "cross")
+            if t not in example.objects
+        )
         mentions = session._ground(Image.open(example.path), example, f"a {present} and a {absent}")
         assert [(m.object, m.flagged, m.source) for m in mentions] == [(present, False, TRUTH), (absent, True, TRUTH)]
         assert checker.calls == 0
         run = session.run(str(example.path), "describe the image", {}, max_new_tokens=4)
         assert any(note.startswith("Colours: the example's ground truth") for note in run.notes)
-        result = GenerationResult("plain", f"a {present} , a {absent} .", [0, 1, 2, 3, 4, 5],
-                                  ["a", f" {present}", " ,", " a", f" {absent}", " ."], 0.1, mentions=mentions)
+        result = GenerationResult(
+            "plain",
+            f"a {present} , a {absent} .",
+            [0, 1, 2, 3, 4, 5],
+            ["a", f" {present}", " ,", " a", f" {absent}", " ."],
+            0.1,
+            mentions=mentions,
+        )
         result.tvhd = np.array([1.0, 0.01, 1.0, 1.0, 1.0, 1.0])  # low T-VHD on the present object: the truth wins
         labels = _labels(result)
         assert labels[present] == LABEL_GROUNDED and labels[absent] == LABEL_FLAGGED

@@ -47,8 +47,12 @@ def models(tmp_path_factory):
     saved = tmp_path_factory.mktemp("tiny_llava")
     model.save_pretrained(saved)
     dispatched = transformers.LlavaForConditionalGeneration.from_pretrained(
-        saved, device_map=DEVICE_MAP, offload_folder=str(tmp_path_factory.mktemp("offload")), dtype=torch.float32,
-        attn_implementation="sdpa").eval()
+        saved,
+        device_map=DEVICE_MAP,
+        offload_folder=str(tmp_path_factory.mktemp("offload")),
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+    ).eval()
     dispatched.generation_config.pad_token_id = PAD
     dispatched.generation_config.eos_token_id = None
     return model, dispatched, build_batch(model, ROWS)
@@ -83,8 +87,9 @@ def test_methods_off_are_token_identical(models):
 
 
 def _scored(model_like, inputs):
-    out = model_like.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True,
-                              output_scores=True)
+    out = model_like.generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_scores=True
+    )
     return out.sequences, torch.stack(out.scores)  # scores: [step, batch, vocab]
 
 

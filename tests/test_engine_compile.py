@@ -68,9 +68,17 @@ def test_fullgraph_is_refused_before_any_work_in_generate():
     calls = []
     handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
-        with pytest.raises(ValueError, match=r"compile_config.fullgraph=True cannot compile vlm_guard methods \['vhr'\].*fullgraph=False"):
-            guarded.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static",
-                             compile_config=_compile_config(True))
+        with pytest.raises(
+            ValueError,
+            match=r"compile_config.fullgraph=True cannot compile vlm_guard methods \['vhr'\].*fullgraph=False",
+        ):
+            guarded.generate(
+                **inputs,
+                max_new_tokens=2,
+                do_sample=False,
+                cache_implementation="static",
+                compile_config=_compile_config(True),
+            )
     finally:
         handle.remove()
         guarded.unwrap()

@@ -102,8 +102,13 @@ def test_an_observer_added_between_the_calls_of_a_generation_does_not_end_it(cap
                 token = output.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(token)
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                output = guarded(input_ids=token, attention_mask=mask, position_ids=mask.cumsum(-1)[:, -1:] - 1,
-                                 use_cache=True, **cache_kwargs(model, output_cache(output)))
+                output = guarded(
+                    input_ids=token,
+                    attention_mask=mask,
+                    position_ids=mask.cumsum(-1)[:, -1:] - 1,
+                    use_cache=True,
+                    **cache_kwargs(model, output_cache(output)),
+                )
         return torch.cat(tokens, dim=1), output.logits
 
     try:

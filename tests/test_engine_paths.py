@@ -40,10 +40,14 @@ def test_inputs_embeds_only_runs_the_plain_model_with_one_warning(caplog):
     model = tiny_model("llava")
     inputs = build_batch(model, [(False, 5), (False, 8)])  # left padded
     embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
-    plain = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False)
+    plain = model.generate(
+        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False
+    )
     guarded = vlm_guard.wrap(model, config=GuardConfig.from_methods("vhr"))
     with caplog.at_level(logging.WARNING):
-        out = guarded.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False)
+        out = guarded.generate(
+            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False
+        )
     assert out.tolist() == plain.tolist()
     if not TRANSFORMERS_4:  # the expected values (random weights differ between the two majors)
         assert plain.tolist() == [[115, 18, 18, 18], [4, 34, 34, 34]]
@@ -55,8 +59,13 @@ def test_inputs_embeds_only_runs_the_plain_model_with_one_warning(caplog):
         output = guarded(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=True)
         token = output.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
-        output = guarded(input_ids=token, attention_mask=mask, position_ids=mask.cumsum(-1)[:, -1:] - 1, use_cache=True,
-                         **cache_kwargs(model, output_cache(output)))
+        output = guarded(
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=mask.cumsum(-1)[:, -1:] - 1,
+            use_cache=True,
+            **cache_kwargs(model, output_cache(output)),
+        )
     assert output.logits[:, -1].argmax(-1).tolist() == plain[:, 1].tolist()
     assert len(_warnings(caplog)) == 1
     guarded.unwrap()
@@ -105,8 +114,13 @@ def test_generate_continues_a_prefix_cache_started_through_the_wrapper(llava, ca
         mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            continued = guarded.generate(input_ids=sequence, attention_mask=mask, max_new_tokens=3, do_sample=False,
-                                         **cache_kwargs(model, output_cache(prefill)))
+            continued = guarded.generate(
+                input_ids=sequence,
+                attention_mask=mask,
+                max_new_tokens=3,
+                do_sample=False,
+                **cache_kwargs(model, output_cache(prefill)),
+            )
     finally:
         guarded.unwrap()
     assert torch.equal(continued, reference)
@@ -125,8 +139,13 @@ def test_generate_on_a_cache_the_wrapper_did_not_start_warns_once_and_runs_plain
     caplog.clear()
     try:
         with caplog.at_level(logging.WARNING):
-            continued = guarded.generate(input_ids=sequence, attention_mask=mask, max_new_tokens=3, do_sample=False,
-                                         **cache_kwargs(model, output_cache(prefill)))
+            continued = guarded.generate(
+                input_ids=sequence,
+                attention_mask=mask,
+                max_new_tokens=3,
+                do_sample=False,
+                **cache_kwargs(model, output_cache(prefill)),
+            )
     finally:
         guarded.unwrap()
     assert torch.equal(continued, plain)
@@ -145,17 +164,32 @@ def test_a_chunk_of_tokens_continues_like_one_token_at_a_time(llava):
     try:
         with torch.no_grad():
             cache = output_cache(guarded(**inputs, use_cache=True))
-            chunk = guarded(input_ids=forced, attention_mask=mask, position_ids=positions[:, -3:], use_cache=True,
-                            **cache_kwargs(model, cache)).logits[:, -1]
+            chunk = guarded(
+                input_ids=forced,
+                attention_mask=mask,
+                position_ids=positions[:, -3:],
+                use_cache=True,
+                **cache_kwargs(model, cache),
+            ).logits[:, -1]
             cache = output_cache(guarded(**inputs, use_cache=True))
             for i in range(3):
                 width = inputs["input_ids"].shape[1] + i + 1
-                step = guarded(input_ids=forced[:, i : i + 1], attention_mask=mask[:, :width], position_ids=positions[:, width - 1 : width],
-                               use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+                step = guarded(
+                    input_ids=forced[:, i : i + 1],
+                    attention_mask=mask[:, :width],
+                    position_ids=positions[:, width - 1 : width],
+                    use_cache=True,
+                    **cache_kwargs(model, cache),
+                ).logits[:, -1]
             with guarded.disabled():
                 cache = output_cache(guarded(**inputs, use_cache=True))
-                plain = guarded(input_ids=forced, attention_mask=mask, position_ids=positions[:, -3:], use_cache=True,
-                                **cache_kwargs(model, cache)).logits[:, -1]
+                plain = guarded(
+                    input_ids=forced,
+                    attention_mask=mask,
+                    position_ids=positions[:, -3:],
+                    use_cache=True,
+                    **cache_kwargs(model, cache),
+                ).logits[:, -1]
     finally:
         guarded.unwrap()
     assert_close_scaled(chunk, step, reduction=forward_reduction(model))
@@ -277,8 +311,9 @@ def test_output_attentions_one_map_per_layer_in_layer_order(methods):
         first_edited = min(min(i.layers()) for i in guarded.interventions)
         with torch.no_grad():
             attentions = guarded(**inputs, output_attentions=True).attentions
-            steps = guarded.generate(**inputs, max_new_tokens=2, do_sample=False, output_attentions=True,
-                                     return_dict_in_generate=True).attentions
+            steps = guarded.generate(
+                **inputs, max_new_tokens=2, do_sample=False, output_attentions=True, return_dict_in_generate=True
+            ).attentions
     finally:
         guarded.unwrap()
     assert len(attentions) == len(reference) == 4
@@ -303,7 +338,9 @@ def test_side_passes_leave_qwen_rope_deltas_as_found(family):
     settings = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
     plain = model.generate(**inputs, **settings)
     plain_deltas = model.model.rope_deltas.flatten().tolist()
-    guarded = vlm_guard.wrap(model, config=GuardConfig(vhr=VHRConfig(alpha=1.0)))  # a no-op scale, one image-free side pass
+    guarded = vlm_guard.wrap(
+        model, config=GuardConfig(vhr=VHRConfig(alpha=1.0))
+    )  # a no-op scale, one image-free side pass
     try:
         out = guarded.generate(**inputs, **settings)
         deltas = model.model.rope_deltas.flatten().tolist()
@@ -326,9 +363,15 @@ def test_prompt_validity_is_read_from_prepared_masks():
 
     ids = torch.ones(2, 4, dtype=torch.long)
     valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    allowed = torch.tril(torch.ones(4, 6, dtype=torch.bool))[None, None] & torch.cat([valid, torch.zeros(2, 2, dtype=torch.long)], 1).bool()[:, None, None, :]
+    allowed = (
+        torch.tril(torch.ones(4, 6, dtype=torch.bool))[None, None]
+        & torch.cat([valid, torch.zeros(2, 2, dtype=torch.long)], 1).bool()[:, None, None, :]
+    )
     assert _prompt_mask(valid, ids).tolist() == valid.tolist()
     assert _prompt_mask(allowed, ids).tolist() == valid.tolist()  # bool [B, 1, Q, K], K a static cache's length
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
-    assert _prompt_mask({"sliding_attention": additive[:, :, :, :1], "full_attention": additive}, ids).tolist() == valid.tolist()
+    assert (
+        _prompt_mask({"sliding_attention": additive[:, :, :, :1], "full_attention": additive}, ids).tolist()
+        == valid.tolist()
+    )
     assert _prompt_mask(None, ids) is None

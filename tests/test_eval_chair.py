@@ -22,15 +22,86 @@ from vlm_guard.eval.chair import (
 )
 
 COCO_CATEGORIES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 ]
 
 
@@ -94,7 +165,10 @@ def test_extract_objects(caption, expected):
 
 def test_extract_objects_returns_matched_words_in_order():
     assert extract_objects("A puppy near a sofa and a baby bird.") == [
-        ("puppy", "dog"), ("sofa", "couch"), ("bird", "bird")]
+        ("puppy", "dog"),
+        ("sofa", "couch"),
+        ("bird", "bird"),
+    ]
 
 
 def test_released_quirks_reproduce_unmatchable_synonyms():
@@ -111,9 +185,23 @@ def test_released_quirks_reproduce_unmatchable_synonyms():
 
 @pytest.mark.parametrize(
     "word, expected",
-    [("dogs", "dog"), ("ponies", "pony"), ("knives", "knife"), ("buses", "bus"), ("boxes", "box"),
-     ("benches", "bench"), ("men", "man"), ("policemen", "policeman"), ("children", "child"), ("mice", "mouse"),
-     ("glass", "glass"), ("bus", "bus"), ("tennis", "tennis"), ("horses", "horse"), ("ties", "tie")],
+    [
+        ("dogs", "dog"),
+        ("ponies", "pony"),
+        ("knives", "knife"),
+        ("buses", "bus"),
+        ("boxes", "box"),
+        ("benches", "bench"),
+        ("men", "man"),
+        ("policemen", "policeman"),
+        ("children", "child"),
+        ("mice", "mouse"),
+        ("glass", "glass"),
+        ("bus", "bus"),
+        ("tennis", "tennis"),
+        ("horses", "horse"),
+        ("ties", "tie"),
+    ],
 )
 def test_singularize_rules(word, expected):
     assert singularize(word) == expected
@@ -141,7 +229,12 @@ def test_score_caption_record():
     assert record["mentions"] == [["dog", "dog"], ["cat", "cat"], ["dog", "dog"], ["bed", "bed"]]
     assert record["hallucinated"] == [["cat", "cat"]]
     assert record["recalled_objects"] == ["bed", "dog"]
-    assert (record["n_mentions"], record["n_hallucinated"], record["n_gt_objects"], record["n_recalled"]) == (4, 1, 3, 2)
+    assert (record["n_mentions"], record["n_hallucinated"], record["n_gt_objects"], record["n_recalled"]) == (
+        4,
+        1,
+        3,
+        2,
+    )
     assert record["hallucinated_caption"] is True
     assert record["n_words"] == 9
     json.dumps(record)  # JSON-ready
@@ -165,9 +258,15 @@ def test_chair_metrics_by_hand():
     assert metrics["chair_i"] == pytest.approx(4 / 9)
     assert metrics["recall"] == pytest.approx(4 / 6)
     assert metrics["mean_length"] == pytest.approx(26 / 3)
-    assert (metrics["n_captions"], metrics["n_hallucinated_captions"], metrics["n_hallucinated"],
-            metrics["n_mentions"], metrics["n_recalled"], metrics["n_gt_objects"], metrics["n_words"]) == (
-        3, 2, 4, 9, 4, 6, 26)
+    assert (
+        metrics["n_captions"],
+        metrics["n_hallucinated_captions"],
+        metrics["n_hallucinated"],
+        metrics["n_mentions"],
+        metrics["n_recalled"],
+        metrics["n_gt_objects"],
+        metrics["n_words"],
+    ) == (3, 2, 4, 9, 4, 6, 26)
 
 
 def test_chair_metrics_accepts_scored_records_and_counts_agree():
@@ -202,16 +301,28 @@ def test_coco_image_id():
 
 # ---- end to end from files in the official COCO formats ----
 
-CATEGORY_IDS = {"person": 1, "bicycle": 2, "car": 3, "cat": 17, "dog": 18, "pizza": 59, "couch": 63,
-                "dining table": 67, "teddy bear": 88}
+CATEGORY_IDS = {
+    "person": 1,
+    "bicycle": 2,
+    "car": 3,
+    "cat": 17,
+    "dog": 18,
+    "pizza": 59,
+    "couch": 63,
+    "dining table": 67,
+    "teddy bear": 88,
+}
 
 
 def _write_coco(tmp_path):
     instances = {
-        "info": {}, "licenses": [],
-        "images": [{"id": 101, "file_name": "COCO_val2014_000000000101.jpg"},
-                   {"id": 102, "file_name": "COCO_val2014_000000000102.jpg"},
-                   {"id": 103, "file_name": "COCO_val2014_000000000103.jpg"}],
+        "info": {},
+        "licenses": [],
+        "images": [
+            {"id": 101, "file_name": "COCO_val2014_000000000101.jpg"},
+            {"id": 102, "file_name": "COCO_val2014_000000000102.jpg"},
+            {"id": 103, "file_name": "COCO_val2014_000000000103.jpg"},
+        ],
         "annotations": [
             {"id": 1, "image_id": 101, "category_id": CATEGORY_IDS["dog"], "bbox": [0, 0, 1, 1]},
             {"id": 2, "image_id": 101, "category_id": CATEGORY_IDS["dog"], "bbox": [0, 0, 1, 1]},
@@ -221,7 +332,9 @@ def _write_coco(tmp_path):
         "categories": [{"id": cid, "name": name, "supercategory": "x"} for name, cid in CATEGORY_IDS.items()],
     }
     captions = {
-        "info": {}, "licenses": [], "images": instances["images"],
+        "info": {},
+        "licenses": [],
+        "images": instances["images"],
         "annotations": [
             {"id": 11, "image_id": 101, "caption": "A man and his puppy on a sofa."},  # adds person, couch
             {"id": 12, "image_id": 102, "caption": "A pizza on a wooden table."},  # adds dining table
@@ -255,14 +368,22 @@ def test_ground_truth_from_coco_files(tmp_path):
 def test_end_to_end_chair_from_files(tmp_path):
     instances_path, captions_path = _write_coco(tmp_path)
     generated = tmp_path / "captions_generated.jsonl"
-    generated.write_text("\n".join(json.dumps(r) for r in [
-        {"image_id": 101, "caption": "A dog and a cat sit on a couch."},
-        {"image_id": 102, "caption": "A pizza on a table next to a pizza."},
-        {"image_id": 103, "caption": "Two people near a bus and a truck."},
-    ]) + "\n")
+    generated.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"image_id": 101, "caption": "A dog and a cat sit on a couch."},
+                {"image_id": 102, "caption": "A pizza on a table next to a pizza."},
+                {"image_id": 103, "caption": "Two people near a bus and a truck."},
+            ]
+        )
+        + "\n"
+    )
     ground_truth = ChairGroundTruth.from_coco(instances_path, captions_path)
-    records = [ground_truth.score_caption(r["image_id"], r["caption"])
-               for r in map(json.loads, generated.read_text().splitlines())]
+    records = [
+        ground_truth.score_caption(r["image_id"], r["caption"])
+        for r in map(json.loads, generated.read_text().splitlines())
+    ]
     assert records[0]["hallucinated"] == [["cat", "cat"]]
     metrics = chair_metrics(records)
     # same captions and ground truth as HAND_RECORDS except image 101's gt (dog, person, couch) -> identical

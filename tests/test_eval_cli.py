@@ -14,7 +14,9 @@ def test_eval_is_registered_with_its_benchmarks():
     args = parser.parse_args(["eval", "synthetic", "--out", "x.jsonl", "--compare", "none;vhr", "--limit", "3"])
     assert args.eval_command == "synthetic" and args.limit == 3 and args.compare == "none;vhr"
     assert args.methods == "none" and args.batch_size == 8 and args.seed == 0 and args.model is None
-    args = parser.parse_args(["eval", "pope", "--pope-dir", "d", "--images", "i", "--out", "o.jsonl", "--methods", "all"])
+    args = parser.parse_args(
+        ["eval", "pope", "--pope-dir", "d", "--images", "i", "--out", "o.jsonl", "--methods", "all"]
+    )
     assert args.methods == "all" and args.head_map is None and not args.trust_remote_code
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "chair", "--out", "o.jsonl"])  # --images/--instances/--captions required
@@ -26,7 +28,12 @@ def test_argument_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["eval", "synthetic", "--tasks", "vqa", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "--tasks" in capsys.readouterr().err
     missing = tmp_path / "coco_pope_random.json"
-    assert main(["eval", "pope", "--questions", str(missing), "--images", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        main(
+            ["eval", "pope", "--questions", str(missing), "--images", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]
+        )
+        == 2
+    )
     assert "not found" in capsys.readouterr().err
 
 
@@ -42,8 +49,22 @@ def test_synthetic_tasks_shape():
 
 def test_synthetic_compare_run(tmp_path, tmp_path_factory, capsys):
     out = tmp_path / "syn.jsonl"
-    args = ["eval", "synthetic", *model_args(tmp_path_factory), "--limit", "2", "--compare", "vhr", "--out", str(out),
-            "--max-new-tokens", "4", "--no-progress", "--n-resamples", "50"]
+    args = [
+        "eval",
+        "synthetic",
+        *model_args(tmp_path_factory),
+        "--limit",
+        "2",
+        "--compare",
+        "vhr",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--n-resamples",
+        "50",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| greedy |" in printed and "| VHR |" in printed and "table:" in printed

@@ -27,8 +27,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _eval(out, *extra):
-    return ["eval", "synthetic", "--tasks", "pope", "--limit", "2", "--no-progress", "--n-resamples", "20",
-            "--max-new-tokens", "2", "--max-unclear", "1", "--out", str(out), *extra]  # random models answer no yes/no
+    return [
+        "eval",
+        "synthetic",
+        "--tasks",
+        "pope",
+        "--limit",
+        "2",
+        "--no-progress",
+        "--n-resamples",
+        "20",
+        "--max-new-tokens",
+        "2",
+        "--max-unclear",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]  # random models answer no yes/no
 
 
 def _error_line(err: str) -> str:
@@ -79,9 +95,18 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     assert not (tmp_path / "run.jsonl.lock").exists()  # released and removed on close
     # another process holds the lock, then is killed (-9): its lock file stays behind, stale
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from vlm_guard.eval.records import ResultsWriter; "
-         "w = ResultsWriter(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(path)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from vlm_guard.eval.records import ResultsWriter; "
+            "w = ResultsWriter(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+            str(path),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FileBusyError, match=f"pid {holder.pid}"):
@@ -108,9 +133,18 @@ def test_eval_resume_with_other_settings_is_refused(tmp_path, tmp_path_factory, 
     assert main(_eval(out, *model)) == 0
     before = out.read_bytes()
     header = read_header(out)["fingerprint"]
-    assert {"model.weights_digest", "model.config_digest", "methods", "head_map", "guard_config.vhr",
-            "generation.max_new_tokens.pope/random", "prompts.chat_template", "code.method_code",
-            "code.vlm_guard_version", "data.world_seed"} <= set(header)
+    assert {
+        "model.weights_digest",
+        "model.config_digest",
+        "methods",
+        "head_map",
+        "guard_config.vhr",
+        "generation.max_new_tokens.pope/random",
+        "prompts.chat_template",
+        "code.method_code",
+        "code.vlm_guard_version",
+        "data.world_seed",
+    } <= set(header)
     capsys.readouterr()
     refusals = {
         "generation.max_new_tokens.pope/random: 2 -> 3": _eval(out, *model, "--max-new-tokens", "3"),

@@ -32,37 +32,43 @@ COMMON = ["--max-new-tokens", "3", "--batch-size", "2", "--no-progress", "--n-re
 
 
 # ---------------------------------------------------------------------------------------------- the rules
-@pytest.mark.parametrize("answer, clear", [
-    ("Yes, there is a dog in the image.", True),
-    ("No.", True),
-    ("NO!", True),
-    ("There is no cat in the image.", True),       # the parse rule's negation, inside the first sentence
-    ("I do not see one", True),
-    ("yeah", True),
-    ("There is a dog in the image.", False),       # read as "yes" by the rule, but says neither
-    ("a red ball and a blue cup", False),          # a caption
-    ("nope", False),                               # read as "yes" by the rule: unclear
-    ("", False),
-    ("A.\nB", False),
-    ("There is a dog. Yes.", False),               # the rule reads the first sentence only
-    ("yesterday", False),                          # words, not substrings
-])
+@pytest.mark.parametrize(
+    "answer, clear",
+    [
+        ("Yes, there is a dog in the image.", True),
+        ("No.", True),
+        ("NO!", True),
+        ("There is no cat in the image.", True),  # the parse rule's negation, inside the first sentence
+        ("I do not see one", True),
+        ("yeah", True),
+        ("There is a dog in the image.", False),  # read as "yes" by the rule, but says neither
+        ("a red ball and a blue cup", False),  # a caption
+        ("nope", False),  # read as "yes" by the rule: unclear
+        ("", False),
+        ("A.\nB", False),
+        ("There is a dog. Yes.", False),  # the rule reads the first sentence only
+        ("yesterday", False),  # words, not substrings
+    ],
+)
 def test_pope_answer_is_clear(answer, clear):
     assert pope_answer_is_clear(answer) is clear
 
 
-@pytest.mark.parametrize("text, caption", [
-    ("A dog on the grass.", True),
-    ("a red house , a blue tree", True),
-    ("The image shows no people, only a kitchen.", True),
-    ("yes", False),
-    ("No.", False),
-    ("Yes, there is.", False),
-    ("nope, a cat", False),
-    ("", False),
-    ("Kitchen.", False),                            # one word
-    ("  .  ", False),
-])
+@pytest.mark.parametrize(
+    "text, caption",
+    [
+        ("A dog on the grass.", True),
+        ("a red house , a blue tree", True),
+        ("The image shows no people, only a kitchen.", True),
+        ("yes", False),
+        ("No.", False),
+        ("Yes, there is.", False),
+        ("nope, a cat", False),
+        ("", False),
+        ("Kitchen.", False),  # one word
+        ("  .  ", False),
+    ],
+)
 def test_is_caption(text, caption):
     assert is_caption(text) is caption
 
@@ -76,8 +82,14 @@ def test_share_threshold_and_examples():
     assert pope_following(answers, max_unclear=0.6)["followed_prompt"] is True  # the limit itself is allowed
     assert pope_following(answers[:4])["followed_prompt"] is True  # exactly half: followed
     assert pope_following(["a red ball"] * 9, max_unclear=1)["followed_prompt"] is True  # 1: the check is off
-    assert pope_following([]) == {"followed_prompt": True, "unclear_share": 0.0, "n_unclear": 0,
-                                  "unclear_examples": [], "n": 0, "max_unclear": 0.5}
+    assert pope_following([]) == {
+        "followed_prompt": True,
+        "unclear_share": 0.0,
+        "n_unclear": 0,
+        "unclear_examples": [],
+        "n": 0,
+        "max_unclear": 0.5,
+    }
     assert chair_following(["yes", "no", "A dog on the grass."])["unclear_share"] == pytest.approx(2 / 3)
     for bad in (-0.1, 1.5, "0.5", True):
         with pytest.raises(ValueError, match="max_unclear"):
@@ -92,8 +104,9 @@ def test_message_names_share_examples_and_fix():
     assert "Fix: add --prompt-suffix" in message and "--max-unclear 0.5" in message and "\n" not in message
     with_method = not_followed_message("chair", chair_following(["yes"]), methods="vhr")
     assert "with 'vhr' does not caption" in with_method and "--methods none" in with_method
-    assert "--methods none" not in not_followed_message("chair", chair_following(["yes"]), methods="vhr",
-                                                        baseline_followed=False)
+    assert "--methods none" not in not_followed_message(
+        "chair", chair_following(["yes"]), methods="vhr", baseline_followed=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------- summaries, tables
@@ -114,13 +127,25 @@ def test_task_metrics_flag_the_task_and_keep_the_numbers():
 
 
 def _chair_records(captions):
-    return [{"id": str(i), "answer": caption, "n_hallucinated": 0, "n_mentions": 0, "n_recalled": 0,
-             "n_gt_objects": 1, "n_words": len(caption.split())} for i, caption in enumerate(captions)]
+    return [
+        {
+            "id": str(i),
+            "answer": caption,
+            "n_hallucinated": 0,
+            "n_mentions": 0,
+            "n_recalled": 0,
+            "n_gt_objects": 1,
+            "n_words": len(caption.split()),
+        }
+        for i, caption in enumerate(captions)
+    ]
 
 
 def test_tables_withhold_a_task_whose_prompt_was_not_followed():
-    tasks = [EvalTask("pope/random", "pope", [], lambda item, answer: {}, 4),
-             EvalTask("chair", "chair", [], lambda item, answer: {}, 4)]
+    tasks = [
+        EvalTask("pope/random", "pope", [], lambda item, answer: {}, 4),
+        EvalTask("chair", "chair", [], lambda item, answer: {}, 4),
+    ]
     labels = ["yes", "no"] * 10
     records = {"pope/random": _pope_records(["Yes.", "No."] * 10, labels), "chair": _chair_records(["yes", "no"] * 10)}
     metrics = method_metrics(records, tasks, n_resamples=20)
@@ -134,10 +159,20 @@ def test_tables_withhold_a_task_whose_prompt_was_not_followed():
     # a comparison: greedy follows, the method set breaks the POPE answers
     broken = method_metrics({"pope/random": _pope_records(["a red ball"] * 20, labels)}, tasks[:1], n_resamples=20)
     followed = method_metrics({"pope/random": records["pope/random"]}, tasks[:1], n_resamples=20)
-    summary = {"seed": 0, "config": {"n_resamples": 20}, "extra": {"skipped_images": 0, "comparison": {
-        "tasks": {"pope/random": 20}, "method_sets": [
-            {"label": "none", "name": "greedy", "guard_config": {}, "metrics": followed},
-            {"label": "vhr", "name": "VHR", "guard_config": {}, "inactive_methods": [], "metrics": broken}]}}}
+    summary = {
+        "seed": 0,
+        "config": {"n_resamples": 20},
+        "extra": {
+            "skipped_images": 0,
+            "comparison": {
+                "tasks": {"pope/random": 20},
+                "method_sets": [
+                    {"label": "none", "name": "greedy", "guard_config": {}, "metrics": followed},
+                    {"label": "vhr", "name": "VHR", "guard_config": {}, "inactive_methods": [], "metrics": broken},
+                ],
+            },
+        },
+    }
     lines = comparison_markdown(summary).splitlines()
     greedy_row = next(line for line in lines if line.startswith("| greedy |"))
     vhr_row = next(line for line in lines if line.startswith("| VHR |"))
@@ -154,8 +189,10 @@ def test_shipped_results_keep_their_numbers():
     by_task = {}
     for record in read_records(records_path):
         by_task.setdefault(record["task"], []).append(record)
-    tasks = [EvalTask(name, "pope" if name.startswith("pope") else "chair", [], lambda item, answer: {}, 4)
-             for name in summary["metrics"]]
+    tasks = [
+        EvalTask(name, "pope" if name.startswith("pope") else "chair", [], lambda item, answer: {}, 4)
+        for name in summary["metrics"]
+    ]
     metrics = method_metrics(by_task, tasks, seed=summary["seed"], n_resamples=summary["config"]["n_resamples"])
     for name, stored in summary["metrics"].items():
         assert {key: metrics[name][key] for key in stored} == stored, name
@@ -171,6 +208,7 @@ def _table_row(printed: str) -> str:
 
 def _stub(monkeypatch, answer):
     """Make ``generate_answers`` answer ``answer(prompt, model)`` for each row."""
+
     def generate(model, processor, images, prompts, max_new_tokens, **kwargs):
         return [answer(prompt, model) for prompt in prompts]
 
@@ -178,12 +216,29 @@ def _stub(monkeypatch, answer):
 
 
 def _pope_argv(coco, out, tmp_path_factory, *extra):
-    return ["eval", "pope", *model_args(tmp_path_factory), "--questions", str(coco / "coco_pope_random.json"),
-            "--images", str(coco / "val2014"), "--out", str(out), *COMMON, *extra]
+    return [
+        "eval",
+        "pope",
+        *model_args(tmp_path_factory),
+        "--questions",
+        str(coco / "coco_pope_random.json"),
+        "--images",
+        str(coco / "val2014"),
+        "--out",
+        str(out),
+        *COMMON,
+        *extra,
+    ]
 
 
-def test_pope_answered_with_captions_is_withheld_and_exits_3(coco_fixture, tmp_path, tmp_path_factory,  # noqa: F811
-                                                               monkeypatch, capsys, caplog):
+def test_pope_answered_with_captions_is_withheld_and_exits_3(
+    coco_fixture,
+    tmp_path,
+    tmp_path_factory,  # noqa: F811
+    monkeypatch,
+    capsys,
+    caplog,
+):
     _stub(monkeypatch, lambda prompt, model: "a dog and a kite on the grass")
     out = tmp_path / "pope.jsonl"
     with caplog.at_level(logging.WARNING, logger="vlm_guard.eval.runner"):
@@ -211,8 +266,13 @@ def test_pope_answered_with_captions_is_withheld_and_exits_3(coco_fixture, tmp_p
     assert "argument --max-unclear: 2 is out of range: a number in [0, 1]" in capsys.readouterr().err
 
 
-def test_pope_answered_yes_no_is_reported_normally(coco_fixture, tmp_path, tmp_path_factory, monkeypatch,  # noqa: F811
-                                                   capsys):
+def test_pope_answered_yes_no_is_reported_normally(
+    coco_fixture,
+    tmp_path,
+    tmp_path_factory,
+    monkeypatch,  # noqa: F811
+    capsys,
+):
     # the fixture's questions: dog (label yes), cat (label no); one unclear answer in six
     answers = iter(["Yes, there is a dog.", "No.", "Yes.", "There is a cat.", "yes", "no"])
     _stub(monkeypatch, lambda prompt, model: next(answers))
@@ -227,13 +287,32 @@ def test_pope_answered_yes_no_is_reported_normally(coco_fixture, tmp_path, tmp_p
     assert metrics["accuracy"]["point"] == pytest.approx(5 / 6)  # "There is a cat." is read as "yes" (label no)
 
 
-def test_chair_answered_with_yes_no_is_withheld(coco_fixture, tmp_path, tmp_path_factory, monkeypatch,  # noqa: F811
-                                                capsys, caplog):
+def test_chair_answered_with_yes_no_is_withheld(
+    coco_fixture,
+    tmp_path,
+    tmp_path_factory,
+    monkeypatch,  # noqa: F811
+    capsys,
+    caplog,
+):
     _stub(monkeypatch, lambda prompt, model: "Yes.")
     out = tmp_path / "chair.jsonl"
-    argv = ["eval", "chair", *model_args(tmp_path_factory), "--images", str(coco_fixture / "val2014"),
-            "--instances", str(coco_fixture / "instances_val2014.json"),
-            "--captions", str(coco_fixture / "captions_val2014.json"), "--n-images", "10", "--out", str(out), *COMMON]
+    argv = [
+        "eval",
+        "chair",
+        *model_args(tmp_path_factory),
+        "--images",
+        str(coco_fixture / "val2014"),
+        "--instances",
+        str(coco_fixture / "instances_val2014.json"),
+        "--captions",
+        str(coco_fixture / "captions_val2014.json"),
+        "--n-images",
+        "10",
+        "--out",
+        str(out),
+        *COMMON,
+    ]
     with caplog.at_level(logging.WARNING, logger="vlm_guard.eval.runner"):
         assert main(argv) == 3
     printed = capsys.readouterr()
@@ -253,8 +332,21 @@ def test_chair_answered_with_yes_no_is_withheld(coco_fixture, tmp_path, tmp_path
 
 
 def _synthetic_argv(out, tmp_path_factory, *extra):
-    return ["eval", "synthetic", *model_args(tmp_path_factory), "--limit", "2", "--out", str(out),
-            "--max-new-tokens", "4", "--no-progress", "--n-resamples", "20", *extra]
+    return [
+        "eval",
+        "synthetic",
+        *model_args(tmp_path_factory),
+        "--limit",
+        "2",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--n-resamples",
+        "20",
+        *extra,
+    ]
 
 
 def test_synthetic_benchmark_checks_every_task(tmp_path, tmp_path_factory, monkeypatch, capsys, caplog):
@@ -266,8 +358,12 @@ def test_synthetic_benchmark_checks_every_task(tmp_path, tmp_path_factory, monke
     with caplog.at_level(logging.WARNING, logger="vlm_guard.eval.runner"):
         assert main(_synthetic_argv(out, tmp_path_factory)) == 3
     messages = [record.getMessage() for record in caplog.records if "Fix:" in record.getMessage()]
-    assert [message.split(":", 1)[0] for message in messages] == ["pope/random", "pope/popular", "pope/adversarial",
-                                                                  "chair"]
+    assert [message.split(":", 1)[0] for message in messages] == [
+        "pope/random",
+        "pope/popular",
+        "pope/adversarial",
+        "chair",
+    ]
     assert all("the synthetic" in message and "fixed" in message for message in messages)
     metrics = read_summary(results_paths(out, None)[1])["metrics"]
     assert all(metrics[task]["followed_prompt"] is False for task in metrics)
@@ -290,7 +386,11 @@ def test_synthetic_comparison_withholds_only_the_broken_method_set(tmp_path, tmp
     assert "not followed" not in greedy_row and vhr_row.count("prompt not followed (100.0% unclear)") == 9
     summary = read_summary(tmp_path / "syn.summary.json")
     assert [(e["methods"], e["task"]) for e in summary["extra"]["comparison"]["prompt_not_followed"]] == [
-        ("vhr", "pope/random"), ("vhr", "pope/popular"), ("vhr", "pope/adversarial"), ("vhr", "chair")]
+        ("vhr", "pope/random"),
+        ("vhr", "pope/popular"),
+        ("vhr", "pope/adversarial"),
+        ("vhr", "chair"),
+    ]
     assert summary["metrics"]["none"]["chair"]["followed_prompt"] is True
     assert summary["metrics"]["vhr"]["chair"]["followed_prompt"] is False
     assert json.loads(json.dumps(summary))  # JSON-ready

@@ -142,8 +142,9 @@ def _write_lines(path, lines):
 
 
 def _question(question_id, image, obj, label):
-    return json.dumps({"question_id": question_id, "image": image, "text": f"Is there a {obj} in the image?",
-                       "label": label})
+    return json.dumps(
+        {"question_id": question_id, "image": image, "text": f"Is there a {obj} in the image?", "label": label}
+    )
 
 
 def test_load_questions_official_format(tmp_path):
@@ -158,7 +159,9 @@ def test_load_questions_official_format(tmp_path):
     )
     questions = load_pope_questions(path)
     assert [q.question_id for q in questions] == [1, 2, 3]
-    assert questions[1] == PopeQuestion(2, "COCO_val2014_000000310196.jpg", "Is there a dining table in the image?", "no")
+    assert questions[1] == PopeQuestion(
+        2, "COCO_val2014_000000310196.jpg", "Is there a dining table in the image?", "no"
+    )
     assert questions[1].object_name == "dining table"
     assert pope_split_from_path(path) == "random"
 
@@ -168,7 +171,10 @@ def test_load_questions_official_format(tmp_path):
     [
         ('{"question_id": 3, "image": "a.jpg", "text": "Is there a cat', "not valid JSON"),
         ('{"question_id": 3, "image": "a.jpg", "text": "Is there a cat?"}', r"missing key\(s\) \['label'\]"),
-        ('{"question_id": 3, "image": "a.jpg", "text": "Is there a cat?", "label": "maybe"}', "label must be 'yes' or 'no'"),
+        (
+            '{"question_id": 3, "image": "a.jpg", "text": "Is there a cat?", "label": "maybe"}',
+            "label must be 'yes' or 'no'",
+        ),
         ('{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "no"}', "duplicate question_id 1"),
         ('["not", "an", "object"]', "expected a JSON object"),
     ],
@@ -202,8 +208,10 @@ def test_split_helpers(tmp_path):
 
 
 def test_align_answers_by_id():
-    questions = [PopeQuestion(1, "a.jpg", "Is there a dog in the image?", "yes"),
-                 PopeQuestion(2, "a.jpg", "Is there a cat in the image?", "no")]
+    questions = [
+        PopeQuestion(1, "a.jpg", "Is there a dog in the image?", "yes"),
+        PopeQuestion(2, "a.jpg", "Is there a cat in the image?", "no"),
+    ]
     assert align_answers(questions, {2: "No.", 1: "Yes."}) == (["Yes.", "No."], ["yes", "no"], [1, 2])
     assert align_answers(questions, {"1": "Yes.", "2": "No."})[2] == [1, 2]  # string keys from JSON
     with pytest.raises(ValueError, match="1 of 2 questions have no answer"):
@@ -221,11 +229,19 @@ def test_end_to_end_from_files(tmp_path):
         [_question(i + 1, f"COCO_val2014_{i:012d}.jpg", obj, label) for i, (obj, label) in enumerate(objects_labels)],
     )
     # answers as a model writes them (llava-style answer file: question_id + text), one per line, out of order
-    answers = {1: "Yes, there is a dog.", 2: "No, there is no cat.", 3: "No.", 4: "Yes, a bus.",
-               5: "There is a sink. No soap.", 6: "not that I can see"}
+    answers = {
+        1: "Yes, there is a dog.",
+        2: "No, there is no cat.",
+        3: "No.",
+        4: "Yes, a bus.",
+        5: "There is a sink. No soap.",
+        6: "not that I can see",
+    }
     answer_file = tmp_path / "answers.jsonl"
-    _write_lines(answer_file, [json.dumps({"question_id": qid, "text": text}) for qid, text in
-                               sorted(answers.items(), reverse=True)])
+    _write_lines(
+        answer_file,
+        [json.dumps({"question_id": qid, "text": text}) for qid, text in sorted(answers.items(), reverse=True)],
+    )
     questions = load_pope_questions(pope_question_file(split_dir, "popular"))
     answers_by_id = {}
     for line in answer_file.read_text().splitlines():

@@ -37,8 +37,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     if "dir" not in _TINY:
         from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
-        spec = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
-                            text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64)
+        spec = ToyModelSpec(
+            image_size=32,
+            patch_size=8,
+            vision_hidden=32,
+            vision_layers=1,
+            vision_heads=2,
+            text_hidden=32,
+            text_layers=2,
+            text_heads=2,
+            text_intermediate=64,
+        )
         processor = build_processor(spec)
         model = build_model(spec, processor.tokenizer, seed=0)
         folder = tmp_path_factory.mktemp("tiny_llava")
@@ -59,23 +68,33 @@ def coco_fixture(tmp_path_factory):
     (images / CORRUPT_NAME).write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
     questions = []
     for index, name in enumerate(IMAGE_NAMES + [CORRUPT_NAME]):
-        questions.append({"question_id": 2 * index + 1, "image": name, "text": "Is there a dog in the image?", "label": "yes"})
-        questions.append({"question_id": 2 * index + 2, "image": name, "text": "Is there a cat in the image?", "label": "no"})
+        questions.append(
+            {"question_id": 2 * index + 1, "image": name, "text": "Is there a dog in the image?", "label": "yes"}
+        )
+        questions.append(
+            {"question_id": 2 * index + 2, "image": name, "text": "Is there a cat in the image?", "label": "no"}
+        )
     pope_file = root / "coco_pope_random.json"
     pope_file.write_text("\n".join(json.dumps(q) for q in questions) + "\n")
     all_names = IMAGE_NAMES + [CORRUPT_NAME]
     image_entries = [{"id": int(name[-16:-4]), "file_name": name} for name in all_names]
     instances = {
         "images": image_entries,
-        "annotations": [{"id": 1, "image_id": 11, "category_id": 18}, {"id": 2, "image_id": 22, "category_id": 1},
-                        {"id": 3, "image_id": 44, "category_id": 17}],
+        "annotations": [
+            {"id": 1, "image_id": 11, "category_id": 18},
+            {"id": 2, "image_id": 22, "category_id": 1},
+            {"id": 3, "image_id": 44, "category_id": 17},
+        ],
         "categories": CATEGORIES,
     }
     captions = {
         "images": image_entries,
-        "annotations": [{"id": 10 + i, "image_id": entry["id"], "caption": caption}
-                        for i, (entry, caption) in enumerate(zip(image_entries, ["A dog on grass.", "A man.",
-                                                                                 "A red kite in the sky.", "A cat."]))],
+        "annotations": [
+            {"id": 10 + i, "image_id": entry["id"], "caption": caption}
+            for i, (entry, caption) in enumerate(
+                zip(image_entries, ["A dog on grass.", "A man.", "A red kite in the sky.", "A cat."])
+            )
+        ],
     }
     (root / "instances_val2014.json").write_text(json.dumps(instances))
     (root / "captions_val2014.json").write_text(json.dumps(captions))
@@ -87,9 +106,20 @@ COMMON = ["--max-new-tokens", "3", "--batch-size", "2", "--no-progress", "--n-re
 
 def test_pope_end_to_end_resume_and_skips(coco_fixture, tmp_path, tmp_path_factory):
     out = tmp_path / "pope.jsonl"
-    args = ["eval", "pope", *model_args(tmp_path_factory), "--questions", str(coco_fixture / "coco_pope_random.json"),
-            "--images", str(coco_fixture / "val2014"), "--out", str(out), *COMMON,
-            "--max-unclear", "1"]  # the fixture does not answer yes/no here (see test_eval_following.py)
+    args = [
+        "eval",
+        "pope",
+        *model_args(tmp_path_factory),
+        "--questions",
+        str(coco_fixture / "coco_pope_random.json"),
+        "--images",
+        str(coco_fixture / "val2014"),
+        "--out",
+        str(out),
+        *COMMON,
+        "--max-unclear",
+        "1",
+    ]  # the fixture does not answer yes/no here (see test_eval_following.py)
     assert main(args) == 0
     records = read_records(out)
     # 8 questions; the 2 on the corrupt image are skipped, not fatal
@@ -129,14 +159,28 @@ def test_pope_end_to_end_resume_and_skips(coco_fixture, tmp_path, tmp_path_facto
 
 def test_chair_end_to_end(coco_fixture, tmp_path, tmp_path_factory):
     out = tmp_path / "chair.jsonl"
-    args = ["eval", "chair", *model_args(tmp_path_factory), "--images", str(coco_fixture / "val2014"),
-            "--instances", str(coco_fixture / "instances_val2014.json"),
-            "--captions", str(coco_fixture / "captions_val2014.json"), "--n-images", "10", "--out", str(out), *COMMON]
+    args = [
+        "eval",
+        "chair",
+        *model_args(tmp_path_factory),
+        "--images",
+        str(coco_fixture / "val2014"),
+        "--instances",
+        str(coco_fixture / "instances_val2014.json"),
+        "--captions",
+        str(coco_fixture / "captions_val2014.json"),
+        "--n-images",
+        "10",
+        "--out",
+        str(out),
+        *COMMON,
+    ]
     assert main(args) == 0
     records = read_records(out)
     assert sorted(r["image_id"] for r in records) == [11, 22, 33]
-    ground_truth = ChairGroundTruth.from_coco(coco_fixture / "instances_val2014.json",
-                                              coco_fixture / "captions_val2014.json")
+    ground_truth = ChairGroundTruth.from_coco(
+        coco_fixture / "instances_val2014.json", coco_fixture / "captions_val2014.json"
+    )
     assert ground_truth.objects[33] == frozenset({"kite"})
     for record in records:
         expected = score_caption(record["answer"], ground_truth.objects_for(record["image_id"]))
@@ -151,13 +195,32 @@ def test_chair_end_to_end(coco_fixture, tmp_path, tmp_path_factory):
 
 def test_compare_writes_one_file_per_method_set_and_a_table(coco_fixture, tmp_path, tmp_path_factory):
     out = tmp_path / "cmp.jsonl"
-    args = ["eval", "pope", *model_args(tmp_path_factory), "--questions", str(coco_fixture / "coco_pope_random.json"),
-            "--images", str(coco_fixture / "val2014"), "--out", str(out), "--compare", "vhr", "--limit", "4", *COMMON,
-            "--max-unclear", "1"]
+    args = [
+        "eval",
+        "pope",
+        *model_args(tmp_path_factory),
+        "--questions",
+        str(coco_fixture / "coco_pope_random.json"),
+        "--images",
+        str(coco_fixture / "val2014"),
+        "--out",
+        str(out),
+        "--compare",
+        "vhr",
+        "--limit",
+        "4",
+        *COMMON,
+        "--max-unclear",
+        "1",
+    ]
     assert main(args) == 0
     none_records = read_records(tmp_path / "cmp.none.jsonl")
     vhr_records = read_records(tmp_path / "cmp.vhr.jsonl")
-    assert [r["id"] for r in none_records] == [r["id"] for r in vhr_records] == ["random/1", "random/2", "random/3", "random/4"]
+    assert (
+        [r["id"] for r in none_records]
+        == [r["id"] for r in vhr_records]
+        == ["random/1", "random/2", "random/3", "random/4"]
+    )
     summary = read_summary(tmp_path / "cmp.summary.json")
     assert summary["config"]["method_sets"] == ["none", "vhr"]
     assert summary["metrics"]["vhr"]["vs_greedy"]["pope/random"]["accuracy"]["n"] == 4
@@ -193,8 +256,12 @@ def _item(item_id):
 
 
 def _pope_records(correct):
-    return [{"id": str(i), "answer": ("yes" if ok else "no"), "label": "yes"} if i % 2 == 0 else
-            {"id": str(i), "answer": ("no" if ok else "yes"), "label": "no"} for i, ok in enumerate(correct)]
+    return [
+        {"id": str(i), "answer": ("yes" if ok else "no"), "label": "yes"}
+        if i % 2 == 0
+        else {"id": str(i), "answer": ("no" if ok else "yes"), "label": "no"}
+        for i, ok in enumerate(correct)
+    ]
 
 
 def test_paired_comparison_separates_signal_from_noise():
@@ -209,12 +276,27 @@ def test_paired_comparison_separates_signal_from_noise():
     metrics = task_metrics("pope", baseline["pope/random"], n_resamples=200)
     assert metrics["accuracy"]["low"] < 0.5 < metrics["accuracy"]["high"] and metrics["n"] == 200
     summary = {
-        "seed": 0, "config": {"n_resamples": 200},
-        "extra": {"skipped_images": 0, "comparison": {"tasks": {"pope/random": 200}, "method_sets": [
-            {"label": "none", "name": "greedy", "guard_config": {}, "metrics": {"pope/random": metrics}},
-            {"label": "vhr", "name": "VHR", "guard_config": {"vhr": {"alpha": 2.0}}, "inactive_methods": [],
-             "metrics": {"pope/random": metrics, "vs_greedy": {"pope/random": {"accuracy": weak, "f1": strong}}}},
-        ]}},
+        "seed": 0,
+        "config": {"n_resamples": 200},
+        "extra": {
+            "skipped_images": 0,
+            "comparison": {
+                "tasks": {"pope/random": 200},
+                "method_sets": [
+                    {"label": "none", "name": "greedy", "guard_config": {}, "metrics": {"pope/random": metrics}},
+                    {
+                        "label": "vhr",
+                        "name": "VHR",
+                        "guard_config": {"vhr": {"alpha": 2.0}},
+                        "inactive_methods": [],
+                        "metrics": {
+                            "pope/random": metrics,
+                            "vs_greedy": {"pope/random": {"accuracy": weak, "f1": strong}},
+                        },
+                    },
+                ],
+            },
+        },
     }
     markdown = comparison_markdown(summary)
     assert "Δ +0.5 [" in markdown and "n.s." in markdown and "**Δ +50.0" in markdown

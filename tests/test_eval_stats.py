@@ -57,15 +57,17 @@ def test_totals_metric_matches_generic_path():
     predictions = [label if rng.random() < 0.8 else ("no" if label == "yes" else "yes") for label in labels]
     counts = pope_item_counts(predictions, labels)
     fast = bootstrap_ci(counts, pope_metric_fn("f1"), n_resamples=300, seed=5)
-    slow = bootstrap_ci(list(counts), lambda rows: float(pope_metrics_from_totals(np.sum(rows, axis=0))["f1"]),
-                        n_resamples=300, seed=5)
+    slow = bootstrap_ci(
+        list(counts), lambda rows: float(pope_metrics_from_totals(np.sum(rows, axis=0))["f1"]), n_resamples=300, seed=5
+    )
     assert fast == pytest.approx(slow, abs=1e-12)
     assert fast[1] < fast[0] < fast[2]
 
 
 def test_chair_metric_bootstrap():
-    records = ([{"caption": "A dog and a cat.", "gt_objects": ["dog"]}] * 30
-               + [{"caption": "A dog.", "gt_objects": ["dog"]}] * 70)
+    records = [{"caption": "A dog and a cat.", "gt_objects": ["dog"]}] * 30 + [
+        {"caption": "A dog.", "gt_objects": ["dog"]}
+    ] * 70
     counts = chair_item_counts(records)
     point, low, high = bootstrap_ci(counts, chair_metric_fn("chair_s"), n_resamples=400)
     assert point == pytest.approx(0.3)
@@ -130,8 +132,9 @@ def test_paired_pope_f1_vectorised():
     labels = list(rng.choice(["yes", "no"], size=3000))
     base = [label if rng.random() < 0.80 else ("no" if label == "yes" else "yes") for label in labels]
     better = [label if rng.random() < 0.90 else ("no" if label == "yes" else "yes") for label in labels]
-    result = paired_bootstrap(pope_item_counts(better, labels), pope_item_counts(base, labels), pope_metric_fn("f1"),
-                              n_resamples=1000)
+    result = paired_bootstrap(
+        pope_item_counts(better, labels), pope_item_counts(base, labels), pope_metric_fn("f1"), n_resamples=1000
+    )
     assert result["significant"] and result["diff"] > 0.05
 
 

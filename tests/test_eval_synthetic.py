@@ -58,7 +58,9 @@ def test_random_and_popular_negatives():
     assert set(popular[:8]) == PAIRED_TYPES and popular[8:] == []
     every_paired = make_scene(*sorted(PAIRED_TYPES))
     assert [(q.object, q.kind) for q in scene_questions(every_paired, "popular") if q.label == "no"] in (
-        [("ring", "absent_other"), ("cross", "absent_other")], [("cross", "absent_other"), ("ring", "absent_other")])
+        [("ring", "absent_other"), ("cross", "absent_other")],
+        [("cross", "absent_other"), ("ring", "absent_other")],
+    )
     # a single-object scene gives one pair
     assert len(scene_questions(make_scene("cup"), "random", per_scene=3)) == 2
 
@@ -113,7 +115,12 @@ def test_score_synthetic_caption_by_hand():
     record = score_synthetic_caption("a big red house , a small blue tree , two moons .", {"house", "star"})
     assert record["mentions"] == [["house", "house"], ["tree", "tree"], ["moons", "moon"]]
     assert record["hallucinated"] == [["tree", "tree"], ["moons", "moon"]]
-    assert (record["n_mentions"], record["n_hallucinated"], record["n_recalled"], record["n_gt_objects"]) == (3, 2, 1, 2)
+    assert (record["n_mentions"], record["n_hallucinated"], record["n_recalled"], record["n_gt_objects"]) == (
+        3,
+        2,
+        1,
+        2,
+    )
     assert record["hallucinated_caption"] and record["recalled_objects"] == ["house"]
     clean = score_synthetic_caption("a red house .", {"house"})
     metrics = chair_metrics([record, clean])
@@ -132,6 +139,7 @@ def test_smaller_runs_are_prefixes_of_larger_ones():
 
 
 # ---- the everyday world (default model v2) ----------------------------------------------------------------
+
 
 def _everyday_scene(*types, index=0):
     from vlm_guard.synthetic.everyday import world as everyday
@@ -154,8 +162,9 @@ def test_everyday_splits_use_official_wording_training_frequency_and_partners():
     assert synthetic_module.absent_kind("cup", {"fork"}, world="everyday") == "absent_popular"
     assert synthetic_module.absent_kind("leaf", {"fork"}, world="everyday") == "absent_other"
     assert synthetic_module.absent_kind("knife", {"fork"}, world="everyday") == "absent_partner"
-    record = synthetic_module.score_synthetic_caption("A red fork and a blue knife, and two balls.", {"fork", "ball"},
-                                                      world="everyday")
+    record = synthetic_module.score_synthetic_caption(
+        "A red fork and a blue knife, and two balls.", {"fork", "ball"}, world="everyday"
+    )
     assert record["hallucinated"] == [["knife", "knife"]] and record["n_recalled"] == 2
     with pytest.raises(ValueError, match="unknown type"):
         synthetic_module.score_synthetic_caption("a house", {"house"}, world="everyday")

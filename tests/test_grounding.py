@@ -65,8 +65,12 @@ def test_truth_mentions_judge_a_caption_against_the_examples_objects():
     everyday = world_kind("everyday")
     mentions = truth_mentions("A white fork and a red cup, and a knife.", ["fork", "cup"], everyday.mentions_with_words)
     assert [(m.word, m.object, m.flagged, m.source) for m in mentions] == [
-        ("fork", "fork", False, TRUTH), ("cup", "cup", False, TRUTH), ("knife", "knife", True, TRUTH)]
+        ("fork", "fork", False, TRUTH),
+        ("cup", "cup", False, TRUTH),
+        ("knife", "knife", True, TRUTH),
+    ]
     assert [m.score for m in mentions] == [1.0, 1.0, 0.0]
     # without a world parser: the vocabulary and the objects
-    assert [(m.object, m.flagged) for m in truth_mentions("two houses and a tree", ["house"], vocabulary=OBJECT_TYPES)] == [
-        ("house", False), ("tree", True)]
+    assert [
+        (m.object, m.flagged) for m in truth_mentions("two houses and a tree", ["house"], vocabulary=OBJECT_TYPES)
+    ] == [("house", False), ("tree", True)]

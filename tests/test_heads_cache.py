@@ -106,12 +106,20 @@ def test_a_tuned_map_goes_to_the_tuned_folder(tuned):
     assert save_to_cache(tuned) == cache_folder(tuned.fingerprint)
 
 
-
 def _toy():
     from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
-    spec = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64,
-                        text_layers=4, text_heads=4, text_intermediate=128)
+    spec = ToyModelSpec(
+        image_size=32,
+        patch_size=8,
+        vision_hidden=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_hidden=64,
+        text_layers=4,
+        text_heads=4,
+        text_intermediate=128,
+    )
     processor = build_processor(spec)
     return build_model(spec, processor.tokenizer).eval(), processor
 
@@ -125,8 +133,9 @@ def _images(count):
 def test_calibrate_warns_below_the_minimum_image_count(count, warned, caplog):
     model, processor = _toy()
     with caplog.at_level(logging.WARNING, logger="vlm_guard.calibration.calibrate"):
-        head_map = vlm_guard.calibrate(model, processor, _images(count), "describe the image", batch_size=8,
-                                       progress=False, save_cache=False)
+        head_map = vlm_guard.calibrate(
+            model, processor, _images(count), "describe the image", batch_size=8, progress=False, save_cache=False
+        )
     assert head_map.calibration["n_images"] == count
     messages = [r.getMessage() for r in caplog.records if "calibrating on" in r.getMessage()]
     assert bool(messages) is warned

@@ -12,8 +12,17 @@ from vlm_guard.calibration.plots import SINK_PLOT, VHD_PLOT
 from vlm_guard.cli import main
 from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
-SPEC = ToyModelSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64,
-                    text_layers=4, text_heads=4, text_intermediate=128)
+SPEC = ToyModelSpec(
+    image_size=32,
+    patch_size=8,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    text_hidden=64,
+    text_layers=4,
+    text_heads=4,
+    text_intermediate=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +50,22 @@ def image_dir(tmp_path):
 def test_calibrate_end_to_end(model_dir, image_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VLM_GUARD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "map"
-    code = main(["calibrate", "--model", str(model_dir), "--images", str(image_dir), "--out", str(out), "--batch-size", "2",
-                 "--prompt", "describe the image", "--quiet"])
+    code = main(
+        [
+            "calibrate",
+            "--model",
+            str(model_dir),
+            "--images",
+            str(image_dir),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--prompt",
+            "describe the image",
+            "--quiet",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "profiled 3 images, skipped 1" in printed and "broken.png" in printed
@@ -66,11 +89,42 @@ def test_calibrate_end_to_end(model_dir, image_dir, tmp_path, monkeypatch, capsy
 
 def test_calibrate_limit_and_errors(model_dir, image_dir, tmp_path, capsys):
     out = tmp_path / "map"
-    assert main(["calibrate", "--model", str(model_dir), "--images", str(image_dir / "image_*.png"), "--out", str(out),
-                 "--limit", "1", "--no-cache", "--no-plots", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(model_dir),
+                "--images",
+                str(image_dir / "image_*.png"),
+                "--out",
+                str(out),
+                "--limit",
+                "1",
+                "--no-cache",
+                "--no-plots",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "profiled 1 images, skipped 0" in capsys.readouterr().out
     assert not (out / VHD_PLOT).exists()
-    assert main(["calibrate", "--model", str(model_dir), "--images", str(tmp_path / "none*.png"), "--out", str(out), "--no-cache"]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(model_dir),
+                "--images",
+                str(tmp_path / "none*.png"),
+                "--out",
+                str(out),
+                "--no-cache",
+            ]
+        )
+        == 2
+    )
     assert "neither a folder" in capsys.readouterr().err
     assert main(["heads", "show", str(tmp_path / "missing")]) == 2
     assert "head_map.json" in capsys.readouterr().err
@@ -99,7 +153,8 @@ def test_an_image_the_processor_rejects_is_skipped_not_fatal():
     model = build_model(SPEC, processor.tokenizer).eval()
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 255, size=(20, width, 3), dtype=np.uint8)) for width in (24, 13, 30, 32)]
-    head_map = vlm_guard.calibrate(model, _PickyProcessor(processor), images, "describe the image", batch_size=4,
-                                   progress=False, save_cache=False)
+    head_map = vlm_guard.calibrate(
+        model, _PickyProcessor(processor), images, "describe the image", batch_size=4, progress=False, save_cache=False
+    )
     assert head_map.calibration["n_images"] == 3 and head_map.calibration["n_skipped"] == 1
     assert "image #1" in head_map.calibration["skipped"][0] and "width 13" in head_map.calibration["skipped"][0]

@@ -146,7 +146,9 @@ def _rebind_digest(folder):
     _edit_json(folder, lambda data: data.__setitem__("tensors_sha256", sha256_file(folder / TENSOR_FILE)))
 
 
-@pytest.mark.parametrize("vhr_heads", [{"-1": [0]}, {"0": [-1]}, {"4": [0]}, {"0": [4]}, {"0": [1.5]}, {"x": [0]}, {"0": 3}])
+@pytest.mark.parametrize(
+    "vhr_heads", [{"-1": [0]}, {"0": [-1]}, {"4": [0]}, {"0": [4]}, {"0": [1.5]}, {"x": [0]}, {"0": 3}]
+)
 def test_bad_layer_or_head_indices_are_refused(head_map, tmp_path, vhr_heads):
     folder = head_map.save_pretrained(tmp_path / "map")
     _edit_json(folder, lambda data: data["vhd"].__setitem__("vhr_heads", vhr_heads))
@@ -231,7 +233,9 @@ def test_cache_lookup(head_map, model, tmp_path, caplog):
     try:
         named = dataclasses.replace(head_map, fingerprint=get_adapter(model).describe())
         folder = save_to_cache(named)
-        assert folder == calibrated_cache_folder(named.fingerprint) and folder.parent == tmp_path / "cache"  # untuned: beside a tuned map
+        assert (
+            folder == calibrated_cache_folder(named.fingerprint) and folder.parent == tmp_path / "cache"
+        )  # untuned: beside a tuned map
         assert find_cached_head_map(get_adapter(model)) == named
         guarded = vlm_guard.wrap(model)
         try:
@@ -250,7 +254,9 @@ def test_vhr_runs_from_the_head_map(head_map, model):
     from vlm_guard.methods.vhr.intervention import VHRConfig
 
     inputs = build_batch(model, [(True, 5), (True, 8)])
-    guarded = vlm_guard.wrap(model, config=vlm_guard.GuardConfig(vhr=VHRConfig(selection="head_map")), head_map=head_map)
+    guarded = vlm_guard.wrap(
+        model, config=vlm_guard.GuardConfig(vhr=VHRConfig(selection="head_map")), head_map=head_map
+    )
     try:
         output = guarded.generate(**inputs, max_new_tokens=3, do_sample=False)
         with guarded.disabled():
@@ -273,9 +279,19 @@ def test_cache_folder_is_the_same_under_every_transformers_version():
     # under one must be found under the other; other weights or geometry still get another folder
     from vlm_guard.calibration.head_map import cache_folder
 
-    fingerprint = {"family": "llava", "model_class": "LlavaForConditionalGeneration", "num_layers": 6, "num_heads": 6,
-                   "num_kv_heads": 6, "head_dim": 32, "hidden_size": 192, "name_or_path": "default_model",
-                   "config_digest": "aaaa", "weights_digest": "bbbb", "transformers_version": "5.24.0"}
+    fingerprint = {
+        "family": "llava",
+        "model_class": "LlavaForConditionalGeneration",
+        "num_layers": 6,
+        "num_heads": 6,
+        "num_kv_heads": 6,
+        "head_dim": 32,
+        "hidden_size": 192,
+        "name_or_path": "default_model",
+        "config_digest": "aaaa",
+        "weights_digest": "bbbb",
+        "transformers_version": "5.24.0",
+    }
     other_version = dict(fingerprint, config_digest="cccc", transformers_version="4.57.6")
     assert cache_folder(fingerprint, "/c") == cache_folder(other_version, "/c")
     assert cache_folder(dict(fingerprint, weights_digest="dddd"), "/c") != cache_folder(fingerprint, "/c")

@@ -20,8 +20,13 @@ TUNED = {
     "tuning_data": {"name": "synthetic everyday world seed 910001 (tuning)"},
     "objective": {"text": "minimise CHAIR_I + adversarial POPE error (%)"},
     "gain": {"var": "yes: score 40.1 vs greedy 46.1 on the confirmation rung"},
-    "default_row": {"label": "var p=0.2", "score": 40.1, "greedy_score": 46.1, "n": {"chair": 300},
-                    "metrics": {"chair": {"chair_i": 20.5, "recall": 80.0, "n": 300}}},
+    "default_row": {
+        "label": "var p=0.2",
+        "score": 40.1,
+        "greedy_score": 46.1,
+        "n": {"chair": 300},
+        "metrics": {"chair": {"chair_i": 20.5, "recall": 80.0, "n": 300}},
+    },
 }
 
 
@@ -96,9 +101,19 @@ def test_a_hub_repository_without_a_head_map_is_refused(head_map, hub_cache):
         HeadMap.from_pretrained("someone/a-model")
 
 
-@pytest.mark.parametrize("name,expected", [("org/name", True), ("llava-hf/llava-1.5-7b-hf", True), ("name", False),
-                                           ("./org/name", False), ("/abs/path", False), ("a/b/c", False),
-                                           ("org/..", False), ("~/maps", False)])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("org/name", True),
+        ("llava-hf/llava-1.5-7b-hf", True),
+        ("name", False),
+        ("./org/name", False),
+        ("/abs/path", False),
+        ("a/b/c", False),
+        ("org/..", False),
+        ("~/maps", False),
+    ],
+)
 def test_is_hub_id(name, expected):
     assert hub.is_hub_id(name) is expected
 
@@ -115,8 +130,17 @@ class _FakeApi:
     def create_repo(self, repo_id, repo_type=None, private=None, exist_ok=False, **kwargs):
         _FakeApi.calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
 
-    def upload_folder(self, repo_id, folder_path, repo_type=None, revision=None, commit_message=None, create_pr=False,
-                      allow_patterns=None, **kwargs):
+    def upload_folder(
+        self,
+        repo_id,
+        folder_path,
+        repo_type=None,
+        revision=None,
+        commit_message=None,
+        create_pr=False,
+        allow_patterns=None,
+        **kwargs,
+    ):
         target = _FakeApi.uploads / repo_id
         shutil.copytree(folder_path, target)
         _FakeApi.calls.append(("upload_folder", repo_id, commit_message, sorted(allow_patterns or [])))
@@ -142,9 +166,18 @@ def test_push_to_hub_uploads_the_map_and_a_model_card(head_map, fake_api, hub_ca
     card = (uploaded / hub.CARD_FILE).read_text()
     assert card.startswith("---\nlibrary_name: vlm-guard\n") and "base_model: llava-hf/llava-1.5-7b-hf" in card
     fp = head_map.fingerprint
-    for fact in (fp["weights_digest"], fp["config_digest"], head_map.fingerprint_hash, "images: 2 profiled",
-                 "synthetic everyday world seed 910001", "default methods: var", "var: p=0.2, rho=0.5",
-                 "## Measured effect", "chair_i 20.5", "HeadMap.from_pretrained('me/llava-head-map')"):
+    for fact in (
+        fp["weights_digest"],
+        fp["config_digest"],
+        head_map.fingerprint_hash,
+        "images: 2 profiled",
+        "synthetic everyday world seed 910001",
+        "default methods: var",
+        "var: p=0.2, rho=0.5",
+        "## Measured effect",
+        "chair_i 20.5",
+        "HeadMap.from_pretrained('me/llava-head-map')",
+    ):
         assert fact in card, fact
     assert f"fewer than {MIN_CALIBRATION_IMAGES} images" in card  # 2 images: the card says the map is not stable
     # what was pushed reads back through the hub cache layout
@@ -153,8 +186,12 @@ def test_push_to_hub_uploads_the_map_and_a_model_card(head_map, fake_api, hub_ca
 
 
 def test_card_of_an_untuned_map_from_a_local_checkpoint(head_map):
-    untuned = dataclasses.replace(head_map, tuned={}, fingerprint=dict(head_map.fingerprint, name_or_path="/home/me/ckpt/run-7"),
-                                  calibration=dict(head_map.calibration, n_images=500))
+    untuned = dataclasses.replace(
+        head_map,
+        tuned={},
+        fingerprint=dict(head_map.fingerprint, name_or_path="/home/me/ckpt/run-7"),
+        calibration=dict(head_map.calibration, n_images=500),
+    )
     card = hub.model_card(untuned, "me/run-7-map")
     assert "/home/me" not in card and "run-7" in card and "base_model" not in card  # no machine path in a shared card
     assert "not tuned" in card and "## Measured effect" not in card and "fewer than" not in card
@@ -164,4 +201,3 @@ def test_push_to_hub_refuses_a_bad_repo_id(head_map, fake_api):
     with pytest.raises(ValueError, match="'org/name'"):
         head_map.push_to_hub("no-slash")
     assert fake_api.calls == []
-

@@ -89,8 +89,15 @@ def test_profiler_restores_the_model():
 
 # ---------------------------------------------------------------------- sinks
 def _massive_model(dim, value=300.0):
-    model = tiny_model("llava", text_overrides={"hidden_size": 768, "intermediate_size": 256, "num_attention_heads": 4,
-                                                "num_key_value_heads": 4})
+    model = tiny_model(
+        "llava",
+        text_overrides={
+            "hidden_size": 768,
+            "intermediate_size": 256,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+        },
+    )
     with torch.no_grad():
         model.model.language_model.embed_tokens.weight[BOS, dim] = value
     return model
@@ -198,12 +205,16 @@ def test_token_vhd_batched_equals_single_rows_and_accepts_generate_output():
     full = torch.cat([inputs["input_ids"], generated], dim=1)
     assert torch.allclose(token_vhd(model, None, inputs, full), batched)
     for row in range(2):
-        single = {k: v[row:row + 1] for k, v in inputs.items()}
+        single = {k: v[row : row + 1] for k, v in inputs.items()}
         single_ids, single_mask = single["input_ids"], single["attention_mask"]
         keep = single_mask[0].bool()
-        single = {"input_ids": single_ids[:, keep], "attention_mask": single_mask[:, keep], "pixel_values": single["pixel_values"]}
-        alone = token_vhd(model, None, single, generated[row:row + 1])
-        assert torch.allclose(alone, batched[row:row + 1], rtol=1e-3, atol=1e-6)
+        single = {
+            "input_ids": single_ids[:, keep],
+            "attention_mask": single_mask[:, keep],
+            "pixel_values": single["pixel_values"],
+        }
+        alone = token_vhd(model, None, single, generated[row : row + 1])
+        assert torch.allclose(alone, batched[row : row + 1], rtol=1e-3, atol=1e-6)
 
 
 def test_a_wrapped_model_is_profiled_with_its_methods_off():

@@ -28,8 +28,18 @@ from vlm_guard.testing import assert_close_scaled, build_batch, forward_reductio
 PACKAGE = str(Path(vlm_guard.__file__).resolve().parent)
 TORCH = str(Path(torch.__file__).resolve().parent)
 # aten operations whose result the host must wait for (a value read, or an output shape that depends on values)
-SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.masked_select",
-            "aten._unique", "aten.unique", "aten.repeat_interleave.Tensor", "aten.allclose")
+SYNC_OPS = (
+    "aten._local_scalar_dense",
+    "aten.item",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten._unique",
+    "aten.unique",
+    "aten.repeat_interleave.Tensor",
+    "aten.allclose",
+)
 
 
 class SyncDetector(TorchDispatchMode):
@@ -41,8 +51,11 @@ class SyncDetector(TorchDispatchMode):
 
     def _check(self, name: str) -> None:
         # the innermost caller outside torch and this file decides: vlm_guard's code, or the model's own (plain does it too)
-        stack = [frame for frame in traceback.extract_stack()
-                 if not frame.filename.startswith(TORCH) and frame.filename != __file__]
+        stack = [
+            frame
+            for frame in traceback.extract_stack()
+            if not frame.filename.startswith(TORCH) and frame.filename != __file__
+        ]
         caller = stack[-1] if stack else None
         if caller is not None and caller.filename.startswith(PACKAGE) and not caller.filename.endswith("testing.py"):
             self.found.append(f"{name} at {caller.filename}:{caller.lineno} ({caller.name})")
@@ -74,8 +87,12 @@ METHODS = {
     "var": GuardConfig(var=tiny_var_config()),
     "gift": GuardConfig(gift=GIFTConfig(saliency_layer=1, enhance_layers=[2, 3])),
     "pai": GuardConfig(pai=PAIConfig()),
-    "vhr+var+gift+pai": GuardConfig(vhr=VHRConfig(target_layers=[1, 3]), var=tiny_var_config(),
-                                    gift=GIFTConfig(saliency_layer=1, enhance_layers=[2, 3]), pai=PAIConfig()),
+    "vhr+var+gift+pai": GuardConfig(
+        vhr=VHRConfig(target_layers=[1, 3]),
+        var=tiny_var_config(),
+        gift=GIFTConfig(saliency_layer=1, enhance_layers=[2, 3]),
+        pai=PAIConfig(),
+    ),
 }
 
 
@@ -130,8 +147,16 @@ def _ops_per_layer(runner, inputs: dict, base_model, layers) -> tuple[int, list[
     totals: dict[int, list[int]] = {}
     hooks = []
     for index, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(lambda module, args, index=index: totals.__setitem__(index, [counter.total])))
-        hooks.append(layer.register_forward_hook(lambda module, args, output, index=index: totals[index].append(counter.total) and None))
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda module, args, index=index: totals.__setitem__(index, [counter.total])
+            )
+        )
+        hooks.append(
+            layer.register_forward_hook(
+                lambda module, args, output, index=index: totals[index].append(counter.total) and None
+            )
+        )
     try:
         with torch.no_grad():
             output = runner(**inputs, use_cache=True)
@@ -171,7 +196,9 @@ def test_layers_without_an_active_method_cost_what_plain_layers_cost():
         try:
             for intervention in guarded.interventions:
                 if isinstance(intervention, VHR):  # fixed heads, so that layer 2 surely has none
-                    intervention.static_mask = {layer: torch.tensor([h in chosen for h in range(4)]) for layer, chosen in heads.items()}
+                    intervention.static_mask = {
+                        layer: torch.tensor([h in chosen for h in range(4)]) for layer, chosen in heads.items()
+                    }
             total, counts = _ops_per_layer(guarded, inputs, model, layers)
         finally:
             guarded.unwrap()
@@ -191,8 +218,12 @@ def test_chunked_explicit_rows_equal_whole_ones(chunk_rows):
     generated tokens as taken whole; on a left-padded batch with a row without an image."""
     model = planted_sink_model("llava")
     inputs = build_batch(model, [(True, 9), (False, 4), (True, 12)])
-    config = GuardConfig(vhr=VHRConfig(target_layers=[1, 3]), var=tiny_var_config(),
-                         gift=GIFTConfig(saliency_layer=1, enhance_layers=[2, 3]), pai=PAIConfig())
+    config = GuardConfig(
+        vhr=VHRConfig(target_layers=[1, 3]),
+        var=tiny_var_config(),
+        gift=GIFTConfig(saliency_layer=1, enhance_layers=[2, 3]),
+        pai=PAIConfig(),
+    )
     results = {}
     for chunk in (None, chunk_rows):
         guarded = vlm_guard.wrap(model, config=config)
@@ -231,7 +262,9 @@ def test_long_prefill_is_chunked_by_the_memory_budget():
     ctx = SimpleNamespace(key_length=4096)
     rows = engine._chunk_rows(ctx, query, 4000)
     assert rows * 2 * 4 * 4096 <= max(engine_module.MIN_CHUNK_ELEMENTS, 2 * 4096 * 64) and rows == 16
-    assert engine._chunk_rows(SimpleNamespace(key_length=8), torch.zeros(1, 4, 8, 16), 5) == 5  # short prompt: one chunk
+    assert (
+        engine._chunk_rows(SimpleNamespace(key_length=8), torch.zeros(1, 4, 8, 16), 5) == 5
+    )  # short prompt: one chunk
 
 
 def _naive_recycle(weights, image, sink, p, rho, threshold):
@@ -243,7 +276,11 @@ def _naive_recycle(weights, image, sink, p, rho, threshold):
         for h in range(heads):
             for r in range(rows):
                 row = weights[b, h, r]
-                visual, free_mass, sink_mass = float(row[image[b]].sum()), float(row[free[b]].sum()), float(row[sink[b]].sum())
+                visual, free_mass, sink_mass = (
+                    float(row[image[b]].sum()),
+                    float(row[free[b]].sum()),
+                    float(row[sink[b]].sum()),
+                )
                 if visual >= threshold and free_mass >= rho * visual and free_mass > 0:
                     out[b, h, r, sink[b]] = row[sink[b]] * (1 - p)
                     out[b, h, r, free[b]] = row[free[b]] * (1 + p * sink_mass / free_mass)
@@ -309,7 +346,9 @@ def test_var_reads_the_layer_input_at_the_prefill_only():
         for rows in ([(True, 5)], [(True, 8), (True, 3)]):
             inputs = build_batch(model, rows)
             seen.clear()
-            guarded.generate(**inputs, max_new_tokens=4, do_sample=False, stopping_criteria=StoppingCriteriaList([Hooks()]))
+            guarded.generate(
+                **inputs, max_new_tokens=4, do_sample=False, stopping_criteria=StoppingCriteriaList([Hooks()])
+            )
             assert seen == [0, 0, 0, 0]  # after the prefill and every step: no layer hook
             var = guarded.interventions[0]
             assert sorted(var.sink_mask) == [2, 3] and var.sink_mask[2].shape == inputs["input_ids"].shape
@@ -338,7 +377,9 @@ def test_gradients_flow_through_a_guarded_decoding_step():
                 ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
                 mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids)], 1)
             with torch.enable_grad():
-                step = guarded(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, output_cache(prefill)))
+                step = guarded(
+                    input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, output_cache(prefill))
+                )
                 step.logits[:, -1].logsumexp(-1).sum().backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             assert grads, name
@@ -358,7 +399,9 @@ def test_var_with_zero_thresholds_never_divides_by_a_denormal_mass():
         out = recycle_sink_attention(weights, image, sink, p=0.6, rho=0.0, visual_threshold=0.0)
         assert bool(torch.isfinite(out).all()), (free, out)
         torch.testing.assert_close(out, weights)
-    edited = recycle_sink_attention(torch.tensor([[[[0.5, 0.1, 0.2, 0.2]]]]), image, sink, p=0.5, rho=0.0, visual_threshold=0.0)
+    edited = recycle_sink_attention(
+        torch.tensor([[[[0.5, 0.1, 0.2, 0.2]]]]), image, sink, p=0.5, rho=0.0, visual_threshold=0.0
+    )
     torch.testing.assert_close(edited, torch.tensor([[[[0.25, 0.05, 0.5, 0.2]]]]))
 
 
@@ -368,7 +411,9 @@ def test_a_hand_written_decoding_loop_runs_its_steps_without_layer_hooks():
     guarded = vlm_guard.wrap(model, config=GuardConfig(var=tiny_var_config(p=1.0)))
     layers = guarded.adapter.decoder_layers
     seen = []
-    probe = layers[0].register_forward_pre_hook(lambda module, args: seen.append(sum(len(layer._forward_pre_hooks) for layer in layers)))
+    probe = layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(sum(len(layer._forward_pre_hooks) for layer in layers))
+    )
     try:
         inputs = build_batch(model, [(True, 6)])
         with torch.no_grad():

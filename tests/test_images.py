@@ -68,7 +68,7 @@ def test_exif_orientation_is_applied_in_every_entry_point(tmp_path):
 
 def test_transparency_palette_and_cmyk(tmp_path):
     rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))  # fully transparent black ...
-    rgba.putpixel((1, 0), (200, 10, 10, 255))       # ... beside opaque red
+    rgba.putpixel((1, 0), (200, 10, 10, 255))  # ... beside opaque red
     rgba.save(tmp_path / "rgba.png")
     palette = Image.new("P", (2, 1), 0)
     palette.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
@@ -88,16 +88,22 @@ def test_transparency_palette_and_cmyk(tmp_path):
 
 def _png_declaring(width, height):
     """A few hundred bytes of PNG whose header declares ``width x height`` grey pixels (a decompression bomb)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_pixel_cap_and_decompression_bomb_are_refused_before_decoding(tmp_path):
-    (tmp_path / "bomb.png").write_bytes(_png_declaring(30000, 30000))     # 900 M pixels, past PIL's own limit
-    (tmp_path / "big.png").write_bytes(_png_declaring(9000, 9000))        # 81 M pixels, past our 67 M default
+    (tmp_path / "bomb.png").write_bytes(_png_declaring(30000, 30000))  # 900 M pixels, past PIL's own limit
+    (tmp_path / "big.png").write_bytes(_png_declaring(9000, 9000))  # 81 M pixels, past our 67 M default
     for name in ("bomb.png", "big.png"):
         with pytest.raises(ImageLoadError, match=f"{name}.*(pixels|decompression bomb)") as error:
             load_image(tmp_path / name)
@@ -131,8 +137,13 @@ def test_unreadable_files_give_one_line_errors(tmp_path):
     Image.effect_noise((64, 64), 50).convert("RGB").save(full)
     (tmp_path / "truncated.png").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     os.symlink(tmp_path / "nowhere.png", tmp_path / "dangling.png")
-    expected = {"empty.png": "empty", "text.png": "unreadable", "truncated.png": "unreadable",
-                "missing.png": "missing", "dangling.png": "missing"}
+    expected = {
+        "empty.png": "empty",
+        "text.png": "unreadable",
+        "truncated.png": "unreadable",
+        "missing.png": "missing",
+        "dangling.png": "missing",
+    }
     for name, kind in expected.items():
         with pytest.raises(ImageLoadError) as error:
             load_image(tmp_path / name)
@@ -206,8 +217,20 @@ def test_calibrate_cli_reports_skipped_links(linked_tree, tmp_path, tmp_path_fac
     from test_eval_runner import tiny_model_dir
 
     out = tmp_path / "map"
-    code = main(["calibrate", "--model", str(tiny_model_dir(tmp_path_factory)), "--images", str(linked_tree / "**" / "*.png"),
-                 "--out", str(out), "--no-cache", "--no-plots", "--quiet"])
+    code = main(
+        [
+            "calibrate",
+            "--model",
+            str(tiny_model_dir(tmp_path_factory)),
+            "--images",
+            str(linked_tree / "**" / "*.png"),
+            "--out",
+            str(out),
+            "--no-cache",
+            "--no-plots",
+            "--quiet",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "profiled 3 images" in printed

@@ -88,8 +88,11 @@ def test_var_fast_path_equals_the_reference_in_place_and_on_a_copy(seed):
     assert in_place is edited
     for result in (copy, in_place):
         assert_close_scaled(result[compared], reference[compared], reduction=keys)
-    assert_close_scaled(recycle_sink_attention(weights, image_k, sink_k, p, rho, threshold)[compared],
-                        reference[compared], reduction=keys)
+    assert_close_scaled(
+        recycle_sink_attention(weights, image_k, sink_k, p, rho, threshold)[compared],
+        reference[compared],
+        reduction=keys,
+    )
     assert_close_scaled(reference.sum(-1), weights.double().sum(-1), reduction=keys)  # rows keep their sums
 
 
@@ -99,8 +102,10 @@ def test_var_cases_edit_some_rows_and_leave_others():
     for seed in SEEDS:
         weights, image, sink, p, rho, threshold = _var_case(seed)
         keys = weights.shape[-1]
-        changed = (recycle_reference(weights.double(), _pad(image, keys), _pad(sink, keys), p, rho, threshold)
-                   != weights.double()).any(dim=-1)
+        changed = (
+            recycle_reference(weights.double(), _pad(image, keys), _pad(sink, keys), p, rho, threshold)
+            != weights.double()
+        ).any(dim=-1)
         edited, kept = edited + int(changed.sum()), kept + int((~changed).sum())
     assert edited > 20 and kept > 20, (edited, kept)
 
@@ -174,8 +179,9 @@ def test_gift_fast_path_equals_the_reference_in_place_and_on_a_copy(seed):
     scale = keys * weights.shape[1]  # the row sums and the ratio r add over keys and heads
     for result in (copy, in_place):
         assert_close_scaled(result[compared], reference[compared], reduction=scale)
-    assert_close_scaled(enhance_fusion(weights, gain_k, image_k, query_k, beta)[compared], reference[compared],
-                        reduction=scale)
+    assert_close_scaled(
+        enhance_fusion(weights, gain_k, image_k, query_k, beta)[compared], reference[compared], reduction=scale
+    )
     assert_close_scaled(reference.sum(-1), torch.ones_like(reference.sum(-1)), reduction=scale)
 
 
@@ -184,7 +190,9 @@ def test_gift_cases_change_the_weights():
     for seed in SEEDS:
         weights, gain, image, query, beta = _gift_case(seed)
         keys = weights.shape[-1]
-        reference = enhance_reference(weights.double(), _pad(gain, keys).double(), _pad(image, keys), _pad(query, keys), beta)
+        reference = enhance_reference(
+            weights.double(), _pad(gain, keys).double(), _pad(image, keys), _pad(query, keys), beta
+        )
         changed += int(((reference - weights.double()).abs() > 1e-3).any(dim=-1).sum())
     assert changed > 20, changed
 

@@ -64,19 +64,42 @@ def lmms_runs(exported, tmp_path_factory):
     num_beams=2, which vlm_guard refuses)."""
     folder, _ = exported
     out = tmp_path_factory.mktemp("lmms_out")
-    common = {"model": MODEL_NAME, "include_path": str(folder), "batch_size": BATCH, "log_samples": True,
-              "tasks": f"{export.POPE_GROUP},{export.CHAIR_TASK}"}
-    runs = [{**common, "model_args": f"pretrained=default,methods={methods}", "output_path": str(out / name)}
-            for name, methods in RUNS.items()]
-    runs.append({**common, "model_args": "pretrained=default,methods=pai", "gen_kwargs": "num_beams=2",
-                 "tasks": POPE_TASKS[0], "output_path": str(out / "failing")})
+    common = {
+        "model": MODEL_NAME,
+        "include_path": str(folder),
+        "batch_size": BATCH,
+        "log_samples": True,
+        "tasks": f"{export.POPE_GROUP},{export.CHAIR_TASK}",
+    }
+    runs = [
+        {**common, "model_args": f"pretrained=default,methods={methods}", "output_path": str(out / name)}
+        for name, methods in RUNS.items()
+    ]
+    runs.append(
+        {
+            **common,
+            "model_args": "pretrained=default,methods=pai",
+            "gen_kwargs": "num_beams=2",
+            "tasks": POPE_TASKS[0],
+            "output_path": str(out / "failing"),
+        }
+    )
     config = out / "runs.yaml"
     config.write_text(json.dumps(runs))  # JSON is YAML
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(out / "datasets"),
-           "VLM_GUARD_DEFAULT_MODEL": "fixture", "WANDB_MODE": "disabled"}
-    completed = subprocess.run([*_lmms_eval_command(), "--config", str(config)], cwd=out, env=env,
-                               capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": THREADS,
+        "MKL_NUM_THREADS": THREADS,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(out / "datasets"),
+        "VLM_GUARD_DEFAULT_MODEL": "fixture",
+        "WANDB_MODE": "disabled",
+    }
+    completed = subprocess.run(
+        [*_lmms_eval_command(), "--config", str(config)], cwd=out, env=env, capture_output=True, text=True, timeout=600
+    )
     output = completed.stdout + completed.stderr
     for name in RUNS:
         assert list((out / name).rglob("*_results.json")), f"lmms-eval run {name!r} wrote no results:\n{output[-4000:]}"
@@ -93,9 +116,29 @@ def vlm_guard_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("vlm_guard_eval") / "syn.jsonl"
     threads = torch.get_num_threads()
     try:
-        code = main(["eval", "synthetic", "--world", "shapes", "--n-questions", str(N_QUESTIONS), "--n-captions",
-                     str(N_CAPTIONS), "--batch-size", str(BATCH), "--compare", ";".join(VLM_GUARD_LABELS.values()),
-                     "--out", str(out), "--threads", THREADS, "--no-progress", "--n-resamples", "10"])
+        code = main(
+            [
+                "eval",
+                "synthetic",
+                "--world",
+                "shapes",
+                "--n-questions",
+                str(N_QUESTIONS),
+                "--n-captions",
+                str(N_CAPTIONS),
+                "--batch-size",
+                str(BATCH),
+                "--compare",
+                ";".join(VLM_GUARD_LABELS.values()),
+                "--out",
+                str(out),
+                "--threads",
+                THREADS,
+                "--no-progress",
+                "--n-resamples",
+                "10",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -186,8 +229,11 @@ def test_the_guarded_run_runs_the_methods_vlm_guard_eval_ran(lmms_runs, vlm_guar
     info (describe_settings, head-map digest) is in the run's log."""
     _, output, _ = lmms_runs
     decoder = json.JSONDecoder()  # the log line may end in colour codes
-    infos = [decoder.raw_decode(line.split("vlm_guard model info: ", 1)[1])[0] for line in output.splitlines()
-             if "vlm_guard model info: " in line]
+    infos = [
+        decoder.raw_decode(line.split("vlm_guard model info: ", 1)[1])[0]
+        for line in output.splitlines()
+        if "vlm_guard model info: " in line
+    ]
     by_methods = {info["methods"]: info for info in infos}
     assert set(by_methods) == {"none", "auto", "pai"}
     guarded = by_methods["auto"]
@@ -228,12 +274,23 @@ def _requests(images, questions, gen_kwargs, task="t", split="test"):
     from lmms_eval.api.instance import Instance
 
     def to_messages(doc):
-        return [{"role": "user", "content": [{"type": "image", "url": doc["image"]},
-                                             {"type": "text", "text": doc["question"]}]}]
+        return [
+            {
+                "role": "user",
+                "content": [{"type": "image", "url": doc["image"]}, {"type": "text", "text": doc["question"]}],
+            }
+        ]
 
     docs = [{"image": image, "question": question} for image, question in zip(images, questions)]
-    requests = [Instance(request_type="generate_until", arguments=("", to_messages, dict(gen_kwargs), index, task, split),
-                         idx=0, metadata={"task": task, "doc_id": index, "repeats": 1}) for index in range(len(docs))]
+    requests = [
+        Instance(
+            request_type="generate_until",
+            arguments=("", to_messages, dict(gen_kwargs), index, task, split),
+            idx=0,
+            metadata={"task": task, "doc_id": index, "repeats": 1},
+        )
+        for index in range(len(docs))
+    ]
     return {task: {split: docs}}, requests
 
 
@@ -266,8 +323,9 @@ def test_batched_generation_equals_vlm_guard_generate_answers(lmms_model):
     lmms_model.task_dict = task_dict
     answers = [result.text for result in lmms_model.generate_until(requests)]
     prompts = [chat_prompt(lmms_model.processor, question) for question in questions]
-    expected = (generate_answers(lmms_model.guarded, lmms_model.processor, images[:2], prompts[:2], 6)
-                + generate_answers(lmms_model.guarded, lmms_model.processor, images[2:], prompts[2:], 6))
+    expected = generate_answers(
+        lmms_model.guarded, lmms_model.processor, images[:2], prompts[:2], 6
+    ) + generate_answers(lmms_model.guarded, lmms_model.processor, images[2:], prompts[2:], 6)
     assert answers == expected  # a budget other than 6 would give other (longer) answers
     stop = " " + answers[0].split()[1]
     task_dict, requests = _requests(images[:1], questions[:1], {"max_new_tokens": 6, "until": [stop]})
@@ -300,8 +358,16 @@ def test_documents_with_other_than_one_image_are_refused(lmms_model):
 
     def two_images(doc):
         image = _scenes(1)[0]
-        return [{"role": "user", "content": [{"type": "image", "url": image}, {"type": "image", "url": image},
-                                             {"type": "text", "text": "q"}]}]
+        return [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "url": image},
+                    {"type": "image", "url": image},
+                    {"type": "text", "text": "q"},
+                ],
+            }
+        ]
 
     request = requests[0]
     request.arguments = ("", two_images, *request.arguments[2:])
@@ -351,7 +417,10 @@ def test_generation_kwargs_are_honoured_or_refused():
     from vlm_guard.integrations.lmms_eval.model import cut_at_stop, generation_settings
 
     assert generation_settings({"max_new_tokens": 8, "temperature": 0, "top_p": 0.5, "until": ["\n\n"]}) == (
-        {"do_sample": False, "num_beams": 1}, 8, ["\n\n"])
+        {"do_sample": False, "num_beams": 1},
+        8,
+        ["\n\n"],
+    )
     sampled, tokens, until = generation_settings({"temperature": 0.7, "top_p": 0.9, "num_beams": 1})
     assert sampled == {"do_sample": True, "num_beams": 1, "temperature": 0.7, "top_p": 0.9} and until == []
     assert tokens == 128  # the model's default when the task sets none
@@ -367,8 +436,10 @@ def test_pope_scoring_is_vlm_guards_not_exact_match():
 
     answers = ["Yes.", "No, there is not.", "yes", "There is a cat.", "NO!"]
     labels = ["yes", "no", "no", "yes", "yes"]
-    items = [tasks.pope_process_results({"question_id": i, "label": label}, [answer])["accuracy"]
-             for i, (answer, label) in enumerate(zip(answers, labels))]
+    items = [
+        tasks.pope_process_results({"question_id": i, "label": label}, [answer])["accuracy"]
+        for i, (answer, label) in enumerate(zip(answers, labels))
+    ]
     reference = pope_metrics(answers, labels)
     for name in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         assert getattr(tasks, f"pope_{name}")(items) == reference[name]
@@ -382,16 +453,23 @@ def test_pope_scoring_is_vlm_guards_not_exact_match():
 def test_chair_scoring_is_vlm_guard_eval_chair():
     from vlm_guard.eval.chair import chair_metrics, score_caption
 
-    docs = [{"image_id": 1, "gt_objects": ["dog"], "vocabulary": "coco"},
-            {"image_id": 2, "gt_objects": ["cat", "person"], "vocabulary": "coco"}]
+    docs = [
+        {"image_id": 1, "gt_objects": ["dog"], "vocabulary": "coco"},
+        {"image_id": 2, "gt_objects": ["cat", "person"], "vocabulary": "coco"},
+    ]
     captions = ["A dog and a cat on a sofa.", "A man holds a kitten."]
     items = [tasks.chair_process_results(doc, [caption])["chair_i"] for doc, caption in zip(docs, captions)]
     reference = chair_metrics([score_caption(caption, doc["gt_objects"]) for doc, caption in zip(docs, captions)])
-    for name, function in (("chair_s", tasks.chair_s), ("chair_i", tasks.chair_i), ("recall", tasks.chair_recall),
-                           ("mean_length", tasks.chair_mean_length)):
+    for name, function in (
+        ("chair_s", tasks.chair_s),
+        ("chair_i", tasks.chair_i),
+        ("recall", tasks.chair_recall),
+        ("mean_length", tasks.chair_mean_length),
+    ):
         assert function(items) == reference[name]
-    world_item = tasks.chair_process_results({"image_id": "s", "gt_objects": ["house"], "vocabulary": "shapes"},
-                                             ["a red house , a green tree ."])["chair_s"]
+    world_item = tasks.chair_process_results(
+        {"image_id": "s", "gt_objects": ["house"], "vocabulary": "shapes"}, ["a red house , a green tree ."]
+    )["chair_s"]
     assert world_item["hallucinated"] == [["tree", "tree"]]
     with pytest.raises(ValueError, match="vocabulary 'lvis'"):
         tasks.chair_process_results({"image_id": 3, "gt_objects": [], "vocabulary": "lvis"}, ["a dog"])
@@ -405,8 +483,12 @@ def test_export_writes_the_synthetic_items_in_the_pope_and_chair_layouts(exporte
 
     folder, manifest = exported
     assert manifest["tasks"] == [export.POPE_GROUP, *POPE_TASKS, export.CHAIR_TASK]
-    expected = {task.name: task for task in synthetic_tasks(N_QUESTIONS, N_CAPTIONS, world="shapes",
-                                                            chair_max_new_tokens=manifest["max_new_tokens"]["chair"])}
+    expected = {
+        task.name: task
+        for task in synthetic_tasks(
+            N_QUESTIONS, N_CAPTIONS, world="shapes", chair_max_new_tokens=manifest["max_new_tokens"]["chair"]
+        )
+    }
     for split in export.POPE_SPLITS:
         questions = load_pope_questions(folder / "pope" / f"coco_pope_{split}.json")  # vlm-guard eval pope reads it
         items = expected[f"pope/{split}"].items
@@ -426,7 +508,9 @@ def test_export_replaces_an_earlier_export_and_refuses_bad_counts(tmp_path):
     export.export_synthetic(tmp_path, 2, 1, world="shapes")
     manifest = export.export_synthetic(tmp_path, 0, 1, world="shapes")
     assert manifest["tasks"] == [export.CHAIR_TASK]
-    assert not (tmp_path / f"{POPE_TASKS[0]}.yaml").exists() and not (tmp_path / "pope" / "coco_pope_random.json").exists()
+    assert (
+        not (tmp_path / f"{POPE_TASKS[0]}.yaml").exists() and not (tmp_path / "pope" / "coco_pope_random.json").exists()
+    )
     with pytest.raises(ValueError, match="n_questions must be a whole number"):
         export.export_synthetic(tmp_path, -1, 1, world="shapes")
     with pytest.raises(ValueError, match="nothing to export"):
@@ -435,8 +519,13 @@ def test_export_replaces_an_earlier_export_and_refuses_bad_counts(tmp_path):
 
 def test_export_pope_copies_official_files(tmp_path, exported):
     folder, _ = exported
-    manifest = export.export_pope(tmp_path / "out", [folder / "pope" / "coco_pope_random.json"], folder / "images",
-                                  prompt_suffix=" Answer yes or no.", limit=2)
+    manifest = export.export_pope(
+        tmp_path / "out",
+        [folder / "pope" / "coco_pope_random.json"],
+        folder / "images",
+        prompt_suffix=" Answer yes or no.",
+        limit=2,
+    )
     assert manifest["questions"] == {"random": 2}
     assert manifest["tasks"] == [export.POPE_GROUP, POPE_TASKS[0]]
     text = (tmp_path / "out" / f"{POPE_TASKS[0]}.yaml").read_text()
@@ -449,10 +538,29 @@ def test_export_pope_copies_official_files(tmp_path, exported):
 def test_export_lmms_command(tmp_path, capsys):
     from vlm_guard.cli import main
 
-    assert main(["export-lmms", "synthetic", "--out", str(tmp_path / "x"), "--n-questions", "2", "--n-captions", "0",
-                 "--world", "shapes", "--splits", "adversarial"]) == 0
+    assert (
+        main(
+            [
+                "export-lmms",
+                "synthetic",
+                "--out",
+                str(tmp_path / "x"),
+                "--n-questions",
+                "2",
+                "--n-captions",
+                "0",
+                "--world",
+                "shapes",
+                "--splits",
+                "adversarial",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "--include_path" in printed and "vlm-guard eval synthetic --world shapes" in printed
-    assert (tmp_path / "x" / f"{POPE_TASKS[2]}.yaml").is_file() and not (tmp_path / "x" / "vlm_guard_chair.yaml").exists()
+    assert (tmp_path / "x" / f"{POPE_TASKS[2]}.yaml").is_file() and not (
+        tmp_path / "x" / "vlm_guard_chair.yaml"
+    ).exists()
     assert main(["export-lmms", "synthetic", "--out", str(tmp_path / "y"), "--splits", "sideways"]) == 2
     assert "splits must be among" in capsys.readouterr().err

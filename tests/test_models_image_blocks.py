@@ -20,9 +20,18 @@ class _Idefics3LikeProcessor:
     chat_template = None
 
     def __init__(self):
-        special = {"<pad>": 0, "<s>": 1, "</s>": 2, "<image>": IMAGE, "<fake_token_around_image>": FAKE,
-                   "<global-img>": GLOBAL, "<row_1_col_1>": ROW1COL1, "<row_1_col_2>": ROW1COL2, "\n": NEWLINE,
-                   "<unk>": 127}
+        special = {
+            "<pad>": 0,
+            "<s>": 1,
+            "</s>": 2,
+            "<image>": IMAGE,
+            "<fake_token_around_image>": FAKE,
+            "<global-img>": GLOBAL,
+            "<row_1_col_1>": ROW1COL1,
+            "<row_1_col_2>": ROW1COL2,
+            "\n": NEWLINE,
+            "<unk>": 127,
+        }
         vocab = {f"w{i}": i for i in range(128) if i not in special.values()}
         vocab.update(special)
         backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -49,8 +58,16 @@ def test_idefics3_single_image_block_removed_with_its_markers(idefics3_adapter):
 
 def test_idefics3_split_image_tiles_rows_and_global_removed(idefics3_adapter):
     n = 4
-    block = ([FAKE, ROW1COL1] + [IMAGE] * n + [FAKE, ROW1COL2] + [IMAGE] * n + [NEWLINE, NEWLINE]
-             + [FAKE, GLOBAL] + [IMAGE] * n + [FAKE])
+    block = (
+        [FAKE, ROW1COL1]
+        + [IMAGE] * n
+        + [FAKE, ROW1COL2]
+        + [IMAGE] * n
+        + [NEWLINE, NEWLINE]
+        + [FAKE, GLOBAL]
+        + [IMAGE] * n
+        + [FAKE]
+    )
     assert _image_free(idefics3_adapter, [1, 11, 12] + block + [13, 14, 15]) == [1, 11, 12, 13, 14, 15]
 
 

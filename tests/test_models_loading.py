@@ -66,8 +66,11 @@ def test_cli_refuses_with_one_line_and_every_model_command_has_the_flag(pickle_f
     error = capsys.readouterr().err
     assert "only pickle checkpoints" in error and "--allow-pickle" in error and "Traceback" not in error
     parser = build_parser()
-    commands = {"caption": ["caption"], "calibrate": ["calibrate", "--images", "x", "--out", "y"],
-                "eval": ["eval", "synthetic", "--out", "r.jsonl"]}
+    commands = {
+        "caption": ["caption"],
+        "calibrate": ["calibrate", "--images", "x", "--out", "y"],
+        "eval": ["eval", "synthetic", "--out", "r.jsonl"],
+    }
     if "demo" in parser._subparsers._group_actions[0].choices:
         commands["demo"] = ["demo"]
     for name, argv in commands.items():

@@ -30,8 +30,11 @@ def test_distribution_name_is_our_own_and_command_and_import_stay(project):
 def test_every_install_hint_names_our_distribution_and_a_real_extra(project):
     extras = set(project["optional-dependencies"])
     files = [*ROOT.joinpath("vlm_guard").rglob("*.py"), ROOT / "README.md", *ROOT.joinpath("scripts").glob("*.sh")]
-    hints = [(path.name, match) for path in files for match in re.findall(r"pip install ['\"]?([A-Za-z0-9_.-]+)\[([a-z,]+)\]",
-                                                                           path.read_text())]
+    hints = [
+        (path.name, match)
+        for path in files
+        for match in re.findall(r"pip install ['\"]?([A-Za-z0-9_.-]+)\[([a-z,]+)\]", path.read_text())
+    ]
     assert hints, "the README documents installing the extras"
     for source, (name, wanted) in hints:
         assert _normalise(name) == _normalise(project["name"]), (source, name)
@@ -54,8 +57,23 @@ def test_the_wheel_carries_the_library_and_no_training_code(tmp_path):
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}

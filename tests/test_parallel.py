@@ -43,9 +43,11 @@ def test_shard_batches_gives_every_item_to_one_rank_in_whole_batches():
         for batch_size in (1, 2, 4):
             shares = [shard_batches(items, batch_size, rank, world) for rank in range(world)]
             assert sorted(item for share in shares for item in share) == items
-            batches = {tuple(items[start:start + batch_size]) for start in range(0, len(items), batch_size)}
+            batches = {tuple(items[start : start + batch_size]) for start in range(0, len(items), batch_size)}
             for share in shares:  # re-batching a share gives batches of the one-process run
-                assert all(tuple(share[start:start + batch_size]) in batches for start in range(0, len(share), batch_size))
+                assert all(
+                    tuple(share[start : start + batch_size]) in batches for start in range(0, len(share), batch_size)
+                )
     assert shard_batches(items[:7], 2, 1, 2) == [2, 3, 6]
     with pytest.raises(ValueError, match="rank 2"):
         shard_batches(items, 2, 2, 2)
@@ -66,11 +68,20 @@ def test_one_process_context_without_a_launcher(monkeypatch):
 def test_part_paths_of_any_world_size_and_only_of_this_file(tmp_path):
     out = tmp_path / "syn.jsonl"
     assert part_path(out, 1, 2).name == "syn.part-1-of-2.jsonl"
-    for name in ("syn.part-1-of-2.jsonl", "syn.part-0-of-2.jsonl", "syn.part-2-of-3.jsonl", "syn.vhr.part-0-of-2.jsonl",
-                 "syn.part-0-of-2.jsonl.lock", "other.part-0-of-2.jsonl"):
+    for name in (
+        "syn.part-1-of-2.jsonl",
+        "syn.part-0-of-2.jsonl",
+        "syn.part-2-of-3.jsonl",
+        "syn.vhr.part-0-of-2.jsonl",
+        "syn.part-0-of-2.jsonl.lock",
+        "other.part-0-of-2.jsonl",
+    ):
         (tmp_path / name).write_text("", encoding="utf-8")
-    assert [path.name for path in part_paths(out)] == ["syn.part-0-of-2.jsonl", "syn.part-1-of-2.jsonl",
-                                                       "syn.part-2-of-3.jsonl"]
+    assert [path.name for path in part_paths(out)] == [
+        "syn.part-0-of-2.jsonl",
+        "syn.part-1-of-2.jsonl",
+        "syn.part-2-of-3.jsonl",
+    ]
     assert [path.name for path in part_paths(tmp_path / "syn.vhr.jsonl")] == ["syn.vhr.part-0-of-2.jsonl"]
 
 
@@ -162,13 +173,30 @@ def test_profiler_sums_of_disjoint_shares_add_up_to_one_profiler_over_everything
 
 
 # ---------------------------------------------------------------------------------------------- launched commands
-EVAL = ["eval", "synthetic", "--limit", "4", "--batch-size", "2", "--n-resamples", "50", "--threads", "1",
-        "--no-progress"]
+EVAL = [
+    "eval",
+    "synthetic",
+    "--limit",
+    "4",
+    "--batch-size",
+    "2",
+    "--n-resamples",
+    "50",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def _env(**extra):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", **extra}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **extra,
+    }
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     if sys.platform.startswith("linux"):
@@ -178,8 +206,9 @@ def _env(**extra):
 
 def _launch(processes: int, *arguments: str, entry=("-m", "vlm_guard.cli"), check=True, **env):
     """``vlm-guard ARGUMENTS`` in one process, or under torchrun with ``processes`` CPU processes."""
-    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                          str(processes)]
+    launcher = (
+        [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    )
     command = [sys.executable, *launcher, *entry, *arguments]
     result = subprocess.run(command, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=300)
     if check:
@@ -219,9 +248,18 @@ def test_eval_on_two_processes_equals_one_and_a_killed_run_resumes_with_any_numb
     # one rank SIGKILLed after 3 records of its share: torchrun stops the other; every written record is kept
     # (this run joins the process group without accelerate, as where it is not installed)
     killed = tmp_path / "killed.jsonl"
-    result = _launch(2, "-v", *EVAL, "--out", str(killed), entry=(str(REPO / "tests" / "parallel_fault_entry.py"),),
-                     check=False, VLM_GUARD_TEST_KILL_RANK="1", VLM_GUARD_TEST_KILL_AFTER="3",
-                     VLM_GUARD_TEST_NO_ACCELERATE="1")
+    result = _launch(
+        2,
+        "-v",
+        *EVAL,
+        "--out",
+        str(killed),
+        entry=(str(REPO / "tests" / "parallel_fault_entry.py"),),
+        check=False,
+        VLM_GUARD_TEST_KILL_RANK="1",
+        VLM_GUARD_TEST_KILL_AFTER="3",
+        VLM_GUARD_TEST_NO_ACCELERATE="1",
+    )
     assert result.returncode != 0
     assert "rank 1 of 2" in result.stderr
     parts = part_paths(killed)
@@ -241,7 +279,8 @@ def test_eval_on_two_processes_equals_one_and_a_killed_run_resumes_with_any_numb
     three.write_text("\n".join(json.dumps(line) for line in [header, *records[11:13]]) + "\n", encoding="utf-8")
     for rank, part_records in lines.items():
         part_path(three, rank, 3).write_text(
-            "\n".join(json.dumps(line) for line in [header, *part_records]) + "\n", encoding="utf-8")
+            "\n".join(json.dumps(line) for line in [header, *part_records]) + "\n", encoding="utf-8"
+        )
     _launch(2, *EVAL, "--out", str(three))
     _assert_same_run(one, three)
 
@@ -257,7 +296,9 @@ def _assert_close(value, reference, where="head_map.json"):
         for index, (inner, inner_reference) in enumerate(zip(value, reference)):
             _assert_close(inner, inner_reference, f"{where}[{index}]")
     elif isinstance(reference, float):
-        assert math.isclose(value, reference, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(value) and math.isnan(reference)), where
+        assert math.isclose(value, reference, rel_tol=1e-6, abs_tol=1e-9) or (
+            math.isnan(value) and math.isnan(reference)
+        ), where
     else:
         assert value == reference, where
 
@@ -289,8 +330,23 @@ def test_calibrate_on_two_processes_equals_one_up_to_summation_order(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tune_on_two_processes_chooses_what_one_process_chooses(tmp_path):
-    tune = ["tune", "--methods", "pai", "--n-questions", "4", "--n-captions", "4", "--no-combine", "--batch-size", "2",
-            "--budget", "600", "--no-progress", "--threads", "1"]
+    tune = [
+        "tune",
+        "--methods",
+        "pai",
+        "--n-questions",
+        "4",
+        "--n-captions",
+        "4",
+        "--no-combine",
+        "--batch-size",
+        "2",
+        "--budget",
+        "600",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     _launch(1, *tune, "--out", str(tmp_path / "one"))
     output = _launch(2, *tune, "--out", str(tmp_path / "two")).stdout
     assert "2 processes" in output and output.count("tuned head map written to") == 1
@@ -298,8 +354,11 @@ def test_tune_on_two_processes_chooses_what_one_process_chooses(tmp_path):
     for entry in tuned:  # timing: the plan's measured cost per item, the time spent, the date
         entry.pop("created_utc")
         entry["search"].pop("elapsed_s")
-        entry["search"]["plan"] = {key: value for key, value in entry["search"]["plan"].items()
-                                   if key not in ("seconds_per_item_greedy", "estimated_s")}
+        entry["search"]["plan"] = {
+            key: value
+            for key, value in entry["search"]["plan"].items()
+            if key not in ("seconds_per_item_greedy", "estimated_s")
+        }
     assert tuned[1] == tuned[0]
     assert tuned[0]["search"]["complete"] and tuned[0]["table"]
     states = [json.loads((tmp_path / name / "tune_state.json").read_text())["trials"] for name in ("one", "two")]

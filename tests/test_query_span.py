@@ -24,8 +24,13 @@ def llava_15_processor(kind: str):
     tokenizer = offline_tokenizer(kind, CORPUS)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, chat_template=LLAVA_15_TEMPLATE,
-                          num_additional_image_tokens=0)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        chat_template=LLAVA_15_TEMPLATE,
+        num_additional_image_tokens=0,
+    )
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte_level_bpe"])
@@ -35,7 +40,9 @@ def test_llava_15_query_span_starts_at_the_question(kind):
     model = tiny_model("llava")
     model.config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
     adapter = get_adapter(model, processor)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a house in the image ?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a house in the image ?"}]}
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert "<image>\nis there" in text
     ids = torch.tensor([tokenizer(text.replace("<image>", "<image>" * 16), add_special_tokens=False)["input_ids"]])
@@ -58,8 +65,17 @@ def test_templates_without_a_separator_keep_the_whole_span():
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a house ?"}]}]
     from PIL import Image
 
-    inputs = processor(images=Image.new("RGB", (64, 64)), text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                       return_tensors="pt")
+    inputs = processor(
+        images=Image.new("RGB", (64, 64)),
+        text=processor.apply_chat_template(messages, add_generation_prompt=True),
+        return_tensors="pt",
+    )
     spans = adapter.prompt_spans(inputs["input_ids"], inputs["attention_mask"])
     query = spans.query[0].nonzero().flatten().tolist()
-    assert processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, query].tolist()) == ["is", "there", "a", "house", "?"]
+    assert processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, query].tolist()) == [
+        "is",
+        "there",
+        "a",
+        "house",
+        "?",
+    ]

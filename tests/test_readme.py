@@ -51,8 +51,10 @@ import transformers
 pytestmark = pytest.mark.slow  # runs the README's blocks
 
 if int(transformers.__version__.split(".")[0]) < 5:  # the README's blocks are checked on the main target, 5.x
-    pytest.skip("README blocks run on transformers 5.x: 4.57's LLaVA generate refuses the tiny test processor's "
-                "token_type_ids", allow_module_level=True)
+    pytest.skip(
+        "README blocks run on transformers 5.x: 4.57's LLaVA generate refuses the tiny test processor's token_type_ids",
+        allow_module_level=True,
+    )
 
 ROOT = Path(__file__).resolve().parent.parent
 README = Path(os.environ.get("VLM_GUARD_README") or ROOT / "README.md")
@@ -64,7 +66,7 @@ CHECKED_LANGUAGES = {"bibtex", "text"}
 
 NOT_RUN = {
     ("bash", "scripts/test.sh"): "runs this test suite, which holds this test (it would run itself); the suite is what "
-                                 "it runs, and scripts/setup.sh, which it calls first, is run by `bash scripts/caption.sh`",
+    "it runs, and scripts/setup.sh, which it calls first, is run by `bash scripts/caption.sh`",
 }
 """Commands never run: (program, first argument) -> why. Matched on the command's first two words."""
 
@@ -89,13 +91,17 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     (r"\bdtype=(float16|bfloat16)\b", "dtype=float32", "half precision on CPU: float32 (lmms-eval --model_args)"),
     (r"\bmax_new_tokens\s*=\s*\d+", f"max_new_tokens={SMALL_TOKENS}", "short generations"),
     (r"(--(?:pope-|chair-)?max-new-tokens)[ =]\d+", rf"\1 {SMALL_TOKENS}", "short generations"),
-    (r"(^|\n)(\s*(?:vlm-guard|python -m vlm_guard\.cli) eval (?:pope|chair|synthetic)\b)",
-     rf"\1\2 --max-unclear 1 --max-new-tokens {SMALL_TOKENS} --n-resamples 50 --no-progress",
-     "a random model answers no yes/no (exit 3 by design); short generations; fewer bootstrap resamples"),
+    (
+        r"(^|\n)(\s*(?:vlm-guard|python -m vlm_guard\.cli) eval (?:pope|chair|synthetic)\b)",
+        rf"\1\2 --max-unclear 1 --max-new-tokens {SMALL_TOKENS} --n-resamples 50 --no-progress",
+        "a random model answers no yes/no (exit 3 by design); short generations; fewer bootstrap resamples",
+    ),
     (r"--budget[ =][\d.]+", "--budget 0.5", "a short tuning budget"),
-    (r"(^|\n)(\s*(?:vlm-guard|python -m vlm_guard\.cli) tune\b)",
-     rf"\1\2 --chair-max-new-tokens {SMALL_TOKENS} --pope-max-new-tokens 4 --budget 0.5 --no-progress",
-     "short generations and a short tuning budget"),
+    (
+        r"(^|\n)(\s*(?:vlm-guard|python -m vlm_guard\.cli) tune\b)",
+        rf"\1\2 --chair-max-new-tokens {SMALL_TOKENS} --pope-max-new-tokens 4 --budget 0.5 --no-progress",
+        "short generations and a short tuning budget",
+    ),
 ]
 
 
@@ -124,7 +130,9 @@ def parse_blocks(text: str) -> list[Block]:
             continue
         fence, start, body = opening["fence"], index + 1, []
         index += 1
-        while index < len(lines) and not re.match(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}\s*$", lines[index]):
+        while index < len(lines) and not re.match(
+            rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}\s*$", lines[index]
+        ):
             body.append(lines[index])
             index += 1
         if index == len(lines):
@@ -154,8 +162,13 @@ def substitute(code: str, tiny_paths: dict[str, str]) -> tuple[str, list[str]]:
 
 # ------------------------------------------------------------------------------------------------ data in official layouts
 COCO_IDS = (42, 73, 74, 139)
-CATEGORIES = [{"id": 1, "name": "person"}, {"id": 17, "name": "cat"}, {"id": 18, "name": "dog"},
-              {"id": 44, "name": "bottle"}, {"id": 62, "name": "chair"}]
+CATEGORIES = [
+    {"id": 1, "name": "person"},
+    {"id": 17, "name": "cat"},
+    {"id": 18, "name": "dog"},
+    {"id": 44, "name": "bottle"},
+    {"id": 62, "name": "chair"},
+]
 _PATH_CHARS = r"[\w.\-/]"
 
 
@@ -184,8 +197,12 @@ def make_data(work: Path, text: str) -> None:
         image(work / path)
     # POPE files: the official ones (coco_pope_{split}.json) name val2014 images; a file of another name given to
     # --pope is the user's own, naming images of the split of the same command's --images folder
-    pope_files = {path: "val" for path in re.findall(
-        rf"(?<!{_PATH_CHARS})((?:[\w.\-]+/)*coco_pope_(?:random|popular|adversarial)\.json)", text)}
+    pope_files = {
+        path: "val"
+        for path in re.findall(
+            rf"(?<!{_PATH_CHARS})((?:[\w.\-]+/)*coco_pope_(?:random|popular|adversarial)\.json)", text
+        )
+    }
     for folder in re.findall(r"--pope-dir[ =]([\w.\-/]+)(?=\s|$)", text):
         pope_files.update({f"{folder}/coco_pope_{split}.json": "val" for split in ("random", "popular", "adversarial")})
     for command in re.split(r"\n(?![ \t])", text.replace("\\\n", " ")):
@@ -197,22 +214,50 @@ def make_data(work: Path, text: str) -> None:
     for path, split in pope_files.items():
         questions = []
         for index, image_id in enumerate(sorted(ids)):
-            questions.append({"question_id": 2 * index + 1, "image": _coco_name(split, image_id),
-                              "text": "Is there a dog in the image?", "label": "yes"})
-            questions.append({"question_id": 2 * index + 2, "image": _coco_name(split, image_id),
-                              "text": "Is there a cat in the image?", "label": "no"})
+            questions.append(
+                {
+                    "question_id": 2 * index + 1,
+                    "image": _coco_name(split, image_id),
+                    "text": "Is there a dog in the image?",
+                    "label": "yes",
+                }
+            )
+            questions.append(
+                {
+                    "question_id": 2 * index + 2,
+                    "image": _coco_name(split, image_id),
+                    "text": "Is there a cat in the image?",
+                    "label": "no",
+                }
+            )
         (work / path).parent.mkdir(parents=True, exist_ok=True)
         (work / path).write_text("".join(json.dumps(question) + "\n" for question in questions))
-    for path, kind, split in re.findall(rf"(?<!{_PATH_CHARS})((?:[\w.\-]+/)*(instances|captions)_(train|val)2014\.json)", text):
-        images = [{"id": image_id, "file_name": _coco_name(split, image_id), "height": 48, "width": 64} for image_id in sorted(ids)]
+    for path, kind, split in re.findall(
+        rf"(?<!{_PATH_CHARS})((?:[\w.\-]+/)*(instances|captions)_(train|val)2014\.json)", text
+    ):
+        images = [
+            {"id": image_id, "file_name": _coco_name(split, image_id), "height": 48, "width": 64}
+            for image_id in sorted(ids)
+        ]
         if kind == "instances":
-            annotations = [{"id": index + 1, "image_id": image_id, "category_id": CATEGORIES[index % len(CATEGORIES)]["id"],
-                            "bbox": [0, 0, 10, 10], "area": 100.0, "iscrowd": 0} for index, image_id in enumerate(sorted(ids))]
+            annotations = [
+                {
+                    "id": index + 1,
+                    "image_id": image_id,
+                    "category_id": CATEGORIES[index % len(CATEGORIES)]["id"],
+                    "bbox": [0, 0, 10, 10],
+                    "area": 100.0,
+                    "iscrowd": 0,
+                }
+                for index, image_id in enumerate(sorted(ids))
+            ]
             payload = {"images": images, "annotations": annotations, "categories": CATEGORIES}
         else:
             words = ["A dog on the grass.", "A cat on a chair.", "A man holding a bottle.", "A person and a dog."]
-            annotations = [{"id": index + 1, "image_id": image_id, "caption": words[index % len(words)]}
-                           for index, image_id in enumerate(sorted(ids))]
+            annotations = [
+                {"id": index + 1, "image_id": image_id, "caption": words[index % len(words)]}
+                for index, image_id in enumerate(sorted(ids))
+            ]
             payload = {"images": images, "annotations": annotations}
         (work / path).parent.mkdir(parents=True, exist_ok=True)
         (work / path).write_text(json.dumps(payload))
@@ -273,8 +318,10 @@ class Runner:
         if program == "git" and args[:1] == ["clone"]:
             rest = [arg for arg in args[1:] if not arg.startswith("-")]
             if not rest or not re.match(r"^(https?://|git@|ssh://|file://|/|\.)", rest[0]):
-                raise BlockFailure(f"{shown}: {rest[:1] or 'nothing'} is not a repository address (bash reads a "
-                                   "'<...>' placeholder as a redirection): give the address")
+                raise BlockFailure(
+                    f"{shown}: {rest[:1] or 'nothing'} is not a repository address (bash reads a "
+                    "'<...>' placeholder as a redirection): give the address"
+                )
             self.clone_dir = rest[1] if len(rest) > 1 else rest[0].rstrip("/").split("/")[-1].removesuffix(".git")
             return cwd
         if program in ("python", "python3") and args[:2] == ["-m", "vlm_guard.cli"]:
@@ -292,17 +339,24 @@ class Runner:
         elif program in ("pip", "pip3"):
             check_pip(args, cwd, shown)
         elif program == "bash" and args and not Path(args[0]).is_absolute():
-            script = (cwd / args[0]) if (cwd / args[0]).exists() else ROOT / args[0]  # the README runs from the checkout
-            done = self.run_process(["bash", str(script), *args[1:]], cwd, {**env, "VLM_GUARD_SKIP_INSTALL": "1"}, shown)
+            script = (
+                (cwd / args[0]) if (cwd / args[0]).exists() else ROOT / args[0]
+            )  # the README runs from the checkout
+            done = self.run_process(
+                ["bash", str(script), *args[1:]], cwd, {**env, "VLM_GUARD_SKIP_INSTALL": "1"}, shown
+            )
             lines = done.stdout.splitlines()
-            if script.name == "caption.sh" and not (any(line.startswith("plain") for line in lines)
-                                                    and any(line.startswith("guarded") for line in lines)):
+            if script.name == "caption.sh" and not (
+                any(line.startswith("plain") for line in lines) and any(line.startswith("guarded") for line in lines)
+            ):
                 raise BlockFailure(f"{shown}: printed no plain and guarded captions:\n{done.stdout[-1500:]}")
         elif program == "lmms-eval":
             self.lmms_eval(args, cwd, env, shown)
         else:
-            raise BlockFailure(f"{shown}: no handler for {program!r}: add one to tests/test_readme.py (run it), or list "
-                               "the command in NOT_RUN with the reason it cannot run")
+            raise BlockFailure(
+                f"{shown}: no handler for {program!r}: add one to tests/test_readme.py (run it), or list "
+                "the command in NOT_RUN with the reason it cannot run"
+            )
         return cwd
 
     def vlm_guard(self, args: list[str], cwd: Path, env: dict[str, str], shown: str) -> None:
@@ -325,16 +379,20 @@ class Runner:
             logging.getLogger("vlm_guard").removeHandler(warnings)
             torch.set_num_threads(threads)  # a command's --threads must not reach the tests that run after it
         if code not in (0, None):
-            raise BlockFailure(f"{shown} exited {code}\n--- ran: vlm-guard {shlex.join(args)}\n--- stderr (end):\n"
-                               f"{err.getvalue()[-3000:]}\n--- stdout (end):\n{out.getvalue()[-1500:]}")
+            raise BlockFailure(
+                f"{shown} exited {code}\n--- ran: vlm-guard {shlex.join(args)}\n--- stderr (end):\n"
+                f"{err.getvalue()[-3000:]}\n--- stdout (end):\n{out.getvalue()[-1500:]}"
+            )
         # the test writes every file the block names: an image skipped as missing means the block's paths do not
         # fit one another (e.g. question files naming val2014 images, --images a train2014 folder)
         if "--out" in args and not (cwd / args[args.index("--out") + 1]).exists():
             raise BlockFailure(f"{shown} exited 0 but wrote no --out {args[args.index('--out') + 1]}")
         missing = [message for message in warnings.messages if "skipping image" in message and "not found" in message]
         if missing:
-            raise BlockFailure(f"{shown}: {len(missing)} image(s) named by the block's files are not in its --images "
-                               f"folder, e.g. {missing[0]}")
+            raise BlockFailure(
+                f"{shown}: {len(missing)} image(s) named by the block's files are not in its --images "
+                f"folder, e.g. {missing[0]}"
+            )
 
     def lmms_eval(self, args: list[str], cwd: Path, env: dict[str, str], shown: str) -> None:
         """lmms-eval exits 0 when its evaluation fails (it logs "Error during evaluation"): the run counts when it
@@ -347,15 +405,19 @@ class Runner:
         written = set(out.rglob("*_results.json")) - before if out.exists() else set()
         if not written:
             errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line or "error" in line]
-            raise BlockFailure(f"{shown}: lmms-eval wrote no results (it exits 0 on failure); its errors:\n"
-                               + "\n".join(errors[-8:])[-3000:])
+            raise BlockFailure(
+                f"{shown}: lmms-eval wrote no results (it exits 0 on failure); its errors:\n"
+                + "\n".join(errors[-8:])[-3000:]
+            )
 
     def run_process(self, argv: list[str], cwd: Path, env: dict[str, str], shown: str) -> subprocess.CompletedProcess:
         full = {**os.environ, **env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         done = subprocess.run(argv, check=False, cwd=cwd, env=full, text=True, capture_output=True, timeout=900)
         if done.returncode:
-            raise BlockFailure(f"{shown} exited {done.returncode}\n--- stderr (end):\n{done.stderr[-3000:]}\n"
-                               f"--- stdout (end):\n{done.stdout[-1500:]}")
+            raise BlockFailure(
+                f"{shown} exited {done.returncode}\n--- stderr (end):\n{done.stderr[-3000:]}\n"
+                f"--- stdout (end):\n{done.stdout[-1500:]}"
+            )
         return done
 
 
@@ -378,8 +440,10 @@ def shell_commands(code: str) -> list[list[str]]:
                     commands.append(current)
                 current = []
             elif word in ("|", "||", ">", ">>", "<", "&") or word.startswith(("<", ">")):
-                raise BlockFailure(f"shell line {line.strip()!r}: {word!r} (pipe, redirection or placeholder) has no "
-                                   "handler in tests/test_readme.py")
+                raise BlockFailure(
+                    f"shell line {line.strip()!r}: {word!r} (pipe, redirection or placeholder) has no "
+                    "handler in tests/test_readme.py"
+                )
             else:
                 current.append(word)
     return commands
@@ -405,11 +469,16 @@ def check_pip(args: list[str], cwd: Path, shown: str) -> None:
     for target in targets:
         local = re.fullmatch(r"(\.|\./?[\w.\-/]*)(?:\[([\w,\-\s]+)\])?", target)
         if local:  # the README's commands run from the checkout's root ("." is the checkout)
-            folder = ROOT / local[1] if cwd.resolve() in (ROOT.resolve(), Path.cwd().resolve()) or local[1] in (".", "./") \
+            folder = (
+                ROOT / local[1]
+                if cwd.resolve() in (ROOT.resolve(), Path.cwd().resolve()) or local[1] in (".", "./")
                 else cwd / local[1]
+            )
             if not (folder / "pyproject.toml").is_file():
                 raise BlockFailure(f"{shown}: {local[1]!r} is not a checkout (no pyproject.toml in {folder})")
-            unknown = [extra.strip() for extra in (local[2] or "").split(",") if extra.strip() and extra.strip() not in extras]
+            unknown = [
+                extra.strip() for extra in (local[2] or "").split(",") if extra.strip() and extra.strip() not in extras
+            ]
             if unknown:
                 raise BlockFailure(f"{shown}: extra(s) {unknown} not in pyproject.toml (known: {sorted(extras)})")
             continue
@@ -428,13 +497,13 @@ def check_bibtex(code: str) -> list[str]:
     problems, keys, index = [], [], 0
     while True:
         start = code.find("@", index)
-        if code[index:start if start >= 0 else len(code)].strip():
-            problems.append(f"text outside an entry: {code[index:start if start >= 0 else len(code)].strip()[:60]!r}")
+        if code[index : start if start >= 0 else len(code)].strip():
+            problems.append(f"text outside an entry: {code[index : start if start >= 0 else len(code)].strip()[:60]!r}")
         if start < 0:
             break
         head = re.match(r"@(\w+)\s*\{\s*([^,\s{}]+)\s*,", code[start:])
         if not head:
-            problems.append(f"entry at offset {start} is not '@type{{key,': {code[start:start + 40]!r}")
+            problems.append(f"entry at offset {start} is not '@type{{key,': {code[start : start + 40]!r}")
             break
         depth, opening = 0, start + code[start:].index("{")
         for position in range(opening, len(code)):
@@ -444,7 +513,7 @@ def check_bibtex(code: str) -> list[str]:
         if depth:
             problems.append(f"entry {head[2]!r}: unbalanced braces")
             break
-        body = code[start:position + 1]
+        body = code[start : position + 1]
         fields = {name.lower() for name in re.findall(r"[,{]\s*(\w+)\s*=", body)}
         missing = {"title", "author", "year"} - fields
         if missing:
@@ -520,9 +589,15 @@ def runner(tmp_path, monkeypatch) -> Runner:
     work.mkdir()
     hub_cache = tmp_path / "hub"
     hub_cache.mkdir()
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache),
-           "VLM_GUARD_CACHE": str(tmp_path / "vlm_guard_cache"), "VLM_GUARD_DEFAULT_MODEL": "fixture",
-           "TQDM_DISABLE": "1"}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_CACHE": str(hub_cache),
+        "VLM_GUARD_CACHE": str(tmp_path / "vlm_guard_cache"),
+        "VLM_GUARD_DEFAULT_MODEL": "fixture",
+        "TQDM_DISABLE": "1",
+    }
     return Runner(work, env, monkeypatch)
 
 
@@ -534,7 +609,8 @@ def _params():
     params = []
     for block in blocks:
         slow = block.language in SHELL_LANGUAGES | PYTHON_LANGUAGES and re.search(
-            r"lmms-eval --model|scripts/caption\.sh|\btune\b|from_pretrained\(|calibrate", block.code)
+            r"lmms-eval --model|scripts/caption\.sh|\btune\b|from_pretrained\(|calibrate", block.code
+        )
         params.append(pytest.param(block, id=block.name, marks=[pytest.mark.slow] if slow else []))
     return params
 
@@ -545,8 +621,9 @@ def test_readme_blocks_parse_and_each_has_a_runner():
     assert blocks, f"{README} has no code block"
     known = PYTHON_LANGUAGES | SHELL_LANGUAGES | CHECKED_LANGUAGES
     unknown = [block.name for block in blocks if block.language not in known]
-    assert unknown == [], (f"README blocks with no runner: {unknown}; give each a language this test runs or checks "
-                           f"({sorted(known)})")
+    assert unknown == [], (
+        f"README blocks with no runner: {unknown}; give each a language this test runs or checks ({sorted(known)})"
+    )
 
 
 @pytest.mark.parametrize("block", _params())
@@ -596,31 +673,45 @@ def test_harness_refuses_what_it_cannot_run(tmp_path, monkeypatch):
     assert check_bibtex("@article{a, title={T}, author={A}, year={2024}") == ["entry 'a': unbalanced braces"]
     assert check_bibtex("@article{a title={T}}")[0].startswith("entry at offset 0")
     assert check_bibtex("@misc{a, title={T}, author={A}, year=2024}\n@misc{a, title={T}, author={A}, year=2024}") == [
-        "duplicate keys ['a']"]
+        "duplicate keys ['a']"
+    ]
     assert check_text("vlm-guard calibrate --images DIR\n") == ["`vlm-guard calibrate` omits required ['--out']"]
     assert check_text("vlm-guard calibrate --images DIR --out D [--limt N]\n") == [
-        "`vlm-guard calibrate` has no option(s) ['--limt']"]
+        "`vlm-guard calibrate` has no option(s) ['--limt']"
+    ]
     assert check_text("vlm-guard calibrat --images DIR\n") == ["'vlm-guard calibrat --images DIR' names no command"]
 
 
 def test_substitutions_and_data_layouts(tmp_path):
-    code, applied = substitute('m = f("org/x", dtype=torch.float16).to("cuda")\nvlm-guard eval pope --device cuda '
-                               '--dtype bfloat16 --images coco/val2014 --pope-dir pope\nout = g(max_new_tokens=512)\n',
-                               {"org/x": "/tiny"})
+    code, applied = substitute(
+        'm = f("org/x", dtype=torch.float16).to("cuda")\nvlm-guard eval pope --device cuda '
+        "--dtype bfloat16 --images coco/val2014 --pope-dir pope\nout = g(max_new_tokens=512)\n",
+        {"org/x": "/tiny"},
+    )
     assert '"/tiny"' in code and "torch.float32" in code and '.to("cpu")' in code and "max_new_tokens=8" in code
     assert "--device cpu" in code and "--dtype float32" in code and "--max-unclear 1" in code and applied
-    make_data(tmp_path, code + "annotations/instances_val2014.json annotations/captions_val2014.json "
-                               "coco/val2014/COCO_val2014_000000000999.jpg")
+    make_data(
+        tmp_path,
+        code + "annotations/instances_val2014.json annotations/captions_val2014.json "
+        "coco/val2014/COCO_val2014_000000000999.jpg",
+    )
     assert (tmp_path / "coco/val2014/COCO_val2014_000000000999.jpg").is_file()
     assert len(list((tmp_path / "coco/val2014").glob("COCO_val2014_*.jpg"))) == len(COCO_IDS) + 1
     questions = (tmp_path / "pope/coco_pope_adversarial.json").read_text().splitlines()
     assert all((tmp_path / "coco/val2014" / json.loads(line)["image"]).is_file() for line in questions)
     own = tmp_path / "own"
-    make_data(own, "vlm-guard tune --pope mine/adversarial.json pope/coco_pope_random.json \\\n    --images coco/train2014\n")
-    assert json.loads((own / "mine/adversarial.json").read_text().splitlines()[0])["image"].startswith("COCO_train2014_")
-    assert json.loads((own / "pope/coco_pope_random.json").read_text().splitlines()[0])["image"].startswith("COCO_val2014_")
+    make_data(
+        own, "vlm-guard tune --pope mine/adversarial.json pope/coco_pope_random.json \\\n    --images coco/train2014\n"
+    )
+    assert json.loads((own / "mine/adversarial.json").read_text().splitlines()[0])["image"].startswith(
+        "COCO_train2014_"
+    )
+    assert json.loads((own / "pope/coco_pope_random.json").read_text().splitlines()[0])["image"].startswith(
+        "COCO_val2014_"
+    )
     from vlm_guard.eval.chair import ChairGroundTruth
 
-    truth = ChairGroundTruth.from_coco(tmp_path / "annotations/instances_val2014.json",
-                                       tmp_path / "annotations/captions_val2014.json")
+    truth = ChairGroundTruth.from_coco(
+        tmp_path / "annotations/instances_val2014.json", tmp_path / "annotations/captions_val2014.json"
+    )
     assert "dog" in truth.objects_for(42)

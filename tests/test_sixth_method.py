@@ -75,7 +75,10 @@ def build(config: ImageScaleConfig, adapter, head_map):
 @pytest.fixture(scope="module")
 def registered():
     spec = register_method(  # the one registration call
-        NAME, ImageScaleConfig, build, strength_field="factor",
+        NAME,
+        ImageScaleConfig,
+        build,
+        strength_field="factor",
         ui=MethodUI("Image scale", 0.5, 10.0, 0.5, 1.5, "factor: multiplier of the attention to image tokens"),
         tuning_grid=lambda num_layers, head_map: [{"factor": factor} for factor in (1.25, 1.5, 3.0)],
         bench_fields={},
@@ -163,7 +166,9 @@ def test_describe_settings_lists_it(registered):
 
     resolved, sources = resolve_config(GuardConfig(image_scale=ImageScaleConfig(factor=2.5)))
     lines = describe_settings(resolved, sources)
-    assert lines == [f"{NAME}: preset='released' (released default), factor=2.5 (config), layers=None (released default)"]
+    assert lines == [
+        f"{NAME}: preset='released' (released default), factor=2.5 (config), layers=None (released default)"
+    ]
 
 
 def test_tune_grid_reads_the_registry(registered):
@@ -181,7 +186,12 @@ def test_demo_controls_read_the_registry(registered):
     from vlm_guard.demo.session import METHOD_CONTROLS, build_guard_config, method_availability
 
     control = next(c for c in METHOD_CONTROLS if c.name == NAME)
-    assert (control.label, control.strength_field, control.minimum, control.maximum) == ("Image scale", "factor", 0.5, 10.0)
+    assert (control.label, control.strength_field, control.minimum, control.maximum) == (
+        "Image scale",
+        "factor",
+        0.5,
+        10.0,
+    )
     availability = method_availability()
     assert availability[NAME].available and availability[NAME].default == 1.5
     config, notes = build_guard_config({NAME: 3.0, "vhr": None}, availability)

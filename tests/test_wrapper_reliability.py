@@ -34,8 +34,11 @@ def _generate(model_like, inputs, tokens=6):
 
 
 def _registered() -> set[str]:
-    return {name for name in [*AttentionInterface._global_mapping, *AttentionMaskInterface._global_mapping]
-            if name.startswith("vlm_guard_")}
+    return {
+        name
+        for name in [*AttentionInterface._global_mapping, *AttentionMaskInterface._global_mapping]
+        if name.startswith("vlm_guard_")
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -59,13 +62,16 @@ def _assert_untouched(model):
 
 
 # ---------------------------------------------------------------- item 1: atomic wrap
-@pytest.mark.parametrize("config", [
-    GuardConfig(vhr=VHRConfig(target_layers=[1, 99])),  # bad layer index
-    GuardConfig(vhr=VHRConfig(target_layers=[-1])),  # negative layer index
-    GuardConfig(vhr=VHRConfig(selection="head_map")),  # needs a head map, none given
-    "no_such_method",  # a method list naming an unknown method ("vhr" or "auto" are accepted)
-    42,  # neither a GuardConfig nor a method list
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        GuardConfig(vhr=VHRConfig(target_layers=[1, 99])),  # bad layer index
+        GuardConfig(vhr=VHRConfig(target_layers=[-1])),  # negative layer index
+        GuardConfig(vhr=VHRConfig(selection="head_map")),  # needs a head map, none given
+        "no_such_method",  # a method list naming an unknown method ("vhr" or "auto" are accepted)
+        42,  # neither a GuardConfig nor a method list
+    ],
+)
 def test_failed_wrap_leaves_the_model_untouched_and_wrappable(model, inputs, config):
     reference = _generate(model, inputs)
     with pytest.raises(ValueError):
@@ -143,8 +149,11 @@ def test_one_wrapper_from_two_threads_gives_each_its_own_answer(model):
             except Exception as error:  # collected: a crash in a thread must fail the test
                 errors.append(repr(error))
 
-        threads = [threading.Thread(target=worker, args=(kind, name, batch))
-                   for kind in ("guarded", "plain") for name, batch in (("1", first), ("2", second))]
+        threads = [
+            threading.Thread(target=worker, args=(kind, name, batch))
+            for kind in ("guarded", "plain")
+            for name, batch in (("1", first), ("2", second))
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -188,7 +197,9 @@ def test_config_edited_in_place_is_validated_at_generate(model, inputs):
         guarded.guard_config.vhr.target_layers.pop()
         changed = _generate(guarded, inputs)
         built = guarded.interventions
-        guarded.guard_config.vhr.alpha = 4.0  # a valid change: validated on assignment, methods rebuilt at the next call
+        guarded.guard_config.vhr.alpha = (
+            4.0  # a valid change: validated on assignment, methods rebuilt at the next call
+        )
         assert _generate(guarded, inputs).shape == changed.shape
         assert guarded.interventions is not built and guarded.guard_config.vhr.alpha == 4.0
     finally:
@@ -220,8 +231,12 @@ def test_huge_or_negative_seed_is_refused_up_front(seed):
 def test_wrapper_used_after_unwrap_is_a_clear_error(model, inputs):
     guarded = vlm_guard.wrap(model, config=GuardConfig.from_methods("vhr"))
     assert guarded.unwrap() is model
-    for call in (lambda: _generate(guarded, inputs), lambda: guarded(**inputs), lambda: guarded.disabled().__enter__(),
-                 lambda: guarded.set_config(GuardConfig())):
+    for call in (
+        lambda: _generate(guarded, inputs),
+        lambda: guarded(**inputs),
+        lambda: guarded.disabled().__enter__(),
+        lambda: guarded.set_config(GuardConfig()),
+    ):
         with pytest.raises(RuntimeError, match="unwrapped.*wrap the model again"):
             call()
     assert guarded.unwrap() is model  # harmless twice

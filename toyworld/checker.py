@@ -56,14 +56,31 @@ def open_clip_config(config: CheckerTrainConfig, vocab_size: int, eos_id: int, p
             "embed_dim": config.embed_dim,
             "init_logit_scale": math.log(10.0),
             "init_logit_bias": -5.0,
-            "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": config.vision_width,
-                           "layers": config.vision_layers, "head_width": 32},
-            "text_cfg": {"context_length": 8, "vocab_size": vocab_size, "width": config.text_width,
-                         "heads": 2, "layers": config.text_layers, "pool_type": "eos", "eos_id": eos_id,
-                         "pad_id": pad_id},
+            "vision_cfg": {
+                "image_size": IMAGE_SIZE,
+                "patch_size": 8,
+                "width": config.vision_width,
+                "layers": config.vision_layers,
+                "head_width": 32,
+            },
+            "text_cfg": {
+                "context_length": 8,
+                "vocab_size": vocab_size,
+                "width": config.text_width,
+                "heads": 2,
+                "layers": config.text_layers,
+                "pool_type": "eos",
+                "eos_id": eos_id,
+                "pad_id": pad_id,
+            },
         },
-        "preprocess_cfg": {"size": IMAGE_SIZE, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": {
+            "size": IMAGE_SIZE,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
         "vlm_guard": {"vocabulary": list(OBJECT_TYPES), "prompt": PROMPT, "train_config": asdict(config)},
     }
 
@@ -92,8 +109,9 @@ def train_checker(config: CheckerTrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(config.seed)
     model = open_clip.create_model(f"local-dir:{out}", device="cpu")  # no weights yet: random init
     tokenize = WordTokenizer(out / "tokenizer.json", cfg["model_cfg"]["text_cfg"]["context_length"])
-    preprocess = ToyPreprocess(cfg["preprocess_cfg"]["size"], cfg["preprocess_cfg"]["mean"],
-                               cfg["preprocess_cfg"]["std"])
+    preprocess = ToyPreprocess(
+        cfg["preprocess_cfg"]["size"], cfg["preprocess_cfg"]["mean"], cfg["preprocess_cfg"]["std"]
+    )
     prompts = tokenize([PROMPT.format(t) for t in OBJECT_TYPES])  # [types, context]
     world = World(seed=config.seed + 424_242, bias=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
@@ -126,7 +144,9 @@ def ship_checker(folder: str | Path) -> Path:
     """Copy a trained checker folder into the package assets."""
     folder = Path(folder)
     if not (folder / "open_clip_model.safetensors").exists():
-        raise FileNotFoundError(f"{folder} holds no open_clip_model.safetensors; run `python -m toyworld toy train-checker`")
+        raise FileNotFoundError(
+            f"{folder} holds no open_clip_model.safetensors; run `python -m toyworld toy train-checker`"
+        )
     from vlm_guard.grounding import GroundingChecker
 
     DEFAULT_CHECKER_DIR.parent.mkdir(parents=True, exist_ok=True)
@@ -148,12 +168,23 @@ def evaluate_checker(checker, scenes: int = 200, seed: int = 777_002) -> dict:
     for scene in World(seed=seed, bias=False).scenes(0, scenes):
         partners = {partner_of(t) for t in scene.types} - {None}
         for object_type, score in zip(OBJECT_TYPES, checker.scores(render(scene), OBJECT_TYPES)):
-            kind = ("present" if object_type in scene.types
-                    else "absent_partner" if object_type in partners else "absent_other")
+            kind = (
+                "present"
+                if object_type in scene.types
+                else "absent_partner"
+                if object_type in partners
+                else "absent_other"
+            )
             counts[kind][0] += score < checker.threshold
             counts[kind][1] += 1
     flag_rates = {k: round(f / max(1, n), 4) for k, (f, n) in counts.items()}
     correct = (counts["present"][1] - counts["present"][0]) + counts["absent_partner"][0] + counts["absent_other"][0]
     total = sum(n for _, n in counts.values())
-    return {"accuracy": round(correct / total, 4), "flag_rate": flag_rates, "pairs": total, "scenes": scenes,
-            "threshold": checker.threshold, "seed": seed}
+    return {
+        "accuracy": round(correct / total, 4),
+        "flag_rate": flag_rates,
+        "pairs": total,
+        "scenes": scenes,
+        "threshold": checker.threshold,
+        "seed": seed,
+    }

@@ -174,8 +174,16 @@ def _v2_report(args: argparse.Namespace) -> int:
     report["training"] = {k: v for k, v in training.items() if k != "losses"}
     out = Path(args.out) if args.out else model_dir / "v2_report.json"
     atomic_write_json(out, report, indent=1, allow_nan=True)
-    print(json.dumps({"must_show": report["must_show"], "captions": report["captions"],
-                      "pope": {k: v["accuracy"] for k, v in report["pope"].items()}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "must_show": report["must_show"],
+                "captions": report["captions"],
+                "pope": {k: v["accuracy"] for k, v in report["pope"].items()},
+            },
+            indent=1,
+        )
+    )
     print(f"report written to {out}")
     return 0
 

@@ -53,35 +53,60 @@ def register(subparsers) -> None:
     train = commands.add_parser("train", help="train the toy LLaVA from scratch on CPU (deterministic, resumable)")
     train.add_argument("--out", default="runs/toy", help="run folder (default %(default)s)")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    train.add_argument("--preset", choices=("default", "tiny"), default="default",
-                       help="model size: default (~3.6M params) or tiny (for tests)")
+    train.add_argument(
+        "--preset",
+        choices=("default", "tiny"),
+        default="default",
+        help="model size: default (~3.6M params) or tiny (for tests)",
+    )
     # step counts and mixture default to the shipped recipe (see TrainConfig)
     train.add_argument("--seed", type=seed_int, default=0, help="training seed (default %(default)s)")
     for stage in ("vision", "lm", "align", "finetune", "qa"):
         train.add_argument(f"--{stage}-steps", type=non_negative_int, default=None, help=f"steps of the {stage} stage")
     train.add_argument("--batch", type=positive_int, default=None, help="multimodal batch size (default 32)")
-    train.add_argument("--lm-turns", type=positive_int, default=None, help="captions packed per LM-pretraining sequence")
+    train.add_argument(
+        "--lm-turns", type=positive_int, default=None, help="captions packed per LM-pretraining sequence"
+    )
     train.add_argument("--lm-lr", type=positive_float, default=None, help="LM-pretraining learning rate")
-    train.add_argument("--question-fraction", type=share, default=None,
-                       help="share of yes/no rows in the multimodal stages, in [0, 1] (default 0.5)")
-    train.add_argument("--pair-prob", type=share, default=None, help="partner co-occurrence in training scenes, in [0, 1]")
+    train.add_argument(
+        "--question-fraction",
+        type=share,
+        default=None,
+        help="share of yes/no rows in the multimodal stages, in [0, 1] (default 0.5)",
+    )
+    train.add_argument(
+        "--pair-prob", type=share, default=None, help="partner co-occurrence in training scenes, in [0, 1]"
+    )
     train.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
-    train.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (part of the recipe; default %(default)s)")
+    train.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (part of the recipe; default %(default)s)"
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    train.add_argument("--ship", action="store_true",
-                       help="copy the final model into vlm_guard/assets/default_model and write its report")
+    train.add_argument(
+        "--ship",
+        action="store_true",
+        help="copy the final model into vlm_guard/assets/default_model and write its report",
+    )
     train.set_defaults(func=_checked("_train", folders=("out",)), interrupt_note=RESUME_NOTE)
 
     report = commands.add_parser("report", help="measure a toy model: caption F1, partner hallucination, sinks")
     report.add_argument("--model", default=None, help="model folder (default: the shipped default model)")
-    report.add_argument("--out", default=None, help="JSON path (default: <model>/training_report.json for your own model "
-                        "folder, ./training_report.json for the shipped model: the installed package is never written)")
-    report.add_argument("--scenes", type=positive_int, default=300, help="held-out scenes per measurement (default %(default)s)")
+    report.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: <model>/training_report.json for your own model "
+        "folder, ./training_report.json for the shipped model: the installed package is never written)",
+    )
+    report.add_argument(
+        "--scenes", type=positive_int, default=300, help="held-out scenes per measurement (default %(default)s)"
+    )
     report.set_defaults(func=_checked("_report", files=("out",)))
 
     ship = commands.add_parser("ship", help="copy a trained model folder into the package assets and report it")
     ship.add_argument("--model", required=True, help="folder written by `toy train` (e.g. runs/toy/final)")
-    ship.add_argument("--scenes", type=positive_int, default=300, help="held-out scenes of the report (default %(default)s)")
+    ship.add_argument(
+        "--scenes", type=positive_int, default=300, help="held-out scenes of the report (default %(default)s)"
+    )
     ship.set_defaults(func=deferred("toyworld.cli", "_ship"))
 
     export = commands.add_parser("export", help="export the latest checkpoint of a run (finished or not)")
@@ -97,13 +122,18 @@ def register(subparsers) -> None:
     checker.add_argument("--ship", action="store_true", help="copy into vlm_guard/assets/checker")
     checker.set_defaults(func=_checked("_train_checker", folders=("out",)))
 
-    v2_train = commands.add_parser("v2-train", help="train default model v2 (own vision tower + projector + "
-                                   "adapters on the pretrained SmolLM2-135M-Instruct); deterministic, resumable")
+    v2_train = commands.add_parser(
+        "v2-train",
+        help="train default model v2 (own vision tower + projector + "
+        "adapters on the pretrained SmolLM2-135M-Instruct); deterministic, resumable",
+    )
     v2_train.add_argument("--out", default="runs/v2", help="run folder (default %(default)s)")
     v2_train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     v2_train.add_argument("--seed", type=seed_int, default=0, help="training seed (default %(default)s)")
     for stage in ("vision", "prealign", "align", "instruct"):
-        v2_train.add_argument(f"--{stage}-steps", type=non_negative_int, default=None, help=f"steps of the {stage} stage")
+        v2_train.add_argument(
+            f"--{stage}-steps", type=non_negative_int, default=None, help=f"steps of the {stage} stage"
+        )
     v2_train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default 1)")
     v2_train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     v2_train.set_defaults(func=_checked("_v2_train", folders=("out",)), interrupt_note=RESUME_NOTE)
@@ -118,8 +148,9 @@ def register(subparsers) -> None:
     v2_report.add_argument("--out", default=None, help="JSON path (default <model>/v2_report.json)")
     v2_report.add_argument("--scenes", type=positive_int, default=100, help="held-out scenes (default %(default)s)")
     v2_report.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    v2_report.add_argument("--prior", default=None,
-                           help="JSON written by `toy v2-prior --out` to include (the LM's partner preference)")
+    v2_report.add_argument(
+        "--prior", default=None, help="JSON written by `toy v2-prior --out` to include (the LM's partner preference)"
+    )
     v2_report.set_defaults(func=_checked("_v2_report", files=("out",)))
 
     v2_prior = commands.add_parser("v2-prior", help="the LM's own preference for each partner (text only)")

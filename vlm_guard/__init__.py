@@ -28,8 +28,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlm_guard.methods.vhr.config import VHRConfig
     from vlm_guard.wrapper import GuardedModel, wrap
 
-_LAZY = {"GuardConfig": "vlm_guard.config", "GuardedModel": "vlm_guard.wrapper", "wrap": "vlm_guard.wrapper",
-         "register_method": "vlm_guard.methods.registry"}
+_LAZY = {
+    "GuardConfig": "vlm_guard.config",
+    "GuardedModel": "vlm_guard.wrapper",
+    "wrap": "vlm_guard.wrapper",
+    "register_method": "vlm_guard.methods.registry",
+}
 
 
 def __getattr__(name: str):
@@ -67,4 +71,18 @@ def tune(*args, **kwargs):
     return _tune(*args, **kwargs)
 
 
-__all__ = ["GuardConfig", "GuardedModel", "wrap", "register_method", "VHRConfig", "VARConfig", "GIFTConfig", "PAIConfig", "VCDConfig", "load_default", "calibrate", "tune", "__version__"]
+__all__ = [
+    "GuardConfig",
+    "GuardedModel",
+    "wrap",
+    "register_method",
+    "VHRConfig",
+    "VARConfig",
+    "GIFTConfig",
+    "PAIConfig",
+    "VCDConfig",
+    "load_default",
+    "calibrate",
+    "tune",
+    "__version__",
+]

@@ -33,20 +33,28 @@ def check_device(device: str, flag: str = "--device") -> str:
         raise ValueError(f"{flag} {device!r} is not a torch device ({error}); use cpu, cuda, cuda:1 or mps.") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            built = f"torch {torch.__version__}, " + (f"built with CUDA {torch.version.cuda}" if torch.version.cuda
-                                                       else "built without CUDA")
+            built = f"torch {torch.__version__}, " + (
+                f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            )
             raise ValueError(f"{flag} {device}: no CUDA GPU is available here ({built}); use {flag} cpu.")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered "
-                             f"from 0; pass one of them.")
+            raise ValueError(
+                f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered "
+                f"from 0; pass one of them."
+            )
     if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"{flag} {device}: Apple MPS is not available here; use {flag} cpu.")
     return device
 
 
 def _looks_like_path(text: str) -> bool:
-    return (text.startswith((".", "/", "~")) or text.endswith(("/", os.sep)) or text.count("/") > 1
-            or os.sep != "/" and os.sep in text)
+    return (
+        text.startswith((".", "/", "~"))
+        or text.endswith(("/", os.sep))
+        or text.count("/") > 1
+        or os.sep != "/"
+        and os.sep in text
+    )
 
 
 def check_model_argument(model: str | None, flag: str = "--model") -> str | None:
@@ -59,13 +67,18 @@ def check_model_argument(model: str | None, flag: str = "--model") -> str | None
     shown = display_name(model)
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{flag} {shown} is a file; pass the model folder (the one holding config.json) or a hub id.")
+            raise ValueError(
+                f"{flag} {shown} is a file; pass the model folder (the one holding config.json) or a hub id."
+            )
         if not (path / "config.json").is_file():
-            raise ValueError(f"{flag} {shown} has no config.json; pass a folder written by save_pretrained or a hub id.")
+            raise ValueError(
+                f"{flag} {shown} has no config.json; pass a folder written by save_pretrained or a hub id."
+            )
         return model
     if _looks_like_path(str(model)):
-        raise FileNotFoundError(f"{flag} {shown}: no such folder; check the path (or pass a hub id like "
-                                f"llava-hf/llava-1.5-7b-hf).")
+        raise FileNotFoundError(
+            f"{flag} {shown}: no such folder; check the path (or pass a hub id like llava-hf/llava-1.5-7b-hf)."
+        )
     return model
 
 
@@ -75,8 +88,10 @@ def model_load_error(model: str | None, error: BaseException, flag: str = "--mod
     reason = " ".join(str(error).split())
     if len(reason) > 300:
         reason = reason[:297] + "..."
-    return ValueError(f"{flag} {display_name(model or 'default')}: could not load it ({reason}); pass a local folder "
-                      f"(with config.json) or a hub id whose files are in the local cache.")
+    return ValueError(
+        f"{flag} {display_name(model or 'default')}: could not load it ({reason}); pass a local folder "
+        f"(with config.json) or a hub id whose files are in the local cache."
+    )
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -89,11 +104,15 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise ValueError(f"{flag} {shown} is a folder; pass a file name, e.g. {display_name(out / 'results.jsonl')}.")
     if out.exists() and not out.is_file():  # /dev/null, a pipe, a socket, a link to one: the result could not be kept
         what = "a link to " if out.is_symlink() else ""
-        raise ValueError(f"{flag} {shown} is {what}{_file_kind(out)}, not a regular file: what is written there cannot be "
-                         f"read back; pass a file name in a folder.")
+        raise ValueError(
+            f"{flag} {shown} is {what}{_file_kind(out)}, not a regular file: what is written there cannot be "
+            f"read back; pass a file name in a folder."
+        )
     if out.is_symlink() and not out.exists():
-        raise ValueError(f"{flag} {shown} is a link to nothing ({display_name(os.readlink(out))}); pass a file name "
-                         f"in a folder, or remove the link.")
+        raise ValueError(
+            f"{flag} {shown} is a link to nothing ({display_name(os.readlink(out))}); pass a file name "
+            f"in a folder, or remove the link."
+        )
     _check_writable_folder(out.parent, flag, shown)
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"{flag} {shown} is read-only; pass another {flag} or make it writable.")
@@ -111,8 +130,9 @@ def check_head_map_folder(path: str | os.PathLike | None, flag: str = "--head-ma
         raise FileNotFoundError(f"{flag} {shown}: no such folder; pass the --out folder of `vlm-guard calibrate`.")
     missing = [name for name in ("head_map.json", "head_map.safetensors") if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{flag} {shown} holds no {' or '.join(missing)}; pass the --out folder of "
-                                f"`vlm-guard calibrate`.")
+        raise FileNotFoundError(
+            f"{flag} {shown} holds no {' or '.join(missing)}; pass the --out folder of `vlm-guard calibrate`."
+        )
     return folder
 
 
@@ -120,8 +140,12 @@ def _file_kind(path: Path) -> str:
     import stat
 
     mode = path.stat().st_mode
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -132,8 +156,9 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     out = Path(path).expanduser()
     shown = display_name(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{flag} {shown} is an existing file; {flag} names a folder to write into: pass a new or "
-                         f"existing folder.")
+        raise ValueError(
+            f"{flag} {shown} is an existing file; {flag} names a folder to write into: pass a new or existing folder."
+        )
     _check_writable_folder(out, flag, shown)
     return out
 
@@ -145,8 +170,10 @@ def _check_writable_folder(folder: Path, flag: str, shown: str) -> None:
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise ValueError(f"{flag} {shown}: cannot write into {display_name(folder)} ({reason}); pass a {flag} in a "
-                         f"folder you can write to.") from None
+        raise ValueError(
+            f"{flag} {shown}: cannot write into {display_name(folder)} ({reason}); pass a {flag} in a "
+            f"folder you can write to."
+        ) from None
 
 
 def check_port(host: str, port: int, flag: str = "--port") -> int:
@@ -161,12 +188,18 @@ def check_port(host: str, port: int, flag: str = "--port") -> int:
         probe.bind((host.strip("[]"), port))
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            raise ValueError(f"{flag} {port} on {host} is already in use (another demo or server?); pass another "
-                             f"{flag}, or stop the program that holds it.") from None
+            raise ValueError(
+                f"{flag} {port} on {host} is already in use (another demo or server?); pass another "
+                f"{flag}, or stop the program that holds it."
+            ) from None
         if error.errno == errno.EACCES:
-            raise ValueError(f"{flag} {port} on {host} needs privileges (ports below 1024); pass {flag} 7860 or "
-                             f"another port above 1023.") from None
-        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); check --host and {flag}.") from None
+            raise ValueError(
+                f"{flag} {port} on {host} needs privileges (ports below 1024); pass {flag} 7860 or "
+                f"another port above 1023."
+            ) from None
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); check --host and {flag}."
+        ) from None
     finally:
         probe.close()
     return port
@@ -183,4 +216,13 @@ def display_model_name(fingerprint: dict) -> str:
     return name
 
 
-__all__ = ["display_model_name", "model_load_error", "check_device", "check_head_map_folder", "check_model_argument", "check_output_file", "check_output_folder", "check_port"]
+__all__ = [
+    "display_model_name",
+    "model_load_error",
+    "check_device",
+    "check_head_map_folder",
+    "check_model_argument",
+    "check_output_file",
+    "check_output_folder",
+    "check_port",
+]

@@ -135,8 +135,10 @@ class GuardConfig:
     @classmethod
     def from_dict(cls, data: dict) -> GuardConfig:
         if not isinstance(data, dict):
-            raise ValueError(f"GuardConfig.from_dict needs a dict (as written by GuardConfig.to_dict()), got "
-                             f"{type(data).__name__} ({data!r:.80}); use GuardConfig() for every method off")
+            raise ValueError(
+                f"GuardConfig.from_dict needs a dict (as written by GuardConfig.to_dict()), got "
+                f"{type(data).__name__} ({data!r:.80}); use GuardConfig() for every method off"
+            )
         data = dict(data)
         data.pop("vlm_guard_version", None)
         unknown = sorted(name for name in data if not registry.is_method(name))
@@ -167,5 +169,7 @@ class GuardConfig:
         """A copy with some methods changed (``config.replace(var=None)``); the others are the same objects."""
         unknown = [name for name in changes if not registry.is_method(name)]
         if unknown:
-            raise TypeError(f"GuardConfig.replace got unknown method(s) {unknown}; its methods are {list(METHOD_ORDER)}")
+            raise TypeError(
+                f"GuardConfig.replace got unknown method(s) {unknown}; its methods are {list(METHOD_ORDER)}"
+            )
         return type(self)(**{**self._methods(), **changes})

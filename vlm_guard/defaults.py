@@ -108,8 +108,10 @@ def load_default_v2(weights_dir: str | Path | None = None, device: str = "cpu", 
 
     folder = Path(weights_dir) if weights_dir is not None else DEFAULT_V2_DIR
     if not (folder / "v2_weights.safetensors").exists():
-        raise FileNotFoundError(f"no v2 weights in {folder}; train them with `python -m toyworld toy v2-train --out runs/v2` "
-                                "and pass runs/v2/final")
+        raise FileNotFoundError(
+            f"no v2 weights in {folder}; train them with `python -m toyworld toy v2-train --out runs/v2` "
+            "and pass runs/v2/final"
+        )
     return assemble(folder, device=device, dtype=dtype)
 
 
@@ -132,14 +134,31 @@ def load_default_v3(weights_dir: str | Path | None = None, device: str = "cpu", 
 
     folder = Path(weights_dir) if weights_dir is not None else DEFAULT_V3_DIR
     if not (folder / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(f"no v3 weights in {folder}; train them with `python -m toyworld.v3.train --out DIR` "
-                                "and pass DIR/final (or DIR/export after `--export`)")
+        raise FileNotFoundError(
+            f"no v3 weights in {folder}; train them with `python -m toyworld.v3.train --out DIR` "
+            "and pass DIR/final (or DIR/export after `--export`)"
+        )
     return assemble(folder, device=device, dtype=dtype)
 
 
-__all__ = ["ASSETS", "FIXTURE_MODEL_DIR", "DEFAULT_V2_DIR", "DEFAULT_V3_DIR", "EXAMPLES_DIRS", "DEFAULT_MODEL_ENV",
-           "DEFAULT_MODEL_CHOICES", "default_model_name", "default_model_dir", "default_world", "examples_dir",
-           "describe_default", "load_default", "load_fixture", "load_default_v2", "load_default_v3"]
+__all__ = [
+    "ASSETS",
+    "FIXTURE_MODEL_DIR",
+    "DEFAULT_V2_DIR",
+    "DEFAULT_V3_DIR",
+    "EXAMPLES_DIRS",
+    "DEFAULT_MODEL_ENV",
+    "DEFAULT_MODEL_CHOICES",
+    "default_model_name",
+    "default_model_dir",
+    "default_world",
+    "examples_dir",
+    "describe_default",
+    "load_default",
+    "load_fixture",
+    "load_default_v2",
+    "load_default_v3",
+]
 
 
 def __getattr__(name: str):

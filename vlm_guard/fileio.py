@@ -28,8 +28,17 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_paths", "atomic_folder", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_save_safetensors", "sha256_file", "TEMPORARY_MARK"]
+__all__ = [
+    "atomic_path",
+    "atomic_paths",
+    "atomic_folder",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save_safetensors",
+    "sha256_file",
+    "TEMPORARY_MARK",
+]
 
 TEMPORARY_MARK = ".tmp-"  # in every temporary name: ``.<stem>.tmp-<random><suffix>``
 
@@ -91,8 +100,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = _target(path)
     temporary = _temporary_name(target)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         _mode_for(target))
+    descriptor = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), _mode_for(target)
+    )
     os.close(descriptor)
     try:
         yield temporary
@@ -254,8 +264,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> 
     atomic_write_text(path, json.dumps(obj, **json_kwargs) + "\n")
 
 
-def atomic_save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike,
-                            metadata: Mapping[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Saves torch ``tensors`` as a safetensors file atomically (``safetensors.torch.save_file`` to a temporary name).
 
     Args:

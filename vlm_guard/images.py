@@ -136,12 +136,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
         name = display_name(getattr(image, "filename", "") or "the image")
         raise ImageLoadError(
             f"{name}: image mode {image.mode!r} cannot be converted to RGB ({error}); save it as an RGB PNG or JPEG.",
-            kind="unreadable", name=name, size=image.size,
+            kind="unreadable",
+            name=name,
+            size=image.size,
         ) from error
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+def load_image(
+    source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
     """Open an image file (or take a PIL image) and return it as 8-bit RGB, fully decoded.
 
     Order: the file exists and is not empty; the header (format and size) is read and ``width * height`` checked
@@ -181,8 +185,9 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
         kind, why = ("missing", "dangling symbolic link") if path.is_symlink() else ("missing", "file not found")
         raise ImageLoadError(f"{shown}: {why}; check the path.", kind=kind, name=shown) from None
     except OSError as error:  # a symlink loop (ELOOP), a name too long, no permission
-        raise ImageLoadError(f"{shown}: cannot be opened ({error.strerror or error}).", kind="unreadable",
-                             name=shown) from None
+        raise ImageLoadError(
+            f"{shown}: cannot be opened ({error.strerror or error}).", kind="unreadable", name=shown
+        ) from None
     if not stat.S_ISREG(info.st_mode):
         raise ImageLoadError(f"{shown} is not a file; pass an image file.", kind="not_a_file", name=shown)
     if info.st_size == 0:
@@ -201,17 +206,20 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
         raise ImageLoadError(
             f"{shown} declares too many pixels to decode safely (a decompression bomb? {error}); "
             f"downscale it, or raise the pixel cap if the image is genuine.",
-            kind="too_many_pixels", name=shown,
+            kind="too_many_pixels",
+            name=shown,
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageLoadError(
             f"{shown} is not a readable image (corrupt, truncated or unsupported: {type(error).__name__}: "
             f"{display_name(str(error))[:160]}); pass a PNG, JPEG or WebP file.",
-            kind="unreadable", name=shown,
+            kind="unreadable",
+            name=shown,
         ) from None
     except MemoryError:
-        raise ImageLoadError(f"{shown} is too large to decode in the memory available; downscale it.",
-                             kind="too_many_pixels", name=shown) from None
+        raise ImageLoadError(
+            f"{shown} is too large to decode in the memory available; downscale it.", kind="too_many_pixels", name=shown
+        ) from None
 
 
 def _check_pixels(size: tuple[int, int], shown: str, max_pixels: int | None) -> None:
@@ -222,7 +230,9 @@ def _check_pixels(size: tuple[int, int], shown: str, max_pixels: int | None) -> 
         raise ImageLoadError(
             f"{shown} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
             f"(a decompression bomb is refused the same way); downscale it.",
-            kind="too_many_pixels", name=shown, size=size,
+            kind="too_many_pixels",
+            name=shown,
+            size=size,
         )
 
 

@@ -92,15 +92,19 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in TRAINING:
-            raise ModuleNotFoundError(f"{fullname} moved out of the package: the training code is in the repository's "
-                                      "toyworld/ folder (python -m toyworld toy --help)", name=fullname)
+            raise ModuleNotFoundError(
+                f"{fullname} moved out of the package: the training code is in the repository's "
+                "toyworld/ folder (python -m toyworld toy --help)",
+                name=fullname,
+            )
         if fullname in OLD_PACKAGES:
             return importlib.util.spec_from_loader(fullname, _Alias(None), is_package=True)
         new = MOVED.get(fullname)
         if new is None:
             return None
-        warnings.warn(f"{fullname} moved to {new}; the old name goes away in the next release", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"{fullname} moved to {new}; the old name goes away in the next release", DeprecationWarning, stacklevel=2
+        )
         is_package = importlib.util.find_spec(new).submodule_search_locations is not None
         return importlib.util.spec_from_loader(fullname, _Alias(new), is_package=is_package)
 

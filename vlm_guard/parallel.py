@@ -70,8 +70,12 @@ class DataParallel:
         if self.distributed and text == "cuda":
             return f"cuda:{self.local_rank}"
         if self.distributed and text.startswith("cuda:"):
-            logger.warning("--device %s: every one of the %d processes uses that one GPU; pass --device cuda to give "
-                           "each process its own (cuda:<LOCAL_RANK>)", text, self.world_size)
+            logger.warning(
+                "--device %s: every one of the %d processes uses that one GPU; pass --device cuda to give "
+                "each process its own (cuda:<LOCAL_RANK>)",
+                text,
+                self.world_size,
+            )
         return text
 
     def broadcast(self, value: T) -> T:
@@ -119,8 +123,10 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {name}={text!r} must be an integer (set by torchrun / accelerate "
-                         f"launch); unset it to run as one process.") from None
+        raise ValueError(
+            f"environment variable {name}={text!r} must be an integer (set by torchrun / accelerate "
+            f"launch); unset it to run as one process."
+        ) from None
 
 
 def data_parallel(device: str = "cpu") -> DataParallel:
@@ -142,14 +148,18 @@ def data_parallel(device: str = "cpu") -> DataParallel:
         return DataParallel()
     rank, local_rank = _env_int("RANK", -1), _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={os.environ.get('RANK')!r} is not in 0..{world_size - 1} (WORLD_SIZE={world_size}); "
-                         f"launch with torchrun or accelerate launch, or unset WORLD_SIZE to run as one process.")
+        raise ValueError(
+            f"RANK={os.environ.get('RANK')!r} is not in 0..{world_size - 1} (WORLD_SIZE={world_size}); "
+            f"launch with torchrun or accelerate launch, or unset WORLD_SIZE to run as one process."
+        )
     import torch
     import torch.distributed as dist
 
     if not dist.is_available():
-        raise ValueError(f"WORLD_SIZE={world_size} asks for {world_size} processes, but this torch build has no "
-                         f"torch.distributed; run one process (unset WORLD_SIZE).")
+        raise ValueError(
+            f"WORLD_SIZE={world_size} asks for {world_size} processes, but this torch build has no "
+            f"torch.distributed; run one process (unset WORLD_SIZE)."
+        )
     owns = False
     if not dist.is_initialized():
         on_cpu = not str(device).startswith("cuda")
@@ -166,10 +176,20 @@ def data_parallel(device: str = "cpu") -> DataParallel:
             dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
         owns = True
     group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
-    context = DataParallel(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                           _group=group, _owns_process_group=owns)
-    logger.info("data-parallel: rank %d of %d (local rank %d, backend %s)", context.rank, context.world_size,
-                local_rank, dist.get_backend())
+    context = DataParallel(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        _group=group,
+        _owns_process_group=owns,
+    )
+    logger.info(
+        "data-parallel: rank %d of %d (local rank %d, backend %s)",
+        context.rank,
+        context.world_size,
+        local_rank,
+        dist.get_backend(),
+    )
     return context
 
 

@@ -64,8 +64,7 @@ def is_int(value: Any) -> bool:
 
 def is_number(value: Any, finite: bool = True) -> bool:
     """An int or float that is not a bool (and, with ``finite``, not NaN or infinite)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and (not finite or math.isfinite(value)))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (not finite or math.isfinite(value))
 
 
 def short(value: Any) -> str:
@@ -93,8 +92,9 @@ def read_json(path: str | os.PathLike, remedy: str) -> Any:
     except UnicodeDecodeError as error:
         raise FileSchemaError(f"{path}: not UTF-8 text (byte {error.start}); {remedy}") from None
     except json.JSONDecodeError as error:
-        raise FileSchemaError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
-                              f"{remedy}") from None
+        raise FileSchemaError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); {remedy}"
+        ) from None
 
 
 def _check_type(path: Any, field: str, value: Any, kind: Any, remedy: str) -> None:
@@ -152,8 +152,10 @@ def check_dataclass(path: str | os.PathLike, data: Any, cls: type, remedy: str, 
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     for key, value in data.items():
         if key not in fields:
-            raise FileSchemaError(f"{path}: field {prefix}{key} is not a setting of {cls.__name__} (known: "
-                                  f"{', '.join(sorted(fields))}); {remedy}")
+            raise FileSchemaError(
+                f"{path}: field {prefix}{key} is not a setting of {cls.__name__} (known: "
+                f"{', '.join(sorted(fields))}); {remedy}"
+            )
         _check_type(path, f"{prefix}{key}", value, hints.get(key, Any), remedy)
     return data
 
@@ -168,8 +170,14 @@ def load_dataclass(path: str | os.PathLike, cls: type, remedy: str) -> Any:
         raise FileSchemaError(f"{path}: {error}; {remedy}") from None
 
 
-def check_train_state(path: str | os.PathLike, data: Any, stages: typing.Sequence[str], remedy: str,
-                      optimizer: bool = False, files: typing.Sequence[str] = ()) -> dict:
+def check_train_state(
+    path: str | os.PathLike,
+    data: Any,
+    stages: typing.Sequence[str],
+    remedy: str,
+    optimizer: bool = False,
+    files: typing.Sequence[str] = (),
+) -> dict:
     """Check a training checkpoint's ``state.json`` (the toy-model trainers): returns ``data`` unchanged.
 
     The fields: ``stage`` (one of ``stages``), ``step`` (integer >= 0), ``elapsed_s`` and the optional ``cpu_s``
@@ -180,6 +188,7 @@ def check_train_state(path: str | os.PathLike, data: Any, stages: typing.Sequenc
     Raises:
         FileSchemaError: the first field that breaks the schema, named by its path (``losses.vision[3]``).
     """
+
     def fail(field: str, value: Any, expected: str) -> FileSchemaError:
         return _fail(path, field, value, expected, remedy)
 
@@ -209,8 +218,13 @@ def check_train_state(path: str | os.PathLike, data: Any, stages: typing.Sequenc
         if not isinstance(points, list):
             raise fail(f"losses.{name}", points, "not a list of [step, loss] pairs")
         for index, point in enumerate(points):
-            if not (isinstance(point, list) and len(point) == 2 and is_int(point[0]) and point[0] >= 0
-                    and (point[1] is None or is_number(point[1], finite=False))):
+            if not (
+                isinstance(point, list)
+                and len(point) == 2
+                and is_int(point[0])
+                and point[0] >= 0
+                and (point[1] is None or is_number(point[1], finite=False))
+            ):
                 raise fail(f"losses.{name}[{index}]", point, "not a [step, loss] pair")
     if optimizer:
         groups = require(data, "param_groups")

@@ -76,35 +76,44 @@ class TunedSectionError(ValueError):
     """A head map's ``tuned`` section does not match its schema (the message names the field)."""
 
 
-_FIX = "re-run `vlm-guard tune` or delete the map's \"tuned\" section"
+_FIX = 're-run `vlm-guard tune` or delete the map\'s "tuned" section'
 
 
 def _type_name(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), f"a {type(value).__name__}")
+        type(value), f"a {type(value).__name__}"
+    )
 
 
 def _check_settings(settings: Any, where: str) -> dict:
     from vlm_guard.config import _method_config_class
 
     if not isinstance(settings, dict):
-        raise TunedSectionError(f"field {where} must be an object {{method: {{field: value}}}}, got "
-                                f"{_type_name(settings)}; {_FIX}")
+        raise TunedSectionError(
+            f"field {where} must be an object {{method: {{field: value}}}}, got {_type_name(settings)}; {_FIX}"
+        )
     for method, values in settings.items():
         if method not in METHOD_ORDER:
-            raise TunedSectionError(f"field {where} names unknown method {method!r} (methods: {', '.join(METHOD_ORDER)}); {_FIX}")
+            raise TunedSectionError(
+                f"field {where} names unknown method {method!r} (methods: {', '.join(METHOD_ORDER)}); {_FIX}"
+            )
         if not isinstance(values, dict):
-            raise TunedSectionError(f"field {where}.{method} must be an object {{field: value}}, got "
-                                    f"{_type_name(values)}; {_FIX}")
+            raise TunedSectionError(
+                f"field {where}.{method} must be an object {{field: value}}, got {_type_name(values)}; {_FIX}"
+            )
         config_class = _method_config_class(method)
         known = {item.name for item in dataclasses.fields(config_class)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise TunedSectionError(f"field {where}.{method} names unknown field(s) {unknown} (fields: {sorted(known)}); {_FIX}")
+            raise TunedSectionError(
+                f"field {where}.{method} names unknown field(s) {unknown} (fields: {sorted(known)}); {_FIX}"
+            )
         try:
             config_class.from_dict(dict(values)).validate()
         except (TypeError, ValueError) as error:
-            raise TunedSectionError(f"field {where}.{method} holds a value the method refuses ({error}); {_FIX}") from None
+            raise TunedSectionError(
+                f"field {where}.{method} holds a value the method refuses ({error}); {_FIX}"
+            ) from None
     return {method: dict(values) for method, values in settings.items()}
 
 
@@ -113,23 +122,30 @@ def _check_methods(methods: Any, where: str) -> list[str]:
         methods = [m.strip().lower() for m in methods.replace("+", ",").split(",") if m.strip()]
         methods = [] if methods in (["none"],) else methods
     if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
-        raise TunedSectionError(f"field {where} must be a list of method names such as [\"vhr\", \"gift\"], got "
-                                f"{_type_name(methods)} {str(methods)[:60]!r}; {_FIX}")
+        raise TunedSectionError(
+            f'field {where} must be a list of method names such as ["vhr", "gift"], got '
+            f"{_type_name(methods)} {str(methods)[:60]!r}; {_FIX}"
+        )
     unknown = [m for m in methods if m not in METHOD_ORDER]
     if unknown:
-        raise TunedSectionError(f"field {where} names unknown method(s) {unknown} (methods: {', '.join(METHOD_ORDER)}); {_FIX}")
+        raise TunedSectionError(
+            f"field {where} names unknown method(s) {unknown} (methods: {', '.join(METHOD_ORDER)}); {_FIX}"
+        )
     return list(methods)
 
 
 def _check_profile(section: Any, where: str) -> dict:
     if not isinstance(section, dict):
-        raise TunedSectionError(f"field {where} must be an object with \"settings\" and \"default_methods\", got "
-                                f"{_type_name(section)}; {_FIX}")
+        raise TunedSectionError(
+            f'field {where} must be an object with "settings" and "default_methods", got {_type_name(section)}; {_FIX}'
+        )
     out = dict(section)
     if "settings" in section or "default_methods" in section:
         out["settings"] = _check_settings(section.get("settings", {}), f"{where}.settings")
         if "default_methods" not in section:
-            raise TunedSectionError(f"field {where}.default_methods is missing (a list of method names, [] for none); {_FIX}")
+            raise TunedSectionError(
+                f"field {where}.default_methods is missing (a list of method names, [] for none); {_FIX}"
+            )
         out["default_methods"] = _check_methods(section["default_methods"], f"{where}.default_methods")
     return out
 
@@ -165,21 +181,30 @@ def validate_tuned(tuned: Any, source: str | None = None) -> dict:
         if "profiles" in tuned:
             profiles = tuned["profiles"]
             if not isinstance(profiles, dict) or not profiles:
-                raise TunedSectionError(f"field tuned.profiles must be a non-empty object {{profile: {{...}}}}, got "
-                                        f"{_type_name(profiles)}; {_FIX}")
+                raise TunedSectionError(
+                    f"field tuned.profiles must be a non-empty object {{profile: {{...}}}}, got "
+                    f"{_type_name(profiles)}; {_FIX}"
+                )
             unknown = sorted(set(profiles) - set(PROFILES))
             if unknown:
-                raise TunedSectionError(f"field tuned.profiles names unknown profile(s) {unknown} (profiles: "
-                                        f"{', '.join(PROFILES)}); {_FIX}")
-            out["profiles"] = {name: _check_profile(section, f"tuned.profiles.{name}") for name, section in profiles.items()}
+                raise TunedSectionError(
+                    f"field tuned.profiles names unknown profile(s) {unknown} (profiles: {', '.join(PROFILES)}); {_FIX}"
+                )
+            out["profiles"] = {
+                name: _check_profile(section, f"tuned.profiles.{name}") for name, section in profiles.items()
+            }
             for name, section in out["profiles"].items():
                 if "default_methods" not in section:
-                    raise TunedSectionError(f"field tuned.profiles.{name}.default_methods is missing (a list of method "
-                                            f"names, [] for none); {_FIX}")
+                    raise TunedSectionError(
+                        f"field tuned.profiles.{name}.default_methods is missing (a list of method "
+                        f"names, [] for none); {_FIX}"
+                    )
             default = tuned.get("default_profile", DEFAULT_PROFILE)
             if not isinstance(default, str) or default not in out["profiles"]:
-                raise TunedSectionError(f"field tuned.default_profile is {default!r}, not one of the map's profiles "
-                                        f"{sorted(out['profiles'])}; {_FIX}")
+                raise TunedSectionError(
+                    f"field tuned.default_profile is {default!r}, not one of the map's profiles "
+                    f"{sorted(out['profiles'])}; {_FIX}"
+                )
             out["default_profile"] = default
             return out
         return _check_profile(out, "tuned")
@@ -198,8 +223,10 @@ def check_task(task: Any) -> str | None:
     if task is None:
         return None
     if not isinstance(task, str) or task.strip().lower() not in PROFILES:
-        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(repr(p) for p in PROFILES)} "
-                         f"(e.g. wrap(model, processor, \"auto:caption\") or task=\"answer\")")
+        raise ValueError(
+            f"unknown task {task!r}; tasks are {', '.join(repr(p) for p in PROFILES)} "
+            f'(e.g. wrap(model, processor, "auto:caption") or task="answer")'
+        )
     return task.strip().lower()
 
 
@@ -312,14 +339,18 @@ def resolve_request(config: Any, head_map: Any = None, task: str | None = None) 
         else:
             config = GuardConfig.from_methods(config)
     if not isinstance(config, GuardConfig):
-        raise ValueError(f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')")
+        raise ValueError(
+            f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')"
+        )
     config.validate()
     resolved, sources = resolve_config(config, head_map, task)
     note = profile_note(head_map, task) if head_map is not None and getattr(head_map, "tuned", None) else None
     return resolved, sources, note
 
 
-def resolve_config(config: GuardConfig, head_map: Any = None, task: str | None = None) -> tuple[GuardConfig, dict[str, dict[str, str]]]:
+def resolve_config(
+    config: GuardConfig, head_map: Any = None, task: str | None = None
+) -> tuple[GuardConfig, dict[str, dict[str, str]]]:
     """Fill the unset fields of ``config`` from the head map's tuned settings (see the module docstring).
 
     Args:
@@ -361,8 +392,9 @@ def resolve_config(config: GuardConfig, head_map: Any = None, task: str | None =
     return (config.replace(**changes) if changes else config), sources
 
 
-def describe_settings(config: GuardConfig, sources: dict[str, dict[str, str]], tuned_only: bool = False,
-                      profile: str | None = None) -> list[str]:
+def describe_settings(
+    config: GuardConfig, sources: dict[str, dict[str, str]], tuned_only: bool = False, profile: str | None = None
+) -> list[str]:
     """One line per enabled method: ``vhr: alpha=1.5 (tuned), target_layers=[3, 4, 5] (tuned), ...``.
 
     Args:
@@ -375,7 +407,9 @@ def describe_settings(config: GuardConfig, sources: dict[str, dict[str, str]], t
         parts, defaults = [], 0
         for item in dataclasses.fields(method_config):
             source = sources.get(name, {}).get(item.name, SOURCE_DEFAULT)
-            if tuned_only and (source == SOURCE_DEFAULT or (item.name == "preset" and method_config.preset == "released")):
+            if tuned_only and (
+                source == SOURCE_DEFAULT or (item.name == "preset" and method_config.preset == "released")
+            ):
                 defaults += 1
                 continue
             parts.append(f"{item.name}={getattr(method_config, item.name)!r} ({source})")
@@ -397,11 +431,15 @@ def tuned_report(head_map: Any) -> list[str]:
     if "profiles" in tuned:
         return _profiles_report(head_map, tuned)
     if not has_tuned_settings(head_map):
-        return ["tuned settings: none (every method runs at its released defaults unless set; "
-                "default method set: " + ",".join(UNTUNED_DEFAULT_METHODS) + "). Run `vlm-guard tune` to choose them."]
+        return [
+            "tuned settings: none (every method runs at its released defaults unless set; "
+            "default method set: " + ",".join(UNTUNED_DEFAULT_METHODS) + "). Run `vlm-guard tune` to choose them."
+        ]
     data = tuned.get("tuning_data") or {}
-    lines = [f"tuned settings (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
-             f"objective: {tuned.get('objective', {}).get('text', '?')})"]
+    lines = [
+        f"tuned settings (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
+        f"objective: {tuned.get('objective', {}).get('text', '?')})"
+    ]
     methods, reason = default_methods(head_map)
     lines.append(f"default method set: {','.join(methods) or 'none'} -- {reason}")
     header = f"  {'method':<6} {'field':<16} {'value':<22} {'source':<18} {'released default':<22} gain on tuning data"
@@ -420,8 +458,10 @@ def tuned_report(head_map: Any) -> list[str]:
             if item.name not in settings[name]:
                 continue
             gain, first = (gains.get(name, "") if first else ""), False
-            lines.append(f"  {name:<6} {item.name:<16} {settings[name][item.name]!r:<22} {SOURCE_TUNED:<18} "
-                         f"{getattr(defaults, item.name)!r:<22} {gain}")
+            lines.append(
+                f"  {name:<6} {item.name:<16} {settings[name][item.name]!r:<22} {SOURCE_TUNED:<18} "
+                f"{getattr(defaults, item.name)!r:<22} {gain}"
+            )
     lines.append("  (all other fields: released defaults; a value set in the user's config wins over both)")
     return lines
 
@@ -431,8 +471,10 @@ def _profiles_report(head_map: Any, tuned: dict) -> list[str]:
 
     data = tuned.get("tuning_data") or {}
     confirm = tuned.get("confirmation_data") or {}
-    lines = [f"tuned task profiles (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
-             f"winners confirmed on {confirm.get('name', '?')}); default profile: {tuned['default_profile']}"]
+    lines = [
+        f"tuned task profiles (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
+        f"winners confirmed on {confirm.get('name', '?')}); default profile: {tuned['default_profile']}"
+    ]
     for name, section in tuned["profiles"].items():
         methods, reason = default_methods(head_map, name)
         lines.append(f"  profile {name} ({PROFILES[name]}): {','.join(methods) or 'none'} -- {reason}")
@@ -441,10 +483,14 @@ def _profiles_report(head_map: Any, tuned: dict) -> list[str]:
         for method, values in (section.get("settings") or {}).items():
             defaults = _method_config_class(method)()
             for field_name, value in values.items():
-                lines.append(f"    {method:<6} {field_name:<16} {value!r:<22} (released default "
-                             f"{getattr(defaults, field_name, '?')!r})")
-    lines.append("  (a field not listed runs at its released default; a value set in the user's config wins over both; "
-                 "choose a profile with wrap(..., \"auto:answer\") or task=)")
+                lines.append(
+                    f"    {method:<6} {field_name:<16} {value!r:<22} (released default "
+                    f"{getattr(defaults, field_name, '?')!r})"
+                )
+    lines.append(
+        "  (a field not listed runs at its released default; a value set in the user's config wins over both; "
+        'choose a profile with wrap(..., "auto:answer") or task=)'
+    )
     return lines
 
 

@@ -61,8 +61,14 @@ class GuardedModel:
             it was saved to; checked against the model's fingerprint.
     """
 
-    def __init__(self, model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None,
-                 task: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        processor=None,
+        config: GuardConfig | str | None = None,
+        head_map=None,
+        task: str | None = None,
+    ):
         object.__setattr__(self, "model", model)
         self._unwrapped = False
         self._call_lock = threading.RLock()
@@ -98,7 +104,9 @@ class GuardedModel:
 
     def _build(self, config: GuardConfig) -> list[Intervention]:
         if not isinstance(config, GuardConfig):
-            raise ValueError(f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')")
+            raise ValueError(
+                f"config must be a vlm_guard.GuardConfig, got {type(config).__name__}; use GuardConfig.from_methods('vhr,var')"
+            )
         config.validate()
         interventions = []
         for name in config.enabled_methods:  # in the registry's run order
@@ -133,8 +141,12 @@ class GuardedModel:
         """One line per enabled method: the values that run and where each came from (config / tuned / default)."""
         from vlm_guard.settings import describe_settings
 
-        return describe_settings(self.guard_config, self.settings_sources, tuned_only=tuned_only,
-                                 profile=getattr(self, "settings_profile", None))
+        return describe_settings(
+            self.guard_config,
+            self.settings_sources,
+            tuned_only=tuned_only,
+            profile=getattr(self, "settings_profile", None),
+        )
 
     def _refresh(self) -> None:
         """Raise after :meth:`unwrap`; re-validate and rebuild when ``guard_config`` was replaced or edited in place."""
@@ -145,8 +157,10 @@ class GuardedModel:
 
     def _check_wrapped(self) -> None:
         if self._unwrapped:
-            raise RuntimeError("this GuardedModel was unwrapped (unwrap() restored the plain model); wrap the model again "
-                               "with vlm_guard.wrap(model, processor, config) to run the methods, or call the model itself.")
+            raise RuntimeError(
+                "this GuardedModel was unwrapped (unwrap() restored the plain model); wrap the model again "
+                "with vlm_guard.wrap(model, processor, config) to run the methods, or call the model itself."
+            )
 
     # ------------------------------------------------------------------ calls
     def generate(self, *args, **kwargs):
@@ -174,8 +188,12 @@ class GuardedModel:
             kwargs["logits_processor"] = LogitsProcessorList([*user_processors, *processors])
         images = {key: kwargs[key] for key in self.adapter.image_input_keys if kwargs.get(key) is not None}
         first = [processor for processor in processors if getattr(processor, "runs_first", False)]
-        with self.engine.activate(self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask")), known_images=images), \
-                processors_first(self.model, first):
+        with (
+            self.engine.activate(
+                self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask")), known_images=images
+            ),
+            processors_first(self.model, first),
+        ):
             return self.model.generate(*args, **kwargs)
 
     def logits_processor(self, **model_inputs) -> LogitsProcessorList:
@@ -263,8 +281,11 @@ def processors_first(model: nn.Module, first: list) -> Iterator[None]:
     original = getattr(model, "_get_logits_processor", None)
     if not first or original is None:
         if first:
-            logger.warning("this transformers version has no GenerationMixin._get_logits_processor: %s run after "
-                           "generate's own logits processors", [type(p).__name__ for p in first])
+            logger.warning(
+                "this transformers version has no GenerationMixin._get_logits_processor: %s run after "
+                "generate's own logits processors",
+                [type(p).__name__ for p in first],
+            )
         yield
         return
     own = model.__dict__.get("_get_logits_processor")
@@ -302,12 +323,15 @@ def as_head_map(head_map):
         return head_map
     if isinstance(head_map, (str, os.PathLike)):
         return HeadMap.from_pretrained(head_map)
-    raise ValueError(f"head_map must be a vlm_guard.calibration.HeadMap, the folder it was saved to, or None; got "
-                     f"{type(head_map).__name__}. Load one with HeadMap.from_pretrained(folder).")
+    raise ValueError(
+        f"head_map must be a vlm_guard.calibration.HeadMap, the folder it was saved to, or None; got "
+        f"{type(head_map).__name__}. Load one with HeadMap.from_pretrained(folder)."
+    )
 
 
-def wrap(model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None,
-         task: str | None = None) -> GuardedModel:
+def wrap(
+    model: nn.Module, processor=None, config: GuardConfig | str | None = None, head_map=None, task: str | None = None
+) -> GuardedModel:
     """Wrap ``model`` so that ``generate`` runs the methods in ``config``.
 
     When ``head_map`` is None a map for this model is looked up (:func:`vlm_guard.calibration.head_map.find_head_map`): a
@@ -343,4 +367,6 @@ def _find_cached_head_map(model, processor):
         from vlm_guard.calibration.head_map import find_head_map
     except ImportError:
         return None
-    return find_head_map(get_adapter(model, processor))  # a tuned map first (cache, then shipped), else a calibrated one
+    return find_head_map(
+        get_adapter(model, processor)
+    )  # a tuned map first (cache, then shipped), else a calibrated one

@@ -14,6 +14,7 @@ paired 95 % bootstrap intervals (1000 resamples, seed 0). A profile whose settin
 Writes ``docs/results/v2/profiles.summary.json``, ``docs/results/v2/profiles.md`` (the table) and, beside the
 shipped map, ``held_out.json`` (what ``vlm-guard caption`` prints as the held-out effect line).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,9 @@ def _verify_greedy(model, processor, tasks, greedy: dict, sample: int) -> dict:
     for task in tasks:
         items = task.items[:sample]
         images = [loader.load(item.image, name=item.image_name) for item in items]
-        answers = generate_answers(model, processor, images, [chat_prompt(processor, item.prompt) for item in items],
-                                   task.max_new_tokens)
+        answers = generate_answers(
+            model, processor, images, [chat_prompt(processor, item.prompt) for item in items], task.max_new_tokens
+        )
         for item, answer in zip(items, answers):
             checked += 1
             mismatched += answer != greedy[task.name][item.item_id]["answer"]
@@ -146,8 +148,10 @@ def main() -> int:
     check = _verify_greedy(model, processor, tasks, greedy, args.verify) if args.verify else {"checked": 0}
     print(f"greedy records reproduced by the current code: {check}")
     if check.get("mismatched"):
-        raise SystemExit("the greedy records are not reproduced by the current code: rerun run_synthetic_v2.sh's "
-                         "greedy row before comparing")
+        raise SystemExit(
+            "the greedy records are not reproduced by the current code: rerun run_synthetic_v2.sh's "
+            "greedy row before comparing"
+        )
     guarded = wrap(model, processor, None, head_map)
     code = code_digest()["sha256_16"]
     rows = []
@@ -173,28 +177,50 @@ def main() -> int:
             elif settings:
                 # the caption setting on every column (what it costs on answers too); the answer setting on POPE
                 run_tasks = tasks if profile == "caption" else [t for t in tasks if t.name != "chair"]
-                run = run_method_set(guarded, processor, run_tasks, label, OUT / f"profiles.{label}.jsonl", ImageLoader(),
-                                     batch_size=args.batch_size, progress=False, config=_config(settings), code=code,
-                                     fingerprint_extra={"profile": profile})
+                run = run_method_set(
+                    guarded,
+                    processor,
+                    run_tasks,
+                    label,
+                    OUT / f"profiles.{label}.jsonl",
+                    ImageLoader(),
+                    batch_size=args.batch_size,
+                    progress=False,
+                    config=_config(settings),
+                    code=code,
+                    fingerprint_extra={"profile": profile},
+                )
                 own = {task: {r["id"]: r for r in records} for task, records in run.records.items()}
                 row["columns"] = compare(own, greedy)
                 row["records"] = f"profiles.{label}.jsonl"
             else:
                 row["columns"] = compare(greedy, greedy)  # no method: greedy itself, token-identical
                 row["records"] = GREEDY.name
-                row["note"] = "no method: the guarded model is the plain model (token-identical), so this row is greedy's"
+                row["note"] = (
+                    "no method: the guarded model is the plain model (token-identical), so this row is greedy's"
+                )
             rows.append(row)
     finally:
         guarded.unwrap()
-    summary = {"seed": SEED, "n": N, "greedy_records": GREEDY.name, "greedy_check": check,
-               "head_map": folder.name, "method_code": code, "rows": rows,
-               "intervals": "paired 95 % percentile bootstrap against greedy on the same items, 1000 resamples, seed 0"}
+    summary = {
+        "seed": SEED,
+        "n": N,
+        "greedy_records": GREEDY.name,
+        "greedy_check": check,
+        "head_map": folder.name,
+        "method_code": code,
+        "rows": rows,
+        "intervals": "paired 95 % percentile bootstrap against greedy on the same items, 1000 resamples, seed 0",
+    }
     atomic_write_json(OUT / "profiles.summary.json", summary, indent=1)
     atomic_write_text(OUT / "profiles.md", markdown(summary))
     held_out = {"source": "docs/results/v2/profiles.summary.json", "seed": SEED, "profiles": {}}
     for row in rows:
-        held_out["profiles"][row["profile"]] = {"settings": row["settings"], "columns": row["columns"],
-                                                "line": effect_line(row)}
+        held_out["profiles"][row["profile"]] = {
+            "settings": row["settings"],
+            "columns": row["columns"],
+            "line": effect_line(row),
+        }
     atomic_write_json(folder / "held_out.json", held_out, indent=1)
     print(markdown(summary))
     return 0
@@ -207,32 +233,52 @@ def _iv(c: dict) -> str:
 def effect_line(row: dict) -> str:
     """The line ``vlm-guard caption`` prints: the held-out effect of a profile's shipped setting."""
     c = row["columns"]
-    what = ", ".join(f"{m} " + " ".join(f"{k}={v}" for k, v in vals.items()) for m, vals in row["settings"].items()) or "no method"
+    what = (
+        ", ".join(f"{m} " + " ".join(f"{k}={v}" for k, v in vals.items()) for m, vals in row["settings"].items())
+        or "no method"
+    )
     if row["profile"] == "caption":
         chair = c["chair:chair_i"]
-        return (f"held-out effect of the caption profile ({what}): CHAIR_I {chair['greedy']:.1f} -> {chair['own']:.1f} "
-                f"({_iv(chair)} points, paired 95 % interval), recall {_iv(c['chair:recall'])}; n = {chair['n']} "
-                f"captions of unseen scenes (everyday seed {SEED}; docs/results/v2/profiles.md)")
+        return (
+            f"held-out effect of the caption profile ({what}): CHAIR_I {chair['greedy']:.1f} -> {chair['own']:.1f} "
+            f"({_iv(chair)} points, paired 95 % interval), recall {_iv(c['chair:recall'])}; n = {chair['n']} "
+            f"captions of unseen scenes (everyday seed {SEED}; docs/results/v2/profiles.md)"
+        )
     parts = ", ".join(f"{t.split('/')[1]} {_iv(c[f'{t}:accuracy'])}" for t in POPE if f"{t}:accuracy" in c)
     n = c.get("pope/adversarial:accuracy", {}).get("n", "?")
-    return (f"held-out effect of the answer profile ({what}): POPE accuracy {parts} points (paired 95 % intervals); "
-            f"n = {n} questions per split (everyday seed {SEED}; docs/results/v2/profiles.md)")
+    return (
+        f"held-out effect of the answer profile ({what}): POPE accuracy {parts} points (paired 95 % intervals); "
+        f"n = {n} questions per split (everyday seed {SEED}; docs/results/v2/profiles.md)"
+    )
 
 
 def markdown(summary: dict) -> str:
-    lines = ["## Default model v2: task profiles on held-out scenes", "",
-             f"Everyday world seed {summary['seed']} (never used for calibration or tuning), n = {summary['n']} captions "
-             f"and {summary['n']} questions per POPE split; Δ = the profile's shipped setting minus greedy on the same "
-             f"items, {summary['intervals']}; **bold** = significant. Greedy: `{summary['greedy_records']}` (the "
-             f"greedy row of `synthetic.md`; {summary['greedy_check'].get('checked', 0)} of its items regenerated by "
-             f"the current code, {summary['greedy_check'].get('mismatched', 0)} differ). Head map "
-             f"`{summary['head_map']}`; method code `{summary['method_code']}`. Generated by `profiles_v2.py`.", "",
-             "| profile | shipped setting | CHAIR_I Δ | CHAIR_S Δ | recall Δ | POPE random acc Δ | popular Δ | adversarial Δ |",
-             "|---|---|---|---|---|---|---|---|"]
-    keys = ("chair:chair_i", "chair:chair_s", "chair:recall", "pope/random:accuracy", "pope/popular:accuracy",
-            "pope/adversarial:accuracy")
+    lines = [
+        "## Default model v2: task profiles on held-out scenes",
+        "",
+        f"Everyday world seed {summary['seed']} (never used for calibration or tuning), n = {summary['n']} captions "
+        f"and {summary['n']} questions per POPE split; Δ = the profile's shipped setting minus greedy on the same "
+        f"items, {summary['intervals']}; **bold** = significant. Greedy: `{summary['greedy_records']}` (the "
+        f"greedy row of `synthetic.md`; {summary['greedy_check'].get('checked', 0)} of its items regenerated by "
+        f"the current code, {summary['greedy_check'].get('mismatched', 0)} differ). Head map "
+        f"`{summary['head_map']}`; method code `{summary['method_code']}`. Generated by `profiles_v2.py`.",
+        "",
+        "| profile | shipped setting | CHAIR_I Δ | CHAIR_S Δ | recall Δ | POPE random acc Δ | popular Δ | adversarial Δ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keys = (
+        "chair:chair_i",
+        "chair:chair_s",
+        "chair:recall",
+        "pope/random:accuracy",
+        "pope/popular:accuracy",
+        "pope/adversarial:accuracy",
+    )
     for row in summary["rows"]:
-        what = "; ".join(f"{m} " + ", ".join(f"{k}={v}" for k, v in vals.items()) for m, vals in row["settings"].items()) or "no method (greedy)"
+        what = (
+            "; ".join(f"{m} " + ", ".join(f"{k}={v}" for k, v in vals.items()) for m, vals in row["settings"].items())
+            or "no method (greedy)"
+        )
         cells = []
         for key in keys:
             c = row["columns"].get(key)
@@ -250,9 +296,16 @@ def markdown(summary: dict) -> str:
         lines.append("")
     for row in summary["rows"]:
         reproduced = row.get("reproduced")
-        source = f" Records: `{row['records']}`" + (
-            f" (a row of `synthetic.md` with exactly this setting; {reproduced.get('checked', 0)} of its items regenerated "
-            f"by the current code, {reproduced.get('mismatched', 0)} differ)" if reproduced else "") + "."
+        source = (
+            f" Records: `{row['records']}`"
+            + (
+                f" (a row of `synthetic.md` with exactly this setting; {reproduced.get('checked', 0)} of its items regenerated "
+                f"by the current code, {reproduced.get('mismatched', 0)} differ)"
+                if reproduced
+                else ""
+            )
+            + "."
+        )
         lines.append(f"- `{row['profile']}`: {row.get('decision') or ''} {row.get('note') or ''}".rstrip() + source)
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ in two folders is refused) and written as the ``tuned`` section of
 (every candidate's gain and cost with intervals, per profile) beside it; the tuning states are copied to
 ``docs/results/v2/profiles_tune/`` (the raw per-item results).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ def main(folders: list[str]) -> int:
     shipped = sorted((ROOT / "vlm_guard/assets/head_maps").glob("default-v2-*"))[0]
     merged: dict = {}
     for folder in map(Path, folders):
-        tuned = validate_tuned(json.loads((folder / "head_map.json").read_text())["tuned"], str(folder / "head_map.json"))
+        tuned = validate_tuned(
+            json.loads((folder / "head_map.json").read_text())["tuned"], str(folder / "head_map.json")
+        )
         if "profiles" not in tuned:
             raise SystemExit(f"{folder} holds no task profiles (tuned without --profiles)")
         if not merged:
@@ -39,11 +42,17 @@ def main(folders: list[str]) -> int:
         for name, section in tuned["profiles"].items():
             if name in merged["profiles"]:
                 raise SystemExit(f"profile {name!r} is in two of {folders}; pass each profile once")
-            merged["profiles"][name] = {**section, "tuning_data": tuned["tuning_data"],
-                                        "confirmation_data": tuned["confirmation_data"],
-                                        "elapsed_s": tuned["search"]["elapsed_s"]}
+            merged["profiles"][name] = {
+                **section,
+                "tuning_data": tuned["tuning_data"],
+                "confirmation_data": tuned["confirmation_data"],
+                "elapsed_s": tuned["search"]["elapsed_s"],
+            }
     merged["default_profile"] = "caption" if "caption" in merged["profiles"] else next(iter(merged["profiles"]))
-    merged["search"] = {**merged["search"], "elapsed_s": round(sum(s["elapsed_s"] for s in merged["profiles"].values()), 1)}
+    merged["search"] = {
+        **merged["search"],
+        "elapsed_s": round(sum(s["elapsed_s"] for s in merged["profiles"].values()), 1),
+    }
     merged = validate_tuned(merged, "the merged tuned section")
     path = shipped / "head_map.json"
     data = json.loads(path.read_text())

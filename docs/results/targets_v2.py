@@ -18,9 +18,17 @@ import sys
 from pathlib import Path
 
 LOWER_IS_BETTER = {"chair_s", "chair_i"}
-COLUMNS = [("pope/random", "accuracy"), ("pope/random", "f1"), ("pope/popular", "accuracy"), ("pope/popular", "f1"),
-           ("pope/adversarial", "accuracy"), ("pope/adversarial", "f1"), ("chair", "chair_s"), ("chair", "chair_i"),
-           ("chair", "recall")]
+COLUMNS = [
+    ("pope/random", "accuracy"),
+    ("pope/random", "f1"),
+    ("pope/popular", "accuracy"),
+    ("pope/popular", "f1"),
+    ("pope/adversarial", "accuracy"),
+    ("pope/adversarial", "f1"),
+    ("chair", "chair_s"),
+    ("chair", "chair_i"),
+    ("chair", "recall"),
+]
 MARK = "\n## Targets (issue 13)\n"
 
 
@@ -37,38 +45,57 @@ def targets(summary: dict) -> list[str]:
     tuned = [name for name in metrics if name.endswith("@tuned")]
     worse = []
     for name in tuned:
-        broken = [task for task in ("pope/random", "pope/popular", "pope/adversarial", "chair")
-                  if metrics[name].get(task, {}).get("followed_prompt", True) is False]
+        broken = [
+            task
+            for task in ("pope/random", "pope/popular", "pope/adversarial", "chair")
+            if metrics[name].get(task, {}).get("followed_prompt", True) is False
+        ]
         worse.extend(f"{name} {task.split('/')[-1]}: prompt not followed" for task in broken)
         for task, metric in COLUMNS:
             paired = metrics[name].get("vs_greedy", {}).get(task, {}).get(metric)
             if paired is not None and _worse(paired, metric):
-                worse.append(f"{name} {task.split('/')[-1]} {metric} {100 * paired['diff']:+.1f} "
-                             f"[{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}]")
-    lines.append(f"| no tuned row significantly worse than greedy on any column ({len(tuned)} rows) | "
-                 f"{'; '.join(worse) if worse else 'none worse'} | {'missed' if worse else 'met'} |")
+                worse.append(
+                    f"{name} {task.split('/')[-1]} {metric} {100 * paired['diff']:+.1f} "
+                    f"[{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}]"
+                )
+    lines.append(
+        f"| no tuned row significantly worse than greedy on any column ({len(tuned)} rows) | "
+        f"{'; '.join(worse) if worse else 'none worse'} | {'missed' if worse else 'met'} |"
+    )
     trio = metrics.get("all@tuned")
     if trio is None:
-        lines.append("| VHR+VAR+GIFT tuned: CHAIR_I -20 %, adversarial POPE errors -10 %, recall within 2 points | no "
-                     "all@tuned row: tuning kept no setting for VHR and GIFT (none passed its constraints), so there is "
-                     "no tuned trio on this model | missed |")
+        lines.append(
+            "| VHR+VAR+GIFT tuned: CHAIR_I -20 %, adversarial POPE errors -10 %, recall within 2 points | no "
+            "all@tuned row: tuning kept no setting for VHR and GIFT (none passed its constraints), so there is "
+            "no tuned trio on this model | missed |"
+        )
         return lines
-    if any(trio.get(task, {}).get("followed_prompt", True) is False for task in trio if isinstance(trio.get(task), dict)):
-        lines.append("| VHR+VAR+GIFT tuned | its outputs do not follow the prompts (cells withheld in the table) | missed |")
+    if any(
+        trio.get(task, {}).get("followed_prompt", True) is False for task in trio if isinstance(trio.get(task), dict)
+    ):
+        lines.append(
+            "| VHR+VAR+GIFT tuned | its outputs do not follow the prompts (cells withheld in the table) | missed |"
+        )
         return lines
     g_ci, t_ci = greedy["chair"]["chair_i"]["point"], trio["chair"]["chair_i"]["point"]
     rel_ci = (t_ci - g_ci) / g_ci if g_ci else float("nan")
-    lines.append(f"| VHR+VAR+GIFT tuned: CHAIR_I -20 % relative | {100 * g_ci:.1f} -> {100 * t_ci:.1f} "
-                 f"({100 * rel_ci:+.0f} %) | {'met' if rel_ci <= -0.20 else 'missed'} |")
+    lines.append(
+        f"| VHR+VAR+GIFT tuned: CHAIR_I -20 % relative | {100 * g_ci:.1f} -> {100 * t_ci:.1f} "
+        f"({100 * rel_ci:+.0f} %) | {'met' if rel_ci <= -0.20 else 'missed'} |"
+    )
     g_err = 1 - greedy["pope/adversarial"]["accuracy"]["point"]
     t_err = 1 - trio["pope/adversarial"]["accuracy"]["point"]
     rel_err = (t_err - g_err) / g_err if g_err else float("nan")
-    lines.append(f"| VHR+VAR+GIFT tuned: adversarial POPE errors -10 % relative | {100 * g_err:.1f} -> {100 * t_err:.1f} "
-                 f"({100 * rel_err:+.0f} %) | {'met' if rel_err <= -0.10 else 'missed'} |")
+    lines.append(
+        f"| VHR+VAR+GIFT tuned: adversarial POPE errors -10 % relative | {100 * g_err:.1f} -> {100 * t_err:.1f} "
+        f"({100 * rel_err:+.0f} %) | {'met' if rel_err <= -0.10 else 'missed'} |"
+    )
     g_rec, t_rec = greedy["chair"]["recall"]["point"], trio["chair"]["recall"]["point"]
     drop = 100 * (g_rec - t_rec)
-    lines.append(f"| VHR+VAR+GIFT tuned: object recall within 2 points | {100 * g_rec:.1f} -> {100 * t_rec:.1f} "
-                 f"({-drop:+.1f} points) | {'met' if drop <= 2.0 else 'missed'} |")
+    lines.append(
+        f"| VHR+VAR+GIFT tuned: object recall within 2 points | {100 * g_rec:.1f} -> {100 * t_rec:.1f} "
+        f"({-drop:+.1f} points) | {'met' if drop <= 2.0 else 'missed'} |"
+    )
     return lines
 
 

@@ -71,7 +71,10 @@ class EagerHarness:
         AttentionInterface.register(NAME, self._attention)
         AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
         saved = [(config, config._attn_implementation) for config in self.configs.values()]
-        hooks = [layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True) for index, layer in enumerate(self.layers)]
+        hooks = [
+            layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True)
+            for index, layer in enumerate(self.layers)
+        ]
         for config, _ in saved:
             config._attn_implementation = NAME
         try:
@@ -108,11 +111,18 @@ class EagerHarness:
         return output.transpose(0, 1)[None].to(query.dtype), None
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, edits: Edits | None = None) -> torch.Tensor:
+    def logits(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, edits: Edits | None = None
+    ) -> torch.Tensor:
         """Last-position logits ``[V]`` of one full forward."""
         self.edits = edits or Edits()
         try:
-            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False, "logits_to_keep": 1}
+            inputs = {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "use_cache": False,
+                "logits_to_keep": 1,
+            }
             if pixel_values is not None:
                 inputs["pixel_values"] = pixel_values
             return self.model(**inputs).logits[0, -1].float()
@@ -139,8 +149,16 @@ class VHREdits(Edits):
     alpha, at every position, in the target layers; heads chosen at the prompt's last position, layer
     by layer (later layers see the reinforced earlier ones)."""
 
-    def __init__(self, prompt: Prompt, text_only: dict[int, torch.Tensor], layers: list[int], alpha: float, outlier_filter: str):
-        self.prompt, self.text_only, self.layers, self.alpha, self.outlier_filter = prompt, text_only, layers, alpha, outlier_filter
+    def __init__(
+        self, prompt: Prompt, text_only: dict[int, torch.Tensor], layers: list[int], alpha: float, outlier_filter: str
+    ):
+        self.prompt, self.text_only, self.layers, self.alpha, self.outlier_filter = (
+            prompt,
+            text_only,
+            layers,
+            alpha,
+            outlier_filter,
+        )
 
     def head_output(self, layer, output):
         if layer not in self.layers:
@@ -206,7 +224,11 @@ class VAREdits(Edits):
         for h in range(weights.shape[0]):
             attention = weights[h, rows]  # [R, T]
             image_attention = attention[:, im:end]
-            portion = attention[:, visual_sinks].sum(-1) / (image_attention + 1e-6).sum(-1) if visual_sinks else torch.zeros(len(rows))
+            portion = (
+                attention[:, visual_sinks].sum(-1) / (image_attention + 1e-6).sum(-1)
+                if visual_sinks
+                else torch.zeros(len(rows))
+            )
             chosen = (portion <= 1 - self.rho) & (image_attention.sum(-1) >= self.summ)
             for r in chosen.nonzero().flatten().tolist():
                 row = attention[r].clone()
@@ -294,7 +316,9 @@ class PAIEdits(Edits):
         return edited
 
 
-def contrast(logits: torch.Tensor, other: torch.Tensor, weight: float, plausibility: float, log_space: bool) -> torch.Tensor:
+def contrast(
+    logits: torch.Tensor, other: torch.Tensor, weight: float, plausibility: float, log_space: bool
+) -> torch.Tensor:
     """``(1 + w) * a - w * b`` with tokens below ``log(plausibility) + max`` set to ``-inf``.
 
     PAI contrasts log-probabilities (``gamma = 1 + w``), VCD raw logits; the cut-off compares the
@@ -330,9 +354,19 @@ def vcd_noised(pixel_values: torch.Tensor, noise_step: int, seed: int = 0) -> to
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def decode(harness: EagerHarness, method: str, preset: str, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-           prompt: Prompt, plan: dict, steps: int, forced: list[int] | None = None,
-           repetition_penalty: float | None = None, penalty_effect: list | None = None) -> tuple[list[torch.Tensor], list[int]]:
+def decode(
+    harness: EagerHarness,
+    method: str,
+    preset: str,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    prompt: Prompt,
+    plan: dict,
+    steps: int,
+    forced: list[int] | None = None,
+    repetition_penalty: float | None = None,
+    penalty_effect: list | None = None,
+) -> tuple[list[torch.Tensor], list[int]]:
     """Reference greedy decoding: ``steps`` next-token score vectors (prefill first) and the tokens.
 
     ``plan`` holds the model-specific parts (layers, sink dims, tau, ...); ``forced`` feeds given tokens
@@ -354,8 +388,16 @@ def decode(harness: EagerHarness, method: str, preset: str, input_ids: torch.Ten
         edits = VHREdits(prompt, recorder.outputs, plan["vhr_layers"], settings["alpha"], settings["outlier_filter"])
     elif method == "var":
         layers = list(range(2, num_layers if settings["last_layer"] else num_layers - 1))
-        edits = VAREdits(prompt, plan["sink_dims"], plan["tau"], layers, settings["keep"], settings["rho"], settings["summ"],
-                         settings["require_visual_sink"])
+        edits = VAREdits(
+            prompt,
+            plan["sink_dims"],
+            plan["tau"],
+            layers,
+            settings["keep"],
+            settings["rho"],
+            settings["summ"],
+            settings["require_visual_sink"],
+        )
     elif method == "gift":
         recorder = RecordWeights(plan["gift_saliency_layer"])
         harness.logits(input_ids, pixel_values, recorder)  # the released code's extra eager prefill
@@ -370,12 +412,20 @@ def decode(harness: EagerHarness, method: str, preset: str, input_ids: torch.Ten
         if method == "pai":
             keep = [i for i in range(sequence.shape[1]) if not prompt.image_start <= i < prompt.image_end]
             text_logits = harness.logits(sequence[:, keep], None)
-            final = lambda penalty: contrast(repetition_penalised(raw, sequence, penalty), text_logits,  # noqa: E731
-                                             settings["gamma"] - 1, settings["plausibility"], log_space=True)
+            final = lambda penalty: contrast(  # noqa: E731
+                repetition_penalised(raw, sequence, penalty),
+                text_logits,
+                settings["gamma"] - 1,
+                settings["plausibility"],
+                log_space=True,
+            )
         elif method == "vcd" and (settings["contrast_greedy"] or forced is not None):
             noised_logits = harness.logits(sequence, noised)
             final = lambda penalty: repetition_penalised(  # noqa: E731
-                contrast(raw, noised_logits, settings["alpha"], settings["plausibility"], log_space=False), sequence, penalty)
+                contrast(raw, noised_logits, settings["alpha"], settings["plausibility"], log_space=False),
+                sequence,
+                penalty,
+            )
         else:
             final = lambda penalty: repetition_penalised(raw, sequence, penalty)  # noqa: E731
         logits = final(repetition_penalty)

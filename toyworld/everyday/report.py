@@ -48,8 +48,10 @@ def partner_rates(truths: list[set[str]], claims: list[set[str]]) -> dict:
     partner_rate = partner_hits / max(1, partner_total)
     other_rate = other_hits / max(1, other_total)
     return {
-        "absent_partner_claimed": round(partner_rate, 4), "absent_partner_cases": partner_total,
-        "absent_other_claimed": round(other_rate, 4), "absent_other_cases": other_total,
+        "absent_partner_claimed": round(partner_rate, 4),
+        "absent_partner_cases": partner_total,
+        "absent_other_claimed": round(other_rate, 4),
+        "absent_other_cases": other_total,
         "ratio": round(partner_rate / other_rate, 2) if other_rate else None,  # None: no other absent claimed
         "partner_at_least_2x": partner_rate > 0 and partner_rate >= 2 * other_rate,
     }
@@ -71,8 +73,14 @@ def evaluate_pope(model, processor, scenes, batch_size: int) -> dict:
     results = {}
     for split in QUESTION_SPLITS:
         items = [(s, q) for s in scenes for q in questions(s, split=split)]
-        answers = generate(model, processor, [render(s) for s, _ in items], [_messages(q.text) for _, q in items],
-                           max_new_tokens=3, batch_size=batch_size)
+        answers = generate(
+            model,
+            processor,
+            [render(s) for s, _ in items],
+            [_messages(q.text) for _, q in items],
+            max_new_tokens=3,
+            batch_size=batch_size,
+        )
         tp = fp = fn = tn = unclear = 0
         for (_, q), a in zip(items, answers):
             verdict = says_yes(a)
@@ -84,9 +92,13 @@ def evaluate_pope(model, processor, scenes, batch_size: int) -> dict:
             tn += (not predicted) and not actual
         precision, recall = tp / max(1, tp + fp), tp / max(1, tp + fn)
         results[split] = {
-            "accuracy": round((tp + tn) / max(1, len(items)), 4), "precision": round(precision, 4),
-            "recall": round(recall, 4), "f1": round(2 * precision * recall / max(1e-9, precision + recall), 4),
-            "yes_ratio": round((tp + fp) / max(1, len(items)), 4), "unclear": unclear, "questions": len(items),
+            "accuracy": round((tp + tn) / max(1, len(items)), 4),
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(2 * precision * recall / max(1e-9, precision + recall), 4),
+            "yes_ratio": round((tp + fp) / max(1, len(items)), 4),
+            "unclear": unclear,
+            "questions": len(items),
             "sample_answers": answers[:4],
         }
     return results
@@ -95,8 +107,14 @@ def evaluate_pope(model, processor, scenes, batch_size: int) -> dict:
 def evaluate_absent_yes(model, processor, scenes, batch_size: int) -> dict:
     """Ask about every absent type of every scene; partner vs other yes-rates."""
     items = [(s, t) for s in scenes for t in OBJECT_TYPES if t not in s.types]
-    answers = generate(model, processor, [render(s) for s, _ in items], [_messages(question_text(t)) for _, t in items],
-                       max_new_tokens=3, batch_size=batch_size)
+    answers = generate(
+        model,
+        processor,
+        [render(s) for s, _ in items],
+        [_messages(question_text(t)) for _, t in items],
+        max_new_tokens=3,
+        batch_size=batch_size,
+    )
     claims: dict[int, set[str]] = {}
     for (scene, object_type), a in zip(items, answers):
         if says_yes(a):
@@ -127,14 +145,18 @@ def visual_sinks(model, processor, scenes) -> dict:
                 fractions[layer] += float((phi[layer] >= SINK_THRESHOLD).float().mean())
         counts = len(per_scene)
     return {
-        "sink_dims": found.dims, "sink_dim_ratios": [round(r, 2) for r in found.ratios], "tau": SINK_THRESHOLD,
+        "sink_dims": found.dims,
+        "sink_dim_ratios": [round(r, 2) for r in found.ratios],
+        "tau": SINK_THRESHOLD,
         "visual_sink_fraction_per_layer": [round(f / max(1, counts), 4) for f in fractions],
-        "first_sink_layer": FIRST_SINK_LAYER, "scenes": len(scenes),
+        "first_sink_layer": FIRST_SINK_LAYER,
+        "scenes": len(scenes),
     }
 
 
-def build_v2_report(model, processor, scenes: int = 100, batch_size: int = 25, sink_scenes: int = 12,
-                    prior: dict | None = None) -> dict:
+def build_v2_report(
+    model, processor, scenes: int = 100, batch_size: int = 25, sink_scenes: int = 12, prior: dict | None = None
+) -> dict:
     """Measure ``model`` (see module docstring). Deterministic for a given model (greedy decoding)."""
     held_out = World(seed=HELD_OUT_SEED, bias=False).scenes(0, scenes)
     truths = [s.types for s in held_out]
@@ -143,8 +165,9 @@ def build_v2_report(model, processor, scenes: int = 100, batch_size: int = 25, s
     captions, rates, samples = {}, {}, {}
     for kind, prompt, tokens in (("plain", CAPTION_PROMPTS[0], 40), ("detail", DETAIL_PROMPTS[1], 72)):
         logger.info("%s captions on %d held-out scenes", kind, scenes)
-        texts = generate(model, processor, images, [_messages(prompt)] * scenes, max_new_tokens=tokens,
-                         batch_size=batch_size)
+        texts = generate(
+            model, processor, images, [_messages(prompt)] * scenes, max_new_tokens=tokens, batch_size=batch_size
+        )
         mentions = [mentioned_objects(t) for t in texts]
         captions[kind] = {**caption_metrics(truths, mentions), "prompt": prompt}
         rates[f"captions_{kind}"] = partner_rates(truths, mentions)
@@ -162,14 +185,18 @@ def build_v2_report(model, processor, scenes: int = 100, batch_size: int = 25, s
     report["must_show"] = {
         "recall_plain_ge_0.7": [captions["plain"]["recall"], captions["plain"]["recall"] >= 0.7],
         "chair_s_detail_ge_0.20": [captions["detail"]["chair_s"], captions["detail"]["chair_s"] >= 0.20],
-        "partner_2x_caption": [[rates["captions_detail"]["absent_partner_claimed"],
-                                rates["captions_detail"]["absent_other_claimed"]],
-                               rates["captions_detail"]["partner_at_least_2x"]],
-        "partner_2x_yes_no": [[rates["yes_no"]["absent_partner_claimed"], rates["yes_no"]["absent_other_claimed"]],
-                              rates["yes_no"]["partner_at_least_2x"]],
+        "partner_2x_caption": [
+            [rates["captions_detail"]["absent_partner_claimed"], rates["captions_detail"]["absent_other_claimed"]],
+            rates["captions_detail"]["partner_at_least_2x"],
+        ],
+        "partner_2x_yes_no": [
+            [rates["yes_no"]["absent_partner_claimed"], rates["yes_no"]["absent_other_claimed"]],
+            rates["yes_no"]["partner_at_least_2x"],
+        ],
         "pope_random_gt_popular_gt_adversarial": [
             [pope[s]["accuracy"] for s in QUESTION_SPLITS],
-            pope["random"]["accuracy"] > pope["popular"]["accuracy"] > pope["adversarial"]["accuracy"]],
+            pope["random"]["accuracy"] > pope["popular"]["accuracy"] > pope["adversarial"]["accuracy"],
+        ],
         "sink_dims_found": [report["sinks"]["sink_dims"], bool(report["sinks"]["sink_dims"])],
     }
     return report

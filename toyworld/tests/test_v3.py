@@ -121,10 +121,12 @@ def test_patch_targets_label_the_patches_of_each_object(cell, patches_per_cell):
     assert targets["type"].shape == (4, side * side)
     for row, scene in enumerate(scenes):
         labelled = targets["type"][row].view(side, side)
-        assert int((labelled > 0).sum()) == len(scene.objects) * patches_per_cell ** 2
+        assert int((labelled > 0).sum()) == len(scene.objects) * patches_per_cell**2
         for obj in scene.objects:
-            block = labelled[obj.row * patches_per_cell:(obj.row + 1) * patches_per_cell,
-                             obj.col * patches_per_cell:(obj.col + 1) * patches_per_cell]
+            block = labelled[
+                obj.row * patches_per_cell : (obj.row + 1) * patches_per_cell,
+                obj.col * patches_per_cell : (obj.col + 1) * patches_per_cell,
+            ]
             assert bool((block == OBJECT_TYPES.index(obj.type) + 1).all())
         image = render(scene, cell, noise=False)
         assert image.size == (GRID * cell, GRID * cell)
@@ -138,9 +140,18 @@ def test_spec_gives_64_or_144_image_tokens_and_refuses_split_cells():
 
 
 def _config(out, **overrides) -> V3TrainConfig:
-    values = {"out_dir": str(out), "spec": V3Spec(**TINY_SPEC), "vision_steps": 2, "prealign_steps": 2,
-              "align_steps": 2, "instruct_steps": 3, "vision_batch": 3, "prealign_batch": 3, "chat_batch": 2,
-              "warmup_steps": 1}
+    values = {
+        "out_dir": str(out),
+        "spec": V3Spec(**TINY_SPEC),
+        "vision_steps": 2,
+        "prealign_steps": 2,
+        "align_steps": 2,
+        "instruct_steps": 3,
+        "vision_batch": 3,
+        "prealign_batch": 3,
+        "chat_batch": 2,
+        "warmup_steps": 1,
+    }
     values.update(overrides)
     return V3TrainConfig(**values)
 
@@ -195,8 +206,10 @@ def test_checkpoint_refuses_a_second_start_a_damaged_file_and_changed_settings(t
     with pytest.raises(ValueError, match="vision_lr"):
         train(_config(tmp_path / "run", vision_lr=1e-2), resume=True, stop_after=1, lm=lm, lm_tokenizer=tokenizer)
     # a later stage's step count may change on resume
-    assert train(_config(tmp_path / "run", instruct_steps=5), resume=True, stop_after=1, lm=lm,
-                 lm_tokenizer=tokenizer) is None
+    assert (
+        train(_config(tmp_path / "run", instruct_steps=5), resume=True, stop_after=1, lm=lm, lm_tokenizer=tokenizer)
+        is None
+    )
     folder = tmp_path / "run" / CHECKPOINT_DIR
     name = json.loads((folder / STATE_FILE).read_text())["files"]["trainable"]["name"]
     data = bytearray((folder / name).read_bytes())
@@ -205,7 +218,8 @@ def test_checkpoint_refuses_a_second_start_a_damaged_file_and_changed_settings(t
     with pytest.raises(ValueError, match="digest"):
         read_checkpoint(folder)
     assert sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors") == sorted(
-        json.loads((folder / STATE_FILE).read_text())["files"][k]["name"] for k in ("trainable", "optimizer"))
+        json.loads((folder / STATE_FILE).read_text())["files"][k]["name"] for k in ("trainable", "optimizer")
+    )
 
 
 def test_exported_weights_assemble_to_the_trained_model(tmp_path, tiny_lm):
@@ -244,8 +258,16 @@ def test_report_measures_a_checkpoint(tmp_path, tiny_lm):
     config = _config(tmp_path / "run")
     train(config, stop_after=7, lm=lm, lm_tokenizer=tokenizer)
     model, processor, _, _ = load_run(tmp_path / "run", lm=lm, lm_tokenizer=tokenizer)
-    report = build_report(model, processor, partner_scenes=4, caption_scenes=1, sink_scenes=2, max_new_tokens=24,
-                          probe_scenes=40, prior_scenes=2)
+    report = build_report(
+        model,
+        processor,
+        partner_scenes=4,
+        caption_scenes=1,
+        sink_scenes=2,
+        max_new_tokens=24,
+        probe_scenes=40,
+        prior_scenes=2,
+    )
     slot = report["partner_slot"]
     assert slot["slots"] == sum(len(partner_slots(s)) for s in independent_world(424_242).scenes(0, 4)) > 0
     for key in ("p_partner_image", "p_partner_no_image", "p_other_absent_image", "p_other_absent_no_image"):
@@ -256,9 +278,13 @@ def test_report_measures_a_checkpoint(tmp_path, tiny_lm):
     layers = lm.config.num_hidden_layers
     assert [row["layer"] for row in report["sinks"]["per_layer"]] == list(range(layers))
     assert report["image_tokens"] == 64 and set(report["bars"]) == {
-        "partner_image_below_no_image", "image_attention_second_half_below_first", "image_tokens_reach_tau",
-        "probe_partner_auc_below_0.6_presence_above_0.9", "prior_partner_named_2x",
-        "prior_pope_random_gt_popular_gt_adversarial"}
+        "partner_image_below_no_image",
+        "image_attention_second_half_below_first",
+        "image_tokens_reach_tau",
+        "probe_partner_auc_below_0.6_presence_above_0.9",
+        "prior_partner_named_2x",
+        "prior_pope_random_gt_popular_gt_adversarial",
+    }
     assert [report["prior"]["pope"][s]["questions"] for s in ("random", "popular", "adversarial")] == [8, 8, 8]
     assert (report["probe"]["fit_scenes"], report["probe"]["test_scenes"]) == (40, 20)
 
@@ -289,7 +315,7 @@ def test_partner_slots_stop_before_the_next_objects_type():
             found += 1
             assert text.startswith(prefix) and partner not in scene.types and partner not in others
             assert 0 < len(others) <= 4 and not set(others) & scene.types
-            following = text[len(prefix):].split()[0]
+            following = text[len(prefix) :].split()[0]
             assert following in scene.types
     assert found > 10
 

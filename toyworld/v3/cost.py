@@ -39,15 +39,24 @@ def measure(image_size: int, kinds: list[str], batch: int, repeats: int, lm=None
         for repeat in range(repeats + 1):
             wall, cpu = time.perf_counter(), time.process_time()
             logits = model(**data.as_kwargs()).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), data.labels[:, 1:],
-                                                     ignore_index=IGNORE_INDEX)
+            loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), data.labels[:, 1:], ignore_index=IGNORE_INDEX
+            )
             loss.backward()
             if repeat:  # the first step warms up allocations
                 walls.append(time.perf_counter() - wall)
                 cpus.append(time.process_time() - cpu)
-        rows.append({"image_size": image_size, "image_tokens": config.spec.num_image_tokens, "kind": kind,
-                     "batch": batch, "seq": int(data.input_ids.shape[1]),
-                     "wall_s": round(sum(walls) / len(walls), 2), "cpu_s": round(sum(cpus) / len(cpus), 2)})
+        rows.append(
+            {
+                "image_size": image_size,
+                "image_tokens": config.spec.num_image_tokens,
+                "kind": kind,
+                "batch": batch,
+                "seq": int(data.input_ids.shape[1]),
+                "wall_s": round(sum(walls) / len(walls), 2),
+                "cpu_s": round(sum(cpus) / len(cpus), 2),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -55,8 +64,9 @@ def measure(image_size: int, kinds: list[str], batch: int, repeats: int, lm=None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toyworld.v3.cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[128, 192])
-    parser.add_argument("--kinds", nargs="+", default=["detail", "caption", "question"],
-                        choices=["detail", "caption", "question"])
+    parser.add_argument(
+        "--kinds", nargs="+", default=["detail", "caption", "question"], choices=["detail", "caption", "question"]
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)

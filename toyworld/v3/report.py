@@ -117,9 +117,11 @@ def word_logprobs(model, processor, image, with_image: bool, prefix: str, words:
     values = []
     for row, tokens in enumerate(word_ids):
         end = int(lengths[row])
-        ids = inputs["input_ids"][row, end - len(tokens): end].tolist()
+        ids = inputs["input_ids"][row, end - len(tokens) : end].tolist()
         if ids != tokens:
-            raise RuntimeError(f"the word {words[row]!r} does not tokenize the same after the prefix: {ids} vs {tokens}")
+            raise RuntimeError(
+                f"the word {words[row]!r} does not tokenize the same after the prefix: {ids} vs {tokens}"
+            )
         values.append(float(sum(logprobs[row, end - len(tokens) - 1 + k, t] for k, t in enumerate(tokens))))
     return values
 
@@ -137,8 +139,15 @@ def partner_slot_report(model, processor, scenes) -> dict:
             other_with.append(sum(math.exp(v) for v in lp_image[1:]) / len(others))
             other_without.append(sum(math.exp(v) for v in lp_text[1:]) / len(others))
             if len(cases) < 5:
-                cases.append({"scene": scene.index, "prefix_end": prefix[-60:], "partner": partner,
-                              "p_image": round(with_image[-1], 5), "p_no_image": round(without[-1], 5)})
+                cases.append(
+                    {
+                        "scene": scene.index,
+                        "prefix_end": prefix[-60:],
+                        "partner": partner,
+                        "p_image": round(with_image[-1], 5),
+                        "p_no_image": round(without[-1], 5),
+                    }
+                )
     n = len(with_image)
 
     def mean(values):
@@ -146,9 +155,13 @@ def partner_slot_report(model, processor, scenes) -> dict:
 
     raised = sum(a > b for a, b in zip(with_image, without))
     return {
-        "slots": n, "p_partner_image": mean(with_image), "p_partner_no_image": mean(without),
-        "p_other_absent_image": mean(other_with), "p_other_absent_no_image": mean(other_without),
-        "image_raises_partner_fraction": round(raised / max(1, n), 4), "examples": cases,
+        "slots": n,
+        "p_partner_image": mean(with_image),
+        "p_partner_no_image": mean(without),
+        "p_other_absent_image": mean(other_with),
+        "p_other_absent_no_image": mean(other_without),
+        "image_raises_partner_fraction": round(raised / max(1, n), 4),
+        "examples": cases,
         "bar_partner_image_below_no_image": bool(n) and mean(with_image) < mean(without),
     }
 
@@ -156,8 +169,14 @@ def partner_slot_report(model, processor, scenes) -> dict:
 @torch.no_grad()
 def attention_decay_report(model, processor, scenes, max_new_tokens: int = 200, batch_size: int = 4) -> dict:
     images = [render(scene, _cell(model)) for scene in scenes]
-    texts = generate(model, processor, images, [messages(REPORT_PROMPT)] * len(scenes),
-                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts = generate(
+        model,
+        processor,
+        images,
+        [messages(REPORT_PROMPT)] * len(scenes),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     image_token_id = model.config.image_token_id
@@ -171,12 +190,16 @@ def attention_decay_report(model, processor, scenes, max_new_tokens: int = 200, 
             if answer.shape[1] < 4:
                 continue
             ids = torch.cat([inputs["input_ids"], answer], 1)
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
-                        output_attentions=True)
+            out = model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=inputs["pixel_values"],
+                output_attentions=True,
+            )
             image_mask = (ids[0] == image_token_id).float()  # [seq]
             # each answer token's query row (the row that predicts the next token): mean over layers and heads
             attention = torch.stack([a[0].float() for a in out.attentions]).mean((0, 1))  # [seq, seq]
-            rows = attention[prompt_length - 1: ids.shape[1] - 1]  # [answer, seq]
+            rows = attention[prompt_length - 1 : ids.shape[1] - 1]  # [answer, seq]
             share = (rows * image_mask).sum(-1)  # [answer]
             # what uniform attention over the visible keys would give the image: a share that falls with length
             visible = torch.arange(prompt_length, ids.shape[1], dtype=torch.float32)  # keys seen by each row
@@ -194,9 +217,12 @@ def attention_decay_report(model, processor, scenes, max_new_tokens: int = 200, 
     mean_first, mean_second = sum(first) / max(1, n), sum(second) / max(1, n)
     lower = sum(b < a for a, b in zip(first, second))
     return {
-        "captions": n, "mean_tokens": round(sum(lengths) / max(1, n), 1),
-        "image_share_first_half": round(mean_first, 5), "image_share_second_half": round(mean_second, 5),
-        "second_half_lower_fraction": round(lower / max(1, n), 4), "per_caption": per_scene,
+        "captions": n,
+        "mean_tokens": round(sum(lengths) / max(1, n), 1),
+        "image_share_first_half": round(mean_first, 5),
+        "image_share_second_half": round(mean_second, 5),
+        "second_half_lower_fraction": round(lower / max(1, n), 4),
+        "per_caption": per_scene,
         "relative_to_uniform_first_half": round(sum(relative_first) / max(1, n), 4),
         "relative_to_uniform_second_half": round(sum(relative_second) / max(1, n), 4),
         "sample": texts[:2],
@@ -221,7 +247,7 @@ def image_token_features(model, processor, scenes) -> torch.Tensor:
     builder = V3BatchBuilder(processor, int(model.config.image_seq_length), _cell(model))
     features = []
     for start in range(0, len(scenes), 16):
-        pixels = builder.pixel_values(scenes[start:start + 16]).to(model.dtype)
+        pixels = builder.pixel_values(scenes[start : start + 16]).to(model.dtype)
         features.append(model.model.multi_modal_projector(vision_features(model, pixels)).float().mean(1))
     return torch.cat(features)
 
@@ -259,8 +285,9 @@ def probe_report(model, processor, fit_scenes, test_scenes) -> dict:
         presence[object_type] = auc(present, [v for v, _ in absent])
         mate = partner_of(object_type)
         if mate is not None:
-            partner[object_type] = auc([v for v, s in absent if mate in s.types],
-                                       [v for v, s in absent if mate not in s.types])
+            partner[object_type] = auc(
+                [v for v, s in absent if mate in s.types], [v for v, s in absent if mate not in s.types]
+            )
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -269,12 +296,15 @@ def probe_report(model, processor, fit_scenes, test_scenes) -> dict:
     presence_auc, partner_auc = mean(presence.values()), mean(partner.values())
     return {
         "features": "mean of the image tokens entering the LM (projector outputs)",
-        "fit_scenes": len(fit_scenes), "test_scenes": len(test_scenes),
-        "presence_auc_mean": presence_auc, "absent_partner_auc_mean": partner_auc,
+        "fit_scenes": len(fit_scenes),
+        "test_scenes": len(test_scenes),
+        "presence_auc_mean": presence_auc,
+        "absent_partner_auc_mean": partner_auc,
         "presence_auc": {k: None if v is None else round(v, 3) for k, v in presence.items()},
         "absent_partner_auc": {k: None if v is None else round(v, 3) for k, v in partner.items()},
-        "bar_partner_not_found_while_present_found": (presence_auc is not None and partner_auc is not None
-                                                      and presence_auc > 0.9 and partner_auc < 0.6),
+        "bar_partner_not_found_while_present_found": (
+            presence_auc is not None and partner_auc is not None and presence_auc > 0.9 and partner_auc < 0.6
+        ),
     }
 
 
@@ -296,18 +326,29 @@ def sink_report(model, processor, scenes) -> dict:
     for layer in range(layers):
         image_phi = torch.cat([sink_scores(states[layer, mask], dims) for states, mask in per_scene])
         first_phi = torch.stack([sink_scores(states[layer, :1], dims)[0] for states, _ in per_scene])
-        table.append({"layer": layer, "image_phi_mean": round(float(image_phi.mean()), 3),
-                      "image_phi_max": round(float(image_phi.max()), 3),
-                      "image_fraction_ge_tau": round(float((image_phi >= SINK_THRESHOLD).float().mean()), 4),
-                      "first_token_phi": round(float(first_phi.mean()), 3)})
-    return {"sink_dims": found.dims, "dims_measured": dims, "dims_found_by_rule": bool(found.dims),
-            "sink_dim_ratios": [round(r, 2) for r in found.ratios], "tau": SINK_THRESHOLD,
-            "first_sink_layer": FIRST_SINK_LAYER, "scenes": len(scenes), "per_layer": table,
-            "any_image_token_ge_tau": any(row["image_fraction_ge_tau"] > 0 for row in table[FIRST_SINK_LAYER:])}
+        table.append(
+            {
+                "layer": layer,
+                "image_phi_mean": round(float(image_phi.mean()), 3),
+                "image_phi_max": round(float(image_phi.max()), 3),
+                "image_fraction_ge_tau": round(float((image_phi >= SINK_THRESHOLD).float().mean()), 4),
+                "first_token_phi": round(float(first_phi.mean()), 3),
+            }
+        )
+    return {
+        "sink_dims": found.dims,
+        "dims_measured": dims,
+        "dims_found_by_rule": bool(found.dims),
+        "sink_dim_ratios": [round(r, 2) for r in found.ratios],
+        "tau": SINK_THRESHOLD,
+        "first_sink_layer": FIRST_SINK_LAYER,
+        "scenes": len(scenes),
+        "per_layer": table,
+        "any_image_token_ge_tau": any(row["image_fraction_ge_tau"] > 0 for row in table[FIRST_SINK_LAYER:]),
+    }
 
 
-def prior_report(model, processor, caption_scenes, pope_scenes, max_new_tokens: int = 200,
-                 batch_size: int = 8) -> dict:
+def prior_report(model, processor, caption_scenes, pope_scenes, max_new_tokens: int = 200, batch_size: int = 8) -> dict:
     from toyworld.everyday.report import partner_rates, says_yes
     from vlm_guard.synthetic.everyday_v3.world import (
         QUESTION_SPLITS,
@@ -316,61 +357,109 @@ def prior_report(model, processor, caption_scenes, pope_scenes, max_new_tokens: 
     )
 
     cell = _cell(model)
-    texts = generate(model, processor, [render(s, cell) for s in caption_scenes],
-                     [messages(REPORT_PROMPT)] * len(caption_scenes), max_new_tokens=max_new_tokens,
-                     batch_size=batch_size)
+    texts = generate(
+        model,
+        processor,
+        [render(s, cell) for s in caption_scenes],
+        [messages(REPORT_PROMPT)] * len(caption_scenes),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     rates = partner_rates([s.types for s in caption_scenes], [mentioned_objects(t) for t in texts])
     pope = {}
     for split in QUESTION_SPLITS:
         items = [(s, q) for s in pope_scenes for q in questions(s, split=split)]
-        answers = generate(model, processor, [render(s, cell) for s, _ in items],
-                           [messages(q.text) for _, q in items], max_new_tokens=3, batch_size=batch_size)
+        answers = generate(
+            model,
+            processor,
+            [render(s, cell) for s, _ in items],
+            [messages(q.text) for _, q in items],
+            max_new_tokens=3,
+            batch_size=batch_size,
+        )
         correct = sum(bool(says_yes(a)) == (q.answer == "yes") for (_, q), a in zip(items, answers))
-        pope[split] = {"accuracy": round(correct / max(1, len(items)), 4), "questions": len(items),
-                       "unclear": sum(says_yes(a) is None for a in answers)}
+        pope[split] = {
+            "accuracy": round(correct / max(1, len(items)), 4),
+            "questions": len(items),
+            "unclear": sum(says_yes(a) is None for a in answers),
+        }
     accuracy = [pope[s]["accuracy"] for s in QUESTION_SPLITS]
-    return {"captions": len(caption_scenes), "detail_partner_rates": rates, "pope": pope,
-            "bar_partner_named_2x": bool(rates["partner_at_least_2x"]),
-            "bar_pope_random_gt_popular_gt_adversarial": accuracy[0] > accuracy[1] > accuracy[2]}
+    return {
+        "captions": len(caption_scenes),
+        "detail_partner_rates": rates,
+        "pope": pope,
+        "bar_partner_named_2x": bool(rates["partner_at_least_2x"]),
+        "bar_pope_random_gt_popular_gt_adversarial": accuracy[0] > accuracy[1] > accuracy[2],
+    }
 
 
-def build_report(model, processor, partner_scenes: int = 20, caption_scenes: int = 8, sink_scenes: int = 6,
-                 max_new_tokens: int = 200, probe_scenes: int = 400, prior_scenes: int = 100) -> dict:
+def build_report(
+    model,
+    processor,
+    partner_scenes: int = 20,
+    caption_scenes: int = 8,
+    sink_scenes: int = 6,
+    max_new_tokens: int = 200,
+    probe_scenes: int = 400,
+    prior_scenes: int = 100,
+) -> dict:
     world = independent_world(HELD_OUT_SEED)
-    report = {"held_out_seed": HELD_OUT_SEED, "prompt": REPORT_PROMPT,
-              "image_tokens": int(model.config.image_seq_length)}
+    report = {
+        "held_out_seed": HELD_OUT_SEED,
+        "prompt": REPORT_PROMPT,
+        "image_tokens": int(model.config.image_seq_length),
+    }
     logger.info("partner slots on %d scenes", partner_scenes)
     report["partner_slot"] = partner_slot_report(model, processor, world.scenes(0, partner_scenes))
     logger.info("attention decay on %d descriptions", caption_scenes)
-    report["attention_decay"] = attention_decay_report(model, processor, world.scenes(1000, caption_scenes),
-                                                         max_new_tokens=max_new_tokens)
+    report["attention_decay"] = attention_decay_report(
+        model, processor, world.scenes(1000, caption_scenes), max_new_tokens=max_new_tokens
+    )
     logger.info("linear probes on %d + %d scenes", probe_scenes, probe_scenes // 2)
-    report["probe"] = probe_report(model, processor, world.scenes(3000, probe_scenes),
-                                   world.scenes(3000 + probe_scenes, max(1, probe_scenes // 2)))
+    report["probe"] = probe_report(
+        model, processor, world.scenes(3000, probe_scenes), world.scenes(3000 + probe_scenes, max(1, probe_scenes // 2))
+    )
     if prior_scenes:
         logger.info("prior: %d descriptions, POPE on %d scenes", prior_scenes, prior_scenes)
-        report["prior"] = prior_report(model, processor, world.scenes(4000, prior_scenes),
-                                       world.scenes(5000, prior_scenes), max_new_tokens)
+        report["prior"] = prior_report(
+            model, processor, world.scenes(4000, prior_scenes), world.scenes(5000, prior_scenes), max_new_tokens
+        )
     logger.info("sinks on %d scenes", sink_scenes)
     report["sinks"] = sink_report(model, processor, world.scenes(2000, sink_scenes))
     report["bars"] = {
-        "partner_image_below_no_image": [[report["partner_slot"]["p_partner_image"],
-                                          report["partner_slot"]["p_partner_no_image"]],
-                                         report["partner_slot"]["bar_partner_image_below_no_image"]],
+        "partner_image_below_no_image": [
+            [report["partner_slot"]["p_partner_image"], report["partner_slot"]["p_partner_no_image"]],
+            report["partner_slot"]["bar_partner_image_below_no_image"],
+        ],
         "image_attention_second_half_below_first": [
             [report["attention_decay"]["image_share_first_half"], report["attention_decay"]["image_share_second_half"]],
-            report["attention_decay"]["bar_second_half_below_first"]],
+            report["attention_decay"]["bar_second_half_below_first"],
+        ],
         "probe_partner_auc_below_0.6_presence_above_0.9": [
             [report["probe"]["absent_partner_auc_mean"], report["probe"]["presence_auc_mean"]],
-            report["probe"]["bar_partner_not_found_while_present_found"]],
-        **({"prior_partner_named_2x": [[report["prior"]["detail_partner_rates"]["absent_partner_claimed"],
-                                        report["prior"]["detail_partner_rates"]["absent_other_claimed"]],
-                                       report["prior"]["bar_partner_named_2x"]],
-            "prior_pope_random_gt_popular_gt_adversarial": [
-                [report["prior"]["pope"][s]["accuracy"] for s in ("random", "popular", "adversarial")],
-                report["prior"]["bar_pope_random_gt_popular_gt_adversarial"]]} if "prior" in report else {}),
-        "image_tokens_reach_tau": [max(r["image_phi_max"] for r in report["sinks"]["per_layer"]),
-                                   report["sinks"]["any_image_token_ge_tau"]],
+            report["probe"]["bar_partner_not_found_while_present_found"],
+        ],
+        **(
+            {
+                "prior_partner_named_2x": [
+                    [
+                        report["prior"]["detail_partner_rates"]["absent_partner_claimed"],
+                        report["prior"]["detail_partner_rates"]["absent_other_claimed"],
+                    ],
+                    report["prior"]["bar_partner_named_2x"],
+                ],
+                "prior_pope_random_gt_popular_gt_adversarial": [
+                    [report["prior"]["pope"][s]["accuracy"] for s in ("random", "popular", "adversarial")],
+                    report["prior"]["bar_pope_random_gt_popular_gt_adversarial"],
+                ],
+            }
+            if "prior" in report
+            else {}
+        ),
+        "image_tokens_reach_tau": [
+            max(r["image_phi_max"] for r in report["sinks"]["per_layer"]),
+            report["sinks"]["any_image_token_ge_tau"],
+        ],
     }
     return report
 
@@ -399,9 +488,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-scenes", type=int, default=8)
     parser.add_argument("--sink-scenes", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=200, help="length limit of the detail descriptions")
-    parser.add_argument("--probe-scenes", type=int, default=400, help="scenes the probes are fitted on (half as many tested)")
-    parser.add_argument("--prior-scenes", type=int, default=100,
-                        help="descriptions and POPE scenes for the prior bars (0 leaves them out)")
+    parser.add_argument(
+        "--probe-scenes", type=int, default=400, help="scenes the probes are fitted on (half as many tested)"
+    )
+    parser.add_argument(
+        "--prior-scenes",
+        type=int,
+        default=100,
+        help="descriptions and POPE scenes for the prior bars (0 leaves them out)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -412,9 +507,19 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model, processor, source = load_model(args.run, args.weights)
-    report = {"source": source, **build_report(model.eval(), processor, args.partner_scenes, args.caption_scenes,
-                                               args.sink_scenes, args.max_new_tokens, args.probe_scenes,
-                                               args.prior_scenes)}
+    report = {
+        "source": source,
+        **build_report(
+            model.eval(),
+            processor,
+            args.partner_scenes,
+            args.caption_scenes,
+            args.sink_scenes,
+            args.max_new_tokens,
+            args.probe_scenes,
+            args.prior_scenes,
+        ),
+    }
     text = json.dumps(report, indent=1)
     if args.out:
         from vlm_guard.fileio import atomic_write_text

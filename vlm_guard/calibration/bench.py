@@ -28,8 +28,18 @@ def llava_shaped(layers: int, hidden: int, heads: int = 32, intermediate: int | 
     """``(model, processor)``: a random LLaVA with 576 image tokens and ``heads`` heads (toy tokenizer)."""
     from vlm_guard.synthetic.model import ToyModelSpec, build_model, build_processor
 
-    spec = ToyModelSpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=2, text_hidden=hidden,
-                        text_layers=layers, text_heads=heads, text_intermediate=intermediate or 2 * hidden, max_positions=1024)
+    spec = ToyModelSpec(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=hidden,
+        text_layers=layers,
+        text_heads=heads,
+        text_intermediate=intermediate or 2 * hidden,
+        max_positions=1024,
+    )
     processor = build_processor(spec)
     model = build_model(spec, processor.tokenizer).eval()
     return model, processor
@@ -43,22 +53,31 @@ def measure(model, processor, images, prompt: str, batch_size: int) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
     head_map = calibrate(model, processor, images, prompt, batch_size=batch_size, progress=False, save_cache=False)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    return {"images": len(images), "seconds": seconds, "seconds_per_image": seconds / len(images),
-            "cpu_seconds_per_image": cpu_seconds / len(images), "head_map": head_map}
+    return {
+        "images": len(images),
+        "seconds": seconds,
+        "seconds_per_image": seconds / len(images),
+        "cpu_seconds_per_image": cpu_seconds / len(images),
+        "head_map": head_map,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=8, help="text layers of the LLaVA-shaped model (LLaVA-1.5-7B: 32)")
+    parser.add_argument(
+        "--layers", type=int, default=8, help="text layers of the LLaVA-shaped model (LLaVA-1.5-7B: 32)"
+    )
     parser.add_argument("--hidden", type=int, default=512, help="text width (LLaVA-1.5-7B: 4096)")
     parser.add_argument("--heads", type=int, default=32, help="attention heads (LLaVA-1.5-7B: 32)")
     parser.add_argument("--images", type=int, default=8, help="images to calibrate on")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--default-model", action="store_true", help="measure the shipped default model instead")
-    parser.add_argument("--toy-shape", action="store_true", help="a random model of the default model's shape (ToyModelSpec())")
+    parser.add_argument(
+        "--toy-shape", action="store_true", help="a random model of the default model's shape (ToyModelSpec())"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(model, processor, images, "describe the image", args.batch_size)
     geometry = result["head_map"].fingerprint
     print(f"{label}: layers={geometry['num_layers']} heads={geometry['num_heads']} hidden={geometry['hidden_size']}")
-    print(f"calibrated {result['images']} images in {result['seconds']:.2f} s (batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads): {result['seconds_per_image']:.3f} s/image wall, "
-          f"{result['cpu_seconds_per_image']:.3f} CPU-s/image")
+    print(
+        f"calibrated {result['images']} images in {result['seconds']:.2f} s (batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads): {result['seconds_per_image']:.3f} s/image wall, "
+        f"{result['cpu_seconds_per_image']:.3f} CPU-s/image"
+    )
     return 0
 
 

@@ -87,10 +87,17 @@ class HeadProfiler:
         rho / visual_mass_threshold: the image-centric test (paper 0.8 / 0.2).
     """
 
-    def __init__(self, session: ProfilingSession, distance: str = "sq_l2", outlier_filter: str = "released",
-                 sink_dims: Sequence[int] | None = None, sink_threshold: float = SINK_THRESHOLD,
-                 sink_dim_min_ratio: float | None = None, rho: float = DEFAULT_RHO,
-                 visual_mass_threshold: float = VISUAL_MASS_THRESHOLD):
+    def __init__(
+        self,
+        session: ProfilingSession,
+        distance: str = "sq_l2",
+        outlier_filter: str = "released",
+        sink_dims: Sequence[int] | None = None,
+        sink_threshold: float = SINK_THRESHOLD,
+        sink_dim_min_ratio: float | None = None,
+        rho: float = DEFAULT_RHO,
+        visual_mass_threshold: float = VISUAL_MASS_THRESHOLD,
+    ):
         if distance not in DISTANCES:
             raise ValueError(f"distance={distance!r} is not known; choose one of {list(DISTANCES)}")
         if outlier_filter not in OUTLIER_FILTERS:
@@ -103,7 +110,11 @@ class HeadProfiler:
             raise ValueError(f"sink_threshold={sink_threshold} must be > 0 (paper tau: 20)")
         self.session = session
         geometry = session.adapter.geometry
-        self.num_layers, self.num_heads, self.hidden_size = geometry.num_layers, geometry.num_heads, geometry.hidden_size
+        self.num_layers, self.num_heads, self.hidden_size = (
+            geometry.num_layers,
+            geometry.num_heads,
+            geometry.hidden_size,
+        )
         self.distance = distance
         self.outlier_filter = outlier_filter
         self.sink_threshold = float(sink_threshold)
@@ -112,7 +123,9 @@ class HeadProfiler:
         self.visual_mass_threshold = visual_mass_threshold
         self.all_layers = list(range(self.num_layers))
         self.vhd = VHDAccumulator(self.num_layers, self.num_heads, outlier_filter)
-        self.image_centric = ImageCentricObserver(var_layers(self.num_layers), [], sink_threshold, visual_mass_threshold, rho)
+        self.image_centric = ImageCentricObserver(
+            var_layers(self.num_layers), [], sink_threshold, visual_mass_threshold, rho
+        )
         self.gaze = GazeShiftObserver(candidate_layers(self.num_layers))
         self.sink_profile: torch.Tensor | None = None
         self.sink_dim_ratios: list[float] = []
@@ -122,7 +135,9 @@ class HeadProfiler:
             dims = [int(d) for d in sink_dims]
             bad = [d for d in dims if not 0 <= d < self.hidden_size]
             if bad:
-                raise ValueError(f"sink_dims {bad} are outside 0..{self.hidden_size - 1}; pass hidden dimensions of this model")
+                raise ValueError(
+                    f"sink_dims {bad} are outside 0..{self.hidden_size - 1}; pass hidden dimensions of this model"
+                )
             self.sink_dims = dims
             self.sink_dims_source = "override"
             self.image_centric.sink_dims = dims
@@ -160,8 +175,10 @@ class HeadProfiler:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("the prompt batch is right-padded; profiling reads the last position, so pad on the left "
-                             "(tokenizer.padding_side = 'left')")
+            raise ValueError(
+                "the prompt batch is right-padded; profiling reads the last position, so pad on the left "
+                "(tokenizer.padding_side = 'left')"
+            )
         has_image = adapter.prompt_spans(input_ids, attention_mask).has_image  # [B]
         if not bool(has_image.any()):
             logger.warning("a profiled batch has no image token (id %d); it is ignored", adapter.image_token_id)
@@ -182,7 +199,9 @@ class HeadProfiler:
         # pass 2: with the image
         with_image = HeadOutputRecorder(self.all_layers)
         session.forward(inputs, [with_image, self.image_centric, self.gaze])
-        vhd, text_activation = stack_divergence(with_image.outputs, without_image.outputs, self.all_layers, self.distance)
+        vhd, text_activation = stack_divergence(
+            with_image.outputs, without_image.outputs, self.all_layers, self.distance
+        )
         self.vhd.update(vhd[has_image], text_activation[has_image])
         added = int(has_image.sum())
         self.prompts_profiled += added
@@ -210,8 +229,10 @@ class HeadProfiler:
         state = {
             "prompts_profiled": torch.tensor(float(self.prompts_profiled), dtype=torch.float64),
             "vhd.count": torch.tensor(float(self.vhd.count), dtype=torch.float64),
-            "vhd.sum": self.vhd._sum.clone(), "vhd.sum_sq": self.vhd._sum_sq.clone(),
-            "vhd.text_sum": self.vhd._text_sum.clone(), "vhd.selected": self.vhd._selected.clone(),
+            "vhd.sum": self.vhd._sum.clone(),
+            "vhd.sum_sq": self.vhd._sum_sq.clone(),
+            "vhd.text_sum": self.vhd._text_sum.clone(),
+            "vhd.selected": self.vhd._selected.clone(),
         }
         for layer, totals in self.image_centric.totals.items():
             values = [getattr(totals, name.name) for name in dataclasses.fields(totals)]
@@ -224,8 +245,9 @@ class HeadProfiler:
             state[f"image_centric.head_centric.{layer}"] = zeros if centric is None else centric.double()
             state[f"image_centric.seen.{layer}"] = torch.tensor(float(pairs is not None), dtype=torch.float64)
         for layer in self.gaze._sums:
-            state[f"gaze.{layer}"] = torch.tensor([self.gaze._sums[layer], float(self.gaze._prompts[layer])],
-                                                  dtype=torch.float64)
+            state[f"gaze.{layer}"] = torch.tensor(
+                [self.gaze._sums[layer], float(self.gaze._prompts[layer])], dtype=torch.float64
+            )
         return state
 
     def load_accumulated(self, state: dict[str, torch.Tensor]) -> None:
@@ -261,7 +283,9 @@ class HeadProfiler:
                     "no massive activations: the largest first-token ratio |x_d|/rms is %.1f (dim %d), below %.1f "
                     "(tau/2). The head map gets no sink dimensions and VAR stays off for this model; pass sink_dims=[...] "
                     "to override.",
-                    float(found.profile.max()), int(found.profile.argmax()), self.sink_dim_min_ratio,
+                    float(found.profile.max()),
+                    int(found.profile.argmax()),
+                    self.sink_dim_min_ratio,
                 )
         self.sink_dim_ratios = [float(self.sink_profile[d]) for d in self.sink_dims]
 
@@ -276,9 +300,22 @@ class HeadProfiler:
             raise ValueError("no prompt with an image was profiled; give at least one readable image")
         stats = self.image_centric.statistics(self.num_layers, self.num_heads)
         image_centric = ImageCentricStats(
-            rho=self.rho, mass_threshold=self.visual_mass_threshold, sink_threshold=self.sink_threshold, layers=stats["layers"],
-            head_fraction=stats["head_fraction"], **{k: stats[k] for k in ("centric_fraction", "massive_fraction", "visual_mass_mean",
-                                                                        "non_sink_ratio_mean", "visual_sinks_mean", "text_sinks_mean")},
+            rho=self.rho,
+            mass_threshold=self.visual_mass_threshold,
+            sink_threshold=self.sink_threshold,
+            layers=stats["layers"],
+            head_fraction=stats["head_fraction"],
+            **{
+                k: stats[k]
+                for k in (
+                    "centric_fraction",
+                    "massive_fraction",
+                    "visual_mass_mean",
+                    "non_sink_ratio_mean",
+                    "visual_sinks_mean",
+                    "text_sinks_mean",
+                )
+            },
         )
         layer_shift = self.gaze.layer_means(self.num_layers)
         saliency = choose_saliency_layer(layer_shift, self.num_layers)
@@ -328,8 +365,11 @@ def find_calibration_images(images) -> tuple[list, dict[str, str]]:
         search = find_images(images, IMAGE_EXTENSIONS)
         if not search.files:
             path = Path(images).expanduser()
-            what = (f"the folder holds no file ending in {list(IMAGE_EXTENSIONS)}" if path.is_dir()
-                    else "is neither a folder, a file, nor a glob that matches files")
+            what = (
+                f"the folder holds no file ending in {list(IMAGE_EXTENSIONS)}"
+                if path.is_dir()
+                else "is neither a folder, a file, nor a glob that matches files"
+            )
             links = f" ({len(search.skipped)} skipped: {next(iter(search.skipped.items()))})" if search.skipped else ""
             raise ValueError(f"images={display_name(images)!r}: {what}{links}; pass a folder or a glob of image files")
         return list(search.files), dict(search.skipped)
@@ -407,8 +447,9 @@ def _process(processor, family: str, images: list, texts: list[str]) -> dict:
     return dict(encoded)
 
 
-def _decide_sinks_from_first_batch(profiler: HeadProfiler, processor, family: str, items: list,
-                                   prompt_texts: list[str], batch_size: int) -> None:
+def _decide_sinks_from_first_batch(
+    profiler: HeadProfiler, processor, family: str, items: list, prompt_texts: list[str], batch_size: int
+) -> None:
     """Sink dimensions from the batch a one-process calibration profiles first: the first ``batch_size`` readable
     images (one at a time if the processor rejects the batch, as :func:`calibrate` does)."""
     batch: list[tuple[object, str]] = []
@@ -431,12 +472,28 @@ def _decide_sinks_from_first_batch(profiler: HeadProfiler, processor, family: st
 
 
 # ---------------------------------------------------------------------- calibrate
-def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, limit: int | None = None,
-              distance: str = "sq_l2", outlier_filter: str = "released", sink_dims: Sequence[int] | None = None,
-              sink_threshold: float = SINK_THRESHOLD, sink_dim_min_ratio: float | None = None, rho: float = DEFAULT_RHO,
-              visual_mass_threshold: float = VISUAL_MASS_THRESHOLD, progress: bool = True,
-              out_dir: str | Path | None = None, plots: bool = True, save_cache: bool = True,
-              cache_dir: str | Path | None = None, parallel: DataParallel | None = None) -> HeadMap:
+def calibrate(
+    model,
+    processor,
+    images,
+    prompts=None,
+    *,
+    batch_size: int = 4,
+    limit: int | None = None,
+    distance: str = "sq_l2",
+    outlier_filter: str = "released",
+    sink_dims: Sequence[int] | None = None,
+    sink_threshold: float = SINK_THRESHOLD,
+    sink_dim_min_ratio: float | None = None,
+    rho: float = DEFAULT_RHO,
+    visual_mass_threshold: float = VISUAL_MASS_THRESHOLD,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    plots: bool = True,
+    save_cache: bool = True,
+    cache_dir: str | Path | None = None,
+    parallel: DataParallel | None = None,
+) -> HeadMap:
     """Profile ``model``'s heads over ``images`` and return a :class:`HeadMap`.
 
     Two forward passes per batch (image-free and with the image), no generation. Unreadable images
@@ -480,7 +537,9 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit={limit!r} must be a positive integer or None")
     if processor is None:
-        raise ValueError("calibrate needs the model's processor (to build prompts and image tensors); pass processor=...")
+        raise ValueError(
+            "calibrate needs the model's processor (to build prompts and image tensors); pass processor=..."
+        )
     prompt_texts = _normalise_prompts(prompts)
     items, skipped_links = find_calibration_images(images)
     if limit is not None:
@@ -492,13 +551,23 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
     if len(items) < MIN_CALIBRATION_IMAGES and parallel.is_main:
         _warn_few_images(len(items))
     started = time.perf_counter()
-    skipped: list[tuple[int, str]] = [(-1, f"{name}: {reason}") for name, reason in skipped_links.items()]  # (item, why)
+    skipped: list[tuple[int, str]] = [
+        (-1, f"{name}: {reason}") for name, reason in skipped_links.items()
+    ]  # (item, why)
     if parallel.is_main:
         for _, line in skipped:
             logger.warning("skipping %s", line)
-    with HeadProfiler.open(model, processor, distance=distance, outlier_filter=outlier_filter, sink_dims=sink_dims,
-                           sink_threshold=sink_threshold, sink_dim_min_ratio=sink_dim_min_ratio, rho=rho,
-                           visual_mass_threshold=visual_mass_threshold) as profiler:
+    with HeadProfiler.open(
+        model,
+        processor,
+        distance=distance,
+        outlier_filter=outlier_filter,
+        sink_dims=sink_dims,
+        sink_threshold=sink_threshold,
+        sink_dim_min_ratio=sink_dim_min_ratio,
+        rho=rho,
+        visual_mass_threshold=visual_mass_threshold,
+    ) as profiler:
         family = profiler.session.adapter.family
         if not getattr(processor, "chat_template", None):
             logger.warning("the processor has no chat template; calibration prompts are '<image token>\\n<prompt>'")
@@ -551,11 +620,14 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
             total = {key: sum(state[key] for state, _ in shares) for key in shares[0][0]}
             profiler.load_accumulated(total)
             skipped = [entry for entry in skipped if entry[0] < 0] + sorted(
-                (entry for _, rank_skipped in shares for entry in rank_skipped), key=lambda entry: entry[0])
+                (entry for _, rank_skipped in shares for entry in rank_skipped), key=lambda entry: entry[0]
+            )
         skipped_lines = [line for _, line in skipped]
         if profiler.prompts_profiled == 0:
             first = f" (first: {skipped_lines[0]})" if skipped_lines else ""
-            raise ValueError(f"no image could be profiled: {len(skipped_lines)} of {len(items)} were skipped{first}; check the images argument")
+            raise ValueError(
+                f"no image could be profiled: {len(skipped_lines)} of {len(items)} were skipped{first}; check the images argument"
+            )
         seconds = time.perf_counter() - started
         calibration = {
             "n_images": profiler.prompts_profiled,
@@ -584,9 +656,16 @@ def calibrate(model, processor, images, prompts=None, *, batch_size: int = 4, li
             save_plots(head_map, out_dir)
     tie = gift_layer_tie(head_map)
     if tie is not None:
-        logger.warning("the GIFT saliency layer l*=%d is a near tie with layer %d (gaze shift %.3g vs %.3g): another image "
-                       "set may choose layer %d; more images do not settle a tie. Check GIFT's effect with `vlm-guard tune`, "
-                       "or set GIFTConfig(saliency_layer=...) yourself", tie[0], tie[2], tie[1], tie[3], tie[2])
+        logger.warning(
+            "the GIFT saliency layer l*=%d is a near tie with layer %d (gaze shift %.3g vs %.3g): another image "
+            "set may choose layer %d; more images do not settle a tie. Check GIFT's effect with `vlm-guard tune`, "
+            "or set GIFTConfig(saliency_layer=...) yourself",
+            tie[0],
+            tie[2],
+            tie[1],
+            tie[3],
+            tie[2],
+        )
     if save_cache:
         folder = save_to_cache(head_map, cache_dir)  # an untuned map: beside a tuned one, never over it
         if folder is not None:
@@ -605,8 +684,11 @@ def gift_layer_tie(head_map: HeadMap, margin: float = GIFT_TIE) -> tuple[int, fl
     if best is None or best >= len(shifts):
         return None
     top = shifts[best]
-    others = [(shifts[layer], layer) for layer in candidate_layers(head_map.num_layers)
-              if layer != best and layer < len(shifts) and shifts[layer] == shifts[layer]]  # NaN: not measured
+    others = [
+        (shifts[layer], layer)
+        for layer in candidate_layers(head_map.num_layers)
+        if layer != best and layer < len(shifts) and shifts[layer] == shifts[layer]
+    ]  # NaN: not measured
     if not others or not top > 0:
         return None
     value, layer = max(others)
@@ -614,6 +696,11 @@ def gift_layer_tie(head_map: HeadMap, margin: float = GIFT_TIE) -> tuple[int, fl
 
 
 def _warn_few_images(count: int) -> None:
-    logger.warning("calibrating on %d image%s: below %d the selected heads and layers change from one image set to the "
-                   "next (docs/calibration.md); use at least %d images of the kind the model will see",
-                   count, "" if count == 1 else "s", MIN_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES)
+    logger.warning(
+        "calibrating on %d image%s: below %d the selected heads and layers change from one image set to the "
+        "next (docs/calibration.md); use at least %d images of the kind the model will see",
+        count,
+        "" if count == 1 else "s",
+        MIN_CALIBRATION_IMAGES,
+        MIN_CALIBRATION_IMAGES,
+    )

@@ -107,8 +107,9 @@ def _minor_version(version: Any) -> str:
     return ".".join(str(version or "").split(".")[:2])
 
 
-def fingerprint_mismatches(expected: dict, actual: dict, expected_sample: torch.Tensor | None = None,
-                           actual_sample: torch.Tensor | None = None) -> list[str]:
+def fingerprint_mismatches(
+    expected: dict, actual: dict, expected_sample: torch.Tensor | None = None, actual_sample: torch.Tensor | None = None
+) -> list[str]:
     """Identity fields that differ between a map's fingerprint and a model's.
 
     Geometry must be equal. The weights digest must be equal, unless the two were made in different dtypes
@@ -120,17 +121,28 @@ def fingerprint_mismatches(expected: dict, actual: dict, expected_sample: torch.
     differing = [k for k in GEOMETRY_KEYS if expected.get(k) != actual.get(k)]
     if expected.get("weights_digest") != actual.get("weights_digest"):
         other_dtype = expected.get("weights_dtype") != actual.get("weights_dtype")
-        if not (other_dtype and expected_sample is not None and actual_sample is not None
-                and samples_match(expected_sample, actual_sample)):
+        if not (
+            other_dtype
+            and expected_sample is not None
+            and actual_sample is not None
+            and samples_match(expected_sample, actual_sample)
+        ):
             differing.append("weights_digest")
     if expected.get("config_digest") != actual.get("config_digest"):
-        same_version = _minor_version(expected.get("transformers_version")) == _minor_version(actual.get("transformers_version"))
+        same_version = _minor_version(expected.get("transformers_version")) == _minor_version(
+            actual.get("transformers_version")
+        )
         if same_version:
             differing.append("config_digest")
         else:
-            logger.info("head map made with transformers %s, model loaded with %s: config digests differ (%s vs %s); "
-                        "relying on the weights digest", expected.get("transformers_version"),
-                        actual.get("transformers_version"), expected.get("config_digest"), actual.get("config_digest"))
+            logger.info(
+                "head map made with transformers %s, model loaded with %s: config digests differ (%s vs %s); "
+                "relying on the weights digest",
+                expected.get("transformers_version"),
+                actual.get("transformers_version"),
+                expected.get("config_digest"),
+                actual.get("config_digest"),
+            )
     return differing
 
 
@@ -140,8 +152,14 @@ def _format_fingerprint(fingerprint: dict) -> str:
 
 
 # ---------------------------------------------------------------------- image-centric stats
-PER_LAYER_STATS = ("centric_fraction", "massive_fraction", "visual_mass_mean", "non_sink_ratio_mean",
-                   "visual_sinks_mean", "text_sinks_mean")
+PER_LAYER_STATS = (
+    "centric_fraction",
+    "massive_fraction",
+    "visual_mass_mean",
+    "non_sink_ratio_mean",
+    "visual_sinks_mean",
+    "text_sinks_mean",
+)
 
 
 @dataclass(eq=False)
@@ -180,7 +198,12 @@ class ImageCentricStats:
         return {layer: {name: getattr(self, name)[layer] for name in PER_LAYER_STATS} for layer in self.layers}
 
     def to_json(self) -> dict:
-        data = {"rho": self.rho, "mass_threshold": self.mass_threshold, "sink_threshold": self.sink_threshold, "layers": list(self.layers)}
+        data = {
+            "rho": self.rho,
+            "mass_threshold": self.mass_threshold,
+            "sink_threshold": self.sink_threshold,
+            "layers": list(self.layers),
+        }
         for name in PER_LAYER_STATS:
             data[name] = [_json_float(v) for v in getattr(self, name)]
         return data
@@ -188,8 +211,14 @@ class ImageCentricStats:
     @classmethod
     def from_json(cls, data: dict, head_fraction: torch.Tensor) -> ImageCentricStats:
         values = {name: [_read_float(v) for v in data[name]] for name in PER_LAYER_STATS}
-        return cls(rho=float(data["rho"]), mass_threshold=float(data["mass_threshold"]), sink_threshold=float(data["sink_threshold"]),
-                   layers=[int(v) for v in data["layers"]], head_fraction=head_fraction, **values)
+        return cls(
+            rho=float(data["rho"]),
+            mass_threshold=float(data["mass_threshold"]),
+            sink_threshold=float(data["sink_threshold"]),
+            layers=[int(v) for v in data["layers"]],
+            head_fraction=head_fraction,
+            **values,
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ImageCentricStats):
@@ -209,7 +238,9 @@ def _read_float(value: Any) -> float:
 def _tensors_equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.nan_to_num(-12345.0), b.nan_to_num(-12345.0)))
+    return (
+        a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.nan_to_num(-12345.0), b.nan_to_num(-12345.0)))
+    )
 
 
 # ---------------------------------------------------------------------- the map
@@ -266,7 +297,9 @@ class HeadMap:
 
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, dict):
-            raise ValueError(f"HeadMap.fingerprint must be a dict (adapter.describe()), got {type(self.fingerprint).__name__}")
+            raise ValueError(
+                f"HeadMap.fingerprint must be a dict (adapter.describe()), got {type(self.fingerprint).__name__}"
+            )
         for key in ("num_layers", "num_heads"):
             value = self.fingerprint.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -275,19 +308,27 @@ class HeadMap:
         for name in ("vhd_mean", "vhd_std", "vhr_heads", "vhd_selection_frequency", "text_activation_mean"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"HeadMap.{name} has shape {tuple(value.shape)}; the fingerprint says [layers, heads] = {list(shape)}")
+                raise ValueError(
+                    f"HeadMap.{name} has shape {tuple(value.shape)}; the fingerprint says [layers, heads] = {list(shape)}"
+                )
         self.vhr_heads = self.vhr_heads.bool()
         if self.image_centric is not None and tuple(self.image_centric.head_fraction.shape) != shape:
-            raise ValueError(f"HeadMap.image_centric.head_fraction has shape {tuple(self.image_centric.head_fraction.shape)}, expected {list(shape)}")
+            raise ValueError(
+                f"HeadMap.image_centric.head_fraction has shape {tuple(self.image_centric.head_fraction.shape)}, expected {list(shape)}"
+            )
         if self.sink_dim_profile is not None and self.sink_dim_profile.ndim != 1:
-            raise ValueError(f"HeadMap.sink_dim_profile has shape {tuple(self.sink_dim_profile.shape)}; expected [hidden_size]")
+            raise ValueError(
+                f"HeadMap.sink_dim_profile has shape {tuple(self.sink_dim_profile.shape)}; expected [hidden_size]"
+            )
         self.sink_dims = [int(d) for d in self.sink_dims]
         hidden = int(self.fingerprint.get("hidden_size", 0) or 0)
         bad = [d for d in self.sink_dims if d < 0 or (hidden and d >= hidden)]
         if bad:
             raise ValueError(f"HeadMap.sink_dims {bad} are outside 0..{hidden - 1} (hidden_size {hidden})")
         if len(self.sink_dim_ratios) != len(self.sink_dims):
-            raise ValueError(f"HeadMap.sink_dim_ratios has {len(self.sink_dim_ratios)} entries for {len(self.sink_dims)} sink_dims")
+            raise ValueError(
+                f"HeadMap.sink_dim_ratios has {len(self.sink_dim_ratios)} entries for {len(self.sink_dims)} sink_dims"
+            )
         for layer in [self.gift_saliency_layer, *self.gift_enhance_layers]:
             if layer is not None and not 0 <= int(layer) < self.num_layers:
                 raise ValueError(f"HeadMap GIFT layer {layer} is outside 0..{self.num_layers - 1}")
@@ -323,7 +364,9 @@ class HeadMap:
         hidden = int(self.fingerprint.get("hidden_size", 0) or 0)
         bad = [d for d in dims if d < 0 or (hidden and d >= hidden)]
         if bad:
-            raise ValueError(f"sink_dims {bad} are outside 0..{hidden - 1} (hidden_size {hidden}); pass hidden dimensions of this model")
+            raise ValueError(
+                f"sink_dims {bad} are outside 0..{hidden - 1} (hidden_size {hidden}); pass hidden dimensions of this model"
+            )
         self.sink_dims = dims
         profile = self.sink_dim_profile
         self.sink_dim_ratios = [float(profile[d]) if profile is not None else float("nan") for d in dims]
@@ -346,8 +389,12 @@ class HeadMap:
             )
         actual_sample = None
         model = getattr(adapter, "model", None)
-        if (self.weights_sample is not None and model is not None and self.fingerprint.get("weights_digest") != actual.get("weights_digest")
-                and self.fingerprint.get("weights_dtype") != actual.get("weights_dtype")):
+        if (
+            self.weights_sample is not None
+            and model is not None
+            and self.fingerprint.get("weights_digest") != actual.get("weights_digest")
+            and self.fingerprint.get("weights_dtype") != actual.get("weights_dtype")
+        ):
             from vlm_guard.models.fingerprint import weights_sample
 
             actual_sample = weights_sample(model)[0]
@@ -379,9 +426,13 @@ class HeadMap:
     # ------------------------------------------------------------------ saving
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"vhd_mean": self.vhd_mean, "vhd_std": self.vhd_std}
-        optional = {"vhd_selection_frequency": self.vhd_selection_frequency, "text_activation_mean": self.text_activation_mean,
-                    "sink_dim_profile": self.sink_dim_profile, "weights_sample": self.weights_sample,
-                    "image_centric_head_fraction": None if self.image_centric is None else self.image_centric.head_fraction}
+        optional = {
+            "vhd_selection_frequency": self.vhd_selection_frequency,
+            "text_activation_mean": self.text_activation_mean,
+            "sink_dim_profile": self.sink_dim_profile,
+            "weights_sample": self.weights_sample,
+            "image_centric_head_fraction": None if self.image_centric is None else self.image_centric.head_fraction,
+        }
         tensors.update({k: v for k, v in optional.items() if v is not None})
         return {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
 
@@ -433,7 +484,11 @@ class HeadMap:
         directory.mkdir(parents=True, exist_ok=True)
         data = self.to_json()  # before any file is touched: a value JSON cannot hold fails here
         with atomic_paths(directory / TENSOR_FILE, directory / JSON_FILE) as (tensor_temporary, json_temporary):
-            save_file(self._tensors(), str(tensor_temporary), metadata={"format": FORMAT_NAME, "library_version": self.library_version})
+            save_file(
+                self._tensors(),
+                str(tensor_temporary),
+                metadata={"format": FORMAT_NAME, "library_version": self.library_version},
+            )
             data[TENSORS_DIGEST_KEY] = sha256_file(tensor_temporary)
             json_temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         logger.info("saved head map to %s", directory)
@@ -465,8 +520,10 @@ class HeadMap:
                 )
         size = json_path.stat().st_size
         if size > MAX_JSON_BYTES:
-            raise HeadMapFileError(f"{json_path} is {size} bytes, more than a head map's JSON can be ({MAX_JSON_BYTES}); "
-                                   "it is not a head map written by `vlm-guard calibrate`.")
+            raise HeadMapFileError(
+                f"{json_path} is {size} bytes, more than a head map's JSON can be ({MAX_JSON_BYTES}); "
+                "it is not a head map written by `vlm-guard calibrate`."
+            )
         try:
             data = json.loads(json_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
@@ -475,7 +532,7 @@ class HeadMap:
                 f"{json_path} is not valid JSON ({detail}); the head map is corrupt: re-run `vlm-guard calibrate`."
             ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise HeadMapFileError(f"{json_path} is not a vlm_guard head map (no \"format\": \"{FORMAT_NAME}\" field).")
+            raise HeadMapFileError(f'{json_path} is not a vlm_guard head map (no "format": "{FORMAT_NAME}" field).')
         version = data.get("format_version")
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise HeadMapFileError(
@@ -516,7 +573,10 @@ class HeadMap:
         fingerprint = data["fingerprint"]
         if not isinstance(fingerprint, dict):
             raise ValueError(f"fingerprint must be an object, got {type(fingerprint).__name__}")
-        num_layers, num_heads = _index(fingerprint["num_layers"], "num_layers"), _index(fingerprint["num_heads"], "num_heads")
+        num_layers, num_heads = (
+            _index(fingerprint["num_layers"], "num_layers"),
+            _index(fingerprint["num_heads"], "num_heads"),
+        )
         if num_layers <= 0 or num_heads <= 0:
             raise ValueError(f"fingerprint has num_layers={num_layers}, num_heads={num_heads}; both must be positive")
         tensors = {name: _float_tensor(name, tensor) for name, tensor in tensors.items()}
@@ -585,8 +645,10 @@ class HeadMap:
         enhance = _ranges(self.gift_enhance_layers) or "none"
         lines.append(f"gift        saliency layer l*={self.gift_saliency_layer}  enhance layers {enhance}")
         lines.append("")
-        header = (f"{'layer':>5} {'VHD mean':>10} {'VHD max':>10} {'top head':>8} {'VHR heads':<24} {'img-centric':>11} "
-                  f"{'vis mass':>8} {'gaze shift':>10}")
+        header = (
+            f"{'layer':>5} {'VHD mean':>10} {'VHD max':>10} {'top head':>8} {'VHR heads':<24} {'img-centric':>11} "
+            f"{'vis mass':>8} {'gaze shift':>10}"
+        )
         lines.append(header)
         lines.append("-" * len(header))
         by_layer = self.vhr_heads_by_layer()
@@ -601,15 +663,23 @@ class HeadMap:
             if self.image_centric is not None:
                 centric, mass = self.image_centric.centric_fraction[layer], self.image_centric.visual_mass_mean[layer]
             shift = self.gift_layer_shift[layer] if layer < len(self.gift_layer_shift) else float("nan")
-            mark = " <- l*" if layer == self.gift_saliency_layer else (" (enhance)" if layer in self.gift_enhance_layers else "")
-            lines.append(f"{layer:>5} {row_mean:>10.4g} {row_max:>10.4g} {top_head:>8} {heads:<24} {_cell(centric, '.2f'):>11} "
-                         f"{_cell(mass, '.3f'):>8} {_cell(shift, '.4g'):>10}{mark}")
+            mark = (
+                " <- l*"
+                if layer == self.gift_saliency_layer
+                else (" (enhance)" if layer in self.gift_enhance_layers else "")
+            )
+            lines.append(
+                f"{layer:>5} {row_mean:>10.4g} {row_max:>10.4g} {top_head:>8} {heads:<24} {_cell(centric, '.2f'):>11} "
+                f"{_cell(mass, '.3f'):>8} {_cell(shift, '.4g'):>10}{mark}"
+            )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (f"HeadMap({self.fingerprint.get('family')}, layers={self.num_layers}, heads={self.num_heads}, "
-                f"sink_dims={self.sink_dims}, gift_saliency_layer={self.gift_saliency_layer}, "
-                f"images={self.calibration.get('n_images', '?')})")
+        return (
+            f"HeadMap({self.fingerprint.get('family')}, layers={self.num_layers}, heads={self.num_heads}, "
+            f"sink_dims={self.sink_dims}, gift_saliency_layer={self.gift_saliency_layer}, "
+            f"images={self.calibration.get('n_images', '?')})"
+        )
 
 
 def _check_tensors_digest(directory: Path, data: dict, tensor_path: Path) -> None:
@@ -623,13 +693,16 @@ def _check_tensors_digest(directory: Path, data: dict, tensor_path: Path) -> Non
     if expected is None:
         return
     if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
-        raise HeadMapFileError(f"{directory / JSON_FILE}: field {TENSORS_DIGEST_KEY} is {json.dumps(expected)[:80]}, not "
-                               "a SHA-256 hex digest; the head map is corrupt or was edited: re-run `vlm-guard calibrate`.")
+        raise HeadMapFileError(
+            f"{directory / JSON_FILE}: field {TENSORS_DIGEST_KEY} is {json.dumps(expected)[:80]}, not "
+            "a SHA-256 hex digest; the head map is corrupt or was edited: re-run `vlm-guard calibrate`."
+        )
     actual = sha256_file(tensor_path)
     if actual != expected:
         raise HeadMapFileError(
             f"{directory}: {TENSOR_FILE} (sha256 {actual[:12]}...) is not the tensors file {JSON_FILE} was written with "
-            f"(sha256 {expected[:12]}...; an interrupted or mixed save); re-run `vlm-guard calibrate --out {directory}`.")
+            f"(sha256 {expected[:12]}...; an interrupted or mixed save); re-run `vlm-guard calibrate --out {directory}`."
+        )
 
 
 def _validated_tuned(tuned: Any) -> dict:
@@ -651,7 +724,9 @@ def _index(value: Any, what: str) -> int:
 def _float_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A stored tensor as float32; a head map holds only floating tensors (integer, bool or complex ones are corrupt)."""
     if not tensor.is_floating_point():
-        raise ValueError(f"tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}; head-map tensors are floating point")
+        raise ValueError(
+            f"tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}; head-map tensors are floating point"
+        )
     return tensor.float()
 
 
@@ -719,10 +794,16 @@ def save_to_cache(head_map: HeadMap, cache_dir: str | Path | None = None) -> Pat
     :func:`calibrated_cache_folder`, so a calibration never replaces a tuned map of the same model.
     """
     if not model_name(head_map.fingerprint):
-        logger.info("the model has no name_or_path, so its head map is not cached (it could not be told apart from others)")
+        logger.info(
+            "the model has no name_or_path, so its head map is not cached (it could not be told apart from others)"
+        )
         return None
     tuned = bool(head_map.tuned)
-    folder = cache_folder(head_map.fingerprint, cache_dir) if tuned else calibrated_cache_folder(head_map.fingerprint, cache_dir)
+    folder = (
+        cache_folder(head_map.fingerprint, cache_dir)
+        if tuned
+        else calibrated_cache_folder(head_map.fingerprint, cache_dir)
+    )
     head_map.save_pretrained(folder)
     return folder
 
@@ -792,9 +873,14 @@ def find_head_map(adapter, cache_dir: str | Path | None = None) -> HeadMap | Non
     if shipped is not None and shipped.tuned and cached is not None:
         if str(folder) not in _REPORTED:
             _REPORTED.add(str(folder))
-            logger.warning("using the tuned head map shipped for this model; your calibrated map at %s is kept but not "
-                           "used: pass head_map=%r to vlm_guard.wrap (--head-map on the command line) to use it, or tune it "
-                           "with `vlm-guard tune --head-map %s`", folder, str(folder), folder)
+            logger.warning(
+                "using the tuned head map shipped for this model; your calibrated map at %s is kept but not "
+                "used: pass head_map=%r to vlm_guard.wrap (--head-map on the command line) to use it, or tune it "
+                "with `vlm-guard tune --head-map %s`",
+                folder,
+                str(folder),
+                folder,
+            )
         return shipped
     if cached is not None:
         logger.info("using the calibrated (untuned) head map from %s", folder)
@@ -811,14 +897,25 @@ def cache_report(head_map: HeadMap, cache_dir: str | Path | None = None) -> list
 
     saved = calibrated_cache_folder(fingerprint, cache_dir)
     lines = [f"cached at {saved}"]
-    for label, folder in (("tuned", cache_folder(fingerprint, cache_dir)), ("shipped tuned", cache_folder(fingerprint, SHIPPED_HEAD_MAPS))):
+    for label, folder in (
+        ("tuned", cache_folder(fingerprint, cache_dir)),
+        ("shipped tuned", cache_folder(fingerprint, SHIPPED_HEAD_MAPS)),
+    ):
         other = _peek(folder)
-        if other is not None and other.get("tuned") and (other.get("fingerprint") or {}).get("weights_digest") == fingerprint.get("weights_digest"):
-            lines.append(f"vlm_guard.wrap keeps using the {label} head map of this model ({folder}); to use the new one pass "
-                         f"head_map={str(saved)!r} to vlm_guard.wrap or --head-map {saved} to the commands, or tune it with "
-                         f"`vlm-guard tune --head-map {saved}`")
+        if (
+            other is not None
+            and other.get("tuned")
+            and (other.get("fingerprint") or {}).get("weights_digest") == fingerprint.get("weights_digest")
+        ):
+            lines.append(
+                f"vlm_guard.wrap keeps using the {label} head map of this model ({folder}); to use the new one pass "
+                f"head_map={str(saved)!r} to vlm_guard.wrap or --head-map {saved} to the commands, or tune it with "
+                f"`vlm-guard tune --head-map {saved}`"
+            )
             return lines
-    lines.append("vlm_guard.wrap will use it for this model (no tuned map exists: `vlm-guard tune` chooses method settings)")
+    lines.append(
+        "vlm_guard.wrap will use it for this model (no tuned map exists: `vlm-guard tune` chooses method settings)"
+    )
     return lines
 
 

@@ -24,11 +24,23 @@ import torch
 __all__ = ["check_head_map_fields"]
 
 # fingerprint fields: text ones, and counts (positive integers); num_layers and num_heads are required
-FINGERPRINT_TEXT = ("family", "model_class", "name_or_path", "config_digest", "weights_digest", "weights_dtype",
-                    "transformers_version")
+FINGERPRINT_TEXT = (
+    "family",
+    "model_class",
+    "name_or_path",
+    "config_digest",
+    "weights_digest",
+    "weights_dtype",
+    "transformers_version",
+)
 FINGERPRINT_COUNTS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
-LAYER_HEAD_TENSORS = ("vhd_mean", "vhd_std", "vhd_selection_frequency", "text_activation_mean",
-                      "image_centric_head_fraction")
+LAYER_HEAD_TENSORS = (
+    "vhd_mean",
+    "vhd_std",
+    "vhd_selection_frequency",
+    "text_activation_mean",
+    "image_centric_head_fraction",
+)
 SINK_SOURCES = ("auto", "override")
 
 
@@ -113,7 +125,9 @@ def _check(data: dict, tensors: dict[str, torch.Tensor]) -> None:
         raise _FieldError("vhd.vhr_heads", vhr_heads, "not an object {layer: [head, ...]}")
     absent = [layer for layer in range(layers) if str(layer) not in vhr_heads]
     if absent:
-        raise _FieldError("vhd.vhr_heads", None, text=f"has no entry for layers {absent[:8]} (one per layer 0..{layers - 1})")
+        raise _FieldError(
+            "vhd.vhr_heads", None, text=f"has no entry for layers {absent[:8]} (one per layer 0..{layers - 1})"
+        )
 
     sinks = _require(data, "sinks", "")
     if not isinstance(sinks, dict):
@@ -121,12 +135,16 @@ def _check(data: dict, tensors: dict[str, torch.Tensor]) -> None:
     dims = _require(sinks, "sink_dims", "sinks.")
     limit = hidden if _is_int(hidden) else None
     if not isinstance(dims, list) or not all(_is_int(d) and d >= 0 and (limit is None or d < limit) for d in dims):
-        raise _FieldError("sinks.sink_dims", dims, "not a list of hidden dimensions"
-                          + (f" 0..{limit - 1}" if limit else ""))
+        raise _FieldError(
+            "sinks.sink_dims", dims, "not a list of hidden dimensions" + (f" 0..{limit - 1}" if limit else "")
+        )
     _number_list(_require(sinks, "sink_dim_ratios", "sinks."), "sinks.sink_dim_ratios", None)
     if len(sinks["sink_dim_ratios"]) != len(dims):
-        raise _FieldError("sinks.sink_dim_ratios", None,
-                          text=f"has {len(sinks['sink_dim_ratios'])} entries, not one per sink dimension ({len(dims)})")
+        raise _FieldError(
+            "sinks.sink_dim_ratios",
+            None,
+            text=f"has {len(sinks['sink_dim_ratios'])} entries, not one per sink dimension ({len(dims)})",
+        )
     if _require(sinks, "source", "sinks.") not in SINK_SOURCES:
         raise _FieldError("sinks.source", sinks["source"], f"not one of {list(SINK_SOURCES)}")
     _positive(_require(sinks, "threshold", "sinks."), "sinks.threshold")
@@ -146,7 +164,9 @@ def _check(data: dict, tensors: dict[str, torch.Tensor]) -> None:
         for key in PER_LAYER_STATS:
             _number_list(_require(centric, key, "image_centric."), f"image_centric.{key}", layers)
         if "image_centric_head_fraction" not in tensors:
-            raise _FieldError("image_centric", None, text="is present, but the tensors file has no image_centric_head_fraction")
+            raise _FieldError(
+                "image_centric", None, text="is present, but the tensors file has no image_centric_head_fraction"
+            )
 
     gift = _require(data, "gift", "")
     if not isinstance(gift, dict):
@@ -166,13 +186,17 @@ def _check_tensors(fingerprint: dict, tensors: dict[str, torch.Tensor]) -> str |
             return f"has no tensor {name!r}"
     for name in LAYER_HEAD_TENSORS:
         if name in tensors and tuple(tensors[name].shape) != (layers, heads):
-            return (f"tensor {name!r} has shape {list(tensors[name].shape)}, but the JSON's fingerprint.num_layers and "
-                    f"num_heads say [{layers}, {heads}]")
+            return (
+                f"tensor {name!r} has shape {list(tensors[name].shape)}, but the JSON's fingerprint.num_layers and "
+                f"num_heads say [{layers}, {heads}]"
+            )
     hidden = fingerprint.get("hidden_size")
     profile = tensors.get("sink_dim_profile")
     if profile is not None and (profile.ndim != 1 or (hidden is not None and profile.shape[0] != hidden)):
-        return (f"tensor 'sink_dim_profile' has shape {list(profile.shape)}, but the JSON's fingerprint.hidden_size "
-                f"says [{hidden}]")
+        return (
+            f"tensor 'sink_dim_profile' has shape {list(profile.shape)}, but the JSON's fingerprint.hidden_size "
+            f"says [{hidden}]"
+        )
     sample = tensors.get("weights_sample")
     if sample is not None and sample.ndim != 1:
         return f"tensor 'weights_sample' has shape {list(sample.shape)}; expected one dimension"
@@ -193,7 +217,9 @@ def check_head_map_fields(json_path: Path, tensor_path: Path, data: dict, tensor
     except _FieldError as error:
         if error.text is not None:
             raise HeadMapFileError(f"{json_path}: field {error.field} {error.text}; {fix}") from None
-        raise HeadMapFileError(f"{json_path}: field {error.field} is {_short(error.value)}, {error.expected}; {fix}") from None
+        raise HeadMapFileError(
+            f"{json_path}: field {error.field} is {_short(error.value)}, {error.expected}; {fix}"
+        ) from None
     problem = _check_tensors(data["fingerprint"], tensors)
     if problem:
         raise HeadMapFileError(f"{tensor_path} {problem}; {fix}")

@@ -56,8 +56,12 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> str | None:
     return os.environ.get("HF_HUB_CACHE") or None
 
 
-def download(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-             token: str | bool | None = None) -> Path:
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> Path:
     """The snapshot folder of hub repository ``repo_id`` holding its head map (downloaded unless offline).
 
     Raises:
@@ -67,8 +71,16 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | os.Path
 
     offline = _offline()
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=_cache_dir(cache_dir),
-                                        allow_patterns=list(HUB_FILES), local_files_only=offline, token=token))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=_cache_dir(cache_dir),
+                allow_patterns=list(HUB_FILES),
+                local_files_only=offline,
+                token=token,
+            )
+        )
     except Exception as error:  # huggingface_hub's not-found / offline / HTTP errors: one line with the fix
         where = "the local hub cache (HF_HUB_OFFLINE is set)" if offline else "the hub or the local hub cache"
         raise FileNotFoundError(
@@ -78,8 +90,10 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | os.Path
         ) from None
     missing = [name for name in (JSON_FILE, TENSOR_FILE) if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"the hub repository {repo_id} ({folder}) holds no head map: {', '.join(missing)} missing; "
-                                "push one with HeadMap.push_to_hub.")
+        raise FileNotFoundError(
+            f"the hub repository {repo_id} ({folder}) holds no head map: {', '.join(missing)} missing; "
+            "push one with HeadMap.push_to_hub."
+        )
     logger.info("head map %s from the hub cache at %s", repo_id, folder)
     return folder
 
@@ -104,8 +118,10 @@ def _measured_effect(tuned: dict) -> list[str]:
     lines = []
     row = tuned.get("default_row")
     if isinstance(row, dict) and row.get("metrics"):
-        lines.append(f"- default set `{row.get('label', '?')}`: score {row.get('score')} vs greedy {row.get('greedy_score')} "
-                     f"(n={row.get('n')})")
+        lines.append(
+            f"- default set `{row.get('label', '?')}`: score {row.get('score')} vs greedy {row.get('greedy_score')} "
+            f"(n={row.get('n')})"
+        )
         for task, metrics in row["metrics"].items():
             values = ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "n")
             lines.append(f"  - {task}: {values}")
@@ -124,26 +140,40 @@ def model_card(head_map: Any, repo_id: str | None = None) -> str:
     model = _identity(fp)
     base = f"base_model: {model}" if is_hub_id(model) else None
     lines = [
-        "---", "library_name: vlm-guard", "tags:", "- vlm-guard", "- head-map", "- hallucination", base, "---", "",
-        f"# vlm-guard head map for {model}", "",
+        "---",
+        "library_name: vlm-guard",
+        "tags:",
+        "- vlm-guard",
+        "- head-map",
+        "- hallucination",
+        base,
+        "---",
+        "",
+        f"# vlm-guard head map for {model}",
+        "",
         "What `vlm-guard calibrate` learned about this model's attention heads (VHR heads, VAR sink dimensions and "
-        "image-centric heads, the GIFT saliency layer), for `vlm_guard.wrap`.", "",
+        "image-centric heads, the GIFT saliency layer), for `vlm_guard.wrap`.",
+        "",
         "```python",
         "import vlm_guard",
         "from vlm_guard.calibration import HeadMap",
         "",
         f"head_map = HeadMap.from_pretrained({(repo_id or 'ORG/NAME')!r})",
-        "guarded = vlm_guard.wrap(model, processor, \"auto\", head_map=head_map)  # refused for other weights",
-        "```", "",
-        "## Checkpoint", "",
+        'guarded = vlm_guard.wrap(model, processor, "auto", head_map=head_map)  # refused for other weights',
+        "```",
+        "",
+        "## Checkpoint",
+        "",
         f"- model: {model} ({fp.get('family')}, {fp.get('model_class')})",
         f"- geometry: {fp.get('num_layers')} layers x {fp.get('num_heads')} heads ({fp.get('num_kv_heads')} kv heads), "
         f"head_dim {fp.get('head_dim')}, hidden {fp.get('hidden_size')}",
         f"- weights digest {fp.get('weights_digest')} ({fp.get('weights_dtype', '?')}), config digest "
         f"{fp.get('config_digest')}, transformers {fp.get('transformers_version', '?')}; fingerprint hash "
         f"{head_map.fingerprint_hash}",
-        "- `wrap` checks these digests: the map is refused for any other checkpoint.", "",
-        "## Calibration", "",
+        "- `wrap` checks these digests: the map is refused for any other checkpoint.",
+        "",
+        "## Calibration",
+        "",
         f"- images: {calibration.get('n_images', '?')} profiled, {calibration.get('n_skipped', 0)} skipped"
         + (f"; source: {calibration['source']}" if calibration.get("source") else ""),
         f"- prompts: {calibration.get('prompts', [])}",
@@ -154,19 +184,29 @@ def model_card(head_map: Any, repo_id: str | None = None) -> str:
 
     n_images = calibration.get("n_images")
     if isinstance(n_images, int) and n_images < MIN_CALIBRATION_IMAGES:
-        lines.append(f"- **fewer than {MIN_CALIBRATION_IMAGES} images**: the selected heads and layers are not stable at "
-                     "this size (docs/calibration.md); recalibrate on more before relying on it.")
-    sinks = ", ".join(f"{d} (x{r:.1f})" for d, r in zip(head_map.sink_dims, head_map.sink_dim_ratios)) or "none (VAR stays off)"
+        lines.append(
+            f"- **fewer than {MIN_CALIBRATION_IMAGES} images**: the selected heads and layers are not stable at "
+            "this size (docs/calibration.md); recalibrate on more before relying on it."
+        )
+    sinks = (
+        ", ".join(f"{d} (x{r:.1f})" for d, r in zip(head_map.sink_dims, head_map.sink_dim_ratios))
+        or "none (VAR stays off)"
+    )
     lines += [
         f"- VHR heads: {int(head_map.vhr_heads.sum())} of {head_map.num_layers * head_map.num_heads}; "
-        f"VAR sink dimensions: {sinks}; GIFT saliency layer: {head_map.gift_saliency_layer}", "",
-        "## Tuning", "",
+        f"VAR sink dimensions: {sinks}; GIFT saliency layer: {head_map.gift_saliency_layer}",
+        "",
+        "## Tuning",
+        "",
     ]
     if tuned:
         data = (tuned.get("tuning_data") or {}).get("name", "?")
         objective = (tuned.get("objective") or {}).get("text", "?")
-        lines += [f"- tuned by `vlm-guard tune` on {data}", f"- objective: {objective}",
-                  f"- default methods: {', '.join(tuned.get('default_methods') or []) or 'none (no method helped)'}"]
+        lines += [
+            f"- tuned by `vlm-guard tune` on {data}",
+            f"- objective: {objective}",
+            f"- default methods: {', '.join(tuned.get('default_methods') or []) or 'none (no method helped)'}",
+        ]
         for method, settings in (tuned.get("settings") or {}).items():
             lines.append(f"- {method}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
         effect = _measured_effect(tuned)
@@ -177,8 +217,16 @@ def model_card(head_map: Any, repo_id: str | None = None) -> str:
     return "\n".join(line for line in lines if line is not None)
 
 
-def push_to_hub(head_map: Any, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
-                revision: str | None = None, commit_message: str | None = None, create_pr: bool = False) -> Any:
+def push_to_hub(
+    head_map: Any,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+) -> Any:
     """Upload ``head_map`` (its two files and a model card) to the hub repository ``repo_id`` (created if needed).
 
     Returns:
@@ -189,7 +237,9 @@ def push_to_hub(head_map: Any, repo_id: str, *, private: bool | None = None, tok
     from huggingface_hub import HfApi
 
     if not is_hub_id(repo_id):
-        raise ValueError(f"repo_id={repo_id!r} is not a hub id; give it as 'org/name' (e.g. 'me/llava-1.5-7b-head-map')")
+        raise ValueError(
+            f"repo_id={repo_id!r} is not a hub id; give it as 'org/name' (e.g. 'me/llava-1.5-7b-head-map')"
+        )
     from vlm_guard.fileio import atomic_write_text
 
     api = HfApi(token=token)
@@ -198,8 +248,15 @@ def push_to_hub(head_map: Any, repo_id: str, *, private: bool | None = None, tok
         head_map.save_pretrained(folder)
         atomic_write_text(Path(folder) / CARD_FILE, model_card(head_map, repo_id))
         message = commit_message or f"head map for {_identity(head_map.fingerprint)} ({head_map.fingerprint_hash})"
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                 commit_message=message, create_pr=create_pr, allow_patterns=list(HUB_FILES))
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=message,
+            create_pr=create_pr,
+            allow_patterns=list(HUB_FILES),
+        )
     logger.info("pushed the head map to %s", repo_id)
     return info
 

@@ -34,8 +34,12 @@ def plot_vhd(head_map, path: str | Path) -> Path:
 
     figure = _figure(min(16.0, 5.5 + 0.3 * heads), min(12.0, 3.5 + 0.25 * layers))
     axes = figure.add_subplot(1, 1, 1)
-    image = axes.imshow(head_map.vhd_mean.float().numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
-    figure.colorbar(image, ax=axes, label=f"VHD ({head_map.distance}), mean over {head_map.calibration.get('n_images', '?')} images")
+    image = axes.imshow(
+        head_map.vhd_mean.float().numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest"
+    )
+    figure.colorbar(
+        image, ax=axes, label=f"VHD ({head_map.distance}), mean over {head_map.calibration.get('n_images', '?')} images"
+    )
     selected = head_map.vhr_heads.nonzero()
     if len(selected):
         axes.scatter(selected[:, 1].numpy(), selected[:, 0].numpy(), s=6, c="white", marker="o", label="VHR heads")
@@ -48,7 +52,11 @@ def plot_vhd(head_map, path: str | Path) -> Path:
         display_model_name,  # the model's name, not the folders of the machine that made the map
     )
 
-    name = display_model_name(head_map.fingerprint) if head_map.fingerprint.get("name_or_path") else head_map.fingerprint.get("family")
+    name = (
+        display_model_name(head_map.fingerprint)
+        if head_map.fingerprint.get("name_or_path")
+        else head_map.fingerprint.get("family")
+    )
     axes.set_title(f"vision-aware head divergence: {name}", fontsize=9)
     figure.tight_layout()
     path = Path(path)
@@ -69,9 +77,20 @@ def plot_sink_dims(head_map, path: str | Path) -> Path:
     else:
         values = profile.float().numpy()
         axes.vlines(range(len(values)), 0, values, linewidth=0.6, color="tab:blue")
-        axes.axhline(head_map.sink_threshold, color="tab:red", linestyle="--", linewidth=0.8, label=f"tau = {head_map.sink_threshold:g}")
-        axes.axhline(head_map.sink_dim_min_ratio, color="tab:orange", linestyle=":", linewidth=0.8,
-                     label=f"sink-dim rule >= {head_map.sink_dim_min_ratio:g}")
+        axes.axhline(
+            head_map.sink_threshold,
+            color="tab:red",
+            linestyle="--",
+            linewidth=0.8,
+            label=f"tau = {head_map.sink_threshold:g}",
+        )
+        axes.axhline(
+            head_map.sink_dim_min_ratio,
+            color="tab:orange",
+            linestyle=":",
+            linewidth=0.8,
+            label=f"sink-dim rule >= {head_map.sink_dim_min_ratio:g}",
+        )
         for dim, ratio in zip(head_map.sink_dims, head_map.sink_dim_ratios):
             axes.annotate(f"{dim}", (dim, ratio), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
         axes.set_xlim(-1, len(values))

@@ -74,7 +74,9 @@ def profiling_session(model, processor=None) -> Iterator[ProfilingSession]:
         previous = engine.enabled
         engine.enabled = True
         try:
-            yield ProfilingSession(engine=engine, adapter=model.adapter, model=model.model, guard_interventions=list(model.interventions))
+            yield ProfilingSession(
+                engine=engine, adapter=model.adapter, model=model.model, guard_interventions=list(model.interventions)
+            )
         finally:
             engine.enabled = previous
         return

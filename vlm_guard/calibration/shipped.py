@@ -73,8 +73,11 @@ def _runs(config, settings: dict) -> bool:
     """True when ``config`` runs exactly the methods of ``settings`` with those field values."""
     if sorted(config.enabled_methods) != sorted(settings):
         return False
-    return all(getattr(getattr(config, method), name) == value
-               for method, values in settings.items() for name, value in values.items())
+    return all(
+        getattr(getattr(config, method), name) == value
+        for method, values in settings.items()
+        for name, value in values.items()
+    )
 
 
 def held_out_line(head_map, profile: str, config, folder=None) -> str | None:
@@ -87,10 +90,19 @@ def held_out_line(head_map, profile: str, config, folder=None) -> str | None:
     if not isinstance(entry, dict):
         return None
     if not _runs(config, entry.get("settings") or {}):
-        return (f"held-out effect: measured for the {profile} profile's shipped setting, not the settings running now "
-                f"(see {record.get('source', HELD_OUT_FILE)})")
+        return (
+            f"held-out effect: measured for the {profile} profile's shipped setting, not the settings running now "
+            f"(see {record.get('source', HELD_OUT_FILE)})"
+        )
     return entry.get("line")
 
 
-__all__ = ["SHIPPED_HEAD_MAPS", "SHIPPED_ENV", "HELD_OUT_FILE", "shipped_folder", "find_shipped_head_map",
-           "held_out_record", "held_out_line"]
+__all__ = [
+    "SHIPPED_HEAD_MAPS",
+    "SHIPPED_ENV",
+    "HELD_OUT_FILE",
+    "shipped_folder",
+    "find_shipped_head_map",
+    "held_out_record",
+    "held_out_line",
+]

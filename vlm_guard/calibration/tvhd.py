@@ -48,7 +48,7 @@ class _LastPositionsRecorder(Intervention):
 
     def on_head_output(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
         if ctx.phase == "prefill":
-            self.outputs[ctx.layer] = head_output[:, -self.positions:].detach().float()
+            self.outputs[ctx.layer] = head_output[:, -self.positions :].detach().float()
         return head_output
 
 
@@ -74,7 +74,7 @@ class _TokenVHDObserver(Intervention):
     def on_head_output(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
         if ctx.phase != "prefill":
             return head_output
-        with_image = head_output[:, -self.positions:]  # [B, T, H, D]
+        with_image = head_output[:, -self.positions :]  # [B, T, H, D]
         vhd = head_divergence(with_image, self.reference[ctx.layer].to(with_image.device), self.distance)  # [B, T, H]
         top = vhd.topk(min(self.top_k, vhd.shape[-1]), dim=-1).values.sum(dim=-1)  # [B, T]
         self.scores = top if self.scores is None else self.scores + top
@@ -82,8 +82,16 @@ class _TokenVHDObserver(Intervention):
         return head_output
 
 
-def token_vhd(guarded_or_model, processor, inputs: dict, generated_ids: torch.Tensor, top_k: int = DEFAULT_TOP_K,
-              distance: str = "sq_l2", layers: list[int] | None = None, with_interventions: bool = False) -> torch.Tensor:
+def token_vhd(
+    guarded_or_model,
+    processor,
+    inputs: dict,
+    generated_ids: torch.Tensor,
+    top_k: int = DEFAULT_TOP_K,
+    distance: str = "sq_l2",
+    layers: list[int] | None = None,
+    with_interventions: bool = False,
+) -> torch.Tensor:
     """T-VHD of each generated token.
 
     Args:
@@ -151,9 +159,13 @@ def token_vhd(guarded_or_model, processor, inputs: dict, generated_ids: torch.Te
         session.forward(session.to_model(text_inputs), [*methods, recorder])
 
         # image pass
-        image_inputs = append_tokens({**inputs, "attention_mask": attention_mask}, forced)  # e.g. mm_token_type_ids grows too
+        image_inputs = append_tokens(
+            {**inputs, "attention_mask": attention_mask}, forced
+        )  # e.g. mm_token_type_ids grows too
         observer = _TokenVHDObserver(recorder.outputs, steps, top_k, distance)
         session.forward(session.to_model(image_inputs), [*methods, observer])
     if observer.scores is None or observer.layers_seen != set(layers):
-        raise RuntimeError(f"T-VHD saw layers {sorted(observer.layers_seen)} of {layers}; the engine did not reach every layer")
+        raise RuntimeError(
+            f"T-VHD saw layers {sorted(observer.layers_seen)} of {layers}; the engine did not reach every layer"
+        )
     return observer.scores.cpu()

@@ -151,7 +151,11 @@ def _caused_by_interrupt(error: BaseException) -> bool:
 
 
 def _display(path) -> str:
-    return os.fsencode(path).decode("utf-8", "backslashreplace") if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    return (
+        os.fsencode(path).decode("utf-8", "backslashreplace")
+        if isinstance(path, (str, bytes, os.PathLike))
+        else str(path)
+    )
 
 
 def _one_line(error: object) -> str:

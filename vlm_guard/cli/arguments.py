@@ -32,8 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 ALLOW_PICKLE_FLAG = "--allow-pickle"
-ALLOW_PICKLE_HELP = ("read a checkpoint that has only pickle weights (pytorch_model.bin, *.pt); off by default because "
-                     "unpickling can run code: use it only for files you trust")
+ALLOW_PICKLE_HELP = (
+    "read a checkpoint that has only pickle weights (pytorch_model.bin, *.pt); off by default because "
+    "unpickling can run code: use it only for files you trust"
+)
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 """The model dtypes the commands take by name; the same tuple as :data:`vlm_guard.models.loading.DTYPE_NAMES`
@@ -54,8 +56,16 @@ class Number:
     ``strict`` bounds exclude the bound itself), finite. Raises ``argparse.ArgumentTypeError`` with the value and
     the allowed range; argparse prefixes the option's name."""
 
-    def __init__(self, kind: type, minimum: float | None = None, maximum: float | None = None, *,
-                 strict_minimum: bool = False, strict_maximum: bool = False, note: str = ""):
+    def __init__(
+        self,
+        kind: type,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        *,
+        strict_minimum: bool = False,
+        strict_maximum: bool = False,
+        note: str = "",
+    ):
         if kind not in (int, float):
             raise TypeError(f"Number kind must be int or float, got {kind!r}")
         self.kind, self.minimum, self.maximum = kind, minimum, maximum
@@ -68,8 +78,10 @@ class Number:
         shown = (lambda value: str(int(value))) if self.kind is int else (lambda value: f"{value:g}")
         low, high = self.minimum, self.maximum
         if low is not None and high is not None:
-            text = (f"{what} in {'(' if self.strict_minimum else '['}{shown(low)}, {shown(high)}"
-                    f"{')' if self.strict_maximum else ']'}")
+            text = (
+                f"{what} in {'(' if self.strict_minimum else '['}{shown(low)}, {shown(high)}"
+                f"{')' if self.strict_maximum else ']'}"
+            )
         elif low is not None:
             text = f"{what} {'>' if self.strict_minimum else '>='} {shown(low)}"
         elif high is not None:
@@ -109,8 +121,14 @@ def int_range(minimum: int | None = None, maximum: int | None = None, note: str 
     return Number(int, minimum, maximum, note=note)
 
 
-def float_range(minimum: float | None = None, maximum: float | None = None, *, strict_minimum: bool = False,
-                strict_maximum: bool = False, note: str = "") -> Number:
+def float_range(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    strict_minimum: bool = False,
+    strict_maximum: bool = False,
+    note: str = "",
+) -> Number:
     """Finite floats in ``[minimum, maximum]`` (``strict_*``: the bound excluded)."""
     return Number(float, minimum, maximum, strict_minimum=strict_minimum, strict_maximum=strict_maximum, note=note)
 
@@ -124,13 +142,15 @@ positive_float = float_range(0.0, strict_minimum=True)
 non_negative_float = float_range(0.0)
 share = float_range(0.0, 1.0)
 """A fraction in [0, 1]."""
-seed_int = int_range(0, 2 ** 32 - 1, note="a seed")
+seed_int = int_range(0, 2**32 - 1, note="a seed")
 """Random seeds (numpy and torch take 0 .. 2**32 - 1)."""
 max_new_tokens_int = int_range(1, 1 << 20)
 """A generation budget in tokens."""
 
 
-def number_actions(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.Action]]:
+def number_actions(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], argparse.Action]]:
     """Every ``(command path, action)`` of ``parser`` and its subcommands (used by the tests to find numeric options
     declared without a :class:`Number`)."""
     found = []
@@ -166,7 +186,24 @@ def deferred(module: str, function: str) -> Callable[[argparse.Namespace], Any]:
     return run
 
 
-__all__ = ["ALLOW_PICKLE_FLAG", "ALLOW_PICKLE_HELP", "DTYPE_NAMES", "INTERRUPTED", "INTERRUPTED_RESUMABLE",
-           "ArgumentParser", "Number", "add_allow_pickle_argument", "deferred", "float_range", "int_range",
-           "max_new_tokens_int", "non_negative_float", "non_negative_int", "number_actions", "positive_float",
-           "positive_int", "seed_int", "share"]
+__all__ = [
+    "ALLOW_PICKLE_FLAG",
+    "ALLOW_PICKLE_HELP",
+    "DTYPE_NAMES",
+    "INTERRUPTED",
+    "INTERRUPTED_RESUMABLE",
+    "ArgumentParser",
+    "Number",
+    "add_allow_pickle_argument",
+    "deferred",
+    "float_range",
+    "int_range",
+    "max_new_tokens_int",
+    "non_negative_float",
+    "non_negative_int",
+    "number_actions",
+    "positive_float",
+    "positive_int",
+    "seed_int",
+    "share",
+]

@@ -19,8 +19,13 @@ logger = logging.getLogger(__name__)
 # live in vlm_guard.cli.heads: importing this package imports torch.
 
 
-def load_model(model_id: str | None, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False,
-               allow_pickle: bool = False):
+def load_model(
+    model_id: str | None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
     """``(model, processor)`` for ``vlm-guard calibrate`` (:func:`vlm_guard.models.loading.load_model`), in
     ``dtype``, by default float16 on a CUDA device and float32 elsewhere."""
     from vlm_guard.models.loading import load_model as load
@@ -46,15 +51,27 @@ def run_calibrate(args: argparse.Namespace) -> int:
     parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
     try:
         try:
-            model, processor = load_model(args.model, parallel.device(args.device), args.dtype, args.trust_remote_code,
-                                          args.allow_pickle)
+            model, processor = load_model(
+                args.model, parallel.device(args.device), args.dtype, args.trust_remote_code, args.allow_pickle
+            )
         except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
             raise model_load_error(args.model, error) from None
         out = Path(args.out)
         head_map = calibrate(
-            model, processor, args.images, args.prompt, batch_size=args.batch_size, limit=args.limit,
-            distance=args.distance, sink_dims=args.sink_dims, rho=args.rho, progress=not args.quiet,
-            out_dir=out, plots=not args.no_plots, save_cache=not args.no_cache, parallel=parallel,
+            model,
+            processor,
+            args.images,
+            args.prompt,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            distance=args.distance,
+            sink_dims=args.sink_dims,
+            rho=args.rho,
+            progress=not args.quiet,
+            out_dir=out,
+            plots=not args.no_plots,
+            save_cache=not args.no_cache,
+            parallel=parallel,
         )
     finally:
         parallel.close()
@@ -64,8 +81,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(head_map.summary())
         print()
-    print(f"profiled {calibration['n_images']} images, skipped {calibration['n_skipped']}, "
-          f"{calibration['seconds_per_image']:.3f} s/image")
+    print(
+        f"profiled {calibration['n_images']} images, skipped {calibration['n_skipped']}, "
+        f"{calibration['seconds_per_image']:.3f} s/image"
+    )
     for line in calibration.get("skipped", [])[:10]:
         print(f"  skipped {line}")
     print(f"head map written to {out}")

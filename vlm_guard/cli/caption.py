@@ -24,26 +24,46 @@ DEFAULT_PROMPT = "Please describe this image in detail."
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("caption", help="caption an image with and without the guard",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "caption",
+        help="caption an image with and without the guard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("image", nargs="?", help="image file (default: a bundled example image)")
     parser.add_argument("--model", help="hub id or local folder (default: the shipped default model)")
-    parser.add_argument("--prompt", default=None, help=f"instruction (default: {DEFAULT_PROMPT!r}; 'describe the image' "
-                        "for the shapes test fixture)")
-    parser.add_argument("--methods", default="auto",
-                        help="vhr,var,gift,pai,vcd | all (vhr,var,gift) | none | auto (default: the set `vlm-guard tune` chose "
-                        "for this model's caption profile, else PAI at its released settings)")
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help=f"instruction (default: {DEFAULT_PROMPT!r}; 'describe the image' for the shapes test fixture)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="auto",
+        help="vhr,var,gift,pai,vcd | all (vhr,var,gift) | none | auto (default: the set `vlm-guard tune` chose "
+        "for this model's caption profile, else PAI at its released settings)",
+    )
     parser.add_argument("--compare", action="store_true", help="also caption with each method alone")
-    parser.add_argument("--all-examples", action="store_true",
-                        help="caption every bundled example and count hallucinated objects, plain vs guarded")
+    parser.add_argument(
+        "--all-examples",
+        action="store_true",
+        help="caption every bundled example and count hallucinated objects, plain vs guarded",
+    )
     parser.add_argument("--check", action="store_true", help="flag mentions the grounding checker finds unsupported")
-    parser.add_argument("--checker", help="open_clip model for --check on real images, as NAME:PRETRAINED "
-                        "(e.g. ViT-B-32:laion2b_s34b_b79k; the weights must be available locally). "
-                        "Default: the shipped checker, trained on the synthetic world")
+    parser.add_argument(
+        "--checker",
+        help="open_clip model for --check on real images, as NAME:PRETRAINED "
+        "(e.g. ViT-B-32:laion2b_s34b_b79k; the weights must be available locally). "
+        "Default: the shipped checker, trained on the synthetic world",
+    )
     parser.add_argument("--head-map", help="head map folder from `vlm-guard calibrate` (default: the cache)")
-    parser.add_argument("--max-new-tokens", type=int_range(1, 4096), default=None,
-                        help="generation budget in tokens, 1..4096 (default: the world's caption budget, as in the "
-                             "benchmark: 120 for the default model, 48 for the shapes fixture; 64 for other models)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int_range(1, 4096),
+        default=None,
+        help="generation budget in tokens, 1..4096 (default: the world's caption budget, as in the "
+        "benchmark: 120 for the default model, 48 for the shapes fixture; 64 for other models)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
@@ -80,12 +100,14 @@ def _caption(guarded, processor, image, prompt: str, max_new_tokens: int) -> tup
 
     from vlm_guard.models.loading import chat_prompt
 
-    inputs = processor(images=[image], text=[chat_prompt(processor, prompt, fallback=True)], return_tensors="pt").to(guarded.device)
+    inputs = processor(images=[image], text=[chat_prompt(processor, prompt, fallback=True)], return_tensors="pt").to(
+        guarded.device
+    )
     start = time.perf_counter()
     with torch.no_grad():
         output = guarded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - start
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return processor.decode(new_tokens, skip_special_tokens=True).strip(), seconds
 
 
@@ -102,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
     task = task or TASK
     config = None if auto else GuardConfig.from_methods(args.methods)
     if args.all_examples and args.image:
-        raise ValueError(f"--all-examples captions the bundled examples; drop the image argument {args.image!r} or the flag")
+        raise ValueError(
+            f"--all-examples captions the bundled examples; drop the image argument {args.image!r} or the flag"
+        )
     from vlm_guard.synthetic.worlds import world_for_model_argument
 
     world = world_for_model_argument(args.model)
@@ -113,8 +137,13 @@ def run(args: argparse.Namespace) -> int:
     check_model_argument(args.model)
     check_head_map_folder(args.head_map)
     try:
-        model, processor = load_model(args.model, device=args.device, dtype=args.dtype,
-                                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        model, processor = load_model(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle,
+        )
     except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
         raise model_load_error(args.model, error) from None
     prompt = args.prompt or world.caption_prompt
@@ -132,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
         methods, reason = default_methods(guarded.head_map, task)
         print(f"methods: {','.join(methods) or 'none'} ({reason})")
         if not methods:
-            print("  so the guarded caption is the plain one; the tuning table (`vlm-guard heads show` on the model's head "
-                  "map) says what each method cost; --methods NAME,... runs them anyway")
+            print(
+                "  so the guarded caption is the plain one; the tuning table (`vlm-guard heads show` on the model's head "
+                "map) says what each method cost; --methods NAME,... runs them anyway"
+            )
     for line in guarded.describe_settings():
         print(f"settings {line}")
     checker = _checker(args, world.name) if args.check else None
@@ -165,12 +196,20 @@ def run(args: argparse.Namespace) -> int:
                 wrong = ", ".join(word for word, _ in record["hallucinated"]) or "none"
                 print(f"not in the scene ({name}): {wrong}")
         if args.check and checker is None and _truth_key(path, truth, args.image is not None, world.name) is None:
-            print(f"not checked: {Path(path).name} is not a bundled example (no ground truth) and the shipped grounding "
-                  f"checker knows the shapes world only; pass --checker NAME:PRETRAINED to check a real image")
+            print(
+                f"not checked: {Path(path).name} is not a bundled example (no ground truth) and the shipped grounding "
+                f"checker knows the shapes world only; pass --checker NAME:PRETRAINED to check a real image"
+            )
     if args.all_examples:
-        print(f"\nall {len(images)} bundled examples: hallucinated object mentions (not in the scene's ground truth) "
-              f"plain {totals['plain'][1]}, guarded {totals['guarded'][1]}"
-              + (f"; flagged by the checker plain {totals['plain'][0]}, guarded {totals['guarded'][0]}" if checker else ""))
+        print(
+            f"\nall {len(images)} bundled examples: hallucinated object mentions (not in the scene's ground truth) "
+            f"plain {totals['plain'][1]}, guarded {totals['guarded'][1]}"
+            + (
+                f"; flagged by the checker plain {totals['plain'][0]}, guarded {totals['guarded'][0]}"
+                if checker
+                else ""
+            )
+        )
     if auto:
         from vlm_guard.calibration.shipped import held_out_line
 
@@ -209,8 +248,9 @@ def _truth_key(path: str, truth: dict, given: bool, world: str | None = None) ->
         from vlm_guard.fileio import sha256_file
 
         digest = sha256_file(path)
-        return next((entry for entry in truth if (folder / entry).is_file() and sha256_file(folder / entry) == digest),
-                    None)
+        return next(
+            (entry for entry in truth if (folder / entry).is_file() and sha256_file(folder / entry) == digest), None
+        )
     except (OSError, ValueError):
         return None
 
@@ -270,8 +310,10 @@ def _checker(args, world: str = "shapes"):
         name, _, pretrained = args.checker.partition(":")
         return GroundingChecker.from_open_clip(name, pretrained or None)
     if world != "shapes":
-        print(f"check: the shipped grounding checker knows the shapes world only; the {world} examples are counted "
-              "against their ground truth (pass --checker NAME:PRETRAINED for real images)")
+        print(
+            f"check: the shipped grounding checker knows the shapes world only; the {world} examples are counted "
+            "against their ground truth (pass --checker NAME:PRETRAINED for real images)"
+        )
         return None
     if args.model is not None:
         logger.warning("--check without --checker uses the synthetic-world checker, which only knows toy objects")

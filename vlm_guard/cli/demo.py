@@ -37,23 +37,49 @@ def register(subparsers) -> None:
         help="launch the Gradio demo: plain vs guarded answers with attention heatmaps",
         description="Launch the Gradio demo (needs the 'demo' extra: pip install 'vlm-attention-guard[demo]').",
     )
-    parser.add_argument("--model", default=None,
-                        help="hub id or local folder of a supported VLM (default: the shipped toy LLaVA)")
-    parser.add_argument("--head-map", default=None, help="head map folder from `vlm-guard calibrate` (default: the cached one, if any)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}, loopback only)")
+    parser.add_argument(
+        "--model", default=None, help="hub id or local folder of a supported VLM (default: the shipped toy LLaVA)"
+    )
+    parser.add_argument(
+        "--head-map", default=None, help="head map folder from `vlm-guard calibrate` (default: the cached one, if any)"
+    )
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}, loopback only)"
+    )
     parser.add_argument("--port", type=int_range(1, 65535), default=DEFAULT_PORT, help="port (default %(default)s)")
-    parser.add_argument("--share-on-network", action="store_true",
-                        help="allow a non-loopback --host (e.g. 0.0.0.0): anyone who can reach this machine can use the demo")
+    parser.add_argument(
+        "--share-on-network",
+        action="store_true",
+        help="allow a non-loopback --host (e.g. 0.0.0.0): anyone who can reach this machine can use the demo",
+    )
     parser.add_argument("--device", default="cpu", help="torch device for the model (default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=max_new_tokens_int, default=None, help="cap of the max-new-tokens control (default 128)")
-    parser.add_argument("--max-upload-mb", type=positive_float, default=None, help="largest accepted upload in MB (default 10)")
-    parser.add_argument("--max-image-pixels", type=positive_int, default=None, help="largest accepted width*height (default 4096*4096)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=max_new_tokens_int,
+        default=None,
+        help="cap of the max-new-tokens control (default 128)",
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=positive_float, default=None, help="largest accepted upload in MB (default 10)"
+    )
+    parser.add_argument(
+        "--max-image-pixels", type=positive_int, default=None, help="largest accepted width*height (default 4096*4096)"
+    )
     parser.add_argument("--queue-size", type=positive_int, default=None, help="requests allowed to wait (default 16)")
-    parser.add_argument("--max-sessions", type=positive_int, default=None,
-                        help="browser sessions whose results are kept in memory; the oldest is dropped beyond it (default 64)")
-    parser.add_argument("--session-ttl", type=positive_int, default=None, metavar="SECONDS",
-                        help="a session's results, its upload and the pictures served are deleted this long after "
-                             "they were made (default 1800)")
+    parser.add_argument(
+        "--max-sessions",
+        type=positive_int,
+        default=None,
+        help="browser sessions whose results are kept in memory; the oldest is dropped beyond it (default 64)",
+    )
+    parser.add_argument(
+        "--session-ttl",
+        type=positive_int,
+        default=None,
+        metavar="SECONDS",
+        help="a session's results, its upload and the pictures served are deleted this long after "
+        "they were made (default 1800)",
+    )
     parser.add_argument("--no-checker", action="store_true", help="do not load the grounding checker")
     add_allow_pickle_argument(parser)
     parser.set_defaults(func=run_demo)
@@ -125,22 +151,33 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             import gradio  # noqa: F401
         except ImportError as error:
-            raise UserError(f"the demo needs gradio ({error}); install it with: pip install 'vlm-attention-guard[demo]'") from error
+            raise UserError(
+                f"the demo needs gradio ({error}); install it with: pip install 'vlm-attention-guard[demo]'"
+            ) from error
         from vlm_guard.demo.app import build_app, launch_options
         from vlm_guard.demo.session import DemoSession
 
         if not is_loopback(args.host):
             logger.warning("the demo listens on %s: anyone who can reach this machine can use it", args.host)
         try:
-            session = DemoSession.load(model=args.model, head_map=args.head_map, limits=limits,
-                                       use_checker=not args.no_checker, device=args.device, allow_pickle=args.allow_pickle)
+            session = DemoSession.load(
+                model=args.model,
+                head_map=args.head_map,
+                limits=limits,
+                use_checker=not args.no_checker,
+                device=args.device,
+                allow_pickle=args.allow_pickle,
+            )
         except OSError as error:  # from_pretrained: an id that is neither a folder nor in the local cache
             from vlm_guard.cli.checks import model_load_error
 
             raise model_load_error(args.model, error) from None
         demo = build_app(session)
         logger.info("temporary files in %s", temp_dir)
-        print(f"vlm-guard demo on http://{args.host}:{args.port} (model: {session.model_name}); Ctrl+C to stop", flush=True)
+        print(
+            f"vlm-guard demo on http://{args.host}:{args.port} (model: {session.model_name}); Ctrl+C to stop",
+            flush=True,
+        )
         with _sigterm_as_interrupt():
             demo.launch(server_name=args.host, server_port=args.port, **launch_options(limits))
     return 0

@@ -50,13 +50,20 @@ def register(subparsers) -> None:
 
     pope = commands.add_parser("pope", help="POPE on COCO: official question files + val2014 images")
     _common(pope, f"default {DEFAULT_MAX_NEW_TOKENS['pope']}")
-    pope.add_argument("--questions", nargs="+", default=None,
-                      help="official question files (e.g. coco_pope_random.json ...); the split is read from the name")
+    pope.add_argument(
+        "--questions",
+        nargs="+",
+        default=None,
+        help="official question files (e.g. coco_pope_random.json ...); the split is read from the name",
+    )
     pope.add_argument("--pope-dir", default=None, help="folder holding coco_pope_{random,popular,adversarial}.json")
     pope.add_argument("--splits", default="random,popular,adversarial", help="splits to run with --pope-dir")
     pope.add_argument("--images", required=True, help="folder of the images the questions name (COCO val2014)")
-    pope.add_argument("--prompt-suffix", default="",
-                      help="text appended to each question (e.g. ' Answer with one word.'); default none")
+    pope.add_argument(
+        "--prompt-suffix",
+        default="",
+        help="text appended to each question (e.g. ' Answer with one word.'); default none",
+    )
     pope.set_defaults(func=_run_pope, interrupt_note=INTERRUPTED_RESUMABLE)
 
     chair = commands.add_parser("chair", help="CHAIR on COCO val2014: captions scored against instances + captions")
@@ -64,61 +71,113 @@ def register(subparsers) -> None:
     chair.add_argument("--images", required=True, help="folder of COCO val2014 images")
     chair.add_argument("--instances", required=True, help="instances_val2014.json")
     chair.add_argument("--captions", required=True, help="captions_val2014.json")
-    chair.add_argument("--n-images", type=positive_int, default=500, help="random images drawn with --seed (default %(default)s)")
-    chair.add_argument("--prompt", default=DEFAULT_CHAIR_PROMPT, help=f"caption prompt (default {DEFAULT_CHAIR_PROMPT!r})")
+    chair.add_argument(
+        "--n-images", type=positive_int, default=500, help="random images drawn with --seed (default %(default)s)"
+    )
+    chair.add_argument(
+        "--prompt", default=DEFAULT_CHAIR_PROMPT, help=f"caption prompt (default {DEFAULT_CHAIR_PROMPT!r})"
+    )
     chair.set_defaults(func=_run_chair, interrupt_note=INTERRUPTED_RESUMABLE)
 
     synthetic = commands.add_parser("synthetic", help="POPE- and CHAIR-style benchmark on held-out toy-world scenes")
-    _common(synthetic, f"default: {DEFAULT_MAX_NEW_TOKENS['synthetic_pope']} for the yes/no questions; for the captions "
-                       "the world's budget, " + ", ".join(f"{tokens} {name}" for name, tokens in WORLD_CAPTION_TOKENS.items()))
-    synthetic.add_argument("--n-questions", type=positive_int, default=500, help="questions per POPE split (default %(default)s)")
-    synthetic.add_argument("--n-captions", type=positive_int, default=500, help="scenes to caption (default %(default)s)")
-    synthetic.add_argument("--world-seed", type=seed_int, default=None,
-                           help="world seed (default 900001, the reported held-out seed; 910001 is for tuning)")
+    _common(
+        synthetic,
+        f"default: {DEFAULT_MAX_NEW_TOKENS['synthetic_pope']} for the yes/no questions; for the captions "
+        "the world's budget, " + ", ".join(f"{tokens} {name}" for name, tokens in WORLD_CAPTION_TOKENS.items()),
+    )
+    synthetic.add_argument(
+        "--n-questions", type=positive_int, default=500, help="questions per POPE split (default %(default)s)"
+    )
+    synthetic.add_argument(
+        "--n-captions", type=positive_int, default=500, help="scenes to caption (default %(default)s)"
+    )
+    synthetic.add_argument(
+        "--world-seed",
+        type=seed_int,
+        default=None,
+        help="world seed (default 900001, the reported held-out seed; 910001 is for tuning)",
+    )
     synthetic.add_argument("--biased", action="store_true", help="training-like biased scenes instead of unbiased")
-    synthetic.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
-                           help="which synthetic world (default: the model's own, everyday for other models)")
+    synthetic.add_argument(
+        "--world",
+        default="auto",
+        choices=["auto", "everyday", "shapes"],
+        help="which synthetic world (default: the model's own, everyday for other models)",
+    )
     synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
     synthetic.set_defaults(func=_run_synthetic, interrupt_note=INTERRUPTED_RESUMABLE)
 
-    images = commands.add_parser("synthetic-images",
-                                 help="render synthetic scenes as PNGs (e.g. tuning-seed scenes for `vlm-guard calibrate`)")
+    images = commands.add_parser(
+        "synthetic-images", help="render synthetic scenes as PNGs (e.g. tuning-seed scenes for `vlm-guard calibrate`)"
+    )
     images.add_argument("--out", required=True, help="folder to write scene_XXXXXX.png into")
     images.add_argument("--n", type=positive_int, default=200, help="number of scenes (default %(default)s)")
-    images.add_argument("--world-seed", type=seed_int, default=None,
-                        help="world seed (default 910001, the tuning seed: never the reported one)")
+    images.add_argument(
+        "--world-seed",
+        type=seed_int,
+        default=None,
+        help="world seed (default 910001, the tuning seed: never the reported one)",
+    )
     images.add_argument("--biased", action="store_true", help="training-like biased scenes")
-    images.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
-                        help="which synthetic world (default: the default model's)")
+    images.add_argument(
+        "--world",
+        default="auto",
+        choices=["auto", "everyday", "shapes"],
+        help="which synthetic world (default: the default model's)",
+    )
     images.set_defaults(func=_write_synthetic_images)
 
 
 def _common(parser: argparse.ArgumentParser, max_new_tokens_default: str) -> None:
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
     parser.add_argument("--methods", default="none", help="method set: 'vhr,var,gift', 'all' or 'none' (default)")
-    parser.add_argument("--compare", default=None,
-                        help="several method sets on the same items, ';'-separated, e.g. 'none;vhr;var;gift;all;pai;vcd'")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        help="several method sets on the same items, ';'-separated, e.g. 'none;vhr;var;gift;all;pai;vcd'",
+    )
     parser.add_argument("--limit", type=positive_int, default=None, help="at most N items per task / split")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per generate call (default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=max_new_tokens_int, default=None,
-                        help=f"generation budget in tokens ({max_new_tokens_default})")
-    parser.add_argument("--out", required=True, help="results .jsonl (resumable); with --compare, every method set's "
-                        "records together (each set also gets <out stem>.<methods>.jsonl, which a rerun resumes)")
-    parser.add_argument("--seed", type=seed_int, default=0,
-                        help="seed of the bootstrap and of image sampling (default %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="rows per generate call (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=max_new_tokens_int,
+        default=None,
+        help=f"generation budget in tokens ({max_new_tokens_default})",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="results .jsonl (resumable); with --compare, every method set's "
+        "records together (each set also gets <out stem>.<methods>.jsonl, which a rerun resumes)",
+    )
+    parser.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the bootstrap and of image sampling (default %(default)s)"
+    )
     parser.add_argument("--head-map", default=None, help="folder of a calibrated head map (default: the cached one)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     add_allow_pickle_argument(parser)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="model dtype (default %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16", "auto"),
+        help="model dtype (default %(default)s)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
-    parser.add_argument("--n-resamples", type=positive_int, default=1000, help="bootstrap resamples (default %(default)s)")
+    parser.add_argument(
+        "--n-resamples", type=positive_int, default=1000, help="bootstrap resamples (default %(default)s)"
+    )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("--max-unclear", type=share, default=MAX_UNCLEAR_SHARE,
-                        help="largest share of outputs that may not answer the prompt (POPE: no yes/no word; CHAIR: "
-                             f"not a caption) before a task's numbers are withheld and the command exits "
-                             f"{EXIT_PROMPT_NOT_FOLLOWED} (a share in [0, 1]; default %(default)s; 1 turns the check off)")
+    parser.add_argument(
+        "--max-unclear",
+        type=share,
+        default=MAX_UNCLEAR_SHARE,
+        help="largest share of outputs that may not answer the prompt (POPE: no yes/no word; CHAIR: "
+        f"not a caption) before a task's numbers are withheld and the command exits "
+        f"{EXIT_PROMPT_NOT_FOLLOWED} (a share in [0, 1]; default %(default)s; 1 turns the check off)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -192,28 +251,52 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
 
     head_map = _load_head_map(args)  # a corrupt map: refused before the model loads
     try:
-        model, processor, model_name = load_model(args.model, trust_remote_code=args.trust_remote_code,
-                                                  dtype=args.dtype, device=parallel.device(args.device),
-                                                  allow_pickle=args.allow_pickle)
+        model, processor, model_name = load_model(
+            args.model,
+            trust_remote_code=args.trust_remote_code,
+            dtype=args.dtype,
+            device=parallel.device(args.device),
+            allow_pickle=args.allow_pickle,
+        )
     except OSError as error:
         raise model_load_error(args.model, error) from None
-    run_config = {"model": model_name, "do_sample": False, "num_beams": 1, "dtype": args.dtype,
-                  "weights_sha256_16": weights_digest(args.model or default_model_dir()),
-                  "head_map_dir": args.head_map, **run_config}
+    run_config = {
+        "model": model_name,
+        "do_sample": False,
+        "num_beams": 1,
+        "dtype": args.dtype,
+        "weights_sha256_16": weights_digest(args.model or default_model_dir()),
+        "head_map_dir": args.head_map,
+        **run_config,
+    }
     result = run_benchmark(
-        model, processor, tasks, method_sets, args.out, loader=loader, head_map=head_map,
-        batch_size=args.batch_size, seed=args.seed, n_resamples=args.n_resamples, progress=not args.no_progress,
-        run_config=run_config, compare=bool(args.compare),
+        model,
+        processor,
+        tasks,
+        method_sets,
+        args.out,
+        loader=loader,
+        head_map=head_map,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_resamples=args.n_resamples,
+        progress=not args.no_progress,
+        run_config=run_config,
+        compare=bool(args.compare),
         fingerprint_extra={key: run_config[key] for key in FINGERPRINT_KEYS if key in run_config},
-        parallel=parallel, max_unclear=args.max_unclear, prompt_fixes=_prompt_fixes(run_config),
+        parallel=parallel,
+        max_unclear=args.max_unclear,
+        prompt_fixes=_prompt_fixes(run_config),
     )
     if not parallel.is_main:
         return 0  # rank 0 merged this rank's records and prints the result
     scored = _scored_items(result)
     if scored == 0 and loader.n_skipped:
         example = next(iter(loader.skipped.items()))
-        raise ValueError(f"no item could be run: all {loader.n_skipped} images were skipped (e.g. {example[0]}: "
-                         f"{example[1]}); check --images.")
+        raise ValueError(
+            f"no item could be run: all {loader.n_skipped} images were skipped (e.g. {example[0]}: "
+            f"{example[1]}); check --images."
+        )
     if args.compare:
         _write_compared_records(args.out, result)
     print(result["markdown"])
@@ -237,8 +320,11 @@ def _write_compared_records(out, result: dict) -> None:
     from vlm_guard.eval.records import read_records
     from vlm_guard.fileio import atomic_write_text
 
-    lines = [json.dumps(record, allow_nan=False) for method_set in result["method_sets"]
-             for record in read_records(method_set["records"])]
+    lines = [
+        json.dumps(record, allow_nan=False)
+        for method_set in result["method_sets"]
+        for record in read_records(method_set["records"])
+    ]
     atomic_write_text(out, "".join(line + "\n" for line in lines))
 
 
@@ -246,14 +332,18 @@ def _prompt_fixes(run_config: dict) -> dict[str, str]:
     """What the prompt-following warning tells the user to do, per task kind, for this benchmark's options."""
     if run_config.get("benchmark") == "synthetic":
         prompts = run_config.get("prompts", {})
-        return {"pope": f"the synthetic questions are fixed ({prompts.get('pope')!r}); use a model that answers "
-                        "them with yes or no (e.g. the shipped default model)",
-                "chair": f"the synthetic caption prompt is fixed ({prompts.get('chair')!r}); use a model that "
-                         "captions (e.g. the shipped default model)"}
-    return {"pope": "ask for a yes/no answer, e.g. --prompt-suffix ' Please answer yes or no.', or use a model "
-                    "that answers the question with yes or no",
-            "chair": "pass a caption prompt this model follows with --prompt (e.g. 'Describe this image.'), or use "
-                     "a model that captions"}
+        return {
+            "pope": f"the synthetic questions are fixed ({prompts.get('pope')!r}); use a model that answers "
+            "them with yes or no (e.g. the shipped default model)",
+            "chair": f"the synthetic caption prompt is fixed ({prompts.get('chair')!r}); use a model that "
+            "captions (e.g. the shipped default model)",
+        }
+    return {
+        "pope": "ask for a yes/no answer, e.g. --prompt-suffix ' Please answer yes or no.', or use a model "
+        "that answers the question with yes or no",
+        "chair": "pass a caption prompt this model follows with --prompt (e.g. 'Describe this image.'), or use "
+        "a model that captions",
+    }
 
 
 def _prompt_exit_code(result: dict, compared: bool) -> int:
@@ -262,14 +352,15 @@ def _prompt_exit_code(result: dict, compared: bool) -> int:
     say "prompt not followed" and the other rows stand), else 0."""
     import sys
 
-    failed = [entry for entry in result.get("prompt_not_followed", [])
-              if not compared or entry["methods"] == "none"]
+    failed = [entry for entry in result.get("prompt_not_followed", []) if not compared or entry["methods"] == "none"]
     if not failed:
         return 0
     tasks = ", ".join(sorted({entry["task"] for entry in failed}))
-    print(f"vlm-guard eval: the model did not follow the prompt of {tasks}: no numbers for it (see the warning "
-          f"above; the summary marks it followed_prompt: false); exit code {EXIT_PROMPT_NOT_FOLLOWED}.",
-          file=sys.stderr)
+    print(
+        f"vlm-guard eval: the model did not follow the prompt of {tasks}: no numbers for it (see the warning "
+        f"above; the summary marks it followed_prompt: false); exit code {EXIT_PROMPT_NOT_FOLLOWED}.",
+        file=sys.stderr,
+    )
     return EXIT_PROMPT_NOT_FOLLOWED
 
 
@@ -288,11 +379,19 @@ def _run_pope(args) -> int:
     loader = ImageLoader(args.images)
     names = sorted({item.image_name for task in tasks for item in task.items})
     if names and not any(loader.path_of(name).is_file() for name in names):
-        raise ValueError(f"none of the {len(names)} images the questions name is in --images {args.images} (e.g. "
-                         f"{names[0]}); pass the folder that holds them (COCO val2014).")
-    run_config = {"benchmark": "pope", "question_files": [str(path) for path in files], "images": args.images,
-                  "max_new_tokens": max_new_tokens, "prompt_suffix": args.prompt_suffix, "limit": args.limit,
-                  "title": "POPE"}
+        raise ValueError(
+            f"none of the {len(names)} images the questions name is in --images {args.images} (e.g. "
+            f"{names[0]}); pass the folder that holds them (COCO val2014)."
+        )
+    run_config = {
+        "benchmark": "pope",
+        "question_files": [str(path) for path in files],
+        "images": args.images,
+        "max_new_tokens": max_new_tokens,
+        "prompt_suffix": args.prompt_suffix,
+        "limit": args.limit,
+        "title": "POPE",
+    }
     return _execute(args, tasks, loader, run_config)
 
 
@@ -301,12 +400,28 @@ def _run_chair(args) -> int:
     from vlm_guard.eval.images import ImageLoader
 
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["chair"]
-    task = chair_task(args.images, args.instances, args.captions, args.n_images, args.seed, args.prompt,
-                      max_new_tokens=max_new_tokens, limit=args.limit)
+    task = chair_task(
+        args.images,
+        args.instances,
+        args.captions,
+        args.n_images,
+        args.seed,
+        args.prompt,
+        max_new_tokens=max_new_tokens,
+        limit=args.limit,
+    )
     loader = ImageLoader(args.images)
-    run_config = {"benchmark": "chair", "images": args.images, "instances": args.instances, "captions": args.captions,
-                  "n_images": args.n_images, "prompt": args.prompt, "max_new_tokens": max_new_tokens,
-                  "limit": args.limit, "title": "CHAIR"}
+    run_config = {
+        "benchmark": "chair",
+        "images": args.images,
+        "instances": args.instances,
+        "captions": args.captions,
+        "n_images": args.n_images,
+        "prompt": args.prompt,
+        "max_new_tokens": max_new_tokens,
+        "limit": args.limit,
+        "title": "CHAIR",
+    }
     return _execute(args, [task], loader, run_config)
 
 
@@ -326,14 +441,29 @@ def _run_synthetic(args) -> int:
     pope_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["synthetic_pope"]
     chair_tokens = args.max_new_tokens or world.caption_tokens
     world_seed = EVAL_SEED if args.world_seed is None else args.world_seed
-    tasks = synthetic_tasks(n_questions, n_captions, world_seed=world_seed, bias=args.biased,
-                            pope_max_new_tokens=pope_tokens, chair_max_new_tokens=chair_tokens, kinds=kinds, world=world)
-    run_config = {"benchmark": "synthetic", "world": world.name, "world_seed": world_seed, "bias": args.biased,
-                  "n_questions_per_split": n_questions, "n_captions": n_captions,
-                  "max_new_tokens": {"pope": pope_tokens, "chair": chair_tokens},
-                  "prompts": {"pope": world.pope_template, "chair": world.caption_prompt}, "limit": args.limit,
-                  "title": f"Synthetic benchmark ({world.name} world, seed {world_seed}, "
-                           f"{'biased' if args.biased else 'unbiased'} scenes)"}
+    tasks = synthetic_tasks(
+        n_questions,
+        n_captions,
+        world_seed=world_seed,
+        bias=args.biased,
+        pope_max_new_tokens=pope_tokens,
+        chair_max_new_tokens=chair_tokens,
+        kinds=kinds,
+        world=world,
+    )
+    run_config = {
+        "benchmark": "synthetic",
+        "world": world.name,
+        "world_seed": world_seed,
+        "bias": args.biased,
+        "n_questions_per_split": n_questions,
+        "n_captions": n_captions,
+        "max_new_tokens": {"pope": pope_tokens, "chair": chair_tokens},
+        "prompts": {"pope": world.pope_template, "chair": world.caption_prompt},
+        "limit": args.limit,
+        "title": f"Synthetic benchmark ({world.name} world, seed {world_seed}, "
+        f"{'biased' if args.biased else 'unbiased'} scenes)",
+    }
     return _execute(args, tasks, ImageLoader(), run_config)
 
 
@@ -351,6 +481,8 @@ def _write_synthetic_images(args) -> int:
     for index in range(args.n):  # each image whole or absent: a failure keeps the previous file of that name
         with atomic_path(folder / f"scene_{index:06d}.png") as temporary:
             kind.render(scenes.scene(index)).save(temporary, format="PNG")
-    print(f"wrote {args.n} scenes of the {kind.name} world, seed {seed} ({'biased' if args.biased else 'unbiased'}) "
-          f"to {folder}")
+    print(
+        f"wrote {args.n} scenes of the {kind.name} world, seed {seed} ({'biased' if args.biased else 'unbiased'}) "
+        f"to {folder}"
+    )
     return 0

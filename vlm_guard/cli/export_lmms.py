@@ -22,20 +22,33 @@ from vlm_guard.cli.arguments import max_new_tokens_int, non_negative_int, positi
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export-lmms", help="write POPE / CHAIR items and their task configs for `lmms-eval --model vlm_guard`")
+        "export-lmms", help="write POPE / CHAIR items and their task configs for `lmms-eval --model vlm_guard`"
+    )
     commands = parser.add_subparsers(dest="export_command", metavar="SOURCE")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
     synthetic = commands.add_parser("synthetic", help="the synthetic benchmark's items (`vlm-guard eval synthetic`'s)")
     synthetic.add_argument("--out", required=True, help="folder to write (pass it to lmms-eval --include_path)")
-    synthetic.add_argument("--n-questions", type=non_negative_int, default=300, help="questions per POPE split (default 300; 0: none)")
-    synthetic.add_argument("--n-captions", type=non_negative_int, default=100, help="scenes to caption (default 100; 0: none)")
+    synthetic.add_argument(
+        "--n-questions", type=non_negative_int, default=300, help="questions per POPE split (default 300; 0: none)"
+    )
+    synthetic.add_argument(
+        "--n-captions", type=non_negative_int, default=100, help="scenes to caption (default 100; 0: none)"
+    )
     synthetic.add_argument("--splits", default="random,popular,adversarial", help="POPE splits (default all three)")
-    synthetic.add_argument("--world-seed", type=seed_int, default=None,
-                           help="world seed (default 900001, the held-out seed of the reported numbers)")
+    synthetic.add_argument(
+        "--world-seed",
+        type=seed_int,
+        default=None,
+        help="world seed (default 900001, the held-out seed of the reported numbers)",
+    )
     synthetic.add_argument("--biased", action="store_true", help="training-like biased scenes")
-    synthetic.add_argument("--world", default="auto", choices=["auto", "everyday", "shapes"],
-                           help="which world (default: the --model's, the default model's without it)")
+    synthetic.add_argument(
+        "--world",
+        default="auto",
+        choices=["auto", "everyday", "shapes"],
+        help="which world (default: the --model's, the default model's without it)",
+    )
     synthetic.add_argument("--model", default=None, help="the model whose world to use (default: the default model)")
     synthetic.set_defaults(func=_run_synthetic)
 
@@ -55,17 +68,25 @@ def register(subparsers) -> None:
     chair.add_argument("--instances", required=True, help="instances_val2014.json")
     chair.add_argument("--captions", required=True, help="captions_val2014.json")
     chair.add_argument("--n-images", type=positive_int, default=500, help="images drawn with --seed (default 500)")
-    chair.add_argument("--seed", type=seed_int, default=0, help="seed of the draw (default 0, as `vlm-guard eval chair`)")
-    chair.add_argument("--prompt", default=None, help="caption prompt (default 'Please describe this image in detail.')")
-    chair.add_argument("--max-new-tokens", type=max_new_tokens_int, default=None, help="generation budget (default 512)")
+    chair.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the draw (default 0, as `vlm-guard eval chair`)"
+    )
+    chair.add_argument(
+        "--prompt", default=None, help="caption prompt (default 'Please describe this image in detail.')"
+    )
+    chair.add_argument(
+        "--max-new-tokens", type=max_new_tokens_int, default=None, help="generation budget (default 512)"
+    )
     chair.set_defaults(func=_run_chair)
 
 
 def _print_usage(out: str, tasks: list[str]) -> None:
     print(f"wrote {', '.join(tasks)} to {out}")
-    print(f"run: lmms-eval --model vlm_guard --model_args pretrained=default,methods=none --include_path {out} "
-          f"--tasks {','.join(task for task in tasks if not task.startswith('vlm_guard_pope_'))} "
-          f"--batch_size 8 --output_path OUT")
+    print(
+        f"run: lmms-eval --model vlm_guard --model_args pretrained=default,methods=none --include_path {out} "
+        f"--tasks {','.join(task for task in tasks if not task.startswith('vlm_guard_pope_'))} "
+        f"--batch_size 8 --output_path OUT"
+    )
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
@@ -76,11 +97,20 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     splits = [split.strip() for split in args.splits.split(",") if split.strip()]
     world = world_for_model_argument(args.model, args.world)
-    manifest = export_synthetic(args.out, args.n_questions, args.n_captions, world=world, world_seed=args.world_seed,
-                                biased=args.biased, splits=splits)
-    print(f"{manifest['world']} world, seed {manifest['world_seed']}: {manifest['n_questions_per_split']} questions "
-          f"per split ({', '.join(manifest['splits']) or 'none'}), {manifest['n_captions']} captions, "
-          f"{manifest['n_images']} images")
+    manifest = export_synthetic(
+        args.out,
+        args.n_questions,
+        args.n_captions,
+        world=world,
+        world_seed=args.world_seed,
+        biased=args.biased,
+        splits=splits,
+    )
+    print(
+        f"{manifest['world']} world, seed {manifest['world_seed']}: {manifest['n_questions_per_split']} questions "
+        f"per split ({', '.join(manifest['splits']) or 'none'}), {manifest['n_captions']} captions, "
+        f"{manifest['n_images']} images"
+    )
     print(f"the same items in vlm-guard: {manifest['vlm_guard_eval_command']}")
     _print_usage(args.out, manifest["tasks"])
     return 0
@@ -97,8 +127,14 @@ def _run_pope(args: argparse.Namespace) -> int:
     if args.pope_dir:
         files += [pope_question_file(args.pope_dir, split) for split in POPE_SPLITS]
     check_output_folder(args.out)
-    manifest = export_pope(args.out, files, args.images, prompt_suffix=args.prompt_suffix,
-                           max_new_tokens=args.max_new_tokens, limit=args.limit)
+    manifest = export_pope(
+        args.out,
+        files,
+        args.images,
+        prompt_suffix=args.prompt_suffix,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+    )
     _print_usage(args.out, manifest["tasks"])
     return 0
 
@@ -108,7 +144,15 @@ def _run_chair(args: argparse.Namespace) -> int:
     from vlm_guard.integrations.lmms_eval.export import export_coco_chair
 
     check_output_folder(args.out)
-    manifest = export_coco_chair(args.out, args.images, args.instances, args.captions, n_images=args.n_images,
-                                 seed=args.seed, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    manifest = export_coco_chair(
+        args.out,
+        args.images,
+        args.instances,
+        args.captions,
+        n_images=args.n_images,
+        seed=args.seed,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+    )
     _print_usage(args.out, manifest["tasks"])
     return 0

@@ -50,8 +50,9 @@ TENSORS_DIGEST_KEY = "tensors_sha256"
 MAX_JSON_BYTES = 16 << 20
 METHOD_ORDER = registry.MethodNames()
 
-RELEASED_DEFAULTS: Mapping[str, dict[str, Any]] = registry.MethodFacts(lambda spec: spec.config_class().to_dict(),
-                                                                       "released defaults")
+RELEASED_DEFAULTS: Mapping[str, dict[str, Any]] = registry.MethodFacts(
+    lambda spec: spec.config_class().to_dict(), "released defaults"
+)
 """Each method config's fields and released defaults, in declaration order (read from the registry: no torch)."""
 UNTUNED_DEFAULT_METHODS = ("pai",)  # vlm_guard.settings.UNTUNED_DEFAULT_METHODS (kept equal by a test)
 
@@ -83,31 +84,56 @@ def register(subparsers) -> None:
             "counted."
         ),
     )
-    calibrate_parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
+    calibrate_parser.add_argument(
+        "--model", default=None, help="hub id or local folder (default: the shipped default model)"
+    )
     calibrate_parser.add_argument("--images", required=True, help="folder of images or a glob pattern (quote it)")
     calibrate_parser.add_argument("--out", required=True, help="folder to write the head map and plots into")
-    calibrate_parser.add_argument("--limit", type=positive_int, default=None,
-                                  help="profile at most N images (first in sorted order)")
-    calibrate_parser.add_argument("--prompt", action="append", default=None,
-                                  help="calibration prompt (repeat for several, used in turn); default 'Please describe this image in detail.'")
-    calibrate_parser.add_argument("--batch-size", type=positive_int, default=4, help="prompts per forward pass (default %(default)s)")
+    calibrate_parser.add_argument(
+        "--limit", type=positive_int, default=None, help="profile at most N images (first in sorted order)"
+    )
+    calibrate_parser.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="calibration prompt (repeat for several, used in turn); default 'Please describe this image in detail.'",
+    )
+    calibrate_parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="prompts per forward pass (default %(default)s)"
+    )
     calibrate_parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
-    calibrate_parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="model dtype (default: float32 on cpu, float16 on cuda)")
-    calibrate_parser.add_argument("--distance", choices=("sq_l2", "l2", "cosine"), default="sq_l2",
-                                  help="VHD distance (default %(default)s, released)")
-    calibrate_parser.add_argument("--sink-dims", type=_sink_dims, default=None, help="override the sink dimensions, e.g. '2533,1415'")
-    calibrate_parser.add_argument("--rho", type=float_range(0.0, 1.0), default=0.8,
-                                  help="image-centric non-sink ratio threshold, in [0, 1] (default %(default)s)")
+    calibrate_parser.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default=None, help="model dtype (default: float32 on cpu, float16 on cuda)"
+    )
+    calibrate_parser.add_argument(
+        "--distance",
+        choices=("sq_l2", "l2", "cosine"),
+        default="sq_l2",
+        help="VHD distance (default %(default)s, released)",
+    )
+    calibrate_parser.add_argument(
+        "--sink-dims", type=_sink_dims, default=None, help="override the sink dimensions, e.g. '2533,1415'"
+    )
+    calibrate_parser.add_argument(
+        "--rho",
+        type=float_range(0.0, 1.0),
+        default=0.8,
+        help="image-centric non-sink ratio threshold, in [0, 1] (default %(default)s)",
+    )
     calibrate_parser.add_argument("--no-cache", action="store_true", help="do not save the map into the head-map cache")
     calibrate_parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
-    calibrate_parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)")
+    calibrate_parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)"
+    )
     add_allow_pickle_argument(calibrate_parser)
     calibrate_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     calibrate_parser.set_defaults(func=deferred("vlm_guard.cli.calibrate", "run_calibrate"))
 
     heads_parser = subparsers.add_parser("heads", help="inspect head maps", description="Inspect head maps.")
     heads_subparsers = heads_parser.add_subparsers(dest="heads_command", metavar="SUBCOMMAND")
-    show_parser = heads_subparsers.add_parser("show", help="print a head map's summary", description="Print a head map's summary table.")
+    show_parser = heads_subparsers.add_parser(
+        "show", help="print a head map's summary", description="Print a head map's summary table."
+    )
     show_parser.add_argument("directory", help="folder written by `vlm-guard calibrate --out`")
     show_parser.set_defaults(func=run_show)
     heads_parser.set_defaults(func=lambda args: heads_parser.print_help() or 2)
@@ -156,7 +182,11 @@ def _read_vhd_mean(path: Path, layers: int, heads: int) -> list[list[float]]:
             start, end = (int(value) for value in entry["data_offsets"])
         except (ValueError, KeyError, TypeError):
             raise _NotLight from None
-        if entry.get("dtype") != "F32" or list(entry.get("shape", [])) != [layers, heads] or end - start != 4 * layers * heads:
+        if (
+            entry.get("dtype") != "F32"
+            or list(entry.get("shape", [])) != [layers, heads]
+            or end - start != 4 * layers * heads
+        ):
             raise _NotLight
         handle.seek(8 + size + start)
         raw = handle.read(end - start)
@@ -168,7 +198,7 @@ def _read_vhd_mean(path: Path, layers: int, heads: int) -> list[list[float]]:
         values.byteswap()
     if not all(math.isfinite(value) for value in values):
         raise _NotLight
-    return [list(values[layer * heads:(layer + 1) * heads]) for layer in range(layers)]
+    return [list(values[layer * heads : (layer + 1) * heads]) for layer in range(layers)]
 
 
 def _float(value: Any) -> float:
@@ -193,8 +223,17 @@ def _ranges(layers: list[int]) -> str:
 
 
 def _fingerprint_hash(fingerprint: dict) -> str:
-    keys = ("family", "model_class", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
-            "config_digest", "weights_digest")
+    keys = (
+        "family",
+        "model_class",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "hidden_size",
+        "config_digest",
+        "weights_digest",
+    )
     key = {k: fingerprint.get(k) for k in keys}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -274,8 +313,10 @@ def _render(data: dict, directory: Path, tensor_path: Path) -> str:
         lines.append(f"sink dims   none (no dimension reaches ratio {float(sinks['min_ratio']):g}): VAR stays off")
     lines.append(f"gift        saliency layer l*={saliency}  enhance layers {_ranges(enhance) or 'none'}")
     lines.append("")
-    header = (f"{'layer':>5} {'VHD mean':>10} {'VHD max':>10} {'top head':>8} {'VHR heads':<24} {'img-centric':>11} "
-              f"{'vis mass':>8} {'gaze shift':>10}")
+    header = (
+        f"{'layer':>5} {'VHD mean':>10} {'VHD max':>10} {'top head':>8} {'VHR heads':<24} {'img-centric':>11} "
+        f"{'vis mass':>8} {'gaze shift':>10}"
+    )
     lines += [header, "-" * len(header)]
     for layer in range(layers):
         row = vhd_mean[layer]
@@ -289,8 +330,10 @@ def _render(data: dict, directory: Path, tensor_path: Path) -> str:
             fraction, mass = _float(centric["centric_fraction"][layer]), _float(centric["visual_mass_mean"][layer])
         shift = shifts[layer] if layer < len(shifts) else float("nan")
         mark = " <- l*" if layer == saliency else (" (enhance)" if layer in enhance else "")
-        lines.append(f"{layer:>5} {row_mean:>10.4g} {row[top_head]:>10.4g} {top_head:>8} {listed:<24} "
-                     f"{_cell(fraction, '.2f'):>11} {_cell(mass, '.3f'):>8} {_cell(shift, '.4g'):>10}{mark}")
+        lines.append(
+            f"{layer:>5} {row_mean:>10.4g} {row[top_head]:>10.4g} {top_head:>8} {listed:<24} "
+            f"{_cell(fraction, '.2f'):>11} {_cell(mass, '.3f'):>8} {_cell(shift, '.4g'):>10}{mark}"
+        )
     return "\n".join(lines) + "\n\n" + "\n".join(_tuned_lines(data.get("tuned")))
 
 
@@ -298,8 +341,10 @@ def _tuned_lines(tuned: Any) -> list[str]:
     """The tuned-settings report of a map in the single-profile format (``vlm_guard.settings.tuned_report``);
     other formats go to the full reader."""
     if not tuned:
-        return ["tuned settings: none (every method runs at its released defaults unless set; "
-                "default method set: " + ",".join(UNTUNED_DEFAULT_METHODS) + "). Run `vlm-guard tune` to choose them."]
+        return [
+            "tuned settings: none (every method runs at its released defaults unless set; "
+            "default method set: " + ",".join(UNTUNED_DEFAULT_METHODS) + "). Run `vlm-guard tune` to choose them."
+        ]
     if isinstance(tuned, dict) and "profiles" in tuned:
         return _profile_lines(tuned)
     if not isinstance(tuned, dict) or "default_methods" not in tuned:
@@ -308,34 +353,48 @@ def _tuned_lines(tuned: Any) -> list[str]:
     if not isinstance(settings, dict) or not isinstance(methods, list):
         raise _NotLight
     for method, values in settings.items():
-        if method not in RELEASED_DEFAULTS or not isinstance(values, dict) or set(values) - set(RELEASED_DEFAULTS[method]):
+        if (
+            method not in RELEASED_DEFAULTS
+            or not isinstance(values, dict)
+            or set(values) - set(RELEASED_DEFAULTS[method])
+        ):
             raise _NotLight
     if not all(isinstance(m, str) and m in METHOD_ORDER for m in methods):
         raise _NotLight
     data = tuned.get("tuning_data") or {}
-    lines = [f"tuned settings (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
-             f"objective: {tuned.get('objective', {}).get('text', '?')})"]
+    lines = [
+        f"tuned settings (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
+        f"objective: {tuned.get('objective', {}).get('text', '?')})"
+    ]
     name = data.get("name", "tuning data")
-    reason = (f"chosen by `vlm-guard tune` for this model (on {name})" if methods else
-              f"`vlm-guard tune` found no method that helps this model (on {name}): none enabled")
+    reason = (
+        f"chosen by `vlm-guard tune` for this model (on {name})"
+        if methods
+        else f"`vlm-guard tune` found no method that helps this model (on {name}): none enabled"
+    )
     lines.append(f"default method set: {','.join(methods) or 'none'} -- {reason}")
-    lines.append(f"  {'method':<6} {'field':<16} {'value':<22} {'source':<18} {'released default':<22} gain on tuning data")
+    lines.append(
+        f"  {'method':<6} {'field':<16} {'value':<22} {'source':<18} {'released default':<22} gain on tuning data"
+    )
     gains = tuned.get("gain") or {}
     for method in METHOD_ORDER:
         values = settings.get(method) or {}
         if not values:
             note = (tuned.get("skipped") or {}).get(method, "not tuned")
-            lines.append(f"  {method:<6} {'(all)':<16} {'released defaults':<22} {'released default':<18} {'':<22} {note}")
+            lines.append(
+                f"  {method:<6} {'(all)':<16} {'released defaults':<22} {'released default':<18} {'':<22} {note}"
+            )
             continue
         first = True
         for field_name, default in RELEASED_DEFAULTS[method].items():
             if field_name not in values:
                 continue
             gain, first = (gains.get(method, "") if first else ""), False
-            lines.append(f"  {method:<6} {field_name:<16} {values[field_name]!r:<22} {'tuned':<18} {default!r:<22} {gain}")
+            lines.append(
+                f"  {method:<6} {field_name:<16} {values[field_name]!r:<22} {'tuned':<18} {default!r:<22} {gain}"
+            )
     lines.append("  (all other fields: released defaults; a value set in the user's config wins over both)")
     return lines
-
 
 
 def _profile_lines(tuned: dict) -> list[str]:
@@ -350,8 +409,10 @@ def _profile_lines(tuned: dict) -> list[str]:
     if not isinstance(data, dict) or not isinstance(confirm, dict):
         raise _NotLight
     name_of_data = data.get("name", "tuning data")
-    lines = [f"tuned task profiles (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
-             f"winners confirmed on {confirm.get('name', '?')}); default profile: {default}"]
+    lines = [
+        f"tuned task profiles (vlm-guard tune {tuned.get('library_version', '?')}, on {data.get('name', '?')}; "
+        f"winners confirmed on {confirm.get('name', '?')}); default profile: {default}"
+    ]
     for name, section in profiles.items():
         if name not in PROFILES or not isinstance(section, dict):
             raise _NotLight
@@ -361,20 +422,32 @@ def _profile_lines(tuned: dict) -> list[str]:
         if not all(isinstance(m, str) and m in METHOD_ORDER for m in methods):
             raise _NotLight
         for method, values in settings.items():
-            if method not in RELEASED_DEFAULTS or not isinstance(values, dict) or set(values) - set(RELEASED_DEFAULTS[method]):
+            if (
+                method not in RELEASED_DEFAULTS
+                or not isinstance(values, dict)
+                or set(values) - set(RELEASED_DEFAULTS[method])
+            ):
                 raise _NotLight
-        reason = (f"{name} profile, chosen by `vlm-guard tune` for this model (on {name_of_data})" if methods else
-                  f"{name} profile, `vlm-guard tune` found no method that helps this model (on {name_of_data}): "
-                  "none enabled")
+        reason = (
+            f"{name} profile, chosen by `vlm-guard tune` for this model (on {name_of_data})"
+            if methods
+            else f"{name} profile, `vlm-guard tune` found no method that helps this model (on {name_of_data}): "
+            "none enabled"
+        )
         lines.append(f"  profile {name} ({PROFILES[name]}): {','.join(methods) or 'none'} -- {reason}")
         if section.get("decision"):
             lines.append(f"    decision: {section['decision']}")
         for method, values in settings.items():
             for field_name, value in values.items():
-                lines.append(f"    {method:<6} {field_name:<16} {value!r:<22} (released default "
-                             f"{RELEASED_DEFAULTS[method][field_name]!r})")
-    lines.append("  (a field not listed runs at its released default; a value set in the user's config wins over both; "
-                 "choose a profile with wrap(..., \"auto:answer\") or task=)")
+                lines.append(
+                    f"    {method:<6} {field_name:<16} {value!r:<22} (released default "
+                    f"{RELEASED_DEFAULTS[method][field_name]!r})"
+                )
+    lines.append(
+        "  (a field not listed runs at its released default; a value set in the user's config wins over both; "
+        'choose a profile with wrap(..., "auto:answer") or task=)'
+    )
     return lines
+
 
 __all__ = ["register", "run_show", "light_summary", "display_model_name", "RELEASED_DEFAULTS"]

@@ -42,51 +42,107 @@ def _methods(text: str) -> list[str]:
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in TUNABLE_METHODS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r} must name methods from {','.join(TUNABLE_METHODS)}, comma-separated")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must name methods from {','.join(TUNABLE_METHODS)}, comma-separated"
+        )
     return names
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("tune", help="choose each method's strength and layers for a model (stored in its head map)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "tune",
+        help="choose each method's strength and layers for a model (stored in its head map)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
-    parser.add_argument("--head-map", default=None,
-                        help="the model's head map folder from `vlm-guard calibrate` (default: the cached or shipped one)")
-    parser.add_argument("--methods", type=_methods, default=",".join(TUNABLE_METHODS),
-                        help="methods to tune, comma-separated (default: every tunable method, %(default)s)")
-    parser.add_argument("--out", default=None, help="folder for the tuned head map (default: the model's head-map cache folder)")
+    parser.add_argument(
+        "--head-map",
+        default=None,
+        help="the model's head map folder from `vlm-guard calibrate` (default: the cached or shipped one)",
+    )
+    parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=",".join(TUNABLE_METHODS),
+        help="methods to tune, comma-separated (default: every tunable method, %(default)s)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="folder for the tuned head map (default: the model's head-map cache folder)"
+    )
     parser.add_argument("--state", default=None, help="resumable JSON state (default: <out>/tune_state.json)")
-    parser.add_argument("--budget", type=positive_float, default=60.0,
-                        help="time budget in minutes, resumed runs included (default %(default)s)")
+    parser.add_argument(
+        "--budget",
+        type=positive_float,
+        default=60.0,
+        help="time budget in minutes, resumed runs included (default %(default)s)",
+    )
     parser.add_argument("--no-combine", action="store_true", help="tune the methods alone, not their combination")
-    parser.add_argument("--profiles", default=None,
-                        help="tune one setting per task profile, comma-separated (caption,answer), on the synthetic "
-                             "world's tuning and confirmation seeds (default: one setting for every task)")
-    parser.add_argument("--confirm-items", type=non_negative_int, default=None,
-                        help="items per task on which each method's winner and the best combination are measured again "
-                             "before they are shipped (default 300, all when the tuning data has fewer; 0: off)")
+    parser.add_argument(
+        "--profiles",
+        default=None,
+        help="tune one setting per task profile, comma-separated (caption,answer), on the synthetic "
+        "world's tuning and confirmation seeds (default: one setting for every task)",
+    )
+    parser.add_argument(
+        "--confirm-items",
+        type=non_negative_int,
+        default=None,
+        help="items per task on which each method's winner and the best combination are measured again "
+        "before they are shipped (default 300, all when the tuning data has fewer; 0: off)",
+    )
     data = parser.add_argument_group("tuning data (default: the synthetic world's tuning seed, for the default model)")
-    data.add_argument("--world-seed", type=seed_int, default=None, help="synthetic world seed (default 910001; 900001 is refused)")
-    data.add_argument("--n-questions", type=positive_int, default=600, help="synthetic POPE questions per split (default %(default)s)")
-    data.add_argument("--n-captions", type=positive_int, default=600, help="synthetic scenes to caption (default %(default)s)")
-    data.add_argument("--pope", nargs="+", default=None, help="your POPE-format question files (split read from the name)")
+    data.add_argument(
+        "--world-seed", type=seed_int, default=None, help="synthetic world seed (default 910001; 900001 is refused)"
+    )
+    data.add_argument(
+        "--n-questions", type=positive_int, default=600, help="synthetic POPE questions per split (default %(default)s)"
+    )
+    data.add_argument(
+        "--n-captions", type=positive_int, default=600, help="synthetic scenes to caption (default %(default)s)"
+    )
+    data.add_argument(
+        "--pope", nargs="+", default=None, help="your POPE-format question files (split read from the name)"
+    )
     data.add_argument("--images", default=None, help="folder of the images your POPE / COCO files name")
     data.add_argument("--instances", default=None, help="COCO-format instances file (CHAIR ground truth)")
     data.add_argument("--captions", default=None, help="COCO-format captions file (CHAIR ground truth)")
     data.add_argument("--n-images", type=positive_int, default=300, help="images drawn for CHAIR (default %(default)s)")
     data.add_argument("--seed", type=seed_int, default=1, help="seed of the CHAIR image draw (default %(default)s)")
-    data.add_argument("--caption-prompt", default=None, help="CHAIR prompt (default 'Please describe this image in detail.')")
-    data.add_argument("--pope-max-new-tokens", type=max_new_tokens_int, default=16,
-                      help="generation budget of a POPE answer (default %(default)s)")
-    data.add_argument("--chair-max-new-tokens", type=max_new_tokens_int, default=512,
-                      help="generation budget of a CHAIR caption (default %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per generate call (default %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default 1 on cpu: small models "
-                        "run fastest unthreaded on shared cores)")
+    data.add_argument(
+        "--caption-prompt", default=None, help="CHAIR prompt (default 'Please describe this image in detail.')"
+    )
+    data.add_argument(
+        "--pope-max-new-tokens",
+        type=max_new_tokens_int,
+        default=16,
+        help="generation budget of a POPE answer (default %(default)s)",
+    )
+    data.add_argument(
+        "--chair-max-new-tokens",
+        type=max_new_tokens_int,
+        default=512,
+        help="generation budget of a CHAIR caption (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="rows per generate call (default %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default 1 on cpu: small models run fastest unthreaded on shared cores)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="model dtype (default %(default)s)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16", "auto"),
+        help="model dtype (default %(default)s)",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run, interrupt_note=INTERRUPTED_RESUMABLE)
 
@@ -109,7 +165,11 @@ def run(args: argparse.Namespace) -> int:
     if args.state:
         check_output_file(args.state, "--state")
     check_head_map_folder(args.head_map)
-    for flag, path in (("--instances", args.instances), ("--captions", args.captions), *(("--pope", p) for p in args.pope or ())):
+    for flag, path in (
+        ("--instances", args.instances),
+        ("--captions", args.captions),
+        *(("--pope", p) for p in args.pope or ()),
+    ):
         if path and not Path(path).expanduser().is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if args.images and not Path(args.images).expanduser().is_dir():
@@ -124,8 +184,10 @@ def run(args: argparse.Namespace) -> int:
         if unknown or not names:
             raise ValueError(f"--profiles {args.profiles!r}: choose from {','.join(PROFILES)}")
         if args.pope or args.instances or args.captions:
-            raise ValueError("--profiles tunes on the synthetic world's tuning and confirmation seeds; drop --pope / "
-                             "--instances / --captions (file data is tuned without --profiles)")
+            raise ValueError(
+                "--profiles tunes on the synthetic world's tuning and confirmation seeds; drop --pope / "
+                "--instances / --captions (file data is tuned without --profiles)"
+            )
     threads = args.threads or (1 if args.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -133,16 +195,28 @@ def run(args: argparse.Namespace) -> int:
         return _run_profiles(args)
     files = bool(args.pope or args.instances or args.captions)
     if files:
-        data = file_tuning_data(args.pope or (), args.images, args.instances, args.captions, n_images=args.n_images,
-                                seed=args.seed, caption_prompt=args.caption_prompt,
-                                pope_max_new_tokens=args.pope_max_new_tokens, chair_max_new_tokens=args.chair_max_new_tokens)
+        data = file_tuning_data(
+            args.pope or (),
+            args.images,
+            args.instances,
+            args.captions,
+            n_images=args.n_images,
+            seed=args.seed,
+            caption_prompt=args.caption_prompt,
+            pope_max_new_tokens=args.pope_max_new_tokens,
+            chair_max_new_tokens=args.chair_max_new_tokens,
+        )
     else:
         from vlm_guard.synthetic.worlds import world_for_model_argument
 
         world = world_for_model_argument(args.model)
         if args.model is not None and world.name != "shapes":
-            logger.warning("no --pope / --instances given: tuning %s on the synthetic %s world; for a real model pass "
-                           "your own POPE-format and COCO-format files", args.model, world.name)
+            logger.warning(
+                "no --pope / --instances given: tuning %s on the synthetic %s world; for a real model pass "
+                "your own POPE-format and COCO-format files",
+                args.model,
+                world.name,
+            )
         data = synthetic_tuning_data(args.n_questions, args.n_captions, args.world_seed, world=world.name)
     from vlm_guard.parallel import data_parallel
 
@@ -162,18 +236,34 @@ def _run_on(args: argparse.Namespace, data, parallel) -> int:
     model, processor, name, head_map, out = _model_and_head_map(args, parallel.device(args.device))
     weights = weights_digest(args.model or DEFAULT_MODEL_DIR)
     if parallel.is_main:
-        print(f"tuning {name} on {data.name}; methods {','.join(_method_list(args.methods))}; budget {args.budget:g} min; output {out}"
-              + (f"; {parallel.world_size} processes" if parallel.distributed else ""))
-    result = tune(model, processor, head_map, methods=_method_list(args.methods), data=data, out_dir=out,
-                  state_path=args.state, budget_minutes=args.budget, batch_size=args.batch_size,
-                  progress=not args.no_progress, combine_methods=not args.no_combine, weights_sha256_16=weights,
-                  parallel=parallel, **({} if args.confirm_items is None else {"confirm_items": args.confirm_items}))
+        print(
+            f"tuning {name} on {data.name}; methods {','.join(_method_list(args.methods))}; budget {args.budget:g} min; output {out}"
+            + (f"; {parallel.world_size} processes" if parallel.distributed else "")
+        )
+    result = tune(
+        model,
+        processor,
+        head_map,
+        methods=_method_list(args.methods),
+        data=data,
+        out_dir=out,
+        state_path=args.state,
+        budget_minutes=args.budget,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        combine_methods=not args.no_combine,
+        weights_sha256_16=weights,
+        parallel=parallel,
+        **({} if args.confirm_items is None else {"confirm_items": args.confirm_items}),
+    )
     if not parallel.is_main:
         return 0  # rank 0 wrote the tuned map and prints the report
     print("\n".join(tuned_report(result.head_map)))
     if not result.complete:
-        print(f"the budget ran out before the search finished: settings chosen from the largest finished rung; "
-              f"rerun with a larger --budget to continue from {out / 'tune_state.json'}")
+        print(
+            f"the budget ran out before the search finished: settings chosen from the largest finished rung; "
+            f"rerun with a larger --budget to continue from {out / 'tune_state.json'}"
+        )
     print(f"tuned head map written to {out} (table: {out / 'tuning.md'})")
     return 0
 
@@ -190,16 +280,29 @@ def _run_profiles(args: argparse.Namespace) -> int:
 
     model, processor, name, head_map, out = _model_and_head_map(args, args.device)
     world = world_for_model_argument(args.model).name
-    print(f"tuning the task profiles {args.profiles} of {name} on the synthetic {world} world; budget {args.budget:g} "
-          f"min; output {out}")
+    print(
+        f"tuning the task profiles {args.profiles} of {name} on the synthetic {world} world; budget {args.budget:g} "
+        f"min; output {out}"
+    )
     try:
-        tuned = tune_profiles(model, processor, head_map, profiles=args.profiles.split(","), out_dir=out,
-                              n_items=max(args.n_questions, args.n_captions), budget_minutes=args.budget,
-                              batch_size=args.batch_size, progress=not args.no_progress,
-                              weights_sha256_16=weights_digest(args.model or DEFAULT_MODEL_DIR), world=world)
+        tuned = tune_profiles(
+            model,
+            processor,
+            head_map,
+            profiles=args.profiles.split(","),
+            out_dir=out,
+            n_items=max(args.n_questions, args.n_captions),
+            budget_minutes=args.budget,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            weights_sha256_16=weights_digest(args.model or DEFAULT_MODEL_DIR),
+            world=world,
+        )
     except BudgetExhausted:
-        print(f"the budget of {args.budget:g} min ran out; everything measured is saved: rerun the same command with a "
-              f"larger --budget to continue")
+        print(
+            f"the budget of {args.budget:g} min ran out; everything measured is saved: rerun the same command with a "
+            f"larger --budget to continue"
+        )
         return 1
     tuned_map = HeadMap.from_pretrained(out)
     print("\n".join(tuned_report(tuned_map)))
@@ -219,8 +322,9 @@ def _model_and_head_map(args: argparse.Namespace, device):
     from vlm_guard.eval.runner import load_model
     from vlm_guard.models import get_adapter
 
-    model, processor, name = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                                        device=device)
+    model, processor, name = load_model(
+        args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype, device=device
+    )
     adapter = get_adapter(model, processor)
     if args.head_map:
         head_map = HeadMap.from_pretrained(args.head_map)
@@ -230,6 +334,8 @@ def _model_and_head_map(args: argparse.Namespace, device):
 
         head_map = _find_cached_head_map(model, processor)
         if head_map is None:
-            raise ValueError(f"no head map for {name}: run `vlm-guard calibrate --model ... --out DIR` and pass --head-map DIR")
+            raise ValueError(
+                f"no head map for {name}: run `vlm-guard calibrate --model ... --out DIR` and pass --head-map DIR"
+            )
     out = Path(args.out) if args.out else cache_folder(adapter.describe())
     return model, processor, name, head_map, out

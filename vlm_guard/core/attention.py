@@ -43,7 +43,9 @@ class GuardedAttention:
         """The registered attention function: the base implementation while no methods run in any thread (what
         ``torch.compile`` traces into its graph), else :meth:`_guarded_attention`, run eagerly."""
         if not self._active_frames:
-            return self._base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return self._base_attention(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
         guarded = self._guarded_attention_eager if torch.compiler.is_compiling() else self._guarded_attention
         return guarded(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -81,7 +83,9 @@ class GuardedAttention:
             if rows is None:
                 continue
             if rows is EVERY_ROW:
-                requests.append((intervention, ctx.image_rows() if intervention.needs_image and not prompt.all_have_image else None))
+                requests.append(
+                    (intervention, ctx.image_rows() if intervention.needs_image and not prompt.all_have_image else None)
+                )
                 continue
             every_row = False
             if intervention.needs_image:
@@ -90,7 +94,9 @@ class GuardedAttention:
                 requests.append((intervention, rows))
         attention = (module, query, key, value, attention_mask, scaling, dropout, kwargs)
         if not requests:
-            output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            output, weights = base(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
         elif every_row:
             output, weights = self._decode_step(ctx, attention, requests)
         else:
@@ -111,17 +117,21 @@ class GuardedAttention:
         module, query, key, value, attention_mask, scaling, dropout, kwargs = attention
         # [B, Q] image rows when every request keeps its edits there (a mixed batch), else None: every row
         wanted = None if any(rows is None for _, rows in requests) else requests[0][1]
-        selections = [(intervention, EVERY_ROW_SELECTION if rows is None else RowSelection(index=None, mask=rows), rows is None)
-                      for intervention, rows in requests]
-        explicit, explicit_weights = self._explicit_chunks(ctx, module, query, key, value, attention_mask, scaling, None,
-                                                           selections, kwargs.get("softcap"))
+        selections = [
+            (intervention, EVERY_ROW_SELECTION if rows is None else RowSelection(index=None, mask=rows), rows is None)
+            for intervention, rows in requests
+        ]
+        explicit, explicit_weights = self._explicit_chunks(
+            ctx, module, query, key, value, attention_mask, scaling, None, selections, kwargs.get("softcap")
+        )
         # explicit [B, Q, H, D], explicit_weights [B, H, Q, K] (None when the base implementation returns no weights)
         if wanted is None:
             output = explicit.to(value.dtype).contiguous()  # [B, Q, H, D]
             weights = explicit_weights.to(query.dtype) if self._returns_weights else None
             return output, weights
-        output, weights = self._base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                               **kwargs)
+        output, weights = self._base_attention(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
         output = torch.where(wanted[:, :, None, None], explicit.to(output.dtype), output)  # kept where an image is
         if weights is not None:
             weights = torch.where(wanted[:, None, :, None], explicit_weights.to(weights.dtype), weights)
@@ -133,8 +143,15 @@ class GuardedAttention:
         ``requests``: ``(intervention, rows)`` with ``rows`` None (every row) or a ``[B, Q]`` mask."""
         module, query, key, value, attention_mask, scaling, dropout, kwargs = attention
         has_image = ctx.prompt.spans.has_image  # [B]
-        masks = [(intervention, torch.ones(has_image.shape[0], query.shape[2], dtype=torch.bool, device=has_image.device)
-                  if rows is None else rows) for intervention, rows in requests]
+        masks = [
+            (
+                intervention,
+                torch.ones(has_image.shape[0], query.shape[2], dtype=torch.bool, device=has_image.device)
+                if rows is None
+                else rows,
+            )
+            for intervention, rows in requests
+        ]
         wanted = masks[0][1]
         for _, rows in masks[1:]:
             wanted = wanted | rows
@@ -146,15 +163,17 @@ class GuardedAttention:
         for intervention, rows in masks:
             mask = rows if index is None else rows[:, index]  # [B, R]
             selections.append((intervention, RowSelection(index=index, mask=mask), index is None and bool(mask.all())))
-        explicit, explicit_weights = self._explicit_chunks(ctx, module, query, key, value, attention_mask, scaling, index,
-                                                           selections, kwargs.get("softcap"))
+        explicit, explicit_weights = self._explicit_chunks(
+            ctx, module, query, key, value, attention_mask, scaling, index, selections, kwargs.get("softcap")
+        )
         # explicit [B, R, H, D], explicit_weights [B, H, R, K] (None when the base implementation returns no weights)
         if index is None:
             output = explicit.to(value.dtype).contiguous()  # [B, Q, H, D]
             weights = explicit_weights.to(query.dtype) if self._returns_weights else None
             return output, weights
-        output, weights = self._base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                               **kwargs)
+        output, weights = self._base_attention(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
         keep = wanted[:, index][:, :, None, None]  # [B, R, 1, 1]
         output[:, index] = torch.where(keep, explicit.to(output.dtype), output[:, index])
         if weights is not None:
@@ -174,16 +193,42 @@ class GuardedAttention:
             zero = self._zeros[device] = torch.zeros((), device=device)
         return zero
 
-    def _explicit_chunks(self, ctx, module, query, key, value, attention_mask, scaling, index, selections, softcap=None):
+    def _explicit_chunks(
+        self, ctx, module, query, key, value, attention_mask, scaling, index, selections, softcap=None
+    ):
         """:func:`~vlm_guard.core.explicit_rows.explicit_chunks` with this engine's chunk size (``chunk_rows``, else
         from the memory budget); the weights are kept whole only when the base implementation returns weights."""
-        return explicit_chunks(ctx, query, key, value, attention_mask, scaling, index, selections, softcap,
-                               hidden_size=self.geometry.hidden_size, chunk_rows=self.chunk_rows,
-                               keep_weights=self._returns_weights, zero=self._zero(query.device))
+        return explicit_chunks(
+            ctx,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            index,
+            selections,
+            softcap,
+            hidden_size=self.geometry.hidden_size,
+            chunk_rows=self.chunk_rows,
+            keep_weights=self._returns_weights,
+            zero=self._zero(query.device),
+        )
 
-    def _explicit_rows(self, ctx, module, query, key, value, attention_mask, scaling, index, selections, every_row=False,
-                       softcap=None):
+    def _explicit_rows(
+        self, ctx, module, query, key, value, attention_mask, scaling, index, selections, every_row=False, softcap=None
+    ):
         """:func:`~vlm_guard.core.explicit_rows.explicit_rows` on this engine's device zeros (``module`` is unused:
         the signature of the attention functions)."""
-        return explicit_rows(ctx, query, key, value, attention_mask, scaling, index, selections, every_row=every_row,
-                             softcap=softcap, zero=self._zero(query.device))
+        return explicit_rows(
+            ctx,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            index,
+            selections,
+            every_row=every_row,
+            softcap=softcap,
+            zero=self._zero(query.device),
+        )

@@ -50,8 +50,9 @@ def _setting(name: str, kwargs: dict, model):
     return None
 
 
-def check_generate_call(model, methods: list[str], args: tuple, kwargs: dict,
-                        contrastive: list[str] = ()) -> tuple[torch.Tensor | None, dict]:
+def check_generate_call(
+    model, methods: list[str], args: tuple, kwargs: dict, contrastive: list[str] = ()
+) -> tuple[torch.Tensor | None, dict]:
     """Read a guarded ``generate`` call.
 
     ``methods`` are the enabled methods, ``contrastive`` those among them whose contrast pass keeps one cache per
@@ -91,13 +92,15 @@ def check_generate_call(model, methods: list[str], args: tuple, kwargs: dict,
     if input_ids is None:
         logger.warning(
             "vlm_guard: generate(...) got embeddings without input_ids, so the image positions are unknown; the plain "
-            "model runs this call (methods %s off). Pass input_ids as well to run them.", methods,
+            "model runs this call (methods %s off). Pass input_ids as well to run them.",
+            methods,
         )
         return None, kwargs
     if _setting("prefill_chunk_size", kwargs, model) is not None:
         logger.warning(
             "vlm_guard: prefill_chunk_size is ignored while methods %s run: they choose heads, sinks and saliency from "
-            "the whole prompt, so the prompt is prefilled in one pass (same tokens as without chunking).", methods,
+            "the whole prompt, so the prompt is prefilled in one pass (same tokens as without chunking).",
+            methods,
         )
         kwargs = dict(kwargs, prefill_chunk_size=None)
     return input_ids, kwargs

@@ -149,7 +149,9 @@ class LayerContext:
             start, stop = self.past_length, self.past_length + self.query_length
             rows = prompt_mask[:, min(start, seq) : min(stop, seq)]
             if rows.shape[1] < self.query_length:
-                pad = torch.zeros(batch, self.query_length - rows.shape[1], dtype=prompt_mask.dtype, device=prompt_mask.device)
+                pad = torch.zeros(
+                    batch, self.query_length - rows.shape[1], dtype=prompt_mask.dtype, device=prompt_mask.device
+                )
                 rows = torch.cat([rows, pad], dim=1)
             cached = self._cache[key] = (prompt_mask, rows)
         return cached[1]
@@ -158,7 +160,9 @@ class LayerContext:
         """``[Q]`` absolute positions of the query rows."""
         if "positions" not in self._cache:
             device = self.prompt.input_ids.device
-            self._cache["positions"] = torch.arange(self.past_length, self.past_length + self.query_length, device=device)
+            self._cache["positions"] = torch.arange(
+                self.past_length, self.past_length + self.query_length, device=device
+            )
         return self._cache["positions"]
 
     def generated_rows(self) -> torch.Tensor:

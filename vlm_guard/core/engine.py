@@ -165,9 +165,13 @@ class GuardEngine(GenerationTracking, GuardedAttention):
             configs[id(text_model.config)] = text_model.config
         implementations = {config._attn_implementation for config in configs.values()}
         if len(implementations) != 1:
-            raise ValueError(f"text backbone layers use several attention implementations: {sorted(map(str, implementations))}")
+            raise ValueError(
+                f"text backbone layers use several attention implementations: {sorted(map(str, implementations))}"
+            )
         original = implementations.pop() or "eager"
-        if any(getattr(config, "_vlm_guard_engine", None) for config in configs.values()) or str(original).startswith("vlm_guard_"):
+        if any(getattr(config, "_vlm_guard_engine", None) for config in configs.values()) or str(original).startswith(
+            "vlm_guard_"
+        ):
             raise ValueError("this model is already wrapped by vlm_guard; call unwrap() on the existing wrapper first.")
         base_implementation = original
         if original not in SUPPORTED_BASE_IMPLEMENTATIONS:
@@ -210,8 +214,13 @@ class GuardEngine(GenerationTracking, GuardedAttention):
 
     # ------------------------------------------------------------------ frames
     @contextlib.contextmanager
-    def activate(self, interventions: list[Intervention], known_prompt: tuple | None = None,
-                 known_images: dict | None = None, observed: bool = True) -> Iterator[Frame]:
+    def activate(
+        self,
+        interventions: list[Intervention],
+        known_prompt: tuple | None = None,
+        known_images: dict | None = None,
+        observed: bool = True,
+    ) -> Iterator[Frame]:
         """Run the enclosed forward / generate calls with ``interventions`` (nested calls allowed:
         an intervention's side pass runs inside its own frame).
 
@@ -224,8 +233,12 @@ class GuardEngine(GenerationTracking, GuardedAttention):
         """
         methods = list(interventions)
         observers = list(self._observers) if observed and methods else []
-        frame = Frame([*methods, *observers], methods=tuple(methods), known_prompt=known_prompt,
-                      known_images=dict(known_images or {}))
+        frame = Frame(
+            [*methods, *observers],
+            methods=tuple(methods),
+            known_prompt=known_prompt,
+            known_images=dict(known_images or {}),
+        )
         # a frame without methods needs no hook (its calls run the plain model); one with methods needs the model's
         # hooks, and a layer-input hook where a method reads the layer input: taken by the model's pre-hook at a call that
         # needs them (a prefill, or a continuing call whose methods still read the layer input), not here, so that a
@@ -267,8 +280,10 @@ class GuardEngine(GenerationTracking, GuardedAttention):
                 entry = self._dynamic_hooks.get(key)
                 if entry is None:
                     if key == "model":
-                        handles = [self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
-                                   self.model.register_forward_hook(self._model_post_hook, with_kwargs=True)]
+                        handles = [
+                            self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
+                            self.model.register_forward_hook(self._model_post_hook, with_kwargs=True),
+                        ]
                     else:
                         layer = self.adapter.decoder_layers[key]
                         function = self._layer_hook_functions.get(key)
@@ -347,6 +362,7 @@ class GuardEngine(GenerationTracking, GuardedAttention):
         """
         hook = None
         if stop_after_layer is not None:
+
             def stop(module, args, output):
                 raise StopForward(stop_after_layer)
 
@@ -392,7 +408,19 @@ _allowed = allowed_rows
 _FORWARD_STATE_ATTRIBUTES = FORWARD_STATE_ATTRIBUTES
 
 __all__ = [
-    "COMPILE_REASON", "EVERY_ROW_SELECTION", "EXPLICIT_CHUNK_RATIO", "MIN_CHUNK_ELEMENTS", "SUPPORTED_BASE_IMPLEMENTATIONS",
-    "CallState", "Frame", "Generation", "GuardEngine", "LayerPlan", "StopForward", "layer_plans", "reads_layer_input",
-    "restore_forward_state", "save_forward_state",
+    "COMPILE_REASON",
+    "EVERY_ROW_SELECTION",
+    "EXPLICIT_CHUNK_RATIO",
+    "MIN_CHUNK_ELEMENTS",
+    "SUPPORTED_BASE_IMPLEMENTATIONS",
+    "CallState",
+    "Frame",
+    "Generation",
+    "GuardEngine",
+    "LayerPlan",
+    "StopForward",
+    "layer_plans",
+    "reads_layer_input",
+    "restore_forward_state",
+    "save_forward_state",
 ]

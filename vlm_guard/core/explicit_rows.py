@@ -33,7 +33,9 @@ EXPLICIT_CHUNK_RATIO = 1.0
 MIN_CHUNK_ELEMENTS = 1 << 16
 
 
-def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0, zero: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_scores(
+    query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0, zero: torch.Tensor | None = None
+) -> torch.Tensor:
     """``scaling * q k^T`` without materialising repeated keys (one ``baddbmm`` over views).
 
     Args:
@@ -51,7 +53,9 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float = 1.0,
     if scaling == 1.0:
         scores = torch.bmm(grouped, keys_t)
     else:  # the scale inside the product (beta=0: the input is not read, a 0-d tensor of the dtype will do)
-        scores = torch.baddbmm(zero if zero is not None else grouped.new_zeros(()), grouped, keys_t, beta=0.0, alpha=scaling)
+        scores = torch.baddbmm(
+            zero if zero is not None else grouped.new_zeros(()), grouped, keys_t, beta=0.0, alpha=scaling
+        )
     return scores  # [B*KVH, groups*R, K]
 
 
@@ -77,11 +81,15 @@ def place_window(key, value, attention_mask, missing: int, past_length: int, que
     value = torch.nn.functional.pad(value, (0, 0, missing, 0))
     if attention_mask is not None and attention_mask.ndim == 4:
         fill = False if attention_mask.dtype == torch.bool else torch.finfo(attention_mask.dtype).min
-        attention_mask = torch.nn.functional.pad(attention_mask[..., : key.shape[2] - missing], (missing, 0), value=fill)
+        attention_mask = torch.nn.functional.pad(
+            attention_mask[..., : key.shape[2] - missing], (missing, 0), value=fill
+        )
     else:
         key_positions = torch.arange(key.shape[2], device=key.device)
         rows = torch.arange(query_length, device=key.device)[:, None] + past_length  # absolute position of each row
-        attention_mask = ((key_positions[None, :] <= rows) & (key_positions[None, :] >= missing))[None, None]  # [1, 1, Q, K]
+        attention_mask = ((key_positions[None, :] <= rows) & (key_positions[None, :] >= missing))[
+            None, None
+        ]  # [1, 1, Q, K]
     return key, value, attention_mask
 
 
@@ -111,8 +119,19 @@ def chunk_length(key_length: int, query: torch.Tensor, rows: int, hidden_size: i
     return max(1, min(rows, budget // max(1, batch * heads * key_length)))
 
 
-def explicit_rows(ctx: LayerContext, query, key, value, attention_mask, scaling, index, selections, every_row=False,
-                  softcap=None, zero: torch.Tensor | None = None):
+def explicit_rows(
+    ctx: LayerContext,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling,
+    index,
+    selections,
+    every_row=False,
+    softcap=None,
+    zero: torch.Tensor | None = None,
+):
     """Explicit attention for rows ``index``; returns the per-head outputs ``[B, R, H, D]`` (the model's layout) and the
     (edited) weights ``[B, H, R, K]`` over the keys given, both fp32.
 
@@ -135,8 +154,9 @@ def explicit_rows(ctx: LayerContext, query, key, value, attention_mask, scaling,
     rows_query = (query if every_row else query[:, :, index, :]).float()  # [B, H, R, D]
     allowed = None
     if attention_mask is not None or query.shape[2] > 1 or key.shape[2] > ctx.past_length + query.shape[2]:
-        allowed = allowed_rows(attention_mask, None if every_row else index, ctx.past_length, key.shape[2],
-                               query.device, query.shape[2])
+        allowed = allowed_rows(
+            attention_mask, None if every_row else index, ctx.past_length, key.shape[2], query.device, query.shape[2]
+        )
     product = grouped_scores(rows_query, key.float(), scaling, zero)  # [B*KVH, G*R, K]
     shape = (rows_query.shape[0], rows_query.shape[1], rows_query.shape[2], product.shape[-1])  # [B, H, R, K]
     # no cap, mask or score edit (a decoding step): the weights are the softmax of the product itself, which the
@@ -175,9 +195,22 @@ def explicit_rows(ctx: LayerContext, query, key, value, attention_mask, scaling,
     return output, (weights[..., missing:] if missing > 0 else weights)
 
 
-def explicit_chunks(ctx: LayerContext, query, key, value, attention_mask, scaling, index, selections, softcap=None, *,
-                    hidden_size: int, chunk_rows: int | None = None, keep_weights: bool = True,
-                    zero: torch.Tensor | None = None):
+def explicit_chunks(
+    ctx: LayerContext,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling,
+    index,
+    selections,
+    softcap=None,
+    *,
+    hidden_size: int,
+    chunk_rows: int | None = None,
+    keep_weights: bool = True,
+    zero: torch.Tensor | None = None,
+):
     """:func:`explicit_rows` over the rows ``index`` (None: all ``Q`` rows) in chunks of rows when the call holds
     prompt rows and every method accepts chunks (``Intervention.chunkable_rows``): ``chunk_rows`` rows each, or
     :func:`chunk_length`'s for a model of width ``hidden_size`` when None. Returns ``[B, R, H, D]`` and the weights
@@ -187,8 +220,19 @@ def explicit_chunks(ctx: LayerContext, query, key, value, attention_mask, scalin
     if ctx.has_prompt_rows and all(intervention.chunkable_rows for intervention, _, _ in selections):
         chunk = chunk_rows if chunk_rows is not None else chunk_length(ctx.key_length, query, rows, hidden_size)
     if chunk >= rows:
-        return explicit_rows(ctx, query, key, value, attention_mask, scaling, index, selections, every_row=index is None,
-                             softcap=softcap, zero=zero)
+        return explicit_rows(
+            ctx,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            index,
+            selections,
+            every_row=index is None,
+            softcap=softcap,
+            zero=zero,
+        )
     if index is None:
         index = torch.arange(rows, device=query.device)
     output = None
@@ -197,12 +241,21 @@ def explicit_chunks(ctx: LayerContext, query, key, value, attention_mask, scalin
         stop = min(rows, start + chunk)
         part = index[start:stop]  # [C]
         chunk_selections = [
-            (intervention, RowSelection(index=part, mask=None if selection.mask is None else selection.mask[:, start:stop],
-                                        first=start == 0, last=stop == rows), whole)
+            (
+                intervention,
+                RowSelection(
+                    index=part,
+                    mask=None if selection.mask is None else selection.mask[:, start:stop],
+                    first=start == 0,
+                    last=stop == rows,
+                ),
+                whole,
+            )
             for intervention, selection, whole in selections
         ]
-        explicit, weights = explicit_rows(ctx, query, key, value, attention_mask, scaling, part, chunk_selections,
-                                          softcap=softcap, zero=zero)
+        explicit, weights = explicit_rows(
+            ctx, query, key, value, attention_mask, scaling, part, chunk_selections, softcap=softcap, zero=zero
+        )
         if output is None:
             output = explicit.new_empty(explicit.shape[0], rows, *explicit.shape[2:])  # [B, R, H, D]
         output[:, start:stop] = explicit

@@ -64,7 +64,9 @@ def layer_plans(interventions, layers_of, decoding: bool = False) -> dict[int, L
             interventions=tuple(users),
             explicit=tuple(i for i in users if i.uses_scores or i.uses_weights),
             head_output=tuple(i for i in users if i.uses_head_output),
-            layer_input=tuple(i for i in users if i.uses_layer_input and (i.layer_input_while_decoding or not decoding)),
+            layer_input=tuple(
+                i for i in users if i.uses_layer_input and (i.layer_input_while_decoding or not decoding)
+            ),
         )
         for layer, users in by_layer.items()
     }
@@ -133,7 +135,9 @@ class Frame:
     by_layer: dict[int, list[Intervention]] = field(default_factory=dict)
     plan: dict = field(default_factory=dict)  # {layer: LayerPlan} of every layer a method may act on
     known_prompt: tuple | None = None
-    known_images: dict = field(default_factory=dict)  # the generate call's image tensors (see PromptContext.image_inputs)
+    known_images: dict = field(
+        default_factory=dict
+    )  # the generate call's image tensors (see PromptContext.image_inputs)
     generation: Generation | None = None
     call: CallState | None = None
     call_generation: Generation | None = None  # the generation of the current call (also when it runs plain)
@@ -168,7 +172,11 @@ def prompt_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor | None:
     batch, seq = input_ids.shape
     if isinstance(attention_mask, dict):
         full = attention_mask.get("full_attention")
-        attention_mask = full if full is not None else next((m for m in attention_mask.values() if isinstance(m, torch.Tensor)), None)
+        attention_mask = (
+            full
+            if full is not None
+            else next((m for m in attention_mask.values() if isinstance(m, torch.Tensor)), None)
+        )
     if not isinstance(attention_mask, torch.Tensor):
         return None
     if attention_mask.ndim == 2 and attention_mask.shape == (batch, seq):
@@ -231,7 +239,12 @@ class GenerationTracking:
         """The prompt of the generation that ``cache`` continues, when this engine started it with ``interventions``
         (what a ``generate`` call that continues the wrapper's cache runs in); None otherwise."""
         generation = self._generation
-        if cache is None or generation is None or not generation.owns(cache) or generation.interventions != tuple(interventions):
+        if (
+            cache is None
+            or generation is None
+            or not generation.owns(cache)
+            or generation.interventions != tuple(interventions)
+        ):
             return None
         return generation.prompt
 
@@ -269,7 +282,8 @@ class GenerationTracking:
                 logger.warning(
                     "vlm_guard: the cache was cut back to %d tokens, inside its prompt of %d; the methods' per-sample "
                     "state no longer matches, so the plain model runs for the rest of this cache.",
-                    past, generation.prompt.prompt_length,
+                    past,
+                    generation.prompt.prompt_length,
                 )
                 self._register(Generation(None, interventions), cache)
                 return None
@@ -277,8 +291,13 @@ class GenerationTracking:
             self._hold_layer_hooks(frame, reads_layer_input(frame.call.plan))
             return None
         generation = frame.generation
-        if (cache is None and generation is not None and generation.prompt is not None and input_ids is not None
-                and extends(input_ids, generation.prompt.input_ids)):
+        if (
+            cache is None
+            and generation is not None
+            and generation.prompt is not None
+            and input_ids is not None
+            and extends(input_ids, generation.prompt.input_ids)
+        ):
             # generate(use_cache=False): every step recomputes the whole sequence of the same generation
             frame.call = CallState(generation, 0, "decode", plan=self._decode_plan(frame, generation))
             frame.call_generation = generation
@@ -310,7 +329,12 @@ class GenerationTracking:
         passes only embeddings that no ``generate`` input_ids describe."""
         embeds = kwargs.get("inputs_embeds")
         known_ids, known_mask = frame.known_prompt if frame.known_prompt is not None else (None, None)
-        if input_ids is None and embeds is not None and known_ids is not None and tuple(known_ids.shape) == tuple(embeds.shape[:2]):
+        if (
+            input_ids is None
+            and embeds is not None
+            and known_ids is not None
+            and tuple(known_ids.shape) == tuple(embeds.shape[:2])
+        ):
             input_ids = known_ids
         if input_ids is None:
             logger.warning(
@@ -319,25 +343,42 @@ class GenerationTracking:
             )
             return None
         attention_mask = prompt_mask(kwargs.get("attention_mask"), input_ids)
-        if attention_mask is None and known_ids is not None and known_mask is not None and known_ids.shape == input_ids.shape:
+        if (
+            attention_mask is None
+            and known_ids is not None
+            and known_mask is not None
+            and known_ids.shape == input_ids.shape
+        ):
             attention_mask = known_mask
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         spans = self.adapter.prompt_spans(input_ids, attention_mask)
         # the cache stays out: the generation holds it only by a weak reference
         model_inputs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
-        image_inputs = {key: model_inputs[key] for key in self.adapter.image_input_keys if model_inputs.get(key) is not None}
-        if image_inputs.get("pixel_values") is None and known_ids is not None and tuple(known_ids.shape) == tuple(input_ids.shape):
+        image_inputs = {
+            key: model_inputs[key] for key in self.adapter.image_input_keys if model_inputs.get(key) is not None
+        }
+        if (
+            image_inputs.get("pixel_values") is None
+            and known_ids is not None
+            and tuple(known_ids.shape) == tuple(input_ids.shape)
+        ):
             image_inputs = dict(frame.known_images)
-        return PromptContext(input_ids=input_ids, attention_mask=attention_mask, spans=spans, model_inputs=model_inputs,
-                             image_inputs=image_inputs)
+        return PromptContext(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            spans=spans,
+            model_inputs=model_inputs,
+            image_inputs=image_inputs,
+        )
 
     def _decode_plan(self, frame: Frame, generation: Generation) -> dict:
         """The layer plan of the calls after a prefill: each method at its :meth:`Intervention.decode_layers`
         (asked once per generation, when its prefill ends)."""
         if generation.decode_plan is None:
-            generation.decode_plan = layer_plans(frame.interventions, lambda intervention: intervention.decode_layers(),
-                                                 decoding=True)
+            generation.decode_plan = layer_plans(
+                frame.interventions, lambda intervention: intervention.decode_layers(), decoding=True
+            )
         return generation.decode_plan
 
     def _after_model_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):

@@ -55,9 +55,11 @@ SYSTEM_MONO_FONTS = ("ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Lib
 """Fonts the browser already has: the default theme would fetch its fonts from an external host, and the
 page must work offline (no request leaves the server it came from)."""
 
-INTRO = ("# vlm-guard: plain vs guarded answers\n"
-         "Pick an example or upload an image, choose methods, and compare what the plain and the guarded "
-         "model say. Click any word of an answer (or move the token slider) to see where it looked in the image.")
+INTRO = (
+    "# vlm-guard: plain vs guarded answers\n"
+    "Pick an example or upload an image, choose methods, and compare what the plain and the guarded "
+    "model say. Click any word of an answer (or move the token slider) to see where it looked in the image."
+)
 
 NO_RESULT = "Pick an example or upload an image, then press **Generate**."
 GALLERY_COLUMNS = 3
@@ -69,9 +71,11 @@ slider, heatmap, token info, saliency (see :meth:`DemoHandlers.cleared_result`).
 
 def legend_html() -> str:
     """The colour legend of the answers (every word is clickable; colours mark the checker's verdicts)."""
-    meaning = {LABEL_FLAGGED: "an object that is not in the image (a bundled example's ground truth, else the checker)",
-               LABEL_LOW_TVHD: "the token leaned little on the image (low T-VHD)",
-               LABEL_GROUNDED: "an object that is in the image"}
+    meaning = {
+        LABEL_FLAGGED: "an object that is not in the image (a bundled example's ground truth, else the checker)",
+        LABEL_LOW_TVHD: "the token leaned little on the image (low T-VHD)",
+        LABEL_GROUNDED: "an object that is in the image",
+    }
     items = " · ".join(
         f'<span class="vlm-guard-swatch" style="background:{HIGHLIGHT_COLOURS[label]}">{label}</span> {meaning[label]}'
         for label in (LABEL_FLAGGED, LABEL_LOW_TVHD, LABEL_GROUNDED)
@@ -86,7 +90,9 @@ def token_slider(count: int, value: int = 0) -> dict:
     answer) or an empty one keeps the range 0..1, locked at 0.
     """
     if count > 1:
-        return gr.update(minimum=0, maximum=count - 1, value=int(min(max(value, 0), count - 1)), step=1, interactive=True)
+        return gr.update(
+            minimum=0, maximum=count - 1, value=int(min(max(value, 0), count - 1)), step=1, interactive=True
+        )
     return gr.update(minimum=0, maximum=1, value=0, step=1, interactive=False)
 
 
@@ -139,8 +145,18 @@ class DemoHandlers:
             ``RESULT_COUNT`` values: ``(run, plain header, plain answer, guarded header, guarded answer,
             answer radio, token slider, heatmap, token info, saliency)``.
         """
-        return (None, "### Plain model", [], "### Guarded", [], gr.update(value="guarded"), token_slider(0),
-                None, reason, None)
+        return (
+            None,
+            "### Plain model",
+            [],
+            "### Guarded",
+            [],
+            gr.update(value="guarded"),
+            token_slider(0),
+            None,
+            reason,
+            None,
+        )
 
     def on_upload(self, path: str | None):
         """Validate an upload.
@@ -178,8 +194,14 @@ class DemoHandlers:
             image = validate_image(example.path, self.session.limits)
         except DemoInputError as error:
             return (None, None, "", *self.cleared_result(), f"**Example refused:** {error}", None)
-        return (str(example.path), image, self._truth_text(example), *self.cleared_result(),
-                f"Example **{example.name}** ready: press **Generate**.", None)
+        return (
+            str(example.path),
+            image,
+            self._truth_text(example),
+            *self.cleared_result(),
+            f"Example **{example.name}** ready: press **Generate**.",
+            None,
+        )
 
     @staticmethod
     def _truth_text(example) -> str:
@@ -219,15 +241,20 @@ class DemoHandlers:
             return (*self.cleared_result(), f"**Settings refused:** {error}")
         except Exception as error:  # never a traceback in the browser; the log has it
             logger.exception("generation failed")
-            return (*self.cleared_result(),
-                    f"**Generation failed** ({type(error).__name__}: {error}). The server log has the details.")
+            return (
+                *self.cleared_result(),
+                f"**Generation failed** ({type(error).__name__}: {error}). The server log has the details.",
+            )
         which = "guarded"
         heatmap, info = self.session.token_view(run, which, 0, None)
         plain_header = f"### Plain model\n{run.plain.seconds:.2f} s · {run.plain.num_tokens} tokens"
-        guarded_header = (f"### Guarded ({_method_title(run)})\n{run.guarded.seconds:.2f} s · {run.guarded.num_tokens} tokens "
-                          "(includes attention recording)")
-        status_lines = [f"**Done.** Plain {run.plain.seconds:.2f} s, guarded {run.guarded.seconds:.2f} s "
-                        f"({_method_title(run)})."]
+        guarded_header = (
+            f"### Guarded ({_method_title(run)})\n{run.guarded.seconds:.2f} s · {run.guarded.num_tokens} tokens "
+            "(includes attention recording)"
+        )
+        status_lines = [
+            f"**Done.** Plain {run.plain.seconds:.2f} s, guarded {run.guarded.seconds:.2f} s ({_method_title(run)})."
+        ]
         if run.ground_truth is not None:
             status_lines.append(f"Ground truth: {', '.join(run.ground_truth) or 'not listed'}.")
         status_lines += [f"Note: {note}" for note in run.notes + run.plain.notes + run.guarded.notes]
@@ -307,9 +334,11 @@ def build_app(session: DemoSession) -> gr.Blocks:
 
         gr.Markdown(INTRO, elem_id="intro")
         head_map_text = "loaded" if session.head_map is not None else "none"
-        startup = [f"**Model:** {session.model_name} · **head map:** {head_map_text} · "
-                   f"**caps:** {limits.max_upload_bytes // (1024 * 1024)} MB upload, {limits.max_image_pixels:,} pixels, "
-                   f"{limits.max_new_tokens} new tokens"]
+        startup = [
+            f"**Model:** {session.model_name} · **head map:** {head_map_text} · "
+            f"**caps:** {limits.max_upload_bytes // (1024 * 1024)} MB upload, {limits.max_image_pixels:,} pixels, "
+            f"{limits.max_new_tokens} new tokens"
+        ]
         startup += [f"- {note}" for note in session.notes]
         default_methods, _ = session.default_methods()
         strengths = {control.name: session.strength_default(control.name) for control in METHOD_CONTROLS}
@@ -321,17 +350,31 @@ def build_app(session: DemoSession) -> gr.Blocks:
                 if session.examples:
                     gallery = gr.Gallery(
                         value=[(str(example.path), example.short_label) for example in session.examples],
-                        label="Bundled examples (click one)", columns=GALLERY_COLUMNS, height="auto", allow_preview=False,
-                        interactive=False, elem_id="examples-gallery", object_fit="contain",
+                        label="Bundled examples (click one)",
+                        columns=GALLERY_COLUMNS,
+                        height="auto",
+                        allow_preview=False,
+                        interactive=False,
+                        elem_id="examples-gallery",
+                        object_fit="contain",
                     )
                 else:
                     gallery = None
                     gr.Markdown("_No bundled examples in this installation: upload an image._")
-                upload = gr.File(label="...or upload an image", file_types=["image"], type="filepath", elem_id="image-upload")
-                preview = gr.Image(label="Input image", type="pil", interactive=False, height=220, elem_id="input-preview")
+                upload = gr.File(
+                    label="...or upload an image", file_types=["image"], type="filepath", elem_id="image-upload"
+                )
+                preview = gr.Image(
+                    label="Input image", type="pil", interactive=False, height=220, elem_id="input-preview"
+                )
                 truth = gr.Markdown("", elem_id="ground-truth")
-                prompt = gr.Textbox(value=session.default_prompt, label="Prompt", max_lines=3, elem_id="prompt",
-                                    max_length=limits.max_prompt_chars)
+                prompt = gr.Textbox(
+                    value=session.default_prompt,
+                    label="Prompt",
+                    max_lines=3,
+                    elem_id="prompt",
+                    max_length=limits.max_prompt_chars,
+                )
                 with gr.Accordion("Methods", open=True):
                     method_inputs = []
                     for control in METHOD_CONTROLS:
@@ -339,21 +382,36 @@ def build_app(session: DemoSession) -> gr.Blocks:
                         with gr.Row():
                             checkbox = gr.Checkbox(
                                 value=status.available and control.name in default_methods,
-                                label=control.label, interactive=status.available, scale=1, min_width=80,
+                                label=control.label,
+                                interactive=status.available,
+                                scale=1,
+                                min_width=80,
                                 elem_id=f"method-{control.name}",
                             )
                             slider = gr.Slider(
-                                minimum=control.minimum, maximum=control.maximum, step=control.step,
+                                minimum=control.minimum,
+                                maximum=control.maximum,
+                                step=control.step,
                                 value=min(max(strengths[control.name][0], control.minimum), control.maximum),
                                 label=f"{control.label} {control.strength_field}",
                                 info=status.note or f"{control.help}. Starts at: {strengths[control.name][1]}",
-                                interactive=status.available, scale=4, elem_id=f"strength-{control.name}",
+                                interactive=status.available,
+                                scale=4,
+                                elem_id=f"strength-{control.name}",
                             )
                         method_inputs += [checkbox, slider]
-                settings_warning = gr.Markdown(handlers.on_settings(*_start_values(session, default_methods, strengths)),
-                                               elem_id="settings-warning")
-                max_tokens = gr.Slider(minimum=1, maximum=limits.max_new_tokens, step=1, value=limits.default_new_tokens,
-                                       label="Max new tokens", elem_id="max-new-tokens")
+                settings_warning = gr.Markdown(
+                    handlers.on_settings(*_start_values(session, default_methods, strengths)),
+                    elem_id="settings-warning",
+                )
+                max_tokens = gr.Slider(
+                    minimum=1,
+                    maximum=limits.max_new_tokens,
+                    step=1,
+                    value=limits.default_new_tokens,
+                    label="Max new tokens",
+                    elem_id="max-new-tokens",
+                )
                 generate = gr.Button("Generate", variant="primary", elem_id="generate-btn")
 
             with gr.Column(scale=2, min_width=480):
@@ -363,47 +421,96 @@ def build_app(session: DemoSession) -> gr.Blocks:
                     with gr.Column():
                         plain_header = gr.Markdown("### Plain model", elem_id="plain-header")
                         plain_answer = gr.HighlightedText(
-                            label="Plain answer", color_map=HIGHLIGHT_COLOURS, combine_adjacent=False, show_legend=False,
+                            label="Plain answer",
+                            color_map=HIGHLIGHT_COLOURS,
+                            combine_adjacent=False,
+                            show_legend=False,
                             show_inline_category=False,
-                            elem_id="plain-answer", elem_classes=["vlm-guard-answer"], interactive=False,
+                            elem_id="plain-answer",
+                            elem_classes=["vlm-guard-answer"],
+                            interactive=False,
                         )
                     with gr.Column():
                         guarded_header = gr.Markdown("### Guarded", elem_id="guarded-header")
                         guarded_answer = gr.HighlightedText(
-                            label="Guarded answer", color_map=HIGHLIGHT_COLOURS, combine_adjacent=False, show_legend=False,
+                            label="Guarded answer",
+                            color_map=HIGHLIGHT_COLOURS,
+                            combine_adjacent=False,
+                            show_legend=False,
                             show_inline_category=False,
-                            elem_id="guarded-answer", elem_classes=["vlm-guard-answer"], interactive=False,
+                            elem_id="guarded-answer",
+                            elem_classes=["vlm-guard-answer"],
+                            interactive=False,
                         )
                 gr.HTML(legend_html(), elem_id="answer-legend")
                 with gr.Row():
-                    which = gr.Radio(choices=list(ANSWERS), value="guarded", label="Answer", elem_id="which-answer", scale=1)
-                    token = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="Generated token", interactive=False,
-                                      elem_id="token-slider", scale=3)
-                    layer = gr.Dropdown(choices=layer_choices, value=MEAN_OVER_LAYERS, label="Layer", elem_id="layer", scale=1)
+                    which = gr.Radio(
+                        choices=list(ANSWERS), value="guarded", label="Answer", elem_id="which-answer", scale=1
+                    )
+                    token = gr.Slider(
+                        minimum=0,
+                        maximum=1,
+                        step=1,
+                        value=0,
+                        label="Generated token",
+                        interactive=False,
+                        elem_id="token-slider",
+                        scale=3,
+                    )
+                    layer = gr.Dropdown(
+                        choices=layer_choices, value=MEAN_OVER_LAYERS, label="Layer", elem_id="layer", scale=1
+                    )
                 with gr.Row():
-                    heatmap = gr.Image(label="Attention to the image (cyan boxes: VAR sinks)", type="pil", interactive=False,
-                                       height=384, elem_id="attention-heatmap")
-                    saliency = gr.Image(label="GIFT saliency", type="pil", interactive=False, height=384, elem_id="gift-saliency")
+                    heatmap = gr.Image(
+                        label="Attention to the image (cyan boxes: VAR sinks)",
+                        type="pil",
+                        interactive=False,
+                        height=384,
+                        elem_id="attention-heatmap",
+                    )
+                    saliency = gr.Image(
+                        label="GIFT saliency", type="pil", interactive=False, height=384, elem_id="gift-saliency"
+                    )
                 token_info = gr.Markdown("", elem_id="token-info")
 
         with gr.Accordion("Head map", open=False):
             head_map_image, head_map_summary = session.head_map_view()
             if head_map_image is not None:
-                gr.Image(value=head_map_image, label="VHD per head (layers x heads)", type="pil", interactive=False,
-                         elem_id="head-map-plot")
+                gr.Image(
+                    value=head_map_image,
+                    label="VHD per head (layers x heads)",
+                    type="pil",
+                    interactive=False,
+                    elem_id="head-map-plot",
+                )
             gr.Markdown(head_map_summary, elem_id="head-map-summary")
 
         # ------------------------------------------------------------------ events
-        result_outputs = [run_state, plain_header, plain_answer, guarded_header, guarded_answer, which, token,
-                          heatmap, token_info, saliency]
+        result_outputs = [
+            run_state,
+            plain_header,
+            plain_answer,
+            guarded_header,
+            guarded_answer,
+            which,
+            token,
+            heatmap,
+            token_info,
+            saliency,
+        ]
         assert len(result_outputs) == RESULT_COUNT  # the handlers' cleared_result() has one value per panel
         input_outputs = [image_state, preview, truth, *result_outputs, status_md]
         if gallery is not None:
             gallery.select(handlers.on_example, inputs=None, outputs=[*input_outputs, upload], concurrency_limit=4)
         upload.upload(handlers.on_upload, inputs=upload, outputs=[*input_outputs, upload], concurrency_limit=4)
         for component in method_inputs:
-            component.change(handlers.on_settings, inputs=method_inputs, outputs=settings_warning, concurrency_limit=4,
-                             show_progress="hidden")
+            component.change(
+                handlers.on_settings,
+                inputs=method_inputs,
+                outputs=settings_warning,
+                concurrency_limit=4,
+                show_progress="hidden",
+            )
         generate.click(
             handlers.on_generate,
             inputs=[image_state, prompt, max_tokens, *method_inputs],
@@ -411,16 +518,35 @@ def build_app(session: DemoSession) -> gr.Blocks:
             concurrency_limit=1,
             concurrency_id="generate",
         )
-        token.change(handlers.on_token, inputs=[run_state, which, token, layer], outputs=[heatmap, token_info],
-                     trigger_mode="always_last", concurrency_limit=4, show_progress="hidden")
-        layer.change(handlers.on_token, inputs=[run_state, which, token, layer], outputs=[heatmap, token_info],
-                     concurrency_limit=4, show_progress="hidden")
-        which.input(handlers.on_answer, inputs=[run_state, which, layer], outputs=[token, heatmap, token_info],
-                    concurrency_limit=4, show_progress="hidden")
+        token.change(
+            handlers.on_token,
+            inputs=[run_state, which, token, layer],
+            outputs=[heatmap, token_info],
+            trigger_mode="always_last",
+            concurrency_limit=4,
+            show_progress="hidden",
+        )
+        layer.change(
+            handlers.on_token,
+            inputs=[run_state, which, token, layer],
+            outputs=[heatmap, token_info],
+            concurrency_limit=4,
+            show_progress="hidden",
+        )
+        which.input(
+            handlers.on_answer,
+            inputs=[run_state, which, layer],
+            outputs=[token, heatmap, token_info],
+            concurrency_limit=4,
+            show_progress="hidden",
+        )
         for answer_name, component in (("plain", plain_answer), ("guarded", guarded_answer)):
             component.select(
-                _word_click(handlers, answer_name), inputs=[run_state, layer], outputs=[which, token, heatmap, token_info],
-                concurrency_limit=4, show_progress="hidden",
+                _word_click(handlers, answer_name),
+                inputs=[run_state, layer],
+                outputs=[which, token, heatmap, token_info],
+                concurrency_limit=4,
+                show_progress="hidden",
             )
 
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)

@@ -62,8 +62,16 @@ class DemoLimits:
     session_ttl_seconds: int = field(default=1800, metadata={"help": "seconds a session's results and files are kept"})
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_image_pixels", "max_new_tokens", "default_new_tokens", "max_prompt_chars", "queue_size",
-                     "max_sessions", "session_ttl_seconds"):
+        for name in (
+            "max_upload_bytes",
+            "max_image_pixels",
+            "max_new_tokens",
+            "default_new_tokens",
+            "max_prompt_chars",
+            "queue_size",
+            "max_sessions",
+            "session_ttl_seconds",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoLimits.{name} must be a positive integer, got {value!r}")
@@ -127,8 +135,7 @@ def validate_image(source: str | os.PathLike | Image.Image | None, limits: DemoL
             _check_pixels(error.size, f'"{name}"', limits)  # raises the demo's own message
         if error.kind == "too_many_pixels":
             raise DemoInputError(
-                f'"{name}" declares too many pixels to decode safely; the limit is '
-                f"{limits.max_image_pixels:,} pixels."
+                f'"{name}" declares too many pixels to decode safely; the limit is {limits.max_image_pixels:,} pixels.'
             ) from None
         logger.info("rejected upload %s: %s", name, error)
         raise DemoInputError(
@@ -250,8 +257,14 @@ def load_examples(folder: str | os.PathLike | None = None) -> list[Example]:
             continue
         if isinstance(data, dict) and isinstance(data.get("examples"), (list, dict)):
             data = data["examples"]
-        entries = data.items() if isinstance(data, dict) else (
-            ((e.get("file") or e.get("image") or e.get("path") or e.get("name") or ""), e) for e in data if isinstance(e, dict)
+        entries = (
+            data.items()
+            if isinstance(data, dict)
+            else (
+                ((e.get("file") or e.get("image") or e.get("path") or e.get("name") or ""), e)
+                for e in data
+                if isinstance(e, dict)
+            )
         )
         for key, entry in entries:
             stem = Path(str(key)).stem
@@ -264,6 +277,13 @@ def load_examples(folder: str | os.PathLike | None = None) -> list[Example]:
     examples = []
     for path in images:
         info = truth.get(path.stem, {})
-        examples.append(Example(name=path.stem, path=path, objects=list(dict.fromkeys(info.get("objects", []))),
-                                note=info.get("note", ""), absent=list(info.get("absent", []))))
+        examples.append(
+            Example(
+                name=path.stem,
+                path=path,
+                objects=list(dict.fromkeys(info.get("objects", []))),
+                note=info.get("note", ""),
+                absent=list(info.get("absent", [])),
+            )
+        )
     return examples

@@ -57,7 +57,9 @@ class ImageGrid:
         """``[I]`` per-image-token values -> ``[rows, cols]``."""
         values = np.asarray(values)
         if values.shape[0] < self.offset + self.size:
-            raise ValueError(f"{values.shape[0]} image tokens cannot fill a {self.rows}x{self.cols} grid at offset {self.offset}")
+            raise ValueError(
+                f"{values.shape[0]} image tokens cannot fill a {self.rows}x{self.cols} grid at offset {self.offset}"
+            )
         return values[self.offset : self.offset + self.size].reshape(self.rows, self.cols)
 
 
@@ -130,8 +132,12 @@ def heatmap_overlay(
         cell_width, cell_height = image.size[0] / cols, image.size[1] / rows
         line = max(2, round(min(cell_width, cell_height) / 10))
         for row, col in zip(*np.nonzero(np.asarray(marks))):
-            box = (col * cell_width + line / 2, row * cell_height + line / 2,
-                   (col + 1) * cell_width - line / 2, (row + 1) * cell_height - line / 2)
+            box = (
+                col * cell_width + line / 2,
+                row * cell_height + line / 2,
+                (col + 1) * cell_width - line / 2,
+                (row + 1) * cell_height - line / 2,
+            )
             draw.rectangle(box, outline=SINK_COLOUR, width=line)
     if scale_title is None:
         return blended
@@ -143,7 +149,15 @@ def heatmap_overlay(
     return canvas
 
 
-def colour_scale(low: float, high: float, height: int, colormap: str = "inferno", title: str = "", value_format: str = "{:.3g}", width: int = SCALE_WIDTH) -> Image.Image:
+def colour_scale(
+    low: float,
+    high: float,
+    height: int,
+    colormap: str = "inferno",
+    title: str = "",
+    value_format: str = "{:.3g}",
+    width: int = SCALE_WIDTH,
+) -> Image.Image:
     """A vertical colour bar from ``low`` (bottom) to ``high`` (top) with tick labels, as drawn beside a heatmap.
 
     The bar shows the colormap at full strength (on the picture it is blended with the image). A flat

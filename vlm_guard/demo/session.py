@@ -72,7 +72,12 @@ LABEL_FLAGGED = "not in image"
 LABEL_LOW_TVHD = "low T-VHD"
 LABEL_GROUNDED = "grounded object"
 LABEL_WORD = "word"
-HIGHLIGHT_COLOURS = {LABEL_FLAGGED: "#ff5050", LABEL_LOW_TVHD: "#ffb020", LABEL_GROUNDED: "#3cc060", LABEL_WORD: "transparent"}
+HIGHLIGHT_COLOURS = {
+    LABEL_FLAGGED: "#ff5050",
+    LABEL_LOW_TVHD: "#ffb020",
+    LABEL_GROUNDED: "#3cc060",
+    LABEL_WORD: "transparent",
+}
 """Labels of the risk highlighting and their colours (``gr.HighlightedText`` color_map). Every other token
 is a plain ``word`` (no colour): ``gr.HighlightedText`` only sends clicks on labelled tokens, and every
 generated token must open its heatmap."""
@@ -104,9 +109,20 @@ class MethodControl:
 
 def method_controls() -> tuple[MethodControl, ...]:
     """The controls of the registered methods that have one (``MethodSpec.ui``), in run order."""
-    return tuple(MethodControl(spec.name, spec.ui.label, spec.strength_field, spec.ui.minimum, spec.ui.maximum, spec.ui.step,
-                               spec.ui.fallback, spec.ui.help)
-                 for spec in registry.method_specs() if spec.ui is not None)
+    return tuple(
+        MethodControl(
+            spec.name,
+            spec.ui.label,
+            spec.strength_field,
+            spec.ui.minimum,
+            spec.ui.maximum,
+            spec.ui.step,
+            spec.ui.fallback,
+            spec.ui.help,
+        )
+        for spec in registry.method_specs()
+        if spec.ui is not None
+    )
 
 
 METHOD_CONTROLS: Sequence[MethodControl] = registry.LiveTuple(method_controls, "the demo's method controls")
@@ -135,8 +151,9 @@ def method_availability() -> dict[str, MethodAvailability]:
             config_class = registry.get_method(control.name).config_class
         except Exception as error:  # a module not written yet, or broken: the demo runs without it
             logger.info("method %s unavailable: %s", control.name, error)
-            result[control.name] = MethodAvailability(control, None, control.fallback,
-                                                      f"{control.label} is not available in this installation ({error}).")
+            result[control.name] = MethodAvailability(
+                control, None, control.fallback, f"{control.label} is not available in this installation ({error})."
+            )
             continue
         fields = {f.name: f for f in dataclasses.fields(config_class)}
         default, note = control.fallback, ""
@@ -150,8 +167,11 @@ def method_availability() -> dict[str, MethodAvailability]:
     return result
 
 
-def build_guard_config(settings: dict[str, float | None], availability: dict[str, MethodAvailability] | None = None,
-                       fields: dict[str, dict[str, Any]] | None = None) -> tuple[GuardConfig, list[str]]:
+def build_guard_config(
+    settings: dict[str, float | None],
+    availability: dict[str, MethodAvailability] | None = None,
+    fields: dict[str, dict[str, Any]] | None = None,
+) -> tuple[GuardConfig, list[str]]:
     """A :class:`GuardConfig` from the UI: ``{method: strength or None (off)}``.
 
     Args:
@@ -219,7 +239,7 @@ def _single_method(row: dict) -> tuple[str, dict] | None:
     methods = row["methods"]
     if len(methods) != 1:
         return None
-    (name, fields), = methods.items()
+    ((name, fields),) = methods.items()
     return (name, dict(fields or {})) if isinstance(fields, dict) or fields is None else None
 
 
@@ -252,7 +272,9 @@ def row_breaks(row: dict) -> str:
         if match is None:
             continue
         value = float(match.group(2))
-        if (match.group(1) == "POPE error" and value >= BREAKING_DROP) or (match.group(1) != "POPE error" and value <= -BREAKING_DROP):
+        if (match.group(1) == "POPE error" and value >= BREAKING_DROP) or (
+            match.group(1) != "POPE error" and value <= -BREAKING_DROP
+        ):
             heavy.append(str(violation))
     return ", ".join(heavy)
 
@@ -260,7 +282,12 @@ def row_breaks(row: dict) -> str:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
         return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)), abs(float(b)))
     return a == b
 
@@ -278,8 +305,10 @@ def _showing(view: str) -> list:
     return [spec for spec in registry.method_specs() if spec.ui is not None and view in spec.ui.shows]
 
 
-SWITCHED_OFF_HINTS = registry.MethodFacts(lambda spec: (spec.ui.switched_off_hint or None) if spec.ui else None,
-                                         "what to do when the method switched itself off")
+SWITCHED_OFF_HINTS = registry.MethodFacts(
+    lambda spec: (spec.ui.switched_off_hint or None) if spec.ui else None,
+    "what to do when the method switched itself off",
+)
 """``{method: hint}`` shown when a method builds no intervention on the model (``MethodUI.switched_off_hint``)."""
 
 
@@ -320,7 +349,9 @@ class ImageAttentionRecorder(Intervention):
             return ctx.generated_rows() | ctx.last_prompt_row()
         if ctx.phase != "prefill":
             return None
-        rows = torch.zeros(ctx.prompt.batch_size, ctx.query_length, dtype=torch.bool, device=ctx.prompt.input_ids.device)
+        rows = torch.zeros(
+            ctx.prompt.batch_size, ctx.query_length, dtype=torch.bool, device=ctx.prompt.input_ids.device
+        )
         rows[:, self.forced_start :] = True
         return rows
 
@@ -481,9 +512,18 @@ class DemoSession:
     trusted); otherwise none, with a note saying why.
     """
 
-    def __init__(self, model, processor, head_map=None, checker=None, limits: DemoLimits | None = None,
-                 examples: list[Example] | None = None, model_name: str = "", notes: list[str] | None = None,
-                 default_prompt: str | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        head_map=None,
+        checker=None,
+        limits: DemoLimits | None = None,
+        examples: list[Example] | None = None,
+        model_name: str = "",
+        notes: list[str] | None = None,
+        default_prompt: str | None = None,
+    ):
         if processor is None:
             raise ValueError("DemoSession needs the model's processor (for images and the chat template); got None")
         self.model = model
@@ -495,9 +535,11 @@ class DemoSession:
         knows_world = getattr(checker, "knows_world", None)
         if checker is not None and callable(knows_world) and not knows_world(self.world):
             checked = getattr(checker, "world", None)
-            self.checker_note = (f"The grounding checker knows the {checked or 'real-image'} world, not this model's "
-                                 f"({self.world or 'real images'}): it colours no word. Bundled examples are coloured "
-                                 "from their ground truth.")
+            self.checker_note = (
+                f"The grounding checker knows the {checked or 'real-image'} world, not this model's "
+                f"({self.world or 'real images'}): it colours no word. Bundled examples are coloured "
+                "from their ground truth."
+            )
             self.checker = None
         self.limits = limits or DemoLimits()
         self.examples = load_examples() if examples is None else examples
@@ -525,13 +567,22 @@ class DemoSession:
         if self.checker_note:
             self.notes.append(self.checker_note)
         elif self.checker is None and not any(note.startswith("Grounding checker") for note in self.notes):
-            self.notes.append("Grounding checker unavailable; only bundled examples are coloured (from their ground truth).")
+            self.notes.append(
+                "Grounding checker unavailable; only bundled examples are coloured (from their ground truth)."
+            )
         if not self.examples:
             self.notes.append("No bundled examples found (vlm_guard/assets/examples); upload an image.")
 
     @classmethod
-    def load(cls, model: str | None = None, head_map: str | Path | None = None, limits: DemoLimits | None = None,
-             use_checker: bool = True, device: str = "cpu", allow_pickle: bool = False) -> DemoSession:
+    def load(
+        cls,
+        model: str | None = None,
+        head_map: str | Path | None = None,
+        limits: DemoLimits | None = None,
+        use_checker: bool = True,
+        device: str = "cpu",
+        allow_pickle: bool = False,
+    ) -> DemoSession:
         """Load a model (default: the shipped one), an optional head map and the grounding checker."""
         loaded, processor, name = load_model(model, device=device, allow_pickle=allow_pickle)
         notes = []
@@ -545,7 +596,9 @@ class DemoSession:
                 notes.append(note)
         else:
             notes.append("Grounding checker switched off (--no-checker).")
-        return cls(loaded, processor, head_map=head_map_object, checker=checker, limits=limits, model_name=name, notes=notes)
+        return cls(
+            loaded, processor, head_map=head_map_object, checker=checker, limits=limits, model_name=name, notes=notes
+        )
 
     def _check_methods_build(self) -> None:
         """Mark methods whose default config cannot be built for this model (e.g. no head map) as unavailable."""
@@ -553,7 +606,9 @@ class DemoSession:
             if not status.available:
                 continue
             try:
-                built = registry.get_method(name).build(status.config_class(), self.guarded.adapter, self.guarded.head_map)
+                built = registry.get_method(name).build(
+                    status.config_class(), self.guarded.adapter, self.guarded.head_map
+                )
             except Exception as error:
                 logger.info("method %s cannot run on this model: %s", name, error)
                 status.config_class = None
@@ -561,7 +616,9 @@ class DemoSession:
                 continue
             if built is None:  # the method switched itself off (e.g. VAR without sink dimensions)
                 status.config_class = None
-                status.note = f"{status.control.label} is off for this model. {SWITCHED_OFF_HINTS.get(name, '')}".strip()
+                status.note = (
+                    f"{status.control.label} is off for this model. {SWITCHED_OFF_HINTS.get(name, '')}".strip()
+                )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -625,8 +682,9 @@ class DemoSession:
         if candidates:
             _, _, _, row, strength, fields = min(candidates, key=lambda c: c[:3])
             others = {k: v for k, v in fields.items() if k != strength_field}
-            return StartSetting(strength, others, f"best measured by tuning, not adopted: {row.get('label', name)}, "
-                                                  f"n={row_items(row)}")
+            return StartSetting(
+                strength, others, f"best measured by tuning, not adopted: {row.get('label', name)}, n={row_items(row)}"
+            )
         return StartSetting(status.default, {}, "released default")
 
     def setting_warnings(self, settings: dict[str, float | None]) -> list[str]:
@@ -665,24 +723,32 @@ class DemoSession:
                     measured = _number(single[1].get(strength_field))
                     if measured is not None and measured < chosen and row_breaks(row):
                         weaker.append((measured, row))
-            label = f"{status.control.label} {strength_field}={chosen:g}" if chosen is not None else status.control.label
+            label = (
+                f"{status.control.label} {strength_field}={chosen:g}" if chosen is not None else status.control.label
+            )
             start = self.start.get(name)
             advice = f" Its slider started at {start.strength:g} ({start.source})." if start is not None else ""
             if exact:
                 row = max(exact, key=row_items)
                 why = row_breaks(row)
                 if why:
-                    warnings.append(f"{label}: the tuning table of this model's head map measured this setting as "
-                                    f"breaking the answers ({why}; n={row_items(row)}).{advice}")
+                    warnings.append(
+                        f"{label}: the tuning table of this model's head map measured this setting as "
+                        f"breaking the answers ({why}; n={row_items(row)}).{advice}"
+                    )
             elif weaker:
                 measured, row = max(weaker, key=lambda item: item[0])
-                warnings.append(f"{label}: the tuning table of this model's head map measured a weaker setting, "
-                                f"{strength_field}={measured:g}, as breaking the answers ({row_breaks(row)}; "
-                                f"n={row_items(row)}).{advice}")
+                warnings.append(
+                    f"{label}: the tuning table of this model's head map measured a weaker setting, "
+                    f"{strength_field}={measured:g}, as breaking the answers ({row_breaks(row)}; "
+                    f"n={row_items(row)}).{advice}"
+                )
             elif chosen is not None and strengths and chosen > max(strengths):
-                warnings.append(f"{label}: stronger than every {status.control.label} setting the tuning table of this "
-                                f"model's head map measured (at most {strength_field}={max(strengths):g}); not measured "
-                                f"on this model, it may break the answers.{advice}")
+                warnings.append(
+                    f"{label}: stronger than every {status.control.label} setting the tuning table of this "
+                    f"model's head map measured (at most {strength_field}={max(strengths):g}); not measured "
+                    f"on this model, it may break the answers.{advice}"
+                )
         return warnings
 
     def example_for(self, image: Image.Image) -> Example | None:
@@ -745,7 +811,7 @@ class DemoSession:
         pieces, previous = [], ""
         for end in range(1, len(ids) + 1):
             text = tokenizer.decode(ids[:end], skip_special_tokens=True)
-            pieces.append(text[len(previous):] if text.startswith(previous) else text)
+            pieces.append(text[len(previous) :] if text.startswith(previous) else text)
             previous = text
         return ids, pieces, "".join(pieces)
 
@@ -771,7 +837,9 @@ class DemoSession:
         image_positions = spans.image[0].nonzero().flatten()
         grid = self.image_grid(inputs, int(image_positions.numel()))
         if grid is None:
-            notes.append(f"No spatial layout known for {image_positions.numel()} image tokens of this model: heatmaps are not drawn.")
+            notes.append(
+                f"No spatial layout known for {image_positions.numel()} image tokens of this model: heatmaps are not drawn."
+            )
         notes += [f"Warning: {line}" for line in self.setting_warnings(settings)]
         example = self.example_for(picture)
         with self.lock, torch.no_grad():
@@ -815,7 +883,9 @@ class DemoSession:
             result.attention = recorder.stacked(len(ids), self.num_layers)
         return result
 
-    def _run_guarded(self, inputs: dict, max_new_tokens: int, config: GuardConfig, image_positions: torch.Tensor) -> GenerationResult:
+    def _run_guarded(
+        self, inputs: dict, max_new_tokens: int, config: GuardConfig, image_positions: torch.Tensor
+    ) -> GenerationResult:
         prompt_length = inputs["input_ids"].shape[1]
         self.guarded.set_config(config)
         methods = list(self.guarded.interventions)
@@ -838,8 +908,10 @@ class DemoSession:
             if "sink_mask" in shows:
                 sink_mask = getattr(intervention, "sink_mask", None)
                 if isinstance(sink_mask, dict) and sink_mask:
-                    result.sink_mask = {int(layer): mask[0].detach().cpu()[positions].numpy().astype(bool)
-                                        for layer, mask in sink_mask.items()}
+                    result.sink_mask = {
+                        int(layer): mask[0].detach().cpu()[positions].numpy().astype(bool)
+                        for layer, mask in sink_mask.items()
+                    }
                 else:
                     result.notes.append(f"{label} ran but exposed no sinks for this prompt.")
             if "saliency" in shows:
@@ -853,8 +925,10 @@ class DemoSession:
     def grounding_note(self, example: Example | None) -> str:
         """What the answers' colours are based on, for the page."""
         if example is not None and example.objects:
-            return (f"Colours: the example's ground truth ({', '.join(example.objects)}): green objects are in the image, "
-                    "red ones are not.")
+            return (
+                f"Colours: the example's ground truth ({', '.join(example.objects)}): green objects are in the image, "
+                "red ones are not."
+            )
         if self.checker is not None:
             return "Colours: the grounding checker's verdicts (a model's estimate, not ground truth)."
         why = self.checker_note or "no grounding checker is loaded."
@@ -934,22 +1008,33 @@ class DemoSession:
                 marks = run.grid.to_grid(stacked.any(axis=0))
             elif layer in result.sink_mask:
                 marks = run.grid.to_grid(result.sink_mask[layer])
-        picture = heatmap_overlay(run.image, run.grid.to_grid(values), marks=marks, scale_title="attention",
-                                  scale_format="{:.2%}")  # colour scale: share of this token's attention per cell
+        picture = heatmap_overlay(
+            run.image, run.grid.to_grid(values), marks=marks, scale_title="attention", scale_format="{:.2%}"
+        )  # colour scale: share of this token's attention per cell
         where = "mean over layers" if layer is None else f"layer {layer}"
-        lines.append(f"Attention to the image ({where}, mean over heads): {100 * float(values.sum()):.1f}% of this token's attention.")
+        lines.append(
+            f"Attention to the image ({where}, mean over heads): {100 * float(values.sum()):.1f}% of this token's attention."
+        )
         if marks is not None and np.asarray(marks).any():
             lines.append(f"Cyan boxes: VAR's visual sink tokens ({int(np.asarray(marks).sum())} cells).")
         elif result.sink_mask:
             lines.append("VAR marked no image token as a sink here.")
-        elif which == "guarded" and (sinks := _showing("sink_mask")) and not any(spec.name in result.methods for spec in sinks):
+        elif (
+            which == "guarded"
+            and (sinks := _showing("sink_mask"))
+            and not any(spec.name in result.methods for spec in sinks)
+        ):
             lines.append(f"Switch {' or '.join(spec.ui.label for spec in sinks)} on to see its sink tokens.")
         if result.tvhd is not None:
-            lines.append(f"T-VHD of this token: {float(result.tvhd[token_index]):.3g} (answer median {float(np.median(result.tvhd)):.3g}).")
+            lines.append(
+                f"T-VHD of this token: {float(result.tvhd[token_index]):.3g} (answer median {float(np.median(result.tvhd)):.3g})."
+            )
         for mention, tokens in mention_tokens(result):
             if token_index in tokens:
                 if getattr(mention, "source", "checker") == TRUTH:
-                    where = "not in this example (ground truth)" if mention.flagged else "in this example (ground truth)"
+                    where = (
+                        "not in this example (ground truth)" if mention.flagged else "in this example (ground truth)"
+                    )
                     lines.append(f"Ground truth: '{mention.word}' -> {mention.object} is {where}.")
                     continue
                 verdict = "flagged: probably not in the image" if mention.flagged else "grounded"
@@ -964,11 +1049,17 @@ class DemoSession:
             shown = _showing("saliency")
             labels = " or ".join(spec.ui.label for spec in shown) or "a method with a saliency map"
             running = [spec.ui.label for spec in shown if spec.name in run.guarded.methods]
-            reason = f"{' and '.join(running)} exposed no saliency map." if running else f"Switch {labels} on to see its saliency map."
+            reason = (
+                f"{' and '.join(running)} exposed no saliency map."
+                if running
+                else f"Switch {labels} on to see its saliency map."
+            )
             return placeholder(reason)
         if run.grid is None:
             return placeholder("No spatial layout known for this model's image tokens.")
-        return heatmap_overlay(run.image, run.grid.to_grid(saliency), colormap="viridis", opacity=0.6, scale_title="saliency")
+        return heatmap_overlay(
+            run.image, run.grid.to_grid(saliency), colormap="viridis", opacity=0.6, scale_title="saliency"
+        )
 
     def head_map_view(self) -> tuple[Image.Image | None, str]:
         """A layers x heads plot of the loaded head map's VHD, and a Markdown summary."""
@@ -988,8 +1079,11 @@ class DemoSession:
         selected = getattr(head_map, "vhr_heads", None)
         if isinstance(selected, torch.Tensor):
             selected = selected.detach().cpu().numpy().astype(bool)
-        return head_map_figure(scores, title="VHD per head (dots: VHR heads)" if selected is not None else "VHD per head",
-                               selected=selected), summary
+        return head_map_figure(
+            scores,
+            title="VHD per head (dots: VHR heads)" if selected is not None else "VHD per head",
+            selected=selected,
+        ), summary
 
 
 def _format_summary(summary) -> str:
@@ -1035,7 +1129,11 @@ def mention_tokens(result: GenerationResult) -> list[tuple[Any, list[int]]]:
                 continue
         end = begin + len(word)
         search_from = end
-        tokens = [i for i, (s, piece) in enumerate(zip(starts, result.pieces)) if s < end and s + len(piece) > begin and piece.strip()]
+        tokens = [
+            i
+            for i, (s, piece) in enumerate(zip(starts, result.pieces))
+            if s < end and s + len(piece) > begin and piece.strip()
+        ]
         found.append((mention, tokens))
     return found
 
@@ -1060,5 +1158,7 @@ def highlighted(result: GenerationResult) -> list[tuple[str, str]]:
     for mention, tokens in mention_tokens(result):
         truth = getattr(mention, "source", "checker") == TRUTH  # certain: wins over a low T-VHD mark
         for index in tokens:
-            labels[index] = LABEL_FLAGGED if mention.flagged else (LABEL_GROUNDED if truth else labels.get(index, LABEL_GROUNDED))
+            labels[index] = (
+                LABEL_FLAGGED if mention.flagged else (LABEL_GROUNDED if truth else labels.get(index, LABEL_GROUNDED))
+            )
     return [(piece, labels.get(index, LABEL_WORD)) for index, piece in enumerate(result.pieces)]

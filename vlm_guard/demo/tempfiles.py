@@ -108,8 +108,12 @@ def sweep_stray_files(upload_folder: str | os.PathLike, age: float = STRAY_AGE_S
         return 0
     for entry in entries:
         try:
-            if (entry.name.startswith("tmp") and entry.is_file(follow_symlinks=False)
-                    and entry.stat().st_size == 0 and now - entry.stat().st_mtime > age):
+            if (
+                entry.name.startswith("tmp")
+                and entry.is_file(follow_symlinks=False)
+                and entry.stat().st_size == 0
+                and now - entry.stat().st_mtime > age
+            ):
                 os.unlink(entry.path)
                 deleted += 1
         except OSError:

@@ -93,7 +93,9 @@ from vlm_guard.version import __version__
 logger = logging.getLogger(__name__)
 
 OFF_DECODE_TARGET = 1.03  # decode-latency ratio to plain with every method off
-COMBINED_DECODE_TARGET = 1.3  # the paper methods together; each method's own target is its MethodSpec.bench_decode_target
+COMBINED_DECODE_TARGET = (
+    1.3  # the paper methods together; each method's own target is its MethodSpec.bench_decode_target
+)
 OPS_TARGETS = {"off": 1.02}  # operations per decoding step, ratio to plain
 MEMORY_TARGET = 1.2  # peak memory at the long prompt, ratio to plain, for the methods without a contrast stream
 
@@ -112,15 +114,22 @@ def configurations() -> tuple[str, ...]:
     other registered methods (the baselines); every method with ``MethodSpec.bench_fields``."""
     specs = _bench_specs()
     combined = _combined_name()
-    return ("plain", "off", *(spec.name for spec in specs if spec.in_all), *((combined,) if combined else ()),
-            *(spec.name for spec in specs if not spec.in_all))
+    return (
+        "plain",
+        "off",
+        *(spec.name for spec in specs if spec.in_all),
+        *((combined,) if combined else ()),
+        *(spec.name for spec in specs if not spec.in_all),
+    )
 
 
 def decode_targets() -> dict[str, float]:
     """Targets on the decode-latency ratio to plain; a configuration without one is reported only (contrastive
     baselines)."""
     targets = {"off": OFF_DECODE_TARGET}
-    targets.update({spec.name: spec.bench_decode_target for spec in _bench_specs() if spec.bench_decode_target is not None})
+    targets.update(
+        {spec.name: spec.bench_decode_target for spec in _bench_specs() if spec.bench_decode_target is not None}
+    )
     if _combined_name():
         targets[_combined_name()] = COMBINED_DECODE_TARGET
     return targets
@@ -134,10 +143,16 @@ def memory_target_configs() -> tuple[str, ...]:
 
 def __getattr__(name: str):
     # the table's rows and targets follow the method registry: read at every use
-    computed = {"CONFIGURATIONS": configurations, "DECODE_TARGETS": decode_targets, "MEMORY_TARGET_CONFIGS": memory_target_configs}
+    computed = {
+        "CONFIGURATIONS": configurations,
+        "DECODE_TARGETS": decode_targets,
+        "MEMORY_TARGET_CONFIGS": memory_target_configs,
+    }
     if name in computed:
         return computed[name]()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 PLANTED_SINK_DIM = 7
 PLANTED_SINK_VALUE = 400.0
 BOS_TOKEN, PAD_TOKEN = 1, 0
@@ -160,8 +175,14 @@ def planted_var_settings(hidden_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------- models
-def llava15_shaped_model(hidden_size: int = 1024, num_layers: int = 6, num_heads: int = 32, vocab_size: int = 4096,
-                         seed: int = 0, max_positions: int = 4096):
+def llava15_shaped_model(
+    hidden_size: int = 1024,
+    num_layers: int = 6,
+    num_heads: int = 32,
+    vocab_size: int = 4096,
+    seed: int = 0,
+    max_positions: int = 4096,
+):
     """A random LLaVA-1.5-shaped model (576 image tokens, ``num_heads`` heads) scaled down for the CPU.
 
     The vocabulary is scaled down with the width (4096 by default) so the LM head keeps about the share
@@ -171,14 +192,35 @@ def llava15_shaped_model(hidden_size: int = 1024, num_layers: int = 6, num_heads
     import transformers
 
     torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                                           image_size=336, patch_size=14, projection_dim=64)
-    text = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=int(hidden_size * 2.6875),
-                                    num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                                    max_position_embeddings=max_positions, bos_token_id=BOS_TOKEN, pad_token_id=PAD_TOKEN, eos_token_id=2,
-                                    tie_word_embeddings=False)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab_size - 1,
-                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
+        projection_dim=64,
+    )
+    text = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=int(hidden_size * 2.6875),
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=BOS_TOKEN,
+        pad_token_id=PAD_TOKEN,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=vocab_size - 1,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     config._attn_implementation = "sdpa"
     model = transformers.LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -208,7 +250,11 @@ def default_model_inputs(processor, batch: int = 1) -> dict:
 
     from vlm_guard.defaults import EXAMPLES_DIR
 
-    images = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if EXAMPLES_DIR.exists() else []
+    images = (
+        sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if EXAMPLES_DIR.exists()
+        else []
+    )
     from vlm_guard.images import load_image
 
     image = load_image(images[0]) if images else Image.new("RGB", (64, 64), (120, 80, 40))
@@ -236,8 +282,12 @@ def bench_var_settings(model, inputs: dict) -> dict:
     ratios = torch.stack([massive_activation_ratios(hidden[layer][0, 0]) for layer in range(num_layers)])  # [L, M]
     dim = int(ratios[middle_layers(num_layers)].median(dim=0).values.argmax())
     bos_phi = [float(ratios[layer, dim]) for layer in default_var_layers(num_layers)]
-    return {"sink_dims": [dim], "tau": round(0.5 * min(bos_phi), 3), "require_visual_sink": False,
-            "bos_phi": [round(value, 3) for value in bos_phi]}
+    return {
+        "sink_dims": [dim],
+        "tau": round(0.5 * min(bos_phi), 3),
+        "require_visual_sink": False,
+        "bos_phi": [round(value, 3) for value in bos_phi],
+    }
 
 
 def method_configs(random_model: bool, var_override: dict | None = None) -> dict[str, GuardConfig | None]:
@@ -245,7 +295,9 @@ def method_configs(random_model: bool, var_override: dict | None = None) -> dict
     sink dimension; :func:`bench_var_settings` for a model without massive activations)."""
     if var_override is None:
         var_override = planted_var_settings(1024) if random_model else {}
-    var_override = {key: value for key, value in var_override.items() if key in ("sink_dims", "tau", "require_visual_sink")}
+    var_override = {
+        key: value for key, value in var_override.items() if key in ("sink_dims", "tau", "require_visual_sink")
+    }
 
     def with_var(config: GuardConfig) -> GuardConfig:
         if config.var is not None and var_override:
@@ -378,7 +430,9 @@ def follow_live_memory(enabled: bool = True) -> bool:
     mmap_threshold, trim_threshold = (64 * 1024, 0) if enabled else (128 * 1024, 128 * 1024)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(
+            libc.mallopt(m_trim_threshold, trim_threshold)
+        )
     except (OSError, AttributeError):
         return False
 
@@ -388,7 +442,9 @@ def run_once(model, processor, config: GuardConfig | None, inputs: dict, new_tok
     from vlm_guard.wrapper import GuardedModel
 
     device = next(model.parameters()).device
-    guarded = None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
+    guarded = (
+        None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
+    )
     runner = model if guarded is None else guarded
     timer = StepTimer()
     gc.collect()  # as timeit does: no collection of an earlier run's garbage inside this run's timing
@@ -396,8 +452,13 @@ def run_once(model, processor, config: GuardConfig | None, inputs: dict, new_tok
     try:
         with PeakMemory(device) as memory:
             start = time.perf_counter()
-            runner.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            stopping_criteria=StoppingCriteriaList([timer]))
+            runner.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([timer]),
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         peak = memory.rise_mib()
@@ -407,8 +468,12 @@ def run_once(model, processor, config: GuardConfig | None, inputs: dict, new_tok
             guarded.unwrap()
     steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
     cpu_steps = [b - a for a, b in zip(timer.cpu_times, timer.cpu_times[1:])]
-    return Run(prefill_ms=(timer.times[0] - start) * 1e3, decode_ms=statistics.median(steps) * 1e3 if steps else float("nan"),
-               peak_mib=peak, decode_cpu_ms=statistics.median(cpu_steps) * 1e3 if cpu_steps else float("nan"))
+    return Run(
+        prefill_ms=(timer.times[0] - start) * 1e3,
+        decode_ms=statistics.median(steps) * 1e3 if steps else float("nan"),
+        peak_mib=peak,
+        decode_cpu_ms=statistics.median(cpu_steps) * 1e3 if cpu_steps else float("nan"),
+    )
 
 
 def count_ops_once(model, processor, config: GuardConfig | None, inputs: dict, new_tokens: int) -> tuple[int, float]:
@@ -420,13 +485,20 @@ def count_ops_once(model, processor, config: GuardConfig | None, inputs: dict, n
     """
     from vlm_guard.wrapper import GuardedModel
 
-    guarded = None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
+    guarded = (
+        None if config is None else GuardedModel(model, processor, config, head_map=_head_map_for(model, processor))
+    )
     runner = model if guarded is None else guarded
     try:
         with OpCounter() as counter:
             steps = StepOpCounts(counter)
-            runner.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            stopping_criteria=StoppingCriteriaList([steps]))
+            runner.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([steps]),
+            )
     finally:
         if guarded is not None:
             guarded.unwrap()
@@ -475,7 +547,7 @@ def bench_model(name: str, model, processor, inputs: dict, configs: dict, repeat
         run_once(model, processor, configs[config_name], inputs, min(new_tokens, 3))
     runs: dict[str, list[Run]] = {n: [] for n in names}
     for repeat in range(repeats):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for config_name in order:
             runs[config_name].append(run_once(model, processor, configs[config_name], inputs, new_tokens))
             logger.info("%s %s repeat %d: %s", name, config_name, repeat, runs[config_name][-1])
@@ -491,7 +563,9 @@ def bench_model(name: str, model, processor, inputs: dict, configs: dict, repeat
     finally:
         if on_cpu:
             follow_live_memory(False)
-    op_counts = {config_name: count_ops_once(model, processor, configs[config_name], inputs, new_tokens) for config_name in names}
+    op_counts = {
+        config_name: count_ops_once(model, processor, configs[config_name], inputs, new_tokens) for config_name in names
+    }
     actions = {config_name: method_action(model, processor, configs[config_name], inputs) for config_name in names}
     for config_name in names:
         for run in runs[config_name]:
@@ -501,7 +575,9 @@ def bench_model(name: str, model, processor, inputs: dict, configs: dict, repeat
     plain = _medians(runs["plain"])
     for config_name in names:
         medians = _medians(runs[config_name])
-        ratios = {key: (medians[key] / plain[key] if medians[key] is not None and plain[key] else None) for key in medians}
+        ratios = {
+            key: (medians[key] / plain[key] if medians[key] is not None and plain[key] else None) for key in medians
+        }
         target = decode_targets().get(config_name)
         ops_target = OPS_TARGETS.get(config_name)
         results[config_name] = {
@@ -510,9 +586,13 @@ def bench_model(name: str, model, processor, inputs: dict, configs: dict, repeat
             "median": medians,
             "ratio_to_plain": ratios,
             "decode_target": target,
-            "decode_target_met": None if target is None or ratios["decode_ms"] is None else ratios["decode_ms"] <= target,
+            "decode_target_met": None
+            if target is None or ratios["decode_ms"] is None
+            else ratios["decode_ms"] <= target,
             "ops_target": ops_target,
-            "ops_target_met": None if ops_target is None or ratios["decode_ops"] is None else ratios["decode_ops"] <= ops_target,
+            "ops_target_met": None
+            if ops_target is None or ratios["decode_ops"] is None
+            else ratios["decode_ops"] <= ops_target,
             "acts": actions[config_name],
         }
     return results
@@ -524,7 +604,9 @@ def _medians(runs: list[Run]) -> dict:
         "prefill_ms": statistics.median(r.prefill_ms for r in runs),
         "decode_ms": statistics.median(r.decode_ms for r in runs),
         "decode_ms_min": min(r.decode_ms for r in runs),
-        "decode_cpu_ms": statistics.median(r.decode_cpu_ms for r in runs) if all(r.decode_cpu_ms is not None for r in runs) else None,
+        "decode_cpu_ms": statistics.median(r.decode_cpu_ms for r in runs)
+        if all(r.decode_cpu_ms is not None for r in runs)
+        else None,
         "peak_mib": statistics.median(peaks) if peaks else None,
         "prefill_ops": runs[0].prefill_ops,
         "decode_ops": runs[0].decode_ops,
@@ -532,9 +614,11 @@ def _medians(runs: list[Run]) -> dict:
 
 
 def format_table(model_name: str, results: dict) -> str:
-    lines = [f"== {model_name}",
-             f"{'config':<14}{'prefill ms':>11}{'x':>7}{'decode ms/tok':>15}{'x':>7}{'x(min)':>8}{'x(cpu)':>8}{'peak MiB':>10}{'x':>7}"
-             f"{'ops/step':>10}{'x':>7}{'prefill ops':>13}{'x':>7}  target (decode x; ops x)"]
+    lines = [
+        f"== {model_name}",
+        f"{'config':<14}{'prefill ms':>11}{'x':>7}{'decode ms/tok':>15}{'x':>7}{'x(min)':>8}{'x(cpu)':>8}{'peak MiB':>10}{'x':>7}"
+        f"{'ops/step':>10}{'x':>7}{'prefill ops':>13}{'x':>7}  target (decode x; ops x)",
+    ]
     for config_name, result in results.items():
         median, ratio = result["median"], result["ratio_to_plain"]
         target = result["decode_target"]
@@ -550,15 +634,19 @@ def format_table(model_name: str, results: dict) -> str:
         prefill_ops = "n/a" if median["prefill_ops"] is None else f"{median['prefill_ops']}"
         prefill_ops_ratio = "n/a" if ratio["prefill_ops"] is None else f"{ratio['prefill_ops']:.2f}"
         cpu_ratio = "n/a" if ratio.get("decode_cpu_ms") is None else f"{ratio['decode_cpu_ms']:.2f}"
-        lines.append(f"{config_name:<14}{median['prefill_ms']:>11.1f}{ratio['prefill_ms']:>7.2f}{median['decode_ms']:>15.2f}"
-                     f"{ratio['decode_ms']:>7.2f}{ratio['decode_ms_min']:>8.2f}{cpu_ratio:>8}{peak:>10}{peak_ratio:>7}"
-                     f"{ops:>10}{ops_ratio:>7}{prefill_ops:>13}{prefill_ops_ratio:>7}  {verdict}")
+        lines.append(
+            f"{config_name:<14}{median['prefill_ms']:>11.1f}{ratio['prefill_ms']:>7.2f}{median['decode_ms']:>15.2f}"
+            f"{ratio['decode_ms']:>7.2f}{ratio['decode_ms_min']:>8.2f}{cpu_ratio:>8}{peak:>10}{peak_ratio:>7}"
+            f"{ops:>10}{ops_ratio:>7}{prefill_ops:>13}{prefill_ops_ratio:>7}  {verdict}"
+        )
     acting = []
     for config_name, result in results.items():
         if result.get("acts"):
             layers = "; ".join(f"{name} {value or 'none'}" for name, value in result["acts"]["decode_layers"].items())
-            acting.append(f"{config_name}: logits change {result['acts']['max_prefill_logit_change']:.3g}"
-                          f"{', decode layers ' + layers if layers else ''}")
+            acting.append(
+                f"{config_name}: logits change {result['acts']['max_prefill_logit_change']:.3g}"
+                f"{', decode layers ' + layers if layers else ''}"
+            )
     if acting:
         lines.append("acts: " + " | ".join(acting))
     return "\n".join(lines)
@@ -573,8 +661,13 @@ def _long_prompt_child(config_name: str, prompt_tokens: int, new_tokens: int, th
     tuned = follow_live_memory()  # before anything is allocated: the heap is laid out this way from the start
     torch.set_num_threads(threads)
     shape = LONG_PROMPT_MODEL
-    model = llava15_shaped_model(shape["hidden_size"], shape["num_layers"], shape["num_heads"], shape["vocab_size"],
-                                 max_positions=prompt_tokens + new_tokens + 8)
+    model = llava15_shaped_model(
+        shape["hidden_size"],
+        shape["num_layers"],
+        shape["num_heads"],
+        shape["vocab_size"],
+        max_positions=prompt_tokens + new_tokens + 8,
+    )
     config = long_prompt_configs()[config_name]
     text_tokens = prompt_tokens - 1 - 576
     guarded = None if config is None else GuardedModel(model, None, config)
@@ -615,20 +708,29 @@ def long_prompt_memory(prompt_tokens: int, new_tokens: int = 2, threads: int = 1
         ratio = None if plain is None or result["peak_mib"] is None else result["peak_mib"] / plain
         result["ratio_to_plain"] = ratio
         result["memory_target"] = MEMORY_TARGET if config_name in memory_target_configs() else None
-        result["memory_target_met"] = None if result["memory_target"] is None or ratio is None else ratio <= MEMORY_TARGET
+        result["memory_target_met"] = (
+            None if result["memory_target"] is None or ratio is None else ratio <= MEMORY_TARGET
+        )
     shape = LONG_PROMPT_MODEL
-    return {"prompt_length": results["plain"]["prompt_length"], "new_tokens": new_tokens,
-            "description": (f"random LLaVA-1.5-shaped: hidden {shape['hidden_size']}, {shape['num_layers']} layers, "
-                            f"{shape['num_heads']} heads, vocab {shape['vocab_size']}; BOS, 576 image tokens, a long question; "
-                            f"VAR at the planted sink dim {PLANTED_SINK_DIM}, tau {planted_var_settings(shape['hidden_size'])['tau']}"),
-            "measure": "peak RSS rise (VmHWM after clear_refs reset - VmRSS before) of one generate, fresh process per "
-                       "configuration, glibc mmap threshold 64 KiB and trim threshold 0",
-            "configs": results}
+    return {
+        "prompt_length": results["plain"]["prompt_length"],
+        "new_tokens": new_tokens,
+        "description": (
+            f"random LLaVA-1.5-shaped: hidden {shape['hidden_size']}, {shape['num_layers']} layers, "
+            f"{shape['num_heads']} heads, vocab {shape['vocab_size']}; BOS, 576 image tokens, a long question; "
+            f"VAR at the planted sink dim {PLANTED_SINK_DIM}, tau {planted_var_settings(shape['hidden_size'])['tau']}"
+        ),
+        "measure": "peak RSS rise (VmHWM after clear_refs reset - VmRSS before) of one generate, fresh process per "
+        "configuration, glibc mmap threshold 64 KiB and trim threshold 0",
+        "configs": results,
+    }
 
 
 def format_long_prompt(report: dict) -> str:
-    lines = [f"== peak memory at a {report['prompt_length']}-token prompt ({report['description']})",
-             f"{'config':<14}{'peak MiB':>10}{'x':>7}  target"]
+    lines = [
+        f"== peak memory at a {report['prompt_length']}-token prompt ({report['description']})",
+        f"{'config':<14}{'peak MiB':>10}{'x':>7}  target",
+    ]
     for config_name, result in report["configs"].items():
         peak = "n/a" if result["peak_mib"] is None else f"{result['peak_mib']:.1f}"
         ratio = "n/a" if result["ratio_to_plain"] is None else f"{result['ratio_to_plain']:.2f}"
@@ -649,32 +751,58 @@ def format_markdown(report: dict) -> str:
     def verdict(met):
         return "" if met is None else (" ✓" if met else " ✗")
 
-    lines = [f"Generated by `vlm-guard bench` (vlm_guard {report['vlm_guard_version']}, torch {report['torch']}, transformers "
-             f"{report['transformers']}, {report['device']} {report.get('dtype', 'float32')}, {report['threads']} thread(s), {report['settings']['repeats']} "
-             f"interleaved repetitions, {report['settings']['new_tokens']} new tokens). Ratios to plain `generate`; "
-             "decode x: median wall-clock time per step, x(cpu): median CPU time per step of the generating thread; "
-             "✓/✗: the issue-16 target met or missed.", ""]
+    lines = [
+        f"Generated by `vlm-guard bench` (vlm_guard {report['vlm_guard_version']}, torch {report['torch']}, transformers "
+        f"{report['transformers']}, {report['device']} {report.get('dtype', 'float32')}, {report['threads']} thread(s), {report['settings']['repeats']} "
+        f"interleaved repetitions, {report['settings']['new_tokens']} new tokens). Ratios to plain `generate`; "
+        "decode x: median wall-clock time per step, x(cpu): median CPU time per step of the generating thread; "
+        "✓/✗: the issue-16 target met or missed.",
+        "",
+    ]
     for model in report["models"].values():
-        lines += [f"### {model['description']} (prompt {model['prompt_length']} tokens)", "",
-                  "| config | decode ms/tok | decode x | x(cpu) | prefill x | peak memory x | ops/step | ops x | prefill ops x |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {model['description']} (prompt {model['prompt_length']} tokens)",
+            "",
+            "| config | decode ms/tok | decode x | x(cpu) | prefill x | peak memory x | ops/step | ops x | prefill ops x |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, result in model["configs"].items():
             median, ratios = result["median"], result["ratio_to_plain"]
-            target = "" if result["decode_target"] is None else f" (<= {result['decode_target']:.2f}{verdict(result['decode_target_met'])})"
-            ops_target = "" if result.get("ops_target") is None else f" (<= {result['ops_target']:.2f}{verdict(result['ops_target_met'])})"
-            lines.append(f"| {name} | {median['decode_ms']:.2f} | {ratio(ratios['decode_ms'])}{target} | "
-                         f"{ratio(ratios.get('decode_cpu_ms'))} | {ratio(ratios['prefill_ms'])} | {ratio(ratios.get('peak_mib'))} | "
-                         f"{median['decode_ops']:.0f} | "
-                         f"{ratio(ratios['decode_ops'])}{ops_target} | {ratio(ratios['prefill_ops'])} |")
+            target = (
+                ""
+                if result["decode_target"] is None
+                else f" (<= {result['decode_target']:.2f}{verdict(result['decode_target_met'])})"
+            )
+            ops_target = (
+                ""
+                if result.get("ops_target") is None
+                else f" (<= {result['ops_target']:.2f}{verdict(result['ops_target_met'])})"
+            )
+            lines.append(
+                f"| {name} | {median['decode_ms']:.2f} | {ratio(ratios['decode_ms'])}{target} | "
+                f"{ratio(ratios.get('decode_cpu_ms'))} | {ratio(ratios['prefill_ms'])} | {ratio(ratios.get('peak_mib'))} | "
+                f"{median['decode_ops']:.0f} | "
+                f"{ratio(ratios['decode_ops'])}{ops_target} | {ratio(ratios['prefill_ops'])} |"
+            )
         if model.get("var_settings"):
             lines += ["", f"VAR settings for this model (see `bench_var_settings`): {model['var_settings']}"]
         lines.append("")
     if "long_prompt" in report:
         long_prompt = report["long_prompt"]
-        lines += [f"### Peak memory at a {long_prompt['prompt_length']}-token prompt", "", long_prompt["description"] + "; " +
-                  long_prompt["measure"] + ".", "", "| config | peak MiB | x plain |", "|---|---|---|"]
+        lines += [
+            f"### Peak memory at a {long_prompt['prompt_length']}-token prompt",
+            "",
+            long_prompt["description"] + "; " + long_prompt["measure"] + ".",
+            "",
+            "| config | peak MiB | x plain |",
+            "|---|---|---|",
+        ]
         for name, result in long_prompt["configs"].items():
-            target = "" if result["memory_target"] is None else f" (<= {result['memory_target']:.2f}{verdict(result['memory_target_met'])})"
+            target = (
+                ""
+                if result["memory_target"] is None
+                else f" (<= {result['memory_target']:.2f}{verdict(result['memory_target_met'])})"
+            )
             peak = "n/a" if result["peak_mib"] is None else f"{result['peak_mib']:.1f}"
             lines.append(f"| {name} | {peak} | {ratio(result['ratio_to_plain'])}{target} |")
     return "\n".join(lines) + "\n"
@@ -700,12 +828,21 @@ def run_bench(args: argparse.Namespace) -> dict:
         "device": str(device),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
-        "settings": {"repeats": args.repeats, "new_tokens": args.new_tokens, "batch": args.batch, "memory_measure":
-                     "cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS rise (VmHWM after reset - VmRSS before)",
-                     "op_count": "aten ops dispatched under a TorchDispatchMode, one untimed run per configuration: "
-                                 "prefill_ops up to the end of the first step, decode_ops the median per decoding step"},
-        "targets": {"decode_ratio": decode_targets(), "ops_per_step_ratio": OPS_TARGETS,
-                    "long_prompt_peak_memory_ratio": {name: MEMORY_TARGET for name in memory_target_configs()}},
+        "settings": {
+            "repeats": args.repeats,
+            "new_tokens": args.new_tokens,
+            "batch": args.batch,
+            "memory_measure": "cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "peak RSS rise (VmHWM after reset - VmRSS before)",
+            "op_count": "aten ops dispatched under a TorchDispatchMode, one untimed run per configuration: "
+            "prefill_ops up to the end of the first step, decode_ops the median per decoding step",
+        },
+        "targets": {
+            "decode_ratio": decode_targets(),
+            "ops_per_step_ratio": OPS_TARGETS,
+            "long_prompt_peak_memory_ratio": {name: MEMORY_TARGET for name in memory_target_configs()},
+        },
         "models": {},
         "notes": [],
     }
@@ -727,10 +864,16 @@ def run_bench(args: argparse.Namespace) -> dict:
         else:
             inputs = _on_device(default_model_inputs(processor, args.batch), device, dtype)
             var_settings = bench_var_settings(model, inputs)
-            results = bench_model("default", model, processor, inputs, method_configs(False, var_settings), args.repeats, args.new_tokens)
+            results = bench_model(
+                "default", model, processor, inputs, method_configs(False, var_settings), args.repeats, args.new_tokens
+            )
             key = "fixture" if args.model in ("all", "fixture") else "default"
-            report["models"][key] = {"description": description, "prompt_length": int(inputs["input_ids"].shape[1]),
-                                     "var_settings": var_settings, "configs": results}
+            report["models"][key] = {
+                "description": description,
+                "prompt_length": int(inputs["input_ids"].shape[1]),
+                "var_settings": var_settings,
+                "configs": results,
+            }
             tables.append(format_table(f"{description} (prompt {inputs['input_ids'].shape[1]} tokens)", results))
     if args.model in ("default-v2", "all"):
         try:
@@ -743,23 +886,49 @@ def run_bench(args: argparse.Namespace) -> dict:
         else:
             inputs = _on_device(default_model_inputs(processor, args.batch), device, dtype)
             var_settings = bench_var_settings(model, inputs)
-            results = bench_model("default-v2", model, processor, inputs, method_configs(False, var_settings), args.repeats,
-                                  args.new_tokens)
+            results = bench_model(
+                "default-v2",
+                model,
+                processor,
+                inputs,
+                method_configs(False, var_settings),
+                args.repeats,
+                args.new_tokens,
+            )
             geometry = model.config.text_config
-            description = (f"default model v2 ({args.v2_weights or 'shipped'}): {geometry.num_hidden_layers} layers, hidden "
-                           f"{geometry.hidden_size}, {geometry.num_attention_heads} heads ({geometry.num_key_value_heads} kv)")
-            report["models"]["default_v2"] = {"description": description, "prompt_length": int(inputs["input_ids"].shape[1]),
-                                              "var_settings": var_settings, "configs": results}
+            description = (
+                f"default model v2 ({args.v2_weights or 'shipped'}): {geometry.num_hidden_layers} layers, hidden "
+                f"{geometry.hidden_size}, {geometry.num_attention_heads} heads ({geometry.num_key_value_heads} kv)"
+            )
+            report["models"]["default_v2"] = {
+                "description": description,
+                "prompt_length": int(inputs["input_ids"].shape[1]),
+                "var_settings": var_settings,
+                "configs": results,
+            }
             tables.append(format_table(f"{description} (prompt {inputs['input_ids'].shape[1]} tokens)", results))
     if args.model in ("random", "both", "all"):
         model = llava15_shaped_model(args.hidden_size, args.layers, args.heads, args.vocab_size).to(device, dtype)
         inputs = _on_device(llava15_inputs(model, args.batch), device, dtype)
-        results = bench_model("llava15-shaped", model, None, inputs, method_configs(True, planted_var_settings(args.hidden_size)),
-                              args.repeats, args.new_tokens)
-        description = (f"random LLaVA-1.5-shaped: 576 image tokens (336 px, patch 14), {args.heads} heads, hidden {args.hidden_size}, "
-                       f"{args.layers} layers, vocab {args.vocab_size}; planted sink dim {PLANTED_SINK_DIM} on BOS, VAR tau "
-                       f"{planted_var_settings(args.hidden_size)['tau']}")
-        report["models"]["llava15_shaped"] = {"description": description, "prompt_length": int(inputs["input_ids"].shape[1]), "configs": results}
+        results = bench_model(
+            "llava15-shaped",
+            model,
+            None,
+            inputs,
+            method_configs(True, planted_var_settings(args.hidden_size)),
+            args.repeats,
+            args.new_tokens,
+        )
+        description = (
+            f"random LLaVA-1.5-shaped: 576 image tokens (336 px, patch 14), {args.heads} heads, hidden {args.hidden_size}, "
+            f"{args.layers} layers, vocab {args.vocab_size}; planted sink dim {PLANTED_SINK_DIM} on BOS, VAR tau "
+            f"{planted_var_settings(args.hidden_size)['tau']}"
+        )
+        report["models"]["llava15_shaped"] = {
+            "description": description,
+            "prompt_length": int(inputs["input_ids"].shape[1]),
+            "configs": results,
+        }
         tables.append(format_table(description, results))
     if args.long_prompt:
         if device.type != "cpu":
@@ -775,7 +944,9 @@ def _command(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be at least 1")
     if args.long_prompt and args.long_prompt < 1024:
-        raise ValueError(f"--long-prompt={args.long_prompt} must be 0 (skip) or at least 1024 tokens (576 are image tokens)")
+        raise ValueError(
+            f"--long-prompt={args.long_prompt} must be 0 (skip) or at least 1024 tokens (576 are image tokens)"
+        )
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens={args.new_tokens} must be at least 2 (decode latency needs two steps)")
     report = run_bench(args)

@@ -216,11 +216,20 @@ class ChairVocabulary:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], released_quirks: bool = False) -> ChairVocabulary:
         """Build from the dict layout of ``chair_synonyms.json`` (see :meth:`load`)."""
-        required = ("synonym_lines", "coco_double_words", "animal_words", "animal_qualifiers", "vehicle_words",
-                    "vehicle_qualifiers", "double_word_overrides")
+        required = (
+            "synonym_lines",
+            "coco_double_words",
+            "animal_words",
+            "animal_qualifiers",
+            "vehicle_words",
+            "vehicle_qualifiers",
+            "double_word_overrides",
+        )
         missing = [key for key in required if key not in data]
         if missing:
-            raise ValueError(f"CHAIR vocabulary data lacks key(s) {missing}; expected the layout of chair_synonyms.json.")
+            raise ValueError(
+                f"CHAIR vocabulary data lacks key(s) {missing}; expected the layout of chair_synonyms.json."
+            )
         categories: list[str] = []
         word_to_category: dict[str, str] = {}
         for line in data["synonym_lines"]:
@@ -279,10 +288,13 @@ def _read_json_file(path: Path, what: str) -> Any:
             f"it may be truncated: download or regenerate it."
         ) from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{what} file {str(path)!r} is not UTF-8 text ({error.reason}); is it the right file?") from None
+        raise ValueError(
+            f"{what} file {str(path)!r} is not UTF-8 text ({error.reason}); is it the right file?"
+        ) from None
     except RecursionError:
-        raise ValueError(f"{what} file {str(path)!r} is nested too deeply to be JSON this tool wrote; is it the right "
-                         "file?") from None
+        raise ValueError(
+            f"{what} file {str(path)!r} is nested too deeply to be JSON this tool wrote; is it the right file?"
+        ) from None
 
 
 def _read_shipped_synonyms() -> dict:
@@ -350,9 +362,7 @@ def caption_length(caption: str) -> int:
     return len(tokenize(caption))
 
 
-def score_caption(
-    caption: str, gt_objects: Iterable[str], vocabulary: ChairVocabulary | None = None
-) -> dict[str, Any]:
+def score_caption(caption: str, gt_objects: Iterable[str], vocabulary: ChairVocabulary | None = None) -> dict[str, Any]:
     """Per-caption CHAIR record: mentions, hallucinated mentions, recalled ground-truth objects, counts.
 
     Args:
@@ -469,7 +479,9 @@ def chair_metrics_from_totals(totals: np.ndarray) -> dict[str, np.ndarray]:
     """
     totals = np.asarray(totals, dtype=np.float64)
     if totals.shape[-1:] != (len(COUNT_NAMES),):
-        raise ValueError(f"totals must have a last axis of size {len(COUNT_NAMES)} {COUNT_NAMES}, got shape {totals.shape}.")
+        raise ValueError(
+            f"totals must have a last axis of size {len(COUNT_NAMES)} {COUNT_NAMES}, got shape {totals.shape}."
+        )
     n_captions, n_hallucinated_captions, n_hallucinated, n_mentions, n_recalled, n_gt_objects, n_words = (
         totals[..., column] for column in range(len(COUNT_NAMES))
     )
@@ -667,9 +679,7 @@ class ChairGroundTruth:
                 ) from None
             if wanted is not None and image_id not in wanted:
                 continue
-            objects.setdefault(image_id, set()).update(
-                category for _, category in extract_objects(caption, vocabulary)
-            )
+            objects.setdefault(image_id, set()).update(category for _, category in extract_objects(caption, vocabulary))
             n_captions += 1
 
         if wanted is not None:
@@ -681,7 +691,10 @@ class ChairGroundTruth:
                 )
         logger.info(
             "CHAIR ground truth: %d images from %s and %d reference captions from %s",
-            len(objects), instances_path, n_captions, captions_path,
+            len(objects),
+            instances_path,
+            n_captions,
+            captions_path,
         )
         return cls(objects={image_id: frozenset(names) for image_id, names in objects.items()}, vocabulary=vocabulary)
 
@@ -735,14 +748,17 @@ class ChairGroundTruth:
             raise ValueError(f"{path}: field released_quirks is {quirks!r}, not true or false; {fix}")
         entries = data.get("objects")
         if not isinstance(entries, dict):
-            raise ValueError(f"{path}: field objects is {str(entries)[:60]!r}, not an object {{image id: [object, ...]}}; {fix}")
+            raise ValueError(
+                f"{path}: field objects is {str(entries)[:60]!r}, not an object {{image id: [object, ...]}}; {fix}"
+            )
         objects = {}
         for image_id, names in entries.items():
             if not image_id.isdigit():
                 raise ValueError(f"{path}: field objects has the key {image_id!r}, not a COCO image id; {fix}")
             if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-                raise ValueError(f"{path}: field objects[{image_id!r}] is {str(names)[:60]!r}, not a list of object "
-                                 f"names; {fix}")
+                raise ValueError(
+                    f"{path}: field objects[{image_id!r}] is {str(names)[:60]!r}, not a list of object names; {fix}"
+                )
             objects[int(image_id)] = frozenset(names)
         vocabulary = vocabulary or ChairVocabulary.load(released_quirks=quirks)
         return cls(objects=objects, vocabulary=vocabulary)

@@ -53,6 +53,7 @@ N_EXAMPLES = 2
 EXIT_PROMPT_NOT_FOLLOWED = 3
 """Exit code of ``vlm-guard eval`` when a task's prompt was not followed (its numbers are withheld)."""
 
+
 def pope_answer_is_clear(answer: str) -> bool:
     """Whether a POPE answer says yes or no: its first sentence holds a word of :data:`YES_WORDS` or :data:`NO_WORDS`.
 
@@ -95,8 +96,14 @@ def _following(outputs: Sequence[str], ok: Any, max_unclear: float) -> dict:
             examples.append(text)
         if len(examples) == N_EXAMPLES:
             break
-    return {"followed_prompt": share <= max_unclear, "unclear_share": share, "n_unclear": len(failed),
-            "unclear_examples": examples, "n": len(outputs), "max_unclear": max_unclear}
+    return {
+        "followed_prompt": share <= max_unclear,
+        "unclear_share": share,
+        "n_unclear": len(failed),
+        "unclear_examples": examples,
+        "n": len(outputs),
+        "max_unclear": max_unclear,
+    }
 
 
 def pope_following(answers: Iterable[str], max_unclear: float = MAX_UNCLEAR_SHARE) -> dict:
@@ -144,8 +151,13 @@ def _quoted(examples: Sequence[str]) -> str:
     return ", ".join(shown) if shown else "none"
 
 
-def not_followed_message(task_name: str, check: Mapping[str, Any], methods: str = "none",
-                         fix: str | None = None, baseline_followed: bool = True) -> str:
+def not_followed_message(
+    task_name: str,
+    check: Mapping[str, Any],
+    methods: str = "none",
+    fix: str | None = None,
+    baseline_followed: bool = True,
+) -> str:
     """One line saying that the model did not follow a task's prompt: the share, examples and what to do.
 
     Args:
@@ -164,20 +176,26 @@ def not_followed_message(task_name: str, check: Mapping[str, Any], methods: str 
     examples = _quoted(check.get("unclear_examples") or [])
     who = "the model" if methods == "none" else f"the model with {methods!r}"
     if task_name.split("/", 1)[0] == "pope":
-        problem = (f"{who} does not answer yes/no to this prompt: {100 * share:.0f}% of its {n} answers hold no "
-                   f"yes/no word in their first sentence (e.g. {examples}), which the POPE rule would count as 'yes'; "
-                   f"accuracy and F1 of this split are withheld")
+        problem = (
+            f"{who} does not answer yes/no to this prompt: {100 * share:.0f}% of its {n} answers hold no "
+            f"yes/no word in their first sentence (e.g. {examples}), which the POPE rule would count as 'yes'; "
+            f"accuracy and F1 of this split are withheld"
+        )
         fix = fix or "ask for a yes/no answer in the prompt, or use a model that follows it"
     else:
-        problem = (f"{who} does not caption the image for this prompt: {100 * share:.0f}% of its {n} outputs are "
-                   f"not captions (a yes/no answer or under {MIN_CAPTION_WORDS} words, e.g. {examples}), which CHAIR "
-                   f"would score as captions without hallucination; the CHAIR numbers are withheld")
+        problem = (
+            f"{who} does not caption the image for this prompt: {100 * share:.0f}% of its {n} outputs are "
+            f"not captions (a yes/no answer or under {MIN_CAPTION_WORDS} words, e.g. {examples}), which CHAIR "
+            f"would score as captions without hallucination; the CHAIR numbers are withheld"
+        )
         fix = fix or "use a caption prompt the model follows, or a model that captions"
     if methods != "none" and baseline_followed:
         fix += f", or compare with plain decoding (--methods none): {methods!r} may be what breaks the answers"
     limit = check.get("max_unclear", MAX_UNCLEAR_SHARE)
-    return (f"{task_name}: {problem}. Fix: {fix} (the limit is --max-unclear {limit:g} of the outputs; "
-            f"--max-unclear 1 turns the check off).")
+    return (
+        f"{task_name}: {problem}. Fix: {fix} (the limit is --max-unclear {limit:g} of the outputs; "
+        f"--max-unclear 1 turns the check off)."
+    )
 
 
 __all__ = [

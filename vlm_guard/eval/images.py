@@ -64,8 +64,12 @@ class ImageLoader:
         skipped: image name -> reason, for every image that could not be read.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         if root is not None and not Path(root).is_dir():
             raise FileNotFoundError(
                 f"image folder not found: {display_name(root)!r}; pass the folder holding the benchmark images "

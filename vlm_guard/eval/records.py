@@ -67,7 +67,9 @@ def _dumps(value: Any, what: str, **kwargs: Any) -> str:
             f"finite value."
         ) from None
     except TypeError as error:
-        raise ValueError(f"{what} is not JSON serialisable: {error}; store plain numbers, strings, lists and dicts.") from None
+        raise ValueError(
+            f"{what} is not JSON serialisable: {error}; store plain numbers, strings, lists and dicts."
+        ) from None
 
 
 HEADER_KEY = "vlm_guard_run"
@@ -124,7 +126,9 @@ def _scan_jsonl(path: Path) -> _Scan:
                 dropped_line = text
                 logger.warning(
                     "%s:%d: dropping a truncated last line (an interrupted run); that item will be redone: %.80r",
-                    path, line_number, text,
+                    path,
+                    line_number,
+                    text,
                 )
                 break
             raise ValueError(
@@ -145,8 +149,14 @@ def _scan_jsonl(path: Path) -> _Scan:
         good_length = next_position
         needs_newline = not complete
         position = next_position
-    return _Scan(records=records, good_length=good_length, needs_newline=needs_newline, dropped_line=dropped_line,
-                 header=scan_header, line_numbers=line_numbers)
+    return _Scan(
+        records=records,
+        good_length=good_length,
+        needs_newline=needs_newline,
+        dropped_line=dropped_line,
+        header=scan_header,
+        line_numbers=line_numbers,
+    )
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -213,12 +223,16 @@ def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> l
         >>> fingerprint_differences({"methods": "vhr", "seed": 0}, {"methods": "gift", "seed": 0})
         ["methods: 'vhr' -> 'gift'"]
     """
+
     def short(value: Any) -> str:
         text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    return [f"{key}: {short(old.get(key))} -> {short(new.get(key))}"
-            for key in sorted(set(old) | set(new), key=str) if old.get(key) != new.get(key)]
+    return [
+        f"{key}: {short(old.get(key))} -> {short(new.get(key))}"
+        for key in sorted(set(old) | set(new), key=str)
+        if old.get(key) != new.get(key)
+    ]
 
 
 class _FileLock:
@@ -244,8 +258,13 @@ class _FileLock:
         return f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started_utc')}"
 
     def acquire(self) -> None:
-        info = json.dumps({"pid": os.getpid(), "host": platform.node(),
-                           "started_utc": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds")})
+        info = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": platform.node(),
+                "started_utc": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -288,8 +307,10 @@ class _FileLock:
                 except (OSError, ValueError, KeyError, TypeError):
                     alive = False
                 if alive:
-                    raise FileBusyError(f"{self.path.with_suffix('')} is being written by another run "
-                                        f"({self._holder()}); wait for it, or pass another --out.") from None
+                    raise FileBusyError(
+                        f"{self.path.with_suffix('')} is being written by another run "
+                        f"({self._holder()}); wait for it, or pass another --out."
+                    ) from None
                 logger.warning("removing the stale lock %s (%s is not running)", self.path, self._holder())
                 self.path.unlink(missing_ok=True)
                 continue
@@ -355,8 +376,14 @@ class ResultsWriter:
         >>> tmp.cleanup()
     """
 
-    def __init__(self, path: str | os.PathLike, id_key: str = "id", fsync: bool = False,
-                 fingerprint: Mapping[str, Any] | None = None, required_keys: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        id_key: str = "id",
+        fsync: bool = False,
+        fingerprint: Mapping[str, Any] | None = None,
+        required_keys: tuple[str, ...] = (),
+    ):
         if not isinstance(id_key, str) or not id_key:
             raise ValueError(f"id_key must be a non-empty string, got {id_key!r}.")
         self.path = Path(path)
@@ -368,7 +395,9 @@ class ResultsWriter:
         self.header: dict | None = None
         self._done: dict[Any, None] = {}
         if self.path.is_dir():
-            raise ValueError(f"{self.path} is a folder; pass a file name for the records, e.g. {self.path / 'results.jsonl'}.")
+            raise ValueError(
+                f"{self.path} is a folder; pass a file name for the records, e.g. {self.path / 'results.jsonl'}."
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _FileLock(self.path)
         self._lock.acquire()
@@ -404,7 +433,9 @@ class ResultsWriter:
             return
         stored = scan.header.get("fingerprint")
         if not isinstance(stored, dict):
-            raise RunMismatchError(f"{self.path}: the run header has no fingerprint; pass another --out or move the file away.")
+            raise RunMismatchError(
+                f"{self.path}: the run header has no fingerprint; pass another --out or move the file away."
+            )
         differences = fingerprint_differences(stored, self.fingerprint)
         if differences:
             raise RunMismatchError(
@@ -466,9 +497,7 @@ class ResultsWriter:
         raw_id = record[self.id_key]
         item_id = _hashable_id(raw_id.item() if isinstance(raw_id, np.generic) else raw_id, self.path)
         if item_id in self._done:
-            raise ValueError(
-                f"id {item_id!r} is already in {self.path}; skip the items in done_ids() when resuming."
-            )
+            raise ValueError(f"id {item_id!r} is already in {self.path}; skip the items in done_ids() when resuming.")
         line = _dumps(dict(record), what=f"record {item_id!r}")
         self._handle.write(line + "\n")
         self._handle.flush()
@@ -506,8 +535,9 @@ class ResultsWriter:
             part = Path(part)
             if not part.exists():
                 continue
-            with ResultsWriter(part, id_key=self.id_key, fingerprint=self.fingerprint,
-                               required_keys=self.required_keys) as source:
+            with ResultsWriter(
+                part, id_key=self.id_key, fingerprint=self.fingerprint, required_keys=self.required_keys
+            ) as source:
                 for record in source.records():
                     item_id = _hashable_id(record[self.id_key], part)
                     if item_id not in self._done:
@@ -729,10 +759,14 @@ def read_summary(path: str | os.PathLike) -> dict:
     }
     for field, (valid, expected) in checks.items():
         if field not in data:
-            raise ValueError(f"{path}: field {field!r} is missing; the summary was edited: rerun the command to write it.")
+            raise ValueError(
+                f"{path}: field {field!r} is missing; the summary was edited: rerun the command to write it."
+            )
         if not valid(data[field]):
-            raise ValueError(f"{path}: field {field!r} is {str(data[field])[:60]!r}, not {expected}; the summary was "
-                             "edited: rerun the command to write it.")
+            raise ValueError(
+                f"{path}: field {field!r} is {str(data[field])[:60]!r}, not {expected}; the summary was "
+                "edited: rerun the command to write it."
+            )
     return data
 
 

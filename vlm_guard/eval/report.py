@@ -70,8 +70,13 @@ def _metric_fn(kind: str, name: str):
     return pope_metric_fn(name) if kind == "pope" else chair_metric_fn(name)
 
 
-def task_metrics(kind: str, records: Sequence[Mapping[str, Any]], seed: int = 0, n_resamples: int = 1000,
-                 max_unclear: float = MAX_UNCLEAR_SHARE) -> dict:
+def task_metrics(
+    kind: str,
+    records: Sequence[Mapping[str, Any]],
+    seed: int = 0,
+    n_resamples: int = 1000,
+    max_unclear: float = MAX_UNCLEAR_SHARE,
+) -> dict:
     """Every metric of a task with its bootstrap interval, ``n``, and the prompt-following check.
 
     Args:
@@ -111,18 +116,33 @@ def followed_prompt(task_metrics_: Mapping[str, Any]) -> bool:
     return task_metrics_.get("followed_prompt", True) is not False
 
 
-def method_metrics(records_by_task: Mapping[str, Sequence[Mapping]], tasks: Sequence[Any], seed: int = 0,
-                   n_resamples: int = 1000, max_unclear: float = MAX_UNCLEAR_SHARE) -> dict:
+def method_metrics(
+    records_by_task: Mapping[str, Sequence[Mapping]],
+    tasks: Sequence[Any],
+    seed: int = 0,
+    n_resamples: int = 1000,
+    max_unclear: float = MAX_UNCLEAR_SHARE,
+) -> dict:
     """:func:`task_metrics` for every task (``tasks`` give the order and names)."""
     return {
-        task.name: task_metrics(task_kind(task.name), records_by_task.get(task.name, []), seed=seed,
-                                n_resamples=n_resamples, max_unclear=max_unclear)
+        task.name: task_metrics(
+            task_kind(task.name),
+            records_by_task.get(task.name, []),
+            seed=seed,
+            n_resamples=n_resamples,
+            max_unclear=max_unclear,
+        )
         for task in tasks
     }
 
 
-def paired_vs_baseline(records_by_task: Mapping[str, Sequence[Mapping]], baseline_by_task: Mapping[str, Sequence[Mapping]],
-                       tasks: Sequence[Any], seed: int = 0, n_resamples: int = 1000) -> dict:
+def paired_vs_baseline(
+    records_by_task: Mapping[str, Sequence[Mapping]],
+    baseline_by_task: Mapping[str, Sequence[Mapping]],
+    tasks: Sequence[Any],
+    seed: int = 0,
+    n_resamples: int = 1000,
+) -> dict:
     """Paired bootstrap of each headline metric, method minus baseline, on the items both runs scored.
 
     Returns:
@@ -138,13 +158,20 @@ def paired_vs_baseline(records_by_task: Mapping[str, Sequence[Mapping]], baselin
             result[task.name] = {"n": 0}
             continue
         if len(shared) < max(len(method), len(baseline)):
-            logger.warning("%s: comparing on the %d items both runs scored (method %d, baseline %d)",
-                           task.name, len(shared), len(method), len(baseline))
+            logger.warning(
+                "%s: comparing on the %d items both runs scored (method %d, baseline %d)",
+                task.name,
+                len(shared),
+                len(method),
+                len(baseline),
+            )
         counts_a = item_counts(kind, [method[item_id] for item_id in shared])
         counts_b = item_counts(kind, [baseline[item_id] for item_id in shared])
         entry: dict[str, Any] = {}
         for name in HEADLINE_METRICS[kind]:
-            entry[name] = paired_bootstrap(counts_a, counts_b, _metric_fn(kind, name), n_resamples=n_resamples, seed=seed)
+            entry[name] = paired_bootstrap(
+                counts_a, counts_b, _metric_fn(kind, name), n_resamples=n_resamples, seed=seed
+            )
         entry["n"] = len(shared)
         result[task.name] = entry
     return result
@@ -189,8 +216,10 @@ def _column_title(task: str, name: str) -> str:
 NOT_FOLLOWED_CELL = "prompt not followed"
 """Table cell of a task whose prompt the model did not follow (see :mod:`vlm_guard.eval.following`)."""
 
-FOLLOWING_TEXT = ("Outputs that do not answer the prompt, in % (POPE: no yes/no word in the first sentence, which the "
-                  "parse rule counts as 'yes'; CHAIR: not a caption)")
+FOLLOWING_TEXT = (
+    "Outputs that do not answer the prompt, in % (POPE: no yes/no word in the first sentence, which the "
+    "parse rule counts as 'yes'; CHAIR: not a caption)"
+)
 
 
 def _task_label(task: str) -> str:
@@ -203,8 +232,11 @@ def _not_followed_cell(task_metrics_: Mapping[str, Any]) -> str:
 
 def _following_shares(metrics: Mapping[str, Any], task_names: Sequence[str]) -> str | None:
     """``"random 0.0, popular 1.3, chair 0.0"`` (unclear shares in %), or None when no task holds the check."""
-    parts = [f"{_task_label(task)} {_pct(metrics[task]['unclear_share'])}" for task in task_names
-             if "unclear_share" in metrics.get(task, {})]
+    parts = [
+        f"{_task_label(task)} {_pct(metrics[task]['unclear_share'])}"
+        for task in task_names
+        if "unclear_share" in metrics.get(task, {})
+    ]
     return ", ".join(parts) if parts else None
 
 
@@ -214,10 +246,16 @@ def _withheld_line(entries: Sequence[tuple[str, str, Mapping[str, Any]]]) -> str
     for method_name, task, task_metrics_ in entries:
         examples = ", ".join(repr(text[:40]) for text in task_metrics_.get("unclear_examples") or [])
         who = f"{method_name} " if method_name else ""
-        described.append(f"{who}{task} ({_pct(task_metrics_.get('unclear_share'))}% of outputs"
-                         + (f", e.g. {examples}" if examples else "") + ")")
-    return ("⚠ Prompt not followed, numbers withheld (they would measure the parse rule, not the model): "
-            + "; ".join(described) + ". The summary JSON marks these tasks `followed_prompt: false`.")
+        described.append(
+            f"{who}{task} ({_pct(task_metrics_.get('unclear_share'))}% of outputs"
+            + (f", e.g. {examples}" if examples else "")
+            + ")"
+        )
+    return (
+        "⚠ Prompt not followed, numbers withheld (they would measure the parse rule, not the model): "
+        + "; ".join(described)
+        + ". The summary JSON marks these tasks `followed_prompt: false`."
+    )
 
 
 def single_markdown(metrics: Mapping[str, Any], title: str | None = None) -> str:
@@ -231,8 +269,12 @@ def single_markdown(metrics: Mapping[str, Any], title: str | None = None) -> str
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(_column_title(task, name) for task, name in columns) + " |")
     lines.append("|" + "---|" * len(columns))
-    cells = [(_interval(metrics[task][name]) if followed_prompt(metrics[task]) else _not_followed_cell(metrics[task]))
-             if name in metrics[task] else "–" for task, name in columns]
+    cells = [
+        (_interval(metrics[task][name]) if followed_prompt(metrics[task]) else _not_followed_cell(metrics[task]))
+        if name in metrics[task]
+        else "–"
+        for task, name in columns
+    ]
     lines.append("| " + " | ".join(cells) + " |")
     shares = _following_shares(metrics, task_names)
     if shares:
@@ -262,11 +304,13 @@ def comparison_markdown(summary: Mapping[str, Any], title: str | None = None) ->
     lines: list[str] = []
     if title:
         lines += [f"## {title}", ""]
-    lines.append("Values in %, 95% percentile bootstrap intervals over items "
-                 f"({config.get('n_resamples', '?')} resamples, seed {summary.get('seed')}). "
-                 "Δ: paired bootstrap difference against greedy on the same items; n.s. = the interval contains 0 "
-                 "(a difference inside the resampling noise); too few items = fewer than "
-                 f"{MIN_ITEMS_FOR_VERDICT} shared items, no verdict. CHAIR_S / CHAIR_I: lower is better.")
+    lines.append(
+        "Values in %, 95% percentile bootstrap intervals over items "
+        f"({config.get('n_resamples', '?')} resamples, seed {summary.get('seed')}). "
+        "Δ: paired bootstrap difference against greedy on the same items; n.s. = the interval contains 0 "
+        "(a difference inside the resampling noise); too few items = fewer than "
+        f"{MIN_ITEMS_FOR_VERDICT} shared items, no verdict. CHAIR_S / CHAIR_I: lower is better."
+    )
     lines.append("")
     lines.append("| method | " + " | ".join(_column_title(task, name) for task, name in columns) + " |")
     lines.append("|---|" + "---|" * len(columns))
@@ -297,44 +341,74 @@ def comparison_markdown(summary: Mapping[str, Any], title: str | None = None) ->
     if following:
         lines.append("")
         lines.append(f"{FOLLOWING_TEXT}: " + "; ".join(f"{name}: {shares}" for name, shares in following) + ".")
-    withheld = [(m["name"], task, m["metrics"][task]) for m in method_sets for task in task_names
-                if task in m["metrics"] and not followed_prompt(m["metrics"][task])]
+    withheld = [
+        (m["name"], task, m["metrics"][task])
+        for m in method_sets
+        for task in task_names
+        if task in m["metrics"] and not followed_prompt(m["metrics"][task])
+    ]
     if withheld:
         lines.append("")
         lines.append(_withheld_line(withheld))
     lines.append("")
-    lines.append("Items per task: " + ", ".join(f"{task} {n}" for task, n in comparison["tasks"].items())
-                 + f"; unreadable images skipped: {summary['extra'].get('skipped_images', 0)}.")
+    lines.append(
+        "Items per task: "
+        + ", ".join(f"{task} {n}" for task, n in comparison["tasks"].items())
+        + f"; unreadable images skipped: {summary['extra'].get('skipped_images', 0)}."
+    )
     mixed = [m["name"] for m in method_sets if len(m.get("record_method_code") or {}) > 1]
     if mixed:
         lines.append("")
-        lines.append("⚠ Records of " + ", ".join(mixed) + " come from more than one version of the method code "
-                     "(a resumed run after a code change); delete those files and rerun for clean numbers.")
+        lines.append(
+            "⚠ Records of " + ", ".join(mixed) + " come from more than one version of the method code "
+            "(a resumed run after a code change); delete those files and rerun for clean numbers."
+        )
     inactive = [(m["name"], m["inactive_methods"]) for m in method_sets if m.get("inactive_methods")]
     if inactive:
         head_map = config.get("head_map") or {}
         lines.append("")
-        lines.append("⚠ Methods that built no intervention on this model, so they could not be tested here (this says "
-                     "nothing about whether they work on models where they apply): "
-                     + "; ".join(f"{name}: {', '.join(methods)}" for name, methods in inactive)
-                     + f". Head map: {'none' if not head_map else 'sink_dims=' + str(head_map.get('sink_dims'))}. "
-                     "VAR needs sink dimensions (massive activations, |x_d|/rms >= tau/2 on the first token); a "
-                     "hidden size below 400 cannot reach tau=20 at all. Rows with a method inactive measure the other "
-                     "methods of the set only.")
+        lines.append(
+            "⚠ Methods that built no intervention on this model, so they could not be tested here (this says "
+            "nothing about whether they work on models where they apply): "
+            + "; ".join(f"{name}: {', '.join(methods)}" for name, methods in inactive)
+            + f". Head map: {'none' if not head_map else 'sink_dims=' + str(head_map.get('sink_dims'))}. "
+            "VAR needs sink dimensions (massive activations, |x_d|/rms >= tau/2 on the first token); a "
+            "hidden size below 400 cannot reach tau=20 at all. Rows with a method inactive measure the other "
+            "methods of the set only."
+        )
     lines.append("")
     lines.append("Hyper-parameters (library defaults unless stated):")
     lines.append("")
     for method_set in method_sets:
         guard_config = method_set["guard_config"]
-        parts = [f"{method}: {_format_params(params)}" for method, params in guard_config.items()
-                 if method != "vlm_guard_version" and params is not None]
+        parts = [
+            f"{method}: {_format_params(params)}"
+            for method, params in guard_config.items()
+            if method != "vlm_guard_version" and params is not None
+        ]
         lines.append(f"- {method_set['name']}: " + ("; ".join(parts) if parts else "plain greedy decoding"))
     lines.append("")
-    generation = {key: config[key] for key in ("model", "world_seed", "bias", "do_sample", "max_new_tokens",
-                                               "batch_size", "head_map_dir", "weights_sha256_16", "method_code") if key in config}
-    lines.append("Run: " + ", ".join(f"{key}={value}" for key, value in generation.items())
-                 + f"; vlm_guard {summary.get('vlm_guard_version')}, transformers {summary.get('transformers_version')}, "
-                   f"torch {summary.get('torch_version')}.")
+    generation = {
+        key: config[key]
+        for key in (
+            "model",
+            "world_seed",
+            "bias",
+            "do_sample",
+            "max_new_tokens",
+            "batch_size",
+            "head_map_dir",
+            "weights_sha256_16",
+            "method_code",
+        )
+        if key in config
+    }
+    lines.append(
+        "Run: "
+        + ", ".join(f"{key}={value}" for key, value in generation.items())
+        + f"; vlm_guard {summary.get('vlm_guard_version')}, transformers {summary.get('transformers_version')}, "
+        f"torch {summary.get('torch_version')}."
+    )
     return "\n".join(lines) + "\n"
 
 

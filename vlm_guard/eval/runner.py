@@ -134,8 +134,9 @@ def load_model(
     from vlm_guard.models.loading import load_model as load
     from vlm_guard.models.loading import model_label
 
-    model, processor = load(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                            allow_pickle=allow_pickle)
+    model, processor = load(
+        model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     return model, processor, model_label(model_id)
 
 
@@ -200,7 +201,7 @@ def generate_answers(
         kwargs["pad_token_id"] = processor.tokenizer.pad_token_id
     with torch.no_grad():
         output = model.generate(**inputs, **kwargs)  # [batch, prompt + new]
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]  # [batch, new]
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]  # [batch, new]
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -280,7 +281,7 @@ def run_items(
     bar = tqdm(total=len(pending), desc=task.name, disable=not progress or not pending, unit="item", leave=False)
     try:
         for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
+            batch = pending[start : start + batch_size]
             images, prompts, ready = [], [], []
             for item in batch:
                 image = loader.load(item.image, name=item.image_name)
@@ -292,13 +293,19 @@ def run_items(
                 ready.append(item)
             if ready:
                 generate_started = time.perf_counter()
-                answers = generate_answers(model, processor, images, prompts, task.max_new_tokens,
-                                           **dict(generation_kwargs or {}))
+                answers = generate_answers(
+                    model, processor, images, prompts, task.max_new_tokens, **dict(generation_kwargs or {})
+                )
                 seconds = time.perf_counter() - generate_started
                 stats.generate_s += seconds
                 for item, answer in zip(ready, answers):
-                    record = {"id": item.item_id, "task": task.name, **item.fields, "prompt": item.prompt,
-                              "answer": answer}
+                    record = {
+                        "id": item.item_id,
+                        "task": task.name,
+                        **item.fields,
+                        "prompt": item.prompt,
+                        "answer": answer,
+                    }
                     record.update(task.scorer(item, answer))
                     record["seconds"] = round(seconds / len(ready), 4)
                     if record_extra:
@@ -381,8 +388,9 @@ def guard_config_for(label: str):
     if label.endswith(TUNED_SUFFIX):
         return GuardConfig.from_methods(label[: -len(TUNED_SUFFIX)].replace("+", ","))
     config = GuardConfig.from_methods("none" if label == "none" else label.replace("+", ","))
-    return GuardConfig(**{name: type(getattr(config, name))(**getattr(config, name).to_dict())
-                          for name in config.enabled_methods})  # every field explicit: the released values
+    return GuardConfig(
+        **{name: type(getattr(config, name))(**getattr(config, name).to_dict()) for name in config.enabled_methods}
+    )  # every field explicit: the released values
 
 
 def results_paths(out: str | os.PathLike, label: str | None) -> tuple[Path, Path]:
@@ -462,22 +470,32 @@ def run_method_set(
 
         tuned = tuned_settings(guarded.head_map, getattr(guarded, "task", None))
         if not getattr(guarded.head_map, "tuned", None):
-            raise ValueError(f"method set {label!r} asks for tuned settings, but the head map has none; run "
-                             "`vlm-guard tune` and pass the tuned head map (--head-map DIR)")
+            raise ValueError(
+                f"method set {label!r} asks for tuned settings, but the head map has none; run "
+                "`vlm-guard tune` and pass the tuned head map (--head-map DIR)"
+            )
         untuned = [name for name in config.enabled_methods if name not in tuned]
         if untuned:
-            logger.warning("method set %r: the head map has no tuned settings for %s; they run at released defaults",
-                           label, untuned)
+            logger.warning(
+                "method set %r: the head map has no tuned settings for %s; they run at released defaults",
+                label,
+                untuned,
+            )
     guarded.set_config(config)
     # the values that run (a head map's tuned settings filled in), not the request
-    fingerprint = run_fingerprint(guarded, processor, label, guarded.guard_config, tasks, code=code,
-                                  extra=fingerprint_extra) if fingerprint_extra is not None else None
+    fingerprint = (
+        run_fingerprint(guarded, processor, label, guarded.guard_config, tasks, code=code, extra=fingerprint_extra)
+        if fingerprint_extra is not None
+        else None
+    )
     active = [intervention.name for intervention in guarded.interventions]
     inactive = [name for name in config.enabled_methods if name not in active]
     if inactive:
         logger.warning(
             "method set %r: %s built no intervention on this model (switched off; see the warnings above); "
-            "its rows measure the plain model for those methods.", label, inactive,
+            "its rows measure the plain model for those methods.",
+            label,
+            inactive,
         )
     parallel = parallel or DataParallel()
     record_extra = {"methods": label, **({"method_code": code} if code else {})}
@@ -497,17 +515,43 @@ def run_method_set(
             done = writer.done_ids()
         if parallel.distributed:
             done = parallel.broadcast(done)
-            stats = _run_shard(guarded, processor, tasks, records_path, loader, parallel, done, fingerprint,
-                               batch_size=batch_size, progress=progress, record_extra=record_extra)
+            stats = _run_shard(
+                guarded,
+                processor,
+                tasks,
+                records_path,
+                loader,
+                parallel,
+                done,
+                fingerprint,
+                batch_size=batch_size,
+                progress=progress,
+                record_extra=record_extra,
+            )
             if not parallel.is_main:
-                return MethodRun(label=label, guard_config=guarded.guard_config.to_dict(), active_methods=active,
-                                 inactive_methods=inactive, records={}, stats=stats, records_path=records_path,
-                                 skipped_images=dict(loader.skipped))
+                return MethodRun(
+                    label=label,
+                    guard_config=guarded.guard_config.to_dict(),
+                    active_methods=active,
+                    inactive_methods=inactive,
+                    records={},
+                    stats=stats,
+                    records_path=records_path,
+                    skipped_images=dict(loader.skipped),
+                )
             writer.merge_parts(part_paths(records_path))
         else:
             for task in tasks:
-                stats[task.name] = run_items(guarded, processor, task, writer, loader, batch_size=batch_size,
-                                             progress=progress, record_extra=record_extra)
+                stats[task.name] = run_items(
+                    guarded,
+                    processor,
+                    task,
+                    writer,
+                    loader,
+                    batch_size=batch_size,
+                    progress=progress,
+                    record_extra=record_extra,
+                )
                 logger.info("%s %s: %s", label, task.name, stats[task.name])
         if parallel.distributed or merged:
             writer.reorder(_item_order(tasks))  # the order a one-process run writes: task by task, item by item
@@ -548,9 +592,20 @@ def _item_order(tasks: Sequence[EvalTask]) -> Callable[[dict], int]:
     return lambda record: position.get((record.get("task"), record.get("id")), len(pairs))
 
 
-def _run_shard(guarded: Any, processor: Any, tasks: Sequence[EvalTask], records_path: Path, loader: ImageLoader,
-               parallel: DataParallel, done: frozenset, fingerprint: Mapping[str, Any] | None, *, batch_size: int,
-               progress: bool, record_extra: Mapping[str, Any]) -> dict[str, RunStats]:
+def _run_shard(
+    guarded: Any,
+    processor: Any,
+    tasks: Sequence[EvalTask],
+    records_path: Path,
+    loader: ImageLoader,
+    parallel: DataParallel,
+    done: frozenset,
+    fingerprint: Mapping[str, Any] | None,
+    *,
+    batch_size: int,
+    progress: bool,
+    record_extra: Mapping[str, Any],
+) -> dict[str, RunStats]:
     """This rank's share of the pending items into its part file; the stats (and unreadable images) of all ranks.
 
     Called by every rank; returns after every rank has finished its share (the gather waits for the slowest).
@@ -558,14 +613,31 @@ def _run_shard(guarded: Any, processor: Any, tasks: Sequence[EvalTask], records_
     from vlm_guard.parallel import shard_batches
 
     stats: dict[str, RunStats] = {}
-    with ResultsWriter(part_path(records_path, parallel.rank, parallel.world_size), id_key="id",
-                       fingerprint=fingerprint, required_keys=RECORD_KEYS) as part:
+    with ResultsWriter(
+        part_path(records_path, parallel.rank, parallel.world_size),
+        id_key="id",
+        fingerprint=fingerprint,
+        required_keys=RECORD_KEYS,
+    ) as part:
         for task in tasks:
             pending = [item for item in task.items if item.item_id not in done]
-            share = EvalTask(task.name, task.kind, shard_batches(pending, batch_size, parallel.rank, parallel.world_size),
-                             task.scorer, task.max_new_tokens)
-            stats[task.name] = run_items(guarded, processor, share, part, loader, batch_size=batch_size,
-                                         progress=progress and parallel.is_main, record_extra=record_extra)
+            share = EvalTask(
+                task.name,
+                task.kind,
+                shard_batches(pending, batch_size, parallel.rank, parallel.world_size),
+                task.scorer,
+                task.max_new_tokens,
+            )
+            stats[task.name] = run_items(
+                guarded,
+                processor,
+                share,
+                part,
+                loader,
+                batch_size=batch_size,
+                progress=progress and parallel.is_main,
+                record_extra=record_extra,
+            )
             logger.info("rank %d %s: %s", parallel.rank, task.name, stats[task.name])
     everyone = parallel.gather((stats, dict(loader.skipped)))
     for _, skipped in everyone:
@@ -575,9 +647,12 @@ def _run_shard(guarded: Any, processor: Any, tasks: Sequence[EvalTask], records_
     for task in tasks:
         shares = [rank_stats[task.name] for rank_stats, _ in everyone]
         total[task.name] = RunStats(
-            n_items=len(task.items), n_done_before=sum(1 for item in task.items if item.item_id in done),
-            n_written=sum(share.n_written for share in shares), n_skipped=sum(share.n_skipped for share in shares),
-            elapsed_s=max(share.elapsed_s for share in shares), generate_s=sum(share.generate_s for share in shares),
+            n_items=len(task.items),
+            n_done_before=sum(1 for item in task.items if item.item_id in done),
+            n_written=sum(share.n_written for share in shares),
+            n_skipped=sum(share.n_skipped for share in shares),
+            elapsed_s=max(share.elapsed_s for share in shares),
+            generate_s=sum(share.generate_s for share in shares),
         )
     return total
 
@@ -664,9 +739,20 @@ def run_benchmark(
             records_path, summary_path = results_paths(out, label if compare else None)
             config = (configs or {}).get(label)
             code = run_config["method_code"]["sha256_16"]
-            run = run_method_set(guarded, processor, tasks, label, records_path, loader,
-                                 batch_size=batch_size, progress=progress, config=config, code=code,
-                                 fingerprint_extra=dict(fingerprint_extra or {}), parallel=parallel)
+            run = run_method_set(
+                guarded,
+                processor,
+                tasks,
+                label,
+                records_path,
+                loader,
+                batch_size=batch_size,
+                progress=progress,
+                config=config,
+                code=code,
+                fingerprint_extra=dict(fingerprint_extra or {}),
+                parallel=parallel,
+            )
             if parallel is not None and not parallel.is_main:
                 continue
             run.summary_path = summary_path
@@ -674,22 +760,39 @@ def run_benchmark(
             for task in tasks:
                 if not followed_prompt(metrics[task.name]):
                     baseline = runs[0].metrics.get(task.name, {}) if compare and runs else {}
-                    message = not_followed_message(task.name, metrics[task.name], methods=label,
-                                                   fix=(prompt_fixes or {}).get(task.kind),
-                                                   baseline_followed=followed_prompt(baseline))
+                    message = not_followed_message(
+                        task.name,
+                        metrics[task.name],
+                        methods=label,
+                        fix=(prompt_fixes or {}).get(task.kind),
+                        baseline_followed=followed_prompt(baseline),
+                    )
                     logger.warning("%s", message)
-                    not_followed.append({"methods": label, "task": task.name,
-                                         "unclear_share": metrics[task.name]["unclear_share"], "message": message})
+                    not_followed.append(
+                        {
+                            "methods": label,
+                            "task": task.name,
+                            "unclear_share": metrics[task.name]["unclear_share"],
+                            "message": message,
+                        }
+                    )
             if compare and runs:
-                metrics["vs_greedy"] = paired_vs_baseline(run.records, runs[0].records, tasks, seed=seed,
-                                                          n_resamples=n_resamples)
+                metrics["vs_greedy"] = paired_vs_baseline(
+                    run.records, runs[0].records, tasks, seed=seed, n_resamples=n_resamples
+                )
             n_scored = sum(len(records) for records in run.records.values())
             run_extra = _run_extra(run, tasks)
             run.record_method_code = run_extra["record_method_code"]
             write_summary(
                 summary_path,
-                {"guard_config": run.guard_config, "methods": label, **run_config, "batch_size": batch_size,
-                 "n_resamples": n_resamples, "head_map": _head_map_name(guarded.head_map)},
+                {
+                    "guard_config": run.guard_config,
+                    "methods": label,
+                    **run_config,
+                    "batch_size": batch_size,
+                    "n_resamples": n_resamples,
+                    "head_map": _head_map_name(guarded.head_map),
+                },
                 metrics,
                 seed=seed,
                 n=n_scored,
@@ -704,10 +807,17 @@ def run_benchmark(
         return {"method_sets": [], "rank": parallel.rank}
     result = {
         "method_sets": [
-            {"label": run.label, "name": method_display_name(run.label), "guard_config": run.guard_config,
-             "active_methods": run.active_methods, "inactive_methods": run.inactive_methods,
-             "records": str(run.records_path), "summary": str(run.summary_path),
-             "record_method_code": run.record_method_code, "metrics": run.metrics}
+            {
+                "label": run.label,
+                "name": method_display_name(run.label),
+                "guard_config": run.guard_config,
+                "active_methods": run.active_methods,
+                "inactive_methods": run.inactive_methods,
+                "records": str(run.records_path),
+                "summary": str(run.summary_path),
+                "record_method_code": run.record_method_code,
+                "metrics": run.metrics,
+            }
             for run in runs
         ],
         "tasks": {task.name: len(task.items) for task in tasks},
@@ -718,8 +828,13 @@ def run_benchmark(
         n_scored = sum(len(records) for records in runs[0].records.values())
         written = write_summary(
             summary_path,
-            {**run_config, "batch_size": batch_size, "n_resamples": n_resamples,
-             "method_sets": [run.label for run in runs], "head_map": _head_map_name(guarded.head_map)},
+            {
+                **run_config,
+                "batch_size": batch_size,
+                "n_resamples": n_resamples,
+                "method_sets": [run.label for run in runs],
+                "head_map": _head_map_name(guarded.head_map),
+            },
             {run.label: run.metrics for run in runs},
             seed=seed,
             n=n_scored,
@@ -774,9 +889,17 @@ def head_map_digest(head_map: Any) -> str | None:
     return _sha16(b"\0".join(parts))
 
 
-def run_fingerprint(guarded: Any, processor: Any, label: str, config: Any, tasks: Sequence[EvalTask], *,
-                    code: str | None = None, extra: Mapping[str, Any] | None = None,
-                    generation_kwargs: Mapping[str, Any] | None = None) -> dict:
+def run_fingerprint(
+    guarded: Any,
+    processor: Any,
+    label: str,
+    config: Any,
+    tasks: Sequence[EvalTask],
+    *,
+    code: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    generation_kwargs: Mapping[str, Any] | None = None,
+) -> dict:
     """What must not change while one results file is written, as flat ``field -> value``.
 
     Fields: ``model.*`` (class, config and weights digests of :func:`vlm_guard.models.fingerprint.model_fingerprint`,
@@ -852,15 +975,21 @@ def _check_done_records(writer: ResultsWriter, tasks: Sequence[EvalTask]) -> Non
             raise ValueError(f"{where}: field 'id' is {item_id!r}, not a string or an integer; {fix}")
         task_name = record.get("task")
         if not isinstance(task_name, str) or task_name not in kinds:
-            raise ValueError(f"{where}: record {item_id!r} has field 'task' {task_name!r}, not a task of this run "
-                             f"({', '.join(kinds)}); {fix}")
+            raise ValueError(
+                f"{where}: record {item_id!r} has field 'task' {task_name!r}, not a task of this run "
+                f"({', '.join(kinds)}); {fix}"
+            )
         owner = task_of_id.get(item_id)
         if owner is not None and owner != task_name:
-            raise ValueError(f"{where}: record {item_id!r} has field 'task' {task_name!r}, but item {item_id!r} belongs "
-                             f"to {owner!r}; {fix}")
+            raise ValueError(
+                f"{where}: record {item_id!r} has field 'task' {task_name!r}, but item {item_id!r} belongs "
+                f"to {owner!r}; {fix}"
+            )
         for key in ("prompt", "answer"):
             if not isinstance(record.get(key), str):
-                raise ValueError(f"{where}: record {item_id!r} has field {key!r} {record.get(key)!r}, not a string; {fix}")
+                raise ValueError(
+                    f"{where}: record {item_id!r} has field {key!r} {record.get(key)!r}, not a string; {fix}"
+                )
         _check_score_fields(record, kinds[task_name], where, fix)
         found = items.get((task_name, item_id))
         if found is None:
@@ -878,7 +1007,9 @@ def _check_score_fields(record: Mapping[str, Any], kind: str, where: str, fix: s
     item_id = record.get("id")
     missing = [key for key in SCORE_KEYS.get(kind, ()) if key not in record]
     if missing:
-        raise ValueError(f"{where}: the record of item {item_id!r} lacks {missing}, which the {kind} metrics read; {fix}")
+        raise ValueError(
+            f"{where}: the record of item {item_id!r} lacks {missing}, which the {kind} metrics read; {fix}"
+        )
     if kind == "pope":
         label = record["label"]
         if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
@@ -887,12 +1018,15 @@ def _check_score_fields(record: Mapping[str, Any], kind: str, where: str, fix: s
         for key in SCORE_KEYS["chair"]:
             value = record[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{where}: record {item_id!r} has field {key!r} {value!r}, not a non-negative "
-                                 f"integer; {fix}")
+                raise ValueError(
+                    f"{where}: record {item_id!r} has field {key!r} {value!r}, not a non-negative integer; {fix}"
+                )
         for part, whole in (("n_hallucinated", "n_mentions"), ("n_recalled", "n_gt_objects")):
             if record[part] > record[whole]:
-                raise ValueError(f"{where}: record {item_id!r} has field {part!r} {record[part]} larger than {whole!r} "
-                                 f"{record[whole]}; {fix}")
+                raise ValueError(
+                    f"{where}: record {item_id!r} has field {part!r} {record[part]} larger than {whole!r} "
+                    f"{record[whole]}; {fix}"
+                )
 
 
 def code_digest() -> dict:
@@ -904,7 +1038,8 @@ def code_digest() -> dict:
 
     package = Path(__file__).resolve().parent.parent
     files = sorted(
-        path for pattern in ("decoding/*.py", "heads/*.py", "models/*.py", "wrapper.py", "config.py")
+        path
+        for pattern in ("decoding/*.py", "heads/*.py", "models/*.py", "wrapper.py", "config.py")
         for path in package.glob(pattern)
     )
     digest = hashlib.sha256()
@@ -946,8 +1081,13 @@ def _run_extra(run: MethodRun, tasks: Sequence[EvalTask]) -> dict:
 
     codes = Counter(record.get("method_code") for records in run.records.values() for record in records)
     if len(codes) > 1:
-        logger.warning("%s: records were generated by %d different versions of the method code: %s; delete the "
-                       "file and rerun for numbers from one version.", run.records_path, len(codes), dict(codes))
+        logger.warning(
+            "%s: records were generated by %d different versions of the method code: %s; delete the "
+            "file and rerun for numbers from one version.",
+            run.records_path,
+            len(codes),
+            dict(codes),
+        )
     return {
         "record_method_code": {str(key): value for key, value in codes.items()},
         "active_methods": run.active_methods,

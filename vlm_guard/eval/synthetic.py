@@ -134,8 +134,9 @@ def absent_kind(object_type: str, present: Iterable[str], world: str | WorldKind
     return "absent_popular" if object_type in kind.popular_types else "absent_other"
 
 
-def negative_candidates(scene: Scene, split: str, rng: random.Random,
-                        world: str | WorldKind | None = None) -> list[str]:
+def negative_candidates(
+    scene: Scene, split: str, rng: random.Random, world: str | WorldKind | None = None
+) -> list[str]:
     """Absent types to ask about, best first, for one scene and split (see the module docstring).
 
     Args:
@@ -166,8 +167,9 @@ def negative_candidates(scene: Scene, split: str, rng: random.Random,
     return [t for t in absent if absent_kind(t, present, kind) == "absent_partner"]
 
 
-def scene_questions(scene: Scene, split: str, per_scene: int = 2, seed: int = 0,
-                    world: str | WorldKind | None = None) -> list[SyntheticQuestion]:
+def scene_questions(
+    scene: Scene, split: str, per_scene: int = 2, seed: int = 0, world: str | WorldKind | None = None
+) -> list[SyntheticQuestion]:
     """Matched (yes, no) question pairs for one scene: ``min(per_scene, #present, #candidates)`` pairs.
 
     Args:
@@ -253,8 +255,9 @@ def pope_questions(
     return questions[:n_questions]
 
 
-def caption_items(n_captions: int, seed: int = EVAL_SEED, bias: bool = False, start: int = 0,
-                  world: str | WorldKind | None = None) -> list[SyntheticCaptionItem]:
+def caption_items(
+    n_captions: int, seed: int = EVAL_SEED, bias: bool = False, start: int = 0, world: str | WorldKind | None = None
+) -> list[SyntheticCaptionItem]:
     """Scenes ``start .. start + n_captions - 1`` to caption, with their ground-truth types.
 
     Example:

@@ -16,8 +16,13 @@ DEFAULT_CHAIR_PROMPT = "Please describe this image in detail."
 DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 512, "synthetic_pope": 4, "synthetic_chair": None}  # None: the world's
 
 
-def pope_tasks(question_files, image_root_name: str = "", limit: int | None = None, max_new_tokens: int = 16,
-               prompt_suffix: str = ""):
+def pope_tasks(
+    question_files,
+    image_root_name: str = "",
+    limit: int | None = None,
+    max_new_tokens: int = 16,
+    prompt_suffix: str = "",
+):
     """One :class:`~vlm_guard.eval.runner.EvalTask` per official question file."""
     from vlm_guard.eval.pope import load_pope_questions, pope_split_from_path
     from vlm_guard.eval.runner import EvalItem, EvalTask, pope_scorer
@@ -32,8 +37,13 @@ def pope_tasks(question_files, image_root_name: str = "", limit: int | None = No
                 prompt=question.text + prompt_suffix,
                 image=question.image,
                 image_name=question.image,
-                fields={"question_id": question.question_id, "split": split, "image": question.image,
-                        "label": question.label, "object": question.object_name},
+                fields={
+                    "question_id": question.question_id,
+                    "split": split,
+                    "image": question.image,
+                    "label": question.label,
+                    "object": question.object_name,
+                },
             )
             for question in questions
         ]
@@ -44,8 +54,16 @@ def pope_tasks(question_files, image_root_name: str = "", limit: int | None = No
     return tasks
 
 
-def chair_task(images_dir: str, instances: str, captions: str, n_images: int, seed: int, prompt: str,
-               max_new_tokens: int = 512, limit: int | None = None):
+def chair_task(
+    images_dir: str,
+    instances: str,
+    captions: str,
+    n_images: int,
+    seed: int,
+    prompt: str,
+    max_new_tokens: int = 512,
+    limit: int | None = None,
+):
     """The CHAIR task: ``n_images`` val2014 images drawn with ``seed`` among those in the instances file that are
     also in ``images_dir`` (the usual 500-image setup)."""
     import json
@@ -57,11 +75,15 @@ def chair_task(images_dir: str, instances: str, captions: str, n_images: int, se
         image_entries = json.load(handle).get("images", [])
     names = {int(entry["id"]): entry["file_name"] for entry in image_entries if "id" in entry and "file_name" in entry}
     if not names:
-        raise ValueError(f"{instances} lists no images ('images' with 'id' and 'file_name'); is it a COCO instances file?")
+        raise ValueError(
+            f"{instances} lists no images ('images' with 'id' and 'file_name'); is it a COCO instances file?"
+        )
     folder = Path(images_dir)
     available = sorted(image_id for image_id, name in names.items() if (folder / name).exists())
     if not available:
-        raise ValueError(f"none of the {len(names)} images of {instances} is in {images_dir}; is it the val2014 folder?")
+        raise ValueError(
+            f"none of the {len(names)} images of {instances} is in {images_dir}; is it the val2014 folder?"
+        )
     count = min(n_images, len(available))
     if count < n_images:
         logger.warning("only %d of the requested %d images are available; using all of them", count, n_images)
@@ -77,16 +99,30 @@ def chair_task(images_dir: str, instances: str, captions: str, n_images: int, se
         return scored
 
     items = [
-        EvalItem(item_id=str(image_id), prompt=prompt, image=names[image_id], image_name=names[image_id],
-                 fields={"image_id": coco_image_id(image_id), "image": names[image_id]})
+        EvalItem(
+            item_id=str(image_id),
+            prompt=prompt,
+            image=names[image_id],
+            image_name=names[image_id],
+            fields={"image_id": coco_image_id(image_id), "image": names[image_id]},
+        )
         for image_id in chosen
     ]
     return EvalTask(name="chair", kind="chair", items=items, scorer=scorer, max_new_tokens=max_new_tokens)
 
 
-def synthetic_tasks(n_questions: int = 500, n_captions: int = 500, world_seed: int | None = None, bias: bool = False,
-                    pope_max_new_tokens: int = 4, chair_max_new_tokens: int | None = None, kinds=("pope", "chair"),
-                    splits=None, image_size: int | None = None, world=None):
+def synthetic_tasks(
+    n_questions: int = 500,
+    n_captions: int = 500,
+    world_seed: int | None = None,
+    bias: bool = False,
+    pope_max_new_tokens: int = 4,
+    chair_max_new_tokens: int | None = None,
+    kinds=("pope", "chair"),
+    splits=None,
+    image_size: int | None = None,
+    world=None,
+):
     """The synthetic POPE splits and CHAIR-style task (see :mod:`vlm_guard.eval.synthetic`) of ``world``
     (``"everyday"``, ``"shapes"``, a :class:`~vlm_guard.synthetic.worlds.WorldKind`, or ``None`` for the default
     model's); ``chair_max_new_tokens``
@@ -114,20 +150,35 @@ def synthetic_tasks(n_questions: int = 500, n_captions: int = 500, world_seed: i
     if "pope" in kinds:
         for split in splits or SPLITS:
             items = [
-                EvalItem(item_id=question.question_id, prompt=question.text, image=image_of(question.scene_index),
-                         image_name=f"scene/{question.scene_index:06d}",
-                         fields={"split": split, "scene": question.scene_index, "object": question.object,
-                                 "label": question.label, "kind": question.kind})
+                EvalItem(
+                    item_id=question.question_id,
+                    prompt=question.text,
+                    image=image_of(question.scene_index),
+                    image_name=f"scene/{question.scene_index:06d}",
+                    fields={
+                        "split": split,
+                        "scene": question.scene_index,
+                        "object": question.object,
+                        "label": question.label,
+                        "kind": question.kind,
+                    },
+                )
                 for question in pope_questions(split, n_questions, seed=seed, bias=bias, world=kind)
             ]
             tasks.append(EvalTask(f"pope/{split}", "pope", items, pope_scorer, pope_max_new_tokens))
     if "chair" in kinds:
+
         def scorer(item, answer):
             return score_synthetic_caption(answer, item.fields["gt_objects"], kind)
 
         items = [
-            EvalItem(item_id=entry.image_id, prompt=kind.caption_prompt, image=image_of(entry.scene_index),
-                     image_name=entry.image_id, fields={"scene": entry.scene_index, "gt_objects": list(entry.gt_objects)})
+            EvalItem(
+                item_id=entry.image_id,
+                prompt=kind.caption_prompt,
+                image=image_of(entry.scene_index),
+                image_name=entry.image_id,
+                fields={"scene": entry.scene_index, "gt_objects": list(entry.gt_objects)},
+            )
             for entry in caption_items(n_captions, seed=seed, bias=bias, world=kind)
         ]
         tasks.append(EvalTask("chair", "chair", items, scorer, chair_max_new_tokens))

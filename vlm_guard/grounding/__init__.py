@@ -66,8 +66,12 @@ class Mention:
 TRUTH = "ground truth"
 
 
-def truth_mentions(caption: str, objects: Sequence[str], mentions_with_words: Callable[[str], list] | None = None,
-                   vocabulary: Sequence[str] = ()) -> list[Mention]:
+def truth_mentions(
+    caption: str,
+    objects: Sequence[str],
+    mentions_with_words: Callable[[str], list] | None = None,
+    vocabulary: Sequence[str] = (),
+) -> list[Mention]:
     """Mentions of ``caption`` judged against an image's known ``objects`` (a bundled example's ground truth): a
     mentioned object in ``objects`` is grounded (score 1), any other is flagged (score 0).
 
@@ -76,8 +80,11 @@ def truth_mentions(caption: str, objects: Sequence[str], mentions_with_words: Ca
             :func:`find_mentions` over ``vocabulary`` and ``objects``.
     """
     present = set(objects)
-    found = mentions_with_words(caption) if mentions_with_words is not None else find_mentions(
-        caption, sorted(set(vocabulary) | present))
+    found = (
+        mentions_with_words(caption)
+        if mentions_with_words is not None
+        else find_mentions(caption, sorted(set(vocabulary) | present))
+    )
     return [Mention(word, name, 1.0 if name in present else 0.0, name not in present, TRUTH) for word, name in found]
 
 
@@ -119,9 +126,17 @@ class GroundingChecker:
             real images; its verdicts mean nothing on another world's images (:meth:`knows_world`).
     """
 
-    def __init__(self, model, preprocess: Callable, tokenize: Callable, vocabulary: Sequence[str],
-                 prompt: str = "a photo of a {}", threshold: float | None = None, device: str = "cpu",
-                 world: str | None = None):
+    def __init__(
+        self,
+        model,
+        preprocess: Callable,
+        tokenize: Callable,
+        vocabulary: Sequence[str],
+        prompt: str = "a photo of a {}",
+        threshold: float | None = None,
+        device: str = "cpu",
+        world: str | None = None,
+    ):
         if "{}" not in prompt:
             raise ValueError(f"prompt must contain '{{}}' for the object name, got {prompt!r}")
         if not vocabulary:
@@ -152,22 +167,39 @@ class GroundingChecker:
         folder = Path(folder)
         config_path = folder / "open_clip_config.json"
         if not config_path.exists():
-            raise FileNotFoundError(f"no open_clip_config.json in {folder}; train one with "
-                                    "`python -m toyworld toy train-checker --ship`")
+            raise FileNotFoundError(
+                f"no open_clip_config.json in {folder}; train one with `python -m toyworld toy train-checker --ship`"
+            )
         config = json.loads(config_path.read_text())
         model = open_clip.create_model(f"local-dir:{folder}", device=device)
         checker_cfg = config.get("vlm_guard", {})
         tokenize = WordTokenizer(folder / "tokenizer.json", config["model_cfg"]["text_cfg"]["context_length"])
-        preprocess = ToyPreprocess(config["preprocess_cfg"]["size"], config["preprocess_cfg"]["mean"],
-                                   config["preprocess_cfg"]["std"])
+        preprocess = ToyPreprocess(
+            config["preprocess_cfg"]["size"], config["preprocess_cfg"]["mean"], config["preprocess_cfg"]["std"]
+        )
         vocabulary = checker_cfg.get("vocabulary", [])
         world = checker_cfg.get("world") or world_of_vocabulary(vocabulary)  # the shipped one: the shapes world
-        return cls(model, preprocess, tokenize, vocabulary, prompt=checker_cfg.get("prompt", "a {}"), threshold=threshold,
-                   device=device, world=world)
+        return cls(
+            model,
+            preprocess,
+            tokenize,
+            vocabulary,
+            prompt=checker_cfg.get("prompt", "a {}"),
+            threshold=threshold,
+            device=device,
+            world=world,
+        )
 
     @classmethod
-    def from_open_clip(cls, name: str, pretrained: str | None = None, vocabulary: Sequence[str] = COCO_OBJECTS,
-                       prompt: str = "a photo of a {}", threshold: float | None = None, device: str = "cpu"):
+    def from_open_clip(
+        cls,
+        name: str,
+        pretrained: str | None = None,
+        vocabulary: Sequence[str] = COCO_OBJECTS,
+        prompt: str = "a photo of a {}",
+        threshold: float | None = None,
+        device: str = "cpu",
+    ):
         """Any open_clip model, e.g. ``("ViT-B-32", "laion2b_s34b_b79k")``; its weights must be available
         locally (open_clip's cache or a file path as ``pretrained``), otherwise open_clip tries to download them."""
         import open_clip
@@ -246,5 +278,13 @@ class ToyPreprocess:
         return (array - self.mean) / self.std
 
 
-__all__ = ["COCO_OBJECTS", "DEFAULT_CHECKER_DIR", "TRUTH", "GroundingChecker", "Mention", "find_mentions", "truth_mentions",
-           "world_of_vocabulary"]
+__all__ = [
+    "COCO_OBJECTS",
+    "DEFAULT_CHECKER_DIR",
+    "TRUTH",
+    "GroundingChecker",
+    "Mention",
+    "find_mentions",
+    "truth_mentions",
+    "world_of_vocabulary",
+]

@@ -7,14 +7,25 @@ from __future__ import annotations
 import importlib
 import warnings
 
-_MOVED = {"HeadMap", "HeadMapFileError", "HeadMapMismatchError", "ImageCentricStats", "default_cache_dir",
-          "find_cached_head_map", "token_vhd"}
+_MOVED = {
+    "HeadMap",
+    "HeadMapFileError",
+    "HeadMapMismatchError",
+    "ImageCentricStats",
+    "default_cache_dir",
+    "find_cached_head_map",
+    "token_vhd",
+}
 
 
 def __getattr__(name: str):
     if name in _MOVED:
-        warnings.warn(f"vlm_guard.heads.{name} moved to vlm_guard.calibration.{name}; vlm_guard.heads goes away in "
-                      "the next release", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"vlm_guard.heads.{name} moved to vlm_guard.calibration.{name}; vlm_guard.heads goes away in "
+            "the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module("vlm_guard.calibration"), name)
     raise AttributeError(f"module 'vlm_guard.heads' has no attribute {name!r}")
 

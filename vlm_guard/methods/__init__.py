@@ -11,4 +11,12 @@ from vlm_guard.methods.registry import (
     unregister_method,
 )
 
-__all__ = ["MethodSpec", "MethodUI", "get_method", "method_names", "method_specs", "register_method", "unregister_method"]
+__all__ = [
+    "MethodSpec",
+    "MethodUI",
+    "get_method",
+    "method_names",
+    "method_specs",
+    "register_method",
+    "unregister_method",
+]

@@ -11,10 +11,21 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 
-def check_range(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+def check_range(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
     """Raise ``ValueError`` naming ``owner.name`` when ``value`` is outside the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and math.isnan(value))
+    ):
         raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
@@ -65,7 +76,9 @@ def preset_field(help: str, released: Any, paper: Any) -> Any:
         (0.4, 0.6, 0.5)
     """
     values = {"released": released, "paper": paper}
-    return field(default=FROM_PRESET, metadata={"help": f"{help} [released: {released!r}; paper: {paper!r}]", "presets": values})
+    return field(
+        default=FROM_PRESET, metadata={"help": f"{help} [released: {released!r}; paper: {paper!r}]", "presets": values}
+    )
 
 
 _MISSING = object()
@@ -86,15 +99,19 @@ class MethodConfig:
     """
 
     method: ClassVar[str] = ""
-    preset: str = field(default="released", metadata={
-        "help": "'released' (default: the official released code's settings) or 'paper' (the paper's text where it differs)"})
+    preset: str = field(
+        default="released",
+        metadata={
+            "help": "'released' (default: the official released code's settings) or 'paper' (the paper's text where it differs)"
+        },
+    )
 
     def __new__(cls, *args, **kwargs):
         # Remember which fields the caller set (positional or by name): those win over a head map's tuned
         # values (see :func:`vlm_guard.settings.resolve_config`); the others may be filled in by tuning.
         instance = super().__new__(cls)
         names = [f.name for f in fields(cls)] if dataclasses.is_dataclass(cls) else []
-        object.__setattr__(instance, "_explicit_fields", frozenset(names[:len(args)]) | frozenset(kwargs))
+        object.__setattr__(instance, "_explicit_fields", frozenset(names[: len(args)]) | frozenset(kwargs))
         return instance
 
     def __post_init__(self) -> None:
@@ -123,8 +140,10 @@ class MethodConfig:
         if name not in known:
             raise AttributeError(f"{type(self).__name__} has no field {name!r}; its fields are {known}")
         if name == "preset" and value != state.get("preset"):
-            raise ValueError(f"{type(self).__name__}.preset is fixed at construction (it chose the other fields' defaults); "
-                             f"make a new config: {type(self).__name__}(preset={value!r})")
+            raise ValueError(
+                f"{type(self).__name__}.preset is fixed at construction (it chose the other fields' defaults); "
+                f"make a new config: {type(self).__name__}(preset={value!r})"
+            )
         previous = state.get(name, _MISSING)
         object.__setattr__(self, name, value)
         try:
@@ -163,8 +182,10 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, data: dict) -> MethodConfig:
         if not isinstance(data, dict):
-            raise ValueError(f"{cls.__name__}.from_dict needs a dict of its fields, got {type(data).__name__} ({data!r:.80}); "
-                             f"e.g. {cls.__name__}().to_dict()")
+            raise ValueError(
+                f"{cls.__name__}.from_dict needs a dict of its fields, got {type(data).__name__} ({data!r:.80}); "
+                f"e.g. {cls.__name__}().to_dict()"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

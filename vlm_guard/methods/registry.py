@@ -124,11 +124,22 @@ _LOCK = threading.RLock()
 _BUILTINS_LOADED = False
 
 
-def register_method(name: str, config_class: type, build: Callable | str, *, order: float | None = None,
-                    in_all: bool = False, contrastive: bool = False, strength_field: str | None = None,
-                    ui: MethodUI | None = None, tuning_grid: Callable | None = None,
-                    forward_passes: Callable | None = None, bench_fields: dict | None = None,
-                    bench_decode_target: float | None = None, replace: bool = False) -> MethodSpec:
+def register_method(
+    name: str,
+    config_class: type,
+    build: Callable | str,
+    *,
+    order: float | None = None,
+    in_all: bool = False,
+    contrastive: bool = False,
+    strength_field: str | None = None,
+    ui: MethodUI | None = None,
+    tuning_grid: Callable | None = None,
+    forward_passes: Callable | None = None,
+    bench_fields: dict | None = None,
+    bench_decode_target: float | None = None,
+    replace: bool = False,
+) -> MethodSpec:
     """Register a method (see :class:`MethodSpec` for the arguments); returns its spec.
 
     ``order`` None places it after every method registered so far. Registering a name again raises unless
@@ -150,13 +161,21 @@ def register_method(name: str, config_class: type, build: Callable | str, *, ord
         raise ValueError(f"method name {name!r} must be a lower-case Python identifier not starting with '_'")
     if name in ("all", "none", "off", "auto") or name in _RESERVED:
         raise ValueError(f"method name {name!r} is reserved; choose another")
-    if not isinstance(config_class, type) or not issubclass(config_class, MethodConfig) or not dataclasses.is_dataclass(config_class):
-        raise ValueError(f"method {name!r}: config_class must be a @dataclass subclass of vlm_guard.config.MethodConfig, "
-                         f"got {config_class!r}")
+    if (
+        not isinstance(config_class, type)
+        or not issubclass(config_class, MethodConfig)
+        or not dataclasses.is_dataclass(config_class)
+    ):
+        raise ValueError(
+            f"method {name!r}: config_class must be a @dataclass subclass of vlm_guard.config.MethodConfig, "
+            f"got {config_class!r}"
+        )
     if not (callable(build) or (isinstance(build, str) and ":" in build)):
         raise ValueError(f"method {name!r}: build must be a callable or 'module:function', got {build!r}")
     if strength_field is not None and strength_field not in getattr(config_class, "__dataclass_fields__", {}):
-        raise ValueError(f"method {name!r}: strength_field {strength_field!r} is not a field of {config_class.__name__}")
+        raise ValueError(
+            f"method {name!r}: strength_field {strength_field!r} is not a field of {config_class.__name__}"
+        )
     if ui is not None and strength_field is None:
         raise ValueError(f"method {name!r}: a demo control (ui) needs a strength_field for its slider")
     if order is None:
@@ -167,9 +186,20 @@ def register_method(name: str, config_class: type, build: Callable | str, *, ord
         if order is None:
             others = [spec.order for key, spec in _METHODS.items() if key != name]
             order = (max(others) if others else 0) + 10
-        spec = MethodSpec(name, config_class, build, float(order), bool(in_all), bool(contrastive), strength_field, ui,
-                          tuning_grid, forward_passes, dict(bench_fields) if bench_fields is not None else None,
-                          bench_decode_target)
+        spec = MethodSpec(
+            name,
+            config_class,
+            build,
+            float(order),
+            bool(in_all),
+            bool(contrastive),
+            strength_field,
+            ui,
+            tuning_grid,
+            forward_passes,
+            dict(bench_fields) if bench_fields is not None else None,
+            bench_decode_target,
+        )
         _METHODS[name] = spec
     return spec
 
@@ -280,7 +310,9 @@ class LiveTuple(Sequence):
 class MethodNames(LiveTuple):
     """A live tuple of the names of the registered methods that ``select`` keeps, in run order."""
 
-    def __init__(self, select: Callable[[MethodSpec], bool] = lambda spec: True, description: str = "registered methods"):
+    def __init__(
+        self, select: Callable[[MethodSpec], bool] = lambda spec: True, description: str = "registered methods"
+    ):
         super().__init__(lambda: tuple(spec.name for spec in method_specs() if select(spec)), description)
 
 
@@ -307,9 +339,34 @@ class MethodFacts(Mapping):
         return repr(self._items())
 
 
-_RESERVED = frozenset({"validate", "enabled_methods", "from_methods", "to_dict", "from_dict", "save", "load", "replace",
-                       "vlm_guard_version", "methods", "items"})
+_RESERVED = frozenset(
+    {
+        "validate",
+        "enabled_methods",
+        "from_methods",
+        "to_dict",
+        "from_dict",
+        "save",
+        "load",
+        "replace",
+        "vlm_guard_version",
+        "methods",
+        "items",
+    }
+)
 """Names :class:`~vlm_guard.config.GuardConfig` uses for itself, so no method can take them."""
 
-__all__ = ["MethodSpec", "MethodUI", "LiveTuple", "MethodNames", "MethodFacts", "register_method", "unregister_method", "get_method",
-           "method_specs", "method_names", "builtin_method_names", "is_method"]
+__all__ = [
+    "MethodSpec",
+    "MethodUI",
+    "LiveTuple",
+    "MethodNames",
+    "MethodFacts",
+    "register_method",
+    "unregister_method",
+    "get_method",
+    "method_specs",
+    "method_names",
+    "builtin_method_names",
+    "is_method",
+]

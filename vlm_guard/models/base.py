@@ -285,7 +285,9 @@ class ModelAdapter:
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else tokenizer
         if tokenizer is None or not getattr(template_owner, "chat_template", None):
             return None
-        rendered = self._render_marker_turn([{"type": "text", "text": QUERY_MARKER}], template_owner, "the assistant turn")
+        rendered = self._render_marker_turn(
+            [{"type": "text", "text": QUERY_MARKER}], template_owner, "the assistant turn"
+        )
         if rendered is None:
             return None
         text, encoded = rendered
@@ -325,8 +327,9 @@ class ModelAdapter:
         if tokenizer is None or not image_token or not getattr(template_owner, "chat_template", None):
             return None
         image_token = str(getattr(image_token, "content", image_token))
-        rendered = self._render_marker_turn([{"type": "image"}, {"type": "text", "text": QUERY_MARKER}], template_owner,
-                                            "the query start")
+        rendered = self._render_marker_turn(
+            [{"type": "image"}, {"type": "text", "text": QUERY_MARKER}], template_owner, "the query start"
+        )
         if rendered is None:
             return None
         text, encoded = rendered
@@ -336,8 +339,11 @@ class ModelAdapter:
             return None
         image_end += len(image_token)
         skip = {self.image_token_id, *self.marker_token_ids()}
-        prefix = [token_id for token_id, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
-                  if begin >= image_end and end <= marker_start and token_id not in skip]
+        prefix = [
+            token_id
+            for token_id, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+            if begin >= image_end and end <= marker_start and token_id not in skip
+        ]
         self._query_prefix = prefix or None
         return self._query_prefix
 
@@ -369,7 +375,11 @@ class ModelAdapter:
             n = len(prefix)
             for row in range(batch):
                 start = int(query_start[row])
-                if span_end[row] >= 0 and start + n <= seq and torch.equal(input_ids[row, start : start + n], prefix_tensor):
+                if (
+                    span_end[row] >= 0
+                    and start + n <= seq
+                    and torch.equal(input_ids[row, start : start + n], prefix_tensor)
+                ):
                     query_start[row] = start + n
         query = valid & (positions[None, :] >= query_start[:, None]) & (positions[None, :] < query_end[:, None])
         query &= has_image[:, None]
@@ -403,7 +413,11 @@ class ModelAdapter:
     # image tensors and per-token image markers (Qwen2-VL's mm_token_type_ids on transformers 5.x): all dropped
     # for the image-free prompt, whose length differs
     image_input_keys: ClassVar[tuple[str, ...]] = (
-        "pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "mm_token_type_ids",
+        "pixel_values",
+        "image_sizes",
+        "image_grid_thw",
+        "pixel_attention_mask",
+        "mm_token_type_ids",
     )
 
     def text_only_inputs(self, inputs: dict) -> dict:

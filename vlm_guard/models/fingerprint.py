@@ -46,10 +46,20 @@ from torch import nn
 
 SAMPLES_PER_TENSOR = 32
 DIGEST_LENGTH = 16
-VOLATILE_CONFIG_KEYS = frozenset({
-    "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions", "output_hidden_states",
-    "return_dict", "torchscript", "use_return_dict", "architectures",
-})
+VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "torchscript",
+        "use_return_dict",
+        "architectures",
+    }
+)
 
 
 def _short(digest: hashlib._Hash) -> str:
@@ -142,7 +152,7 @@ def weights_dtype(model: nn.Module) -> str:
     return "none"
 
 
-def samples_match(first: torch.Tensor, second: torch.Tensor, relative: float = 2.0 ** -7, absolute: float = 1e-5) -> bool:
+def samples_match(first: torch.Tensor, second: torch.Tensor, relative: float = 2.0**-7, absolute: float = 1e-5) -> bool:
     """Whether two :func:`weights_sample` value tensors come from the same weights up to float16/bfloat16
     rounding (every element within ``relative * |value| + absolute``)."""
     if first.shape != second.shape:
@@ -170,5 +180,12 @@ def model_fingerprint(model: nn.Module) -> dict:
     }
 
 
-__all__ = ["SAMPLES_PER_TENSOR", "config_digest", "weights_digest", "weights_sample", "weights_dtype", "samples_match",
-           "model_fingerprint"]
+__all__ = [
+    "SAMPLES_PER_TENSOR",
+    "config_digest",
+    "weights_digest",
+    "weights_sample",
+    "weights_dtype",
+    "samples_match",
+    "model_fingerprint",
+]

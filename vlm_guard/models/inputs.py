@@ -30,8 +30,15 @@ import torch
 ZERO_FILLED = ("mm_token_type_ids", "moe_mm_token_type_ids")
 """Per-token modality markers: appended tokens are text (0), as ``generate`` extends them."""
 
-NOT_PER_TOKEN = ("pixel_values", "image_sizes", "image_grid_thw", "video_grid_thw", "pixel_values_videos",
-                 "pixel_attention_mask", "second_per_grid_ts")
+NOT_PER_TOKEN = (
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "video_grid_thw",
+    "pixel_values_videos",
+    "pixel_attention_mask",
+    "second_per_grid_ts",
+)
 """Image/video tensors: never per token, whatever their shape happens to be."""
 
 

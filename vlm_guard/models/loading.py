@@ -28,10 +28,12 @@ class PickleCheckpointError(ValueError):
 
 
 def _pickle_message(source: str, found: str) -> str:
-    return (f"{source} has no safetensors weights, only pickle checkpoints ({found}); vlm-guard reads safetensors only "
-            "because unpickling a file can run code. Convert it once where you trust it (load it, then "
-            "model.save_pretrained(folder) writes model.safetensors), or pass --allow-pickle "
-            "(Python: allow_pickle=True) if you trust the file.")
+    return (
+        f"{source} has no safetensors weights, only pickle checkpoints ({found}); vlm-guard reads safetensors only "
+        "because unpickling a file can run code. Convert it once where you trust it (load it, then "
+        "model.save_pretrained(folder) writes model.safetensors), or pass --allow-pickle "
+        "(Python: allow_pickle=True) if you trust the file."
+    )
 
 
 def weights_format_kwargs(source: str | os.PathLike, allow_pickle: bool = False) -> dict:
@@ -53,7 +55,9 @@ def weights_format_kwargs(source: str | os.PathLike, allow_pickle: bool = False)
         names = sorted(path.name for path in folder.iterdir() if path.is_file())
         pickles = [name for name in names if name.endswith(PICKLE_WEIGHT_SUFFIXES) and name != "training_args.bin"]
         if pickles and not any(name.endswith(".safetensors") for name in names):
-            raise PickleCheckpointError(_pickle_message(str(source), ", ".join(pickles[:3]) + (" ..." if len(pickles) > 3 else "")))
+            raise PickleCheckpointError(
+                _pickle_message(str(source), ", ".join(pickles[:3]) + (" ..." if len(pickles) > 3 else ""))
+            )
     return {"use_safetensors": True}
 
 
@@ -91,8 +95,14 @@ def _torch_dtype(dtype: Any):
     return getattr(torch, dtype)
 
 
-def load_model(model: str | os.PathLike | None = None, device: str = "cpu", dtype: Any = None,
-               trust_remote_code: bool = False, allow_pickle: bool = False, attn_implementation: str | None = None):
+def load_model(
+    model: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype: Any = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    attn_implementation: str | None = None,
+):
     """Load ``(model, processor)``: the one loader behind every command (caption, calibrate, eval, tune, the demo,
     the lmms-eval model).
 
@@ -127,12 +137,15 @@ def load_model(model: str | os.PathLike | None = None, device: str = "cpu", dtyp
     local = Path(model).expanduser()
     source = str(local) if local.exists() else str(model)
     if local.exists() and not (local / "config.json").exists():
-        raise ValueError(f"{model} is a folder without config.json; pass a model folder saved with save_pretrained or a hub id")
+        raise ValueError(
+            f"{model} is a folder without config.json; pass a model folder saved with save_pretrained or a hub id"
+        )
     weights_format_kwargs(source, allow_pickle)  # refuse pickle before anything else is read
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     attention = {} if attn_implementation is None else {"attn_implementation": str(attn_implementation)}
-    loaded = load_pretrained_model(source, allow_pickle=allow_pickle, dtype=torch_dtype or "auto",
-                                   trust_remote_code=trust_remote_code, **attention)
+    loaded = load_pretrained_model(
+        source, allow_pickle=allow_pickle, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **attention
+    )
     return loaded.to(device).eval(), prepare_processor(processor)
 
 
@@ -179,8 +192,9 @@ def chat_prompt(processor: Any, text: str, with_image: bool = True, fallback: bo
     """
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
     if getattr(processor, "chat_template", None):
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                               tokenize=False)
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
         return prompt[0] if isinstance(prompt, list) else prompt
     if not fallback:
         raise ValueError(
@@ -219,6 +233,8 @@ def encode_prompts(processor, images, texts, **kwargs):
         (2, 2)
     """
     if len(images) != len(texts):
-        raise ValueError(f"images and prompts differ in length ({len(images)} vs {len(texts)}); give one image per prompt.")
+        raise ValueError(
+            f"images and prompts differ in length ({len(images)} vs {len(texts)}); give one image per prompt."
+        )
     options = {"return_tensors": "pt", "padding": True, **kwargs}
     return processor(images=[[image] for image in images], text=list(texts), **options)

@@ -24,6 +24,20 @@ from vlm_guard.synthetic.world import (
 )
 
 __all__ = [
-    "COLOURS", "OBJECT_TYPES", "PARTNER_PAIRS", "QUESTION_SPLITS", "SIZES", "Question", "Scene", "SceneObject",
-    "World", "answer", "caption", "mentioned_objects", "mentions_with_words", "partner_of", "questions", "render",
+    "COLOURS",
+    "OBJECT_TYPES",
+    "PARTNER_PAIRS",
+    "QUESTION_SPLITS",
+    "SIZES",
+    "Question",
+    "Scene",
+    "SceneObject",
+    "World",
+    "answer",
+    "caption",
+    "mentioned_objects",
+    "mentions_with_words",
+    "partner_of",
+    "questions",
+    "render",
 ]

@@ -30,8 +30,10 @@ def default_model_name() -> str:
     """``"v2"`` or ``"fixture"`` (``$VLM_GUARD_DEFAULT_MODEL``, default ``v2``)."""
     name = os.environ.get(DEFAULT_MODEL_ENV, "v2").strip() or "v2"
     if name not in DEFAULT_MODEL_CHOICES:
-        raise ValueError(f"{DEFAULT_MODEL_ENV}={name!r} is not one of {DEFAULT_MODEL_CHOICES}; unset it for default "
-                         "model v2, or set it to 'fixture' for the 3.6M test fixture")
+        raise ValueError(
+            f"{DEFAULT_MODEL_ENV}={name!r} is not one of {DEFAULT_MODEL_CHOICES}; unset it for default "
+            "model v2, or set it to 'fixture' for the 3.6M test fixture"
+        )
     return name
 
 
@@ -48,5 +50,12 @@ def examples_dir(world: str | None = None) -> Path:
     return EXAMPLES_DIRS[world]
 
 
-__all__ = ["ASSETS", "EXAMPLES_DIRS", "DEFAULT_MODEL_ENV", "DEFAULT_MODEL_CHOICES", "default_model_name",
-           "default_world", "examples_dir"]
+__all__ = [
+    "ASSETS",
+    "EXAMPLES_DIRS",
+    "DEFAULT_MODEL_ENV",
+    "DEFAULT_MODEL_CHOICES",
+    "default_model_name",
+    "default_world",
+    "examples_dir",
+]

@@ -18,10 +18,17 @@ EXAMPLE_SCENES: dict[str, tuple[tuple[str, str, str, int, int], ...]] = {
     "house_and_tree": (("house", "red", "big", 1, 1), ("tree", "green", "big", 1, 2)),
     "house_without_tree": (("house", "blue", "big", 0, 1), ("ring", "yellow", "small", 2, 3)),
     "moon_without_star": (("moon", "yellow", "big", 1, 0), ("cross", "white", "big", 2, 2)),
-    "cup_without_plate": (("cup", "purple", "big", 1, 2), ("ball", "red", "small", 3, 0),
-                          ("kite", "green", "big", 0, 0)),
-    "table_set": (("cup", "white", "small", 0, 3), ("plate", "blue", "big", 1, 3), ("star", "yellow", "big", 2, 1),
-                  ("moon", "white", "big", 3, 1)),
+    "cup_without_plate": (
+        ("cup", "purple", "big", 1, 2),
+        ("ball", "red", "small", 3, 0),
+        ("kite", "green", "big", 0, 0),
+    ),
+    "table_set": (
+        ("cup", "white", "small", 0, 3),
+        ("plate", "blue", "big", 1, 3),
+        ("star", "yellow", "big", 2, 1),
+        ("moon", "white", "big", 3, 1),
+    ),
 }
 
 
@@ -92,14 +99,18 @@ def write_examples(folder: Path | None = None, size: int = 256) -> Path:
 
         with atomic_path(folder / f"{name}.png") as temporary:  # a failure keeps the previous image
             render(scene, size).save(temporary, optimize=True)
-        entries.append({
-            "file": f"{name}.png",
-            "objects": [{"type": o.type, "colour": o.colour, "size": o.size, "row": o.row, "col": o.col}
-                        for o in scene.objects],
-            "types": sorted(scene.types),
-            "caption": caption(scene),
-            "absent_partners": sorted({partner_of(t) for t in scene.types} - {None} - scene.types),
-        })
+        entries.append(
+            {
+                "file": f"{name}.png",
+                "objects": [
+                    {"type": o.type, "colour": o.colour, "size": o.size, "row": o.row, "col": o.col}
+                    for o in scene.objects
+                ],
+                "types": sorted(scene.types),
+                "caption": caption(scene),
+                "absent_partners": sorted({partner_of(t) for t in scene.types} - {None} - scene.types),
+            }
+        )
     from vlm_guard.fileio import atomic_write_json
 
     atomic_write_json(folder / "examples.json", entries, indent=1)

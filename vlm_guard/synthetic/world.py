@@ -47,12 +47,24 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 OBJECT_TYPES: tuple[str, ...] = (
-    "house", "tree", "moon", "star", "cup", "plate", "kite", "ball", "ring", "cross",
+    "house",
+    "tree",
+    "moon",
+    "star",
+    "cup",
+    "plate",
+    "kite",
+    "ball",
+    "ring",
+    "cross",
 )
 """Every object type of the world; each is drawn as one distinctive shape."""
 
 PARTNER_PAIRS: tuple[tuple[str, str], ...] = (
-    ("house", "tree"), ("moon", "star"), ("cup", "plate"), ("kite", "ball"),
+    ("house", "tree"),
+    ("moon", "star"),
+    ("cup", "plate"),
+    ("kite", "ball"),
 )
 """Pairs that co-occur in biased scenes. ``ring`` and ``cross`` have no partner (controls)."""
 
@@ -142,8 +154,9 @@ class World:
         >>> scenes = [World(seed=1, bias=False).scene(i) for i in range(100)]
     """
 
-    def __init__(self, seed: int = 0, min_objects: int = 1, max_objects: int = 4,
-                 pair_prob: float = 0.9, bias: bool = True):
+    def __init__(
+        self, seed: int = 0, min_objects: int = 1, max_objects: int = 4, pair_prob: float = 0.9, bias: bool = True
+    ):
         if not 1 <= min_objects <= max_objects <= GRID * GRID:
             raise ValueError(f"need 1 <= min_objects ({min_objects}) <= max_objects ({max_objects}) <= {GRID * GRID}")
         if not 0.0 <= pair_prob <= 1.0:
@@ -195,8 +208,15 @@ def _shape_points(kind: str, cx: float, cy: float, r: float) -> list[tuple[float
             points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
         return points
     if kind == "house":
-        return [(cx, cy - r), (cx + r, cy - r * 0.1), (cx + r * 0.8, cy - r * 0.1), (cx + r * 0.8, cy + r),
-                (cx - r * 0.8, cy + r), (cx - r * 0.8, cy - r * 0.1), (cx - r, cy - r * 0.1)]
+        return [
+            (cx, cy - r),
+            (cx + r, cy - r * 0.1),
+            (cx + r * 0.8, cy - r * 0.1),
+            (cx + r * 0.8, cy + r),
+            (cx - r * 0.8, cy + r),
+            (cx - r * 0.8, cy - r * 0.1),
+            (cx - r, cy - r * 0.1),
+        ]
     if kind == "cup":  # trapezoid wider at the top
         return [(cx - r, cy - r * 0.8), (cx + r, cy - r * 0.8), (cx + r * 0.55, cy + r), (cx - r * 0.55, cy + r)]
     raise ValueError(kind)
@@ -320,7 +340,23 @@ def mentions_with_words(text: str) -> list[tuple[str, str]]:
 
 def vocabulary() -> list[str]:
     """Every word the world's captions, questions and answers use (for a word-level tokenizer)."""
-    words = ["a", ",", ".", "is", "there", "?", "yes", "no", "nothing", "describe", "the", "image",
-             "user", ":", "assistant", "and"]
+    words = [
+        "a",
+        ",",
+        ".",
+        "is",
+        "there",
+        "?",
+        "yes",
+        "no",
+        "nothing",
+        "describe",
+        "the",
+        "image",
+        "user",
+        ":",
+        "assistant",
+        "and",
+    ]
     words += list(OBJECT_TYPES) + list(COLOURS) + list(SIZES)
     return words

@@ -90,10 +90,13 @@ def _everyday() -> WorldKind:
     from vlm_guard.synthetic.everyday import world
 
     return WorldKind(
-        name="everyday", module=world, caption_prompt=world.DETAIL_PROMPTS[1],
+        name="everyday",
+        module=world,
+        caption_prompt=world.DETAIL_PROMPTS[1],
         pope_template="Is there a {object} in the image?",
         popular_rank={t: i for i, t in enumerate(world.POPULARITY)},
-        popular_types=frozenset(world.POPULARITY[: len(world.POPULARITY) // 2]), caption_tokens=120,
+        popular_types=frozenset(world.POPULARITY[: len(world.POPULARITY) // 2]),
+        caption_tokens=120,
     )
 
 
@@ -102,8 +105,12 @@ def _shapes() -> WorldKind:
 
     paired = frozenset(t for pair in world.PARTNER_PAIRS for t in pair)
     return WorldKind(
-        name="shapes", module=world, caption_prompt="describe the image", pope_template="is there a {object} ?",
-        popular_rank={t: 0 if t in paired else 1 for t in world.OBJECT_TYPES}, popular_types=paired,
+        name="shapes",
+        module=world,
+        caption_prompt="describe the image",
+        pope_template="is there a {object} ?",
+        popular_rank={t: 0 if t in paired else 1 for t in world.OBJECT_TYPES},
+        popular_types=paired,
         caption_tokens=48,
     )
 
@@ -145,7 +152,9 @@ def world_of_folder(folder: str | Path | None) -> str | None:
         if (folder / "v2_config.json").is_file():
             return "everyday"
     except (OSError, ValueError) as error:
-        raise ValueError(f"{folder / MARKER_FILE}: cannot read the model's world ({error}); fix or delete the file") from None
+        raise ValueError(
+            f"{folder / MARKER_FILE}: cannot read the model's world ({error}); fix or delete the file"
+        ) from None
     return None
 
 
@@ -174,5 +183,13 @@ def world_for_model_argument(model: str | None, requested: str | None = "auto") 
     return world_kind(world_of_folder(model) or "everyday")
 
 
-__all__ = ["WORLD_NAMES", "CONFIG_KEY", "MARKER_FILE", "WorldKind", "world_kind", "world_for_model",
-           "world_for_model_argument", "world_of_folder"]
+__all__ = [
+    "WORLD_NAMES",
+    "CONFIG_KEY",
+    "MARKER_FILE",
+    "WorldKind",
+    "world_kind",
+    "world_for_model",
+    "world_for_model_argument",
+    "world_of_folder",
+]

@@ -33,5 +33,13 @@ def tune(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-__all__ = ["PROFILES", "resolve_config", "default_methods", "default_config", "describe_settings", "tuned_report",
-           "tuned_settings", "UNTUNED_DEFAULT_METHODS"]
+__all__ = [
+    "PROFILES",
+    "resolve_config",
+    "default_methods",
+    "default_config",
+    "describe_settings",
+    "tuned_report",
+    "tuned_settings",
+    "UNTUNED_DEFAULT_METHODS",
+]

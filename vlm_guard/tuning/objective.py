@@ -36,17 +36,23 @@ MIN_GAIN = 0.25
 little): below that a difference is noise on a tuning split of a few hundred items. A larger method set must also
 score at least this much below a smaller one to be chosen as the default."""
 
-OBJECTIVE_TEXT = (f"minimise CHAIR_I + adversarial POPE error (%), subject to CHAIR_I <= greedy, adversarial POPE error "
-                  f"<= greedy, CHAIR recall >= greedy - {MAX_RECALL_DROP:g} points and random/popular POPE accuracy >= "
-                  f"greedy - {MAX_POPE_DROP:g} points")
+OBJECTIVE_TEXT = (
+    f"minimise CHAIR_I + adversarial POPE error (%), subject to CHAIR_I <= greedy, adversarial POPE error "
+    f"<= greedy, CHAIR recall >= greedy - {MAX_RECALL_DROP:g} points and random/popular POPE accuracy >= "
+    f"greedy - {MAX_POPE_DROP:g} points"
+)
 
 
 def compact_result(kind: str, record: Mapping) -> dict:
     """The compact result of one scored record (see the module docstring)."""
     if kind == "pope":
         return {"c": int(bool(record.get("correct"))), "y": int(record.get("prediction") == "yes")}
-    return {"m": int(record["n_mentions"]), "h": int(record["n_hallucinated"]), "g": int(record["n_gt_objects"]),
-            "r": int(record["n_recalled"])}
+    return {
+        "m": int(record["n_mentions"]),
+        "h": int(record["n_hallucinated"]),
+        "g": int(record["n_gt_objects"]),
+        "r": int(record["n_recalled"]),
+    }
 
 
 def metrics(results: Mapping[str, Sequence[dict]]) -> dict[str, dict]:
@@ -58,16 +64,22 @@ def metrics(results: Mapping[str, Sequence[dict]]) -> dict[str, dict]:
         n = len(items)
         if task.startswith("pope"):
             correct = sum(item["c"] for item in items)
-            out[task] = {"error": 100.0 * (1 - correct / n) if n else 0.0,
-                         "yes_ratio": 100.0 * sum(item["y"] for item in items) / n if n else 0.0, "n": n}
+            out[task] = {
+                "error": 100.0 * (1 - correct / n) if n else 0.0,
+                "yes_ratio": 100.0 * sum(item["y"] for item in items) / n if n else 0.0,
+                "n": n,
+            }
         else:
             mentions = sum(item["m"] for item in items)
             hallucinated = sum(item["h"] for item in items)
             gt = sum(item["g"] for item in items)
             recalled = sum(item["r"] for item in items)
-            out[task] = {"chair_i": 100.0 * hallucinated / mentions if mentions else 0.0,
-                         "chair_s": 100.0 * sum(1 for item in items if item["h"]) / n if n else 0.0,
-                         "recall": 100.0 * recalled / gt if gt else 0.0, "n": n}
+            out[task] = {
+                "chair_i": 100.0 * hallucinated / mentions if mentions else 0.0,
+                "chair_s": 100.0 * sum(1 for item in items if item["h"]) / n if n else 0.0,
+                "recall": 100.0 * recalled / gt if gt else 0.0,
+                "n": n,
+            }
     return out
 
 
@@ -113,5 +125,14 @@ def rank_key(score_value: float, problems: Sequence[str]) -> tuple[int, float]:
     return (1 if problems else 0, score_value)
 
 
-__all__ = ["MAX_RECALL_DROP", "MAX_POPE_DROP", "MIN_GAIN", "OBJECTIVE_TEXT", "compact_result", "metrics", "score", "violations",
-           "rank_key"]
+__all__ = [
+    "MAX_RECALL_DROP",
+    "MAX_POPE_DROP",
+    "MIN_GAIN",
+    "OBJECTIVE_TEXT",
+    "compact_result",
+    "metrics",
+    "score",
+    "violations",
+    "rank_key",
+]

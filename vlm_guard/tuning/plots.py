@@ -44,17 +44,32 @@ def plot_method_curves(tuned: dict, out_dir: str | Path) -> list[Path]:
             line = axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=band)[0]
             infeasible = [p for p in points if not p[2]]
             if infeasible:
-                axes.scatter([p[0] for p in infeasible], [p[1] for p in infeasible], marker="x", s=60,
-                             color=line.get_color(), zorder=3)
+                axes.scatter(
+                    [p[0] for p in infeasible],
+                    [p[1] for p in infeasible],
+                    marker="x",
+                    s=60,
+                    color=line.get_color(),
+                    zorder=3,
+                )
         axes.axhline(float(rows[0]["greedy_score"]), color="black", linestyle="--", label="greedy")
         chosen = tuned.get("settings", {}).get(method)
-        title = ("chosen " + ", ".join(f"{k}={v}" for k, v in chosen.items())) if chosen else "no feasible setting: released defaults"
+        title = (
+            ("chosen " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
+            if chosen
+            else "no feasible setting: released defaults"
+        )
         axes.set_title(f"{method}: {title}", fontsize=9)
         axes.set_xlabel(f"{method} {strength}")
         axes.set_ylabel("CHAIR_I + adv. POPE error (%)  [x: infeasible]")
         n = rows[0].get("n", {})
-        axes.text(0.01, 0.01, "smallest rung: " + ", ".join(f"{k} n={v}" for k, v in n.items()),
-                  transform=axes.transAxes, fontsize=7)
+        axes.text(
+            0.01,
+            0.01,
+            "smallest rung: " + ", ".join(f"{k} n={v}" for k, v in n.items()),
+            transform=axes.transAxes,
+            fontsize=7,
+        )
         axes.legend(fontsize=7)
         figure.tight_layout()
         path = out / f"tune_{method}.png"

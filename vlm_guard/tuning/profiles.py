@@ -106,11 +106,17 @@ def paired(own: Sequence[dict], base: Sequence[dict], metric: str) -> dict:
     """
     from vlm_guard.eval.stats import TotalsMetric, paired_bootstrap
 
-    result = paired_bootstrap(_counts(own, metric), _counts(base, metric), TotalsMetric(_ratio, name=metric),
-                              n_resamples=N_RESAMPLES, seed=0)
-    return {"diff": round(float(result["diff"]), 3), "low": round(float(result["low"]), 3),
-            "high": round(float(result["high"]), 3), "own": round(float(result["metric_a"]), 3),
-            "greedy": round(float(result["metric_b"]), 3), "n": int(result["n"])}
+    result = paired_bootstrap(
+        _counts(own, metric), _counts(base, metric), TotalsMetric(_ratio, name=metric), n_resamples=N_RESAMPLES, seed=0
+    )
+    return {
+        "diff": round(float(result["diff"]), 3),
+        "low": round(float(result["low"]), 3),
+        "high": round(float(result["high"]), 3),
+        "own": round(float(result["metric_a"]), 3),
+        "greedy": round(float(result["metric_b"]), 3),
+        "n": int(result["n"]),
+    }
 
 
 def _half_width(interval: dict) -> float:
@@ -134,24 +140,40 @@ def judge(profile: str, own: dict[str, list], base: dict[str, list]) -> dict:
         tolerance = objective.MAX_RECALL_DROP
         broken = ["recall"] if recall["high"] < -tolerance else []
         kept = not broken and recall["diff"] >= -tolerance
-        return {"objective": chair_i, "objective_name": "CHAIR_I", "gain": round(-chair_i["diff"], 3),
-                "significant": chair_i["high"] < 0, "worse": chair_i["low"] > 0,
-                "constraints": {"recall": recall}, "broken": broken, "kept": kept, "extra": {"CHAIR_S": chair_s}}
+        return {
+            "objective": chair_i,
+            "objective_name": "CHAIR_I",
+            "gain": round(-chair_i["diff"], 3),
+            "significant": chair_i["high"] < 0,
+            "worse": chair_i["low"] > 0,
+            "constraints": {"recall": recall},
+            "broken": broken,
+            "kept": kept,
+            "extra": {"CHAIR_S": chair_s},
+        }
     if profile == "answer":
         splits = {task: paired(own[task], base[task], "accuracy") for task in POPE_SPLITS if task in own}
         main = splits["pope/adversarial"]
         broken = [task for task, interval in splits.items() if interval["high"] < 0]
-        return {"objective": main, "objective_name": "adversarial POPE accuracy", "gain": main["diff"],
-                "significant": main["low"] > 0, "worse": main["high"] < 0,
-                "constraints": {task: interval for task, interval in splits.items() if task != "pope/adversarial"},
-                "broken": broken, "kept": not broken, "extra": {}}
+        return {
+            "objective": main,
+            "objective_name": "adversarial POPE accuracy",
+            "gain": main["diff"],
+            "significant": main["low"] > 0,
+            "worse": main["high"] < 0,
+            "constraints": {task: interval for task, interval in splits.items() if task != "pope/adversarial"},
+            "broken": broken,
+            "kept": not broken,
+            "extra": {},
+        }
     from vlm_guard.settings import PROFILES
 
     raise ValueError(f"unknown task profile {profile!r}; profiles are {list(PROFILES)}")
 
 
-def full_rung_size(pilot_n: int, pilot_half_widths: Sequence[float], max_items: int,
-                   target: float = TARGET_EFFECT) -> dict:
+def full_rung_size(
+    pilot_n: int, pilot_half_widths: Sequence[float], max_items: int, target: float = TARGET_EFFECT
+) -> dict:
     """Items of the full rung: the n at which a ``target``-point change is significant, from the pilot's widest
     paired interval (half-widths shrink as 1/sqrt(n)); between ``pilot_n`` and ``max_items``.
 
@@ -162,10 +184,16 @@ def full_rung_size(pilot_n: int, pilot_half_widths: Sequence[float], max_items: 
     widest = max(pilot_half_widths) if pilot_half_widths else 0.0
     needed = math.ceil(pilot_n * (widest / target) ** 2 - 1e-9) if widest > 0 else pilot_n
     n = max(pilot_n, min(max_items, needed))
-    return {"n": int(n), "needed": int(needed), "pilot_n": int(pilot_n), "pilot_half_width": round(widest, 3),
-            "target_effect": target, "capped": needed > max_items,
-            "rule": f"n = {pilot_n} * ({widest:.2f} / {target:g})^2 = {needed}"
-                    + (f", capped at the {max_items} items of the tuning data" if needed > max_items else "")}
+    return {
+        "n": int(n),
+        "needed": int(needed),
+        "pilot_n": int(pilot_n),
+        "pilot_half_width": round(widest, 3),
+        "target_effect": target,
+        "capped": needed > max_items,
+        "rule": f"n = {pilot_n} * ({widest:.2f} / {target:g})^2 = {needed}"
+        + (f", capped at the {max_items} items of the tuning data" if needed > max_items else ""),
+    }
 
 
 def rank(rows: list[dict]) -> list[dict]:
@@ -189,7 +217,9 @@ def profile_tasks(profile: str) -> tuple[str, ...]:
 class _Split:
     """One data split (tuning or confirmation): its tasks and its resumable per-item results."""
 
-    def __init__(self, guarded, processor, data, path: Path | None, identity: dict, batch_size: int, budget, progress: bool):
+    def __init__(
+        self, guarded, processor, data, path: Path | None, identity: dict, batch_size: int, budget, progress: bool
+    ):
         from vlm_guard.tuning.search import TuningState, _Search
 
         self.data = data
@@ -239,9 +269,14 @@ class _Split:
         own, base = {}, {}
         for task in tasks:
             mine, ref = self.state.results(candidate, task), self.state.results(greedy, task)
-            ids = [item.item_id for item in self.tasks[task].items[:n]
-                   if item.item_id in mine and item.item_id in ref and "skip" not in mine[item.item_id]
-                   and "skip" not in ref[item.item_id]]
+            ids = [
+                item.item_id
+                for item in self.tasks[task].items[:n]
+                if item.item_id in mine
+                and item.item_id in ref
+                and "skip" not in mine[item.item_id]
+                and "skip" not in ref[item.item_id]
+            ]
             own[task] = [mine[i] for i in ids]
             base[task] = [ref[i] for i in ids]
         return own, base
@@ -267,16 +302,35 @@ def _row(split: _Split, profile: str, candidate: Candidate, greedy: Candidate, n
     own, base = split.aligned(candidate, greedy, profile_tasks(profile), n)
     judgement = judge(profile, own, base)
     own_s, base_s = split.seconds_per_item(candidate), split.seconds_per_item(greedy)
-    return {"rung": rung, "label": candidate.label, "band": candidate.band, "methods": candidate.methods,
-            "n": min(len(v) for v in own.values()), "passes": forward_passes(candidate),
-            "time_ratio": round(own_s / base_s, 2) if own_s and base_s else None, "judgement": judgement}
+    return {
+        "rung": rung,
+        "label": candidate.label,
+        "band": candidate.band,
+        "methods": candidate.methods,
+        "n": min(len(v) for v in own.values()),
+        "passes": forward_passes(candidate),
+        "time_ratio": round(own_s / base_s, 2) if own_s and base_s else None,
+        "judgement": judgement,
+    }
 
 
-def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("caption", "answer"), out_dir=None,
-                  n_items: int = 600, budget_minutes: float = 120.0, batch_size: int = 32, progress: bool = True,
-                  weights_sha256_16: str | None = None, world: str | None = None,
-                  pilot_items: dict | None = None, tuning_seed: int | None = None,
-                  confirm_seed: int = CONFIRM_SEED) -> dict:
+def tune_profiles(
+    model,
+    processor,
+    head_map,
+    *,
+    profiles: Sequence[str] = ("caption", "answer"),
+    out_dir=None,
+    n_items: int = 600,
+    budget_minutes: float = 120.0,
+    batch_size: int = 32,
+    progress: bool = True,
+    weights_sha256_16: str | None = None,
+    world: str | None = None,
+    pilot_items: dict | None = None,
+    tuning_seed: int | None = None,
+    confirm_seed: int = CONFIRM_SEED,
+) -> dict:
     """Tune each task profile (see the module docstring) and return the head map's new ``tuned`` section (also
     saved with ``tuning.md`` into ``out_dir`` when given).
 
@@ -306,8 +360,10 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
         raise ValueError(f"profiles {profiles!r}: choose from {list(PROFILES)}")
     tuning_seed = TUNING_SEED if tuning_seed is None else int(tuning_seed)
     if confirm_seed in (EVAL_SEED, tuning_seed):
-        raise ValueError(f"confirmation seed {confirm_seed} must differ from the reported seed {EVAL_SEED} and the "
-                         f"tuning seed {tuning_seed}")
+        raise ValueError(
+            f"confirmation seed {confirm_seed} must differ from the reported seed {EVAL_SEED} and the "
+            f"tuning seed {tuning_seed}"
+        )
     if head_map is None:
         raise ValueError("tuning needs the model's head map: run `vlm-guard calibrate` first and pass it")
     pilot_items = {**PILOT_ITEMS, **(pilot_items or {})}
@@ -320,14 +376,20 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
     prepare_processor(processor)
     guarded = wrap(model, processor, None, head_map)
     out = Path(out_dir) if out_dir is not None else None
-    identity = {"fingerprint_hash": head_map.fingerprint_hash, "weights_sha256_16": weights_sha256_16, "kind": "profiles"}
+    identity = {
+        "fingerprint_hash": head_map.fingerprint_hash,
+        "weights_sha256_16": weights_sha256_16,
+        "kind": "profiles",
+    }
     states = {}
     for name, data in (("tuning", tuning), ("confirmation", confirmation)):
         path = out / f"tune_profiles_state.{name}.json" if out is not None else None
         states[name] = (path, {**identity, "tuning_data": data.description})
     budget = _Budget(budget_minutes, 0.0)
-    splits = {name: _Split(guarded, processor, data, states[name][0], states[name][1], batch_size, budget, progress)
-              for name, data in (("tuning", tuning), ("confirmation", confirmation))}
+    splits = {
+        name: _Split(guarded, processor, data, states[name][0], states[name][1], batch_size, budget, progress)
+        for name, data in (("tuning", tuning), ("confirmation", confirmation))
+    }
     budget.add(max(float(s.state.data.get("elapsed_s", 0.0)) for s in splits.values()))  # each records the total
     greedy = Candidate({})
     results: dict[str, dict] = {}
@@ -344,9 +406,18 @@ def tune_profiles(model, processor, head_map, *, profiles: Sequence[str] = ("cap
         "profiles": results,
         "default_profile": "caption" if "caption" in results else profiles[0],
         "tuning_data": {"name": tuning.name, **tuning.description},
-        "confirmation_data": {"name": confirmation.name.replace("(tuning)", "(confirmation)"), **confirmation.description},
-        "search": {"kind": "paired-interval racing", "target_effect": TARGET_EFFECT, "keep": KEEP,
-                   "cost_tie": COST_TIE, "n_resamples": N_RESAMPLES, "elapsed_s": round(budget.spent(), 1)},
+        "confirmation_data": {
+            "name": confirmation.name.replace("(tuning)", "(confirmation)"),
+            **confirmation.description,
+        },
+        "search": {
+            "kind": "paired-interval racing",
+            "target_effect": TARGET_EFFECT,
+            "keep": KEEP,
+            "cost_tie": COST_TIE,
+            "n_resamples": N_RESAMPLES,
+            "elapsed_s": round(budget.spent(), 1),
+        },
         "weights_sha256_16": weights_sha256_16,
         "library_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -373,7 +444,9 @@ def _tune_one(profile: str, splits: dict, guarded, greedy: Candidate, head_map, 
     for candidate in profile_candidates(profile, head_map.num_layers, head_map):
         guarded.set_config(candidate.guard_config())
         if not guarded.interventions:
-            skipped[candidate.label] = "builds no intervention on this model (e.g. VAR without sink dimensions): not run"
+            skipped[candidate.label] = (
+                "builds no intervention on this model (e.g. VAR without sink dimensions): not run"
+            )
             continue
         candidates.append(candidate)
     guarded.set_config("none")
@@ -391,8 +464,12 @@ def _tune_one(profile: str, splits: dict, guarded, greedy: Candidate, head_map, 
     for row in pilot_rows:
         row["promoted"] = row in alive
     # 2. the full rung's size from the pilot's interval widths
-    sizing = full_rung_size(pilot_n, [_half_width(row["judgement"]["objective"]) for row in alive] or
-                            [_half_width(row["judgement"]["objective"]) for row in pilot_rows], n_items)
+    sizing = full_rung_size(
+        pilot_n,
+        [_half_width(row["judgement"]["objective"]) for row in alive]
+        or [_half_width(row["judgement"]["objective"]) for row in pilot_rows],
+        n_items,
+    )
     n = sizing["n"]
     # 3. full rung
     full_sizes = {task: n for task in tasks}
@@ -419,18 +496,24 @@ def _tune_one(profile: str, splits: dict, guarded, greedy: Candidate, head_map, 
             break
     if chosen is not None:
         j = chosen["judgement"]
-        decision = (f"{chosen['label']}: {j['objective_name']} {_interval_text(j['objective'])} on the confirmation "
-                    f"split (n={chosen['n']}), constraints kept")
+        decision = (
+            f"{chosen['label']}: {j['objective_name']} {_interval_text(j['objective'])} on the confirmation "
+            f"split (n={chosen['n']}), constraints kept"
+        )
         settings = {name: dict(values) for name, values in chosen["methods"].items()}
         methods = sorted(settings)
     else:
         settings, methods = {}, []
         if not ranked:
-            decision = (f"no candidate gained significantly with its constraints kept on the full rung (n={n}): "
-                        "greedy (no method) ships")
+            decision = (
+                f"no candidate gained significantly with its constraints kept on the full rung (n={n}): "
+                "greedy (no method) ships"
+            )
         else:
-            decision = (f"the full rung's winner(s) {tries} did not confirm on the separate split (n={n}): "
-                        "greedy (no method) ships")
+            decision = (
+                f"the full rung's winner(s) {tries} did not confirm on the separate split (n={n}): "
+                "greedy (no method) ships"
+            )
     return {
         "description": PROFILES[profile],
         "settings": settings,
@@ -446,8 +529,10 @@ def _tune_one(profile: str, splits: dict, guarded, greedy: Candidate, head_map, 
 
 def _objective_text(profile: str) -> str:
     if profile == "caption":
-        return (f"lower CHAIR_I significantly (paired 95 % interval < 0), CHAIR recall within "
-                f"{objective.MAX_RECALL_DROP:g} points of greedy")
+        return (
+            f"lower CHAIR_I significantly (paired 95 % interval < 0), CHAIR recall within "
+            f"{objective.MAX_RECALL_DROP:g} points of greedy"
+        )
     return "raise adversarial POPE accuracy significantly, no POPE split significantly worse than greedy"
 
 
@@ -455,5 +540,16 @@ def _interval_text(interval: dict) -> str:
     return f"{interval['diff']:+.1f} [{interval['low']:+.1f}, {interval['high']:+.1f}]"
 
 
-__all__ = ["TARGET_EFFECT", "PILOT_ITEMS", "KEEP", "COST_TIE", "MAX_CONFIRM", "CONFIRM_SEED", "paired", "judge",
-           "full_rung_size", "rank", "tune_profiles"]
+__all__ = [
+    "TARGET_EFFECT",
+    "PILOT_ITEMS",
+    "KEEP",
+    "COST_TIE",
+    "MAX_CONFIRM",
+    "CONFIRM_SEED",
+    "paired",
+    "judge",
+    "full_rung_size",
+    "rank",
+    "tune_profiles",
+]

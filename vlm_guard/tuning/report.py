@@ -25,9 +25,11 @@ def tuning_markdown(tuned: dict) -> str:
     data = tuned.get("tuning_data", {})
     lines.append(f"Tuning data: {data.get('name', '?')}. Objective: {tuned.get('objective', {}).get('text', '?')}.")
     search = tuned.get("search", {})
-    lines.append(f"Search: {search.get('kind', '?')} (eta {search.get('eta', '?')}), rungs {search.get('rungs')}, "
-                 f"{'complete' if search.get('complete') else 'stopped by the budget'}, {search.get('elapsed_s', '?')} s "
-                 f"of a {search.get('budget_minutes', '?')} min budget.")
+    lines.append(
+        f"Search: {search.get('kind', '?')} (eta {search.get('eta', '?')}), rungs {search.get('rungs')}, "
+        f"{'complete' if search.get('complete') else 'stopped by the budget'}, {search.get('elapsed_s', '?')} s "
+        f"of a {search.get('budget_minutes', '?')} min budget."
+    )
     lines.append("")
     lines.append(f"Default method set: **{','.join(tuned.get('default_methods') or []) or 'none'}**")
     lines.append("")
@@ -39,7 +41,9 @@ def tuning_markdown(tuned: dict) -> str:
     for name, reason in (tuned.get("skipped") or {}).items():
         lines.append(f"| {name} | released defaults | {reason} |")
     lines.append("")
-    lines.append("| stage | rung | setting | score | greedy | CHAIR_I | CHAIR_S | recall | adv err | pop err | rand err | feasible |")
+    lines.append(
+        "| stage | rung | setting | score | greedy | CHAIR_I | CHAIR_S | recall | adv err | pop err | rand err | feasible |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in tuned.get("table", []):
         m = row.get("metrics", {})
@@ -47,7 +51,8 @@ def tuning_markdown(tuned: dict) -> str:
             f"| {row.get('stage')} | {row.get('rung')} | {row.get('label')} | {row.get('score'):.2f} | "
             f"{row.get('greedy_score'):.2f} | {_cell(m, 'chair', 'chair_i')} | {_cell(m, 'chair', 'chair_s')} | "
             f"{_cell(m, 'chair', 'recall')} | {_cell(m, 'pope/adversarial', 'error')} | {_cell(m, 'pope/popular', 'error')} | "
-            f"{_cell(m, 'pope/random', 'error')} | {'yes' if row.get('feasible') else ', '.join(row.get('violations', []))} |")
+            f"{_cell(m, 'pope/random', 'error')} | {'yes' if row.get('feasible') else ', '.join(row.get('violations', []))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -62,34 +67,52 @@ def profiles_markdown(tuned: dict) -> str:
     how the rung sizes were chosen, and every candidate's gain and cost with paired 95 % intervals at each rung."""
     data, confirm = tuned.get("tuning_data", {}), tuned.get("confirmation_data", {})
     search = tuned.get("search", {})
-    lines = ["## Tuning per task profile (vlm-guard tune --profiles)", "",
-             f"Tuning data: {data.get('name', '?')}; confirmation split: {confirm.get('name', '?')}. "
-             f"Every difference is against greedy decoding on the same items, with a paired 95 % bootstrap interval "
-             f"({search.get('n_resamples', '?')} resamples); 'sig.' = the interval excludes 0. Cost: forward passes "
-             f"per generated token (structural) and the measured time per item against greedy (noisy on a shared "
-             f"CPU). Default profile: {tuned.get('default_profile')}. {search.get('elapsed_s', '?')} s in all.", ""]
+    lines = [
+        "## Tuning per task profile (vlm-guard tune --profiles)",
+        "",
+        f"Tuning data: {data.get('name', '?')}; confirmation split: {confirm.get('name', '?')}. "
+        f"Every difference is against greedy decoding on the same items, with a paired 95 % bootstrap interval "
+        f"({search.get('n_resamples', '?')} resamples); 'sig.' = the interval excludes 0. Cost: forward passes "
+        f"per generated token (structural) and the measured time per item against greedy (noisy on a shared "
+        f"CPU). Default profile: {tuned.get('default_profile')}. {search.get('elapsed_s', '?')} s in all.",
+        "",
+    ]
     for name, section in tuned.get("profiles", {}).items():
         rungs = section.get("rungs", {})
         sizing = rungs.get("sizing", {})
-        lines += [f"### Profile `{name}`: {section.get('description', '')}", "",
-                  f"Objective: {section.get('objective', '?')}."
-                  + (f" Tuning data: {section['tuning_data'].get('name')} ({section['tuning_data'].get('n_captions')} "
-                     f"captions, {section['tuning_data'].get('n_questions_per_split')} questions per POPE split "
-                     f"available)." if isinstance(section.get("tuning_data"), dict) else ""), "",
-                  f"Shipped: **{', '.join(f'{m} ' + ', '.join(f'{k}={v}' for k, v in vals.items()) for m, vals in section.get('settings', {}).items()) or 'no method (greedy)'}** "
-                  f"-- {section.get('decision', '')}", "",
-                  f"Rungs: pilot {rungs.get('pilot')} items per task; full rung {rungs.get('full')} "
-                  f"({sizing.get('rule', '?')}: the n at which a {sizing.get('target_effect', '?')}-point change is "
-                  f"significant, from the widest paired interval of the candidates promoted from the pilot); "
-                  f"confirmation {rungs.get('confirmation')} items on the separate split.", ""]
+        lines += [
+            f"### Profile `{name}`: {section.get('description', '')}",
+            "",
+            f"Objective: {section.get('objective', '?')}."
+            + (
+                f" Tuning data: {section['tuning_data'].get('name')} ({section['tuning_data'].get('n_captions')} "
+                f"captions, {section['tuning_data'].get('n_questions_per_split')} questions per POPE split "
+                f"available)."
+                if isinstance(section.get("tuning_data"), dict)
+                else ""
+            ),
+            "",
+            f"Shipped: **{', '.join(f'{m} ' + ', '.join(f'{k}={v}' for k, v in vals.items()) for m, vals in section.get('settings', {}).items()) or 'no method (greedy)'}** "
+            f"-- {section.get('decision', '')}",
+            "",
+            f"Rungs: pilot {rungs.get('pilot')} items per task; full rung {rungs.get('full')} "
+            f"({sizing.get('rule', '?')}: the n at which a {sizing.get('target_effect', '?')}-point change is "
+            f"significant, from the widest paired interval of the candidates promoted from the pilot); "
+            f"confirmation {rungs.get('confirmation')} items on the separate split.",
+            "",
+        ]
         for label, reason in (section.get("skipped") or {}).items():
             lines.append(f"- {label}: {reason}")
         if section.get("skipped"):
             lines.append("")
         constraint_names = sorted({c for row in section.get("table", []) for c in row["judgement"]["constraints"]})
         extra_names = sorted({c for row in section.get("table", []) for c in row["judgement"].get("extra", {})})
-        header = ["rung", "setting", "n", "objective Δ [95 %]", "greedy", "sig. gain"] + \
-                 [f"{c} Δ" for c in constraint_names] + [f"{c} Δ" for c in extra_names] + ["passes", "time", "verdict"]
+        header = (
+            ["rung", "setting", "n", "objective Δ [95 %]", "greedy", "sig. gain"]
+            + [f"{c} Δ" for c in constraint_names]
+            + [f"{c} Δ" for c in extra_names]
+            + ["passes", "time", "verdict"]
+        )
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for row in section.get("table", []):
@@ -103,12 +126,21 @@ def profiles_markdown(tuned: dict) -> str:
                 verdict.append("significantly worse")
             if row.get("rung") == "pilot":
                 verdict.append("promoted" if row.get("promoted") else "dropped")
-            cells = [row["rung"], row["label"], str(row["n"]), _iv(j["objective"]), f"{j['objective']['greedy']:.1f}",
-                     "yes" if j["significant"] else "no"]
+            cells = [
+                row["rung"],
+                row["label"],
+                str(row["n"]),
+                _iv(j["objective"]),
+                f"{j['objective']['greedy']:.1f}",
+                "yes" if j["significant"] else "no",
+            ]
             cells += [_iv(j["constraints"].get(c)) for c in constraint_names]
             cells += [_iv(j.get("extra", {}).get(c)) for c in extra_names]
-            cells += [f"{row['passes']}x", "-" if row.get("time_ratio") is None else f"{row['time_ratio']:.2f}x",
-                      "; ".join(verdict) or "ok"]
+            cells += [
+                f"{row['passes']}x",
+                "-" if row.get("time_ratio") is None else f"{row['time_ratio']:.2f}x",
+                "; ".join(verdict) or "ok",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"

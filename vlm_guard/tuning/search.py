@@ -95,8 +95,9 @@ class TuningData:
     description: dict = field(default_factory=dict)
 
 
-def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: int | None = None,
-                          world: str | None = None) -> TuningData:
+def synthetic_tuning_data(
+    n_questions: int = 600, n_captions: int = 600, seed: int | None = None, world: str | None = None
+) -> TuningData:
     """POPE-style splits and captions of a synthetic world's **tuning** seed (910001), never the reported one.
     ``world``: ``"everyday"`` or ``"shapes"`` (the model's own world: see ``vlm_guard.synthetic.worlds``;
     ``None``: the default model's).
@@ -110,20 +111,44 @@ def synthetic_tuning_data(n_questions: int = 600, n_captions: int = 600, seed: i
 
     seed = TUNING_SEED if seed is None else int(seed)
     if seed == EVAL_SEED:
-        raise ValueError(f"seed {seed} is the reported benchmark's world seed; tune on {TUNING_SEED} (or another unreported seed)")
+        raise ValueError(
+            f"seed {seed} is the reported benchmark's world seed; tune on {TUNING_SEED} (or another unreported seed)"
+        )
     from vlm_guard.synthetic.worlds import world_kind
 
     world = world_kind(world).name
-    tasks = synthetic_tasks(n_questions, n_captions, world_seed=seed, pope_max_new_tokens=DEFAULT_MAX_NEW_TOKENS["synthetic_pope"],
-                            world=world)
-    return TuningData(f"synthetic {world} world seed {seed} (tuning)", tasks, ImageLoader(),
-                      {"kind": "synthetic", "world": world, "world_seed": seed, "n_questions_per_split": n_questions,
-                       "n_captions": n_captions})
+    tasks = synthetic_tasks(
+        n_questions,
+        n_captions,
+        world_seed=seed,
+        pope_max_new_tokens=DEFAULT_MAX_NEW_TOKENS["synthetic_pope"],
+        world=world,
+    )
+    return TuningData(
+        f"synthetic {world} world seed {seed} (tuning)",
+        tasks,
+        ImageLoader(),
+        {
+            "kind": "synthetic",
+            "world": world,
+            "world_seed": seed,
+            "n_questions_per_split": n_questions,
+            "n_captions": n_captions,
+        },
+    )
 
 
-def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, instances: str | None = None,
-                     captions: str | None = None, n_images: int = 300, seed: int = 1, caption_prompt: str | None = None,
-                     pope_max_new_tokens: int = 16, chair_max_new_tokens: int = 512) -> TuningData:
+def file_tuning_data(
+    pope_files: Sequence[str] = (),
+    images: str | None = None,
+    instances: str | None = None,
+    captions: str | None = None,
+    n_images: int = 300,
+    seed: int = 1,
+    caption_prompt: str | None = None,
+    pope_max_new_tokens: int = 16,
+    chair_max_new_tokens: int = 512,
+) -> TuningData:
     """The user's own POPE-format question files and / or COCO-format caption annotations (the loaders of
     ``vlm-guard eval``). Use files and images that are not the ones you report on."""
     from vlm_guard.eval.images import ImageLoader
@@ -137,13 +162,33 @@ def file_tuning_data(pope_files: Sequence[str] = (), images: str | None = None, 
     if instances or captions:
         if not (instances and captions):
             raise ValueError("CHAIR tuning data needs both --instances and --captions (COCO-format annotation files)")
-        tasks.append(chair_task(images, instances, captions, n_images, seed, caption_prompt or DEFAULT_CHAIR_PROMPT,
-                                max_new_tokens=chair_max_new_tokens))
+        tasks.append(
+            chair_task(
+                images,
+                instances,
+                captions,
+                n_images,
+                seed,
+                caption_prompt or DEFAULT_CHAIR_PROMPT,
+                max_new_tokens=chair_max_new_tokens,
+            )
+        )
     if not tasks:
         raise ValueError("no tuning data: pass POPE-format files (--pope FILE ...) and/or COCO --instances/--captions")
-    return TuningData(f"user files ({', '.join(t.name for t in tasks)})", tasks, ImageLoader(images),
-                      {"kind": "files", "pope_files": [str(p) for p in pope_files], "images": str(images),
-                       "instances": instances, "captions": captions, "n_images": n_images, "seed": seed})
+    return TuningData(
+        f"user files ({', '.join(t.name for t in tasks)})",
+        tasks,
+        ImageLoader(images),
+        {
+            "kind": "files",
+            "pope_files": [str(p) for p in pope_files],
+            "images": str(images),
+            "instances": instances,
+            "captions": captions,
+            "n_images": n_images,
+            "seed": seed,
+        },
+    )
 
 
 def _check_images_present(task, path, images) -> None:
@@ -155,12 +200,15 @@ def _check_images_present(task, path, images) -> None:
     names = sorted({str(item.image_name) for item in task.items})
     missing = [name for name in names if not loader.path_of(name).is_file()]
     if names and len(missing) == len(names):
-        raise ValueError(f"--pope {path}: none of its {len(names)} images (e.g. {missing[0]}) is in --images {images}; "
-                         "pass the image folder the questions name (POPE files built from train2014 name train2014 "
-                         "images)")
+        raise ValueError(
+            f"--pope {path}: none of its {len(names)} images (e.g. {missing[0]}) is in --images {images}; "
+            "pass the image folder the questions name (POPE files built from train2014 name train2014 "
+            "images)"
+        )
     if missing:
-        logger.warning("%s: %d of its %d images are not in %s; their questions are skipped", path, len(missing),
-                       len(names), images)
+        logger.warning(
+            "%s: %d of its %d images are not in %s; their questions are skipped", path, len(missing), len(names), images
+        )
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -170,34 +218,48 @@ class TuningState:
     def __init__(self, path: str | os.PathLike | None, identity: dict):
         self.path = Path(path) if path else None
         self.identity = identity
-        self.data = {"format": "vlm_guard.tune_state", "version": STATE_VERSION, "identity": identity,
-                     "plan": None, "elapsed_s": 0.0, "trials": {}}
+        self.data = {
+            "format": "vlm_guard.tune_state",
+            "version": STATE_VERSION,
+            "identity": identity,
+            "plan": None,
+            "elapsed_s": 0.0,
+            "trials": {},
+        }
         self._last_save = 0.0
         self.writer = True  # False on data-parallel ranks other than 0: they read the state, rank 0 writes it
         if self.path is not None and self.path.is_file():
             try:
                 loaded = json.loads(self.path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-                raise ValueError(f"{self.path} is not a readable tuning state ({error}); delete it to start over") from None
+                raise ValueError(
+                    f"{self.path} is not a readable tuning state ({error}); delete it to start over"
+                ) from None
             if not isinstance(loaded, dict) or loaded.get("format") != "vlm_guard.tune_state":
                 raise ValueError(f"{self.path} is not a vlm_guard tuning state; pass another --state path")
             if loaded.get("identity") != identity:
                 raise ValueError(
                     f"{self.path} holds a tuning run of another model or tuning data ({loaded.get('identity')}); "
-                    f"delete it or pass another --state path to tune {identity}")
+                    f"delete it or pass another --state path to tune {identity}"
+                )
             from vlm_guard.tuning.state_schema import validate_state
 
             self.data = validate_state(self.path, loaded, STATE_VERSION)
-            logger.info("resuming the tuning state %s (%d settings, %.0f s spent)", self.path,
-                        len(self.data["trials"]), self.data["elapsed_s"])
+            logger.info(
+                "resuming the tuning state %s (%d settings, %.0f s spent)",
+                self.path,
+                len(self.data["trials"]),
+                self.data["elapsed_s"],
+            )
 
     @property
     def resumed(self) -> bool:
         return bool(self.data["trials"])
 
     def trial(self, candidate: Candidate) -> dict:
-        return self.data["trials"].setdefault(candidate.key, {"label": candidate.label, "methods": candidate.methods,
-                                                              "band": candidate.band, "items": {}})
+        return self.data["trials"].setdefault(
+            candidate.key, {"label": candidate.label, "methods": candidate.methods, "band": candidate.band, "items": {}}
+        )
 
     def results(self, candidate: Candidate, task: str) -> dict:
         return self.trial(candidate)["items"].setdefault(task, {})
@@ -211,7 +273,9 @@ class TuningState:
         from vlm_guard.fileio import atomic_write_json
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, self.data, allow_nan=True)  # as json.dumps wrote it before; a save never fails on a value
+        atomic_write_json(
+            self.path, self.data, allow_nan=True
+        )  # as json.dumps wrote it before; a save never fails on a value
         self._last_save = now
 
 
@@ -234,8 +298,17 @@ class TuneResult:
 
 
 class _Search:
-    def __init__(self, guarded, processor, data: TuningData, state: TuningState, budget_s: float, batch_size: int,
-                 progress: bool, parallel=None):
+    def __init__(
+        self,
+        guarded,
+        processor,
+        data: TuningData,
+        state: TuningState,
+        budget_s: float,
+        batch_size: int,
+        progress: bool,
+        parallel=None,
+    ):
         from vlm_guard.parallel import DataParallel
 
         self.guarded, self.processor, self.data, self.state = guarded, processor, data, state
@@ -273,8 +346,9 @@ class _Search:
         plan = self.state.data["plan"]
         if len(plan["rungs"]) == RUNGS:
             last = plan["rungs"][RUNGS - 1]
-            plan["rungs"].append({name: max(last.get(name, 0), min(len(task.items), confirm_items))
-                                  for name, task in self.tasks.items()})
+            plan["rungs"].append(
+                {name: max(last.get(name, 0), min(len(task.items), confirm_items)) for name, task in self.tasks.items()}
+            )
             plan["confirm_items"] = confirm_items
             self.state.save(force=True)
         return len(plan["rungs"]) - 1
@@ -285,7 +359,9 @@ class _Search:
         fractions = [ETA ** -(RUNGS - 1 - r) for r in range(RUNGS)]
 
         def cost(scale: float) -> float:
-            sizes = [{name: max(min(MIN_ITEMS, n), math.ceil(n * scale * f)) for name, n in full.items()} for f in fractions]
+            sizes = [
+                {name: max(min(MIN_ITEMS, n), math.ceil(n * scale * f)) for name, n in full.items()} for f in fractions
+            ]
             alive = [n_candidates]
             for _ in range(RUNGS - 1):
                 alive.append(max(1, math.ceil(alive[-1] / ETA)))
@@ -300,9 +376,16 @@ class _Search:
         scale = 1.0
         while scale > 0.02 and cost(scale) > remaining:
             scale *= 0.85
-        sizes = [{name: max(min(MIN_ITEMS, n), math.ceil(n * scale * f)) for name, n in full.items()} for f in fractions]
-        plan = {"rungs": sizes, "scale": round(scale, 3), "estimated_s": round(cost(scale), 1), "eta": ETA,
-                "seconds_per_item_greedy": {k: round(v, 4) for k, v in seconds_per_item.items()}}
+        sizes = [
+            {name: max(min(MIN_ITEMS, n), math.ceil(n * scale * f)) for name, n in full.items()} for f in fractions
+        ]
+        plan = {
+            "rungs": sizes,
+            "scale": round(scale, 3),
+            "estimated_s": round(cost(scale), 1),
+            "eta": ETA,
+            "seconds_per_item_greedy": {k: round(v, 4) for k, v in seconds_per_item.items()},
+        }
         logger.info("tuning plan: %s", plan)
         return plan
 
@@ -321,10 +404,10 @@ class _Search:
             return
         for name, task in self.tasks.items():
             done = self.state.results(candidate, name)
-            pending = [item for item in task.items[:sizes[name]] if item.item_id not in done]
+            pending = [item for item in task.items[: sizes[name]] if item.item_id not in done]
             for start in range(0, len(pending), self.batch_size):
                 self.check_budget()
-                batch = pending[start:start + self.batch_size]
+                batch = pending[start : start + self.batch_size]
                 self._run_batch(task, batch, done)
                 if self.bar is not None:
                     self.bar.update(len(batch))
@@ -363,14 +446,14 @@ class _Search:
         over_budget = False
         for name, task in self.tasks.items():
             done = self.state.results(candidate, name)
-            pending = [item for item in task.items[:sizes[name]] if item.item_id not in done]
+            pending = [item for item in task.items[: sizes[name]] if item.item_id not in done]
             share = shard_batches(pending, self.batch_size, parallel.rank, parallel.world_size)
             results = mine.setdefault(name, {})
             for start in range(0, len(share), self.batch_size):
                 if self.elapsed() > self.budget_s:
                     over_budget = True
                     break
-                self._run_batch(task, share[start:start + self.batch_size], results)
+                self._run_batch(task, share[start : start + self.batch_size], results)
             if over_budget:
                 break
         everyone = parallel.gather((mine, over_budget))
@@ -388,8 +471,10 @@ class _Search:
         trial = self.state.data["trials"].get(candidate.key)
         if trial is None:
             return False
-        return all(all(item.item_id in trial["items"].get(name, {}) for item in task.items[:sizes[name]])
-                   for name, task in self.tasks.items())
+        return all(
+            all(item.item_id in trial["items"].get(name, {}) for item in task.items[: sizes[name]])
+            for name, task in self.tasks.items()
+        )
 
     def measure(self, candidate: Candidate, rung: int, greedy: Candidate) -> dict:
         """Metrics, score and constraint violations of ``candidate`` on rung ``rung`` (items skipped by either
@@ -399,19 +484,30 @@ class _Search:
         for name, task in self.tasks.items():
             mine = self.state.results(candidate, name)
             reference = self.state.results(greedy, name)
-            ids = [item.item_id for item in task.items[:sizes[name]]]
-            ids = [i for i in ids if i in mine and i in reference and "skip" not in mine[i] and "skip" not in reference[i]]
+            ids = [item.item_id for item in task.items[: sizes[name]]]
+            ids = [
+                i for i in ids if i in mine and i in reference and "skip" not in mine[i] and "skip" not in reference[i]
+            ]
             own[name] = [mine[i] for i in ids]
             base[name] = [reference[i] for i in ids]
         own_metrics, base_metrics = objective.metrics(own), objective.metrics(base)
         problems = objective.violations(own_metrics, base_metrics)
-        return {"label": candidate.label, "methods": candidate.methods, "band": candidate.band, "rung": rung,
-                "n": {name: m["n"] for name, m in own_metrics.items()}, "metrics": _rounded(own_metrics),
-                "score": round(objective.score(own_metrics), 3), "greedy_score": round(objective.score(base_metrics), 3),
-                "violations": problems, "feasible": not problems}
+        return {
+            "label": candidate.label,
+            "methods": candidate.methods,
+            "band": candidate.band,
+            "rung": rung,
+            "n": {name: m["n"] for name, m in own_metrics.items()},
+            "metrics": _rounded(own_metrics),
+            "score": round(objective.score(own_metrics), 3),
+            "greedy_score": round(objective.score(base_metrics), 3),
+            "violations": problems,
+            "feasible": not problems,
+        }
 
-    def halve(self, candidates: list[Candidate], first_rung: int, greedy: Candidate, stage: str,
-              table: list) -> list[Candidate]:
+    def halve(
+        self, candidates: list[Candidate], first_rung: int, greedy: Candidate, stage: str, table: list
+    ) -> list[Candidate]:
         """Successive halving from ``first_rung``; returns the survivors ranked at the last rung reached."""
         alive = list(candidates)
         for rung in range(first_rung, RUNGS):
@@ -424,11 +520,12 @@ class _Search:
             order = sorted(range(len(alive)), key=lambda i: objective.rank_key(rows[i]["score"], rows[i]["violations"]))
             alive = [alive[i] for i in order]
             if rung < RUNGS - 1:
-                alive = alive[:max(1, math.ceil(len(alive) / ETA))]
+                alive = alive[: max(1, math.ceil(len(alive) / ETA))]
         return alive
 
-    def ranked_at_best_rung(self, candidates: list[Candidate], greedy: Candidate,
-                            max_rung: int | None = None) -> tuple[list[dict], int]:
+    def ranked_at_best_rung(
+        self, candidates: list[Candidate], greedy: Candidate, max_rung: int | None = None
+    ) -> tuple[list[dict], int]:
         """Rows of the candidates finished at the largest rung (at most ``max_rung``) where any (and greedy)
         finished, best first."""
         last = len(self.rung_sizes()) - 1 if max_rung is None else min(max_rung, len(self.rung_sizes()) - 1)
@@ -444,13 +541,28 @@ class _Search:
 
 
 def _rounded(metrics: dict) -> dict:
-    return {task: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()} for task, m in metrics.items()}
+    return {
+        task: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()} for task, m in metrics.items()
+    }
 
 
-def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS, data: TuningData | None = None,
-         out_dir: str | os.PathLike | None = None, state_path: str | os.PathLike | None = None,
-         budget_minutes: float = 60.0, batch_size: int = 32, progress: bool = True, combine_methods: bool = True,
-         weights_sha256_16: str | None = None, parallel=None, confirm_items: int = CONFIRM_ITEMS) -> TuneResult:
+def tune(
+    model,
+    processor,
+    head_map,
+    *,
+    methods: Sequence[str] = TUNABLE_METHODS,
+    data: TuningData | None = None,
+    out_dir: str | os.PathLike | None = None,
+    state_path: str | os.PathLike | None = None,
+    budget_minutes: float = 60.0,
+    batch_size: int = 32,
+    progress: bool = True,
+    combine_methods: bool = True,
+    weights_sha256_16: str | None = None,
+    parallel=None,
+    confirm_items: int = CONFIRM_ITEMS,
+) -> TuneResult:
     """Choose each method's strength and layer band for ``model`` on a tuning split (see the module docstring).
 
     Args:
@@ -489,8 +601,10 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
     if unknown or not methods:
         raise ValueError(f"methods {methods!r}: choose from {list(TUNABLE_METHODS)}")
     if head_map is None:
-        raise ValueError("tuning needs the model's head map (GIFT saliency layer, VAR sink dimensions): run "
-                         "`vlm-guard calibrate` first and pass it")
+        raise ValueError(
+            "tuning needs the model's head map (GIFT saliency layer, VAR sink dimensions): run "
+            "`vlm-guard calibrate` first and pass it"
+        )
     if budget_minutes <= 0:
         raise ValueError(f"budget_minutes={budget_minutes} must be > 0")
     if not isinstance(confirm_items, int) or isinstance(confirm_items, bool) or confirm_items < 0:
@@ -505,8 +619,12 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
     head_map.tuned = {}
     if out_dir is not None and state_path is None:
         state_path = Path(out_dir) / "tune_state.json"
-    identity = {"fingerprint_hash": head_map.fingerprint_hash, "weights_sha256_16": weights_sha256_16,
-                "tuning_data": data.description, "methods": methods}
+    identity = {
+        "fingerprint_hash": head_map.fingerprint_hash,
+        "weights_sha256_16": weights_sha256_16,
+        "tuning_data": data.description,
+        "methods": methods,
+    }
     from vlm_guard.parallel import DataParallel
 
     parallel = parallel or DataParallel()
@@ -516,8 +634,9 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
         state.path, state.writer = (Path(state_path) if state_path else None), parallel.is_main
     prepare_processor(processor)
     guarded = wrap(model, processor, None, head_map)
-    search = _Search(guarded, processor, data, state, budget_minutes * 60.0, batch_size, progress and parallel.is_main,
-                     parallel)
+    search = _Search(
+        guarded, processor, data, state, budget_minutes * 60.0, batch_size, progress and parallel.is_main, parallel
+    )
     greedy = Candidate({})
     num_layers = head_map.num_layers
 
@@ -527,8 +646,10 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
         grid = method_candidates(name, num_layers, head_map)
         guarded.set_config(grid[0].guard_config())
         if not guarded.interventions:
-            skipped[name] = ("builds no intervention on this model (e.g. VAR without sink dimensions in the head map): "
-                             "not tuned, released defaults kept")
+            skipped[name] = (
+                "builds no intervention on this model (e.g. VAR without sink dimensions in the head map): "
+                "not tuned, released defaults kept"
+            )
             logger.warning("%s %s", name, skipped[name])
             continue
         grids[name] = grid
@@ -563,10 +684,12 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
                     search.evaluate(candidate, rung)
                 rows = [search.measure(c, rung, greedy) for c in alive[name]]
                 table.extend({"stage": name, **row} for row in rows)
-                order = sorted(range(len(rows)), key=lambda i: objective.rank_key(rows[i]["score"], rows[i]["violations"]))
+                order = sorted(
+                    range(len(rows)), key=lambda i: objective.rank_key(rows[i]["score"], rows[i]["violations"])
+                )
                 alive[name] = [alive[name][i] for i in order]
                 if rung < RUNGS - 1:
-                    alive[name] = alive[name][:max(1, math.ceil(len(alive[name]) / ETA))]
+                    alive[name] = alive[name][: max(1, math.ceil(len(alive[name]) / ETA))]
         # stage 2: combinations of the methods that help (on the halving rungs, also in a resumed run)
         best_single = _best_per_method(search, grids, greedy, max_rung=RUNGS - 1)
         winners = [name for name, (row, _) in best_single.items() if _helps(row)]
@@ -589,8 +712,19 @@ def tune(model, processor, head_map, *, methods: Sequence[str] = TUNABLE_METHODS
         search.flush()
         guarded.unwrap()
 
-    tuned = _finish(search, grids, skipped, greedy, table, complete, combine_methods, data, budget_minutes,
-                    weights_sha256_16, __version__)
+    tuned = _finish(
+        search,
+        grids,
+        skipped,
+        greedy,
+        table,
+        complete,
+        combine_methods,
+        data,
+        budget_minutes,
+        weights_sha256_16,
+        __version__,
+    )
     head_map.tuned = tuned
     if out_dir is not None and parallel.is_main:
         save_tuned(head_map, out_dir, search, grids, greedy)
@@ -632,8 +766,9 @@ def _planned_items(search: _Search, grids: dict, combine_methods: bool) -> int:
     return total
 
 
-def _best_per_method(search: _Search, grids: dict, greedy: Candidate,
-                     max_rung: int | None = None) -> dict[str, tuple[dict, int]]:
+def _best_per_method(
+    search: _Search, grids: dict, greedy: Candidate, max_rung: int | None = None
+) -> dict[str, tuple[dict, int]]:
     best = {}
     for name, grid in grids.items():
         rows, rung = search.ranked_at_best_rung(grid, greedy, max_rung)
@@ -648,7 +783,11 @@ def _candidate_of(row: dict, grid: list[Candidate]) -> Candidate:
 
 
 def _combinations(winners: list[str], best_single: dict, grids: dict) -> list[Candidate]:
-    chosen = {name: _candidate_of(best_single[name][0], grids[name]) for name in best_single if best_single[name][0]["feasible"]}
+    chosen = {
+        name: _candidate_of(best_single[name][0], grids[name])
+        for name in best_single
+        if best_single[name][0]["feasible"]
+    }
     subsets = [list(s) for size in range(2, len(winners) + 1) for s in itertools.combinations(winners, size)]
     trio = [name for name in PAPER_TRIO if name in chosen]
     if len(trio) >= 2 and trio not in subsets:
@@ -656,8 +795,19 @@ def _combinations(winners: list[str], best_single: dict, grids: dict) -> list[Ca
     return [combine([chosen[name] for name in subset]) for subset in subsets]
 
 
-def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, table: list, complete: bool,
-            combine_methods: bool, data: TuningData, budget_minutes: float, weights: str | None, version: str) -> dict:
+def _finish(
+    search: _Search,
+    grids: dict,
+    skipped: dict,
+    greedy: Candidate,
+    table: list,
+    complete: bool,
+    combine_methods: bool,
+    data: TuningData,
+    budget_minutes: float,
+    weights: str | None,
+    version: str,
+) -> dict:
     """The ``tuned`` section of the head map, from what was measured (also after a budget stop)."""
     settings, gain, chosen_rows = {}, {}, {}
     best_single = _best_per_method(search, grids, greedy)
@@ -667,12 +817,16 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
         if row["feasible"]:  # the best setting that meets every constraint; else the released defaults stay
             settings[name] = dict(row["methods"][name])
         else:
-            skipped[name] = (f"no setting met the constraints on the tuning data{' on ' + where if confirmed else ''} "
-                             f"(best: {row['label']}, {', '.join(row['violations'])}; n={row['n']}): released defaults kept")
+            skipped[name] = (
+                f"no setting met the constraints on the tuning data{' on ' + where if confirmed else ''} "
+                f"(best: {row['label']}, {', '.join(row['violations'])}; n={row['n']}): released defaults kept"
+            )
         helps = _helps(row)
-        gain[name] = (f"{'yes' if helps else 'no'}: score {row['score']:.2f} vs greedy {row['greedy_score']:.2f}"
-                      f"{'' if row['feasible'] else ' (infeasible: ' + ', '.join(row['violations']) + ')'}"
-                      f" on {where} (n={row['n']})")
+        gain[name] = (
+            f"{'yes' if helps else 'no'}: score {row['score']:.2f} vs greedy {row['greedy_score']:.2f}"
+            f"{'' if row['feasible'] else ' (infeasible: ' + ', '.join(row['violations']) + ')'}"
+            f" on {where} (n={row['n']})"
+        )
         chosen_rows[name] = row
     for name in grids:
         if name not in best_single:
@@ -693,8 +847,13 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
     good.sort(key=lambda row: (row["score"], len(row["methods"])))
     if good:  # the smallest set within MIN_GAIN of the best: a larger one must earn its extra methods
         best = good[0]["score"]
-        good.sort(key=lambda row: (len(row["methods"]), row["score"]) if row["score"] <= best + objective.MIN_GAIN
-                  else (len(TUNABLE_METHODS) + 1, row["score"]))
+        good.sort(
+            key=lambda row: (
+                (len(row["methods"]), row["score"])
+                if row["score"] <= best + objective.MIN_GAIN
+                else (len(TUNABLE_METHODS) + 1, row["score"])
+            )
+        )
     default = sorted(good[0]["methods"], key=TUNABLE_METHODS.index) if good else []
     # the paper trio at tuned settings, for reports
     trio_row = None
@@ -710,11 +869,20 @@ def _finish(search: _Search, grids: dict, skipped: dict, greedy: Candidate, tabl
         "combination_rows": [row for row in options if len(row["methods"]) > 1],
         "paper_trio_row": trio_row,
         "skipped": skipped,
-        "objective": {"text": objective.OBJECTIVE_TEXT, "max_recall_drop": objective.MAX_RECALL_DROP,
-                      "max_pope_drop": objective.MAX_POPE_DROP},
-        "search": {"kind": "successive halving", "eta": ETA, "rungs": search.rung_sizes() if search.state.data.get("plan") else [],
-                   "complete": complete, "budget_minutes": budget_minutes, "elapsed_s": round(search.elapsed(), 1),
-                   "plan": search.state.data.get("plan")},
+        "objective": {
+            "text": objective.OBJECTIVE_TEXT,
+            "max_recall_drop": objective.MAX_RECALL_DROP,
+            "max_pope_drop": objective.MAX_POPE_DROP,
+        },
+        "search": {
+            "kind": "successive halving",
+            "eta": ETA,
+            "rungs": search.rung_sizes() if search.state.data.get("plan") else [],
+            "complete": complete,
+            "budget_minutes": budget_minutes,
+            "elapsed_s": round(search.elapsed(), 1),
+            "plan": search.state.data.get("plan"),
+        },
         "tuning_data": {"name": data.name, **data.description},
         "weights_sha256_16": weights,
         "library_version": version,
@@ -735,8 +903,13 @@ def _table_from_state(search: _Search, grids: dict, greedy: Candidate) -> list[d
     return rows
 
 
-def save_tuned(head_map, out_dir: str | os.PathLike, search: _Search | None = None, grids: dict | None = None,
-               greedy: Candidate | None = None) -> Path:
+def save_tuned(
+    head_map,
+    out_dir: str | os.PathLike,
+    search: _Search | None = None,
+    grids: dict | None = None,
+    greedy: Candidate | None = None,
+) -> Path:
     """Write the tuned head map, ``tuning.md`` (the table) and one PNG curve per method into ``out_dir``."""
     from vlm_guard.tuning.plots import plot_method_curves
     from vlm_guard.tuning.report import tuning_markdown
@@ -753,5 +926,15 @@ def save_tuned(head_map, out_dir: str | os.PathLike, search: _Search | None = No
     return out
 
 
-__all__ = ["ETA", "RUNGS", "TuningData", "TuningState", "TuneResult", "BudgetExhausted", "synthetic_tuning_data",
-           "file_tuning_data", "tune", "save_tuned"]
+__all__ = [
+    "ETA",
+    "RUNGS",
+    "TuningData",
+    "TuningState",
+    "TuneResult",
+    "BudgetExhausted",
+    "synthetic_tuning_data",
+    "file_tuning_data",
+    "tune",
+    "save_tuned",
+]

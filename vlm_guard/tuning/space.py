@@ -92,7 +92,9 @@ def vhr_bands(num_layers: int) -> dict[str, list[int] | None]:
     return layer_bands(num_layers)
 
 
-def gift_bands(num_layers: int, saliency_layer: int | None, head_map_layers: list[int] | None) -> dict[str, list[int] | None]:
+def gift_bands(
+    num_layers: int, saliency_layer: int | None, head_map_layers: list[int] | None
+) -> dict[str, list[int] | None]:
     """GIFT's enhancement bands after l* (:func:`vlm_guard.methods.gift.layer_bands`)."""
     from vlm_guard.methods.gift import layer_bands
 
@@ -169,5 +171,15 @@ def forward_passes(candidate: Candidate) -> int:
     return max([registry.get_method(name).passes(fields) for name, fields in candidate.methods.items()] or [1])
 
 
-__all__ = ["TUNABLE_METHODS", "STRENGTH_FIELD", "Candidate", "vhr_bands", "gift_bands", "method_candidates", "combine",
-           "PAI_ATTENTION_ALPHAS", "profile_candidates", "forward_passes"]
+__all__ = [
+    "TUNABLE_METHODS",
+    "STRENGTH_FIELD",
+    "Candidate",
+    "vhr_bands",
+    "gift_bands",
+    "method_candidates",
+    "combine",
+    "PAI_ATTENTION_ALPHAS",
+    "profile_candidates",
+    "forward_passes",
+]

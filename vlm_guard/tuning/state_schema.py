@@ -62,22 +62,29 @@ def validate_state(path: str | os.PathLike, data: Any, version: int) -> dict:
     Raises:
         TuningStateError: the first field that breaks the schema, named by its path (``trials[<key>].items...``).
     """
+
     def fail(field: str, value: Any, expected: str) -> TuningStateError:
-        return TuningStateError(f"{path}: field {field} is {_short(value)}, {expected}; the tuning state is damaged "
-                                "or was edited: delete it to start over, or pass another --state")
+        return TuningStateError(
+            f"{path}: field {field} is {_short(value)}, {expected}; the tuning state is damaged "
+            "or was edited: delete it to start over, or pass another --state"
+        )
 
     if not isinstance(data, dict):
         raise fail("(the whole file)", type(data).__name__, "not a JSON object")
     for key in ("version", "elapsed_s", "plan", "trials"):
         if key not in data:
-            raise TuningStateError(f"{path}: field {key} is missing; the tuning state is damaged or was edited: delete "
-                                   "it to start over, or pass another --state")
+            raise TuningStateError(
+                f"{path}: field {key} is missing; the tuning state is damaged or was edited: delete "
+                "it to start over, or pass another --state"
+            )
     stored = data["version"]
     if not _is_int(stored) or stored < 1:
         raise fail("version", stored, "not a positive integer")
     if stored > version:
-        raise TuningStateError(f"{path}: field version is {stored}, newer than this vlm_guard reads ({version}); "
-                               "upgrade vlm_guard or pass another --state")
+        raise TuningStateError(
+            f"{path}: field version is {stored}, newer than this vlm_guard reads ({version}); "
+            "upgrade vlm_guard or pass another --state"
+        )
     if not _is_number(data["elapsed_s"]) or data["elapsed_s"] < 0:
         raise fail("elapsed_s", data["elapsed_s"], "not a non-negative number of seconds")
     _check_plan(data["plan"], fail)
@@ -91,8 +98,14 @@ def validate_state(path: str | os.PathLike, data: Any, version: int) -> dict:
         if not isinstance(seconds, dict):
             raise fail("seconds", seconds, "not an object (setting key -> [seconds, items])")
         for key, entry in seconds.items():
-            if (not isinstance(entry, list) or len(entry) != 2 or not _is_number(entry[0]) or entry[0] < 0
-                    or not _is_int(entry[1]) or entry[1] < 0):
+            if (
+                not isinstance(entry, list)
+                or len(entry) != 2
+                or not _is_number(entry[0])
+                or entry[0] < 0
+                or not _is_int(entry[1])
+                or entry[1] < 0
+            ):
                 raise fail(f"seconds[{key!r}]", entry, "not [seconds >= 0, items >= 0]")
     return data
 
@@ -152,8 +165,11 @@ def _check_result(where: str, result: Any, pope: bool, fail) -> None:
         return
     expected = _POPE_KEYS if pope else _CHAIR_KEYS
     if set(result) != expected:
-        raise fail(where, result, f"not {{\"skip\": 1}} or a {'POPE' if pope else 'CHAIR'} result with the fields "
-                                  f"{sorted(expected)}")
+        raise fail(
+            where,
+            result,
+            f'not {{"skip": 1}} or a {"POPE" if pope else "CHAIR"} result with the fields {sorted(expected)}',
+        )
     for name, value in result.items():
         if not _is_int(value) or value < 0 or (pope and value > 1):
             raise fail(f"{where}.{name}", value, "not 0 or 1" if pope else "not a non-negative integer")

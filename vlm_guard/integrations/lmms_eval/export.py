@@ -58,12 +58,15 @@ def template_text(kind: str) -> str:
     text = resources.files("vlm_guard.integrations.lmms_eval").joinpath("templates", f"{kind}.yaml").read_text("utf-8")
     for key in _TEMPLATE_KEYS:
         if any(line.startswith(f"{key}:") for line in text.splitlines()):
-            raise ValueError(f"template {kind}.yaml sets {key!r}, which each export writes; remove it from the template.")
+            raise ValueError(
+                f"template {kind}.yaml sets {key!r}, which each export writes; remove it from the template."
+            )
     return text
 
 
-def _task_yaml(kind: str, task: str, data_file: str, image_root: Path, max_new_tokens: int,
-               specific: Mapping[str, Any]) -> str:
+def _task_yaml(
+    kind: str, task: str, data_file: str, image_root: Path, max_new_tokens: int, specific: Mapping[str, Any]
+) -> str:
     import yaml
 
     added = {
@@ -72,8 +75,11 @@ def _task_yaml(kind: str, task: str, data_file: str, image_root: Path, max_new_t
         "generation_kwargs": {"max_new_tokens": int(max_new_tokens), **GREEDY},
         "lmms_eval_specific_kwargs": {"default": {"image_root": str(image_root), **specific}},
     }
-    return template_text(kind) + "\n# written by `vlm-guard export-lmms` for this folder\n" + yaml.safe_dump(
-        added, sort_keys=False, allow_unicode=True)
+    return (
+        template_text(kind)
+        + "\n# written by `vlm-guard export-lmms` for this folder\n"
+        + yaml.safe_dump(added, sort_keys=False, allow_unicode=True)
+    )
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -87,8 +93,14 @@ def _jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def write_pope_tasks(out: str | Path, splits: Sequence[str], image_root: str | Path, max_new_tokens: int = 16,
-                     prompt_suffix: str = "", pre_prompt: str = "") -> list[str]:
+def write_pope_tasks(
+    out: str | Path,
+    splits: Sequence[str],
+    image_root: str | Path,
+    max_new_tokens: int = 16,
+    prompt_suffix: str = "",
+    pre_prompt: str = "",
+) -> list[str]:
     """The POPE task configs of ``out`` (one per split, reading ``pope/coco_pope_<split>.json``) and their group.
 
     Returns:
@@ -98,21 +110,35 @@ def write_pope_tasks(out: str | Path, splits: Sequence[str], image_root: str | P
     names = []
     for split in splits:
         name = pope_task_name(split)
-        _write_text(out / f"{name}.yaml", _task_yaml("pope", name, f"pope/coco_pope_{split}.json",
-                                                     Path(image_root).resolve(), max_new_tokens,
-                                                     {"pre_prompt": pre_prompt, "post_prompt": prompt_suffix}))
+        _write_text(
+            out / f"{name}.yaml",
+            _task_yaml(
+                "pope",
+                name,
+                f"pope/coco_pope_{split}.json",
+                Path(image_root).resolve(),
+                max_new_tokens,
+                {"pre_prompt": pre_prompt, "post_prompt": prompt_suffix},
+            ),
+        )
         names.append(name)
     group = "".join(f"  - {name}\n" for name in names)
-    _write_text(out / f"{POPE_GROUP}.yaml", f"# the POPE splits of this folder (`vlm-guard export-lmms`)\n"
-                                           f"group: {POPE_GROUP}\ntask:\n{group}")
+    _write_text(
+        out / f"{POPE_GROUP}.yaml",
+        f"# the POPE splits of this folder (`vlm-guard export-lmms`)\ngroup: {POPE_GROUP}\ntask:\n{group}",
+    )
     return [POPE_GROUP, *names]
 
 
 def write_chair_task(out: str | Path, image_root: str | Path, prompt: str, max_new_tokens: int) -> str:
     """The CHAIR task config of ``out`` (reading ``chair/chair.jsonl``); returns its name."""
     out = Path(out)
-    _write_text(out / f"{CHAIR_TASK}.yaml", _task_yaml("chair", CHAIR_TASK, "chair/chair.jsonl",
-                                                       Path(image_root).resolve(), max_new_tokens, {"prompt": prompt}))
+    _write_text(
+        out / f"{CHAIR_TASK}.yaml",
+        _task_yaml(
+            "chair", CHAIR_TASK, "chair/chair.jsonl", Path(image_root).resolve(), max_new_tokens, {"prompt": prompt}
+        ),
+    )
     return CHAIR_TASK
 
 
@@ -144,9 +170,18 @@ def _check_counts(n_questions: int, n_captions: int) -> None:
         raise ValueError("nothing to export: n_questions and n_captions are both 0.")
 
 
-def export_synthetic(out: str | Path, n_questions: int = 300, n_captions: int = 100, *, world: Any = None,
-                     world_seed: int | None = None, biased: bool = False, splits: Sequence[str] = POPE_SPLITS,
-                     pope_max_new_tokens: int | None = None, chair_max_new_tokens: int | None = None) -> dict:
+def export_synthetic(
+    out: str | Path,
+    n_questions: int = 300,
+    n_captions: int = 100,
+    *,
+    world: Any = None,
+    world_seed: int | None = None,
+    biased: bool = False,
+    splits: Sequence[str] = POPE_SPLITS,
+    pope_max_new_tokens: int | None = None,
+    chair_max_new_tokens: int | None = None,
+) -> dict:
     """Write the synthetic benchmark's items (``vlm-guard eval synthetic``'s) as a POPE/CHAIR folder for lmms-eval.
 
     Args:
@@ -178,8 +213,17 @@ def export_synthetic(out: str | Path, n_questions: int = 300, n_captions: int = 
     pope_tokens = pope_max_new_tokens or DEFAULT_MAX_NEW_TOKENS["synthetic_pope"]
     chair_tokens = chair_max_new_tokens or kind.caption_tokens
     kinds = [name for name, count in (("pope", n_questions), ("chair", n_captions)) if count]
-    tasks = synthetic_tasks(n_questions, n_captions, world_seed=seed, bias=biased, pope_max_new_tokens=pope_tokens,
-                            chair_max_new_tokens=chair_tokens, kinds=kinds, splits=list(splits), world=kind)
+    tasks = synthetic_tasks(
+        n_questions,
+        n_captions,
+        world_seed=seed,
+        bias=biased,
+        pope_max_new_tokens=pope_tokens,
+        chair_max_new_tokens=chair_tokens,
+        kinds=kinds,
+        splits=list(splits),
+        world=kind,
+    )
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -198,31 +242,51 @@ def export_synthetic(out: str | Path, n_questions: int = 300, n_captions: int = 
     for task in tasks:
         if task.kind == "pope":
             split = task.name.split("/", 1)[1]
-            rows = [{"question_id": position + 1, "image": image_file(item.fields["scene"], item.image),
-                     "text": item.prompt, "label": item.fields["label"]}
-                    for position, item in enumerate(task.items)]
+            rows = [
+                {
+                    "question_id": position + 1,
+                    "image": image_file(item.fields["scene"], item.image),
+                    "text": item.prompt,
+                    "label": item.fields["label"],
+                }
+                for position, item in enumerate(task.items)
+            ]
             _write_text(out / "pope" / f"coco_pope_{split}.json", _jsonl(rows))
             pope_splits.append(split)
         else:
-            rows = [{"image_id": item.item_id, "image": image_file(item.fields["scene"], item.image),
-                     "gt_objects": list(item.fields["gt_objects"]), "vocabulary": kind.name}
-                    for item in task.items]
+            rows = [
+                {
+                    "image_id": item.item_id,
+                    "image": image_file(item.fields["scene"], item.image),
+                    "gt_objects": list(item.fields["gt_objects"]),
+                    "vocabulary": kind.name,
+                }
+                for item in task.items
+            ]
             _write_text(out / "chair" / "chair.jsonl", _jsonl(rows))
     if pope_splits:
         task_names += write_pope_tasks(out, pope_splits, images, pope_tokens)
     if n_captions:
         task_names.append(write_chair_task(out, images, kind.caption_prompt, chair_tokens))
-    command = (f"vlm-guard eval synthetic --world {kind.name} --world-seed {seed} --n-questions {n_questions} "
-               f"--n-captions {n_captions} --tasks {','.join(kinds)}"
-               f"{' --biased' if biased else ''} --out RESULTS.jsonl")
+    command = (
+        f"vlm-guard eval synthetic --world {kind.name} --world-seed {seed} --n-questions {n_questions} "
+        f"--n-captions {n_captions} --tasks {','.join(kinds)}"
+        f"{' --biased' if biased else ''} --out RESULTS.jsonl"
+    )
     manifest = {
         "format": "vlm_guard.lmms_eval_export/1",
-        "source": "synthetic", "world": kind.name, "world_seed": seed, "biased": biased,
-        "n_questions_per_split": n_questions if pope_splits else 0, "splits": pope_splits,
-        "n_captions": n_captions, "n_images": len(written),
+        "source": "synthetic",
+        "world": kind.name,
+        "world_seed": seed,
+        "biased": biased,
+        "n_questions_per_split": n_questions if pope_splits else 0,
+        "splits": pope_splits,
+        "n_captions": n_captions,
+        "n_images": len(written),
         "prompts": {"pope": kind.pope_template, "chair": kind.caption_prompt},
         "max_new_tokens": {"pope": pope_tokens, "chair": chair_tokens},
-        "tasks": task_names, "vlm_guard_eval_command": command,
+        "tasks": task_names,
+        "vlm_guard_eval_command": command,
     }
     _remove_stale(out, task_names)
     _write_manifest(out, manifest)
@@ -230,8 +294,15 @@ def export_synthetic(out: str | Path, n_questions: int = 300, n_captions: int = 
     return manifest
 
 
-def export_pope(out: str | Path, question_files: Sequence[str | Path], images: str | Path, *,
-                prompt_suffix: str = "", max_new_tokens: int | None = None, limit: int | None = None) -> dict:
+def export_pope(
+    out: str | Path,
+    question_files: Sequence[str | Path],
+    images: str | Path,
+    *,
+    prompt_suffix: str = "",
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+) -> dict:
     """Official POPE question files (e.g. ``coco_pope_random.json``) and their image folder as lmms-eval tasks.
 
     The files are copied (checked by :func:`vlm_guard.eval.pope.load_pope_questions`; with ``limit`` only the
@@ -261,16 +332,31 @@ def export_pope(out: str | Path, question_files: Sequence[str | Path], images: s
     tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS["pope"]
     splits = [split for split in POPE_SPLITS if split in by_split]
     tasks = write_pope_tasks(out, splits, images, tokens, prompt_suffix=prompt_suffix)
-    manifest = {"format": "vlm_guard.lmms_eval_export/1", "source": "pope", "question_files": {
-        split: str(path) for split, path in by_split.items()}, "images": str(images.resolve()), "questions": counts,
-        "prompt_suffix": prompt_suffix, "max_new_tokens": {"pope": tokens}, "tasks": tasks}
+    manifest = {
+        "format": "vlm_guard.lmms_eval_export/1",
+        "source": "pope",
+        "question_files": {split: str(path) for split, path in by_split.items()},
+        "images": str(images.resolve()),
+        "questions": counts,
+        "prompt_suffix": prompt_suffix,
+        "max_new_tokens": {"pope": tokens},
+        "tasks": tasks,
+    }
     _write_manifest(out, manifest, "export_pope.json")
     return manifest
 
 
-def export_coco_chair(out: str | Path, images: str | Path, instances: str | Path, captions: str | Path, *,
-                      n_images: int = 500, seed: int = 0, prompt: str | None = None,
-                      max_new_tokens: int | None = None) -> dict:
+def export_coco_chair(
+    out: str | Path,
+    images: str | Path,
+    instances: str | Path,
+    captions: str | Path,
+    *,
+    n_images: int = 500,
+    seed: int = 0,
+    prompt: str | None = None,
+    max_new_tokens: int | None = None,
+) -> dict:
     """``vlm-guard eval chair``'s items (``n_images`` val2014 images drawn with ``seed``) with their ground-truth
     COCO objects, as the CHAIR task of ``out``."""
     from vlm_guard.eval.chair import ChairGroundTruth
@@ -279,17 +365,32 @@ def export_coco_chair(out: str | Path, images: str | Path, instances: str | Path
     prompt = prompt or DEFAULT_CHAIR_PROMPT
     tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS["chair"]
     task = chair_task(str(images), str(instances), str(captions), n_images, seed, prompt, max_new_tokens=tokens)
-    ground_truth = ChairGroundTruth.from_coco(instances, captions,
-                                              image_ids=[item.fields["image_id"] for item in task.items])
-    rows = [{"image_id": item.fields["image_id"], "image": item.image_name,
-             "gt_objects": sorted(ground_truth.objects_for(item.fields["image_id"])), "vocabulary": "coco"}
-            for item in task.items]
+    ground_truth = ChairGroundTruth.from_coco(
+        instances, captions, image_ids=[item.fields["image_id"] for item in task.items]
+    )
+    rows = [
+        {
+            "image_id": item.fields["image_id"],
+            "image": item.image_name,
+            "gt_objects": sorted(ground_truth.objects_for(item.fields["image_id"])),
+            "vocabulary": "coco",
+        }
+        for item in task.items
+    ]
     out = Path(out)
     _write_text(out / "chair" / "chair.jsonl", _jsonl(rows))
     name = write_chair_task(out, images, prompt, tokens)
-    manifest = {"format": "vlm_guard.lmms_eval_export/1", "source": "coco_chair", "images": str(Path(images).resolve()),
-                "instances": str(instances), "captions": str(captions), "n_images": len(rows), "seed": seed,
-                "prompt": prompt, "max_new_tokens": {"chair": tokens}, "tasks": [name]}
+    manifest = {
+        "format": "vlm_guard.lmms_eval_export/1",
+        "source": "coco_chair",
+        "images": str(Path(images).resolve()),
+        "instances": str(instances),
+        "captions": str(captions),
+        "n_images": len(rows),
+        "seed": seed,
+        "prompt": prompt,
+        "max_new_tokens": {"chair": tokens},
+        "tasks": [name],
+    }
     _write_manifest(out, manifest, "export_chair.json")
     return manifest
-

@@ -50,8 +50,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 128
 """Budget of a task that sets no ``max_new_tokens``."""
 
-PASSED_GENERATION_KWARGS = ("num_beams", "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens",
-                            "length_penalty")
+PASSED_GENERATION_KWARGS = (
+    "num_beams",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_new_tokens",
+    "length_penalty",
+)
 """Task generation kwargs handed to ``generate`` as they are."""
 
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k")
@@ -70,10 +75,21 @@ class VLMGuardModel(lmms):
 
     is_simple = False
 
-    def __init__(self, pretrained: str = "default", methods: str = "none", head_map: str | None = None,
-                 dtype: str = "float32", device: str | None = None, attn_implementation: str | None = None,
-                 batch_size: int | str = 1, max_batch_size: int | None = None, trust_remote_code: bool = False,
-                 allow_pickle: bool = False, system_prompt: str | None = None, **method_fields: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str = "default",
+        methods: str = "none",
+        head_map: str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        attn_implementation: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        system_prompt: str | None = None,
+        **method_fields: Any,
+    ) -> None:
         super().__init__()
         from vlm_guard.checks import check_device
         from vlm_guard.eval.runner import head_map_digest, prepare_processor
@@ -83,10 +99,14 @@ class VLMGuardModel(lmms):
         methods_text, fields = split_model_args({"methods": methods, **method_fields})
         self._batch_size = _positive_int("batch_size", batch_size)
         device = check_device(str(device or "cpu"), flag="device")
-        model, processor, name, weights = _load(str(pretrained), dtype=str(dtype), device=device,
-                                                attn_implementation=attn_implementation,
-                                                trust_remote_code=bool(trust_remote_code),
-                                                allow_pickle=bool(allow_pickle))
+        model, processor, name, weights = _load(
+            str(pretrained),
+            dtype=str(dtype),
+            device=device,
+            attn_implementation=attn_implementation,
+            trust_remote_code=bool(trust_remote_code),
+            allow_pickle=bool(allow_pickle),
+        )
         prepare_processor(processor)
         loaded_map = None
         if head_map:
@@ -108,7 +128,9 @@ class VLMGuardModel(lmms):
             "active_methods": [intervention.name for intervention in self.guarded.interventions],
             "guard_config": self.guarded.guard_config.to_dict(),
             "settings": self.guarded.describe_settings(tuned_only=False),
-            "head_map": None if found_map is None else {
+            "head_map": None
+            if found_map is None
+            else {
                 "path": str(head_map) if head_map else "found by vlm_guard.wrap (cache or shipped)",
                 "digest": head_map_digest(found_map),
                 "fingerprint_hash": getattr(found_map, "fingerprint_hash", None),
@@ -142,11 +164,14 @@ class VLMGuardModel(lmms):
         raise NotImplementedError(
             "--model vlm_guard does not score log-likelihoods: lmms-eval 0.7.3 builds chat-model requests for "
             "generation only (generate_until). Run a generate_until task (e.g. pope, coco_cap_chair, or "
-            "`vlm-guard export-lmms`'s vlm_guard_pope / vlm_guard_chair), or ask the task for a one-letter answer.")
+            "`vlm-guard export-lmms`'s vlm_guard_pope / vlm_guard_chair), or ask the task for a one-letter answer."
+        )
 
     def generate_until_multi_round(self, requests) -> list[str]:
-        raise NotImplementedError("--model vlm_guard answers one turn per document; multi-round tasks are not "
-                                  "supported. Run a generate_until task.")
+        raise NotImplementedError(
+            "--model vlm_guard answers one turn per document; multi-round tasks are not "
+            "supported. Run a generate_until task."
+        )
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """One answer per request, in request order; batches hold requests of one task with one set of
@@ -164,7 +189,7 @@ class VLMGuardModel(lmms):
         try:
             for indices in groups.values():
                 for start in range(0, len(indices), self._batch_size):
-                    batch = indices[start:start + self._batch_size]
+                    batch = indices[start : start + self._batch_size]
                     answers, counts, seconds = self._answer_batch([requests[index] for index in batch])
                     total_tokens += sum(counts)
                     total_seconds += seconds
@@ -180,8 +205,11 @@ class VLMGuardModel(lmms):
             raise GenerationFailed(f"{len(missing)} request(s) got no answer (first: {missing[0]}).")
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-        log_metrics(total_gen_tokens=total_tokens, total_elapsed_time=total_seconds,
-                    avg_speed=total_tokens / total_seconds if total_seconds > 0 else 0.0)
+        log_metrics(
+            total_gen_tokens=total_tokens,
+            total_elapsed_time=total_seconds,
+            avg_speed=total_tokens / total_seconds if total_seconds > 0 else 0.0,
+        )
         return results
 
     def _answer_batch(self, batch: Sequence[Instance]) -> tuple[list[str], list[int], float]:
@@ -199,8 +227,10 @@ class VLMGuardModel(lmms):
         try:
             answers = generate_answers(self.guarded, self.processor, images, prompts, max_new_tokens, **generation)
         except Exception as error:
-            raise GenerationFailed(f"generate failed for {len(batch)} document(s) ({names[0]} ... {names[-1]}): "
-                                   f"{type(error).__name__}: {error}") from error
+            raise GenerationFailed(
+                f"generate failed for {len(batch)} document(s) ({names[0]} ... {names[-1]}): "
+                f"{type(error).__name__}: {error}"
+            ) from error
         seconds = time.perf_counter() - started
         answers = [cut_at_stop(answer, until) for answer in answers]
         counts = [len(self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers]
@@ -216,8 +246,10 @@ class VLMGuardModel(lmms):
         if videos or audios:
             raise ValueError(f"{task} document {doc_id} holds video or audio; --model vlm_guard takes images only.")
         if len(images) != 1:
-            raise ValueError(f"{task} document {doc_id} holds {len(images)} images; --model vlm_guard answers about "
-                             f"one image per question (vlm_guard's methods locate one image span).")
+            raise ValueError(
+                f"{task} document {doc_id} holds {len(images)} images; --model vlm_guard answers about "
+                f"one image per question (vlm_guard's methods locate one image span)."
+            )
         turns = []
         for message in chat.messages:
             content = []
@@ -228,8 +260,10 @@ class VLMGuardModel(lmms):
                     content.append({"type": "text", "text": part.text})
             turns.append({"role": message.role, "content": content})
         if not getattr(self.processor, "chat_template", None):
-            raise ValueError(f"the processor of {self.model_info['model']} has no chat template; use an "
-                             f"instruction-tuned checkpoint (with chat_template.json).")
+            raise ValueError(
+                f"the processor of {self.model_info['model']} has no chat template; use an "
+                f"instruction-tuned checkpoint (with chat_template.json)."
+            )
         prompt = self.processor.apply_chat_template(turns, add_generation_prompt=True)
         from vlm_guard.images import load_image
 
@@ -264,10 +298,13 @@ def generation_settings(gen_kwargs: dict, where: str = "") -> tuple[dict, int, l
     known = set(PASSED_GENERATION_KWARGS) | set(SAMPLING_KWARGS) | set(IGNORED_GENERATION_KWARGS)
     unknown = sorted(set(gen_kwargs) - known)
     if unknown:
-        raise ValueError(f"{where}: generation kwargs {unknown} are not supported by --model vlm_guard; it takes "
-                         f"{sorted(known)}.")
+        raise ValueError(
+            f"{where}: generation kwargs {unknown} are not supported by --model vlm_guard; it takes {sorted(known)}."
+        )
     max_new_tokens = gen_kwargs.get("max_new_tokens")
-    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else _positive_int("max_new_tokens", max_new_tokens)
+    max_new_tokens = (
+        DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else _positive_int("max_new_tokens", max_new_tokens)
+    )
     temperature = gen_kwargs.get("temperature")
     sample = bool(gen_kwargs.get("do_sample")) or (temperature is not None and float(temperature) > 0)
     settings: dict[str, Any] = {"do_sample": sample, "num_beams": 1}
@@ -295,8 +332,15 @@ def cut_at_stop(answer: str, until: Sequence[str]) -> str:
     return answer.strip()
 
 
-def _load(pretrained: str, *, dtype: str, device: str, attn_implementation: str | None, trust_remote_code: bool,
-          allow_pickle: bool):
+def _load(
+    pretrained: str,
+    *,
+    dtype: str,
+    device: str,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+):
     """``(model, processor, name, weights digest)``; ``default`` is the shipped default model."""
     from vlm_guard.checks import check_model_argument, model_load_error
     from vlm_guard.defaults import default_model_dir
@@ -306,8 +350,14 @@ def _load(pretrained: str, *, dtype: str, device: str, attn_implementation: str 
     model_id = None if pretrained.strip().lower() == "default" else pretrained
     check_model_argument(model_id, flag="pretrained")
     try:
-        model, processor = load_model(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                      allow_pickle=allow_pickle, attn_implementation=attn_implementation)
+        model, processor = load_model(
+            model_id,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            attn_implementation=attn_implementation,
+        )
     except OSError as error:
         raise model_load_error(model_id, error, flag="pretrained") from None
     return model, processor, model_label(model_id), weights_digest(model_id or default_model_dir())

@@ -45,14 +45,18 @@ def split_model_args(kwargs: Mapping[str, Any]) -> tuple[str, dict[str, dict[str
         if key == "methods":
             continue
         if "." not in key:
-            raise ValueError(f"unknown model argument {key!r} for --model vlm_guard; arguments are pretrained, "
-                             f"methods, head_map, dtype, device, attn_implementation, batch_size, trust_remote_code, "
-                             f"allow_pickle and method fields such as gift.alpha=3.")
+            raise ValueError(
+                f"unknown model argument {key!r} for --model vlm_guard; arguments are pretrained, "
+                f"methods, head_map, dtype, device, attn_implementation, batch_size, trust_remote_code, "
+                f"allow_pickle and method fields such as gift.alpha=3."
+            )
         method, name = key.split(".", 1)
         method = method.strip().lower()
         if method not in METHOD_ORDER:
-            raise ValueError(f"model argument {key}={value!r} names unknown method {method!r}; methods are "
-                             f"{list(METHOD_ORDER)} (e.g. gift.alpha=3).")
+            raise ValueError(
+                f"model argument {key}={value!r} names unknown method {method!r}; methods are "
+                f"{list(METHOD_ORDER)} (e.g. gift.alpha=3)."
+            )
         fields.setdefault(method, {})[name.strip()] = value
     return methods, fields
 
@@ -77,8 +81,10 @@ def _parse_int_list(method: str, name: str, value: Any) -> list[int]:
             else:
                 layers.append(int(part))
     except ValueError:
-        raise ValueError(f"{method}.{name}={value!r} is not a layer list; write e.g. 15-29 (a range) or 3+4+5 "
-                         f"(',' separates model arguments).") from None
+        raise ValueError(
+            f"{method}.{name}={value!r} is not a layer list; write e.g. 15-29 (a range) or 3+4+5 "
+            f"(',' separates model arguments)."
+        ) from None
     return layers
 
 
@@ -143,15 +149,18 @@ def guard_config(methods: str, fields: Mapping[str, Mapping[str, Any]], head_map
         try:
             config = guard_config_for(label)
         except ValueError as error:
-            raise ValueError(f"methods={methods!r}: {error}; write methods as vhr+gift (or none, all, auto, "
-                             f"vhr+gift@tuned).") from None
+            raise ValueError(
+                f"methods={methods!r}: {error}; write methods as vhr+gift (or none, all, auto, vhr+gift@tuned)."
+            ) from None
     for method, values in fields.items():
         method_config = getattr(config, method)
         if method_config is None:
             enabled = "+".join(config.enabled_methods) or "none"
-            raise ValueError(f"{method}.{next(iter(values))} is set but methods={methods} runs {enabled}; add "
-                             f"{method} to methods (e.g. methods={enabled if enabled != 'none' else ''}"
-                             f"{'+' if enabled != 'none' else ''}{method}).")
+            raise ValueError(
+                f"{method}.{next(iter(values))} is set but methods={methods} runs {enabled}; add "
+                f"{method} to methods (e.g. methods={enabled if enabled != 'none' else ''}"
+                f"{'+' if enabled != 'none' else ''}{method})."
+            )
         for name, raw in values.items():
             setattr(method_config, name, field_value(method, name, raw))  # validates; an explicit value wins
     return config

@@ -56,9 +56,11 @@ def doc_to_visual(doc: Mapping[str, Any], lmms_eval_specific_kwargs: Mapping[str
     root = (lmms_eval_specific_kwargs or {}).get("image_root") or ""
     path = Path(root) / image if root else Path(image)
     if not path.is_file():
-        raise FileNotFoundError(f"image {image!r} of document {_doc_name(doc)} is not in {root or 'the working folder'}"
-                                f" ({path}); set image_root in the task's lmms_eval_specific_kwargs to the image "
-                                f"folder, or rerun `vlm-guard export-lmms`.")
+        raise FileNotFoundError(
+            f"image {image!r} of document {_doc_name(doc)} is not in {root or 'the working folder'}"
+            f" ({path}); set image_root in the task's lmms_eval_specific_kwargs to the image "
+            f"folder, or rerun `vlm-guard export-lmms`."
+        )
     return [load_image(path)]
 
 
@@ -101,8 +103,12 @@ def pope_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict
     from vlm_guard.eval.pope import parse_pope_answer
 
     answer = _answer_text(results)
-    entry = {"question_id": doc.get("question_id"), "answer": answer, "prediction": parse_pope_answer(answer),
-             "label": _pope_label(doc)}
+    entry = {
+        "question_id": doc.get("question_id"),
+        "answer": answer,
+        "prediction": parse_pope_answer(answer),
+        "label": _pope_label(doc),
+    }
     return {name: entry for name in POPE_METRICS}
 
 
@@ -158,8 +164,9 @@ def chair_score(doc: Mapping[str, Any], caption: str) -> dict:
     """The CHAIR record of ``caption`` against the document's ``gt_objects`` in its ``vocabulary``."""
     gt_objects = doc.get("gt_objects")
     if not isinstance(gt_objects, (list, tuple)):
-        raise ValueError(f"CHAIR document {_doc_name(doc)} needs 'gt_objects' (a list of object names), got "
-                         f"{gt_objects!r:.80}.")
+        raise ValueError(
+            f"CHAIR document {_doc_name(doc)} needs 'gt_objects' (a list of object names), got {gt_objects!r:.80}."
+        )
     vocabulary = str(doc.get("vocabulary") or "coco")
     if vocabulary == "coco":
         from vlm_guard.eval.chair import score_caption
@@ -169,8 +176,10 @@ def chair_score(doc: Mapping[str, Any], caption: str) -> dict:
     from vlm_guard.synthetic.worlds import WORLD_NAMES
 
     if vocabulary not in WORLD_NAMES:
-        raise ValueError(f"CHAIR document {_doc_name(doc)} has vocabulary {vocabulary!r}; use 'coco' or a synthetic "
-                         f"world ({', '.join(WORLD_NAMES)}).")
+        raise ValueError(
+            f"CHAIR document {_doc_name(doc)} has vocabulary {vocabulary!r}; use 'coco' or a synthetic "
+            f"world ({', '.join(WORLD_NAMES)})."
+        )
     return score_synthetic_caption(caption, list(gt_objects), vocabulary)
 
 

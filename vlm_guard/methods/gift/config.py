@@ -35,18 +35,36 @@ class GIFTConfig(MethodConfig):
     """
 
     method = "gift"
-    alpha: float = field(default=5.0, metadata={"help": "saliency sharpness, M = exp(alpha*S') (both presets 5; released: 5 LLaVA, 4 Qwen2-VL)"})
+    alpha: float = field(
+        default=5.0,
+        metadata={"help": "saliency sharpness, M = exp(alpha*S') (both presets 5; released: 5 LLaVA, 4 Qwen2-VL)"},
+    )
     beta: float = field(default=1.0, metadata={"help": "query-head scale factor (both presets 1.0)"})
-    saliency_layer: int | None = field(default=None, metadata={"help": "l*; None = head map, else 11/32 of depth (both presets)"})
-    enhance_layers: list[int] | None = field(default=None, metadata={"help": "layers to enhance; None = head map, else 12..22 of 32 mapped (both presets)"})
-    use_spacy: bool = field(default=False, metadata={"help": "informative words by spaCy POS (as the released code) instead of stop words (both presets False)"})
-    clamp_stds: float = field(default=CLAMP_STDS, metadata={"help": "saliency clamp width in unbiased std over the image (both presets 3)"})
+    saliency_layer: int | None = field(
+        default=None, metadata={"help": "l*; None = head map, else 11/32 of depth (both presets)"}
+    )
+    enhance_layers: list[int] | None = field(
+        default=None, metadata={"help": "layers to enhance; None = head map, else 12..22 of 32 mapped (both presets)"}
+    )
+    use_spacy: bool = field(
+        default=False,
+        metadata={
+            "help": "informative words by spaCy POS (as the released code) instead of stop words (both presets False)"
+        },
+    )
+    clamp_stds: float = field(
+        default=CLAMP_STDS, metadata={"help": "saliency clamp width in unbiased std over the image (both presets 3)"}
+    )
 
     def validate(self) -> None:
         check_range("GIFTConfig", "alpha", self.alpha, 0.0, 20.0)
         check_range("GIFTConfig", "beta", self.beta, 0.0, 10.0)
-        if self.saliency_layer is not None and (not isinstance(self.saliency_layer, int) or isinstance(self.saliency_layer, bool) or self.saliency_layer < 0):
-            raise ValueError(f"GIFTConfig.saliency_layer must be a non-negative layer index or None, got {self.saliency_layer!r}")
+        if self.saliency_layer is not None and (
+            not isinstance(self.saliency_layer, int) or isinstance(self.saliency_layer, bool) or self.saliency_layer < 0
+        ):
+            raise ValueError(
+                f"GIFTConfig.saliency_layer must be a non-negative layer index or None, got {self.saliency_layer!r}"
+            )
         check_layers("GIFTConfig", "enhance_layers", self.enhance_layers)
         if not isinstance(self.use_spacy, bool):
             raise ValueError(f"GIFTConfig.use_spacy must be True or False, got {self.use_spacy!r}")

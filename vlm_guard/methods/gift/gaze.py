@@ -29,8 +29,9 @@ import torch
 from vlm_guard.methods.gift.config import CLAMP_STDS  # noqa: F401  (defined beside the config)
 
 
-def gaze_shift(weights: torch.Tensor, query_rows: torch.Tensor, image_keys: torch.Tensor,
-               row_positions: torch.Tensor | None = None) -> torch.Tensor:
+def gaze_shift(
+    weights: torch.Tensor, query_rows: torch.Tensor, image_keys: torch.Tensor, row_positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Positive gaze shift ``dA``.
 
     Args:
@@ -57,8 +58,9 @@ def gaze_shift(weights: torch.Tensor, query_rows: torch.Tensor, image_keys: torc
     return shift * keep
 
 
-def total_positive_gaze_shift(weights: torch.Tensor, query_rows: torch.Tensor, image_keys: torch.Tensor,
-                              row_positions: torch.Tensor | None = None) -> torch.Tensor:
+def total_positive_gaze_shift(
+    weights: torch.Tensor, query_rows: torch.Tensor, image_keys: torch.Tensor, row_positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Summed positive gaze shift per head: ``sum_{i in query, j in V} dA[h, i, j]``.
 
     Args: as :func:`gaze_shift`.
@@ -97,8 +99,12 @@ def saliency_layer(layer_scores: dict[int, float] | torch.Tensor) -> int:
     return int(torch.argmax(layer_scores.float()).item())
 
 
-def gaze_saliency(shift: torch.Tensor, informative_rows: torch.Tensor, query_rows: torch.Tensor | None = None,
-                  num_heads: int | None = None) -> torch.Tensor:
+def gaze_saliency(
+    shift: torch.Tensor,
+    informative_rows: torch.Tensor,
+    query_rows: torch.Tensor | None = None,
+    num_heads: int | None = None,
+) -> torch.Tensor:
     """Raw saliency ``S_j``: mean of ``dA`` over the top heads and the informative query rows.
 
     Heads: the ``num_heads`` (default ``floor(H/2)``, at least 1) heads with the largest summed shift
@@ -136,7 +142,9 @@ def saliency_from_head_sums(per_head: torch.Tensor, n_rows: torch.Tensor, num_he
     return chosen.sum(dim=1) / (k * n_rows.clamp_min(1).float()[:, None])
 
 
-def normalise_saliency(saliency: torch.Tensor, image_keys: torch.Tensor, clamp_stds: float = CLAMP_STDS) -> torch.Tensor:
+def normalise_saliency(
+    saliency: torch.Tensor, image_keys: torch.Tensor, clamp_stds: float = CLAMP_STDS
+) -> torch.Tensor:
     """``S'``: clamp to mean +- ``clamp_stds`` std over the image keys, then min-max to [0, 1].
 
     Statistics use the unbiased std (``N - 1``, ``torch.std``'s default) over each sample's image keys,

@@ -82,8 +82,13 @@ def default_gift_layers(num_layers: int) -> tuple[int, list[int]]:
     return max(0, saliency), list(range(first, last + 1))
 
 
-def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokenizer=None, use_spacy: bool = False,
-                           texts: list[str | None] | None = None) -> torch.Tensor:
+def informative_query_mask(
+    input_ids: torch.Tensor,
+    query: torch.Tensor,
+    tokenizer=None,
+    use_spacy: bool = False,
+    texts: list[str | None] | None = None,
+) -> torch.Tensor:
     """``[B, S]`` bool: query tokens that belong to informative words (:func:`informative_query_counts` > 0).
 
     Example:
@@ -98,8 +103,13 @@ def informative_query_mask(input_ids: torch.Tensor, query: torch.Tensor, tokeniz
     return informative_query_counts(input_ids, query, tokenizer, use_spacy, texts) > 0
 
 
-def informative_query_counts(input_ids: torch.Tensor, query: torch.Tensor, tokenizer=None, use_spacy: bool = False,
-                             texts: list[str | None] | None = None) -> torch.Tensor:
+def informative_query_counts(
+    input_ids: torch.Tensor,
+    query: torch.Tensor,
+    tokenizer=None,
+    use_spacy: bool = False,
+    texts: list[str | None] | None = None,
+) -> torch.Tensor:
     """``[B, S]`` float: how many informative words each query token overlaps, by character offsets.
 
     The released code aligns words to tokens by character offsets: spaCy's content words of the question
@@ -148,7 +158,9 @@ def informative_query_counts(input_ids: torch.Tensor, query: torch.Tensor, token
 
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # letters/digits, with inner apostrophes (don't)
-_WORD_PART = re.compile(r"[^\W_]+")  # letters/digits: "dog's" -> dog, s and "don't" -> don, t (as spaCy's dog, 's / do, n't)
+_WORD_PART = re.compile(
+    r"[^\W_]+"
+)  # letters/digits: "dog's" -> dog, s and "don't" -> don, t (as spaCy's dog, 's / do, n't)
 
 
 def informative_word_spans(text: str, nlp=None) -> list[tuple[int, int]]:
@@ -174,7 +186,9 @@ def overlap_counts(spans: list[tuple[int, int]], words: list[tuple[int, int]]) -
         >>> overlap_counts([(0, 3), (3, 7), (7, 7), (7, 12)], [(1, 5), (8, 9)])
         [1, 1, 0, 1]
     """
-    return [sum(1 for first, last in words if start < last and end > first) if end > start else 0 for start, end in spans]
+    return [
+        sum(1 for first, last in words if start < last and end > first) if end > start else 0 for start, end in spans
+    ]
 
 
 def token_word_counts(tokenizer, token_ids: list[int], nlp=None) -> list[int]:
@@ -190,7 +204,10 @@ def token_word_counts(tokenizer, token_ids: list[int], nlp=None) -> list[int]:
         if token in special or token == unknown:
             chars[start:end] = ("x" if token == unknown else " ") * (end - start)
     counts = overlap_counts(spans, informative_word_spans("".join(chars), nlp))
-    return [0 if token in special else (max(1, count) if token == unknown else count) for token, count in zip(token_ids, counts)]
+    return [
+        0 if token in special else (max(1, count) if token == unknown else count)
+        for token, count in zip(token_ids, counts)
+    ]
 
 
 def _counts_from_text(tokenizer, token_ids: list[int], text: str, nlp=None) -> list[int] | None:
@@ -259,8 +276,11 @@ def query_words(tokenizer, token_ids: list[int]) -> list[tuple[str, list[int]]]:
     words = []
     for match in _WORD.finditer(text):
         start, end = match.span()
-        members = [i for i, (begin, finish) in enumerate(spans)
-                   if begin < end and finish > start and token_ids[i] not in special]
+        members = [
+            i
+            for i, (begin, finish) in enumerate(spans)
+            if begin < end and finish > start and token_ids[i] not in special
+        ]
         if members:
             words.append((match.group(), members))
     return words
@@ -277,7 +297,9 @@ def _spacy_pipeline():
 
             _SPACY["nlp"] = spacy.load("en_core_web_sm")
         except (ImportError, OSError) as error:
-            logger.warning("GIFT use_spacy=True but spaCy/en_core_web_sm is unavailable (%s); using the stop-word list.", error)
+            logger.warning(
+                "GIFT use_spacy=True but spaCy/en_core_web_sm is unavailable (%s); using the stop-word list.", error
+            )
     return _SPACY["nlp"]
 
 
@@ -324,7 +346,9 @@ class GIFT(Intervention):
         self.saliency: torch.Tensor | None = None
         self._gain: torch.Tensor | None = None  # [B, S] M - 1
         self._keys: dict = {}  # device -> FusionMatrices over the prompt keys, built once per prefill
-        self._gaze: tuple | None = None  # saliency accumulated over the chunks of l*: (sum per head [B, H, S], last row)
+        self._gaze: tuple | None = (
+            None  # saliency accumulated over the chunks of l*: (sum per head [B, H, S], last row)
+        )
 
     def layers(self) -> set[int]:
         layers = set(self.enhance_layers)
@@ -341,11 +365,17 @@ class GIFT(Intervention):
         informative = informative_query_counts(prompt.input_ids, spans.query, self.tokenizer, self.config.use_spacy)
         # the rows the saliency averages, each weighted by how many informative words it overlaps (the released code
         # lists a token once per word): the informative query tokens, or every query token when a sample has none
-        self._saliency_rows = torch.where((informative > 0).any(dim=1, keepdim=True), informative, spans.query.float())  # [B, S]
+        self._saliency_rows = torch.where(
+            (informative > 0).any(dim=1, keepdim=True), informative, spans.query.float()
+        )  # [B, S]
         self.saliency = torch.zeros(prompt.input_ids.shape, dtype=torch.float32, device=prompt.input_ids.device)
         self._gain = torch.zeros_like(self.saliency)
         if not self.in_prefill and bool(spans.has_image.any()):
-            inputs = {k: v for k, v in prompt.model_inputs.items() if k not in ("cache", "past_key_values", "use_cache", "logits_to_keep", "cache_position")}
+            inputs = {
+                k: v
+                for k, v in prompt.model_inputs.items()
+                if k not in ("cache", "past_key_values", "use_cache", "logits_to_keep", "cache_position")
+            }
             engine.side_pass([GazeRecorder(self.saliency_layer, self)], inputs, stop_after_layer=self.saliency_layer)
 
     def saliency_rows(self, ctx: LayerContext) -> torch.Tensor:
@@ -397,8 +427,9 @@ class GIFT(Intervention):
         cached = self._keys.get(device)
         if cached is None:
             spans = ctx.prompt.spans
-            cached = self._keys[device] = FusionMatrices.build(self._gain.to(device), spans.image.to(device),
-                                                               spans.query.to(device), self.config.beta)
+            cached = self._keys[device] = FusionMatrices.build(
+                self._gain.to(device), spans.image.to(device), spans.query.to(device), self.config.beta
+            )
         return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:

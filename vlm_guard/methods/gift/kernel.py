@@ -33,8 +33,9 @@ def top_heads(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(score, dtype=torch.bool).scatter(1, index, True)
 
 
-def enhance_reference(weights: torch.Tensor, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor,
-                      beta: float) -> torch.Tensor:
+def enhance_reference(
+    weights: torch.Tensor, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor, beta: float
+) -> torch.Tensor:
     """GIFT's edit as stated in the module docstring (a new tensor; gradients flow through it).
 
     Args:
@@ -67,7 +68,9 @@ def enhance_reference(weights: torch.Tensor, image_gain: torch.Tensor, image_key
     before = torch.where(boosted_keys, weights, zero).sum(dim=(1, 3), keepdim=True)  # [B, 1, R, 1]
     after = torch.where(boosted_keys, boosted, zero).sum(dim=(1, 3), keepdim=True)
     has_visual = before > 0
-    r = torch.where(has_visual, after / torch.where(has_visual, before, torch.ones_like(before)), torch.ones_like(before))
+    r = torch.where(
+        has_visual, after / torch.where(has_visual, before, torch.ones_like(before)), torch.ones_like(before)
+    )
     scaled = torch.where(query_heads & query, boosted * (beta * r), boosted)
     total = scaled.sum(dim=-1, keepdim=True)
     has_weight = total > 0
@@ -99,11 +102,19 @@ class FusionMatrices:
     bias: torch.Tensor
     one: torch.Tensor
     offset: torch.Tensor | None
-    zeros: dict = field(default_factory=dict, compare=False)  # shape -> zeros the top heads are scattered into (never written)
+    zeros: dict = field(
+        default_factory=dict, compare=False
+    )  # shape -> zeros the top heads are scattered into (never written)
 
     @classmethod
-    def build(cls, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor, beta: float,
-              dtype=torch.float32) -> FusionMatrices:
+    def build(
+        cls,
+        image_gain: torch.Tensor,
+        image_keys: torch.Tensor,
+        query_keys: torch.Tensor,
+        beta: float,
+        dtype=torch.float32,
+    ) -> FusionMatrices:
         """From ``[B, S]`` image multipliers minus one (zero outside the image), image keys and query keys."""
         gain = image_gain.to(dtype)
         query = query_keys.to(dtype)
@@ -140,7 +151,9 @@ def enhance(weights: torch.Tensor, matrices: FusionMatrices, in_place: bool = Fa
         # under autograd, no division by the bias alone (no H_V weight on V: the gain is 0 there too, r = 1), whose
         # gradient ``1 / tiny`` overflows; column 0 is 1 everywhere
         visual = over_visual[..., :1]
-        gained = over_visual[..., 1:2] / torch.where(visual > top * torch.finfo(weights.dtype).tiny, visual, matrices.one)
+        gained = over_visual[..., 1:2] / torch.where(
+            visual > top * torch.finfo(weights.dtype).tiny, visual, matrices.one
+        )
         scale = torch.cat((torch.ones_like(gained), gained), dim=-1)
     else:
         scale = (over_visual / over_visual[..., :1])[..., :2]
@@ -148,14 +161,17 @@ def enhance(weights: torch.Tensor, matrices: FusionMatrices, in_place: bool = Fa
         scale = scale + matrices.offset
     coefficients = leads[..., ::2] * scale  # [B, H, (R,) 2]: (in H_V, in H_Q * (beta r - 1))
     # factor = 1 + hv * (M_j - 1) + (beta r - 1) * hq * q_j, per (row, key)
-    factor = torch.baddbmm(matrices.one, coefficients if rows == 1 else coefficients.view(batch, heads * rows, 2), edit_matrix)
+    factor = torch.baddbmm(
+        matrices.one, coefficients if rows == 1 else coefficients.view(batch, heads * rows, 2), edit_matrix
+    )
     head.mul_(factor)
     # rows renormalised; a row with no weight (padding) stays zero: 0 / tiny
     return weights.div_(weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny))
 
 
-def enhance_fusion(weights: torch.Tensor, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor,
-                   beta: float) -> torch.Tensor:
+def enhance_fusion(
+    weights: torch.Tensor, image_gain: torch.Tensor, image_keys: torch.Tensor, query_keys: torch.Tensor, beta: float
+) -> torch.Tensor:
     """The GIFT edit of a block of attention rows by the fast path (pure function; ``weights`` is not modified).
 
     Args:

@@ -59,7 +59,11 @@ def choose_saliency_layer(layer_shift: torch.Tensor | list[float], num_layers: i
     scores = torch.as_tensor(layer_shift, dtype=torch.float32)
     num_layers = scores.numel() if num_layers is None else num_layers
     candidates = candidate_layers(num_layers)
-    finite = {layer: float(scores[layer]) for layer in candidates if torch.isfinite(scores[layer]) and float(scores[layer]) > 0}
+    finite = {
+        layer: float(scores[layer])
+        for layer in candidates
+        if torch.isfinite(scores[layer]) and float(scores[layer]) > 0
+    }
     if not finite:
         return None
     return saliency_layer(finite)

@@ -18,10 +18,16 @@ def forward_passes(fields: dict) -> int:
 
 
 register_method(
-    "pai", PAIConfig, "vlm_guard.methods.pai.intervention:build", order=40, contrastive=True,
+    "pai",
+    PAIConfig,
+    "vlm_guard.methods.pai.intervention:build",
+    order=40,
+    contrastive=True,
     strength_field="alpha",
     ui=MethodUI("PAI", 0.0, 1.0, 0.05, 0.2, "alpha: image-attention boost a + alpha*|a|"),
-    tuning_grid=tuning_grid, forward_passes=forward_passes, bench_fields={},
+    tuning_grid=tuning_grid,
+    forward_passes=forward_passes,
+    bench_fields={},
 )
 
 __all__ = ["PAIConfig", "TUNING_ALPHAS", "tuning_grid", "forward_passes"]

@@ -19,9 +19,13 @@ class PAIConfig(MethodConfig):
     """
 
     method = "pai"
-    alpha: float = field(default=0.2, metadata={"help": "pre-softmax image-score amplification a + alpha*|a| (paper 0.2)"})
+    alpha: float = field(
+        default=0.2, metadata={"help": "pre-softmax image-score amplification a + alpha*|a| (paper 0.2)"}
+    )
     gamma: float = field(default=1.1, metadata={"help": "image-free contrast weight (paper 1.1; 1 = off)"})
-    plausibility: float = field(default=0.1, metadata={"help": "plausibility cut-off as a fraction of the max probability (paper 0.1)"})
+    plausibility: float = field(
+        default=0.1, metadata={"help": "plausibility cut-off as a fraction of the max probability (paper 0.1)"}
+    )
     layers: list[int] | None = field(default=None, metadata={"help": "layers to amplify; None = 2..L-1 (paper)"})
 
     def validate(self) -> None:

@@ -64,7 +64,9 @@ def plausibility_cut(reference: torch.Tensor, plausibility: float) -> torch.Tens
     return logp < math.log(plausibility) + logp.amax(dim=-1, keepdim=True)
 
 
-def image_free_contrast(logits: torch.Tensor, text_logits: torch.Tensor, gamma: float, plausibility: float) -> torch.Tensor:
+def image_free_contrast(
+    logits: torch.Tensor, text_logits: torch.Tensor, gamma: float, plausibility: float
+) -> torch.Tensor:
     """PAI's contrast: ``gamma * logp(y|img,txt) - (gamma-1) * logp(y|txt)``, implausible tokens ``-inf``.
 
     Args:
@@ -107,7 +109,9 @@ class ContrastStream:
             the prompt and feeds the tokens generated since, as the one-shot stream had.
     """
 
-    def __init__(self, engine, inputs: dict, position_ids: torch.Tensor | None = None, main_prompt_length: int | None = None):
+    def __init__(
+        self, engine, inputs: dict, position_ids: torch.Tensor | None = None, main_prompt_length: int | None = None
+    ):
         self.engine = engine
         self.inputs = dict(inputs)
         self.attention_mask = inputs["attention_mask"]
@@ -134,20 +138,32 @@ class ContrastStream:
                     if self.main_prompt_length is None:
                         self.main_prompt_length = input_ids.shape[1]
                     if input_ids.shape[1] < self.main_prompt_length:
-                        raise ValueError(f"generate passed {input_ids.shape[1]} tokens, fewer than the {self.main_prompt_length} "
-                                         "of the prompt this contrast pass stands for; build a new processor per generate call")
-                    output = self.engine.model(**self.inputs, position_ids=self.position_ids, use_cache=True, logits_to_keep=1)
+                        raise ValueError(
+                            f"generate passed {input_ids.shape[1]} tokens, fewer than the {self.main_prompt_length} "
+                            "of the prompt this contrast pass stands for; build a new processor per generate call"
+                        )
+                    output = self.engine.model(
+                        **self.inputs, position_ids=self.position_ids, use_cache=True, logits_to_keep=1
+                    )
                     self.cache = output_cache(output)
                 new = input_ids.shape[1] - self.main_prompt_length - self.fed
                 if output is None or new > 0:  # a later step, or a stream that joined a generation midway
                     if new <= 0:
-                        raise ValueError("the contrast pass was called twice for the same step; build a new processor per generate call")
+                        raise ValueError(
+                            "the contrast pass was called twice for the same step; build a new processor per generate call"
+                        )
                     steps = torch.arange(self.fed + 1, self.fed + new + 1, device=input_ids.device)
                     positions = self.position_ids[..., -1:] + steps  # [..., B, new]
                     self.fed += new
                     mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(batch, self.fed)], dim=1)
-                    output = self.engine.model(input_ids=input_ids[:, -new:], attention_mask=mask, position_ids=positions,
-                                               use_cache=True, logits_to_keep=1, **cache_kwargs(self.engine.model, self.cache))
+                    output = self.engine.model(
+                        input_ids=input_ids[:, -new:],
+                        attention_mask=mask,
+                        position_ids=positions,
+                        use_cache=True,
+                        logits_to_keep=1,
+                        **cache_kwargs(self.engine.model, self.cache),
+                    )
                     self.cache = output_cache(output)
         finally:
             restore_forward_state(saved)
@@ -175,8 +191,13 @@ class ImageFreeContrast(LogitsProcessor):
             nothing: log-probabilities and the cut only, as with ``gamma=1``); None = every row.
     """
 
-    def __init__(self, config: PAIConfig, stream: ContrastStream | None, has_image: torch.Tensor | None = None,
-                 has_text: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: PAIConfig,
+        stream: ContrastStream | None,
+        has_image: torch.Tensor | None = None,
+        has_text: torch.Tensor | None = None,
+    ):
         self.config = config
         self.stream = stream
         self.has_image = has_image
@@ -184,9 +205,13 @@ class ImageFreeContrast(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         text_logits = self.stream.logits(input_ids) if self.stream is not None else scores
-        if self.stream is not None and self.has_text is not None:  # an empty image-free row: logp(y|txt) := logp(y|img,txt)
+        if (
+            self.stream is not None and self.has_text is not None
+        ):  # an empty image-free row: logp(y|txt) := logp(y|img,txt)
             text_logits = torch.where(self.has_text.to(scores.device)[:, None], text_logits, scores.float())
-        contrast = image_free_contrast(scores, text_logits, self.config.gamma, self.config.plausibility).to(scores.dtype)
+        contrast = image_free_contrast(scores, text_logits, self.config.gamma, self.config.plausibility).to(
+            scores.dtype
+        )
         if self.has_image is None:
             return contrast
         return torch.where(self.has_image.to(scores.device)[:, None], contrast, scores)
@@ -235,7 +260,9 @@ class PAI(Intervention):
         has_text = None
         if self.config.gamma != 1.0:
             if input_ids is None:
-                raise ValueError("PAI's image-free contrast needs input_ids in generate(...); set PAIConfig(gamma=1.0) to use embeddings")
+                raise ValueError(
+                    "PAI's image-free contrast needs input_ids in generate(...); set PAIConfig(gamma=1.0) to use embeddings"
+                )
             text_ids, text_mask = guarded.adapter.remove_image(input_ids, attention_mask)
             has_text = text_mask.bool().any(dim=1)  # [B] rows whose image-free prompt keeps a token
             if has_image is not None and not bool((has_text | ~has_image).all()):

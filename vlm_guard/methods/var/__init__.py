@@ -18,11 +18,25 @@ def tuning_grid(num_layers: int, head_map=None) -> list[tuple[dict, str]]:
 
 
 register_method(
-    "var", VARConfig, "vlm_guard.methods.var.intervention:build", order=20, in_all=True,
+    "var",
+    VARConfig,
+    "vlm_guard.methods.var.intervention:build",
+    order=20,
+    in_all=True,
     strength_field="p",
-    ui=MethodUI("VAR", 0.0, 1.0, 0.05, 0.6, "p: fraction of sink attention moved to image tokens", shows=("sink_mask",),
-                switched_off_hint="It needs the model's sink dimensions: run `vlm-guard calibrate` and pass --head-map DIR."),
-    tuning_grid=tuning_grid, bench_fields={}, bench_decode_target=1.15,
+    ui=MethodUI(
+        "VAR",
+        0.0,
+        1.0,
+        0.05,
+        0.6,
+        "p: fraction of sink attention moved to image tokens",
+        shows=("sink_mask",),
+        switched_off_hint="It needs the model's sink dimensions: run `vlm-guard calibrate` and pass --head-map DIR.",
+    ),
+    tuning_grid=tuning_grid,
+    bench_fields={},
+    bench_decode_target=1.15,
 )
 
 __all__ = ["VARConfig", "TUNING_PS", "TUNING_RHOS", "TUNING_TAUS", "tuning_grid"]

@@ -40,13 +40,23 @@ class VARConfig(MethodConfig):
 
     method = "var"
     p: float = preset_field("fraction of sink attention moved to non-sink image tokens", released=0.4, paper=0.6)
-    rho: float = field(default=0.5, metadata={"help": "min non-sink share of visual attention (both presets 0.5; paper: 0.8 general)"})
-    visual_threshold: float = field(default=0.2, metadata={"help": "min visual attention mass of an image-centric row (both presets 0.2)"})
+    rho: float = field(
+        default=0.5, metadata={"help": "min non-sink share of visual attention (both presets 0.5; paper: 0.8 general)"}
+    )
+    visual_threshold: float = field(
+        default=0.2, metadata={"help": "min visual attention mass of an image-centric row (both presets 0.2)"}
+    )
     tau: float = field(default=SINK_THRESHOLD, metadata={"help": "sink threshold on phi (both presets 20)"})
-    sink_dims: list[int] | None = field(default=None, metadata={"help": "sink hidden dimensions; None = from the head map (both presets)"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layers to edit; None = 2.. with the last per last_layer (both presets)"})
+    sink_dims: list[int] | None = field(
+        default=None, metadata={"help": "sink hidden dimensions; None = from the head map (both presets)"}
+    )
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "layers to edit; None = 2.. with the last per last_layer (both presets)"}
+    )
     last_layer: bool = preset_field("edit the last decoder layer (when layers is None)", released=True, paper=False)
-    require_visual_sink: bool = preset_field("leave layers whose sinks are all text tokens untouched", released=True, paper=False)
+    require_visual_sink: bool = preset_field(
+        "leave layers whose sinks are all text tokens untouched", released=True, paper=False
+    )
 
     def validate(self) -> None:
         check_range("VARConfig", "p", self.p, 0.0, 1.0)
@@ -57,7 +67,9 @@ class VARConfig(MethodConfig):
             not isinstance(self.sink_dims, (list, tuple))
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.sink_dims)
         ):
-            raise ValueError(f"VARConfig.sink_dims must be a list of non-negative hidden-dimension indices or None, got {self.sink_dims!r}")
+            raise ValueError(
+                f"VARConfig.sink_dims must be a list of non-negative hidden-dimension indices or None, got {self.sink_dims!r}"
+            )
         check_layers("VARConfig", "layers", self.layers)
         for name in ("last_layer", "require_visual_sink"):
             if not isinstance(getattr(self, name), bool):

@@ -124,8 +124,12 @@ class VAR(Intervention):
         cached = self._keys.get(layer)
         if cached is None or cached.sums.device != device:
             cached = self._keys[layer] = RecyclingMatrices.build(
-                self._image.to(device), self._effective_sinks(layer).to(device), self.config.p, self.config.rho,
-                self.config.visual_threshold)
+                self._image.to(device),
+                self._effective_sinks(layer).to(device),
+                self.config.p,
+                self.config.rho,
+                self.config.visual_threshold,
+            )
         return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
@@ -159,11 +163,15 @@ def build(config: VARConfig, adapter, head_map) -> VAR | None:
         return None
     bad = [d for d in sink_dims if d >= geometry.hidden_size]
     if bad:
-        raise ValueError(f"VARConfig.sink_dims {bad} are out of range; the model's hidden size is {geometry.hidden_size}")
+        raise ValueError(
+            f"VARConfig.sink_dims {bad} are out of range; the model's hidden size is {geometry.hidden_size}"
+        )
     layers = config.layers if config.layers is not None else default_var_layers(geometry.num_layers, config.last_layer)
     bad = [layer for layer in layers if not 0 <= layer < geometry.num_layers]
     if bad:
         raise ValueError(f"VARConfig.layers {bad} are out of range; the model has layers 0..{geometry.num_layers - 1}")
     if not layers:
-        logger.warning("VAR has no layer to edit (the model has %d layers; VAR uses layers from 2 on)", geometry.num_layers)
+        logger.warning(
+            "VAR has no layer to edit (the model has %d layers; VAR uses layers from 2 on)", geometry.num_layers
+        )
     return VAR(config, sink_dims, layers)

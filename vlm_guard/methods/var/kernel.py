@@ -26,8 +26,14 @@ import torch
 from vlm_guard.core.contract import prompt_key_rows
 
 
-def recycle_reference(weights: torch.Tensor, image_keys: torch.Tensor, sink_keys: torch.Tensor, p: float, rho: float,
-                      visual_threshold: float) -> torch.Tensor:
+def recycle_reference(
+    weights: torch.Tensor,
+    image_keys: torch.Tensor,
+    sink_keys: torch.Tensor,
+    p: float,
+    rho: float,
+    visual_threshold: float,
+) -> torch.Tensor:
     """VAR's edit as stated in the module docstring (a new tensor; gradients flow through it).
 
     Args:
@@ -96,8 +102,15 @@ class RecyclingMatrices:
     one: torch.Tensor
 
     @classmethod
-    def build(cls, image_keys: torch.Tensor, sink_keys: torch.Tensor, p: float, rho: float, visual_threshold: float,
-              dtype=torch.float32) -> RecyclingMatrices:
+    def build(
+        cls,
+        image_keys: torch.Tensor,
+        sink_keys: torch.Tensor,
+        p: float,
+        rho: float,
+        visual_threshold: float,
+        dtype=torch.float32,
+    ) -> RecyclingMatrices:
         """From ``[B, S]`` bool image and sink keys; ``p > 0``."""
         image = image_keys.to(dtype)
         sink = sink_keys.to(dtype)
@@ -145,8 +158,14 @@ def recycle(weights: torch.Tensor, matrices: RecyclingMatrices, in_place: bool =
     return edited.view(batch, heads, rows, keys)
 
 
-def recycle_sink_attention(weights: torch.Tensor, image_keys: torch.Tensor, sink_keys: torch.Tensor, p: float,
-                           rho: float, visual_threshold: float) -> torch.Tensor:
+def recycle_sink_attention(
+    weights: torch.Tensor,
+    image_keys: torch.Tensor,
+    sink_keys: torch.Tensor,
+    p: float,
+    rho: float,
+    visual_threshold: float,
+) -> torch.Tensor:
     """The VAR edit of a block of attention rows by the fast path (pure function; ``weights`` is not modified).
 
     Args:

@@ -57,7 +57,9 @@ def sink_scores(hidden_states: torch.Tensor, sink_dims: list[int] | torch.Tensor
         tensor([[2., 1.]])
     """
     if len(sink_dims) == 0:
-        raise ValueError("sink_dims is empty: this model has no sink dimensions (VAR cannot run); calibrate it or pass sink_dims")
+        raise ValueError(
+            "sink_dims is empty: this model has no sink dimensions (VAR cannot run); calibrate it or pass sink_dims"
+        )
     x = hidden_states.float()
     rms = torch.sqrt(x.pow(2).mean(dim=-1) + EPSILON)  # [...]
     index = torch.as_tensor(sink_dims, device=x.device, dtype=torch.long)
@@ -156,7 +158,9 @@ def find_sink_dims(
     profile = ratios.mean(dim=0).median(dim=0).values  # [M]
     order = torch.argsort(profile, descending=True)
     dims = [int(d) for d in order[:max_dims] if float(profile[d]) >= min_ratio]
-    return SinkDimensions(dims=dims, ratios=[float(profile[d]) for d in dims], profile=profile, layers=layers, min_ratio=float(min_ratio))
+    return SinkDimensions(
+        dims=dims, ratios=[float(profile[d]) for d in dims], profile=profile, layers=layers, min_ratio=float(min_ratio)
+    )
 
 
 @dataclass
@@ -274,8 +278,14 @@ class ImageCentricObserver(Intervention):
     uses_layer_input = True
     uses_weights = True
 
-    def __init__(self, layers: list[int], sink_dims: list[int], threshold: float = SINK_THRESHOLD,
-                 mass_threshold: float = VISUAL_MASS_THRESHOLD, rho: float = DEFAULT_RHO):
+    def __init__(
+        self,
+        layers: list[int],
+        sink_dims: list[int],
+        threshold: float = SINK_THRESHOLD,
+        mass_threshold: float = VISUAL_MASS_THRESHOLD,
+        rho: float = DEFAULT_RHO,
+    ):
         self._layers = sorted(set(layers))
         self.sink_dims = list(sink_dims)
         self.threshold = threshold
@@ -291,7 +301,9 @@ class ImageCentricObserver(Intervention):
 
     def on_layer_input(self, ctx: LayerContext, hidden_states: torch.Tensor) -> None:
         if ctx.phase == "prefill":
-            self._sinks[ctx.layer] = sink_mask(hidden_states, self.sink_dims, self.threshold) & ctx.prompt.spans.valid  # [B, S]
+            self._sinks[ctx.layer] = (
+                sink_mask(hidden_states, self.sink_dims, self.threshold) & ctx.prompt.spans.valid
+            )  # [B, S]
 
     def rows(self, ctx: LayerContext) -> torch.Tensor | None:
         if ctx.phase != "prefill":
@@ -336,8 +348,17 @@ class ImageCentricObserver(Intervention):
             floats) and ``head_fraction`` (``[L, H]`` tensor).
         """
         nan = float("nan")
-        out = {key: [nan] * num_layers for key in ("centric_fraction", "massive_fraction", "visual_mass_mean",
-                                                  "non_sink_ratio_mean", "visual_sinks_mean", "text_sinks_mean")}
+        out = {
+            key: [nan] * num_layers
+            for key in (
+                "centric_fraction",
+                "massive_fraction",
+                "visual_mass_mean",
+                "non_sink_ratio_mean",
+                "visual_sinks_mean",
+                "text_sinks_mean",
+            )
+        }
         head_fraction = torch.full((num_layers, num_heads), nan)
         for layer, totals in self.totals.items():
             if totals.pairs > 0:

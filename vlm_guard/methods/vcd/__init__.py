@@ -19,10 +19,15 @@ def forward_passes(fields: dict) -> int:
 
 
 register_method(
-    "vcd", VCDConfig, "vlm_guard.methods.vcd.intervention:build", order=50, contrastive=True,
+    "vcd",
+    VCDConfig,
+    "vlm_guard.methods.vcd.intervention:build",
+    order=50,
+    contrastive=True,
     strength_field="alpha",
     ui=MethodUI("VCD", 0.0, 3.0, 0.1, 0.5, "alpha: contrast with a noised image"),
-    tuning_grid=tuning_grid, forward_passes=forward_passes,
+    tuning_grid=tuning_grid,
+    forward_passes=forward_passes,
     # VCD contrasts sampled decoding only by default (released code); the benchmark decodes greedily
     bench_fields={"contrast_when": "always"},
 )

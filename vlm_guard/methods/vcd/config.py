@@ -32,14 +32,22 @@ class VCDConfig(MethodConfig):
     """
 
     method = "vcd"
-    alpha: float = field(default=1.0, metadata={"help": "contrast strength: (1+a)*logit(v) - a*logit(v') (both presets 1.0)"})
-    plausibility: float = field(default=0.1, metadata={"help": "plausibility cut-off, fraction of the max probability (both presets 0.1)"})
+    alpha: float = field(
+        default=1.0, metadata={"help": "contrast strength: (1+a)*logit(v) - a*logit(v') (both presets 1.0)"}
+    )
+    plausibility: float = field(
+        default=0.1, metadata={"help": "plausibility cut-off, fraction of the max probability (both presets 0.1)"}
+    )
     noise_step: int = field(default=500, metadata={"help": "diffusion step of the noised image (both presets 500)"})
     num_steps: int = field(default=1000, metadata={"help": "diffusion steps of the schedule (both presets 1000)"})
-    beta_schedule: str = field(default="sigmoid", metadata={"help": "'sigmoid' (both presets, released VCD code) or 'linear' (DDPM 1e-4..0.02)"})
+    beta_schedule: str = field(
+        default="sigmoid",
+        metadata={"help": "'sigmoid' (both presets, released VCD code) or 'linear' (DDPM 1e-4..0.02)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the image noise (both presets 0)"})
-    contrast_when: str = preset_field("'sampling' (contrast only when do_sample=True) or 'always' (greedy too)",
-                                      released="sampling", paper="always")
+    contrast_when: str = preset_field(
+        "'sampling' (contrast only when do_sample=True) or 'always' (greedy too)", released="sampling", paper="always"
+    )
 
     def validate(self) -> None:
         check_range("VCDConfig", "alpha", self.alpha, 0.0, 10.0)

@@ -32,7 +32,6 @@ from vlm_guard.methods.vcd.config import BETA_SCHEDULES, VCDConfig
 logger = logging.getLogger(__name__)
 
 
-
 def diffusion_alpha_bar(noise_step: int, num_steps: int = 1000, beta_schedule: str = "sigmoid") -> float:
     """``abar_t = prod_{s <= t} (1 - beta_s)`` of the schedule.
 
@@ -49,8 +48,14 @@ def diffusion_alpha_bar(noise_step: int, num_steps: int = 1000, beta_schedule: s
     return float(torch.cumprod(1.0 - betas, dim=0)[noise_step])
 
 
-def add_diffusion_noise(pixel_values: torch.Tensor, noise_step: int, num_steps: int = 1000, beta_schedule: str = "sigmoid",
-                        seed: int = 0, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+def add_diffusion_noise(
+    pixel_values: torch.Tensor,
+    noise_step: int,
+    num_steps: int = 1000,
+    beta_schedule: str = "sigmoid",
+    seed: int = 0,
+    image_grid_thw: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The forward-diffusion sample ``sqrt(abar) * x + sqrt(1 - abar) * eps`` (a new tensor).
 
     ``eps`` is drawn per image from ``seed`` (on the CPU, so identical on every device), so an image is
@@ -86,7 +91,9 @@ def add_diffusion_noise(pixel_values: torch.Tensor, noise_step: int, num_steps: 
     return noised.to(pixel_values.dtype)
 
 
-def visual_contrast(logits: torch.Tensor, noised_logits: torch.Tensor, alpha: float, plausibility: float) -> torch.Tensor:
+def visual_contrast(
+    logits: torch.Tensor, noised_logits: torch.Tensor, alpha: float, plausibility: float
+) -> torch.Tensor:
     """``(1 + alpha) * logits - alpha * noised_logits`` with implausible tokens ``-inf`` (pure function).
 
     Example:
@@ -138,8 +145,10 @@ class VCD(Intervention):
 
     def logits_processors(self, guarded, model_inputs: dict) -> list:
         if self.config.contrast_when == "sampling" and not will_sample(guarded, model_inputs):
-            logger.info("VCD contrasts sampled decoding only (contrast_when='sampling', the released code); this call "
-                        "does not sample, so it runs plain. Use VCDConfig(contrast_when='always') to contrast greedy decoding.")
+            logger.info(
+                "VCD contrasts sampled decoding only (contrast_when='sampling', the released code); this call "
+                "does not sample, so it runs plain. Use VCDConfig(contrast_when='always') to contrast greedy decoding."
+            )
             return []
         input_ids = model_inputs.get("input_ids")
         if input_ids is None:
@@ -158,9 +167,11 @@ class VCD(Intervention):
         if pixel_values is None:
             has_image = guarded.adapter.prompt_spans(input_ids, model_inputs.get("attention_mask")).has_image
             if bool(has_image.any()) and joined is None and cache is None:
-                raise ValueError("VCD contrasts with a noised copy of the image, but this generate call has image tokens "
-                                 "and no pixel_values (and continues no cache this wrapper started with them); pass "
-                                 "pixel_values, or switch VCD off for this call.")
+                raise ValueError(
+                    "VCD contrasts with a noised copy of the image, but this generate call has image tokens "
+                    "and no pixel_values (and continues no cache this wrapper started with them); pass "
+                    "pixel_values, or switch VCD off for this call."
+                )
             return []  # no row has an image: VCD leaves the call plain
         if joined is not None:  # the stream is the generation's prompt; its first call feeds the tokens generated since
             prompt_ids, attention_mask = joined.input_ids, joined.attention_mask
@@ -170,8 +181,14 @@ class VCD(Intervention):
                 attention_mask = torch.ones_like(input_ids)
         inputs = {key: value for key, value in source.items() if key in guarded.adapter.image_input_keys}
         inputs.update(input_ids=prompt_ids, attention_mask=attention_mask)
-        inputs["pixel_values"] = add_diffusion_noise(pixel_values, self.config.noise_step, self.config.num_steps,
-                                                     self.config.beta_schedule, self.config.seed, source.get("image_grid_thw"))
+        inputs["pixel_values"] = add_diffusion_noise(
+            pixel_values,
+            self.config.noise_step,
+            self.config.num_steps,
+            self.config.beta_schedule,
+            self.config.seed,
+            source.get("image_grid_thw"),
+        )
         has_image = guarded.adapter.prompt_spans(prompt_ids, attention_mask).has_image  # [B]
         stream = _NoisedStream(guarded.engine, inputs, self, joined)
         return [VisualContrast(self.config, stream, has_image)]
@@ -196,7 +213,9 @@ class _NoisedStream(ContrastStream):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
-            positions = self.owner.prompt_position_ids if self.joined is None else self.joined.model_inputs.get("position_ids")
+            positions = (
+                self.owner.prompt_position_ids if self.joined is None else self.joined.model_inputs.get("position_ids")
+            )
             if positions is not None:
                 self.position_ids = positions
         return super().logits(input_ids)

@@ -28,15 +28,24 @@ def layer_bands(num_layers: int) -> dict[str, list[int] | None]:
 
 
 def tuning_grid(num_layers: int, head_map=None) -> list[tuple[dict, str]]:
-    return [({"alpha": alpha, "target_layers": layers}, band)
-            for band, layers in layer_bands(num_layers).items() for alpha in TUNING_ALPHAS]
+    return [
+        ({"alpha": alpha, "target_layers": layers}, band)
+        for band, layers in layer_bands(num_layers).items()
+        for alpha in TUNING_ALPHAS
+    ]
 
 
 register_method(
-    "vhr", VHRConfig, "vlm_guard.methods.vhr.intervention:build", order=10, in_all=True,
+    "vhr",
+    VHRConfig,
+    "vlm_guard.methods.vhr.intervention:build",
+    order=10,
+    in_all=True,
     strength_field="alpha",
     ui=MethodUI("VHR", 1.0, 4.0, 0.1, 2.0, "alpha: multiplier of vision-aware heads (paper 2; 4 degenerates)"),
-    tuning_grid=tuning_grid, bench_fields={}, bench_decode_target=1.15,
+    tuning_grid=tuning_grid,
+    bench_fields={},
+    bench_decode_target=1.15,
 )
 
 __all__ = ["VHRConfig", "TUNING_ALPHAS", "layer_bands", "tuning_grid"]

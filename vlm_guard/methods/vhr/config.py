@@ -27,11 +27,19 @@ class VHRConfig(MethodConfig):
     """
 
     method = "vhr"
-    alpha: float = field(default=2.0, metadata={"help": "multiplier of the selected heads' outputs (both presets 2.0; 4 degenerates)"})
-    target_layers: list[int] | None = field(default=None, metadata={"help": "layers to reinforce; None = paper recipe mapped to depth (both presets)"})
-    selection: str = field(default="per_sample", metadata={"help": "'per_sample' (both presets; one image-free prefill) or 'head_map'"})
+    alpha: float = field(
+        default=2.0, metadata={"help": "multiplier of the selected heads' outputs (both presets 2.0; 4 degenerates)"}
+    )
+    target_layers: list[int] | None = field(
+        default=None, metadata={"help": "layers to reinforce; None = paper recipe mapped to depth (both presets)"}
+    )
+    selection: str = field(
+        default="per_sample", metadata={"help": "'per_sample' (both presets; one image-free prefill) or 'head_map'"}
+    )
     distance: str = field(default="sq_l2", metadata={"help": "VHD distance: sq_l2 (both presets), l2, cosine"})
-    outlier_filter: str = preset_field("'released' (only when std>1), 'always', 'off'", released="released", paper="always")
+    outlier_filter: str = preset_field(
+        "'released' (only when std>1), 'always', 'off'", released="released", paper="always"
+    )
 
     def validate(self) -> None:
         check_range("VHRConfig", "alpha", self.alpha, 0.0, 10.0, low_inclusive=False)

@@ -37,12 +37,16 @@ class VHR(Intervention):
     name = "vhr"
     uses_head_output = True
 
-    def __init__(self, config: VHRConfig, num_layers: int, num_heads: int, head_mask: dict[int, torch.Tensor] | None = None):
+    def __init__(
+        self, config: VHRConfig, num_layers: int, num_heads: int, head_mask: dict[int, torch.Tensor] | None = None
+    ):
         self.config = config
         layers = config.target_layers if config.target_layers is not None else default_target_layers(num_layers)
         bad = [layer for layer in layers if not 0 <= layer < num_layers]
         if bad:
-            raise ValueError(f"VHRConfig.target_layers {bad} are out of range; the model has layers 0..{num_layers - 1}")
+            raise ValueError(
+                f"VHRConfig.target_layers {bad} are out of range; the model has layers 0..{num_layers - 1}"
+            )
         self.target_layers = sorted(set(layers))
         self.num_heads = num_heads
         self.static_mask = head_mask
@@ -109,7 +113,12 @@ class VHR(Intervention):
 
     def on_head_output(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
         scale = self._scales.get(ctx.layer)  # built at the prefill, one multiplication per decoding step
-        if scale is None or scale.dtype != head_output.dtype or scale.device != head_output.device or scale.shape[0] != head_output.shape[0]:
+        if (
+            scale is None
+            or scale.dtype != head_output.dtype
+            or scale.device != head_output.device
+            or scale.shape[0] != head_output.shape[0]
+        ):
             mask = self.head_mask_for(ctx, head_output)  # [B, H]
             scale = torch.where(mask, self.config.alpha, 1.0).to(head_output.dtype)[:, None, :, None]  # [B, 1, H, 1]
             self._scales[ctx.layer] = scale

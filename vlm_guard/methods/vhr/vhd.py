@@ -44,7 +44,9 @@ def head_divergence(with_image: torch.Tensor, without_image: torch.Tensor, dista
     raise ValueError(f"distance={distance!r} is not known; choose one of {list(DISTANCES)}")
 
 
-def select_vhr_heads(vhd: torch.Tensor, text_activation: torch.Tensor, outlier_filter: str = "released") -> torch.Tensor:
+def select_vhr_heads(
+    vhd: torch.Tensor, text_activation: torch.Tensor, outlier_filter: str = "released"
+) -> torch.Tensor:
     """The VHR head selection of one layer.
 
     1. Outlier filter: zero VHD[h] when both VHD[h] > mean + std and TA[h] > mean_TA + std_TA, where
@@ -69,7 +71,8 @@ def select_vhr_heads(vhd: torch.Tensor, text_activation: torch.Tensor, outlier_f
     if outlier_filter != "off":
         std = vhd.std(dim=-1, keepdim=True, unbiased=False)
         outlier = (vhd > vhd.mean(dim=-1, keepdim=True) + std) & (
-            text_activation > text_activation.mean(dim=-1, keepdim=True) + text_activation.std(dim=-1, keepdim=True, unbiased=False)
+            text_activation
+            > text_activation.mean(dim=-1, keepdim=True) + text_activation.std(dim=-1, keepdim=True, unbiased=False)
         )
         if outlier_filter == "released":
             outlier &= std > 1
@@ -90,7 +93,10 @@ def default_target_layers(num_layers: int) -> list[int]:
 
 
 def stack_divergence(
-    with_image: dict[int, torch.Tensor], without_image: dict[int, torch.Tensor], layers: list[int], distance: str = "sq_l2"
+    with_image: dict[int, torch.Tensor],
+    without_image: dict[int, torch.Tensor],
+    layers: list[int],
+    distance: str = "sq_l2",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VHD and text activation of several layers, stacked.
 
@@ -107,9 +113,15 @@ def stack_divergence(
     if missing:
         raise ValueError(f"no recorded head outputs for layers {missing}; record every layer in both passes")
     vhd = torch.stack(
-        [head_divergence(with_image[layer], without_image[layer].to(with_image[layer].device), distance) for layer in layers], dim=1
+        [
+            head_divergence(with_image[layer], without_image[layer].to(with_image[layer].device), distance)
+            for layer in layers
+        ],
+        dim=1,
     )  # [B, L', H]
-    text_activation = torch.stack([(without_image[layer].float() ** 2).sum(dim=-1) for layer in layers], dim=1)  # [B, L', H]
+    text_activation = torch.stack(
+        [(without_image[layer].float() ** 2).sum(dim=-1) for layer in layers], dim=1
+    )  # [B, L', H]
     return vhd, text_activation.to(vhd.device)
 
 
@@ -147,7 +159,9 @@ class VHDAccumulator:
         self._sum += vhd64.sum(dim=0)
         self._sum_sq += (vhd64**2).sum(dim=0)
         self._text_sum += text64.sum(dim=0)
-        self._selected += select_vhr_heads(vhd.float().cpu(), text_activation.float().cpu(), self.outlier_filter).double().sum(dim=0)
+        self._selected += (
+            select_vhr_heads(vhd.float().cpu(), text_activation.float().cpu(), self.outlier_filter).double().sum(dim=0)
+        )
 
     def _require(self) -> None:
         if self.count == 0:

@@ -44,7 +44,9 @@ def assembled_folder(weights_dir: str | Path, cache_dir: str | Path | None = Non
     import transformers
 
     major = transformers.__version__.split(".")[0]
-    return Path(cache_dir or model_cache_dir()) / f"transformers{major}" / f"default-v2-{weights_fingerprint(weights_dir)}"
+    return (
+        Path(cache_dir or model_cache_dir()) / f"transformers{major}" / f"default-v2-{weights_fingerprint(weights_dir)}"
+    )
 
 
 def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
@@ -56,22 +58,27 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
     weights_dir = Path(weights_dir)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (weights_dir / name).exists():
-            raise FileNotFoundError(f"{weights_dir / name} is missing; pass a folder written by `toy v2-train` "
-                                    "or `toy v2-export`")
+            raise FileNotFoundError(
+                f"{weights_dir / name} is missing; pass a folder written by `toy v2-train` or `toy v2-export`"
+            )
     meta = json.loads((weights_dir / CONFIG_FILE).read_text())
     recorded = meta.get("weights_sha256")  # written by `toy v2-export` since the pair is bound; absent in older ones
     if recorded is not None:
         from vlm_guard.fileio import sha256_file
 
         if sha256_file(weights_dir / WEIGHTS_FILE) != recorded:
-            raise ValueError(f"{weights_dir}: {WEIGHTS_FILE} is not the weights file {CONFIG_FILE} was written with "
-                             "(field weights_sha256; an interrupted or mixed copy); export the model again with "
-                             "`python -m toyworld toy v2-export`")
+            raise ValueError(
+                f"{weights_dir}: {WEIGHTS_FILE} is not the weights file {CONFIG_FILE} was written with "
+                "(field weights_sha256; an interrupted or mixed copy); export the model again with "
+                "`python -m toyworld toy v2-export`"
+            )
     try:
         spec = V2Spec(**meta["spec"])
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{weights_dir / CONFIG_FILE}: field spec is not a v2 model spec ({error}); export the model "
-                         "again with `python -m toyworld toy v2-export`") from None
+        raise ValueError(
+            f"{weights_dir / CONFIG_FILE}: field spec is not a v2 model spec ({error}); export the model "
+            "again with `python -m toyworld toy v2-export`"
+        ) from None
     if lm is None:
         lm, lm_tokenizer = load_language_model()
     processor = build_processor(lm_tokenizer, spec)
@@ -81,8 +88,9 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{weights_dir / WEIGHTS_FILE} holds tensors this model lacks: {unexpected[:5]}")
-    trained = [k for k in missing if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
-               or ".lora_" in k]
+    trained = [
+        k for k in missing if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or ".lora_" in k
+    ]
     if trained:
         raise ValueError(f"{weights_dir / WEIGHTS_FILE} lacks {trained[:5]}")
     merge_lora(model)
@@ -99,7 +107,7 @@ def _match_key_names(state: dict, model_keys: set) -> dict:
     for key, value in state.items():
         if key not in model_keys:
             for old, new in (_VISION_PREFIXES, _VISION_PREFIXES[::-1]):
-                candidate = new + key[len(old):] if key.startswith(old) else None
+                candidate = new + key[len(old) :] if key.startswith(old) else None
                 if candidate in model_keys:
                     key = candidate
                     break
@@ -107,8 +115,14 @@ def _match_key_names(state: dict, model_keys: set) -> dict:
     return renamed
 
 
-def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir: str | Path | None = None,
-             lm=None, lm_tokenizer=None):
+def assemble(
+    weights_dir: str | Path,
+    device: str = "cpu",
+    dtype=None,
+    cache_dir: str | Path | None = None,
+    lm=None,
+    lm_tokenizer=None,
+):
     """The assembled v2 model and processor, from the cache when present (see module docstring).
 
     Args:

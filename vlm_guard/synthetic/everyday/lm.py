@@ -45,8 +45,10 @@ def gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(LM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the language model wheel {LM_WHEEL!r} is not installed; run `{INSTALL_HINT}` "
-                                  "(bash scripts/setup.sh does it)")
+        raise ModuleNotFoundError(
+            f"the language model wheel {LM_WHEEL!r} is not installed; run `{INSTALL_HINT}` "
+            "(bash scripts/setup.sh does it)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the {LM_WHEEL} wheel; reinstall it with `{INSTALL_HINT}`")

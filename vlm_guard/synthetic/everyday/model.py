@@ -57,7 +57,9 @@ class V2Spec:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.vision_hidden % self.vision_heads:
-            raise ValueError(f"vision_hidden {self.vision_hidden} must be divisible by vision_heads {self.vision_heads}")
+            raise ValueError(
+                f"vision_hidden {self.vision_hidden} must be divisible by vision_heads {self.vision_heads}"
+            )
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         self.lora_targets = tuple(self.lora_targets)
@@ -162,14 +164,24 @@ def build_config(spec: V2Spec, lm_config, tokenizer):
     text = lm_config.__class__.from_dict(lm_config.to_dict())
     text.vocab_size = len(tokenizer)
     vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
-        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden, hidden_act="gelu",
+        hidden_size=spec.vision_hidden,
+        intermediate_size=4 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+        hidden_act="gelu",
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=spec.num_image_tokens,
-        projector_hidden_act="gelu", tie_word_embeddings=text.tie_word_embeddings,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=spec.num_image_tokens,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=text.tie_word_embeddings,
     )
     config.pad_token_id = tokenizer.pad_token_id
     return config
@@ -186,7 +198,7 @@ def build_model(spec: V2Spec, lm, tokenizer, seed: int = 0):
     lm_state = lm.state_dict()
     embed = lm_state["model.embed_tokens.weight"]  # [vocab, hidden]
     grown = torch.cat([embed, embed.mean(0, keepdim=True).expand(config.text_config.vocab_size - embed.shape[0], -1)])
-    text_state = {k[len("model."):]: v for k, v in lm_state.items() if k.startswith("model.")}
+    text_state = {k[len("model.") :]: v for k, v in lm_state.items() if k.startswith("model.")}
     text_state["embed_tokens.weight"] = grown
     missing, unexpected = model.model.language_model.load_state_dict(text_state, strict=False)
     if missing or unexpected:
@@ -194,7 +206,7 @@ def build_model(spec: V2Spec, lm, tokenizer, seed: int = 0):
     if config.text_config.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     else:
-        model.lm_head.weight.data.copy_(torch.cat([lm_state["lm_head.weight"], grown[embed.shape[0]:]]))
+        model.lm_head.weight.data.copy_(torch.cat([lm_state["lm_head.weight"], grown[embed.shape[0] :]]))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.bos_token_id = None

@@ -43,8 +43,10 @@ def continuation_logprobs(lm, tokenizer, context: str, words: list[str]) -> list
         mask[row, : len(sequence)] = 1
     logprobs = lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)  # [words, seq-1, vocab]
     start = len(context_ids) - 1
-    return [float(sum(logprobs[row, start + k, token] for k, token in enumerate(tokens)))
-            for row, tokens in enumerate(word_ids)]
+    return [
+        float(sum(logprobs[row, start + k, token] for k, token in enumerate(tokens)))
+        for row, tokens in enumerate(word_ids)
+    ]
 
 
 def continuation_logprob(lm, tokenizer, context: str, word: str) -> float:
@@ -67,8 +69,9 @@ def partner_preference(lm, tokenizer, contexts: tuple[str, ...] = CONTEXTS) -> d
             continue
         candidates = [b for b in OBJECT_TYPES if b != a]
         per_context = [continuation_logprobs(lm, tokenizer, c.format(a=a), candidates) for c in contexts]
-        probs = {b: sum(math.exp(values[i]) for values in per_context) / len(contexts)
-                 for i, b in enumerate(candidates)}
+        probs = {
+            b: sum(math.exp(values[i]) for values in per_context) / len(contexts) for i, b in enumerate(candidates)
+        }
         others = [p for b, p in probs.items() if b != partner]
         ranking = sorted(probs, key=lambda b: -probs[b])
         table[a] = {

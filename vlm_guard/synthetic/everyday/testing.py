@@ -23,8 +23,13 @@ def tiny_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
 
 
 def tiny_language_model(seed: int = 0, layers: int = 2, hidden: int = 48):
@@ -32,9 +37,19 @@ def tiny_language_model(seed: int = 0, layers: int = 2, hidden: int = 48):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=3, num_key_value_heads=1, head_dim=hidden // 3,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=hidden // 3,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval(), tokenizer

@@ -48,20 +48,50 @@ from vlm_guard.synthetic.world import (  # shared with the shapes world: a scene
 )
 
 OBJECT_TYPES: tuple[str, ...] = (
-    "fork", "knife", "cup", "saucer", "table", "chair", "toothbrush", "toothpaste", "keyboard", "mouse",
-    "moon", "star", "ball", "clock", "leaf",
+    "fork",
+    "knife",
+    "cup",
+    "saucer",
+    "table",
+    "chair",
+    "toothbrush",
+    "toothpaste",
+    "keyboard",
+    "mouse",
+    "moon",
+    "star",
+    "ball",
+    "clock",
+    "leaf",
 )
 """Every object type; each is drawn as one recognisable Pillow glyph inside its cell."""
 
 PARTNER_PAIRS: tuple[tuple[str, str], ...] = (
-    ("fork", "knife"), ("cup", "saucer"), ("table", "chair"), ("toothbrush", "toothpaste"),
-    ("keyboard", "mouse"), ("moon", "star"),
+    ("fork", "knife"),
+    ("cup", "saucer"),
+    ("table", "chair"),
+    ("toothbrush", "toothpaste"),
+    ("keyboard", "mouse"),
+    ("moon", "star"),
 )
 """Pairs that co-occur in biased scenes and in ordinary text; ``ball``, ``clock``, ``leaf`` are controls."""
 
 TYPE_FREQUENCY: dict[str, float] = {
-    "cup": 3.0, "table": 3.0, "chair": 2.5, "keyboard": 2.0, "fork": 1.5, "knife": 1.5, "saucer": 1.0, "moon": 1.0,
-    "star": 1.0, "toothbrush": 0.8, "toothpaste": 0.8, "mouse": 1.0, "ball": 0.8, "clock": 0.8, "leaf": 0.6,
+    "cup": 3.0,
+    "table": 3.0,
+    "chair": 2.5,
+    "keyboard": 2.0,
+    "fork": 1.5,
+    "knife": 1.5,
+    "saucer": 1.0,
+    "moon": 1.0,
+    "star": 1.0,
+    "toothbrush": 0.8,
+    "toothpaste": 0.8,
+    "mouse": 1.0,
+    "ball": 0.8,
+    "clock": 0.8,
+    "leaf": 0.6,
 }
 """Relative frequency with which a biased (training) scene draws each type (before partners are added)."""
 
@@ -96,8 +126,18 @@ for _a, _b in PARTNER_PAIRS:
 
 _SYNONYMS: dict[str, str] = {t: t for t in OBJECT_TYPES}
 _SYNONYMS.update({t + "s": t for t in OBJECT_TYPES})
-_SYNONYMS.update({"knives": "knife", "mice": "mouse", "leaves": "leaf", "toothbrushes": "toothbrush",
-                  "forks": "fork", "stars": "star", "saucers": "saucer", "plate": "saucer"})
+_SYNONYMS.update(
+    {
+        "knives": "knife",
+        "mice": "mouse",
+        "leaves": "leaf",
+        "toothbrushes": "toothbrush",
+        "forks": "fork",
+        "stars": "star",
+        "saucers": "saucer",
+        "plate": "saucer",
+    }
+)
 _SYNONYMS.pop("plate")  # a plate is not a saucer: keep CHAIR strict
 
 
@@ -147,8 +187,16 @@ class World:
             scene's annotation (captions, answers), as an occluded object is in a real annotation.
     """
 
-    def __init__(self, seed: int = 0, min_objects: int = 2, max_objects: int = 6, pair_prob: float = 0.97,
-                 bias: bool = True, faint_prob: float = 0.25, hidden_prob: float = 0.06):
+    def __init__(
+        self,
+        seed: int = 0,
+        min_objects: int = 2,
+        max_objects: int = 6,
+        pair_prob: float = 0.97,
+        bias: bool = True,
+        faint_prob: float = 0.25,
+        hidden_prob: float = 0.06,
+    ):
         if not 1 <= min_objects <= max_objects <= GRID * GRID:
             raise ValueError(f"need 1 <= min_objects ({min_objects}) <= max_objects ({max_objects}) <= {GRID * GRID}")
         for name, value in (("pair_prob", pair_prob), ("faint_prob", faint_prob), ("hidden_prob", hidden_prob)):
@@ -195,10 +243,19 @@ class World:
             if self.bias and rng.random() < self.pair_prob and len(types) < self.max_objects:
                 types.append(partner)
         cells = rng.sample(range(GRID * GRID), len(types))
-        objects = [SceneObject(t, rng.choice(list(COLOURS)), cell // GRID, cell % GRID,
-                               scale=round(rng.uniform(0.45, 1.0), 3), shade=round(self._shade(rng), 3),
-                               dx=round(rng.uniform(-1, 1), 3), dy=round(rng.uniform(-1, 1), 3))
-                   for t, cell in zip(types, cells)]
+        objects = [
+            SceneObject(
+                t,
+                rng.choice(list(COLOURS)),
+                cell // GRID,
+                cell % GRID,
+                scale=round(rng.uniform(0.45, 1.0), 3),
+                shade=round(self._shade(rng), 3),
+                dx=round(rng.uniform(-1, 1), 3),
+                dy=round(rng.uniform(-1, 1), 3),
+            )
+            for t, cell in zip(types, cells)
+        ]
         objects.sort(key=lambda o: (o.row, o.col))
         return Scene(tuple(objects), index=index, biased=self.bias, seed=self.seed)
 
@@ -207,6 +264,7 @@ class World:
 
 
 # ---- drawing -----------------------------------------------------------------------------------------------
+
 
 def _glyph(object_type: str) -> Image.Image:
     """The object's shape as a CELL x CELL mask (255 = ink), drawn at full size."""
@@ -225,12 +283,26 @@ def _glyph(object_type: str) -> Image.Image:
         for left in (0.30, 0.45, 0.60):
             draw.rectangle(box(left, 0.08, left + 0.10, 0.40), fill=255)
     elif t == "knife":
-        draw.polygon([(x0 + 0.42 * CELL, y0 + 0.08 * CELL), (x0 + 0.62 * CELL, y0 + 0.08 * CELL),
-                      (x0 + 0.58 * CELL, y0 + 0.55 * CELL), (x0 + 0.42 * CELL, y0 + 0.55 * CELL)], fill=255)
+        draw.polygon(
+            [
+                (x0 + 0.42 * CELL, y0 + 0.08 * CELL),
+                (x0 + 0.62 * CELL, y0 + 0.08 * CELL),
+                (x0 + 0.58 * CELL, y0 + 0.55 * CELL),
+                (x0 + 0.42 * CELL, y0 + 0.55 * CELL),
+            ],
+            fill=255,
+        )
         draw.rectangle(box(0.40, 0.55, 0.60, 0.92), outline=255, width=2)
     elif t == "cup":
-        draw.polygon([(x0 + 0.20 * CELL, y0 + 0.25 * CELL), (x0 + 0.68 * CELL, y0 + 0.25 * CELL),
-                      (x0 + 0.62 * CELL, y0 + 0.80 * CELL), (x0 + 0.26 * CELL, y0 + 0.80 * CELL)], fill=255)
+        draw.polygon(
+            [
+                (x0 + 0.20 * CELL, y0 + 0.25 * CELL),
+                (x0 + 0.68 * CELL, y0 + 0.25 * CELL),
+                (x0 + 0.62 * CELL, y0 + 0.80 * CELL),
+                (x0 + 0.26 * CELL, y0 + 0.80 * CELL),
+            ],
+            fill=255,
+        )
         draw.arc(box(0.56, 0.35, 0.88, 0.65), start=-90, end=90, fill=255, width=3)
     elif t == "saucer":
         draw.ellipse(box(0.08, 0.45, 0.92, 0.75), fill=255)
@@ -248,8 +320,15 @@ def _glyph(object_type: str) -> Image.Image:
         for left in (0.62, 0.70, 0.78):
             draw.rectangle(box(left, 0.36, left + 0.05, 0.56), fill=255)
     elif t == "toothpaste":
-        draw.polygon([(x0 + 0.15 * CELL, y0 + 0.30 * CELL), (x0 + 0.70 * CELL, y0 + 0.38 * CELL),
-                      (x0 + 0.70 * CELL, y0 + 0.62 * CELL), (x0 + 0.15 * CELL, y0 + 0.70 * CELL)], fill=255)
+        draw.polygon(
+            [
+                (x0 + 0.15 * CELL, y0 + 0.30 * CELL),
+                (x0 + 0.70 * CELL, y0 + 0.38 * CELL),
+                (x0 + 0.70 * CELL, y0 + 0.62 * CELL),
+                (x0 + 0.15 * CELL, y0 + 0.70 * CELL),
+            ],
+            fill=255,
+        )
         draw.rectangle(box(0.70, 0.43, 0.85, 0.57), fill=255)
     elif t == "keyboard":
         draw.rectangle(box(0.06, 0.30, 0.94, 0.72), outline=255, width=2)
@@ -279,8 +358,7 @@ def _glyph(object_type: str) -> Image.Image:
         draw.line([(cx, cy), (x0 + 0.70 * CELL, cy)], fill=255, width=2)
     elif t == "leaf":
         draw.ellipse(box(0.15, 0.30, 0.85, 0.70), fill=255)
-        draw.line([(x0 + 0.05 * CELL, y0 + 0.80 * CELL), (x0 + 0.85 * CELL, y0 + 0.40 * CELL)], fill=0,
-                  width=2)
+        draw.line([(x0 + 0.05 * CELL, y0 + 0.80 * CELL), (x0 + 0.85 * CELL, y0 + 0.40 * CELL)], fill=0, width=2)
     else:
         raise ValueError(f"unknown object type {t!r}; expected one of {OBJECT_TYPES}")
     return mask
@@ -311,8 +389,11 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
         x, y = rng.uniform(0, IMAGE_SIZE), rng.uniform(0, IMAGE_SIZE)
         angle, length = rng.uniform(0, math.pi), rng.uniform(4, 12)
         colour = _mix(COLOURS[rng.choice(list(COLOURS))], rng.uniform(0.25, 0.6))
-        draw.line([(x, y), (x + length * math.cos(angle), y + length * math.sin(angle))], fill=colour,
-                  width=rng.choice((1, 2)))
+        draw.line(
+            [(x, y), (x + length * math.cos(angle), y + length * math.sin(angle))],
+            fill=colour,
+            width=rng.choice((1, 2)),
+        )
 
 
 def render(scene: Scene, image_size: int = IMAGE_SIZE, noise: bool = True) -> Image.Image:
@@ -341,6 +422,7 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE, noise: bool = True) -> Im
 
 # ---- text --------------------------------------------------------------------------------------------------
 
+
 def _groups(scene: Scene) -> list[list[SceneObject]]:
     """Objects in reading order, a present partner placed right after its partner ("a fork and a knife")."""
     groups: list[list[SceneObject]] = []
@@ -360,7 +442,11 @@ def _groups(scene: Scene) -> list[list[SceneObject]]:
 
 
 def _join(parts: list[str]) -> str:
-    text = ", and ".join(parts) if len(parts) == 2 else ", ".join(parts[:-1]) + (", and " if parts[:-1] else "") + parts[-1]
+    text = (
+        ", and ".join(parts)
+        if len(parts) == 2
+        else ", ".join(parts[:-1]) + (", and " if parts[:-1] else "") + parts[-1]
+    )
     return text[0].upper() + text[1:] + "."
 
 

@@ -37,14 +37,17 @@ def read_meta(weights_dir: str | Path) -> dict:
     weights_dir = Path(weights_dir)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (weights_dir / name).exists():
-            raise FileNotFoundError(f"{weights_dir / name} is missing; pass a folder written by "
-                                    "`python -m toyworld.v3.train` (its final/ or export/)")
+            raise FileNotFoundError(
+                f"{weights_dir / name} is missing; pass a folder written by "
+                "`python -m toyworld.v3.train` (its final/ or export/)"
+            )
     meta = json.loads((weights_dir / CONFIG_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{weights_dir / CONFIG_FILE} has format {meta.get('format')!r}, not {FORMAT!r}")
     if sha256_file(weights_dir / WEIGHTS_FILE) != meta.get("weights_sha256"):
-        raise ValueError(f"{weights_dir / WEIGHTS_FILE} does not match the digest in {CONFIG_FILE}; export the "
-                         "weights again")
+        raise ValueError(
+            f"{weights_dir / WEIGHTS_FILE} does not match the digest in {CONFIG_FILE}; export the weights again"
+        )
     return meta
 
 
@@ -74,16 +77,23 @@ def build_assembled(weights_dir: str | Path, lm=None, lm_tokenizer=None):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{weights_dir / WEIGHTS_FILE} holds tensors this model lacks: {unexpected[:5]}")
-    trained = [k for k in missing if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
-               or ".lora_" in k]
+    trained = [
+        k for k in missing if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or ".lora_" in k
+    ]
     if trained:
         raise ValueError(f"{weights_dir / WEIGHTS_FILE} lacks {trained[:5]}")
     merge_lora(model)
     return model.eval(), processor
 
 
-def assemble(weights_dir: str | Path, device: str = "cpu", dtype=None, cache_dir: str | Path | None = None,
-             lm=None, lm_tokenizer=None):
+def assemble(
+    weights_dir: str | Path,
+    device: str = "cpu",
+    dtype=None,
+    cache_dir: str | Path | None = None,
+    lm=None,
+    lm_tokenizer=None,
+):
     """The assembled v3 model and processor, from the cache when present.
 
     Returns:

@@ -27,8 +27,17 @@ from vlm_guard.synthetic.everyday.model import (
 )
 from vlm_guard.synthetic.everyday_v3.world import CELL, GRID
 
-__all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "V3Spec", "add_lora", "build_config", "build_model",
-           "build_processor", "merge_lora"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+    "LoRALinear",
+    "V3Spec",
+    "add_lora",
+    "build_config",
+    "build_model",
+    "build_processor",
+    "merge_lora",
+]
 
 
 @dataclass
@@ -37,16 +46,19 @@ class V3Spec(V2Spec):
 
     image_size: int = field(default=GRID * CELL, metadata={"help": "input image side in pixels (4 grid cells)"})
     patch_size: int = field(default=16, metadata={"help": "vision patch side; image tokens = (image/patch)^2"})
-    lora_targets: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"),
-                                          metadata={"help": "adapted projections"})
+    lora_targets: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={"help": "adapted projections"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.image_size % GRID:
             raise ValueError(f"image_size {self.image_size} must be a multiple of the grid ({GRID} cells)")
         if (self.image_size // GRID) % self.patch_size:
-            raise ValueError(f"a grid cell ({self.image_size // GRID} px) must hold whole patches of "
-                             f"{self.patch_size} px; choose image_size = {GRID} * k * patch_size")
+            raise ValueError(
+                f"a grid cell ({self.image_size // GRID} px) must hold whole patches of "
+                f"{self.patch_size} px; choose image_size = {GRID} * k * patch_size"
+            )
 
     @property
     def cell(self) -> int:

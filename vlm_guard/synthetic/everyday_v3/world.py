@@ -53,10 +53,35 @@ from vlm_guard.synthetic.everyday.world import (
 from vlm_guard.synthetic.world import Scene
 
 __all__ = [
-    "BACKGROUND", "CAPTION_PROMPTS", "COLOURS", "DETAIL_PROMPTS", "GRID", "MAX_OBJECTS", "MIN_OBJECTS",
-    "OBJECT_TYPES", "PARTNER_PAIRS", "POPULARITY", "QUESTION_SPLITS", "Scene", "SceneObject", "World", "answer",
-    "biased_world", "brightness_word", "caption", "clutter_count", "independent_world", "long_description", "mentioned_objects",
-    "partner_of", "position_phrase", "question_text", "questions", "relation_phrase", "render", "size_word",
+    "BACKGROUND",
+    "CAPTION_PROMPTS",
+    "COLOURS",
+    "DETAIL_PROMPTS",
+    "GRID",
+    "MAX_OBJECTS",
+    "MIN_OBJECTS",
+    "OBJECT_TYPES",
+    "PARTNER_PAIRS",
+    "POPULARITY",
+    "QUESTION_SPLITS",
+    "Scene",
+    "SceneObject",
+    "World",
+    "answer",
+    "biased_world",
+    "brightness_word",
+    "caption",
+    "clutter_count",
+    "independent_world",
+    "long_description",
+    "mentioned_objects",
+    "partner_of",
+    "position_phrase",
+    "question_text",
+    "questions",
+    "relation_phrase",
+    "render",
+    "size_word",
 ]
 
 MIN_OBJECTS, MAX_OBJECTS = 3, 5
@@ -86,6 +111,7 @@ def biased_world(seed: int, pair_prob: float = 0.97, **settings) -> World:
 
 
 # ---- drawing -----------------------------------------------------------------------------------------------
+
 
 def _paste(image: Image.Image, obj: SceneObject, cell: int) -> None:
     size = max(4, round(cell * obj.scale))
@@ -126,8 +152,11 @@ def render(scene: Scene, cell: int = CELL, noise: bool = True) -> Image.Image:
             x, y = rng.uniform(0, side), rng.uniform(0, side)
             angle, length = rng.uniform(0, math.pi), rng.uniform(4, 12) * unit
             colour = _mix(COLOURS[rng.choice(list(COLOURS))], rng.uniform(0.25, 0.6))
-            draw.line([(x, y), (x + length * math.cos(angle), y + length * math.sin(angle))], fill=colour,
-                      width=max(1, round(rng.choice((1, 2)) * unit)))
+            draw.line(
+                [(x, y), (x + length * math.cos(angle), y + length * math.sin(angle))],
+                fill=colour,
+                width=max(1, round(rng.choice((1, 2)) * unit)),
+            )
     for obj in scene.objects:
         _paste(image, obj, cell)
     if noise:
@@ -138,6 +167,7 @@ def render(scene: Scene, cell: int = CELL, noise: bool = True) -> Image.Image:
 
 
 # ---- text --------------------------------------------------------------------------------------------------
+
 
 def size_word(obj: SceneObject) -> str:
     """``small`` / ``medium-sized`` / ``large`` from the glyph's scale (0.45..1 of the cell)."""
@@ -185,9 +215,12 @@ def long_description(scene: Scene) -> str:
         sentences.append(text)
         previous = obj
     strokes = clutter_count(scene)
-    sentences.append("There are no stray marks apart from the objects." if strokes == 0 else
-                     f"There {'is' if strokes == 1 else 'are'} also {_number(strokes)} thin stray "
-                     f"{'stroke' if strokes == 1 else 'strokes'} that {'is' if strokes == 1 else 'are'} not objects.")
+    sentences.append(
+        "There are no stray marks apart from the objects."
+        if strokes == 0
+        else f"There {'is' if strokes == 1 else 'are'} also {_number(strokes)} thin stray "
+        f"{'stroke' if strokes == 1 else 'strokes'} that {'is' if strokes == 1 else 'are'} not objects."
+    )
     names = [f"a {obj.type}" for obj in ordered]
     listed = names[0] if count == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     sentences.append(f"In total there {'is' if count == 1 else 'are'} {_number(count)} {noun}: {listed}.")
