@@ -27,7 +27,9 @@ def _generate(model_like, inputs, **kwargs):
 def test_off_disabled_and_unwrap_are_identical(family_model):
     family, model, inputs = family_model
     reference = _generate(model, inputs)
-    assert inputs["attention_mask"][:, 0].tolist() == [0, 0, 1] or inputs["attention_mask"].min() == 0  # left padding present
+    assert (
+        inputs["attention_mask"][:, 0].tolist() == [0, 0, 1] or inputs["attention_mask"].min() == 0
+    )  # left padding present
     guarded = vlm_guard.wrap(model)
     assert guarded.adapter.family == family
     assert torch.equal(_generate(guarded, inputs), reference)
@@ -57,8 +59,12 @@ def test_generate_options_pass_through():
     model = tiny_model("llava")
     inputs = build_batch(model, ROWS)
     guarded = vlm_guard.wrap(model)
-    plain = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
-    wrapped = guarded.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    plain = model.generate(
+        **inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True
+    )
+    wrapped = guarded.generate(
+        **inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True
+    )
     assert type(wrapped) is type(plain)
     assert torch.equal(wrapped.sequences, plain.sequences)
     assert all(torch.equal(a, b) for a, b in zip(wrapped.scores, plain.scores))
@@ -95,7 +101,7 @@ def test_streamer_receives_the_tokens():
     output = guarded.generate(**inputs, max_new_tokens=3, do_sample=False, streamer=streamer)
     assert streamer.chunks[-1] is None
     streamed = torch.cat([chunk.reshape(-1) for chunk in streamer.chunks[1:-1]])
-    assert torch.equal(streamed, output[0, inputs["input_ids"].shape[1]:])
+    assert torch.equal(streamed, output[0, inputs["input_ids"].shape[1] :])
 
 
 def test_attributes_pass_through_and_repr():

@@ -12,13 +12,13 @@ import torch
 
 import vlm_guard
 from vlm_guard.config import GuardConfig
-from vlm_guard.methods.registry import method_names
 from vlm_guard.methods.gift.intervention import GIFTConfig
 from vlm_guard.methods.pai.intervention import PAIConfig
+from vlm_guard.methods.registry import method_names
 from vlm_guard.methods.var.intervention import VARConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.methods.vhr.intervention import VHRConfig
-from vlm_guard.testing import BOS, IMAGE, TINY_FAMILIES, build_batch, tiny_model
+from vlm_guard.testing import BOS, FAMILY_REGISTRY, IMAGE, build_batch, tiny_model
 from vlm_guard.testing import split_row as tiny_split_row
 
 ROWS = [(True, 5), (False, 3), (True, 9)]
@@ -45,12 +45,14 @@ def tiny_var_config(**changes) -> VARConfig:
 
 
 def greedy(guarded, inputs: dict, new_tokens: int = NEW_TOKENS):
-    return guarded.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    return guarded.generate(
+        **inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
 
 
 def split_row(model, inputs: dict, row: int) -> dict:
     """Row ``row`` of a left-padded batch as its own unpadded batch of one (with its image tensors)."""
-    if vlm_guard.models.get_adapter(model).family in TINY_FAMILIES:
+    if vlm_guard.models.get_adapter(model).family in FAMILY_REGISTRY:
         return tiny_split_row(model, inputs, row)
     valid = inputs["attention_mask"][row].bool()
     input_ids = inputs["input_ids"][row][valid][None]
@@ -92,12 +94,16 @@ def assert_batch_matches_singles(guarded, model, inputs: dict, label: str, new_t
         single = greedy(guarded, split_row(model, inputs, row), new_tokens)
         batch_tokens = batch.sequences[row, -new_tokens:]
         single_tokens = single.sequences[0, -new_tokens:]
-        assert torch.equal(batch_tokens, single_tokens), f"{label}: row {row} batch {batch_tokens.tolist()} != alone {single_tokens.tolist()}"
+        assert torch.equal(batch_tokens, single_tokens), (
+            f"{label}: row {row} batch {batch_tokens.tolist()} != alone {single_tokens.tolist()}"
+        )
         for step, (batch_scores, single_scores) in enumerate(zip(batch.scores, single.scores)):
             a, b = batch_scores[row].float(), single_scores[0].float()
             assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{label}: row {row} step {step}: different cut-offs"
             finite = torch.isfinite(a)
-            torch.testing.assert_close(a[finite], b[finite], atol=2e-4, rtol=1e-4, msg=f"{label}: row {row} step {step}")
+            torch.testing.assert_close(
+                a[finite], b[finite], atol=2e-4, rtol=1e-4, msg=f"{label}: row {row} step {step}"
+            )
 
 
 def image_rows_changed(guarded, inputs: dict, new_tokens: int = NEW_TOKENS) -> bool:
@@ -123,8 +129,13 @@ def llava():
 
 def all_methods_config(identity: bool = False) -> GuardConfig:
     if identity:
-        return GuardConfig(vhr=VHRConfig(alpha=1.0), var=tiny_var_config(p=0.0), gift=GIFTConfig(alpha=0.0),
-                           pai=PAIConfig(alpha=0.0, gamma=1.0, plausibility=0.0), vcd=VCDConfig(alpha=0.0, plausibility=0.0))
+        return GuardConfig(
+            vhr=VHRConfig(alpha=1.0),
+            var=tiny_var_config(p=0.0),
+            gift=GIFTConfig(alpha=0.0),
+            pai=PAIConfig(alpha=0.0, gamma=1.0, plausibility=0.0),
+            vcd=VCDConfig(alpha=0.0, plausibility=0.0),
+        )
     config = GuardConfig.from_methods(list(method_names()))
     return config.replace(var=tiny_var_config())
 
@@ -155,7 +166,11 @@ def test_hooks_run_in_the_documented_order(llava):
             return _original(ctx, *args)
 
         setattr(intervention, hook, spy)
-    processor_names = [type(p).__name__ for i in guarded.interventions for p in i.logits_processors(guarded, dict(inputs, do_sample=True))]
+    processor_names = [
+        type(p).__name__
+        for i in guarded.interventions
+        for p in i.logits_processors(guarded, dict(inputs, do_sample=True))
+    ]
     try:
         guarded.generate(**inputs, max_new_tokens=2, do_sample=False)
     finally:

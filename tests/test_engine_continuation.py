@@ -12,7 +12,7 @@ from vlm_guard import GuardConfig
 from vlm_guard.methods.var.intervention import VARConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.models.compat import cache_kwargs
-from vlm_guard.testing import build_batch, image_token_count, tiny_model
+from vlm_guard.testing import FAMILY_NAMES, build_batch, family_spec, image_token_count, tiny_model
 
 FIRST, MORE = 2, 2  # tokens of the first call, tokens of the call that continues its cache
 
@@ -31,7 +31,7 @@ def _configs() -> dict[str, GuardConfig]:
 
 
 def _inputs(model, family):
-    if family == "qwen2_vl":  # rows of equal length: the continued call lets the model place its M-RoPE positions
+    if family_spec(family).mrope:  # rows of equal length: the continued call lets the model place its M-RoPE positions
         return build_batch(model, [(True, 4), (False, 4 + image_token_count(model, family) + 2)])
     return build_batch(model, [(True, 4), (False, 3)])
 
@@ -43,7 +43,26 @@ def _scores_close(a, b, where):
     torch.testing.assert_close(a[finite], b[finite], rtol=1e-5, atol=1e-5 * max(1.0, scale), msg=where)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize(
+    "family",
+    [
+        f
+        if f in ("llava", "qwen2_vl", "idefics3")
+        else pytest.param(
+            f,
+            marks=[
+                pytest.mark.slow,
+                *[
+                    pytest.mark.xfail(
+                        reason="GLM-4.1V: PAI continuing a cache gives uncut scores (its contrast is missing), an open defect"
+                    )
+                ]
+                * (f == "glm4v"),
+            ],
+        )
+        for f in FAMILY_NAMES
+    ],
+)
 def test_continued_generation_is_the_one_shot_generation_for_every_method(family):
     model = tiny_model(family)
     inputs = _inputs(model, family)
@@ -61,10 +80,20 @@ def test_continued_generation_is_the_one_shot_generation_for_every_method(family
             mask = torch.cat([inputs["attention_mask"], torch.ones(sequence.shape[0], FIRST, dtype=torch.long)], dim=1)
             rest = {k: v for k, v in inputs.items() if k == "mm_token_type_ids"}
             if rest:  # per-token markers follow the sequence (no image token was generated)
-                rest["mm_token_type_ids"] = torch.cat([rest["mm_token_type_ids"], rest["mm_token_type_ids"].new_zeros(sequence.shape[0], FIRST)], 1)
-            continued = guarded.generate(input_ids=sequence, attention_mask=mask, max_new_tokens=MORE, **rest, **kw,
-                                         **cache_kwargs(model, first.past_key_values))
-            assert torch.equal(continued.sequences, one_shot.sequences), f"{family}/{name}: {continued.sequences[:, -MORE:].tolist()} vs {one_shot.sequences[:, -MORE:].tolist()}"
+                rest["mm_token_type_ids"] = torch.cat(
+                    [rest["mm_token_type_ids"], rest["mm_token_type_ids"].new_zeros(sequence.shape[0], FIRST)], 1
+                )
+            continued = guarded.generate(
+                input_ids=sequence,
+                attention_mask=mask,
+                max_new_tokens=MORE,
+                **rest,
+                **kw,
+                **cache_kwargs(model, first.past_key_values),
+            )
+            assert torch.equal(continued.sequences, one_shot.sequences), (
+                f"{family}/{name}: {continued.sequences[:, -MORE:].tolist()} vs {one_shot.sequences[:, -MORE:].tolist()}"
+            )
             if family == "qwen2_vl" and name == "all" and int(transformers.__version__.split(".")[0]) < 5:
                 # known defect on transformers 4.57 only: every method alone continues exactly, the five together on
                 # Qwen2-VL differ by ~5e-2 in the continued steps (tokens equal); "all" is the last config here
@@ -72,10 +101,14 @@ def test_continued_generation_is_the_one_shot_generation_for_every_method(family
                     for step in range(MORE):
                         _scores_close(continued.scores[step], one_shot.scores[FIRST + step], "")
                 except AssertionError:
-                    pytest.xfail("transformers 4.57: Qwen2-VL with all five methods continues a cache with scores "
-                                 "~5e-2 from one-shot generation (each method alone is exact)")
+                    pytest.xfail(
+                        "transformers 4.57: Qwen2-VL with all five methods continues a cache with scores "
+                        "~5e-2 from one-shot generation (each method alone is exact)"
+                    )
             for step in range(MORE):
-                _scores_close(continued.scores[step], one_shot.scores[FIRST + step], f"{family}/{name} step {FIRST + step}")
+                _scores_close(
+                    continued.scores[step], one_shot.scores[FIRST + step], f"{family}/{name} step {FIRST + step}"
+                )
             if name in ("vcd", "pai"):  # the contrast ran in the continued steps: they are not the plain model's
                 with guarded.disabled():
                     plain = guarded.generate(**inputs, max_new_tokens=FIRST + MORE, **kw)

@@ -13,9 +13,11 @@ from vlm_guard.methods.pai.intervention import PAIConfig
 from vlm_guard.methods.var.intervention import VARConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig
 from vlm_guard.models import get_adapter
-from vlm_guard.testing import BOS, IMAGE, PAD, build_batch, tiny_model
+from vlm_guard.testing import BOS, FAMILY_NAMES, IMAGE, PAD, build_batch, tiny_model
 
-FAMILIES = ("llava", "idefics3", "qwen2_vl")
+FAMILIES = [
+    f if f in ("llava", "idefics3", "qwen2_vl") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_NAMES
+]
 # one row per (text tokens before the image or None for no BOS either, has an image, text tokens after it)
 KINDS = {
     "image_only": [(None, True, 0)],
@@ -53,8 +55,8 @@ def prompt_of_kind(model, rows) -> dict:
     ids = torch.full((len(sequences), width), PAD)
     mask = torch.zeros_like(ids)
     for row, sequence in enumerate(sequences):
-        ids[row, width - len(sequence):] = torch.tensor(sequence)
-        mask[row, width - len(sequence):] = 1
+        ids[row, width - len(sequence) :] = torch.tensor(sequence)
+        mask[row, width - len(sequence) :] = 1
     inputs.update(input_ids=ids, attention_mask=mask)
     if "mm_token_type_ids" in inputs:
         inputs["mm_token_type_ids"] = (ids == IMAGE).int()
@@ -62,7 +64,9 @@ def prompt_of_kind(model, rows) -> dict:
 
 
 def _generate(model, inputs, **kwargs):
-    return model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_scores=True, **kwargs)
+    return model.generate(
+        **inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_scores=True, **kwargs
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,7 +98,9 @@ def test_rows_made_only_of_image_tokens_say_so_once_and_run_what_is_defined(fami
             vhr = _generate(guarded, alone)
         # VHR compares with the image-free prompt, which is empty: no head is chosen, the row is the plain model's
         assert torch.equal(vhr.sequences, plain.sequences)
-        messages = [r.getMessage() for r in caplog.records if r.name.startswith("vlm_guard") and r.levelno >= logging.WARNING]
+        messages = [
+            r.getMessage() for r in caplog.records if r.name.startswith("vlm_guard") and r.levelno >= logging.WARNING
+        ]
         assert len(messages) == 1 and "image tokens only" in messages[0] and "[0]" in messages[0]
         # PAI: the attention edit and the cut run, the image-free contrast has nothing to contrast with (as gamma=1)
         guarded.set_config(GuardConfig.from_methods("pai"))

@@ -37,7 +37,7 @@ class TinyFamily:
         mrope: positions come from the image grid (M-RoPE): a hand-written decode loop lets the model place each new
             token instead of passing a mask, so such loops run rows of equal length.
         loop_positions: a hand-written decode loop passes the left-padding-aware positions ``cumsum(mask) - 1`` (what
-            ``generate`` does); False where ``generate`` counts positions from the cache instead (Idefics3).
+            ``generate`` does); False where ``generate`` counts positions from the cache instead (Idefics3, InternVL).
     """
 
     family = ""
@@ -78,9 +78,19 @@ class TinyFamily:
 def _llama_text(**overrides):
     from transformers import LlamaConfig
 
-    values = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=BOS, pad_token_id=PAD, eos_token_id=2,
-                  tie_word_embeddings=False)
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=BOS,
+        pad_token_id=PAD,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     values.update(overrides)
     return LlamaConfig(**values)
 
@@ -88,16 +98,35 @@ def _llama_text(**overrides):
 def _clip_vision(image_size=32, patch_size=8, **overrides):
     from transformers import CLIPVisionConfig
 
-    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-                  patch_size=patch_size, projection_dim=32)
+    values = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
     values.update(overrides)
     return CLIPVisionConfig(**values)
 
 
 def _small_text(**overrides) -> dict:
-    values = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, bos_token_id=BOS, pad_token_id=PAD,
-                  eos_token_id=2, tie_word_embeddings=False, initializer_range=0.08)  # 0.02 gives near-uniform attention
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        bos_token_id=BOS,
+        pad_token_id=PAD,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=0.08,
+    )  # 0.02 gives near-uniform attention
     values.update(overrides)
     return values
 
@@ -131,8 +160,12 @@ class _Llava(TinyFamily):
     def config(self, text_overrides, vision_overrides):
         import transformers
 
-        return transformers.LlavaConfig(vision_config=_clip_vision(**vision_overrides), text_config=_llama_text(**text_overrides),
-                                        image_token_index=IMAGE, projector_hidden_act="gelu")
+        return transformers.LlavaConfig(
+            vision_config=_clip_vision(**vision_overrides),
+            text_config=_llama_text(**text_overrides),
+            image_token_index=IMAGE,
+            projector_hidden_act="gelu",
+        )
 
     def tokens_per_image(self, model) -> int:
         vision = model.config.vision_config
@@ -149,8 +182,12 @@ class _LlavaNext(TinyFamily):
     def config(self, text_overrides, vision_overrides):
         import transformers
 
-        return transformers.LlavaNextConfig(vision_config=_clip_vision(**vision_overrides), text_config=_llama_text(**text_overrides),
-                                            image_token_index=IMAGE, image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]])
+        return transformers.LlavaNextConfig(
+            vision_config=_clip_vision(**vision_overrides),
+            text_config=_llama_text(**text_overrides),
+            image_token_index=IMAGE,
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+        )
 
     def _pixels(self, model, n_images: int):
         size = model.config.vision_config.image_size
@@ -184,13 +221,18 @@ class _PatchGridFamily(TinyFamily):
         n_images = sum(has_image)
         grid = 32 // vision.patch_size
         patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        return {"pixel_values": torch.randn(n_images * grid * grid, patch_dim, generator=generator),
-                "image_grid_thw": torch.tensor([[1, grid, grid]] * n_images)}
+        return {
+            "pixel_values": torch.randn(n_images * grid * grid, patch_dim, generator=generator),
+            "image_grid_thw": torch.tensor([[1, grid, grid]] * n_images),
+        }
 
     def row_image_inputs(self, inputs, first, count, row) -> dict:
         patches = inputs["image_grid_thw"].prod(dim=-1)
         start, end = int(patches[:first].sum()), int(patches[: first + count].sum())
-        return {"pixel_values": inputs["pixel_values"][start:end], "image_grid_thw": inputs["image_grid_thw"][first : first + count]}
+        return {
+            "pixel_values": inputs["pixel_values"][start:end],
+            "image_grid_thw": inputs["image_grid_thw"][first : first + count],
+        }
 
     def token_type_inputs(self, model, input_ids) -> dict:
         return _mm_token_type_ids(model, input_ids)
@@ -200,20 +242,45 @@ class _Qwen2VL(_PatchGridFamily):
     family, model_class = "qwen2_vl", "Qwen2VLForConditionalGeneration"
 
     def text(self, text_overrides: dict) -> dict:
-        values = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=2048, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                      bos_token_id=BOS, pad_token_id=PAD, eos_token_id=2, tie_word_embeddings=False)
+        values = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            bos_token_id=BOS,
+            pad_token_id=PAD,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
         values.update(text_overrides)
         return values
 
     def config(self, text_overrides, vision_overrides):
         import transformers
 
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8, spatial_merge_size=2,
-                      temporal_patch_size=1, in_channels=3)
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=1,
+            in_channels=3,
+        )
         vision.update(vision_overrides)
-        return transformers.Qwen2VLConfig(text_config=self.text(text_overrides), vision_config=vision, image_token_id=IMAGE,
-                                          vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+        return transformers.Qwen2VLConfig(
+            text_config=self.text(text_overrides),
+            vision_config=vision,
+            image_token_id=IMAGE,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
 
     def token_type_inputs(self, model, input_ids) -> dict:
         # only beside image tensors: a prompt without an image has no markers
@@ -226,11 +293,27 @@ class _Qwen2_5VL(_Qwen2VL):
     def config(self, text_overrides, vision_overrides):
         import transformers
 
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=8,
-                      spatial_merge_size=2, temporal_patch_size=1, in_channels=3, window_size=16, fullatt_block_indexes=[1])
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_heads=2,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=1,
+            in_channels=3,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        )
         vision.update(vision_overrides)
-        return transformers.Qwen2_5_VLConfig(text_config=self.text(text_overrides), vision_config=vision, image_token_id=IMAGE,
-                                             vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+        return transformers.Qwen2_5_VLConfig(
+            text_config=self.text(text_overrides),
+            vision_config=vision,
+            image_token_id=IMAGE,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
 
 
 class _Idefics3(TinyFamily):
@@ -240,10 +323,21 @@ class _Idefics3(TinyFamily):
     def config(self, text_overrides, vision_overrides):
         import transformers
 
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
         vision.update(vision_overrides)
-        return transformers.Idefics3Config(vision_config=transformers.Idefics3VisionConfig(**vision).to_dict(),
-                                           text_config=_llama_text(**text_overrides).to_dict(), image_token_id=IMAGE, scale_factor=2)
+        return transformers.Idefics3Config(
+            vision_config=transformers.Idefics3VisionConfig(**vision).to_dict(),
+            text_config=_llama_text(**text_overrides).to_dict(),
+            image_token_id=IMAGE,
+            scale_factor=2,
+        )
 
     def tokens_per_image(self, model) -> int:
         vision = model.config.vision_config
@@ -260,12 +354,16 @@ class _Idefics3(TinyFamily):
         for row, count in enumerate(has_image):
             for slot in range(count):
                 pixel_values[row, slot] = torch.randn(3, size, size, generator=generator)
-        return {"pixel_values": pixel_values,
-                "pixel_attention_mask": torch.ones(len(has_image), slots, size, size, dtype=torch.bool)}
+        return {
+            "pixel_values": pixel_values,
+            "pixel_attention_mask": torch.ones(len(has_image), slots, size, size, dtype=torch.bool),
+        }
 
     def row_image_inputs(self, inputs, first, count, row) -> dict:
-        return {"pixel_values": inputs["pixel_values"][row : row + 1, :count],
-                "pixel_attention_mask": inputs["pixel_attention_mask"][row : row + 1, :count]}
+        return {
+            "pixel_values": inputs["pixel_values"][row : row + 1, :count],
+            "pixel_attention_mask": inputs["pixel_attention_mask"][row : row + 1, :count],
+        }
 
 
 class _Qwen3VL(_PatchGridFamily):
@@ -279,16 +377,32 @@ class _Qwen3VL(_PatchGridFamily):
         return _small_text(rope_scaling=rope, rope_theta=10000.0, **text_overrides)
 
     def vision(self, vision_overrides: dict) -> dict:
-        values = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=8, spatial_merge_size=2,
-                      temporal_patch_size=1, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0])
+        values = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            in_channels=3,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=1,
+            out_hidden_size=64,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        )
         values.update(vision_overrides)
         return values
 
     def config(self, text_overrides, vision_overrides):
         import transformers
 
-        return transformers.Qwen3VLConfig(text_config=self.text(text_overrides), vision_config=self.vision(vision_overrides),
-                                          image_token_id=IMAGE, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+        return transformers.Qwen3VLConfig(
+            text_config=self.text(text_overrides),
+            vision_config=self.vision(vision_overrides),
+            image_token_id=IMAGE,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
 
 
 class _Qwen3VLMoe(_Qwen3VL):
@@ -298,10 +412,23 @@ class _Qwen3VLMoe(_Qwen3VL):
         import transformers
 
         # every text layer sparse (4 experts, 2 per token) except layer 0, which keeps a dense MLP
-        text = self.text(dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
-                              mlp_only_layers=[0], **text_overrides))
-        return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=self.vision(vision_overrides), image_token_id=IMAGE,
-                                             vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+        text = self.text(
+            dict(
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                decoder_sparse_step=1,
+                mlp_only_layers=[0],
+                **text_overrides,
+            )
+        )
+        return transformers.Qwen3VLMoeConfig(
+            text_config=text,
+            vision_config=self.vision(vision_overrides),
+            image_token_id=IMAGE,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
 
 
 class _Glm4v(_PatchGridFamily):
@@ -316,15 +443,32 @@ class _Glm4v(_PatchGridFamily):
 
         rope = {"rope_type": "default", "mrope_section": [2, 1, 1]}
         if _V5:
-            text = _small_text(rope_parameters={**rope, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, **text_overrides)
+            text = _small_text(
+                rope_parameters={**rope, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, **text_overrides
+            )
         else:
             text = _small_text(rope_scaling=rope, rope_theta=10000.0, partial_rotary_factor=0.5, **text_overrides)
         text.pop("head_dim")
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, image_size=32, patch_size=8,
-                      spatial_merge_size=2, temporal_patch_size=1, out_hidden_size=64)
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            in_channels=3,
+            image_size=32,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=1,
+            out_hidden_size=64,
+        )
         vision.update(vision_overrides)
-        return transformers.Glm4vConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
-                                        image_start_token_id=VISION_START, image_end_token_id=VISION_END)
+        return transformers.Glm4vConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE,
+            image_start_token_id=VISION_START,
+            image_end_token_id=VISION_END,
+        )
 
 
 class _Gemma3(TinyFamily):
@@ -336,15 +480,37 @@ class _Gemma3(TinyFamily):
     def config(self, text_overrides, vision_overrides):
         import transformers
 
-        text = _small_text(query_pre_attn_scalar=16, sliding_window=6, layer_types=self.LAYER_TYPES,
-                           rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}) if _V5 else \
-            _small_text(query_pre_attn_scalar=16, sliding_window=6, layer_types=self.LAYER_TYPES)
+        text = (
+            _small_text(
+                query_pre_attn_scalar=16,
+                sliding_window=6,
+                layer_types=self.LAYER_TYPES,
+                rope_parameters={
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                },
+            )
+            if _V5
+            else _small_text(query_pre_attn_scalar=16, sliding_window=6, layer_types=self.LAYER_TYPES)
+        )
         text.update(text_overrides)
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
         vision.update(vision_overrides)
-        return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=IMAGE,
-                                         boi_token_index=VISION_START, eoi_token_index=VISION_END)
+        return transformers.Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            image_token_index=IMAGE,
+            boi_token_index=VISION_START,
+            eoi_token_index=VISION_END,
+        )
 
     def tokens_per_image(self, model) -> int:
         return model.config.mm_tokens_per_image
@@ -377,9 +543,13 @@ class _LlavaOnevision(TinyFamily):
         text = _small_text(**text_overrides)
         text.pop("head_dim")
         return transformers.LlavaOnevisionConfig(
-            vision_config=_clip_vision(**vision_overrides), text_config=transformers.Qwen2Config(**text), image_token_index=IMAGE,
-            vision_feature_select_strategy="default", image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
-            vision_aspect_ratio="anyres_max_9")
+            vision_config=_clip_vision(**vision_overrides),
+            text_config=transformers.Qwen2Config(**text),
+            image_token_index=IMAGE,
+            vision_feature_select_strategy="default",
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+            vision_aspect_ratio="anyres_max_9",
+        )
 
     def _pixels(self, model, n_images: int):
         size = model.config.vision_config.image_size
@@ -397,6 +567,7 @@ class _LlavaOnevision(TinyFamily):
 
 class _InternVL(TinyFamily):
     family, model_class = "internvl", "InternVLForConditionalGeneration"
+    loop_positions = False  # InternVL's generate counts positions from the cache
     TILES = 2  # one tile plus the thumbnail per image, all inside one <img> ... </img> block
 
     def config(self, text_overrides, vision_overrides):
@@ -404,12 +575,23 @@ class _InternVL(TinyFamily):
 
         text = _small_text(**text_overrides)
         text.pop("head_dim")
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=[32, 32],
-                      patch_size=[8, 8])
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=[32, 32],
+            patch_size=[8, 8],
+        )
         vision.update(vision_overrides)
-        return transformers.InternVLConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text).to_dict(),
-                                           image_token_id=IMAGE, image_seq_length=4, downsample_ratio=0.5,
-                                           tie_word_embeddings=False)
+        return transformers.InternVLConfig(
+            vision_config=vision,
+            text_config=transformers.Qwen2Config(**text).to_dict(),
+            image_token_id=IMAGE,
+            image_seq_length=4,
+            downsample_ratio=0.5,
+            tie_word_embeddings=False,
+        )
 
     def tokens_per_image(self, model) -> int:
         return self.TILES * model.config.image_seq_length
@@ -431,12 +613,23 @@ class _Mistral3(TinyFamily):
         import transformers
 
         text = _small_text(sliding_window=None, **text_overrides)
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-                      head_dim=16)
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            head_dim=16,
+        )
         vision.update(vision_overrides)
-        return transformers.Mistral3Config(vision_config=transformers.PixtralVisionConfig(**vision),
-                                           text_config=transformers.MistralConfig(**text), image_token_index=IMAGE,
-                                           spatial_merge_size=2, tie_word_embeddings=False)
+        return transformers.Mistral3Config(
+            vision_config=transformers.PixtralVisionConfig(**vision),
+            text_config=transformers.MistralConfig(**text),
+            image_token_index=IMAGE,
+            spatial_merge_size=2,
+            tie_word_embeddings=False,
+        )
 
     def post_init(self, model):
         _scale_last_projection(model.model.multi_modal_projector.linear_2, 10.0)
@@ -458,12 +651,28 @@ class _Mistral3(TinyFamily):
 
     def image_inputs(self, model, input_ids, has_image, generator) -> dict:
         n_images = sum(has_image)
-        return {"pixel_values": torch.randn(n_images, 3, 32, 32, generator=generator), "image_sizes": torch.tensor([[32, 32]] * n_images)}
+        return {
+            "pixel_values": torch.randn(n_images, 3, 32, 32, generator=generator),
+            "image_sizes": torch.tensor([[32, 32]] * n_images),
+        }
 
 
 FAMILY_REGISTRY: dict[str, TinyFamily] = {
-    spec.family: spec for spec in (_Llava(), _LlavaNext(), _Qwen2VL(), _Qwen2_5VL(), _Idefics3(), _Qwen3VL(), _Qwen3VLMoe(),
-                                   _Gemma3(), _LlavaOnevision(), _InternVL(), _Mistral3(), _Glm4v())
+    spec.family: spec
+    for spec in (
+        _Llava(),
+        _LlavaNext(),
+        _Qwen2VL(),
+        _Qwen2_5VL(),
+        _Idefics3(),
+        _Qwen3VL(),
+        _Qwen3VLMoe(),
+        _Gemma3(),
+        _LlavaOnevision(),
+        _InternVL(),
+        _Mistral3(),
+        _Glm4v(),
+    )
 }
 """Every family with a tiny model, by name: the one list the test matrices run over."""
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILY_REGISTRY)
@@ -493,8 +702,14 @@ def family_available(family: str) -> str | None:
     return f"transformers {transformers.__version__} has no {spec.model_class}"
 
 
-def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa", text_overrides: dict | None = None,
-               vision_overrides: dict | None = None, dtype=torch.float32):
+def tiny_model(
+    family: str,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    text_overrides: dict | None = None,
+    vision_overrides: dict | None = None,
+    dtype=torch.float32,
+):
     """A random-weight model of ``family`` in eval mode.
 
     Args:
@@ -528,7 +743,9 @@ def _interleave(text: list[int], block: list[int], n_images: int) -> list[int]:
     if n_images == 0:
         return list(text)
     cut = max(1, len(text) // 3) if n_images == 1 else None
-    cuts = [cut] if cut is not None else [max(1, len(text) * (index + 1) // (n_images + 1)) for index in range(n_images)]
+    cuts = (
+        [cut] if cut is not None else [max(1, len(text) * (index + 1) // (n_images + 1)) for index in range(n_images)]
+    )
     sequence, start = [], 0
     for end in cuts:
         sequence += text[start:end] + block
@@ -553,7 +770,9 @@ def split_row(model, inputs: dict, row: int) -> dict:
 
 def _count_images(ids: torch.Tensor, block: list[int]) -> int:
     """Images in one row: runs of image tokens, counted per image block (a block may hold several runs)."""
-    per_block = sum(1 for index, token in enumerate(block) if token == IMAGE and (index == 0 or block[index - 1] != IMAGE))
+    per_block = sum(
+        1 for index, token in enumerate(block) if token == IMAGE and (index == 0 or block[index - 1] != IMAGE)
+    )
     is_image = ids == IMAGE
     runs = int((is_image[1:] & ~is_image[:-1]).sum()) + int(is_image[0])
     return runs // per_block
@@ -584,8 +803,8 @@ def build_batch(model, rows: list[tuple[bool, int]], seed: int = 0) -> dict:
     input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, sequence in enumerate(sequences):
-        input_ids[index, width - len(sequence):] = torch.tensor(sequence)
-        attention_mask[index, width - len(sequence):] = 1
+        input_ids[index, width - len(sequence) :] = torch.tensor(sequence)
+        attention_mask[index, width - len(sequence) :] = 1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     inputs.update(spec.token_type_inputs(model, input_ids))
     counts = [int(has_image) for has_image, _ in rows]
@@ -605,7 +824,9 @@ def tiny_tokenizer():
     vocab = {**{f"w{index}": index for index in range(VOCAB) if index not in taken}, **named}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 TOKENIZER_KINDS = ("sentencepiece", "byte_level_bpe", "word_level", "wordpiece")
@@ -640,12 +861,15 @@ def offline_tokenizer(kind: str, corpus: list[str], vocab_size: int = 200):
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
     elif kind == "word_level":
         tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
         tokenizer.normalizer = normalizers.Lowercase()
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
+        )
         trainer = trainers.WordLevelTrainer(special_tokens=special)
     elif kind == "wordpiece":
         tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
@@ -664,8 +888,15 @@ def word_level_tokenizer(corpus: list[str]):
     return offline_tokenizer("word_level", corpus)
 
 
-def greedy_loop(model, inputs: dict, max_new_tokens: int, cache=None, processors=None, pass_mask: bool = True,
-                pass_positions: bool = True) -> torch.Tensor:
+def greedy_loop(
+    model,
+    inputs: dict,
+    max_new_tokens: int,
+    cache=None,
+    processors=None,
+    pass_mask: bool = True,
+    pass_positions: bool = True,
+) -> torch.Tensor:
     """A hand-written greedy decoding loop: one prefill call, then one call per new token that extends
     the cache (what a user writes instead of ``generate``). ``model`` may be a guarded wrapper.
 
@@ -770,5 +1001,11 @@ def assert_close_scaled(actual, expected, reduction: int = 1, safety: float = RO
     if expected.is_floating_point() and torch.finfo(expected.dtype).eps > torch.finfo(dtype).eps:
         dtype = expected.dtype
     atol = rounding_tolerance(expected, reduction, safety, dtype)
-    torch.testing.assert_close(actual.to(expected.dtype) if actual.dtype != expected.dtype else actual, expected,
-                               atol=atol, rtol=0.0, equal_nan=True, msg=msg)
+    torch.testing.assert_close(
+        actual.to(expected.dtype) if actual.dtype != expected.dtype else actual,
+        expected,
+        atol=atol,
+        rtol=0.0,
+        equal_nan=True,
+        msg=msg,
+    )
