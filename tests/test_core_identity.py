@@ -111,7 +111,7 @@ def test_attributes_pass_through_and_repr():
     assert guarded.device == model.device
     assert "llava" in repr(guarded)
     with pytest.raises(AttributeError):
-        guarded.no_such_attribute
+        _ = guarded.no_such_attribute
 
 
 def test_two_wrapped_models_do_not_interfere():
