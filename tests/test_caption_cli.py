@@ -33,7 +33,8 @@ def test_caption_bad_inputs_give_clear_errors(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     assert main(["caption", str(corrupt)]) == 2
-    assert "could not read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "corrupt.png is not a readable image" in err and "could not read" not in err and len(err.splitlines()) == 1
     assert main(["caption", "--methods", "magic"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert main(["caption", "--max-new-tokens", "0"]) == 2

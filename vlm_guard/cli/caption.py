@@ -92,7 +92,7 @@ def _load_image(path: str | None, world: str | None = None):
     try:
         return load_image(path), path
     except ImageLoadError as error:
-        raise ValueError(f"could not read {error}") from None
+        raise ValueError(str(error)) from None
 
 
 def _caption(guarded, processor, image, prompt: str, max_new_tokens: int) -> tuple[str, float]:

@@ -26,7 +26,9 @@ def __getattr__(name: str):
             DeprecationWarning,
             stacklevel=2,
         )
-        return getattr(importlib.import_module("vlm_guard.calibration"), name)
+        value = getattr(importlib.import_module("vlm_guard.calibration"), name)
+        globals()[name] = value  # warned once: ``from ... import`` looks a name up twice
+        return value
     raise AttributeError(f"module 'vlm_guard.heads' has no attribute {name!r}")
 
 
