@@ -16,8 +16,8 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/de
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "[test] ruff check, ruff format --check, lint-imports"
-.venv/bin/ruff check --quiet vlm_guard toyworld tests conftest.py scripts docs
-.venv/bin/ruff format --check --quiet vlm_guard toyworld tests conftest.py scripts docs
+.venv/bin/ruff check --quiet vlm_guard toyworld tests scripts docs
+.venv/bin/ruff format --check --quiet vlm_guard toyworld tests scripts docs
 .venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 echo "[test] transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)')"
 exec .venv/bin/python -m pytest -q "$@"
