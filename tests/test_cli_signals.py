@@ -87,7 +87,7 @@ def images(tmp_path_factory):
     return folder
 
 
-PROGRESS = ("it/s", "s/it", "/image", "item/s", "s/item")
+PROGRESS = ("it/s", "s/it", "image/s", "s/image", "item/s", "s/item")  # tqdm rates of the work loops
 
 
 def test_calibrate_in_its_work_loop(tmp_path, images):
