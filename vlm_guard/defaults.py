@@ -41,13 +41,15 @@ DEFAULT_V2_DIR = ASSETS / "default_model_v2"
 
 def default_model_dir() -> Path:
     """The folder holding the default model's shipped weights (what result files' weights digests hash)."""
-    return DEFAULT_V2_DIR if default_model_name() == "v2" else FIXTURE_MODEL_DIR
+    return {"v2": DEFAULT_V2_DIR, "v3": DEFAULT_V3_DIR}.get(default_model_name(), FIXTURE_MODEL_DIR)
 
 
 def describe_default() -> str:
     """A one-line name of the default model for logs and result files."""
     if default_model_name() == "v2":
         return "vlm_guard default model v2 (SmolLM2-135M-Instruct + trained vision tower)"
+    if default_model_name() == "v3":
+        return "vlm_guard default model v3 (SmolLM2-135M-Instruct + trained vision tower, 144 image tokens)"
     return f"vlm_guard test fixture ({FIXTURE_MODEL_DIR.name}, 3.6M)"
 
 
@@ -60,6 +62,8 @@ def load_default(device: str = "cpu", dtype=None):
     """
     if default_model_name() == "fixture":
         return load_fixture(device=device, dtype=dtype)
+    if default_model_name() == "v3":
+        return load_default_v3(device=device, dtype=dtype)
     return load_default_v2(device=device, dtype=dtype)
 
 

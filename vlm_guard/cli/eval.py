@@ -35,6 +35,7 @@ from vlm_guard.cli.arguments import (
 )
 from vlm_guard.eval.following import EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE
 from vlm_guard.eval.tasks import DEFAULT_CHAIR_PROMPT, DEFAULT_MAX_NEW_TOKENS, chair_task, pope_tasks, synthetic_tasks
+from vlm_guard.synthetic.worlds import WORLD_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def register(subparsers) -> None:
     synthetic.add_argument(
         "--world",
         default="auto",
-        choices=["auto", "everyday", "shapes"],
+        choices=["auto", *WORLD_NAMES],
         help="which synthetic world (default: the model's own, everyday for other models)",
     )
     synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
@@ -122,7 +123,7 @@ def register(subparsers) -> None:
     images.add_argument(
         "--world",
         default="auto",
-        choices=["auto", "everyday", "shapes"],
+        choices=["auto", *WORLD_NAMES],
         help="which synthetic world (default: the default model's)",
     )
     images.set_defaults(func=_write_synthetic_images)

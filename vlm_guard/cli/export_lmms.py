@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 from vlm_guard.cli.arguments import max_new_tokens_int, non_negative_int, positive_int, seed_int
+from vlm_guard.synthetic.worlds import WORLD_NAMES
 
 
 def register(subparsers) -> None:
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
     synthetic.add_argument(
         "--world",
         default="auto",
-        choices=["auto", "everyday", "shapes"],
+        choices=["auto", *WORLD_NAMES],
         help="which world (default: the --model's, the default model's without it)",
     )
     synthetic.add_argument("--model", default=None, help="the model whose world to use (default: the default model)")

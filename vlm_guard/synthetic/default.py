@@ -17,29 +17,36 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 """The package's ``assets`` folder."""
 
-EXAMPLES_DIRS = {"everyday": ASSETS / "examples", "shapes": ASSETS / "examples_shapes"}
+EXAMPLES_DIRS = {
+    "everyday": ASSETS / "examples",
+    "shapes": ASSETS / "examples_shapes",
+    "everyday_v3": ASSETS / "examples_v3",
+}
 """Bundled example images per world, with their ground-truth objects in ``examples.json``."""
 
 DEFAULT_MODEL_ENV = "VLM_GUARD_DEFAULT_MODEL"
-"""Environment variable choosing what "the default model" is: ``v2`` (unset) or ``fixture``."""
+"""Environment variable choosing what "the default model" is: ``v2`` (unset), ``v3`` or ``fixture``."""
 
-DEFAULT_MODEL_CHOICES = ("v2", "fixture")
+DEFAULT_MODEL_CHOICES = ("v2", "v3", "fixture")
+WORLD_OF_MODEL = {"v2": "everyday", "v3": "everyday_v3", "fixture": "shapes"}
+"""The world each shipped model was trained on."""
 
 
 def default_model_name() -> str:
-    """``"v2"`` or ``"fixture"`` (``$VLM_GUARD_DEFAULT_MODEL``, default ``v2``)."""
+    """``"v2"``, ``"v3"`` or ``"fixture"`` (``$VLM_GUARD_DEFAULT_MODEL``, default ``v2``)."""
     name = os.environ.get(DEFAULT_MODEL_ENV, "v2").strip() or "v2"
     if name not in DEFAULT_MODEL_CHOICES:
         raise ValueError(
             f"{DEFAULT_MODEL_ENV}={name!r} is not one of {DEFAULT_MODEL_CHOICES}; unset it for default "
-            "model v2, or set it to 'fixture' for the 3.6M test fixture"
+            "model v2, set it to 'v3' for default model v3, or to 'fixture' for the 3.6M test fixture"
         )
     return name
 
 
 def default_world() -> str:
-    """The world the default model was trained on: ``"everyday"`` (v2) or ``"shapes"`` (fixture)."""
-    return "everyday" if default_model_name() == "v2" else "shapes"
+    """The world the default model was trained on: ``"everyday"`` (v2), ``"everyday_v3"`` (v3) or ``"shapes"``
+    (fixture)."""
+    return WORLD_OF_MODEL[default_model_name()]
 
 
 def examples_dir(world: str | None = None) -> Path:
@@ -55,6 +62,7 @@ __all__ = [
     "EXAMPLES_DIRS",
     "DEFAULT_MODEL_ENV",
     "DEFAULT_MODEL_CHOICES",
+    "WORLD_OF_MODEL",
     "default_model_name",
     "default_world",
     "examples_dir",

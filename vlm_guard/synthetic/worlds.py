@@ -1,12 +1,14 @@
 """The project's synthetic worlds, described once so that eval, tuning and the examples can use either.
 
-Two worlds exist, each with the model trained on it:
+Three worlds exist, each with the model trained on it:
 
 * ``everyday`` (:mod:`vlm_guard.synthetic.everyday.world`): everyday objects whose names a pretrained language
   model knows (fork/knife, cup/saucer, ...), natural wording: POPE's official question
   ``"Is there a {object} in the image?"`` and CHAIR's ``"Please describe this image in detail."``. The
   default model (v2, on SmolLM2-135M-Instruct) is trained on it; any instruction-following VLM can be asked
   about it.
+* ``everyday_v3`` (:mod:`vlm_guard.synthetic.everyday_v3.kind`): the everyday objects and wording, 3-5 objects
+  drawn independently at 192 pixels, answered with long detail descriptions (default model v3).
 * ``shapes`` (:mod:`vlm_guard.synthetic.world`): ten shapes in the toy vocabulary of the 3.6M test fixture
   (``"is there a {object} ?"``, ``"describe the image"``), the only wording that model knows.
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-WORLD_NAMES = ("everyday", "shapes")
+WORLD_NAMES = ("everyday", "shapes", "everyday_v3")
 CONFIG_KEY = "vlm_guard_world"
 """Model-config attribute naming the world a model was trained on."""
 
@@ -115,7 +117,21 @@ def _shapes() -> WorldKind:
     )
 
 
-_BUILDERS: dict[str, Callable[[], WorldKind]] = {"everyday": _everyday, "shapes": _shapes}
+def _everyday_v3() -> WorldKind:
+    from vlm_guard.synthetic.everyday_v3 import kind as world
+
+    return WorldKind(
+        name="everyday_v3",
+        module=world,
+        caption_prompt=world.DETAIL_PROMPTS[1],
+        pope_template="Is there a {object} in the image?",
+        popular_rank={t: i for i, t in enumerate(world.POPULARITY)},
+        popular_types=frozenset(world.POPULARITY[: len(world.POPULARITY) // 2]),
+        caption_tokens=world.CAPTION_TOKENS,
+    )
+
+
+_BUILDERS: dict[str, Callable[[], WorldKind]] = {"everyday": _everyday, "shapes": _shapes, "everyday_v3": _everyday_v3}
 _CACHE: dict[str, WorldKind] = {}
 
 
