@@ -6,6 +6,8 @@ to show the guard does no harm there; scenes of at most 3 objects. Also writes e
 caption at selection and the rule that chose it).
 
     .venv/bin/python scripts/make_everyday_examples.py [FOLDER] [--max-scenes 200]
+    VLM_GUARD_DEFAULT_MODEL=v3 .venv/bin/python scripts/make_everyday_examples.py vlm_guard/assets/examples_v3 \
+        --world everyday_v3 --max-objects 4          # default model v3's examples (its scenes hold 3-5 objects)
 
 Deterministic: the same model and seed give the same examples (greedy decoding, scenes in index order).
 """
@@ -18,18 +20,23 @@ SEED = 910001  # the tuning seed: never the reported 900001
 BATCH = 8
 
 
-def plain_records(max_scenes: int, n_trap: int, n_right: int):
+def plain_records(max_scenes: int, n_trap: int, n_right: int, world: str = "everyday", max_objects: int = 3):
     """Plain greedy captions of the tuning seed's scenes in index order, scored, until the rule is satisfied."""
     import torch
 
-    from vlm_guard.defaults import load_default
+    from vlm_guard.defaults import default_world, load_default
     from vlm_guard.eval.runner import chat_prompt, generate_answers, prepare_processor
     from vlm_guard.eval.synthetic import score_synthetic_caption, synthetic_world
     from vlm_guard.synthetic.examples import select_examples
     from vlm_guard.synthetic.worlds import world_kind
 
     torch.set_num_threads(1)
-    kind = world_kind("everyday")
+    kind = world_kind(world)
+    if default_world() != kind.name:
+        raise SystemExit(
+            f"the default model is trained on the {default_world()!r} world, not {kind.name!r}: set "
+            "VLM_GUARD_DEFAULT_MODEL (v2: everyday, v3: everyday_v3)"
+        )
     scenes = synthetic_world(SEED, False, kind)
     model, processor = load_default()
     prepare_processor(processor)
@@ -55,7 +62,7 @@ def plain_records(max_scenes: int, n_trap: int, n_right: int):
                     "plain_caption": answer,
                 }
             )
-        chosen = select_examples(records, n_trap, n_right)
+        chosen = select_examples(records, n_trap, n_right, max_objects)
         if sum(r["kind"] == "trap" for r in chosen) >= n_trap and sum(r["kind"] == "right" for r in chosen) >= n_right:
             return chosen, len(records)
     raise SystemExit(
@@ -69,13 +76,15 @@ def main() -> None:
     parser.add_argument("--max-scenes", type=int, default=200)
     parser.add_argument("--traps", type=int, default=4)
     parser.add_argument("--right", type=int, default=1)
+    parser.add_argument("--world", default="everyday", help="everyday (default model v2) or everyday_v3 (v3)")
+    parser.add_argument("--max-objects", type=int, default=3, help="skip scenes with more objects (default 3)")
     args = parser.parse_args()
     from vlm_guard.fileio import atomic_write_bytes, atomic_write_json
     from vlm_guard.synthetic.examples import EXAMPLE_RULE
     from vlm_guard.synthetic.worlds import world_kind
 
-    kind = world_kind("everyday")
-    chosen, scanned = plain_records(args.max_scenes, args.traps, args.right)
+    kind = world_kind(args.world)
+    chosen, scanned = plain_records(args.max_scenes, args.traps, args.right, args.world, args.max_objects)
     out = Path(args.folder)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -108,7 +117,7 @@ def main() -> None:
                 "plain_hallucinated_at_selection": record["hallucinated"],
             }
         )
-    rule = EXAMPLE_RULE.format(n_trap=args.traps, n_right=args.right, max_objects=3)
+    rule = EXAMPLE_RULE.format(n_trap=args.traps, n_right=args.right, max_objects=args.max_objects)
     for entry in entries:  # a list of entries, as every reader expects; each carries how it was chosen
         entry["selected_by"] = {"rule": rule, "scenes_scanned": scanned}
     atomic_write_json(out / "examples.json", entries, indent=1)
