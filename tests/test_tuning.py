@@ -751,6 +751,25 @@ def test_profile_space_holds_method_parts_and_presets():
         profile_candidates("vqa", num_layers=30)
 
 
+def test_profile_space_for_named_methods_is_each_methods_strength_ladder():
+    from vlm_guard.tuning.space import profile_candidates
+
+    gift = profile_candidates("caption", num_layers=30, methods=["gift"])
+    assert {tuple(c.methods) for c in gift} == {("gift",)}
+    alphas = sorted(c.guard_config().gift.alpha for c in gift)
+    assert alphas == [0.5, 1.0, 2.0, 3.0, 5.0]  # the ladder; the released alpha 5 once, not twice
+    vhr = profile_candidates("caption", num_layers=30, methods=["vhr"])
+    layers = {tuple(c.guard_config().vhr.target_layers or ()) for c in vhr}
+    assert tuple(range(15, 30)) in layers and () in layers  # the profile's late-half 1.1 and the released layers
+    assert sorted({c.guard_config().vhr.alpha for c in vhr}) == [1.1, 1.25, 1.5, 2.0, 3.0]
+    var = profile_candidates("caption", num_layers=30, methods=["var"])
+    assert "var preset=paper" in [c.label for c in var] and {c.guard_config().var.tau for c in var} == {20.0}
+    both = profile_candidates("caption", num_layers=30, methods=["vhr", "gift"])
+    assert len(both) == len(vhr) + len(gift) and not any("pai" in c.methods for c in both)
+    with pytest.raises(ValueError, match="choose from"):
+        profile_candidates("caption", num_layers=30, methods=["nope"])
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,

@@ -22,6 +22,7 @@ OUT_DIR="${OUT_DIR:-docs/results/v3}"
 THREADS="${THREADS:-1}"              # 1: small models run fastest unthreaded on the 2 shared cores
 N_QUESTIONS="${N_QUESTIONS:-300}"    # per POPE split
 N_CAPTIONS="${N_CAPTIONS:-300}"
+TASKS="${TASKS:-pope,chair}"         # TASKS=chair: the caption columns only (POPE costs 900 prefills per row)
 mkdir -p "$OUT_DIR"
 
 HEAD_MAP="$(ls -d vlm_guard/assets/head_maps/default-v3-*/ | head -1)"
@@ -38,5 +39,5 @@ echo "$(date -u +%H:%M:%S) model: shipped default v3; head map: $HEAD_MAP; rows:
 
 "$VLM" -v eval synthetic --world everyday_v3 --head-map "$HEAD_MAP" \
   --n-questions "$N_QUESTIONS" --n-captions "$N_CAPTIONS" --batch-size 32 --threads "$THREADS" --no-progress \
-  --compare "$COMPARE" --out "$OUT_DIR/synthetic.jsonl"
+  --tasks "$TASKS" --compare "$COMPARE" --out "$OUT_DIR/synthetic.jsonl"
 echo "$(date -u +%H:%M:%S) done: $OUT_DIR/synthetic.md"

@@ -297,6 +297,7 @@ def _run_profiles(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             weights_sha256_16=weights_digest(args.model or DEFAULT_MODEL_DIR),
             world=world,
+            methods=None if set(_method_list(args.methods)) == set(TUNABLE_METHODS) else _method_list(args.methods),
         )
     except BudgetExhausted:
         print(

@@ -330,6 +330,7 @@ def tune_profiles(
     pilot_items: dict | None = None,
     tuning_seed: int | None = None,
     confirm_seed: int = CONFIRM_SEED,
+    methods: Sequence[str] | None = None,
 ) -> dict:
     """Tune each task profile (see the module docstring) and return the head map's new ``tuned`` section (also
     saved with ``tuning.md`` into ``out_dir`` when given).
@@ -344,6 +345,8 @@ def tune_profiles(
             saved and :class:`~vlm_guard.tuning.search.BudgetExhausted` is raised (rerun to continue).
         pilot_items: ``{profile: items}`` of the pilot rung (default :data:`PILOT_ITEMS`).
         tuning_seed, confirm_seed: world seeds of the tuning and the confirmation split (never 900001).
+        methods: tune these methods only, each over its strength ladder
+            (:func:`~vlm_guard.tuning.space.profile_candidates`); None: the profile's own candidate list.
     """
     import copy
 
@@ -395,7 +398,9 @@ def tune_profiles(
     results: dict[str, dict] = {}
     try:
         for profile in profiles:
-            results[profile] = _tune_one(profile, splits, guarded, greedy, head_map, pilot_items[profile], n_items)
+            results[profile] = _tune_one(
+                profile, splits, guarded, greedy, head_map, pilot_items[profile], n_items, methods
+            )
     finally:
         for split in splits.values():
             split.state.data["elapsed_s"] = round(budget.spent(), 1)
@@ -435,13 +440,22 @@ def tune_profiles(
     return tuned
 
 
-def _tune_one(profile: str, splits: dict, guarded, greedy: Candidate, head_map, pilot_n: int, n_items: int) -> dict:
+def _tune_one(
+    profile: str,
+    splits: dict,
+    guarded,
+    greedy: Candidate,
+    head_map,
+    pilot_n: int,
+    n_items: int,
+    methods: Sequence[str] | None = None,
+) -> dict:
     from vlm_guard.settings import PROFILES
 
     tasks = profile_tasks(profile)
     tuning = splits["tuning"]
     candidates, skipped = [], {}
-    for candidate in profile_candidates(profile, head_map.num_layers, head_map):
+    for candidate in profile_candidates(profile, head_map.num_layers, head_map, methods):
         guarded.set_config(candidate.guard_config())
         if not guarded.interventions:
             skipped[candidate.label] = (

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,7 +123,9 @@ PAI_ATTENTION_ALPHAS = (0.1, 0.2, 0.4)
 """PAI's attention half alone (``gamma=1``: no image-free contrast pass, so one forward per token, 1x cost)."""
 
 
-def profile_candidates(profile: str, num_layers: int, head_map: Any = None) -> list[Candidate]:
+def profile_candidates(
+    profile: str, num_layers: int, head_map: Any = None, methods: list[str] | tuple[str, ...] | None = None
+) -> list[Candidate]:
     """The short, principled candidate list of one task profile (see :mod:`vlm_guard.tuning.profiles`).
 
     Each method enters at its released setting and as the parts and presets its papers ablate, plus the settings
@@ -135,12 +138,30 @@ def profile_candidates(profile: str, num_layers: int, head_map: Any = None) -> l
       (``alpha=0``), PAI's attention half at its mildest alpha, VCD contrasting greedy decoding, VHR alpha 1.1 on
       the late half, VAR's ``paper`` preset.
 
+    ``methods`` (``vlm-guard tune --profiles caption --methods gift``) tunes those methods only: the profile's
+    candidates that use no other method, plus each named method's strength ladder on its first (released) layer band
+    of its registered tuning grid (GIFT alpha 0.5 .. 5 on its head-map layers, VHR alpha 1.1 .. 3 on its released
+    layers, VAR p 0.2 .. 0.8 at the released rho and tau), so each method gets its own tuned setting.
+
     A method that builds no intervention on the model (VAR without sink dimensions) is left out by the tuner.
 
     Example:
         >>> [c.label for c in profile_candidates("caption", num_layers=30)][:2]
         ['pai alpha=0.1 gamma=1', 'pai alpha=0.2 gamma=1']
     """
+    if methods is not None:
+        wanted = list(dict.fromkeys(methods))
+        unknown = [name for name in wanted if name not in TUNABLE_METHODS]
+        if unknown or not wanted:
+            raise ValueError(f"methods {wanted!r}: choose from {list(TUNABLE_METHODS)}")
+        own = [c for c in profile_candidates(profile, num_layers, head_map) if set(c.methods) <= set(wanted)]
+        for name in wanted:
+            grid = method_candidates(name, num_layers, head_map)
+            own.extend(c for c in grid if c.band == grid[0].band)
+        unique: dict[str, Candidate] = {}  # one candidate per setting (the ladder repeats the released strength)
+        for candidate in own:
+            unique.setdefault(json.dumps(candidate.guard_config().to_dict(), sort_keys=True), candidate)
+        return list(unique.values())
     late_half = list(range(num_layers - max(1, math.ceil(num_layers / 2)), num_layers))
     vhr_late = Candidate({"vhr": {"alpha": 1.1, "target_layers": late_half}}, "late half")
     var_paper = Candidate({"var": {"preset": "paper"}}, "paper preset")
