@@ -90,7 +90,7 @@ def test_planted_sink_is_found_by_var():
     guarded = vlm_guard.wrap(model, config=bench.method_configs(random_model=True)["var"])
     try:
         guarded(**inputs)
-        sinks = guarded.interventions[0].sink_mask
+        sinks = guarded.last_generation.states["var"].sink_mask
         assert sinks and all(bool(mask[0, 0]) for mask in sinks.values())
     finally:
         guarded.unwrap()

@@ -190,7 +190,7 @@ def test_output_changes_and_alpha0_matches_plain(llava):
     guarded = vlm_guard.wrap(model, config=GuardConfig.from_methods("gift"))
     try:
         assert image_rows_changed(guarded, inputs)
-        saliency = guarded.interventions[0].saliency
+        saliency = guarded.last_generation.states["gift"].saliency
         image = inputs["input_ids"] == 100
         assert saliency.shape == inputs["input_ids"].shape and saliency.dtype == torch.float32
         assert saliency[~image].abs().sum() == 0 and 0 <= saliency.min() and saliency.max() <= 1
@@ -210,13 +210,13 @@ def test_side_pass_stops_at_the_saliency_layer_and_agrees_with_in_prefill(llava)
         assert guarded.interventions[0].in_prefill
         with torch.no_grad():
             guarded(**inputs)
-        in_prefill = guarded.interventions[0].saliency.clone()
+        in_prefill = guarded.last_generation.states["gift"].saliency.clone()
         guarded.set_config(GuardConfig(gift=GIFTConfig(saliency_layer=1, enhance_layers=[1, 2, 3])))
         assert not guarded.interventions[0].in_prefill
         last_layer_calls.clear()
         with torch.no_grad():
             guarded(**inputs)
-        side_pass = guarded.interventions[0].saliency
+        side_pass = guarded.last_generation.states["gift"].saliency
         assert len(last_layer_calls) == 1, "the side pass must stop after layer 1"
         assert_close_scaled(side_pass, in_prefill, reduction=forward_reduction(model))  # S' in [0, 1]
     finally:

@@ -110,7 +110,7 @@ def test_sinks_found_output_changes_and_p0_matches_plain(llava):
     guarded = vlm_guard.wrap(model, config=GuardConfig(var=tiny_var_config(p=1.0)))
     try:
         assert image_rows_changed(guarded, inputs)
-        var = guarded.interventions[0]
+        var = guarded.last_generation.states["var"]
         assert sorted(var.sink_mask) == [2, 3]  # released layers 2..L-1 of 4
         sinks = var.sink_mask[2]
         assert sinks.shape == inputs["input_ids"].shape

@@ -231,8 +231,7 @@ def test_chunked_explicit_rows_equal_whole_ones(chunk_rows):
         try:
             with torch.no_grad():
                 logits = guarded(**inputs).logits
-            gift = next(i for i in guarded.interventions if i.name == "gift")
-            var = next(i for i in guarded.interventions if i.name == "var")
+            gift, var = guarded.last_generation.states["gift"], guarded.last_generation.states["var"]
             saliency, sinks = gift.saliency.clone(), {k: v.clone() for k, v in var.sink_mask.items()}
             tokens = guarded.generate(**inputs, max_new_tokens=4, do_sample=False)
         finally:
@@ -350,7 +349,7 @@ def test_var_reads_the_layer_input_at_the_prefill_only():
                 **inputs, max_new_tokens=4, do_sample=False, stopping_criteria=StoppingCriteriaList([Hooks()])
             )
             assert seen == [0, 0, 0, 0]  # after the prefill and every step: no layer hook
-            var = guarded.interventions[0]
+            var = guarded.last_generation.states["var"]
             assert sorted(var.sink_mask) == [2, 3] and var.sink_mask[2].shape == inputs["input_ids"].shape
             assert bool(var.sink_mask[2][:, :].any(dim=1).all())  # BOS found in every row of this prompt
         assert sum(len(layer._forward_pre_hooks) for layer in layers) == 0

@@ -33,6 +33,7 @@ from vlm_guard.config import GuardConfig
 from vlm_guard.core.calls import check_generate_call
 from vlm_guard.core.contract import Intervention
 from vlm_guard.core.engine import GuardEngine
+from vlm_guard.core.generations import GenerationRecord
 from vlm_guard.methods.registry import get_method
 from vlm_guard.models import ModelAdapter, get_adapter
 
@@ -49,7 +50,7 @@ class GuardedModel:
     is left as it was and can be wrapped again.
 
     Threads: one wrapper may be shared. Guarded calls (``generate``, forward) run one at a time (a
-    per-wrapper lock; the methods keep per-call state), and :meth:`disabled` switches the methods off
+    per-wrapper lock; each generation's per-method state is its own: :attr:`last_generation`), and :meth:`disabled` switches the methods off
     for the calling thread only, so plain calls in other threads are unaffected and a plain call never
     picks up another thread's methods.
 
@@ -190,7 +191,10 @@ class GuardedModel:
         first = [processor for processor in processors if getattr(processor, "runs_first", False)]
         with (
             self.engine.activate(
-                self.interventions, known_prompt=(input_ids, kwargs.get("attention_mask")), known_images=images
+                self.interventions,
+                known_prompt=(input_ids, kwargs.get("attention_mask")),
+                known_images=images,
+                record=True,
             ),
             processors_first(self.model, first),
         ):
@@ -216,10 +220,21 @@ class GuardedModel:
         self._refresh()
         if not self.engine.enabled or not self.interventions:
             return self.model(*args, **kwargs)
-        with self._call_lock, self.engine.activate(self.interventions):
+        with self._call_lock, self.engine.activate(self.interventions, record=True):
             return self.model(*args, **kwargs)
 
     forward = __call__
+
+    @property
+    def last_generation(self) -> GenerationRecord | None:
+        """The latest generation this wrapper started with its methods (a ``generate`` call, or a forward call whose
+        cache started empty), as a read-only :class:`~vlm_guard.core.generations.GenerationRecord`: its ``prompt`` and
+        its methods' per-generation ``states`` by name, e.g. ``guarded.last_generation.states["var"].sink_mask``
+        (VAR's sinks), ``.states["gift"].saliency``, ``.states["vhr"].selected``. None before any. A call that
+        continues the generation's cache keeps it; plain calls (:meth:`disabled`, no method on), the methods' side
+        passes and contrast passes, and :meth:`interventions_active` blocks do not replace it."""
+        generation = self.engine.last_started
+        return None if generation is None else generation.record
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[GuardedModel]:

@@ -35,6 +35,15 @@ processors (repetition penalty ...), as its released code does; PAI's image-free
 VAR reads the layer input (its sinks) before the layer's attention; GIFT reads its saliency at l*
 in the same prefill when l* precedes its enhancement layers.
 
+Per-generation state: what a method computes for one generation (VHR's chosen heads, VAR's sinks and key matrices,
+GIFT's saliency ...) lives in a state object that :meth:`Intervention.begin` returns (any object; by convention a
+dataclass ``<Method>State`` beside the method, with documented fields; None for a method that keeps nothing). The
+engine's generation holds it and hands it back to every hook through :meth:`LayerContext.state` (``state =
+ctx.state(self)``, a dictionary lookup) and to :meth:`Intervention.decode_layers`; the method object keeps only what
+its ``build`` computed (config, layers, static masks, tokenizer), so two generations never share state and a finished
+generation's state stays as it was. ``GuardedModel.last_generation.states`` reads the states of the latest generation
+by method name.
+
 Side passes run in their own frame, without the other methods: VHR's image-free prefill, GIFT's
 saliency prefill (:meth:`GuardEngine.side_pass`, stopped right after l*), and the contrast streams of
 PAI and VCD (plain model, ``engine.suspended()``).
@@ -108,6 +117,8 @@ class LayerContext:
         key_length: K, keys in this call (past + Q, or a static cache's length).
         num_heads / num_kv_heads: attention geometry of the layer.
         past_length: absolute position of the first query row (tokens already in the cache).
+        states: ``{id(intervention): state}`` the generation's per-generation states (what each intervention's
+            :meth:`Intervention.begin` returned); read them with :meth:`state`. Empty by default (a hook then gets None).
     """
 
     layer: int
@@ -120,6 +131,12 @@ class LayerContext:
     num_kv_heads: int
     past_length: int = 0
     _cache: dict = field(default_factory=dict, repr=False)  # shared by the layers of one forward call
+    states: dict = field(default_factory=dict, repr=False)  # {id(intervention): state}, shared by the whole generation
+
+    def state(self, intervention: Intervention) -> Any:
+        """The state ``intervention`` returned from :meth:`Intervention.begin` for this generation (None when it
+        returned none, or did not begin in it)."""
+        return self.states.get(id(intervention))
 
     @property
     def query_offset(self) -> int:
@@ -265,16 +282,24 @@ class Intervention:
         """Decoder layers where any hook of this method acts."""
         return set()
 
-    def decode_layers(self) -> set[int]:
+    def decode_layers(self, state: Any = None) -> set[int]:
         """Decoder layers where this method still acts after the current prefill (asked once per generation,
-        right after its prefill): a layer whose edit is the identity for this sample (no head chosen, no sink)
-        can be left out, so it runs the plain attention at every step. Default: :meth:`layers`."""
+        right after its prefill, with the generation's ``state`` from :meth:`begin`): a layer whose edit is the
+        identity for this sample (no head chosen, no sink) can be left out, so it runs the plain attention at every
+        step. Default: :meth:`layers`."""
         return self.layers()
 
-    def begin(self, prompt: PromptContext, engine: GuardEngine) -> None:
-        """Called when a generation starts (its first forward call, the cache empty), before layer 0:
-        reset per-sample state, run side passes (through :meth:`GuardEngine.side_pass`, which leaves the
-        model's state as it found it)."""
+    def begin(self, prompt: PromptContext, engine: GuardEngine) -> Any:
+        """Called when a generation starts (its first forward call, the cache empty), before layer 0: make this
+        generation's state, run side passes (through :meth:`GuardEngine.side_pass`, which leaves the model's state as
+        it found it).
+
+        Returns:
+            the method's state for this generation (conventionally a ``<Method>State`` dataclass), which the hooks
+            read back with ``ctx.state(self)`` and :meth:`decode_layers` gets; None for a method that keeps none.
+            Anything computed per generation goes there, never on the method object (which later generations share).
+        """
+        return None
 
     def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
         """``[B, Q]`` bool: the query rows whose explicit weights this method needs at this layer; ``True``

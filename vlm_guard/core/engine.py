@@ -43,6 +43,12 @@ without being one of them: :meth:`GuardEngine.add_observer` / :meth:`GuardEngine
 their edited weights), and no side pass or contrast pass; it is not part of a generation's identity (adding one
 does not end the generation a cache continues; it starts with the next generation).
 
+Per-generation state: each method's :meth:`~vlm_guard.core.contract.Intervention.begin` returns its state for the
+generation (VAR's sinks, GIFT's saliency ...); the :class:`~vlm_guard.core.generations.Generation` holds it and every
+layer's context hands it back to the hooks (``ctx.state(self)``, a dictionary lookup: no operation on the hot path).
+:attr:`GuardEngine.last_started` is the latest generation started by the wrapper's own calls (``record=True``; not a
+side pass, a contrast pass or an ``interventions_active`` block); ``GuardedModel.last_generation`` is its read view.
+
 All state lives on the engine (and so on the wrapper that owns it): two engines on two models do not
 interfere, and :meth:`GuardEngine.uninstall` restores the model exactly (implementation name, hooks,
 registry entries).
@@ -76,6 +82,7 @@ from vlm_guard.core.generations import (
     CallState,
     Frame,
     Generation,
+    GenerationRecord,
     GenerationTracking,
     LayerPlan,
     extends,
@@ -138,7 +145,10 @@ class GuardEngine(GenerationTracking, GuardedAttention):
         self._layer_of: dict[int, int] = {}
         self._base_attention = None
         self._returns_weights = False
-        self._generation: Generation | None = None  # the latest generation that holds the methods' per-sample state
+        self._generation: Generation | None = None  # the latest generation that owns a cache (what a call continues)
+        # the latest generation started in a recorded frame (the wrapper's generate / forward; not a side pass): its
+        # states are what GuardedModel.last_generation shows and what PAI's / VCD's contrast streams read
+        self.last_started: Generation | None = None
         self._zeros: dict = {}  # device -> a 0-d fp32 zero (the unread input of the scores' baddbmm)
         self.chunk_rows: int | None = None  # rows per chunk of a prefill's explicit rows; None: from the memory budget
         # frames with methods active, in any thread: 0 lets a compiled graph take the base attention inline (the one
@@ -220,6 +230,7 @@ class GuardEngine(GenerationTracking, GuardedAttention):
         known_prompt: tuple | None = None,
         known_images: dict | None = None,
         observed: bool = True,
+        record: bool = False,
     ) -> Iterator[Frame]:
         """Run the enclosed forward / generate calls with ``interventions`` (nested calls allowed:
         an intervention's side pass runs inside its own frame).
@@ -230,6 +241,7 @@ class GuardEngine(GenerationTracking, GuardedAttention):
                 when its prefill passes only embeddings or prepared (4-D / per-layer-type) masks.
             known_images: the image tensors of that ``generate`` call (kept with the generation it starts).
             observed: whether the engine's observers join (after the methods) when there are methods.
+            record: whether a generation started inside becomes :attr:`last_started` (the wrapper's own calls).
         """
         methods = list(interventions)
         observers = list(self._observers) if observed and methods else []
@@ -238,6 +250,7 @@ class GuardEngine(GenerationTracking, GuardedAttention):
             methods=tuple(methods),
             known_prompt=known_prompt,
             known_images=dict(known_images or {}),
+            record=record,
         )
         # a frame without methods needs no hook (its calls run the plain model); one with methods needs the model's
         # hooks, and a layer-input hook where a method reads the layer input: taken by the model's pre-hook at a call that
@@ -416,6 +429,7 @@ __all__ = [
     "CallState",
     "Frame",
     "Generation",
+    "GenerationRecord",
     "GuardEngine",
     "LayerPlan",
     "StopForward",

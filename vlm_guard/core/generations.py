@@ -10,8 +10,11 @@ The pieces, from the outside in:
 
 - :class:`Frame`: the active scope, one per :meth:`GuardEngine.activate` block (nested for side passes), on a
   per-thread stack: the interventions it runs and the :class:`LayerPlan` of each layer they act on.
-- :class:`Generation`: a prompt whose cache started empty, and every later call that extends that cache; its
-  decoding plan (the layers still acting after the prefill, :meth:`Intervention.decode_layers`) is sorted once.
+- :class:`Generation`: a prompt whose cache started empty, and every later call that extends that cache; it holds
+  the interventions' per-generation states (what each :meth:`Intervention.begin` returned, handed to the hooks through
+  :meth:`LayerContext.state`), and its decoding plan (the layers still acting after the prefill,
+  :meth:`Intervention.decode_layers`) is sorted once. :class:`GenerationRecord` is its public read view
+  (``GuardedModel.last_generation``: the prompt and the methods' states by name).
 - :class:`CallState`: one forward call of a generation, decided once by the model's forward pre-hook
   (:meth:`GenerationTracking._on_model_forward`) and read by every layer; it builds each layer's
   :class:`~vlm_guard.core.contract.LayerContext` once.
@@ -25,7 +28,10 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +83,23 @@ def reads_layer_input(plan: dict) -> bool:
     return any(layer_plan.layer_input for layer_plan in plan.values())
 
 
+@dataclass(frozen=True)
+class GenerationRecord:
+    """The public read view of one generation (``GuardedModel.last_generation``).
+
+    Attributes:
+        prompt: the prompt context of the generation (ids, mask, image and query spans, the prefill's inputs).
+        states: ``{method name: state}`` what each method's :meth:`Intervention.begin` returned for this generation
+            (``VARState``, ``GIFTState`` ...; None for a method that keeps none), in run order; observers and side
+            passes are not in it. The state objects are the ones the hooks fill during the prefill, so after it they
+            hold what the methods computed (VAR's ``sink_mask``, GIFT's ``saliency``, VHR's ``selected`` heads ...);
+            a later generation gets new ones and leaves these as they are.
+    """
+
+    prompt: PromptContext
+    states: Mapping[str, Any]
+
+
 @dataclass
 class Generation:
     """One generation: a prompt whose cache started empty, and every later call that extends that cache.
@@ -84,17 +107,40 @@ class Generation:
     Attributes:
         prompt: the prompt context; None when it cannot be known (embeddings only, a cache this wrapper did
             not start): every call of the generation then runs the plain model.
-        interventions: the methods whose per-sample state (chosen heads, sinks, saliency) this generation set.
+        interventions: the methods this generation runs (its identity: a call with other methods does not continue it).
         cache: weak reference to the key/value cache the generation extends (None until the first call returns).
+        began: the interventions whose :meth:`Intervention.begin` ran for this generation (methods, then observers),
+            in order; holding them keeps the ids of ``states`` theirs.
+        states: ``{id(intervention): state}`` what each of them returned from ``begin`` (handed to the hooks as
+            :attr:`LayerContext.states`, read with :meth:`LayerContext.state`).
+        record: the public read view (:class:`GenerationRecord`), made once the methods began.
     """
 
     prompt: PromptContext | None
     interventions: tuple
     cache: weakref.ref | None = None
     decode_plan: dict | None = None  # {layer: LayerPlan} for the calls after the prefill (set at its end)
+    began: tuple = ()
+    states: dict = field(default_factory=dict)
+    record: GenerationRecord | None = None
 
     def owns(self, cache) -> bool:
         return cache is not None and self.cache is not None and self.cache() is cache
+
+    def state_of(self, intervention: Intervention) -> Any:
+        """The state ``intervention`` returned from ``begin`` in this generation (None: none, or it did not run)."""
+        return self.states.get(id(intervention))
+
+    def begin(self, interventions, engine) -> None:
+        """Run :meth:`Intervention.begin` of each of ``interventions`` (the frame's methods, then its observers) and
+        keep what each returned; then make the public :attr:`record` (the methods' states by name)."""
+        for intervention in interventions:
+            self.states[id(intervention)] = intervention.begin(self.prompt, engine)
+        self.began = tuple(interventions)
+        by_name: dict[str, Any] = {}
+        for method in self.interventions:
+            by_name.setdefault(method.name, self.states.get(id(method)))
+        self.record = GenerationRecord(self.prompt, MappingProxyType(by_name))
 
 
 @dataclass
@@ -129,6 +175,8 @@ class Frame:
             embeddings or prepared masks be placed).
         generation: the generation started inside this frame (``use_cache=False`` steps recompute it).
         call: the current forward call; None when it runs the plain model.
+        record: whether a generation started in this frame becomes the engine's :attr:`last_started` (the wrapper's
+            ``generate`` and forward calls; not side passes, contrast passes or ``interventions_active`` blocks).
     """
 
     interventions: list[Intervention]
@@ -145,6 +193,7 @@ class Frame:
     layer_hooks: tuple = ()  # the layers whose layer-input hook this frame uses
     layer_hooks_held: bool = False  # whether it holds them now (released after a prefill when decoding needs none)
     methods: tuple | None = None  # None: every intervention is a method (no observer joined)
+    record: bool = False
 
     def __post_init__(self) -> None:
         if self.methods is None:
@@ -207,7 +256,8 @@ class GenerationTracking:
     (the start of a generation, a continuation, or a call that runs plain), and each layer's context.
 
     Mixed into :class:`~vlm_guard.core.engine.GuardEngine`, whose ``__init__`` sets the attributes used here
-    (``adapter``, ``geometry``, ``_thread_state``, ``_generation``) and which provides ``_hold_layer_hooks``.
+    (``adapter``, ``geometry``, ``_thread_state``, ``_generation``, ``last_started``) and which provides
+    ``_hold_layer_hooks``.
     """
 
     @property
@@ -320,8 +370,9 @@ class GenerationTracking:
                 self.adapter.image_token_id,
             )
             frame.warned_no_image = True
-        for intervention in frame.interventions:
-            intervention.begin(prompt, self)
+        generation.begin(frame.interventions, self)
+        if frame.record:
+            self.last_started = generation
         return None
 
     def _new_prompt(self, frame: Frame, input_ids: torch.Tensor | None, kwargs: dict) -> PromptContext | None:
@@ -376,8 +427,11 @@ class GenerationTracking:
         """The layer plan of the calls after a prefill: each method at its :meth:`Intervention.decode_layers`
         (asked once per generation, when its prefill ends)."""
         if generation.decode_plan is None:
+            states = generation.states
             generation.decode_plan = layer_plans(
-                frame.interventions, lambda intervention: intervention.decode_layers(), decoding=True
+                frame.interventions,
+                lambda intervention: intervention.decode_layers(states.get(id(intervention))),
+                decoding=True,
             )
         return generation.decode_plan
 
@@ -422,5 +476,6 @@ class GenerationTracking:
             num_kv_heads=self.geometry.num_kv_heads,
             past_length=call.past_length,
             _cache=call.row_cache,
+            states=call.generation.states,
         )
         return ctx

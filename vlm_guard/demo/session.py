@@ -901,12 +901,15 @@ class DemoSession:
         result = GenerationResult("guarded", text, ids, pieces, seconds, methods=[i.name for i in methods])
         result.attention = recorder.stacked(len(ids), self.num_layers)
         positions = image_positions.cpu()
+        generation = self.guarded.last_generation
+        states = generation.states if generation is not None else {}  # what each method computed for this answer
         for intervention in methods:
             ui = registry.get_method(intervention.name).ui if registry.is_method(intervention.name) else None
             shows = ui.shows if ui is not None else ()
             label = ui.label if ui is not None else intervention.name
+            state = states.get(intervention.name)
             if "sink_mask" in shows:
-                sink_mask = getattr(intervention, "sink_mask", None)
+                sink_mask = getattr(state, "sink_mask", None)
                 if isinstance(sink_mask, dict) and sink_mask:
                     result.sink_mask = {
                         int(layer): mask[0].detach().cpu()[positions].numpy().astype(bool)
@@ -915,7 +918,7 @@ class DemoSession:
                 else:
                     result.notes.append(f"{label} ran but exposed no sinks for this prompt.")
             if "saliency" in shows:
-                saliency = getattr(intervention, "saliency", None)
+                saliency = getattr(state, "saliency", None)
                 if isinstance(saliency, torch.Tensor):
                     result.saliency = saliency[0].detach().float().cpu()[positions].numpy()
                 else:

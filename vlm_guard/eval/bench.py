@@ -519,7 +519,12 @@ def method_action(model, processor, config: GuardConfig | None, inputs: dict) ->
     try:
         with torch.no_grad():
             logits = guarded(**inputs).logits[:, -1].float()
-        layers = {intervention.name: sorted(intervention.decode_layers()) for intervention in guarded.interventions}
+        generation = guarded.last_generation  # what each method computed at this prefill (None: no method on)
+        states = generation.states if generation is not None else {}
+        layers = {
+            intervention.name: sorted(intervention.decode_layers(states.get(intervention.name)))
+            for intervention in guarded.interventions
+        }
     finally:
         guarded.unwrap()
     return {"max_prefill_logit_change": float((logits - plain).abs().max()), "decode_layers": layers}

@@ -1029,19 +1029,20 @@ def _check_score_fields(record: Mapping[str, Any], kind: str, where: str, fix: s
                 )
 
 
+METHOD_CODE = ("core/*.py", "methods/*.py", "methods/*/*.py", "models/*.py", "wrapper.py", "config.py", "settings.py")
+"""The sources whose digest every result record carries (:func:`code_digest`), relative to the package."""
+
+
 def code_digest() -> dict:
-    """SHA-256 (first 16 hex digits) over the source of the parts that change generated text (``decoding/``,
-    ``heads/``, ``models/``, ``wrapper.py``, ``config.py``), with the number of files: two runs with the same digest
-    ran the same method code, even between releases.
+    """SHA-256 (first 16 hex digits) over the source of the parts that change generated text (:data:`METHOD_CODE`:
+    the engine ``core/``, every method folder ``methods/``, the model adapters ``models/``, ``wrapper.py``,
+    ``config.py``, ``settings.py``), with the number of files: two runs with the same digest ran the same method code,
+    even between releases.
     """
     import hashlib
 
     package = Path(__file__).resolve().parent.parent
-    files = sorted(
-        path
-        for pattern in ("decoding/*.py", "heads/*.py", "models/*.py", "wrapper.py", "config.py")
-        for path in package.glob(pattern)
-    )
+    files = sorted(path for pattern in METHOD_CODE for path in package.glob(pattern))
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(package)).encode())

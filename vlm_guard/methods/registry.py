@@ -44,9 +44,9 @@ class MethodUI:
         minimum / maximum / step: the slider's range.
         fallback: the slider's value when the config's default strength cannot be read.
         help: one line shown under the slider.
-        shows: what the demo draws from the method's intervention after a run: names among ``"sink_mask"``
-            (the image tokens it marked as sinks, ``intervention.sink_mask``) and ``"saliency"`` (its saliency
-            over the image, ``intervention.saliency``).
+        shows: what the demo draws from the method's per-generation state after a run
+            (``guarded.last_generation.states[name]``): names among ``"sink_mask"`` (the image tokens it marked as
+            sinks, ``state.sink_mask``) and ``"saliency"`` (its saliency over the image, ``state.saliency``).
         switched_off_hint: what to do when the method builds no intervention on the model (switched itself off).
     """
 

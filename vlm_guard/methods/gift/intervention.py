@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass, field
 
 import torch
 
@@ -303,16 +304,40 @@ def _spacy_pipeline():
     return _SPACY["nlp"]
 
 
+@dataclass
+class GIFTState:
+    """GIFT's state for one generation (what :meth:`GIFT.begin` returns; ``GuardedModel.last_generation.states["gift"]``).
+
+    Attributes:
+        saliency: ``[B, S]`` fp32 normalised saliency ``S'`` over the prompt positions (zero outside the image, and
+            zero until layer l* has been read in the prefill or its side pass).
+        gain: ``[B, S]`` ``M - 1`` the saliency's multipliers less one (zero outside the image).
+        saliency_rows: ``[B, S]`` fp32 the query rows the saliency averages, each weighted by the informative words it
+            overlaps (every query token of a sample with none).
+        matrices: ``{device: FusionMatrices}`` the enhancement's matrices over the prompt keys, built once per device
+            and shared by the enhancement layers.
+        gaze: the gaze shift accumulated over the chunks of l* in a long prefill (sum per head ``[B, H, S]``, the
+            chunk's last row), None outside them.
+    """
+
+    saliency: torch.Tensor
+    gain: torch.Tensor
+    saliency_rows: torch.Tensor
+    matrices: dict = field(default_factory=dict)
+    gaze: tuple | None = None
+
+
 class GazeRecorder(Intervention):
-    """Observes layer l*'s query rows during a prefill and computes GIFT's saliency (no edit)."""
+    """Observes layer l*'s query rows during a side pass and computes GIFT's saliency into ``state`` (no edit)."""
 
     name = "gift_gaze"
     uses_weights = True
     chunkable_rows = True  # the saliency accumulates over the chunks of l*
 
-    def __init__(self, layer: int, owner: GIFT):
+    def __init__(self, layer: int, owner: GIFT, state: GIFTState):
         self.layer = layer
         self.owner = owner
+        self.state = state  # the generation's GIFT state, which this side pass fills
 
     def layers(self) -> set[int]:
         return {self.layer}
@@ -321,17 +346,12 @@ class GazeRecorder(Intervention):
         return self.owner.saliency_rows(ctx) if ctx.phase == "prefill" else None
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        self.owner.record_saliency(ctx, weights, rows)
+        self.owner.record_saliency(self.state, ctx, weights, rows)
         return weights
 
 
 class GIFT(Intervention):
-    """Gaze-shift saliency and cross-modal fusion enhancement.
-
-    Attributes:
-        saliency: ``[B, S]`` fp32 normalised saliency ``S'`` of the last prefill over prompt positions
-            (zero outside the image), or None before the first prefill.
-    """
+    """Gaze-shift saliency and cross-modal fusion enhancement; a generation's saliency is in its :class:`GIFTState`."""
 
     name = "gift"
     uses_weights = True
@@ -343,12 +363,6 @@ class GIFT(Intervention):
         self.enhance_layers = sorted(set(enhance_layers))
         self.in_prefill = bool(self.enhance_layers) and saliency_layer < self.enhance_layers[0]
         self.tokenizer = tokenizer
-        self.saliency: torch.Tensor | None = None
-        self._gain: torch.Tensor | None = None  # [B, S] M - 1
-        self._keys: dict = {}  # device -> FusionMatrices over the prompt keys, built once per prefill
-        self._gaze: tuple | None = (
-            None  # saliency accumulated over the chunks of l*: (sum per head [B, H, S], last row)
-        )
 
     def layers(self) -> set[int]:
         layers = set(self.enhance_layers)
@@ -357,26 +371,25 @@ class GIFT(Intervention):
         return layers
 
     # ------------------------------------------------------------------ saliency
-    def begin(self, prompt: PromptContext, engine) -> None:
+    def begin(self, prompt: PromptContext, engine) -> GIFTState:
         spans = prompt.spans
-        self._keys = {}
-        self._gaze = None
-        self._prompt = prompt
         informative = informative_query_counts(prompt.input_ids, spans.query, self.tokenizer, self.config.use_spacy)
         # the rows the saliency averages, each weighted by how many informative words it overlaps (the released code
         # lists a token once per word): the informative query tokens, or every query token when a sample has none
-        self._saliency_rows = torch.where(
+        saliency_rows = torch.where(
             (informative > 0).any(dim=1, keepdim=True), informative, spans.query.float()
         )  # [B, S]
-        self.saliency = torch.zeros(prompt.input_ids.shape, dtype=torch.float32, device=prompt.input_ids.device)
-        self._gain = torch.zeros_like(self.saliency)
+        saliency = torch.zeros(prompt.input_ids.shape, dtype=torch.float32, device=prompt.input_ids.device)
+        state = GIFTState(saliency=saliency, gain=torch.zeros_like(saliency), saliency_rows=saliency_rows)
         if not self.in_prefill and bool(spans.has_image.any()):
             inputs = {
                 k: v
                 for k, v in prompt.model_inputs.items()
                 if k not in ("cache", "past_key_values", "use_cache", "logits_to_keep", "cache_position")
             }
-            engine.side_pass([GazeRecorder(self.saliency_layer, self)], inputs, stop_after_layer=self.saliency_layer)
+            recorder = GazeRecorder(self.saliency_layer, self, state)
+            engine.side_pass([recorder], inputs, stop_after_layer=self.saliency_layer)
+        return state
 
     def saliency_rows(self, ctx: LayerContext) -> torch.Tensor:
         """``[B, Q]`` query rows and the row just before each (the gaze shift needs ``A[i-1]``)."""
@@ -385,33 +398,34 @@ class GIFT(Intervention):
         before[:, :-1] = query[:, 1:]
         return ctx.queries(query | before)
 
-    def record_saliency(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> None:
-        """Saliency from layer l*'s explicit rows ``[B, H, R, K]`` (prompt positions ``rows.index``), accumulated
-        over the chunks of a long prefill (the last row of a chunk is kept: the next chunk's first row needs it)."""
+    def record_saliency(self, state: GIFTState, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> None:
+        """Saliency from layer l*'s explicit rows ``[B, H, R, K]`` (prompt positions ``rows.index``) into ``state``,
+        accumulated over the chunks of a long prefill (the last row of a chunk is kept: the next chunk's first row needs
+        it)."""
         spans = ctx.prompt.spans
         seq = spans.query.shape[1]
         image_keys = ctx.keys(spans.image)[:, :seq]  # [B, S]
         weights = weights[..., :seq]
         index = rows.index
         if rows.first:
-            self._gaze = None
-        head_sums, previous = self._gaze if self._gaze is not None else (None, None)
+            state.gaze = None
+        head_sums, previous = state.gaze if state.gaze is not None else (None, None)
         if previous is not None:  # the previous chunk's last row, for the gaze shift of this chunk's first row
             weights = torch.cat([previous[0], weights], dim=2)
             index = torch.cat([previous[1], index])
         shift = gaze_shift(weights, spans.query[:, index], image_keys, index)  # [B, H, R, S]
-        part = gaze_head_sums(shift, self._saliency_rows[:, index])  # [B, H, S]
+        part = gaze_head_sums(shift, state.saliency_rows[:, index])  # [B, H, S]
         head_sums = part if head_sums is None else head_sums + part
-        self._gaze = (head_sums, (weights[:, :, -1:], index[-1:]))
+        state.gaze = (head_sums, (weights[:, :, -1:], index[-1:]))
         if not rows.last:
             return
-        self._gaze = None
-        raw = saliency_from_head_sums(head_sums, self._saliency_rows.sum(dim=1))  # [B, S]
+        state.gaze = None
+        raw = saliency_from_head_sums(head_sums, state.saliency_rows.sum(dim=1))  # [B, S]
         normalised = normalise_saliency(raw, image_keys, self.config.clamp_stds)
         normalised = torch.where(spans.has_image[:, None], normalised, torch.zeros_like(normalised))
-        self.saliency = normalised
-        self._gain = saliency_multipliers(normalised, self.config.alpha) - 1.0
-        self._keys = {}
+        state.saliency = normalised
+        state.gain = saliency_multipliers(normalised, self.config.alpha) - 1.0
+        state.matrices = {}
 
     # ------------------------------------------------------------------ enhancement
     def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
@@ -419,24 +433,25 @@ class GIFT(Intervention):
             return self.saliency_rows(ctx) if ctx.phase == "prefill" else None
         return EVERY_ROW if ctx.all_generated else ctx.predicting_rows()
 
-    def decode_layers(self) -> set[int]:
+    def decode_layers(self, state: GIFTState | None = None) -> set[int]:
         return set(self.enhance_layers)
 
-    def _matrices(self, ctx: LayerContext, device: torch.device) -> FusionMatrices:
+    def _matrices(self, state: GIFTState, ctx: LayerContext, device: torch.device) -> FusionMatrices:
         """:class:`FusionMatrices` over the prompt keys, built once per prefill and shared by the layers."""
-        cached = self._keys.get(device)
+        cached = state.matrices.get(device)
         if cached is None:
             spans = ctx.prompt.spans
-            cached = self._keys[device] = FusionMatrices.build(
-                self._gain.to(device), spans.image.to(device), spans.query.to(device), self.config.beta
+            cached = state.matrices[device] = FusionMatrices.build(
+                state.gain.to(device), spans.image.to(device), spans.query.to(device), self.config.beta
             )
         return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
+        state = ctx.state(self)
         if ctx.layer == self.saliency_layer and self.in_prefill:
-            self.record_saliency(ctx, weights, rows)
+            self.record_saliency(state, ctx, weights, rows)
             return weights
-        return enhance(weights, self._matrices(ctx, weights.device), rows.may_edit_in_place)
+        return enhance(weights, self._matrices(state, ctx, weights.device), rows.may_edit_in_place)
 
 
 def build(config: GIFTConfig, adapter, head_map) -> GIFT:

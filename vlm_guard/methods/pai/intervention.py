@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
@@ -217,6 +218,20 @@ class ImageFreeContrast(LogitsProcessor):
         return torch.where(self.has_image.to(scores.device)[:, None], contrast, scores)
 
 
+@dataclass
+class PAIState:
+    """PAI's state for one generation (what :meth:`PAI.begin` returns; ``GuardedModel.last_generation.states["pai"]``).
+
+    Attributes:
+        prompt_position_ids: the position ids the main prefill was called with (``[B, S]``, or M-RoPE ``[N, B, S]``),
+            None when the model computed its own: the image-free stream takes their layout.
+        image_keys: ``(K, [B, K] bool)`` the image keys at the last key length seen (one mask shared by the layers).
+    """
+
+    prompt_position_ids: torch.Tensor | None = None
+    image_keys: tuple[int, torch.Tensor] | None = None
+
+
 class PAI(Intervention):
     """Image-score amplification in the attention plus the image-free contrast processor."""
 
@@ -226,15 +241,12 @@ class PAI(Intervention):
     def __init__(self, config: PAIConfig, layers: list[int]):
         self.config = config
         self._layers = sorted(set(layers))
-        self.prompt_position_ids: torch.Tensor | None = None
-        self._image_keys: tuple[int, torch.Tensor] | None = None
 
     def layers(self) -> set[int]:
         return set(self._layers)
 
-    def begin(self, prompt: PromptContext, engine) -> None:
-        self.prompt_position_ids = prompt.model_inputs.get("position_ids")
-        self._image_keys = None
+    def begin(self, prompt: PromptContext, engine) -> PAIState:
+        return PAIState(prompt_position_ids=prompt.model_inputs.get("position_ids"))
 
     chunkable_rows = True  # each row's edit is its own
 
@@ -242,9 +254,10 @@ class PAI(Intervention):
         return EVERY_ROW if ctx.all_generated else ctx.predicting_rows()
 
     def on_scores(self, ctx: LayerContext, scores: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        if self._image_keys is None or self._image_keys[0] != ctx.key_length:
-            self._image_keys = (ctx.key_length, ctx.keys(ctx.prompt.spans.image))
-        return amplify_image_scores(scores, self._image_keys[1], self.config.alpha)
+        state = ctx.state(self)
+        if state.image_keys is None or state.image_keys[0] != ctx.key_length:
+            state.image_keys = (ctx.key_length, ctx.keys(ctx.prompt.spans.image))
+        return amplify_image_scores(scores, state.image_keys[1], self.config.alpha)
 
     def logits_processors(self, guarded, model_inputs: dict) -> list:
         input_ids = model_inputs.get("input_ids")
@@ -275,12 +288,19 @@ class PAI(Intervention):
                 stream = _LazyPositions(guarded.engine, {"input_ids": text_ids, "attention_mask": text_mask}, self)
         return [ImageFreeContrast(self.config, stream, has_image, has_text)]
 
-    def end(self) -> None:
-        self._image_keys = None
+
+def prefill_positions(engine, owner: Intervention) -> torch.Tensor | None:
+    """The position ids of the main prefill that ``owner`` ran in last (its state's ``prompt_position_ids``: the
+    engine's latest recorded generation, the one ``generate`` or a hand-written loop decodes); None when the model
+    computed its own, or ``owner`` did not run in it."""
+    generation = engine.last_started
+    state = generation.state_of(owner) if generation is not None else None
+    return getattr(state, "prompt_position_ids", None)
 
 
 class _LazyPositions(ContrastStream):
-    """A stream whose position layout (2-D or M-RoPE) is read from the main prefill at its first call."""
+    """A stream whose position layout (2-D or M-RoPE) is read from the main prefill at its first call (the
+    processors are built before ``generate`` prefills)."""
 
     def __init__(self, engine, inputs: dict, owner: PAI):
         super().__init__(engine, inputs)
@@ -288,7 +308,7 @@ class _LazyPositions(ContrastStream):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
-            self.position_ids = text_positions(self.attention_mask, self.owner.prompt_position_ids)
+            self.position_ids = text_positions(self.attention_mask, prefill_positions(self.engine, self.owner))
         return super().logits(input_ids)
 
 

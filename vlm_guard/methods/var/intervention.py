@@ -10,7 +10,8 @@ paper's last-layer exclusion, ``preset="paper"``):
 
 1. Sinks (prefill only, reused while decoding; generated tokens are never sinks): the layer-input
    residual ``x`` of every prompt position, ``phi(x) = max_{d in D} |x_d| / rms(x) > tau``
-   (:func:`vlm_guard.methods.var.sinks.sink_scores`). Exposed as :attr:`VAR.sink_mask`.
+   (:func:`vlm_guard.methods.var.sinks.sink_scores`). Exposed as :attr:`VARState.sink_mask`
+   (``guarded.last_generation.states["var"].sink_mask``).
 2. Image-centric rows, per (layer, head, query row), re-chosen at every step: visual mass
    ``sum_{j in V} A >= visual_threshold`` and non-sink visual ratio
    ``sum_{j in V \\ S} A / sum_{j in V} A >= rho``.
@@ -31,6 +32,7 @@ plain formula and as the fast path run here: :mod:`vlm_guard.methods.var.kernel`
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,12 +59,27 @@ def drop_text_only_sinks(sink_keys: torch.Tensor, image_keys: torch.Tensor) -> t
     return sink_keys & (sink_keys & image_keys).any(dim=1, keepdim=True)
 
 
-class VAR(Intervention):
-    """Sink recycling in image-centric rows.
+@dataclass
+class VARState:
+    """VAR's state for one generation (what :meth:`VAR.begin` returns; ``GuardedModel.last_generation.states["var"]``).
 
     Attributes:
-        sink_mask: ``{layer: [B, S] bool}`` the sinks found in the last prefill (prompt positions).
+        sink_mask: ``{layer: [B, S] bool}`` the sinks found at each VAR layer in the prefill (prompt positions).
+        active: ``{layer: bool}`` some sample has a sink left at the layer (after ``require_visual_sink``) and
+            ``p > 0``; the other layers are the identity (not edited, left out of the decoding steps).
+        matrices: ``{layer: RecyclingMatrices}`` the key matrices of each layer's sinks over the prompt keys, built
+            once per layer at its first edit.
+        after_image: ``[B, S]`` the valid positions after each row's last image token (the prefill rows VAR edits).
     """
+
+    after_image: torch.Tensor
+    sink_mask: dict[int, torch.Tensor] = field(default_factory=dict)
+    active: dict[int, bool] = field(default_factory=dict)
+    matrices: dict[int, RecyclingMatrices] = field(default_factory=dict)
+
+
+class VAR(Intervention):
+    """Sink recycling in image-centric rows; the sinks a generation found are in its :class:`VARState`."""
 
     name = "var"
     uses_weights = True
@@ -74,58 +91,59 @@ class VAR(Intervention):
         self.config = config
         self.sink_dims = list(sink_dims)
         self._layers = sorted(set(layers))
-        self.sink_mask: dict[int, torch.Tensor] = {}
-        self._active: dict[int, bool] = {}  # layer -> some sample has a sink there (set at the prefill)
-        self._keys: dict[int, RecyclingMatrices] = {}  # layer -> matrices over the prompt keys (built at the prefill)
 
     def layers(self) -> set[int]:
         return set(self._layers)
 
-    def decode_layers(self) -> set[int]:
+    def decode_layers(self, state: VARState | None = None) -> set[int]:
         """The VAR layers with a sink left after the prefill (in any sample): the others are the identity."""
-        return {layer for layer in self._layers if self._active.get(layer, False)}
+        active = state.active if state is not None else {}
+        return {layer for layer in self._layers if active.get(layer, False)}
 
-    def begin(self, prompt: PromptContext, engine) -> None:
-        self.sink_mask = {}
-        self._active = {}
-        self._keys = {}
-        self._image = prompt.spans.image  # [B, S]
-        self._after_image = prompt.spans.after_image  # [B, S]
+    def begin(self, prompt: PromptContext, engine) -> VARState:
+        return VARState(after_image=prompt.spans.after_image)  # [B, S]
 
     def on_layer_input(self, ctx: LayerContext, hidden_states: torch.Tensor) -> None:
         if ctx.phase != "prefill":
             return
+        state = ctx.state(self)
         valid = ctx.prompt.spans.valid  # [B, S]
         phi = sink_scores(hidden_states, self.sink_dims)  # [B, S]
-        self.sink_mask[ctx.layer] = (phi > self.config.tau) & valid
-        self._keys.pop(ctx.layer, None)
+        state.sink_mask[ctx.layer] = (phi > self.config.tau) & valid
+        state.matrices.pop(ctx.layer, None)
         # a layer without a sink (after require_visual_sink) is the identity, and so is every layer at p = 0: read once
         # here, at the prefill
-        self._active[ctx.layer] = self.config.p > 0 and bool(self._effective_sinks(ctx.layer).any())
+        state.active[ctx.layer] = self.config.p > 0 and bool(
+            self._effective_sinks(state, ctx.layer, ctx.prompt.spans.image).any()
+        )
 
     def rows(self, ctx: LayerContext) -> torch.Tensor | bool | None:
-        if not self._active.get(ctx.layer, False):  # no sink at this layer (or no prefill seen): nothing to recycle
+        state = ctx.state(self)
+        if not state.active.get(ctx.layer, False):  # no sink at this layer (or no prefill seen): nothing to recycle
             return None
         if ctx.all_generated:
             return EVERY_ROW
         if ctx.phase == "prefill":
-            return ctx.queries(self._after_image)
-        return ctx.queries(self._after_image) | ctx.generated_rows()  # a step recomputed without cache
+            return ctx.queries(state.after_image)
+        return ctx.queries(state.after_image) | ctx.generated_rows()  # a step recomputed without cache
 
-    def _effective_sinks(self, layer: int) -> torch.Tensor:
-        """``[B, S]`` the sinks the edit uses at ``layer`` (``require_visual_sink`` drops a sample's text-only sinks)."""
-        sink = self.sink_mask.get(layer)
+    def _effective_sinks(self, state: VARState, layer: int, image: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` the sinks the edit uses at ``layer`` (``require_visual_sink`` drops a sample's text-only sinks);
+        ``image``: the prompt's ``[B, S]`` image positions."""
+        sink = state.sink_mask.get(layer)
         if sink is None:
-            return torch.zeros_like(self._image)
-        return drop_text_only_sinks(sink, self._image) if self.config.require_visual_sink else sink
+            return torch.zeros_like(image)
+        return drop_text_only_sinks(sink, image) if self.config.require_visual_sink else sink
 
-    def _matrices(self, layer: int, device: torch.device) -> RecyclingMatrices:
+    def _matrices(self, ctx: LayerContext, device: torch.device) -> RecyclingMatrices:
         """:class:`RecyclingMatrices` of this layer's sinks over the prompt keys, built once per prefill and layer."""
-        cached = self._keys.get(layer)
+        state = ctx.state(self)
+        cached = state.matrices.get(ctx.layer)
         if cached is None or cached.sums.device != device:
-            cached = self._keys[layer] = RecyclingMatrices.build(
-                self._image.to(device),
-                self._effective_sinks(layer).to(device),
+            image = ctx.prompt.spans.image  # [B, S]
+            cached = state.matrices[ctx.layer] = RecyclingMatrices.build(
+                image.to(device),
+                self._effective_sinks(state, ctx.layer, image).to(device),
                 self.config.p,
                 self.config.rho,
                 self.config.visual_threshold,
@@ -133,7 +151,7 @@ class VAR(Intervention):
         return cached
 
     def on_weights(self, ctx: LayerContext, weights: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        return recycle(weights, self._matrices(ctx.layer, weights.device), rows.may_edit_in_place)
+        return recycle(weights, self._matrices(ctx, weights.device), rows.may_edit_in_place)
 
 
 def default_var_layers(num_layers: int, last_layer: bool = True) -> list[int]:

@@ -21,12 +21,13 @@ step 500: ``abar`` about 0.08 instead of about 0.75).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
 
 from vlm_guard.core.contract import Intervention, PromptContext
-from vlm_guard.methods.pai.intervention import ContrastStream, plausibility_cut
+from vlm_guard.methods.pai.intervention import ContrastStream, plausibility_cut, prefill_positions
 from vlm_guard.methods.vcd.config import BETA_SCHEDULES, VCDConfig
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,18 @@ class VisualContrast(LogitsProcessor):
         return torch.where(self.has_image.to(scores.device)[:, None], contrast, scores)
 
 
+@dataclass
+class VCDState:
+    """VCD's state for one generation (what :meth:`VCD.begin` returns; ``GuardedModel.last_generation.states["vcd"]``).
+
+    Attributes:
+        prompt_position_ids: the position ids the main prefill was called with (``[B, S]``, or M-RoPE ``[N, B, S]``),
+            None when the model computed its own: the noised stream reuses them.
+    """
+
+    prompt_position_ids: torch.Tensor | None = None
+
+
 class VCD(Intervention):
     """No attention edit; contributes the noised-image contrast processor."""
 
@@ -138,10 +151,9 @@ class VCD(Intervention):
 
     def __init__(self, config: VCDConfig):
         self.config = config
-        self.prompt_position_ids: torch.Tensor | None = None
 
-    def begin(self, prompt: PromptContext, engine) -> None:
-        self.prompt_position_ids = prompt.model_inputs.get("position_ids")
+    def begin(self, prompt: PromptContext, engine) -> VCDState:
+        return VCDState(prompt_position_ids=prompt.model_inputs.get("position_ids"))
 
     def logits_processors(self, guarded, model_inputs: dict) -> list:
         if self.config.contrast_when == "sampling" and not will_sample(guarded, model_inputs):
@@ -214,7 +226,9 @@ class _NoisedStream(ContrastStream):
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             positions = (
-                self.owner.prompt_position_ids if self.joined is None else self.joined.model_inputs.get("position_ids")
+                prefill_positions(self.engine, self.owner)
+                if self.joined is None
+                else self.joined.model_inputs.get("position_ids")
             )
             if positions is not None:
                 self.position_ids = positions

@@ -17,6 +17,7 @@ Head selection:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,11 +28,32 @@ from vlm_guard.methods.vhr.vhd import HeadOutputRecorder, default_target_layers,
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class VHRState:
+    """VHR's state for one generation (what :meth:`VHR.begin` returns; ``GuardedModel.last_generation.states["vhr"]``).
+
+    Attributes:
+        selected: ``{layer: [B, H] bool}`` the heads reinforced at each target layer, chosen at the prefill (from VHD
+            per sample, or the head map's heads) and reused at every decoding step.
+        text_only: ``{layer: [B, H, D]}`` the head outputs of the image-free prompt at its last position (the side
+            pass); empty in ``"head_map"`` mode or when no row has an image and text to compare.
+        compared: ``[B]`` bool rows with an image and a non-empty image-free prompt (None in ``"head_map"`` mode).
+        scales: ``{layer: [B, 1, H, 1]}`` ``alpha`` on the selected heads and 1 elsewhere, built once per layer (one
+            multiplication per decoding step).
+    """
+
+    selected: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_only: dict[int, torch.Tensor] = field(default_factory=dict)
+    compared: torch.Tensor | None = None
+    scales: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class VHR(Intervention):
     """Scales the selected heads' outputs by ``alpha`` in the target layers.
 
     ``head_mask`` (optional, ``{layer: [H] bool}``) fixes the heads for every sample (``"head_map"`` mode
-    or tests); otherwise heads are chosen per sample.
+    or tests); otherwise heads are chosen per sample. The heads chosen in a generation are in its
+    :class:`VHRState`.
     """
 
     name = "vhr"
@@ -50,29 +72,23 @@ class VHR(Intervention):
         self.target_layers = sorted(set(layers))
         self.num_heads = num_heads
         self.static_mask = head_mask
-        self.selected: dict[int, torch.Tensor] = {}  # layer -> [B, H] bool, per sample
-        self._text_only: dict[int, torch.Tensor] = {}
-        self._compared: torch.Tensor | None = None  # [B] rows with an image and a non-empty image-free prompt
-        self._scales: dict[int, torch.Tensor] = {}  # layer -> [B, 1, H, 1] alpha or 1, built once per sample
 
-    def decode_layers(self) -> set[int]:
+    def decode_layers(self, state: VHRState | None = None) -> set[int]:
         """The target layers where some sample has a chosen head (the others would multiply by 1)."""
-        layers = [layer for layer in self.target_layers if layer in self.selected]
+        selected = state.selected if state is not None else {}
+        layers = [layer for layer in self.target_layers if layer in selected]
         if not layers:
             return set()
-        chosen = torch.stack([self.selected[layer].any(dim=-1) for layer in layers]).any(dim=-1).tolist()  # one read
+        chosen = torch.stack([selected[layer].any(dim=-1) for layer in layers]).any(dim=-1).tolist()  # one read
         return {layer for layer, any_head in zip(layers, chosen) if any_head}
 
     def layers(self) -> set[int]:
         return set(self.target_layers)
 
-    def begin(self, prompt: PromptContext, engine) -> None:
-        self.selected = {}
-        self._text_only = {}
-        self._compared = None
-        self._scales = {}
+    def begin(self, prompt: PromptContext, engine) -> VHRState:
+        state = VHRState()
         if self.static_mask is not None:
-            return
+            return state
         input_ids, attention_mask = engine.adapter.remove_image(prompt.input_ids, prompt.attention_mask)
         has_text = attention_mask.bool().any(dim=1)  # [B] rows whose image-free prompt keeps a token
         compared = has_text & prompt.spans.has_image
@@ -82,46 +98,49 @@ class VHR(Intervention):
                 "empty; no head is reinforced in those rows (add text, e.g. a BOS token or a question, to run VHR there).",
                 (prompt.spans.has_image & ~has_text).nonzero().flatten().tolist(),
             )
-        self._compared = compared
+        state.compared = compared
         if not bool(compared.any()):
-            return  # nothing to compare with: no side pass, no head chosen
+            return state  # nothing to compare with: no side pass, no head chosen
         recorder = HeadOutputRecorder(self.target_layers)
         engine.side_pass([recorder], {"input_ids": input_ids, "attention_mask": attention_mask})
-        self._text_only = recorder.outputs  # layer -> [B, H, D]
+        state.text_only = recorder.outputs  # layer -> [B, H, D]
+        return state
 
-    def head_mask_for(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
-        """``[B, H]`` bool heads to reinforce at this layer (chosen at prefill, reused while decoding)."""
-        if ctx.layer in self.selected:
-            return self.selected[ctx.layer]
+    def head_mask_for(self, state: VHRState, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
+        """``[B, H]`` bool heads to reinforce at this layer (chosen at prefill, reused while decoding), kept in
+        ``state.selected``."""
+        if ctx.layer in state.selected:
+            return state.selected[ctx.layer]
         batch = head_output.shape[0]
         if self.static_mask is not None:
             mask = self.static_mask.get(ctx.layer)
             if mask is None:
                 mask = torch.zeros(self.num_heads, dtype=torch.bool)
             mask = mask.to(head_output.device).bool()[None].expand(batch, -1)
-        elif ctx.phase == "prefill" and ctx.layer in self._text_only:
-            without_image = self._text_only[ctx.layer].to(head_output.device)  # [B, H, D]
+        elif ctx.phase == "prefill" and ctx.layer in state.text_only:
+            without_image = state.text_only[ctx.layer].to(head_output.device)  # [B, H, D]
             vhd = head_divergence(head_output[:, -1], without_image, self.config.distance)  # [B, H]
             text_activation = (without_image**2).sum(dim=-1)  # [B, H]
             mask = select_vhr_heads(vhd, text_activation, self.config.outlier_filter)
-            if self._compared is not None:  # rows whose image-free prompt is empty: VHD undefined, no head
-                mask = mask & self._compared.to(mask.device)[:, None]
+            if state.compared is not None:  # rows whose image-free prompt is empty: VHD undefined, no head
+                mask = mask & state.compared.to(mask.device)[:, None]
         else:
             mask = torch.zeros(batch, self.num_heads, dtype=torch.bool, device=head_output.device)
-        self.selected[ctx.layer] = mask
+        state.selected[ctx.layer] = mask
         return mask
 
     def on_head_output(self, ctx: LayerContext, head_output: torch.Tensor) -> torch.Tensor:
-        scale = self._scales.get(ctx.layer)  # built at the prefill, one multiplication per decoding step
+        state = ctx.state(self)
+        scale = state.scales.get(ctx.layer)  # built at the prefill, one multiplication per decoding step
         if (
             scale is None
             or scale.dtype != head_output.dtype
             or scale.device != head_output.device
             or scale.shape[0] != head_output.shape[0]
         ):
-            mask = self.head_mask_for(ctx, head_output)  # [B, H]
+            mask = self.head_mask_for(state, ctx, head_output)  # [B, H]
             scale = torch.where(mask, self.config.alpha, 1.0).to(head_output.dtype)[:, None, :, None]  # [B, 1, H, 1]
-            self._scales[ctx.layer] = scale
+            state.scales[ctx.layer] = scale
         return head_output * scale
 
 
