@@ -9,7 +9,15 @@ from test_decoding_common import ROWS, assert_batch_matches_singles, image_rows_
 import vlm_guard
 from vlm_guard.config import GuardConfig
 from vlm_guard.methods.vcd.intervention import VCDConfig, add_diffusion_noise, diffusion_alpha_bar, visual_contrast
-from vlm_guard.testing import build_batch, tiny_model
+from vlm_guard.testing import (
+    assert_close_scaled,
+    build_batch,
+    family_available,
+    forward_reduction,
+    greedy_loop,
+    image_token_count,
+    tiny_model,
+)
 
 
 def test_contrast_formula_and_cut():
@@ -171,3 +179,39 @@ def test_a_failed_generate_leaves_no_reordering_behind(llava):
     finally:
         guarded.unwrap()
     assert "_get_logits_processor" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "glm4v"])
+def test_a_hand_written_loop_contrasts_with_generates_noised_prompt(family):
+    """M-RoPE families: a hand-written loop's prefill passes no position ids (the model places them from the image
+    grid); the noised prompt then runs at the positions generate gives it. Given generate's logits and tokens at each
+    step, the loop's processors give generate's scores (not only its tokens: the tiny models keep their argmax under
+    the ~0.5 shift that 1-D positions of the noised prompt give). generate's raw logits stand in for the loop's, so the
+    check holds where the plain model's own loop drifts from generate (transformers 4.57)."""
+    reason = family_available(family)
+    if reason:
+        pytest.skip(reason)
+    model = tiny_model(family)
+    inputs = build_batch(model, [(True, 4), (False, 4 + image_token_count(model, family) + 2)])
+    guarded = vlm_guard.wrap(model, config=GuardConfig(vcd=VCDConfig(contrast_when="always")))
+    try:
+        generated = guarded.generate(
+            **inputs,
+            max_new_tokens=2,
+            do_sample=False,
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        processors, looped = guarded.logits_processor(**inputs), []
+
+        def generates_step(sequence, scores):  # the loop's processors on generate's tokens and raw logits
+            step = len(looped)
+            looped.append(processors(generated.sequences[:, : sequence.shape[1]], generated.logits[step].float()))
+            return looped[-1]
+
+        greedy_loop(guarded, inputs, 2, processors=generates_step, pass_mask=False)  # its prefill: no position ids
+    finally:
+        guarded.unwrap()
+    for step, scores in enumerate(looped):
+        assert_close_scaled(scores, generated.scores[step], reduction=forward_reduction(model), msg=f"step {step}")

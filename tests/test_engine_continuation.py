@@ -6,6 +6,7 @@ contrastive ones included."""
 import pytest
 import torch
 import transformers
+from transformers import LogitsProcessor
 
 import vlm_guard
 from vlm_guard import GuardConfig
@@ -50,15 +51,7 @@ def _scores_close(a, b, where):
         if f in ("llava", "qwen2_vl", "idefics3")
         else pytest.param(
             f,
-            marks=[
-                pytest.mark.slow,
-                *[
-                    pytest.mark.xfail(
-                        reason="GLM-4.1V: PAI continuing a cache gives uncut scores (its contrast is missing), an open defect"
-                    )
-                ]
-                * (f == "glm4v"),
-            ],
+            marks=pytest.mark.slow,
         )
         for f in FAMILY_NAMES
     ],
@@ -115,3 +108,48 @@ def test_continued_generation_is_the_one_shot_generation_for_every_method(family
                 assert not torch.allclose(continued.scores[0][0], plain.scores[FIRST][0], atol=1e-3), f"{family}/{name}"
     finally:
         guarded.unwrap()
+
+
+class _ImageTokenFirst(LogitsProcessor):
+    """Makes every row's first generated token the image token (at sequence length ``start``)."""
+
+    def __init__(self, start: int, token: int):
+        self.start, self.token = start, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] != self.start:
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.token] = 0.0
+        return forced
+
+
+@pytest.mark.parametrize("method", ["pai", "vcd"])
+def test_a_generated_image_token_is_text_when_generate_continues_a_cache(method):
+    """A generated token may equal the image token (GLM-4.1V's random model generates it in the text-only row): the
+    continued call's sequence then holds it after the prompt. The rows with an image and the contrast prompts are the
+    generation's prompt's, the generated token is fed to the contrast stream as text: as in the one-shot call."""
+    model = tiny_model("llava")
+    inputs = _inputs(model, "llava")
+    config = GuardConfig(vcd=VCDConfig(contrast_when="always")) if method == "vcd" else GuardConfig.from_methods(method)
+    guarded = vlm_guard.wrap(model, config=config)
+    start = inputs["input_ids"].shape[1]
+    force = _ImageTokenFirst(start, guarded.adapter.image_token_id)
+    kw = dict(return_dict_in_generate=True, output_scores=True, do_sample=False, logits_processor=[force])
+    try:
+        one_shot = guarded.generate(**inputs, max_new_tokens=FIRST + MORE, **kw)
+        first = guarded.generate(**inputs, max_new_tokens=FIRST, **kw)
+        assert bool((first.sequences[:, start] == guarded.adapter.image_token_id).all())
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, FIRST, dtype=torch.long)], dim=1)
+        continued = guarded.generate(
+            input_ids=first.sequences,
+            attention_mask=mask,
+            max_new_tokens=MORE,
+            **kw,
+            **cache_kwargs(model, first.past_key_values),
+        )
+    finally:
+        guarded.unwrap()
+    assert torch.equal(continued.sequences, one_shot.sequences)
+    for step in range(MORE):
+        _scores_close(continued.scores[step], one_shot.scores[FIRST + step], f"{method} step {FIRST + step}")

@@ -10,6 +10,11 @@ Two parts:
    prompt (the image span deleted, re-left-padded) is decoded in lockstep by a
    :class:`ContrastStream` with its own KV cache, on the plain model (``engine.suspended()``).
 
+A ``generate`` call that continues a cache the wrapper started (the sequence so far and the cache) contrasts as the
+one-shot call does: the rows with an image and the image-free prompt are the generation's prompt's, and the stream
+feeds the tokens generated since as text (a generated token equal to the image token included); a cache the wrapper
+did not start runs plain, as the engine runs it.
+
 Rows whose prompt has no image run exactly as the plain model: no amplification and no contrast or
 plausibility cut (so sampled text-only rows match plain sampling). Rows made of image tokens only (an
 empty image-free prompt) get the amplification and the plausibility cut without the contrast, as with
@@ -29,6 +34,7 @@ from transformers import LogitsProcessor
 
 from vlm_guard.core.contract import EVERY_ROW, Intervention, LayerContext, PromptContext, RowSelection
 from vlm_guard.core.forward_state import restore_forward_state, save_forward_state
+from vlm_guard.core.generations import past_length
 from vlm_guard.methods.pai.config import PAIConfig
 from vlm_guard.models.compat import cache_kwargs, output_cache
 
@@ -261,9 +267,20 @@ class PAI(Intervention):
 
     def logits_processors(self, guarded, model_inputs: dict) -> list:
         input_ids = model_inputs.get("input_ids")
+        attention_mask = model_inputs.get("attention_mask")
+        main_prompt_length = None
+        cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
+        if input_ids is not None and cache is not None and past_length(cache, model_inputs) > 0:
+            # generate continuing a cache: its input_ids are the prompt and the tokens generated since, and a generated
+            # token may equal an image token. The rows with an image and the image-free prompt are the generation's
+            # prompt's; the stream feeds the generated tokens as text, as in the one-shot call
+            prompt = guarded.engine.continued_prompt(cache, guarded.interventions)
+            if prompt is None:
+                return []  # a cache this wrapper did not start: the engine runs the call plain (one warning)
+            input_ids, attention_mask = prompt.input_ids, prompt.attention_mask
+            main_prompt_length = prompt.prompt_length
         has_image = None
         if input_ids is not None:
-            attention_mask = model_inputs.get("attention_mask")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             has_image = guarded.adapter.prompt_spans(input_ids, attention_mask).has_image  # [B]
@@ -285,7 +302,9 @@ class PAI(Intervention):
                     (has_image & ~has_text).nonzero().flatten().tolist(),
                 )
             if bool(has_text.any()):
-                stream = _LazyPositions(guarded.engine, {"input_ids": text_ids, "attention_mask": text_mask}, self)
+                stream = _LazyPositions(
+                    guarded.engine, {"input_ids": text_ids, "attention_mask": text_mask}, self, main_prompt_length
+                )
         return [ImageFreeContrast(self.config, stream, has_image, has_text)]
 
 
@@ -302,8 +321,8 @@ class _LazyPositions(ContrastStream):
     """A stream whose position layout (2-D or M-RoPE) is read from the main prefill at its first call (the
     processors are built before ``generate`` prefills)."""
 
-    def __init__(self, engine, inputs: dict, owner: PAI):
-        super().__init__(engine, inputs)
+    def __init__(self, engine, inputs: dict, owner: PAI, main_prompt_length: int | None = None):
+        super().__init__(engine, inputs, main_prompt_length=main_prompt_length)
         self.owner = owner
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,10 @@ import torch
 from transformers import LogitsProcessor
 
 from vlm_guard.core.contract import Intervention, PromptContext
+from vlm_guard.core.forward_state import restore_forward_state, save_forward_state
 from vlm_guard.methods.pai.intervention import ContrastStream, plausibility_cut, prefill_positions
 from vlm_guard.methods.vcd.config import BETA_SCHEDULES, VCDConfig
+from vlm_guard.models.compat import generate_prefill_positions
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +232,26 @@ class _NoisedStream(ContrastStream):
                 if self.joined is None
                 else self.joined.model_inputs.get("position_ids")
             )
+            if positions is None:  # the model placed the main prefill's positions (a direct call): place them alike
+                positions = generation_positions(self.engine.model, self.inputs)
             if positions is not None:
                 self.position_ids = positions
         return super().logits(input_ids)
+
+
+def generation_positions(model, inputs: dict) -> torch.Tensor | None:
+    """The position ids ``generate`` gives the prefill of the prompt ``inputs`` (``cumsum(mask) - 1``, or the
+    multimodal RoPE positions that Qwen2-VL, Qwen3-VL and GLM-4.1V place from the image grid), None where ``generate``
+    leaves them to the forward (:func:`~vlm_guard.models.compat.generate_prefill_positions`); the state the step caches
+    on the model (``rope_deltas``) is restored. The noised prompt of a main prefill called without positions (a
+    hand-written loop: the model placed them itself) runs at these: the positions the same prompt gets through
+    ``generate``."""
+    saved = save_forward_state(model)
+    try:
+        with torch.no_grad():
+            return generate_prefill_positions(model, inputs)
+    finally:
+        restore_forward_state(saved)
 
 
 def build(config: VCDConfig, adapter, head_map) -> VCD:
