@@ -56,10 +56,15 @@ def test_a_v3_model_folder_names_its_world(tmp_path):
     assert world_of_folder(tmp_path) == "everyday_v3"
 
 
-def test_v3_is_a_default_model_choice(monkeypatch):
+def test_v3_is_a_default_model_choice(monkeypatch, tmp_path):
+    from vlm_guard.synthetic import default
     from vlm_guard.synthetic.default import default_model_name, default_world
 
     monkeypatch.setenv("VLM_GUARD_DEFAULT_MODEL", "v3")
+    monkeypatch.setattr(default, "V3_WEIGHTS", tmp_path / "v3_weights.safetensors")
+    with pytest.raises(ValueError, match="v3 is not shipped in this version.*unset it to use default model v2"):
+        default_model_name()  # refused up front, before any command looks for v3's examples or weights
+    (tmp_path / "v3_weights.safetensors").write_bytes(b"")
     assert default_model_name() == "v3" and default_world() == "everyday_v3"
     monkeypatch.setenv("VLM_GUARD_DEFAULT_MODEL", "v4")
     with pytest.raises(ValueError, match="'v4' is not one of"):

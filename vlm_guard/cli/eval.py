@@ -103,7 +103,7 @@ def register(subparsers) -> None:
         "--world",
         default="auto",
         choices=["auto", *WORLD_NAMES],
-        help="which synthetic world (default: the model's own, everyday for other models)",
+        help="which synthetic world (default: the model's own, everyday for other models). everyday: everyday objects, natural wording (default model v2); shapes: the 3.6M test fixture's toy vocabulary; everyday_v3: the everyday objects at 192 px with long detail descriptions (default model v3)",
     )
     synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
     synthetic.set_defaults(func=_run_synthetic, interrupt_note=INTERRUPTED_RESUMABLE)
@@ -124,14 +124,18 @@ def register(subparsers) -> None:
         "--world",
         default="auto",
         choices=["auto", *WORLD_NAMES],
-        help="which synthetic world (default: the default model's)",
+        help="which synthetic world (default: the default model's). everyday: everyday objects, natural wording (default model v2); shapes: the 3.6M test fixture's toy vocabulary; everyday_v3: the everyday objects at 192 px with long detail descriptions (default model v3)",
     )
     images.set_defaults(func=_write_synthetic_images)
 
 
 def _common(parser: argparse.ArgumentParser, max_new_tokens_default: str) -> None:
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")
-    parser.add_argument("--methods", default="none", help="method set: 'vhr,var,gift', 'all' or 'none' (default)")
+    parser.add_argument(
+        "--methods",
+        default="none",
+        help="method set: any of vhr,var,gift,pai,vcd | all (vhr,var,gift) | auto (the tuned set) | none (default)",
+    )
     parser.add_argument(
         "--compare",
         default=None,

@@ -28,6 +28,8 @@ DEFAULT_MODEL_ENV = "VLM_GUARD_DEFAULT_MODEL"
 """Environment variable choosing what "the default model" is: ``v2`` (unset), ``v3`` or ``fixture``."""
 
 DEFAULT_MODEL_CHOICES = ("v2", "v3", "fixture")
+V3_WEIGHTS = ASSETS / "default_model_v3" / "v3_weights.safetensors"
+"""Default model v3's trained parts, once shipped (``VLM_GUARD_DEFAULT_MODEL=v3`` is refused without them)."""
 WORLD_OF_MODEL = {"v2": "everyday", "v3": "everyday_v3", "fixture": "shapes"}
 """The world each shipped model was trained on."""
 
@@ -39,6 +41,12 @@ def default_model_name() -> str:
         raise ValueError(
             f"{DEFAULT_MODEL_ENV}={name!r} is not one of {DEFAULT_MODEL_CHOICES}; unset it for default "
             "model v2, set it to 'v3' for default model v3, or to 'fixture' for the 3.6M test fixture"
+        )
+    if name == "v3" and not V3_WEIGHTS.exists():
+        raise ValueError(
+            f"{DEFAULT_MODEL_ENV}=v3: default model v3 is not shipped in this version (it has not met its bars yet, "
+            "see docs/default-model-v3.md); unset it to use default model v2, or load trained v3 weights with "
+            "vlm_guard.defaults.load_default_v3(FOLDER)"
         )
     return name
 
