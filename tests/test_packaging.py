@@ -89,3 +89,11 @@ def test_the_command_has_no_training_commands():
     parser = build_parser()
     commands = next(action for action in parser._actions if getattr(action, "choices", None)).choices
     assert "toy" not in commands and {"caption", "calibrate", "tune", "eval", "demo", "bench"} <= set(commands)
+
+
+def test_the_package_lists_its_public_names_for_tab_completion():
+    import vlm_guard
+
+    names = dir(vlm_guard)
+    assert {"wrap", "GuardConfig", "GuardedModel", "VHRConfig", "load_default"} <= set(names)
+    assert "importlib" not in names and "TYPE_CHECKING" not in names

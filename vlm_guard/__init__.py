@@ -48,6 +48,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vlm_guard' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The public names (tab completion shows ``wrap``, ``GuardConfig`` ... though they load on first use)."""
+    return sorted(set(__all__) | {"calibrate", "load_default", "tune"})
+
+
 def load_default(*args, **kwargs):
     """The shipped default model and processor (see :func:`vlm_guard.defaults.load_default`)."""
     from vlm_guard.defaults import load_default as _load_default
