@@ -88,18 +88,23 @@ class WorldKind:
         return self.module.caption(scene)
 
 
-def _everyday() -> WorldKind:
-    from vlm_guard.synthetic.everyday import world
-
+def _everyday_kind(name: str, world: ModuleType, caption_tokens: int) -> WorldKind:
+    """An everyday-objects world (v2's or v3's): natural POPE and CHAIR wording, popularity from the module."""
     return WorldKind(
-        name="everyday",
+        name=name,
         module=world,
         caption_prompt=world.DETAIL_PROMPTS[1],
         pope_template="Is there a {object} in the image?",
         popular_rank={t: i for i, t in enumerate(world.POPULARITY)},
         popular_types=frozenset(world.POPULARITY[: len(world.POPULARITY) // 2]),
-        caption_tokens=120,
+        caption_tokens=caption_tokens,
     )
+
+
+def _everyday() -> WorldKind:
+    from vlm_guard.synthetic.everyday import world
+
+    return _everyday_kind("everyday", world, caption_tokens=120)
 
 
 def _shapes() -> WorldKind:
@@ -120,15 +125,7 @@ def _shapes() -> WorldKind:
 def _everyday_v3() -> WorldKind:
     from vlm_guard.synthetic.everyday_v3 import kind as world
 
-    return WorldKind(
-        name="everyday_v3",
-        module=world,
-        caption_prompt=world.DETAIL_PROMPTS[1],
-        pope_template="Is there a {object} in the image?",
-        popular_rank={t: i for i, t in enumerate(world.POPULARITY)},
-        popular_types=frozenset(world.POPULARITY[: len(world.POPULARITY) // 2]),
-        caption_tokens=world.CAPTION_TOKENS,
-    )
+    return _everyday_kind("everyday_v3", world, caption_tokens=world.CAPTION_TOKENS)
 
 
 _BUILDERS: dict[str, Callable[[], WorldKind]] = {"everyday": _everyday, "shapes": _shapes, "everyday_v3": _everyday_v3}
