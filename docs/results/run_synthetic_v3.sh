@@ -13,31 +13,7 @@
 # be split over processes with disjoint COMPARE lists (e.g. COMPARE="none;vhr;var" and COMPARE="none;gift;all"); a
 # final run with every row assembles the table from the files.
 #   VLM_GUARD_DEFAULT_MODEL=v3 nohup docs/results/run_synthetic_v3.sh > runs/eval_synthetic_v3.log 2>&1 &
+# The script is run_synthetic_v2.sh with MODEL=v3 (same options: N_QUESTIONS, N_CAPTIONS, TASKS, COMPARE, TUNED,
+# THREADS, OUT_DIR).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export VLM_GUARD_DEFAULT_MODEL=v3
-VLM="${VLM:-.venv/bin/vlm-guard}"
-PY="${PY:-.venv/bin/python}"
-OUT_DIR="${OUT_DIR:-docs/results/v3}"
-THREADS="${THREADS:-1}"              # 1: small models run fastest unthreaded on the 2 shared cores
-N_QUESTIONS="${N_QUESTIONS:-300}"    # per POPE split
-N_CAPTIONS="${N_CAPTIONS:-300}"
-TASKS="${TASKS:-pope,chair}"         # TASKS=chair: the caption columns only (POPE costs 900 prefills per row)
-mkdir -p "$OUT_DIR"
-
-HEAD_MAP="$(ls -d vlm_guard/assets/head_maps/default-v3-*/ | head -1)"
-HEAD_MAP="${HEAD_MAP%/}"
-COMPARE="${COMPARE:-}"
-if [ -z "$COMPARE" ]; then
-  if [ "${TUNED:-1}" = 1 ]; then
-    COMPARE="$("$PY" docs/results/table_rows.py "$HEAD_MAP/head_map.json")"   # tuned rows, then the released ones
-  else
-    COMPARE="none;vhr;var;gift;all;pai;vcd"
-  fi
-fi
-echo "$(date -u +%H:%M:%S) model: shipped default v3; head map: $HEAD_MAP; rows: $COMPARE"
-
-"$VLM" -v eval synthetic --world everyday_v3 --head-map "$HEAD_MAP" \
-  --n-questions "$N_QUESTIONS" --n-captions "$N_CAPTIONS" --batch-size 32 --threads "$THREADS" --no-progress \
-  --tasks "$TASKS" --compare "$COMPARE" --out "$OUT_DIR/synthetic.jsonl"
-echo "$(date -u +%H:%M:%S) done: $OUT_DIR/synthetic.md"
+MODEL=v3 exec "$(dirname "$0")/run_synthetic_v2.sh" "$@"
