@@ -162,6 +162,23 @@ def test_last_generation_is_set_by_guarded_calls_only(model):
         guarded.unwrap()
 
 
+def test_last_generation_repr_shows_shapes_not_values(model):
+    inputs = build_batch(model, [(True, 5), (True, 9)])
+    guarded = vlm_guard.wrap(model, config=_every_method())
+    try:
+        _generate(guarded, inputs)
+        text = repr(guarded.last_generation)
+    finally:
+        guarded.unwrap()
+    assert text.startswith("GenerationRecord(prompt=PromptContext(")
+    for name, state_class in STATE_CLASSES.items():
+        assert f"'{name}': {state_class.__name__}(" in text
+    seq = inputs["input_ids"].shape[1]
+    assert f"after_image=Tensor[2, {seq}] bool" in text  # VAR's mask as its shape and dtype
+    assert "tensor(" not in text  # no tensor values (PAI's image keys are a tuple holding one)
+    assert len(text) < 4000, len(text)
+
+
 def test_a_call_that_continues_the_cache_keeps_the_generation(model):
     inputs = build_batch(model, [(True, 5), (True, 9)])
     guarded = vlm_guard.wrap(model, config=GuardConfig(var=tiny_var_config()))

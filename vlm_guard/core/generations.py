@@ -26,6 +26,7 @@ bookkeeping).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Mapping
@@ -98,6 +99,32 @@ class GenerationRecord:
 
     prompt: PromptContext
     states: Mapping[str, Any]
+
+    def __repr__(self) -> str:  # tensors as shapes: the default repr prints every value of every mask and matrix
+        states = ", ".join(f"{name!r}: {brief(state)}" for name, state in self.states.items())
+        return f"GenerationRecord(prompt={brief(self.prompt)}, states={{{states}}})"
+
+
+def brief(value: Any, depth: int = 0) -> str:
+    """A short readable form of a state value: tensors as ``Tensor[shape] dtype``, long mappings and sequences cut
+    to their first items with a count, dataclasses field by field (two levels deep)."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if depth >= 2:
+            return f"{type(value).__name__}(...)"
+        inner = ", ".join(f"{f.name}={brief(getattr(value, f.name), depth + 1)}" for f in dataclasses.fields(value))
+        return f"{type(value).__name__}({inner})"
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        shown = ", ".join(f"{key!r}: {brief(item, depth + 1)}" for key, item in items[:3])
+        return "{" + shown + (f", ... ({len(items)} entries)" if len(items) > 3 else "") + "}"
+    if isinstance(value, (list, tuple)):
+        opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")")
+        shown = ", ".join(brief(item, depth + 1) for item in value[:3])
+        return f"{opening}{shown}" + (f", ... ({len(value)} items)" if len(value) > 3 else "") + closing
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
