@@ -53,6 +53,21 @@ def test_check_works_for_a_bundled_example_given_by_path(tmp_path, capsys):
         lines = capsys.readouterr().out.splitlines()
         assert any(line.startswith("not in the scene (plain): ") for line in lines), lines
         assert any(line.startswith("not in the scene (guarded") for line in lines), lines
+        assert "what changed: nothing (the guarded caption is the plain one)" in lines, lines
+
+
+def test_what_changed_names_the_objects_the_guard_dropped_and_added():
+    from vlm_guard.cli.caption import what_changed
+    from vlm_guard.eval.synthetic import score_synthetic_caption
+
+    truth = {"fork", "cup"}
+    plain = score_synthetic_caption("A fork and a knife. A cup.", truth, "everyday")
+    guarded = score_synthetic_caption("A fork. A cup and a saucer.", truth, "everyday")
+    line = what_changed("A fork and a knife. A cup.", "A fork. A cup and a saucer.", plain, guarded)
+    assert (
+        line == "what changed: objects not in the scene dropped: knife; added: saucer; scene objects named 2/2 -> 2/2"
+    )
+    assert what_changed("a b", "a c", None, None).startswith("what changed: the wording (no ground truth")
 
 
 def test_check_says_so_when_an_image_cannot_be_checked(tmp_path, capsys, monkeypatch):

@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(name) for name, _, _ in rows)
         for name, text, seconds in rows:
             print(f"{name:<{width}}  [{seconds:5.2f}s]  {text}")
+        records = {}
         for which, (name, text, _) in (("plain", rows[0]), ("guarded", rows[-1])):
             if checker is not None:
                 mentions = checker.check(image, text)
@@ -192,9 +193,12 @@ def run(args: argparse.Namespace) -> int:
                 from vlm_guard.eval.synthetic import score_synthetic_caption
 
                 record = score_synthetic_caption(text, truth[key], world)
+                records[which] = record
                 totals[which][1] += record["n_hallucinated"]
                 wrong = ", ".join(word for word, _ in record["hallucinated"]) or "none"
                 print(f"not in the scene ({name}): {wrong}")
+        if len(rows) > 1:
+            print(what_changed(rows[0][1], rows[-1][1], records.get("plain"), records.get("guarded")))
         if args.check and checker is None and _truth_key(path, truth, args.image is not None, world.name) is None:
             print(
                 f"not checked: {Path(path).name} is not a bundled example (no ground truth) and the shipped grounding "
@@ -217,6 +221,29 @@ def run(args: argparse.Namespace) -> int:
         if line:
             print(line)
     return 0
+
+
+def what_changed(plain: str, guarded: str, plain_record: dict | None, guarded_record: dict | None) -> str:
+    """One line saying what the guard changed in a caption: the objects not in the scene it dropped or added and the
+    scene objects named by each (when the scene's objects are known), or that the captions are the same.
+
+    Example:
+        >>> what_changed("a fork and a knife", "a fork", {"hallucinated": [("knife", "knife")], "n_recalled": 1,
+        ...     "n_gt_objects": 2}, {"hallucinated": [], "n_recalled": 1, "n_gt_objects": 2})
+        'what changed: objects not in the scene dropped: knife; added: none; scene objects named 1/2 -> 1/2'
+    """
+    if plain.strip() == guarded.strip():
+        return "what changed: nothing (the guarded caption is the plain one)"
+    if plain_record is None or guarded_record is None:
+        return "what changed: the wording (no ground truth for this image, so objects are not counted)"
+    before = {word for word, _ in plain_record["hallucinated"]}
+    after = {word for word, _ in guarded_record["hallucinated"]}
+    dropped, added = sorted(before - after), sorted(after - before)
+    return (
+        f"what changed: objects not in the scene dropped: {', '.join(dropped) or 'none'}; "
+        f"added: {', '.join(added) or 'none'}; scene objects named {plain_record['n_recalled']}/"
+        f"{plain_record['n_gt_objects']} -> {guarded_record['n_recalled']}/{guarded_record['n_gt_objects']}"
+    )
 
 
 def _bundled_examples(world: str | None = None) -> list:
