@@ -1,6 +1,10 @@
-"""Held-out rows of the default model v2's task profiles: each profile's shipped setting on the reported scenes.
+"""Held-out rows of the default model's task profiles: each profile's shipped setting on the reported scenes.
 
-    nice -n 5 .venv/bin/python docs/results/profiles_v2.py            # resumable: rerun to continue
+    nice -n 5 .venv/bin/python docs/results/profiles_v2.py            # v2; resumable: rerun to continue
+    nice -n 5 .venv/bin/python docs/results/profiles_v2.py --model v3 --tasks chair   # v3, its caption columns
+
+``--model v3`` does the same for default model v3 on its everyday_v3 world (``docs/results/v3``, the head map shipped
+for v3); ``--tasks chair`` keeps the caption columns (what ``TASKS=chair docs/results/run_synthetic_v3.sh`` ran).
 
 Reads the shipped v2 head map's ``tuned.profiles`` (written by ``vlm-guard tune --profiles`` on the tuning seed
 910001, winners confirmed on 910002), runs each profile's setting on the held-out everyday scenes (seed 900001,
@@ -25,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+MODEL = "v2"
+WORLDS = {"v2": "everyday", "v3": "everyday_v3"}
 OUT = ROOT / "docs/results/v2"
 GREEDY = OUT / "synthetic.none.jsonl"
 N = 300
@@ -32,8 +38,20 @@ SEED = 900001
 POPE = ("pope/random", "pope/popular", "pope/adversarial")
 
 
+def _use_model(model: str) -> None:
+    """Point the module at default model ``model``'s results folder (``docs/results/<model>``)."""
+    global MODEL, OUT, GREEDY
+    MODEL, OUT = model, ROOT / "docs/results" / model
+    GREEDY = OUT / "synthetic.none.jsonl"
+
+
 def _shipped_map_folder() -> Path:
-    return sorted((ROOT / "vlm_guard/assets/head_maps").glob("default-v2-*"))[0]
+    found = sorted((ROOT / "vlm_guard/assets/head_maps").glob(f"default-{MODEL}-*"))
+    if not found:
+        raise SystemExit(
+            f"no head map is shipped for default model {MODEL} (vlm_guard/assets/head_maps/default-{MODEL}-*)"
+        )
+    return found[0]
 
 
 def _records_by_task(path: Path) -> dict[str, dict[str, dict]]:
@@ -119,7 +137,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verify", type=int, default=8, help="greedy items per task regenerated as a check (0: off)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--model", choices=sorted(WORLDS), default="v2", help="which shipped default model (default v2)"
+    )
+    parser.add_argument("--tasks", default="pope,chair", help="pope,chair (default) or chair: the columns to compare")
     args = parser.parse_args()
+    kinds = tuple(kind.strip() for kind in args.tasks.split(",") if kind.strip())
+    if not kinds or set(kinds) - {"pope", "chair"}:
+        raise SystemExit(f"--tasks={args.tasks!r}: give pope, chair or pope,chair")
+    _use_model(args.model)
+    import os
+
+    os.environ["VLM_GUARD_DEFAULT_MODEL"] = args.model
     import torch
 
     torch.set_num_threads(1)
@@ -139,17 +168,17 @@ def main() -> int:
         raise SystemExit(f"{folder} holds no task profiles: run `vlm-guard tune --profiles caption,answer` first")
     model, processor = load_default()
     prepare_processor(processor)
-    tasks = synthetic_tasks(N, N, world_seed=SEED, world="everyday")
+    tasks = synthetic_tasks(N, N, world_seed=SEED, world=WORLDS[MODEL], kinds=kinds)
     tasks = sorted(tasks, key=lambda task: task.name != "chair")  # captions first: the caption profile's column
     greedy = _records_by_task(GREEDY)
     missing = [t.name for t in tasks if len(greedy.get(t.name, {})) < N]
     if missing:
-        raise SystemExit(f"{GREEDY} lacks greedy items of {missing}: run docs/results/run_synthetic_v2.sh first")
+        raise SystemExit(f"{GREEDY} lacks greedy items of {missing}: run docs/results/run_synthetic_{MODEL}.sh first")
     check = _verify_greedy(model, processor, tasks, greedy, args.verify) if args.verify else {"checked": 0}
     print(f"greedy records reproduced by the current code: {check}")
     if check.get("mismatched"):
         raise SystemExit(
-            "the greedy records are not reproduced by the current code: rerun run_synthetic_v2.sh's "
+            f"the greedy records are not reproduced by the current code: rerun run_synthetic_{MODEL}.sh's "
             "greedy row before comparing"
         )
     guarded = wrap(model, processor, None, head_map)
@@ -157,6 +186,8 @@ def main() -> int:
     rows = []
     try:
         for profile, section in tuned["profiles"].items():
+            if profile != "caption" and "pope" not in kinds:
+                continue  # an answer profile without its POPE columns
             settings = section.get("settings") or {}
             label = _label(profile, settings)
             row = {"profile": profile, "label": label, "settings": settings, "decision": section.get("decision")}
@@ -214,7 +245,7 @@ def main() -> int:
     }
     atomic_write_json(OUT / "profiles.summary.json", summary, indent=1)
     atomic_write_text(OUT / "profiles.md", markdown(summary))
-    held_out = {"source": "docs/results/v2/profiles.summary.json", "seed": SEED, "profiles": {}}
+    held_out = {"source": f"docs/results/{MODEL}/profiles.summary.json", "seed": SEED, "profiles": {}}
     for row in rows:
         held_out["profiles"][row["profile"]] = {
             "settings": row["settings"],
@@ -242,21 +273,21 @@ def effect_line(row: dict) -> str:
         return (
             f"held-out effect of the caption profile ({what}): CHAIR_I {chair['greedy']:.1f} -> {chair['own']:.1f} "
             f"({_iv(chair)} points, paired 95 % interval), recall {_iv(c['chair:recall'])}; n = {chair['n']} "
-            f"captions of unseen scenes (everyday seed {SEED}; docs/results/v2/profiles.md)"
+            f"captions of unseen scenes ({WORLDS[MODEL]} seed {SEED}; docs/results/{MODEL}/profiles.md)"
         )
     parts = ", ".join(f"{t.split('/')[1]} {_iv(c[f'{t}:accuracy'])}" for t in POPE if f"{t}:accuracy" in c)
     n = c.get("pope/adversarial:accuracy", {}).get("n", "?")
     return (
         f"held-out effect of the answer profile ({what}): POPE accuracy {parts} points (paired 95 % intervals); "
-        f"n = {n} questions per split (everyday seed {SEED}; docs/results/v2/profiles.md)"
+        f"n = {n} questions per split ({WORLDS[MODEL]} seed {SEED}; docs/results/{MODEL}/profiles.md)"
     )
 
 
 def markdown(summary: dict) -> str:
     lines = [
-        "## Default model v2: task profiles on held-out scenes",
+        f"## Default model {MODEL}: task profiles on held-out scenes",
         "",
-        f"Everyday world seed {summary['seed']} (never used for calibration or tuning), n = {summary['n']} captions "
+        f"{WORLDS[MODEL]} world seed {summary['seed']} (never used for calibration or tuning), n = {summary['n']} captions "
         f"and {summary['n']} questions per POPE split; Δ = the profile's shipped setting minus greedy on the same "
         f"items, {summary['intervals']}; **bold** = significant. Greedy: `{summary['greedy_records']}` (the "
         f"greedy row of `synthetic.md`; {summary['greedy_check'].get('checked', 0)} of its items regenerated by "

@@ -1,13 +1,14 @@
-"""Put the task profiles tuned for the default model v2 into its shipped head map.
+"""Put the task profiles tuned for a shipped default model (v2, or v3 with ``--model v3``) into its shipped head map.
 
     .venv/bin/python docs/results/ship_profiles_v2.py runs/tune_profiles_v2 [runs/tune_profiles_v2_answer ...]
+    .venv/bin/python docs/results/ship_profiles_v2.py --model v3 runs/tune_profiles_v3
 
 Each argument is an ``--out`` folder of ``vlm-guard tune --profiles ...`` (the profiles may be tuned by separate runs,
 e.g. ``--profiles caption`` and ``--profiles answer`` side by side). Their ``tuned.profiles`` are merged (a profile
 in two folders is refused) and written as the ``tuned`` section of
-``vlm_guard/assets/head_maps/default-v2-*/head_map.json`` (only that key changes; atomic write), with ``tuning.md``
+``vlm_guard/assets/head_maps/default-<model>-*/head_map.json`` (only that key changes; atomic write), with ``tuning.md``
 (every candidate's gain and cost with intervals, per profile) beside it; the tuning states are copied to
-``docs/results/v2/profiles_tune/`` (the raw per-item results).
+``docs/results/<model>/profiles_tune/`` (the raw per-item results).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(folders: list[str]) -> int:
+    model = "v2"
+    if folders[:1] == ["--model"]:
+        if len(folders) < 2 or folders[1] not in ("v2", "v3"):
+            raise SystemExit("--model takes v2 or v3")
+        model, folders = folders[1], folders[2:]
     from vlm_guard.calibration.head_map import HeadMap
     from vlm_guard.fileio import atomic_write_json, atomic_write_text
     from vlm_guard.settings import validate_tuned
@@ -29,7 +35,12 @@ def main(folders: list[str]) -> int:
 
     if not folders:
         raise SystemExit(__doc__)
-    shipped = sorted((ROOT / "vlm_guard/assets/head_maps").glob("default-v2-*"))[0]
+    found = sorted((ROOT / "vlm_guard/assets/head_maps").glob(f"default-{model}-*"))
+    if not found:
+        raise SystemExit(
+            f"no head map is shipped for default model {model} (vlm_guard/assets/head_maps/default-{model}-*)"
+        )
+    shipped = found[0]
     merged: dict = {}
     for folder in map(Path, folders):
         tuned = validate_tuned(
@@ -62,7 +73,7 @@ def main(folders: list[str]) -> int:
     atomic_write_text(shipped / "tuning.md", profiles_markdown(merged))
     for old in shipped.glob("tune_*.png"):  # curves of the single-profile search this replaces
         old.unlink()
-    states = ROOT / "docs/results/v2/profiles_tune"
+    states = ROOT / f"docs/results/{model}/profiles_tune"
     states.mkdir(parents=True, exist_ok=True)
     for folder in map(Path, folders):
         for state in folder.glob("tune_profiles_state.*.json"):
