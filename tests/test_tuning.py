@@ -821,3 +821,67 @@ def test_profile_tuning_confirms_on_a_separate_split_and_resumes(tmp_path, monke
     assert {p: s["settings"] for p, s in again["profiles"].items()} == {
         p: s["settings"] for p, s in first["profiles"].items()
     }
+
+
+def test_a_setting_the_tuner_measured_as_harmful_is_warned_about_at_wrap(model, head_map, caplog):
+    """A method whose exact setting was significantly worse in the head map's tuning table (or lost recall) gets one
+    warning with the measured interval; a setting not tried, or tried without harm, gets none."""
+    import copy
+    import logging
+
+    from vlm_guard.methods.var.intervention import VARConfig
+
+    def row(methods, label, worse, broken=(), n=60):
+        return {
+            "rung": "pilot",
+            "label": label,
+            "methods": methods,
+            "n": n,
+            "judgement": {
+                "objective": {
+                    "diff": 4.5 if worse else -1.0,
+                    "low": 0.8 if worse else -3.0,
+                    "high": 8.7 if worse else 1.0,
+                    "own": 28.8,
+                    "greedy": 24.2,
+                    "n": n,
+                },
+                "objective_name": "CHAIR_I",
+                "worse": worse,
+                "broken": list(broken),
+                "constraints": {"recall": {"diff": -9.0, "low": -12.0, "high": -6.0}},
+            },
+        }
+
+    tuned = copy.copy(head_map)
+    section = _profiles_section()
+    section["profiles"]["caption"]["table"] = [
+        row({"var": {"preset": "paper"}}, "var preset=paper", worse=True),
+        row({"vhr": {"alpha": 1.1}}, "vhr alpha=1.1", worse=False),
+        row({"vhr": {"alpha": 3.0}}, "vhr alpha=3", worse=False, broken=["recall"]),
+    ]
+    tuned.tuned = section
+    cases = (
+        (GuardConfig(var=VARConfig(preset="paper")), ["var preset=paper made this model worse", "+4.5 points"]),
+        (GuardConfig(vhr=VHRConfig(alpha=3.0)), ["vhr alpha=3 made this model worse", "recall -9.0 points"]),
+        (GuardConfig(vhr=VHRConfig(alpha=1.1)), None),  # tried, no harm
+        (GuardConfig(var=VARConfig()), None),  # released VAR: not tried
+    )
+    for config, expected in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vlm_guard.wrapper"):
+            guarded = vlm_guard.wrap(model, None, config, head_map=tuned)
+            guarded.set_config(config)  # the same setting again: warned once per wrapper
+            guarded.unwrap()
+        warnings = [r.getMessage() for r in caplog.records if "made this model worse" in r.getMessage()]
+        if expected is None:
+            assert warnings == [], (config, warnings)
+        else:
+            assert len(warnings) == 1, warnings
+            assert all(part in warnings[0] for part in expected), warnings[0]
+            assert "'auto'" in warnings[0] and "vlm-guard heads show" in warnings[0]
+    # the answer profile has no table: nothing to warn about
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlm_guard.wrapper"):
+        vlm_guard.wrap(model, None, GuardConfig(var=VARConfig(preset="paper")), head_map=tuned, task="answer").unwrap()
+    assert not [r for r in caplog.records if "made this model worse" in r.getMessage()]

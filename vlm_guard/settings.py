@@ -392,6 +392,68 @@ def resolve_config(
     return (config.replace(**changes) if changes else config), sources
 
 
+def measured_harm(head_map: Any, task: str | None, config: GuardConfig) -> list[str]:
+    """Warnings for the enabled methods whose exact setting ``vlm-guard tune`` measured as harmful on this model.
+
+    The head map's task profile (``task``, else its default profile) keeps every setting the tuner tried, with its
+    paired interval against greedy on the tuning data. A method of ``config`` whose values equal a single-method row
+    there that was significantly worse on the profile's objective, or broke a constraint (e.g. lost object recall),
+    gets one line naming the setting, the measured change with its interval, and the fix. The row with the most
+    items counts. Empty when the map has no tuning table, or the setting was not tried.
+    """
+    from vlm_guard.config import _method_config_class
+
+    try:
+        section, profile = profile_section(head_map, task)
+    except (ValueError, TunedSectionError):
+        return []
+    rows = (section or {}).get("table") or []
+    chosen: dict[str, dict] = {}
+    for row in rows:
+        methods = row.get("methods") if isinstance(row, dict) else None
+        if not isinstance(methods, dict) or len(methods) != 1 or not isinstance(row.get("judgement"), dict):
+            continue
+        ((name, values),) = methods.items()
+        if name not in config.enabled_methods or not isinstance(values, dict):
+            continue
+        try:
+            tried = _method_config_class(name).from_dict(dict(values)).to_dict()
+        except (KeyError, TypeError, ValueError):
+            continue
+        if tried != getattr(config, name).to_dict():
+            continue
+        if name not in chosen or int(row.get("n") or 0) > int(chosen[name].get("n") or 0):
+            chosen[name] = row
+    lines = []
+    for name, row in chosen.items():
+        judgement = row["judgement"]
+        broken = list(judgement.get("broken") or [])
+        if not (judgement.get("worse") or broken):
+            continue
+        objective = judgement.get("objective") or {}
+        try:
+            change = (
+                f"{judgement.get('objective_name', 'objective')} {objective['greedy']:.1f} -> {objective['own']:.1f} "
+                f"({objective['diff']:+.1f} points, 95 % interval [{objective['low']:+.1f}, {objective['high']:+.1f}])"
+            )
+        except (KeyError, TypeError, ValueError):
+            change = "its objective"
+        for constraint in broken:
+            interval = (judgement.get("constraints") or {}).get(constraint) or {}
+            if "diff" in interval:
+                change += (
+                    f"; {constraint} {interval['diff']:+.1f} points [{interval['low']:+.1f}, {interval['high']:+.1f}]"
+                )
+            else:
+                change += f"; {constraint} constraint broken"
+        lines.append(
+            f"{row.get('label', name)} made this model worse on the {profile} profile's tuning data "
+            f"({change}; n={row.get('n')}, `vlm-guard tune`'s {row.get('rung', '?')} rung): use 'auto' for the tuned "
+            f"setting, or see every setting tried with `vlm-guard heads show`"
+        )
+    return lines
+
+
 def describe_settings(
     config: GuardConfig, sources: dict[str, dict[str, str]], tuned_only: bool = False, profile: str | None = None
 ) -> list[str]:

@@ -82,6 +82,8 @@ class GuardedModel:
         self.task = task  # the task profile of the head map's tuned settings (vlm_guard.settings.PROFILES)
         config, sources = self._resolve(GuardConfig() if config is None else config)
         interventions = self._build(config)  # validates everything before the model is touched
+        self._harm_warned: set[str] = set()
+        self._warn_measured_harm(config)
         self.engine = GuardEngine(model, self.adapter)
         try:
             self.engine.install()
@@ -132,11 +134,23 @@ class GuardedModel:
         with self._call_lock:
             config, sources = self._resolve(config)
             interventions = self._build(config)
+            self._warn_measured_harm(config)
             self.guard_config = config
             self.settings_profile = self._requested_profile
             self.settings_sources = sources
             self.interventions = interventions
             self._config_snapshot = config.to_dict()
+
+    def _warn_measured_harm(self, config: GuardConfig) -> None:
+        """One warning per setting that the head map's tuning measured as harmful on this model (once per wrapper)."""
+        from vlm_guard.settings import measured_harm
+
+        if self.head_map is None:
+            return
+        for line in measured_harm(self.head_map, self.task, config):
+            if line not in self._harm_warned:
+                self._harm_warned.add(line)
+                logger.warning(line)
 
     def describe_settings(self, tuned_only: bool = True) -> list[str]:
         """One line per enabled method: the values that run and where each came from (config / tuned / default)."""
