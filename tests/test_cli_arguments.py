@@ -255,3 +255,36 @@ def test_missing_inputs_are_refused_before_the_model_loads(command, shown, tmp_p
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert shown.format(tmp=tmp_path) in err, err
+
+
+def test_the_shipped_model_runs_on_one_cpu_thread_unless_told_otherwise():
+    """caption / eval / demo: 1 torch thread for the shipped default model on the CPU (2 threads took 12x longer per
+    caption while another process held a core), torch's default for a user's model or another device, --threads wins."""
+    from vlm_guard.cli.arguments import cpu_threads
+
+    def ns(**kwargs):
+        return argparse.Namespace(**{"threads": None, "device": "cpu", "model": None, **kwargs})
+
+    assert cpu_threads(ns()) == 1
+    assert cpu_threads(ns(threads=3)) == 3
+    assert cpu_threads(ns(model="llava-hf/llava-1.5-7b-hf")) is None
+    assert cpu_threads(ns(device="cuda")) is None
+    assert cpu_threads(ns(device="cuda", threads=2)) == 2
+    for command in (["caption"], ["eval", "synthetic", "--out", "x.jsonl"], ["demo"]):
+        args = PARSER.parse_args([*command, "--threads", "2"])
+        assert args.threads == 2, command
+
+
+def test_caption_sets_one_thread_for_the_shipped_model():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["caption", "--methods", "none", "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert main(["caption", "--methods", "none", "--max-new-tokens", "2", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from vlm_guard.cli.arguments import add_allow_pickle_argument, int_range
+from vlm_guard.cli.arguments import add_allow_pickle_argument, add_threads_argument, int_range
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def register(subparsers) -> None:
         "benchmark: 120 for the default model, 48 for the shapes fixture; 64 for other models)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    add_threads_argument(parser)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     add_allow_pickle_argument(parser)
@@ -136,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_model_argument(args.model)
     check_head_map_folder(args.head_map)
+    from vlm_guard.cli.arguments import apply_threads
+
+    apply_threads(args)
     try:
         model, processor = load_model(
             args.model,

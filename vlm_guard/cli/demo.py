@@ -19,6 +19,8 @@ import threading
 
 from vlm_guard.cli.arguments import (
     add_allow_pickle_argument,
+    add_threads_argument,
+    apply_threads,
     int_range,
     max_new_tokens_int,
     positive_float,
@@ -53,6 +55,7 @@ def register(subparsers) -> None:
         help="allow a non-loopback --host (e.g. 0.0.0.0): anyone who can reach this machine can use the demo",
     )
     parser.add_argument("--device", default="cpu", help="torch device for the model (default %(default)s)")
+    add_threads_argument(parser)
     parser.add_argument(
         "--max-new-tokens",
         type=max_new_tokens_int,
@@ -141,6 +144,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from vlm_guard.cli.checks import check_device, check_head_map_folder, check_model_argument, check_port
 
     check_device(args.device)  # before the model loads: one line, not a traceback
+    apply_threads(args)
     check_model_argument(args.model)
     check_head_map_folder(args.head_map)
     check_port(args.host, args.port)

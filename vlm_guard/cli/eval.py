@@ -28,6 +28,8 @@ import logging
 from vlm_guard.cli.arguments import (
     INTERRUPTED_RESUMABLE,
     add_allow_pickle_argument,
+    add_threads_argument,
+    apply_threads,
     max_new_tokens_int,
     positive_int,
     seed_int,
@@ -173,7 +175,7 @@ def _common(parser: argparse.ArgumentParser, max_new_tokens_default: str) -> Non
     parser.add_argument(
         "--n-resamples", type=positive_int, default=1000, help="bootstrap resamples (default %(default)s)"
     )
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
         "--max-unclear",
@@ -226,13 +228,11 @@ def _check_out_first(args) -> None:
 
 
 def _execute(args, tasks, loader, run_config: dict) -> int:
-    import torch
 
     from vlm_guard.cli.checks import check_device, check_head_map_folder, check_model_argument, check_output_file
     from vlm_guard.eval.runner import results_paths
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     method_sets = _method_sets(args)
     check_output_file(args.out)  # before the model loads: a folder, a read-only place
     for label in method_sets:
