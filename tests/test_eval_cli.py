@@ -86,3 +86,35 @@ def test_synthetic_images_are_tuning_seed_scenes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"scene_{i:06d}.png" for i in range(3)]
     expected = render(synthetic_world(TUNING_SEED).scene(2))
     assert list(Image.open(tmp_path / "scene_000002.png").convert("RGB").getdata()) == list(expected.getdata())
+
+
+def test_settings_file_gives_a_method_set_explicit_values(tmp_path, tmp_path_factory, capsys):
+    """--settings: a method set of --compare runs the values the file names (recorded in its records' fingerprint
+    and in the summary); a file naming another set, other methods, an unknown field or a bad value is refused with
+    one line before the model loads."""
+    import json
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"gift@tuned": {"gift": {"alpha": 1.5}}}))
+    out = tmp_path / "syn.jsonl"
+    base = ["eval", "synthetic", *model_args(tmp_path_factory), "--limit", "1", "--tasks", "chair"]
+    base += ["--max-new-tokens", "3", "--no-progress", "--n-resamples", "20", "--out", str(out)]
+    assert main([*base, "--compare", "none;gift@tuned", "--settings", str(settings)]) == 0
+    capsys.readouterr()
+    header = json.loads((tmp_path / "syn.gift@tuned.jsonl").read_text().splitlines()[0])
+    assert header["fingerprint"]["guard_config.gift.alpha"] == 1.5
+    assert read_summary(tmp_path / "syn.summary.json")["config"]["settings"] == {"gift@tuned": {"gift": {"alpha": 1.5}}}
+    bad = {
+        "other set": {"vhr@tuned": {"vhr": {"alpha": 1.1}}},
+        "other methods": {"gift@tuned": {"vhr": {"alpha": 1.1}}},
+        "unknown field": {"gift@tuned": {"gift": {"strength": 1.0}}},
+        "bad value": {"gift@tuned": {"gift": {"alpha": -1.0}}},
+        "not an object": ["gift"],
+    }
+    for case, content in bad.items():
+        settings.write_text(json.dumps(content))
+        assert main([*base, "--compare", "none;gift@tuned", "--settings", str(settings)]) == 2, case
+        err = capsys.readouterr().err
+        assert "--settings" in err and len(err.strip().splitlines()) == 1, (case, err)
+    assert main([*base, "--compare", "none;gift@tuned", "--settings", str(tmp_path / "missing.json")]) == 2
+    assert "no such file" in capsys.readouterr().err

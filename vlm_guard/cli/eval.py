@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from vlm_guard.cli.arguments import (
     INTERRUPTED_RESUMABLE,
@@ -176,6 +177,13 @@ def _common(parser: argparse.ArgumentParser, max_new_tokens_default: str) -> Non
         "--n-resamples", type=positive_int, default=1000, help="bootstrap resamples (default %(default)s)"
     )
     add_threads_argument(parser)
+    parser.add_argument(
+        "--settings",
+        default=None,
+        help="JSON file giving method sets of --compare / --methods explicit settings, "
+        '{"<method set>": {"<method>": {"<field>": value}}}, e.g. {"gift@tuned": {"gift": {"alpha": 1.0}}}; '
+        "fields not named resolve as usual (the head map's tuned value for an @tuned set, else the released default)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
         "--max-unclear",
@@ -194,6 +202,56 @@ def _method_sets(args) -> list[str]:
     if args.compare:
         return parse_compare(args.compare)
     return [method_label(args.methods)]
+
+
+def settings_configs(path: str | None, method_sets: list[str]) -> tuple[dict, dict]:
+    """``({label: GuardConfig}, {label: settings})`` from ``--settings FILE`` (empty without it).
+
+    Each key must be one of ``method_sets`` and name exactly that set's methods (``all``: vhr, var, gift); each value
+    is ``{method: {field: value}}``, checked by the method's config (unknown fields and bad values are refused with
+    one line). The named fields become explicit, so a head map's tuned values do not replace them.
+    """
+    if not path:
+        return {}, {}
+    import json
+
+    from vlm_guard.config import GuardConfig
+    from vlm_guard.tuning.space import Candidate
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--settings {path}: no such file; give a JSON file of per-method-set settings") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--settings {path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(
+            f'--settings {path}: expected a JSON object like {{"gift@tuned": {{"gift": {{"alpha": 1.0}}}}}}'
+        )
+    configs, settings = {}, {}
+    for label, methods in data.items():
+        if label not in method_sets:
+            raise ValueError(
+                f"--settings {path}: {label!r} is not a method set of this run ({'; '.join(method_sets)}); "
+                "name the sets of --compare / --methods"
+            )
+        wanted = GuardConfig.from_methods(
+            "none" if label == "none" else label.split("@")[0].replace("+", ",")
+        ).enabled_methods
+        if not isinstance(methods, dict) or sorted(methods) != sorted(wanted):
+            raise ValueError(
+                f"--settings {path}: {label!r} must give settings for exactly its methods {wanted}, "
+                f"got {sorted(methods) if isinstance(methods, dict) else methods!r}"
+            )
+        if not all(isinstance(values, dict) for values in methods.values()):
+            raise ValueError(f"--settings {path}: {label!r}: each method's settings must be an object of fields")
+        try:
+            config = Candidate({name: dict(values) for name, values in methods.items()}).guard_config()
+            config.validate()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--settings {path}: {label!r}: {error}") from None
+        configs[label], settings[label] = config, methods
+    return configs, settings
 
 
 def _load_head_map(args):
@@ -240,6 +298,10 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
     check_device(args.device)
     check_model_argument(args.model)
     check_head_map_folder(args.head_map)
+    configs, settings = settings_configs(getattr(args, "settings", None), method_sets)
+    if settings:
+        run_config = {**run_config, "settings": settings}
+    args.method_configs = configs
     from vlm_guard.parallel import data_parallel
 
     parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
@@ -288,6 +350,7 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
         progress=not args.no_progress,
         run_config=run_config,
         compare=bool(args.compare),
+        configs=getattr(args, "method_configs", None) or None,
         fingerprint_extra={key: run_config[key] for key in FINGERPRINT_KEYS if key in run_config},
         parallel=parallel,
         max_unclear=args.max_unclear,
