@@ -130,19 +130,22 @@ def test_caption_runs_the_caption_profile_and_prints_its_held_out_effect(tmp_pat
     assert "unknown task 'vqa'" in capsys.readouterr().err
 
 
-def test_bundled_everyday_examples_follow_the_written_rule():
-    """The shipped everyday examples are what select_examples picks from their recorded plain captions: traps where
-    plain names an absent partner, one scene where plain is right; never chosen by a guarded caption."""
+@pytest.mark.parametrize(("world", "max_objects"), [("everyday", 3), ("everyday_v3", 4)])
+def test_bundled_everyday_examples_follow_the_written_rule(world, max_objects):
+    """The shipped everyday examples (v2's, and v3's: scenes of up to 4 objects) are what select_examples picks from
+    their recorded plain captions: traps where plain names an absent partner, one scene where plain is right; never
+    chosen by a guarded caption."""
     import json
 
     from vlm_guard.defaults import EXAMPLES_DIRS
     from vlm_guard.synthetic.examples import select_examples
 
-    entries = json.loads((EXAMPLES_DIRS["everyday"] / "examples.json").read_text())
+    folder = EXAMPLES_DIRS[world]
+    entries = json.loads((folder / "examples.json").read_text())
     assert {entry["kind"] for entry in entries} == {"trap", "right"}
     assert sum(entry["kind"] == "right" for entry in entries) == 1
     for entry in entries:
-        assert (EXAMPLES_DIRS["everyday"] / entry["file"]).is_file() and entry["world_seed"] == 910001
+        assert (folder / entry["file"]).is_file() and entry["world_seed"] == 910001
         assert "guarded" not in json.dumps(entry).replace("never a guarded", "")
         named = set(entry["plain_hallucinated_at_selection"])
         assert (named & set(entry["absent_partners"])) if entry["kind"] == "trap" else not named
@@ -156,4 +159,5 @@ def test_bundled_everyday_examples_follow_the_written_rule():
         }
         for e in sorted(entries, key=lambda e: e["scene_index"])
     ]
-    assert [r["index"] for r in select_examples(records)] == [e["scene_index"] for e in entries]
+    chosen = select_examples(records, max_objects=max_objects)
+    assert [r["index"] for r in chosen] == [e["scene_index"] for e in entries]
