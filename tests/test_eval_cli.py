@@ -104,6 +104,33 @@ def test_settings_file_gives_a_method_set_explicit_values(tmp_path, tmp_path_fac
     header = json.loads((tmp_path / "syn.gift@tuned.jsonl").read_text().splitlines()[0])
     assert header["fingerprint"]["guard_config.gift.alpha"] == 1.5
     assert read_summary(tmp_path / "syn.summary.json")["config"]["settings"] == {"gift@tuned": {"gift": {"alpha": 1.5}}}
+    if not model_args(
+        tmp_path_factory
+    ):  # the shipped model: its map without tuned settings still runs the file's values
+        import shutil
+
+        from vlm_guard.calibration.shipped import SHIPPED_HEAD_MAPS
+
+        untuned = tmp_path / "untuned_map"
+        shutil.copytree(sorted(SHIPPED_HEAD_MAPS.glob("default_model-*"))[0], untuned)
+        meta = json.loads((untuned / "head_map.json").read_text())
+        meta.pop("tuned", None)
+        (untuned / "head_map.json").write_text(json.dumps(meta))
+        out2 = str(tmp_path / "syn2.jsonl")
+        argv = [
+            *base[:-1],
+            out2,
+            "--compare",
+            "none;gift@tuned",
+            "--settings",
+            str(settings),
+            "--head-map",
+            str(untuned),
+        ]
+        assert main(argv) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        header = json.loads((tmp_path / "syn2.gift@tuned.jsonl").read_text().splitlines()[0])
+        assert header["fingerprint"]["guard_config.gift.alpha"] == 1.5
     bad = {
         "other set": {"vhr@tuned": {"vhr": {"alpha": 1.1}}},
         "other methods": {"gift@tuned": {"vhr": {"alpha": 1.1}}},

@@ -464,8 +464,9 @@ def run_method_set(
     raises :class:`~vlm_guard.eval.records.RunMismatchError` naming the fields that differ, and a second process
     writing the same file at once gets :class:`~vlm_guard.eval.records.FileBusyError`.
     """
-    config = config if config is not None else guard_config_for(label)
-    if label.endswith(TUNED_SUFFIX):
+    explicit = config is not None  # e.g. `eval --settings`: the values are given, the head map's tuning not needed
+    config = config if explicit else guard_config_for(label)
+    if label.endswith(TUNED_SUFFIX) and not explicit:
         from vlm_guard.settings import tuned_settings
 
         tuned = tuned_settings(guarded.head_map, getattr(guarded, "task", None))
