@@ -38,7 +38,7 @@ from vlm_guard.cli.arguments import (
 )
 from vlm_guard.eval.following import EXIT_PROMPT_NOT_FOLLOWED, MAX_UNCLEAR_SHARE
 from vlm_guard.eval.tasks import DEFAULT_CHAIR_PROMPT, DEFAULT_MAX_NEW_TOKENS, chair_task, pope_tasks, synthetic_tasks
-from vlm_guard.synthetic.worlds import WORLD_NAMES
+from vlm_guard.synthetic.worlds import WORLD_NAMES, WORLDS_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def register(subparsers) -> None:
         "--world",
         default="auto",
         choices=["auto", *WORLD_NAMES],
-        help="which synthetic world (default: the model's own, everyday for other models). everyday: everyday objects, natural wording (default model v2); shapes: the 3.6M test fixture's toy vocabulary; everyday_v3: the everyday objects at 192 px with long detail descriptions (default model v3)",
+        help="which synthetic world (default: the model's own, everyday for other models). " + WORLDS_HELP,
     )
     synthetic.add_argument("--tasks", default="pope,chair", help="'pope', 'chair' or both (default)")
     synthetic.set_defaults(func=_run_synthetic, interrupt_note=INTERRUPTED_RESUMABLE)
@@ -127,7 +127,7 @@ def register(subparsers) -> None:
         "--world",
         default="auto",
         choices=["auto", *WORLD_NAMES],
-        help="which synthetic world (default: the default model's). everyday: everyday objects, natural wording (default model v2); shapes: the 3.6M test fixture's toy vocabulary; everyday_v3: the everyday objects at 192 px with long detail descriptions (default model v3)",
+        help="which synthetic world (default: the default model's). " + WORLDS_HELP,
     )
     images.set_defaults(func=_write_synthetic_images)
 
@@ -215,7 +215,7 @@ def settings_configs(path: str | None, method_sets: list[str]) -> tuple[dict, di
         return {}, {}
     import json
 
-    from vlm_guard.config import GuardConfig
+    from vlm_guard.eval.runner import guard_config_for
     from vlm_guard.tuning.space import Candidate
 
     try:
@@ -235,9 +235,7 @@ def settings_configs(path: str | None, method_sets: list[str]) -> tuple[dict, di
                 f"--settings {path}: {label!r} is not a method set of this run ({'; '.join(method_sets)}); "
                 "name the sets of --compare / --methods"
             )
-        wanted = GuardConfig.from_methods(
-            "none" if label == "none" else label.split("@")[0].replace("+", ",")
-        ).enabled_methods
+        wanted = guard_config_for(label).enabled_methods
         if not isinstance(methods, dict) or sorted(methods) != sorted(wanted):
             raise ValueError(
                 f"--settings {path}: {label!r} must give settings for exactly its methods {wanted}, "
@@ -301,17 +299,16 @@ def _execute(args, tasks, loader, run_config: dict) -> int:
     configs, settings = settings_configs(getattr(args, "settings", None), method_sets)
     if settings:
         run_config = {**run_config, "settings": settings}
-    args.method_configs = configs
     from vlm_guard.parallel import data_parallel
 
     parallel = data_parallel(args.device)  # one process unless launched by torchrun / accelerate launch
     try:
-        return _execute_on(args, tasks, loader, run_config, method_sets, parallel)
+        return _execute_on(args, tasks, loader, run_config, method_sets, configs, parallel)
     finally:
         parallel.close()
 
 
-def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], parallel) -> int:
+def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], configs: dict, parallel) -> int:
     from vlm_guard.cli.checks import model_load_error
     from vlm_guard.defaults import default_model_dir
     from vlm_guard.eval.runner import load_model, run_benchmark, weights_digest
@@ -350,7 +347,7 @@ def _execute_on(args, tasks, loader, run_config: dict, method_sets: list[str], p
         progress=not args.no_progress,
         run_config=run_config,
         compare=bool(args.compare),
-        configs=getattr(args, "method_configs", None) or None,
+        configs=configs or None,
         fingerprint_extra={key: run_config[key] for key in FINGERPRINT_KEYS if key in run_config},
         parallel=parallel,
         max_unclear=args.max_unclear,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from vlm_guard.cli.arguments import max_new_tokens_int, non_negative_int, positive_int, seed_int
-from vlm_guard.synthetic.worlds import WORLD_NAMES
+from vlm_guard.synthetic.worlds import WORLD_NAMES, WORLDS_HELP
 
 
 def register(subparsers) -> None:
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
         "--world",
         default="auto",
         choices=["auto", *WORLD_NAMES],
-        help="which world (default: the --model's, the default model's without it). everyday: everyday objects, natural wording (default model v2); shapes: the 3.6M test fixture's toy vocabulary; everyday_v3: the everyday objects at 192 px with long detail descriptions (default model v3)",
+        help="which world (default: the --model's, the default model's without it). " + WORLDS_HELP,
     )
     synthetic.add_argument("--model", default=None, help="the model whose world to use (default: the default model)")
     synthetic.set_defaults(func=_run_synthetic)

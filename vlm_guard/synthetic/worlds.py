@@ -33,6 +33,11 @@ from types import ModuleType
 from typing import Any
 
 WORLD_NAMES = ("everyday", "shapes", "everyday_v3")
+WORLDS_HELP = (
+    "everyday: everyday objects, natural wording (default model v2); shapes: the 3.6M test fixture's toy "
+    "vocabulary; everyday_v3: the everyday objects at 192 px with long detail descriptions (default model v3)"
+)
+"""What each world is, for the ``--world`` options' help."""
 CONFIG_KEY = "vlm_guard_world"
 """Model-config attribute naming the world a model was trained on."""
 
