@@ -192,3 +192,30 @@ def test_an_error_caused_by_an_interrupt_counts_as_one(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", wrapped)
     assert cli.main(["calibrate"]) == 130
     assert capsys.readouterr().err == "vlm-guard calibrate: interrupted\n"
+
+
+def test_an_interrupt_inside_a_string_exec_still_exits_130(tmp_path):
+    """CI saw exit status -2 (killed by SIGINT) after the one line: SIGTERM landed while ``dataclasses`` ran
+    ``exec(<string>)`` inside torch's import, CPython then marks the KeyboardInterrupt as unhandled (even though
+    ``main`` catches it) and kills itself with SIGINT at exit. Deterministic here: the interrupt is raised inside a
+    string ``exec`` while the parser is built; the process must exit 130 and leave the interpreter's flag clear."""
+    module = tmp_path / "interrupted_in_exec.py"
+    module.write_text(
+        "import ctypes, sys\n"
+        "from vlm_guard import cli\n"
+        "cli.build_parser = lambda *a, **k: exec('raise KeyboardInterrupt')\n"
+        "code = cli.main(['caption'])\n"
+        "try:\n"
+        "    flag = ctypes.c_int.in_dll(ctypes.pythonapi, '_Py_UnhandledKeyboardInterrupt').value\n"
+        "except (ValueError, AttributeError):  # CPython >= 3.12 keeps it in _PyRuntime, not exported\n"
+        "    flag = 'n/a'\n"
+        "print('flag', flag, flush=True)\n"
+        "sys.exit(code)\n"
+    )
+    env = dict(_environment(tmp_path), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupted_in_exec"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 130, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.strip().splitlines()[-1] == "vlm-guard caption: interrupted", done.stderr
+    assert done.stdout.strip() in ("flag 0", "flag n/a"), done.stdout

@@ -133,11 +133,23 @@ def _interrupted(args: argparse.Namespace | None, argv: list[str] | None = None)
         words = [word for word in (sys.argv[1:] if argv is None else argv) if not word.startswith("-")]
         command = words[0] if words and words[0].replace("-", "_").isidentifier() else None
     note = getattr(args, "interrupt_note", None) or INTERRUPTED
+    _forget_unhandled_interrupt()
     try:
         print(f"vlm-guard{' ' + command if command else ''}: {note}", file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr closed (a pipe whose reader went away)
         pass
     return EXIT_INTERRUPTED
+
+
+def _forget_unhandled_interrupt() -> None:
+    """Clear CPython's "KeyboardInterrupt went unhandled" flag, so the process exits with our code (130).
+
+    ``exec`` of a *string* (dataclasses, namedtuple and many libraries build functions that way while they are
+    imported) sets that flag when the interrupt passes through it, even though ``main`` catches the interrupt
+    further up; at exit the interpreter then kills itself with SIGINT (exit status -2) instead of returning 130.
+    Running a string through ``exec`` once more resets the flag (its entry point clears it before it runs code).
+    """
+    exec("pass", {})  # noqa: S102 - a constant string; the point is the interpreter's bookkeeping
 
 
 def _caused_by_interrupt(error: BaseException) -> bool:
