@@ -11,6 +11,8 @@ fixed before the held-out scenes are seen:
 3. the full or pilot rung's best point gain with recall kept (no significant gain anywhere), else none: the method
    has no setting that lowered CHAIR_I with recall kept, and it enters the table at its released values only.
 
+PAI (a baseline, not a mission method) is picked by the same rule when ``<tune folder>/pai`` exists.
+
 Writes the ``--settings`` file of ``vlm-guard eval`` (``{"<method>@tuned": {...}}``, and ``all@tuned`` with the
 trio's picks when VHR, VAR and GIFT all have one) and, beside it, ``<name>.why.json``: the reason for each pick.
 """
@@ -21,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-METHODS = ("gift", "vhr", "var")
+METHODS = ("gift", "vhr", "var", "pai")  # PAI: the baseline, tuned the same way for the reference row
 
 
 def pick(section: dict) -> tuple[dict | None, str]:
