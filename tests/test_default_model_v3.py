@@ -1,4 +1,4 @@
-"""The shipped default model v3 (``VLM_GUARD_DEFAULT_MODEL=v3``): it loads offline, its shipped head map is found for
+"""The shipped default model v3 (the default model; ``VLM_GUARD_DEFAULT_MODEL=v3``): it loads offline, its shipped head map is found for
 it (the fingerprint matches the shipped weights), and with every method off guarded generation is token-identical to
 ``model.generate`` on a bundled example."""
 
@@ -54,3 +54,18 @@ def test_v3_loads_with_its_shipped_head_map_and_generates_as_the_plain_model(v3)
         assert words.startswith("The image shows"), words
     finally:
         guarded.unwrap()
+
+
+def test_v3_is_the_default_model_and_v2_stays_loadable_by_name(monkeypatch):
+    """Issue 25: v3 becomes the default once it meets its bars; ``VLM_GUARD_DEFAULT_MODEL=v2`` still selects v2, and
+    a name that is not a shipped model is refused with one line naming the choices."""
+    from vlm_guard.synthetic.default import default_model_name, default_world, examples_dir
+
+    monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
+    assert default_model_name() == "v3"
+    assert default_world() == "everyday_v3" and examples_dir() == EXAMPLES_DIRS["everyday_v3"]
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, "v2")
+    assert default_model_name() == "v2" and default_world() == "everyday"
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, "v4")
+    with pytest.raises(ValueError, match=r"'v4' is not one of .*unset it for default model v3"):
+        default_model_name()

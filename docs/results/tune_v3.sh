@@ -35,7 +35,7 @@ for method in $METHODS; do
   .venv/bin/vlm-guard -v tune --profiles caption --methods "$method" --head-map "$HEAD_MAP" --out "$OUT" \
     --n-captions "$N" --n-questions "$N" --budget "$BUDGET" --batch-size 30 --threads "$THREADS" --no-progress
   mkdir -p "$OUT/$method.tmp"
-  cp "$OUT/head_map.json" "$OUT/head_map.safetensors" "$OUT/tuning.md" "$OUT/$method.tmp/"
+  cp "$OUT/head_map.json" "$OUT/head_map.safetensors" "$OUT/tuning.md" "$OUT"/tune_profiles_state.*.json "$OUT/$method.tmp/"
   rm -rf "$OUT/$method" && mv "$OUT/$method.tmp" "$OUT/$method"
   echo "$(date -u +%H:%M:%S) tune_v3: $method done"
 done

@@ -44,7 +44,7 @@ def register(subparsers) -> None:
         "--model",
         choices=("both", "default", "random", "default-v2", "fixture", "all", "none"),
         default="both",
-        help="default: vlm_guard.load_default() (v2 unless $VLM_GUARD_DEFAULT_MODEL=fixture); random: the "
+        help="default: vlm_guard.load_default() (v3; $VLM_GUARD_DEFAULT_MODEL=v2 or fixture picks another); random: the "
         "LLaVA-1.5-shaped random model; both (the default): those two; default-v2: v2 from --v2-weights; "
         "fixture: the 3.6M test fixture; all: the fixture, v2 and the random model (the issue-16 table); "
         "none: only the long-prompt pass",

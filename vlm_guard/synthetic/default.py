@@ -25,34 +25,36 @@ EXAMPLES_DIRS = {
 """Bundled example images per world, with their ground-truth objects in ``examples.json``."""
 
 DEFAULT_MODEL_ENV = "VLM_GUARD_DEFAULT_MODEL"
-"""Environment variable choosing what "the default model" is: ``v2`` (unset), ``v3`` or ``fixture``."""
+"""Environment variable choosing what "the default model" is: ``v3`` (unset), ``v2`` or ``fixture``."""
 
-DEFAULT_MODEL_CHOICES = ("v2", "v3", "fixture")
+DEFAULT_MODEL = "v3"
+"""The default model when ``$VLM_GUARD_DEFAULT_MODEL`` is unset (v2 until v3 met its bars, issue 25)."""
+
+DEFAULT_MODEL_CHOICES = ("v3", "v2", "fixture")
 V3_WEIGHTS = ASSETS / "default_model_v3" / "v3_weights.safetensors"
-"""Default model v3's trained parts, once shipped (``VLM_GUARD_DEFAULT_MODEL=v3`` is refused without them)."""
+"""Default model v3's trained parts (an installation without them is refused with a line naming v2)."""
 WORLD_OF_MODEL = {"v2": "everyday", "v3": "everyday_v3", "fixture": "shapes"}
 """The world each shipped model was trained on."""
 
 
 def default_model_name() -> str:
-    """``"v2"``, ``"v3"`` or ``"fixture"`` (``$VLM_GUARD_DEFAULT_MODEL``, default ``v2``)."""
-    name = os.environ.get(DEFAULT_MODEL_ENV, "v2").strip() or "v2"
+    """``"v3"``, ``"v2"`` or ``"fixture"`` (``$VLM_GUARD_DEFAULT_MODEL``, default ``v3``)."""
+    name = os.environ.get(DEFAULT_MODEL_ENV, DEFAULT_MODEL).strip() or DEFAULT_MODEL
     if name not in DEFAULT_MODEL_CHOICES:
         raise ValueError(
             f"{DEFAULT_MODEL_ENV}={name!r} is not one of {DEFAULT_MODEL_CHOICES}; unset it for default "
-            "model v2, set it to 'v3' for default model v3, or to 'fixture' for the 3.6M test fixture"
+            "model v3, set it to 'v2' for default model v2, or to 'fixture' for the 3.6M test fixture"
         )
     if name == "v3" and not V3_WEIGHTS.exists():
         raise ValueError(
-            f"{DEFAULT_MODEL_ENV}=v3: default model v3 is not shipped in this version (it has not met its bars yet, "
-            "see docs/default-model-v3.md); unset it to use default model v2, or load trained v3 weights with "
-            "vlm_guard.defaults.load_default_v3(FOLDER)"
+            f"default model v3's trained parts are missing from this installation ({V3_WEIGHTS}); reinstall "
+            f"vlm-guard, or set {DEFAULT_MODEL_ENV}=v2 to use default model v2"
         )
     return name
 
 
 def default_world() -> str:
-    """The world the default model was trained on: ``"everyday"`` (v2), ``"everyday_v3"`` (v3) or ``"shapes"``
+    """The world the default model was trained on: ``"everyday_v3"`` (v3), ``"everyday"`` (v2) or ``"shapes"``
     (fixture)."""
     return WORLD_OF_MODEL[default_model_name()]
 
@@ -69,6 +71,7 @@ __all__ = [
     "ASSETS",
     "EXAMPLES_DIRS",
     "DEFAULT_MODEL_ENV",
+    "DEFAULT_MODEL",
     "DEFAULT_MODEL_CHOICES",
     "WORLD_OF_MODEL",
     "default_model_name",
