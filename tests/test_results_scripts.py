@@ -47,7 +47,9 @@ def test_kinds_table_from_a_comparison_folder(tmp_path):
     kinds = _script("hallucination_kinds")
     scenes = [(["fork", "ball"], ["knife"]), (["cup", "ball"], ["saucer", "moon"])] * 20
     greedy = [_record(f"s{i}", objects, named) for i, (objects, named) in enumerate(scenes)]
-    guarded = [_record(f"s{i}", objects, [w for w in named if w == "moon"]) for i, (objects, named) in enumerate(scenes)]
+    guarded = [
+        _record(f"s{i}", objects, [w for w in named if w == "moon"]) for i, (objects, named) in enumerate(scenes)
+    ]
     for label, records in (("none", greedy), ("pai", guarded)):
         (tmp_path / f"syn.{label}.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (tmp_path / "syn.summary.json").write_text(json.dumps({"metrics": {"none": {}, "pai": {}}}))

@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             ours = [100.0 * counts[item][index] for item in shared]
             base = [100.0 * greedy[item][index] for item in shared]
             diff, low, high = paired_interval(ours, base)
-            row[name] = {"per_100": round(sum(ours) / len(shared), 1), "diff": round(diff, 1),
-                         "low": round(low, 1), "high": round(high, 1)}
+            row[name] = {
+                "per_100": round(sum(ours) / len(shared), 1),
+                "diff": round(diff, 1),
+                "low": round(low, 1),
+                "high": round(high, 1),
+            }
         rows[label] = row
 
         def cell(values, first=label == "none"):
