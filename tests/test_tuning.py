@@ -3,6 +3,7 @@ storage in the head map, the objective, and a search that resumes where it stopp
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -384,9 +385,11 @@ def test_caption_all_examples_counts_hallucinations(capsys):
     total = out.strip().splitlines()[-1]
     assert total.startswith(f"all {len(examples)} bundled examples: hallucinated object mentions")
     plain = sum(
-        len([word for word in line.split(": ", 1)[1].split(", ") if word != "none"])
+        int(re.match(r".+?(?: \((\d+) mentions\))?$", item).group(1) or 1)
         for line in out.splitlines()
         if line.startswith("not in the scene (plain)")
+        for item in line.split(": ", 1)[1].split(", ")
+        if item != "none"
     )
     assert f"plain {plain}," in total
     assert main(["caption", "x.png", "--all-examples"]) == 2

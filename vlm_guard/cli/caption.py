@@ -3,7 +3,7 @@
 Example:
     vlm-guard caption                                   # a bundled example, shipped default model, the caption profile
     vlm-guard caption --all-examples --check            # every bundled example, hallucinations counted
-    vlm-guard caption vlm_guard/assets/examples/scene005_no_toothpaste.png --check
+    vlm-guard caption vlm_guard/assets/examples_v3/scene002_no_moon.png --check
     vlm-guard caption photo.jpg --methods vhr,gift --check
     vlm-guard caption photo.jpg --model llava-hf/llava-1.5-7b-hf --compare
 """
@@ -199,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 record = score_synthetic_caption(text, truth[key], world)
                 records[which] = record
                 totals[which][1] += record["n_hallucinated"]
-                wrong = ", ".join(word for word, _ in record["hallucinated"]) or "none"
-                print(f"not in the scene ({name}): {wrong}")
+                print(f"not in the scene ({name}): {mention_counts(word for word, _ in record['hallucinated'])}")
         if len(rows) > 1:
             print(what_changed(rows[0][1], rows[-1][1], records.get("plain"), records.get("guarded")))
         if args.check and checker is None and _truth_key(path, truth, args.image is not None, world.name) is None:
@@ -225,6 +224,19 @@ def run(args: argparse.Namespace) -> int:
         if line:
             print(line)
     return 0
+
+
+def mention_counts(words) -> str:
+    """The words in first-mention order, each with its number of mentions when above one (``"none"`` when empty).
+
+    Example:
+        >>> mention_counts(["cup", "moon", "cup", "cup"])
+        'cup (3 mentions), moon'
+    """
+    counts: dict[str, int] = {}
+    for word in words:
+        counts[word] = counts.get(word, 0) + 1
+    return ", ".join(f"{word} ({n} mentions)" if n > 1 else word for word, n in counts.items()) or "none"
 
 
 def what_changed(plain: str, guarded: str, plain_record: dict | None, guarded_record: dict | None) -> str:
