@@ -62,8 +62,14 @@ def test_v3_is_a_default_model_choice(monkeypatch, tmp_path):
 
     monkeypatch.setenv("VLM_GUARD_DEFAULT_MODEL", "v3")
     monkeypatch.setattr(default, "V3_WEIGHTS", tmp_path / "v3_weights.safetensors")
-    with pytest.raises(ValueError, match="v3 is not shipped in this version.*unset it to use default model v2"):
+    with pytest.raises(
+        ValueError, match="v3's trained parts are missing.*VLM_GUARD_DEFAULT_MODEL=v2 to use default model v2"
+    ):
         default_model_name()  # refused up front, before any command looks for v3's examples or weights
+    monkeypatch.delenv("VLM_GUARD_DEFAULT_MODEL")  # v3 is the default: the same line when nothing is set
+    with pytest.raises(ValueError, match="v3's trained parts are missing.*VLM_GUARD_DEFAULT_MODEL=v2"):
+        default_model_name()
+    monkeypatch.setenv("VLM_GUARD_DEFAULT_MODEL", "v3")
     (tmp_path / "v3_weights.safetensors").write_bytes(b"")
     assert default_model_name() == "v3" and default_world() == "everyday_v3"
     monkeypatch.setenv("VLM_GUARD_DEFAULT_MODEL", "v4")
