@@ -219,3 +219,23 @@ def test_model_folder_without_config(command, tmp_path, capsys):
     folder.mkdir()
     argv = [part.format(tmp=tmp_path) for part in command] + ["--model", str(folder)]
     assert "has no config.json" in _refused(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["caption", "--image", "x.png"],
+            "vlm-guard caption: error: unrecognized arguments: --image; see vlm-guard caption --help",
+        ),
+        (
+            ["eval", "synthetic", "--out", "o.jsonl", "--n-scenes", "3"],
+            "vlm-guard eval synthetic: error: unrecognized arguments: --n-scenes 3; see vlm-guard eval synthetic --help",
+        ),
+        (["--bogus"], "vlm-guard: error: unrecognized arguments: --bogus; see vlm-guard --help"),
+    ],
+)
+def test_an_unknown_option_is_reported_by_the_command_it_was_given_to(argv, line, capsys):
+    """A new user's ``vlm-guard caption --image x.png`` (the image is positional) names the command whose help lists
+    the right options, not the top-level parser."""
+    assert _refused(argv, capsys) == line

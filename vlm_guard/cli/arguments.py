@@ -206,6 +206,25 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {text}; see {self.prog} --help\n")
         sys.exit(2)
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but an unknown option is reported by the command it was given to (``vlm-guard caption:
+        error: unrecognized arguments: --image; see vlm-guard caption --help``), not by the top-level parser."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner: argparse.ArgumentParser = self
+            while True:  # down the chosen (sub)commands: "vlm-guard eval synthetic"
+                chosen = [
+                    action.choices[getattr(parsed, action.dest)]
+                    for action in owner._actions
+                    if isinstance(action, argparse._SubParsersAction)
+                    and getattr(parsed, action.dest, None) in action.choices
+                ]
+                if not chosen:
+                    break
+                owner = chosen[0]
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 def deferred(module: str, function: str) -> Callable[[argparse.Namespace], Any]:
     """A command function that imports ``module`` only when called (the parser is built without it)."""
