@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 
 def caption_counts(records: list[dict], partner_of) -> dict[str, tuple[int, int, int]]:
@@ -35,18 +35,13 @@ def caption_counts(records: list[dict], partner_of) -> dict[str, tuple[int, int,
     return counts
 
 
-def paired_interval(ours: list[float], greedy: list[float], resamples: int = 1000, seed: int = 0):
-    """Mean difference and its 95 % percentile bootstrap interval (items resampled in pairs)."""
-    rng = random.Random(seed)
-    n = len(ours)
-    diffs = [a - b for a, b in zip(ours, greedy)]
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return sum(diffs) / n, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+def paired_interval(ours: list[float], greedy: list[float]) -> tuple[float, float, float]:
+    """Mean difference and its 95 % percentile bootstrap interval (items resampled in pairs; the project's
+    :func:`vlm_guard.eval.stats.paired_bootstrap`, 1000 resamples, seed 0, as ``synthetic.md``'s intervals)."""
+    from vlm_guard.eval.stats import paired_bootstrap
 
-
-def read_records(path: Path) -> list[dict]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip() and '"task"' in line]
+    result = paired_bootstrap(ours, greedy, lambda values: sum(values) / len(values))
+    return result["diff"], result["low"], result["high"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="the --out of the comparison (e.g. docs/results/v3/synthetic.jsonl)")
     parser.add_argument("--world", default="everyday_v3", help="the world of the scenes (default everyday_v3)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
+    from vlm_guard.eval.records import read_records
     from vlm_guard.fileio import atomic_write_json, atomic_write_text
     from vlm_guard.synthetic.worlds import world_kind
 
@@ -67,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for label in labels:
         path = stem.with_name(f"{stem.name}.{label}.jsonl")
         if path.is_file():
-            per_label[label] = caption_counts(read_records(path), partner_of)
+            per_label[label] = caption_counts(read_records(path), partner_of)  # the header line has no "task"
     if "none" not in per_label:
         raise SystemExit(f"{stem}.none.jsonl: greedy's records are needed for the paired differences")
     greedy = per_label["none"]

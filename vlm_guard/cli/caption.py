@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
-from vlm_guard.cli.arguments import add_allow_pickle_argument, add_threads_argument, int_range
+from vlm_guard.cli.arguments import add_allow_pickle_argument, add_threads_argument, apply_threads, int_range
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,6 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_model_argument(args.model)
     check_head_map_folder(args.head_map)
-    from vlm_guard.cli.arguments import apply_threads
-
     apply_threads(args)
     try:
         model, processor = load_model(
@@ -233,9 +232,7 @@ def mention_counts(words) -> str:
         >>> mention_counts(["cup", "moon", "cup", "cup"])
         'cup (3 mentions), moon'
     """
-    counts: dict[str, int] = {}
-    for word in words:
-        counts[word] = counts.get(word, 0) + 1
+    counts = Counter(words)  # first-seen order
     return ", ".join(f"{word} ({n} mentions)" if n > 1 else word for word, n in counts.items()) or "none"
 
 

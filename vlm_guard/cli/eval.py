@@ -284,7 +284,6 @@ def _check_out_first(args) -> None:
 
 
 def _execute(args, tasks, loader, run_config: dict) -> int:
-
     from vlm_guard.cli.checks import check_device, check_head_map_folder, check_model_argument, check_output_file
     from vlm_guard.eval.runner import results_paths
 
