@@ -30,6 +30,12 @@ fi
 # torch first, pinned: on this project's machines the wheel lies on disk; elsewhere it comes from PyPI.
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing torch and torchvision (large: a few minutes)"
+  # torch with its CUDA libraries takes about 8 GB in .venv: say so before pip fails half-way on a full disk
+  free_kb="$(df -Pk . 2>/dev/null | awk 'NR == 2 {print $4}')"
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt 8388608 ] 2>/dev/null; then
+    echo "[setup] warning: $((free_kb / 1048576)) GB free at $root, torch needs about 8 GB: free some space if pip" \
+      "stops with 'No space left on device', then rerun this command" >&2
+  fi
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" \
     || .venv/bin/python -m pip install -q torch torchvision
 fi

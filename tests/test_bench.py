@@ -74,9 +74,13 @@ def test_bench_command_writes_table_and_json(tmp_path, capsys):
         acts = configs[name]["acts"]
         assert acts["max_prefill_logit_change"] > 0 and any(acts["decode_layers"].values()), name
     assert configs["off"]["acts"]["max_prefill_logit_change"] == 0.0 and "acts:" in printed
+    # no head map with tuned values for a random model: every row runs its configuration as written
+    assert all(result["acts"] is None or result["acts"]["tuned_settings"] == [] for result in configs.values())
+    assert "head map's tuned" not in printed
     assert "long_prompt" not in report
     markdown = (tmp_path / "bench.md").read_text()
     assert "| off |" in markdown and "(<= 1.03" in markdown and "ops x" in markdown
+    assert "tuned section" not in markdown
 
 
 def test_planted_sink_is_found_by_var():
@@ -214,3 +218,26 @@ def test_fixture_model_is_benched_under_its_own_name(tmp_path, capsys):
     assert 0 < extra <= 18 * len(var_layers)
     assert configs["off"]["median"]["decode_ops"] == configs["plain"]["median"]["decode_ops"]
     assert "peak memory x" in (tmp_path / "bench.md").read_text()
+
+
+def test_rows_that_take_the_head_maps_tuned_values_say_so(tmp_path, monkeypatch):
+    """On default model v3 the shipped head map tunes PAI (its caption profile): the bench's "pai" row runs with
+    those values (as ``wrap`` does) and the report names them (``acts.tuned_settings``, a line under the tables)."""
+    from vlm_guard.calibration.head_map import CACHE_ENV
+    from vlm_guard.config import GuardConfig
+    from vlm_guard.synthetic.default import DEFAULT_MODEL_ENV, V3_WEIGHTS
+
+    if not V3_WEIGHTS.exists():
+        pytest.skip("default model v3 is not shipped")
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, "v3")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # the shipped map, not one a user tuned
+    from vlm_guard.defaults import load_default
+
+    model, processor = load_default()
+    inputs = bench.default_model_inputs(processor)
+    acts = bench.method_action(model, processor, GuardConfig.from_methods("pai"), inputs)
+    tuned = acts["tuned_settings"]
+    assert len(tuned) == 1 and tuned[0].startswith("pai: alpha=0.2 (tuned), gamma=1.0 (tuned)"), tuned
+    assert bench.method_action(model, processor, GuardConfig.from_methods("vhr"), inputs)["tuned_settings"] == []
+    row = {"median": {}, "acts": acts}
+    assert bench.tuned_lines({"plain": {"acts": None}, "pai": row}) == [f"pai ({tuned[0]})"]

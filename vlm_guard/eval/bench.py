@@ -525,9 +525,24 @@ def method_action(model, processor, config: GuardConfig | None, inputs: dict) ->
             intervention.name: sorted(intervention.decode_layers(states.get(intervention.name)))
             for intervention in guarded.interventions
         }
+        tuned = [line for line in guarded.describe_settings() if "(tuned)" in line]
     finally:
         guarded.unwrap()
-    return {"max_prefill_logit_change": float((logits - plain).abs().max()), "decode_layers": layers}
+    return {
+        "max_prefill_logit_change": float((logits - plain).abs().max()),
+        "decode_layers": layers,
+        "tuned_settings": tuned,
+    }
+
+
+def tuned_lines(results: dict) -> list[str]:
+    """``config (values)`` for each configuration that ran with values from the head map's tuned section (``wrap``
+    fills the fields a configuration leaves unset from there, and so does the benchmark)."""
+    return [
+        f"{config_name} ({'; '.join(result['acts']['tuned_settings'])})"
+        for config_name, result in results.items()
+        if (result.get("acts") or {}).get("tuned_settings")
+    ]
 
 
 _HEAD_MAPS: dict[int, object] = {}
@@ -654,6 +669,9 @@ def format_table(model_name: str, results: dict) -> str:
             )
     if acting:
         lines.append("acts: " + " | ".join(acting))
+    tuned = tuned_lines(results)
+    if tuned:
+        lines.append("head map's tuned values: " + " | ".join(tuned))
     return "\n".join(lines)
 
 
@@ -789,6 +807,13 @@ def format_markdown(report: dict) -> str:
                 f"{median['decode_ops']:.0f} | "
                 f"{ratio(ratios['decode_ops'])}{ops_target} | {ratio(ratios['prefill_ops'])} |"
             )
+        tuned = tuned_lines(model["configs"])
+        if tuned:
+            lines += [
+                "",
+                "Rows that ran with values from the head map's tuned section (`wrap` fills a field the row's "
+                "configuration leaves unset from there): " + "; ".join(f"`{line}`" for line in tuned),
+            ]
         if model.get("var_settings"):
             lines += ["", f"VAR settings for this model (see `bench_var_settings`): {model['var_settings']}"]
         lines.append("")
