@@ -203,6 +203,9 @@ def test_light_copies_match_the_modules_they_mirror():
     assert DTYPE_NAMES == LOADING_DTYPES
     assert tuple(TUNABLE_METHODS) == tuple(SPACE_METHODS)
     assert tuple(light.UNTUNED_DEFAULT_METHODS) == tuple(UNTUNED_DEFAULT_METHODS)
+    from vlm_guard.synthetic.worlds import WORLD_NAMES
+
+    assert set(WORLD_CAPTION_TOKENS) == set(WORLD_NAMES)
     for name, tokens in WORLD_CAPTION_TOKENS.items():
         assert world_kind(name).caption_tokens == tokens
     for key in ("FORMAT_NAME", "FORMAT_VERSION", "JSON_FILE", "TENSOR_FILE", "TENSORS_DIGEST_KEY", "MAX_JSON_BYTES"):

@@ -51,10 +51,19 @@ def add_allow_pickle_argument(parser: argparse.ArgumentParser) -> None:
 
 
 THREADS_HELP = (
-    "torch CPU threads (default on cpu: 1 for the shipped default model, which decodes fastest unthreaded: with 2 "
-    "threads it took 12x longer per caption (110 s vs 9.5 s) while another process held one of 2 cores; torch's "
-    "default for other models)"
+    "torch CPU threads (default on cpu: 1 for the shipped default model, which is small enough to decode fastest on "
+    "one thread, most of all on a busy machine; torch's default for other models)"
 )
+
+
+def plain_description(doc: str) -> str:
+    """A module docstring as a command's ``--help`` description: without reStructuredText's double backquotes.
+
+    Example:
+        >>> plain_description("``vlm-guard caption``: one image")
+        'vlm-guard caption: one image'
+    """
+    return doc.replace("``", "")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

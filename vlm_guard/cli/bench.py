@@ -7,7 +7,7 @@ import argparse
 
 from vlm_guard.cli.arguments import DTYPE_NAMES, deferred, int_range, non_negative_int, positive_int
 
-DESCRIPTION = "``vlm-guard bench``: latency and memory of every decoding method against plain ``generate``."
+DESCRIPTION = "vlm-guard bench: latency and memory of every decoding method against plain generate."
 MIN_LONG_PROMPT = 1024
 """The shortest --long-prompt (576 of its tokens are image tokens), 0 skipping the pass."""
 
@@ -44,10 +44,11 @@ def register(subparsers) -> None:
         "--model",
         choices=("both", "default", "random", "default-v2", "fixture", "all", "none"),
         default="both",
-        help="default: vlm_guard.load_default() (v3; $VLM_GUARD_DEFAULT_MODEL=v2 or fixture picks another); random: the "
-        "LLaVA-1.5-shaped random model; both (the default): those two; default-v2: v2 from --v2-weights; "
-        "fixture: the 3.6M test fixture; all: the fixture, v2 and the random model (the issue-16 table); "
-        "none: only the long-prompt pass",
+        help="which models to time (default %(default)s): default: the shipped default model, "
+        "vlm_guard.load_default() (v3; $VLM_GUARD_DEFAULT_MODEL=v2 or fixture picks another); random: a random "
+        "LLaVA-1.5-shaped model (576 image tokens; see --hidden-size, --layers); both: default and random; "
+        "default-v2: v2 from --v2-weights; fixture: the 3.6M test fixture; all: the fixture, v2 and the random "
+        "model (the table of docs/results/bench.md); none: only the long-prompt memory pass",
     )
     parser.add_argument(
         "--v2-weights",

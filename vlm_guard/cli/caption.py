@@ -16,7 +16,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from vlm_guard.cli.arguments import add_allow_pickle_argument, add_threads_argument, apply_threads, int_range
+from vlm_guard.cli.arguments import (
+    DTYPE_NAMES,
+    add_allow_pickle_argument,
+    add_threads_argument,
+    apply_threads,
+    int_range,
+    plain_description,
+)
+from vlm_guard.cli.eval import WORLD_CAPTION_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +36,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "caption",
         help="caption an image with and without the guard",
-        description=__doc__,
+        description=plain_description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image", nargs="?", help="image file (default: a bundled example image)")
@@ -36,7 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--prompt",
         default=None,
-        help=f"instruction (default: {DEFAULT_PROMPT!r}; 'describe the image' for the shapes test fixture)",
+        help=f"instruction (default: {DEFAULT_PROMPT!r}; 'describe the image' for the 3.6M test fixture)",
     )
     parser.add_argument(
         "--methods",
@@ -50,7 +58,11 @@ def register(subparsers) -> None:
         action="store_true",
         help="caption every bundled example and count hallucinated objects, plain vs guarded",
     )
-    parser.add_argument("--check", action="store_true", help="flag mentions the grounding checker finds unsupported")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="mark each object a description names that the grounding checker does not find in the image",
+    )
     parser.add_argument(
         "--checker",
         help="open_clip model for --check on real images, as NAME:PRETRAINED "
@@ -62,12 +74,18 @@ def register(subparsers) -> None:
         "--max-new-tokens",
         type=int_range(1, 4096),
         default=None,
-        help="generation budget in tokens, 1..4096 (default: the world's caption budget, as in the "
-        "benchmark: 120 for the default model, 48 for the shapes fixture; 64 for other models)",
+        help="generation budget in tokens, 1..4096 (default: the shipped model's caption budget, as in the "
+        f"benchmark: {WORLD_CAPTION_TOKENS['everyday_v3']} for default model v3, {WORLD_CAPTION_TOKENS['everyday']} "
+        f"for v2, {WORLD_CAPTION_TOKENS['shapes']} for the test fixture; 64 for other models)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     add_threads_argument(parser)
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default=None,
+        help="model dtype (default: the checkpoint's own; float32 for the shipped default model)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     add_allow_pickle_argument(parser)
     parser.set_defaults(func=run)

@@ -42,7 +42,7 @@ from vlm_guard.synthetic.worlds import WORLD_NAMES, WORLDS_HELP
 
 logger = logging.getLogger(__name__)
 
-WORLD_CAPTION_TOKENS = {"everyday": 120, "shapes": 48}
+WORLD_CAPTION_TOKENS = {"everyday_v3": 256, "everyday": 120, "shapes": 48}
 """Each synthetic world's caption budget (``WorldKind.caption_tokens``; quoted in ``--help``, which must not import
 the worlds; a test keeps the two equal)."""
 

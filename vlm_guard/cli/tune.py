@@ -24,6 +24,7 @@ from vlm_guard.cli.arguments import (
     INTERRUPTED_RESUMABLE,
     max_new_tokens_int,
     non_negative_int,
+    plain_description,
     positive_float,
     positive_int,
     seed_int,
@@ -52,7 +53,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "tune",
         help="choose each method's strength and layers for a model (stored in its head map)",
-        description=__doc__,
+        description=plain_description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the shipped default model)")

@@ -779,7 +779,7 @@ def format_markdown(report: dict) -> str:
         f"{report['transformers']}, {report['device']} {report.get('dtype', 'float32')}, {report['threads']} thread(s), {report['settings']['repeats']} "
         f"interleaved repetitions, {report['settings']['new_tokens']} new tokens). Ratios to plain `generate`; "
         "decode x: median wall-clock time per step, x(cpu): median CPU time per step of the generating thread; "
-        "✓/✗: the issue-16 target met or missed.",
+        "✓/✗: the row's target (in brackets) met or missed.",
         "",
     ]
     for model in report["models"].values():
