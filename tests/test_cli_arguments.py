@@ -191,20 +191,17 @@ def test_output_that_is_not_a_regular_file_is_refused_before_any_work(which, com
 def test_light_copies_match_the_modules_they_mirror():
     import vlm_guard.calibration.head_map as head_map
     import vlm_guard.cli.heads as light
-    from vlm_guard.cli.arguments import DTYPE_NAMES
-    from vlm_guard.cli.eval import WORLD_CAPTION_TOKENS
+    from vlm_guard.cli.arguments import DTYPE_NAMES, WORLD_CAPTION_TOKENS
     from vlm_guard.cli.tune import TUNABLE_METHODS
     from vlm_guard.config import _method_config_class
     from vlm_guard.models.loading import DTYPE_NAMES as LOADING_DTYPES
     from vlm_guard.settings import UNTUNED_DEFAULT_METHODS
-    from vlm_guard.synthetic.worlds import world_kind
+    from vlm_guard.synthetic.worlds import WORLD_NAMES, world_kind
     from vlm_guard.tuning.space import TUNABLE_METHODS as SPACE_METHODS
 
     assert DTYPE_NAMES == LOADING_DTYPES
     assert tuple(TUNABLE_METHODS) == tuple(SPACE_METHODS)
     assert tuple(light.UNTUNED_DEFAULT_METHODS) == tuple(UNTUNED_DEFAULT_METHODS)
-    from vlm_guard.synthetic.worlds import WORLD_NAMES
-
     assert set(WORLD_CAPTION_TOKENS) == set(WORLD_NAMES)
     for name, tokens in WORLD_CAPTION_TOKENS.items():
         assert world_kind(name).caption_tokens == tokens

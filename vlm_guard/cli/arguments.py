@@ -41,6 +41,10 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 """The model dtypes the commands take by name; the same tuple as :data:`vlm_guard.models.loading.DTYPE_NAMES`
 (which imports torch), repeated here so a parser needs no torch (a test keeps the two equal)."""
 
+WORLD_CAPTION_TOKENS = {"everyday_v3": 256, "everyday": 120, "shapes": 48}
+"""Each synthetic world's caption budget (``WorldKind.caption_tokens``; quoted in ``--help``, which must not import
+the worlds; a test keeps the two equal)."""
+
 INTERRUPTED = "interrupted"
 INTERRUPTED_RESUMABLE = "interrupted: rerun the same command to resume"
 

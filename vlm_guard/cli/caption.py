@@ -18,13 +18,13 @@ from pathlib import Path
 
 from vlm_guard.cli.arguments import (
     DTYPE_NAMES,
+    WORLD_CAPTION_TOKENS,
     add_allow_pickle_argument,
     add_threads_argument,
     apply_threads,
     int_range,
     plain_description,
 )
-from vlm_guard.cli.eval import WORLD_CAPTION_TOKENS
 
 logger = logging.getLogger(__name__)
 

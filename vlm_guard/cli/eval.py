@@ -28,6 +28,7 @@ from pathlib import Path
 
 from vlm_guard.cli.arguments import (
     INTERRUPTED_RESUMABLE,
+    WORLD_CAPTION_TOKENS,
     add_allow_pickle_argument,
     add_threads_argument,
     apply_threads,
@@ -41,10 +42,6 @@ from vlm_guard.eval.tasks import DEFAULT_CHAIR_PROMPT, DEFAULT_MAX_NEW_TOKENS, c
 from vlm_guard.synthetic.worlds import WORLD_NAMES, WORLDS_HELP
 
 logger = logging.getLogger(__name__)
-
-WORLD_CAPTION_TOKENS = {"everyday_v3": 256, "everyday": 120, "shapes": 48}
-"""Each synthetic world's caption budget (``WorldKind.caption_tokens``; quoted in ``--help``, which must not import
-the worlds; a test keeps the two equal)."""
 
 
 def register(subparsers) -> None:

@@ -88,6 +88,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from vlm_guard.config import GuardConfig
 from vlm_guard.fileio import atomic_write_json, atomic_write_text
 from vlm_guard.methods import registry
+from vlm_guard.settings import SOURCE_TUNED
 from vlm_guard.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -525,7 +526,12 @@ def method_action(model, processor, config: GuardConfig | None, inputs: dict) ->
             intervention.name: sorted(intervention.decode_layers(states.get(intervention.name)))
             for intervention in guarded.interventions
         }
-        tuned = [line for line in guarded.describe_settings() if "(tuned)" in line]
+        # the settings line of each method with a field from the head map's tuned section (lines[i]: i-th method's)
+        tuned = [
+            line
+            for name, line in zip(guarded.guard_config.enabled_methods, guarded.describe_settings())
+            if SOURCE_TUNED in guarded.settings_sources.get(name, {}).values()
+        ]
     finally:
         guarded.unwrap()
     return {
